@@ -1,0 +1,64 @@
+"""Frozen settings shared by the tracker and peer roles and their plugins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from anomos.errors import ConfigError
+
+#: Seconds; module-level so tests can shrink them.
+CONNECT_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` -> ``(host, port)``, with a one-line error."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(f"address {address!r} is not HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"address {address!r} has a bad port {port_text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"address {address!r} has a port outside 0-65535")
+    return host, port
+
+
+def join_address(host: str, port: int) -> str:
+    """Inverse of :func:`split_address`."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_onion(address: str) -> bool:
+    return split_address(address)[0].lower().endswith(".onion")
+
+
+@attrs.frozen
+class Settings:
+    """What a role was started with; plugins read their own keys from ``options``."""
+
+    #: ``HOST:PORT`` to listen on; HOST is also the source address of every
+    #: outgoing connection, so each peer can live on its own 127.0.0.X.
+    listen: str = "127.0.0.1:0"
+    state_dir: Path = attrs.field(default=Path("."), converter=Path)
+    #: Transport used to listen and, first, to dial.
+    transport: str = "tcp"
+    #: Further transports that may dial addresses the first cannot (mixed networks).
+    dial_transports: tuple[str, ...] = ()
+    connect_timeout: float = CONNECT_TIMEOUT
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+    options: dict[str, Any] = attrs.field(factory=dict)
+
+    @property
+    def listen_host(self) -> str:
+        return split_address(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return split_address(self.listen)[1]

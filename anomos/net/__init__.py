@@ -1,0 +1,1 @@
+"""Networking: neighbour links, circuit switching, greenlet lifecycles."""

@@ -1,0 +1,1 @@
+"""The peer: seeder, downloader and relay roles over neighbour links."""

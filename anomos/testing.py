@@ -1,0 +1,70 @@
+"""pytest fixtures for anomos and its plugin authors.
+
+Enable in a ``conftest.py`` with ``pytest_plugins = ["anomos.testing"]`` after
+``gevent.monkey.patch_all()``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from anomos.pluginmanager import Plugins, get_plugins
+
+_next_host = itertools.count(2)
+
+
+def loopback_host() -> str:
+    """A fresh 127.0.0.X address, so each peer of a test has its own identity.
+
+    Spreads across 127.0.X.Y using the pytest-xdist worker or process id so
+    concurrent runs rarely collide; ports are always chosen by the kernel.
+    """
+    n = next(_next_host)
+    block = (os.getpid() % 200) + 20
+    return f"127.{block}.{n // 250}.{n % 250 + 2}"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def anomos_cmd(*args: str) -> list[str]:
+    """argv running the ``anomos`` CLI of this interpreter in a subprocess."""
+    return [sys.executable, "-m", "anomos", *args]
+
+
+def run_anomos(*args: str, timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a real subprocess; output captured as text."""
+    env = dict(os.environ, ANOMOS_PROGRESS="0")
+    return subprocess.run(  # type: ignore[call-overload,no-any-return]
+        anomos_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, **kw
+    )
+
+
+@pytest.fixture
+def plugins() -> Plugins:
+    """A fresh plugin facade (no third-party entry points)."""
+    return get_plugins(load_entrypoints=False)
+
+
+@pytest.fixture
+def loopback() -> Iterator[str]:
+    """A fresh loopback host for one peer."""
+    yield loopback_host()
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "state"
+    d.mkdir()
+    return d

@@ -1,0 +1,1 @@
+"""The BitTorrent layer: metainfo, storage, piece picking, peer wire; no sockets."""

@@ -1,0 +1,1 @@
+"""The tracker: identity, peer graph, neighbour assignment, tracking codes, HTTPS API."""

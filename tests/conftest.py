@@ -1,0 +1,5 @@
+from gevent import monkey
+
+monkey.patch_all()
+
+pytest_plugins = ["anomos.testing"]
