@@ -34,6 +34,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "anomos.plugins.transports.tcp",
     "anomos.plugins.ratio.relay_credit",
     "anomos.plugins.commands.plugins_cmd",
+    "anomos.plugins.commands.torrent_cmds",
 )
 
 ENTRY_POINT_GROUP = PROJECT
