@@ -1,0 +1,474 @@
+"""The tracker's weighted undirected graph of *all* peers, and path search on it.
+
+Every peer gets a few neighbours drawn from the whole network, not from its
+swarm, so a neighbour learns nothing about what a peer shares. Each edge has a
+neighbour id (NID) that is the same at both ends and unique among either
+endpoint's edges; the links layer refuses a caller claiming an NID it was not
+given.
+
+Joining must stay O(max degree) even with 100,000 peers: peers are kept in
+buckets by degree (random choice from a bucket is O(1)), and no operation
+scans all peers. Because a new peer needs ``min`` neighbours while the
+average degree cannot exceed ``max``, a join sometimes *splits* an existing
+edge ``u - v`` into ``u - new - v``; that is done only when no peer below the
+maximum degree is available, since it breaks the circuits using ``u - v``.
+
+The module also holds the bounded search that the path-policy plugins share
+(:func:`search_region`, :func:`random_path`): a meet-in-the-middle pair of
+breadth-first searches that looks at a few hundred nodes, however big the graph.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from typing import Any
+
+import attrs
+
+from anomos.errors import ConfigError
+
+#: NIDs are drawn from 1 .. MAX_NID (31 bits, so they fit any signed 32-bit field).
+MAX_NID = 2**31 - 1
+#: Seconds for a peer's circuit load to halve.
+LOAD_HALF_LIFE = 300.0
+#: Random draws before a candidate search falls back to scanning the (small) open set.
+PICK_ATTEMPTS = 24
+#: Nodes a randomized path search may expand before giving up.
+MAX_EXPANSIONS = 2000
+#: Relays a circuit may have: ``anomos.protocol.onion.MAX_HOPS`` minus the source.
+MAX_RELAYS = 7
+
+Peer = Hashable
+
+
+class _IndexedSet:
+    """A set with O(1) add, remove and uniform random choice."""
+
+    __slots__ = ("_index", "_items")
+
+    def __init__(self) -> None:
+        self._items: list[Peer] = []
+        self._index: dict[Peer, int] = {}
+
+    def add(self, item: Peer) -> None:
+        if item not in self._index:
+            self._index[item] = len(self._items)
+            self._items.append(item)
+
+    def discard(self, item: Peer) -> None:
+        i = self._index.pop(item, None)
+        if i is None:
+            return
+        last = self._items.pop()
+        if i < len(self._items):
+            self._items[i] = last
+            self._index[last] = i
+
+    def choice(self, rng: random.Random) -> Peer:
+        return self._items[int(rng.random() * len(self._items))]
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._index
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[Peer]:
+        return iter(self._items)
+
+
+@attrs.frozen
+class Edge:
+    """One neighbour link as the tracker planned it; ``dialer`` opens the connection."""
+
+    a: Peer
+    b: Peer
+    nid: int
+    dialer: Peer
+
+
+@attrs.define
+class Changes:
+    """Edges a graph operation added and removed, for the store and for logging."""
+
+    added: list[Edge] = attrs.field(factory=list)
+    removed: list[tuple[Peer, Peer]] = attrs.field(factory=list)
+
+    def extend(self, other: Changes) -> None:
+        self.added.extend(other.added)
+        self.removed.extend(other.removed)
+
+
+class PeerGraph:
+    """Neighbour graph of every live peer; implements :class:`anomos.interfaces.PeerGraphView`."""
+
+    def __init__(
+        self,
+        *,
+        min_neighbours: int = 4,
+        max_neighbours: int = 6,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not 1 <= min_neighbours <= max_neighbours:
+            raise ConfigError(f"neighbours {min_neighbours}-{max_neighbours}: need 1 <= MIN <= MAX")
+        self.min_neighbours = min_neighbours
+        self.max_neighbours = max_neighbours
+        self._rng = rng or random.SystemRandom()
+        self._clock = clock
+        #: peer -> neighbour -> nid
+        self._adj: dict[Peer, dict[Peer, int]] = {}
+        #: peer -> nid -> neighbour
+        self._by_nid: dict[Peer, dict[int, Peer]] = {}
+        #: peer -> join sequence number; the newer peer of an edge dials.
+        self._seq: dict[Peer, int] = {}
+        self._next_seq = 1
+        #: degree -> peers of that degree (degrees above max share the top bucket).
+        self._buckets: list[_IndexedSet] = [_IndexedSet() for _ in range(max_neighbours + 1)]
+        self._all = _IndexedSet()
+        #: peer -> (load, time it was last updated)
+        self._load: dict[Peer, tuple[float, float]] = {}
+        self._decay = math.log(2) / LOAD_HALF_LIFE
+        #: bumped on every structural change, so callers can cache searches.
+        self.version = 0
+
+    # ------------------------------------------------------------------ view
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._adj
+
+    def __len__(self) -> int:
+        return len(self._adj)
+
+    def __iter__(self) -> Iterator[Peer]:
+        return iter(self._adj)
+
+    def neighbours(self, peer: Peer) -> Iterable[Peer]:
+        return self._adj[peer].keys()
+
+    def degree(self, peer: Peer) -> int:
+        return len(self._adj[peer])
+
+    def nid(self, a: Peer, b: Peer) -> int:
+        """The NID of edge ``a - b``; KeyError when they are not neighbours."""
+        return self._adj[a][b]
+
+    def peer_by_nid(self, peer: Peer, nid: int) -> Peer | None:
+        return self._by_nid.get(peer, {}).get(nid)
+
+    def dialer(self, a: Peer, b: Peer) -> Peer:
+        """Which end of edge ``a - b`` opens the connection: the one that joined later."""
+        return a if self._seq[a] > self._seq[b] else b
+
+    def seq(self, peer: Peer) -> int:
+        return self._seq[peer]
+
+    def edges(self) -> Iterator[Edge]:
+        for a, nbrs in self._adj.items():
+            for b, nid in nbrs.items():
+                if self._seq[a] < self._seq[b]:
+                    yield Edge(a, b, nid, self.dialer(a, b))
+
+    def edge_count(self) -> int:
+        return sum(len(n) for n in self._adj.values()) // 2
+
+    # ------------------------------------------------------------------ load
+    def load(self, peer: Peer) -> float:
+        """Circuits planned through ``peer``, decaying with a half-life of LOAD_HALF_LIFE."""
+        entry = self._load.get(peer)
+        if entry is None:
+            return 0.0
+        value, when = entry
+        return value * math.exp(-self._decay * (self._clock() - when))
+
+    def add_load(self, peer: Peer, amount: float = 1.0) -> None:
+        if peer in self._adj:
+            self._load[peer] = (self.load(peer) + amount, self._clock())
+
+    # ------------------------------------------------------------------ membership
+    def add_peer(self, peer: Peer) -> Changes:
+        """Add ``peer`` (no-op when present) and give it neighbours up to the minimum."""
+        changes = Changes()
+        if peer in self._adj:
+            return changes
+        self._insert(peer, self._next_seq)
+        changes.extend(self._fill(peer))
+        return changes
+
+    def remove_peer(self, peer: Peer) -> Changes:
+        """Remove ``peer`` and give its former neighbours new ones if they fell below minimum."""
+        changes = Changes()
+        if peer not in self._adj:
+            return changes
+        former = list(self._adj[peer])
+        for other in former:
+            self._unlink(peer, other)
+            changes.removed.append((peer, other))
+        self._bucket_of(peer).discard(peer)
+        self._all.discard(peer)
+        del self._adj[peer], self._by_nid[peer], self._seq[peer]
+        self._load.pop(peer, None)
+        self.version += 1
+        for other in former:
+            if other in self._adj and len(self._adj[other]) < self.min_neighbours:
+                changes.extend(self._fill(other))
+        return changes
+
+    def repair(self) -> Changes:
+        """Top up every peer below the minimum (after a restore with other bounds): O(n)."""
+        changes = Changes()
+        for peer in list(self._adj):
+            if len(self._adj[peer]) < self.min_neighbours:
+                changes.extend(self._fill(peer))
+        return changes
+
+    # ------------------------------------------------------------------ restore
+    def restore_peer(self, peer: Peer, seq: int) -> None:
+        """Re-insert a peer from the store, without neighbours."""
+        if peer not in self._adj:
+            self._insert(peer, seq)
+
+    def restore_edge(self, a: Peer, b: Peer, nid: int) -> None:
+        """Re-insert an edge from the store, keeping its NID."""
+        if a == b or a not in self._adj or b not in self._adj or b in self._adj[a]:
+            return
+        if nid in self._by_nid[a] or nid in self._by_nid[b] or not 1 <= nid <= MAX_NID:
+            return
+        self._link(a, b, nid)
+
+    # ------------------------------------------------------------------ internals
+    def _insert(self, peer: Peer, seq: int) -> None:
+        self._adj[peer] = {}
+        self._by_nid[peer] = {}
+        self._seq[peer] = seq
+        self._next_seq = max(self._next_seq, seq + 1)
+        self._buckets[0].add(peer)
+        self._all.add(peer)
+        self.version += 1
+
+    def _bucket_of(self, peer: Peer) -> _IndexedSet:
+        return self._buckets[min(len(self._adj[peer]), self.max_neighbours)]
+
+    def _new_nid(self, a: Peer, b: Peer) -> int:
+        used_a, used_b = self._by_nid[a], self._by_nid[b]
+        while True:
+            nid = self._rng.randint(1, MAX_NID)
+            if nid not in used_a and nid not in used_b:
+                return nid
+
+    def _link(self, a: Peer, b: Peer, nid: int) -> None:
+        self._bucket_of(a).discard(a)
+        self._bucket_of(b).discard(b)
+        self._adj[a][b] = nid
+        self._adj[b][a] = nid
+        self._by_nid[a][nid] = b
+        self._by_nid[b][nid] = a
+        self._bucket_of(a).add(a)
+        self._bucket_of(b).add(b)
+        self.version += 1
+
+    def _unlink(self, a: Peer, b: Peer) -> None:
+        self._bucket_of(a).discard(a)
+        self._bucket_of(b).discard(b)
+        nid = self._adj[a].pop(b)
+        del self._adj[b][a]
+        del self._by_nid[a][nid]
+        del self._by_nid[b][nid]
+        self._bucket_of(a).add(a)
+        self._bucket_of(b).add(b)
+        self.version += 1
+
+    def _connect(self, a: Peer, b: Peer, changes: Changes) -> None:
+        nid = self._new_nid(a, b)
+        self._link(a, b, nid)
+        changes.added.append(Edge(a, b, nid, self.dialer(a, b)))
+
+    def _fill(self, peer: Peer) -> Changes:
+        """Give ``peer`` neighbours until it reaches the minimum (or nobody is left)."""
+        changes = Changes()
+        while len(self._adj[peer]) < self.min_neighbours:
+            other = self._pick_open(peer)
+            if other is not None:
+                self._connect(peer, other, changes)
+                continue
+            if len(self._adj[peer]) + 2 > self.max_neighbours or not self._split(peer, changes):
+                break
+        return changes
+
+    def _pick_open(self, peer: Peer) -> Peer | None:
+        """A random peer below the maximum degree, weighted by its free slots (max - degree)."""
+        mine = self._adj[peer]
+        top = self.max_neighbours
+        weights = [len(self._buckets[d]) * (top - d) for d in range(top)]
+        total = sum(weights)
+        if total == 0:
+            return None
+        for _ in range(PICK_ATTEMPTS):
+            bucket = self._buckets[_weighted_index(weights, self._rng.random() * total)]
+            if not bucket:
+                continue
+            cand = bucket.choice(self._rng)
+            if cand != peer and cand not in mine:
+                return cand
+        # Rare: the open set is (nearly) all ``peer`` and its neighbours, so it is small.
+        open_peers = [
+            (c, top - d)
+            for d in range(top)
+            for c in self._buckets[d]
+            if c != peer and c not in mine
+        ]
+        if not open_peers:
+            return None
+        return self._rng.choices([c for c, _ in open_peers], [w for _, w in open_peers])[0]
+
+    def _split(self, peer: Peer, changes: Changes) -> bool:
+        """Replace a random edge ``u - v`` by ``u - peer - v``; degrees of u and v stay."""
+        mine = self._adj[peer]
+        for _ in range(PICK_ATTEMPTS):
+            if len(self._all) < 3:
+                return False
+            u = self._all.choice(self._rng)
+            if u == peer or u in mine or not self._adj[u]:
+                continue
+            nbrs = self._adj[u]
+            v = list(nbrs)[int(self._rng.random() * len(nbrs))]
+            if v == peer or v in mine:
+                continue
+            self._unlink(u, v)
+            changes.removed.append((u, v))
+            self._connect(peer, u, changes)
+            self._connect(peer, v, changes)
+            return True
+        return False
+
+
+def _weighted_index(weights: list[int], r: float) -> int:
+    """The index ``r`` (in ``[0, sum(weights))``) falls into."""
+    for i, w in enumerate(weights):
+        if r < w:
+            return i
+        r -= w
+    return len(weights) - 1
+
+
+# ---------------------------------------------------------------------------- path search
+
+
+def check_relay_bounds(min_relays: int, max_relays: int) -> None:
+    """Refuse relay counts a tracking code cannot carry or that give no anonymity."""
+    if not 1 <= min_relays <= max_relays <= MAX_RELAYS:
+        raise ConfigError(f"relays {min_relays}-{max_relays}: need 1 <= MIN <= MAX <= {MAX_RELAYS}")
+
+
+def _bfs(graph: Any, root: Peer, depth: int, allowed: Any = None) -> dict[Peer, int]:
+    """Hop distances from ``root`` up to ``depth``, optionally only through ``allowed``."""
+    dist = {root: 0}
+    frontier = [root]
+    for d in range(1, depth + 1):
+        nxt = []
+        for node in frontier:
+            for n in graph.neighbours(node):
+                if n not in dist and (allowed is None or n in allowed):
+                    dist[n] = d
+                    nxt.append(n)
+        if not nxt:
+            break
+        frontier = nxt
+    return dist
+
+
+def search_region(graph: Any, start: Peer, end: Peer, max_edges: int) -> dict[Peer, int] | None:
+    """Distances to ``end`` of every node that lies on some walk of at most
+    ``max_edges`` edges from ``start`` to ``end``; ``None`` when there is none.
+
+    Meet in the middle: any node of such a walk is within ``ceil(L/2)`` of
+    ``start`` or within ``floor(L/2)`` of ``end``, so two small searches bound
+    the region, and a third, inside it, gives exact distances to ``end``.
+    """
+    if start == end or start not in graph or end not in graph or max_edges < 1:
+        return None
+    near_start = _bfs(graph, start, (max_edges + 1) // 2)
+    near_end = _bfs(graph, end, max_edges // 2)
+    if not any(n in near_start and near_start[n] + d <= max_edges for n, d in near_end.items()):
+        return None
+    region = near_start.keys() | near_end.keys()
+    dist = _bfs(graph, end, max_edges, region)
+    d0 = dist.get(start)
+    if d0 is None or d0 > max_edges:
+        return None
+    return dist
+
+
+def random_path(
+    graph: Any,
+    start: Peer,
+    end: Peer,
+    relays: int,
+    rng: random.Random,
+    *,
+    region: dict[Peer, int] | None = None,
+    weight: Callable[[Peer], float] | None = None,
+    budget: int = MAX_EXPANSIONS,
+) -> list[Peer] | None:
+    """A random simple path ``[start, r1 .. r_relays, end]`` along edges, or ``None``.
+
+    A depth-first walk from ``start`` that only steps to unvisited nodes from
+    which ``end`` is reachable in the edges left; each step draws the next node
+    at random (with probability proportional to ``weight`` when given) and
+    backtracks on dead ends, expanding at most ``budget`` nodes.
+    """
+    edges = relays + 1
+    if region is None:
+        region = search_region(graph, start, end, edges)
+    if region is None or region.get(start, edges + 1) > edges:
+        return None
+    path = [start]
+    visited = {start}
+    stack = [_candidates(graph, start, end, edges, region, visited, rng, weight)]
+    expansions = 0
+    while stack:
+        options = stack[-1]
+        if not options:
+            stack.pop()
+            visited.discard(path.pop())
+            continue
+        node = options.pop()
+        path.append(node)
+        if node == end:
+            return path
+        visited.add(node)
+        expansions += 1
+        if expansions > budget:
+            return None
+        remaining = edges - (len(path) - 1)
+        stack.append(_candidates(graph, node, end, remaining, region, visited, rng, weight))
+    return None
+
+
+def _candidates(
+    graph: Any,
+    node: Peer,
+    end: Peer,
+    remaining: int,
+    region: dict[Peer, int],
+    visited: set[Peer],
+    rng: random.Random,
+    weight: Callable[[Peer], float] | None,
+) -> list[Peer]:
+    """Next steps from ``node`` with ``remaining`` edges to go, in pop order (last first)."""
+    if remaining == 1:
+        return [end] if end in graph.neighbours(node) else []
+    opts = [
+        n
+        for n in graph.neighbours(node)
+        if n != end and n not in visited and region.get(n, remaining) <= remaining - 1
+    ]
+    if weight is None:
+        rng.shuffle(opts)
+        return opts
+    # Efraimidis-Spirakis: a weighted random permutation; heaviest key popped first.
+    keyed = [(rng.random() ** (1.0 / max(weight(n), 1e-9)), n) for n in opts]
+    keyed.sort(key=lambda kn: kn[0])
+    return [n for _, n in keyed]

@@ -1,0 +1,156 @@
+"""The tracker's neighbour graph: degrees, NIDs, repair, randomness, load."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from anomos.errors import ConfigError
+from anomos.tracker import graph as graph_mod
+from anomos.tracker.graph import PeerGraph
+
+
+def build(n: int, seed: int = 1, **kw: int) -> PeerGraph:
+    g = PeerGraph(rng=random.Random(seed), **kw)
+    for i in range(n):
+        g.add_peer(i)
+    return g
+
+
+def check_invariants(g: PeerGraph) -> None:
+    """Symmetric adjacency, equal NIDs at both ends, NIDs unique per peer, degrees <= max."""
+    for a in g:
+        nbrs = list(g.neighbours(a))
+        assert a not in nbrs
+        assert len(nbrs) <= g.max_neighbours
+        nids = [g.nid(a, b) for b in nbrs]
+        assert len(set(nids)) == len(nids), f"peer {a} has a duplicate NID"
+        for b in nbrs:
+            assert a in g.neighbours(b)
+            assert g.nid(a, b) == g.nid(b, a)
+            assert 1 <= g.nid(a, b) <= graph_mod.MAX_NID
+            assert g.peer_by_nid(a, g.nid(a, b)) == b
+            assert g.dialer(a, b) == g.dialer(b, a) == max(a, b, key=g.seq)
+
+
+def test_degrees_within_bounds_and_nids_consistent():
+    g = build(500)
+    check_invariants(g)
+    degrees = [g.degree(p) for p in g]
+    assert min(degrees) >= 4
+    assert max(degrees) <= 6
+    assert g.edge_count() == sum(degrees) // 2 == len(list(g.edges()))
+
+
+def test_custom_bounds_and_validation():
+    g = build(300, min_neighbours=2, max_neighbours=3)
+    check_invariants(g)
+    assert {g.degree(p) for p in g} <= {2, 3}
+    with pytest.raises(ConfigError, match="need 1 <= MIN <= MAX"):
+        PeerGraph(min_neighbours=5, max_neighbours=4)
+
+
+def test_small_network_connects_everyone_it_can():
+    g = build(3)
+    check_invariants(g)
+    assert sorted(g.degree(p) for p in g) == [2, 2, 2]
+    assert g.degree(0) == 2  # the first peer is not left alone
+
+
+def test_nids_avoid_both_endpoints_when_the_rng_collides(monkeypatch):
+    """Force NID draws to repeat: the graph must skip NIDs either end already uses."""
+    g = PeerGraph(rng=random.Random(3))
+    draws = iter([7, 7, 7, 9, 7, 9, 11, 7, 9, 11, 13] + list(range(100, 200)))
+    monkeypatch.setattr(g._rng, "randint", lambda a, b: next(draws))
+    for i in range(5):
+        g.add_peer(i)
+    check_invariants(g)
+    assert g.nid(0, 1) == 7
+
+
+def test_remove_peer_repairs_neighbours_below_minimum():
+    g = build(200, seed=5, min_neighbours=4, max_neighbours=4)
+    victim = 17
+    former = list(g.neighbours(victim))
+    changes = g.remove_peer(victim)
+    assert victim not in g and len(g) == 199
+    assert {frozenset(e) for e in changes.removed} >= {frozenset((victim, f)) for f in former}
+    check_invariants(g)
+    for f in former:
+        assert g.degree(f) == 4
+    assert changes.added, "nobody was repaired"
+    for e in changes.added:
+        assert g.nid(e.a, e.b) == e.nid
+
+
+def test_mass_removal_keeps_bounds():
+    g = build(400, seed=2)
+    rng = random.Random(9)
+    for p in rng.sample(range(400), 250):
+        g.remove_peer(p)
+    check_invariants(g)
+    assert min(g.degree(p) for p in g) >= 4
+
+
+def test_neighbours_are_drawn_from_all_peers_not_recent_ones():
+    """A late joiner's neighbours (directly or via edge splits) span the whole join order."""
+    firsts = Counter()
+    for seed in range(30):
+        g = build(300, seed=seed)
+        g.add_peer("late")
+        for n in g.neighbours("late"):
+            firsts[n < 150] += 1
+    # Both the older and the newer half of the network appear as neighbours.
+    assert firsts[True] > 10 and firsts[False] > 10
+
+
+def test_joins_report_the_edges_they_change():
+    g = build(100, seed=4)
+    before = {frozenset((e.a, e.b)): e.nid for e in g.edges()}
+    changes = g.add_peer("new")
+    after = {frozenset((e.a, e.b)): e.nid for e in g.edges()}
+    for a, b in changes.removed:
+        assert frozenset((a, b)) in before and frozenset((a, b)) not in after
+    for e in changes.added:
+        assert after[frozenset((e.a, e.b))] == e.nid
+        assert e.dialer == "new"  # the newer peer dials
+    assert g.degree("new") >= 4
+
+
+def test_restore_keeps_nids_and_dial_direction():
+    g = build(60, seed=6)
+    h = PeerGraph(rng=random.Random(0))
+    for p in g:
+        h.restore_peer(p, g.seq(p))
+    for e in g.edges():
+        h.restore_edge(e.a, e.b, e.nid)
+    assert sorted((e.a, e.b, e.nid, e.dialer) for e in h.edges()) == sorted(
+        (e.a, e.b, e.nid, e.dialer) for e in g.edges()
+    )
+    assert not h.repair().added
+    h.add_peer("next")
+    assert all(e.dialer == "next" for e in h.edges() if "next" in (e.a, e.b))
+
+
+def test_load_decays():
+    now = [1000.0]
+    g = PeerGraph(rng=random.Random(1), clock=lambda: now[0])
+    g.add_peer("a")
+    g.add_load("a")
+    g.add_load("a")
+    assert g.load("a") == pytest.approx(2.0)
+    now[0] += graph_mod.LOAD_HALF_LIFE
+    assert g.load("a") == pytest.approx(1.0)
+    assert g.load("missing") == 0.0
+
+
+def test_large_graph_builds_with_bounded_degrees():
+    g = build(20_000, seed=8)
+    degrees = Counter(g.degree(p) for p in g)
+    assert set(degrees) <= {4, 5, 6}
+    sample = random.Random(1).sample(range(20_000), 50)
+    for p in sample:
+        for q in g.neighbours(p):
+            assert g.nid(p, q) == g.nid(q, p)
