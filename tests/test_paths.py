@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from collections.abc import Hashable, Iterable
@@ -65,7 +66,7 @@ def assert_valid(graph, path, start, end, lo, hi):
     assert path[0] == start and path[-1] == end
     assert len(set(path)) == len(path), f"path revisits a node: {path}"
     assert lo <= len(path) - 2 <= hi, f"{len(path) - 2} relays outside {lo}-{hi}"
-    for a, b in zip(path, path[1:], strict=False):
+    for a, b in itertools.pairwise(path):
         assert b in graph.neighbours(a), f"{a}-{b} is not an edge"
 
 

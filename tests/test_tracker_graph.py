@@ -62,7 +62,7 @@ def test_small_network_connects_everyone_it_can():
 def test_nids_avoid_both_endpoints_when_the_rng_collides(monkeypatch):
     """Force NID draws to repeat: the graph must skip NIDs either end already uses."""
     g = PeerGraph(rng=random.Random(3))
-    draws = iter([7, 7, 7, 9, 7, 9, 11, 7, 9, 11, 13] + list(range(100, 200)))
+    draws = iter([7, 7, 7, 9, 7, 9, 11, 7, 9, 11, 13, *range(100, 200)])
     monkeypatch.setattr(g._rng, "randint", lambda a, b: next(draws))
     for i in range(5):
         g.add_peer(i)
