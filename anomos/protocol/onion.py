@@ -1,0 +1,324 @@
+"""Tracking codes: a Sphinx-style onion of constant size that routes a circuit.
+
+The tracker builds one code per circuit; each hop peels one layer with its
+onion key and learns only the NID of the next hop (or that it is the
+terminal) and its own :class:`LayerKeys`. It never learns its position or the
+path length: every hop receives and forwards a code of exactly
+:data:`TRACKING_CODE_SIZE` bytes, and what it sees after its own slot is
+indistinguishable from random bytes.
+
+Layout (see docs/protocol.md for the full derivation and test vectors)::
+
+    version u8 | epoch u32 | alpha (32) | beta (MAX_HOPS * SLOT_SIZE) | gamma (16)
+    slot = flag u8 | next NID u32 | next gamma (16)
+
+One X25519 element ``alpha`` is blinded at each hop (``alpha' = X25519(b, alpha)``
+with ``b = H(alpha || s)``), so consecutive hops see unrelated elements; ``beta``
+is decrypted with a per-hop AES-256-CTR stream and shifted by one slot, the
+missing tail is the *filler* the builder precomputed; ``gamma`` is an HMAC over
+the prefix, ``alpha`` and ``beta`` with a per-hop key, so any change is refused
+at the first hop that sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import struct
+import time
+from collections.abc import Callable, Sequence
+
+import attrs
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from anomos.errors import CryptoError, ProtocolError
+
+#: Format version carried in the first byte of every code.
+VERSION = 1
+#: Keys rotate per epoch: a code is accepted in its epoch and the next one.
+EPOCH_SECONDS = 600
+MAX_HOPS = 8
+#: Replay tags kept per epoch; over this a reader refuses new codes instead of growing.
+REPLAY_CACHE_LIMIT = 65536
+
+FLAG_RELAY = 1
+FLAG_TERMINAL = 2
+
+_PREFIX = struct.Struct(">BI")  # version, epoch
+_SLOT = struct.Struct(">BI16s")  # flag, next NID, next gamma
+PREFIX_SIZE = _PREFIX.size
+ALPHA_SIZE = 32
+MAC_SIZE = 16
+SLOT_SIZE = _SLOT.size
+ROUTING_SIZE = MAX_HOPS * SLOT_SIZE
+TRACKING_CODE_SIZE = PREFIX_SIZE + ALPHA_SIZE + ROUTING_SIZE + MAC_SIZE
+#: Bytes of LayerKeys.to_bytes().
+LAYER_KEYS_SIZE = 96
+
+_LABEL = b"anomos-onion-v1"
+_ZERO_IV = bytes(16)
+_ZERO_SLOT = bytes(SLOT_SIZE)
+_ZERO_MAC = bytes(MAC_SIZE)
+# rho (32) | mu (32) | replay tag (16) | fwd key (32) | fwd iv (16) | bwd key (32) | bwd iv (16)
+_HOP_KEYS_SIZE = 32 + 32 + 16 + LAYER_KEYS_SIZE
+_ALPHA_END = PREFIX_SIZE + ALPHA_SIZE
+_BETA_END = _ALPHA_END + ROUTING_SIZE
+
+
+def current_epoch(now: float | None = None) -> int:
+    """The key epoch of ``now`` (default: the current time)."""
+    return int((time.time() if now is None else now) // EPOCH_SECONDS)
+
+
+def _check_u32(value: int, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
+        raise ValueError(f"{what} must be an integer in 0..2**32-1, got {value!r}")
+
+
+def _sized(n: int) -> Callable[[object, attrs.Attribute[bytes], bytes], None]:
+    def check(_inst: object, attr: attrs.Attribute[bytes], value: bytes) -> None:
+        if not isinstance(value, bytes) or len(value) != n:
+            raise ValueError(f"{attr.name} must be {n} bytes")
+
+    return check
+
+
+def _check_nid(_inst: object, _attr: object, value: int | None) -> None:
+    if value is not None:
+        _check_u32(value, "next_nid")
+
+
+@attrs.frozen
+class Hop:
+    """One hop of a path as the tracker sees it: its onion key and where it forwards."""
+
+    onion_key: bytes = attrs.field(validator=_sized(32))
+    #: NID (on this hop's links) of the next hop; ``None`` makes this hop the terminal.
+    next_nid: int | None = attrs.field(validator=_check_nid)
+
+
+@attrs.frozen
+class LayerKeys:
+    """One hop's AES-256-CTR layer: a key and initial counter block per direction."""
+
+    forward_key: bytes = attrs.field(repr=False, validator=_sized(32))
+    forward_iv: bytes = attrs.field(repr=False, validator=_sized(16))
+    backward_key: bytes = attrs.field(repr=False, validator=_sized(32))
+    backward_iv: bytes = attrs.field(repr=False, validator=_sized(16))
+
+    def to_bytes(self) -> bytes:
+        """96 bytes: forward key, forward IV, backward key, backward IV."""
+        return self.forward_key + self.forward_iv + self.backward_key + self.backward_iv
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LayerKeys:
+        """Inverse of :meth:`to_bytes`; ``ProtocolError`` on a wrong size."""
+        if len(data) != LAYER_KEYS_SIZE:
+            raise ProtocolError(f"layer keys are {len(data)} bytes, expected {LAYER_KEYS_SIZE}")
+        data = bytes(data)
+        return cls(data[0:32], data[32:48], data[48:80], data[80:96])
+
+
+@attrs.frozen
+class Peeled:
+    """What one hop learns from a tracking code."""
+
+    #: NID of the next hop, or ``None`` when this hop is the terminal.
+    next_nid: int | None
+    #: The code to send to the next hop (same size), ``None`` at the terminal.
+    forward_code: bytes | None = attrs.field(repr=False)
+    layer: LayerKeys = attrs.field(repr=False)
+
+
+@attrs.frozen
+class _HopSecrets:
+    rho: bytes
+    mu: bytes
+    tag: bytes
+    layer: LayerKeys
+
+
+def _derive(shared: bytes, prefix: bytes) -> _HopSecrets:
+    """Every per-hop key from the shared secret, bound to version and epoch."""
+    okm = HKDF(
+        algorithm=hashes.SHA256(), length=_HOP_KEYS_SIZE, salt=_LABEL, info=b"hop keys" + prefix
+    ).derive(shared)
+    return _HopSecrets(
+        rho=okm[0:32],
+        mu=okm[32:64],
+        tag=okm[64:80],
+        layer=LayerKeys.from_bytes(okm[80:176]),
+    )
+
+
+def _stream_xor(key: bytes, data: bytes) -> bytes:
+    """``data`` XOR the AES-256-CTR key stream of ``key`` (zero IV: keys are single-use)."""
+    return Cipher(algorithms.AES(key), modes.CTR(_ZERO_IV)).encryptor().update(data)
+
+
+def _xor(a: bytes, b: bytes) -> bytes:
+    n = len(a)
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(n, "big")
+
+
+def _mac(mu: bytes, prefix: bytes, alpha: bytes, beta: bytes) -> bytes:
+    return hmac.new(mu, prefix + alpha + beta, hashlib.sha256).digest()[:MAC_SIZE]
+
+
+def _blinding(alpha: bytes, shared: bytes) -> X25519PrivateKey:
+    """The blinding scalar ``b = H(alpha || s)`` (X25519 clamps it, which is fine)."""
+    digest = hashlib.sha256(_LABEL + b" blind" + alpha + shared).digest()
+    return X25519PrivateKey.from_private_bytes(digest)
+
+
+def _private_key(raw: bytes) -> X25519PrivateKey:
+    return X25519PrivateKey.from_private_bytes(raw)
+
+
+def _raw(public: X25519PublicKey) -> bytes:
+    return public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _exchange(private: X25519PrivateKey, public: bytes) -> bytes:
+    """X25519; ``ValueError`` on a low-order element (all-zero result)."""
+    return private.exchange(X25519PublicKey.from_public_bytes(public))
+
+
+def build_tracking_code(
+    hops: Sequence[Hop], epoch: int, *, session_key: bytes | None = None
+) -> tuple[bytes, tuple[LayerKeys, ...]]:
+    """The tracking code for ``hops`` and every hop's layer keys, in path order.
+
+    ``hops[0]`` is the first relay, ``hops[-1]`` the terminal (the source, whose
+    ``next_nid`` is ``None``). ``session_key`` fixes the randomness for test
+    vectors only; leave it out otherwise.
+    """
+    n = len(hops)
+    if not 1 <= n <= MAX_HOPS:
+        raise ValueError(f"a tracking code needs 1..{MAX_HOPS} hops, got {n}")
+    _check_u32(epoch, "epoch")
+    for i, hop in enumerate(hops):
+        if (hop.next_nid is None) != (i == n - 1):
+            raise ValueError("only the last hop (and always it) has next_nid None")
+    if session_key is None:
+        session_key = secrets.token_bytes(32)
+    elif len(session_key) != 32:
+        raise ValueError("session_key must be 32 bytes")
+    prefix = _PREFIX.pack(VERSION, epoch)
+
+    x = X25519PrivateKey.from_private_bytes(session_key)
+    alpha = _raw(x.public_key())
+    blinds: list[X25519PrivateKey] = []
+    alphas: list[bytes] = []
+    keys: list[_HopSecrets] = []
+    for i, hop in enumerate(hops):
+        try:
+            # s_i = X25519(b_{i-1}, ... X25519(b_0, X25519(x, Y_i)))
+            shared = _exchange(x, hop.onion_key)
+            for blind in blinds:
+                shared = _exchange(blind, shared)
+        except ValueError:
+            raise ValueError(f"hop {i} has an invalid onion key") from None
+        alphas.append(alpha)
+        keys.append(_derive(shared, prefix))
+        if i < n - 1:
+            blind = _blinding(alpha, shared)
+            blinds.append(blind)
+            alpha = _exchange(blind, alpha)
+
+    # Filler: what the hops before the terminal shift into the tail of beta.
+    filler = b""
+    for i in range(n - 1):
+        stream = _stream_xor(keys[i].rho, bytes(ROUTING_SIZE + SLOT_SIZE))
+        filler = _xor(filler + _ZERO_SLOT, stream[ROUTING_SIZE - i * SLOT_SIZE :])
+
+    # Random-looking start, so the terminal cannot tell where the real slots end.
+    pad_key = hashlib.sha256(_LABEL + b" pad" + session_key).digest()
+    beta = _stream_xor(pad_key, bytes(ROUTING_SIZE))
+    gamma = _ZERO_MAC
+    for i in reversed(range(n)):
+        nid = hops[i].next_nid
+        slot = (
+            _SLOT.pack(FLAG_TERMINAL, 0, _ZERO_MAC)
+            if nid is None
+            else _SLOT.pack(FLAG_RELAY, nid, gamma)
+        )
+        beta = _stream_xor(keys[i].rho, slot + beta[: ROUTING_SIZE - SLOT_SIZE])
+        if i == n - 1 and filler:
+            beta = beta[: ROUTING_SIZE - len(filler)] + filler
+        gamma = _mac(keys[i].mu, prefix, alphas[i], beta)
+    code = prefix + alphas[0] + beta + gamma
+    assert len(code) == TRACKING_CODE_SIZE
+    return code, tuple(k.layer for k in keys)
+
+
+@attrs.define(eq=False)
+class OnionReader:
+    """Peels tracking codes with one onion key and remembers them against replay.
+
+    The replay cache holds one set of tags per epoch, at most
+    ``replay_limit`` entries each; a set is dropped once its epoch can no
+    longer be accepted, so memory stays bounded whatever arrives.
+    """
+
+    _key: X25519PrivateKey = attrs.field(alias="onion_private", converter=_private_key, repr=False)
+    clock: Callable[[], float] = attrs.field(default=time.time, kw_only=True)
+    replay_limit: int = attrs.field(factory=lambda: REPLAY_CACHE_LIMIT, kw_only=True)
+    _seen: dict[int, set[bytes]] = attrs.field(factory=dict, init=False, repr=False)
+
+    def cached_tags(self) -> int:
+        """Replay tags currently held (all epochs)."""
+        return sum(len(s) for s in self._seen.values())
+
+    def peel(self, code: bytes) -> Peeled:
+        """Remove this hop's layer; ``CryptoError`` naming why a code is refused."""
+        if len(code) != TRACKING_CODE_SIZE:
+            raise CryptoError(f"tracking code is {len(code)} bytes, expected {TRACKING_CODE_SIZE}")
+        code = bytes(code)
+        version, epoch = _PREFIX.unpack_from(code)
+        if version != VERSION:
+            raise CryptoError(f"tracking code has unknown version {version}")
+        now_epoch = current_epoch(self.clock())
+        if epoch != now_epoch and epoch != now_epoch - 1:
+            raise CryptoError(
+                f"tracking code epoch {epoch} is neither the current ({now_epoch}) nor the previous"
+            )
+        prefix = code[:PREFIX_SIZE]
+        alpha = code[PREFIX_SIZE:_ALPHA_END]
+        beta = code[_ALPHA_END:_BETA_END]
+        try:
+            shared = _exchange(self._key, alpha)
+        except ValueError:
+            raise CryptoError("tracking code carries a low-order X25519 element") from None
+        keys = _derive(shared, prefix)
+        if not hmac.compare_digest(_mac(keys.mu, prefix, alpha, beta), code[_BETA_END:]):
+            raise CryptoError("tracking code MAC failed: tampered or not for this key")
+        self._remember(epoch, now_epoch, keys.tag)
+
+        opened = _stream_xor(keys.rho, beta + _ZERO_SLOT)
+        flag, nid, next_gamma = _SLOT.unpack_from(opened)
+        if flag == FLAG_TERMINAL:
+            return Peeled(next_nid=None, forward_code=None, layer=keys.layer)
+        if flag != FLAG_RELAY:
+            raise CryptoError(f"tracking code has an unknown routing flag {flag}")
+        try:
+            next_alpha = _exchange(_blinding(alpha, shared), alpha)
+        except ValueError:  # pragma: no cover - alpha already passed one exchange
+            raise CryptoError("tracking code carries a low-order X25519 element") from None
+        forward = prefix + next_alpha + opened[SLOT_SIZE:] + next_gamma
+        return Peeled(next_nid=nid, forward_code=forward, layer=keys.layer)
+
+    def _remember(self, epoch: int, now_epoch: int, tag: bytes) -> None:
+        for old in [e for e in self._seen if e < now_epoch - 1]:
+            del self._seen[old]
+        seen = self._seen.setdefault(epoch, set())
+        if tag in seen:
+            raise CryptoError(f"tracking code replayed in epoch {epoch}")
+        if len(seen) >= self.replay_limit:
+            raise CryptoError(f"replay cache of epoch {epoch} is full; refusing new tracking codes")
+        seen.add(tag)
