@@ -1,0 +1,200 @@
+"""``anomos seed``, ``anomos get`` and ``anomos relay``: the peer roles."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import click
+import gevent
+import gevent.event
+
+from anomos import hookimpl
+from anomos.config import Settings
+from anomos.errors import ConfigError
+from anomos.pluginmanager import Plugins
+from anomos.progress import bar
+from anomos.torrent.metainfo import Metainfo
+
+listen_option = click.option(
+    "--listen",
+    default="127.0.0.1:0",
+    show_default=True,
+    help="HOST:PORT to listen on; HOST is also the source address of every outgoing connection.",
+)
+state_option = click.option(
+    "--state",
+    "state_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for this peer's keys and resume data.",
+)
+transport_option = click.option(
+    "--transport", default="tcp", show_default=True, help="Transport to listen and dial with."
+)
+
+
+def _settings(listen: str, state_dir: Path, transport: str, plugins: Plugins) -> Settings:
+    return Settings(
+        listen=listen, state_dir=state_dir, transport=transport, options=plugins.options
+    )
+
+
+def _tracker_of(metainfo: Metainfo) -> tuple[str, str]:
+    if not metainfo.trackers:
+        raise ConfigError(f"{metainfo.name}: the .atorrent names no tracker")
+    if not metainfo.fingerprint:
+        raise ConfigError(
+            f"{metainfo.name}: no tracker fingerprint in the .atorrent (use make --fingerprint)"
+        )
+    return metainfo.trackers[0], metainfo.fingerprint
+
+
+def _data_root(metainfo: Metainfo, data: Path) -> Path:
+    """``--data`` may name the content itself or the folder that holds it."""
+    if (data / metainfo.name).exists():
+        return data
+    if data.name == metainfo.name and data.exists():
+        return data.parent
+    raise ConfigError(
+        f"--data {data}: neither it nor {data / metainfo.name} holds {metainfo.name!r}"
+    )
+
+
+def _run_until_signal(peer: Any) -> None:
+    stop = gevent.event.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(sig, stop.set)
+    stop.wait()
+    peer.stop()
+
+
+def _make_peer(plugins: Plugins, settings: Settings, url: str, fingerprint: str) -> Any:
+    from anomos.peer.node import Peer  # imported late: keeps `anomos --help` fast
+
+    return Peer(plugins, settings, tracker_url=url, fingerprint=fingerprint)
+
+
+@click.command("seed")
+@click.argument("atorrent", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(exists=True, path_type=Path),
+    help="The shared file or folder (or the folder that holds it).",
+)
+@state_option
+@listen_option
+@transport_option
+@click.pass_obj
+def seed_command(
+    plugins: Plugins, atorrent: Path, data: Path, state_dir: Path, listen: str, transport: str
+) -> None:
+    """Share ATORRENT's data anonymously, and relay for others, until stopped."""
+    metainfo = Metainfo.load(atorrent)
+    url, fingerprint = _tracker_of(metainfo)
+    peer = _make_peer(plugins, _settings(listen, state_dir, transport, plugins), url, fingerprint)
+    session = peer.add_torrent(metainfo, _data_root(metainfo, data))
+    if not session.complete:
+        raise ConfigError(
+            f"--data {data}: only {session.progress:.0%} of {metainfo.name!r} is present and valid"
+        )
+    peer.start()
+    click.echo(f"seeding {metainfo.name} ({metainfo.infohash.hex()}) from {peer.address}")
+    _run_until_signal(peer)
+
+
+@click.command("get")
+@click.argument("atorrent", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--dest",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory to download into.",
+)
+@state_option
+@listen_option
+@transport_option
+@click.option(
+    "--sources",
+    default=4,
+    show_default=True,
+    type=click.IntRange(1, 8),
+    help="Circuits (sources) to download from at once.",
+)
+@click.option("--timeout", default=None, type=float, help="Give up after this many seconds.")
+@click.option(
+    "--summary",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a JSON summary (circuits, hop counts, throughput) here.",
+)
+@click.option("--keep-seeding", is_flag=True, help="Stay and seed after the download.")
+@click.pass_obj
+def get_command(
+    plugins: Plugins,
+    atorrent: Path,
+    dest: Path,
+    state_dir: Path,
+    listen: str,
+    transport: str,
+    sources: int,
+    timeout: float | None,
+    summary: Path | None,
+    keep_seeding: bool,
+) -> int:
+    """Download ATORRENT anonymously; exits 0 once every piece is verified."""
+    metainfo = Metainfo.load(atorrent)
+    url, fingerprint = _tracker_of(metainfo)
+    dest.mkdir(parents=True, exist_ok=True)
+    peer = _make_peer(plugins, _settings(listen, state_dir, transport, plugins), url, fingerprint)
+    session = peer.add_torrent(metainfo, dest)
+    peer.start()
+    progress = bar(metainfo.total_length, f"get {metainfo.name}")
+    progress.update(metainfo.total_length - session.left)
+
+    def on_progress(s: Any) -> None:
+        progress.update(metainfo.total_length - s.left - progress.n)
+
+    session.on_progress = on_progress
+    try:
+        report = peer.download(session, sources=sources, timeout=timeout)
+    finally:
+        progress.close()
+    relays = sorted(c.relays for c in report.circuits)
+    click.echo(
+        f"complete: {metainfo.name} {metainfo.total_length} bytes in {report.seconds:.2f} s "
+        f"({report.throughput / 1e6:.2f} MB/s) over {len(report.circuits)} circuits "
+        f"(relays per circuit: {relays})"
+    )
+    if summary is not None:
+        summary.write_text(json.dumps(report.to_json(), indent=2))
+    if keep_seeding:
+        _run_until_signal(peer)
+    else:
+        peer.stop()
+    return 0
+
+
+@click.command("relay")
+@click.argument("url")
+@click.option("--fingerprint", required=True, help="The tracker's identity fingerprint (hex).")
+@state_option
+@listen_option
+@transport_option
+@click.pass_obj
+def relay_command(
+    plugins: Plugins, url: str, fingerprint: str, state_dir: Path, listen: str, transport: str
+) -> None:
+    """Donate bandwidth: relay circuits for the tracker at URL until stopped."""
+    peer = _make_peer(plugins, _settings(listen, state_dir, transport, plugins), url, fingerprint)
+    peer.start()
+    click.echo(f"relaying from {peer.address}")
+    _run_until_signal(peer)
+
+
+@hookimpl
+def anomos_add_commands(cli: click.Group) -> None:
+    for command in (seed_command, get_command, relay_command):
+        cli.add_command(command)
