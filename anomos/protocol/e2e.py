@@ -1,0 +1,193 @@
+"""End-to-end records between downloader and source, one per cell body.
+
+Inside the per-hop layers, every cell body of an established circuit is one
+AES-256-GCM record under a key only the two ends hold (see the cipher suites)::
+
+    body = AESGCM(key, nonce = counter as 12 bytes big-endian,
+                  plaintext = kind u8 | length u16 | data | zero padding) || tag (16)
+
+The nonce is never sent: both sides count records per direction, so a cell
+that is dropped, reordered, replayed or modified fails authentication. Each
+direction has its own key, so a record cannot be reflected back to its sender.
+The padding is inside the AEAD, so every body is :data:`CELL_BODY` bytes and
+nothing about the length of the data shows on the wire.
+
+The first cell each way (HELLO from the downloader, REPLY from the source)
+exists before these keys do; :func:`encode_hello` / :func:`encode_reply` frame
+them in fixed-size bodies protected only by the per-hop layers; whatever they
+carry authenticates itself (a sealed box, and the suite's MAC over its transcript).
+"""
+
+from __future__ import annotations
+
+import struct
+
+import attrs
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from anomos.errors import CryptoError, ProtocolError
+from anomos.interfaces import SessionKeys
+
+#: Bytes of every cell body (a link frame of 8 + 32760 = 32 KiB).
+CELL_BODY = 32760
+TAG_SIZE = 16
+NONCE_SIZE = 12
+_HEADER = 3  # kind u8 | length u16
+PLAINTEXT_SIZE = CELL_BODY - TAG_SIZE
+#: Most data bytes one record can carry.
+MAX_RECORD_DATA = PLAINTEXT_SIZE - _HEADER
+
+DATA = 1
+SENDME = 2
+END = 3
+RECORD_KINDS = frozenset({DATA, SENDME, END})
+
+HELLO_TYPE = 0x48  # "H"
+REPLY_TYPE = 0x52  # "R"
+HELLO_VERSION = 1
+_U16 = struct.Struct(">H")
+#: Largest suite hello / reply a first cell can frame.
+MAX_HELLO_FIELD = CELL_BODY - 2 - 2 * _U16.size
+_ZEROS = memoryview(bytes(CELL_BODY))
+
+
+@attrs.define(eq=False)
+class E2EChannel:
+    """One end's view of the record stream: seals what it sends, opens what it gets.
+
+    After a record fails authentication the channel refuses everything, since
+    the counters can no longer be trusted to agree: the circuit must close.
+    """
+
+    keys: SessionKeys = attrs.field(repr=False)
+    _send: AESGCM = attrs.field(init=False, repr=False)
+    _recv: AESGCM = attrs.field(init=False, repr=False)
+    _send_count: int = attrs.field(default=0, init=False)
+    _recv_count: int = attrs.field(default=0, init=False)
+    _plain: bytearray = attrs.field(factory=lambda: bytearray(PLAINTEXT_SIZE), init=False)
+    _dirty: int = attrs.field(default=PLAINTEXT_SIZE, init=False, repr=False)
+    _failed: bool = attrs.field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        if len(self.keys.send) != 32 or len(self.keys.recv) != 32:
+            raise CryptoError("end-to-end keys must be 32 bytes each")
+        if self.keys.send == self.keys.recv:
+            raise CryptoError("end-to-end keys must differ per direction")
+        self._send = AESGCM(self.keys.send)
+        self._recv = AESGCM(self.keys.recv)
+
+    @property
+    def sent(self) -> int:
+        """Records sealed so far."""
+        return self._send_count
+
+    @property
+    def received(self) -> int:
+        """Records opened so far."""
+        return self._recv_count
+
+    def seal(self, kind: int, data: bytes | bytearray | memoryview = b"") -> bytes:
+        """One cell body of exactly :data:`CELL_BODY` bytes carrying ``data``."""
+        if kind not in RECORD_KINDS:
+            raise ValueError(f"unknown record kind {kind}")
+        n = len(data)
+        if n > MAX_RECORD_DATA:
+            raise ValueError(f"record data is {n} bytes, at most {MAX_RECORD_DATA} fit")
+        if self._send_count >= 2**64:  # pragma: no cover - 2**64 cells is out of reach
+            raise CryptoError("end-to-end send counter exhausted")
+        plain = self._plain
+        plain[0] = kind
+        plain[1] = n >> 8
+        plain[2] = n & 0xFF
+        end = _HEADER + n
+        plain[_HEADER:end] = data
+        if self._dirty > end:
+            # Only re-zero what an earlier, longer record left behind.
+            plain[end : self._dirty] = _ZEROS[: self._dirty - end]
+        self._dirty = end
+        nonce = self._send_count.to_bytes(NONCE_SIZE, "big")
+        self._send_count += 1
+        return self._send.encrypt(nonce, plain, None)
+
+    def open(self, body: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+        """``(kind, data)`` of the next record; ``CryptoError`` if it is not that record."""
+        if self._failed:
+            raise CryptoError("end-to-end channel closed after an authentication failure")
+        if len(body) != CELL_BODY:
+            raise CryptoError(f"record is {len(body)} bytes, expected {CELL_BODY}")
+        nonce = self._recv_count.to_bytes(NONCE_SIZE, "big")
+        try:
+            plain = self._recv.decrypt(nonce, body, None)
+        except InvalidTag:
+            self._failed = True
+            raise CryptoError(
+                "end-to-end record failed authentication: tampered, reordered or replayed"
+            ) from None
+        self._recv_count += 1
+        kind = plain[0]
+        n = (plain[1] << 8) | plain[2]
+        if kind not in RECORD_KINDS or n > MAX_RECORD_DATA:
+            self._failed = True
+            raise CryptoError(f"end-to-end record has bad kind {kind} or length {n}")
+        return kind, plain[_HEADER : _HEADER + n]
+
+
+# ----------------------------------------------------------------------------- first cells
+
+
+def _frame(kind: int, fields: tuple[bytes, ...]) -> bytes:
+    parts = [bytes([kind, HELLO_VERSION])]
+    for field in fields:
+        if len(field) > MAX_HELLO_FIELD:
+            raise ValueError(f"first-cell field of {len(field)} bytes does not fit a cell")
+        parts += [_U16.pack(len(field)), bytes(field)]
+    body = b"".join(parts)
+    if len(body) > CELL_BODY:
+        raise ValueError("first-cell fields do not fit one cell")
+    return body + bytes(CELL_BODY - len(body))
+
+
+def _unframe(body: bytes | bytearray | memoryview, kind: int, count: int) -> list[bytes]:
+    name = "HELLO" if kind == HELLO_TYPE else "REPLY"
+    if len(body) != CELL_BODY:
+        raise ProtocolError(f"{name} cell is {len(body)} bytes, expected {CELL_BODY}")
+    body = bytes(body)
+    if body[0] != kind:
+        raise ProtocolError(f"expected a {name} cell, got type {body[0]:#04x}")
+    if body[1] != HELLO_VERSION:
+        raise ProtocolError(f"{name} cell has unknown version {body[1]}")
+    pos = 2
+    fields = []
+    for _ in range(count):
+        (n,) = _U16.unpack_from(body, pos)
+        pos += _U16.size
+        if pos + n > CELL_BODY:
+            raise ProtocolError(f"{name} cell has a field longer than the cell")
+        fields.append(body[pos : pos + n])
+        pos += n
+    if any(body[pos:]):
+        raise ProtocolError(f"{name} cell has non-zero padding")
+    return fields
+
+
+def encode_hello(request_blob: bytes, suite_hello: bytes) -> bytes:
+    """The downloader's first cell body: the sealed request and the suite's hello."""
+    return _frame(HELLO_TYPE, (request_blob, suite_hello))
+
+
+def decode_hello(body: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
+    """``(request_blob, suite_hello)``; ``ProtocolError`` on a malformed cell."""
+    blob, hello = _unframe(body, HELLO_TYPE, 2)
+    return blob, hello
+
+
+def encode_reply(reply: bytes) -> bytes:
+    """The source's first cell body: the suite's reply."""
+    return _frame(REPLY_TYPE, (reply,))
+
+
+def decode_reply(body: bytes | bytearray | memoryview) -> bytes:
+    """The suite's reply; ``ProtocolError`` on a malformed cell."""
+    (reply,) = _unframe(body, REPLY_TYPE, 1)
+    return reply
