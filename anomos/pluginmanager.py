@@ -34,6 +34,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "anomos.plugins.transports.tcp",
     "anomos.plugins.ratio.relay_credit",
     "anomos.plugins.commands.plugins_cmd",
+    "anomos.plugins.ciphers.x25519",
+    "anomos.plugins.ciphers.classic",
     "anomos.plugins.commands.torrent_cmds",
     "anomos.plugins.paths.weighted",
     "anomos.plugins.paths.random_walk",
