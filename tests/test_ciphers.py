@@ -12,8 +12,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from anomos.errors import CryptoError
 from anomos.interfaces import CipherSuite, SessionKeys
 from anomos.pluginmanager import DEFAULT_PLUGINS, Plugins
-from anomos.protocol.e2e import DATA, E2EChannel, decode_hello, decode_reply
-from anomos.protocol.e2e import encode_hello, encode_reply
+from anomos.protocol.e2e import (
+    DATA,
+    E2EChannel,
+    decode_hello,
+    decode_reply,
+    encode_hello,
+    encode_reply,
+)
 
 SUITES = ["x25519", "classic"]
 
