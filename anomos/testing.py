@@ -68,3 +68,67 @@ def state_dir(tmp_path: Path) -> Path:
     d = tmp_path / "state"
     d.mkdir()
     return d
+
+
+# ----------------------------------------------------------------------------- memory transport
+# Appended by the data-plane helper: a transport with no network, for fast unit
+# tests of links and circuits (TLS still runs over it, on a socketpair).
+
+from typing import Any  # noqa: E402
+
+import gevent  # noqa: E402
+
+from anomos import hookimpl  # noqa: E402
+from anomos.errors import TransportError  # noqa: E402
+from anomos.interfaces import ConnectionHandler  # noqa: E402
+
+#: Listening memory addresses of this process -> their connection handlers.
+_memory_listeners: dict[str, ConnectionHandler] = {}
+_memory_ports = itertools.count(1)
+
+
+class MemoryListener:
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def close(self) -> None:
+        _memory_listeners.pop(self.address, None)
+
+
+class MemoryTransport:
+    """Reaches only ``memory:N`` addresses of this process; each dial is a socketpair."""
+
+    name = "memory"
+
+    def __init__(self, settings: object) -> None:
+        pass
+
+    def can_dial(self, address: str) -> bool:
+        return address.startswith("memory:")
+
+    def dial(self, address: str, *, timeout: float) -> socket.socket:
+        handler = _memory_listeners.get(address)
+        if handler is None:
+            raise TransportError(f"cannot connect to {address}: nobody listens there")
+        ours, theirs = socket.socketpair()
+        gevent.spawn(handler, theirs, "memory:0")
+        return ours
+
+    def listen(self, address: str, handler: ConnectionHandler) -> MemoryListener:
+        address = f"memory:{next(_memory_ports)}"
+        _memory_listeners[address] = handler
+        return MemoryListener(address)
+
+
+class MemoryTransportPlugin:
+    """Registers :class:`MemoryTransport` as ``memory``; pass it as ``extra=[...]``."""
+
+    @hookimpl
+    def anomos_register_transports(self, registry: Any) -> None:
+        registry.add(MemoryTransport.name, MemoryTransport, owner="anomos.testing")
+
+
+@pytest.fixture
+def memory_plugins() -> Plugins:
+    """A plugin facade that also offers the ``memory`` transport."""
+    return get_plugins(load_entrypoints=False, extra=[MemoryTransportPlugin()])

@@ -1,0 +1,655 @@
+"""Circuit switching over neighbour links: relays, endpoints, BREAK.
+
+A CREATE carries a tracking code. Each hop peels it with its onion key
+(:class:`~anomos.protocol.onion.OnionReader`, which also refuses replays):
+a *relay* learns only the NID of the next hop and its own layer keys, picks a
+fresh circuit id on that link, forwards the peeled code and from then on
+switches DATA cells between the two ``(link, circuit id)`` ends, removing its
+forward layer on the way out and adding its backward layer on the way back,
+so no two links of a circuit carry the same bytes. The *terminal* (the source)
+answers CREATED, opens the downloader's sealed request from the HELLO cell,
+agrees end-to-end keys with the cipher suite and answers a REPLY; both ends
+then exchange :mod:`anomos.protocol.e2e` records through a socket-like
+:class:`CircuitStream`.
+
+Relays never originate or read DATA. Flow control is end to end: a sender may
+have at most :data:`CIRCUIT_WINDOW` DATA records unacknowledged; the receiver
+returns a SENDME record for every :data:`SENDME_EVERY` records its application
+consumed. Every queue on the way is bounded by that window, so a relay whose
+per-circuit queue still overflows is facing a misbehaving end and breaks that
+circuit, never the link. BREAK travels hop by hop and both ends learn of it;
+losing a link breaks every circuit on it in both directions.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.pool
+
+from anomos.errors import AnomosError, CryptoError, ProtocolError
+from anomos.net.frames import BreakReason, Cmd, describe_break, encode_break
+from anomos.protocol import e2e
+from anomos.protocol.layers import LayerStream
+from anomos.protocol.onion import OnionReader
+from anomos.protocol.request import SeenRequests, SourceRequest, open_request
+
+if TYPE_CHECKING:
+    from anomos.identity import PeerIdentity
+    from anomos.net.link import Link, LinkManager
+    from anomos.pluginmanager import Plugins
+
+log = logging.getLogger(__name__)
+
+#: DATA records a sender may have in flight per direction (each carries up to ~32 KiB).
+CIRCUIT_WINDOW = 64
+#: The receiver acknowledges consumed records in groups of this many.
+SENDME_EVERY = 16
+#: Seconds a terminal waits for the HELLO after answering CREATED.
+HELLO_TIMEOUT = 30.0
+
+#: ``on_request(request)`` returns the function that will serve the stream, or None.
+RequestHandler = Callable[[SourceRequest], "Callable[[CircuitStream], None] | None"]
+
+_CREATING = "creating"
+_AWAIT_REPLY = "awaiting reply"
+_AWAIT_HELLO = "awaiting hello"
+_OPEN = "open"
+_CLOSED = "closed"
+
+
+class CircuitClosed(ConnectionResetError):
+    """The circuit under a :class:`CircuitStream` broke; an OSError like a reset socket."""
+
+
+@attrs.define(eq=False)
+class RelayCircuit:
+    """A circuit passing through this peer: two ends and this hop's layers."""
+
+    switch: CircuitSwitch = attrs.field(repr=False)
+    prev_link: Link = attrs.field(repr=False)
+    prev_id: int
+    next_link: Link = attrs.field(repr=False)
+    next_id: int
+    forward: LayerStream = attrs.field(repr=False)
+    backward: LayerStream = attrs.field(repr=False)
+    opened: bool = False
+    closed: bool = False
+    #: Cell bytes this relay forwarded, both directions.
+    relayed: int = 0
+
+    @property
+    def prev_nid(self) -> int:
+        return self.prev_link.nid
+
+    @property
+    def next_nid(self) -> int:
+        return self.next_link.nid
+
+    def on_frame(self, link: Link, circ_id: int, cmd: int, payload: memoryview) -> None:
+        forward = link is self.prev_link and circ_id == self.prev_id
+        if cmd == Cmd.DATA:
+            if forward:
+                body = self.forward.apply(payload)
+                ok = self.next_link.send(self.next_id, Cmd.DATA, body)
+            else:
+                body = self.backward.apply(payload)
+                ok = self.prev_link.send(self.prev_id, Cmd.DATA, body)
+            self.relayed += len(body)
+            self.switch._relayed += len(body)
+            if not ok:
+                self.switch._end_relay(self, BreakReason.OVERFLOW, None, discard=True)
+        elif cmd == Cmd.BREAK:
+            self.switch._end_relay(self, payload[0], (link, circ_id))
+        elif cmd == Cmd.CREATED and not forward and not self.opened:
+            self.opened = True
+            self.prev_link.send(self.prev_id, Cmd.CREATED)
+            self.switch._notify_opened(self)
+        else:
+            log.info("relay circuit from NID %d: unexpected %s", link.nid, Cmd(cmd).name)
+            self.switch._end_relay(self, BreakReason.PROTOCOL, None)
+
+
+@attrs.define(eq=False)
+class CircuitStream:
+    """One end of a circuit, socket-like, so a BitTorrent session runs over it unchanged.
+
+    ``recv`` returns ``b""`` once the other end closed cleanly (its END record
+    arrived); after a BREAK or a lost link, ``recv`` (once buffered data is
+    read) and ``sendall`` raise :class:`CircuitClosed`.
+    """
+
+    switch: CircuitSwitch = attrs.field(repr=False)
+    link: Link = attrs.field(repr=False)
+    circ_id: int
+    #: True at the downloader, False at the source.
+    initiator: bool
+    _send_layers: list[LayerStream] = attrs.field(repr=False)
+    _recv_layers: list[LayerStream] = attrs.field(repr=False)
+    #: At the source: the request the downloader sent.
+    request: SourceRequest | None = attrs.field(default=None, repr=False)
+    state: str = _CREATING
+    #: Why the circuit closed, once it has.
+    closed_reason: str | None = None
+    _channel: e2e.E2EChannel | None = attrs.field(default=None, repr=False)
+    _setup: gevent.event.AsyncResult = attrs.field(factory=gevent.event.AsyncResult, repr=False)
+    _suite_state: Any = attrs.field(default=None, repr=False)
+    _suite: Any = attrs.field(default=None, repr=False)
+    _chunks: deque[bytes] = attrs.field(factory=deque, repr=False)
+    _offset: int = attrs.field(default=0, repr=False)
+    _readable: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
+    _window: int = attrs.field(default=CIRCUIT_WINDOW, repr=False)
+    _window_open: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
+    _unacked: int = attrs.field(default=0, repr=False)
+    _consumed: int = attrs.field(default=0, repr=False)
+    _eof: bool = attrs.field(default=False, repr=False)
+    _timeout: float | None = attrs.field(default=None, repr=False)
+    _send_lock: gevent.lock.Semaphore = attrs.field(factory=gevent.lock.Semaphore, repr=False)
+    _timer: Any = attrs.field(default=None, repr=False)
+    _notified: bool = attrs.field(default=False, repr=False)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+    def __attrs_post_init__(self) -> None:
+        self._window_open.set()
+
+    # ------------------------------------------------------------------ socket API
+    def settimeout(self, timeout: float | None) -> None:
+        self._timeout = timeout
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def sendall(self, data: bytes | bytearray | memoryview) -> None:
+        """Send everything, waiting for the window; raise CircuitClosed if the circuit broke."""
+        view = memoryview(data).cast("B")
+        step = e2e.MAX_RECORD_DATA
+        with self._send_lock:
+            for start in range(0, len(view), step):
+                if self._window <= 0 or self.state != _OPEN:
+                    self._wait_window()
+                self._window -= 1
+                if self._window <= 0:
+                    self._window_open.clear()
+                chunk = view[start : start + step]
+                self._send_record(e2e.DATA, chunk)
+                self.bytes_sent += len(chunk)
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        self.sendall(data)
+        return len(data)
+
+    def recv(self, bufsize: int) -> bytes:
+        """Up to ``bufsize`` bytes; ``b""`` at a clean end of the stream."""
+        if bufsize <= 0:
+            return b""
+        if not self._chunks:
+            self._wait_readable()
+            if not self._chunks:
+                return b""
+        chunk = self._chunks[0]
+        off = self._offset
+        left = len(chunk) - off
+        if bufsize < left:
+            self._offset = off + bufsize
+            return chunk[off : off + bufsize]
+        out = chunk if off == 0 else chunk[off:]
+        self._consume_chunk()
+        return out
+
+    def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
+        """Fill ``buffer`` with what is buffered (at least one byte, or 0 at end of stream)."""
+        target = memoryview(buffer).cast("B")
+        want = nbytes or len(target)
+        if want <= 0:
+            return 0
+        if not self._chunks:
+            self._wait_readable()
+        done = 0
+        while done < want and self._chunks:
+            chunk = self._chunks[0]
+            off = self._offset
+            n = min(want - done, len(chunk) - off)
+            target[done : done + n] = memoryview(chunk)[off : off + n]
+            done += n
+            if off + n == len(chunk):
+                self._consume_chunk()
+            else:
+                self._offset = off + n
+        return done
+
+    def close(self) -> None:
+        """End the stream cleanly (END record) and tear the circuit down."""
+        if self.state == _CLOSED:
+            return
+        if self.state == _OPEN and not self.link.closed:
+            try:
+                self._send_record(e2e.END, b"")
+            except (OSError, AnomosError):
+                pass
+        self._end(BreakReason.CLOSED, "closed")
+
+    def shutdown(self, how: int = socket.SHUT_RDWR) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.state == _CLOSED
+
+    def buffered(self) -> int:
+        """Bytes received and not yet read."""
+        return sum(len(c) for c in self._chunks) - self._offset
+
+    @property
+    def send_window(self) -> int:
+        """DATA records this end may still send before it needs a SENDME."""
+        return self._window
+
+    # ------------------------------------------------------------------ internals
+    def _wait_window(self) -> None:
+        event = self._window_open
+        while True:
+            if self.state == _CLOSED:
+                raise CircuitClosed(f"circuit closed: {self.closed_reason}")
+            if self._eof:
+                raise BrokenPipeError("the other end closed the circuit")
+            if self._window > 0 and self.state == _OPEN:
+                return
+            event.clear()
+            if not event.wait(self._timeout):
+                raise TimeoutError("circuit send timed out")
+
+    def _wait_readable(self) -> None:
+        while not self._chunks:
+            if self._eof:
+                return
+            if self.state == _CLOSED:
+                raise CircuitClosed(f"circuit closed: {self.closed_reason}")
+            self._readable.clear()
+            if not self._readable.wait(self._timeout):
+                raise TimeoutError("circuit recv timed out")
+
+    def _consume_chunk(self) -> None:
+        self._chunks.popleft()
+        self._offset = 0
+        self._consumed += 1
+        if self._consumed >= SENDME_EVERY and self.state == _OPEN:
+            self._consumed -= SENDME_EVERY
+            self._unacked -= SENDME_EVERY
+            self._send_record(e2e.SENDME, b"")
+
+    def _send_record(self, kind: int, data: Any) -> None:
+        assert self._channel is not None
+        self._send_body(self._channel.seal(kind, data))
+
+    def _send_body(self, body: bytes) -> None:
+        if self.state == _CLOSED:
+            raise CircuitClosed(f"circuit closed: {self.closed_reason}")
+        for layer in self._send_layers:
+            body = layer.apply(body)
+        if not self.link.send(self.circ_id, Cmd.DATA, body):
+            reason = f"link to NID {self.link.nid} lost" if self.link.closed else "send queue full"
+            self._end(BreakReason.OVERFLOW, reason)
+            raise CircuitClosed(f"circuit closed: {reason}")
+
+    def _peel(self, payload: memoryview) -> Any:
+        body: Any = payload
+        for layer in self._recv_layers:
+            body = layer.apply(body)
+        return body
+
+    def _on_frame(self, link: Link, circ_id: int, cmd: int, payload: memoryview) -> None:
+        if cmd == Cmd.DATA:
+            if self.state == _OPEN:
+                self._on_record(self._peel(payload))
+            elif self.state == _AWAIT_REPLY:
+                self._on_reply(self._peel(payload))
+            elif self.state == _AWAIT_HELLO:
+                self.switch._on_hello(self, self._peel(payload))
+            else:
+                self._fail(BreakReason.PROTOCOL, "DATA before CREATED")
+        elif cmd == Cmd.CREATED and self.state == _CREATING and self.initiator:
+            self.state = _AWAIT_REPLY
+            self._setup.set(None)
+        elif cmd == Cmd.BREAK:
+            self._end(None, f"broken by the circuit: {describe_break(payload[0])}")
+        else:
+            self._fail(BreakReason.PROTOCOL, f"unexpected {Cmd(cmd).name} in state {self.state}")
+
+    def _on_reply(self, body: bytes) -> None:
+        try:
+            reply = e2e.decode_reply(body)
+            keys = self._suite.initiator_finish(self._suite_state, reply)
+            self._channel = e2e.E2EChannel(keys)
+        except AnomosError as exc:
+            self._fail(BreakReason.PROTOCOL, f"bad REPLY: {exc}")
+            return
+        self._suite_state = None
+        self.state = _OPEN
+        self._window_open.set()
+        self._setup.set(None)
+
+    def _on_record(self, body: bytes) -> None:
+        assert self._channel is not None
+        try:
+            kind, data = self._channel.open(body)
+        except CryptoError as exc:
+            self._fail(BreakReason.PROTOCOL, str(exc))
+            return
+        if kind == e2e.DATA:
+            if self._eof:
+                self._fail(BreakReason.PROTOCOL, "DATA after END")
+                return
+            self._unacked += 1
+            if self._unacked > CIRCUIT_WINDOW:
+                self._fail(BreakReason.PROTOCOL, "the other end ignored the flow-control window")
+                return
+            self.bytes_received += len(data)
+            if data:
+                self._chunks.append(data)
+                self._readable.set()
+            else:
+                self._consumed += 1
+        elif kind == e2e.SENDME:
+            self._window += SENDME_EVERY
+            if self._window > CIRCUIT_WINDOW:
+                self._fail(BreakReason.PROTOCOL, "SENDME beyond the window")
+                return
+            self._window_open.set()
+        else:  # END
+            self._eof = True
+            self._readable.set()
+            self._window_open.set()
+
+    def _fail(self, code: int, reason: str) -> None:
+        log.info("circuit %#x on NID %d: %s", self.circ_id, self.link.nid, reason)
+        self._end(code, reason, discard=True)
+
+    def _end(self, code: int | None, reason: str, *, discard: bool = False) -> None:
+        """Close this end; send BREAK ``code`` unless None (the BREAK came from the link)."""
+        if self.state == _CLOSED:
+            return
+        self.state = _CLOSED
+        self.closed_reason = reason
+        if self._timer is not None:
+            self._timer.kill(block=False)
+        self.switch._unregister(self.link, self.circ_id)
+        if code is not None and not self.link.closed:
+            if discard:
+                self.link.discard(self.circ_id)
+            self.link.send(self.circ_id, Cmd.BREAK, encode_break(code), force=True)
+        self.link.release_circ_id(self.circ_id)
+        self._readable.set()
+        self._window_open.set()
+        if not self._setup.ready():
+            self._setup.set_exception(ProtocolError(f"circuit failed: {reason}"))
+        if self._notified:
+            self.switch._notify_closed(self, reason)
+
+
+@attrs.define(eq=False)
+class CircuitSwitch:
+    """Every circuit through, from or to one peer, on top of its :class:`LinkManager`.
+
+    Installs itself as the link manager's frame and link-loss handler.
+    ``on_request(request)`` runs in a link's reader greenlet and must not
+    block: it returns the function that serves the new stream (run in a
+    greenlet of its own once the REPLY is on its way), or ``None`` to refuse.
+    """
+
+    links: LinkManager
+    identity: PeerIdentity
+    plugins: Plugins
+    peer: Any = attrs.field(default=None, kw_only=True)
+    on_request: RequestHandler | None = attrs.field(default=None, kw_only=True)
+    _reader: OnionReader = attrs.field(init=False, repr=False)
+    _seen: SeenRequests = attrs.field(factory=SeenRequests, init=False, repr=False)
+    _ends: dict[Link, dict[int, Any]] = attrs.field(factory=dict, init=False, repr=False)
+    _group: gevent.pool.Group = attrs.field(factory=gevent.pool.Group, init=False, repr=False)
+    _relayed: int = attrs.field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._reader = OnionReader(self.identity.onion_private)
+        self.links.on_frame = self.handle_frame
+        self.links.on_link_down = self.handle_link_down
+
+    @property
+    def relayed_bytes(self) -> int:
+        """Cell bytes this peer forwarded as a relay (reported to the tracker)."""
+        return self._relayed
+
+    def circuits(self) -> list[Any]:
+        """Every live circuit end (each relay circuit once)."""
+        seen: dict[int, Any] = {}
+        for ends in self._ends.values():
+            for end in ends.values():
+                seen[id(end)] = end
+        return list(seen.values())
+
+    # ------------------------------------------------------------------ downloader
+    def open_circuit(self, plan: Any, timeout: float) -> CircuitStream:
+        """Build the circuit a tracker planned and agree end-to-end keys with its source.
+
+        ``plan`` is a :class:`anomos.tracker.client.CircuitPlan`. Raises
+        :class:`ProtocolError` if a hop refuses (the reason travels back in
+        the BREAK), :class:`TransportError` without a link to the first hop.
+        """
+        deadline = time.monotonic() + timeout
+        link = self.links.wait_for(plan.first_nid, timeout)
+        suite = self.plugins.cipher_suite(plan.suite)
+        state, hello = suite.initiator_hello(plan.material)
+        circ_id = link.allocate_circ_id()
+        stream = CircuitStream(
+            self,
+            link,
+            circ_id,
+            True,
+            [LayerStream.forward(k) for k in reversed(plan.layers)],
+            [LayerStream.backward(k) for k in plan.layers],
+        )
+        stream._suite, stream._suite_state = suite, state
+        self._register(link, circ_id, stream)
+        link.send(circ_id, Cmd.CREATE, bytes(plan.tracking_code))
+        try:
+            left = max(deadline - time.monotonic(), 0.0)
+            with gevent.Timeout(left, ProtocolError(f"circuit not created within {timeout:g} s")):
+                stream._setup.get()
+                stream._setup = gevent.event.AsyncResult()
+                stream._send_body(e2e.encode_hello(plan.request_blob, hello))
+                stream._setup.get()
+        except CircuitClosed:
+            raise ProtocolError(f"circuit failed: {stream.closed_reason}") from None
+        except BaseException as exc:
+            stream._end(BreakReason.TIMEOUT, str(exc))
+            raise
+        stream._notified = True
+        self._notify_opened(stream)
+        return stream
+
+    # ------------------------------------------------------------------ frames
+    def handle_frame(self, link: Link, circ_id: int, cmd: int, payload: memoryview) -> None:
+        """The link manager's ``on_frame``: switch one frame."""
+        ends = self._ends.get(link)
+        end = ends.get(circ_id) if ends else None
+        if end is not None:
+            if isinstance(end, RelayCircuit):
+                end.on_frame(link, circ_id, cmd, payload)
+            else:
+                end._on_frame(link, circ_id, cmd, payload)
+        elif cmd == Cmd.CREATE:
+            self._on_create(link, circ_id, payload)
+        # Anything else for an unknown id is a late cell of a circuit already gone.
+
+    def handle_link_down(self, link: Link, reason: str) -> None:
+        """The link manager's ``on_link_down``: break every circuit that used ``link``."""
+        ends = self._ends.pop(link, {})
+        for end in list(ends.values()):
+            if isinstance(end, RelayCircuit):
+                self._end_relay(end, BreakReason.LINK_LOST, None)
+            else:
+                end._end(None, f"link to NID {link.nid} lost: {reason}")
+
+    def close(self) -> None:
+        """Break every circuit and stop timers."""
+        for end in self.circuits():
+            if isinstance(end, RelayCircuit):
+                self._end_relay(end, BreakReason.CLOSED, None)
+            else:
+                end.close()
+        self._group.kill(block=False)
+
+    # ------------------------------------------------------------------ CREATE
+    def _on_create(self, link: Link, circ_id: int, code: memoryview) -> None:
+        try:
+            link.accept_circ_id(circ_id)
+        except ProtocolError as exc:
+            log.info("CREATE from NID %d refused: %s", link.nid, exc)
+            code_ = BreakReason.TOO_MANY if "too many" in str(exc) else BreakReason.PROTOCOL
+            link.send(circ_id, Cmd.BREAK, encode_break(code_), force=True)
+            return
+        try:
+            peeled = self._reader.peel(bytes(code))
+        except CryptoError as exc:
+            log.info("CREATE from NID %d refused: %s", link.nid, exc)
+            self._refuse(link, circ_id, BreakReason.CRYPTO)
+            return
+        if peeled.next_nid is None:
+            stream = CircuitStream(
+                self,
+                link,
+                circ_id,
+                False,
+                [LayerStream.backward(peeled.layer)],
+                [LayerStream.forward(peeled.layer)],
+                state=_AWAIT_HELLO,
+            )
+            self._register(link, circ_id, stream)
+            stream._timer = gevent.spawn_later(
+                HELLO_TIMEOUT, stream._fail, BreakReason.TIMEOUT, "no HELLO in time"
+            )
+            self._group.add(stream._timer)
+            link.send(circ_id, Cmd.CREATED)
+            return
+        nxt = self.links.get(peeled.next_nid)
+        if nxt is None or nxt.closed:
+            log.info("CREATE from NID %d for NID %d: no such link", link.nid, peeled.next_nid)
+            self._refuse(link, circ_id, BreakReason.UNKNOWN_NEIGHBOUR)
+            return
+        try:
+            next_id = nxt.allocate_circ_id()
+        except ProtocolError as exc:
+            log.info("CREATE from NID %d refused: %s", link.nid, exc)
+            self._refuse(link, circ_id, BreakReason.TOO_MANY)
+            return
+        relay = RelayCircuit(
+            self,
+            link,
+            circ_id,
+            nxt,
+            next_id,
+            LayerStream.forward(peeled.layer),
+            LayerStream.backward(peeled.layer),
+        )
+        self._register(link, circ_id, relay)
+        self._register(nxt, next_id, relay)
+        assert peeled.forward_code is not None
+        nxt.send(next_id, Cmd.CREATE, peeled.forward_code)
+
+    def _refuse(self, link: Link, circ_id: int, code: int) -> None:
+        link.send(circ_id, Cmd.BREAK, encode_break(code), force=True)
+        link.release_circ_id(circ_id)
+
+    # ------------------------------------------------------------------ terminal
+    def _on_hello(self, stream: CircuitStream, body: bytes) -> None:
+        """The source's half of the key agreement; runs in the link's reader greenlet."""
+        try:
+            blob, suite_hello = e2e.decode_hello(body)
+            request = open_request(blob, self.identity.box)
+            self._seen.check(blob, request)
+        except AnomosError as exc:
+            stream._fail(BreakReason.PROTOCOL, f"bad HELLO: {exc}")
+            return
+        try:
+            serve = self.on_request(request) if self.on_request is not None else None
+        except Exception:
+            log.exception("on_request failed")
+            serve = None
+        if serve is None:
+            stream._fail(BreakReason.REFUSED, "request refused")
+            return
+        try:
+            suite = self.plugins.cipher_suite(request.suite)
+            keys, reply = suite.responder_accept(request.material, suite_hello)
+            channel = e2e.E2EChannel(keys)
+        except AnomosError as exc:
+            stream._fail(BreakReason.REFUSED, f"cannot agree keys: {exc}")
+            return
+        if stream._timer is not None:
+            stream._timer.kill(block=False)
+            stream._timer = None
+        stream.request = request
+        try:
+            stream._send_body(e2e.encode_reply(reply))
+        except CircuitClosed:
+            return
+        stream._channel = channel
+        stream.state = _OPEN
+        stream._notified = True
+        self._notify_opened(stream)
+        self._group.spawn(self._serve, serve, stream)
+
+    @staticmethod
+    def _serve(serve: Callable[[CircuitStream], None], stream: CircuitStream) -> None:
+        try:
+            serve(stream)
+        except Exception:
+            log.exception("serving a circuit stream failed")
+            stream.close()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _register(self, link: Link, circ_id: int, end: Any) -> None:
+        self._ends.setdefault(link, {})[circ_id] = end
+
+    def _unregister(self, link: Link, circ_id: int) -> None:
+        ends = self._ends.get(link)
+        if ends is not None:
+            ends.pop(circ_id, None)
+            if not ends:
+                del self._ends[link]
+
+    def _end_relay(
+        self,
+        relay: RelayCircuit,
+        code: int,
+        origin: tuple[Link, int] | None,
+        *,
+        discard: bool = False,
+    ) -> None:
+        """Tear a relay circuit down, sending BREAK ``code`` on every end but ``origin``."""
+        if relay.closed:
+            return
+        relay.closed = True
+        for link, circ_id in ((relay.prev_link, relay.prev_id), (relay.next_link, relay.next_id)):
+            self._unregister(link, circ_id)
+            if origin != (link, circ_id) and not link.closed:
+                if discard:
+                    link.discard(circ_id)
+                link.send(circ_id, Cmd.BREAK, encode_break(code), force=True)
+            link.release_circ_id(circ_id)
+        if relay.opened:
+            self._notify_closed(relay, describe_break(code))
+
+    def _notify_opened(self, circuit: Any) -> None:
+        self.plugins.notify("anomos_circuit_opened", peer=self.peer, circuit=circuit)
+
+    def _notify_closed(self, circuit: Any, reason: str) -> None:
+        self.plugins.notify("anomos_circuit_closed", peer=self.peer, circuit=circuit, reason=reason)

@@ -1,0 +1,646 @@
+"""Authenticated TLS links to the neighbours the tracker assigned, multiplexed.
+
+A link is TLS 1.3 over any transport. The listener's certificate is
+self-signed with its Ed25519 identity key, and the dialler compares that key
+with the identity the tracker announced for the neighbour, so nobody can sit
+between two neighbours. The dialler then proves *its* identity: the listener
+sends a random challenge and the dialler signs ``AUTH_CONTEXT || challenge ||
+listener identity || claimed NID``. The listener accepts only an NID it was
+assigned with exactly that identity; the original Anomos believed any NID a
+caller claimed.
+
+Once up, one reader greenlet dispatches frames to ``on_frame`` and one writer
+greenlet serves bounded per-circuit queues round-robin, several frames per
+``sendall``: one busy circuit cannot starve the others, and a circuit that
+overflows its queue is broken by its owner, never the link.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import secrets
+import socket
+import ssl
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import gevent
+import gevent.event
+import gevent.pool
+import nacl.exceptions
+import nacl.signing
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.x509.oid import NameOID
+
+from anomos.errors import AnomosError, CryptoError, ProtocolError, TransportError
+from anomos.net.frames import (
+    HEADER,
+    HEADER_SIZE,
+    LINK_CIRC_ID,
+    Cmd,
+    FrameReader,
+    auth_message,
+    cmd_name,
+    decode_auth,
+    encode_auth,
+    encode_frame,
+)
+
+if TYPE_CHECKING:
+    from anomos.config import Settings
+    from anomos.identity import PeerIdentity
+    from anomos.interfaces import Listener, Transport
+    from anomos.pluginmanager import Plugins
+
+log = logging.getLogger(__name__)
+
+#: Seconds without sending anything after which a PADDING frame goes out.
+KEEPALIVE_INTERVAL = 15.0
+#: Seconds without receiving anything (or a send stuck that long) that end a link.
+IDLE_TIMEOUT = 60.0
+#: Dial retry backoff bounds, seconds (doubles after each failure, with jitter).
+DIAL_BACKOFF_MIN = 0.5
+DIAL_BACKOFF_MAX = 30.0
+#: A link that stayed up this long resets the backoff.
+STABLE_LINK = 10.0
+#: Minimum seconds between two ``on_unknown_nid`` refreshes.
+UNKNOWN_NID_INTERVAL = 2.0
+#: Handshakes in progress at once; more callers are dropped.
+MAX_PENDING_HANDSHAKES = 64
+#: Neighbours accepted in one assignment.
+MAX_NEIGHBOURS = 256
+#: Circuits one link carries at once (both directions together).
+MAX_CIRCUITS_PER_LINK = 1024
+#: Frames one circuit may have waiting in a link's send queue.
+CIRCUIT_QUEUE_FRAMES = 256
+#: The writer sends up to this many bytes per ``sendall``.
+BATCH_BYTES = 256 * 1024
+
+#: Circuit ids allocated by the dialler of a link have this bit set.
+DIALLER_BIT = 0x80000000
+_PADDING_FRAME = encode_frame(LINK_CIRC_ID, Cmd.PADDING)
+
+#: ``on_frame(link, circ_id, cmd, payload)``; ``payload`` is only valid during the call.
+FrameHandler = Callable[["Link", int, int, memoryview], None]
+
+
+# ----------------------------------------------------------------------------- TLS
+
+
+def make_certificate(identity: PeerIdentity) -> tuple[bytes, bytes]:
+    """(certificate PEM, private key PEM), self-signed with the Ed25519 identity key."""
+    key = Ed25519PrivateKey.from_private_bytes(bytes(identity.signing))
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "anomos peer")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=3650))
+        .sign(key, None)
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def certificate_identity(der: bytes | None) -> bytes | None:
+    """The raw Ed25519 public key of a DER certificate, or None if it has none."""
+    if not der:
+        return None
+    try:
+        public = x509.load_der_x509_certificate(der).public_key()
+    except ValueError:
+        return None
+    if not isinstance(public, Ed25519PublicKey):
+        return None
+    return public.public_bytes_raw()
+
+
+def _load_chain(ctx: ssl.SSLContext, pem: bytes) -> None:
+    """``load_cert_chain`` wants a path; give it one that never reaches a disk if we can."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("anomos-link-cert")
+        try:
+            os.write(fd, pem)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+            return
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "link.pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, pem)
+        finally:
+            os.close(fd)
+        ctx.load_cert_chain(path)
+
+
+def server_context(identity: PeerIdentity) -> ssl.SSLContext:
+    """TLS 1.3 listener context presenting the identity certificate."""
+    cert_pem, key_pem = make_certificate(identity)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.num_tickets = 0  # no resumption: every link authenticates afresh
+    _load_chain(ctx, key_pem + cert_pem)
+    return ctx
+
+
+def client_context() -> ssl.SSLContext:
+    """TLS 1.3 dialler context; the certificate is pinned by hand, not by a CA."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _next_frame(reader: FrameReader, expected: Cmd) -> memoryview:
+    try:
+        circ_id, cmd, payload = next(reader)
+    except StopIteration:
+        raise ProtocolError(f"connection closed while waiting for {expected.name}") from None
+    if circ_id != LINK_CIRC_ID or cmd != expected:
+        raise ProtocolError(f"expected {expected.name}, got {cmd_name(cmd)}")
+    return payload
+
+
+# ----------------------------------------------------------------------------- links
+
+
+@attrs.define(eq=False)
+class Link:
+    """One authenticated neighbour link: bounded per-circuit queues, a reader and a writer."""
+
+    nid: int
+    #: The neighbour's contact address, as the tracker announced it.
+    address: str
+    identity: bytes = attrs.field(repr=False)
+    #: True when this side dialled (and so allocates circuit ids with the high bit).
+    dialler: bool
+    sock: Any = attrs.field(repr=False)
+    reader: FrameReader = attrs.field(repr=False)
+    manager: LinkManager = attrs.field(repr=False)
+    bytes_out: int = 0
+    #: Why the link closed; ``None`` while it is up.
+    closed_reason: str | None = None
+    _queues: dict[int, deque[tuple[bytes, Any]]] = attrs.field(factory=dict, repr=False)
+    _active: deque[int] = attrs.field(factory=deque, repr=False)
+    _control: deque[bytes] = attrs.field(factory=deque, repr=False)
+    _circ_ids: set[int] = attrs.field(factory=set, repr=False)
+    _wake: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
+    _done: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
+    _writer: gevent.Greenlet | None = attrs.field(default=None, repr=False)
+    _reader_greenlet: Any = attrs.field(default=None, repr=False)
+    opened_at: float = attrs.field(factory=time.monotonic, repr=False)
+
+    @property
+    def bytes_in(self) -> int:
+        return self.reader.bytes_in
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_reason is not None
+
+    # ------------------------------------------------------------------ circuit ids
+    @property
+    def circuit_count(self) -> int:
+        return len(self._circ_ids)
+
+    def is_local_id(self, circ_id: int) -> bool:
+        """Whether ``circ_id`` lies in the half of the id space this side allocates."""
+        return bool(circ_id & DIALLER_BIT) == self.dialler
+
+    def allocate_circ_id(self) -> int:
+        """A fresh, random circuit id from this side's half of the id space."""
+        self._check_room()
+        high = DIALLER_BIT if self.dialler else 0
+        while True:
+            circ_id = secrets.randbits(31) | high
+            if circ_id and circ_id not in self._circ_ids and circ_id not in self._queues:
+                self._circ_ids.add(circ_id)
+                return circ_id
+
+    def accept_circ_id(self, circ_id: int) -> None:
+        """Take a circuit id the neighbour allocated (on its CREATE)."""
+        if self.is_local_id(circ_id):
+            raise ProtocolError(f"NID {self.nid} used circuit id {circ_id:#x} from our half")
+        if circ_id in self._circ_ids:
+            raise ProtocolError(f"NID {self.nid} reused the open circuit id {circ_id:#x}")
+        self._check_room()
+        self._circ_ids.add(circ_id)
+
+    def release_circ_id(self, circ_id: int) -> None:
+        """Forget a circuit id; frames already queued for it are still sent."""
+        self._circ_ids.discard(circ_id)
+        q = self._queues.get(circ_id)
+        if q is not None and not q:
+            del self._queues[circ_id]
+
+    def _check_room(self) -> None:
+        if self.closed_reason is not None:
+            raise ProtocolError(f"link to NID {self.nid} is closed ({self.closed_reason})")
+        if len(self._circ_ids) >= MAX_CIRCUITS_PER_LINK:
+            raise ProtocolError(f"too many circuits on the link to NID {self.nid}")
+
+    # ------------------------------------------------------------------ sending
+    def send(self, circ_id: int, cmd: int, payload: Any = b"", *, force: bool = False) -> bool:
+        """Queue a frame; False if the link is closed or the circuit's queue is full.
+
+        ``payload`` must be bytes the caller will not change (it is sent later).
+        ``force`` ignores the queue bound, for the one BREAK that ends a circuit.
+        """
+        if self.closed_reason is not None:
+            return False
+        q = self._queues.get(circ_id)
+        if q is None:
+            q = self._queues[circ_id] = deque()
+        elif len(q) >= CIRCUIT_QUEUE_FRAMES and not force:
+            return False
+        q.append((HEADER.pack(circ_id, cmd, 0, len(payload)), payload))
+        if len(q) == 1:
+            self._active.append(circ_id)
+            self._wake.set()
+        return True
+
+    def queued(self, circ_id: int) -> int:
+        """Frames of ``circ_id`` waiting to be sent."""
+        q = self._queues.get(circ_id)
+        return len(q) if q else 0
+
+    def discard(self, circ_id: int) -> None:
+        """Drop what is queued for ``circ_id`` (a circuit broken by overflow)."""
+        q = self._queues.get(circ_id)
+        if q:
+            q.clear()
+            with contextlib.suppress(ValueError):
+                self._active.remove(circ_id)
+
+    # ------------------------------------------------------------------ lifecycle
+    def close(self, reason: str = "closed") -> None:
+        """Close once; the manager and the circuit switch learn why."""
+        if self.closed_reason is not None:
+            return
+        self.closed_reason = reason
+        self._queues.clear()
+        self._active.clear()
+        current = gevent.getcurrent()
+        if self._writer is not None and self._writer is not current:
+            self._writer.kill(block=False)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self._done.set()
+        self.manager._link_down(self, reason)
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def run(self) -> None:
+        """Serve the link in the calling greenlet until it closes."""
+        self._reader_greenlet = gevent.getcurrent()
+        self.sock.settimeout(IDLE_TIMEOUT)
+        self._writer = gevent.spawn(self._write_loop)
+        reason = "closed by neighbour"
+        try:
+            for circ_id, cmd, payload in self.reader:
+                if self.closed_reason is not None:
+                    return
+                if circ_id == LINK_CIRC_ID:
+                    if cmd != Cmd.PADDING:
+                        raise ProtocolError(f"{cmd_name(cmd)} after the link handshake")
+                    continue
+                handler = self.manager.on_frame
+                if handler is None:
+                    raise ProtocolError(f"{cmd_name(cmd)} on a link that carries no circuits")
+                handler(self, circ_id, cmd, payload)
+        except ProtocolError as exc:
+            reason = str(exc)
+        except TimeoutError:
+            reason = f"idle for {IDLE_TIMEOUT:g} s"
+        except OSError as exc:
+            reason = f"connection lost: {exc.strerror or exc}"
+        except gevent.GreenletExit:
+            reason = "stopped"
+        except Exception as exc:  # a bug in a frame handler must not kill silently
+            log.exception("link to NID %d: frame handler failed", self.nid)
+            reason = f"internal error: {exc}"
+        finally:
+            self.close(reason)
+
+    def _write_loop(self) -> None:
+        sock = self.sock
+        queues = self._queues
+        active = self._active
+        control = self._control
+        wake = self._wake
+        try:
+            while self.closed_reason is None:
+                if not active and not control:
+                    wake.clear()
+                    if not wake.wait(KEEPALIVE_INTERVAL):
+                        control.append(_PADDING_FRAME)
+                    continue
+                batch: list[Any] = []
+                size = 0
+                while control:
+                    frame = control.popleft()
+                    batch.append(frame)
+                    size += len(frame)
+                while active and size < BATCH_BYTES:
+                    circ_id = active.popleft()
+                    q = queues.get(circ_id)
+                    if not q:
+                        continue
+                    header, payload = q.popleft()
+                    batch.append(header)
+                    batch.append(payload)
+                    size += HEADER_SIZE + len(payload)
+                    if q:
+                        active.append(circ_id)
+                    elif circ_id not in self._circ_ids:
+                        del queues[circ_id]
+                sock.sendall(b"".join(batch))
+                self.bytes_out += size
+        except TimeoutError:
+            self.close(f"send stuck for {IDLE_TIMEOUT:g} s")
+        except OSError as exc:
+            self.close(f"send failed: {exc.strerror or exc}")
+
+
+# ----------------------------------------------------------------------------- manager
+
+
+@attrs.define(eq=False)
+class LinkManager:
+    """All links of one peer: listens, dials assigned neighbours, authenticates, tracks.
+
+    ``on_frame`` and ``on_link_down`` are plain attributes, so a
+    :class:`anomos.net.circuit.CircuitSwitch` can install itself after both exist.
+    """
+
+    identity: PeerIdentity
+    plugins: Plugins
+    settings: Settings
+    on_frame: FrameHandler | None = attrs.field(kw_only=True)
+    on_unknown_nid: Callable[[int], None] | None = attrs.field(default=None, kw_only=True)
+    #: Called as ``on_link_down(link, reason)`` after a link closed.
+    on_link_down: Callable[[Link, str], None] | None = attrs.field(default=None, kw_only=True)
+    #: Passed along to the neighbour hooks.
+    peer: Any = attrs.field(default=None, kw_only=True)
+    #: The address neighbours dial, once :meth:`start` returned.
+    address: str | None = attrs.field(default=None, init=False)
+    links: dict[int, Link] = attrs.field(factory=dict, init=False)
+    _assigned: dict[int, Any] = attrs.field(factory=dict, init=False, repr=False)
+    _dialling: dict[int, gevent.Greenlet] = attrs.field(factory=dict, init=False, repr=False)
+    _group: gevent.pool.Group = attrs.field(factory=gevent.pool.Group, init=False, repr=False)
+    _listener: Listener | None = attrs.field(default=None, init=False, repr=False)
+    _transports: dict[str, Transport] = attrs.field(factory=dict, init=False, repr=False)
+    _server_ctx: ssl.SSLContext | None = attrs.field(default=None, init=False, repr=False)
+    _client_ctx: ssl.SSLContext = attrs.field(factory=client_context, init=False, repr=False)
+    _pending: int = attrs.field(default=0, init=False, repr=False)
+    _changed: gevent.event.Event = attrs.field(factory=gevent.event.Event, init=False, repr=False)
+    _last_refresh: float = attrs.field(default=-1e9, init=False, repr=False)
+    _refreshing: gevent.event.Event | None = attrs.field(default=None, init=False, repr=False)
+    _closed: bool = attrs.field(default=False, init=False)
+
+    # ------------------------------------------------------------------ public
+    def start(self) -> str:
+        """Listen on ``settings.listen`` with ``settings.transport``; the contact address."""
+        self._server_ctx = server_context(self.identity)
+        transport = self._transport(self.settings.transport)
+        self._listener = transport.listen(self.settings.listen, self._accept)
+        self.address = self._listener.address
+        return self.address
+
+    def set_neighbours(self, neighbours: Iterable[Any]) -> None:
+        """Adopt the tracker's assignment: dial new ``dial=True`` ones, drop the unassigned."""
+        assigned: dict[int, Any] = {}
+        for nb in neighbours:
+            if len(assigned) >= MAX_NEIGHBOURS:
+                log.warning(
+                    "tracker assigned more than %d neighbours; ignoring the rest", MAX_NEIGHBOURS
+                )
+                break
+            assigned[int(nb.nid)] = nb
+        self._assigned = assigned
+        for nid, link in list(self.links.items()):
+            nb = assigned.get(nid)
+            if nb is None or bytes(nb.identity) != link.identity:
+                link.close("neighbour no longer assigned")
+        if self._closed:
+            return
+        for nid, nb in assigned.items():
+            if nb.dial and nid not in self._dialling:
+                self._dialling[nid] = self._group.spawn(self._dial_loop, nid)
+
+    def neighbours(self) -> dict[int, Any]:
+        """The current assignment, NID -> Neighbour."""
+        return dict(self._assigned)
+
+    def get(self, nid: int) -> Link | None:
+        """The live link to ``nid``, if any."""
+        return self.links.get(nid)
+
+    def wait_for(self, nid: int, timeout: float) -> Link:
+        """The link to ``nid``, waiting up to ``timeout`` s for it to come up."""
+        deadline = time.monotonic() + timeout
+        while True:
+            link = self.links.get(nid)
+            if link is not None and not link.closed:
+                return link
+            left = deadline - time.monotonic()
+            if left <= 0 or self._closed:
+                raise TransportError(f"no link to neighbour NID {nid}")
+            self._changed.wait(left)
+
+    def close(self) -> None:
+        """Stop listening and dialling; close every link."""
+        self._closed = True
+        if self._listener is not None:
+            self._listener.close()
+        self._group.kill(block=False)
+        for link in list(self.links.values()):
+            link.close("shutting down")
+
+    # ------------------------------------------------------------------ transports
+    def _transport(self, name: str) -> Transport:
+        transport = self._transports.get(name)
+        if transport is None:
+            transport = self._transports[name] = self.plugins.transport(name, self.settings)
+        return transport
+
+    def _dial_transport(self, address: str) -> Transport:
+        for name in (self.settings.transport, *self.settings.dial_transports):
+            transport = self._transport(name)
+            if transport.can_dial(address):
+                return transport
+        raise TransportError(f"no configured transport can reach {address}")
+
+    # ------------------------------------------------------------------ dialling
+    def _dial_loop(self, nid: int) -> None:
+        backoff = DIAL_BACKOFF_MIN
+        try:
+            while not self._closed:
+                nb = self._assigned.get(nid)
+                if nb is None or not nb.dial:
+                    return
+                existing = self.links.get(nid)
+                if existing is not None:
+                    existing.wait_closed()
+                    continue
+                try:
+                    link = self._dial_once(nb)
+                except (AnomosError, OSError) as exc:
+                    log.info("cannot link to NID %d at %s: %s", nid, nb.address, exc)
+                    gevent.sleep(backoff * random.uniform(0.75, 1.25))
+                    backoff = min(backoff * 2, DIAL_BACKOFF_MAX)
+                    continue
+                if self._closed or self._assigned.get(nid) is not nb:
+                    with contextlib.suppress(OSError):
+                        link.sock.close()
+                    continue
+                self._link_up(link)
+                link.run()
+                if time.monotonic() - link.opened_at >= STABLE_LINK:
+                    backoff = DIAL_BACKOFF_MIN
+                gevent.sleep(backoff * random.uniform(0.75, 1.25))
+                backoff = min(backoff * 2, DIAL_BACKOFF_MAX)
+        finally:
+            if self._dialling.get(nid) is gevent.getcurrent():
+                del self._dialling[nid]
+
+    def _dial_once(self, nb: Any) -> Link:
+        nid = int(nb.nid)
+        expected = bytes(nb.identity)
+        raw = self._dial_transport(nb.address).dial(
+            nb.address, timeout=self.settings.connect_timeout
+        )
+        sock: Any = raw
+        try:
+            timeout = ProtocolError(f"link handshake with NID {nid} timed out")
+            with gevent.Timeout(self.settings.handshake_timeout, timeout):
+                sock = self._client_ctx.wrap_socket(raw, do_handshake_on_connect=False)
+                sock.do_handshake()
+                if certificate_identity(sock.getpeercert(binary_form=True)) != expected:
+                    raise CryptoError(f"neighbour NID {nid} presented the wrong identity")
+                reader = FrameReader(sock)
+                challenge = bytes(_next_frame(reader, Cmd.AUTH_CHALLENGE))
+                message = auth_message(challenge, expected, nid)
+                signature = self.identity.signing.sign(message).signature
+                auth = encode_auth(nid, self.identity.identity_public, signature)
+                sock.sendall(encode_frame(LINK_CIRC_ID, Cmd.AUTH, auth))
+                _next_frame(reader, Cmd.AUTH_OK)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                sock.close()
+            raise
+        return Link(nid, nb.address, expected, True, sock, reader, self)
+
+    # ------------------------------------------------------------------ accepting
+    def _accept(self, raw: socket.socket, remote: str) -> None:
+        """Transport handler: authenticate, then serve the link in this greenlet."""
+        if self._closed or self._pending >= MAX_PENDING_HANDSHAKES or self._server_ctx is None:
+            raw.close()
+            return
+        self._pending += 1
+        sock: Any = raw
+        try:
+            timeout = ProtocolError("link handshake timed out")
+            with gevent.Timeout(self.settings.handshake_timeout, timeout):
+                sock = self._server_ctx.wrap_socket(
+                    raw, server_side=True, do_handshake_on_connect=False
+                )
+                sock.do_handshake()
+                reader = FrameReader(sock)
+                challenge = secrets.token_bytes(32)
+                sock.sendall(encode_frame(LINK_CIRC_ID, Cmd.AUTH_CHALLENGE, challenge))
+                nid, identity, signature = decode_auth(_next_frame(reader, Cmd.AUTH))
+                try:
+                    nacl.signing.VerifyKey(identity).verify(
+                        auth_message(challenge, self.identity.identity_public, nid), signature
+                    )
+                except (nacl.exceptions.BadSignatureError, ValueError):
+                    raise CryptoError(
+                        f"bad link signature from a caller claiming NID {nid}"
+                    ) from None
+                nb = self._assignment_for(nid)
+                if nb is None:
+                    raise CryptoError(f"caller claimed NID {nid}, which is not our neighbour")
+                if bytes(nb.identity) != identity:
+                    raise CryptoError(f"caller claimed NID {nid} with the wrong identity key")
+                sock.sendall(encode_frame(LINK_CIRC_ID, Cmd.AUTH_OK))
+        except (AnomosError, OSError) as exc:
+            log.info("refused link from %s: %s", remote, exc)
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        finally:
+            self._pending -= 1
+        if self._closed:
+            sock.close()
+            return
+        link = Link(nid, nb.address, identity, False, sock, reader, self)
+        self._link_up(link)
+        link.run()
+
+    def _assignment_for(self, nid: int) -> Any:
+        """The assigned neighbour ``nid``, refreshing from the tracker once if unknown."""
+        nb = self._assigned.get(nid)
+        if nb is not None or self.on_unknown_nid is None:
+            return nb
+        if self._refreshing is not None:
+            self._refreshing.wait()
+        elif time.monotonic() - self._last_refresh >= UNKNOWN_NID_INTERVAL:
+            self._last_refresh = time.monotonic()
+            self._refreshing = done = gevent.event.Event()
+            try:
+                self.on_unknown_nid(nid)
+            except Exception as exc:
+                log.info("refreshing neighbours for unknown NID %d failed: %s", nid, exc)
+            finally:
+                self._refreshing = None
+                done.set()
+        return self._assigned.get(nid)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _link_up(self, link: Link) -> None:
+        old = self.links.get(link.nid)
+        self.links[link.nid] = link
+        if old is not None:
+            old.close("replaced by a new connection")
+        log.info("link to NID %d (%s) is up", link.nid, link.address)
+        self._changed.set()
+        self._changed = gevent.event.Event()
+        self.plugins.notify(
+            "anomos_neighbour_up", peer=self.peer, nid=link.nid, address=link.address
+        )
+
+    def _link_down(self, link: Link, reason: str) -> None:
+        if self.links.get(link.nid) is link:
+            del self.links[link.nid]
+        log.info("link to NID %d closed: %s", link.nid, reason)
+        if self.on_link_down is not None:
+            try:
+                self.on_link_down(link, reason)
+            except Exception:
+                log.exception("link-down handler failed for NID %d", link.nid)
+        self.plugins.notify("anomos_neighbour_down", peer=self.peer, nid=link.nid, reason=reason)
