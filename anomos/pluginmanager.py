@@ -40,6 +40,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "anomos.plugins.paths.weighted",
     "anomos.plugins.paths.random_walk",
     "anomos.plugins.paths.fixed",
+    "anomos.plugins.commands.tracker_cmd",
 )
 
 ENTRY_POINT_GROUP = PROJECT

@@ -216,6 +216,12 @@ class PeerGraph:
                 changes.extend(self._fill(other))
         return changes
 
+    def top_up(self, peer: Peer) -> Changes:
+        """Give ``peer`` more neighbours if it is below the minimum (a young, small network)."""
+        if peer not in self._adj or len(self._adj[peer]) >= self.min_neighbours:
+            return Changes()
+        return self._fill(peer)
+
     def repair(self) -> Changes:
         """Top up every peer below the minimum (after a restore with other bounds): O(n)."""
         changes = Changes()

@@ -1,0 +1,340 @@
+"""A peer's side of the tracker API (docs/tracker-api.md): announce, request circuits.
+
+Every request is signed with the peer's Ed25519 identity and sent over TLS 1.3
+to a tracker pinned by the SHA-256 of its public key; the pin is checked right
+after the handshake, before a byte of the request leaves. Whatever the tracker
+answers is treated as hostile: bounded size, strict types, one-line
+:class:`TrackerError` for every failure.
+"""
+
+from __future__ import annotations
+
+import http.client
+import secrets
+import ssl
+import time
+import urllib.parse
+from collections.abc import Iterable
+from typing import Any
+
+import attrs
+import gevent
+
+from anomos import bencode
+from anomos.config import split_address
+from anomos.errors import AnomosError, ConfigError, TrackerError
+from anomos.identity import PeerIdentity
+from anomos.protocol.onion import LAYER_KEYS_SIZE, MAX_HOPS, TRACKING_CODE_SIZE, LayerKeys
+from anomos.protocol.request import REQUEST_BLOB_SIZE
+from anomos.tracker.identity import check_pin, normalise_fingerprint, pinned_context
+
+#: Prefix of every signed message (followed by the request path and the inner message).
+SIGNATURE_CONTEXT = b"anomos-tracker-v1"
+#: Largest reply accepted from the tracker.
+MAX_REPLY = 1024 * 1024
+#: Seconds a whole request may take unless the caller says otherwise.
+REQUEST_TIMEOUT = 30.0
+#: Most circuits one request may ask for (the server enforces the same bound).
+MAX_CIRCUITS = 8
+#: Most neighbours a reply may list.
+MAX_NEIGHBOURS = 64
+#: Events a torrent entry may carry, as in BitTorrent.
+EVENTS = ("", "started", "completed", "stopped")
+
+
+@attrs.frozen
+class Neighbour:
+    """A peer to keep a link with; ``dial`` says whether this side opens it."""
+
+    nid: int
+    address: str
+    identity: bytes = attrs.field(repr=lambda b: b.hex()[:16])
+    dial: bool
+
+
+@attrs.frozen
+class AnnounceReply:
+    """What the tracker answers to an announce."""
+
+    neighbours: tuple[Neighbour, ...]
+    epoch: int
+    interval: int
+    ratio: float
+    uploaded: int
+    downloaded: int
+    relayed: int
+    min_interval: int = 0
+
+
+@attrs.frozen
+class CircuitPlan:
+    """One circuit to a source the downloader never learns.
+
+    Send ``tracking_code`` in CREATE on the link of ``first_nid``; apply
+    ``layers`` (path order) to cells; put ``request_blob`` in the HELLO; agree
+    end-to-end keys with the cipher suite ``suite`` using ``material``.
+    """
+
+    first_nid: int
+    tracking_code: bytes = attrs.field(repr=False)
+    layers: tuple[LayerKeys, ...] = attrs.field(repr=False)
+    request_blob: bytes = attrs.field(repr=False)
+    suite: str
+    material: bytes = attrs.field(repr=False)
+
+
+@attrs.frozen
+class TorrentStatus:
+    """A torrent's counters for this session, as reported in an announce."""
+
+    infohash: bytes
+    uploaded: int
+    downloaded: int
+    left: int
+    event: str = ""
+
+
+def signed_body(identity: PeerIdentity, path: str, inner: dict[str, Any]) -> bytes:
+    """The request body: the bencoded inner message signed for ``path``."""
+    msg = bencode.encode(inner)
+    sig = identity.signing.sign(SIGNATURE_CONTEXT + path.encode() + msg).signature
+    return bencode.encode({"peer": identity.identity_public, "msg": msg, "sig": sig})
+
+
+def plan_to_wire(plan: CircuitPlan) -> dict[str, Any]:
+    return {
+        "first_nid": plan.first_nid,
+        "tracking_code": plan.tracking_code,
+        "layers": [layer.to_bytes() for layer in plan.layers],
+        "request": plan.request_blob,
+        "suite": plan.suite,
+        "material": plan.material,
+    }
+
+
+class _PinnedConnection(http.client.HTTPSConnection):
+    """HTTPS bound to a source address, refusing a tracker whose key is not the pinned one."""
+
+    def __init__(
+        self, host: str, port: int, *, fingerprint: str, source_host: str | None, timeout: float
+    ) -> None:
+        super().__init__(
+            host,
+            port,
+            timeout=timeout,
+            context=pinned_context(),
+            source_address=(source_host, 0) if source_host else None,
+        )
+        self._fingerprint = fingerprint
+
+    def connect(self) -> None:
+        super().connect()
+        assert isinstance(self.sock, ssl.SSLSocket)
+        try:
+            check_pin(self.sock, self._fingerprint)
+        except TrackerError:
+            self.close()
+            raise
+
+
+class TrackerClient:
+    """Talks to one tracker on behalf of one peer identity."""
+
+    def __init__(
+        self,
+        url: str,
+        fingerprint: str,
+        identity: PeerIdentity,
+        *,
+        source_host: str | None = None,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme != "https" or not parsed.hostname or not parsed.path.endswith("/announce"):
+            raise ConfigError(f"tracker URL {url!r} is not https://HOST:PORT/.../announce")
+        self.url = url
+        self.host = parsed.hostname
+        try:
+            self.port = parsed.port or 443
+        except ValueError:
+            raise ConfigError(f"tracker URL {url!r} has a bad port") from None
+        self.announce_path = parsed.path
+        self.circuits_path = parsed.path[: -len("announce")] + "circuits"
+        self.fingerprint = normalise_fingerprint(fingerprint)
+        self.identity = identity
+        self.source_host = source_host if source_host not in ("", "0.0.0.0", "::") else None
+        self.timeout = timeout
+        #: Counters are cumulative per session; a new session tells the tracker to rebase.
+        self.session = secrets.token_bytes(8)
+
+    # ------------------------------------------------------------------ API
+    def announce(
+        self,
+        address: str,
+        torrents: Iterable[TorrentStatus],
+        relayed: int,
+        stopped: bool = False,
+    ) -> AnnounceReply:
+        """Report this peer and its torrents; learn its neighbours, the epoch and its ratio."""
+        split_address(address)
+        inner = {
+            "time": int(time.time()),
+            "session": self.session,
+            "onion": self.identity.onion_public,
+            "box": self.identity.box_public,
+            "address": address,
+            "torrents": [
+                {
+                    "infohash": t.infohash,
+                    "uploaded": t.uploaded,
+                    "downloaded": t.downloaded,
+                    "left": t.left,
+                    "event": t.event,
+                }
+                for t in torrents
+            ],
+            "relayed": relayed,
+            "stopped": int(stopped),
+        }
+        reply = self._post(self.announce_path, inner)
+        try:
+            return _parse_announce(reply)
+        except (KeyError, TypeError, ValueError, AnomosError) as exc:
+            raise TrackerError(f"tracker sent a malformed announce reply: {_why(exc)}") from None
+
+    def request_circuits(self, infohash: bytes, count: int) -> list[CircuitPlan]:
+        """Up to ``count`` circuits to sources of ``infohash`` (maybe fewer, maybe none)."""
+        if not 1 <= count <= MAX_CIRCUITS:
+            raise ConfigError(f"circuit count {count} is outside 1-{MAX_CIRCUITS}")
+        inner = {"time": int(time.time()), "infohash": infohash, "count": count}
+        reply = self._post(self.circuits_path, inner)
+        try:
+            items = reply[b"circuits"]
+            if not isinstance(items, list) or len(items) > count:
+                raise ValueError("too many circuits")
+            return [_parse_plan(item) for item in items]
+        except (KeyError, TypeError, ValueError, AnomosError) as exc:
+            raise TrackerError(f"tracker sent a malformed circuits reply: {_why(exc)}") from None
+
+    # ------------------------------------------------------------------ transport
+    def _post(self, path: str, inner: dict[str, Any]) -> dict[bytes, Any]:
+        body = signed_body(self.identity, path, inner)
+        where = f"tracker {self.host}:{self.port}"
+        conn = _PinnedConnection(
+            self.host,
+            self.port,
+            fingerprint=self.fingerprint,
+            source_host=self.source_host,
+            timeout=self.timeout,
+        )
+        try:
+            with gevent.Timeout(self.timeout, TrackerError(f"{where} timed out")):
+                conn.request(
+                    "POST",
+                    path,
+                    body=body,
+                    headers={"Content-Type": "application/x-bencode", "Connection": "close"},
+                )
+                resp = conn.getresponse()
+                data = resp.read(MAX_REPLY + 1)
+        except TimeoutError:
+            raise TrackerError(f"{where} timed out") from None
+        except ssl.SSLError as exc:
+            raise TrackerError(f"TLS with {where} failed: {exc.reason or exc}") from None
+        except (OSError, http.client.HTTPException) as exc:
+            reason = getattr(exc, "strerror", None) or exc or type(exc).__name__
+            raise TrackerError(f"cannot reach {where}: {reason}") from None
+        finally:
+            conn.close()
+        if len(data) > MAX_REPLY:
+            raise TrackerError(f"{where} sent a reply over {MAX_REPLY} bytes")
+        try:
+            reply = bencode.decode(data, max_size=MAX_REPLY)
+        except AnomosError:
+            reply = None
+        if not isinstance(reply, dict):
+            if resp.status != 200:
+                raise TrackerError(f"{where} answered HTTP {resp.status} {resp.reason}")
+            raise TrackerError(f"{where} sent a reply that is not a bencoded dict")
+        failure = reply.get(b"failure reason")
+        if failure is not None or resp.status != 200:
+            text = (
+                failure.decode("utf-8", "replace")[:200]
+                if isinstance(failure, bytes)
+                else f"HTTP {resp.status}"
+            )
+            raise TrackerError(f"{where} refused {path.rsplit('/', 1)[-1]}: {_one_line(text)}")
+        return reply
+
+
+# ---------------------------------------------------------------------------- reply parsing
+
+
+def _int(value: Any, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise ValueError(f"integer {value!r} out of range")
+    return value
+
+
+def _bytes(value: Any, size: int | None = None, max_size: int = 4096) -> bytes:
+    if not isinstance(value, bytes) or len(value) > max_size:
+        raise ValueError("expected a byte string")
+    if size is not None and len(value) != size:
+        raise ValueError(f"expected {size} bytes, got {len(value)}")
+    return value
+
+
+def _text(value: Any, max_size: int = 300) -> str:
+    return _bytes(value, max_size=max_size).decode("utf-8")
+
+
+def _parse_announce(reply: dict[bytes, Any]) -> AnnounceReply:
+    raw = reply[b"neighbours"]
+    if not isinstance(raw, list) or len(raw) > MAX_NEIGHBOURS:
+        raise ValueError("neighbours is not a short list")
+    neighbours = []
+    for item in raw:
+        address = _text(item[b"address"])
+        split_address(address)
+        neighbours.append(
+            Neighbour(
+                nid=_int(item[b"nid"], 1, 2**32 - 1),
+                address=address,
+                identity=_bytes(item[b"identity"], 32),
+                dial=bool(_int(item[b"dial"], 0, 1)),
+            )
+        )
+    return AnnounceReply(
+        neighbours=tuple(neighbours),
+        epoch=_int(reply[b"epoch"], 0, 2**32 - 1),
+        interval=_int(reply[b"interval"], 1, 86400),
+        ratio=float(_text(reply[b"ratio"], 32)),
+        uploaded=_int(reply[b"uploaded"]),
+        downloaded=_int(reply[b"downloaded"]),
+        relayed=_int(reply[b"relayed"]),
+        min_interval=_int(reply.get(b"min_interval", 0), 0, 86400),
+    )
+
+
+def _parse_plan(item: Any) -> CircuitPlan:
+    layers = item[b"layers"]
+    if not isinstance(layers, list) or not 1 <= len(layers) <= MAX_HOPS:
+        raise ValueError(f"layers is not a list of 1-{MAX_HOPS} entries")
+    return CircuitPlan(
+        first_nid=_int(item[b"first_nid"], 1, 2**32 - 1),
+        tracking_code=_bytes(item[b"tracking_code"], TRACKING_CODE_SIZE),
+        layers=tuple(LayerKeys.from_bytes(_bytes(x, LAYER_KEYS_SIZE)) for x in layers),
+        request_blob=_bytes(item[b"request"], REQUEST_BLOB_SIZE),
+        suite=_text(item[b"suite"], 32),
+        material=_bytes(item[b"material"], max_size=256),
+    )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):
+        return f"missing key {exc.args[0]!r}"
+    return _one_line(str(exc)) or type(exc).__name__

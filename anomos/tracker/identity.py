@@ -1,0 +1,213 @@
+"""The tracker's long-term TLS identity, and pinning it from the client side.
+
+Peers trust the tracker by the SHA-256 of its public key (in the ``.atorrent``
+or given with ``--fingerprint``), not by a certificate authority, so the key
+must outlive restarts: it is made once, kept in the state directory with mode
+0600, and only the self-signed certificate around it is renewed when it runs
+out. Both sides speak TLS 1.3 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import logging
+import os
+import secrets
+import ssl
+from pathlib import Path
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from anomos.errors import ConfigError, TrackerError
+
+log = logging.getLogger(__name__)
+
+KEY_FILE = "tracker-key.pem"
+CERT_FILE = "tracker-cert.pem"
+#: Days a freshly made certificate is valid.
+CERT_VALIDITY_DAYS = 3650
+#: A certificate expiring within this many days is renewed at start-up.
+CERT_RENEW_DAYS = 30
+#: Largest PEM file we agree to read.
+MAX_PEM_FILE = 64 * 1024
+
+
+def spki_fingerprint(cert_der: bytes) -> str:
+    """Hex SHA-256 of the DER SubjectPublicKeyInfo of a DER certificate."""
+    cert = x509.load_der_x509_certificate(cert_der)
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
+def normalise_fingerprint(text: str) -> str:
+    """Lower-case hex without separators; ``ConfigError`` unless it is 64 hex digits."""
+    clean = text.strip().lower().replace(":", "")
+    if len(clean) != 64 or any(c not in "0123456789abcdef" for c in clean):
+        raise ConfigError(f"tracker fingerprint {text!r} is not 64 hex digits (SHA-256)")
+    return clean
+
+
+@attrs.frozen
+class TrackerIdentity:
+    """Paths of the tracker's key and certificate, and the key's fingerprint."""
+
+    key_path: Path
+    cert_path: Path
+    fingerprint: str
+
+    @classmethod
+    def load_or_create(cls, state_dir: str | os.PathLike[str]) -> TrackerIdentity:
+        """The identity kept in ``state_dir``, created (key) or renewed (certificate) as needed."""
+        directory = Path(state_dir)
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create state directory {directory}: {exc}") from None
+        key_path = directory / KEY_FILE
+        cert_path = directory / CERT_FILE
+        key = _load_key(key_path) if key_path.exists() else _create_key(key_path)
+        cert = _load_cert(cert_path) if cert_path.exists() else None
+        if cert is None or not _cert_is_fresh(cert, key):
+            cert = _make_cert(key)
+            _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            log.info("wrote a new tracker certificate %s", cert_path)
+        return cls(
+            key_path, cert_path, spki_fingerprint(cert.public_bytes(serialization.Encoding.DER))
+        )
+
+    def server_context(self) -> ssl.SSLContext:
+        """TLS 1.3-only server context with this identity."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        ctx.load_cert_chain(str(self.cert_path), str(self.key_path))
+        return ctx
+
+
+def pinned_context() -> ssl.SSLContext:
+    """TLS 1.3-only client context that accepts any certificate: call :func:`check_pin` next.
+
+    The standard library cannot verify a self-signed certificate by its key
+    hash, so verification is done explicitly right after the handshake.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def check_pin(sock: ssl.SSLSocket, fingerprint: str) -> None:
+    """Raise :class:`TrackerError` unless the peer's public key hashes to ``fingerprint``."""
+    der = sock.getpeercert(binary_form=True)
+    got = spki_fingerprint(der) if der else "no certificate"
+    if not secrets.compare_digest(got, fingerprint.lower()):
+        raise TrackerError(f"tracker identity mismatch: expected {fingerprint}, got {got}")
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _create_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    if not _write_atomic(path, pem, 0o600, replace=False):
+        return _load_key(path)  # another process made it first
+    log.info("created a new tracker key %s", path)
+    return key
+
+
+def _read_pem(path: Path, what: str) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_PEM_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read tracker {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_PEM_FILE:
+        raise ConfigError(f"tracker {what} {path} is too large to be a PEM file")
+    return data
+
+
+def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    data = _read_pem(path, "key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"tracker key {path} is unreadable ({exc}); move it away") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"tracker key {path} is not an ECDSA key; move it away")
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        log.warning("tracker key %s is readable by others (mode %o)", path, mode & 0o777)
+    return key
+
+
+def _load_cert(path: Path) -> x509.Certificate | None:
+    """The stored certificate, or ``None`` when it is unusable and should be remade."""
+    try:
+        return x509.load_pem_x509_certificate(_read_pem(path, "certificate"))
+    except ValueError:
+        log.warning("tracker certificate %s is unreadable; making a new one", path)
+        return None
+
+
+def _cert_is_fresh(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> bool:
+    same_key = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ) == key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    renew_at = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=CERT_RENEW_DAYS)
+    return same_key and cert.not_valid_after_utc > renew_at
+
+
+def _make_cert(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "anomos tracker")])
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=CERT_VALIDITY_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _write_atomic(path: Path, data: bytes, mode: int, *, replace: bool = True) -> bool:
+    """Write ``data`` to ``path`` via a temporary file; False if not replacing and it exists."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)  # refuses to replace an existing key
+        except FileExistsError:
+            return False
+        return True
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

@@ -1,0 +1,593 @@
+"""The tracker: an HTTPS API over the neighbour graph, the swarms and the planner.
+
+Peers announce (keys, contact address, torrents, relayed bytes) and get their
+neighbours; downloaders ask for circuits and get plans whose sources stay
+hidden from them. The exact wire format is in docs/tracker-api.md.
+
+Everything is served from memory; each announce is written to SQLite in one
+transaction (:mod:`anomos.tracker.store`), circuit requests write nothing. A
+peer not seen for ``EXPIRY_INTERVALS`` announce intervals is dropped and its
+neighbours repaired. All state changes run without yielding to other
+greenlets, so no locks are needed.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import random
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import gevent
+import nacl.exceptions
+import nacl.signing
+from gevent.pool import Pool
+from gevent.pywsgi import WSGIServer
+
+from anomos import bencode
+from anomos.config import join_address, split_address
+from anomos.errors import AnomosError, ConfigError
+from anomos.interfaces import RatioPolicy
+from anomos.pluginmanager import Plugins
+from anomos.protocol.onion import current_epoch
+from anomos.tracker.client import (
+    EVENTS,
+    MAX_CIRCUITS,
+    SIGNATURE_CONTEXT,
+    plan_to_wire,
+)
+from anomos.tracker.graph import PeerGraph
+from anomos.tracker.identity import TrackerIdentity
+from anomos.tracker.planner import PeerKeys, Planner, candidate_sources
+from anomos.tracker.store import Account, Batch, PeerRow, Store, SwarmRow
+
+log = logging.getLogger(__name__)
+
+#: Seconds between a peer's announces (told to peers).
+ANNOUNCE_INTERVAL = 60
+#: Seconds a peer should wait at least between announces (told to peers).
+MIN_INTERVAL = 5
+#: A peer silent for this many intervals is expired.
+EXPIRY_INTERVALS = 3
+#: Largest request body accepted.
+MAX_BODY = 64 * 1024
+#: Seconds a signed request stays acceptable (clock skew plus transit).
+MAX_CLOCK_SKEW = 300
+#: Torrents one announce may list.
+MAX_TORRENTS = 256
+#: Per client IP: requests per second refilled, and the burst allowed.
+RATE_PER_SECOND = 10.0
+RATE_BURST = 60.0
+#: Client IPs whose buckets are remembered (least recently seen forgotten first).
+MAX_RATE_CLIENTS = 65536
+#: Seconds a connection may take for its TLS handshake or to send one request.
+REQUEST_TIMEOUT = 20.0
+#: Connections served at once.
+MAX_CONNECTIONS = 512
+#: Seconds ``stop`` waits for requests in progress.
+STOP_TIMEOUT = 5.0
+
+ANNOUNCE_PATH = "/announce"
+CIRCUITS_PATH = "/circuits"
+STATS_PATH = "/stats"
+
+
+class Refused(AnomosError):
+    """A request the tracker answers with an HTTP error and a one-line reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+_STATUS_TEXT = {
+    200: "OK",
+    400: "Bad Request",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Payload Too Large",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+}
+
+
+@attrs.define(eq=False)
+class RateLimiter:
+    """Token bucket per client IP, with a bounded memory of clients."""
+
+    rate: float = RATE_PER_SECOND
+    burst: float = RATE_BURST
+    clock: Callable[[], float] = time.monotonic
+    _buckets: collections.OrderedDict[str, tuple[float, float]] = attrs.field(
+        factory=collections.OrderedDict, init=False
+    )
+
+    def allow(self, client: str) -> bool:
+        now = self.clock()
+        tokens, last = self._buckets.pop(client, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        ok = tokens >= 1.0
+        self._buckets[client] = (tokens - 1.0 if ok else tokens, now)
+        while len(self._buckets) > MAX_RATE_CLIENTS:
+            self._buckets.popitem(last=False)
+        return ok
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _field(d: dict[bytes, Any], key: str) -> Any:
+    try:
+        return d[key.encode()]
+    except KeyError:
+        raise Refused(400, f"missing field {key!r}") from None
+
+
+def _int_field(d: dict[bytes, Any], key: str, lo: int = 0, hi: int = 2**63 - 1) -> int:
+    value = _field(d, key)
+    if type(value) is not int or not lo <= value <= hi:
+        raise Refused(400, f"field {key!r} must be an integer in {lo}..{hi}")
+    return value
+
+
+def _bytes_field(d: dict[bytes, Any], key: str, sizes: tuple[int, ...]) -> bytes:
+    value = _field(d, key)
+    if not isinstance(value, bytes) or len(value) not in sizes:
+        raise Refused(400, f"field {key!r} must be {' or '.join(map(str, sizes))} bytes")
+    return value
+
+
+def _address_field(d: dict[bytes, Any]) -> str:
+    raw = _field(d, "address")
+    try:
+        if not isinstance(raw, bytes) or len(raw) > 255:
+            raise ValueError
+        address = raw.decode("ascii")
+        if not address.isprintable() or " " in address:
+            raise ValueError
+        _host, port = split_address(address)
+    except (ValueError, ConfigError):
+        raise Refused(400, "field 'address' must be HOST:PORT") from None
+    if not 1 <= port <= 65535:
+        raise Refused(400, "field 'address' needs a port in 1..65535")
+    return address
+
+
+def _add_delta(reported: int, last: int) -> int:
+    """Bytes to credit from a cumulative counter; a smaller value means it was reset."""
+    return reported - last if reported >= last else reported
+
+
+# ---------------------------------------------------------------------------- the tracker
+
+
+class _Server(WSGIServer):
+    """pywsgi over TLS, with a deadline on the handshake and each request."""
+
+    def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> Any:
+        client_socket.settimeout(REQUEST_TIMEOUT)
+        try:
+            return super().wrap_socket_and_handle(client_socket, address)
+        except (ssl.SSLError, OSError) as exc:
+            log.debug("tracker connection from %s failed: %s", address, exc)
+            return None
+
+
+class Tracker:
+    """One tracker: state directory, listening address, plugins and policies."""
+
+    def __init__(
+        self,
+        state_dir: str | Path,
+        listen: str,
+        plugins: Plugins,
+        *,
+        path_policy: str = "weighted",
+        cipher_suite: str = "x25519",
+        ratio_policy: str = "relay-credit",
+        min_neighbours: int = 4,
+        max_neighbours: int = 6,
+        min_relays: int = 2,
+        max_relays: int = 4,
+        interval: int = ANNOUNCE_INTERVAL,
+        min_interval: int = MIN_INTERVAL,
+        rate: float = RATE_PER_SECOND,
+        burst: float = RATE_BURST,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.listen = listen
+        split_address(listen)
+        self.plugins = plugins
+        self.interval = interval
+        self.min_interval = min_interval
+        self.clock = clock
+        self.rng = rng or random.SystemRandom()
+        self.identity = TrackerIdentity.load_or_create(self.state_dir)
+        self.ratio: RatioPolicy = plugins.ratio_policy(ratio_policy)
+        suite = plugins.cipher_suite(cipher_suite)
+        policy = plugins.path_policy(path_policy, min_relays=min_relays, max_relays=max_relays)
+        self.graph = PeerGraph(
+            min_neighbours=min_neighbours, max_neighbours=max_neighbours, rng=self.rng
+        )
+        self.planner = Planner(self.graph, policy, suite, self._keys, rng=self.rng, clock=clock)
+        self.limiter = RateLimiter(rate, burst)
+        #: live peers
+        self.peers: dict[bytes, PeerRow] = {}
+        #: live peers, least recently seen first (expiry pops from the front)
+        self._seen: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self.accounts: dict[bytes, Account] = {}
+        self.swarms: dict[bytes, dict[bytes, SwarmRow]] = {}
+        self._peer_torrents: dict[bytes, set[bytes]] = {}
+        self.sizes: dict[bytes, int] = {}
+        self.announces = 0
+        self.store = Store(self.state_dir)
+        self._restore()
+        self._server: _Server | None = None
+        self._expiry: gevent.Greenlet | None = None
+        self.address = listen
+
+    # ------------------------------------------------------------------ public
+    @property
+    def fingerprint(self) -> str:
+        return self.identity.fingerprint
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.address}{ANNOUNCE_PATH}"
+
+    def start(self) -> None:
+        host, port = split_address(self.listen)
+        server = _Server(
+            (host, port),
+            self.wsgi,
+            spawn=Pool(MAX_CONNECTIONS),
+            log=None,
+            error_log=log,
+            ssl_context=self.identity.server_context(),
+        )
+        try:
+            server.start()
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise ConfigError(f"tracker cannot listen on {self.listen}: {reason}") from None
+        self._server = server
+        self.address = join_address(host, server.server_port)
+        self._expiry = gevent.spawn(self._expiry_loop)
+        self._expiry.link_exception(
+            lambda g: log.error("tracker expiry loop died: %s", g.exception)
+        )
+        log.info("tracker %s serving, fingerprint %s", self.url, self.fingerprint)
+        self.plugins.notify("anomos_tracker_started", tracker=self)
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.stop(timeout=STOP_TIMEOUT)
+        self._server = None
+        if self._expiry is not None:
+            self._expiry.kill()
+            self._expiry = None
+        self.store.write(Batch(meta=self._meta()))
+        self.store.close()
+        self.plugins.notify("anomos_tracker_stopped", tracker=self)
+
+    def stats(self) -> dict[str, int]:
+        """Aggregate counts, never addresses or identities."""
+        return {
+            "peers": len(self.peers),
+            "edges": self.graph.edge_count(),
+            "torrents": len(self.swarms),
+            "announces": self.announces,
+            "circuits_planned": self.planner.planned,
+        }
+
+    # ------------------------------------------------------------------ announce
+    def announce(self, peer: bytes, inner: dict[bytes, Any]) -> dict[str, Any]:
+        """Handle a verified announce from ``peer``; the reply dict (see docs/tracker-api.md)."""
+        now = self.clock()
+        session = _field(inner, "session")
+        if not isinstance(session, bytes) or not 1 <= len(session) <= 32:
+            raise Refused(400, "field 'session' must be 1-32 bytes")
+        onion = _bytes_field(inner, "onion", (32,))
+        box = _bytes_field(inner, "box", (32,))
+        address = _address_field(inner)
+        relayed = _int_field(inner, "relayed")
+        stopped = _int_field(inner, "stopped", 0, 1)
+        torrents = self._parse_torrents(_field(inner, "torrents"))
+        self.announces += 1
+        batch = Batch(meta=self._meta())
+        account = self.accounts.setdefault(peer, Account())
+
+        row = self.peers.get(peer)
+        if row is None or row.session != session:
+            # A new session: counters restart from zero, so rebase every baseline.
+            last_relayed = 0
+            baselines: dict[bytes, SwarmRow] = {}
+        else:
+            last_relayed = row.relayed_reported
+            baselines = {ih: self.swarms[ih][peer] for ih in self._peer_torrents.get(peer, ())}
+        account.relayed += _add_delta(relayed, last_relayed)
+        for ih, (up, down, _left, _event) in torrents.items():
+            base = baselines.get(ih, SwarmRow(0))
+            account.uploaded += _add_delta(up, base.uploaded)
+            account.downloaded += _add_delta(down, base.downloaded)
+        batch.accounts[peer] = account
+
+        if stopped:
+            if row is not None:
+                self._remove_peer(peer, batch)
+            self.store.write(batch)
+            return self._reply(peer, [], account)
+
+        if row is None:
+            row = PeerRow(peer, onion, box, address, now, 0, session, relayed)
+            self.peers[peer] = row
+            self._apply_changes(self.graph.add_peer(peer), batch)
+            row.seq = self.graph.seq(peer)
+        else:
+            row.onion, row.box, row.address = onion, box, address
+            row.last_seen, row.session, row.relayed_reported = now, session, relayed
+            if self.graph.degree(peer) < self.graph.min_neighbours:
+                self._apply_changes(self.graph.top_up(peer), batch)
+        self._seen[peer] = now
+        self._seen.move_to_end(peer)
+        batch.peers[peer] = row
+        self._update_swarms(peer, torrents, batch)
+        self.store.write(batch)
+        return self._reply(peer, list(self.graph.neighbours(peer)), account)
+
+    def _parse_torrents(self, raw: Any) -> dict[bytes, tuple[int, int, int, str]]:
+        if not isinstance(raw, list) or len(raw) > MAX_TORRENTS:
+            raise Refused(400, f"field 'torrents' must be a list of at most {MAX_TORRENTS}")
+        out: dict[bytes, tuple[int, int, int, str]] = {}
+        for item in raw:
+            if not isinstance(item, dict):
+                raise Refused(400, "each torrent must be a dict")
+            ih = _bytes_field(item, "infohash", (20, 32))
+            event = _field(item, "event")
+            if not isinstance(event, bytes) or event.decode("ascii", "replace") not in EVENTS:
+                raise Refused(400, f"torrent event must be one of {', '.join(EVENTS[1:])} or empty")
+            out[ih] = (
+                _int_field(item, "uploaded"),
+                _int_field(item, "downloaded"),
+                _int_field(item, "left"),
+                event.decode("ascii"),
+            )
+        return out
+
+    def _update_swarms(
+        self, peer: bytes, torrents: dict[bytes, tuple[int, int, int, str]], batch: Batch
+    ) -> None:
+        """Make the peer's swarm membership exactly the torrents it listed (minus stopped ones)."""
+        mine = self._peer_torrents.setdefault(peer, set())
+        for ih in list(mine):
+            if ih not in torrents or torrents[ih][3] == "stopped":
+                self._leave_swarm(peer, ih, batch)
+        for ih, (up, down, left, event) in torrents.items():
+            if event == "stopped":
+                continue
+            row = SwarmRow(left, up, down)
+            self.swarms.setdefault(ih, {})[peer] = row
+            mine.add(ih)
+            batch.set_swarm(ih, peer, row)
+            if left > self.sizes.get(ih, -1):
+                self.sizes[ih] = left
+                batch.torrents[ih] = left
+
+    def _leave_swarm(self, peer: bytes, ih: bytes, batch: Batch) -> None:
+        swarm = self.swarms.get(ih, {})
+        swarm.pop(peer, None)
+        if not swarm:
+            self.swarms.pop(ih, None)
+        self._peer_torrents.get(peer, set()).discard(ih)
+        batch.remove_swarm(ih, peer)
+
+    def _remove_peer(self, peer: bytes, batch: Batch) -> None:
+        for ih in list(self._peer_torrents.pop(peer, ())):
+            swarm = self.swarms.get(ih, {})
+            swarm.pop(peer, None)
+            if not swarm:
+                self.swarms.pop(ih, None)
+        self._apply_changes(self.graph.remove_peer(peer), batch)
+        self.peers.pop(peer, None)
+        self._seen.pop(peer, None)
+        batch.peers.pop(peer, None)
+        batch.removed_peers.add(peer)
+
+    def _apply_changes(self, changes: Any, batch: Batch) -> None:
+        for a, b in changes.removed:
+            batch.remove_edge(a, b)
+        for edge in changes.added:
+            batch.add_edge(edge.a, edge.b, edge.nid)
+
+    def _reply(self, peer: bytes, neighbours: list[Any], account: Account) -> dict[str, Any]:
+        ratio = self.ratio.ratio(account.uploaded, account.downloaded, account.relayed)
+        return {
+            "neighbours": [
+                {
+                    "nid": self.graph.nid(peer, n),
+                    "address": self.peers[n].address,
+                    "identity": n,
+                    "dial": int(self.graph.dialer(peer, n) == peer),
+                }
+                for n in neighbours
+            ],
+            "epoch": current_epoch(self.clock()),
+            "interval": self.interval,
+            "min_interval": self.min_interval,
+            "ratio": "inf" if math.isinf(ratio) else f"{ratio:.6f}",
+            "uploaded": account.uploaded,
+            "downloaded": account.downloaded,
+            "relayed": account.relayed,
+        }
+
+    # ------------------------------------------------------------------ circuits
+    def circuits(self, peer: bytes, inner: dict[bytes, Any]) -> dict[str, Any]:
+        """Handle a verified circuit request from ``peer``."""
+        infohash = _bytes_field(inner, "infohash", (20, 32))
+        count = _int_field(inner, "count", 1, MAX_CIRCUITS)
+        if peer not in self.peers:
+            raise Refused(409, "announce before requesting circuits")
+        swarm = self.swarms.get(infohash, {})
+        lefts = {p: row.left for p, row in swarm.items()}
+        sources = candidate_sources(lefts, self.sizes.get(infohash, 0), peer, self.rng)
+        plans = self.planner.plan(peer, infohash, sources, count)
+        return {"circuits": [plan_to_wire(p) for p in plans]}
+
+    def _keys(self, peer: Any) -> PeerKeys:
+        row = self.peers[peer]
+        return PeerKeys(row.onion, row.box)
+
+    # ------------------------------------------------------------------ expiry and state
+    def expire(self) -> int:
+        """Drop peers silent for EXPIRY_INTERVALS intervals; how many were dropped."""
+        deadline = self.clock() - EXPIRY_INTERVALS * self.interval
+        batch = Batch(meta=self._meta())
+        gone = 0
+        while self._seen:
+            peer, seen = next(iter(self._seen.items()))
+            if seen >= deadline:
+                break
+            self._remove_peer(peer, batch)
+            gone += 1
+        if gone:
+            self.store.write(batch)
+            log.info("tracker expired %d silent peers", gone)
+        return gone
+
+    def _expiry_loop(self) -> None:
+        while True:
+            gevent.sleep(self.interval)
+            self.expire()
+
+    def _meta(self) -> dict[str, int]:
+        return {"circuits_planned": self.planner.planned, "announces": self.announces}
+
+    def _restore(self) -> None:
+        snap = self.store.load()
+        now = self.clock()
+        for row in snap.peers:
+            self.peers[row.identity] = row
+            # Restored peers get a full expiry window from now to announce again.
+            row.last_seen = now
+            self._seen[row.identity] = now
+            self.graph.restore_peer(row.identity, row.seq)
+        for a, b, nid in snap.edges:
+            self.graph.restore_edge(a, b, nid)
+        self.accounts = dict(snap.accounts)
+        for ih, peer, srow in snap.swarm:
+            if peer in self.peers:
+                self.swarms.setdefault(ih, {})[peer] = srow
+                self._peer_torrents.setdefault(peer, set()).add(ih)
+        self.sizes = dict(snap.torrents)
+        self.planner.planned = snap.meta.get("circuits_planned", 0)
+        self.announces = snap.meta.get("announces", 0)
+        batch = Batch()
+        self._apply_changes(self.graph.repair(), batch)
+        self.store.write(batch)
+        if self.peers:
+            log.info(
+                "tracker restored %d peers, %d edges, %d torrents",
+                len(self.peers),
+                self.graph.edge_count(),
+                len(self.swarms),
+            )
+
+    # ------------------------------------------------------------------ HTTP
+    def wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        """The WSGI application: routing, limits, signature checks, one-line errors."""
+        path = environ.get("PATH_INFO", "")
+        method = environ.get("REQUEST_METHOD", "")
+        try:
+            if not self.limiter.allow(environ.get("REMOTE_ADDR", "?")):
+                raise Refused(429, "too many requests; slow down")
+            if path == STATS_PATH:
+                if method != "GET":
+                    raise Refused(405, "use GET for /stats")
+                body = json.dumps(self.stats()).encode()
+                return _respond(start_response, 200, body, "application/json")
+            if path not in (ANNOUNCE_PATH, CIRCUITS_PATH):
+                raise Refused(404, f"no such endpoint {path[:64]!r}")
+            if method != "POST":
+                raise Refused(405, f"use POST for {path}")
+            peer, inner = self._verified(path, _read_body(environ))
+            handler = self.announce if path == ANNOUNCE_PATH else self.circuits
+            reply = handler(peer, inner)
+            return _respond(start_response, 200, bencode.encode(reply))
+        except Refused as exc:
+            return _respond(
+                start_response, exc.status, bencode.encode({"failure reason": exc.reason})
+            )
+        except Exception:
+            log.exception("tracker failed on %s", path[:64])
+            return _respond(
+                start_response, 500, bencode.encode({"failure reason": "internal error"})
+            )
+
+    def _verified(self, path: str, body: bytes) -> tuple[bytes, dict[bytes, Any]]:
+        """Check the envelope's signature and timestamp; the peer identity and inner dict."""
+        try:
+            outer = bencode.decode(body, max_size=MAX_BODY, max_depth=4)
+        except AnomosError:
+            raise Refused(400, "request body is not valid bencode") from None
+        if not isinstance(outer, dict):
+            raise Refused(400, "request body must be a bencoded dict")
+        peer = _bytes_field(outer, "peer", (32,))
+        msg = _field(outer, "msg")
+        sig = _bytes_field(outer, "sig", (64,))
+        if not isinstance(msg, bytes):
+            raise Refused(400, "field 'msg' must be a byte string")
+        try:
+            nacl.signing.VerifyKey(peer).verify(SIGNATURE_CONTEXT + path.encode() + msg, sig)
+        except (nacl.exceptions.BadSignatureError, ValueError):
+            raise Refused(403, "bad signature: request not signed by the claimed peer") from None
+        try:
+            inner = bencode.decode(msg, max_size=MAX_BODY, max_depth=4)
+        except AnomosError:
+            raise Refused(400, "field 'msg' is not valid bencode") from None
+        if not isinstance(inner, dict):
+            raise Refused(400, "field 'msg' must be a bencoded dict")
+        stamp = _int_field(inner, "time")
+        if abs(stamp - self.clock()) > MAX_CLOCK_SKEW:
+            raise Refused(403, f"request time is more than {MAX_CLOCK_SKEW} s off the tracker's")
+        return peer, inner
+
+
+def _read_body(environ: dict[str, Any]) -> bytes:
+    length_text = environ.get("CONTENT_LENGTH") or ""
+    try:
+        length = int(length_text) if length_text else -1
+    except ValueError:
+        raise Refused(400, "bad Content-Length") from None
+    if length > MAX_BODY:
+        raise Refused(413, f"request body over {MAX_BODY} bytes")
+    stream = environ["wsgi.input"]
+    body: bytes = stream.read(length) if length >= 0 else stream.read(MAX_BODY + 1)
+    if len(body) > MAX_BODY:
+        raise Refused(413, f"request body over {MAX_BODY} bytes")
+    return body
+
+
+def _respond(
+    start_response: Callable[..., Any],
+    status: int,
+    body: bytes,
+    content_type: str = "application/x-bencode",
+) -> list[bytes]:
+    start_response(
+        f"{status} {_STATUS_TEXT.get(status, 'Error')}",
+        [("Content-Type", content_type), ("Content-Length", str(len(body)))],
+    )
+    return [body]

@@ -1,0 +1,229 @@
+"""The tracker's durable state in SQLite, so a restart loses nothing.
+
+The tracker serves from memory (the graph, the swarms) and writes here once
+per announce, in one transaction: never on the path of a circuit request.
+On start it reads everything back and rebuilds the graph with the same NIDs,
+so the peers' existing links stay valid.
+
+Tables: ``peers`` (live peers: keys, contact address, join order, the last
+counters of their current session), ``accounts`` (lifetime transfer totals,
+kept after a peer leaves so its ratio survives), ``edges`` (the neighbour
+graph with NIDs), ``swarm`` (torrent membership), ``torrents`` (the largest
+``left`` seen: the torrent's size as far as the tracker can tell) and
+``meta`` (counters).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+import attrs
+
+from anomos.errors import ConfigError
+
+DB_FILE = "tracker.sqlite3"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS peers (
+    identity BLOB PRIMARY KEY,
+    onion BLOB NOT NULL,
+    box BLOB NOT NULL,
+    address TEXT NOT NULL,
+    last_seen REAL NOT NULL,
+    seq INTEGER NOT NULL,
+    session BLOB NOT NULL,
+    relayed_reported INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS accounts (
+    identity BLOB PRIMARY KEY,
+    uploaded INTEGER NOT NULL,
+    downloaded INTEGER NOT NULL,
+    relayed INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS edges (
+    a BLOB NOT NULL,
+    b BLOB NOT NULL,
+    nid INTEGER NOT NULL,
+    PRIMARY KEY (a, b)
+);
+CREATE TABLE IF NOT EXISTS swarm (
+    infohash BLOB NOT NULL,
+    peer BLOB NOT NULL,
+    left INTEGER NOT NULL,
+    uploaded INTEGER NOT NULL,
+    downloaded INTEGER NOT NULL,
+    PRIMARY KEY (infohash, peer)
+);
+CREATE TABLE IF NOT EXISTS torrents (infohash BLOB PRIMARY KEY, size INTEGER NOT NULL);
+"""
+
+
+@attrs.define
+class PeerRow:
+    """A live peer as stored; ``session`` and ``relayed_reported`` turn reports into deltas."""
+
+    identity: bytes
+    onion: bytes
+    box: bytes
+    address: str
+    last_seen: float
+    seq: int
+    session: bytes = b""
+    relayed_reported: int = 0
+
+
+@attrs.define
+class Account:
+    """Lifetime totals of one identity."""
+
+    uploaded: int = 0
+    downloaded: int = 0
+    relayed: int = 0
+
+
+@attrs.define
+class SwarmRow:
+    """One peer in one torrent: what it has left and the counters it last reported."""
+
+    left: int
+    uploaded: int = 0
+    downloaded: int = 0
+
+
+def _edge_key(a: bytes, b: bytes) -> tuple[bytes, bytes]:
+    return (a, b) if a < b else (b, a)
+
+
+@attrs.define
+class Batch:
+    """Everything one announce (or expiry round) changes, written in one transaction."""
+
+    peers: dict[bytes, PeerRow] = attrs.field(factory=dict)
+    removed_peers: set[bytes] = attrs.field(factory=set)
+    accounts: dict[bytes, Account] = attrs.field(factory=dict)
+    added_edges: dict[tuple[bytes, bytes], int] = attrs.field(factory=dict)
+    removed_edges: set[tuple[bytes, bytes]] = attrs.field(factory=set)
+    swarm: dict[tuple[bytes, bytes], SwarmRow] = attrs.field(factory=dict)
+    removed_swarm: set[tuple[bytes, bytes]] = attrs.field(factory=set)
+    torrents: dict[bytes, int] = attrs.field(factory=dict)
+    meta: dict[str, int] = attrs.field(factory=dict)
+
+    def add_edge(self, a: bytes, b: bytes, nid: int) -> None:
+        key = _edge_key(a, b)
+        self.removed_edges.discard(key)
+        self.added_edges[key] = nid
+
+    def remove_edge(self, a: bytes, b: bytes) -> None:
+        key = _edge_key(a, b)
+        self.added_edges.pop(key, None)
+        self.removed_edges.add(key)
+
+    def set_swarm(self, infohash: bytes, peer: bytes, row: SwarmRow) -> None:
+        self.removed_swarm.discard((infohash, peer))
+        self.swarm[(infohash, peer)] = attrs.evolve(row)
+
+    def remove_swarm(self, infohash: bytes, peer: bytes) -> None:
+        self.swarm.pop((infohash, peer), None)
+        self.removed_swarm.add((infohash, peer))
+
+    def __bool__(self) -> bool:
+        return any(attrs.astuple(self, recurse=False))
+
+
+@attrs.frozen
+class Snapshot:
+    """The whole stored state, as read at start-up."""
+
+    peers: list[PeerRow]
+    accounts: dict[bytes, Account]
+    edges: list[tuple[bytes, bytes, int]]
+    swarm: list[tuple[bytes, bytes, SwarmRow]]
+    torrents: dict[bytes, int]
+    meta: dict[str, int]
+
+
+class Store:
+    """One SQLite database in the state directory (WAL, one writer: the tracker)."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.path = Path(state_dir) / DB_FILE
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+            version = self._get_meta("schema_version")
+            if version is None:
+                self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+            elif version != SCHEMA_VERSION:
+                raise ConfigError(
+                    f"tracker database {self.path} has schema {version}, expected {SCHEMA_VERSION}"
+                )
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open tracker database {self.path}: {exc}") from None
+
+    def _get_meta(self, key: str) -> int | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def load(self) -> Snapshot:
+        db = self._db
+        peers = [PeerRow(*row) for row in db.execute("SELECT * FROM peers ORDER BY seq")]
+        accounts = {
+            row[0]: Account(row[1], row[2], row[3]) for row in db.execute("SELECT * FROM accounts")
+        }
+        edges = [(a, b, nid) for a, b, nid in db.execute("SELECT a, b, nid FROM edges")]
+        swarm = [
+            (ih, peer, SwarmRow(left, up, down))
+            for ih, peer, left, up, down in db.execute("SELECT * FROM swarm")
+        ]
+        torrents = {ih: size for ih, size in db.execute("SELECT * FROM torrents")}
+        meta = {k: v for k, v in db.execute("SELECT key, value FROM meta")}
+        return Snapshot(peers, accounts, edges, swarm, torrents, meta)
+
+    def write(self, batch: Batch) -> None:
+        """Apply ``batch`` atomically."""
+        if not batch:
+            return
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            _delete(db, "DELETE FROM edges WHERE a = ? AND b = ?", batch.removed_edges)
+            _delete(db, "DELETE FROM swarm WHERE infohash = ? AND peer = ?", batch.removed_swarm)
+            for peer in batch.removed_peers:
+                db.execute("DELETE FROM peers WHERE identity = ?", (peer,))
+                db.execute("DELETE FROM edges WHERE a = ? OR b = ?", (peer, peer))
+                db.execute("DELETE FROM swarm WHERE peer = ?", (peer,))
+            db.executemany(
+                "INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [attrs.astuple(p) for p in batch.peers.values()],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO accounts VALUES (?, ?, ?, ?)",
+                [(k, a.uploaded, a.downloaded, a.relayed) for k, a in batch.accounts.items()],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO edges VALUES (?, ?, ?)",
+                [(a, b, nid) for (a, b), nid in batch.added_edges.items()],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO swarm VALUES (?, ?, ?, ?, ?)",
+                [(ih, p, r.left, r.uploaded, r.downloaded) for (ih, p), r in batch.swarm.items()],
+            )
+            db.executemany("INSERT OR REPLACE INTO torrents VALUES (?, ?)", batch.torrents.items())
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", batch.meta.items())
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _delete(db: sqlite3.Connection, sql: str, keys: Iterable[tuple[bytes, bytes]]) -> None:
+    db.executemany(sql, list(keys))
