@@ -1,0 +1,89 @@
+"""``anomos testnet tor``: a private, offline Tor network on loopback for development.
+
+Runs until SIGINT or SIGTERM, then stops every tor it started.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import click
+import gevent
+import gevent.event
+
+from anomos import hookimpl
+from anomos.tor.testnet import START_TIMEOUT, TorTestNetwork
+
+EXIT_INTERRUPTED = 130
+
+
+@click.group("testnet")
+def testnet_group() -> None:
+    """Private test networks for development and tests."""
+
+
+@testnet_group.command("tor")
+@click.option(
+    "--dir",
+    "workdir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory for the tors' keys, torrc files and logs.",
+)
+@click.option(
+    "--authorities",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 9),
+    help="Directory authorities.",
+)
+@click.option(
+    "--relays",
+    default=2,
+    show_default=True,
+    type=click.IntRange(0, 20),
+    help="Relays besides the authorities.",
+)
+@click.option(
+    "--timeout",
+    default=START_TIMEOUT,
+    show_default=True,
+    type=click.FloatRange(1),
+    help="Seconds the network gets to come up.",
+)
+def tor_command(workdir: Path, authorities: int, relays: int, timeout: float) -> int:
+    """Run a private Tor network (authorities, relays, a client and an onion-service tor).
+
+    Prints the client's SOCKS port and the two control ports, then a line
+    starting with "ready"; stops cleanly on SIGINT or SIGTERM.
+    """
+    stop = gevent.event.Event()
+    handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)]
+    network = TorTestNetwork(workdir, authorities=authorities, relays=relays)
+    began = time.monotonic()
+    try:
+        starter = gevent.spawn(network.start, timeout)
+        gevent.wait([starter, stop], count=1)
+        if not starter.ready():
+            starter.kill()
+            click.echo("anomos: interrupted before the Tor network was ready", err=True)
+            return EXIT_INTERRUPTED
+        starter.get()
+        click.echo(f"socks: {network.socks_address}")
+        click.echo(f"client control: {network.client_control_address}")
+        click.echo(f"service control: {network.service_control_address}")
+        click.echo(f"workdir: {network.workdir}")
+        click.echo(f"ready: Tor network up in {time.monotonic() - began:.1f} s; Ctrl-C stops it")
+        stop.wait()
+        return 0
+    finally:
+        network.stop()
+        for handler in handlers:
+            handler.cancel()
+
+
+@hookimpl
+def anomos_add_commands(cli: click.Group) -> None:
+    cli.add_command(testnet_group)
