@@ -1,0 +1,386 @@
+"""Which blocks to request from which peer: pure logic, no I/O.
+
+* Partially requested pieces come first (strictly), so pieces complete and
+  can be verified, shared and freed from memory as soon as possible.
+* New pieces are chosen rarest first over the availability among connected
+  peers, with a random tie-break (a per-picker random rank of every piece).
+* Endgame: once every block still missing is requested, the outstanding
+  blocks are requested from every other peer that has them too; when one copy
+  arrives the duplicates are returned as cancels.
+* A piece that failed its hash is fetched again preferably from a peer that
+  was involved in fewer failures of it, and from a single peer at a time
+  (*exclusive*), so a second failure points at exactly one source.
+
+Peers are opaque hashable keys (the session uses its connection objects).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Hashable, Iterable
+
+import attrs
+
+from anomos.torrent.wire import BLOCK_SIZE
+
+#: ``(piece index, offset in piece, length)`` of one request.
+Block = tuple[int, int, int]
+
+_MISSING, _REQUESTED, _RECEIVED = 0, 1, 2
+
+
+@attrs.define(eq=False)
+class _Partial:
+    """A piece some of whose blocks are requested or received."""
+
+    index: int
+    size: int
+    state: bytearray  # one _MISSING/_REQUESTED/_RECEIVED per block
+    missing: int
+    received: int = 0
+    requesters: dict[int, set[Hashable]] = attrs.field(factory=dict)
+    exclusive: bool = False
+    owner: Hashable | None = None
+
+    def block(self, bno: int) -> Block:
+        begin = bno * BLOCK_SIZE
+        return (self.index, begin, min(BLOCK_SIZE, self.size - begin))
+
+
+@attrs.define(eq=False)
+class _Peer:
+    has: bytearray
+    outstanding: set[Block] = attrs.field(factory=set)
+    #: Pieces this peer has and we lack: the peer is interesting while > 0.
+    lacking: int = 0
+    choked: bool = True
+
+
+@attrs.frozen
+class Received:
+    """What :meth:`PiecePicker.block_received` decided about one block."""
+
+    #: False for a block we did not (or no longer) ask this peer for: drop it.
+    accepted: bool
+    #: Every block of the piece is in: hash it, then call piece_verified/failed.
+    piece_complete: bool = False
+    #: Endgame duplicates to cancel: ``(peer, block)``.
+    cancels: tuple[tuple[Hashable, Block], ...] = ()
+
+
+_REJECTED = Received(accepted=False)
+
+
+class PiecePicker:
+    """Request scheduling for one torrent; see the module docstring."""
+
+    def __init__(
+        self,
+        num_pieces: int,
+        piece_size: Callable[[int], int],
+        *,
+        have: bytes | bytearray | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.num_pieces = num_pieces
+        self.piece_size = piece_size
+        self._have = bytearray(have) if have is not None else bytearray(num_pieces)
+        if len(self._have) != num_pieces:
+            raise ValueError("have flags do not match the piece count")
+        self._remaining = num_pieces - sum(self._have)
+        self._avail = [0] * num_pieces
+        rank = list(range(num_pieces))
+        (rng or random.Random()).shuffle(rank)
+        self._rank = rank
+        self._wanted: set[int] = {i for i in range(num_pieces) if not self._have[i]}
+        self._partials: dict[int, _Partial] = {}
+        self._peers: dict[Hashable, _Peer] = {}
+        #: Failed pieces: peer -> failures of that piece it supplied blocks to.
+        self._fails: dict[int, dict[Hashable, int]] = {}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def complete(self) -> bool:
+        return self._remaining == 0
+
+    @property
+    def remaining(self) -> int:
+        """Pieces not verified yet."""
+        return self._remaining
+
+    def have(self, index: int) -> bool:
+        return bool(self._have[index])
+
+    def have_flags(self) -> bytes:
+        return bytes(self._have)
+
+    def availability(self, index: int) -> int:
+        return self._avail[index]
+
+    def outstanding(self, peer: Hashable) -> int:
+        """Blocks requested from ``peer`` and not received yet."""
+        return len(self._peers[peer].outstanding)
+
+    def outstanding_blocks(self, peer: Hashable) -> set[Block]:
+        return set(self._peers[peer].outstanding)
+
+    def interesting(self, peer: Hashable) -> bool:
+        """Whether ``peer`` has a piece we lack."""
+        st = self._peers.get(peer)
+        return st is not None and st.lacking > 0
+
+    def peer_has(self, peer: Hashable, index: int) -> bool:
+        st = self._peers.get(peer)
+        return st is not None and bool(st.has[index])
+
+    @property
+    def in_endgame(self) -> bool:
+        """Every missing block that any peer can give us is requested."""
+        if any(p.missing for p in self._partials.values()):
+            return False
+        avail = self._avail
+        return not any(avail[i] for i in self._wanted)
+
+    # ------------------------------------------------------------------ peers
+    def add_peer(self, peer: Hashable) -> None:
+        if peer in self._peers:
+            raise ValueError("peer added twice")
+        self._peers[peer] = _Peer(has=bytearray(self.num_pieces))
+
+    def peer_bitfield(self, peer: Hashable, flags: bytes | bytearray) -> bool:
+        """The peer's bitfield (0/1 per piece); True if it makes the peer interesting."""
+        st = self._peers[peer]
+        if len(flags) != self.num_pieces:
+            raise ValueError("bitfield does not match the piece count")
+        avail, have, has = self._avail, self._have, st.has
+        lacking = 0
+        for i in (i for i, f in enumerate(flags) if f and not has[i]):
+            has[i] = 1
+            avail[i] += 1
+            if not have[i]:
+                lacking += 1
+        was = st.lacking
+        st.lacking += lacking
+        return was == 0 and st.lacking > 0
+
+    def peer_have(self, peer: Hashable, index: int) -> bool:
+        """The peer announced a piece; True if it makes the peer interesting."""
+        st = self._peers[peer]
+        if st.has[index]:
+            return False
+        st.has[index] = 1
+        self._avail[index] += 1
+        if not self._have[index]:
+            st.lacking += 1
+            return st.lacking == 1
+        return False
+
+    def peer_unchoked(self, peer: Hashable) -> None:
+        self._peers[peer].choked = False
+
+    def peer_choked(self, peer: Hashable) -> None:
+        """The peer choked us (or stopped answering): its requests are void."""
+        st = self._peers[peer]
+        st.choked = True
+        self.release(peer)
+
+    def release(self, peer: Hashable) -> None:
+        """Forget every request outstanding at ``peer``; its blocks become missing again."""
+        st = self._peers[peer]
+        touched = set()
+        for block in st.outstanding:
+            index, begin, _ = block
+            part = self._partials.get(index)
+            if part is None:
+                continue
+            bno = begin // BLOCK_SIZE
+            reqs = part.requesters.get(bno)
+            if reqs is None:
+                continue
+            reqs.discard(peer)
+            if not reqs:
+                del part.requesters[bno]
+                part.state[bno] = _MISSING
+                part.missing += 1
+            touched.add(part)
+        st.outstanding.clear()
+        for part in self._partials.values():
+            if part.owner == peer:
+                part.owner = None
+                touched.add(part)
+        for part in touched:
+            if part.received == 0 and not part.requesters:
+                # Nothing in hand: back to the rarest-first pool.
+                del self._partials[part.index]
+                self._wanted.add(part.index)
+
+    def remove_peer(self, peer: Hashable) -> None:
+        st = self._peers.get(peer)
+        if st is None:
+            return
+        self.release(peer)
+        avail = self._avail
+        for i in (i for i, f in enumerate(st.has) if f):
+            avail[i] -= 1
+        del self._peers[peer]
+
+    # ------------------------------------------------------------------ requests
+    def next_requests(self, peer: Hashable, count: int) -> list[Block]:
+        """Up to ``count`` new blocks to request from ``peer`` (which must have unchoked us)."""
+        st = self._peers[peer]
+        out: list[Block] = []
+        if count <= 0 or st.choked or st.lacking == 0:
+            return out
+        has = st.has
+        fails = self._fails
+        for part in self._partials.values():
+            if not part.missing or not has[part.index]:
+                continue
+            if part.exclusive and part.owner is not None and part.owner != peer:
+                continue
+            if part.index in fails and not self._may_take(peer, part.index):
+                continue
+            self._take(part, peer, st, out, count)
+            if len(out) >= count:
+                return out
+        while len(out) < count:
+            index = self._pick_new(peer, st)
+            if index is None:
+                break
+            self._wanted.discard(index)
+            size = self.piece_size(index)
+            nblocks = -(-size // BLOCK_SIZE)
+            part = _Partial(
+                index=index,
+                size=size,
+                state=bytearray(nblocks),
+                missing=nblocks,
+                exclusive=index in fails,
+            )
+            self._partials[index] = part
+            self._take(part, peer, st, out, count)
+        if len(out) < count and self.in_endgame:
+            self._endgame(peer, st, out, count)
+        return out
+
+    def _take(
+        self, part: _Partial, peer: Hashable, st: _Peer, out: list[Block], count: int
+    ) -> None:
+        state = part.state
+        pos = 0
+        while len(out) < count and part.missing:
+            bno = state.find(_MISSING, pos)
+            if bno < 0:
+                break
+            state[bno] = _REQUESTED
+            part.missing -= 1
+            part.requesters[bno] = {peer}
+            block = part.block(bno)
+            st.outstanding.add(block)
+            out.append(block)
+            pos = bno + 1
+        if part.exclusive:
+            part.owner = peer
+
+    def _pick_new(self, peer: Hashable, st: _Peer) -> int | None:
+        """The rarest wanted piece ``peer`` has (random tie-break), or None."""
+        has, avail, rank, n = st.has, self._avail, self._rank, self.num_pieces
+        fails = self._fails
+        best: int | None = None
+        best_key = 0
+        for i in self._wanted:
+            if has[i]:
+                key = avail[i] * n + rank[i]
+                if best is None or key < best_key:
+                    if i in fails and not self._may_take(peer, i):
+                        continue
+                    best, best_key = i, key
+        return best
+
+    def _may_take(self, peer: Hashable, index: int) -> bool:
+        """A failed piece goes to the unchoked peers with the fewest failures of it."""
+        fails = self._fails[index]
+        mine = fails.get(peer, 0)
+        if mine == 0:
+            return True
+        for other, st in self._peers.items():
+            if other != peer and st.has[index] and not st.choked and fails.get(other, 0) < mine:
+                return False
+        return True
+
+    def _endgame(self, peer: Hashable, st: _Peer, out: list[Block], count: int) -> None:
+        for part in self._partials.values():
+            if not st.has[part.index]:
+                continue
+            if part.exclusive and part.owner is not None and part.owner != peer:
+                continue
+            for bno, reqs in part.requesters.items():
+                if peer in reqs:
+                    continue
+                reqs.add(peer)
+                block = part.block(bno)
+                st.outstanding.add(block)
+                out.append(block)
+                if len(out) >= count:
+                    return
+
+    # ------------------------------------------------------------------ arrivals
+    def block_received(self, peer: Hashable, block: Block) -> Received:
+        """Account for a block from ``peer``; see :class:`Received`."""
+        st = self._peers.get(peer)
+        if st is None or block not in st.outstanding:
+            return _REJECTED
+        st.outstanding.discard(block)
+        index, begin, _ = block
+        part = self._partials.get(index)
+        bno = begin // BLOCK_SIZE
+        if part is None or part.state[bno] != _REQUESTED:
+            return _REJECTED
+        cancels = []
+        for other in part.requesters.pop(bno, ()):
+            if other != peer:
+                self._peers[other].outstanding.discard(block)
+                cancels.append((other, block))
+        part.state[bno] = _RECEIVED
+        part.received += 1
+        return Received(
+            accepted=True,
+            piece_complete=part.received == len(part.state),
+            cancels=tuple(cancels),
+        )
+
+    def piece_verified(self, index: int) -> None:
+        """Piece ``index`` passed its hash and is on disk."""
+        self._drop_partial(index)
+        self._wanted.discard(index)
+        self._fails.pop(index, None)
+        if self._have[index]:
+            return
+        self._have[index] = 1
+        self._remaining -= 1
+        for st in self._peers.values():
+            if st.has[index]:
+                st.lacking -= 1
+
+    def piece_failed(self, index: int, suppliers: Iterable[Hashable]) -> None:
+        """Piece ``index`` failed its hash: fetch it again, exclusively, from a better peer."""
+        if self._have[index]:
+            return
+        self._drop_partial(index)
+        self._wanted.add(index)
+        fails = self._fails.setdefault(index, {})
+        for peer in set(suppliers):
+            fails[peer] = fails.get(peer, 0) + 1
+
+    def failures(self, index: int) -> dict[Hashable, int]:
+        """Per peer, the failures of piece ``index`` it supplied blocks to."""
+        return dict(self._fails.get(index, {}))
+
+    def _drop_partial(self, index: int) -> None:
+        part = self._partials.pop(index, None)
+        if part is None:
+            return
+        for bno, reqs in part.requesters.items():
+            block = part.block(bno)
+            for peer in reqs:
+                self._peers[peer].outstanding.discard(block)

@@ -1,0 +1,164 @@
+"""Resume data: skip re-hashing files that have not changed since we last ran.
+
+``resume_dir/<infohash hex>.json`` holds the have-bitfield and, per file, the
+``(size, mtime_ns)`` seen when it was saved (after the data was fsynced). On
+restart a piece keeps its saved state only if every file it touches still has
+the same size and mtime; pieces touching a changed or missing file are
+re-hashed. Resume data that is unreadable, corrupt or for another torrent is
+ignored with a warning, and everything is re-checked: it can cost time, never data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from anomos.errors import StorageError
+from anomos.torrent.metainfo import Metainfo, write_atomic
+from anomos.torrent.storage import FileStat
+from anomos.torrent.wire import pack_bitfield, unpack_bitfield
+
+log = logging.getLogger(__name__)
+
+RESUME_VERSION = 1
+#: Resume files larger than this are not read (they would be corrupt anyway).
+MAX_RESUME_SIZE = 64 * 1024 * 1024
+
+
+def resume_path(resume_dir: str | os.PathLike[str], metainfo: Metainfo) -> Path:
+    return Path(resume_dir) / f"{metainfo.infohash.hex()}.json"
+
+
+@attrs.frozen
+class ResumeData:
+    """What was on disk when we last saved: verified pieces and file stats."""
+
+    have: bytes = attrs.field(repr=False)  # one 0/1 flag per piece
+    files: tuple[FileStat, ...]
+
+
+def save(
+    resume_dir: str | os.PathLike[str],
+    metainfo: Metainfo,
+    have: bytes | bytearray,
+    files: Sequence[FileStat],
+) -> None:
+    """Write atomically (temporary file, fsync, rename); the data files must be synced first."""
+    doc = {
+        "version": RESUME_VERSION,
+        "infohash": metainfo.infohash.hex(),
+        "pieces": len(metainfo.pieces),
+        "have": pack_bitfield(have).hex(),
+        "files": [list(s) if s is not None else None for s in files],
+    }
+    path = resume_path(resume_dir, metainfo)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create {path.parent}: {exc.strerror or exc}") from None
+    write_atomic(path, json.dumps(doc, separators=(",", ":")).encode())
+
+
+def load(resume_dir: str | os.PathLike[str], metainfo: Metainfo) -> ResumeData | None:
+    """Saved resume data, or None (with a warning if it existed but was unusable)."""
+    path = resume_path(resume_dir, metainfo)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_RESUME_SIZE + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("ignoring resume data %s: %s", path, exc.strerror or exc)
+        return None
+    try:
+        return _parse(raw, metainfo)
+    except (ValueError, TypeError, KeyError, _Unusable) as exc:
+        log.warning("ignoring resume data %s: %s; re-checking everything", path, exc)
+        return None
+
+
+class _Unusable(Exception):
+    """A resume file that parses but does not describe this torrent."""
+
+
+def _parse(raw: bytes, metainfo: Metainfo) -> ResumeData:
+    if len(raw) > MAX_RESUME_SIZE:
+        raise _Unusable("file too large")
+    doc: Any = json.loads(raw)
+    if not isinstance(doc, dict) or doc.get("version") != RESUME_VERSION:
+        raise _Unusable("unknown format")
+    if doc.get("infohash") != metainfo.infohash.hex():
+        raise _Unusable("it belongs to another torrent")
+    n = len(metainfo.pieces)
+    if doc.get("pieces") != n:
+        raise _Unusable("wrong piece count")
+    have_hex = doc["have"]
+    if not isinstance(have_hex, str):
+        raise _Unusable("bad bitfield")
+    try:
+        have = unpack_bitfield(bytes.fromhex(have_hex), n)
+    except Exception as exc:
+        raise _Unusable(f"bad bitfield ({exc})") from None
+    files_raw = doc["files"]
+    if not isinstance(files_raw, list) or len(files_raw) != len(metainfo.files):
+        raise _Unusable("wrong file count")
+    files: list[FileStat] = []
+    for entry in files_raw:
+        if entry is None:
+            files.append(None)
+            continue
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 2
+            or not all(type(v) is int and v >= 0 for v in entry)
+        ):
+            raise _Unusable("bad file entry")
+        files.append((entry[0], entry[1]))
+    return ResumeData(have=bytes(have), files=tuple(files))
+
+
+def pieces_of_file(metainfo: Metainfo, file_index: int) -> range:
+    """The pieces that hold bytes of file ``file_index`` (empty for a zero-length file)."""
+    f = metainfo.files[file_index]
+    if f.length == 0:
+        return range(0)
+    pl = metainfo.piece_length
+    return range(f.offset // pl, (f.offset + f.length - 1) // pl + 1)
+
+
+def plan(
+    metainfo: Metainfo, resume: ResumeData | None, current: Sequence[FileStat]
+) -> tuple[bytearray, list[int]]:
+    """``(trusted have flags, pieces to re-hash)`` from saved and current file stats.
+
+    Without resume data every piece touching an existing file is re-hashed.
+    With it, only pieces touching a file whose stats changed are, whatever
+    their saved state (a file that changed may have gained good data too).
+    """
+    n = len(metainfo.pieces)
+    if resume is None:
+        have = bytearray(n)
+        changed = [i for i, s in enumerate(current) if s is not None]
+    else:
+        have = bytearray(resume.have)
+        changed = [i for i, s in enumerate(current) if s != resume.files[i]]
+    recheck: set[int] = set()
+    for fi in changed:
+        recheck.update(pieces_of_file(metainfo, fi))
+    for index in recheck:
+        have[index] = 0
+    # A piece whose files are all missing cannot be good: it needs no hashing.
+    missing = {i for i, s in enumerate(current) if s is None}
+    if missing:
+        possible: set[int] = set()
+        for fi, f in enumerate(metainfo.files):
+            if fi not in missing and not f.pad:
+                possible.update(pieces_of_file(metainfo, fi))
+        recheck &= possible
+    return have, sorted(recheck)

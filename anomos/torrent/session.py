@@ -1,0 +1,743 @@
+"""One torrent's swarm: the peer-wire protocol over any socket-like stream.
+
+A :class:`TorrentSession` owns the torrent's :class:`~anomos.torrent.storage.Storage`,
+:class:`~anomos.torrent.picker.PiecePicker` and :class:`~anomos.torrent.choker.Choker`.
+Each stream given to :meth:`TorrentSession.add_connection` (a plain TCP socket
+in tests, an anomos ``CircuitStream`` in the network) gets two greenlets: a
+reader that parses and handles messages, and a writer that sends queued
+control messages first, then the blocks the peer asked for, in big batches.
+
+Every peer is hostile: a malformed message closes only its connection (one
+logged line); a piece that fails its hash is thrown away, counted against the
+connection(s) that sent it (:data:`MAX_STRIKES` and it is closed) and fetched
+again, from another connection where there is one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import attrs
+import gevent
+import gevent.event
+from gevent.greenlet import Greenlet
+from gevent.pool import Group
+
+from anomos.errors import AnomosError, ProtocolError, StorageError
+from anomos.torrent import choker as choking
+from anomos.torrent import resume
+from anomos.torrent.choker import Choker, RateMeter
+from anomos.torrent.picker import Block, PiecePicker
+from anomos.torrent.storage import Storage
+from anomos.torrent.wire import (
+    BLOCK_SIZE,
+    Bitfield,
+    Cancel,
+    Choke,
+    Handshake,
+    Have,
+    Interested,
+    KeepAlive,
+    MessageReader,
+    NotInterested,
+    Piece,
+    Request,
+    Unchoke,
+    encode_cancel,
+    encode_have,
+    encode_piece_header,
+    encode_request,
+    new_peer_id,
+    pack_bitfield,
+    unpack_bitfield,
+)
+
+if TYPE_CHECKING:
+    from anomos.pluginmanager import Plugins
+    from anomos.torrent.metainfo import Metainfo
+
+log = logging.getLogger(__name__)
+
+#: Requests kept in flight per peer: at least PIPELINE_MIN, growing with the
+#: peer's rate to cover PIPELINE_SECONDS of transfer, at most PIPELINE_MAX.
+PIPELINE_MIN = 32
+PIPELINE_MAX = 256
+PIPELINE_SECONDS = 1.0
+#: Requests a peer may have queued at us; more is a protocol error.
+MAX_PEER_REQUESTS = 512
+#: Bytes asked of the stream per recv, and sent per sendall (at most, roughly).
+RECV_SIZE = 256 * 1024
+SEND_BATCH = 256 * 1024
+#: Seconds to wait for the peer's handshake.
+HANDSHAKE_TIMEOUT = 30.0
+#: Send a keep-alive after this long without sending anything.
+KEEPALIVE_INTERVAL = 60.0
+#: Close a connection that sent nothing (or accepted nothing) for this long.
+IDLE_TIMEOUT = 180.0
+#: A peer that sends no requested block for this long is snubbed: its
+#: requests go to others, and it is asked again after the same delay.
+REQUEST_TIMEOUT = 60.0
+#: How often keep-alives, idle and snub timers are checked.
+MAINTENANCE_INTERVAL = 5.0
+#: How often resume data is saved while pieces keep arriving.
+RESUME_SAVE_INTERVAL = 30.0
+#: Pieces with corrupt data a connection may send before it is closed.
+MAX_STRIKES = 3
+#: Failed pieces whose block hashes are kept to find the culprit once the
+#: piece verifies (several connections supplied blocks).
+MAX_FAILED_STASH = 32
+
+
+class Stream(Protocol):
+    """What a session needs of a connection: a TCP socket or a CircuitStream."""
+
+    def sendall(self, data: bytes, /) -> Any: ...
+
+    def recv(self, n: int, /) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+@attrs.define(eq=False)
+class PeerConnection:
+    """One peer-wire connection of a session (live object, identity-hashed)."""
+
+    session: TorrentSession = attrs.field(repr=False)
+    stream: Stream = attrs.field(repr=False)
+    label: str
+    #: Our peer id on this connection: random, never reused.
+    peer_id: bytes = attrs.field(factory=new_peer_id, repr=False)
+    remote_peer_id: bytes | None = attrs.field(default=None, repr=False)
+    handshaken: bool = False
+    am_choking: bool = True
+    am_interested: bool = False
+    peer_choking: bool = True
+    peer_interested: bool = False
+    #: Corrupt pieces attributed to this connection.
+    strikes: int = 0
+    #: Block payload bytes sent / received (received includes wasted ones).
+    uploaded: int = 0
+    downloaded: int = 0
+    #: Payload received that we had not (or no longer) asked this peer for.
+    wasted: int = 0
+    closed: bool = False
+    close_reason: str = ""
+    greenlet: Greenlet | None = attrs.field(default=None, repr=False)
+    writer: Greenlet | None = attrs.field(default=None, repr=False)
+    seen_message: bool = attrs.field(default=False, repr=False)
+    snubbed_until: float = attrs.field(default=0.0, repr=False)
+    last_recv: float = attrs.field(factory=time.monotonic, repr=False)
+    last_send: float = attrs.field(factory=time.monotonic, repr=False)
+    last_block: float = attrs.field(factory=time.monotonic, repr=False)
+    send_since: float | None = attrs.field(default=None, repr=False)
+    control: list[bytes] = attrs.field(factory=list, repr=False)
+    requests: deque[Block] = attrs.field(factory=deque, repr=False)
+    wake: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
+    down_meter: RateMeter = attrs.field(factory=lambda: RateMeter(now=time.monotonic()), repr=False)
+    up_meter: RateMeter = attrs.field(factory=lambda: RateMeter(now=time.monotonic()), repr=False)
+
+    def send(self, data: bytes) -> None:
+        """Queue an encoded message; the writer greenlet sends it before any block."""
+        if not self.closed:
+            self.control.append(data)
+            self.wake.set()
+
+    def download_rate(self, now: float) -> float:
+        return self.down_meter.rate(now)
+
+    def upload_rate(self, now: float) -> float:
+        return self.up_meter.rate(now)
+
+
+@attrs.define(eq=False)
+class _PieceBuffer:
+    data: bytearray
+    #: The connection each block came from, by block number.
+    suppliers: list[PeerConnection | None]
+
+
+class TorrentSession:
+    """Download and/or seed one torrent over any number of connections.
+
+    ``on_progress(session)`` is called after every verified piece.
+    """
+
+    def __init__(
+        self,
+        metainfo: Metainfo,
+        data_root: str | os.PathLike[str],
+        *,
+        plugins: Plugins | None,
+        resume_dir: str | os.PathLike[str] | None = None,
+        label: str = "",
+        on_progress: Callable[[TorrentSession], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.metainfo = metainfo
+        self.data_root = Path(data_root)
+        self.plugins = plugins
+        self.resume_dir = Path(resume_dir) if resume_dir is not None else None
+        self.label = label or metainfo.name
+        self.on_progress = on_progress
+        self._rng = rng or random.Random()
+        self._group = Group()
+        self._conns: list[PeerConnection] = []
+        self._buffers: dict[int, _PieceBuffer] = {}
+        self._stash: OrderedDict[int, list[list[tuple[PeerConnection, int, bytes]]]] = OrderedDict()
+        self._complete = gevent.event.Event()
+        self._choker = Choker(rng=self._rng)
+        self._storage: Storage | None = None
+        self._picker: PiecePicker | None = None
+        self._have = bytearray(len(metainfo.pieces))
+        self._left = metainfo.total_length
+        self._resume_dirty = False
+        self._started = False
+        self._closed = False
+        self.uploaded = 0
+        self.downloaded = 0
+        self.wasted = 0
+        #: Pieces that failed their hash check (each failure counted).
+        self.hash_failures = 0
+        #: Pieces hashed at start (resume tests compare it with the pieces of changed files).
+        self.rechecked = 0
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def complete(self) -> bool:
+        return self._complete.is_set()
+
+    @property
+    def have(self) -> bytes:
+        """The BEP 3 bitfield of verified pieces."""
+        return pack_bitfield(self._have)
+
+    def has_piece(self, index: int) -> bool:
+        return bool(self._have[index])
+
+    @property
+    def left(self) -> int:
+        """Bytes still to download."""
+        return self._left
+
+    @property
+    def progress(self) -> float:
+        return 1.0 - self._left / self.metainfo.total_length
+
+    @property
+    def connections(self) -> tuple[PeerConnection, ...]:
+        return tuple(self._conns)
+
+    @property
+    def storage(self) -> Storage:
+        if self._storage is None:
+            raise RuntimeError("session not started")
+        return self._storage
+
+    @property
+    def picker(self) -> PiecePicker:
+        if self._picker is None:
+            raise RuntimeError("session not started")
+        return self._picker
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Open storage, check what is on disk (resume data first) and start timers."""
+        if self._started:
+            return
+        if self._closed:
+            raise RuntimeError("session is closed")
+        self._started = True
+        m = self.metainfo
+        storage = Storage(m, self.data_root)
+        self._storage = storage
+        saved = resume.load(self.resume_dir, m) if self.resume_dir is not None else None
+        have, recheck = resume.plan(m, saved, storage.file_stats())
+        for index in recheck:
+            have[index] = 1 if storage.check_piece(index) else 0
+            gevent.sleep(0)
+        self.rechecked = len(recheck)
+        self._have = have
+        self._left = sum(m.piece_size(i) for i in range(len(have)) if not have[i])
+        self._picker = PiecePicker(len(m.pieces), m.piece_size, have=have, rng=self._rng)
+        log.info(
+            "%s: %d of %d pieces on disk (%d re-hashed)",
+            self.label,
+            sum(have),
+            len(have),
+            len(recheck),
+        )
+        if self._picker.complete:
+            storage.finish()
+            self._complete.set()
+        if self.resume_dir is not None and (recheck or saved is None):
+            self._save_resume()
+        self._spawn(self._choke_loop)
+        self._spawn(self._maintenance_loop)
+        if self.resume_dir is not None:
+            self._spawn(self._resume_loop)
+
+    def add_connection(self, stream: Stream, label: str) -> Greenlet:
+        """Run the peer-wire protocol over ``stream``; the greenlet ends when it closes."""
+        if self._closed:
+            stream.close()
+            raise RuntimeError("session is closed")
+        self.start()
+        conn = PeerConnection(session=self, stream=stream, label=label)
+        self._conns.append(conn)
+        conn.writer = self._spawn(self._write_loop, conn)
+        conn.greenlet = self._spawn(self._read_loop, conn)
+        return conn.greenlet
+
+    def wait_complete(self, timeout: float | None = None) -> bool:
+        """Block until every piece is verified on disk; False on timeout."""
+        return bool(self._complete.wait(timeout))
+
+    def close(self) -> None:
+        """Close every connection, stop the timers, save resume data, close files."""
+        if self._closed:
+            return
+        self._closed = True
+        for conn in list(self._conns):
+            self._close_conn(conn, "session closed")
+        current = gevent.getcurrent()
+        others = [g for g in list(self._group) if g is not current]
+        for g in others:
+            g.kill(block=False)
+        gevent.joinall(others, timeout=5)
+        if self._storage is not None:
+            try:
+                if self.resume_dir is not None:
+                    self._save_resume()
+            finally:
+                self._storage.close()
+
+    def _spawn(self, func: Callable[..., Any], *args: Any) -> Greenlet:
+        g: Greenlet = self._group.spawn(func, *args)
+        g.link_exception(self._crashed)
+        return g
+
+    def _crashed(self, g: Greenlet) -> None:
+        log.error("%s: greenlet %s crashed: %r", self.label, g, g.exception, exc_info=g.exc_info)
+
+    def _notify(self, hook: str, **kwargs: Any) -> None:
+        if self.plugins is not None:
+            self.plugins.notify(hook, torrent=self, **kwargs)
+
+    # ------------------------------------------------------------------ connections
+    def _read_loop(self, conn: PeerConnection) -> None:
+        m = self.metainfo
+        reader = MessageReader(len(m.pieces), m.piece_size)
+        stream = conn.stream
+        try:
+            conn.send(Handshake(m.infohash, conn.peer_id).encode())
+            if any(self._have):
+                conn.send(Bitfield(pack_bitfield(self._have)).encode())
+            messages: list[Any] = []
+            with gevent.Timeout(
+                HANDSHAKE_TIMEOUT, ProtocolError(f"no handshake within {HANDSHAKE_TIMEOUT:g} s")
+            ):
+                while not messages:
+                    data = stream.recv(RECV_SIZE)
+                    if not data:
+                        raise ProtocolError("closed during the handshake")
+                    messages = reader.feed(data)
+            conn.last_recv = time.monotonic()
+            self._on_handshake(conn, messages[0])
+            self._handle_all(conn, messages[1:])
+            while not conn.closed:
+                # Let other connections run even when this stream always has data.
+                gevent.sleep(0)
+                data = stream.recv(RECV_SIZE)
+                if not data:
+                    self._close_conn(conn, "closed by peer")
+                    return
+                conn.last_recv = time.monotonic()
+                self._handle_all(conn, reader.feed(data))
+        except AnomosError as exc:
+            self._close_conn(conn, str(exc))
+        except OSError as exc:
+            self._close_conn(conn, f"connection lost: {exc.strerror or exc}")
+        finally:
+            self._close_conn(conn, "closed")
+
+    def _write_loop(self, conn: PeerConnection) -> None:
+        stream = conn.stream
+        storage = self.storage
+        try:
+            while not conn.closed:
+                conn.wake.wait()
+                conn.wake.clear()
+                while not conn.closed:
+                    parts = conn.control
+                    conn.control = []
+                    size = sum(len(p) for p in parts)
+                    served = 0
+                    requests = conn.requests
+                    while requests and size < SEND_BATCH and not conn.am_choking:
+                        index, begin, length = requests.popleft()
+                        parts.append(encode_piece_header(index, begin, length))
+                        parts.append(storage.read_block(index, begin, length))
+                        size += 13 + length
+                        served += length
+                    if not parts:
+                        break
+                    now = time.monotonic()
+                    if served:
+                        conn.uploaded += served
+                        self.uploaded += served
+                        conn.up_meter.add(served, now)
+                    conn.send_since = now
+                    stream.sendall(b"".join(parts))
+                    conn.send_since = None
+                    conn.last_send = time.monotonic()
+                    gevent.sleep(0)
+        except AnomosError as exc:
+            self._close_conn(conn, str(exc))
+        except OSError as exc:
+            self._close_conn(conn, f"connection lost: {exc.strerror or exc}")
+
+    def _close_conn(self, conn: PeerConnection, reason: str) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        conn.close_reason = reason
+        level = logging.DEBUG if reason in ("session closed", "closed by peer") else logging.INFO
+        log.log(level, "%s: connection %s closed: %s", self.label, conn.label, reason)
+        if conn in self._conns:
+            self._conns.remove(conn)
+        conn.requests.clear()
+        conn.control.clear()
+        picker = self._picker
+        was_unchoked = not conn.am_choking
+        if picker is not None and conn.handshaken:
+            picker.remove_peer(conn)
+        current = gevent.getcurrent()
+        for g in (conn.writer, conn.greenlet):
+            if g is not None and g is not current:
+                g.kill(block=False)
+        try:
+            conn.stream.close()
+        except OSError:
+            pass
+        if self._closed:
+            return
+        # Its blocks are free again, and maybe an upload slot too.
+        for other in list(self._conns):
+            self._fill(other)
+        if was_unchoked:
+            for other in list(self._conns):
+                self._maybe_unchoke(other)
+
+    def _on_handshake(self, conn: PeerConnection, msg: Any) -> None:
+        if not isinstance(msg, Handshake):  # pragma: no cover - the reader guarantees it
+            raise ProtocolError("expected a handshake")
+        if msg.infohash != self.metainfo.infohash:
+            raise ProtocolError(f"handshake for another torrent ({msg.infohash.hex()[:16]}...)")
+        if msg.peer_id == conn.peer_id:
+            raise ProtocolError("connected to itself")
+        conn.remote_peer_id = msg.peer_id
+        conn.handshaken = True
+        self.picker.add_peer(conn)
+        log.debug("%s: connection %s handshaken", self.label, conn.label)
+
+    # ------------------------------------------------------------------ messages
+    def _handle_all(self, conn: PeerConnection, messages: Iterable[Any]) -> None:
+        for msg in messages:
+            if conn.closed:
+                return
+            kind = type(msg)
+            if kind is Piece:
+                self._on_piece(conn, msg)
+            elif kind is Request:
+                self._on_request(conn, msg)
+            elif kind is Have:
+                if self.picker.peer_have(conn, msg.index):
+                    self._set_interested(conn, True)
+            elif kind is Bitfield:
+                if conn.seen_message:
+                    raise ProtocolError("bitfield after other messages")
+                flags = unpack_bitfield(msg.bits, len(self.metainfo.pieces))
+                if self.picker.peer_bitfield(conn, flags):
+                    self._set_interested(conn, True)
+            elif kind is Unchoke:
+                if conn.peer_choking:
+                    conn.peer_choking = False
+                    self.picker.peer_unchoked(conn)
+                    self._fill(conn)
+            elif kind is Choke:
+                if not conn.peer_choking:
+                    conn.peer_choking = True
+                    self.picker.peer_choked(conn)
+                    for other in list(self._conns):
+                        self._fill(other)
+            elif kind is Interested:
+                conn.peer_interested = True
+                self._maybe_unchoke(conn)
+            elif kind is NotInterested:
+                conn.peer_interested = False
+                if not conn.am_choking:
+                    self._set_choking(conn, True)
+                    for other in list(self._conns):
+                        self._maybe_unchoke(other)
+            elif kind is Cancel:
+                try:
+                    conn.requests.remove((msg.index, msg.begin, msg.length))
+                except ValueError:
+                    pass
+            elif kind is KeepAlive:
+                continue
+            conn.seen_message = True
+
+    def _on_request(self, conn: PeerConnection, msg: Request) -> None:
+        if conn.am_choking:
+            return  # BEP 3: requests from a choked peer are dropped
+        if not self._have[msg.index]:
+            raise ProtocolError(f"request for piece {msg.index}, which we do not have")
+        if len(conn.requests) >= MAX_PEER_REQUESTS:
+            raise ProtocolError(f"more than {MAX_PEER_REQUESTS} requests queued")
+        conn.requests.append((msg.index, msg.begin, msg.length))
+        conn.wake.set()
+
+    def _on_piece(self, conn: PeerConnection, msg: Piece) -> None:
+        n = len(msg.block)
+        now = time.monotonic()
+        conn.downloaded += n
+        self.downloaded += n
+        conn.down_meter.add(n, now)
+        picker = self.picker
+        index, begin = msg.index, msg.begin
+        result = picker.block_received(conn, (index, begin, n))
+        if not result.accepted:
+            conn.wasted += n
+            self.wasted += n
+            return
+        conn.last_block = now
+        buf = self._buffers.get(index)
+        if buf is None:
+            size = self.metainfo.piece_size(index)
+            buf = _PieceBuffer(bytearray(size), [None] * (-(-size // BLOCK_SIZE)))
+            self._buffers[index] = buf
+        buf.data[begin : begin + n] = msg.block
+        buf.suppliers[begin // BLOCK_SIZE] = conn
+        for other, block in result.cancels:
+            assert isinstance(other, PeerConnection)
+            other.send(encode_cancel(*block))
+        if result.piece_complete:
+            self._piece_complete(index)
+        if conn.closed:
+            return
+        self._fill(conn)
+        if result.cancels or (len(self._conns) > 1 and picker.in_endgame):
+            for other in list(self._conns):
+                if other is not conn:
+                    self._fill(other)
+
+    # ------------------------------------------------------------------ pieces
+    def _piece_complete(self, index: int) -> None:
+        buf = self._buffers.pop(index)
+        picker = self.picker
+        try:
+            ok = self.storage.write_piece(index, buf.data)
+        except StorageError:
+            picker.piece_failed(index, ())
+            raise
+        if ok:
+            self._piece_verified(index, buf)
+        else:
+            self._piece_failed(index, buf)
+
+    def _piece_verified(self, index: int, buf: _PieceBuffer) -> None:
+        picker = self.picker
+        picker.piece_verified(index)
+        self._have[index] = 1
+        self._left -= len(buf.data)
+        self._resume_dirty = True
+        self._blame_stashed(index, buf.data)
+        have_msg = encode_have(index)
+        for conn in list(self._conns):
+            if not conn.handshaken:
+                conn.send(have_msg)
+                continue
+            if not picker.peer_has(conn, index):
+                conn.send(have_msg)
+            if conn.am_interested and not picker.interesting(conn):
+                self._set_interested(conn, False)
+        self._notify("anomos_piece_verified", index=index)
+        if self.on_progress is not None:
+            try:
+                self.on_progress(self)
+            except Exception:
+                log.exception("%s: on_progress callback failed", self.label)
+        if picker.complete and not self._complete.is_set():
+            self.storage.finish()
+            if self.resume_dir is not None:
+                self._save_resume()
+            self._complete.set()
+            log.info("%s: download complete", self.label)
+            self._notify("anomos_download_complete")
+
+    def _piece_failed(self, index: int, buf: _PieceBuffer) -> None:
+        suppliers = {c for c in buf.suppliers if c is not None}
+        self.hash_failures += 1
+        self.picker.piece_failed(index, suppliers)
+        source = ", ".join(sorted({c.label for c in suppliers}))
+        log.warning("%s: piece %d failed its hash check (from %s)", self.label, index, source)
+        self._notify("anomos_piece_failed", index=index, source=source)
+        if len(suppliers) == 1:
+            self._strike(next(iter(suppliers)), index)
+        elif suppliers:
+            # Several sources: remember each block's hash and blame whoever
+            # sent a block that differs once the piece verifies.
+            data = memoryview(buf.data)
+            record = []
+            for bno, c in enumerate(buf.suppliers):
+                if c is not None:
+                    chunk = data[bno * BLOCK_SIZE : (bno + 1) * BLOCK_SIZE]
+                    record.append((c, bno, hashlib.sha1(chunk).digest()))
+            self._stash.setdefault(index, []).append(record)
+            self._stash.move_to_end(index)
+            while len(self._stash) > MAX_FAILED_STASH:
+                self._stash.popitem(last=False)
+        for conn in list(self._conns):
+            self._fill(conn)
+
+    def _blame_stashed(self, index: int, good: bytearray) -> None:
+        records = self._stash.pop(index, None)
+        if not records:
+            return
+        data = memoryview(good)
+        digests: dict[int, bytes] = {}
+        for record in records:
+            bad: set[PeerConnection] = set()
+            for conn, bno, digest in record:
+                if bno not in digests:
+                    chunk = data[bno * BLOCK_SIZE : (bno + 1) * BLOCK_SIZE]
+                    digests[bno] = hashlib.sha1(chunk).digest()
+                if digests[bno] != digest:
+                    bad.add(conn)
+            for conn in bad:
+                self._strike(conn, index)
+
+    def _strike(self, conn: PeerConnection, index: int) -> None:
+        conn.strikes += 1
+        log.info(
+            "%s: connection %s sent corrupt data for piece %d (strike %d of %d)",
+            self.label,
+            conn.label,
+            index,
+            conn.strikes,
+            MAX_STRIKES,
+        )
+        if conn.strikes >= MAX_STRIKES:
+            self._close_conn(conn, f"sent corrupt data for {conn.strikes} pieces")
+
+    # ------------------------------------------------------------------ requests and choking
+    def _fill(self, conn: PeerConnection) -> None:
+        """Top up the requests in flight to ``conn``."""
+        if conn.closed or conn.peer_choking or not conn.am_interested:
+            return
+        now = time.monotonic()
+        if conn.snubbed_until > now:
+            return
+        picker = self.picker
+        depth = int(conn.down_meter.rate(now) * PIPELINE_SECONDS / BLOCK_SIZE)
+        depth = max(PIPELINE_MIN, min(PIPELINE_MAX, depth))
+        outstanding = picker.outstanding(conn)
+        if outstanding >= depth:
+            return
+        blocks = picker.next_requests(conn, depth - outstanding)
+        if blocks:
+            if outstanding == 0:
+                conn.last_block = now
+            conn.control.extend([encode_request(*b) for b in blocks])
+            conn.wake.set()
+
+    def _set_interested(self, conn: PeerConnection, interested: bool) -> None:
+        if conn.am_interested == interested:
+            return
+        conn.am_interested = interested
+        conn.send(Interested().encode() if interested else NotInterested().encode())
+        if interested:
+            self._fill(conn)
+
+    def _set_choking(self, conn: PeerConnection, choking: bool) -> None:
+        if conn.am_choking == choking:
+            return
+        conn.am_choking = choking
+        if choking:
+            conn.requests.clear()  # BEP 3: a choke discards the peer's pending requests
+        conn.send(Choke().encode() if choking else Unchoke().encode())
+
+    def _maybe_unchoke(self, conn: PeerConnection) -> None:
+        """Unchoke an interested peer at once if a slot is free (no wait for the timer)."""
+        if conn.closed or not conn.am_choking or not conn.peer_interested:
+            return
+        unchoked = sum(1 for c in self._conns if not c.am_choking)
+        if unchoked < choking.UNCHOKE_SLOTS + 1:
+            self._set_choking(conn, False)
+
+    def _rechoke(self) -> None:
+        now = time.monotonic()
+        conns = [c for c in self._conns if c.handshaken and not c.closed]
+        unchoke = self._choker.rechoke(conns, seeding=self.complete, now=now)
+        for conn in conns:
+            self._set_choking(conn, conn not in unchoke)
+
+    # ------------------------------------------------------------------ timers
+    def _choke_loop(self) -> None:
+        while True:
+            gevent.sleep(choking.UNCHOKE_INTERVAL)
+            self._rechoke()
+
+    def _maintenance_loop(self) -> None:
+        while True:
+            gevent.sleep(MAINTENANCE_INTERVAL)
+            now = time.monotonic()
+            for conn in list(self._conns):
+                if now - conn.last_recv > IDLE_TIMEOUT:
+                    self._close_conn(conn, f"nothing received for {IDLE_TIMEOUT:g} s")
+                elif conn.send_since is not None and now - conn.send_since > IDLE_TIMEOUT:
+                    self._close_conn(conn, f"peer accepted nothing for {IDLE_TIMEOUT:g} s")
+                elif now - conn.last_send > KEEPALIVE_INTERVAL and not conn.control:
+                    conn.send(KeepAlive().encode())
+                if conn.closed or not conn.handshaken:
+                    continue
+                picker = self.picker
+                if picker.outstanding(conn) and now - conn.last_block > REQUEST_TIMEOUT:
+                    log.info(
+                        "%s: connection %s sent no block for %g s; asking others",
+                        self.label,
+                        conn.label,
+                        REQUEST_TIMEOUT,
+                    )
+                    picker.release(conn)
+                    conn.snubbed_until = now + REQUEST_TIMEOUT
+                    for other in list(self._conns):
+                        self._fill(other)
+                elif conn.snubbed_until and conn.snubbed_until <= now:
+                    conn.snubbed_until = 0.0
+                    self._fill(conn)
+
+    def _resume_loop(self) -> None:
+        while True:
+            gevent.sleep(RESUME_SAVE_INTERVAL)
+            if self._resume_dirty:
+                self._save_resume()
+
+    def _save_resume(self) -> None:
+        if self.resume_dir is None or self._storage is None:
+            return
+        try:
+            self._storage.sync()
+            resume.save(self.resume_dir, self.metainfo, self._have, self._storage.file_stats())
+            self._resume_dirty = False
+        except AnomosError as exc:
+            log.warning("%s: cannot save resume data: %s", self.label, exc)

@@ -1,0 +1,294 @@
+"""Pieces on disk: the torrent's byte stream mapped onto its files.
+
+Data layout is standard BitTorrent: a single-file torrent is
+``data_root/name``, a multi-file one ``data_root/name/<path...>``. Files and
+folders are created lazily and sparsely, on the first write that touches them.
+A piece reaches the disk only after its SHA-1 matched (:meth:`Storage.write_piece`
+hashes it itself), and existing user data is never truncated or overwritten by
+anything but verified pieces.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import hashlib
+import logging
+import os
+import stat
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from anomos.errors import StorageError
+from anomos.torrent.metainfo import Metainfo
+
+log = logging.getLogger(__name__)
+
+#: File descriptors kept open at once; older ones are fsynced (if written) and closed.
+MAX_OPEN_FILES = 64
+
+#: ``progress(done, total)``, called after each piece checked.
+Progress = Callable[[int, int], None]
+#: ``(size, mtime_ns)`` of a file on disk, or None when it is missing.
+FileStat = tuple[int, int] | None
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+class Storage:
+    """Reads and writes the pieces of one torrent under ``data_root``.
+
+    Raises :class:`StorageError` (one line) when a file cannot be used: a path
+    escaping ``data_root`` (through ``..`` or a symlink), a folder where a
+    file belongs, or an existing file *larger* than the torrent says (which is
+    someone else's data: it is refused, never truncated).
+    """
+
+    def __init__(self, metainfo: Metainfo, data_root: str | os.PathLike[str]) -> None:
+        self.metainfo = metainfo
+        self.root = Path(os.path.realpath(data_root))
+        self.piece_length = metainfo.piece_length
+        self.num_pieces = len(metainfo.pieces)
+        #: Pieces hashed by :meth:`check_piece` (resume tests count re-hashing with it).
+        self.checks = 0
+        files = metainfo.files
+        self.paths: tuple[Path, ...] = tuple(self._safe_path(f.path) for f in files)
+        # Spans are looked up by bisecting the start offsets of non-empty files.
+        self._span_files = [i for i, f in enumerate(files) if f.length > 0]
+        self._span_starts = [files[i].offset for i in self._span_files]
+        self._fds: OrderedDict[int, tuple[int, bool]] = OrderedDict()
+        self._dirty: set[int] = set()
+        self._closed = False
+        for i, f in enumerate(files):
+            if f.pad:
+                continue
+            try:
+                st = os.stat(self.paths[i])
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StorageError(f"cannot use {self.paths[i]}: {exc.strerror or exc}") from None
+            if not stat.S_ISREG(st.st_mode):
+                raise StorageError(f"{self.paths[i]} exists and is not a regular file")
+            if st.st_size > f.length:
+                raise StorageError(
+                    f"{self.paths[i]} is {st.st_size} bytes, larger than the torrent's "
+                    f"{f.length}; refusing to touch it"
+                )
+
+    # ------------------------------------------------------------------ layout
+    def _safe_path(self, parts: tuple[str, ...]) -> Path:
+        """``data_root/parts``, refused unless it resolves inside ``data_root``."""
+        for part in parts:
+            if part in ("", ".", "..") or "/" in part or "\\" in part or "\0" in part:
+                raise StorageError(f"unsafe file name {part!r} in the torrent")
+        path = self.root.joinpath(*parts)
+        real = os.path.realpath(path)
+        if not _within(real, str(self.root)) or real == str(self.root):
+            raise StorageError(f"{path} resolves outside {self.root}")
+        return path
+
+    def spans(self, offset: int, length: int) -> Iterator[tuple[int, int, int]]:
+        """``(file index, offset in file, length)`` covering the byte range, in order."""
+        files = self.metainfo.files
+        k = bisect.bisect_right(self._span_starts, offset) - 1
+        while length > 0:
+            if k < 0 or k >= len(self._span_files):
+                raise StorageError(f"byte range {offset}+{length} lies outside the torrent")
+            fi = self._span_files[k]
+            f = files[fi]
+            at = offset - f.offset
+            n = min(length, f.length - at)
+            yield fi, at, n
+            offset += n
+            length -= n
+            k += 1
+
+    def piece_files(self, index: int) -> set[int]:
+        """Indices of the files piece ``index`` touches."""
+        start = index * self.piece_length
+        return {fi for fi, _, _ in self.spans(start, self.metainfo.piece_size(index))}
+
+    # ------------------------------------------------------------------ file handles
+    def _fd(self, fi: int, *, write: bool) -> int | None:
+        """An open descriptor for file ``fi``; None when reading a missing file."""
+        entry = self._fds.get(fi)
+        if entry is not None and (entry[1] or not write):
+            self._fds.move_to_end(fi)
+            return entry[0]
+        if self._closed:
+            raise StorageError(f"storage of {self.metainfo.name} is closed")
+        path = self.paths[fi]
+        # Re-check at open time: a symlink may have appeared since we started.
+        real = os.path.realpath(path)
+        if not _within(real, str(self.root)):
+            raise StorageError(f"{path} resolves outside {self.root}")
+        flags = os.O_RDWR | os.O_CREAT if write else os.O_RDONLY
+        flags |= getattr(os, "O_CLOEXEC", 0)
+        try:
+            if write:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, flags, 0o644)
+        except FileNotFoundError:
+            if write:
+                raise StorageError(f"cannot create {path}") from None
+            return None
+        except OSError as exc:
+            if not write and exc.errno in (errno.ENOTDIR, errno.EISDIR):
+                return None
+            raise StorageError(f"cannot open {path}: {exc.strerror or exc}") from None
+        if entry is not None:
+            self._drop_fd(fi)
+        self._fds[fi] = (fd, write)
+        while len(self._fds) > MAX_OPEN_FILES:
+            self._drop_fd(next(iter(self._fds)))
+        return fd
+
+    def _drop_fd(self, fi: int) -> None:
+        fd, _ = self._fds.pop(fi)
+        try:
+            if fi in self._dirty:
+                self._dirty.discard(fi)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ data
+    def _read(self, offset: int, length: int) -> bytes | None:
+        """The bytes at ``offset``; None if a file is missing or too short."""
+        files = self.metainfo.files
+        parts: list[bytes] = []
+        for fi, at, n in self.spans(offset, length):
+            if files[fi].pad:
+                parts.append(bytes(n))
+                continue
+            fd = self._fd(fi, write=False)
+            if fd is None:
+                return None
+            try:
+                data = os.pread(fd, n, at)
+            except OSError as exc:
+                raise StorageError(f"cannot read {self.paths[fi]}: {exc.strerror or exc}") from None
+            if len(data) != n:
+                return None
+            parts.append(data)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read_block(self, index: int, begin: int, length: int) -> bytes:
+        """Bytes ``begin:begin+length`` of piece ``index``, which must be on disk."""
+        if begin < 0 or length < 0 or begin + length > self.metainfo.piece_size(index):
+            raise StorageError(f"block {index}:{begin}+{length} lies outside the piece")
+        data = self._read(index * self.piece_length + begin, length)
+        if data is None:
+            raise StorageError(f"piece {index} of {self.metainfo.name} is missing from disk")
+        return data
+
+    def write_piece(self, index: int, data: bytes | bytearray | memoryview) -> bool:
+        """Write a whole piece if its SHA-1 matches; False (nothing written) otherwise."""
+        if len(data) != self.metainfo.piece_size(index):
+            return False
+        if hashlib.sha1(data).digest() != self.metainfo.pieces[index]:
+            return False
+        files = self.metainfo.files
+        view = memoryview(data)
+        pos = 0
+        for fi, at, n in self.spans(index * self.piece_length, len(data)):
+            if not files[fi].pad:
+                fd = self._fd(fi, write=True)
+                assert fd is not None
+                chunk = view[pos : pos + n]
+                try:
+                    while chunk:
+                        written = os.pwrite(fd, chunk, at)
+                        chunk = chunk[written:]
+                        at += written
+                except OSError as exc:
+                    raise StorageError(
+                        f"cannot write {self.paths[fi]}: {exc.strerror or exc}"
+                    ) from None
+                self._dirty.add(fi)
+            pos += n
+        return True
+
+    def check_piece(self, index: int) -> bool:
+        """Whether the bytes on disk for piece ``index`` match its hash."""
+        self.checks += 1
+        data = self._read(index * self.piece_length, self.metainfo.piece_size(index))
+        return data is not None and hashlib.sha1(data).digest() == self.metainfo.pieces[index]
+
+    def check_pieces(self, indices: Iterable[int], progress: Progress | None = None) -> list[int]:
+        """The subset of ``indices`` whose data on disk is good."""
+        todo = list(indices)
+        good = []
+        for done, index in enumerate(todo, 1):
+            if self.check_piece(index):
+                good.append(index)
+            if progress is not None:
+                progress(done, len(todo))
+        return good
+
+    def check_all(self, progress: Progress | None = None) -> bytearray:
+        """Hash everything on disk: one 0/1 flag per piece."""
+        have = bytearray(self.num_pieces)
+        for index in self.check_pieces(range(self.num_pieces), progress):
+            have[index] = 1
+        return have
+
+    # ------------------------------------------------------------------ files
+    def file_stats(self) -> list[FileStat]:
+        """``(size, mtime_ns)`` of each file as it is now (None when missing)."""
+        out: list[FileStat] = []
+        for i, f in enumerate(self.metainfo.files):
+            if f.pad:
+                out.append((f.length, 0))
+                continue
+            try:
+                st = os.stat(self.paths[i])
+            except OSError:
+                out.append(None)
+                continue
+            out.append((st.st_size, st.st_mtime_ns))
+        return out
+
+    def finish(self) -> None:
+        """After the last piece: create the empty files and flush everything to disk."""
+        for i, f in enumerate(self.metainfo.files):
+            if f.length == 0 and not f.pad and not self.paths[i].exists():
+                try:
+                    self.paths[i].parent.mkdir(parents=True, exist_ok=True)
+                    self.paths[i].touch()
+                except OSError as exc:
+                    raise StorageError(
+                        f"cannot create {self.paths[i]}: {exc.strerror or exc}"
+                    ) from None
+        self.sync()
+
+    def sync(self) -> None:
+        """fsync every file written since the last sync (before resume data is saved)."""
+        for fi in list(self._dirty):
+            entry = self._fds.get(fi)
+            if entry is not None:
+                try:
+                    os.fsync(entry[0])
+                except OSError as exc:
+                    raise StorageError(
+                        f"cannot flush {self.paths[fi]}: {exc.strerror or exc}"
+                    ) from None
+            self._dirty.discard(fi)
+
+    def close(self) -> None:
+        """Flush and close every file; idempotent."""
+        if self._closed:
+            return
+        try:
+            self.sync()
+        finally:
+            self._closed = True
+            for fi in list(self._fds):
+                try:
+                    self._drop_fd(fi)
+                except OSError as exc:
+                    log.warning("closing %s: %s", self.paths[fi], exc.strerror or exc)

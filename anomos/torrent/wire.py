@@ -1,0 +1,355 @@
+"""The BitTorrent peer-wire protocol (BEP 3) as pure codecs: no sockets.
+
+Everything a peer sends is hostile: :class:`MessageReader` parses from a buffer
+that never holds more than one maximal message plus the bytes just fed, checks
+every field against the torrent (piece count, piece sizes, 16 KiB blocks) and
+raises :class:`~anomos.errors.ProtocolError` with a one-line reason.
+
+No extension bits are set in the handshake (no DHT, no fast extension, no
+extension protocol): those would leak addresses or fingerprint the client.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+from typing import ClassVar
+
+import attrs
+
+from anomos.errors import ProtocolError
+
+PSTR = b"BitTorrent protocol"
+HANDSHAKE_LEN = 1 + len(PSTR) + 8 + 20 + 20  # 68
+#: Size of a request: every block is this long except the last of a piece.
+BLOCK_SIZE = 16 * 1024
+#: Largest piece message: length prefix excluded, id + index + begin + block.
+MAX_PIECE_MESSAGE = 9 + BLOCK_SIZE
+
+CHOKE, UNCHOKE, INTERESTED, NOT_INTERESTED, HAVE, BITFIELD, REQUEST, PIECE, CANCEL = range(9)
+
+_U32 = struct.Struct(">I")
+_HAVE = struct.Struct(">IBI")
+_REQ = struct.Struct(">IBIII")
+_PIECE_HDR = struct.Struct(">IBII")
+_IDX_BEGIN = struct.Struct(">II")
+_TRIPLE = struct.Struct(">III")
+
+
+def new_peer_id() -> bytes:
+    """A fresh random peer id for one connection.
+
+    It carries no client prefix and is never reused, so over anomos circuits
+    the two ends cannot recognise each other across connections.
+    """
+    return os.urandom(20)
+
+
+# --------------------------------------------------------------------------- bitfields
+_TO_ASCII = bytes.maketrans(b"\0\1", b"01")
+_FROM_ASCII = bytes.maketrans(b"01", b"\0\1")
+
+
+def pack_bitfield(flags: bytes | bytearray) -> bytes:
+    """One flag byte per piece (0/1) -> BEP 3 bitfield (high bit of byte 0 is piece 0)."""
+    n = len(flags)
+    if not n:
+        return b""
+    nbytes = (n + 7) // 8
+    ascii_bits = bytes(flags).translate(_TO_ASCII) + b"0" * (8 * nbytes - n)
+    return int(ascii_bits, 2).to_bytes(nbytes, "big")
+
+
+def unpack_bitfield(data: bytes, num_pieces: int) -> bytearray:
+    """BEP 3 bitfield -> one 0/1 flag byte per piece; spare bits must be zero."""
+    nbytes = (num_pieces + 7) // 8
+    if len(data) != nbytes:
+        raise ProtocolError(
+            f"bitfield of {len(data)} bytes for {num_pieces} pieces (expected {nbytes})"
+        )
+    if not nbytes:
+        return bytearray()
+    ascii_bits = format(int.from_bytes(data, "big"), f"0{8 * nbytes}b").encode()
+    flags = bytearray(ascii_bits.translate(_FROM_ASCII))
+    if any(flags[num_pieces:]):
+        raise ProtocolError("bitfield has spare bits set past the last piece")
+    del flags[num_pieces:]
+    return flags
+
+
+# --------------------------------------------------------------------------- messages
+@attrs.frozen
+class Handshake:
+    """The 68-byte greeting: pstr, 8 reserved bytes (all zero), infohash, peer id."""
+
+    infohash: bytes = attrs.field(validator=attrs.validators.max_len(20))
+    peer_id: bytes = attrs.field(validator=attrs.validators.max_len(20))
+    reserved: bytes = bytes(8)
+
+    def encode(self) -> bytes:
+        if len(self.infohash) != 20 or len(self.peer_id) != 20 or len(self.reserved) != 8:
+            raise ValueError("handshake fields have the wrong sizes")
+        return bytes([len(PSTR)]) + PSTR + self.reserved + self.infohash + self.peer_id
+
+    @classmethod
+    def from_bytes(cls, data: bytes | memoryview) -> Handshake:
+        data = bytes(data)
+        if len(data) != HANDSHAKE_LEN:
+            raise ProtocolError(f"handshake of {len(data)} bytes (expected {HANDSHAKE_LEN})")
+        if data[0] != len(PSTR) or data[1:20] != PSTR:
+            raise ProtocolError("handshake is not the BitTorrent protocol")
+        return cls(infohash=data[28:48], peer_id=data[48:68], reserved=data[20:28])
+
+
+@attrs.frozen
+class KeepAlive:
+    def encode(self) -> bytes:
+        return b"\0\0\0\0"
+
+
+@attrs.frozen
+class Choke:
+    ID: ClassVar[int] = CHOKE
+
+    def encode(self) -> bytes:
+        return b"\0\0\0\1\0"
+
+
+@attrs.frozen
+class Unchoke:
+    ID: ClassVar[int] = UNCHOKE
+
+    def encode(self) -> bytes:
+        return b"\0\0\0\1\1"
+
+
+@attrs.frozen
+class Interested:
+    ID: ClassVar[int] = INTERESTED
+
+    def encode(self) -> bytes:
+        return b"\0\0\0\1\2"
+
+
+@attrs.frozen
+class NotInterested:
+    ID: ClassVar[int] = NOT_INTERESTED
+
+    def encode(self) -> bytes:
+        return b"\0\0\0\1\3"
+
+
+@attrs.frozen
+class Have:
+    index: int
+
+    def encode(self) -> bytes:
+        return _HAVE.pack(5, HAVE, self.index)
+
+
+@attrs.frozen
+class Bitfield:
+    """The packed BEP 3 bitfield; :func:`unpack_bitfield` turns it into flags."""
+
+    bits: bytes
+
+    def encode(self) -> bytes:
+        return _U32.pack(1 + len(self.bits)) + bytes([BITFIELD]) + self.bits
+
+
+@attrs.frozen
+class Request:
+    index: int
+    begin: int
+    length: int
+
+    def encode(self) -> bytes:
+        return _REQ.pack(13, REQUEST, self.index, self.begin, self.length)
+
+
+@attrs.frozen
+class Piece:
+    index: int
+    begin: int
+    block: bytes = attrs.field(repr=lambda b: f"<{len(b)} bytes>")
+
+    def header(self) -> bytes:
+        """The 13 bytes before the block, so senders can avoid one copy."""
+        return _PIECE_HDR.pack(9 + len(self.block), PIECE, self.index, self.begin)
+
+    def encode(self) -> bytes:
+        return self.header() + self.block
+
+
+@attrs.frozen
+class Cancel:
+    index: int
+    begin: int
+    length: int
+
+    def encode(self) -> bytes:
+        return _REQ.pack(13, CANCEL, self.index, self.begin, self.length)
+
+
+Message = (
+    KeepAlive
+    | Choke
+    | Unchoke
+    | Interested
+    | NotInterested
+    | Have
+    | Bitfield
+    | Request
+    | Piece
+    | Cancel
+)
+
+KEEP_ALIVE = KeepAlive()
+CHOKE_MSG = Choke()
+UNCHOKE_MSG = Unchoke()
+INTERESTED_MSG = Interested()
+NOT_INTERESTED_MSG = NotInterested()
+_NO_PAYLOAD: dict[int, Message] = {
+    CHOKE: CHOKE_MSG,
+    UNCHOKE: UNCHOKE_MSG,
+    INTERESTED: INTERESTED_MSG,
+    NOT_INTERESTED: NOT_INTERESTED_MSG,
+}
+_NAMES = {
+    CHOKE: "choke",
+    UNCHOKE: "unchoke",
+    INTERESTED: "interested",
+    NOT_INTERESTED: "not interested",
+    HAVE: "have",
+    BITFIELD: "bitfield",
+    REQUEST: "request",
+    PIECE: "piece",
+    CANCEL: "cancel",
+}
+
+
+def encode_piece_header(index: int, begin: int, length: int) -> bytes:
+    """Header of a piece message carrying ``length`` bytes (the block follows)."""
+    return _PIECE_HDR.pack(9 + length, PIECE, index, begin)
+
+
+def encode_request(index: int, begin: int, length: int) -> bytes:
+    return _REQ.pack(13, REQUEST, index, begin, length)
+
+
+def encode_cancel(index: int, begin: int, length: int) -> bytes:
+    return _REQ.pack(13, CANCEL, index, begin, length)
+
+
+def encode_have(index: int) -> bytes:
+    return _HAVE.pack(5, HAVE, index)
+
+
+# --------------------------------------------------------------------------- reader
+class MessageReader:
+    """Incremental parser: ``feed(data)`` returns the complete messages so far.
+
+    With ``handshake=True`` the first item returned is the peer's
+    :class:`Handshake`. The unparsed remainder kept between calls is always
+    shorter than one maximal message, so a peer cannot make us buffer more.
+    """
+
+    def __init__(
+        self,
+        num_pieces: int,
+        piece_size: Callable[[int], int],
+        *,
+        handshake: bool = True,
+    ) -> None:
+        self.num_pieces = num_pieces
+        self.piece_size = piece_size
+        self._bitfield_len = (num_pieces + 7) // 8
+        #: Largest acceptable length prefix.
+        self.max_length = max(MAX_PIECE_MESSAGE, 1 + self._bitfield_len)
+        self._want_handshake = handshake
+        self._buf = b""
+
+    def feed(self, data: bytes) -> list[Message | Handshake]:
+        buf = self._buf + data if self._buf else data
+        out: list[Message | Handshake] = []
+        pos = 0
+        end = len(buf)
+        if self._want_handshake:
+            if end < HANDSHAKE_LEN:
+                if end and buf[0] != len(PSTR):
+                    raise ProtocolError("handshake is not the BitTorrent protocol")
+                self._buf = bytes(buf)
+                return out
+            out.append(Handshake.from_bytes(buf[:HANDSHAKE_LEN]))
+            self._want_handshake = False
+            pos = HANDSHAKE_LEN
+        mv = memoryview(buf)
+        try:
+            while end - pos >= 4:
+                (length,) = _U32.unpack_from(buf, pos)
+                if length > self.max_length:
+                    raise ProtocolError(
+                        f"message of {length} bytes exceeds the {self.max_length}-byte limit"
+                    )
+                if end - pos - 4 < length:
+                    break
+                start = pos + 4
+                pos = start + length
+                if length == 0:
+                    out.append(KEEP_ALIVE)
+                    continue
+                out.append(self._parse(buf[start], mv, start + 1, length - 1))
+        finally:
+            mv.release()
+        self._buf = bytes(buf[pos:]) if pos < end else b""
+        return out
+
+    def _parse(self, msg_id: int, mv: memoryview, at: int, n: int) -> Message:
+        if msg_id == PIECE:
+            if n < 8:
+                raise ProtocolError(f"piece message of {n + 1} bytes is too short")
+            index, begin = _IDX_BEGIN.unpack_from(mv, at)
+            length = n - 8
+            self._check_block(index, begin, length, "piece")
+            return Piece(index, begin, bytes(mv[at + 8 : at + n]))
+        if msg_id in (REQUEST, CANCEL):
+            if n != 12:
+                raise ProtocolError(f"{_NAMES[msg_id]} message of {n + 1} bytes (expected 13)")
+            index, begin, length = _TRIPLE.unpack_from(mv, at)
+            self._check_block(index, begin, length, _NAMES[msg_id])
+            return (
+                Request(index, begin, length) if msg_id == REQUEST else Cancel(index, begin, length)
+            )
+        if msg_id == HAVE:
+            if n != 4:
+                raise ProtocolError(f"have message of {n + 1} bytes (expected 5)")
+            (index,) = _U32.unpack_from(mv, at)
+            if index >= self.num_pieces:
+                raise ProtocolError(f"have for piece {index} of a {self.num_pieces}-piece torrent")
+            return Have(index)
+        if msg_id in _NO_PAYLOAD:
+            if n != 0:
+                raise ProtocolError(f"{_NAMES[msg_id]} message carries {n} unexpected bytes")
+            return _NO_PAYLOAD[msg_id]
+        if msg_id == BITFIELD:
+            if n != self._bitfield_len:
+                raise ProtocolError(
+                    f"bitfield of {n} bytes for {self.num_pieces} pieces "
+                    f"(expected {self._bitfield_len})"
+                )
+            return Bitfield(bytes(mv[at : at + n]))
+        raise ProtocolError(f"unknown message id {msg_id}")
+
+    def _check_block(self, index: int, begin: int, length: int, what: str) -> None:
+        """A block must be a whole 16 KiB slot of the piece (or its short tail)."""
+        if index >= self.num_pieces:
+            raise ProtocolError(f"{what} for piece {index} of a {self.num_pieces}-piece torrent")
+        size = self.piece_size(index)
+        if begin % BLOCK_SIZE or begin >= size:
+            raise ProtocolError(f"{what} at offset {begin} of piece {index} is not a block start")
+        expected = min(BLOCK_SIZE, size - begin)
+        if length != expected:
+            raise ProtocolError(
+                f"{what} of {length} bytes at {index}:{begin} (blocks are {expected} bytes)"
+            )
