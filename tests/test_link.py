@@ -1,0 +1,251 @@
+"""Authenticated TLS neighbour links: who may connect, and fair multiplexing."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import attrs
+import gevent
+import pytest
+
+from anomos import hookimpl
+from anomos.config import Settings, split_address
+from anomos.errors import TransportError
+from anomos.identity import PeerIdentity
+from anomos.net import link as linkmod
+from anomos.net.frames import Cmd
+from anomos.net.link import LinkManager
+from anomos.pluginmanager import get_plugins
+from anomos.testing import MemoryTransportPlugin, loopback_host
+from anomos.tracker.client import Neighbour
+
+BREAK_PAYLOAD = b"\x00"
+
+
+class Events:
+    """Records the neighbour hooks."""
+
+    def __init__(self) -> None:
+        self.up: list[tuple[int, str]] = []
+        self.down: list[tuple[int, str]] = []
+
+    @hookimpl
+    def anomos_neighbour_up(self, peer: Any, nid: int, address: str) -> None:
+        self.up.append((nid, address))
+
+    @hookimpl
+    def anomos_neighbour_down(self, peer: Any, nid: int, reason: str) -> None:
+        self.down.append((nid, reason))
+
+
+@attrs.define(eq=False)
+class Node:
+    identity: PeerIdentity
+    links: LinkManager
+    events: Events
+    frames: list[tuple[int, int, bytes]] = attrs.field(factory=list)
+    assigned: dict[int, Neighbour] = attrs.field(factory=dict)
+
+    def assign(self, nb: Neighbour) -> None:
+        self.assigned[nb.nid] = nb
+        self.links.set_neighbours(self.assigned.values())
+
+    def unassign(self, nid: int) -> None:
+        del self.assigned[nid]
+        self.links.set_neighbours(self.assigned.values())
+
+
+@pytest.fixture
+def make_node() -> Iterator[Any]:
+    nodes: list[Node] = []
+
+    def make(transport: str = "tcp", **settings: Any) -> Node:
+        events = Events()
+        plugins = get_plugins(load_entrypoints=False, extra=[events, MemoryTransportPlugin()])
+        listen = f"{loopback_host()}:0" if transport == "tcp" else "memory:0"
+        identity = PeerIdentity.generate()
+        node = Node(identity, None, events)  # type: ignore[arg-type]
+        node.links = LinkManager(
+            identity,
+            plugins,
+            Settings(listen=listen, transport=transport, **settings),
+            on_frame=lambda link, c, cmd, p: node.frames.append((c, cmd, bytes(p))),
+        )
+        node.links.start()
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.links.close()
+
+
+def neighbour(node: Node, nid: int, dial: bool, identity: bytes | None = None) -> Neighbour:
+    return Neighbour(nid, node.links.address, identity or node.identity.identity_public, dial)
+
+
+def pair(a: Node, b: Node, nid: int = 7) -> None:
+    """Assign a and b to each other; a dials."""
+    b.assign(neighbour(a, nid, False))
+    a.assign(neighbour(b, nid, True))
+
+
+def wait_until(predicate: Any, timeout: float = 3.0) -> None:
+    with gevent.Timeout(timeout, AssertionError("condition not reached in time")):
+        while not predicate():
+            gevent.sleep(0.01)
+
+
+def test_handshake_between_assigned_neighbours(make_node: Any) -> None:
+    a, b = make_node(), make_node()
+    pair(a, b)
+    la, lb = a.links.wait_for(7, 5), b.links.wait_for(7, 5)
+    assert la.dialler and not lb.dialler
+    assert la.identity == b.identity.identity_public
+    assert lb.identity == a.identity.identity_public
+    # Both ends are on their own loopback hosts: the dialler used its listen host as source.
+    assert lb.sock.getpeername()[0] == a.links.settings.listen_host
+    assert a.events.up == [(7, b.links.address)]
+    assert b.events.up == [(7, a.links.address)]
+    # Circuit ids: the dialler allocates with the high bit set, the listener without.
+    ca, cb = la.allocate_circ_id(), lb.allocate_circ_id()
+    assert ca & 0x80000000 and not cb & 0x80000000
+    assert la.send(ca, Cmd.CREATED) and lb.send(cb, Cmd.BREAK, BREAK_PAYLOAD)
+    wait_until(lambda: b.frames and a.frames)
+    assert b.frames == [(ca, Cmd.CREATED, b"")]
+    assert a.frames == [(cb, Cmd.BREAK, BREAK_PAYLOAD)]
+    assert la.bytes_out > 0 and lb.bytes_in > 0
+
+
+def test_caller_claiming_an_unassigned_nid_is_refused(make_node: Any, caplog: Any) -> None:
+    a, b = make_node(), make_node()
+    asked: list[int] = []
+    b.links.on_unknown_nid = asked.append  # a refresh that learns nothing new
+    a.assign(neighbour(b, 9, True))
+    with caplog.at_level(logging.INFO, logger="anomos.net.link"), pytest.raises(TransportError):
+        a.links.wait_for(9, 1.0)
+    assert asked and set(asked) == {9}
+    assert not b.links.links and not b.events.up
+    assert "caller claimed NID 9, which is not our neighbour" in caplog.text
+
+
+def test_unknown_nid_refresh_admits_a_new_neighbour(make_node: Any) -> None:
+    a, b = make_node(), make_node()
+    b.links.on_unknown_nid = lambda nid: b.assign(neighbour(a, nid, False))
+    a.assign(neighbour(b, 3, True))
+    assert b.links.wait_for(3, 5).identity == a.identity.identity_public
+
+
+def test_caller_with_the_wrong_key_is_refused(make_node: Any, caplog: Any) -> None:
+    a, b, mallory = make_node(), make_node(), make_node()
+    b.assign(neighbour(a, 4, False))  # NID 4 belongs to a...
+    mallory.assign(neighbour(b, 4, True))  # ...but mallory claims it with her own key
+    with caplog.at_level(logging.INFO, logger="anomos.net.link"), pytest.raises(TransportError):
+        mallory.links.wait_for(4, 1.0)
+    assert not b.links.links
+    assert "caller claimed NID 4 with the wrong identity key" in caplog.text
+
+
+def test_listener_with_the_wrong_identity_is_refused(make_node: Any, caplog: Any) -> None:
+    a, b, c = make_node(), make_node(), make_node()
+    b.assign(neighbour(a, 5, False))
+    # The tracker announced c's identity at b's address: b's certificate must not pass.
+    a.assign(neighbour(b, 5, True, identity=c.identity.identity_public))
+    with caplog.at_level(logging.INFO, logger="anomos.net.link"), pytest.raises(TransportError):
+        a.links.wait_for(5, 1.0)
+    assert not b.links.links and not a.links.links
+    assert "neighbour NID 5 presented the wrong identity" in caplog.text
+
+
+def test_unassigning_closes_the_link_and_dialler_reconnects(
+    make_node: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(linkmod, "DIAL_BACKOFF_MIN", 0.05)
+    a, b = make_node(), make_node()
+    pair(a, b, nid=2)
+    first = a.links.wait_for(2, 5)
+    b.links.wait_for(2, 5).close("test closes it")
+    assert first.wait_closed(2)
+    wait_until(lambda: 2 in a.links.links and a.links.links[2] is not first)
+    assert len(a.events.up) == 2 and a.events.down[0][0] == 2
+    a.unassign(2)
+    wait_until(lambda: not a.links.links and not b.links.links)
+    assert a.events.down[-1] == (2, "neighbour no longer assigned")
+
+
+def test_handshake_timeout_drops_silent_callers(make_node: Any) -> None:
+    b = make_node(handshake_timeout=0.3)
+    host, port = split_address(b.links.address)
+    with socket.create_connection((host, port)) as raw:
+        raw.settimeout(3)
+        assert raw.recv(100) == b""  # closed by b without a TLS handshake
+
+
+def test_keepalive_and_idle_timeout(make_node: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(linkmod, "KEEPALIVE_INTERVAL", 0.05)
+    monkeypatch.setattr(linkmod, "IDLE_TIMEOUT", 0.4)
+    a, b = make_node("memory"), make_node("memory")
+    pair(a, b)
+    la, lb = a.links.wait_for(7, 5), b.links.wait_for(7, 5)
+    gevent.sleep(1.0)  # longer than the idle timeout: padding keeps the link up
+    assert not la.closed and not lb.closed
+    assert la.bytes_in > 0
+    lb._writer.kill()  # b goes silent
+    assert la.wait_closed(2)
+    assert la.closed_reason == "idle for 0.4 s"
+
+
+def test_garbage_after_handshake_closes_the_link(make_node: Any) -> None:
+    a, b = make_node("memory"), make_node("memory")
+    pair(a, b)
+    la, lb = a.links.wait_for(7, 5), b.links.wait_for(7, 5)
+    la.sock.sendall(b"\x00\x00\x00\x01\xff\x00\x00\x00")
+    assert lb.wait_closed(2)
+    assert lb.closed_reason == "unknown frame command 255"
+    assert b.events.down == [(7, "unknown frame command 255")]
+
+
+def test_round_robin_between_circuits(make_node: Any) -> None:
+    a, b = make_node("memory"), make_node("memory")
+    pair(a, b)
+    la = a.links.wait_for(7, 5)
+    busy, quiet = la.allocate_circ_id(), la.allocate_circ_id()
+    for _ in range(20):
+        assert la.send(busy, Cmd.CREATED)
+    assert la.send(quiet, Cmd.CREATED)
+    wait_until(lambda: len(b.frames) == 21)
+    order = [c for c, _, _ in b.frames]
+    assert order.index(quiet) <= 1  # served in the first round, not after the 20 others
+
+
+def test_overflowing_circuit_queue_spares_the_link(make_node: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(linkmod, "CIRCUIT_QUEUE_FRAMES", 4)
+    a, b = make_node("memory"), make_node("memory")
+    pair(a, b)
+    la = a.links.wait_for(7, 5)
+    full, other = la.allocate_circ_id(), la.allocate_circ_id()
+    accepted = [la.send(full, Cmd.CREATED) for _ in range(6)]
+    assert accepted == [True] * 4 + [False] * 2
+    assert la.send(other, Cmd.CREATED)
+    assert la.send(full, Cmd.BREAK, BREAK_PAYLOAD, force=True)  # the one BREAK still fits
+    wait_until(lambda: len(b.frames) == 6)
+    assert not la.closed
+
+
+def test_circuit_id_limits(make_node: Any, monkeypatch: Any) -> None:
+    from anomos.errors import ProtocolError
+
+    monkeypatch.setattr(linkmod, "MAX_CIRCUITS_PER_LINK", 2)
+    a, b = make_node("memory"), make_node("memory")
+    pair(a, b)
+    la = a.links.wait_for(7, 5)
+    la.allocate_circ_id()
+    la.accept_circ_id(5)  # the listener's half: no high bit
+    with pytest.raises(ProtocolError, match="too many circuits"):
+        la.allocate_circ_id()
+    la.release_circ_id(5)
+    with pytest.raises(ProtocolError, match="from our half"):
+        la.accept_circ_id(0x80000001)
