@@ -1,0 +1,130 @@
+"""The planner: plans peel hop by hop with the real onion and open at the source."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from anomos.identity import PeerIdentity
+from anomos.plugins.ciphers.x25519 import X25519Suite
+from anomos.plugins.paths.fixed import FixedPolicy
+from anomos.plugins.paths.weighted import WeightedPolicy
+from anomos.protocol.onion import TRACKING_CODE_SIZE, OnionReader
+from anomos.protocol.request import open_request
+from anomos.tracker.graph import PeerGraph
+from anomos.tracker.planner import REQUEST_TTL, PeerKeys, Planner, candidate_sources
+
+INFOHASH = bytes(range(20))
+
+
+@pytest.fixture(scope="module")
+def world():
+    """40 peers with real keys in a neighbour graph."""
+    ids = [PeerIdentity.generate() for _ in range(40)]
+    by_pub = {i.identity_public: i for i in ids}
+    graph = PeerGraph(rng=random.Random(1))
+    for i in ids:
+        graph.add_peer(i.identity_public)
+    return graph, by_pub
+
+
+def make_planner(graph, by_pub, policy=None, seed=2):
+    def keys(peer):
+        return PeerKeys(by_pub[peer].onion_public, by_pub[peer].box_public)
+
+    return Planner(graph, policy or WeightedPolicy(), X25519Suite(), keys, rng=random.Random(seed))
+
+
+def follow(plan, downloader, graph, by_pub):
+    """Walk the tracking code as the relays would; return the peers visited."""
+    readers = {}
+    at = graph.peer_by_nid(downloader, plan.first_nid)
+    code = plan.tracking_code
+    visited = []
+    layers = []
+    while True:
+        assert at is not None, "an NID leads nowhere"
+        visited.append(at)
+        reader = readers.setdefault(at, OnionReader(by_pub[at].onion_private))
+        peeled = reader.peel(code)
+        layers.append(peeled.layer)
+        if peeled.next_nid is None:
+            return visited, layers
+        assert len(peeled.forward_code) == TRACKING_CODE_SIZE
+        code = peeled.forward_code
+        at = graph.peer_by_nid(at, peeled.next_nid)
+
+
+def test_plans_peel_to_the_source_which_opens_the_request(world):
+    graph, by_pub = world
+    planner = make_planner(graph, by_pub)
+    peers = list(graph)
+    downloader, sources = peers[0], peers[1:]
+    plans = planner.plan(downloader, INFOHASH, sources, 4)
+    assert len(plans) == 4
+    reached = []
+    for plan in plans:
+        visited, layers = follow(plan, downloader, graph, by_pub)
+        source = visited[-1]
+        reached.append(source)
+        assert downloader not in visited
+        assert 2 <= len(visited) - 1 <= 4  # relays within the policy's bounds
+        assert layers == list(plan.layers)
+        req = open_request(plan.request_blob, by_pub[source].box)
+        assert req.infohash == INFOHASH and req.suite == "x25519" == plan.suite
+        assert req.material == plan.material
+        assert req.expires > planner.clock() + REQUEST_TTL - 5
+    assert len(set(reached)) == 4, "each circuit goes to a different source"
+    assert planner.planned == 4
+
+
+def test_relays_are_charged_load(world):
+    graph, by_pub = world
+    planner = make_planner(graph, by_pub, FixedPolicy(min_relays=2, max_relays=2), seed=3)
+    peers = list(graph)
+    before = {p: graph.load(p) for p in peers}
+    (plan,) = planner.plan(peers[5], INFOHASH, [peers[6]], 1)
+    visited, _ = follow(plan, peers[5], graph, by_pub)
+    for relay in visited[:-1]:
+        assert graph.load(relay) == pytest.approx(before[relay] + 1, abs=0.01)
+    assert graph.load(visited[-1]) == pytest.approx(before[visited[-1]], abs=0.01)
+
+
+def test_sources_without_a_path_are_skipped(world):
+    graph, by_pub = world
+    planner = make_planner(graph, by_pub)
+    peers = list(graph)
+    stranger = PeerIdentity.generate()
+    by_pub[stranger.identity_public] = stranger
+    # Not in the graph at all, the downloader itself, then a real source.
+    plans = planner.plan(peers[0], INFOHASH, [stranger.identity_public, peers[0], peers[9]], 3)
+    assert len(plans) == 1
+    assert follow(plans[0], peers[0], graph, by_pub)[0][-1] == peers[9]
+    # A downloader unknown to the graph gets nothing.
+    assert planner.plan(stranger.identity_public, INFOHASH, peers[1:], 2) == []
+
+
+def test_a_broken_policy_is_not_trusted(world):
+    graph, by_pub = world
+
+    class Liar:
+        name = "liar"
+
+        def find_path(self, graph, start, end, rng):
+            return [start, end]  # no relay, maybe not even an edge
+
+    planner = make_planner(graph, by_pub, Liar())
+    peers = list(graph)
+    assert planner.plan(peers[0], INFOHASH, peers[1:], 3) == []
+
+
+def test_candidate_sources_have_data_and_exclude_the_downloader():
+    rng = random.Random(0)
+    swarm = {"seed": 0, "half": 500, "fresh": 1000, "me": 0}
+    assert sorted(candidate_sources(swarm, 1000, "me", rng)) == ["half", "seed"]
+    assert candidate_sources({"a": 1000, "b": 1000}, 1000, "me", rng) == []
+    orders = {
+        tuple(candidate_sources({str(i): 0 for i in range(6)}, 10, "x", rng)) for _ in range(20)
+    }
+    assert len(orders) > 1, "sources are not shuffled"

@@ -1,0 +1,371 @@
+"""Tracker server and client over real TLS on loopback."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+
+import gevent
+import nacl.signing
+import pytest
+from gevent.pywsgi import WSGIServer
+
+from anomos import bencode
+from anomos.errors import ConfigError, TrackerError
+from anomos.identity import PeerIdentity
+from anomos.protocol.onion import OnionReader
+from anomos.protocol.request import open_request
+from anomos.testing import loopback_host
+from anomos.tracker import client as client_mod
+from anomos.tracker import server as server_mod
+from anomos.tracker.client import SIGNATURE_CONTEXT, TorrentStatus, TrackerClient, signed_body
+from anomos.tracker.identity import TrackerIdentity, pinned_context
+from anomos.tracker.server import Tracker
+
+IH = bytes(range(20))
+SIZE = 10_000
+
+
+@pytest.fixture
+def tracker(tmp_path, plugins):
+    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins)
+    t.start()
+    yield t
+    t.stop()
+
+
+class Peer:
+    """A peer identity on its own loopback address, with a client for the tracker."""
+
+    def __init__(self, tracker: Tracker, **kw) -> None:
+        self.identity = PeerIdentity.generate()
+        self.host = loopback_host()
+        self.address = f"{self.host}:7000"
+        self.client = TrackerClient(
+            tracker.url, tracker.fingerprint, self.identity, source_host=self.host, **kw
+        )
+
+    @property
+    def pub(self) -> bytes:
+        return self.identity.identity_public
+
+    def announce(self, left=None, relayed=0, uploaded=0, downloaded=0, **kw):
+        torrents = [] if left is None else [TorrentStatus(IH, uploaded, downloaded, left)]
+        return self.client.announce(self.address, torrents, relayed, **kw)
+
+
+def raw_post(tracker: Tracker, path: str, body: bytes, headers=None):
+    """POST ``body`` as is; (status, decoded reply)."""
+    host, port = tracker.address.rsplit(":", 1)
+    conn = http.client.HTTPSConnection(host, int(port), context=pinned_context(), timeout=10)
+    try:
+        conn.request("POST", path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, bencode.decode(resp.read())
+    finally:
+        conn.close()
+
+
+def test_announce_gives_consistent_neighbours(tracker):
+    peers = [Peer(tracker) for _ in range(8)]
+    for p in peers:
+        p.announce()
+    replies = {p.pub: p.announce() for p in peers}
+    addresses = {p.pub: p.address for p in peers}
+    for p in peers:
+        reply = replies[p.pub]
+        assert 4 <= len(reply.neighbours) <= 6
+        assert reply.interval == server_mod.ANNOUNCE_INTERVAL
+        assert reply.min_interval == server_mod.MIN_INTERVAL
+        assert reply.epoch > 0
+        for n in reply.neighbours:
+            assert n.address == addresses[n.identity]
+            back = [m for m in replies[n.identity].neighbours if m.identity == p.pub]
+            assert len(back) == 1, "neighbour relation is not symmetric"
+            assert back[0].nid == n.nid
+            assert back[0].dial != n.dial, "exactly one end dials"
+        nids = [n.nid for n in reply.neighbours]
+        assert len(set(nids)) == len(nids)
+
+
+def test_circuits_reach_a_source_without_revealing_it(tracker):
+    seeds = [Peer(tracker) for _ in range(3)]
+    relays = [Peer(tracker) for _ in range(6)]
+    downloader = Peer(tracker)
+    everyone = seeds + relays + [downloader]
+    for p in seeds:
+        p.announce(left=0)
+    for p in relays:
+        p.announce()
+    downloader.announce(left=SIZE)
+    for p in everyone:  # settle neighbour lists
+        p.announce(left=0 if p in seeds else SIZE if p is downloader else None)
+    plans = downloader.client.request_circuits(IH, 3)
+    assert 1 <= len(plans) <= 3
+    by_pub = {p.pub: p.identity for p in everyone}
+    g = tracker.graph
+    for plan in plans:
+        at, code = g.peer_by_nid(downloader.pub, plan.first_nid), plan.tracking_code
+        while True:
+            peeled = OnionReader(by_pub[at].onion_private).peel(code)
+            if peeled.next_nid is None:
+                break
+            at, code = g.peer_by_nid(at, peeled.next_nid), peeled.forward_code
+        assert at in {s.pub for s in seeds}
+        assert open_request(plan.request_blob, by_pub[at].box).material == plan.material
+    # Nothing in the raw reply names a seed.
+    inner = {b"time": int(time.time()), b"infohash": IH, b"count": 3}
+    raw = bencode.encode(tracker.circuits(downloader.pub, inner))
+    for s in seeds:
+        assert s.pub not in raw and s.host.encode() not in raw
+    stats = tracker.stats()
+    assert stats["circuits_planned"] >= len(plans) and stats["torrents"] == 1
+
+
+def test_a_peer_without_sources_gets_no_circuits(tracker):
+    a, b = Peer(tracker), Peer(tracker)
+    a.announce(left=SIZE)
+    b.announce(left=SIZE)  # nobody has anything yet
+    assert a.client.request_circuits(IH, 2) == []
+
+
+def test_wrong_fingerprint_is_refused_before_sending(tracker):
+    other = TrackerIdentity.load_or_create(tracker.state_dir / "other").fingerprint
+    p = Peer(tracker)
+    p.client = TrackerClient(tracker.url, other, p.identity, source_host=p.host)
+    with pytest.raises(TrackerError) as err:
+        p.announce()
+    assert str(err.value) == (
+        f"tracker identity mismatch: expected {other}, got {tracker.fingerprint}"
+    )
+    assert tracker.announces == 0
+
+
+def test_bad_signature_and_stolen_identity_are_refused(tracker):
+    victim, thief = Peer(tracker), Peer(tracker)
+    victim.announce()
+    inner = bencode.encode(
+        {
+            "time": int(time.time()),
+            "session": b"s",
+            "onion": thief.identity.onion_public,
+            "box": thief.identity.box_public,
+            "address": thief.address,
+            "torrents": [],
+            "relayed": 0,
+            "stopped": 0,
+        }
+    )
+    # The thief signs correctly with its own key but claims the victim's identity.
+    sig = thief.identity.signing.sign(SIGNATURE_CONTEXT + b"/announce" + inner).signature
+    body = bencode.encode({"peer": victim.pub, "msg": inner, "sig": sig})
+    status, reply = raw_post(tracker, "/announce", body)
+    assert status == 403
+    assert reply[b"failure reason"] == b"bad signature: request not signed by the claimed peer"
+    # A signature made for another endpoint does not carry over.
+    sig = victim.identity.signing.sign(SIGNATURE_CONTEXT + b"/circuits" + inner).signature
+    body = bencode.encode({"peer": victim.pub, "msg": inner, "sig": sig})
+    assert raw_post(tracker, "/announce", body)[0] == 403
+    assert tracker.peers[victim.pub].address == victim.address
+
+
+def test_stale_requests_are_refused(tracker, monkeypatch):
+    p = Peer(tracker)
+    monkeypatch.setattr(client_mod.time, "time", lambda: 1_000_000.0)
+    with pytest.raises(TrackerError, match="request time is more than 300 s off"):
+        p.announce()
+
+
+def test_oversize_and_malformed_requests(tracker):
+    status, reply = raw_post(tracker, "/announce", b"x" * (server_mod.MAX_BODY + 1))
+    assert status == 413 and b"over 65536 bytes" in reply[b"failure reason"]
+    assert raw_post(tracker, "/announce", b"not bencode")[0] == 400
+    assert raw_post(tracker, "/nowhere", b"de")[0] == 404
+    p = Peer(tracker)
+    body = signed_body(p.identity, "/announce", {"time": int(time.time())})
+    status, reply = raw_post(tracker, "/announce", body)
+    assert status == 400 and reply[b"failure reason"] == b"missing field 'session'"
+
+
+def test_circuits_need_an_announce_first(tracker):
+    p = Peer(tracker)
+    with pytest.raises(TrackerError, match="announce before requesting circuits"):
+        p.client.request_circuits(IH, 1)
+    with pytest.raises(ConfigError):
+        p.client.request_circuits(IH, 9)
+
+
+def test_ratio_credits_relayed_bytes(tracker):
+    p = Peer(tracker)
+    reply = p.announce(left=SIZE, downloaded=500, relayed=1000)
+    assert (reply.uploaded, reply.downloaded, reply.relayed) == (0, 500, 1000)
+    assert reply.ratio == pytest.approx(2.0)  # (0 uploaded + 1000 relayed) / 500
+    reply = p.announce(left=SIZE, downloaded=500, uploaded=100, relayed=1500)
+    assert (reply.uploaded, reply.downloaded, reply.relayed) == (100, 500, 1500)
+    assert reply.ratio == pytest.approx(1600 / 500)
+    # A restarted peer (new session) starts its counters from zero again.
+    p.client = TrackerClient(tracker.url, tracker.fingerprint, p.identity, source_host=p.host)
+    reply = p.announce(left=SIZE, downloaded=100, relayed=200)
+    assert (reply.downloaded, reply.relayed) == (600, 1700)
+
+
+def test_stopped_peers_and_torrents_leave(tracker):
+    peers = [Peer(tracker) for _ in range(7)]
+    for p in peers:
+        p.announce(left=0)
+    leaver = peers[0]
+    assert leaver.announce(stopped=True).neighbours == ()
+    assert leaver.pub not in tracker.graph and leaver.pub not in tracker.swarms[IH]
+    for p in peers[1:]:
+        reply = p.announce(left=0)
+        assert leaver.pub not in {n.identity for n in reply.neighbours}
+        assert len(reply.neighbours) >= 4
+    peers[1].client.announce(peers[1].address, [TorrentStatus(IH, 0, 0, 0, "stopped")], 0)
+    assert peers[1].pub not in tracker.swarms[IH]
+    peers[2].announce()  # no longer lists the torrent
+    assert peers[2].pub not in tracker.swarms[IH]
+
+
+def test_silent_peers_expire_and_neighbours_are_repaired(tmp_path, plugins):
+    now = [time.time()]
+    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, interval=10, clock=lambda: now[0])
+    t.start()
+    try:
+        peers = [Peer(t) for _ in range(12)]
+        for p in peers:
+            p.announce()
+        now[0] += 25
+        for p in peers[6:]:
+            p.announce()
+        now[0] += 10  # peers[:6] last seen 35 s ago: over 3 intervals
+        assert t.expire() == 6
+        assert set(t.graph) == {p.pub for p in peers[6:]}
+        for p in peers[6:]:
+            assert t.graph.degree(p.pub) >= 4
+    finally:
+        t.stop()
+
+
+def test_stats_are_counts_without_addresses(tracker):
+    p = Peer(tracker)
+    p.announce(left=0)
+    host, port = tracker.address.rsplit(":", 1)
+    conn = http.client.HTTPSConnection(host, int(port), context=pinned_context(), timeout=10)
+    conn.request("GET", "/stats")
+    resp = conn.getresponse()
+    body = resp.read()
+    conn.close()
+    assert resp.status == 200
+    stats = json.loads(body)
+    assert stats["peers"] == 1 and stats["torrents"] == 1 and stats["announces"] == 1
+    assert p.host.encode() not in body and p.pub.hex().encode() not in body
+
+
+def test_rate_limit_per_client_ip(tmp_path, plugins):
+    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, rate=0.001, burst=2)
+    t.start()
+    try:
+        p, q = Peer(t), Peer(t)
+        p.announce()
+        p.announce()
+        with pytest.raises(TrackerError, match="too many requests"):
+            p.announce()
+        q.announce()  # another address has its own bucket
+    finally:
+        t.stop()
+
+
+def test_lifecycle_events(tmp_path, plugins):
+    from anomos import hookimpl
+
+    seen = []
+
+    class Watcher:
+        @hookimpl
+        def anomos_tracker_started(self, tracker):
+            seen.append(("started", tracker.url))
+
+        @hookimpl
+        def anomos_tracker_stopped(self, tracker):
+            seen.append(("stopped", tracker.url))
+
+    plugins.pm.register(Watcher())
+    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins)
+    t.start()
+    t.stop()
+    assert seen == [("started", t.url), ("stopped", t.url)]
+
+
+# ----------------------------------------------------------------- client vs a bad tracker
+
+
+@pytest.fixture
+def fake_tracker(tmp_path):
+    """A pinned TLS server whose answer a test chooses."""
+    ident = TrackerIdentity.load_or_create(tmp_path / "fake")
+    box = {"status": "200 OK", "body": b""}
+
+    def app(environ, start_response):
+        start_response(box["status"], [("Content-Length", str(len(box["body"])))])
+        return [box["body"]]
+
+    server = WSGIServer(
+        ("127.0.0.1", 0), app, log=None, error_log=None, ssl_context=ident.server_context()
+    )
+    server.start()
+    url = f"https://127.0.0.1:{server.server_port}/announce"
+    client = TrackerClient(url, ident.fingerprint, PeerIdentity.generate(), timeout=5)
+    yield box, client
+    server.stop()
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        ("200 OK", b"x" * (client_mod.MAX_REPLY + 10), "reply over"),
+        ("200 OK", b"garbage", "not a bencoded dict"),
+        ("200 OK", b"d10:neighbourslee", "malformed announce reply: missing key b'epoch'"),
+        ("403 Forbidden", b"d14:failure reason7:go awaye", "refused announce: go away"),
+        ("502 Bad Gateway", b"", "answered HTTP 502"),
+    ],
+)
+def test_client_turns_bad_replies_into_one_line_errors(fake_tracker, status, body, message):
+    box, client = fake_tracker
+    box.update(status=status, body=body)
+    with pytest.raises(TrackerError, match=message) as err:
+        client.announce("127.0.0.1:7000", [], 0)
+    assert "\n" not in str(err.value)
+
+
+def test_client_times_out_on_a_silent_tracker(tmp_path):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    fp = TrackerIdentity.load_or_create(tmp_path / "x").fingerprint
+    client = TrackerClient(
+        f"https://127.0.0.1:{port}/announce", fp, PeerIdentity.generate(), timeout=0.5
+    )
+    try:
+        with gevent.Timeout(10), pytest.raises(TrackerError, match="timed out"):
+            client.announce("127.0.0.1:7000", [], 0)
+    finally:
+        listener.close()
+
+
+def test_client_refuses_bad_urls_and_fingerprints():
+    ident = PeerIdentity.generate()
+    with pytest.raises(ConfigError, match="is not https://"):
+        TrackerClient("http://x:1/announce", "00" * 32, ident)
+    with pytest.raises(ConfigError, match="not 64 hex digits"):
+        TrackerClient("https://x:1/announce", "abc", ident)
+
+
+def test_signature_covers_context_path_and_message():
+    ident = PeerIdentity.generate()
+    outer = bencode.decode(signed_body(ident, "/announce", {"time": 1}))
+    nacl.signing.VerifyKey(outer[b"peer"]).verify(
+        b"anomos-tracker-v1/announce" + outer[b"msg"], outer[b"sig"]
+    )
