@@ -1,0 +1,428 @@
+"""Torrent sessions exchanging data over real loopback TCP connections."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+
+from anomos import hookimpl
+from anomos.pluginmanager import Plugins, get_plugins
+from anomos.torrent import session as session_mod
+from anomos.torrent import wire
+from anomos.torrent.metainfo import Metainfo, make_metainfo
+from anomos.torrent.resume import pieces_of_file
+from anomos.torrent.session import TorrentSession
+
+PIECE = 64 * 1024
+#: Odd sizes: pieces straddle files, one file is smaller than a block, one is empty.
+FILES = {
+    "movie.bin": 1_000_003,
+    "extras/notes.txt": 777,
+    "extras/empty": 0,
+    "extras/deep/sample.bin": 333_333,
+    "zzz.bin": 65_536 + 1,
+}
+
+
+class Recorder:
+    """A plugin that records the torrent lifecycle hooks."""
+
+    def __init__(self) -> None:
+        self.verified: list[int] = []
+        self.failed: list[tuple[int, str]] = []
+        self.completed = 0
+
+    @hookimpl
+    def anomos_piece_verified(self, torrent: Any, index: int) -> None:
+        self.verified.append(index)
+
+    @hookimpl
+    def anomos_piece_failed(self, torrent: Any, index: int, source: str) -> None:
+        self.failed.append((index, source))
+
+    @hookimpl
+    def anomos_download_complete(self, torrent: Any) -> None:
+        self.completed += 1
+
+
+def make_torrent(root: Path, sizes: dict[str, int] = FILES) -> tuple[Metainfo, dict[str, bytes]]:
+    rng = random.Random(7)
+    content = {}
+    for rel, size in sizes.items():
+        path = root / "share" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        content[rel] = rng.randbytes(size)
+        path.write_bytes(content[rel])
+    m = make_metainfo(
+        root / "share", trackers=["https://t.example/announce"], piece_length=PIECE, progress=False
+    )
+    return m, content
+
+
+def assert_identical(root: Path, content: dict[str, bytes]) -> None:
+    for rel, data in content.items():
+        assert (root / "share" / rel).read_bytes() == data, rel
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of a real loopback TCP connection."""
+    with socket.socket() as lst:
+        lst.bind(("127.0.0.1", 0))
+        lst.listen()
+        a = socket.create_connection(lst.getsockname())
+        b, _ = lst.accept()
+    for s in (a, b):
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return a, b
+
+
+def connect(s1: TorrentSession, s2: TorrentSession, l1: str, l2: str) -> None:
+    """Connect two sessions; ``l1`` is s1's label for s2 and vice versa."""
+    a, b = tcp_pair()
+    s1.add_connection(a, l1)
+    s2.add_connection(b, l2)
+
+
+@pytest.fixture
+def torrent(tmp_path: Path) -> tuple[Metainfo, dict[str, bytes]]:
+    return make_torrent(tmp_path / "seed")
+
+
+@pytest.fixture
+def sessions() -> Iterator[list[TorrentSession]]:
+    made: list[TorrentSession] = []
+    yield made
+    for s in made:
+        s.close()
+
+
+def new_session(
+    made: list[TorrentSession],
+    m: Metainfo,
+    root: Path,
+    plugins: Plugins | None = None,
+    **kw: Any,
+) -> TorrentSession:
+    s = TorrentSession(m, root, plugins=plugins or get_plugins(load_entrypoints=False), **kw)
+    s.start()
+    made.append(s)
+    return s
+
+
+def test_two_sessions_exchange_a_multi_file_torrent(
+    tmp_path: Path, torrent: tuple[Metainfo, dict[str, bytes]], sessions: list[TorrentSession]
+) -> None:
+    m, content = torrent
+    rec = Recorder()
+    seeder = new_session(sessions, m, tmp_path / "seed", label="seeder")
+    progress: list[float] = []
+    leech = new_session(
+        sessions,
+        m,
+        tmp_path / "leech",
+        plugins=get_plugins(load_entrypoints=False, extra=[rec]),
+        on_progress=lambda s: progress.append(s.progress),
+    )
+    assert seeder.complete and not leech.complete
+    assert leech.left == m.total_length and leech.progress == 0.0
+    connect(seeder, leech, "leech", "seeder")
+    assert leech.wait_complete(timeout=30)
+    assert_identical(tmp_path / "leech", content)
+    assert (tmp_path / "leech" / "share" / "extras" / "empty").exists()
+    assert sorted(rec.verified) == list(range(len(m.pieces)))
+    assert rec.completed == 1 and rec.failed == []
+    assert progress[-1] == 1.0 and len(progress) == len(m.pieces)
+    assert leech.left == 0 and leech.have == seeder.have
+    assert leech.downloaded == m.total_length == seeder.uploaded
+    assert leech.wasted == 0
+    (conn,) = leech.connections
+    assert conn.label == "seeder" and conn.strikes == 0
+    # peer ids are random per connection: the ends share none
+    (seed_conn,) = seeder.connections
+    assert conn.remote_peer_id == seed_conn.peer_id != conn.peer_id
+
+
+def test_three_way_swarm_shares_pieces_between_downloaders(
+    tmp_path: Path, torrent: tuple[Metainfo, dict[str, bytes]], sessions: list[TorrentSession]
+) -> None:
+    m, content = torrent
+    seeder = new_session(sessions, m, tmp_path / "seed")
+    d1 = new_session(sessions, m, tmp_path / "d1")
+    d2 = new_session(sessions, m, tmp_path / "d2")
+    connect(seeder, d1, "d1", "seeder")
+    connect(seeder, d2, "d2", "seeder")
+    connect(d1, d2, "d2", "d1")
+    assert d1.wait_complete(30) and d2.wait_complete(30)
+    assert_identical(tmp_path / "d1", content)
+    assert_identical(tmp_path / "d2", content)
+
+
+def corrupt_reads(s: TorrentSession, pieces: set[int] | None) -> None:
+    """Make a seeder lie: the blocks it serves of ``pieces`` (all if None) are corrupt."""
+    real = s.storage.read_block
+
+    def read_block(index: int, begin: int, length: int) -> bytes:
+        data = bytearray(real(index, begin, length))
+        if pieces is None or index in pieces:
+            data[0] ^= 0xFF
+        return bytes(data)
+
+    s.storage.read_block = read_block  # type: ignore[method-assign]
+
+
+def test_corrupt_piece_is_detected_blamed_and_fetched_from_the_honest_seeder(
+    tmp_path: Path, torrent: tuple[Metainfo, dict[str, bytes]], sessions: list[TorrentSession]
+) -> None:
+    m, content = torrent
+    bad_piece = 5
+    rec = Recorder()
+    liar = new_session(sessions, m, tmp_path / "seed")
+    honest = new_session(sessions, m, tmp_path / "seed")
+    corrupt_reads(liar, {bad_piece})
+    leech = new_session(
+        sessions, m, tmp_path / "leech", plugins=get_plugins(load_entrypoints=False, extra=[rec])
+    )
+    # Only the liar at first, so it certainly supplies the bad piece.
+    connect(liar, leech, "leech", "liar")
+    with gevent.Timeout(20):
+        while not rec.failed:
+            gevent.sleep(0.01)
+    connect(honest, leech, "leech", "honest")
+    assert leech.wait_complete(timeout=30)
+    assert_identical(tmp_path / "leech", content)
+    assert rec.failed[0] == (bad_piece, "liar")
+    assert {index for index, _ in rec.failed} == {bad_piece}
+    assert all(source == "liar" for _, source in rec.failed)
+    assert leech.hash_failures == len(rec.failed) >= 1
+    strikes = {c.label: c.strikes for c in leech.connections}
+    assert strikes.get("honest") == 0
+    assert strikes.get("liar", session_mod.MAX_STRIKES) >= 1
+
+
+def test_seeder_corrupting_everything_is_disconnected_after_three_strikes(
+    tmp_path: Path, torrent: tuple[Metainfo, dict[str, bytes]], sessions: list[TorrentSession]
+) -> None:
+    m, content = torrent
+    rec = Recorder()
+    liar = new_session(sessions, m, tmp_path / "seed")
+    honest = new_session(sessions, m, tmp_path / "seed")
+    corrupt_reads(liar, None)
+    leech = new_session(
+        sessions, m, tmp_path / "leech", plugins=get_plugins(load_entrypoints=False, extra=[rec])
+    )
+    connect(liar, leech, "leech", "liar")
+    connect(honest, leech, "leech", "honest")
+    assert leech.wait_complete(timeout=30)
+    assert_identical(tmp_path / "leech", content)
+    assert rec.failed, "the liar supplied no block at all"
+    assert [c.label for c in leech.connections] == ["honest"]
+    assert leech.connections[0].strikes == 0  # never blamed for the liar's blocks
+    (liar_conn,) = liar.connections or [None]  # the liar saw the connection close
+    assert liar_conn is None
+
+
+def test_mixed_pieces_blame_only_the_source_of_the_bad_blocks(
+    tmp_path: Path, sessions: list[TorrentSession], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Big pieces (32 blocks) and short pipelines: with partial pieces first,
+    # both seeders' blocks end up in the same pieces.
+    monkeypatch.setattr(session_mod, "PIPELINE_MIN", 4)
+    monkeypatch.setattr(session_mod, "PIPELINE_MAX", 4)
+    sizes = {"big.bin": 3 * 512 * 1024 + 1234, "small.bin": 4321}
+    rng = random.Random(3)
+    content = {rel: rng.randbytes(n) for rel, n in sizes.items()}
+    for rel, data in content.items():
+        (tmp_path / "seed" / "share").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "seed" / "share" / rel).write_bytes(data)
+    m = make_metainfo(
+        tmp_path / "seed" / "share",
+        trackers=["https://t.example/a"],
+        piece_length=512 * 1024,
+        progress=False,
+    )
+    rec = Recorder()
+    liar = new_session(sessions, m, tmp_path / "seed")
+    honest = new_session(sessions, m, tmp_path / "seed")
+    corrupt_reads(liar, None)
+    leech = new_session(
+        sessions, m, tmp_path / "leech", plugins=get_plugins(load_entrypoints=False, extra=[rec])
+    )
+    connect(liar, leech, "leech", "liar")
+    connect(honest, leech, "leech", "honest")
+    assert leech.wait_complete(timeout=30)
+    assert_identical(tmp_path / "leech", content)
+    assert "honest, liar" in {source for _, source in rec.failed}
+    (conn,) = leech.connections
+    assert conn.label == "honest" and conn.strikes == 0
+
+
+def test_resume_rechecks_only_pieces_of_changed_files(
+    tmp_path: Path, torrent: tuple[Metainfo, dict[str, bytes]], sessions: list[TorrentSession]
+) -> None:
+    m, content = torrent
+    resume_dir = tmp_path / "resume"
+    seeder = new_session(sessions, m, tmp_path / "seed")
+    leech = TorrentSession(m, tmp_path / "leech", plugins=None, resume_dir=resume_dir)
+    leech.start()
+    assert leech.rechecked == 0  # nothing on disk: nothing to hash
+    connect(seeder, leech, "leech", "seeder")
+    assert leech.wait_complete(timeout=30)
+    leech.close()
+
+    again = TorrentSession(m, tmp_path / "leech", plugins=None, resume_dir=resume_dir)
+    again.start()
+    assert again.complete and again.rechecked == 0 and again.storage.checks == 0
+    again.close()
+
+    # Touch one file: only its pieces are re-hashed, and they are still good.
+    sample = next(i for i, f in enumerate(m.files) if f.path[-1] == "sample.bin")
+    path = tmp_path / "leech" / Path(*m.files[sample].path)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    expected = len(pieces_of_file(m, sample))
+    assert 1 < expected < len(m.pieces) // 2
+    third = TorrentSession(m, tmp_path / "leech", plugins=None, resume_dir=resume_dir)
+    third.start()
+    assert third.rechecked == third.storage.checks == expected
+    assert third.complete
+    third.close()
+
+    # Corrupt that file: its pieces are found bad and only they are fetched again.
+    with open(path, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\0" * 10)
+    fourth = new_session(sessions, m, tmp_path / "leech", resume_dir=resume_dir)
+    assert fourth.rechecked == expected and not fourth.complete
+    assert fourth.left == m.piece_size(0)
+    connect(seeder, fourth, "fourth", "seeder")
+    assert fourth.wait_complete(timeout=30)
+    assert fourth.downloaded == m.piece_size(0)
+    assert_identical(tmp_path / "leech", content)
+
+    # Garbage resume data: a full re-check, never an error.
+    fourth.close()
+    (resume_dir / f"{m.infohash.hex()}.json").write_bytes(b"\x00garbage")
+    fifth = new_session(sessions, m, tmp_path / "leech", resume_dir=resume_dir)
+    assert fifth.complete and fifth.rechecked == len(m.pieces)
+
+
+def handshake_with(sock: socket.socket, m: Metainfo) -> None:
+    sock.sendall(wire.Handshake(m.infohash, wire.new_peer_id()).encode())
+
+
+def recv_until_closed(sock: socket.socket, timeout: float = 10) -> bytes:
+    data = b""
+    with gevent.Timeout(timeout):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def test_malformed_message_closes_only_that_connection(
+    tmp_path: Path,
+    torrent: tuple[Metainfo, dict[str, bytes]],
+    sessions: list[TorrentSession],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    m, content = torrent
+    seeder = new_session(sessions, m, tmp_path / "seed")
+    leech = new_session(sessions, m, tmp_path / "leech")
+    evil, ours = tcp_pair()
+    g = leech.add_connection(ours, "evil")
+    connect(seeder, leech, "leech", "seeder")
+    handshake_with(evil, m)
+    # A request for 1 MiB: longer than any block may be.
+    caplog.set_level(logging.INFO, logger="anomos.torrent.session")
+    evil.sendall(struct.pack(">IBIII", 13, wire.REQUEST, 0, 0, 1 << 20))
+    received = recv_until_closed(evil)
+    assert received[:20] == b"\x13BitTorrent protocol"  # we spoke first, then hung up
+    g.join(timeout=5)
+    assert g.dead
+    assert leech.wait_complete(timeout=30)
+    assert [c.label for c in leech.connections] == ["seeder"]
+    assert_identical(tmp_path / "leech", content)
+    (line,) = [r.getMessage() for r in caplog.records if "evil" in r.getMessage()]
+    assert "request of 1048576 bytes" in line
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"\x13BitTorrent protocol" + bytes(8) + b"\x01" * 20 + bytes(20), "another torrent"),
+        (b"GET / HTTP/1.1\r\n" * 5, "not the BitTorrent protocol"),
+    ],
+)
+def test_bad_handshake_is_refused(
+    tmp_path: Path,
+    torrent: tuple[Metainfo, dict[str, bytes]],
+    sessions: list[TorrentSession],
+    payload: bytes,
+    reason: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="anomos.torrent.session")
+    m, _ = torrent
+    seeder = new_session(sessions, m, tmp_path / "seed")
+    evil, ours = tcp_pair()
+    g = seeder.add_connection(ours, "evil")
+    evil.sendall(payload)
+    recv_until_closed(evil)
+    g.join(timeout=5)
+    assert seeder.connections == ()
+    assert any("evil" in r.getMessage() and reason in r.getMessage() for r in caplog.records)
+
+
+def test_idle_peer_gets_keepalives_then_is_dropped(
+    tmp_path: Path,
+    torrent: tuple[Metainfo, dict[str, bytes]],
+    sessions: list[TorrentSession],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    m, _ = torrent
+    monkeypatch.setattr(session_mod, "MAINTENANCE_INTERVAL", 0.05)
+    monkeypatch.setattr(session_mod, "KEEPALIVE_INTERVAL", 0.2)
+    monkeypatch.setattr(session_mod, "IDLE_TIMEOUT", 1.0)
+    seeder = new_session(sessions, m, tmp_path / "seed")
+    quiet, ours = tcp_pair()
+    seeder.add_connection(ours, "quiet")
+    handshake_with(quiet, m)
+    data = recv_until_closed(quiet)
+    reader = wire.MessageReader(len(m.pieces), m.piece_size)
+    messages = reader.feed(data)
+    assert isinstance(messages[0], wire.Handshake)
+    assert isinstance(messages[1], wire.Bitfield)
+    assert wire.KEEP_ALIVE in messages[2:]
+    assert seeder.connections == ()
+
+
+def test_endgame_finishes_without_waiting_for_a_stalled_peer(
+    tmp_path: Path,
+    torrent: tuple[Metainfo, dict[str, bytes]],
+    sessions: list[TorrentSession],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    m, content = torrent
+    # Without endgame the blocks held by the stalled peer would wait this long.
+    monkeypatch.setattr(session_mod, "REQUEST_TIMEOUT", 600.0)
+    stalled = new_session(sessions, m, tmp_path / "seed")
+    fast = new_session(sessions, m, tmp_path / "seed")
+    stalled.storage.read_block = lambda *a: gevent.sleep(600)  # type: ignore[assignment,method-assign,return-value]
+    leech = new_session(sessions, m, tmp_path / "leech")
+    connect(stalled, leech, "leech", "stalled")
+    gevent.sleep(0.2)  # the stalled peer gets a full pipeline of requests first
+    held = leech.picker.outstanding(next(c for c in leech.connections if c.label == "stalled"))
+    assert held > 0
+    connect(fast, leech, "leech", "fast")
+    assert leech.wait_complete(timeout=20)
+    assert_identical(tmp_path / "leech", content)
+    stalled_conn = next(c for c in leech.connections if c.label == "stalled")
+    assert stalled_conn.downloaded == 0
