@@ -147,7 +147,7 @@ class CircuitStream:
     _chunks: deque[bytes] = attrs.field(factory=deque, repr=False)
     _offset: int = attrs.field(default=0, repr=False)
     _readable: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
-    _window: int = attrs.field(default=CIRCUIT_WINDOW, repr=False)
+    _window: int = attrs.field(factory=lambda: CIRCUIT_WINDOW, repr=False)
     _window_open: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
     _unacked: int = attrs.field(default=0, repr=False)
     _consumed: int = attrs.field(default=0, repr=False)
@@ -404,6 +404,8 @@ class CircuitSwitch:
     ``on_request(request)`` runs in a link's reader greenlet and must not
     block: it returns the function that serves the new stream (run in a
     greenlet of its own once the REPLY is on its way), or ``None`` to refuse.
+    That function owns the stream: it may return at once after handing the
+    stream on (e.g. to ``TorrentSession.add_connection``); it must close it.
     """
 
     links: LinkManager
@@ -609,8 +611,12 @@ class CircuitSwitch:
 
     @staticmethod
     def _serve(serve: Callable[[CircuitStream], None], stream: CircuitStream) -> None:
+        """Run the peer's function, which owns the stream from now on."""
         try:
             serve(stream)
+        except (OSError, AnomosError) as exc:
+            log.info("circuit %#x on NID %d ended: %s", stream.circ_id, stream.link.nid, exc)
+            stream.close()
         except Exception:
             log.exception("serving a circuit stream failed")
             stream.close()

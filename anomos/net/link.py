@@ -81,7 +81,9 @@ MAX_PENDING_HANDSHAKES = 64
 MAX_NEIGHBOURS = 256
 #: Circuits one link carries at once (both directions together).
 MAX_CIRCUITS_PER_LINK = 1024
-#: Frames one circuit may have waiting in a link's send queue.
+#: Frames one circuit may have waiting in a link's send queue. Must exceed the
+#: end-to-end window (anomos.net.circuit.CIRCUIT_WINDOW) plus its SENDMEs, so
+#: only a misbehaving circuit can overflow it.
 CIRCUIT_QUEUE_FRAMES = 256
 #: The writer sends up to this many bytes per ``sendall``.
 BATCH_BYTES = 256 * 1024
@@ -212,6 +214,8 @@ class Link:
     _writer: gevent.Greenlet | None = attrs.field(default=None, repr=False)
     _reader_greenlet: Any = attrs.field(default=None, repr=False)
     opened_at: float = attrs.field(factory=time.monotonic, repr=False)
+    #: Frames one circuit may have queued on this link (see CIRCUIT_QUEUE_FRAMES).
+    queue_limit: int = attrs.field(factory=lambda: CIRCUIT_QUEUE_FRAMES, repr=False)
 
     @property
     def bytes_in(self) -> int:
@@ -274,7 +278,7 @@ class Link:
         q = self._queues.get(circ_id)
         if q is None:
             q = self._queues[circ_id] = deque()
-        elif len(q) >= CIRCUIT_QUEUE_FRAMES and not force:
+        elif len(q) >= self.queue_limit and not force:
             return False
         q.append((HEADER.pack(circ_id, cmd, 0, len(payload)), payload))
         if len(q) == 1:

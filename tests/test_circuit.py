@@ -1,0 +1,471 @@
+"""Circuits through real neighbour links: switching, layers, BREAK, flow control.
+
+Tracking codes are built directly with ``build_tracking_code`` and neighbours
+assigned by hand, so no tracker is involved. Most tests run over TCP on
+distinct 127.0.0.X hosts; a few fast ones use the memory transport.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import attrs
+import gevent
+import pytest
+
+from anomos import hookimpl
+from anomos.config import Settings
+from anomos.errors import ProtocolError
+from anomos.identity import PeerIdentity
+from anomos.net import circuit as circuitmod
+from anomos.net import link as linkmod
+from anomos.net.circuit import CircuitClosed, CircuitStream, CircuitSwitch, RelayCircuit
+from anomos.net.frames import BreakReason, Cmd
+from anomos.net.link import LinkManager
+from anomos.pluginmanager import Plugins, get_plugins
+from anomos.protocol import e2e
+from anomos.protocol.onion import Hop, build_tracking_code, current_epoch
+from anomos.protocol.request import SourceRequest, seal_request
+from anomos.testing import MemoryTransportPlugin, loopback_host
+from anomos.tracker.client import CircuitPlan, Neighbour
+
+INFOHASH = b"\x42" * 20
+Serve = Callable[[CircuitStream], None]
+
+
+class Events:
+    """Records the circuit hooks of one node."""
+
+    def __init__(self) -> None:
+        self.opened: list[Any] = []
+        self.closed: list[tuple[Any, str]] = []
+
+    @hookimpl
+    def anomos_circuit_opened(self, peer: Any, circuit: Any) -> None:
+        self.opened.append(circuit)
+
+    @hookimpl
+    def anomos_circuit_closed(self, peer: Any, circuit: Any, reason: str) -> None:
+        self.closed.append((circuit, reason))
+
+
+@attrs.define(eq=False)
+class Node:
+    identity: PeerIdentity
+    plugins: Plugins
+    links: LinkManager
+    switch: CircuitSwitch
+    events: Events
+    assigned: list[Neighbour] = attrs.field(factory=list)
+    #: Streams this node served as a source.
+    served: list[CircuitStream] = attrs.field(factory=list)
+    #: What the source does with a new stream; None refuses every request.
+    serve: Serve | None = None
+    #: Every frame this node received: (link nid, circ_id, cmd, payload copy).
+    seen: list[tuple[int, int, int, bytes]] | None = None
+
+    def instrument(self) -> None:
+        """Record every frame before switching it."""
+        self.seen = []
+        handle = self.switch.handle_frame
+
+        def spy(link: Any, circ_id: int, cmd: int, payload: memoryview) -> None:
+            assert self.seen is not None
+            self.seen.append((link.nid, circ_id, cmd, bytes(payload)))
+            handle(link, circ_id, cmd, payload)
+
+        self.links.on_frame = spy
+
+    def relays(self) -> list[RelayCircuit]:
+        return [c for c in self.switch.circuits() if isinstance(c, RelayCircuit)]
+
+
+@pytest.fixture
+def net() -> Iterator[Callable[..., list[Node]]]:
+    """``net(n, transport)``: n nodes in a chain, node i linked to i+1 with NID i+1."""
+    made: list[Node] = []
+
+    def build(count: int, transport: str = "tcp") -> list[Node]:
+        nodes = [make_node(transport) for _ in range(count)]
+        made.extend(nodes)
+        for i in range(count - 1):
+            connect(nodes[i], nodes[i + 1], i + 1)
+        return nodes
+
+    yield build
+    for node in made:
+        node.switch.close()
+        node.links.close()
+
+
+def make_node(transport: str) -> Node:
+    events = Events()
+    plugins = get_plugins(load_entrypoints=False, extra=[events, MemoryTransportPlugin()])
+    identity = PeerIdentity.generate()
+    listen = f"{loopback_host()}:0" if transport == "tcp" else "memory:0"
+    links = LinkManager(
+        identity, plugins, Settings(listen=listen, transport=transport), on_frame=None
+    )
+    node = Node(identity, plugins, links, None, events)  # type: ignore[arg-type]
+
+    def on_request(request: SourceRequest) -> Serve | None:
+        if request.infohash != INFOHASH or node.serve is None:
+            return None
+        serve = node.serve
+
+        def run(stream: CircuitStream) -> None:
+            node.served.append(stream)
+            serve(stream)
+
+        return run
+
+    node.switch = CircuitSwitch(links, identity, plugins, on_request=on_request)
+    links.start()
+    return node
+
+
+def connect(a: Node, b: Node, nid: int) -> None:
+    a.assigned.append(Neighbour(nid, b.links.address, b.identity.identity_public, True))
+    b.assigned.append(Neighbour(nid, a.links.address, a.identity.identity_public, False))
+    a.links.set_neighbours(a.assigned)
+    b.links.set_neighbours(b.assigned)
+    a.links.wait_for(nid, 5)
+    b.links.wait_for(nid, 5)
+
+
+def plan_for(path: list[Node], *, infohash: bytes = INFOHASH, request_blob: bytes = b"") -> Any:
+    """The plan a tracker would give path[0] for the route path[1:] (NIDs as in ``net``)."""
+    first = path[0].links.links
+    first_nid = min(first)  # the link towards path[1] in a chain built left to right
+    hops = []
+    for i, node in enumerate(path[1:], start=1):
+        last = i == len(path) - 1
+        hops.append(Hop(node.identity.onion_public, None if last else first_nid + i))
+    code, layers = build_tracking_code(hops, current_epoch())
+    suite = path[0].plugins.cipher_suite("x25519")
+    material = suite.tracker_material()
+    request = SourceRequest(
+        infohash=infohash, suite="x25519", material=material, expires=int(time.time()) + 600
+    )
+    blob = request_blob or seal_request(request, path[-1].identity.box_public)
+    return CircuitPlan(
+        first_nid=first_nid,
+        tracking_code=code,
+        layers=layers,
+        request_blob=blob,
+        suite="x25519",
+        material=material,
+    )
+
+
+def read_exactly(stream: CircuitStream, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = stream.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
+
+
+def exchange(stream: CircuitStream) -> None:
+    """Source behaviour: read a length-prefixed message, answer its reversal."""
+    size = int.from_bytes(read_exactly(stream, 4), "big")
+    data = read_exactly(stream, size)
+    stream.sendall(data[::-1])
+    assert stream.recv(1) == b""  # the downloader closes cleanly
+    stream.close()
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 3.0) -> None:
+    with gevent.Timeout(timeout, AssertionError("condition not reached in time")):
+        while not predicate():
+            gevent.sleep(0.01)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("relays", [0, 1, 2, 3])
+def test_data_both_ways_through_relays(net: Any, relays: int) -> None:
+    nodes = net(relays + 2)
+    source = nodes[-1]
+    source.serve = exchange
+    stream = nodes[0].switch.open_circuit(plan_for(nodes), timeout=5)
+    message = os.urandom(3 * e2e.MAX_RECORD_DATA + 1234)
+    stream.sendall(len(message).to_bytes(4, "big") + message)
+    assert read_exactly(stream, len(message)) == message[::-1]
+    stream.close()
+    wait_until(lambda: all(not n.switch.circuits() for n in nodes))
+    assert source.served[0].request is not None
+    assert source.served[0].request.infohash == INFOHASH
+    for node in nodes:
+        # every node saw the circuit open and close once; relays saw only their own part
+        assert len(node.events.opened) == 1 and len(node.events.closed) == 1
+        assert all(link.circuit_count == 0 for link in node.links.links.values())
+    for relay in nodes[1:-1]:
+        assert relay.switch.relayed_bytes >= 2 * len(message)
+    assert nodes[0].switch.relayed_bytes == source.switch.relayed_bytes == 0
+    assert stream.bytes_sent == len(message) + 4
+    assert stream.bytes_received == len(message)
+
+
+def test_recv_into_and_timeouts_over_memory_transport(net: Any) -> None:
+    nodes = net(3, "memory")
+    gate = gevent.event.Event()
+
+    def slow(stream: CircuitStream) -> None:
+        gate.wait()
+        stream.sendall(b"hello world")
+        stream.close()
+
+    nodes[-1].serve = slow
+    stream = nodes[0].switch.open_circuit(plan_for(nodes), timeout=5)
+    stream.settimeout(0.1)
+    with pytest.raises(TimeoutError):
+        stream.recv(10)
+    gate.set()
+    stream.settimeout(5)
+    buf = bytearray(64)
+    n = stream.recv_into(buf)
+    while n < 11:
+        n += stream.recv_into(memoryview(buf)[n:])
+    assert bytes(buf[:n]) == b"hello world"
+    assert stream.recv_into(buf) == 0  # END arrived: a clean end of stream
+    assert stream.recv(10) == b""
+
+
+def test_relays_never_see_the_same_bytes(net: Any) -> None:
+    nodes = net(4)
+    downloader, r1, r2, source = nodes
+    source.serve = exchange
+    r1.instrument()
+    r2.instrument()
+    stream = downloader.switch.open_circuit(plan_for(nodes), timeout=5)
+    message = bytes(5 * e2e.MAX_RECORD_DATA)  # zeros: any leak would show at once
+    stream.sendall(len(message).to_bytes(4, "big") + message)
+    assert read_exactly(stream, len(message)) == message
+    stream.close()
+    wait_until(lambda: not source.switch.circuits())
+    assert r1.seen is not None and r2.seen is not None
+    cells1 = [p for nid, _, cmd, p in r1.seen if cmd == Cmd.DATA]
+    cells2 = [p for nid, _, cmd, p in r2.seen if cmd == Cmd.DATA]
+    assert len(cells1) >= 12 and len(cells1) == len(cells2)
+    assert not set(cells1) & set(cells2)
+    # Cell by cell, the two relays' views agree no more than random bytes would (1/256).
+    for a, b in zip(cells1, cells2, strict=True):
+        same = sum(x == y for x, y in zip(a[:4096], b[:4096], strict=True))
+        assert same < 4096 * 0.02
+    # and no relay sees a run of the zero plaintext
+    for cell in cells1 + cells2:
+        assert bytes(64) not in cell
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_replayed_create_is_refused_with_break(net: Any) -> None:
+    nodes = net(3)
+    downloader, relay, source = nodes
+    source.serve = exchange
+    source.instrument()
+    plan = plan_for(nodes)
+    first = downloader.switch.open_circuit(plan, timeout=5)
+    with pytest.raises(ProtocolError, match="tracking code refused"):
+        downloader.switch.open_circuit(plan, timeout=5)
+    assert source.seen is not None
+    assert [cmd for _, _, cmd, _ in source.seen].count(Cmd.CREATE) == 1  # nothing forwarded
+    assert len(relay.relays()) == 1  # the first circuit is untouched
+    first.close()
+
+
+def test_tampered_create_and_unknown_next_hop(net: Any) -> None:
+    nodes = net(3)
+    plan = plan_for(nodes)
+    code = bytearray(plan.tracking_code)
+    code[50] ^= 1
+    with pytest.raises(ProtocolError, match="tracking code refused"):
+        nodes[0].switch.open_circuit(attrs.evolve(plan, tracking_code=bytes(code)), timeout=5)
+    # A path through NID 99, which the relay does not have.
+    hops = [Hop(nodes[1].identity.onion_public, 99), Hop(nodes[2].identity.onion_public, None)]
+    code2, layers = build_tracking_code(hops, current_epoch())
+    bad = attrs.evolve(plan_for(nodes), tracking_code=code2, layers=layers)
+    with pytest.raises(ProtocolError, match="next hop is not a neighbour"):
+        nodes[0].switch.open_circuit(bad, timeout=5)
+    assert not nodes[1].switch.circuits()
+    assert all(link.circuit_count == 0 for n in nodes for link in n.links.links.values())
+
+
+def test_source_refuses_unknown_torrent_and_replayed_request(net: Any) -> None:
+    nodes = net(3)
+    nodes[-1].serve = exchange
+    with pytest.raises(ProtocolError, match="source refused the request"):
+        nodes[0].switch.open_circuit(plan_for(nodes, infohash=b"\x01" * 20), timeout=5)
+    plan = plan_for(nodes)
+    nodes[0].switch.open_circuit(plan, timeout=5).close()
+    # Same sealed request in a fresh tracking code: the source must not answer it twice.
+    again = plan_for(nodes, request_blob=plan.request_blob)
+    again = attrs.evolve(again, material=plan.material)
+    with pytest.raises(ProtocolError, match="protocol violation"):
+        nodes[0].switch.open_circuit(again, timeout=5)
+    assert len(nodes[-1].served) == 1
+
+
+def test_hello_timeout_at_the_terminal(net: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(circuitmod, "HELLO_TIMEOUT", 0.2)
+    nodes = net(2, "memory")
+    downloader, source = nodes
+    downloader.instrument()
+    link = downloader.links.get(1)
+    assert link is not None
+    circ_id = link.allocate_circ_id()
+    link.send(circ_id, Cmd.CREATE, plan_for(nodes).tracking_code)
+    wait_until(lambda: downloader.seen and downloader.seen[-1][2] == Cmd.BREAK)
+    assert downloader.seen is not None
+    assert [cmd for _, c, cmd, _ in downloader.seen if c == circ_id] == [Cmd.CREATED, Cmd.BREAK]
+    assert downloader.seen[-1][3] == bytes([BreakReason.TIMEOUT])
+    assert not source.switch.circuits()
+
+
+# ----------------------------------------------------------------------------- teardown
+
+
+def test_break_mid_stream_reaches_both_ends(net: Any) -> None:
+    nodes = net(4)
+    downloader, _, r2, source = nodes
+    started = gevent.event.Event()
+
+    def stream_forever(stream: CircuitStream) -> None:
+        started.set()
+        while True:
+            stream.sendall(b"x" * 1000)
+            gevent.sleep(0.01)
+
+    source.serve = stream_forever
+    stream = downloader.switch.open_circuit(plan_for(nodes), timeout=5)
+    assert stream.recv(1000)
+    (relay,) = r2.relays()
+    r2.switch._end_relay(relay, BreakReason.INTERNAL, None)
+    with gevent.Timeout(2):
+        with pytest.raises(CircuitClosed, match="internal error"):
+            while True:
+                stream.recv(100000)
+        wait_until(lambda: source.served and source.served[0].closed)
+    assert "internal error" in (source.served[0].closed_reason or "")
+    for node in nodes:
+        assert len(node.events.closed) == 1
+        assert not node.switch.circuits()
+    assert "internal error" in downloader.events.closed[0][1]
+
+
+def test_killing_a_relays_links_breaks_the_circuit_at_both_ends(net: Any) -> None:
+    nodes = net(4)
+    downloader, r1, _, source = nodes
+    source.serve = exchange
+    stream = downloader.switch.open_circuit(plan_for(nodes), timeout=5)
+    wait_until(lambda: source.served)
+    start = time.monotonic()
+    for link in list(r1.links.links.values()):
+        link.close("killed by the test")
+    with gevent.Timeout(1):
+        with pytest.raises(CircuitClosed, match="lost"):
+            stream.recv(10)
+        wait_until(lambda: source.served[0].closed, timeout=1)
+    assert time.monotonic() - start < 1
+    with pytest.raises(CircuitClosed):
+        stream.sendall(b"more")
+    assert all(not n.switch.circuits() for n in nodes)
+
+
+# ----------------------------------------------------------------------------- fairness
+
+
+def test_stalled_circuit_does_not_block_another_on_the_same_links(net: Any) -> None:
+    nodes = net(3)
+    downloader, relay, source = nodes
+    total = 8 << 20
+
+    def flood(stream: CircuitStream) -> None:
+        block = bytes(1 << 20)
+        sent = 0
+        while sent < total:
+            stream.sendall(block)
+            sent += len(block)
+        stream.close()
+
+    source.serve = flood
+    stalled = downloader.switch.open_circuit(plan_for(nodes), timeout=5)
+    busy = downloader.switch.open_circuit(plan_for(nodes), timeout=5)
+    # Nobody reads `stalled`; `busy` must still move all its data over the shared links.
+    got = 0
+    with gevent.Timeout(20):
+        while True:
+            n = len(busy.recv(1 << 20))
+            if not n:
+                break
+            got += n
+    assert got == total
+    # The stalled circuit's sender sits on a closed window, with buffers bounded by it.
+    wait_until(lambda: source.served[0].send_window == 0)
+    assert stalled.buffered() <= circuitmod.CIRCUIT_WINDOW * e2e.MAX_RECORD_DATA
+    for link in relay.links.links.values():
+        for ends in relay.switch._ends.get(link, {}):
+            assert link.queued(ends) <= linkmod.CIRCUIT_QUEUE_FRAMES
+    # Reading resumes the flow.
+    got = 0
+    with gevent.Timeout(20):
+        while True:
+            n = len(stalled.recv(1 << 20))
+            if not n:
+                break
+            got += n
+    assert got == total
+
+
+def test_sender_ignoring_the_window_is_cut_off(net: Any) -> None:
+    nodes = net(3, "memory")
+
+    def greedy(stream: CircuitStream) -> None:
+        stream._window = 10**6  # a misbehaving source pretends it has credit
+        stream.sendall(bytes((circuitmod.CIRCUIT_WINDOW + 5) * e2e.MAX_RECORD_DATA))
+
+    nodes[-1].serve = greedy
+    stream = nodes[0].switch.open_circuit(plan_for(nodes), timeout=5)
+    wait_until(lambda: stream.closed)
+    assert stream.closed_reason == "the other end ignored the flow-control window"
+    assert stream.buffered() <= circuitmod.CIRCUIT_WINDOW * e2e.MAX_RECORD_DATA
+    wait_until(lambda: nodes[-1].served and nodes[-1].served[0].closed)
+
+
+def test_relay_queue_overflow_breaks_the_circuit_not_the_link(net: Any) -> None:
+    nodes = net(3, "memory")
+    downloader, relay, source = nodes
+    source.serve = exchange
+    stream = downloader.switch.open_circuit(plan_for(nodes), timeout=5)
+    towards_source = relay.links.get(2)
+    assert towards_source is not None and towards_source._writer is not None
+    towards_source.queue_limit = 8
+    towards_source._writer.kill()  # the relay's next link stops draining
+    with pytest.raises(CircuitClosed), gevent.Timeout(5):
+        while True:
+            stream.sendall(bytes(e2e.MAX_RECORD_DATA))
+    assert "queue overflow" in (stream.closed_reason or "")
+    towards_downloader = relay.links.get(1)
+    assert towards_downloader is not None and not towards_downloader.closed
+    assert not relay.switch.circuits()
+
+
+def test_circuits_per_link_are_bounded(net: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(linkmod, "MAX_CIRCUITS_PER_LINK", 2)
+    nodes = net(3, "memory")
+    nodes[-1].serve = exchange
+    streams = [nodes[0].switch.open_circuit(plan_for(nodes), timeout=5) for _ in range(2)]
+    with pytest.raises(ProtocolError, match="too many circuits"):
+        nodes[0].switch.open_circuit(plan_for(nodes), timeout=5)
+    for s in streams:
+        s.close()
+    wait_until(lambda: not nodes[1].switch.circuits())
+    nodes[0].switch.open_circuit(plan_for(nodes), timeout=5).close()
