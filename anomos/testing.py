@@ -132,3 +132,65 @@ class MemoryTransportPlugin:
 def memory_plugins() -> Plugins:
     """A plugin facade that also offers the ``memory`` transport."""
     return get_plugins(load_entrypoints=False, extra=[MemoryTransportPlugin()])
+
+
+# ----------------------------------------------------------------------------- entry-point plugins
+# Appended by the plugin-kit helper: load a plugin through the real ``anomos``
+# entry-point group without pip installing it, exactly as an installed
+# distribution would be loaded (``importlib.metadata`` finds the dist-info).
+
+from collections.abc import Callable, Mapping  # noqa: E402
+
+from anomos.pluginmanager import ENTRY_POINT_GROUP  # noqa: E402
+
+
+def write_dist_info(
+    site: Path, dist: str, entry_points: Mapping[str, str], *, version: str = "0.0.0"
+) -> Path:
+    """Write ``site/<dist>-<version>.dist-info`` declaring ``entry_points``.
+
+    :param entry_points: plugin name -> ``module`` or ``module:attribute``, in
+        the ``anomos`` group; the name is what ``ANOMOS_BLOCK_PLUGINS`` matches.
+    Once ``site`` is on ``sys.path`` (or ``PYTHONPATH`` of a subprocess),
+    ``get_plugins()`` loads them.
+    """
+    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[{ENTRY_POINT_GROUP}]\n{lines}")
+    return site
+
+
+@pytest.fixture
+def install_plugin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., Path]]:
+    """``install_plugin(dist, {name: module}, source=DIR)``: for this test only,
+    make a plugin package loadable through the ``anomos`` entry points.
+
+    ``source`` (the directory holding the package, e.g. ``src/``) is put on
+    ``sys.path``; modules imported from it are forgotten afterwards, so the
+    next test imports them afresh.
+    """
+    sources: list[Path] = []
+
+    def install(
+        dist: str,
+        entry_points: Mapping[str, str],
+        *,
+        source: Path | None = None,
+        version: str = "0.0.0",
+    ) -> Path:
+        site = write_dist_info(tmp_path / f"site-{dist}", dist, entry_points, version=version)
+        if source is not None:
+            sources.append(Path(source).resolve())
+            monkeypatch.syspath_prepend(str(source))
+        monkeypatch.syspath_prepend(str(site))
+        return site
+
+    yield install
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if file and any(Path(file).resolve().is_relative_to(s) for s in sources):
+            del sys.modules[name]
