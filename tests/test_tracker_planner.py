@@ -13,7 +13,8 @@ from anomos.plugins.paths.weighted import WeightedPolicy
 from anomos.protocol.onion import TRACKING_CODE_SIZE, OnionReader
 from anomos.protocol.request import open_request
 from anomos.tracker.graph import PeerGraph
-from anomos.tracker.planner import REQUEST_TTL, PeerKeys, Planner, candidate_sources
+from anomos.tracker.planner import REQUEST_TTL, PeerKeys, Planner, Swarm, candidate_sources
+from anomos.tracker.store import SwarmRow
 
 INFOHASH = bytes(range(20))
 
@@ -128,3 +129,23 @@ def test_candidate_sources_have_data_and_exclude_the_downloader():
         tuple(candidate_sources({str(i): 0 for i in range(6)}, 10, "x", rng)) for _ in range(20)
     }
     assert len(orders) > 1, "sources are not shuffled"
+
+
+def test_swarm_samples_only_peers_with_data():
+    swarm = Swarm()
+    rng = random.Random(1)
+    swarm.set("seed", SwarmRow(0))
+    swarm.set("fresh", SwarmRow(1000))  # the size is now 1000: "fresh" has nothing
+    swarm.set("half", SwarmRow(400))
+    assert sorted(swarm.sample_sources(5, "me", rng)) == ["half", "seed"]
+    assert swarm.sample_sources(5, "seed", rng) == ["half"]
+    # A bigger 'left' shows the torrent is bigger: "fresh" turns out to have data.
+    swarm.set("newcomer", SwarmRow(2000))
+    assert sorted(swarm.sample_sources(5, "me", rng)) == ["fresh", "half", "seed"]
+    swarm.set("half", SwarmRow(2000))  # reported less than before: no longer a source
+    swarm.remove("seed")
+    assert swarm.sample_sources(5, "me", rng) == ["fresh"]
+    for i in range(1000):
+        swarm.set(i, SwarmRow(0))
+    picked = swarm.sample_sources(8, 3, rng)
+    assert len(picked) == 8 and len(set(picked)) == 8 and 3 not in picked

@@ -19,7 +19,7 @@ def snapshot(t: Tracker):
         "peers": {k: (r.onion, r.box, r.address, r.seq) for k, r in t.peers.items()},
         "accounts": {k: (a.uploaded, a.downloaded, a.relayed) for k, a in t.accounts.items()},
         "swarms": {
-            ih: {p: (r.left, r.uploaded, r.downloaded) for p, r in s.items()}
+            ih: {p: (r.left, r.uploaded, r.downloaded) for p, r in s.rows.items()}
             for ih, s in t.swarms.items()
         },
         "sizes": dict(t.sizes),

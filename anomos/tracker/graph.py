@@ -34,8 +34,10 @@ from anomos.errors import ConfigError
 MAX_NID = 2**31 - 1
 #: Seconds for a peer's circuit load to halve.
 LOAD_HALF_LIFE = 300.0
-#: Random draws before a candidate search falls back to scanning the (small) open set.
+#: Random draws before an edge split gives up.
 PICK_ATTEMPTS = 24
+#: Up to this many peers below the maximum degree, candidates are listed, not sampled.
+SMALL_OPEN_SET = 64
 #: Nodes a randomized path search may expand before giving up.
 MAX_EXPANSIONS = 2000
 #: Relays a circuit may have: ``anomos.protocol.onion.MAX_HOPS`` minus the source.
@@ -44,7 +46,7 @@ MAX_RELAYS = 7
 Peer = Hashable
 
 
-class _IndexedSet:
+class IndexedSet:
     """A set with O(1) add, remove and uniform random choice."""
 
     __slots__ = ("_index", "_items")
@@ -66,6 +68,9 @@ class _IndexedSet:
         if i < len(self._items):
             self._items[i] = last
             self._index[last] = i
+
+    def __getitem__(self, index: int) -> Peer:
+        return self._items[index]
 
     def choice(self, rng: random.Random) -> Peer:
         return self._items[int(rng.random() * len(self._items))]
@@ -127,8 +132,8 @@ class PeerGraph:
         self._seq: dict[Peer, int] = {}
         self._next_seq = 1
         #: degree -> peers of that degree (degrees above max share the top bucket).
-        self._buckets: list[_IndexedSet] = [_IndexedSet() for _ in range(max_neighbours + 1)]
-        self._all = _IndexedSet()
+        self._buckets: list[IndexedSet] = [IndexedSet() for _ in range(max_neighbours + 1)]
+        self._all = IndexedSet()
         #: peer -> (load, time it was last updated)
         self._load: dict[Peer, tuple[float, float]] = {}
         self._decay = math.log(2) / LOAD_HALF_LIFE
@@ -254,7 +259,7 @@ class PeerGraph:
         self._all.add(peer)
         self.version += 1
 
-    def _bucket_of(self, peer: Peer) -> _IndexedSet:
+    def _bucket_of(self, peer: Peer) -> IndexedSet:
         return self._buckets[min(len(self._adj[peer]), self.max_neighbours)]
 
     def _new_nid(self, a: Peer, b: Peer) -> int:
@@ -307,27 +312,27 @@ class PeerGraph:
         """A random peer below the maximum degree, weighted by its free slots (max - degree)."""
         mine = self._adj[peer]
         top = self.max_neighbours
-        weights = [len(self._buckets[d]) * (top - d) for d in range(top)]
+        sizes = [len(self._buckets[d]) for d in range(top)]
+        if sum(sizes) <= SMALL_OPEN_SET:
+            # Few open peers (the usual case once the network is saturated): look at all.
+            open_peers = [
+                (c, top - d)
+                for d in range(top)
+                if sizes[d]
+                for c in self._buckets[d]
+                if c != peer and c not in mine
+            ]
+            if not open_peers:
+                return None
+            return self._rng.choices([c for c, _ in open_peers], [w for _, w in open_peers])[0]
+        # Many open peers: ``peer`` and its few neighbours are rarely drawn, so sample.
+        weights = [n * (top - d) for d, n in enumerate(sizes)]
         total = sum(weights)
-        if total == 0:
-            return None
-        for _ in range(PICK_ATTEMPTS):
+        while True:
             bucket = self._buckets[_weighted_index(weights, self._rng.random() * total)]
-            if not bucket:
-                continue
             cand = bucket.choice(self._rng)
             if cand != peer and cand not in mine:
                 return cand
-        # Rare: the open set is (nearly) all ``peer`` and its neighbours, so it is small.
-        open_peers = [
-            (c, top - d)
-            for d in range(top)
-            for c in self._buckets[d]
-            if c != peer and c not in mine
-        ]
-        if not open_peers:
-            return None
-        return self._rng.choices([c for c, _ in open_peers], [w for _, w in open_peers])[0]
 
     def _split(self, peer: Peer, changes: Changes) -> bool:
         """Replace a random edge ``u - v`` by ``u - peer - v``; degrees of u and v stay."""

@@ -20,7 +20,8 @@ from anomos.interfaces import CipherSuite, PathPolicy
 from anomos.protocol.onion import MAX_HOPS, Hop, build_tracking_code, current_epoch
 from anomos.protocol.request import SourceRequest, seal_request
 from anomos.tracker.client import CircuitPlan
-from anomos.tracker.graph import PeerGraph
+from anomos.tracker.graph import IndexedSet, PeerGraph
+from anomos.tracker.store import SwarmRow
 
 #: Seconds a sealed request stays valid at the source.
 REQUEST_TTL = 300
@@ -47,9 +48,60 @@ def candidate_sources(
     ``size`` is the largest ``left`` ever reported for the torrent: a peer
     with less left than that has at least one piece; a seed has nothing left.
     """
-    sources = [p for p, left in swarm.items() if p != downloader and (left == 0 or left < size)]
+    sources = [p for p, left in swarm.items() if p != downloader and _has_data(left, size)]
     rng.shuffle(sources)
     return sources
+
+
+def _has_data(left: int, size: int) -> bool:
+    return left == 0 or left < size
+
+
+class Swarm:
+    """The peers of one torrent, with the ones that have data indexed for O(k) sampling.
+
+    A downloader's request must not cost O(swarm size): sources are drawn at
+    random from an index kept up to date on each announce. Only when the
+    torrent's apparent size grows (a new largest ``left``) is the index rebuilt.
+    """
+
+    def __init__(self) -> None:
+        self.rows: dict[Hashable, SwarmRow] = {}
+        self.size = 0
+        self._sources = IndexedSet()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self.rows
+
+    def set(self, peer: Hashable, row: SwarmRow) -> None:
+        self.rows[peer] = row
+        if row.left > self.size:
+            self.size = row.left
+            self._sources = IndexedSet()
+            for p, r in self.rows.items():
+                if _has_data(r.left, self.size):
+                    self._sources.add(p)
+        elif _has_data(row.left, self.size):
+            self._sources.add(peer)
+        else:
+            self._sources.discard(peer)
+
+    def remove(self, peer: Hashable) -> None:
+        self.rows.pop(peer, None)
+        self._sources.discard(peer)
+
+    def sample_sources(self, k: int, exclude: Hashable, rng: random.Random) -> list[Hashable]:
+        """Up to ``k`` distinct random peers with data, never ``exclude``."""
+        n = len(self._sources)
+        if n <= 2 * k + 1:
+            picked = [p for p in self._sources if p != exclude]
+            rng.shuffle(picked)
+            return picked[:k]
+        picked = [self._sources[i] for i in rng.sample(range(n), k + 1)]
+        return [p for p in picked if p != exclude][:k]
 
 
 @attrs.define(eq=False)
@@ -73,8 +125,7 @@ class Planner:
         plans: list[CircuitPlan] = []
         if downloader not in self.graph:
             return plans
-        tries = max(MIN_SOURCE_TRIES, SOURCE_TRIES_PER_CIRCUIT * count)
-        for source in sources[:tries]:
+        for source in sources[: self.source_tries(count)]:
             if len(plans) >= count:
                 break
             if source == downloader or source not in self.graph:
@@ -84,6 +135,11 @@ class Planner:
                 continue
             plans.append(self.circuit(path, infohash))
         return plans
+
+    @staticmethod
+    def source_tries(count: int) -> int:
+        """Sources worth trying for ``count`` circuits."""
+        return max(MIN_SOURCE_TRIES, SOURCE_TRIES_PER_CIRCUIT * count)
 
     def _valid(self, path: list[Any], downloader: Hashable, source: Hashable) -> bool:
         """A plugin's path is checked, not trusted: simple, along edges, at least one relay."""

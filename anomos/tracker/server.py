@@ -4,8 +4,9 @@ Peers announce (keys, contact address, torrents, relayed bytes) and get their
 neighbours; downloaders ask for circuits and get plans whose sources stay
 hidden from them. The exact wire format is in docs/tracker-api.md.
 
-Everything is served from memory; each announce is written to SQLite in one
-transaction (:mod:`anomos.tracker.store`), circuit requests write nothing. A
+Everything is served from memory; the changes announces make are written to
+SQLite together, once a second, in one transaction (:mod:`anomos.tracker.store`);
+circuit requests write nothing. A
 peer not seen for ``EXPIRY_INTERVALS`` announce intervals is dropped and its
 neighbours repaired. All state changes run without yielding to other
 greenlets, so no locks are needed.
@@ -45,7 +46,7 @@ from anomos.tracker.client import (
 )
 from anomos.tracker.graph import PeerGraph
 from anomos.tracker.identity import TrackerIdentity
-from anomos.tracker.planner import PeerKeys, Planner, candidate_sources
+from anomos.tracker.planner import PeerKeys, Planner, Swarm
 from anomos.tracker.store import Account, Batch, PeerRow, Store, SwarmRow
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,11 @@ MAX_RATE_CLIENTS = 65536
 REQUEST_TIMEOUT = 20.0
 #: Connections served at once.
 MAX_CONNECTIONS = 512
+#: Seconds between writes of accumulated changes to the database (a crash loses at most
+#: this much; peers simply announce again).
+FLUSH_INTERVAL = 1.0
+#: Announces after which changes are written at once, whatever the time.
+FLUSH_MAX_PENDING = 2000
 #: Seconds ``stop`` waits for requests in progress.
 STOP_TIMEOUT = 5.0
 
@@ -228,14 +234,16 @@ class Tracker:
         #: live peers, least recently seen first (expiry pops from the front)
         self._seen: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self.accounts: dict[bytes, Account] = {}
-        self.swarms: dict[bytes, dict[bytes, SwarmRow]] = {}
+        self.swarms: dict[bytes, Swarm] = {}
         self._peer_torrents: dict[bytes, set[bytes]] = {}
         self.sizes: dict[bytes, int] = {}
         self.announces = 0
         self.store = Store(self.state_dir)
+        self._pending = Batch()
+        self._pending_count = 0
         self._restore()
         self._server: _Server | None = None
-        self._expiry: gevent.Greenlet | None = None
+        self._loops: list[gevent.Greenlet] = []
         self.address = listen
 
     # ------------------------------------------------------------------ public
@@ -264,10 +272,10 @@ class Tracker:
             raise ConfigError(f"tracker cannot listen on {self.listen}: {reason}") from None
         self._server = server
         self.address = join_address(host, server.server_port)
-        self._expiry = gevent.spawn(self._expiry_loop)
-        self._expiry.link_exception(
-            lambda g: log.error("tracker expiry loop died: %s", g.exception)
-        )
+        for loop in (self._expiry_loop, self._flush_loop):
+            g = gevent.spawn(loop)
+            g.link_exception(lambda g: log.error("tracker background loop died: %s", g.exception))
+            self._loops.append(g)
         log.info("tracker %s serving, fingerprint %s", self.url, self.fingerprint)
         self.plugins.notify("anomos_tracker_started", tracker=self)
 
@@ -276,10 +284,9 @@ class Tracker:
             return
         self._server.stop(timeout=STOP_TIMEOUT)
         self._server = None
-        if self._expiry is not None:
-            self._expiry.kill()
-            self._expiry = None
-        self.store.write(Batch(meta=self._meta()))
+        gevent.killall(self._loops)
+        self._loops = []
+        self.flush()
         self.store.close()
         self.plugins.notify("anomos_tracker_stopped", tracker=self)
 
@@ -307,7 +314,7 @@ class Tracker:
         stopped = _int_field(inner, "stopped", 0, 1)
         torrents = self._parse_torrents(_field(inner, "torrents"))
         self.announces += 1
-        batch = Batch(meta=self._meta())
+        batch = self._pending
         account = self.accounts.setdefault(peer, Account())
 
         row = self.peers.get(peer)
@@ -317,7 +324,7 @@ class Tracker:
             baselines: dict[bytes, SwarmRow] = {}
         else:
             last_relayed = row.relayed_reported
-            baselines = {ih: self.swarms[ih][peer] for ih in self._peer_torrents.get(peer, ())}
+            baselines = {ih: self.swarms[ih].rows[peer] for ih in self._peer_torrents.get(peer, ())}
         account.relayed += _add_delta(relayed, last_relayed)
         for ih, (up, down, _left, _event) in torrents.items():
             base = baselines.get(ih, SwarmRow(0))
@@ -328,7 +335,7 @@ class Tracker:
         if stopped:
             if row is not None:
                 self._remove_peer(peer, batch)
-            self.store.write(batch)
+            self._changed()
             return self._reply(peer, [], account)
 
         if row is None:
@@ -345,7 +352,7 @@ class Tracker:
         self._seen.move_to_end(peer)
         batch.peers[peer] = row
         self._update_swarms(peer, torrents, batch)
-        self.store.write(batch)
+        self._changed()
         return self._reply(peer, list(self.graph.neighbours(peer)), account)
 
     def _parse_torrents(self, raw: Any) -> dict[bytes, tuple[int, int, int, str]]:
@@ -379,27 +386,34 @@ class Tracker:
             if event == "stopped":
                 continue
             row = SwarmRow(left, up, down)
-            self.swarms.setdefault(ih, {})[peer] = row
+            swarm = self._swarm(ih)
+            swarm.set(peer, row)
             mine.add(ih)
             batch.set_swarm(ih, peer, row)
-            if left > self.sizes.get(ih, -1):
-                self.sizes[ih] = left
-                batch.torrents[ih] = left
+            if swarm.size > self.sizes.get(ih, -1):
+                self.sizes[ih] = swarm.size
+                batch.torrents[ih] = swarm.size
+
+    def _swarm(self, ih: bytes) -> Swarm:
+        swarm = self.swarms.get(ih)
+        if swarm is None:
+            swarm = self.swarms[ih] = Swarm()
+            swarm.size = self.sizes.get(ih, 0)
+        return swarm
 
     def _leave_swarm(self, peer: bytes, ih: bytes, batch: Batch) -> None:
-        swarm = self.swarms.get(ih, {})
-        swarm.pop(peer, None)
-        if not swarm:
-            self.swarms.pop(ih, None)
+        swarm = self.swarms.get(ih)
+        if swarm is not None:
+            swarm.remove(peer)
+            if not swarm:
+                del self.swarms[ih]
         self._peer_torrents.get(peer, set()).discard(ih)
         batch.remove_swarm(ih, peer)
 
     def _remove_peer(self, peer: bytes, batch: Batch) -> None:
-        for ih in list(self._peer_torrents.pop(peer, ())):
-            swarm = self.swarms.get(ih, {})
-            swarm.pop(peer, None)
-            if not swarm:
-                self.swarms.pop(ih, None)
+        for ih in list(self._peer_torrents.get(peer, ())):
+            self._leave_swarm(peer, ih, batch)
+        self._peer_torrents.pop(peer, None)
         self._apply_changes(self.graph.remove_peer(peer), batch)
         self.peers.pop(peer, None)
         self._seen.pop(peer, None)
@@ -440,9 +454,9 @@ class Tracker:
         count = _int_field(inner, "count", 1, MAX_CIRCUITS)
         if peer not in self.peers:
             raise Refused(409, "announce before requesting circuits")
-        swarm = self.swarms.get(infohash, {})
-        lefts = {p: row.left for p, row in swarm.items()}
-        sources = candidate_sources(lefts, self.sizes.get(infohash, 0), peer, self.rng)
+        swarm = self.swarms.get(infohash)
+        tries = self.planner.source_tries(count)
+        sources = swarm.sample_sources(tries, peer, self.rng) if swarm is not None else []
         plans = self.planner.plan(peer, infohash, sources, count)
         return {"circuits": [plan_to_wire(p) for p in plans]}
 
@@ -454,7 +468,7 @@ class Tracker:
     def expire(self) -> int:
         """Drop peers silent for EXPIRY_INTERVALS intervals; how many were dropped."""
         deadline = self.clock() - EXPIRY_INTERVALS * self.interval
-        batch = Batch(meta=self._meta())
+        batch = self._pending
         gone = 0
         while self._seen:
             peer, seen = next(iter(self._seen.items()))
@@ -463,7 +477,7 @@ class Tracker:
             self._remove_peer(peer, batch)
             gone += 1
         if gone:
-            self.store.write(batch)
+            self._changed()
             log.info("tracker expired %d silent peers", gone)
         return gone
 
@@ -471,6 +485,23 @@ class Tracker:
         while True:
             gevent.sleep(self.interval)
             self.expire()
+
+    def flush(self) -> None:
+        """Write the changes made since the last flush, in one transaction."""
+        batch, self._pending, self._pending_count = self._pending, Batch(), 0
+        batch.meta.update(self._meta())
+        self.store.write(batch)
+
+    def _changed(self) -> None:
+        self._pending_count += 1
+        if self._pending_count >= FLUSH_MAX_PENDING:
+            self.flush()
+
+    def _flush_loop(self) -> None:
+        while True:
+            gevent.sleep(FLUSH_INTERVAL)
+            if self._pending_count:
+                self.flush()
 
     def _meta(self) -> dict[str, int]:
         return {"circuits_planned": self.planner.planned, "announces": self.announces}
@@ -487,16 +518,15 @@ class Tracker:
         for a, b, nid in snap.edges:
             self.graph.restore_edge(a, b, nid)
         self.accounts = dict(snap.accounts)
+        self.sizes = dict(snap.torrents)
         for ih, peer, srow in snap.swarm:
             if peer in self.peers:
-                self.swarms.setdefault(ih, {})[peer] = srow
+                self._swarm(ih).set(peer, srow)
                 self._peer_torrents.setdefault(peer, set()).add(ih)
-        self.sizes = dict(snap.torrents)
         self.planner.planned = snap.meta.get("circuits_planned", 0)
         self.announces = snap.meta.get("announces", 0)
-        batch = Batch()
-        self._apply_changes(self.graph.repair(), batch)
-        self.store.write(batch)
+        self._apply_changes(self.graph.repair(), self._pending)
+        self.flush()
         if self.peers:
             log.info(
                 "tracker restored %d peers, %d edges, %d torrents",
