@@ -31,16 +31,26 @@ log = logging.getLogger(__name__)
 
 #: The built-in plugins, written exactly as third-party plugins are.
 DEFAULT_PLUGINS: tuple[str, ...] = (
+    # transports
     "anomos.plugins.transports.tcp",
-    "anomos.plugins.ratio.relay_credit",
-    "anomos.plugins.commands.plugins_cmd",
-    "anomos.plugins.ciphers.x25519",
-    "anomos.plugins.ciphers.classic",
-    "anomos.plugins.commands.torrent_cmds",
+    "anomos.plugins.transports.socks5",
+    "anomos.plugins.transports.tor",
+    # path policies
     "anomos.plugins.paths.weighted",
     "anomos.plugins.paths.random_walk",
     "anomos.plugins.paths.fixed",
+    # cipher suites
+    "anomos.plugins.ciphers.x25519",
+    "anomos.plugins.ciphers.classic",
+    # ratio accounting
+    "anomos.plugins.ratio.relay_credit",
+    # commands
+    "anomos.plugins.commands.torrent_cmds",
     "anomos.plugins.commands.tracker_cmd",
+    "anomos.plugins.commands.peer_cmds",
+    "anomos.plugins.commands.demo_cmd",
+    "anomos.plugins.commands.testnet_cmd",
+    "anomos.plugins.commands.plugins_cmd",
 )
 
 ENTRY_POINT_GROUP = PROJECT
@@ -70,18 +80,29 @@ def get_plugin_manager(
     if load_entrypoints:
         try:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(
+                f"third-party plugin {exc.plugin!r} is invalid: {_one_line(exc)}"
+            ) from exc
         except Exception as exc:
-            raise PluginError(f"cannot load a third-party anomos plugin: {exc}") from exc
+            raise PluginError(f"cannot load a third-party anomos plugin: {_one_line(exc)}") from exc
     for plugin in extra:
-        pm.register(plugin)
+        try:
+            pm.register(plugin)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin is invalid: {_one_line(exc)}") from exc
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin implements an unknown hook: {exc}") from exc
+        raise PluginError(f"plugin implements an unknown hook: {_one_line(exc)}") from exc
     if os.environ.get("ANOMOS_TRACE_HOOKS") == "1":
         pm.trace.root.setwriter(sys.stderr.write)
         pm.enable_tracing()
     return pm
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 class Plugins:

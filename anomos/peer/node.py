@@ -243,7 +243,6 @@ class Peer:
         def run_circuit(plan: CircuitPlan) -> None:
             t0 = time.monotonic()
             stream = self.switch.open_circuit(plan, timeout=CIRCUIT_TIMEOUT)
-            before = session.downloaded
             try:
                 session.add_connection(stream, f"circuit/{len(plan.layers) - 1} relays").join()
             finally:
@@ -251,7 +250,7 @@ class Peer:
                 records.append(
                     CircuitRecord(
                         relays=len(plan.layers) - 1,
-                        received=max(0, session.downloaded - before),
+                        received=stream.bytes_received,
                         seconds=round(time.monotonic() - t0, 3),
                     )
                 )
@@ -283,9 +282,7 @@ class Peer:
                     g.link(finished)
             changed.wait(DOWNLOAD_TICK)
             changed.clear()
-        for g in list(active):
-            g.kill(block=False)
-        gevent.sleep(0)
+        gevent.killall(list(active), timeout=5)
         seconds = time.monotonic() - started
         self._announce_now.set()
         return DownloadReport(

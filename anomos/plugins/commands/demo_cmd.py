@@ -116,7 +116,7 @@ def demo_command(
             net.start_peer(f"seeder{i}", "seed", str(atorrent), "--data", str(data))
         click.echo(
             f"peers     {seeders} seeders and {relays} relays, each its own process "
-            "and 127.0.0.X address"
+            "and loopback address"
         )
         time.sleep(SETTLE)
         dest = root / "download"
