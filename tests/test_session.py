@@ -426,3 +426,77 @@ def test_endgame_finishes_without_waiting_for_a_stalled_peer(
     assert_identical(tmp_path / "leech", content)
     stalled_conn = next(c for c in leech.connections if c.label == "stalled")
     assert stalled_conn.downloaded == 0
+
+
+# ----------------------------------------------------------------------------- interoperability
+
+
+def _libtorrent_session() -> Any:
+    lt = pytest.importorskip("libtorrent")
+    disabled = int(lt.enc_policy.disabled)
+    return lt, lt.session(
+        {
+            "listen_interfaces": "127.0.0.1:0",
+            "enable_dht": False,
+            "enable_lsd": False,
+            "enable_upnp": False,
+            "enable_natpmp": False,
+            "out_enc_policy": disabled,
+            "in_enc_policy": disabled,
+            "allow_multiple_connections_per_ip": True,
+            "enable_outgoing_utp": False,
+            "enable_incoming_utp": False,
+        }
+    )
+
+
+def _lt_add(lt: Any, ses: Any, m: Metainfo, save_path: Path) -> Any:
+    params = lt.add_torrent_params()
+    # The info dict alone: no tracker to announce to.
+    params.ti = lt.torrent_info(lt.bdecode(b"d4:info" + m.info_bytes + b"e"))
+    params.save_path = str(save_path)
+    return ses.add_torrent(params)
+
+
+def _wait_for(condition: Any, timeout: float) -> bool:
+    with gevent.Timeout(timeout, False):
+        while not condition():
+            gevent.sleep(0.05)
+        return True
+    return False
+
+
+def test_interoperates_with_libtorrent_both_ways(
+    tmp_path: Path, torrent: tuple[Metainfo, dict[str, bytes]], sessions: list[TorrentSession]
+) -> None:
+    """A standard client (libtorrent) accepts our BEP 3 peer wire, as seeder and leecher."""
+    m, content = torrent
+    lt, ses = _libtorrent_session()
+    try:
+        lt_seed = _lt_add(lt, ses, m, tmp_path / "seed")
+        assert _wait_for(lambda: lt_seed.status().is_seeding, 20)
+        leech = new_session(sessions, m, tmp_path / "leech")
+        leech.add_connection(
+            socket.create_connection(("127.0.0.1", ses.listen_port())), "libtorrent"
+        )
+        assert leech.wait_complete(timeout=20)
+        assert_identical(tmp_path / "leech", content)
+        ses.remove_torrent(lt_seed)
+
+        from gevent.server import StreamServer
+
+        seeder = new_session(sessions, m, tmp_path / "seed")
+        server = StreamServer(
+            ("127.0.0.1", 0), lambda sock, _: seeder.add_connection(sock, "lt").join()
+        )
+        server.start()
+        try:
+            lt_leech = _lt_add(lt, ses, m, tmp_path / "lt")
+            lt_leech.connect_peer(("127.0.0.1", server.server_port))
+            assert _wait_for(lambda: lt_leech.status().is_seeding, 20)
+        finally:
+            server.stop(timeout=1)
+        assert_identical(tmp_path / "lt", content)
+        assert seeder.uploaded == m.total_length
+    finally:
+        ses.pause()
