@@ -244,6 +244,7 @@ class Tracker:
         self._restore()
         self._server: _Server | None = None
         self._loops: list[gevent.Greenlet] = []
+        self._closed = False
         self.address = listen
 
     # ------------------------------------------------------------------ public
@@ -256,6 +257,9 @@ class Tracker:
         return f"https://{self.address}{ANNOUNCE_PATH}"
 
     def start(self) -> None:
+        """Serve HTTPS and run the expiry and flush loops."""
+        if self._closed or self._server is not None:
+            raise ConfigError("tracker already started or stopped; make a new Tracker")
         host, port = split_address(self.listen)
         server = _Server(
             (host, port),
@@ -280,15 +284,20 @@ class Tracker:
         self.plugins.notify("anomos_tracker_started", tracker=self)
 
     def stop(self) -> None:
-        if self._server is None:
+        """Stop serving, write what is pending and close the database; idempotent."""
+        if self._closed:
             return
-        self._server.stop(timeout=STOP_TIMEOUT)
-        self._server = None
+        self._closed = True
+        was_serving = self._server is not None
+        if self._server is not None:
+            self._server.stop(timeout=STOP_TIMEOUT)
+            self._server = None
         gevent.killall(self._loops)
         self._loops = []
         self.flush()
         self.store.close()
-        self.plugins.notify("anomos_tracker_stopped", tracker=self)
+        if was_serving:
+            self.plugins.notify("anomos_tracker_stopped", tracker=self)
 
     def stats(self) -> dict[str, int]:
         """Aggregate counts, never addresses or identities."""
