@@ -1,0 +1,13 @@
+"""atheris harness: anomos.protocol.request.open_request.
+
+Run: ``python fuzz/fuzz_request.py -atheris_runs=100000`` (or add a corpus folder;
+without one, fuzz/corpus/request/ is seeded from valid encodings). See docs/fuzzing.md.
+"""
+
+import atheris
+
+with atheris.instrument_imports(include=["anomos", "fuzzlib"]):
+    import fuzzlib
+
+if __name__ == "__main__":
+    fuzzlib.atheris_main(fuzzlib.TARGETS["request"])

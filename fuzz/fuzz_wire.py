@@ -1,0 +1,13 @@
+"""atheris harness: the peer-wire handshake and anomos.torrent.wire.MessageReader.
+
+Run: ``python fuzz/fuzz_wire.py -atheris_runs=100000`` (or add a corpus folder;
+without one, fuzz/corpus/wire/ is seeded from valid encodings). See docs/fuzzing.md.
+"""
+
+import atheris
+
+with atheris.instrument_imports(include=["anomos", "fuzzlib"]):
+    import fuzzlib
+
+if __name__ == "__main__":
+    fuzzlib.atheris_main(fuzzlib.TARGETS["wire"])
