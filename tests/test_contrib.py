@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import types
@@ -26,6 +27,14 @@ import pytest
 from anomos import hookimpl
 from anomos.cli import build_cli
 from anomos.errors import ConfigError, PluginError
+from anomos.interfaces import (
+    CipherSuite,
+    Listener,
+    PathPolicy,
+    PeerGraphView,
+    RatioPolicy,
+    Transport,
+)
 from anomos.pluginmanager import Plugins, get_plugins
 from anomos.testing import anomos_cmd, write_dist_info
 from anomos.tracker.graph import PeerGraph
@@ -524,3 +533,30 @@ def test_anomos_plugins_json_lists_contrib_plugins_in_a_subprocess(tmp_path):
         anomos_cmd("events", str(log), "--count"), capture_output=True, text=True, env=env
     )
     assert events.returncode == 0 and events.stdout == "", events.stderr
+
+
+# ----------------------------------------------------------------------------- the guide
+
+GUIDE = Path(__file__).resolve().parent.parent / "docs" / "plugins.md"
+
+
+def guide_blocks() -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", GUIDE.read_text(), re.M | re.S)
+
+
+def test_guide_documents_every_method_of_the_four_protocols():
+    text = GUIDE.read_text()
+    for protocol in (Transport, PathPolicy, CipherSuite, RatioPolicy, PeerGraphView, Listener):
+        methods = [n for n in vars(protocol) if not n.startswith("_") and n != "name"]
+        assert methods
+        for method in methods:
+            assert f"def {method}(" in text, f"{protocol.__name__}.{method} is not in the guide"
+    for block in guide_blocks():
+        compile(block, str(GUIDE), "exec")
+
+
+def test_guide_smallest_plugin_works_as_written():
+    module = types.ModuleType("anomos_ratio_half")
+    exec(guide_blocks()[0], module.__dict__)
+    plugins = get_plugins(load_entrypoints=False, extra=[module])
+    assert plugins.ratio_policy("half").ratio(100, 200, 100) == 0.75
