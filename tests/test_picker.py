@@ -211,6 +211,9 @@ def test_peer_have_updates_availability_once() -> None:
     assert p.peer_have("a", 1) is True
     assert p.peer_have("a", 1) is False
     assert p.availability(1) == 1
+    assert not p.is_seed("a")
+    p.peer_bitfield("a", b"\x01\x01\x01")
+    assert p.is_seed("a") and p.availability(1) == 1
     with pytest.raises(ValueError):
         p.add_peer("a")
 

@@ -20,7 +20,7 @@ from anomos.torrent import session as session_mod
 from anomos.torrent import wire
 from anomos.torrent.metainfo import Metainfo, make_metainfo
 from anomos.torrent.resume import pieces_of_file
-from anomos.torrent.session import TorrentSession
+from anomos.torrent.session import PeerConnection, TorrentSession
 
 PIECE = 64 * 1024
 #: Odd sizes: pieces straddle files, one file is smaller than a block, one is empty.
@@ -85,11 +85,15 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
     return a, b
 
 
-def connect(s1: TorrentSession, s2: TorrentSession, l1: str, l2: str) -> None:
-    """Connect two sessions; ``l1`` is s1's label for s2 and vice versa."""
+def connect(
+    s1: TorrentSession, s2: TorrentSession, l1: str, l2: str
+) -> tuple[PeerConnection, PeerConnection]:
+    """Connect two sessions (``l1`` is s1's label for s2); their two connection objects."""
     a, b = tcp_pair()
     s1.add_connection(a, l1)
+    c1 = s1.connections[-1]
     s2.add_connection(b, l2)
+    return c1, s2.connections[-1]
 
 
 @pytest.fixture
@@ -134,7 +138,8 @@ def test_two_sessions_exchange_a_multi_file_torrent(
     )
     assert seeder.complete and not leech.complete
     assert leech.left == m.total_length and leech.progress == 0.0
-    connect(seeder, leech, "leech", "seeder")
+    seed_conn, conn = connect(seeder, leech, "leech", "seeder")
+    assert conn.label == "seeder" and seed_conn.label == "leech"
     assert leech.wait_complete(timeout=30)
     assert_identical(tmp_path / "leech", content)
     assert (tmp_path / "leech" / "share" / "extras" / "empty").exists()
@@ -143,12 +148,12 @@ def test_two_sessions_exchange_a_multi_file_torrent(
     assert progress[-1] == 1.0 and len(progress) == len(m.pieces)
     assert leech.left == 0 and leech.have == seeder.have
     assert leech.downloaded == m.total_length == seeder.uploaded
-    assert leech.wasted == 0
-    (conn,) = leech.connections
-    assert conn.label == "seeder" and conn.strikes == 0
+    assert leech.wasted == 0 and conn.strikes == 0
     # peer ids are random per connection: the ends share none
-    (seed_conn,) = seeder.connections
     assert conn.remote_peer_id == seed_conn.peer_id != conn.peer_id
+    # two seeds have nothing to trade: the stream (a circuit, in anomos) is freed
+    assert conn.closed and conn.close_reason == "both sides complete"
+    assert _wait_for(lambda: seeder.connections == (), 5)
 
 
 def test_three_way_swarm_shares_pieces_between_downloaders(
@@ -192,20 +197,19 @@ def test_corrupt_piece_is_detected_blamed_and_fetched_from_the_honest_seeder(
         sessions, m, tmp_path / "leech", plugins=get_plugins(load_entrypoints=False, extra=[rec])
     )
     # Only the liar at first, so it certainly supplies the bad piece.
-    connect(liar, leech, "leech", "liar")
+    _, liar_conn = connect(liar, leech, "leech", "liar")
     with gevent.Timeout(20):
         while not rec.failed:
             gevent.sleep(0.01)
-    connect(honest, leech, "leech", "honest")
+    _, honest_conn = connect(honest, leech, "leech", "honest")
     assert leech.wait_complete(timeout=30)
     assert_identical(tmp_path / "leech", content)
     assert rec.failed[0] == (bad_piece, "liar")
     assert {index for index, _ in rec.failed} == {bad_piece}
     assert all(source == "liar" for _, source in rec.failed)
     assert leech.hash_failures == len(rec.failed) >= 1
-    strikes = {c.label: c.strikes for c in leech.connections}
-    assert strikes.get("honest") == 0
-    assert strikes.get("liar", session_mod.MAX_STRIKES) >= 1
+    assert honest_conn.strikes == 0
+    assert liar_conn.strikes == len(rec.failed)  # each failure had the liar as only source
 
 
 def test_seeder_corrupting_everything_is_disconnected_after_three_strikes(
@@ -219,15 +223,14 @@ def test_seeder_corrupting_everything_is_disconnected_after_three_strikes(
     leech = new_session(
         sessions, m, tmp_path / "leech", plugins=get_plugins(load_entrypoints=False, extra=[rec])
     )
-    connect(liar, leech, "leech", "liar")
-    connect(honest, leech, "leech", "honest")
+    _, liar_conn = connect(liar, leech, "leech", "liar")
+    _, honest_conn = connect(honest, leech, "leech", "honest")
     assert leech.wait_complete(timeout=30)
     assert_identical(tmp_path / "leech", content)
-    assert rec.failed, "the liar supplied no block at all"
-    assert [c.label for c in leech.connections] == ["honest"]
-    assert leech.connections[0].strikes == 0  # never blamed for the liar's blocks
-    (liar_conn,) = liar.connections or [None]  # the liar saw the connection close
-    assert liar_conn is None
+    assert liar_conn.strikes == session_mod.MAX_STRIKES
+    assert liar_conn.close_reason == "sent corrupt data for 3 pieces"
+    assert honest_conn.strikes == 0
+    assert honest_conn.close_reason == "both sides complete"
 
 
 def test_mixed_pieces_blame_only_the_source_of_the_bad_blocks(
@@ -256,13 +259,14 @@ def test_mixed_pieces_blame_only_the_source_of_the_bad_blocks(
     leech = new_session(
         sessions, m, tmp_path / "leech", plugins=get_plugins(load_entrypoints=False, extra=[rec])
     )
-    connect(liar, leech, "leech", "liar")
-    connect(honest, leech, "leech", "honest")
+    _, liar_conn = connect(liar, leech, "leech", "liar")
+    _, honest_conn = connect(honest, leech, "leech", "honest")
     assert leech.wait_complete(timeout=30)
     assert_identical(tmp_path / "leech", content)
     assert "honest, liar" in {source for _, source in rec.failed}
-    (conn,) = leech.connections
-    assert conn.label == "honest" and conn.strikes == 0
+    assert honest_conn.strikes == 0  # never blamed for the liar's blocks
+    assert honest_conn.close_reason == "both sides complete"
+    assert liar_conn.strikes >= 1
 
 
 def test_resume_rechecks_only_pieces_of_changed_files(
@@ -338,7 +342,8 @@ def test_malformed_message_closes_only_that_connection(
     leech = new_session(sessions, m, tmp_path / "leech")
     evil, ours = tcp_pair()
     g = leech.add_connection(ours, "evil")
-    connect(seeder, leech, "leech", "seeder")
+    evil_conn = leech.connections[-1]
+    _, seed_conn = connect(seeder, leech, "leech", "seeder")
     handshake_with(evil, m)
     # A request for 1 MiB: longer than any block may be.
     caplog.set_level(logging.INFO, logger="anomos.torrent.session")
@@ -347,8 +352,9 @@ def test_malformed_message_closes_only_that_connection(
     assert received[:20] == b"\x13BitTorrent protocol"  # we spoke first, then hung up
     g.join(timeout=5)
     assert g.dead
+    assert "request of 1048576 bytes" in evil_conn.close_reason
     assert leech.wait_complete(timeout=30)
-    assert [c.label for c in leech.connections] == ["seeder"]
+    assert seed_conn.close_reason == "both sides complete"
     assert_identical(tmp_path / "leech", content)
     (line,) = [r.getMessage() for r in caplog.records if "evil" in r.getMessage()]
     assert "request of 1048576 bytes" in line
@@ -417,14 +423,12 @@ def test_endgame_finishes_without_waiting_for_a_stalled_peer(
     fast = new_session(sessions, m, tmp_path / "seed")
     stalled.storage.read_block = lambda *a: gevent.sleep(600)  # type: ignore[assignment,method-assign,return-value]
     leech = new_session(sessions, m, tmp_path / "leech")
-    connect(stalled, leech, "leech", "stalled")
+    _, stalled_conn = connect(stalled, leech, "leech", "stalled")
     gevent.sleep(0.2)  # the stalled peer gets a full pipeline of requests first
-    held = leech.picker.outstanding(next(c for c in leech.connections if c.label == "stalled"))
-    assert held > 0
+    assert leech.picker.outstanding(stalled_conn) > 0
     connect(fast, leech, "leech", "fast")
     assert leech.wait_complete(timeout=20)
     assert_identical(tmp_path / "leech", content)
-    stalled_conn = next(c for c in leech.connections if c.label == "stalled")
     assert stalled_conn.downloaded == 0
 
 

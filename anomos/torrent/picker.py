@@ -53,6 +53,8 @@ class _Peer:
     outstanding: set[Block] = attrs.field(factory=set)
     #: Pieces this peer has and we lack: the peer is interesting while > 0.
     lacking: int = 0
+    #: Pieces this peer has.
+    count: int = 0
     choked: bool = True
 
 
@@ -129,6 +131,11 @@ class PiecePicker:
         st = self._peers.get(peer)
         return st is not None and st.lacking > 0
 
+    def is_seed(self, peer: Hashable) -> bool:
+        """Whether ``peer`` has every piece."""
+        st = self._peers.get(peer)
+        return st is not None and st.count == self.num_pieces
+
     def peer_has(self, peer: Hashable, index: int) -> bool:
         st = self._peers.get(peer)
         return st is not None and bool(st.has[index])
@@ -157,6 +164,7 @@ class PiecePicker:
         for i in (i for i, f in enumerate(flags) if f and not has[i]):
             has[i] = 1
             avail[i] += 1
+            st.count += 1
             if not have[i]:
                 lacking += 1
         was = st.lacking
@@ -169,6 +177,7 @@ class PiecePicker:
         if st.has[index]:
             return False
         st.has[index] = 1
+        st.count += 1
         self._avail[index] += 1
         if not self._have[index]:
             st.lacking += 1

@@ -409,7 +409,8 @@ class TorrentSession:
             return
         conn.closed = True
         conn.close_reason = reason
-        level = logging.DEBUG if reason in ("session closed", "closed by peer") else logging.INFO
+        quiet = ("session closed", "closed by peer", "both sides complete")
+        level = logging.DEBUG if reason in quiet else logging.INFO
         log.log(level, "%s: connection %s closed: %s", self.label, conn.label, reason)
         if conn in self._conns:
             self._conns.remove(conn)
@@ -461,12 +462,14 @@ class TorrentSession:
             elif kind is Have:
                 if self.picker.peer_have(conn, msg.index):
                     self._set_interested(conn, True)
+                self._close_if_both_seeds(conn)
             elif kind is Bitfield:
                 if conn.seen_message:
                     raise ProtocolError("bitfield after other messages")
                 flags = unpack_bitfield(msg.bits, len(self.metainfo.pieces))
                 if self.picker.peer_bitfield(conn, flags):
                     self._set_interested(conn, True)
+                self._close_if_both_seeds(conn)
             elif kind is Unchoke:
                 if conn.peer_choking:
                     conn.peer_choking = False
@@ -583,6 +586,8 @@ class TorrentSession:
             self._complete.set()
             log.info("%s: download complete", self.label)
             self._notify("anomos_download_complete")
+            for conn in list(self._conns):
+                self._close_if_both_seeds(conn)
 
     def _piece_failed(self, index: int, buf: _PieceBuffer) -> None:
         suppliers = {c for c in buf.suppliers if c is not None}
@@ -625,6 +630,11 @@ class TorrentSession:
                     bad.add(conn)
             for conn in bad:
                 self._strike(conn, index)
+
+    def _close_if_both_seeds(self, conn: PeerConnection) -> None:
+        """Two complete peers have nothing to trade: free the stream (a circuit)."""
+        if self.complete and conn.handshaken and self.picker.is_seed(conn):
+            self._close_conn(conn, "both sides complete")
 
     def _strike(self, conn: PeerConnection, index: int) -> None:
         conn.strikes += 1
