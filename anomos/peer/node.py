@@ -58,6 +58,8 @@ class DownloadReport:
     size: int
     seconds: float
     circuits: tuple[CircuitRecord, ...]
+    #: Circuits that could not be built (a relay gone, a stale neighbour, ...).
+    failed: int = 0
 
     @property
     def throughput(self) -> float:
@@ -71,6 +73,7 @@ class DownloadReport:
             "seconds": round(self.seconds, 3),
             "throughput": round(self.throughput),
             "circuits": [attrs.asdict(c) for c in self.circuits],
+            "failed_circuits": self.failed,
         }
 
 
@@ -234,6 +237,7 @@ class Peer:
         """Fetch ``session``'s torrent over circuits to several sources at once."""
         started = time.monotonic()
         records: list[CircuitRecord] = []
+        failures: list[str] = []
         active: set[gevent.Greenlet] = set()
         changed = gevent.event.Event()
         backoff = RETRY_MIN
@@ -242,7 +246,12 @@ class Peer:
 
         def run_circuit(plan: CircuitPlan) -> None:
             t0 = time.monotonic()
-            stream = self.switch.open_circuit(plan, timeout=CIRCUIT_TIMEOUT)
+            try:
+                stream = self.switch.open_circuit(plan, timeout=CIRCUIT_TIMEOUT)
+            except AnomosError as exc:
+                failures.append(str(exc))
+                log.info("circuit with %d relays failed: %s", len(plan.layers) - 1, exc)
+                return
             try:
                 session.add_connection(stream, f"circuit/{len(plan.layers) - 1} relays").join()
             finally:
@@ -257,8 +266,6 @@ class Peer:
 
         def finished(g: gevent.Greenlet) -> None:
             active.discard(g)
-            if g.exception is not None:
-                log.info("circuit ended: %s", g.exception)
             changed.set()
 
         while not session.complete:
@@ -290,4 +297,5 @@ class Peer:
             size=session.metainfo.total_length,
             seconds=seconds,
             circuits=tuple(records),
+            failed=len(failures),
         )
