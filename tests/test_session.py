@@ -156,6 +156,19 @@ def test_two_sessions_exchange_a_multi_file_torrent(
     assert _wait_for(lambda: seeder.connections == (), 5)
 
 
+def test_wait_complete_returns_false_on_timeout_and_on_close(
+    tmp_path: Path, torrent: tuple[Metainfo, dict[str, bytes]]
+) -> None:
+    m, _ = torrent
+    leech = TorrentSession(m, tmp_path / "leech", plugins=None)
+    leech.start()
+    assert leech.wait_complete(timeout=0.05) is False
+    waiter = gevent.spawn(leech.wait_complete)
+    gevent.sleep(0.05)
+    leech.close()
+    assert waiter.get(timeout=5) is False
+
+
 def test_three_way_swarm_shares_pieces_between_downloaders(
     tmp_path: Path, torrent: tuple[Metainfo, dict[str, bytes]], sessions: list[TorrentSession]
 ) -> None:

@@ -193,6 +193,7 @@ class TorrentSession:
         self._buffers: dict[int, _PieceBuffer] = {}
         self._stash: OrderedDict[int, list[list[tuple[PeerConnection, int, bytes]]]] = OrderedDict()
         self._complete = gevent.event.Event()
+        self._closed_event = gevent.event.Event()
         self._choker = Choker(rng=self._rng)
         self._storage: Storage | None = None
         self._picker: PiecePicker | None = None
@@ -297,14 +298,16 @@ class TorrentSession:
         return conn.greenlet
 
     def wait_complete(self, timeout: float | None = None) -> bool:
-        """Block until every piece is verified on disk; False on timeout."""
-        return bool(self._complete.wait(timeout))
+        """Block until every piece is verified on disk; False on timeout or close."""
+        gevent.wait([self._complete, self._closed_event], timeout=timeout, count=1)
+        return self._complete.is_set()
 
     def close(self) -> None:
         """Close every connection, stop the timers, save resume data, close files."""
         if self._closed:
             return
         self._closed = True
+        self._closed_event.set()
         for conn in list(self._conns):
             self._close_conn(conn, "session closed")
         current = gevent.getcurrent()
