@@ -369,3 +369,37 @@ def test_signature_covers_context_path_and_message():
     nacl.signing.VerifyKey(outer[b"peer"]).verify(
         b"anomos-tracker-v1/announce" + outer[b"msg"], outer[b"sig"]
     )
+
+
+def test_sources_near_the_downloader_are_found_in_a_big_sparse_graph(tmp_path, plugins):
+    """With 1 relay only peers within 2 hops are reachable (~37 of 2000): blind sampling
+    of 16 sources would rarely find one, so the tracker also looks around the downloader."""
+    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, min_relays=1, max_relays=1)
+    keys = PeerIdentity.generate()
+    pubs = [bytes([i >> 8, i & 255]) * 16 for i in range(2000)]
+    for i, pub in enumerate(pubs):
+        inner = {
+            b"time": int(time.time()),
+            b"session": b"s",
+            b"onion": keys.onion_public,
+            b"box": keys.box_public,
+            b"address": f"10.0.{i >> 8}.{i & 255}:7000".encode(),
+            b"relayed": 0,
+            b"stopped": 0,
+            b"torrents": [
+                {
+                    b"infohash": IH,
+                    b"uploaded": 0,
+                    b"downloaded": 0,
+                    b"left": 0 if i % 2 else SIZE,
+                    b"event": b"",
+                }
+            ],
+        }
+        t.announce(pub, inner)
+    try:
+        for downloader in pubs[:40:2]:
+            reply = t.circuits(downloader, {b"infohash": IH, b"count": 4})
+            assert len(reply["circuits"]) == 4
+    finally:
+        t.stop()

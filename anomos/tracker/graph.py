@@ -176,6 +176,22 @@ class PeerGraph:
                 if self._seq[a] < self._seq[b]:
                     yield Edge(a, b, nid, self.dialer(a, b))
 
+    def within(self, peer: Peer, depth: int, budget: int) -> dict[Peer, int]:
+        """Peers at most ``depth`` hops from ``peer`` (with their distance), at most ``budget``."""
+        dist = {peer: 0}
+        frontier = [peer]
+        for d in range(1, depth + 1):
+            nxt = []
+            for node in frontier:
+                for n in self._adj[node]:
+                    if n not in dist:
+                        dist[n] = d
+                        nxt.append(n)
+                        if len(dist) >= budget:
+                            return dist
+            frontier = nxt
+        return dist
+
     def edge_count(self) -> int:
         return sum(len(n) for n in self._adj.values()) // 2
 

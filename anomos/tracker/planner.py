@@ -93,6 +93,12 @@ class Swarm:
         self.rows.pop(peer, None)
         self._sources.discard(peer)
 
+    def is_source(self, peer: Hashable) -> bool:
+        return peer in self._sources
+
+    def source_count(self) -> int:
+        return len(self._sources)
+
     def sample_sources(self, k: int, exclude: Hashable, rng: random.Random) -> list[Hashable]:
         """Up to ``k`` distinct random peers with data, never ``exclude``."""
         n = len(self._sources)

@@ -72,6 +72,8 @@ MAX_RATE_CLIENTS = 65536
 REQUEST_TIMEOUT = 20.0
 #: Connections served at once.
 MAX_CONNECTIONS = 512
+#: Peers looked at around a downloader when sampled sources were out of reach.
+NEAR_BUDGET = 20_000
 #: Seconds between writes of accumulated changes to the database (a crash loses at most
 #: this much; peers simply announce again).
 FLUSH_INTERVAL = 1.0
@@ -224,6 +226,7 @@ class Tracker:
         self.ratio: RatioPolicy = plugins.ratio_policy(ratio_policy)
         suite = plugins.cipher_suite(cipher_suite)
         policy = plugins.path_policy(path_policy, min_relays=min_relays, max_relays=max_relays)
+        self.max_relays = max_relays
         self.graph = PeerGraph(
             min_neighbours=min_neighbours, max_neighbours=max_neighbours, rng=self.rng
         )
@@ -464,9 +467,18 @@ class Tracker:
         if peer not in self.peers:
             raise Refused(409, "announce before requesting circuits")
         swarm = self.swarms.get(infohash)
-        tries = self.planner.source_tries(count)
-        sources = swarm.sample_sources(tries, peer, self.rng) if swarm is not None else []
+        if swarm is None:
+            return {"circuits": []}
+        sources = swarm.sample_sources(self.planner.source_tries(count), peer, self.rng)
         plans = self.planner.plan(peer, infohash, sources, count)
+        if len(plans) < count and swarm.source_count() > len(sources):
+            # In a big graph most sources are out of reach: look for those near the
+            # downloader instead of sampling blindly (bounded by NEAR_BUDGET peers).
+            tried = set(sources)
+            near = self.graph.within(peer, self.max_relays + 1, NEAR_BUDGET)
+            extra = [p for p in near if swarm.is_source(p) and p not in tried and p != peer]
+            self.rng.shuffle(extra)
+            plans += self.planner.plan(peer, infohash, extra, count - len(plans))
         return {"circuits": [plan_to_wire(p) for p in plans]}
 
     def _keys(self, peer: Any) -> PeerKeys:
