@@ -380,7 +380,7 @@ class CircuitStream:
             return
         self.state = _CLOSED
         self.closed_reason = reason
-        if self._timer is not None:
+        if self._timer is not None and self._timer is not gevent.getcurrent():
             self._timer.kill(block=False)
         self.switch._unregister(self.link, self.circ_id)
         if code is not None and not self.link.closed:

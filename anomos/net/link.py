@@ -344,6 +344,7 @@ class Link:
             reason = f"connection lost: {exc.strerror or exc}"
         except gevent.GreenletExit:
             reason = "stopped"
+            raise
         except Exception as exc:  # a bug in a frame handler must not kill silently
             log.exception("link to NID %d: frame handler failed", self.nid)
             reason = f"internal error: {exc}"
