@@ -37,11 +37,23 @@ from anomos import bencode
 from anomos.errors import AnomosError, CryptoError, MetainfoError, ProtocolError, TrackerError
 from anomos.identity import PeerIdentity, x25519_public
 from anomos.interfaces import SessionKeys
-from anomos.net import frames
 from anomos.protocol import e2e, onion, request
-from anomos.torrent import wire
 from anomos.torrent.metainfo import Metainfo
-from anomos.tracker import client as tracker_client
+
+# Decoders still being written may be missing from a checkout: their targets
+# are left out (the property tests skip them) instead of breaking the rest.
+try:
+    from anomos.net import frames
+except ImportError:  # pragma: no cover
+    frames = None  # type: ignore[assignment]
+try:
+    from anomos.torrent import wire
+except ImportError:  # pragma: no cover
+    wire = None  # type: ignore[assignment]
+try:
+    from anomos.tracker import client as tracker_client
+except ImportError:  # pragma: no cover
+    tracker_client = None  # type: ignore[assignment]
 
 #: Seconds one input may run before it counts as a hang (generous: inputs take ms).
 HANG_SECONDS = float(os.environ.get("ANOMOS_FUZZ_HANG_SECONDS", "10"))
@@ -598,6 +610,8 @@ def _tracker_client_run(data: bytes) -> object:
 
 # ----------------------------------------------------------------------------- registry
 
+_NEEDS = {"wire": wire, "frames": frames, "tracker_client": tracker_client}
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in [
@@ -666,6 +680,7 @@ TARGETS: dict[str, Target] = {
             doc="TrackerClient.announce / request_circuits reply parsing",
         ),
     ]
+    if _NEEDS.get(t.name, True) is not None
 }
 
 #: Errors that any target may legitimately raise (kept for documentation).
