@@ -15,6 +15,7 @@ import gevent
 import pytest
 
 from anomos import hookimpl
+from anomos.errors import StorageError
 from anomos.pluginmanager import Plugins, get_plugins
 from anomos.torrent import session as session_mod
 from anomos.torrent import wire
@@ -167,6 +168,40 @@ def test_wait_complete_returns_false_on_timeout_and_on_close(
     gevent.sleep(0.05)
     leech.close()
     assert waiter.get(timeout=5) is False
+
+
+def test_connections_added_during_the_initial_check_wait_for_it(
+    tmp_path: Path, torrent: tuple[Metainfo, dict[str, bytes]], sessions: list[TorrentSession]
+) -> None:
+    m, content = torrent
+    seeder = TorrentSession(m, tmp_path / "seed", plugins=None)
+    sessions.append(seeder)
+    starting = gevent.spawn(seeder.start)  # hashes every piece, yielding between them
+    gevent.sleep(0)
+    assert not starting.ready()
+    leech = new_session(sessions, m, tmp_path / "leech")
+    connect(seeder, leech, "leech", "seeder")  # add_connection waits for the check
+    assert starting.ready() and seeder.complete
+    assert leech.wait_complete(timeout=30)
+    assert_identical(tmp_path / "leech", content)
+
+
+def test_failed_start_raises_one_line_error_every_time(
+    tmp_path: Path, torrent: tuple[Metainfo, dict[str, bytes]]
+) -> None:
+    m, _ = torrent
+    big = tmp_path / "dl" / "share" / "zzz.bin"
+    big.parent.mkdir(parents=True)
+    big.write_bytes(b"x" * 200_000)  # larger than the torrent's file
+    s = TorrentSession(m, tmp_path / "dl", plugins=None)
+    with pytest.raises(StorageError, match="refusing to touch it"):
+        s.start()
+    ours, theirs = tcp_pair()
+    with pytest.raises(StorageError, match="refusing to touch it"):
+        s.add_connection(ours, "x")
+    assert recv_until_closed(theirs) == b""  # the stream was closed, not leaked
+    s.close()
+    assert big.stat().st_size == 200_000
 
 
 def test_three_way_swarm_shares_pieces_between_downloaders(

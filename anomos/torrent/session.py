@@ -201,6 +201,8 @@ class TorrentSession:
         self._left = metainfo.total_length
         self._resume_dirty = False
         self._started = False
+        self._ready = gevent.event.Event()
+        self._start_error: Exception | None = None
         self._closed = False
         self.uploaded = 0
         self.downloaded = 0
@@ -250,12 +252,28 @@ class TorrentSession:
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Open storage, check what is on disk (resume data first) and start timers."""
+        """Open storage, check what is on disk (resume data first) and start timers.
+
+        Called again (or by :meth:`add_connection`) while a first call is still
+        hashing, it waits for that one to finish; a failed start raises again.
+        """
         if self._started:
+            self._ready.wait()
+            if self._start_error is not None:
+                raise self._start_error
             return
         if self._closed:
             raise RuntimeError("session is closed")
         self._started = True
+        try:
+            self._start()
+        except Exception as exc:
+            self._start_error = exc
+            raise
+        finally:
+            self._ready.set()
+
+    def _start(self) -> None:
         m = self.metainfo
         storage = Storage(m, self.data_root)
         self._storage = storage
@@ -290,7 +308,11 @@ class TorrentSession:
         if self._closed:
             stream.close()
             raise RuntimeError("session is closed")
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            stream.close()
+            raise
         conn = PeerConnection(session=self, stream=stream, label=label)
         self._conns.append(conn)
         conn.writer = self._spawn(self._write_loop, conn)
