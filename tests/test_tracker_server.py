@@ -205,10 +205,14 @@ def test_ratio_credits_relayed_bytes(tracker):
     reply = p.announce(left=SIZE, downloaded=500, uploaded=100, relayed=1500)
     assert (reply.uploaded, reply.downloaded, reply.relayed) == (100, 500, 1500)
     assert reply.ratio == pytest.approx(1600 / 500)
+    # Leaving and coming back in the same session credits nothing twice.
+    p.announce(stopped=True, left=SIZE, downloaded=500, uploaded=100, relayed=1500)
+    reply = p.announce(left=SIZE, downloaded=600, uploaded=100, relayed=1500)
+    assert (reply.uploaded, reply.downloaded, reply.relayed) == (100, 600, 1500)
     # A restarted peer (new session) starts its counters from zero again.
     p.client = TrackerClient(tracker.url, tracker.fingerprint, p.identity, source_host=p.host)
     reply = p.announce(left=SIZE, downloaded=100, relayed=200)
-    assert (reply.downloaded, reply.relayed) == (600, 1700)
+    assert (reply.downloaded, reply.relayed) == (700, 1700)
 
 
 def test_stopped_peers_and_torrents_leave(tracker):
@@ -235,15 +239,18 @@ def test_silent_peers_expire_and_neighbours_are_repaired(tmp_path, plugins):
     try:
         peers = [Peer(t) for _ in range(12)]
         for p in peers:
-            p.announce()
+            p.announce(relayed=100)
         now[0] += 25
         for p in peers[6:]:
-            p.announce()
+            p.announce(relayed=100)
         now[0] += 10  # peers[:6] last seen 35 s ago: over 3 intervals
         assert t.expire() == 6
         assert set(t.graph) == {p.pub for p in peers[6:]}
         for p in peers[6:]:
             assert t.graph.degree(p.pub) >= 4
+        # Back after the blip, same session and counters: nothing is credited twice.
+        reply = peers[0].announce(relayed=100)
+        assert peers[0].pub in t.graph and reply.relayed == 100
     finally:
         t.stop()
 

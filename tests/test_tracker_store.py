@@ -52,7 +52,7 @@ def test_restart_keeps_everything(tmp_path, plugins):
             p.client = TrackerClient(
                 t2.url, fingerprint, p.identity, source_host=p.host, timeout=10
             )
-            p.client.session = t2.peers[p.pub].session  # same process, same session
+            p.client.session = t2.accounts[p.pub].session  # same process, same session
         assert peers[9].client.request_circuits(IH, 1)
         # Re-announcing the same cumulative counters credits nothing twice.
         reply = peers[4].announce(left=SIZE, uploaded=40, downloaded=5, relayed=400)
@@ -89,8 +89,9 @@ def test_store_round_trip_and_peer_removal(tmp_path):
     a, b, c = b"a" * 32, b"b" * 32, b"c" * 32
     batch = Batch()
     for i, k in enumerate((a, b, c)):
-        batch.peers[k] = PeerRow(k, b"o" * 32, b"x" * 32, f"10.0.0.{i}:1", 5.0, i + 1, b"s", 7)
-        batch.accounts[k] = Account(1, 2, 3)
+        batch.peers[k] = PeerRow(k, b"o" * 32, b"x" * 32, f"10.0.0.{i}:1", 5.0, i + 1)
+        batch.accounts[k] = Account(1, 2, 3, b"s", 7)
+        batch.set_report(k, IH, (i, 2 * i))
     batch.add_edge(b, a, 11)
     batch.add_edge(b, c, 12)
     batch.set_swarm(IH, a, SwarmRow(0, 1, 2))
@@ -101,7 +102,8 @@ def test_store_round_trip_and_peer_removal(tmp_path):
     snap = store.load()
     assert [p.identity for p in snap.peers] == [a, b, c]
     assert sorted(snap.edges) == [(a, b, 11), (b, c, 12)]
-    assert snap.accounts[b] == Account(1, 2, 3)
+    assert snap.accounts[b] == Account(1, 2, 3, b"s", 7)
+    assert snap.accounts[b].reports == {IH: (1, 2)}
     assert snap.torrents == {IH: 9} and snap.meta["circuits_planned"] == 4
 
     gone = Batch(removed_peers={a})
@@ -110,7 +112,11 @@ def test_store_round_trip_and_peer_removal(tmp_path):
     assert [p.identity for p in snap.peers] == [b, c]
     assert snap.edges == [(b, c, 12)]
     assert [(ih, p) for ih, p, _ in snap.swarm] == [(IH, c)]
-    assert a in snap.accounts  # the account outlives the peer
+    assert snap.accounts[a].reports == {IH: (0, 0)}  # the account outlives the peer
+    cleared = Batch()
+    cleared.clear_reports(c)
+    store.write(cleared)
+    assert store.load().accounts[c].reports == {}
     store.close()
 
 

@@ -63,6 +63,8 @@ MAX_BODY = 64 * 1024
 MAX_CLOCK_SKEW = 300
 #: Torrents one announce may list.
 MAX_TORRENTS = 256
+#: Torrents whose last reported counters are remembered per identity.
+MAX_REPORTS = 1024
 #: Per client IP: requests per second refilled, and the burst allowed.
 RATE_PER_SECOND = 10.0
 RATE_BURST = 60.0
@@ -327,22 +329,8 @@ class Tracker:
         torrents = self._parse_torrents(_field(inner, "torrents"))
         self.announces += 1
         batch = self._pending
-        account = self.accounts.setdefault(peer, Account())
-
         row = self.peers.get(peer)
-        if row is None or row.session != session:
-            # A new session: counters restart from zero, so rebase every baseline.
-            last_relayed = 0
-            baselines: dict[bytes, SwarmRow] = {}
-        else:
-            last_relayed = row.relayed_reported
-            baselines = {ih: self.swarms[ih].rows[peer] for ih in self._peer_torrents.get(peer, ())}
-        account.relayed += _add_delta(relayed, last_relayed)
-        for ih, (up, down, _left, _event) in torrents.items():
-            base = baselines.get(ih, SwarmRow(0))
-            account.uploaded += _add_delta(up, base.uploaded)
-            account.downloaded += _add_delta(down, base.downloaded)
-        batch.accounts[peer] = account
+        account = self._credit(peer, session, relayed, torrents, batch)
 
         if stopped:
             if row is not None:
@@ -351,13 +339,13 @@ class Tracker:
             return self._reply(peer, [], account)
 
         if row is None:
-            row = PeerRow(peer, onion, box, address, now, 0, session, relayed)
+            row = PeerRow(peer, onion, box, address, now, 0)
             self.peers[peer] = row
             self._apply_changes(self.graph.add_peer(peer), batch)
             row.seq = self.graph.seq(peer)
         else:
             row.onion, row.box, row.address = onion, box, address
-            row.last_seen, row.session, row.relayed_reported = now, session, relayed
+            row.last_seen = now
             if self.graph.degree(peer) < self.graph.min_neighbours:
                 self._apply_changes(self.graph.top_up(peer), batch)
         self._seen[peer] = now
@@ -366,6 +354,37 @@ class Tracker:
         self._update_swarms(peer, torrents, batch)
         self._changed()
         return self._reply(peer, list(self.graph.neighbours(peer)), account)
+
+    def _credit(
+        self,
+        peer: bytes,
+        session: bytes,
+        relayed: int,
+        torrents: dict[bytes, tuple[int, int, int, str]],
+        batch: Batch,
+    ) -> Account:
+        """Add what the peer reports beyond its last report in this session to its totals."""
+        account = self.accounts.setdefault(peer, Account())
+        if account.session != session:
+            # A new session: its counters start from zero, so every baseline does too.
+            account.session, account.relayed_reported = session, 0
+            account.reports.clear()
+            batch.clear_reports(peer)
+        account.relayed += _add_delta(relayed, account.relayed_reported)
+        account.relayed_reported = relayed
+        for ih, (up, down, _left, _event) in torrents.items():
+            last_up, last_down = account.reports.get(ih, (0, 0))
+            account.uploaded += _add_delta(up, last_up)
+            account.downloaded += _add_delta(down, last_down)
+            account.reports[ih] = (up, down)
+            batch.set_report(peer, ih, (up, down))
+        if len(account.reports) > MAX_REPORTS:
+            # Forget torrents the peer no longer lists (bounds memory per identity).
+            for ih in [ih for ih in account.reports if ih not in torrents]:
+                del account.reports[ih]
+                batch.remove_report(peer, ih)
+        batch.accounts[peer] = account
+        return account
 
     def _parse_torrents(self, raw: Any) -> dict[bytes, tuple[int, int, int, str]]:
         if not isinstance(raw, list) or len(raw) > MAX_TORRENTS:

@@ -5,12 +5,13 @@ per announce, in one transaction: never on the path of a circuit request.
 On start it reads everything back and rebuilds the graph with the same NIDs,
 so the peers' existing links stay valid.
 
-Tables: ``peers`` (live peers: keys, contact address, join order, the last
-counters of their current session), ``accounts`` (lifetime transfer totals,
-kept after a peer leaves so its ratio survives), ``edges`` (the neighbour
-graph with NIDs), ``swarm`` (torrent membership), ``torrents`` (the largest
-``left`` seen: the torrent's size as far as the tracker can tell) and
-``meta`` (counters).
+Tables: ``peers`` (live peers: keys, contact address, join order),
+``accounts`` (lifetime transfer totals, and the session and ``relayed`` last
+reported; kept after a peer leaves so neither its ratio nor its baselines are
+lost), ``reports`` (per identity and torrent, the cumulative counters last
+reported in the current session), ``edges`` (the neighbour graph with NIDs),
+``swarm`` (torrent membership), ``torrents`` (the largest ``left`` seen: the
+torrent's size as far as the tracker can tell) and ``meta`` (counters).
 """
 
 from __future__ import annotations
@@ -34,15 +35,22 @@ CREATE TABLE IF NOT EXISTS peers (
     box BLOB NOT NULL,
     address TEXT NOT NULL,
     last_seen REAL NOT NULL,
-    seq INTEGER NOT NULL,
-    session BLOB NOT NULL,
-    relayed_reported INTEGER NOT NULL
+    seq INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS accounts (
     identity BLOB PRIMARY KEY,
     uploaded INTEGER NOT NULL,
     downloaded INTEGER NOT NULL,
-    relayed INTEGER NOT NULL
+    relayed INTEGER NOT NULL,
+    session BLOB NOT NULL,
+    relayed_reported INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS reports (
+    identity BLOB NOT NULL,
+    infohash BLOB NOT NULL,
+    uploaded INTEGER NOT NULL,
+    downloaded INTEGER NOT NULL,
+    PRIMARY KEY (identity, infohash)
 );
 CREATE TABLE IF NOT EXISTS edges (
     a BLOB NOT NULL,
@@ -64,7 +72,7 @@ CREATE TABLE IF NOT EXISTS torrents (infohash BLOB PRIMARY KEY, size INTEGER NOT
 
 @attrs.define
 class PeerRow:
-    """A live peer as stored; ``session`` and ``relayed_reported`` turn reports into deltas."""
+    """A live peer as stored."""
 
     identity: bytes
     onion: bytes
@@ -72,17 +80,24 @@ class PeerRow:
     address: str
     last_seen: float
     seq: int
-    session: bytes = b""
-    relayed_reported: int = 0
 
 
 @attrs.define
 class Account:
-    """Lifetime totals of one identity."""
+    """Lifetime totals of one identity, and what it last reported in its current session.
+
+    Peers report cumulative counters per session; the tracker credits the
+    increase over the last report, so the baselines must outlive the peer's
+    expiry (a peer back after a network blip keeps its session).
+    """
 
     uploaded: int = 0
     downloaded: int = 0
     relayed: int = 0
+    session: bytes = b""
+    relayed_reported: int = 0
+    #: infohash -> (uploaded, downloaded) last reported in ``session``
+    reports: dict[bytes, tuple[int, int]] = attrs.field(factory=dict, eq=False)
 
 
 @attrs.define
@@ -105,6 +120,10 @@ class Batch:
     peers: dict[bytes, PeerRow] = attrs.field(factory=dict)
     removed_peers: set[bytes] = attrs.field(factory=set)
     accounts: dict[bytes, Account] = attrs.field(factory=dict)
+    #: identities whose per-torrent reports are all dropped (a new session)
+    cleared_reports: set[bytes] = attrs.field(factory=set)
+    reports: dict[tuple[bytes, bytes], tuple[int, int]] = attrs.field(factory=dict)
+    removed_reports: set[tuple[bytes, bytes]] = attrs.field(factory=set)
     added_edges: dict[tuple[bytes, bytes], int] = attrs.field(factory=dict)
     removed_edges: set[tuple[bytes, bytes]] = attrs.field(factory=set)
     swarm: dict[tuple[bytes, bytes], SwarmRow] = attrs.field(factory=dict)
@@ -121,6 +140,20 @@ class Batch:
         key = _edge_key(a, b)
         self.added_edges.pop(key, None)
         self.removed_edges.add(key)
+
+    def clear_reports(self, identity: bytes) -> None:
+        self.cleared_reports.add(identity)
+        for key in [k for k in self.reports if k[0] == identity]:
+            del self.reports[key]
+        self.removed_reports = {k for k in self.removed_reports if k[0] != identity}
+
+    def set_report(self, identity: bytes, infohash: bytes, counters: tuple[int, int]) -> None:
+        self.removed_reports.discard((identity, infohash))
+        self.reports[(identity, infohash)] = counters
+
+    def remove_report(self, identity: bytes, infohash: bytes) -> None:
+        self.reports.pop((identity, infohash), None)
+        self.removed_reports.add((identity, infohash))
 
     def set_swarm(self, infohash: bytes, peer: bytes, row: SwarmRow) -> None:
         self.removed_swarm.discard((infohash, peer))
@@ -173,9 +206,10 @@ class Store:
     def load(self) -> Snapshot:
         db = self._db
         peers = [PeerRow(*row) for row in db.execute("SELECT * FROM peers ORDER BY seq")]
-        accounts = {
-            row[0]: Account(row[1], row[2], row[3]) for row in db.execute("SELECT * FROM accounts")
-        }
+        accounts = {row[0]: Account(*row[1:]) for row in db.execute("SELECT * FROM accounts")}
+        for identity, ih, up, down in db.execute("SELECT * FROM reports"):
+            if identity in accounts:
+                accounts[identity].reports[ih] = (up, down)
         edges = [(a, b, nid) for a, b, nid in db.execute("SELECT a, b, nid FROM edges")]
         swarm = [
             (ih, peer, SwarmRow(left, up, down))
@@ -199,12 +233,25 @@ class Store:
                 db.execute("DELETE FROM edges WHERE a = ? OR b = ?", (peer, peer))
                 db.execute("DELETE FROM swarm WHERE peer = ?", (peer,))
             db.executemany(
-                "INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "DELETE FROM reports WHERE identity = ?", [(k,) for k in batch.cleared_reports]
+            )
+            _delete(
+                db, "DELETE FROM reports WHERE identity = ? AND infohash = ?", batch.removed_reports
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?, ?)",
                 [attrs.astuple(p) for p in batch.peers.values()],
             )
             db.executemany(
-                "INSERT OR REPLACE INTO accounts VALUES (?, ?, ?, ?)",
-                [(k, a.uploaded, a.downloaded, a.relayed) for k, a in batch.accounts.items()],
+                "INSERT OR REPLACE INTO accounts VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (k, a.uploaded, a.downloaded, a.relayed, a.session, a.relayed_reported)
+                    for k, a in batch.accounts.items()
+                ],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?)",
+                [(k, ih, up, down) for (k, ih), (up, down) in batch.reports.items()],
             )
             db.executemany(
                 "INSERT OR REPLACE INTO edges VALUES (?, ?, ?)",
