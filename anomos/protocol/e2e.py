@@ -160,6 +160,8 @@ def _unframe(body: bytes | bytearray | memoryview, kind: int, count: int) -> lis
     pos = 2
     fields = []
     for _ in range(count):
+        if pos + _U16.size > CELL_BODY:
+            raise ProtocolError(f"{name} cell ends inside a length field")
         (n,) = _U16.unpack_from(body, pos)
         pos += _U16.size
         if pos + n > CELL_BODY:
