@@ -376,7 +376,12 @@ def onion_with_mac(beta: bytes, alpha: bytes = b"") -> bytes:
     if len(alpha) != onion.ALPHA_SIZE:
         alpha = x25519_public(_key("alpha"))
     beta = _fit(beta, onion.ROUTING_SIZE)
-    shared = onion._exchange(X25519PrivateKey.from_private_bytes(ONION_PRIVATE), alpha)
+    private = X25519PrivateKey.from_private_bytes(ONION_PRIVATE)
+    try:
+        shared = onion._exchange(private, alpha)
+    except ValueError:  # a low-order alpha has no MAC key; the raw mode covers it
+        alpha = x25519_public(_key("alpha"))
+        shared = onion._exchange(private, alpha)
     keys = onion._derive(shared, prefix)
     return prefix + alpha + beta + onion._mac(keys.mu, prefix, alpha, beta)
 
