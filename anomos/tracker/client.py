@@ -243,7 +243,7 @@ class TrackerClient:
             raise TrackerError(f"TLS with {where} failed: {exc.reason or exc}") from None
         except (OSError, http.client.HTTPException) as exc:
             reason = getattr(exc, "strerror", None) or exc or type(exc).__name__
-            raise TrackerError(f"cannot reach {where}: {reason}") from None
+            raise TrackerError(f"cannot reach {where}: {_one_line(str(reason))}") from None
         finally:
             conn.close()
         if len(data) > MAX_REPLY:
