@@ -54,6 +54,10 @@ try:
     from anomos.tracker import client as tracker_client
 except ImportError:  # pragma: no cover
     tracker_client = None  # type: ignore[assignment]
+try:
+    from anomos.tracker import server as tracker_server
+except ImportError:  # pragma: no cover
+    tracker_server = None  # type: ignore[assignment]
 
 #: Seconds one input may run before it counts as a hang (generous: inputs take ms).
 HANG_SECONDS = float(os.environ.get("ANOMOS_FUZZ_HANG_SECONDS", "10"))
@@ -613,9 +617,167 @@ def _tracker_client_run(data: bytes) -> object:
     return client.announce("127.0.0.1:7000", [], 0)
 
 
+# ----------------------------------------------------------------------------- tracker server
+
+#: The infohash the tracker harness' honest peers seed.
+SWARM = hashlib.sha1(b"anomos fuzz swarm").digest()
+
+
+def fixed_identity(label: str) -> PeerIdentity:
+    """A peer identity derived from ``label`` (same keys in every run)."""
+    import nacl.signing
+
+    return PeerIdentity(
+        signing=nacl.signing.SigningKey(_key(label + " signing")),
+        onion_private=_key(label + " onion"),
+        box=nacl.public.PrivateKey(_key(label + " box")),
+    )
+
+
+def announce_inner(who: PeerIdentity, port: int, *, left: int = 0) -> dict[bytes, Any]:
+    """A valid announce message (decoded form) for ``who``."""
+    return {
+        b"address": f"127.0.0.1:{port}".encode(),
+        b"box": who.box_public,
+        b"onion": who.onion_public,
+        b"relayed": 0,
+        b"session": b"s" * 8,
+        b"stopped": 0,
+        b"time": int(NOW),
+        b"torrents": [
+            {
+                b"downloaded": 0,
+                b"event": b"started",
+                b"infohash": SWARM,
+                b"left": left,
+                b"uploaded": 0,
+            }
+        ],
+    }
+
+
+def circuits_inner(count: int = 2) -> dict[bytes, Any]:
+    return {b"count": count, b"infohash": SWARM, b"time": int(NOW)}
+
+
+class TrackerHarness:
+    """A tracker (never listening) called through its WSGI entry point.
+
+    Twelve honest peers seed :data:`SWARM`; the fuzzing peer (``FUZZER``)
+    signs whatever message it is given, as any peer can. The contract: every
+    request gets a bencoded dict, and a refusal is a 4xx with a one-line
+    ``failure reason``; a 500 is an internal error caused by input, a finding.
+    """
+
+    def __init__(self, state_dir: str) -> None:
+        import random
+
+        from anomos.pluginmanager import get_plugins
+
+        self.tracker = tracker_server.Tracker(
+            state_dir,
+            "127.0.0.1:9",
+            get_plugins(),
+            rate=1e9,
+            burst=1e9,
+            rng=random.Random(7),
+            clock=lambda: NOW,
+        )
+        self.fuzzer = fixed_identity("fuzzer")
+        for i in range(12):
+            who = fixed_identity(f"honest {i}")
+            status, reply = self.signed(
+                tracker_server.ANNOUNCE_PATH, announce_inner(who, 7000 + i), who
+            )
+            assert status == 200, reply
+
+    def post(
+        self, path: str, body: bytes, *, method: str = "POST", length: str | None = None
+    ) -> tuple[int, dict[bytes, Any]]:
+        import io
+
+        got: list[tuple[str, list[tuple[str, str]]]] = []
+        environ = {
+            "PATH_INFO": path,
+            "REQUEST_METHOD": method,
+            "REMOTE_ADDR": "127.0.0.1",
+            "CONTENT_LENGTH": str(len(body)) if length is None else length,
+            "wsgi.input": io.BytesIO(body),
+        }
+        chunks = self.tracker.wsgi(environ, lambda status, headers: got.append((status, headers)))
+        status = int(got[0][0].split()[0])
+        if ("Content-Type", "application/json") in got[0][1]:
+            import json
+
+            return status, {b"json": json.loads(b"".join(chunks))}
+        reply = bencode.decode(b"".join(chunks))
+        if not isinstance(reply, dict):
+            raise Finding(f"tracker answered {status} with a non-dict body")
+        if status == 500:
+            raise Finding(f"tracker failed internally on {path}: {reply!r}")
+        if status != 200:
+            reason = reply.get(b"failure reason")
+            if not isinstance(reason, bytes):
+                raise Finding(f"tracker refusal {status} has no failure reason")
+            check_message(Exception(reason.decode("utf-8", "replace")))
+        return status, reply
+
+    def signed(
+        self, path: str, inner: Any, who: PeerIdentity | None = None
+    ) -> tuple[int, dict[bytes, Any]]:
+        """Post ``inner`` (a decoded value, or raw message bytes) signed by ``who``."""
+        who = who or self.fuzzer
+        msg = inner if isinstance(inner, bytes) else bencode.encode(inner)
+        sig = who.signing.sign(tracker_client.SIGNATURE_CONTEXT + path.encode() + msg).signature
+        body = bencode.encode({b"msg": msg, b"peer": who.identity_public, b"sig": sig})
+        return self.post(path, body)
+
+
+_HARNESS: list[TrackerHarness] = []
+
+
+def tracker_harness() -> TrackerHarness:
+    """The process-wide harness (state in a temporary folder removed at exit)."""
+    if not _HARNESS:
+        import atexit
+        import shutil
+        import tempfile
+
+        state = tempfile.mkdtemp(prefix="anomos-fuzz-tracker-")
+        atexit.register(shutil.rmtree, state, True)
+        _HARNESS.append(TrackerHarness(state))
+    return _HARNESS[0]
+
+
+def tracker_server_seeds() -> list[bytes]:
+    me = fixed_identity("fuzzer")
+    return [
+        b"\2" + bencode.encode(announce_inner(me, 6999, left=5)),
+        b"\3" + bencode.encode(circuits_inner()),
+        b"\0" + bencode.encode({b"msg": b"d1:xi1ee", b"peer": b"p" * 32, b"sig": b"s" * 64}),
+    ]
+
+
+def _tracker_server_run(data: bytes) -> object:
+    """Byte 0: bit 0 announce/circuits; bit 1 the rest is a message the fuzzing peer
+    signs (else the raw request body); bit 2 omit Content-Length."""
+    if not data:
+        return None
+    harness = tracker_harness()
+    path = tracker_server.CIRCUITS_PATH if data[0] & 1 else tracker_server.ANNOUNCE_PATH
+    if data[0] & 2:
+        return harness.signed(path, data[1:])
+    return harness.post(path, data[1:], length="" if data[0] & 4 else None)
+
+
 # ----------------------------------------------------------------------------- registry
 
-_NEEDS = {"wire": wire, "frames": frames, "tracker_client": tracker_client}
+_NEEDS = {
+    "wire": wire,
+    "frames": frames,
+    "tracker_client": tracker_client,
+    "tracker_server": tracker_server,
+}
 
 TARGETS: dict[str, Target] = {
     t.name: t
@@ -683,6 +845,13 @@ TARGETS: dict[str, Target] = {
             (TrackerError,),
             tracker_reply_seeds,
             doc="TrackerClient.announce / request_circuits reply parsing",
+        ),
+        Target(
+            "tracker_server",
+            _tracker_server_run,
+            (),
+            tracker_server_seeds,
+            doc="Tracker.wsgi: raw and signed announce/circuits bodies; never a 500",
         ),
     ]
     if _NEEDS.get(t.name, True) is not None
