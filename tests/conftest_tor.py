@@ -22,14 +22,11 @@ from anomos.tor.testnet import TorTestNetwork, tor_available
 
 log = logging.getLogger(__name__)
 
+skip_without_tor = pytest.mark.skipif(
+    not tor_available(), reason="tor and tor-gencert are not installed (apt-get install tor)"
+)
 #: Marks for every test that needs a running private Tor network.
-needs_tor = [
-    pytest.mark.tor,
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not tor_available(), reason="tor and tor-gencert are not installed (apt-get install tor)"
-    ),
-]
+needs_tor = [pytest.mark.tor, pytest.mark.slow, skip_without_tor]
 
 #: Measured by the fixture, reported by the tests (-s shows them).
 timings: dict[str, float] = {}

@@ -117,7 +117,8 @@ def add_client_auth(
         response = controller.msg(command)
     except (stem.ControllerError, stem.SocketError) as exc:
         raise TransportError(f"tor refused the client key for {onion_address}: {exc}") from None
-    if not response.is_ok():
+    # 250 OK, 251 replaced an older key, 252 registered and decrypted a cached descriptor
+    if response.content()[0][0] not in ("250", "251", "252"):
         raise TransportError(f"tor refused the client key for {onion_address}: {response}")
 
 

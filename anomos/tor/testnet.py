@@ -29,8 +29,9 @@ from types import TracebackType
 from typing import Any
 
 import attrs
+import gevent
 
-from anomos.errors import TransportError
+from anomos.errors import ConfigError, TransportError
 from anomos.tor.control import connect_control
 
 log = logging.getLogger(__name__)
@@ -156,8 +157,11 @@ class TorTestNetwork:
     _owners: list[Any] = attrs.field(factory=list, init=False)
 
     def __attrs_post_init__(self) -> None:
-        if self.authorities < 1 or self.relays < 0:
-            raise ValueError("a Tor network needs at least one authority")
+        if self.authorities < 1 or self.relays < 0 or self.authorities + self.relays < 3:
+            raise ConfigError(
+                "a private Tor network needs at least 1 authority and 3 routers in all "
+                "(circuits have three hops)"
+            )
 
     # ------------------------------------------------------------------ addresses
     @property
@@ -259,14 +263,24 @@ class TorTestNetwork:
         relays = [self._node(f"relay{i}", "relay", 2) for i in range(self.relays)]
         client = self._node("client", "client", 2)
         service = self._node("service", "service", 1)
-        self._dir_authority_lines = [self._make_authority_keys(n) for n in auths]
+        began = time.monotonic()
+        keygen = [gevent.spawn(self._make_authority_keys, n) for n in auths]  # RSA: slow
+        try:
+            gevent.joinall(keygen, raise_error=True)
+        finally:
+            gevent.killall(keygen)
+        self._dir_authority_lines = [job.value for job in keygen]
+        log.info("authority keys made in %.1f s", time.monotonic() - began)
         for node in auths + relays:
             self._launch(node)
-        self._wait_for_consensus(auths[0], len(auths) + len(relays), deadline)
+        began = time.monotonic()
+        self._wait_for_directories(auths + relays, len(auths) + len(relays), deadline)
+        log.info("every directory serves the full consensus after %.1f s", time.monotonic() - began)
         for node in (client, service):
             self._launch(node)
         for node in (client, service):
             self._wait_for_log(node, "Bootstrapped 100%", deadline)
+            log.info("%s tor bootstrapped after %.1f s", node.name, time.monotonic() - began)
             self._take_ownership(node)
         self.socks_port = client.socks_port
         self.client_control_port = client.control_port
@@ -442,26 +456,40 @@ class TorTestNetwork:
             if node.process is not None and node.process.poll() is not None:
                 raise _NodeFailed(node, f"exited with status {node.process.returncode}")
 
-    def _wait_for_consensus(self, authority: TorNode, routers: int, deadline: float) -> None:
-        url = (
-            f"http://{self.socks_host}:{authority.dir_port}"
-            "/tor/status-vote/current/consensus-microdesc"
-        )
-        listed = 0
-        while time.monotonic() < deadline:
-            self._check_alive()
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    body = response.read(MAX_CONSENSUS_SIZE)
-                listed = sum(1 for line in body.splitlines() if line.startswith(b"r "))
-                if listed >= routers:
-                    return
-            except (OSError, urllib.error.URLError):
-                pass
-            time.sleep(POLL_INTERVAL)
-        raise _NodeFailed(
-            authority, f"had a consensus listing {listed} of {routers} routers when time ran out"
-        )
+    def _wait_for_directories(self, dirs: list[TorNode], routers: int, deadline: float) -> None:
+        """Wait until every directory serves a consensus listing all routers, and their
+        microdescriptors.
+
+        A client asks any of them; one still serving an older consensus (or lacking a
+        microdescriptor) costs it a whole voting interval or a 10 s retry.
+        """
+        for node in dirs:
+            status = "answered nothing"
+            while True:
+                self._check_alive()
+                status = self._directory_status(node, routers)
+                if not status:
+                    break
+                if time.monotonic() >= deadline:
+                    raise _NodeFailed(node, f"{status} when time ran out")
+                time.sleep(POLL_INTERVAL)
+
+    def _directory_status(self, node: TorNode, routers: int) -> str:
+        """Empty when ``node`` is ready, else what it still lacks."""
+        base = f"http://{self.socks_host}:{node.dir_port}/tor/"
+        consensus = _http_get(base + "status-vote/current/consensus-microdesc")
+        if consensus is None:
+            return "served no consensus"
+        lines = consensus.splitlines()
+        listed = sum(1 for line in lines if line.startswith(b"r "))
+        if listed < routers:
+            return f"served a consensus listing {listed} of {routers} routers"
+        digests = [line.split()[1].decode().rstrip("=") for line in lines if line.startswith(b"m ")]
+        micro = _http_get(base + "micro/d/" + "-".join(digests))
+        have = micro.count(b"onion-key") if micro is not None else 0
+        if have < len(digests):
+            return f"served {have} of {len(digests)} microdescriptors"
+        return ""
 
     def _wait_for_log(self, node: TorNode, needle: str, deadline: float) -> None:
         while time.monotonic() < deadline:
@@ -470,6 +498,15 @@ class TorTestNetwork:
                 return
             time.sleep(POLL_INTERVAL)
         raise _NodeFailed(node, f"did not log {needle!r} in time")
+
+
+def _http_get(url: str) -> bytes | None:
+    """The body at ``url`` on a loopback directory, or None on any error."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bytes(response.read(MAX_CONSENSUS_SIZE))
+    except (OSError, urllib.error.URLError):
+        return None
 
 
 def tor_available(tor_cmd: str = "tor", gencert_cmd: str = "tor-gencert") -> bool:

@@ -14,6 +14,7 @@ import gevent
 import gevent.event
 
 from anomos import hookimpl
+from anomos.errors import AnomosError
 from anomos.tor.testnet import START_TIMEOUT, TorTestNetwork
 
 EXIT_INTERRUPTED = 130
@@ -59,18 +60,20 @@ def tor_command(workdir: Path, authorities: int, relays: int, timeout: float) ->
     Prints the client's SOCKS port and the two control ports, then a line
     starting with "ready"; stops cleanly on SIGINT or SIGTERM.
     """
+    # a ConfigError here (too small a network) is reported before any handler is set
+    network = TorTestNetwork(workdir, authorities=authorities, relays=relays)
     stop = gevent.event.Event()
     handlers = [gevent.signal_handler(sig, stop.set) for sig in (signal.SIGINT, signal.SIGTERM)]
-    network = TorTestNetwork(workdir, authorities=authorities, relays=relays)
     began = time.monotonic()
     try:
-        starter = gevent.spawn(network.start, timeout)
+        starter = gevent.spawn(_start, network, timeout)
         gevent.wait([starter, stop], count=1)
         if not starter.ready():
             starter.kill()
             click.echo("anomos: interrupted before the Tor network was ready", err=True)
             return EXIT_INTERRUPTED
-        starter.get()
+        if starter.value is not None:
+            raise starter.value
         click.echo(f"socks: {network.socks_address}")
         click.echo(f"client control: {network.client_control_address}")
         click.echo(f"service control: {network.service_control_address}")
@@ -82,6 +85,15 @@ def tor_command(workdir: Path, authorities: int, relays: int, timeout: float) ->
         network.stop()
         for handler in handlers:
             handler.cancel()
+
+
+def _start(network: TorTestNetwork, timeout: float) -> AnomosError | None:
+    """Start the network; hand an error back instead of letting gevent print a traceback."""
+    try:
+        network.start(timeout)
+    except AnomosError as exc:
+        return exc
+    return None
 
 
 @hookimpl
