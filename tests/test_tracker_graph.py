@@ -154,3 +154,28 @@ def test_large_graph_builds_with_bounded_degrees():
     for p in sample:
         for q in g.neighbours(p):
             assert g.nid(p, q) == g.nid(q, p)
+
+
+def test_new_edges_settle_only_once_both_ends_were_told():
+    now = [0.0]
+    g = PeerGraph(rng=random.Random(12), clock=lambda: now[0], edge_settle=2.0)
+    for i in range(50):
+        g.add_peer(i)
+    for p in list(g):
+        g.mark_told(p)
+    now[0] += 2.0
+    assert all(g.settled(e.a, e.b) for e in g.edges())
+    changes = g.add_peer("new")
+    assert changes.removed, "expected a split in a saturated graph"
+    for e in changes.added:
+        assert not g.settled(e.a, e.b)
+    g.mark_told("new")
+    now[0] += 5.0
+    for e in changes.added:  # the old peers have not announced since
+        assert not g.settled(e.a, e.b)
+        g.mark_told(e.b if e.a == "new" else e.a)
+    assert not g.settled(changes.added[0].a, changes.added[0].b)  # told just now
+    now[0] += 2.0
+    assert all(g.settled(e.a, e.b) for e in g.edges())
+    view = g.settled_view()
+    assert sorted(view.neighbours("new"), key=str) == sorted(g.neighbours("new"), key=str)

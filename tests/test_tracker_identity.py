@@ -94,6 +94,7 @@ def test_pin_check_and_tls13_only(tmp_path):
         assert str(err.value) == (
             f"tracker identity mismatch: expected {wrong}, got {ident.fingerprint}"
         )
+        tls.close()
     g.join(5)
 
     port, g = serve_once(ident)

@@ -24,9 +24,11 @@ def world():
     """40 peers with real keys in a neighbour graph."""
     ids = [PeerIdentity.generate() for _ in range(40)]
     by_pub = {i.identity_public: i for i in ids}
-    graph = PeerGraph(rng=random.Random(1))
+    graph = PeerGraph(rng=random.Random(1), edge_settle=0)
     for i in ids:
         graph.add_peer(i.identity_public)
+    for p in graph:
+        graph.mark_told(p)
     return graph, by_pub
 
 
@@ -149,3 +151,21 @@ def test_swarm_samples_only_peers_with_data():
         swarm.set(i, SwarmRow(0))
     picked = swarm.sample_sources(8, 3, rng)
     assert len(picked) == 8 and len(set(picked)) == 8 and 3 not in picked
+
+
+def test_edges_not_yet_known_to_both_ends_are_not_used():
+    """A circuit over an edge one end has not heard of (or not had time to dial) would fail."""
+    now = [100.0]
+    ids = [PeerIdentity.generate() for _ in range(12)]
+    by_pub = {i.identity_public: i for i in ids}
+    graph = PeerGraph(rng=random.Random(4), clock=lambda: now[0], edge_settle=2.0)
+    for i in ids:
+        graph.add_peer(i.identity_public)
+    planner = make_planner(graph, by_pub, seed=5)
+    peers = list(graph)
+    assert planner.plan(peers[0], INFOHASH, peers[1:], 3) == []  # nobody was told
+    for p in peers:
+        graph.mark_told(p)
+    assert planner.plan(peers[0], INFOHASH, peers[1:], 3) == []  # no time to link up yet
+    now[0] += 2.0
+    assert len(planner.plan(peers[0], INFOHASH, peers[1:], 3)) == 3

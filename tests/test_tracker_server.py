@@ -30,7 +30,7 @@ SIZE = 10_000
 
 @pytest.fixture
 def tracker(tmp_path, plugins):
-    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins)
+    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, edge_settle=0)
     t.start()
     yield t
     t.stop()
@@ -381,16 +381,16 @@ def test_signature_covers_context_path_and_message():
 def test_sources_near_the_downloader_are_found_in_a_big_sparse_graph(tmp_path, plugins):
     """With 1 relay only peers within 2 hops are reachable (~37 of 2000): blind sampling
     of 16 sources would rarely find one, so the tracker also looks around the downloader."""
-    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, min_relays=1, max_relays=1)
+    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, min_relays=1, max_relays=1, edge_settle=0)
     keys = PeerIdentity.generate()
     pubs = [bytes([i >> 8, i & 255]) * 16 for i in range(2000)]
-    for i, pub in enumerate(pubs):
+    for i, pub in enumerate(pubs * 2):  # twice, so both ends of every edge know it
         inner = {
             b"time": int(time.time()),
             b"session": b"s",
             b"onion": keys.onion_public,
             b"box": keys.box_public,
-            b"address": f"10.0.{i >> 8}.{i & 255}:7000".encode(),
+            b"address": f"10.{i >> 16}.{i >> 8 & 255}.{i & 255}:7000".encode(),
             b"relayed": 0,
             b"stopped": 0,
             b"torrents": [
@@ -398,7 +398,7 @@ def test_sources_near_the_downloader_are_found_in_a_big_sparse_graph(tmp_path, p
                     b"infohash": IH,
                     b"uploaded": 0,
                     b"downloaded": 0,
-                    b"left": 0 if i % 2 else SIZE,
+                    b"left": 0 if pub[1] % 2 else SIZE,
                     b"event": b"",
                 }
             ],

@@ -28,7 +28,7 @@ def snapshot(t: Tracker):
 
 def test_restart_keeps_everything(tmp_path, plugins):
     state = tmp_path / "tracker"
-    t = Tracker(state, "127.0.0.1:0", plugins)
+    t = Tracker(state, "127.0.0.1:0", plugins, edge_settle=0)
     t.start()
     peers = [Peer(t) for _ in range(10)]
     for i, p in enumerate(peers):

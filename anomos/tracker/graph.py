@@ -32,6 +32,10 @@ from anomos.errors import ConfigError
 
 #: NIDs are drawn from 1 .. MAX_NID (31 bits, so they fit any signed 32-bit field).
 MAX_NID = 2**31 - 1
+#: Seconds, after both ends of a new edge were told of it, before circuits may use it:
+#: the time for the dialler to connect. A circuit over an edge whose ends have not
+#: linked up yet fails at that hop ("next hop is not a neighbour").
+EDGE_SETTLE = 2.0
 #: Seconds for a peer's circuit load to halve.
 LOAD_HALF_LIFE = 300.0
 #: Random draws before an edge split gives up.
@@ -117,6 +121,7 @@ class PeerGraph:
         max_neighbours: int = 6,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        edge_settle: float | None = None,
     ) -> None:
         if not 1 <= min_neighbours <= max_neighbours:
             raise ConfigError(f"neighbours {min_neighbours}-{max_neighbours}: need 1 <= MIN <= MAX")
@@ -124,6 +129,9 @@ class PeerGraph:
         self.max_neighbours = max_neighbours
         self._rng = rng or random.SystemRandom()
         self._clock = clock
+        self.edge_settle = EDGE_SETTLE if edge_settle is None else edge_settle
+        #: peer -> neighbour -> when the peer was told of the edge (an announce reply)
+        self._told: dict[Peer, dict[Peer, float]] = {}
         #: peer -> neighbour -> nid
         self._adj: dict[Peer, dict[Peer, int]] = {}
         #: peer -> nid -> neighbour
@@ -195,6 +203,27 @@ class PeerGraph:
     def edge_count(self) -> int:
         return sum(len(n) for n in self._adj.values()) // 2
 
+    # ------------------------------------------------------------------ settled edges
+    def mark_told(self, peer: Peer) -> None:
+        """``peer`` has just been sent its full neighbour list."""
+        told = self._told[peer]
+        now = self._clock()
+        for n in self._adj[peer]:
+            if n not in told:
+                told[n] = now
+
+    def settled(self, a: Peer, b: Peer) -> bool:
+        """Whether both ends of edge ``a - b`` know it, long enough ago to have linked up."""
+        ta = self._told[a].get(b)
+        tb = self._told[b].get(a)
+        if ta is None or tb is None:
+            return False
+        return max(ta, tb) + self.edge_settle <= self._clock()
+
+    def settled_view(self) -> SettledView:
+        """The graph as path policies should see it: only edges that are settled."""
+        return SettledView(self)
+
     # ------------------------------------------------------------------ load
     def load(self, peer: Peer) -> float:
         """Circuits planned through ``peer``, decaying with a half-life of LOAD_HALF_LIFE."""
@@ -229,7 +258,7 @@ class PeerGraph:
             changes.removed.append((peer, other))
         self._bucket_of(peer).discard(peer)
         self._all.discard(peer)
-        del self._adj[peer], self._by_nid[peer], self._seq[peer]
+        del self._adj[peer], self._by_nid[peer], self._seq[peer], self._told[peer]
         self._load.pop(peer, None)
         self.version += 1
         for other in former:
@@ -264,11 +293,14 @@ class PeerGraph:
         if nid in self._by_nid[a] or nid in self._by_nid[b] or not 1 <= nid <= MAX_NID:
             return
         self._link(a, b, nid)
+        # Both ends knew it before the restart: usable at once.
+        self._told[a][b] = self._told[b][a] = -math.inf
 
     # ------------------------------------------------------------------ internals
     def _insert(self, peer: Peer, seq: int) -> None:
         self._adj[peer] = {}
         self._by_nid[peer] = {}
+        self._told[peer] = {}
         self._seq[peer] = seq
         self._next_seq = max(self._next_seq, seq + 1)
         self._buckets[0].add(peer)
@@ -297,6 +329,8 @@ class PeerGraph:
         self.version += 1
 
     def _unlink(self, a: Peer, b: Peer) -> None:
+        self._told[a].pop(b, None)
+        self._told[b].pop(a, None)
         self._bucket_of(a).discard(a)
         self._bucket_of(b).discard(b)
         nid = self._adj[a].pop(b)
@@ -369,6 +403,26 @@ class PeerGraph:
             self._connect(peer, v, changes)
             return True
         return False
+
+
+class SettledView:
+    """A :class:`anomos.interfaces.PeerGraphView` of a :class:`PeerGraph`, settled edges only."""
+
+    def __init__(self, graph: PeerGraph) -> None:
+        self.graph = graph
+
+    def neighbours(self, peer: Peer) -> list[Peer]:
+        g = self.graph
+        return [n for n in g.neighbours(peer) if g.settled(peer, n)]
+
+    def load(self, peer: Peer) -> float:
+        return self.graph.load(peer)
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self.graph
+
+    def __len__(self) -> int:
+        return len(self.graph)
 
 
 def _weighted_index(weights: list[int], r: float) -> int:

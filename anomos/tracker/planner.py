@@ -131,12 +131,13 @@ class Planner:
         plans: list[CircuitPlan] = []
         if downloader not in self.graph:
             return plans
+        view = self.graph.settled_view()
         for source in sources[: self.source_tries(count)]:
             if len(plans) >= count:
                 break
             if source == downloader or source not in self.graph:
                 continue
-            path = self.policy.find_path(self.graph, downloader, source, self.rng)
+            path = self.policy.find_path(view, downloader, source, self.rng)
             if not path or not self._valid(path, downloader, source):
                 continue
             plans.append(self.circuit(path, infohash))
@@ -148,17 +149,15 @@ class Planner:
         return max(MIN_SOURCE_TRIES, SOURCE_TRIES_PER_CIRCUIT * count)
 
     def _valid(self, path: list[Any], downloader: Hashable, source: Hashable) -> bool:
-        """A plugin's path is checked, not trusted: simple, along edges, at least one relay."""
+        """A plugin's path is checked, not trusted: simple, along settled edges, with a relay."""
         if path[0] != downloader or path[-1] != source or len(path) < 3:
             return False
         if len(set(path)) != len(path) or len(path) - 1 > MAX_HOPS:
             return False
         try:
-            for a, b in itertools.pairwise(path):
-                self.graph.nid(a, b)
+            return all(self.graph.settled(a, b) for a, b in itertools.pairwise(path))
         except KeyError:
             return False
-        return True
 
     def circuit(self, path: list[Any], infohash: bytes) -> CircuitPlan:
         """The plan for ``path = [downloader, r1 .. rk, source]``."""

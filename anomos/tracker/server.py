@@ -213,6 +213,7 @@ class Tracker:
         min_interval: int = MIN_INTERVAL,
         rate: float = RATE_PER_SECOND,
         burst: float = RATE_BURST,
+        edge_settle: float | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -230,7 +231,10 @@ class Tracker:
         policy = plugins.path_policy(path_policy, min_relays=min_relays, max_relays=max_relays)
         self.max_relays = max_relays
         self.graph = PeerGraph(
-            min_neighbours=min_neighbours, max_neighbours=max_neighbours, rng=self.rng
+            min_neighbours=min_neighbours,
+            max_neighbours=max_neighbours,
+            rng=self.rng,
+            edge_settle=edge_settle,
         )
         self.planner = Planner(self.graph, policy, suite, self._keys, rng=self.rng, clock=clock)
         self.limiter = RateLimiter(rate, burst)
@@ -353,6 +357,7 @@ class Tracker:
         batch.peers[peer] = row
         self._update_swarms(peer, torrents, batch)
         self._changed()
+        self.graph.mark_told(peer)
         return self._reply(peer, list(self.graph.neighbours(peer)), account)
 
     def _credit(
