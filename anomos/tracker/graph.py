@@ -20,6 +20,7 @@ breadth-first searches that looks at a few hundred nodes, however big the graph.
 
 from __future__ import annotations
 
+import collections
 import math
 import random
 import time
@@ -132,6 +133,10 @@ class PeerGraph:
         self.edge_settle = EDGE_SETTLE if edge_settle is None else edge_settle
         #: peer -> neighbour -> when the peer was told of the edge (an announce reply)
         self._told: dict[Peer, dict[Peer, float]] = {}
+        #: peer -> neighbours over settled edges (what path policies see)
+        self._ready: dict[Peer, set[Peer]] = {}
+        #: (time it settles, a, b, nid) of edges both ends know, in time order
+        self._settling: collections.deque[tuple[float, Peer, Peer, int]] = collections.deque()
         #: peer -> neighbour -> nid
         self._adj: dict[Peer, dict[Peer, int]] = {}
         #: peer -> nid -> neighbour
@@ -208,20 +213,35 @@ class PeerGraph:
         """``peer`` has just been sent its full neighbour list."""
         told = self._told[peer]
         now = self._clock()
-        for n in self._adj[peer]:
+        for n, nid in self._adj[peer].items():
             if n not in told:
                 told[n] = now
+                if peer in self._told[n]:
+                    self._settling.append((now + self.edge_settle, peer, n, nid))
+        self._promote()
+
+    def _promote(self) -> None:
+        """Move edges whose settling time has come into the settled adjacency."""
+        now = self._clock()
+        queue = self._settling
+        while queue and queue[0][0] <= now:
+            _, a, b, nid = queue.popleft()
+            if self._adj.get(a, {}).get(b) == nid:  # not removed (or re-made) meanwhile
+                self._ready[a].add(b)
+                self._ready[b].add(a)
 
     def settled(self, a: Peer, b: Peer) -> bool:
         """Whether both ends of edge ``a - b`` know it, long enough ago to have linked up."""
-        ta = self._told[a].get(b)
-        tb = self._told[b].get(a)
-        if ta is None or tb is None:
-            return False
-        return max(ta, tb) + self.edge_settle <= self._clock()
+        self._promote()
+        return b in self._ready.get(a, ())
+
+    def settled_neighbours(self, peer: Peer) -> set[Peer]:
+        """Neighbours over settled edges (:meth:`settled_view` brings them up to date)."""
+        return self._ready[peer]
 
     def settled_view(self) -> SettledView:
         """The graph as path policies should see it: only edges that are settled."""
+        self._promote()
         return SettledView(self)
 
     # ------------------------------------------------------------------ load
@@ -259,6 +279,7 @@ class PeerGraph:
         self._bucket_of(peer).discard(peer)
         self._all.discard(peer)
         del self._adj[peer], self._by_nid[peer], self._seq[peer], self._told[peer]
+        del self._ready[peer]
         self._load.pop(peer, None)
         self.version += 1
         for other in former:
@@ -295,12 +316,15 @@ class PeerGraph:
         self._link(a, b, nid)
         # Both ends knew it before the restart: usable at once.
         self._told[a][b] = self._told[b][a] = -math.inf
+        self._ready[a].add(b)
+        self._ready[b].add(a)
 
     # ------------------------------------------------------------------ internals
     def _insert(self, peer: Peer, seq: int) -> None:
         self._adj[peer] = {}
         self._by_nid[peer] = {}
         self._told[peer] = {}
+        self._ready[peer] = set()
         self._seq[peer] = seq
         self._next_seq = max(self._next_seq, seq + 1)
         self._buckets[0].add(peer)
@@ -331,6 +355,8 @@ class PeerGraph:
     def _unlink(self, a: Peer, b: Peer) -> None:
         self._told[a].pop(b, None)
         self._told[b].pop(a, None)
+        self._ready[a].discard(b)
+        self._ready[b].discard(a)
         self._bucket_of(a).discard(a)
         self._bucket_of(b).discard(b)
         nid = self._adj[a].pop(b)
@@ -411,9 +437,8 @@ class SettledView:
     def __init__(self, graph: PeerGraph) -> None:
         self.graph = graph
 
-    def neighbours(self, peer: Peer) -> list[Peer]:
-        g = self.graph
-        return [n for n in g.neighbours(peer) if g.settled(peer, n)]
+    def neighbours(self, peer: Peer) -> set[Peer]:
+        return self.graph.settled_neighbours(peer)
 
     def load(self, peer: Peer) -> float:
         return self.graph.load(peer)
