@@ -20,6 +20,8 @@ from anomos.testing import free_port
 from anomos.tor import onion
 from anomos.tor.control import connect_control, launch_tor
 
+pytestmark = pytest.mark.filterwarnings("ignore:setDaemon:DeprecationWarning")  # stem's threads
+
 
 def test_tor_down_refuses_at_construction(plugins):
     port = free_port()

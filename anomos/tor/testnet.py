@@ -243,6 +243,7 @@ class TorTestNetwork:
         for node in self.nodes:
             _reserved_ports.difference_update(node.ports())
         self.nodes = []
+        self.socks_port = self.client_control_port = self.service_control_port = 0
 
     def __enter__(self) -> TorTestNetwork:
         self.start()
@@ -512,13 +513,3 @@ def _http_get(url: str) -> bytes | None:
 def tor_available(tor_cmd: str = "tor", gencert_cmd: str = "tor-gencert") -> bool:
     """Whether both tools a private network needs are installed."""
     return shutil.which(tor_cmd) is not None and shutil.which(gencert_cmd) is not None
-
-
-def describe(network: TorTestNetwork) -> dict[str, Any]:
-    """What a user of the network needs to know, as plain data."""
-    return {
-        "socks": network.socks_address,
-        "client_control": network.client_control_address,
-        "service_control": network.service_control_address,
-        "workdir": str(network.workdir),
-    }
