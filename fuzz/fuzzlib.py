@@ -520,13 +520,18 @@ def cipher_seeds() -> list[bytes]:
         material = suite.tracker_material()
         _state, hello = suite.initiator_hello(material)
         _keys, reply = suite.responder_accept(material, hello)
-        seeds.append(bytes([index * 2, len(material)]) + material + hello)
-        seeds.append(bytes([index * 2 + 1, len(material)]) + material + reply)
+        seeds.append(bytes([index * 2, 0]) + material + hello)
+        seeds.append(bytes([index * 2 + 1, 0]) + material + reply)
     return seeds
 
 
+#: Material length used unless byte 1 of a cipher input asks for another.
+MATERIAL_SIZE = 32
+
+
 def _cipher_run(data: bytes) -> object:
-    """Byte 0: suite and side; byte 1: material length; then material, then hello/reply.
+    """Byte 0: suite and side; byte 1: below 0xF0 a 32-byte material follows,
+    else ``byte - 0xF0`` bytes of material; then the hello or reply.
 
     The initiator side runs a real ``initiator_hello`` first (the material it
     got from the tracker is trusted), then finishes with the fuzzed reply.
@@ -535,7 +540,8 @@ def _cipher_run(data: bytes) -> object:
         return None
     load_suites()
     suite = _SUITES[(data[0] >> 1) % len(_SUITES)]
-    material, message = data[2 : 2 + data[1]], data[2 + data[1] :]
+    size = MATERIAL_SIZE if data[1] < 0xF0 else data[1] - 0xF0
+    material, message = data[2 : 2 + size], data[2 + size :]
     if data[0] & 1 == 0:
         keys, reply = suite.responder_accept(material, message)
         if not isinstance(reply, bytes) or keys.send == keys.recv:

@@ -118,3 +118,10 @@ def test_memory_is_a_bounded_multiple_of_the_input() -> None:
         tracemalloc.stop()
     assert len(value) == 1 << 17
     assert peak < 48 * len(data)
+
+
+def test_the_hang_guard_interrupts_pure_python_loops() -> None:
+    """no_hang must fire inside code that never yields to the gevent hub."""
+    with pytest.raises(fuzzlib.Hang), fuzzlib.no_hang(0.2, "a busy loop"):
+        while True:
+            pass
