@@ -688,14 +688,28 @@ class TrackerHarness:
             burst=1e9,
             rng=random.Random(7),
             clock=lambda: NOW,
+            edge_settle=0.0,
         )
         self.fuzzer = fixed_identity("fuzzer")
+        #: identity public key -> (identity, announce message) of every peer that joined
+        self.members: dict[bytes, tuple[PeerIdentity, dict[bytes, Any]]] = {}
         for i in range(12):
             who = fixed_identity(f"honest {i}")
-            status, reply = self.signed(
-                tracker_server.ANNOUNCE_PATH, announce_inner(who, 7000 + i), who
-            )
-            assert status == 200, reply
+            self.join(who, announce_inner(who, 7000 + i))
+        self.settle()
+
+    def join(self, who: PeerIdentity, inner: dict[bytes, Any]) -> tuple[int, dict[bytes, Any]]:
+        """Announce ``inner`` for ``who`` and remember it for :meth:`settle`."""
+        self.members[who.identity_public] = (who, inner)
+        return self.signed(tracker_server.ANNOUNCE_PATH, inner, who)
+
+    def settle(self) -> None:
+        """Announce every member again, so both ends of every edge have been told of it
+        (the tracker plans circuits over such settled edges only)."""
+        for who, inner in list(self.members.values()):
+            status, reply = self.signed(tracker_server.ANNOUNCE_PATH, inner, who)
+            if status != 200:
+                raise Finding(f"an honest announce was refused: {reply!r}")
 
     def post(
         self, path: str, body: bytes, *, method: str = "POST", length: str | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,19 @@ def test_any_change_to_a_record_is_refused_and_closes_the_channel(
     fuzzlib.check_message(err.value)
     with pytest.raises(CryptoError, match="closed"):
         bob.open(alice.seal(e2e.DATA, data))
+
+
+@pytest.mark.parametrize("size", [0, CELL - 1, CELL + 1, 10 * 1024 * 1024])
+def test_wrong_sizes_refused_without_copying(size: int) -> None:
+    data = bytes(size)
+    channel = e2e.E2EChannel(fuzzlib.E2E_KEYS)
+    tracemalloc.start()
+    try:
+        for decode in (e2e.decode_hello, e2e.decode_reply, channel.open):
+            with pytest.raises(ProtocolError, match="bytes, expected") as err:
+                decode(data)
+            fuzzlib.check_message(err.value)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024
