@@ -169,3 +169,22 @@ def test_edges_not_yet_known_to_both_ends_are_not_used():
     assert planner.plan(peers[0], INFOHASH, peers[1:], 3) == []  # no time to link up yet
     now[0] += 2.0
     assert len(planner.plan(peers[0], INFOHASH, peers[1:], 3)) == 3
+
+
+def test_a_source_whose_keys_the_crypto_refuses_is_skipped(world):
+    graph, by_pub = world
+    peers = list(graph)
+    bad_source = peers[7]
+
+    def keys(peer):
+        if peer == bad_source:
+            return PeerKeys(bytes(32), bytes(32))  # low-order points
+        return PeerKeys(by_pub[peer].onion_public, by_pub[peer].box_public)
+
+    planner = Planner(graph, FixedPolicy(), X25519Suite(), keys, rng=random.Random(9))
+    assert planner.plan(peers[0], INFOHASH, [bad_source], 1) == []
+    # Paths through it as a relay fail too; the others are planned as usual.
+    plans = planner.plan(peers[0], INFOHASH, [bad_source, *peers[8:20]], 4)
+    assert len(plans) == 4
+    for plan in plans:
+        assert bad_source not in follow(plan, peers[0], graph, by_pub)[0]

@@ -410,3 +410,24 @@ def test_sources_near_the_downloader_are_found_in_a_big_sparse_graph(tmp_path, p
             assert len(reply["circuits"]) == 4
     finally:
         t.stop()
+
+
+@pytest.mark.parametrize("key", ["onion", "box"])
+def test_low_order_keys_are_refused(tracker, key):
+    """A low-order X25519 key would make every circuit through the peer fail to build."""
+    p = Peer(tracker)
+    inner = {
+        "time": int(time.time()),
+        "session": b"s",
+        "onion": p.identity.onion_public,
+        "box": p.identity.box_public,
+        "address": p.address,
+        "torrents": [],
+        "relayed": 0,
+        "stopped": 0,
+    }
+    inner[key] = bytes(32)
+    status, reply = raw_post(tracker, "/announce", signed_body(p.identity, "/announce", inner))
+    assert status == 400
+    assert reply[b"failure reason"] == f"field {key!r} is not a usable X25519 public key".encode()
+    assert p.pub not in tracker.peers

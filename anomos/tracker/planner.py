@@ -9,12 +9,14 @@ avoid them while they are busy.
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import time
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 import attrs
+import nacl.exceptions
 
 from anomos.interfaces import CipherSuite, PathPolicy
 from anomos.protocol.onion import MAX_HOPS, Hop, build_tracking_code, current_epoch
@@ -22,6 +24,8 @@ from anomos.protocol.request import SourceRequest, seal_request
 from anomos.tracker.client import CircuitPlan
 from anomos.tracker.graph import IndexedSet, PeerGraph
 from anomos.tracker.store import SwarmRow
+
+log = logging.getLogger(__name__)
 
 #: Seconds a sealed request stays valid at the source.
 REQUEST_TTL = 300
@@ -140,7 +144,11 @@ class Planner:
             path = self.policy.find_path(view, downloader, source, self.rng)
             if not path or not self._valid(path, downloader, source):
                 continue
-            plans.append(self.circuit(path, infohash))
+            try:
+                plans.append(self.circuit(path, infohash))
+            except (ValueError, nacl.exceptions.CryptoError) as exc:
+                # A key the server let through but the crypto refuses: skip, never fail.
+                log.warning("cannot plan a circuit to a source: %s", exc)
         return plans
 
     @staticmethod

@@ -29,6 +29,7 @@ import attrs
 import gevent
 import nacl.exceptions
 import nacl.signing
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
@@ -154,6 +155,22 @@ def _bytes_field(d: dict[bytes, Any], key: str, sizes: tuple[int, ...]) -> bytes
     value = _field(d, key)
     if not isinstance(value, bytes) or len(value) not in sizes:
         raise Refused(400, f"field {key!r} must be {' or '.join(map(str, sizes))} bytes")
+    return value
+
+
+#: A throwaway key to test announced X25519 keys with (low-order points give all zeros).
+_PROBE = X25519PrivateKey.generate()
+
+
+def _x25519_field(d: dict[bytes, Any], key: str, known: bytes | None) -> bytes:
+    """A 32-byte X25519 public key that is not a low-order point (it would break every
+    circuit through the peer); ``known`` is the key already accepted from this peer."""
+    value = _bytes_field(d, key, (32,))
+    if value != known:
+        try:
+            _PROBE.exchange(X25519PublicKey.from_public_bytes(value))
+        except ValueError:
+            raise Refused(400, f"field {key!r} is not a usable X25519 public key") from None
     return value
 
 
@@ -325,15 +342,15 @@ class Tracker:
         session = _field(inner, "session")
         if not isinstance(session, bytes) or not 1 <= len(session) <= 32:
             raise Refused(400, "field 'session' must be 1-32 bytes")
-        onion = _bytes_field(inner, "onion", (32,))
-        box = _bytes_field(inner, "box", (32,))
+        row = self.peers.get(peer)
+        onion = _x25519_field(inner, "onion", row.onion if row else None)
+        box = _x25519_field(inner, "box", row.box if row else None)
         address = _address_field(inner)
         relayed = _int_field(inner, "relayed")
         stopped = _int_field(inner, "stopped", 0, 1)
         torrents = self._parse_torrents(_field(inner, "torrents"))
         self.announces += 1
         batch = self._pending
-        row = self.peers.get(peer)
         account = self._credit(peer, session, relayed, torrents, batch)
 
         if stopped:
