@@ -6,10 +6,9 @@ hidden from them. The exact wire format is in docs/tracker-api.md.
 
 Everything is served from memory; the changes announces make are written to
 SQLite together, once a second, in one transaction (:mod:`anomos.tracker.store`);
-circuit requests write nothing. A
-peer not seen for ``EXPIRY_INTERVALS`` announce intervals is dropped and its
-neighbours repaired. All state changes run without yielding to other
-greenlets, so no locks are needed.
+circuit requests write nothing. A peer not seen for ``EXPIRY_INTERVALS``
+announce intervals is dropped and its neighbours repaired. All state changes
+run without yielding to other greenlets, so no locks are needed.
 """
 
 from __future__ import annotations
