@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import gevent
 import gevent.event
+import gevent.lock
 import gevent.pool
 import nacl.exceptions
 import nacl.signing
@@ -87,6 +88,8 @@ MAX_CIRCUITS_PER_LINK = 1024
 CIRCUIT_QUEUE_FRAMES = 256
 #: The writer sends up to this many bytes per ``sendall``.
 BATCH_BYTES = 256 * 1024
+#: Bytes read from the transport at once, before TLS decryption.
+TLS_RECV_CHUNK = 256 * 1024
 
 #: Circuit ids allocated by the dialler of a link have this bit set.
 DIALLER_BIT = 0x80000000
@@ -174,6 +177,86 @@ def client_context() -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+class TLSStream:
+    """TLS over a plain socket through memory BIOs, for few, large system calls.
+
+    ``ssl.SSLSocket`` reads each TLS record with two ``read`` calls (header,
+    then body) and writes each record with one ``write``: about six system
+    calls per 32 KiB frame. Here the socket is read in chunks of up to
+    :data:`TLS_RECV_CHUNK` and each batch of frames is written at once.
+    Whoever drains the outgoing BIO holds the write lock while sending, so
+    TLS records reach the wire in the order they were made even when the
+    reader (post-handshake messages) and the writer both produce some.
+    """
+
+    def __init__(self, sock: Any, ctx: ssl.SSLContext, *, server_side: bool) -> None:
+        self.sock = sock
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._obj = ctx.wrap_bio(self._in, self._out, server_side=server_side)
+        self._buf = bytearray(TLS_RECV_CHUNK)
+        self._view = memoryview(self._buf)
+        self._lock = gevent.lock.Semaphore()
+
+    def do_handshake(self) -> None:
+        while True:
+            try:
+                self._obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._flush()
+                self._feed()
+        self._flush()
+
+    def getpeercert(self, binary_form: bool = True) -> Any:
+        return self._obj.getpeercert(binary_form)
+
+    def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
+        """Decrypted bytes into ``buffer``; 0 at the end of the stream."""
+        nbytes = nbytes or len(buffer)
+        while True:
+            try:
+                n: Any = self._obj.read(nbytes, buffer)
+                return int(n)
+            except ssl.SSLWantReadError:
+                if self._out.pending:
+                    self._flush()
+                if not self._feed():
+                    return 0
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return 0
+
+    def sendall(self, data: Any) -> None:
+        view = memoryview(data)
+        while view:
+            n = self._obj.write(view)
+            view = view[n:]
+        self._flush()
+
+    def _feed(self) -> bool:
+        n = self.sock.recv_into(self._buf)
+        if not n:
+            self._in.write_eof()
+            return False
+        self._in.write(self._view[:n])
+        return True
+
+    def _flush(self) -> None:
+        with self._lock:
+            data = self._out.read()
+            if data:
+                self.sock.sendall(data)
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+
+    def getpeername(self) -> Any:
+        return self.sock.getpeername()
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def _next_frame(reader: FrameReader, expected: Cmd) -> memoryview:
@@ -543,7 +626,7 @@ class LinkManager:
         try:
             timeout = ProtocolError(f"link handshake with NID {nid} timed out")
             with gevent.Timeout(self.settings.handshake_timeout, timeout):
-                sock = self._client_ctx.wrap_socket(raw, do_handshake_on_connect=False)
+                sock = TLSStream(raw, self._client_ctx, server_side=False)
                 sock.do_handshake()
                 if certificate_identity(sock.getpeercert(binary_form=True)) != expected:
                     raise CryptoError(f"neighbour NID {nid} presented the wrong identity")
@@ -571,9 +654,7 @@ class LinkManager:
         try:
             timeout = ProtocolError("link handshake timed out")
             with gevent.Timeout(self.settings.handshake_timeout, timeout):
-                sock = self._server_ctx.wrap_socket(
-                    raw, server_side=True, do_handshake_on_connect=False
-                )
+                sock = TLSStream(raw, self._server_ctx, server_side=True)
                 sock.do_handshake()
                 reader = FrameReader(sock)
                 challenge = secrets.token_bytes(32)
