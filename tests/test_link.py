@@ -249,3 +249,11 @@ def test_circuit_id_limits(make_node: Any, monkeypatch: Any) -> None:
     la.release_circ_id(5)
     with pytest.raises(ProtocolError, match="from our half"):
         la.accept_circ_id(0x80000001)
+
+
+def test_raw_dial_goes_through_the_configured_transports(make_node: Any) -> None:
+    a, b = make_node(), make_node()
+    with a.links.dial(b.links.address, timeout=2) as raw:
+        assert raw.getsockname()[0] == a.links.settings.listen_host
+    with pytest.raises(TransportError, match="onion"):
+        a.links.dial("abcdefghijklmnop.onion:80", timeout=2)

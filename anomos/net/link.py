@@ -560,6 +560,10 @@ class LinkManager:
                 raise TransportError(f"no link to neighbour NID {nid}")
             self._changed.wait(left)
 
+    def dial(self, address: str, *, timeout: float) -> socket.socket:
+        """A raw stream to ``address`` through the configured transports (e.g. to the tracker)."""
+        return self._dial_transport(address).dial(address, timeout=timeout)
+
     def close(self) -> None:
         """Stop listening and dialling; close every link."""
         self._closed = True
