@@ -1,6 +1,6 @@
 """Hypothesis strategies and the settings profile of the fuzz property tests.
 
-``ANOMOS_FUZZ_EXAMPLES`` (default 120) is the number of examples of an
+``ANOMOS_FUZZ_EXAMPLES`` (default 200) is the number of examples of an
 ordinary fuzz test; each test scales it by its cost, so the whole suite
 (tests/test_fuzz_*.py) runs several thousand cases in well under a minute.
 Raise it for a longer local run: ``ANOMOS_FUZZ_EXAMPLES=5000 pytest tests/test_fuzz_*``.
@@ -17,7 +17,7 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-EXAMPLES = int(os.environ.get("ANOMOS_FUZZ_EXAMPLES", "120"))
+EXAMPLES = int(os.environ.get("ANOMOS_FUZZ_EXAMPLES", "200"))
 
 settings.register_profile(
     "anomos-fuzz",
