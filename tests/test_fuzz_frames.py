@@ -134,12 +134,6 @@ def test_every_break_payload_decodes_and_is_described() -> None:
         assert text and "\n" not in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="BUG in anomos/net/frames.py decode_break: an empty payload raises IndexError, "
-    "not ProtocolError (safe today only because FrameReader checks BREAK is 1 byte)",
-)
 def test_decode_break_refuses_a_wrong_size() -> None:
     with pytest.raises(ProtocolError):
         frames.decode_break(b"")

@@ -109,11 +109,6 @@ def test_oversized_file_refused_before_decoding() -> None:
     assert peak < 64 * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in anomos/torrent/metainfo.py:306,311: the 'appears twice' and 'is inside "
-    "file' errors print the raw path, so a file name holding a newline splits the message",
-)
 @pytest.mark.parametrize(
     "path",
     [[b"a\nb"], [b"x", b"line\rbreak"]],

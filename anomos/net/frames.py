@@ -139,6 +139,8 @@ def encode_break(reason: int) -> bytes:
 
 
 def decode_break(payload: Any) -> int:
+    if len(payload) != 1:
+        raise ProtocolError(f"BREAK payload must be 1 byte, not {len(payload)}")
     return int(payload[0])
 
 

@@ -106,6 +106,7 @@ class Peer:
             self.identity,
             source_host=self.settings.listen_host,
             timeout=self.settings.connect_timeout * 3,
+            dialer=self._dial_tracker,
         )
         self.links = LinkManager(
             self.identity,
@@ -170,6 +171,10 @@ class Peer:
         tmp.replace(path)
 
     # ------------------------------------------------------------------ tracker
+    def _dial_tracker(self, address: str, timeout: float) -> Any:
+        """Reach the tracker through this peer's transports, never around them."""
+        return self.links.dial(address, timeout=timeout)
+
     def _statuses(self) -> list[TorrentStatus]:
         return [
             TorrentStatus(infohash=ih, uploaded=s.uploaded, downloaded=s.downloaded, left=s.left)

@@ -303,13 +303,13 @@ def _parse_info(info: dict[bytes, Any]) -> dict[str, Any]:
             attr = entry.get(b"attr", b"")
             pad = isinstance(attr, bytes) and b"p" in attr
             if path in seen_files or path in seen_dirs:
-                raise MetainfoError(f"metainfo: {where}.path: {'/'.join(path)} appears twice")
+                raise MetainfoError(f"metainfo: {where}.path: {_shown(path)} appears twice")
             for k in range(1, len(path)):
                 prefix = path[:k]
                 if prefix in seen_files:
                     raise MetainfoError(
-                        f"metainfo: {where}.path: {'/'.join(path)} is inside file "
-                        f"{'/'.join(prefix)}"
+                        f"metainfo: {where}.path: {_shown(path)} is inside file "
+                        f"{_shown(prefix)}"
                     )
                 seen_dirs.add(prefix)
             seen_files.add(path)
@@ -687,3 +687,9 @@ def write_atomic(path: Path, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def _shown(path: tuple[str, ...]) -> str:
+    """A path for a one-line error: control characters escaped, never a raw newline."""
+    text = "/".join(path)
+    return text if text.isprintable() else repr(text)[1:-1]

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import http.client
 import secrets
+import socket
 import ssl
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
 import gevent
 
 from anomos import bencode
-from anomos.config import split_address
+from anomos.config import join_address, split_address
 from anomos.errors import AnomosError, ConfigError, TrackerError
 from anomos.identity import PeerIdentity
 from anomos.protocol.onion import LAYER_KEYS_SIZE, MAX_HOPS, TRACKING_CODE_SIZE, LayerKeys
@@ -112,23 +113,49 @@ def plan_to_wire(plan: CircuitPlan) -> dict[str, Any]:
     }
 
 
+#: Opens a stream to ``HOST:PORT`` within ``timeout`` seconds (a transport's ``dial``).
+Dialer = Callable[[str, float], socket.socket]
+
+
 class _PinnedConnection(http.client.HTTPSConnection):
-    """HTTPS bound to a source address, refusing a tracker whose key is not the pinned one."""
+    """HTTPS bound to a source address, refusing a tracker whose key is not the pinned one.
+
+    With a ``dialer`` (the peer's transport), the TCP stream is opened by it, so a
+    peer configured for Tor reaches the tracker only through Tor.
+    """
 
     def __init__(
-        self, host: str, port: int, *, fingerprint: str, source_host: str | None, timeout: float
+        self,
+        host: str,
+        port: int,
+        *,
+        fingerprint: str,
+        source_host: str | None,
+        timeout: float,
+        dialer: Dialer | None = None,
     ) -> None:
+        self._tls = pinned_context()
         super().__init__(
             host,
             port,
             timeout=timeout,
-            context=pinned_context(),
+            context=self._tls,
             source_address=(source_host, 0) if source_host else None,
         )
         self._fingerprint = fingerprint
+        self._dialer = dialer
 
     def connect(self) -> None:
-        super().connect()
+        if self._dialer is None:
+            if self.host.lower().endswith(".onion"):
+                raise TrackerError(
+                    f"tracker {self.host} is an onion service: use --transport tor to reach it"
+                )
+            super().connect()
+        else:
+            raw = self._dialer(join_address(self.host, self.port), self.timeout or REQUEST_TIMEOUT)
+            raw.settimeout(self.timeout)
+            self.sock = self._tls.wrap_socket(raw, server_hostname=self.host)
         assert isinstance(self.sock, ssl.SSLSocket)
         try:
             check_pin(self.sock, self._fingerprint)
@@ -148,6 +175,7 @@ class TrackerClient:
         *,
         source_host: str | None = None,
         timeout: float = REQUEST_TIMEOUT,
+        dialer: Dialer | None = None,
     ) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme != "https" or not parsed.hostname or not parsed.path.endswith("/announce"):
@@ -164,6 +192,7 @@ class TrackerClient:
         self.identity = identity
         self.source_host = source_host if source_host not in ("", "0.0.0.0", "::") else None
         self.timeout = timeout
+        self.dialer = dialer
         #: Counters are cumulative per session; a new session tells the tracker to rebase.
         self.session = secrets.token_bytes(8)
 
@@ -226,6 +255,7 @@ class TrackerClient:
             fingerprint=self.fingerprint,
             source_host=self.source_host,
             timeout=self.timeout,
+            dialer=self.dialer,
         )
         try:
             with gevent.Timeout(self.timeout, TrackerError(f"{where} timed out")):

@@ -31,14 +31,33 @@ state_option = click.option(
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory for this peer's keys and resume data.",
 )
-transport_option = click.option(
-    "--transport", default="tcp", show_default=True, help="Transport to listen and dial with."
-)
 
 
-def _settings(listen: str, state_dir: Path, transport: str, plugins: Plugins) -> Settings:
+def transport_option(fn: Any) -> Any:
+    """``--transport`` to listen and dial with, ``--dial-transport`` for what it cannot reach."""
+    fn = click.option(
+        "--dial-transport",
+        "dial_transports",
+        multiple=True,
+        metavar="NAME",
+        help="Another transport for addresses the first cannot reach (e.g. tor for .onion).",
+    )(fn)
+    return click.option(
+        "--transport", default="tcp", show_default=True, help="Transport to listen and dial with."
+    )(fn)
+
+
+def _settings(
+    listen: str, state_dir: Path, transport: str, dial_transports: tuple[str, ...], plugins: Plugins
+) -> Settings:
+    for name in (transport, *dial_transports):
+        plugins.transports.get(name)  # an unknown name is a one-line error before anything starts
     return Settings(
-        listen=listen, state_dir=state_dir, transport=transport, options=plugins.options
+        listen=listen,
+        state_dir=state_dir,
+        transport=transport,
+        dial_transports=tuple(dial_transports),
+        options=plugins.options,
     )
 
 
@@ -90,12 +109,20 @@ def _make_peer(plugins: Plugins, settings: Settings, url: str, fingerprint: str)
 @transport_option
 @click.pass_obj
 def seed_command(
-    plugins: Plugins, atorrent: Path, data: Path, state_dir: Path, listen: str, transport: str
+    plugins: Plugins,
+    atorrent: Path,
+    data: Path,
+    state_dir: Path,
+    listen: str,
+    transport: str,
+    dial_transports: tuple[str, ...],
 ) -> None:
     """Share ATORRENT's data anonymously, and relay for others, until stopped."""
     metainfo = Metainfo.load(atorrent)
     url, fingerprint = _tracker_of(metainfo)
-    peer = _make_peer(plugins, _settings(listen, state_dir, transport, plugins), url, fingerprint)
+    peer = _make_peer(
+        plugins, _settings(listen, state_dir, transport, dial_transports, plugins), url, fingerprint
+    )
     session = peer.add_torrent(metainfo, _data_root(metainfo, data))
     if not session.complete:
         raise ConfigError(
@@ -139,6 +166,7 @@ def get_command(
     state_dir: Path,
     listen: str,
     transport: str,
+    dial_transports: tuple[str, ...],
     sources: int,
     timeout: float | None,
     summary: Path | None,
@@ -148,7 +176,9 @@ def get_command(
     metainfo = Metainfo.load(atorrent)
     url, fingerprint = _tracker_of(metainfo)
     dest.mkdir(parents=True, exist_ok=True)
-    peer = _make_peer(plugins, _settings(listen, state_dir, transport, plugins), url, fingerprint)
+    peer = _make_peer(
+        plugins, _settings(listen, state_dir, transport, dial_transports, plugins), url, fingerprint
+    )
     session = peer.add_torrent(metainfo, dest)
     peer.start()
     progress = bar(metainfo.total_length, f"get {metainfo.name}")
@@ -185,10 +215,18 @@ def get_command(
 @transport_option
 @click.pass_obj
 def relay_command(
-    plugins: Plugins, url: str, fingerprint: str, state_dir: Path, listen: str, transport: str
+    plugins: Plugins,
+    url: str,
+    fingerprint: str,
+    state_dir: Path,
+    listen: str,
+    transport: str,
+    dial_transports: tuple[str, ...],
 ) -> None:
     """Donate bandwidth: relay circuits for the tracker at URL until stopped."""
-    peer = _make_peer(plugins, _settings(listen, state_dir, transport, plugins), url, fingerprint)
+    peer = _make_peer(
+        plugins, _settings(listen, state_dir, transport, dial_transports, plugins), url, fingerprint
+    )
     peer.start()
     click.echo(f"relaying from {peer.address}")
     _run_until_signal(peer)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import urllib.parse
 from pathlib import Path
+from typing import Any
 
 import click
 import gevent
@@ -59,6 +61,24 @@ def write_tracker_json(state_dir: Path, url: str, fingerprint: str) -> Path:
 @click.option("--neighbours", default="4-6", show_default=True, help="Neighbours per peer.")
 @click.option("--relays", default="2-4", show_default=True, help="Relays per circuit.")
 @click.option("--interval", default=60, show_default=True, help="Announce interval, seconds.")
+@click.option(
+    "--onion",
+    is_flag=True,
+    help="Also publish the tracker as a v3 onion service (key kept in STATE/onion_key).",
+)
+@click.option(
+    "--tor-control",
+    default="127.0.0.1:9051",
+    show_default=True,
+    help="ControlPort (HOST:PORT or unix:PATH) of the tor that publishes --onion.",
+)
+@click.option("--tor-launch", is_flag=True, help="With --onion: start a tor of our own.")
+@click.option(
+    "--onion-client-auth",
+    multiple=True,
+    metavar="PUBKEY",
+    help="With --onion: only clients holding this v3 client-auth key may connect (repeatable).",
+)
 @click.pass_obj
 def tracker_command(
     plugins: Plugins,
@@ -70,6 +90,10 @@ def tracker_command(
     neighbours: str,
     relays: str,
     interval: int,
+    onion: bool,
+    tor_control: str,
+    tor_launch: bool,
+    onion_client_auth: tuple[str, ...],
 ) -> None:
     """Run a tracker: assign neighbours, plan circuits, keep ratios."""
     from anomos.tracker.server import Tracker
@@ -79,6 +103,8 @@ def tracker_command(
     min_r, max_r = parse_range(relays, "--relays")
     if interval < 1:
         raise ConfigError("--interval must be at least 1 second")
+    if (tor_launch or onion_client_auth) and not onion:
+        raise ConfigError("--tor-launch and --onion-client-auth need --onion")
     tracker = Tracker(
         state,
         listen,
@@ -95,9 +121,15 @@ def tracker_command(
     done = gevent.event.Event()
     handlers = [gevent.signal_handler(sig, done.set) for sig in (signal.SIGINT, signal.SIGTERM)]
     tracker.start()
+    tor = None
     try:
-        path = write_tracker_json(state, tracker.url, tracker.fingerprint)
-        click.echo(f"tracker: {tracker.url}")
+        url = tracker.url
+        if onion:
+            tor, url = _publish_onion(
+                state, tracker.url, tor_control, tor_launch, onion_client_auth
+            )
+        path = write_tracker_json(state, url, tracker.fingerprint)
+        click.echo(f"tracker: {url}")
         click.echo(f"fingerprint: {tracker.fingerprint}")
         click.echo(f"written to {path}")
         done.wait()
@@ -105,7 +137,40 @@ def tracker_command(
         for handler in handlers:
             handler.cancel()
         tracker.stop()
+        if tor is not None:
+            tor.close()
     click.echo("tracker stopped")
+
+
+def _publish_onion(
+    state: Path, url: str, control: str, launch: bool, client_auth: tuple[str, ...]
+) -> tuple[Any, str]:
+    """Publish the tracker's HTTPS port as a v3 onion service on port 443.
+
+    Returns the object keeping tor's control connection open (closing it
+    removes the service) and the onion announce URL. Never falls back to the
+    clearnet URL: if tor is unavailable this raises.
+    """
+    from anomos.tor.control import connect_control, launch_tor
+    from anomos.tor.onion import publish
+
+    parsed = urllib.parse.urlsplit(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 443
+    if launch:
+        launched = launch_tor(state / "tor")
+        controller, closer = launched.controller, launched
+    else:
+        controller = connect_control(control)
+        closer = controller
+    onion = publish(
+        controller,
+        port,
+        key_path=state / "onion_key",
+        client_auth_keys=client_auth,
+        virtual_port=443,
+        target_host=host,
+    )
+    return closer, f"https://{onion}{parsed.path}"
 
 
 @hookimpl
