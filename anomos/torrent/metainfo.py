@@ -308,8 +308,7 @@ def _parse_info(info: dict[bytes, Any]) -> dict[str, Any]:
                 prefix = path[:k]
                 if prefix in seen_files:
                     raise MetainfoError(
-                        f"metainfo: {where}.path: {_shown(path)} is inside file "
-                        f"{_shown(prefix)}"
+                        f"metainfo: {where}.path: {_shown(path)} is inside file {_shown(prefix)}"
                     )
                 seen_dirs.add(prefix)
             seen_files.add(path)
