@@ -52,13 +52,18 @@ def connect_control(
     """
     attempt: dict[str, Controller] = {}
 
-    def attach() -> Controller:
-        if address.startswith("unix:"):
-            attempt["c"] = Controller.from_socket_file(address[len("unix:") :])
-        else:
-            host, port = split_address(address)
-            attempt["c"] = Controller.from_port(address=_ipv4(host, address), port=port)
-        attempt["c"].authenticate(password=password)
+    def attach() -> Controller | Exception:
+        # The error is returned, not raised: a greenlet dying with it would have
+        # gevent print a traceback, and the user must see one line only.
+        try:
+            if address.startswith("unix:"):
+                attempt["c"] = Controller.from_socket_file(address[len("unix:") :])
+            else:
+                host, port = split_address(address)
+                attempt["c"] = Controller.from_port(address=_ipv4(host, address), port=port)
+            attempt["c"].authenticate(password=password)
+        except Exception as exc:
+            return exc
         return attempt["c"]
 
     # Not gevent.Timeout: stem swallows it in a bare ``except:`` and retries.
@@ -72,7 +77,10 @@ def connect_control(
                 break
         raise TransportError(f"tor is not reachable at {address}: no answer within {timeout:g} s")
     try:
-        return worker.get()
+        result = worker.get()
+        if isinstance(result, Exception):
+            raise result
+        return result
     except stem.connection.AuthenticationFailure as exc:
         _close_quietly(attempt.get("c"))
         raise TransportError(f"tor at {address} refused authentication: {exc}") from None
