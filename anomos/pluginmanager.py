@@ -51,6 +51,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "anomos.plugins.commands.demo_cmd",
     "anomos.plugins.commands.testnet_cmd",
     "anomos.plugins.commands.plugins_cmd",
+    "anomos.plugins.commands.bench_cmd",
 )
 
 ENTRY_POINT_GROUP = PROJECT

@@ -1,0 +1,192 @@
+"""Starting benchmark workers and talking to them (the driver's side of :mod:`anomos.bench.node`).
+
+Each worker is a ``python -m anomos.bench node`` process with its own state
+directory, loopback address(es) and log file. :class:`Cluster` wires workers
+into a topology by giving every edge an NID and telling both ends, as the
+tracker would.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import gevent
+import psutil
+
+from anomos.errors import AnomosError
+
+#: Seconds a worker gets to start listening.
+START_TIMEOUT = 60.0
+#: Seconds a command may take unless the caller says otherwise.
+COMMAND_TIMEOUT = 120.0
+
+
+@attrs.define(eq=False)
+class Worker:
+    """One worker process; :meth:`call` sends a command and waits for its reply."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    pid: int = 0
+    personas: list[dict[str, str]] = attrs.field(factory=list)
+
+    def call(self, op: str, timeout: float = COMMAND_TIMEOUT, **kw: Any) -> dict[str, Any]:
+        """Run ``op`` in the worker; raise AnomosError if it fails or times out."""
+        assert self.popen.stdin is not None
+        try:
+            self.popen.stdin.write((json.dumps({"op": op, **kw}) + "\n").encode())
+            self.popen.stdin.flush()
+        except OSError:
+            raise AnomosError(f"bench worker {self.name} is gone: {self.log_tail()}") from None
+        reply = self._read(timeout, op)
+        if not reply.get("ok"):
+            raise AnomosError(f"bench worker {self.name}: {op} failed: {reply.get('error')}")
+        return reply
+
+    def _read(self, timeout: float, what: str) -> dict[str, Any]:
+        assert self.popen.stdout is not None
+        error = AnomosError(f"bench worker {self.name}: no answer to {what} in {timeout:g} s")
+        with gevent.Timeout(timeout, error):
+            line = self.popen.stdout.readline()
+        if not line:
+            raise AnomosError(f"bench worker {self.name} exited: {self.log_tail()}")
+        try:
+            reply: dict[str, Any] = json.loads(line)
+        except ValueError:
+            raise AnomosError(f"bench worker {self.name} said {line[:80]!r}") from None
+        return reply
+
+    def wait_ready(self) -> None:
+        reply = self._read(START_TIMEOUT, "start")
+        self.pid = int(reply["pid"])
+        self.personas = reply["personas"]
+
+    def cpu(self) -> float:
+        """CPU seconds (user + system) of the process so far, seen from outside."""
+        t = psutil.Process(self.popen.pid).cpu_times()
+        return float(t.user + t.system)
+
+    def rss(self) -> int:
+        return int(psutil.Process(self.popen.pid).memory_info().rss)
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return " | ".join(text.splitlines()[-lines:])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.popen.poll() is None:
+            try:
+                assert self.popen.stdin is not None
+                self.popen.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+@attrs.define(eq=False)
+class Cluster:
+    """Workers under ``workdir``, each on fresh 127.x.y.z addresses."""
+
+    workdir: Path = attrs.field(converter=Path)
+    workers: list[Worker] = attrs.field(factory=list)
+    verbose: bool = False
+    _hosts: itertools.count[int] = attrs.field(factory=lambda: itertools.count(2))
+    _block: int = attrs.field(factory=lambda: 20 + os.getpid() % 200)
+    _nids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1001))
+    _nid_map: dict[tuple[int, int], int] = attrs.field(factory=dict)
+
+    def next_host(self) -> str:
+        n = next(self._hosts)
+        return f"127.{self._block}.{n // 250}.{n % 250 + 2}"
+
+    def spawn(self, name: str, personas: int = 1) -> Worker:
+        """Start a worker with ``personas`` identities; returns once it listens."""
+        state = self.workdir / name
+        state.mkdir(parents=True, exist_ok=True)
+        log_path = self.workdir / f"{name}.log"
+        argv = [sys.executable, "-m", "anomos.bench", "node", "--state", str(state)]
+        for _ in range(personas):
+            argv += ["--host", self.next_host()]
+        if self.verbose:
+            argv.append("-v")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", ANOMOS_PROGRESS="0")
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env
+            )
+        worker = Worker(name, popen, log_path)
+        self.workers.append(worker)
+        worker.wait_ready()
+        return worker
+
+    def connect(self, edges: list[tuple[Worker, int, Worker, int]]) -> None:
+        """Make each ``(a, persona of a, b, persona of b)`` an edge (``a`` dials), as the
+        tracker would, and wait until every link is up; :meth:`nid` names the edges."""
+        lists: dict[tuple[Worker, int], list[dict[str, Any]]] = {}
+        for a, pa, b, pb in edges:
+            nid = next(self._nids)
+            self._nid_map[_key(a, pa, b, pb)] = self._nid_map[_key(b, pb, a, pa)] = nid
+            for (x, px), (y, py), dial in (((a, pa), (b, pb), True), ((b, pb), (a, pa), False)):
+                other = y.personas[py]
+                lists.setdefault((x, px), []).append(
+                    {
+                        "nid": nid,
+                        "address": other["address"],
+                        "identity": other["identity"],
+                        "dial": dial,
+                    }
+                )
+        for (worker, persona), neighbours in lists.items():
+            worker.call("neighbours", persona=persona, neighbours=neighbours)
+        for worker in {w for w, _ in lists}:
+            worker.call("wait_links", timeout=60.0)
+
+    def nid(self, a: Worker, b: Worker, pa: int = 0, pb: int = 0) -> int:
+        """The NID of the edge between persona ``pa`` of ``a`` and ``pb`` of ``b``."""
+        return self._nid_map[_key(a, pa, b, pb)]
+
+    def path(self, chain: list[Worker], *, personas: list[int] | None = None) -> dict[str, Any]:
+        """``first_nid``, ``hops`` and the source's ``box`` for a download along ``chain``.
+
+        ``chain = [downloader, relay, ..., source]``: what the tracker puts in a plan.
+        """
+        ps = personas or [0] * len(chain)
+        hops: list[list[Any]] = []
+        for i in range(1, len(chain)):
+            nxt = self.nid(chain[i], chain[i + 1], ps[i], ps[i + 1]) if i + 1 < len(chain) else None
+            hops.append([chain[i].personas[ps[i]]["onion"], nxt])
+        return {
+            "first_nid": self.nid(chain[0], chain[1], ps[0], ps[1]),
+            "hops": hops,
+            "box": chain[-1].personas[ps[-1]]["box"],
+        }
+
+    def stop(self) -> None:
+        for worker in reversed(self.workers):
+            worker.stop()
+        self.workers.clear()
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _key(a: Worker, pa: int, b: Worker, pb: int) -> tuple[int, int]:
+    return (id(a) * 64 + pa, id(b) * 64 + pb)

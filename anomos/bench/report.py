@@ -1,0 +1,133 @@
+"""Statistics and the printed table of ``anomos bench``.
+
+Medians of several runs, nearest-rank percentiles, and the five sections of
+the JSON result rendered as one plain-text table (also pasted into
+docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+MB = 1e6
+GB = 1e9
+KiB = 1024
+MiB = 1024 * 1024
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else 0.0
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    """Nearest-rank percentile (``p`` in 0..100): a value that was actually measured."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return float(ordered[min(rank, len(ordered)) - 1])
+
+
+def _fmt(value: float, digits: int = 1) -> str:
+    return f"{value:,.{digits}f}"
+
+
+def table(result: dict[str, Any]) -> str:
+    """The human-readable table of a result dict (whatever sections it has)."""
+    rows: list[tuple[str, str, str]] = []
+    tp = result.get("throughput")
+    if tp:
+        size = tp["size"] / MiB
+        rows.append(
+            (
+                f"plain TCP copy, {size:g} MiB",
+                f"{_fmt(tp['tcp']['median'] / MB)} MB/s",
+                f"median of {len(tp['tcp']['runs'])}",
+            )
+        )
+        for item in tp["anomos"]:
+            rows.append(
+                (
+                    f"anonymous download, {item['relays']} relays",
+                    f"{_fmt(item['median'] / MB)} MB/s",
+                    f"{item['ratio']:.1%} of TCP; median of {len(item['runs'])}",
+                )
+            )
+    relay = result.get("relay")
+    if relay:
+        rows.append(
+            (
+                "one relay: forwarding rate",
+                f"{_fmt(relay['rate'] / MB)} MB/s",
+                "cells both ways, in the 1-relay download",
+            )
+        )
+        rows.append(
+            (
+                "one relay: CPU per GB forwarded",
+                f"{relay['cpu_per_gb']:.2f} s",
+                f"= {_fmt(GB / relay['cpu_per_gb'] / MB, 0)} MB/s per core",
+            )
+        )
+    for item in result.get("setup", []):
+        rows.append(
+            (
+                f"circuit set-up, {item['relays']} relays",
+                f"p50 {item['p50'] * 1e3:.1f} ms",
+                f"p99 {item['p99'] * 1e3:.1f} ms ({item['count']} circuits)",
+            )
+        )
+    tr = result.get("tracker")
+    if tr:
+        for hops, rate in sorted(tr["codes_per_second"].items(), key=lambda kv: int(kv[0])):
+            rows.append((f"tracking codes built, {hops} hops", f"{_fmt(rate, 0)} /s", "one core"))
+        rows.append(
+            (
+                "circuit plans (code + sealed request)",
+                f"{_fmt(tr['plans_per_second'], 0)} /s",
+                "one core, 3 relays",
+            )
+        )
+        for item in tr["graphs"]:
+            n = f"{item['peers']:,} peers"
+            rows.append(
+                (
+                    f"tracker announces, {n}",
+                    f"{_fmt(item['announces_per_second'], 0)} /s",
+                    "one core, signed, no TLS",
+                )
+            )
+            rows.append(
+                (
+                    f"path computation, {n}",
+                    f"p99 {item['path_p99'] * 1e3:.2f} ms",
+                    f"p50 {item['path_p50'] * 1e3:.2f} ms",
+                )
+            )
+            rows.append(
+                (
+                    f"circuit request, {n}",
+                    f"p99 {item['request_p99'] * 1e3:.2f} ms",
+                    f"p50 {item['request_p50'] * 1e3:.2f} ms (1 circuit)",
+                )
+            )
+    mem = result.get("memory")
+    if mem:
+        for point in mem["points"]:
+            rows.append(
+                (
+                    f"relay RSS, {point['circuits']:,} circuits",
+                    f"{_fmt(point['rss'] / MiB)} MiB",
+                    f"{_fmt(point['per_circuit'] / KiB, 2)} KiB per circuit over idle",
+                )
+            )
+    if not rows:
+        return "(no results)"
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    lines = [f"{'measure':<{w0}}  {'result':>{w1}}  notes", "-" * (w0 + w1 + 30)]
+    lines += [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
+    return "\n".join(lines)

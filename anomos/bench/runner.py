@@ -1,0 +1,169 @@
+"""Everything ``anomos bench`` measures, in one call: :func:`run_bench`.
+
+The sections run one after another so none competes with another for the
+cores: ``tracker`` (in this process), ``network`` (throughput, one relay,
+circuit set-up; worker processes) and ``memory`` (worker processes).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import ssl
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from anomos import __version__
+from anomos.bench.network import relay_memory, throughput_and_setup
+from anomos.bench.report import MiB
+from anomos.bench.tracker import tracker_section
+
+SECTIONS = ("tracker", "network", "memory")
+
+
+@attrs.frozen
+class BenchOptions:
+    """What to measure and how much; :meth:`quick` and :meth:`smoke` are smaller presets."""
+
+    size: int = 256 * MiB
+    runs: int = 3
+    relays: tuple[int, ...] = (0, 1, 2, 3)
+    setup_count: int = 200
+    memory_counts: tuple[int, ...] = (1000, 10000)
+    memory_pairs: int = 10
+    tracker_peers: tuple[int, ...] = (10_000, 100_000)
+    tracker_seconds: float = 2.0
+    tracker_repeats: int = 3
+    announces: int = 3000
+    samples: int = 1000
+    sections: tuple[str, ...] = SECTIONS
+    timeout: float = 600.0
+
+    @classmethod
+    def quick(cls, **kw: Any) -> BenchOptions:
+        """About a minute: small file, one round, fewer circuits and peers."""
+        base: dict[str, Any] = {
+            "size": 32 * MiB,
+            "runs": 1,
+            "setup_count": 50,
+            "memory_counts": (100, 1000),
+            "memory_pairs": 2,
+            "tracker_peers": (10_000,),
+            "tracker_seconds": 0.5,
+            "tracker_repeats": 1,
+            "announces": 1000,
+            "samples": 200,
+        }
+        return cls(**{**base, **kw})
+
+    @classmethod
+    def smoke(cls, **kw: Any) -> BenchOptions:
+        """A few seconds: proves every section still runs (the test suite uses it)."""
+        base: dict[str, Any] = {
+            "size": 1 * MiB,
+            "runs": 1,
+            "relays": (0, 2),
+            "setup_count": 5,
+            "memory_counts": (10, 20),
+            "memory_pairs": 2,
+            "tracker_peers": (300,),
+            "tracker_seconds": 0.05,
+            "tracker_repeats": 1,
+            "announces": 50,
+            "samples": 20,
+            "timeout": 120.0,
+        }
+        return cls(**{**base, **kw})
+
+
+def machine() -> dict[str, Any]:
+    """Where the figures were measured."""
+    import cryptography
+    import gevent
+    import nacl
+
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "anomos": __version__,
+        "cryptography": cryptography.__version__,
+        "openssl": ssl.OPENSSL_VERSION,
+        "pynacl": nacl.__version__,
+        "gevent": gevent.__version__,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def run_bench(
+    options: BenchOptions,
+    *,
+    workdir: Path | None = None,
+    echo: Callable[[str], None] = lambda _m: None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Measure the chosen sections; the result dict (written as JSON by the command)."""
+    started = time.time()
+    t0 = time.monotonic()
+    keep = workdir is not None
+    root = workdir or Path(tempfile.mkdtemp(prefix="anomos-bench-"))
+    root.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "started": started,
+        "machine": machine(),
+        "options": attrs.asdict(options),
+    }
+    try:
+        if "tracker" in options.sections:
+            result["tracker"] = tracker_section(
+                peer_counts=options.tracker_peers,
+                seconds=options.tracker_seconds,
+                announces=options.announces,
+                samples=options.samples,
+                repeats=options.tracker_repeats,
+                echo=echo,
+            )
+        if "network" in options.sections:
+            result.update(
+                throughput_and_setup(
+                    root,
+                    size=options.size,
+                    runs=options.runs,
+                    relays=options.relays,
+                    setup_count=options.setup_count,
+                    timeout=options.timeout,
+                    echo=echo,
+                    verbose=verbose,
+                )
+            )
+        if "memory" in options.sections:
+            result["memory"] = relay_memory(
+                root,
+                counts=options.memory_counts,
+                pairs=options.memory_pairs,
+                echo=echo,
+                verbose=verbose,
+            )
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    result["seconds"] = time.monotonic() - t0
+    return result

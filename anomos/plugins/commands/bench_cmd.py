@@ -1,0 +1,104 @@
+"""``anomos bench``: measure throughput, relays, circuit set-up, the tracker and memory.
+
+Prints a table and writes every figure (with each run and the machine) as
+JSON. The defaults take a few minutes; ``--quick`` about a minute. See
+docs/performance.md for the latest table and what limits each figure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from anomos import hookimpl
+
+_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """``"256MiB"``, ``"16m"``, ``"1048576"`` -> bytes."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = _UNITS.get(t[-1:], 1)
+    try:
+        value = int(float(t[:-1] if t[-1:] in _UNITS else t) * mult)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size like 256MiB") from None
+    if not 16 * 1024 <= value <= 4 << 30:
+        raise click.BadParameter("size must be between 16 KiB and 4 GiB")
+    return value
+
+
+def _sections(text: str) -> tuple[str, ...]:
+    from anomos.bench.runner import SECTIONS
+
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise click.BadParameter(f"sections are a comma-separated subset of {','.join(SECTIONS)}")
+    return names
+
+
+@click.command("bench")
+@click.option("--quick", is_flag=True, help="Small sizes and one round (about a minute).")
+@click.option("--size", "size_text", default=None, help="File size for throughput [256MiB].")
+@click.option("--runs", default=None, type=click.IntRange(1, 20), help="Rounds (medians) [3].")
+@click.option(
+    "--only",
+    "only",
+    default="tracker,network,memory",
+    show_default=True,
+    help="Sections to run.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    default="anomos-bench.json",
+    show_default=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write every figure as JSON.",
+)
+@click.option(
+    "--dir",
+    "workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep files and worker logs here instead of a temporary folder.",
+)
+@click.option("--verbose-workers", is_flag=True, help="Workers log at INFO level.")
+@click.option("--smoke", is_flag=True, hidden=True, help="Tiny sizes (the test suite's run).")
+def bench_command(
+    quick: bool,
+    size_text: str | None,
+    runs: int | None,
+    only: str,
+    json_path: Path,
+    workdir: Path | None,
+    verbose_workers: bool,
+    smoke: bool,
+) -> None:
+    """Benchmark anomos on this machine: every peer a separate process on loopback."""
+    from anomos.bench.report import table
+    from anomos.bench.runner import BenchOptions, run_bench
+
+    overrides: dict[str, object] = {"sections": _sections(only)}
+    if size_text is not None:
+        overrides["size"] = parse_size(size_text)
+    if runs is not None:
+        overrides["runs"] = runs
+    preset = BenchOptions.smoke if smoke else BenchOptions.quick if quick else BenchOptions
+    options = preset(**overrides)  # type: ignore[arg-type]
+    result = run_bench(
+        options,
+        workdir=workdir,
+        echo=lambda msg: click.echo(f"  {msg}", err=True),
+        verbose=verbose_workers,
+    )
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    click.echo(table(result))
+    click.echo(f"({result['seconds']:.0f} s; every figure and run in {json_path})")
+
+
+@hookimpl
+def anomos_add_commands(cli: click.Group) -> None:
+    cli.add_command(bench_command)

@@ -1,0 +1,78 @@
+"""``anomos bench`` keeps working: a tiny run of every section, checked for sane values.
+
+Nothing here depends on speed: the figures only have to exist, be positive
+and be consistent (p50 <= p99, ratios matching rates), so a slow or busy
+machine passes as long as the benchmark itself works.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from anomos.bench.report import percentile, table
+from anomos.testing import run_anomos
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [5.0, 1.0, 4.0, 2.0, 3.0]
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 99) == 5.0
+    assert percentile(values, 1) == 1.0
+    assert percentile(list(range(1, 101)), 99) == 99
+    assert percentile([], 50) == 0.0
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    proc = run_anomos("bench", "--smoke", "--json", str(out), "--dir", str(tmp_path / "w"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert "plain TCP copy" in proc.stdout and "circuit set-up" in proc.stdout
+
+    tp = result["throughput"]
+    tcp = tp["tcp"]["median"]
+    assert _positive(tcp)
+    assert [a["relays"] for a in tp["anomos"]] == list(result["options"]["relays"])
+    for item in tp["anomos"]:
+        assert _positive(item["median"])
+        assert item["ratio"] == pytest.approx(item["median"] / tcp)
+        for run in item["runs"]:
+            assert run["size"] == tp["size"]
+            assert run["received"] >= tp["size"]  # the whole file came over the circuit
+            assert 0 < run["open"] < run["seconds"]
+
+    if 1 in result["options"]["relays"]:
+        assert _positive(result["relay"]["rate"]) and _positive(result["relay"]["cpu_per_gb"])
+
+    setup = result["setup"]
+    assert [s["relays"] for s in setup] == list(result["options"]["relays"])
+    for s in setup:
+        assert s["count"] == result["options"]["setup_count"]
+        assert 0 < s["p50"] <= s["p99"] <= s["max"]
+
+    tr = result["tracker"]
+    assert set(tr["codes_per_second"]) == {"3", "5"}
+    assert all(_positive(v) for v in tr["codes_per_second"].values())
+    assert _positive(tr["plans_per_second"])
+    for g in tr["graphs"]:
+        assert _positive(g["announces_per_second"])
+        assert 0 < g["path_p50"] <= g["path_p99"]
+        assert 0 < g["request_p50"] <= g["request_p99"]
+        assert g["requests_planned"] > 0.5  # circuit requests really produced plans
+
+    mem = result["memory"]
+    assert [p["circuits"] for p in mem["points"]] == list(result["options"]["memory_counts"])
+    for p in mem["points"]:
+        assert p["rss"] > mem["idle_rss"] * 0.5 and math.isfinite(p["per_circuit"])
+
+    assert table(result).count("\n") >= 10
