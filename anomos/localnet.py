@@ -2,7 +2,9 @@
 
 Used by ``anomos demo``, the integration tests and the benchmarks: a tracker and
 any number of peers, each a real ``python -m anomos`` process with its own
-127.0.0.X address, state directory and log file.
+127.0.0.X address, state directory and log file. A process may also be given
+an explicit address and a command prefix (``ip netns exec NS``), so the same
+network can span network namespaces.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
@@ -75,6 +79,12 @@ class LocalNetwork:
     procs: list[Proc] = attrs.field(factory=list)
     tracker_url: str = ""
     fingerprint: str = ""
+    #: ``-v`` flags given to every process (1: INFO logs in each log file).
+    verbose: int = 0
+    #: The tracker process, once started.
+    tracker: Proc | None = None
+    _tracker_args: tuple[str, ...] = ()
+    _tracker_prefix: tuple[str, ...] = ()
     _hosts: itertools.count[int] = attrs.field(factory=lambda: itertools.count(2))
     _block: int = attrs.field(factory=lambda: 100 + os.getpid() % 100)
 
@@ -82,14 +92,15 @@ class LocalNetwork:
         n = next(self._hosts)
         return f"{self.base}.{self._block}.{n}"
 
-    def _spawn(self, name: str, host: str, args: list[str]) -> Proc:
+    def _spawn(self, name: str, host: str, args: list[str], prefix: Sequence[str] = ()) -> Proc:
         state = self.workdir / name
         self.workdir.mkdir(parents=True, exist_ok=True)
         log_path = self.workdir / f"{name}.log"
         env = dict(os.environ, ANOMOS_PROGRESS="0", PYTHONUNBUFFERED="1", **self.extra_env)
+        flags = ["-v"] * self.verbose
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "anomos", *args],
+                [*prefix, sys.executable, "-m", "anomos", *flags, *args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -112,20 +123,45 @@ class LocalNetwork:
             time.sleep(0.05)
         raise AnomosError(f"{proc.name} not ready after {timeout:.0f} s: {proc.log_tail(5)}")
 
-    def start_tracker(self, *extra: str) -> Proc:
-        host = self.next_host()
-        proc = self._spawn(
-            "tracker",
-            host,
-            ["tracker", "--state", str(self.workdir / "tracker"), "--listen", f"{host}:0", *extra],
-        )
+    def start_tracker(
+        self, *extra: str, host: str | None = None, prefix: Sequence[str] = ()
+    ) -> Proc:
+        host = host or self.next_host()
+        self._tracker_args, self._tracker_prefix = extra, tuple(prefix)
+        return self._run_tracker(f"{host}:0")
+
+    def restart_tracker(self) -> Proc:
+        """Start the tracker again on the same state directory and address (it must be down)."""
+        if self.tracker is None or self.tracker.alive():
+            raise AnomosError("restart_tracker needs a tracker that was started and has exited")
+        return self._run_tracker(urllib.parse.urlsplit(self.tracker_url).netloc)
+
+    def _run_tracker(self, listen: str) -> Proc:
+        host = listen.rpartition(":")[0]
+        state = self.workdir / "tracker"
+        (state / "tracker.json").unlink(missing_ok=True)
+        args = ["tracker", "--state", str(state), "--listen", listen, *self._tracker_args]
+        proc = self._spawn("tracker", host, args, self._tracker_prefix)
         info = self._wait_file(proc, proc.state_dir / "tracker.json")
         self.tracker_url, self.fingerprint = info["url"], info["fingerprint"]
+        self.tracker = proc
         return proc
 
-    def start_peer(self, name: str, command: str, *args: str, wait: bool = True) -> Proc:
-        """``command`` is ``seed``, ``get`` or ``relay``; args follow the command."""
-        host = self.next_host()
+    def start_peer(
+        self,
+        name: str,
+        command: str,
+        *args: str,
+        wait: bool = True,
+        host: str | None = None,
+        prefix: Sequence[str] = (),
+    ) -> Proc:
+        """``command`` is ``seed``, ``get`` or ``relay``; args follow the command.
+
+        Starting a name again reuses its state directory (keys, resume data) and
+        appends to its log: a restart of the same peer.
+        """
+        host = host or self.next_host()
         state = self.workdir / name
         state.mkdir(parents=True, exist_ok=True)
         if command == "relay":
@@ -134,7 +170,7 @@ class LocalNetwork:
             argv = [command]
         argv += [*args, "--state", str(state), "--listen", f"{host}:0"]
         (state / "peer.json").unlink(missing_ok=True)
-        proc = self._spawn(name, host, argv)
+        proc = self._spawn(name, host, argv, prefix)
         if wait:
             self._wait_file(proc, state / "peer.json")
         return proc

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,14 +22,22 @@ import gevent.event
 import gevent.pool
 
 from anomos.config import Settings
-from anomos.errors import AnomosError, TrackerError
+from anomos.errors import AnomosError, ConfigError, TrackerError, TransportError
 from anomos.identity import PeerIdentity
 from anomos.net.circuit import CircuitSwitch
-from anomos.net.link import LinkManager
+from anomos.net.link import Link, LinkManager
 from anomos.pluginmanager import Plugins
 from anomos.torrent.metainfo import Metainfo
 from anomos.torrent.session import TorrentSession
-from anomos.tracker.client import AnnounceReply, CircuitPlan, TorrentStatus, TrackerClient
+from anomos.tracker.client import (
+    AnnounceReply,
+    CircuitPlan,
+    LostNeighbour,
+    NotAnnounced,
+    TorrentStatus,
+    TrackerClient,
+)
+from anomos.tracker.identity import TrackerTrustError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +50,35 @@ CIRCUIT_TIMEOUT = 30.0
 DEFAULT_SOURCES = 4
 #: Seconds between progress checks of the download loop.
 DOWNLOAD_TICK = 0.5
+#: Seconds a circuit waits for the link to its first hop when that neighbour is
+#: assigned but not linked (yet): a plan over a link that will not come is dropped fast.
+FIRST_HOP_WAIT = 5.0
+#: Seconds before asking for circuits again after one failed to build, doubling
+#: up to FAIL_BACKOFF_MAX (a plan made before the tracker heard of a dead relay
+#: fails fast; asking again at once would likely get the same relay).
+FAIL_BACKOFF_MIN = 0.25
+FAIL_BACKOFF_MAX = 5.0
+#: Seconds to gather further link losses before reporting them to the tracker.
+LOST_REPORT_DELAY = 0.2
+#: Seconds an assigned neighbour may stay without a link before we ask the
+#: tracker again (its address may have changed); doubles while nothing changes.
+STALE_NEIGHBOUR_REFRESH = 10.0
+#: Seconds between checks of the assigned neighbours' links.
+LINK_WATCH_INTERVAL = 2.0
+#: Seconds the goodbye announce may take when stopping (the tracker may be down).
+STOP_ANNOUNCE_TIMEOUT = 5.0
+
+#: Link-close reasons that are our own doing: nothing to report.
+_LOCAL_CLOSE = (
+    "neighbour no longer assigned",
+    "shutting down",
+    "replaced by a new connection",
+    "stopped",
+    "internal error",
+)
+#: Link-close reasons meaning the neighbour or the path to it went away; any
+#: other reason is a protocol violation we cut the link for.
+_LOST_CLOSE = ("closed by neighbour", "connection lost", "idle for", "send stuck", "send failed")
 
 
 @attrs.frozen
@@ -50,6 +88,8 @@ class CircuitRecord:
     relays: int
     received: int
     seconds: float
+    #: Why the circuit ended before the download was complete ("" if it did not).
+    broken: str = ""
 
 
 @attrs.frozen
@@ -60,6 +100,12 @@ class DownloadReport:
     circuits: tuple[CircuitRecord, ...]
     #: Circuits that could not be built (a relay gone, a stale neighbour, ...).
     failed: int = 0
+    #: Bytes that were missing when the download started (the rest was on disk).
+    left_at_start: int = 0
+    #: Piece bytes received (over ``left_at_start`` only when blocks were refetched).
+    downloaded: int = 0
+    #: Per circuit that broke mid-download, seconds until fresh circuits arrived.
+    replan_seconds: tuple[float, ...] = ()
 
     @property
     def throughput(self) -> float:
@@ -74,6 +120,10 @@ class DownloadReport:
             "throughput": round(self.throughput),
             "circuits": [attrs.asdict(c) for c in self.circuits],
             "failed_circuits": self.failed,
+            "broken_circuits": sum(1 for c in self.circuits if c.broken),
+            "replan_seconds": [round(x, 3) for x in self.replan_seconds],
+            "left_at_start": self.left_at_start,
+            "downloaded": self.downloaded,
         }
 
 
@@ -96,6 +146,10 @@ class Peer:
     _group: gevent.pool.Group = attrs.field(factory=gevent.pool.Group, init=False)
     _announce_now: gevent.event.Event = attrs.field(factory=gevent.event.Event, init=False)
     _stopped: bool = attrs.field(default=False, init=False)
+    #: Whether an announce succeeded yet (until then the loop retries with backoff).
+    _announced: bool = attrs.field(default=False, init=False)
+    #: NID -> (monotonic time the link dropped, why) not yet reported to the tracker.
+    _lost: dict[int, tuple[float, str]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
@@ -119,13 +173,32 @@ class Peer:
         self.switch = CircuitSwitch(
             self.links, self.identity, self.plugins, peer=self, on_request=self._on_request
         )
+        switch_down = self.links.on_link_down
+
+        def on_link_down(link: Link, reason: str) -> None:
+            if switch_down is not None:
+                switch_down(link, reason)  # break the circuits first
+            self._on_link_down(link, reason)
+
+        self.links.on_link_down = on_link_down
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Listen, announce, join the neighbour graph, then keep announcing."""
+        """Listen, announce, join the neighbour graph, then keep announcing.
+
+        A tracker that cannot be reached is retried with backoff (it may be
+        restarting); a tracker with the wrong identity is a fatal error.
+        """
         self.address = self.links.start()
-        self.announce()
+        try:
+            self.announce()
+        except (TrackerTrustError, ConfigError):
+            self.links.close()
+            raise
+        except AnomosError as exc:
+            log.warning("tracker unreachable, will keep trying: %s", exc)
         self._spawn(self._announce_loop)
+        self._spawn(self._link_watch)
         self._write_peer_file()
         self.plugins.notify("anomos_peer_started", peer=self)
         log.info("peer %s listening on %s", self.identity.identity_public.hex()[:16], self.address)
@@ -134,12 +207,19 @@ class Peer:
         if self._stopped:
             return
         self._stopped = True
-        try:
-            self.tracker.announce(
-                address=self.address, torrents=self._statuses(), relayed=self.relayed, stopped=True
-            )
-        except AnomosError as exc:
-            log.info("final announce failed: %s", exc)
+        if self._announced:
+            timeout, self.tracker.timeout = self.tracker.timeout, STOP_ANNOUNCE_TIMEOUT
+            try:
+                self.tracker.announce(
+                    address=self.address,
+                    torrents=self._statuses(),
+                    relayed=self.relayed,
+                    stopped=True,
+                )
+            except AnomosError as exc:
+                log.info("final announce failed: %s", exc)
+            finally:
+                self.tracker.timeout = timeout
         self._group.kill(block=False)
         for session in self.sessions.values():
             session.close()
@@ -173,7 +253,12 @@ class Peer:
     # ------------------------------------------------------------------ tracker
     def _dial_tracker(self, address: str, timeout: float) -> Any:
         """Reach the tracker through this peer's transports, never around them."""
-        return self.links.dial(address, timeout=timeout)
+        try:
+            return self.links.dial(address, timeout=timeout)
+        except TransportError as exc:
+            if str(exc).startswith("no configured transport"):
+                raise TrackerTrustError(str(exc)) from None  # retrying will not help
+            raise
 
     def _statuses(self) -> list[TorrentStatus]:
         return [
@@ -182,26 +267,94 @@ class Peer:
         ]
 
     def announce(self) -> AnnounceReply:
+        """Announce now, reporting the neighbours whose links dropped since the last one."""
+        now = time.monotonic()
+        reported = {
+            nid: entry
+            for nid, entry in self._lost.items()
+            if self.links.get(nid) is None  # back up meanwhile: nothing to report
+        }
+        lost = [
+            LostNeighbour(nid, int((now - at) * 1000), why) for nid, (at, why) in reported.items()
+        ]
         reply = self.tracker.announce(
-            address=self.address, torrents=self._statuses(), relayed=self.relayed
+            address=self.address, torrents=self._statuses(), relayed=self.relayed, lost=lost
         )
+        for nid, entry in reported.items():
+            if self._lost.get(nid) == entry:
+                del self._lost[nid]
+        for nid in [n for n in self._lost if self.links.get(n) is not None]:
+            del self._lost[nid]
+        self._announced = True
         self._interval = max(1.0, float(reply.interval))
         self.ratio = reply.ratio
         self.links.set_neighbours(reply.neighbours)
+        if lost:
+            log.info("reported %d lost neighbour(s) to the tracker", len(lost))
         return reply
 
     def _announce_loop(self) -> None:
+        """Announce every interval, at once on request, and with backoff while it fails."""
         backoff = RETRY_MIN
+        wait = self._interval if self._announced else backoff
         while not self._stopped:
-            self._announce_now.wait(self._interval)
+            self._announce_now.wait(wait)
             self._announce_now.clear()
+            if self._lost:
+                gevent.sleep(LOST_REPORT_DELAY)  # one report for links that drop together
             try:
                 self.announce()
-                backoff = RETRY_MIN
+            except TrackerTrustError as exc:
+                log.error("announce refused: %s", exc)
+                wait = RETRY_MAX
             except AnomosError as exc:
-                log.warning("announce failed: %s", exc)
-                gevent.sleep(backoff)
+                wait = backoff * random.uniform(0.75, 1.25)
+                log.warning("announce failed: %s (retrying in %.1f s)", exc, wait)
                 backoff = min(RETRY_MAX, backoff * 2)
+            else:
+                backoff = RETRY_MIN
+                wait = self._interval
+
+    def _on_link_down(self, link: Link, reason: str) -> None:
+        """Tell the tracker at once when a neighbour's link drops (not when we dropped it)."""
+        if self._stopped or reason.startswith(_LOCAL_CLOSE):
+            return
+        nb = self.links.neighbours().get(link.nid)
+        if nb is None or bytes(nb.identity) != link.identity:
+            return  # no longer assigned: the tracker knows already
+        why = "lost" if reason.startswith(_LOST_CLOSE) else "protocol"
+        if why == "protocol":
+            log.warning("neighbour NID %d broke the protocol (%s): reporting it", link.nid, reason)
+        self._lost[link.nid] = (time.monotonic(), why)
+        self._announce_now.set()
+
+    def _link_watch(self) -> None:
+        """Ask the tracker again when assigned neighbours stay unlinked (moved, restarted)."""
+        missing_since: dict[int, float] = {}
+        delay = STALE_NEIGHBOUR_REFRESH
+        last_refresh = time.monotonic()
+        while not self._stopped:
+            gevent.sleep(LINK_WATCH_INTERVAL)
+            now = time.monotonic()
+            assigned = self.links.neighbours()
+            for nid in list(missing_since):
+                if nid not in assigned or self.links.get(nid) is not None:
+                    del missing_since[nid]
+            for nid in assigned:
+                if self.links.get(nid) is None:
+                    missing_since.setdefault(nid, now)
+            if not missing_since:
+                delay = STALE_NEIGHBOUR_REFRESH
+                continue
+            oldest = min(missing_since.values())
+            if now - oldest >= delay and now - last_refresh >= delay:
+                log.info(
+                    "%d assigned neighbour(s) not linked: asking the tracker again",
+                    len(missing_since),
+                )
+                last_refresh = now
+                delay = min(delay * 2, max(self._interval, STALE_NEIGHBOUR_REFRESH))
+                self._announce_now.set()
 
     def _on_unknown_nid(self, nid: int) -> None:
         """A neighbour we have not heard of yet dialled us: ask the tracker now."""
@@ -239,33 +392,57 @@ class Peer:
         sources: int = DEFAULT_SOURCES,
         timeout: float | None = None,
     ) -> DownloadReport:
-        """Fetch ``session``'s torrent over circuits to several sources at once."""
+        """Fetch ``session``'s torrent over circuits to several sources at once.
+
+        Whenever fewer than ``sources`` circuits are up (one broke: a relay died,
+        a link was cut) it asks the tracker for fresh ones at once; plans that
+        fail to build are retried after a short, growing pause.
+        """
         started = time.monotonic()
+        left_at_start = session.left
+        downloaded_at_start = session.downloaded
         records: list[CircuitRecord] = []
         failures: list[str] = []
+        broken_at: list[float] = []
+        replans: list[float] = []
         active: set[gevent.Greenlet] = set()
         changed = gevent.event.Event()
         backoff = RETRY_MIN
+        fail_backoff = FAIL_BACKOFF_MIN
         next_request = 0.0
         infohash = session.metainfo.infohash
 
         def run_circuit(plan: CircuitPlan) -> None:
+            nonlocal fail_backoff, next_request
+            relays = len(plan.layers) - 1
             t0 = time.monotonic()
             try:
+                if plan.first_nid not in self.links.neighbours():
+                    raise TransportError(f"first hop NID {plan.first_nid} is not a neighbour")
+                self.links.wait_for(plan.first_nid, FIRST_HOP_WAIT)
                 stream = self.switch.open_circuit(plan, timeout=CIRCUIT_TIMEOUT)
             except AnomosError as exc:
                 failures.append(str(exc))
-                log.info("circuit with %d relays failed: %s", len(plan.layers) - 1, exc)
+                log.info("circuit with %d relays failed: %s", relays, exc)
+                next_request = max(next_request, time.monotonic() + fail_backoff)
+                fail_backoff = min(FAIL_BACKOFF_MAX, fail_backoff * 2)
                 return
+            fail_backoff = FAIL_BACKOFF_MIN
             try:
-                session.add_connection(stream, f"circuit/{len(plan.layers) - 1} relays").join()
+                session.add_connection(stream, f"circuit/{relays} relays").join()
             finally:
                 stream.close()
+                broken = ""
+                if not session.complete:
+                    broken = stream.closed_reason or "closed"
+                    broken_at.append(time.monotonic())
+                    log.info("circuit with %d relays ended early: %s", relays, broken)
                 records.append(
                     CircuitRecord(
-                        relays=len(plan.layers) - 1,
+                        relays=relays,
                         received=stream.bytes_received,
                         seconds=round(time.monotonic() - t0, 3),
+                        broken=broken,
                     )
                 )
 
@@ -280,11 +457,18 @@ class Peer:
             if missing > 0 and time.monotonic() >= next_request:
                 try:
                     plans = self.tracker.request_circuits(infohash, missing)
+                except NotAnnounced as exc:
+                    log.warning("tracker lost track of us: %s", exc)
+                    self._announce_now.set()
+                    plans = []
                 except TrackerError as exc:
                     log.warning("no circuits yet: %s", exc)
                     plans = []
                 if plans:
                     backoff = RETRY_MIN
+                    now = time.monotonic()
+                    replans.extend(now - t for t in broken_at)
+                    broken_at.clear()
                 else:
                     next_request = time.monotonic() + backoff
                     backoff = min(RETRY_MAX / 3, backoff * 2)
@@ -303,4 +487,7 @@ class Peer:
             seconds=seconds,
             circuits=tuple(records),
             failed=len(failures),
+            left_at_start=left_at_start,
+            downloaded=session.downloaded - downloaded_at_start,
+            replan_seconds=tuple(replans),
         )

@@ -27,7 +27,12 @@ from anomos.errors import AnomosError, ConfigError, TrackerError
 from anomos.identity import PeerIdentity
 from anomos.protocol.onion import LAYER_KEYS_SIZE, MAX_HOPS, TRACKING_CODE_SIZE, LayerKeys
 from anomos.protocol.request import REQUEST_BLOB_SIZE
-from anomos.tracker.identity import check_pin, normalise_fingerprint, pinned_context
+from anomos.tracker.identity import (
+    TrackerTrustError,
+    check_pin,
+    normalise_fingerprint,
+    pinned_context,
+)
 
 #: Prefix of every signed message (followed by the request path and the inner message).
 SIGNATURE_CONTEXT = b"anomos-tracker-v1"
@@ -41,6 +46,11 @@ MAX_CIRCUITS = 8
 MAX_NEIGHBOURS = 64
 #: Events a torrent entry may carry, as in BitTorrent.
 EVENTS = ("", "started", "completed", "stopped")
+
+
+class NotAnnounced(TrackerError):
+    """The tracker does not know this peer (it expired, was dropped or the tracker
+    lost it): announce, then ask again."""
 
 
 @attrs.frozen
@@ -82,6 +92,18 @@ class CircuitPlan:
     request_blob: bytes = attrs.field(repr=False)
     suite: str
     material: bytes = attrs.field(repr=False)
+
+
+@attrs.frozen
+class LostNeighbour:
+    """A neighbour whose link dropped: reported so the tracker stops routing over it."""
+
+    nid: int
+    #: Milliseconds since the link dropped (the tracker ignores a report older
+    #: than the neighbour's own last announce: it came back since).
+    ago_ms: int
+    #: ``"lost"`` (the link went down) or ``"protocol"`` (we cut it: it broke the protocol).
+    why: str = "lost"
 
 
 @attrs.frozen
@@ -148,7 +170,7 @@ class _PinnedConnection(http.client.HTTPSConnection):
     def connect(self) -> None:
         if self._dialer is None:
             if self.host.lower().endswith(".onion"):
-                raise TrackerError(
+                raise TrackerTrustError(
                     f"tracker {self.host} is an onion service: use --transport tor to reach it"
                 )
             super().connect()
@@ -203,10 +225,12 @@ class TrackerClient:
         torrents: Iterable[TorrentStatus],
         relayed: int,
         stopped: bool = False,
+        lost: Iterable[LostNeighbour] = (),
     ) -> AnnounceReply:
-        """Report this peer and its torrents; learn its neighbours, the epoch and its ratio."""
+        """Report this peer and its torrents (and the neighbours it lost); learn its
+        neighbours, the epoch and its ratio."""
         split_address(address)
-        inner = {
+        inner: dict[str, Any] = {
             "time": int(time.time()),
             "session": self.session,
             "onion": self.identity.onion_public,
@@ -225,6 +249,9 @@ class TrackerClient:
             "relayed": relayed,
             "stopped": int(stopped),
         }
+        lost_list = [{"nid": x.nid, "ago": max(0, x.ago_ms), "why": x.why} for x in lost]
+        if lost_list:
+            inner["lost"] = lost_list
         reply = self._post(self.announce_path, inner)
         try:
             return _parse_announce(reply)
@@ -293,7 +320,8 @@ class TrackerClient:
                 if isinstance(failure, bytes)
                 else f"HTTP {resp.status}"
             )
-            raise TrackerError(f"{where} refused {path.rsplit('/', 1)[-1]}: {_one_line(text)}")
+            cls = NotAnnounced if resp.status == 409 else TrackerError
+            raise cls(f"{where} refused {path.rsplit('/', 1)[-1]}: {_one_line(text)}")
         return reply
 
 

@@ -141,8 +141,12 @@ class PeerGraph:
         self._adj: dict[Peer, dict[Peer, int]] = {}
         #: peer -> nid -> neighbour
         self._by_nid: dict[Peer, dict[int, Peer]] = {}
-        #: peer -> join sequence number; the newer peer of an edge dials.
+        #: peer -> join sequence number; the newer peer of an edge dials, unless
+        #: ``_dialers`` says otherwise.
         self._seq: dict[Peer, int] = {}
+        #: edge -> the end told of it first, which dials: it is the one that can
+        #: act on the edge at once (the other learns when dialled, see links).
+        self._dialers: dict[frozenset[Peer], Peer] = {}
         self._next_seq = 1
         #: degree -> peers of that degree (degrees above max share the top bucket).
         self._buckets: list[IndexedSet] = [IndexedSet() for _ in range(max_neighbours + 1)]
@@ -177,7 +181,15 @@ class PeerGraph:
         return self._by_nid.get(peer, {}).get(nid)
 
     def dialer(self, a: Peer, b: Peer) -> Peer:
-        """Which end of edge ``a - b`` opens the connection: the one that joined later."""
+        """Which end of edge ``a - b`` opens the connection.
+
+        The end that was told of the edge first (so it can dial at once, and the
+        other end learns of the edge when dialled); before either was told, or for
+        an edge restored without one, the peer that joined later.
+        """
+        fixed = self._dialers.get(frozenset((a, b)))
+        if fixed is not None:
+            return fixed
         return a if self._seq[a] > self._seq[b] else b
 
     def seq(self, peer: Peer) -> int:
@@ -209,16 +221,42 @@ class PeerGraph:
         return sum(len(n) for n in self._adj.values()) // 2
 
     # ------------------------------------------------------------------ settled edges
-    def mark_told(self, peer: Peer) -> None:
-        """``peer`` has just been sent its full neighbour list."""
+    def mark_told(self, peer: Peer) -> list[Edge]:
+        """``peer`` is being sent its full neighbour list; the edges whose dialer this fixed.
+
+        Call it before reading :meth:`dialer` for the reply: on an edge neither
+        end has heard of yet, ``peer`` becomes the dialer.
+        """
         told = self._told[peer]
         now = self._clock()
+        fixed: list[Edge] = []
         for n, nid in self._adj[peer].items():
             if n not in told:
                 told[n] = now
                 if peer in self._told[n]:
                     self._settling.append((now + self.edge_settle, peer, n, nid))
+                else:
+                    key = frozenset((peer, n))
+                    if key not in self._dialers:
+                        self._dialers[key] = peer
+                        fixed.append(Edge(peer, n, nid, peer))
         self._promote()
+        return fixed
+
+    def unsettle(self, a: Peer, b: Peer) -> bool:
+        """Stop planning over edge ``a - b`` until ``b`` has been told of it again.
+
+        For an edge ``a`` reports it cannot use (the link dropped): if ``b`` is
+        alive it announces again, and the edge settles as a new one would.
+        False when there is no such edge.
+        """
+        if b not in self._adj.get(a, {}):
+            return False
+        self._ready[a].discard(b)
+        self._ready[b].discard(a)
+        self._told[b].pop(a, None)
+        self.version += 1
+        return True
 
     def _promote(self) -> None:
         """Move edges whose settling time has come into the settled adjacency."""
@@ -307,13 +345,15 @@ class PeerGraph:
         if peer not in self._adj:
             self._insert(peer, seq)
 
-    def restore_edge(self, a: Peer, b: Peer, nid: int) -> None:
-        """Re-insert an edge from the store, keeping its NID."""
+    def restore_edge(self, a: Peer, b: Peer, nid: int, dialer: Peer | None = None) -> None:
+        """Re-insert an edge from the store, keeping its NID and dial direction."""
         if a == b or a not in self._adj or b not in self._adj or b in self._adj[a]:
             return
         if nid in self._by_nid[a] or nid in self._by_nid[b] or not 1 <= nid <= MAX_NID:
             return
         self._link(a, b, nid)
+        if dialer in (a, b):
+            self._dialers[frozenset((a, b))] = dialer
         # Both ends knew it before the restart: usable at once.
         self._told[a][b] = self._told[b][a] = -math.inf
         self._ready[a].add(b)
@@ -357,6 +397,7 @@ class PeerGraph:
         self._told[b].pop(a, None)
         self._ready[a].discard(b)
         self._ready[b].discard(a)
+        self._dialers.pop(frozenset((a, b)), None)
         self._bucket_of(a).discard(a)
         self._bucket_of(b).discard(b)
         nid = self._adj[a].pop(b)

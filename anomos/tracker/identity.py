@@ -104,12 +104,17 @@ def pinned_context() -> ssl.SSLContext:
     return ctx
 
 
+class TrackerTrustError(TrackerError):
+    """The tracker is not the one configured (or cannot be reached as configured):
+    unlike a tracker that is down, retrying will not help."""
+
+
 def check_pin(sock: ssl.SSLSocket, fingerprint: str) -> None:
-    """Raise :class:`TrackerError` unless the peer's public key hashes to ``fingerprint``."""
+    """Raise :class:`TrackerTrustError` unless the peer's public key hashes to ``fingerprint``."""
     der = sock.getpeercert(binary_form=True)
     got = spki_fingerprint(der) if der else "no certificate"
     if not secrets.compare_digest(got, fingerprint.lower()):
-        raise TrackerError(f"tracker identity mismatch: expected {fingerprint}, got {got}")
+        raise TrackerTrustError(f"tracker identity mismatch: expected {fingerprint}, got {got}")
 
 
 # ---------------------------------------------------------------------------- files

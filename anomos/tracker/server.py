@@ -70,10 +70,23 @@ RATE_PER_SECOND = 10.0
 RATE_BURST = 60.0
 #: Client IPs whose buckets are remembered (least recently seen forgotten first).
 MAX_RATE_CLIENTS = 65536
-#: Seconds a connection may take for its TLS handshake or to send one request.
+#: Seconds a connection may take, in all, for its TLS handshake, its request and
+#: our reply (a deadline for the whole connection, so trickling bytes buys nothing).
 REQUEST_TIMEOUT = 20.0
 #: Connections served at once.
 MAX_CONNECTIONS = 512
+#: Connections one client IP may hold open at once (more are closed unanswered).
+MAX_CONNECTIONS_PER_IP = 16
+#: Lost neighbours one announce may report.
+MAX_LOST = 64
+#: Milliseconds a lost-neighbour report may look back.
+MAX_LOST_AGE_MS = 3_600_000
+#: Distinct neighbours that must report a peer lost before it is dropped (fewer
+#: if it has fewer neighbours); one report only stops planning over that edge.
+LOST_REPORTS_TO_DROP = 2
+#: Seconds until the next announce asked of a peer whose report is still pending
+#: (so it hears of the replacement neighbours soon after the peer is dropped).
+LOST_RECHECK_INTERVAL = 2
 #: Peers looked at around a downloader when sampled sources were out of reach.
 NEAR_BUDGET = 20_000
 #: Seconds between writes of accumulated changes to the database (a crash loses at most
@@ -189,6 +202,30 @@ def _address_field(d: dict[bytes, Any]) -> str:
     return address
 
 
+_LOST_WHY = ("lost", "protocol")
+
+
+def _parse_lost(raw: Any) -> list[tuple[int, int, str]]:
+    """The optional ``lost`` field: [(nid, milliseconds ago, why), ...]."""
+    if not isinstance(raw, list) or len(raw) > MAX_LOST:
+        raise Refused(400, f"field 'lost' must be a list of at most {MAX_LOST}")
+    out = []
+    for item in raw:
+        if not isinstance(item, dict):
+            raise Refused(400, "each lost neighbour must be a dict")
+        why = item.get(b"why", b"lost")
+        if not isinstance(why, bytes) or why.decode("ascii", "replace") not in _LOST_WHY:
+            raise Refused(400, f"lost neighbour 'why' must be one of {', '.join(_LOST_WHY)}")
+        out.append(
+            (
+                _int_field(item, "nid", 1, 2**32 - 1),
+                _int_field(item, "ago", 0, MAX_LOST_AGE_MS),
+                why.decode("ascii"),
+            )
+        )
+    return out
+
+
 def _add_delta(reported: int, last: int) -> int:
     """Bytes to credit from a cumulative counter; a smaller value means it was reset."""
     return reported - last if reported >= last else reported
@@ -197,16 +234,40 @@ def _add_delta(reported: int, last: int) -> int:
 # ---------------------------------------------------------------------------- the tracker
 
 
+class _Deadline(gevent.GreenletExit):
+    """A connection ran past REQUEST_TIMEOUT. A GreenletExit, so that pywsgi, should it
+    catch this inside a request, drops the connection without logging a traceback."""
+
+
 class _Server(WSGIServer):
-    """pywsgi over TLS, with a deadline on the handshake and each request."""
+    """pywsgi over TLS: a deadline on each whole connection, a cap on connections per IP."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.per_ip: collections.Counter[str] = collections.Counter()
 
     def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> Any:
+        ip = str(address[0]) if isinstance(address, tuple) and address else "?"
+        if self.per_ip[ip] >= MAX_CONNECTIONS_PER_IP:
+            log.debug("tracker: %s already holds %d connections", ip, MAX_CONNECTIONS_PER_IP)
+            client_socket.close()
+            return None
+        self.per_ip[ip] += 1
         client_socket.settimeout(REQUEST_TIMEOUT)
         try:
-            return super().wrap_socket_and_handle(client_socket, address)
+            with gevent.Timeout(REQUEST_TIMEOUT, _Deadline()):
+                return super().wrap_socket_and_handle(client_socket, address)
+        except _Deadline:
+            log.debug("tracker connection from %s took over %g s", address, REQUEST_TIMEOUT)
+            return None
         except (ssl.SSLError, OSError) as exc:
             log.debug("tracker connection from %s failed: %s", address, exc)
             return None
+        finally:
+            self.per_ip[ip] -= 1
+            if self.per_ip[ip] <= 0:
+                del self.per_ip[ip]
+            client_socket.close()
 
 
 class Tracker:
@@ -266,6 +327,10 @@ class Tracker:
         self.store = Store(self.state_dir)
         self._pending = Batch()
         self._pending_count = 0
+        #: peer -> neighbours that reported it lost since it last announced -> when
+        self._lost_reports: dict[bytes, dict[bytes, float]] = {}
+        #: peers dropped because their neighbours lost them (for /stats)
+        self.dropped = 0
         self._restore()
         self._server: _Server | None = None
         self._loops: list[gevent.Greenlet] = []
@@ -332,6 +397,7 @@ class Tracker:
             "torrents": len(self.swarms),
             "announces": self.announces,
             "circuits_planned": self.planner.planned,
+            "dropped": self.dropped,
         }
 
     # ------------------------------------------------------------------ announce
@@ -348,6 +414,7 @@ class Tracker:
         relayed = _int_field(inner, "relayed")
         stopped = _int_field(inner, "stopped", 0, 1)
         torrents = self._parse_torrents(_field(inner, "torrents"))
+        lost = _parse_lost(inner.get(b"lost", []))
         self.announces += 1
         batch = self._pending
         account = self._credit(peer, session, relayed, torrents, batch)
@@ -366,15 +433,57 @@ class Tracker:
         else:
             row.onion, row.box, row.address = onion, box, address
             row.last_seen = now
-            if self.graph.degree(peer) < self.graph.min_neighbours:
-                self._apply_changes(self.graph.top_up(peer), batch)
+        # Speaking proves it alive: earlier reports of it being lost are void.
+        self._lost_reports.pop(peer, None)
+        pending = self._on_lost(peer, lost, now, batch) if lost else False
+        if self.graph.degree(peer) < self.graph.min_neighbours:
+            self._apply_changes(self.graph.top_up(peer), batch)
         self._seen[peer] = now
         self._seen.move_to_end(peer)
         batch.peers[peer] = row
         self._update_swarms(peer, torrents, batch)
         self._changed()
-        self.graph.mark_told(peer)
-        return self._reply(peer, list(self.graph.neighbours(peer)), account)
+        fixed: list[Any] = self.graph.mark_told(peer)
+        for edge in fixed:
+            batch.add_edge(edge.a, edge.b, edge.nid, edge.dialer)
+        interval = LOST_RECHECK_INTERVAL if pending else None
+        return self._reply(peer, list(self.graph.neighbours(peer)), account, interval)
+
+    def _on_lost(
+        self, peer: bytes, lost: list[tuple[int, int, str]], now: float, batch: Batch
+    ) -> bool:
+        """``peer`` lost its links to these NIDs; True if a lost neighbour is still kept.
+
+        The edge is taken out of planning at once (a circuit over it would fail);
+        the neighbour is dropped, and its neighbours repaired, once enough of its
+        neighbours report it. A report older than the neighbour's own last
+        announce is ignored: it came back (restarted) since.
+        """
+        pending = False
+        for nid, age_ms, why in lost:
+            other: Any = self.graph.peer_by_nid(peer, nid)
+            row = self.peers.get(other) if other is not None else None
+            if other is None or row is None:
+                continue
+            if row.last_seen >= now - age_ms / 1000.0:
+                continue
+            self.graph.unsettle(peer, other)
+            reporters = self._lost_reports.setdefault(other, {})
+            reporters[peer] = now
+            log.info(
+                "peer %s reports neighbour %s: %s (%d report(s))",
+                peer.hex()[:16],
+                other.hex()[:16],
+                why,
+                len(reporters),
+            )
+            if len(reporters) >= min(LOST_REPORTS_TO_DROP, self.graph.degree(other)):
+                log.info("dropping peer %s: lost by its neighbours", other.hex()[:16])
+                self._remove_peer(other, batch)
+                self.dropped += 1
+            else:
+                pending = True
+        return pending
 
     def _credit(
         self,
@@ -469,6 +578,7 @@ class Tracker:
         self._apply_changes(self.graph.remove_peer(peer), batch)
         self.peers.pop(peer, None)
         self._seen.pop(peer, None)
+        self._lost_reports.pop(peer, None)
         batch.peers.pop(peer, None)
         batch.removed_peers.add(peer)
 
@@ -478,7 +588,13 @@ class Tracker:
         for edge in changes.added:
             batch.add_edge(edge.a, edge.b, edge.nid)
 
-    def _reply(self, peer: bytes, neighbours: list[Any], account: Account) -> dict[str, Any]:
+    def _reply(
+        self,
+        peer: bytes,
+        neighbours: list[Any],
+        account: Account,
+        interval: int | None = None,
+    ) -> dict[str, Any]:
         ratio = self.ratio.ratio(account.uploaded, account.downloaded, account.relayed)
         return {
             "neighbours": [
@@ -491,8 +607,8 @@ class Tracker:
                 for n in neighbours
             ],
             "epoch": current_epoch(self.clock()),
-            "interval": self.interval,
-            "min_interval": self.min_interval,
+            "interval": min(interval or self.interval, self.interval),
+            "min_interval": min(self.min_interval, interval or self.min_interval),
             "ratio": "inf" if math.isinf(ratio) else f"{ratio:.6f}",
             "uploaded": account.uploaded,
             "downloaded": account.downloaded,
@@ -577,7 +693,7 @@ class Tracker:
             self._seen[row.identity] = now
             self.graph.restore_peer(row.identity, row.seq)
         for a, b, nid in snap.edges:
-            self.graph.restore_edge(a, b, nid)
+            self.graph.restore_edge(a, b, nid, snap.dialers.get((a, b)))
         self.accounts = dict(snap.accounts)
         self.sizes = dict(snap.torrents)
         for ih, peer, srow in snap.swarm:

@@ -10,6 +10,8 @@ Tables: ``peers`` (live peers: keys, contact address, join order),
 reported; kept after a peer leaves so neither its ratio nor its baselines are
 lost), ``reports`` (per identity and torrent, the cumulative counters last
 reported in the current session), ``edges`` (the neighbour graph with NIDs),
+``dialers`` (for edges whose dial direction was fixed when an end was told of
+it: that end; added in place, old databases simply lack it),
 ``swarm`` (torrent membership), ``torrents`` (the largest ``left`` seen: the
 torrent's size as far as the tracker can tell) and ``meta`` (counters).
 """
@@ -56,6 +58,12 @@ CREATE TABLE IF NOT EXISTS edges (
     a BLOB NOT NULL,
     b BLOB NOT NULL,
     nid INTEGER NOT NULL,
+    PRIMARY KEY (a, b)
+);
+CREATE TABLE IF NOT EXISTS dialers (
+    a BLOB NOT NULL,
+    b BLOB NOT NULL,
+    dialer BLOB NOT NULL,
     PRIMARY KEY (a, b)
 );
 CREATE TABLE IF NOT EXISTS swarm (
@@ -124,17 +132,18 @@ class Batch:
     cleared_reports: set[bytes] = attrs.field(factory=set)
     reports: dict[tuple[bytes, bytes], tuple[int, int]] = attrs.field(factory=dict)
     removed_reports: set[tuple[bytes, bytes]] = attrs.field(factory=set)
-    added_edges: dict[tuple[bytes, bytes], int] = attrs.field(factory=dict)
+    #: (a, b) -> (nid, dialer or None)
+    added_edges: dict[tuple[bytes, bytes], tuple[int, bytes | None]] = attrs.field(factory=dict)
     removed_edges: set[tuple[bytes, bytes]] = attrs.field(factory=set)
     swarm: dict[tuple[bytes, bytes], SwarmRow] = attrs.field(factory=dict)
     removed_swarm: set[tuple[bytes, bytes]] = attrs.field(factory=set)
     torrents: dict[bytes, int] = attrs.field(factory=dict)
     meta: dict[str, int] = attrs.field(factory=dict)
 
-    def add_edge(self, a: bytes, b: bytes, nid: int) -> None:
+    def add_edge(self, a: bytes, b: bytes, nid: int, dialer: bytes | None = None) -> None:
         key = _edge_key(a, b)
         self.removed_edges.discard(key)
-        self.added_edges[key] = nid
+        self.added_edges[key] = (nid, dialer)
 
     def remove_edge(self, a: bytes, b: bytes) -> None:
         key = _edge_key(a, b)
@@ -177,6 +186,8 @@ class Snapshot:
     swarm: list[tuple[bytes, bytes, SwarmRow]]
     torrents: dict[bytes, int]
     meta: dict[str, int]
+    #: (a, b) -> the end that dials, for edges where that was fixed
+    dialers: dict[tuple[bytes, bytes], bytes] = attrs.field(factory=dict)
 
 
 class Store:
@@ -211,13 +222,14 @@ class Store:
             if identity in accounts:
                 accounts[identity].reports[ih] = (up, down)
         edges = [(a, b, nid) for a, b, nid in db.execute("SELECT a, b, nid FROM edges")]
+        dialers = {(a, b): d for a, b, d in db.execute("SELECT a, b, dialer FROM dialers")}
         swarm = [
             (ih, peer, SwarmRow(left, up, down))
             for ih, peer, left, up, down in db.execute("SELECT * FROM swarm")
         ]
         torrents = {ih: size for ih, size in db.execute("SELECT * FROM torrents")}
         meta = {k: v for k, v in db.execute("SELECT key, value FROM meta")}
-        return Snapshot(peers, accounts, edges, swarm, torrents, meta)
+        return Snapshot(peers, accounts, edges, swarm, torrents, meta, dialers)
 
     def write(self, batch: Batch) -> None:
         """Apply ``batch`` atomically."""
@@ -227,10 +239,12 @@ class Store:
         db.execute("BEGIN")
         try:
             _delete(db, "DELETE FROM edges WHERE a = ? AND b = ?", batch.removed_edges)
+            _delete(db, "DELETE FROM dialers WHERE a = ? AND b = ?", batch.removed_edges)
             _delete(db, "DELETE FROM swarm WHERE infohash = ? AND peer = ?", batch.removed_swarm)
             for peer in batch.removed_peers:
                 db.execute("DELETE FROM peers WHERE identity = ?", (peer,))
                 db.execute("DELETE FROM edges WHERE a = ? OR b = ?", (peer, peer))
+                db.execute("DELETE FROM dialers WHERE a = ? OR b = ?", (peer, peer))
                 db.execute("DELETE FROM swarm WHERE peer = ?", (peer,))
             db.executemany(
                 "DELETE FROM reports WHERE identity = ?", [(k,) for k in batch.cleared_reports]
@@ -255,7 +269,16 @@ class Store:
             )
             db.executemany(
                 "INSERT OR REPLACE INTO edges VALUES (?, ?, ?)",
-                [(a, b, nid) for (a, b), nid in batch.added_edges.items()],
+                [(a, b, nid) for (a, b), (nid, _) in batch.added_edges.items()],
+            )
+            _delete(  # a re-made edge has no dial direction until an end is told of it
+                db,
+                "DELETE FROM dialers WHERE a = ? AND b = ?",
+                [key for key, (_, d) in batch.added_edges.items() if d is None],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO dialers VALUES (?, ?, ?)",
+                [(a, b, d) for (a, b), (_, d) in batch.added_edges.items() if d is not None],
             )
             db.executemany(
                 "INSERT OR REPLACE INTO swarm VALUES (?, ?, ?, ?, ?)",
