@@ -51,9 +51,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: DATA records a sender may have in flight per direction (each carries up to ~32 KiB).
-CIRCUIT_WINDOW = 64
+CIRCUIT_WINDOW = 128
 #: The receiver acknowledges consumed records in groups of this many.
-SENDME_EVERY = 16
+SENDME_EVERY = 32
 #: Seconds a terminal waits for the HELLO after answering CREATED.
 HELLO_TIMEOUT = 30.0
 

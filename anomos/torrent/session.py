@@ -71,6 +71,10 @@ log = logging.getLogger(__name__)
 PIPELINE_MIN = 32
 PIPELINE_MAX = 256
 PIPELINE_SECONDS = 1.0
+#: Requests go out in batches of at least this many (at most half the pipeline):
+#: over a circuit every write costs a whole 32 KiB cell, so asking for one block
+#: per block received would send as many cells upstream as data comes down.
+REQUEST_BATCH = 32
 #: Requests a peer may have queued at us; more is a protocol error.
 MAX_PEER_REQUESTS = 512
 #: Bytes asked of the stream per recv, and sent per sendall (at most, roughly).
@@ -686,7 +690,7 @@ class TorrentSession:
         depth = int(conn.down_meter.rate(now) * PIPELINE_SECONDS / BLOCK_SIZE)
         depth = max(PIPELINE_MIN, min(PIPELINE_MAX, depth))
         outstanding = picker.outstanding(conn)
-        if outstanding >= depth:
+        if outstanding and depth - outstanding < min(REQUEST_BATCH, depth // 2):
             return
         blocks = picker.next_requests(conn, depth - outstanding)
         if blocks:
