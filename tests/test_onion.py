@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -117,8 +118,8 @@ def test_refusals_name_their_reason() -> None:
     hop = reader(0)
     cases = {
         "bytes, expected": code[:-1],
-        "unknown version": b"\x02" + code[1:],
-        "neither the current": struct.pack(">BI", 1, EPOCH - 2) + code[5:],
+        "unknown version": b"\x01" + code[1:],  # version 1 (blinded Sphinx) is gone
+        "neither the current": struct.pack(">BI", onion.VERSION, EPOCH - 2) + code[5:],
         "MAC failed": code[:-1] + bytes([code[-1] ^ 1]),
         "low-order": code[:5] + bytes(32) + code[37:],
     }
@@ -236,6 +237,14 @@ def test_documented_intermediate_values_match() -> None:
     assert f"x (session)      {session.hex()}" in text
     for i in range(3):
         assert f"hop {i} public     {x25519_public(hop_key(i)).hex()}" in text
+    x0 = hashlib.sha256(b"anomos-onion-v2 hop" + session + b"\0").digest()
+    alpha0 = x25519_public(x0)
+    assert f"x_0              {x0.hex()}" in text
+    assert f"alpha_0          {alpha0.hex()}" in text
+    shared = X25519PrivateKey.from_private_bytes(hop_key(0)).exchange(
+        X25519PublicKey.from_public_bytes(alpha0)
+    )
+    assert f"s_0              {shared.hex()}" in text
     m = re.search(r"1-hop code\s+((?:[0-9a-f]{2,64}\s+)+)", text)
     assert m, "docs/protocol.md lost its 1-hop code"
     code, _ = build_tracking_code(path(1), EPOCH, session_key=session)

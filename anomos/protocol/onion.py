@@ -10,14 +10,18 @@ indistinguishable from random bytes.
 Layout (see docs/protocol.md for the full derivation and test vectors)::
 
     version u8 | epoch u32 | alpha (32) | beta (MAX_HOPS * SLOT_SIZE) | gamma (16)
-    slot = flag u8 | next NID u32 | next gamma (16)
+    slot = flag u8 | next NID u32 | next alpha (32) | next gamma (16)
 
-One X25519 element ``alpha`` is blinded at each hop (``alpha' = X25519(b, alpha)``
-with ``b = H(alpha || s)``), so consecutive hops see unrelated elements; ``beta``
-is decrypted with a per-hop AES-256-CTR stream and shifted by one slot, the
-missing tail is the *filler* the builder precomputed; ``gamma`` is an HMAC over
-the prefix, ``alpha`` and ``beta`` with a per-hop key, so any change is refused
-at the first hop that sees it.
+Every hop gets its own ephemeral X25519 element ``alpha``: the builder draws
+one key per hop, puts the first hop's public element in the clear and each
+later one in the slot of the hop before, so consecutive hops see unrelated
+elements. (Version 1 blinded one element hop by hop as Sphinx does, which
+costs the builder ``n(n+1)/2 + n`` scalar multiplications for ``n`` hops;
+fresh elements cost two per hop, one of them with the fixed base, and one per
+hop to peel instead of two.) ``beta`` is decrypted with a per-hop AES-256-CTR
+stream and shifted by one slot, the missing tail is the *filler* the builder
+precomputed; ``gamma`` is an HMAC over the prefix, ``alpha`` and ``beta``
+with a per-hop key, so any change is refused at the first hop that sees it.
 """
 
 from __future__ import annotations
@@ -30,16 +34,17 @@ import time
 from collections.abc import Callable, Sequence
 
 import attrs
+import nacl.bindings
+import nacl.exceptions
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from anomos.errors import CryptoError, ProtocolError
 
 #: Format version carried in the first byte of every code.
-VERSION = 1
+VERSION = 2
 #: Keys rotate per epoch: a code is accepted in its epoch and the next one.
 EPOCH_SECONDS = 600
 MAX_HOPS = 8
@@ -50,7 +55,7 @@ FLAG_RELAY = 1
 FLAG_TERMINAL = 2
 
 _PREFIX = struct.Struct(">BI")  # version, epoch
-_SLOT = struct.Struct(">BI16s")  # flag, next NID, next gamma
+_SLOT = struct.Struct(">BI32s16s")  # flag, next NID, next alpha, next gamma
 PREFIX_SIZE = _PREFIX.size
 ALPHA_SIZE = 32
 MAC_SIZE = 16
@@ -60,10 +65,13 @@ TRACKING_CODE_SIZE = PREFIX_SIZE + ALPHA_SIZE + ROUTING_SIZE + MAC_SIZE
 #: Bytes of LayerKeys.to_bytes().
 LAYER_KEYS_SIZE = 96
 
-_LABEL = b"anomos-onion-v1"
+_LABEL = b"anomos-onion-v2"
 _ZERO_IV = bytes(16)
 _ZERO_SLOT = bytes(SLOT_SIZE)
 _ZERO_MAC = bytes(MAC_SIZE)
+_ZERO_ALPHA = bytes(ALPHA_SIZE)
+_STREAM_SIZE = ROUTING_SIZE + SLOT_SIZE
+_ZERO_STREAM = bytes(_STREAM_SIZE)
 # rho (32) | mu (32) | replay tag (16) | fwd key (32) | fwd iv (16) | bwd key (32) | bwd iv (16)
 _HOP_KEYS_SIZE = 32 + 32 + 16 + LAYER_KEYS_SIZE
 _ALPHA_END = PREFIX_SIZE + ALPHA_SIZE
@@ -170,18 +178,13 @@ def _mac(mu: bytes, prefix: bytes, alpha: bytes, beta: bytes) -> bytes:
     return hmac.new(mu, prefix + alpha + beta, hashlib.sha256).digest()[:MAC_SIZE]
 
 
-def _blinding(alpha: bytes, shared: bytes) -> X25519PrivateKey:
-    """The blinding scalar ``b = H(alpha || s)`` (X25519 clamps it, which is fine)."""
-    digest = hashlib.sha256(_LABEL + b" blind" + alpha + shared).digest()
-    return X25519PrivateKey.from_private_bytes(digest)
+def _hop_scalar(session_key: bytes, i: int) -> bytes:
+    """Hop ``i``'s ephemeral X25519 scalar, from the builder's one random session key."""
+    return hashlib.sha256(_LABEL + b" hop" + session_key + bytes((i,))).digest()
 
 
 def _private_key(raw: bytes) -> X25519PrivateKey:
     return X25519PrivateKey.from_private_bytes(raw)
-
-
-def _raw(public: X25519PublicKey) -> bytes:
-    return public.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def _exchange(private: X25519PrivateKey, public: bytes) -> bytes:
@@ -211,31 +214,26 @@ def build_tracking_code(
         raise ValueError("session_key must be 32 bytes")
     prefix = _PREFIX.pack(VERSION, epoch)
 
-    x = X25519PrivateKey.from_private_bytes(session_key)
-    alpha = _raw(x.public_key())
-    blinds: list[X25519PrivateKey] = []
+    # Per hop: a fresh element alpha_i = X25519(x_i, 9) and s_i = X25519(x_i, Y_i).
     alphas: list[bytes] = []
     keys: list[_HopSecrets] = []
+    streams: list[bytes] = []
     for i, hop in enumerate(hops):
+        x = _hop_scalar(session_key, i)
         try:
-            # s_i = X25519(b_{i-1}, ... X25519(b_0, X25519(x, Y_i)))
-            shared = _exchange(x, hop.onion_key)
-            for blind in blinds:
-                shared = _exchange(blind, shared)
-        except ValueError:
+            shared = nacl.bindings.crypto_scalarmult(x, hop.onion_key)
+        except nacl.exceptions.CryptoError:  # a low-order key: all-zero secret
             raise ValueError(f"hop {i} has an invalid onion key") from None
-        alphas.append(alpha)
-        keys.append(_derive(shared, prefix))
-        if i < n - 1:
-            blind = _blinding(alpha, shared)
-            blinds.append(blind)
-            alpha = _exchange(blind, alpha)
+        alphas.append(nacl.bindings.crypto_scalarmult_base(x))
+        secrets_i = _derive(shared, prefix)
+        keys.append(secrets_i)
+        # One key stream per hop serves both the filler and the layer of beta.
+        streams.append(_stream_xor(secrets_i.rho, _ZERO_STREAM))
 
     # Filler: what the hops before the terminal shift into the tail of beta.
     filler = b""
     for i in range(n - 1):
-        stream = _stream_xor(keys[i].rho, bytes(ROUTING_SIZE + SLOT_SIZE))
-        filler = _xor(filler + _ZERO_SLOT, stream[ROUTING_SIZE - i * SLOT_SIZE :])
+        filler = _xor(filler + _ZERO_SLOT, streams[i][ROUTING_SIZE - i * SLOT_SIZE :])
 
     # Random-looking start, so the terminal cannot tell where the real slots end.
     pad_key = hashlib.sha256(_LABEL + b" pad" + session_key).digest()
@@ -244,11 +242,11 @@ def build_tracking_code(
     for i in reversed(range(n)):
         nid = hops[i].next_nid
         slot = (
-            _SLOT.pack(FLAG_TERMINAL, 0, _ZERO_MAC)
+            _SLOT.pack(FLAG_TERMINAL, 0, _ZERO_ALPHA, _ZERO_MAC)
             if nid is None
-            else _SLOT.pack(FLAG_RELAY, nid, gamma)
+            else _SLOT.pack(FLAG_RELAY, nid, alphas[i + 1], gamma)
         )
-        beta = _stream_xor(keys[i].rho, slot + beta[: ROUTING_SIZE - SLOT_SIZE])
+        beta = _xor(slot + beta[: ROUTING_SIZE - SLOT_SIZE], streams[i][:ROUTING_SIZE])
         if i == n - 1 and filler:
             beta = beta[: ROUTING_SIZE - len(filler)] + filler
         gamma = _mac(keys[i].mu, prefix, alphas[i], beta)
@@ -301,15 +299,11 @@ class OnionReader:
         self._remember(epoch, now_epoch, keys.tag)
 
         opened = _stream_xor(keys.rho, beta + _ZERO_SLOT)
-        flag, nid, next_gamma = _SLOT.unpack_from(opened)
+        flag, nid, next_alpha, next_gamma = _SLOT.unpack_from(opened)
         if flag == FLAG_TERMINAL:
             return Peeled(next_nid=None, forward_code=None, layer=keys.layer)
         if flag != FLAG_RELAY:
             raise CryptoError(f"tracking code has an unknown routing flag {flag}")
-        try:
-            next_alpha = _exchange(_blinding(alpha, shared), alpha)
-        except ValueError:  # pragma: no cover - alpha already passed one exchange
-            raise CryptoError("tracking code carries a low-order X25519 element") from None
         forward = prefix + next_alpha + opened[SLOT_SIZE:] + next_gamma
         return Peeled(next_nid=nid, forward_code=forward, layer=keys.layer)
 
