@@ -207,6 +207,8 @@ class Peer:
         if self._stopped:
             return
         self._stopped = True
+        # No announce of ours may overtake the goodbye and bring us back.
+        self._group.kill(block=True, timeout=STOP_ANNOUNCE_TIMEOUT)
         if self._announced:
             timeout, self.tracker.timeout = self.tracker.timeout, STOP_ANNOUNCE_TIMEOUT
             try:
@@ -258,7 +260,7 @@ class Peer:
         except TransportError as exc:
             if str(exc).startswith("no configured transport"):
                 raise TrackerTrustError(str(exc)) from None  # retrying will not help
-            raise
+            raise TrackerError(f"cannot reach the tracker: {exc}") from None
 
     def _statuses(self) -> list[TorrentStatus]:
         return [
@@ -470,6 +472,7 @@ class Peer:
                     replans.extend(now - t for t in broken_at)
                     broken_at.clear()
                 else:
+                    log.info("no circuits planned; asking again in %.1f s", backoff)
                     next_request = time.monotonic() + backoff
                     backoff = min(RETRY_MAX / 3, backoff * 2)
                 for plan in plans:
