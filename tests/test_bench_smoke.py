@@ -54,6 +54,9 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
     if 1 in result["options"]["relays"]:
         assert _positive(result["relay"]["rate"]) and _positive(result["relay"]["cpu_per_gb"])
 
+    bg = result["background"]  # other programs' CPU share during the runs, for the warning
+    assert 0 <= bg["median_share"] <= bg["max_share"] <= 1
+
     setup = result["setup"]
     assert [s["relays"] for s in setup] == list(result["options"]["relays"])
     for s in setup:

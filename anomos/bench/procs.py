@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,65 @@ class Cluster:
 
 def _key(a: Worker, pa: int, b: Worker, pb: int) -> tuple[int, int]:
     return (id(a) * 64 + pa, id(b) * 64 + pb)
+
+
+def _busy_cpu() -> float | None:
+    """CPU seconds all processes of the machine spent busy so far (Linux), else None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal ...
+    busy = sum(fields[:3]) + sum(fields[5:8])
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process and of its children already waited for."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@attrs.define(eq=False)
+class CpuWatch:
+    """How much CPU *other* programs took while a measurement ran.
+
+    The benchmark shares the machine: anything else running steals cores
+    from the workers and lowers the figures. :meth:`stop` returns the CPU
+    seconds the machine was busy minus what this process, its children and
+    ``workers`` used, also as a share of all cores over the interval.
+    """
+
+    workers: list[Worker]
+    _t0: float = attrs.field(init=False)
+    _busy0: float | None = attrs.field(init=False)
+    _own0: float = attrs.field(init=False)
+    _workers0: list[float] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._t0 = time.monotonic()
+        self._busy0 = _busy_cpu()
+        self._own0 = _own_cpu()
+        self._workers0 = [w.cpu() for w in self.workers]
+
+    def stop(self) -> dict[str, float]:
+        busy = _busy_cpu()
+        if busy is None or self._busy0 is None:
+            return {}
+        ours = _own_cpu() - self._own0
+        ours += sum(w.cpu() - c for w, c in zip(self.workers, self._workers0, strict=True))
+        other = max(0.0, busy - self._busy0 - ours)
+        span = max(time.monotonic() - self._t0, 1e-9)
+        return {"background_cpu": other, "background_share": other / (span * (os.cpu_count() or 1))}
+
+
+def machine_busy(seconds: float = 0.5) -> float | None:
+    """Share of all cores busy over ``seconds`` (this process sleeping), or None."""
+    b0 = _busy_cpu()
+    t0 = time.monotonic()
+    gevent.sleep(seconds)
+    b1 = _busy_cpu()
+    if b0 is None or b1 is None:
+        return None
+    return (b1 - b0) / ((time.monotonic() - t0) * (os.cpu_count() or 1))

@@ -16,6 +16,8 @@ MB = 1e6
 GB = 1e9
 KiB = 1024
 MiB = 1024 * 1024
+#: Share of the CPUs taken by other programs above which the table warns.
+BUSY_WARNING = 0.05
 
 
 def median(values: Sequence[float]) -> float:
@@ -126,8 +128,18 @@ def table(result: dict[str, Any]) -> str:
             )
     if not rows:
         return "(no results)"
+    notes = []
+    busy = result.get("machine", {}).get("busy_at_start")
+    if busy is not None and busy > BUSY_WARNING:
+        notes.append(f"warning: the machine was {busy:.0%} busy before the benchmark started")
+    bg = result.get("background")
+    if bg and bg["max_share"] > BUSY_WARNING:
+        notes.append(
+            f"warning: other programs took up to {bg['max_share']:.0%} of the CPUs during the "
+            f"network runs (median {bg['median_share']:.0%}): throughput figures are low"
+        )
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     lines = [f"{'measure':<{w0}}  {'result':>{w1}}  notes", "-" * (w0 + w1 + 30)]
     lines += [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + notes)

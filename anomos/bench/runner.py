@@ -22,6 +22,7 @@ import attrs
 
 from anomos import __version__
 from anomos.bench.network import relay_memory, throughput_and_setup
+from anomos.bench.procs import machine_busy
 from anomos.bench.report import MiB
 from anomos.bench.tracker import tracker_section
 
@@ -33,7 +34,7 @@ class BenchOptions:
     """What to measure and how much; :meth:`quick` and :meth:`smoke` are smaller presets."""
 
     size: int = 256 * MiB
-    runs: int = 3
+    runs: int = 5
     relays: tuple[int, ...] = (0, 1, 2, 3)
     setup_count: int = 200
     memory_counts: tuple[int, ...] = (1000, 10000)
@@ -128,7 +129,7 @@ def run_bench(
     root.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "started": started,
-        "machine": machine(),
+        "machine": {**machine(), "busy_at_start": machine_busy()},
         "options": attrs.asdict(options),
     }
     try:

@@ -90,6 +90,8 @@ CIRCUIT_QUEUE_FRAMES = 256
 BATCH_BYTES = 256 * 1024
 #: Bytes read from the transport at once, before TLS decryption.
 TLS_RECV_CHUNK = 256 * 1024
+#: Frames a link's reader handles before it lets other greenlets run.
+READER_TURN_FRAMES = 8
 
 #: Circuit ids allocated by the dialler of a link have this bit set.
 DIALLER_BIT = 0x80000000
@@ -407,6 +409,7 @@ class Link:
         self.sock.settimeout(IDLE_TIMEOUT)
         self._writer = gevent.spawn(self._write_loop)
         reason = "closed by neighbour"
+        turn = 0
         try:
             for circ_id, cmd, payload in self.reader:
                 if self.closed_reason is not None:
@@ -419,6 +422,13 @@ class Link:
                 if handler is None:
                     raise ProtocolError(f"{cmd_name(cmd)} on a link that carries no circuits")
                 handler(self, circ_id, cmd, payload)
+                turn += 1
+                if turn >= READER_TURN_FRAMES:
+                    # A busy link never blocks on its socket: let the writers (which
+                    # pass these frames on) and the streams' readers (which return
+                    # SENDMEs) run, or everything moves in bursts of megabytes.
+                    turn = 0
+                    gevent.sleep(0)
         except ProtocolError as exc:
             reason = str(exc)
         except TimeoutError:
