@@ -14,10 +14,12 @@ run without yielding to other greenlets, so no locks are needed.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import math
 import random
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -234,13 +236,13 @@ def _add_delta(reported: int, last: int) -> int:
 # ---------------------------------------------------------------------------- the tracker
 
 
-class _Deadline(gevent.GreenletExit):
-    """A connection ran past REQUEST_TIMEOUT. A GreenletExit, so that pywsgi, should it
-    catch this inside a request, drops the connection without logging a traceback."""
-
-
 class _Server(WSGIServer):
-    """pywsgi over TLS: a deadline on each whole connection, a cap on connections per IP."""
+    """pywsgi over TLS: a deadline on each whole connection, a cap on connections per IP.
+
+    At the deadline the connection is shut down under whatever reads or writes
+    it (the TLS handshake, the request line, the body, our reply), so a client
+    trickling a byte at a time holds a slot for REQUEST_TIMEOUT at most.
+    """
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -253,21 +255,27 @@ class _Server(WSGIServer):
             client_socket.close()
             return None
         self.per_ip[ip] += 1
+        # Our own handle on the connection: the TLS wrapper takes over the original.
+        handle = client_socket.dup()
+        timer = gevent.spawn_later(REQUEST_TIMEOUT, _cut, handle, address)
         client_socket.settimeout(REQUEST_TIMEOUT)
         try:
-            with gevent.Timeout(REQUEST_TIMEOUT, _Deadline()):
-                return super().wrap_socket_and_handle(client_socket, address)
-        except _Deadline:
-            log.debug("tracker connection from %s took over %g s", address, REQUEST_TIMEOUT)
-            return None
+            return super().wrap_socket_and_handle(client_socket, address)
         except (ssl.SSLError, OSError) as exc:
             log.debug("tracker connection from %s failed: %s", address, exc)
             return None
         finally:
+            timer.kill(block=False)
+            handle.close()
             self.per_ip[ip] -= 1
             if self.per_ip[ip] <= 0:
                 del self.per_ip[ip]
-            client_socket.close()
+
+
+def _cut(sock: Any, address: Any) -> None:
+    log.debug("tracker connection from %s took over %g s: cut", address, REQUEST_TIMEOUT)
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 class Tracker:
