@@ -1,0 +1,191 @@
+"""Multi-host: the tracker and every peer in a network namespace of its own.
+
+Each host is a namespace with one veth interface (10.77.0.N/24) whose other
+end sits on a bridge in a "switch" namespace, so every connection crosses a
+real (virtual) link between hosts, and a link can be cut with ``ip link set
+... down`` as a cable would be pulled: no reset, no FIN, the packets simply
+stop. The addresses exist only inside these namespaces. Needs root and
+iproute2; the namespaces are always removed, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_churn import sha256, throttled
+
+from anomos.localnet import LocalNetwork, Proc
+from anomos.torrent.metainfo import make_metainfo
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.netns]
+
+SUBNET = "10.77.0"
+FILE_SIZE = 32 * 1024 * 1024 + 4097
+SS_LINE = re.compile(r"^\s*\d+\s+\d+\s+(\S+):(\d+)\s+(\S+):(\d+)")
+BYTES_RECEIVED = re.compile(r"bytes_received:(\d+)")
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def netns_unavailable() -> str | None:
+    """Why namespaces cannot be used here, or None."""
+    if shutil.which("ip") is None:
+        return "needs iproute2 (ip)"
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    probe = f"anomos-probe-{os.getpid()}"
+    made = ip("netns", "add", probe, check=False)
+    if made.returncode != 0:
+        return f"ip netns add failed: {made.stderr.strip()}"
+    try:
+        bridge = ip("-n", probe, "link", "add", "br0", "type", "bridge", check=False)
+        if bridge.returncode != 0:
+            return f"cannot make a bridge in a namespace: {bridge.stderr.strip()}"
+    finally:
+        ip("netns", "del", probe, check=False)
+    return None
+
+
+class Hosts:
+    """Namespaces joined by veth pairs to a bridge in a switch namespace."""
+
+    def __init__(self) -> None:
+        self.tag = f"ax{os.getpid() % 100000}"
+        self.switch = f"{self.tag}-sw"
+        self.names: list[str] = []
+        self.created: list[str] = []
+
+    def start(self) -> None:
+        ip("netns", "add", self.switch)
+        self.created.append(self.switch)
+        ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+        ip("-n", self.switch, "link", "set", "br0", "up")
+
+    def add(self) -> tuple[str, str, list[str]]:
+        """A new host: (namespace, address, command prefix)."""
+        n = len(self.names) + 1
+        ns = f"{self.tag}-h{n}"
+        ip("netns", "add", ns)
+        self.created.append(ns)
+        outer, inner = self.veth(n), f"{self.tag}i{n}"
+        ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+        ip("link", "set", outer, "netns", self.switch)
+        ip("link", "set", inner, "netns", ns)
+        ip("-n", self.switch, "link", "set", outer, "master", "br0")
+        ip("-n", self.switch, "link", "set", outer, "up")
+        address = f"{SUBNET}.{n}"
+        ip("-n", ns, "addr", "add", f"{address}/24", "dev", inner)
+        ip("-n", ns, "link", "set", inner, "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+        self.names.append(ns)
+        return ns, address, ["ip", "netns", "exec", ns]
+
+    def veth(self, n: int) -> str:
+        return f"{self.tag}o{n}"  # the switch side of host n's cable
+
+    def cut(self, address: str) -> None:
+        n = int(address.rsplit(".", 1)[1])
+        ip("-n", self.switch, "link", "set", self.veth(n), "down")
+
+    def received(self, ns: str) -> int:
+        """Bytes received by established TCP sockets in ``ns`` (the kernel's count)."""
+        out = subprocess.run(
+            ["ip", "netns", "exec", ns, "ss", "-tinH", "state", "established"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        return sum(int(m) for m in BYTES_RECEIVED.findall(out))
+
+    def close(self) -> None:
+        for ns in reversed(self.created):
+            ip("netns", "del", ns, check=False)
+        self.created.clear()
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    reason = netns_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    h = Hosts()
+    try:
+        h.start()
+        yield h
+    finally:
+        h.close()
+        leftover = ip("netns", "list", check=False).stdout
+        assert h.tag not in leftover, leftover
+
+
+def test_transfer_completes_after_a_relays_cable_is_cut(hosts: Hosts, tmp_path: Path) -> None:
+    data = tmp_path / "share" / "payload.bin"
+    data.parent.mkdir()
+    data.write_bytes(os.urandom(FILE_SIZE))
+    net = LocalNetwork(tmp_path / "net", verbose=1)
+    procs: dict[str, tuple[Proc, str]] = {}
+    try:
+        _ns, address, prefix = hosts.add()
+        net.start_tracker("--relays", "1-2", host=address, prefix=prefix)
+        assert net.tracker_url.startswith(f"https://{address}:")
+        meta = make_metainfo(
+            data, trackers=[net.tracker_url], fingerprint=net.fingerprint, progress=False
+        )
+        atorrent = tmp_path / "payload.atorrent"
+        meta.save(atorrent)
+
+        def start(name: str, command: str, *args: str, wait: bool = True) -> Proc:
+            ns, address, prefix = hosts.add()
+            proc = net.start_peer(name, command, *args, host=address, prefix=prefix, wait=wait)
+            procs[name] = (proc, ns)
+            return proc
+
+        relays = [start(f"relay{i}", "relay") for i in range(4)]
+        seeders = [
+            start(f"seeder{i}", "seed", str(atorrent), "--data", str(data)) for i in range(2)
+        ]
+        time.sleep(2.5)
+        # Peers only talk over their cables: every address is in 10.77.0.0/24.
+        info = json.loads((procs["relay0"][0].state_dir / "peer.json").read_text())
+        assert info["address"].startswith(f"{SUBNET}.")
+
+        dest, summary = tmp_path / "dest", tmp_path / "summary.json"
+        getter = start(
+            "downloader", "get", str(atorrent), "--dest", str(dest), "--sources", "3",
+            "--summary", str(summary), "--timeout", "75", wait=False,
+        )  # fmt: skip
+        victim = None
+        with throttled(*seeders):
+            deadline = time.monotonic() + 30
+            while victim is None and getter.alive() and time.monotonic() < deadline:
+                got = {r.name: hosts.received(procs[r.name][1]) for r in relays}
+                busiest = max(relays, key=lambda r: got[r.name])
+                if got[busiest.name] > FILE_SIZE // 16:
+                    victim = busiest
+                time.sleep(0.05)
+            assert victim is not None, "no relay carried the transfer"
+            assert getter.alive(), "finished before the cut"
+            hosts.cut(victim.host)  # pull the cable: no RST, no FIN
+            cut_at = hosts.received(procs[victim.name][1])
+            time.sleep(1.0)
+
+        assert getter.popen.wait(80) == 0, getter.log_tail()
+        assert sha256(dest / data.name) == sha256(data)
+        # The cable really was cut: the victim received nothing more.
+        assert hosts.received(procs[victim.name][1]) == cut_at
+        report = json.loads(summary.read_text())
+        assert report["circuits"], report
+    finally:
+        for proc, _ in procs.values():
+            proc.kill()
+        net.stop()
