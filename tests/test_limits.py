@@ -11,8 +11,11 @@ keeps flowing.
 from __future__ import annotations
 
 import http.client
+import os
+import shutil
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +23,13 @@ from typing import Any
 
 import gevent
 import pytest
-from test_churn import Client, wait_until
+from test_churn import Client, sha256, wait_until
 from test_hostile_peers import RawLink
 
 from anomos import bencode
 from anomos.config import HANDSHAKE_TIMEOUT, Settings, split_address
 from anomos.identity import PeerIdentity
+from anomos.localnet import LocalNetwork
 from anomos.net import circuit as circuitmod
 from anomos.net import frames, link
 from anomos.net.circuit import CircuitStream
@@ -38,6 +42,7 @@ from anomos.protocol.request import SourceRequest, seal_request
 from anomos.testing import loopback_host
 from anomos.torrent import session as sessionmod
 from anomos.torrent import wire
+from anomos.torrent.metainfo import make_metainfo
 from anomos.tracker import client as clientmod
 from anomos.tracker import server as server_mod
 from anomos.tracker.client import CircuitPlan, TrackerClient
@@ -281,3 +286,54 @@ def test_peer_side_tracker_client_limits(tracker: Tracker) -> None:
     client = TrackerClient(tracker.url, tracker.fingerprint, PeerIdentity.generate())
     with pytest.raises(Exception, match="outside 1-8"):
         client.request_circuits(b"\x00" * 20, clientmod.MAX_CIRCUITS + 1)
+
+
+# ----------------------------------------------------------------------------- the disk
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_full_disk_pauses_the_download_until_space_is_freed(tmp_path: Path) -> None:
+    """A 2 MiB tmpfs as the destination of a 6 MiB download, then made larger."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root and mount(8) for a small tmpfs")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(dest)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
+    try:
+        data = tmp_path / "share" / "file.bin"
+        data.parent.mkdir()
+        data.write_bytes(os.urandom(6 * 1024 * 1024 + 5))
+        with LocalNetwork(tmp_path / "net", verbose=1) as net:
+            net.start_tracker()
+            meta = make_metainfo(
+                data, trackers=[net.tracker_url], fingerprint=net.fingerprint, progress=False
+            )
+            atorrent = tmp_path / "file.atorrent"
+            meta.save(atorrent)
+            for i in range(3):
+                net.start_peer(f"relay{i}", "relay")
+            net.start_peer("seeder", "seed", str(atorrent), "--data", str(data))
+            time.sleep(2.5)
+            getter = net.start_peer(
+                "downloader", "get", str(atorrent), "--dest", str(dest), "--timeout", "80",
+                wait=False,
+            )  # fmt: skip
+            deadline = time.monotonic() + 40
+            while "no space left" not in getter.log_path.read_text():
+                assert getter.alive(), getter.log_tail()
+                assert time.monotonic() < deadline, getter.log_tail()
+                time.sleep(0.2)
+            time.sleep(2.0)
+            assert getter.alive(), getter.log_tail()  # waiting, not failing
+            subprocess.run(
+                ["mount", "-o", "remount,size=64m", str(dest)], check=True, capture_output=True
+            )
+            assert getter.popen.wait(70) == 0, getter.log_tail()
+            assert sha256(dest / data.name) == sha256(data)
+    finally:
+        subprocess.run(["umount", "-l", str(dest)], capture_output=True)

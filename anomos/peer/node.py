@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +66,8 @@ LOST_REPORT_DELAY = 0.2
 STALE_NEIGHBOUR_REFRESH = 10.0
 #: Seconds between checks of the assigned neighbours' links.
 LINK_WATCH_INTERVAL = 2.0
+#: Seconds between attempts (one circuit at a time) while the download's disk is full.
+DISK_FULL_RETRY = 5.0
 #: Seconds the goodbye announce may take when stopping (the tracker may be down).
 STOP_ANNOUNCE_TIMEOUT = 5.0
 
@@ -456,7 +459,17 @@ class Peer:
             if timeout is not None and time.monotonic() - started > timeout:
                 raise AnomosError(f"download not complete after {timeout:.0f} s")
             missing = sources - len(active)
-            if missing > 0 and time.monotonic() >= next_request:
+            if missing > 0 and time.monotonic() >= next_request and _disk_full(session):
+                # Every piece would fail to be written: try one circuit now and
+                # then (space may be freed, or the blocks may already be allocated).
+                log.warning(
+                    "no space left under %s; retrying in %g s", session.data_root, DISK_FULL_RETRY
+                )
+                next_request = time.monotonic() + DISK_FULL_RETRY
+                missing = 1 - len(active)
+            elif missing > 0 and time.monotonic() < next_request:
+                missing = 0
+            if missing > 0:
                 try:
                     plans = self.tracker.request_circuits(infohash, missing)
                 except NotAnnounced as exc:
@@ -494,3 +507,12 @@ class Peer:
             downloaded=session.downloaded - downloaded_at_start,
             replan_seconds=tuple(replans),
         )
+
+
+def _disk_full(session: TorrentSession) -> bool:
+    """Whether the download's file system lacks room for even one more piece."""
+    try:
+        free = shutil.disk_usage(session.data_root).free
+    except OSError:
+        return False
+    return free < session.metainfo.piece_length
