@@ -87,6 +87,29 @@ def test_pieces_span_file_boundaries(tmp_path: Path) -> None:
     leech.close()
 
 
+def test_blocks_of_a_piece_cost_one_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m, seed_root, content = make_torrent(tmp_path, {"one.bin": 5 * PIECE + 100})
+    whole = concat(content)
+    seeder = Storage(m, seed_root)
+    reads = []
+    real_pread = os.pread
+
+    def counting_pread(fd: int, n: int, at: int) -> bytes:
+        reads.append((n, at))
+        return real_pread(fd, n, at)
+
+    monkeypatch.setattr(os, "pread", counting_pread)
+    for i in (0, 1, 0, 5):  # blocks in any order; a piece read again after another
+        size = m.piece_size(i)
+        for begin in range(0, size, BLOCK_SIZE):
+            n = min(BLOCK_SIZE, size - begin)
+            assert seeder.read_block(i, begin, n) == whole[i * PIECE + begin :][:n]
+    assert reads == [(PIECE, 0), (PIECE, PIECE), (PIECE, 0), (100, 5 * PIECE)]
+    with pytest.raises(StorageError, match="outside the piece"):
+        seeder.read_block(5, 0, 101)
+    seeder.close()
+
+
 def test_single_file_torrent_lives_at_root_slash_name(tmp_path: Path) -> None:
     (tmp_path / "one.iso").write_bytes(b"x" * 100_000)
     m = make_metainfo(

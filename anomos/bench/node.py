@@ -18,6 +18,7 @@ per command (``{"ok": false, "error": "..."}`` on failure). End of input stops i
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
 import logging
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 REQUEST_TTL = 300
 #: Seconds allowed for one circuit to open.
 OPEN_TIMEOUT = 30.0
+#: Commands profiled (with cProfile, into $ANOMOS_BENCH_PROFILE) when that is set.
+PROFILED_OPS = frozenset({"download", "latency", "open", "profile"})
 #: Longest command line accepted on standard input.
 MAX_COMMAND = 1 << 20
 
@@ -262,6 +265,11 @@ class Worker:
             stream.close()
         return {"closed": len(held)}
 
+    def op_profile(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Idle for ``seconds``: profiles the whole process when $ANOMOS_BENCH_PROFILE is set."""
+        gevent.sleep(float(cmd.get("seconds", 1.0)))
+        return {}
+
     def op_stats(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Counters for the driver: relayed bytes, CPU seconds, RSS, live circuits."""
         if cmd.get("gc"):
@@ -279,11 +287,21 @@ class Worker:
         handler = getattr(self, f"op_{cmd.get('op')}", None)
         if handler is None:
             return {"ok": False, "error": f"unknown op {cmd.get('op')!r}"}
+        profile_dir = os.environ.get("ANOMOS_BENCH_PROFILE")
+        profiler = cProfile.Profile() if profile_dir and cmd.get("op") in PROFILED_OPS else None
         try:
+            if profiler is not None:
+                profiler.enable()
             return {"ok": True, **handler(cmd)}
         except (AnomosError, OSError, ValueError, KeyError) as exc:
             log.info("%s failed: %s", cmd.get("op"), exc)
             return {"ok": False, "error": " ".join(f"{type(exc).__name__}: {exc}".split())}
+        finally:
+            if profiler is not None:
+                # Every greenlet of the process ran under the profiler, not only this op.
+                profiler.disable()
+                path = Path(str(profile_dir)) / f"{cmd['op']}-{os.getpid()}-{time.time():.0f}.prof"
+                profiler.dump_stats(path)
 
 
 def _cpu() -> float:

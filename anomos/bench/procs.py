@@ -115,7 +115,7 @@ class Cluster:
         n = next(self._hosts)
         return f"127.{self._block}.{n // 250}.{n % 250 + 2}"
 
-    def spawn(self, name: str, personas: int = 1) -> Worker:
+    def spawn(self, name: str, personas: int = 1, env: dict[str, str] | None = None) -> Worker:
         """Start a worker with ``personas`` identities; returns once it listens."""
         state = self.workdir / name
         state.mkdir(parents=True, exist_ok=True)
@@ -125,10 +125,10 @@ class Cluster:
             argv += ["--host", self.next_host()]
         if self.verbose:
             argv.append("-v")
-        env = dict(os.environ, PYTHONUNBUFFERED="1", ANOMOS_PROGRESS="0")
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", ANOMOS_PROGRESS="0", **(env or {}))
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=full_env
             )
         worker = Worker(name, popen, log_path)
         self.workers.append(worker)

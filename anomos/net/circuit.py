@@ -144,7 +144,8 @@ class CircuitStream:
     _setup: gevent.event.AsyncResult = attrs.field(factory=gevent.event.AsyncResult, repr=False)
     _suite_state: Any = attrs.field(default=None, repr=False)
     _suite: Any = attrs.field(default=None, repr=False)
-    _chunks: deque[bytes] = attrs.field(factory=deque, repr=False)
+    #: Received data, views of the decrypted records.
+    _chunks: deque[memoryview] = attrs.field(factory=deque, repr=False)
     _offset: int = attrs.field(default=0, repr=False)
     _readable: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
     _window: int = attrs.field(factory=lambda: CIRCUIT_WINDOW, repr=False)
@@ -196,15 +197,27 @@ class CircuitStream:
             self._wait_readable()
             if not self._chunks:
                 return b""
-        chunk = self._chunks[0]
+        chunks = self._chunks
+        chunk = chunks[0]
         off = self._offset
         left = len(chunk) - off
         if bufsize < left:
             self._offset = off + bufsize
-            return chunk[off : off + bufsize]
-        out = chunk if off == 0 else chunk[off:]
+            return bytes(chunk[off : off + bufsize])
+        if len(chunks) == 1 or left + len(chunks[1]) > bufsize:
+            out = bytes(chunk[off:])
+            self._consume_chunk()
+            return out
+        # Several whole records fit: one copy for all of them, and the reader
+        # (a BitTorrent session) handles them in one go instead of one by one.
+        parts = [chunk[off:]]
+        size = left
         self._consume_chunk()
-        return out
+        while chunks and size + len(chunks[0]) <= bufsize:
+            parts.append(chunks[0])
+            size += len(chunks[0])
+            self._consume_chunk()
+        return b"".join(parts)
 
     def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
         """Fill ``buffer`` with what is buffered (at least one byte, or 0 at end of stream)."""
@@ -341,7 +354,7 @@ class CircuitStream:
     def _on_record(self, body: bytes) -> None:
         assert self._channel is not None
         try:
-            kind, data = self._channel.open(body)
+            kind, data = self._channel.open_view(body)
         except CryptoError as exc:
             self._fail(BreakReason.PROTOCOL, str(exc))
             return

@@ -112,6 +112,11 @@ class E2EChannel:
 
     def open(self, body: bytes | bytearray | memoryview) -> tuple[int, bytes]:
         """``(kind, data)`` of the next record; ``CryptoError`` if it is not that record."""
+        kind, view = self.open_view(body)
+        return kind, bytes(view)
+
+    def open_view(self, body: bytes | bytearray | memoryview) -> tuple[int, memoryview]:
+        """Like :meth:`open`, the data as a view of the decrypted record (no copy)."""
         if self._failed:
             raise CryptoError("end-to-end channel closed after an authentication failure")
         if len(body) != CELL_BODY:
@@ -130,7 +135,7 @@ class E2EChannel:
         if kind not in RECORD_KINDS or n > MAX_RECORD_DATA:
             self._failed = True
             raise CryptoError(f"end-to-end record has bad kind {kind} or length {n}")
-        return kind, plain[_HEADER : _HEADER + n]
+        return kind, memoryview(plain)[_HEADER : _HEADER + n]
 
 
 # ----------------------------------------------------------------------------- first cells

@@ -74,7 +74,7 @@ PIPELINE_SECONDS = 1.0
 #: Requests go out in batches of at least this many (at most half the pipeline):
 #: over a circuit every write costs a whole 32 KiB cell, so asking for one block
 #: per block received would send as many cells upstream as data comes down.
-REQUEST_BATCH = 32
+REQUEST_BATCH = 64
 #: Requests a peer may have queued at us; more is a protocol error.
 MAX_PEER_REQUESTS = 512
 #: Bytes asked of the stream per recv, and sent per sendall (at most, roughly).
@@ -687,9 +687,11 @@ class TorrentSession:
         if conn.snubbed_until > now:
             return
         picker = self.picker
+        outstanding = picker.outstanding(conn)
+        if outstanding and outstanding > PIPELINE_MAX - min(REQUEST_BATCH, PIPELINE_MAX // 2):
+            return  # no batch fits whatever the rate (skips the rate estimate per block)
         depth = int(conn.down_meter.rate(now) * PIPELINE_SECONDS / BLOCK_SIZE)
         depth = max(PIPELINE_MIN, min(PIPELINE_MAX, depth))
-        outstanding = picker.outstanding(conn)
         if outstanding and depth - outstanding < min(REQUEST_BATCH, depth // 2):
             return
         blocks = picker.next_requests(conn, depth - outstanding)
