@@ -302,23 +302,26 @@ class CircuitStream:
 
     def _send_record(self, kind: int, data: Any) -> None:
         assert self._channel is not None
-        self._send_body(self._channel.seal(kind, data))
+        self._send_body(self._channel.seal_mutable(kind, data))
 
-    def _send_body(self, body: bytes) -> None:
+    def _send_body(self, body: bytes | bytearray) -> None:
+        """Add the layers (in place when ``body`` is ours to change) and queue the cell."""
         if self.state == _CLOSED:
             raise CircuitClosed(f"circuit closed: {self.closed_reason}")
+        if not isinstance(body, bytearray):
+            body = bytearray(body)
         for layer in self._send_layers:
-            body = layer.apply(body)
+            layer.apply_in_place(body)
         if not self.link.send(self.circ_id, Cmd.DATA, body):
             reason = f"link to NID {self.link.nid} lost" if self.link.closed else "send queue full"
             self._end(BreakReason.OVERFLOW, reason)
             raise CircuitClosed(f"circuit closed: {reason}")
 
-    def _peel(self, payload: memoryview) -> Any:
-        body: Any = payload
+    def _peel(self, payload: memoryview) -> memoryview:
+        """Remove every layer in place: the frame's bytes are ours until the next frame."""
         for layer in self._recv_layers:
-            body = layer.apply(body)
-        return body
+            layer.apply_in_place(payload)
+        return payload
 
     def _on_frame(self, link: Link, circ_id: int, cmd: int, payload: memoryview) -> None:
         if cmd == Cmd.DATA:
@@ -338,7 +341,7 @@ class CircuitStream:
         else:
             self._fail(BreakReason.PROTOCOL, f"unexpected {Cmd(cmd).name} in state {self.state}")
 
-    def _on_reply(self, body: bytes) -> None:
+    def _on_reply(self, body: memoryview) -> None:
         try:
             reply = e2e.decode_reply(body)
             keys = self._suite.initiator_finish(self._suite_state, reply)
@@ -351,7 +354,7 @@ class CircuitStream:
         self._window_open.set()
         self._setup.set(None)
 
-    def _on_record(self, body: bytes) -> None:
+    def _on_record(self, body: memoryview) -> None:
         assert self._channel is not None
         try:
             kind, data = self._channel.open_view(body)
@@ -584,7 +587,7 @@ class CircuitSwitch:
         link.release_circ_id(circ_id)
 
     # ------------------------------------------------------------------ terminal
-    def _on_hello(self, stream: CircuitStream, body: bytes) -> None:
+    def _on_hello(self, stream: CircuitStream, body: memoryview) -> None:
         """The source's half of the key agreement; runs in the link's reader greenlet."""
         try:
             blob, suite_hello = e2e.decode_hello(body)

@@ -65,8 +65,9 @@ class E2EChannel:
     _recv: AESGCM = attrs.field(init=False, repr=False)
     _send_count: int = attrs.field(default=0, init=False)
     _recv_count: int = attrs.field(default=0, init=False)
-    _plain: bytearray = attrs.field(factory=lambda: bytearray(PLAINTEXT_SIZE), init=False)
-    _dirty: int = attrs.field(default=PLAINTEXT_SIZE, init=False, repr=False)
+    #: The record being sealed; made on the first send (an idle circuit holds none).
+    _plain: bytearray = attrs.field(factory=bytearray, init=False, repr=False)
+    _dirty: int = attrs.field(default=0, init=False, repr=False)
     _failed: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -89,6 +90,16 @@ class E2EChannel:
 
     def seal(self, kind: int, data: bytes | bytearray | memoryview = b"") -> bytes:
         """One cell body of exactly :data:`CELL_BODY` bytes carrying ``data``."""
+        return self._send.encrypt(self._next_plain(kind, data), self._plain, None)
+
+    def seal_mutable(self, kind: int, data: bytes | bytearray | memoryview = b"") -> bytearray:
+        """Like :meth:`seal`, into a new bytearray the caller may overwrite (layers in place)."""
+        out = bytearray(CELL_BODY)
+        self._send.encrypt_into(self._next_plain(kind, data), self._plain, None, out)
+        return out
+
+    def _next_plain(self, kind: int, data: bytes | bytearray | memoryview) -> bytes:
+        """Fill the plaintext buffer with the record; the nonce to seal it with."""
         if kind not in RECORD_KINDS:
             raise ValueError(f"unknown record kind {kind}")
         n = len(data)
@@ -97,6 +108,8 @@ class E2EChannel:
         if self._send_count >= 2**64:  # pragma: no cover - 2**64 cells is out of reach
             raise CryptoError("end-to-end send counter exhausted")
         plain = self._plain
+        if not plain:
+            plain = self._plain = bytearray(PLAINTEXT_SIZE)
         plain[0] = kind
         plain[1] = n >> 8
         plain[2] = n & 0xFF
@@ -108,7 +121,7 @@ class E2EChannel:
         self._dirty = end
         nonce = self._send_count.to_bytes(NONCE_SIZE, "big")
         self._send_count += 1
-        return self._send.encrypt(nonce, plain, None)
+        return nonce
 
     def open(self, body: bytes | bytearray | memoryview) -> tuple[int, bytes]:
         """``(kind, data)`` of the next record; ``CryptoError`` if it is not that record."""

@@ -50,6 +50,10 @@ class LayerStream:
         """Add or remove this layer on the next ``len(data)`` bytes of the stream."""
         return self._ctx.update(data)  # type: ignore[no-any-return]
 
+    def apply_in_place(self, buf: bytearray | memoryview) -> None:
+        """Like :meth:`apply`, overwriting ``buf`` (writable): no new buffer per cell."""
+        self._ctx.update_into(buf, buf)
+
     def apply_into(self, data: bytes | bytearray | memoryview, out: bytearray) -> None:
         """Like :meth:`apply`, writing into ``out`` (``len(data) + 15`` bytes) without a copy."""
         self._ctx.update_into(data, out)
