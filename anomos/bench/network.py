@@ -38,6 +38,8 @@ from anomos.torrent.metainfo import make_metainfo
 Echo = Callable[[str], None]
 #: Plain TCP copies per round (cheap, and the noisiest figure).
 TCP_COPIES = 3
+#: Circuits opened and closed on each link before the memory baseline is taken.
+WARM_UP = 20
 #: Placeholder announce URL of the benchmark torrent (no tracker is contacted).
 BENCH_TRACKER = "https://127.0.0.1:1/announce"
 
@@ -276,8 +278,9 @@ def relay_memory(
         net.connect(edges)
         sinks.call("sink")
         paths = [net.path([clients, relay, sinks], personas=[i, 0, i]) for i in range(pairs)]
-        # Warm up every code path once, then measure from an idle relay.
-        clients.call("open", count=min(50, max(counts)), infohash=infohash, **paths[0])
+        # Warm up every link and code path once, then measure from an idle relay.
+        for i in range(pairs):
+            clients.call("open", persona=i, count=WARM_UP, infohash=infohash, **paths[i])
         clients.call("close_held")
         sinks.call("close_held")
         time.sleep(0.5)
@@ -305,11 +308,13 @@ def relay_memory(
             stats = relay.call("stats", gc=True)
             if stats["circuits"] != target:
                 raise AnomosError(f"relay holds {stats['circuits']} circuits, expected {target}")
+            before = points[-1] if points else {"circuits": 0, "rss": idle["rss"]}
             points.append(
                 {
                     "circuits": target,
                     "rss": stats["rss"],
                     "per_circuit": (stats["rss"] - idle["rss"]) / target,
+                    "marginal": (stats["rss"] - before["rss"]) / (target - before["circuits"]),
                 }
             )
     return {"idle_rss": idle["rss"], "pairs": pairs, "points": points}

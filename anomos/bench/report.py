@@ -118,12 +118,14 @@ def table(result: dict[str, Any]) -> str:
             )
     mem = result.get("memory")
     if mem:
+        rows.append(("relay RSS, idle (links up)", f"{_fmt(mem['idle_rss'] / MiB)} MiB", ""))
         for point in mem["points"]:
             rows.append(
                 (
                     f"relay RSS, {point['circuits']:,} circuits",
                     f"{_fmt(point['rss'] / MiB)} MiB",
-                    f"{_fmt(point['per_circuit'] / KiB, 2)} KiB per circuit over idle",
+                    f"{_fmt(point['marginal'] / KiB, 2)} KiB per added circuit "
+                    f"({_fmt(point['per_circuit'] / KiB, 2)} over idle)",
                 )
             )
     if not rows:

@@ -474,8 +474,8 @@ class Link:
                     size += HEADER_SIZE + len(payload)
                     if q:
                         active.append(circ_id)
-                    elif circ_id not in self._circ_ids:
-                        del queues[circ_id]
+                    else:
+                        del queues[circ_id]  # an idle circuit keeps no queue (~600 bytes)
                 sock.sendall(b"".join(batch))
                 self.bytes_out += size
         except TimeoutError:
