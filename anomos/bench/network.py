@@ -285,7 +285,7 @@ def relay_memory(
         sinks.call("close_held")
         time.sleep(0.5)
         idle = relay.call("stats", gc=True)
-        points = []
+        points: list[dict[str, float]] = []
         opened = 0
         for target in sorted(counts):
             echo(f"memory: opening circuits up to {target}")
