@@ -145,6 +145,8 @@ class Peer:
     sessions: dict[bytes, TorrentSession] = attrs.field(factory=dict, init=False)
     address: str = attrs.field(default="", init=False)
     ratio: float = attrs.field(default=0.0, init=False)
+    #: The tracker's last word on this peer's accounts (uploaded, downloaded, relayed, ratio).
+    account: AnnounceReply | None = attrs.field(default=None, init=False)
     _interval: float = attrs.field(default=60.0, init=False)
     _group: gevent.pool.Group = attrs.field(factory=gevent.pool.Group, init=False)
     _announce_now: gevent.event.Event = attrs.field(factory=gevent.event.Event, init=False)
@@ -293,6 +295,7 @@ class Peer:
         self._announced = True
         self._interval = max(1.0, float(reply.interval))
         self.ratio = reply.ratio
+        self.account = reply
         self.links.set_neighbours(reply.neighbours)
         if lost:
             log.info("reported %d lost neighbour(s) to the tracker", len(lost))

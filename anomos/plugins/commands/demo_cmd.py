@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -26,6 +27,8 @@ from anomos.torrent.metainfo import make_metainfo
 
 #: Seconds the network gets to form its neighbour links before the download.
 SETTLE = 2.0
+#: Announce interval of the demo's tracker, short so relayed bytes show up quickly.
+ANNOUNCE_INTERVAL = 2
 
 
 def _parse_size(text: str) -> int:
@@ -92,7 +95,7 @@ def demo_command(
     net = LocalNetwork(root / "net")
     try:
         click.echo(f"anomos demo in {root}")
-        tracker = net.start_tracker()
+        tracker = net.start_tracker("--interval", str(ANNOUNCE_INTERVAL))
         click.echo(
             f"tracker   {net.tracker_url}  fingerprint {net.fingerprint[:16]}...  "
             f"(pid {tracker.pid})"
@@ -166,11 +169,45 @@ def demo_command(
             f"throughput {summary['throughput'] / 1e6:.2f} MB/s "
             f"({size} bytes in {summary['seconds']:.2f} s)"
         )
+        time.sleep(ANNOUNCE_INTERVAL + 1.5)  # every peer reports its relayed bytes
+        _show_relay_credit(net, tracker.state_dir)
         return 0
     finally:
         net.stop()
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _show_relay_credit(net: LocalNetwork, tracker_state: Path) -> None:
+    """What the tracker credits each peer, read from its SQLite file."""
+    from anomos.pluginmanager import get_plugins
+    from anomos.tracker.store import DB_FILE
+
+    policy = get_plugins(load_entrypoints=False).ratio_policy("relay-credit")
+    db = sqlite3.connect(f"file:{tracker_state / DB_FILE}?mode=ro", uri=True)
+    try:
+        rows = {
+            bytes(r[0]): r[1:]
+            for r in db.execute("SELECT identity, uploaded, downloaded, relayed FROM accounts")
+        }
+    finally:
+        db.close()
+    click.echo(
+        f"credit    as the tracker counts it ({policy.name}: relayed bytes count as uploaded):"
+    )
+    for proc in net.procs:
+        info = proc.state_dir / "peer.json"
+        if not info.exists():
+            continue
+        account = rows.get(bytes.fromhex(json.loads(info.read_text())["identity"]))
+        if account is None:
+            continue
+        up, down, relayed = account
+        ratio = policy.ratio(up, down, relayed)
+        click.echo(
+            f"  {proc.name:10} uploaded {up / 1e6:7.2f} MB  relayed {relayed / 1e6:7.2f} MB  "
+            f"downloaded {down / 1e6:7.2f} MB  ratio {ratio:.2f}"
+        )
 
 
 @hookimpl

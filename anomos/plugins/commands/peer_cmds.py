@@ -13,7 +13,7 @@ import gevent.event
 
 from anomos import hookimpl
 from anomos.config import Settings
-from anomos.errors import ConfigError
+from anomos.errors import AnomosError, ConfigError
 from anomos.pluginmanager import Plugins
 from anomos.progress import bar
 from anomos.torrent.metainfo import Metainfo
@@ -198,8 +198,24 @@ def get_command(
         f"({report.throughput / 1e6:.2f} MB/s) over {len(report.circuits)} circuits "
         f"(relays per circuit: {relays})"
     )
+    result = report.to_json()
+    try:
+        account = peer.announce()  # the tracker credits what we uploaded and relayed
+    except AnomosError as exc:
+        click.echo(f"ratio: unknown (final announce failed: {exc})")
+    else:
+        click.echo(
+            f"ratio: {account.ratio:.2f} as the tracker counts it (uploaded {account.uploaded}, "
+            f"relayed {account.relayed}, downloaded {account.downloaded} bytes)"
+        )
+        result["account"] = {
+            "ratio": account.ratio,
+            "uploaded": account.uploaded,
+            "relayed": account.relayed,
+            "downloaded": account.downloaded,
+        }
     if summary is not None:
-        summary.write_text(json.dumps(report.to_json(), indent=2))
+        summary.write_text(json.dumps(result, indent=2, default=str))
     if keep_seeding:
         _run_until_signal(peer)
     else:
