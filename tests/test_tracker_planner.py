@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -169,6 +170,35 @@ def test_edges_not_yet_known_to_both_ends_are_not_used():
     assert planner.plan(peers[0], INFOHASH, peers[1:], 3) == []  # no time to link up yet
     now[0] += 2.0
     assert len(planner.plan(peers[0], INFOHASH, peers[1:], 3)) == 3
+
+
+def test_a_newcomer_plans_at_once_over_its_own_edges_only():
+    """The downloader waits for its first hop itself, so its fresh edges count once it was
+    told of them; every other edge on the path must still be settled."""
+    now = [100.0]
+    ids = [PeerIdentity.generate() for _ in range(13)]
+    by_pub = {i.identity_public: i for i in ids}
+    graph = PeerGraph(rng=random.Random(6), clock=lambda: now[0], edge_settle=2.0)
+    old, newcomer = [i.identity_public for i in ids[:12]], ids[12].identity_public
+    for p in old:
+        graph.add_peer(p)
+    for p in old:
+        graph.mark_told(p)
+    now[0] += 2.0  # the old network is settled
+    graph.add_peer(newcomer)
+    planner = make_planner(graph, by_pub, seed=7)
+    sources = [p for p in old if p not in graph.neighbours(newcomer)]
+    assert planner.plan(newcomer, INFOHASH, sources, 2) == []  # not told of its edges yet
+    graph.mark_told(newcomer)
+    plans = planner.plan(newcomer, INFOHASH, sources, 2)
+    assert plans, "a told newcomer should get circuits without waiting for its edges to settle"
+    for plan in plans:
+        visited, _ = follow(plan, newcomer, graph, by_pub)
+        path = [newcomer, *visited]
+        for a, b in itertools.pairwise(path[1:]):
+            assert graph.settled(a, b)  # beyond the first hop, only settled edges
+        # the newcomer's other ends were not told yet: those edges are not settled
+        assert not graph.settled(newcomer, visited[0])
 
 
 def test_a_source_whose_keys_the_crypto_refuses_is_skipped(world):

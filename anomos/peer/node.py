@@ -59,6 +59,10 @@ FIRST_HOP_WAIT = 5.0
 #: fails fast; asking again at once would likely get the same relay).
 FAIL_BACKOFF_MIN = 0.25
 FAIL_BACKOFF_MAX = 5.0
+#: Seconds before asking again when the tracker planned no circuit (a new peer's
+#: edges take a moment to settle): starts small so a download starts quickly.
+NO_PLAN_BACKOFF_MIN = 0.25
+NO_PLAN_BACKOFF_MAX = 10.0
 #: Seconds to gather further link losses before reporting them to the tracker.
 LOST_REPORT_DELAY = 0.2
 #: Seconds an assigned neighbour may stay without a link before we ask the
@@ -415,7 +419,7 @@ class Peer:
         replans: list[float] = []
         active: set[gevent.Greenlet] = set()
         changed = gevent.event.Event()
-        backoff = RETRY_MIN
+        backoff = NO_PLAN_BACKOFF_MIN
         fail_backoff = FAIL_BACKOFF_MIN
         next_request = 0.0
         infohash = session.metainfo.infohash
@@ -483,14 +487,14 @@ class Peer:
                     log.warning("no circuits yet: %s", exc)
                     plans = []
                 if plans:
-                    backoff = RETRY_MIN
+                    backoff = NO_PLAN_BACKOFF_MIN
                     now = time.monotonic()
                     replans.extend(now - t for t in broken_at)
                     broken_at.clear()
                 else:
                     log.info("no circuits planned; asking again in %.1f s", backoff)
                     next_request = time.monotonic() + backoff
-                    backoff = min(RETRY_MAX / 3, backoff * 2)
+                    backoff = min(NO_PLAN_BACKOFF_MAX, backoff * 1.5)
                 for plan in plans:
                     g = self._spawn(run_circuit, plan)
                     active.add(g)

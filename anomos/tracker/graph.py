@@ -277,10 +277,16 @@ class PeerGraph:
         """Neighbours over settled edges (:meth:`settled_view` brings them up to date)."""
         return self._ready[peer]
 
-    def settled_view(self) -> SettledView:
-        """The graph as path policies should see it: only edges that are settled."""
+    def told_neighbours(self, peer: Peer) -> set[Peer]:
+        """Neighbours ``peer`` has been told of (it dials or waits for them itself)."""
+        adjacent = self._adj.get(peer, {})
+        return {n for n in self._told.get(peer, {}) if n in adjacent}
+
+    def settled_view(self, origin: Peer | None = None) -> SettledView:
+        """The graph as path policies should see it: only edges that are settled
+        (and, with ``origin``, the edges that peer has been told of)."""
         self._promote()
-        return SettledView(self)
+        return SettledView(self, origin)
 
     # ------------------------------------------------------------------ load
     def load(self, peer: Peer) -> float:
@@ -473,13 +479,33 @@ class PeerGraph:
 
 
 class SettledView:
-    """A :class:`anomos.interfaces.PeerGraphView` of a :class:`PeerGraph`, settled edges only."""
+    """A :class:`anomos.interfaces.PeerGraphView` of a :class:`PeerGraph`, settled edges only.
 
-    def __init__(self, graph: PeerGraph) -> None:
+    With an ``origin`` (the downloader a circuit starts from), the origin's own
+    edges count as soon as it has been told of them: it waits for the link to its
+    first hop itself, so a new peer's download need not wait for its edges to settle.
+    """
+
+    def __init__(self, graph: PeerGraph, origin: Peer | None = None) -> None:
         self.graph = graph
+        self.origin = origin
+        self.first_hops = graph.told_neighbours(origin) if origin is not None else set()
+
+    def usable(self, a: Peer, b: Peer) -> bool:
+        """Whether a circuit may cross edge ``a - b``."""
+        if self.origin in (a, b):
+            other = b if a == self.origin else a
+            if other in self.first_hops:
+                return True
+        return self.graph.settled(a, b)
 
     def neighbours(self, peer: Peer) -> set[Peer]:
-        return self.graph.settled_neighbours(peer)
+        settled = self.graph.settled_neighbours(peer)
+        if peer == self.origin:
+            return settled | self.first_hops
+        if peer in self.first_hops:
+            return settled | {self.origin}
+        return settled
 
     def load(self, peer: Peer) -> float:
         return self.graph.load(peer)

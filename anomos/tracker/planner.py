@@ -22,7 +22,7 @@ from anomos.interfaces import CipherSuite, PathPolicy
 from anomos.protocol.onion import MAX_HOPS, Hop, build_tracking_code, current_epoch
 from anomos.protocol.request import SourceRequest, seal_request
 from anomos.tracker.client import CircuitPlan
-from anomos.tracker.graph import IndexedSet, PeerGraph
+from anomos.tracker.graph import IndexedSet, PeerGraph, SettledView
 from anomos.tracker.store import SwarmRow
 
 log = logging.getLogger(__name__)
@@ -135,14 +135,14 @@ class Planner:
         plans: list[CircuitPlan] = []
         if downloader not in self.graph:
             return plans
-        view = self.graph.settled_view()
+        view = self.graph.settled_view(downloader)
         for source in sources[: self.source_tries(count)]:
             if len(plans) >= count:
                 break
             if source == downloader or source not in self.graph:
                 continue
             path = self.policy.find_path(view, downloader, source, self.rng)
-            if not path or not self._valid(path, downloader, source):
+            if not path or not self._valid(path, downloader, source, view):
                 continue
             try:
                 plans.append(self.circuit(path, infohash))
@@ -156,14 +156,16 @@ class Planner:
         """Sources worth trying for ``count`` circuits."""
         return max(MIN_SOURCE_TRIES, SOURCE_TRIES_PER_CIRCUIT * count)
 
-    def _valid(self, path: list[Any], downloader: Hashable, source: Hashable) -> bool:
+    def _valid(
+        self, path: list[Any], downloader: Hashable, source: Hashable, view: SettledView
+    ) -> bool:
         """A plugin's path is checked, not trusted: simple, along settled edges, with a relay."""
         if path[0] != downloader or path[-1] != source or len(path) < 3:
             return False
         if len(set(path)) != len(path) or len(path) - 1 > MAX_HOPS:
             return False
         try:
-            return all(self.graph.settled(a, b) for a, b in itertools.pairwise(path))
+            return all(view.usable(a, b) for a, b in itertools.pairwise(path))
         except KeyError:
             return False
 
