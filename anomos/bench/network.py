@@ -30,7 +30,7 @@ from typing import Any
 
 import gevent
 
-from anomos.bench.procs import Cluster, CpuWatch, Worker
+from anomos.bench.procs import Cluster, CpuWatch, Worker, wait_quiet
 from anomos.bench.report import GB, median, percentile
 from anomos.errors import AnomosError
 from anomos.torrent.metainfo import make_metainfo
@@ -95,10 +95,15 @@ def throughput_and_setup(
     relays: tuple[int, ...] = (0, 1, 2, 3),
     setup_count: int = 200,
     timeout: float = 600.0,
+    quiet_wait: float = 0.0,
     echo: Echo = _quiet,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    """Sections ``throughput``, ``relay`` and ``setup`` of the result."""
+    """Sections ``throughput``, ``relay`` and ``setup`` of the result.
+
+    Before each timed run, waits up to ``quiet_wait`` s for other programs to
+    leave the CPUs alone (see :func:`~anomos.bench.procs.wait_quiet`).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     files = _data_dir(workdir, 3 * size)
     data = files / "bench.bin"
@@ -107,7 +112,18 @@ def throughput_and_setup(
     make_metainfo(data, trackers=[BENCH_TRACKER], progress=False).save(atorrent)
     try:
         result = _network(
-            workdir, files, data, atorrent, size, runs, relays, setup_count, timeout, echo, verbose
+            workdir,
+            files,
+            data,
+            atorrent,
+            size,
+            runs,
+            relays,
+            setup_count,
+            timeout,
+            quiet_wait,
+            echo,
+            verbose,
         )
     finally:
         if files != workdir:
@@ -143,6 +159,7 @@ def _network(
     relays: tuple[int, ...],
     setup_count: int,
     timeout: float,
+    quiet_wait: float,
     echo: Echo,
     verbose: bool,
 ) -> dict[str, Any]:
@@ -176,9 +193,11 @@ def _network(
         tcp_runs: list[dict[str, float]] = []
         downloads: dict[int, list[dict[str, Any]]] = {k: [] for k in relays}
         relay_runs: list[dict[str, float]] = []
+        waited = 0.0
         for r in range(runs):
             echo(f"round {r + 1} of {runs}: plain TCP copy x{TCP_COPIES}")
             for _ in range(TCP_COPIES):
+                waited += wait_quiet(quiet_wait)
                 watch = CpuWatch(nodes)
                 copy = tcp_copy(data, files / "tcp.out", net.next_host(), timeout)
                 tcp_runs.append({**copy, **watch.stop()})
@@ -187,6 +206,7 @@ def _network(
                 path = net.path([d, *rs[:k], s])
                 cpu0 = {w.name: w.cpu() for w in nodes}
                 before = rs[0].call("stats") if k == 1 else None
+                waited += wait_quiet(quiet_wait)
                 watch = CpuWatch(nodes)
                 reply = d.call(
                     "download",
@@ -230,7 +250,11 @@ def _network(
         x.get("background_share", 0.0) for runs_k in downloads.values() for x in runs_k
     ]
     result: dict[str, Any] = {
-        "background": {"median_share": median(shares), "max_share": max(shares)},
+        "background": {
+            "median_share": median(shares),
+            "max_share": max(shares),
+            "waited_for_quiet": waited,
+        },
         "throughput": {
             "size": size,
             "tcp": {"median": tcp_median, "runs": tcp_runs},

@@ -140,6 +140,8 @@ def table(result: dict[str, Any]) -> str:
             f"warning: other programs took up to {bg['max_share']:.0%} of the CPUs during the "
             f"network runs (median {bg['median_share']:.0%}): throughput figures are low"
         )
+    if bg and bg.get("waited_for_quiet", 0) > 0:
+        notes.append(f"waited {bg['waited_for_quiet']:.0f} s in all for other programs to go quiet")
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     lines = [f"{'measure':<{w0}}  {'result':>{w1}}  notes", "-" * (w0 + w1 + 30)]

@@ -46,6 +46,8 @@ class BenchOptions:
     samples: int = 1000
     sections: tuple[str, ...] = SECTIONS
     timeout: float = 600.0
+    #: Seconds to wait, before each timed network run, for other programs to go quiet.
+    quiet_wait: float = 10.0
 
     @classmethod
     def quick(cls, **kw: Any) -> BenchOptions:
@@ -61,6 +63,7 @@ class BenchOptions:
             "tracker_repeats": 1,
             "announces": 1000,
             "samples": 200,
+            "quiet_wait": 0.0,
         }
         return cls(**{**base, **kw})
 
@@ -80,6 +83,7 @@ class BenchOptions:
             "announces": 50,
             "samples": 20,
             "timeout": 120.0,
+            "quiet_wait": 0.0,
         }
         return cls(**{**base, **kw})
 
@@ -151,6 +155,7 @@ def run_bench(
                     relays=options.relays,
                     setup_count=options.setup_count,
                     timeout=options.timeout,
+                    quiet_wait=options.quiet_wait,
                     echo=echo,
                     verbose=verbose,
                 )

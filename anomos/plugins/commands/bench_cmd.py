@@ -43,7 +43,7 @@ def _sections(text: str) -> tuple[str, ...]:
 @click.command("bench")
 @click.option("--quick", is_flag=True, help="Small sizes and one round (about a minute).")
 @click.option("--size", "size_text", default=None, help="File size for throughput [256MiB].")
-@click.option("--runs", default=None, type=click.IntRange(1, 20), help="Rounds (medians) [3].")
+@click.option("--runs", default=None, type=click.IntRange(1, 20), help="Rounds (medians) [5].")
 @click.option(
     "--only",
     "only",
@@ -65,6 +65,13 @@ def _sections(text: str) -> tuple[str, ...]:
     type=click.Path(file_okay=False, path_type=Path),
     help="Keep files and worker logs here instead of a temporary folder.",
 )
+@click.option(
+    "--quiet-wait",
+    default=None,
+    type=click.FloatRange(0, 600),
+    help="Before each timed network run, wait up to this long (s) for other programs "
+    "to leave the CPUs [10; 0 with --quick].",
+)
 @click.option("--verbose-workers", is_flag=True, help="Workers log at INFO level.")
 @click.option("--smoke", is_flag=True, hidden=True, help="Tiny sizes (the test suite's run).")
 def bench_command(
@@ -74,6 +81,7 @@ def bench_command(
     only: str,
     json_path: Path,
     workdir: Path | None,
+    quiet_wait: float | None,
     verbose_workers: bool,
     smoke: bool,
 ) -> None:
@@ -86,6 +94,8 @@ def bench_command(
         overrides["size"] = parse_size(size_text)
     if runs is not None:
         overrides["runs"] = runs
+    if quiet_wait is not None:
+        overrides["quiet_wait"] = quiet_wait
     preset = BenchOptions.smoke if smoke else BenchOptions.quick if quick else BenchOptions
     options = preset(**overrides)  # type: ignore[arg-type]
     result = run_bench(
