@@ -284,6 +284,27 @@ def test_rate_limit_per_client_ip(tmp_path, plugins):
         t.stop()
 
 
+def test_shared_client_address_is_limited_per_identity(tmp_path, plugins):
+    """Behind an onion service every peer arrives from tor's address: each identity then
+    has its own bucket, so one busy peer cannot lock the others out."""
+    host = loopback_host()
+    t = Tracker(
+        tmp_path / "t", "127.0.0.1:0", plugins, rate=0.001, burst=2, shared_clients=[host]
+    )
+    t.start()
+    try:
+        p, q = Peer(t), Peer(t)
+        p.client.source_host = q.client.source_host = host  # both come from "tor"
+        p.announce()
+        p.announce()
+        with pytest.raises(TrackerError, match="too many requests"):
+            p.announce()
+        q.announce()  # same address, another identity: its own bucket
+        q.announce()
+    finally:
+        t.stop()
+
+
 def test_lifecycle_events(tmp_path, plugins):
     from anomos import hookimpl
 

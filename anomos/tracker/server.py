@@ -22,7 +22,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -244,13 +244,14 @@ class _Server(WSGIServer):
     trickling a byte at a time holds a slot for REQUEST_TIMEOUT at most.
     """
 
-    def __init__(self, *args: Any, **kw: Any) -> None:
+    def __init__(self, *args: Any, shared_clients: frozenset[str] = frozenset(), **kw: Any) -> None:
         super().__init__(*args, **kw)
         self.per_ip: collections.Counter[str] = collections.Counter()
+        self.shared_clients = shared_clients
 
     def wrap_socket_and_handle(self, client_socket: Any, address: Any) -> Any:
         ip = str(address[0]) if isinstance(address, tuple) and address else "?"
-        if self.per_ip[ip] >= MAX_CONNECTIONS_PER_IP:
+        if self.per_ip[ip] >= MAX_CONNECTIONS_PER_IP and ip not in self.shared_clients:
             log.debug("tracker: %s already holds %d connections", ip, MAX_CONNECTIONS_PER_IP)
             client_socket.close()
             return None
@@ -301,8 +302,12 @@ class Tracker:
         edge_settle: float | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
+        shared_clients: Iterable[str] = (),
     ) -> None:
         self.state_dir = Path(state_dir)
+        #: Addresses that stand for many clients (tor's end of an onion service):
+        #: no per-address connection cap, and rate limits per peer identity instead.
+        self.shared_clients = frozenset(shared_clients)
         self.listen = listen
         split_address(listen)
         self.plugins = plugins
@@ -363,6 +368,7 @@ class Tracker:
             (host, port),
             self.wsgi,
             spawn=Pool(MAX_CONNECTIONS),
+            shared_clients=self.shared_clients,
             log=None,
             error_log=log,
             ssl_context=self.identity.server_context(),
@@ -725,10 +731,14 @@ class Tracker:
         """The WSGI application: routing, limits, signature checks, one-line errors."""
         path = environ.get("PATH_INFO", "")
         method = environ.get("REQUEST_METHOD", "")
+        client = environ.get("REMOTE_ADDR", "?")
+        shared = client in self.shared_clients
         try:
-            if not self.limiter.allow(environ.get("REMOTE_ADDR", "?")):
+            if not shared and not self.limiter.allow(client):
                 raise Refused(429, "too many requests; slow down")
             if path == STATS_PATH:
+                if shared and not self.limiter.allow(f"{client} /stats"):
+                    raise Refused(429, "too many requests; slow down")
                 if method != "GET":
                     raise Refused(405, "use GET for /stats")
                 body = json.dumps(self.stats()).encode()
@@ -738,6 +748,8 @@ class Tracker:
             if method != "POST":
                 raise Refused(405, f"use POST for {path}")
             peer, inner = self._verified(path, _read_body(environ))
+            if shared and not self.limiter.allow(peer.hex()):
+                raise Refused(429, "too many requests; slow down")
             handler = self.announce if path == ANNOUNCE_PATH else self.circuits
             reply = handler(peer, inner)
             return _respond(start_response, 200, bencode.encode(reply))

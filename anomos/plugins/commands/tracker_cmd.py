@@ -23,6 +23,8 @@ from anomos.errors import ConfigError
 from anomos.pluginmanager import Plugins
 
 TRACKER_JSON = "tracker.json"
+#: Where tor's connections to an onion service's target come from.
+ONION_CLIENT_ADDRESSES = ("127.0.0.1", "::1")
 
 
 def parse_range(text: str, what: str) -> tuple[int, int]:
@@ -117,6 +119,8 @@ def tracker_command(
         min_relays=min_r,
         max_relays=max_r,
         interval=interval,
+        # Behind an onion service every client arrives from tor's loopback end.
+        shared_clients=ONION_CLIENT_ADDRESSES if onion else (),
     )
     done = gevent.event.Event()
     handlers = [gevent.signal_handler(sig, done.set) for sig in (signal.SIGINT, signal.SIGTERM)]
