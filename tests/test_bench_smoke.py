@@ -51,8 +51,10 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
             assert run["received"] >= tp["size"]  # the whole file came over the circuit
             assert 0 < run["open"] < run["seconds"]
 
-    if 1 in result["options"]["relays"]:
-        assert _positive(result["relay"]["rate"]) and _positive(result["relay"]["cpu_per_gb"])
+    assert 1 in result["options"]["relays"]
+    relay = result["relay"]
+    assert _positive(relay["rate"]) and _positive(relay["cpu_per_gb"])
+    assert relay["cells_per_file"] >= 1  # every byte of the file crossed the relay
 
     bg = result["background"]  # other programs' CPU share during the runs, for the warning
     assert 0 <= bg["median_share"] <= bg["max_share"] <= 1

@@ -232,6 +232,8 @@ def _network(
                             "cpu": relay_cpu,
                             "rate": relayed / reply["seconds"],
                             "cpu_per_gb": relay_cpu / (relayed / GB),
+                            "core_share": relay_cpu / reply["seconds"],
+                            "cells_per_file": relayed / size,
                         }
                     )
     tcp_median = median([t["bytes"] / t["seconds"] for t in tcp_runs])
@@ -266,6 +268,8 @@ def _network(
         result["relay"] = {
             "rate": median([x["rate"] for x in relay_runs]),
             "cpu_per_gb": median([x["cpu_per_gb"] for x in relay_runs]),
+            "core_share": median([x["core_share"] for x in relay_runs]),
+            "cells_per_file": median([x["cells_per_file"] for x in relay_runs]),
             "runs": relay_runs,
         }
     return result

@@ -62,9 +62,10 @@ def table(result: dict[str, Any]) -> str:
     if relay:
         rows.append(
             (
-                "one relay: forwarding rate",
+                "one relay: cells forwarded",
                 f"{_fmt(relay['rate'] / MB)} MB/s",
-                "cells both ways, in the 1-relay download",
+                f"both ways ({relay['cells_per_file']:.2f}x the file) in the 1-relay "
+                f"download; {relay['core_share']:.0%} of a core",
             )
         )
         rows.append(

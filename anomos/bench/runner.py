@@ -73,7 +73,7 @@ class BenchOptions:
         base: dict[str, Any] = {
             "size": 1 * MiB,
             "runs": 1,
-            "relays": (0, 2),
+            "relays": (0, 1, 2),
             "setup_count": 5,
             "memory_counts": (10, 20),
             "memory_pairs": 2,
