@@ -32,6 +32,7 @@ from gevent.greenlet import Greenlet
 from gevent.pool import Group
 
 from anomos.errors import AnomosError, ProtocolError, StorageError
+from anomos.progress import bar
 from anomos.torrent import choker as choking
 from anomos.torrent import resume
 from anomos.torrent.choker import Choker, RateMeter
@@ -283,9 +284,12 @@ class TorrentSession:
         self._storage = storage
         saved = resume.load(self.resume_dir, m) if self.resume_dir is not None else None
         have, recheck = resume.plan(m, saved, storage.file_stats())
-        for index in recheck:
-            have[index] = 1 if storage.check_piece(index) else 0
-            gevent.sleep(0)
+        size = sum(m.piece_size(i) for i in recheck)
+        with bar(size, f"check {m.name}", enabled=None if size else False) as checking:
+            for index in recheck:
+                have[index] = 1 if storage.check_piece(index) else 0
+                checking.update(m.piece_size(index))
+                gevent.sleep(0)
         self.rechecked = len(recheck)
         self._have = have
         self._left = sum(m.piece_size(i) for i in range(len(have)) if not have[i])
