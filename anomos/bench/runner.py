@@ -51,7 +51,7 @@ class BenchOptions:
 
     @classmethod
     def quick(cls, **kw: Any) -> BenchOptions:
-        """About a minute: small file, one round, fewer circuits and peers."""
+        """About 15 seconds: small file, one round, fewer circuits and peers."""
         base: dict[str, Any] = {
             "size": 32 * MiB,
             "runs": 1,

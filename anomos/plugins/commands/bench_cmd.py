@@ -1,7 +1,7 @@
 """``anomos bench``: measure throughput, relays, circuit set-up, the tracker and memory.
 
 Prints a table and writes every figure (with each run and the machine) as
-JSON. The defaults take a few minutes; ``--quick`` about a minute. See
+JSON. The defaults take two to three minutes; ``--quick`` about 15 seconds. See
 docs/performance.md for the latest table and what limits each figure.
 """
 
@@ -41,7 +41,7 @@ def _sections(text: str) -> tuple[str, ...]:
 
 
 @click.command("bench")
-@click.option("--quick", is_flag=True, help="Small sizes and one round (about a minute).")
+@click.option("--quick", is_flag=True, help="Small sizes and one round (about 15 s).")
 @click.option("--size", "size_text", default=None, help="File size for throughput [256MiB].")
 @click.option("--runs", default=None, type=click.IntRange(1, 20), help="Rounds (medians) [5].")
 @click.option(
