@@ -257,3 +257,28 @@ def test_raw_dial_goes_through_the_configured_transports(make_node: Any) -> None
         assert raw.getsockname()[0] == a.links.settings.listen_host
     with pytest.raises(TransportError, match="onion"):
         a.links.dial("abcdefghijklmnop.onion:80", timeout=2)
+
+
+def test_tls_stream_returns_every_buffered_record_in_one_call() -> None:
+    """One recv_into hands over all the TLS records already in, not one 16 KiB record."""
+    a, b = socket.socketpair()
+    server = linkmod.TLSStream(a, linkmod.server_context(PeerIdentity.generate()), server_side=True)
+    client = linkmod.TLSStream(b, linkmod.client_context(), server_side=False)
+    done = gevent.spawn(server.do_handshake)
+    client.do_handshake()
+    done.get(timeout=5)
+    message = bytes(range(256)) * 400  # 100 KiB: seven TLS records
+    writer = gevent.spawn(client.sendall, message)  # one write of seven records
+    buf = bytearray(256 * 1024)
+    got = 0
+    calls = 0
+    with gevent.Timeout(5):
+        while got < len(message):
+            got += server.recv_into(memoryview(buf)[got:])
+            calls += 1
+    writer.get(timeout=5)
+    assert bytes(buf[:got]) == message
+    assert calls <= 2  # the socket may deliver it in two reads; never a call per record
+    client.close()
+    assert server.recv_into(buf) == 0
+    server.close()

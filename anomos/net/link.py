@@ -216,19 +216,28 @@ class TLSStream:
         return self._obj.getpeercert(binary_form)
 
     def recv_into(self, buffer: Any, nbytes: int = 0) -> int:
-        """Decrypted bytes into ``buffer``; 0 at the end of the stream."""
-        nbytes = nbytes or len(buffer)
-        while True:
+        """Decrypted bytes into ``buffer``; 0 at the end of the stream.
+
+        Returns every record already received that fits (one TLS record is at
+        most 16 KiB, a DATA frame 32 KiB), and reads the socket only when none is.
+        """
+        view = memoryview(buffer).cast("B")
+        nbytes = nbytes or len(view)
+        got = 0
+        read = self._obj.read
+        while got < nbytes:
             try:
-                n: Any = self._obj.read(nbytes, buffer)
-                return int(n)
+                got += int(read(nbytes - got, view[got:]))
             except ssl.SSLWantReadError:
+                if got:
+                    break
                 if self._out.pending:
                     self._flush()
                 if not self._feed():
                     return 0
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return 0
+                break
+        return got
 
     def sendall(self, data: Any) -> None:
         view = memoryview(data)
