@@ -68,11 +68,12 @@ def table(result: dict[str, Any]) -> str:
                 f"download; {relay['core_share']:.0%} of a core",
             )
         )
+        per_core = GB / relay["cpu_per_gb"] / MB if relay["cpu_per_gb"] > 0 else math.inf
         rows.append(
             (
                 "one relay: CPU per GB forwarded",
                 f"{relay['cpu_per_gb']:.2f} s",
-                f"= {_fmt(GB / relay['cpu_per_gb'] / MB, 0)} MB/s per core",
+                f"= {_fmt(per_core, 0)} MB/s per core",
             )
         )
     for item in result.get("setup", []):
