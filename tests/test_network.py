@@ -30,7 +30,7 @@ pytestmark = [
     ),
 ]
 
-FILE_SIZE = 6 * 1024 * 1024 + 12345
+FILE_SIZE = 12 * 1024 * 1024 + 12345
 SS_LINE = re.compile(r"^\s*\d+\s+\d+\s+(\S+):(\d+)\s+(\S+):(\d+)")
 BYTES_RECEIVED = re.compile(r"bytes_received:(\d+)")
 
@@ -87,7 +87,7 @@ def test_anonymous_multi_source_transfer_between_processes(tmp_path: Path) -> No
             net.start_peer(f"seeder{i}", "seed", str(atorrent), "--data", str(data))
             for i in range(3)
         ]
-        time.sleep(1.0)
+        time.sleep(3.0)  # new edges settle 2 s after both ends heard of them
         dest = tmp_path / "dest"
         summary = tmp_path / "summary.json"
         downloader = net.start_peer(
@@ -100,6 +100,7 @@ def test_anonymous_multi_source_transfer_between_processes(tmp_path: Path) -> No
             str(summary),
             "--timeout",
             "150",
+            "--keep-seeding",  # stays up so the tracker's database shows its edges
             wait=False,
         )
         peers = {p.host: p for p in [*relays, *seeders, downloader]}
@@ -107,16 +108,23 @@ def test_anonymous_multi_source_transfer_between_processes(tmp_path: Path) -> No
         edges: set[frozenset[str]] = set()
         db = tracker.state_dir / "tracker.sqlite3"
         deadline = time.monotonic() + 180
+        done_at = None
+        # Sample until the download is complete, then 2 s more: the tracker writes its
+        # database once a second.
         while downloader.alive() and time.monotonic() < deadline:
             for lip, _, rip, _ in socket_table():
                 if lip in peers and rip in peers:
                     seen_pairs.add(frozenset((lip, rip)))
             if db.exists():
                 edges |= tracker_edges(db)
+            if done_at is None and summary.exists():
+                done_at = time.monotonic()
+            if done_at is not None and time.monotonic() - done_at > 2.0:
+                break
             time.sleep(0.2)
-        assert downloader.popen.wait(5) == 0, downloader.log_tail()
-        edges |= tracker_edges(db)
+        assert done_at is not None, downloader.log_tail()
         final = socket_table()
+        assert downloader.stop() == 0, downloader.log_tail()
 
         # The file arrived intact, from several sources over circuits with relays.
         assert sha256(dest / data.name) == sha256(data)
