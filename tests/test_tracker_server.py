@@ -288,9 +288,7 @@ def test_shared_client_address_is_limited_per_identity(tmp_path, plugins):
     """Behind an onion service every peer arrives from tor's address: each identity then
     has its own bucket, so one busy peer cannot lock the others out."""
     host = loopback_host()
-    t = Tracker(
-        tmp_path / "t", "127.0.0.1:0", plugins, rate=0.001, burst=2, shared_clients=[host]
-    )
+    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, rate=0.001, burst=2, shared_clients=[host])
     t.start()
     try:
         p, q = Peer(t), Peer(t)
