@@ -37,7 +37,7 @@ from anomos.tor.control import connect_control
 log = logging.getLogger(__name__)
 
 #: Seconds for the whole network (all attempts) to be ready.
-START_TIMEOUT = 90.0
+START_TIMEOUT = 150.0
 #: Seconds a tor gets to exit after SIGTERM before it is killed.
 STOP_TIMEOUT = 5.0
 #: Seconds between readiness checks.
