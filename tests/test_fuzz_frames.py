@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
 import fuzzlib
 from fuzzprops import fuzz_settings, hostile
 
+import anomos.net.frames as frames
 from anomos.errors import ProtocolError
 
-frames = pytest.importorskip("anomos.net.frames")
 TARGET = fuzzlib.TARGETS["frames"]
 SEEDS = TARGET.seeds()
 Cmd = frames.Cmd

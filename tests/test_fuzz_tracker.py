@@ -27,13 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
 import fuzzlib
 from fuzzprops import fuzz_settings, hostile, mutated_tree
 
+import anomos.tracker.client as client_mod
+import anomos.tracker.identity as identity_mod
+import anomos.tracker.server as server
 from anomos import bencode
 from anomos.errors import TrackerError
 from anomos.identity import PeerIdentity
-
-client_mod = pytest.importorskip("anomos.tracker.client")
-server = pytest.importorskip("anomos.tracker.server")
-identity_mod = pytest.importorskip("anomos.tracker.identity")
 
 CLIENT = fuzzlib.TARGETS["tracker_client"]
 SERVER = fuzzlib.TARGETS["tracker_server"]

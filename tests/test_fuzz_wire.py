@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fuzz"))
 import fuzzlib
 from fuzzprops import fuzz_settings, hostile
 
+import anomos.torrent.wire as wire
 from anomos.errors import ProtocolError
 
-wire = pytest.importorskip("anomos.torrent.wire")
 TARGET = fuzzlib.TARGETS["wire"]
 SEEDS = TARGET.seeds()
 N = fuzzlib.WIRE_PIECES
