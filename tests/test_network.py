@@ -30,7 +30,7 @@ pytestmark = [
     ),
 ]
 
-FILE_SIZE = 12 * 1024 * 1024 + 12345
+FILE_SIZE = 24 * 1024 * 1024 + 12345
 SS_LINE = re.compile(r"^\s*\d+\s+\d+\s+(\S+):(\d+)\s+(\S+):(\d+)")
 BYTES_RECEIVED = re.compile(r"bytes_received:(\d+)")
 
@@ -87,7 +87,10 @@ def test_anonymous_multi_source_transfer_between_processes(tmp_path: Path) -> No
             net.start_peer(f"seeder{i}", "seed", str(atorrent), "--data", str(data))
             for i in range(3)
         ]
-        time.sleep(3.0)  # new edges settle 2 s after both ends heard of them
+        # New edges settle 2 s after both ends heard of them; a relay refreshes its
+        # neighbour list for an unknown caller at most every 2 s, so the seeders'
+        # edges may take a few seconds. Only settled edges carry circuits.
+        time.sleep(6.0)
         dest = tmp_path / "dest"
         summary = tmp_path / "summary.json"
         downloader = net.start_peer(

@@ -26,7 +26,7 @@ from anomos.localnet import LocalNetwork
 from anomos.torrent.metainfo import make_metainfo
 
 #: Seconds the network gets to form its neighbour links before the download.
-SETTLE = 3.0
+SETTLE = 5.0
 #: Announce interval of the demo's tracker, short so relayed bytes show up quickly.
 ANNOUNCE_INTERVAL = 2
 
