@@ -9,7 +9,7 @@ observer).
 from __future__ import annotations
 
 import random
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, ClassVar
 
 from anomos import hookimpl
@@ -35,15 +35,16 @@ class WeightedPolicy:
             return None
         counts = list(range(max(self.min_relays, region[start] - 1), self.max_relays + 1))
         rng.shuffle(counts)
-
-        def weight(peer: Any) -> float:
-            return 1.0 / (1.0 + graph.load(peer))
-
+        weight = self.step_weight(graph)
         for relays in counts:
             path = random_path(graph, start, end, relays, rng, region=region, weight=weight)
             if path is not None:
                 return path
         return None
+
+    def step_weight(self, graph: PeerGraphView) -> Callable[[Any], float] | None:
+        """How likely each next relay is: 1/(1+load), so busy relays are avoided."""
+        return lambda peer: 1.0 / (1.0 + graph.load(peer))
 
 
 @hookimpl
