@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
 import click
+import gevent
 from stem.control import Controller
 
 from anomos import hookimpl
@@ -60,6 +62,10 @@ class TorListener:
     def close(self) -> None:
         onion.unpublish(self._controller, self.address.rpartition(":")[0])
         self._local.close()
+
+
+#: Seconds between tries when an onion's descriptor is not found yet.
+DESCRIPTOR_RETRY = 2.0
 
 
 class TorTransport:
@@ -101,7 +107,17 @@ class TorTransport:
         return True
 
     def dial(self, address: str, *, timeout: float) -> socket.socket:
-        return socks_connect(self.socks, address, timeout=timeout, what="tor")
+        """Through Tor's SOCKS port. A fresh onion's descriptor may not have reached
+        the directory this tor asks yet (Tor's 0xf0): that case is retried briefly."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return socks_connect(self.socks, address, timeout=timeout, what="tor")
+            except TransportError as exc:
+                if "0xf0" not in str(exc) or time.monotonic() + DESCRIPTOR_RETRY > deadline:
+                    raise
+                log.info("%s; retrying in %g s", exc, DESCRIPTOR_RETRY)
+                gevent.sleep(DESCRIPTOR_RETRY)
 
     def listen(self, address: str, handler: ConnectionHandler) -> TorListener:
         """Listen on ``address`` locally and publish it as an onion service.
