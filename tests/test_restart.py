@@ -195,6 +195,8 @@ def test_a_killed_tracker_comes_back_with_everything(tmp_path: Path) -> None:
         assert after["peers"] >= before["peers"]
         client = TrackerClient(url, fingerprint, PeerIdentity.load_or_create(a.state_dir))
         reply = client.announce(f"{a.host}:1", [], 0, stopped=True)
-        assert reply.downloaded == data.stat().st_size
+        # Every byte of the file was counted (endgame may fetch a few blocks twice).
+        size = data.stat().st_size
+        assert size <= reply.downloaded <= size * 1.1
         with pytest.raises(TrackerError, match="identity mismatch"):
             TrackerClient(url, "cd" * 32, PeerIdentity.generate()).announce(f"{a.host}:1", [], 0)
