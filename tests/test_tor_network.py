@@ -62,7 +62,9 @@ def test_onion_service_echo_through_the_tor_transport(
     print(f"first connection to the onion in {time.monotonic() - began:.1f} s")
     payload = bytes(range(256)) * 64
     assert echo_roundtrip(sock, payload) == payload
-    assert echo_server.connections == 1
+    # Tor may retry a stream's BEGIN on a fresh rendezvous circuit, so the service can see
+    # an extra connection; what matters is that the bytes came back through the onion.
+    assert echo_server.connections >= 1
     assert onion_dns_guard == []  # the .onion never reached the local resolver
 
 
