@@ -507,6 +507,44 @@ def test_relay_queue_overflow_breaks_the_circuit_not_the_link(net: Any) -> None:
     assert not relay.switch.circuits()
 
 
+def test_a_create_flood_is_rate_limited_per_neighbour(net: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(linkmod, "CREATE_BURST", 3)
+    monkeypatch.setattr(linkmod, "CREATE_RATE", 0.01)
+    nodes = net(3, "memory")
+    nodes[-1].serve = exchange
+    for _ in range(3):
+        nodes[0].switch.open_circuit(plan_for(nodes), timeout=5).close()
+    with pytest.raises(ProtocolError, match="rate limited"):
+        nodes[0].switch.open_circuit(plan_for(nodes), timeout=5)
+    # Refused before any onion work: the relay's replay cache holds only the three.
+    assert nodes[1].switch._reader.cached_tags() == 3
+
+
+def test_our_circuit_waits_for_room_on_a_full_link_instead_of_breaking(net: Any) -> None:
+    nodes = net(3, "memory")
+    downloader, _, source = nodes
+    received: list[int] = []
+
+    def count(stream: CircuitStream) -> None:
+        while data := stream.recv(1 << 20):
+            received.append(len(data))
+
+    source.serve = count
+    stream = downloader.switch.open_circuit(plan_for(nodes), timeout=5)
+    first_hop = downloader.links.get(1)
+    assert first_hop is not None and first_hop._writer is not None
+    first_hop.link_limit = 4
+    first_hop._writer.kill()  # the link stops draining
+    sender = gevent.spawn(stream.sendall, bytes(8 * e2e.MAX_RECORD_DATA))
+    gevent.sleep(0.2)
+    assert not sender.ready() and stream.closed_reason is None  # waiting, not broken
+    assert first_hop.queued() == 4
+    first_hop._writer = gevent.spawn(first_hop._write_loop)
+    sender.get(timeout=5)
+    wait_until(lambda: sum(received) == 8 * e2e.MAX_RECORD_DATA)
+    stream.close()
+
+
 def test_circuits_per_link_are_bounded(net: Any, monkeypatch: Any) -> None:
     monkeypatch.setattr(linkmod, "MAX_CIRCUITS_PER_LINK", 2)
     nodes = net(3, "memory")

@@ -63,6 +63,14 @@ def test_every_limit_exists_and_is_coherent() -> None:
     # A circuit's queue on a link holds its whole end-to-end window and then
     # some: only an end that ignores flow control overflows it.
     assert link.CIRCUIT_QUEUE_FRAMES > circuitmod.CIRCUIT_WINDOW + circuitmod.SENDME_EVERY
+    # A link's whole queue holds a few circuits' full windows, far less than every
+    # circuit's (which is what it bounds).
+    assert link.CIRCUIT_QUEUE_FRAMES < link.LINK_QUEUE_FRAMES
+    assert link.LINK_QUEUE_FRAMES < link.MAX_CIRCUITS_PER_LINK * link.CIRCUIT_QUEUE_FRAMES // 16
+    # A live link sends PADDING several times per idle timeout, so one late
+    # keepalive does not cut it; the CREATE bucket refills.
+    assert link.IDLE_TIMEOUT >= 3 * link.KEEPALIVE_INTERVAL
+    assert link.CREATE_BURST >= link.CREATE_RATE > 0
     assert circuitmod.HELLO_TIMEOUT > 0
     # Replay caches are bounded.
     assert onion.REPLAY_CACHE_LIMIT > 0 and request.REQUEST_REPLAY_LIMIT > 0

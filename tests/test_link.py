@@ -235,6 +235,72 @@ def test_overflowing_circuit_queue_spares_the_link(make_node: Any, monkeypatch: 
     assert not la.closed
 
 
+def test_the_whole_link_queue_is_capped_greediest_circuits_first(
+    make_node: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(linkmod, "LINK_QUEUE_FRAMES", 8)
+    a, b = make_node("memory"), make_node("memory")
+    pair(a, b)
+    la = a.links.wait_for(7, 5)
+    assert la._writer is not None
+    la._writer.kill()  # the neighbour stops draining: every frame stays queued
+
+    def fill(circ_id: int) -> int:
+        n = 0
+        while la.send(circ_id, Cmd.CREATED):
+            n += 1
+        return n
+
+    hog = la.allocate_circ_id()
+    assert fill(hog) == 8  # alone below the link's cap (the circuit's own is 256)
+    # Over the cap, a circuit may still queue up to an equal share (8 / circuits)...
+    second = la.allocate_circ_id()
+    assert fill(second) == 4
+    third = la.allocate_circ_id()
+    assert fill(third) == 3  # while below 8 / 3
+    fourth = la.allocate_circ_id()
+    assert fill(fourth) == 1  # the total reached twice the cap...
+    late = la.allocate_circ_id()
+    assert fill(late) == 0  # ...and nothing goes above it
+    assert la.queued() == 16 == 2 * la.link_limit
+    assert la.queued(hog) == 8 and not la.send(hog, Cmd.CREATED)
+    assert la.send(hog, Cmd.BREAK, BREAK_PAYLOAD, force=True)  # the one BREAK still fits
+    la.discard(hog)
+    assert la.queued() == 8 and not la.closed
+
+
+def test_our_senders_wait_for_room_on_a_full_link(make_node: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(linkmod, "LINK_QUEUE_FRAMES", 4)
+    a, b = make_node("memory"), make_node("memory")
+    pair(a, b)
+    la = a.links.wait_for(7, 5)
+    assert la._writer is not None
+    la._writer.kill()
+    circ_id = la.allocate_circ_id()
+    for _ in range(4):
+        assert la.send(circ_id, Cmd.CREATED)
+    assert la.over_limit()
+    assert not la.wait_for_room(0.05)  # nothing drains
+    waiter = gevent.spawn(la.wait_for_room, 5)
+    gevent.sleep(0.05)
+    assert not waiter.ready()
+    la._writer = gevent.spawn(la._write_loop)  # the neighbour reads again
+    assert waiter.get(timeout=3) is True
+    wait_until(lambda: len(b.frames) == 4)
+    assert la.queued() == 0
+
+
+def test_create_tokens_refill_at_the_rate(make_node: Any, monkeypatch: Any) -> None:
+    monkeypatch.setattr(linkmod, "CREATE_BURST", 3)
+    monkeypatch.setattr(linkmod, "CREATE_RATE", 20.0)
+    a, b = make_node("memory"), make_node("memory")
+    pair(a, b)
+    la = a.links.wait_for(7, 5)
+    assert [la.allow_create() for _ in range(4)] == [True, True, True, False]
+    gevent.sleep(0.12)  # 20/s: two more tokens
+    assert la.allow_create()
+
+
 def test_circuit_id_limits(make_node: Any, monkeypatch: Any) -> None:
     from anomos.errors import ProtocolError
 

@@ -21,6 +21,7 @@ import gevent.pool
 import pytest
 from test_circuit import exchange, net, plan_for, read_exactly  # noqa: F401  (net: fixture)
 
+from anomos.net import link as linkmod
 from anomos.net.circuit import CircuitSwitch
 from anomos.protocol.onion import REPLAY_CACHE_LIMIT
 from anomos.protocol.request import REQUEST_REPLAY_LIMIT
@@ -66,7 +67,13 @@ def leftovers(switch: CircuitSwitch) -> list[Any]:
 
 
 @pytest.mark.slow
-def test_memory_stays_flat_over_thousands_of_circuits(net: Any) -> None:  # noqa: F811
+def test_memory_stays_flat_over_thousands_of_circuits(
+    net: Any,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Circuits back to back from one neighbour: lift the CREATE rate limit (tested
+    # in test_circuit.py), which would otherwise pace this test at 200 per second.
+    monkeypatch.setattr(linkmod, "CREATE_RATE", 1e9)
     nodes = net(4, "memory")
     downloader, source = nodes[0], nodes[-1]
     source.serve = exchange

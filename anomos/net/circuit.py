@@ -56,6 +56,9 @@ CIRCUIT_WINDOW = 128
 SENDME_EVERY = 32
 #: Seconds a terminal waits for the HELLO after answering CREATED.
 HELLO_TIMEOUT = 30.0
+#: Seconds one of our circuits waits for room on a link whose whole queue is full
+#: (then it sends anyway and, if the link still refuses, the circuit breaks).
+LINK_ROOM_TIMEOUT = 20.0
 
 #: ``on_request(request)`` returns the function that will serve the stream, or None.
 RequestHandler = Callable[[SourceRequest], "Callable[[CircuitStream], None] | None"]
@@ -312,7 +315,10 @@ class CircuitStream:
             body = bytearray(body)
         for layer in self._send_layers:
             layer.apply_in_place(body)
-        if not self.link.send(self.circ_id, Cmd.DATA, body):
+        link = self.link
+        if link.over_limit() and gevent.getcurrent() is not link._reader_greenlet:
+            link.wait_for_room(LINK_ROOM_TIMEOUT)  # our own circuit waits; a relay's is refused
+        if not link.send(self.circ_id, Cmd.DATA, body):
             reason = f"link to NID {self.link.nid} lost" if self.link.closed else "send queue full"
             self._end(BreakReason.OVERFLOW, reason)
             raise CircuitClosed(f"circuit closed: {reason}")
@@ -527,6 +533,10 @@ class CircuitSwitch:
 
     # ------------------------------------------------------------------ CREATE
     def _on_create(self, link: Link, circ_id: int, code: memoryview) -> None:
+        if not link.allow_create():
+            log.info("CREATE from NID %d refused: over the CREATE rate limit", link.nid)
+            link.send(circ_id, Cmd.BREAK, encode_break(BreakReason.RATE_LIMITED), force=True)
+            return
         try:
             link.accept_circ_id(circ_id)
         except ProtocolError as exc:

@@ -82,6 +82,7 @@ class BreakReason(enum.IntEnum):
     TIMEOUT = 7
     TOO_MANY = 8
     INTERNAL = 9
+    RATE_LIMITED = 10
 
 
 _BREAK_TEXT = {
@@ -95,6 +96,7 @@ _BREAK_TEXT = {
     BreakReason.TIMEOUT: "timeout",
     BreakReason.TOO_MANY: "too many circuits",
     BreakReason.INTERNAL: "internal error",
+    BreakReason.RATE_LIMITED: "rate limited",
 }
 
 

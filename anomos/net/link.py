@@ -66,9 +66,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Seconds without sending anything after which a PADDING frame goes out.
-KEEPALIVE_INTERVAL = 15.0
+KEEPALIVE_INTERVAL = 5.0
 #: Seconds without receiving anything (or a send stuck that long) that end a link.
-IDLE_TIMEOUT = 60.0
+#: Both ends send PADDING when idle, so a live link is never silent this long: a
+#: cut cable or a frozen neighbour is noticed within this time.
+IDLE_TIMEOUT = 20.0
 #: Dial retry backoff bounds, seconds (doubles after each failure, with jitter).
 DIAL_BACKOFF_MIN = 0.5
 DIAL_BACKOFF_MAX = 30.0
@@ -86,6 +88,17 @@ MAX_CIRCUITS_PER_LINK = 1024
 #: end-to-end window (anomos.net.circuit.CIRCUIT_WINDOW) plus its SENDMEs, so
 #: only a misbehaving circuit can overflow it.
 CIRCUIT_QUEUE_FRAMES = 256
+#: Frames all circuits together may have waiting in one link's send queue (64 MiB
+#: of cells). Above it, circuits holding at least an equal share of the queue are
+#: refused more (a relay breaks them with "queue overflow", our own circuits wait),
+#: and above twice it everything is refused: many circuits towards one slow
+#: neighbour cannot pile up ``MAX_CIRCUITS_PER_LINK x CIRCUIT_QUEUE_FRAMES`` cells.
+LINK_QUEUE_FRAMES = 2048
+#: CREATEs a neighbour may send: a token bucket refilled at this rate (per second)
+#: up to the burst. Each CREATE costs X25519 work and a replay-cache entry; the
+#: excess is answered with BREAK "rate limited".
+CREATE_RATE = 200.0
+CREATE_BURST = 1000
 #: The writer sends up to this many bytes per ``sendall``.
 BATCH_BYTES = 256 * 1024
 #: Bytes read from the transport at once, before TLS decryption.
@@ -310,6 +323,13 @@ class Link:
     opened_at: float = attrs.field(factory=time.monotonic, repr=False)
     #: Frames one circuit may have queued on this link (see CIRCUIT_QUEUE_FRAMES).
     queue_limit: int = attrs.field(factory=lambda: CIRCUIT_QUEUE_FRAMES, repr=False)
+    #: Frames all circuits may have queued on this link (see LINK_QUEUE_FRAMES).
+    link_limit: int = attrs.field(factory=lambda: LINK_QUEUE_FRAMES, repr=False)
+    #: Frames queued now, all circuits together.
+    _queued: int = attrs.field(default=0, repr=False)
+    _room: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
+    _create_tokens: float = attrs.field(factory=lambda: float(CREATE_BURST), repr=False)
+    _create_at: float = attrs.field(factory=time.monotonic, repr=False)
 
     @property
     def bytes_in(self) -> int:
@@ -372,23 +392,70 @@ class Link:
         q = self._queues.get(circ_id)
         if q is None:
             q = self._queues[circ_id] = deque()
-        elif len(q) >= self.queue_limit and not force:
+        if not force and (
+            len(q) >= self.queue_limit
+            or (
+                self._queued >= self.link_limit
+                and (
+                    len(q) * len(self._queues) >= self.link_limit
+                    or self._queued >= 2 * self.link_limit
+                )
+            )
+        ):
+            if not q:
+                del self._queues[circ_id]
             return False
         q.append((HEADER.pack(circ_id, cmd, 0, len(payload)), payload))
+        self._queued += 1
         if len(q) == 1:
             self._active.append(circ_id)
             self._wake.set()
         return True
 
-    def queued(self, circ_id: int) -> int:
-        """Frames of ``circ_id`` waiting to be sent."""
+    def queued(self, circ_id: int | None = None) -> int:
+        """Frames of ``circ_id`` (or of every circuit) waiting to be sent."""
+        if circ_id is None:
+            return self._queued
         q = self._queues.get(circ_id)
         return len(q) if q else 0
+
+    def over_limit(self) -> bool:
+        """Whether the link's whole queue is at :data:`LINK_QUEUE_FRAMES` or more."""
+        return self._queued >= self.link_limit
+
+    def wait_for_room(self, timeout: float) -> bool:
+        """Wait until the link's queue is below its limit (or the link closed).
+
+        For senders that can wait (our own circuits' streams); a relay, which runs
+        in another link's reader, must not block and is refused instead.
+        """
+        deadline = time.monotonic() + timeout
+        while self._queued >= self.link_limit and self.closed_reason is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._room.clear()
+            self._room.wait(left)
+        return True
+
+    def allow_create(self) -> bool:
+        """Take a token from the neighbour's CREATE bucket; False when it is empty."""
+        now = time.monotonic()
+        tokens = min(
+            float(CREATE_BURST), self._create_tokens + (now - self._create_at) * CREATE_RATE
+        )
+        self._create_at = now
+        if tokens < 1.0:
+            self._create_tokens = tokens
+            return False
+        self._create_tokens = tokens - 1.0
+        return True
 
     def discard(self, circ_id: int) -> None:
         """Drop what is queued for ``circ_id`` (a circuit broken by overflow)."""
         q = self._queues.get(circ_id)
         if q:
+            self._queued -= len(q)
             q.clear()
             with contextlib.suppress(ValueError):
                 self._active.remove(circ_id)
@@ -401,6 +468,8 @@ class Link:
         self.closed_reason = reason
         self._queues.clear()
         self._active.clear()
+        self._queued = 0
+        self._room.set()
         current = gevent.getcurrent()
         if self._writer is not None and self._writer is not current:
             self._writer.kill(block=False)
@@ -478,6 +547,7 @@ class Link:
                     if not q:
                         continue
                     header, payload = q.popleft()
+                    self._queued -= 1
                     batch.append(header)
                     batch.append(payload)
                     size += HEADER_SIZE + len(payload)
@@ -487,6 +557,8 @@ class Link:
                         del queues[circ_id]  # an idle circuit keeps no queue (~600 bytes)
                 sock.sendall(b"".join(batch))
                 self.bytes_out += size
+                if self._queued < self.link_limit:
+                    self._room.set()
         except TimeoutError:
             self.close(f"send stuck for {IDLE_TIMEOUT:g} s")
         except OSError as exc:
