@@ -1,0 +1,64 @@
+"""A token bucket shared by the writers of every neighbour link of one peer.
+
+A peer that donates bandwidth wants to say how much: ``--max-send-rate``
+caps the bytes per second all its links send together, relayed cells and its
+own uploads alike. Writers wait for tokens before each batch, so the link
+queues fill, the end-to-end windows close and the senders upstream slow down:
+nothing is dropped, only paced.
+"""
+
+from __future__ import annotations
+
+import time
+
+import attrs
+import gevent
+
+from anomos.errors import ConfigError
+
+#: Seconds of traffic the bucket may save up (the burst).
+BURST_SECONDS = 0.25
+_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3}
+
+
+def parse_rate(text: str) -> int:
+    """``"500k"``, ``"2M"``, ``"1500000"`` -> bytes per second; ``0`` means unlimited."""
+    clean = text.strip().lower().removesuffix("b/s").removesuffix("/s")
+    unit = clean[-1:] if clean[-1:] in _UNITS else ""
+    number = clean[: len(clean) - len(unit)]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ConfigError(f"rate {text!r} is not a number of bytes per second (e.g. 2M)") from None
+    if not 0 <= value < 1e13:
+        raise ConfigError(f"rate {text!r} is out of range")
+    return int(value * _UNITS[unit])
+
+
+@attrs.define(eq=False)
+class TokenBucket:
+    """``take(n)`` returns once ``n`` bytes fit under ``rate`` bytes per second."""
+
+    rate: float
+    burst: float = attrs.field(default=0.0)
+    _tokens: float = attrs.field(default=0.0, init=False, repr=False)
+    _at: float = attrs.field(factory=time.monotonic, init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.rate <= 0:
+            raise ConfigError("a rate limit must be above 0 bytes per second")
+        self.burst = self.burst or self.rate * BURST_SECONDS
+        self._tokens = self.burst
+
+    def take(self, n: int) -> None:
+        """Spend ``n`` tokens, sleeping (cooperatively) while the bucket is in debt.
+
+        A batch larger than the burst is allowed through and paid back by
+        waiting afterwards, so any batch size works with any rate.
+        """
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        self._tokens -= n
+        if self._tokens < 0:
+            gevent.sleep(-self._tokens / self.rate)
