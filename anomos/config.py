@@ -51,6 +51,8 @@ class Settings:
     transport: str = "tcp"
     #: Further transports that may dial addresses the first cannot (mixed networks).
     dial_transports: tuple[str, ...] = ()
+    #: Bytes per second all neighbour links may send together; 0: unlimited.
+    max_send_rate: int = 0
     connect_timeout: float = CONNECT_TIMEOUT
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     options: dict[str, Any] = attrs.field(factory=dict)

@@ -56,6 +56,7 @@ from anomos.net.frames import (
     encode_auth,
     encode_frame,
 )
+from anomos.net.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     from anomos.config import Settings
@@ -528,6 +529,7 @@ class Link:
         active = self._active
         control = self._control
         wake = self._wake
+        limiter = self.manager.send_limiter
         try:
             while self.closed_reason is None:
                 if not active and not control:
@@ -555,6 +557,8 @@ class Link:
                         active.append(circ_id)
                     else:
                         del queues[circ_id]  # an idle circuit keeps no queue (~600 bytes)
+                if limiter is not None:
+                    limiter.take(size)
                 sock.sendall(b"".join(batch))
                 self.bytes_out += size
                 if self._queued < self.link_limit:
@@ -600,10 +604,14 @@ class LinkManager:
     _last_refresh: float = attrs.field(default=-1e9, init=False, repr=False)
     _refreshing: gevent.event.Event | None = attrs.field(default=None, init=False, repr=False)
     _closed: bool = attrs.field(default=False, init=False)
+    #: Paces the writers of all links together (``Settings.max_send_rate``), or None.
+    send_limiter: TokenBucket | None = attrs.field(default=None, init=False, repr=False)
 
     # ------------------------------------------------------------------ public
     def start(self) -> str:
         """Listen on ``settings.listen`` with ``settings.transport``; the contact address."""
+        if self.settings.max_send_rate:
+            self.send_limiter = TokenBucket(self.settings.max_send_rate)
         self._server_ctx = server_context(self.identity)
         transport = self._transport(self.settings.transport)
         self._listener = transport.listen(self.settings.listen, self._accept)
