@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import gevent
 import pytest
+from test_link import make_node, pair  # noqa: F401  (make_node: fixture)
 
 from anomos.errors import ConfigError
+from anomos.net.frames import CELL_BODY, HEADER_SIZE, Cmd
 from anomos.net.ratelimit import TokenBucket, parse_rate
 
 
@@ -50,3 +53,23 @@ def test_writers_sharing_a_bucket_stay_under_the_rate() -> None:
         total += n
         assert total <= bucket.burst + rate * at + chunk, (total, at)
     assert time.monotonic() - began >= (2 * chunks * chunk - bucket.burst) / rate * 0.99
+
+
+def test_a_peer_with_a_send_rate_paces_its_links(make_node: Any) -> None:  # noqa: F811
+    rate, frames = 2_000_000, 48
+    a, b = make_node(max_send_rate=rate), make_node()
+    pair(a, b)
+    la = a.links.wait_for(7, 5)
+    assert a.links.send_limiter is not None and b.links.send_limiter is None
+    circ_id = la.allocate_circ_id()
+    payload = bytes(CELL_BODY)
+    began = time.monotonic()
+    for _ in range(frames):
+        assert la.send(circ_id, Cmd.DATA, payload)
+    with gevent.Timeout(20):
+        while len(b.frames) < frames:
+            gevent.sleep(0.01)
+    elapsed = time.monotonic() - began
+    sent = frames * (HEADER_SIZE + CELL_BODY)
+    # Everything but the bucket's burst waited for tokens: at least this long.
+    assert elapsed >= (sent - a.links.send_limiter.burst) / rate * 0.99, elapsed
