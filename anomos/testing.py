@@ -194,3 +194,23 @@ def install_plugin(
         file = getattr(module, "__file__", None)
         if file and any(Path(file).resolve().is_relative_to(s) for s in sources):
             del sys.modules[name]
+
+
+# ----------------------------------------------------------------------------- a tracker key
+
+import functools  # noqa: E402
+
+from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
+
+
+@functools.cache
+def tracker_key() -> ec.EllipticCurvePrivateKey:
+    """A tracker signing key for tests that seal requests without a tracker process."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def tracker_trust() -> frozenset[str]:
+    """The fingerprint of :func:`tracker_key`, as a source's set of trusted trackers."""
+    from anomos.protocol.request import tracker_fingerprint
+
+    return frozenset({tracker_fingerprint(tracker_key().public_key())})

@@ -31,6 +31,7 @@ from typing import Any
 
 import attrs
 import nacl.public
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from anomos import bencode
@@ -144,6 +145,8 @@ NOW = 1_700_000_000.0
 EPOCH = onion.current_epoch(NOW)
 BOX_PRIVATE = nacl.public.PrivateKey(_key("box"))
 BOX_PUBLIC = bytes(BOX_PRIVATE.public_key)
+TRACKER_KEY = ec.derive_private_key(int.from_bytes(_key("tracker"), "big") >> 8, ec.SECP256R1())
+TRACKERS = frozenset({request.tracker_fingerprint(TRACKER_KEY.public_key())})
 E2E_KEYS = SessionKeys(send=_key("e2e send"), recv=_key("e2e recv"))
 
 
@@ -432,24 +435,35 @@ def request_seeds() -> list[bytes]:
     def trim(plain: bytes) -> bytes:
         return plain.rstrip(b"\0")
 
+    good = request.SourceRequest.decode(request_plain())
     return [
-        b"\0" + request.seal_request(request.SourceRequest.decode(request_plain()), BOX_PUBLIC),
-        b"\1" + trim(request_plain()),
-        b"\1" + trim(request_plain(infohash=b"H" * 32, suite="classic", material=b"")),
-        b"\1" + trim(request_plain(material=b"M" * request.MAX_MATERIAL)),
+        b"\0" + request.seal_request(good, BOX_PUBLIC, TRACKER_KEY),
+        b"\1" + trim(request.signed_plaintext(request_plain(), BOX_PUBLIC, TRACKER_KEY)),
+        b"\2" + request_plain(),
+        b"\2" + request_plain(infohash=b"H" * 32, suite="classic", material=b""),
+        b"\2" + request_plain(material=b"M" * request.MAX_MATERIAL),
     ]
 
 
+#: Longest body mode 2 signs (the rest of the plaintext holds key and signature).
+_MAX_SIGNED_BODY = request.PLAINTEXT_SIZE - request.TRACKER_KEY_SIZE - request.SIGNATURE_SIZE
+
+
 def _request_run(data: bytes) -> object:
-    """Mode 0: open the raw blob. Mode 1: seal the bytes (zero padded) to the fuzz key first."""
+    """Mode 0: open the raw blob. Mode 1: seal the bytes (zero padded) to the fuzz box key.
+    Mode 2: sign the bytes as a body with the trusted fuzz tracker key, then seal them."""
     if not data:
         return None
-    if data[0] & 1:
+    mode = data[0] % 3
+    if mode == 1:
         plain = _fit(data[1:], request.PLAINTEXT_SIZE)
+        blob = bytes(nacl.public.SealedBox(BOX_PRIVATE.public_key).encrypt(plain))
+    elif mode == 2:
+        plain = request.signed_plaintext(data[1 : 1 + _MAX_SIGNED_BODY], BOX_PUBLIC, TRACKER_KEY)
         blob = bytes(nacl.public.SealedBox(BOX_PRIVATE.public_key).encrypt(plain))
     else:
         blob = data[1:]
-    req = request.open_request(blob, BOX_PRIVATE, now=NOW)
+    req = request.open_request(blob, BOX_PRIVATE, TRACKERS, now=NOW)
     if request.SourceRequest.decode(req.encode()) != req:
         raise Finding("sealed request does not survive encode/decode")
     return req

@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 import gevent
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from anomos import hookimpl
 from anomos.config import Settings
@@ -29,7 +30,7 @@ from anomos.pluginmanager import Plugins, get_plugins
 from anomos.protocol import e2e
 from anomos.protocol.onion import Hop, build_tracking_code, current_epoch
 from anomos.protocol.request import SourceRequest, seal_request
-from anomos.testing import MemoryTransportPlugin, loopback_host
+from anomos.testing import MemoryTransportPlugin, loopback_host, tracker_key, tracker_trust
 from anomos.tracker.client import CircuitPlan, Neighbour
 
 INFOHASH = b"\x42" * 20
@@ -122,7 +123,9 @@ def make_node(transport: str) -> Node:
 
         return run
 
-    node.switch = CircuitSwitch(links, identity, plugins, on_request=on_request)
+    node.switch = CircuitSwitch(
+        links, identity, plugins, on_request=on_request, trackers=tracker_trust()
+    )
     links.start()
     return node
 
@@ -142,6 +145,7 @@ def plan_for(
     infohash: bytes = INFOHASH,
     request_blob: bytes = b"",
     suite_name: str = "x25519",
+    signer: ec.EllipticCurvePrivateKey | None = None,
 ) -> Any:
     """The plan a tracker would give path[0] for the route path[1:] (NIDs as in ``net``)."""
     first = path[0].links.links
@@ -156,7 +160,8 @@ def plan_for(
     request = SourceRequest(
         infohash=infohash, suite=suite_name, material=material, expires=int(time.time()) + 600
     )
-    blob = request_blob or seal_request(request, path[-1].identity.box_public)
+    signer = signer or tracker_key()
+    blob = request_blob or seal_request(request, path[-1].identity.box_public, signer)
     return CircuitPlan(
         first_nid=first_nid,
         tracking_code=code,
@@ -357,6 +362,17 @@ def test_source_refuses_unknown_torrent_and_replayed_request(net: Any) -> None:
     again = attrs.evolve(again, material=plan.material)
     with pytest.raises(ProtocolError, match="protocol violation"):
         nodes[0].switch.open_circuit(again, timeout=5)
+    assert len(nodes[-1].served) == 1
+
+
+def test_source_refuses_a_request_its_tracker_did_not_sign(net: Any) -> None:
+    nodes = net(3)
+    nodes[-1].serve = exchange
+    impostor = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(ProtocolError, match="protocol violation"):
+        nodes[0].switch.open_circuit(plan_for(nodes, signer=impostor), timeout=5)
+    assert nodes[-1].served == []
+    nodes[0].switch.open_circuit(plan_for(nodes), timeout=5).close()  # the real one is served
     assert len(nodes[-1].served) == 1
 
 

@@ -2,8 +2,9 @@
 
 Anyone who knows a source's box public key can seal any plaintext to it, so
 the plaintext decoder is fuzzed behind a real SealedBox as well as with raw
-blobs. A request opens to a SourceRequest that re-encodes to the same
-plaintext, or is refused with one CryptoError line.
+blobs, and hostile bodies are also signed by the trusted tracker (as a buggy
+or hostile tracker would). A request opens to a SourceRequest that re-encodes
+to the same body, or is refused with one CryptoError line.
 """
 
 from __future__ import annotations
@@ -45,9 +46,17 @@ def seal(plain: bytes) -> bytes:
     return bytes(nacl.public.SealedBox(fuzzlib.BOX_PRIVATE.public_key).encrypt(plain))
 
 
+def seal_request(req: SourceRequest) -> bytes:
+    return request.seal_request(req, fuzzlib.BOX_PUBLIC, fuzzlib.TRACKER_KEY)
+
+
+def open_request(blob: bytes, now: float = NOW) -> SourceRequest:
+    return request.open_request(blob, fuzzlib.BOX_PRIVATE, fuzzlib.TRACKERS, now=now)
+
+
 @st.composite
-def hostile_plaintexts(draw: st.DrawFn) -> bytes:
-    """Field by field, with lengths that lie and padding that is not zero."""
+def hostile_bodies(draw: st.DrawFn) -> bytes:
+    """Field by field, with lengths that lie and trailing bytes."""
 
     def field(width: int, limit: int) -> bytes:
         body = draw(st.binary(max_size=limit))
@@ -56,7 +65,7 @@ def hostile_plaintexts(draw: st.DrawFn) -> bytes:
 
     plain = b"".join(
         [
-            bytes([draw(st.sampled_from([request.VERSION, 0, 2, 255]))]),
+            bytes([draw(st.sampled_from([request.VERSION, 0, 1, 255]))]),
             field(1, 40),
             field(1, 40),
             field(2, 300),
@@ -64,7 +73,7 @@ def hostile_plaintexts(draw: st.DrawFn) -> bytes:
             draw(st.one_of(st.just(b""), st.binary(max_size=8))),
         ]
     )
-    return fuzzlib._fit(plain, request.PLAINTEXT_SIZE)
+    return plain[: fuzzlib._MAX_SIGNED_BODY]
 
 
 @fuzz_settings(2)
@@ -75,32 +84,36 @@ def test_hostile_blobs(data: bytes) -> None:
 
 
 @fuzz_settings(3)
-@given(hostile_plaintexts())
-def test_hostile_plaintexts_behind_a_valid_seal(plain: bytes) -> None:
+@given(hostile_bodies(), st.booleans())
+def test_hostile_plaintexts_behind_a_valid_seal(body: bytes, signed: bool) -> None:
+    if signed:
+        plain = request.signed_plaintext(body, fuzzlib.BOX_PUBLIC, fuzzlib.TRACKER_KEY)
+    else:
+        plain = fuzzlib._fit(body, request.PLAINTEXT_SIZE)
     try:
-        req = request.open_request(seal(plain), fuzzlib.BOX_PRIVATE, now=NOW)
+        req = open_request(seal(plain))
     except CryptoError as exc:
         fuzzlib.check_message(exc)
     else:
-        assert req.encode() == plain
+        assert signed and req.encode() == body
 
 
 @fuzz_settings(1)
 @given(requests)
 def test_round_trip_at_constant_size(req: SourceRequest) -> None:
-    blob = request.seal_request(req, fuzzlib.BOX_PUBLIC)
+    blob = seal_request(req)
     assert len(blob) == request.REQUEST_BLOB_SIZE
-    assert request.open_request(blob, fuzzlib.BOX_PRIVATE, now=NOW) == req
+    assert open_request(blob) == req
 
 
 @fuzz_settings(1)
 @given(requests, st.data())
 def test_any_change_to_a_blob_is_refused(req: SourceRequest, data: st.DataObject) -> None:
-    blob = bytearray(request.seal_request(req, fuzzlib.BOX_PUBLIC))
+    blob = bytearray(seal_request(req))
     at = data.draw(st.integers(0, len(blob) - 1))
     blob[at] ^= data.draw(st.integers(1, 255))
     with pytest.raises(CryptoError) as err:
-        request.open_request(bytes(blob), fuzzlib.BOX_PRIVATE, now=NOW)
+        open_request(bytes(blob))
     fuzzlib.check_message(err.value)
 
 
@@ -108,12 +121,12 @@ def test_any_change_to_a_blob_is_refused(req: SourceRequest, data: st.DataObject
 @given(st.integers(0, 2**63 - 1), st.floats(0, 2.0**40))
 def test_expiry_window(expires: int, now: float) -> None:
     req = SourceRequest(infohash=b"h" * 20, suite="x25519", material=b"", expires=expires)
-    blob = request.seal_request(req, fuzzlib.BOX_PUBLIC)
+    blob = seal_request(req)
     if now <= expires <= now + request.REQUEST_MAX_TTL:
-        assert request.open_request(blob, fuzzlib.BOX_PRIVATE, now=now) == req
+        assert open_request(blob, now) == req
     else:
         with pytest.raises(CryptoError) as err:
-            request.open_request(blob, fuzzlib.BOX_PRIVATE, now=now)
+            open_request(blob, now)
         fuzzlib.check_message(err.value)
 
 
@@ -123,7 +136,7 @@ def test_wrong_sizes_refused_without_copying(size: int) -> None:
     tracemalloc.start()
     try:
         with pytest.raises(CryptoError, match="expected"):
-            request.open_request(data, fuzzlib.BOX_PRIVATE, now=NOW)
+            open_request(data)
         _current, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -216,7 +216,7 @@ def plan(tracker: Tracker, path: list[Peer]) -> CircuitPlan:
         first_nid=g.nid(ids[0], ids[1]),
         tracking_code=code,
         layers=layers,
-        request_blob=seal_request(req, path[-1].identity.box_public),
+        request_blob=seal_request(req, path[-1].identity.box_public, tracker.planner.tracker_key),
         suite="x25519",
         material=material,
     )

@@ -13,6 +13,7 @@ from anomos.plugins.paths.fixed import FixedPolicy
 from anomos.plugins.paths.weighted import WeightedPolicy
 from anomos.protocol.onion import TRACKING_CODE_SIZE, OnionReader
 from anomos.protocol.request import open_request
+from anomos.testing import tracker_key, tracker_trust
 from anomos.tracker.graph import PeerGraph
 from anomos.tracker.planner import REQUEST_TTL, PeerKeys, Planner, Swarm, candidate_sources
 from anomos.tracker.store import SwarmRow
@@ -37,7 +38,14 @@ def make_planner(graph, by_pub, policy=None, seed=2):
     def keys(peer):
         return PeerKeys(by_pub[peer].onion_public, by_pub[peer].box_public)
 
-    return Planner(graph, policy or WeightedPolicy(), X25519Suite(), keys, rng=random.Random(seed))
+    return Planner(
+        graph,
+        policy or WeightedPolicy(),
+        X25519Suite(),
+        keys,
+        tracker_key=tracker_key(),
+        rng=random.Random(seed),
+    )
 
 
 def follow(plan, downloader, graph, by_pub):
@@ -75,7 +83,7 @@ def test_plans_peel_to_the_source_which_opens_the_request(world):
         assert downloader not in visited
         assert 2 <= len(visited) - 1 <= 4  # relays within the policy's bounds
         assert layers == list(plan.layers)
-        req = open_request(plan.request_blob, by_pub[source].box)
+        req = open_request(plan.request_blob, by_pub[source].box, tracker_trust())
         assert req.infohash == INFOHASH and req.suite == "x25519" == plan.suite
         assert req.material == plan.material
         assert req.expires > planner.clock() + REQUEST_TTL - 5
@@ -211,7 +219,9 @@ def test_a_source_whose_keys_the_crypto_refuses_is_skipped(world):
             return PeerKeys(bytes(32), bytes(32))  # low-order points
         return PeerKeys(by_pub[peer].onion_public, by_pub[peer].box_public)
 
-    planner = Planner(graph, FixedPolicy(), X25519Suite(), keys, rng=random.Random(9))
+    planner = Planner(
+        graph, FixedPolicy(), X25519Suite(), keys, tracker_key=tracker_key(), rng=random.Random(9)
+    )
     assert planner.plan(peers[0], INFOHASH, [bad_source], 1) == []
     # Paths through it as a relay fail too; the others are planned as usual.
     plans = planner.plan(peers[0], INFOHASH, [bad_source, *peers[8:20]], 4)

@@ -34,6 +34,7 @@ import attrs
 import gevent
 import gevent.pool
 import psutil
+from cryptography.hazmat.primitives.asymmetric import ec
 from gevent.fileobject import FileObjectPosix
 
 from anomos.config import Settings
@@ -45,7 +46,7 @@ from anomos.net.circuit import CircuitStream, CircuitSwitch
 from anomos.net.link import LinkManager
 from anomos.pluginmanager import Plugins, get_plugins
 from anomos.protocol.onion import Hop, build_tracking_code, current_epoch
-from anomos.protocol.request import SourceRequest, seal_request
+from anomos.protocol.request import SourceRequest, seal_request, tracker_fingerprint
 from anomos.torrent.metainfo import Metainfo
 from anomos.torrent.session import TorrentSession
 from anomos.tracker.client import CircuitPlan, Neighbour
@@ -56,6 +57,10 @@ log = logging.getLogger(__name__)
 REQUEST_TTL = 300
 #: Seconds allowed for one circuit to open.
 OPEN_TIMEOUT = 30.0
+#: The benchmark plays the tracker: every worker signs and trusts requests with this
+#: fixed key (loopback only, never a real tracker's).
+BENCH_TRACKER_KEY = ec.derive_private_key(0xA7030505, ec.SECP256R1())
+BENCH_TRACKERS = frozenset({tracker_fingerprint(BENCH_TRACKER_KEY.public_key())})
 #: Commands profiled (with cProfile, into $ANOMOS_BENCH_PROFILE) when that is set.
 PROFILED_OPS = frozenset({"download", "latency", "open", "profile"})
 #: Longest command line accepted on standard input.
@@ -98,7 +103,8 @@ def make_plan(
         material=material,
         expires=int(time.time()) + REQUEST_TTL,
     )
-    return CircuitPlan(first_nid, code, layers, seal_request(request, box), suite.name, material)
+    blob = seal_request(request, box, BENCH_TRACKER_KEY)
+    return CircuitPlan(first_nid, code, layers, blob, suite.name, material)
 
 
 @attrs.define(eq=False)
@@ -120,7 +126,9 @@ class Worker:
             settings = Settings(listen=f"{host}:0", state_dir=state / f"p{i}")
             identity = PeerIdentity.load_or_create(settings.state_dir)
             links = LinkManager(identity, plugins, settings, on_frame=None)
-            switch = CircuitSwitch(links, identity, plugins, on_request=worker._on_request)
+            switch = CircuitSwitch(
+                links, identity, plugins, on_request=worker._on_request, trackers=BENCH_TRACKERS
+            )
             links.start()
             worker.personas.append(Persona(identity, links, switch))
         return worker

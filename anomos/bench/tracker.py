@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from anomos.bench.report import median, percentile
 from anomos.identity import PeerIdentity, x25519_public
 from anomos.pluginmanager import Plugins, get_plugins
@@ -80,12 +82,13 @@ def plan_rate(plugins: Plugins, seconds: float, relays: int = 3) -> float:
     hops = [Hop(x25519_public(os.urandom(32)), 1000 + i if i < n - 1 else None) for i in range(n)]
     box = PeerIdentity.generate().box_public
     infohash = os.urandom(20)
+    tracker_key = ec.generate_private_key(ec.SECP256R1())
 
     def plan() -> None:
         build_tracking_code(hops, current_epoch())
         material = suite.tracker_material()
         req = SourceRequest(infohash, suite.name, material, int(time.time()) + 300)
-        seal_request(req, box)
+        seal_request(req, box, tracker_key)
 
     return _rate(plan, seconds)
 

@@ -435,6 +435,11 @@ class CircuitSwitch:
     plugins: Plugins
     peer: Any = attrs.field(default=None, kw_only=True)
     on_request: RequestHandler | None = attrs.field(default=None, kw_only=True)
+    #: Fingerprints of the trackers whose signed requests this peer serves as a source
+    #: (the pins of its torrents); a request signed by any other key is refused.
+    trackers: frozenset[str] = attrs.field(
+        default=frozenset(), kw_only=True, converter=lambda fps: frozenset(f.lower() for f in fps)
+    )
     _reader: OnionReader = attrs.field(init=False, repr=False)
     _seen: SeenRequests = attrs.field(factory=SeenRequests, init=False, repr=False)
     _ends: dict[Link, dict[int, Any]] = attrs.field(factory=dict, init=False, repr=False)
@@ -601,7 +606,7 @@ class CircuitSwitch:
         """The source's half of the key agreement; runs in the link's reader greenlet."""
         try:
             blob, suite_hello = e2e.decode_hello(body)
-            request = open_request(blob, self.identity.box)
+            request = open_request(blob, self.identity.box, self.trackers)
             self._seen.check(blob, request)
         except AnomosError as exc:
             stream._fail(BreakReason.PROTOCOL, f"bad HELLO: {exc}")

@@ -180,7 +180,12 @@ class Peer:
             peer=self,
         )
         self.switch = CircuitSwitch(
-            self.links, self.identity, self.plugins, peer=self, on_request=self._on_request
+            self.links,
+            self.identity,
+            self.plugins,
+            peer=self,
+            on_request=self._on_request,
+            trackers={self.fingerprint},  # serve only requests our tracker signed
         )
         switch_down = self.links.on_link_down
 

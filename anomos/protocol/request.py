@@ -7,9 +7,17 @@ and the downloader out, and refuses any modified blob. Every blob has the
 same size, :data:`REQUEST_BLOB_SIZE`, so its length says nothing about the
 torrent or the cipher suite.
 
+A SealedBox says nothing about who sealed it, so the tracker also signs the
+request with its long-term key (the one whose fingerprint peers pin) and the
+source serves only requests signed by a tracker it trusts: whoever learns a
+peer's keys still cannot ask it for a torrent to find out whether it shares it.
+
 Plaintext layout, zero padded to ``REQUEST_BLOB_SIZE - SEAL_OVERHEAD``::
 
-    version u8 | len u8 | infohash | len u8 | suite (ASCII) | len u16 | material | expires u64
+    body      = version u8 | len u8 | infohash | len u8 | suite (ASCII)
+                | len u16 | material | expires u64
+    plaintext = body | tracker key (P-256, compressed, 33) | signature (r | s, 64)
+    signed    = "anomos sealed request v2" 0x00 | source box public key (32) | body
 """
 
 from __future__ import annotations
@@ -18,15 +26,23 @@ import hashlib
 import re
 import struct
 import time
+from collections.abc import Collection
 
 import attrs
 import nacl.bindings
 import nacl.exceptions
 import nacl.public
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 
 from anomos.errors import CryptoError
 
-VERSION = 1
+VERSION = 2
 #: Every sealed request has exactly this many bytes.
 REQUEST_BLOB_SIZE = 512
 SEAL_OVERHEAD = nacl.bindings.crypto_box_SEALBYTES
@@ -38,6 +54,11 @@ INFOHASH_SIZES = (20, 32)
 REQUEST_MAX_TTL = 24 * 3600
 #: Sealed requests a :class:`SeenRequests` remembers at once.
 REQUEST_REPLAY_LIMIT = 65536
+#: The tracker's public key (compressed P-256 point) and its signature (r | s).
+TRACKER_KEY_SIZE = 33
+SIGNATURE_SIZE = 64
+_DOMAIN = b"anomos sealed request v2\x00"
+_ECDSA = ec.ECDSA(hashes.SHA256())
 
 _SUITE_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_SUITE_NAME}}}")
 _EXPIRES = struct.Struct(">Q")
@@ -76,9 +97,9 @@ class SourceRequest:
     expires: int = attrs.field(validator=_check_expires)
 
     def encode(self) -> bytes:
-        """The zero-padded plaintext of exactly ``PLAINTEXT_SIZE`` bytes."""
+        """The body: what the tracker signs, at most ``PLAINTEXT_SIZE`` minus the signature."""
         suite = self.suite.encode("ascii")
-        body = b"".join(
+        return b"".join(
             [
                 bytes([VERSION, len(self.infohash)]),
                 self.infohash,
@@ -89,29 +110,37 @@ class SourceRequest:
                 _EXPIRES.pack(self.expires),
             ]
         )
-        return body + bytes(PLAINTEXT_SIZE - len(body))
 
-    @classmethod
-    def decode(cls, plain: bytes) -> SourceRequest:
-        """Strict inverse of :meth:`encode`; ``CryptoError`` naming the bad field."""
-        if len(plain) != PLAINTEXT_SIZE:
-            raise CryptoError(f"sealed request plaintext is {len(plain)} bytes")
+    @staticmethod
+    def body_length(plain: bytes) -> int:
+        """Length of the body at the start of ``plain``; ``CryptoError`` if it runs past it."""
+        if not plain:
+            raise CryptoError("sealed request is empty")
         if plain[0] != VERSION:
             raise CryptoError(f"sealed request has unknown version {plain[0]}")
         pos = 1
+        for width in (1, 1, 2):
+            if pos + width > len(plain):
+                raise CryptoError("sealed request is truncated")
+            pos += width + int.from_bytes(plain[pos : pos + width], "big")
+        pos += _EXPIRES.size
+        if pos > len(plain):
+            raise CryptoError("sealed request has a field longer than the blob")
+        return pos
+
+    @classmethod
+    def decode(cls, body: bytes) -> SourceRequest:
+        """Strict inverse of :meth:`encode`; ``CryptoError`` naming the bad field."""
+        if cls.body_length(body) != len(body):
+            raise CryptoError("sealed request body has trailing bytes")
+        pos = 1
         fields: list[bytes] = []
         for width in (1, 1, 2):
-            n = int.from_bytes(plain[pos : pos + width], "big")
+            n = int.from_bytes(body[pos : pos + width], "big")
             pos += width
-            if pos + n > len(plain):
-                raise CryptoError("sealed request has a field longer than the blob")
-            fields.append(plain[pos : pos + n])
+            fields.append(body[pos : pos + n])
             pos += n
-        if pos + _EXPIRES.size > len(plain):
-            raise CryptoError("sealed request is truncated")
-        (expires,) = _EXPIRES.unpack_from(plain, pos)
-        if any(plain[pos + _EXPIRES.size :]):
-            raise CryptoError("sealed request has non-zero padding")
+        (expires,) = _EXPIRES.unpack_from(body, pos)
         infohash, suite, material = fields
         try:
             return cls(
@@ -129,30 +158,106 @@ def _private(key: bytes | nacl.public.PrivateKey) -> nacl.public.PrivateKey:
     return key if isinstance(key, nacl.public.PrivateKey) else nacl.public.PrivateKey(key)
 
 
-def seal_request(req: SourceRequest, box_public: bytes | nacl.public.PublicKey) -> bytes:
-    """Seal ``req`` to a source's box key: exactly :data:`REQUEST_BLOB_SIZE` bytes."""
-    blob = nacl.public.SealedBox(_public(box_public)).encrypt(req.encode())
+def tracker_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    """Hex SHA-256 of the key's DER SubjectPublicKeyInfo: what peers pin (see tracker.identity)."""
+    spki = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).hexdigest()
+
+
+def seal_request(
+    req: SourceRequest,
+    box_public: bytes | nacl.public.PublicKey,
+    tracker_key: ec.EllipticCurvePrivateKey,
+) -> bytes:
+    """Sign ``req`` with the tracker's key and seal it to a source's box key.
+
+    Exactly :data:`REQUEST_BLOB_SIZE` bytes whatever the request.
+    """
+    box = _public(box_public)
+    plain = signed_plaintext(req.encode(), bytes(box), tracker_key)
+    blob = nacl.public.SealedBox(box).encrypt(plain)
     assert len(blob) == REQUEST_BLOB_SIZE
     return bytes(blob)
 
 
+def signed_plaintext(
+    body: bytes, box_public: bytes, tracker_key: ec.EllipticCurvePrivateKey
+) -> bytes:
+    """``body | tracker key | signature``, zero padded to :data:`PLAINTEXT_SIZE`.
+
+    The body is not checked here (fuzzers sign hostile ones); use :func:`seal_request`.
+    """
+    if not isinstance(tracker_key.curve, ec.SECP256R1):
+        raise ValueError(f"tracker key is on {tracker_key.curve.name}, not P-256")
+    r, s = decode_dss_signature(tracker_key.sign(_DOMAIN + box_public + body, _ECDSA))
+    point = tracker_key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+    )
+    plain = body + point + r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    if len(plain) > PLAINTEXT_SIZE:
+        raise ValueError(f"request body of {len(body)} bytes leaves no room for the signature")
+    return plain + bytes(PLAINTEXT_SIZE - len(plain))
+
+
 def open_request(
-    blob: bytes, box_private: bytes | nacl.public.PrivateKey, now: float | None = None
+    blob: bytes,
+    box_private: bytes | nacl.public.PrivateKey,
+    trackers: Collection[str],
+    now: float | None = None,
 ) -> SourceRequest:
-    """Open a sealed request; ``CryptoError`` if it is malformed, foreign or expired."""
+    """Open a sealed request signed by one of ``trackers`` (pinned fingerprints).
+
+    ``CryptoError`` if it is malformed, foreign, not signed by a trusted tracker
+    or expired.
+    """
     if len(blob) != REQUEST_BLOB_SIZE:
         raise CryptoError(f"sealed request is {len(blob)} bytes, expected {REQUEST_BLOB_SIZE}")
+    private = _private(box_private)
     try:
-        plain = nacl.public.SealedBox(_private(box_private)).decrypt(bytes(blob))
+        plain = nacl.public.SealedBox(private).decrypt(bytes(blob))
     except nacl.exceptions.CryptoError:
         raise CryptoError("sealed request does not open: tampered or not for this key") from None
-    req = SourceRequest.decode(plain)
+    if len(plain) != PLAINTEXT_SIZE:
+        raise CryptoError(f"sealed request plaintext is {len(plain)} bytes")
+    n = SourceRequest.body_length(plain)
+    end = n + TRACKER_KEY_SIZE + SIGNATURE_SIZE
+    if end > len(plain):
+        raise CryptoError("sealed request has no room for its signature")
+    if any(plain[end:]):
+        raise CryptoError("sealed request has non-zero padding")
+    body = plain[:n]
+    req = SourceRequest.decode(body)
+    _check_signature(
+        plain[n : n + TRACKER_KEY_SIZE],
+        plain[n + TRACKER_KEY_SIZE : end],
+        _DOMAIN + bytes(private.public_key) + body,
+        trackers,
+    )
     now = time.time() if now is None else now
     if req.expires < now:
         raise CryptoError(f"sealed request expired {int(now - req.expires)} s ago")
     if req.expires > now + REQUEST_MAX_TTL:
         raise CryptoError("sealed request claims to stay valid for more than a day")
     return req
+
+
+def _check_signature(
+    point: bytes, signature: bytes, message: bytes, trackers: Collection[str]
+) -> None:
+    try:
+        key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    except ValueError:
+        raise CryptoError("sealed request carries a malformed tracker key") from None
+    fingerprint = tracker_fingerprint(key)
+    if fingerprint not in trackers:
+        raise CryptoError(f"sealed request is signed by an untrusted tracker {fingerprint[:16]}")
+    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    try:
+        key.verify(encode_dss_signature(r, s), message, _ECDSA)
+    except (InvalidSignature, ValueError):
+        raise CryptoError("sealed request has a bad tracker signature") from None
 
 
 @attrs.define(eq=False)

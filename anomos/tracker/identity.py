@@ -83,6 +83,10 @@ class TrackerIdentity:
             key_path, cert_path, spki_fingerprint(cert.public_bytes(serialization.Encoding.DER))
         )
 
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        """The key itself: it also signs the requests the tracker seals to sources."""
+        return _load_key(self.key_path)
+
     def server_context(self) -> ssl.SSLContext:
         """TLS 1.3-only server context with this identity."""
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

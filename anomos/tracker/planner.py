@@ -17,6 +17,7 @@ from typing import Any
 
 import attrs
 import nacl.exceptions
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from anomos.interfaces import CipherSuite, PathPolicy
 from anomos.protocol.onion import MAX_HOPS, Hop, build_tracking_code, current_epoch
@@ -123,6 +124,8 @@ class Planner:
     suite: CipherSuite
     #: peer -> its public keys (the tracker's live peer table).
     keys: Callable[[Hashable], PeerKeys]
+    #: The tracker's long-term key: it signs every sealed request (sources check it).
+    tracker_key: ec.EllipticCurvePrivateKey = attrs.field(kw_only=True, repr=False)
     rng: random.Random = attrs.field(factory=random.SystemRandom)
     clock: Callable[[], float] = time.time
     #: Circuits planned since start (for /stats).
@@ -185,7 +188,7 @@ class Planner:
             material=material,
             expires=int(self.clock()) + REQUEST_TTL,
         )
-        blob = seal_request(request, self.keys(source).box)
+        blob = seal_request(request, self.keys(source).box, self.tracker_key)
         for relay in path[1:-1]:
             self.graph.add_load(relay)
         self.planned += 1

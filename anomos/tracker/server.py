@@ -326,7 +326,15 @@ class Tracker:
             rng=self.rng,
             edge_settle=edge_settle,
         )
-        self.planner = Planner(self.graph, policy, suite, self._keys, rng=self.rng, clock=clock)
+        self.planner = Planner(
+            self.graph,
+            policy,
+            suite,
+            self._keys,
+            tracker_key=self.identity.private_key(),
+            rng=self.rng,
+            clock=clock,
+        )
         self.limiter = RateLimiter(rate, burst)
         #: live peers
         self.peers: dict[bytes, PeerRow] = {}
