@@ -125,7 +125,8 @@ class CipherSuite(Protocol):
 class RatioPolicy(Protocol):
     """Turns a peer's transfer counters into its share ratio.
 
-    Factories are called with no argument.
+    ``relayed`` is the credited relay total: what the peer claims, as far as its
+    neighbours' receipts confirm it. Factories are called with no argument.
     """
 
     name: ClassVar[str]

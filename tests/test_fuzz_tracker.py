@@ -39,7 +39,24 @@ SERVER = fuzzlib.TARGETS["tracker_server"]
 CLIENT_SEEDS = CLIENT.seeds()
 REPLIES = [bencode.decode(seed[1:]) for seed in CLIENT_SEEDS]
 ME = fuzzlib.fixed_identity("fuzzer")
-REQUESTS = [fuzzlib.announce_inner(ME, 6999, left=5), fuzzlib.circuits_inner()]
+
+
+def fuzzer_receipts() -> list[dict[bytes, int]]:
+    """Receipts for the fuzzer's own edges in the shared harness (they credit its
+    neighbours) and for NIDs that are not its edges (they credit nobody)."""
+    inner = fuzzlib.announce_inner(ME, 6999, left=5)
+    status, reply = fuzzlib.tracker_harness().signed(server.ANNOUNCE_PATH, inner, ME)
+    assert status == 200
+    own = [n[b"nid"] for n in reply[b"neighbours"]]
+    assert own
+    return [{b"nid": nid, b"received": 4096 * (i + 1)} for i, nid in enumerate([*own, 1, 2])]
+
+
+REQUESTS = [
+    fuzzlib.announce_inner(ME, 6999, left=5),
+    {**fuzzlib.announce_inner(ME, 6999, left=5), b"receipts": fuzzer_receipts()},
+    fuzzlib.circuits_inner(),
+]
 
 
 def check_announce(reply: Any) -> None:

@@ -348,3 +348,46 @@ def test_tls_stream_returns_every_buffered_record_in_one_call() -> None:
     client.close()
     assert server.recv_into(buf) == 0
     server.close()
+
+
+def test_receipts_count_what_each_neighbour_sent_across_reconnections(
+    make_node: Any, monkeypatch: Any
+) -> None:
+    """The bytes received per NID survive a reconnect, and the announce carries them."""
+    from anomos.tracker.client import TrackerClient
+
+    monkeypatch.setattr(linkmod, "DIAL_BACKOFF_MIN", 0.05)
+    a, b = make_node("memory"), make_node("memory")
+    assert a.links.receipts() == {}  # assigned but never linked: nothing to confirm
+    pair(a, b, nid=2)
+    first_a, first_b = a.links.wait_for(2, 5), b.links.wait_for(2, 5)
+    circ_id = first_b.allocate_circ_id()
+    for _ in range(5):
+        assert first_b.send(circ_id, Cmd.CREATED)
+    wait_until(lambda: len(a.frames) == 5)
+    before = first_a.bytes_in
+    assert a.links.receipts() == {2: before} and before > 0
+    first_b.close("test closes it")
+    assert first_a.wait_closed(2)
+    before = first_a.bytes_in  # all the first link carried
+    wait_until(lambda: a.links.get(2) not in (None, first_a))
+    second_b = b.links.wait_for(2, 5)
+    circ_id = second_b.allocate_circ_id()
+    assert second_b.send(circ_id, Cmd.CREATED)
+    wait_until(lambda: len(a.frames) == 6)
+    second_a = a.links.wait_for(2, 5)
+    assert second_a.bytes_in > 0
+    assert a.links.receipts() == {2: before + second_a.bytes_in}
+
+    sent: list[dict[str, Any]] = []
+    client = TrackerClient("https://127.0.0.1:9/announce", "00" * 32, a.identity)
+    monkeypatch.setattr(client, "_post", lambda _path, inner: sent.append(inner) or {})
+    with pytest.raises(Exception, match="malformed announce reply"):
+        client.announce("127.0.0.1:7000", [], 0, receipts=a.links.receipts())
+    assert sent[0]["receipts"] == [{"nid": 2, "received": before + second_a.bytes_in}]
+
+    # Another neighbour at that NID starts from zero; an unassigned NID is forgotten.
+    c = make_node("memory")
+    a.assign(neighbour(c, 2, False))
+    assert a.links.receipts() == {}
+    assert not a.links._received

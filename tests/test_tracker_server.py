@@ -198,22 +198,147 @@ def test_circuits_need_an_announce_first(tracker):
         p.client.request_circuits(IH, 9)
 
 
-def test_ratio_credits_relayed_bytes(tracker):
-    p = Peer(tracker)
+def nid_between(tracker: Tracker, reporter: Peer, sender: Peer) -> int:
+    return tracker.graph.nid(reporter.pub, sender.pub)
+
+
+def test_ratio_credits_relayed_bytes_its_neighbour_confirms(tracker):
+    p, n = Peer(tracker), Peer(tracker)
+    p.announce(left=SIZE, downloaded=500, relayed=1000)
+    n.announce()
+    n.announce(receipts={nid_between(tracker, n, p): 1200})  # n got 1200 link bytes from p
     reply = p.announce(left=SIZE, downloaded=500, relayed=1000)
     assert (reply.uploaded, reply.downloaded, reply.relayed) == (0, 500, 1000)
+    assert reply.relayed_claimed == 1000
     assert reply.ratio == pytest.approx(2.0)  # (0 uploaded + 1000 relayed) / 500
+    # Claiming more than the neighbour confirms: only the confirmed part counts.
+    n.announce(receipts={nid_between(tracker, n, p): 1400})
     reply = p.announce(left=SIZE, downloaded=500, uploaded=100, relayed=1500)
-    assert (reply.uploaded, reply.downloaded, reply.relayed) == (100, 500, 1500)
-    assert reply.ratio == pytest.approx(1600 / 500)
+    assert (reply.uploaded, reply.downloaded, reply.relayed) == (100, 500, 1400)
+    assert reply.relayed_claimed == 1500
+    assert reply.ratio == pytest.approx(1500 / 500)
     # Leaving and coming back in the same session credits nothing twice.
     p.announce(stopped=True, left=SIZE, downloaded=500, uploaded=100, relayed=1500)
     reply = p.announce(left=SIZE, downloaded=600, uploaded=100, relayed=1500)
-    assert (reply.uploaded, reply.downloaded, reply.relayed) == (100, 600, 1500)
+    assert (reply.uploaded, reply.downloaded, reply.relayed_claimed) == (100, 600, 1500)
     # A restarted peer (new session) starts its counters from zero again.
     p.client = TrackerClient(tracker.url, tracker.fingerprint, p.identity, source_host=p.host)
     reply = p.announce(left=SIZE, downloaded=100, relayed=200)
-    assert (reply.downloaded, reply.relayed) == (700, 1700)
+    assert (reply.downloaded, reply.relayed_claimed, reply.relayed) == (700, 1700, 1400)
+
+
+def test_a_claim_without_receipts_is_not_credited(tracker):
+    p, n = Peer(tracker), Peer(tracker)
+    p.announce(left=SIZE, downloaded=500, relayed=5000)
+    n.announce()  # a neighbour that confirms nothing
+    reply = p.announce(left=SIZE, downloaded=500, relayed=5000)
+    assert (reply.relayed, reply.relayed_claimed) == (0, 5000)
+    assert reply.ratio == 0.0
+    # Bytes confirmed without a claim (n's own traffic to p) are not credited either.
+    p.announce(left=SIZE, downloaded=500, relayed=5000, receipts={nid_between(tracker, p, n): 900})
+    assert n.announce().relayed == 0
+    assert tracker.accounts[n.pub].relayed_confirmed == 900
+
+
+def test_a_neighbours_session_restart_does_not_double_count(tracker):
+    p, n = Peer(tracker), Peer(tracker)
+    p.announce(relayed=10_000)
+    n.announce()
+    nid = nid_between(tracker, n, p)
+    n.announce(receipts={nid: 800})
+    n.announce(receipts={nid: 800})  # the same cumulative total: nothing new
+    assert tracker.accounts[p.pub].relayed_confirmed == 800
+    # n restarts: a new session whose counters start from zero.
+    n.client = TrackerClient(tracker.url, tracker.fingerprint, n.identity, source_host=n.host)
+    n.announce(receipts={nid: 900})
+    assert tracker.accounts[p.pub].relayed_confirmed == 800 + 900
+    n.announce(receipts={nid: 1100})
+    reply = p.announce(relayed=10_000)
+    assert (reply.relayed, reply.relayed_claimed) == (1900, 10_000)
+
+
+def test_receipts_for_nids_that_are_not_the_reporters_neighbours_credit_nobody(tracker):
+    peers = [Peer(tracker) for _ in range(10)]
+    for p in peers:
+        p.announce(relayed=1000)
+    reporter = peers[0]
+    own = {tracker.graph.nid(reporter.pub, n) for n in tracker.graph.neighbours(reporter.pub)}
+    foreign = [
+        e.nid for e in tracker.graph.edges() if reporter.pub not in (e.a, e.b) and e.nid not in own
+    ]
+    unused = max(e.nid for e in tracker.graph.edges()) + 1
+    assert foreign and unused not in own
+    reporter.announce(receipts={foreign[0]: 1000, unused: 1000})
+    assert all(a.relayed_confirmed == 0 for a in tracker.accounts.values())
+    for p in peers:
+        assert p.announce(relayed=1000).relayed == 0
+
+
+def test_receipts_are_bounded_and_checked(tracker):
+    p = Peer(tracker)
+    p.announce()
+
+    def refusal(receipts):
+        inner = {
+            "time": int(time.time()),
+            "session": b"s",
+            "onion": p.identity.onion_public,
+            "box": p.identity.box_public,
+            "address": p.address,
+            "torrents": [],
+            "relayed": 0,
+            "stopped": 0,
+            "receipts": receipts,
+        }
+        status, reply = raw_post(tracker, "/announce", signed_body(p.identity, "/announce", inner))
+        assert status == 400
+        return reply[b"failure reason"].decode()
+
+    too_many = [{"nid": i, "received": 1} for i in range(1, client_mod.MAX_NEIGHBOURS + 2)]
+    assert refusal(too_many) == "field 'receipts' must be a list of at most 64"
+    assert refusal([{"nid": 0, "received": 1}]) == "field 'nid' must be an integer in 1..4294967295"
+    assert refusal([{"nid": 1, "received": -1}]).startswith("field 'received' must be an integer")
+    assert refusal([b"x"]) == "each receipt must be a dict"
+    with pytest.raises(ConfigError, match="65 receipts: an announce carries at most 64"):
+        p.announce(receipts={i: 1 for i in range(1, 66)})
+
+
+def test_peers_confirm_what_their_links_carried(tmp_path, plugins):
+    """Real peers: each announce carries what the links received, and a peer's claim is
+    credited only up to what its neighbour confirmed."""
+    from anomos.config import Settings
+    from anomos.peer.node import Peer as Node
+
+    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, edge_settle=0)
+    t.start()
+    nodes = []
+    try:
+        for i in range(2):
+            settings = Settings(listen=f"{loopback_host()}:0", state_dir=tmp_path / f"p{i}")
+            node = Node(plugins, settings, tracker_url=t.url, fingerprint=t.fingerprint)
+            node.start()
+            nodes.append(node)
+        a, b = nodes
+        for node in nodes:
+            node.announce()
+        nid = t.graph.nid(a.identity.identity_public, b.identity.identity_public)
+        with gevent.Timeout(10, AssertionError("the link never carried anything")):
+            while not (a.links.receipts().get(nid) and b.links.receipts().get(nid)):
+                gevent.sleep(0.05)
+        a.switch._relayed = 10**12  # a claims far more than it ever sent
+        b.announce()
+        confirmed = t.accounts[a.identity.identity_public].relayed_confirmed
+        assert 0 < confirmed <= b.links.receipts()[nid]
+        reply = a.announce()
+        assert reply.relayed_claimed == 10**12
+        assert (
+            reply.relayed == t.accounts[a.identity.identity_public].relayed_confirmed >= confirmed
+        )
+        assert b.announce().relayed == 0  # b relayed nothing: nothing claimed, nothing credited
+    finally:
+        for node in nodes:
+            node.stop()
+        t.stop()
 
 
 def test_stopped_peers_and_torrents_leave(tracker):
@@ -251,7 +376,7 @@ def test_silent_peers_expire_and_neighbours_are_repaired(tmp_path, plugins):
             assert t.graph.degree(p.pub) >= 4
         # Back after the blip, same session and counters: nothing is credited twice.
         reply = peers[0].announce(relayed=100)
-        assert peers[0].pub in t.graph and reply.relayed == 100
+        assert peers[0].pub in t.graph and reply.relayed_claimed == 100
     finally:
         t.stop()
 

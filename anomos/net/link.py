@@ -604,6 +604,9 @@ class LinkManager:
     _last_refresh: float = attrs.field(default=-1e9, init=False, repr=False)
     _refreshing: gevent.event.Event | None = attrs.field(default=None, init=False, repr=False)
     _closed: bool = attrs.field(default=False, init=False)
+    #: NID -> (neighbour identity, bytes received over its links that closed), for
+    #: the assigned neighbours only: the past part of :meth:`receipts`.
+    _received: dict[int, tuple[bytes, int]] = attrs.field(factory=dict, init=False, repr=False)
     #: Paces the writers of all links together (``Settings.max_send_rate``), or None.
     send_limiter: TokenBucket | None = attrs.field(default=None, init=False, repr=False)
 
@@ -633,6 +636,10 @@ class LinkManager:
             nb = assigned.get(nid)
             if nb is None or bytes(nb.identity) != link.identity:
                 link.close("neighbour no longer assigned")
+        for nid, (identity, _) in list(self._received.items()):
+            nb = assigned.get(nid)
+            if nb is None or bytes(nb.identity) != identity:
+                del self._received[nid]  # another edge now: its count starts again
         if self._closed:
             return
         for nid, nb in assigned.items():
@@ -642,6 +649,23 @@ class LinkManager:
     def neighbours(self) -> dict[int, Any]:
         """The current assignment, NID -> Neighbour."""
         return dict(self._assigned)
+
+    def receipts(self) -> dict[int, int]:
+        """NID -> bytes received from that assigned neighbour since it was assigned, across
+        reconnections: what the tracker credits the neighbour's relaying with."""
+        out = {}
+        for nid, nb in self._assigned.items():
+            identity = bytes(nb.identity)
+            past_identity, total = self._received.get(nid, (identity, 0))
+            if past_identity != identity:
+                total = 0
+            link = self.links.get(nid)
+            if link is not None and link.identity == identity:
+                total += link.bytes_in
+            elif nid not in self._received:
+                continue  # never linked: nothing to confirm
+            out[nid] = total
+        return out
 
     def get(self, nid: int) -> Link | None:
         """The live link to ``nid``, if any."""
@@ -826,6 +850,12 @@ class LinkManager:
     def _link_down(self, link: Link, reason: str) -> None:
         if self.links.get(link.nid) is link:
             del self.links[link.nid]
+        nb = self._assigned.get(link.nid)
+        if nb is not None and bytes(nb.identity) == link.identity:
+            identity, total = self._received.get(link.nid, (link.identity, 0))
+            if identity != link.identity:
+                total = 0
+            self._received[link.nid] = (link.identity, total + link.bytes_in)
         log.info("link to NID %d closed: %s", link.nid, reason)
         if self.on_link_down is not None:
             try:

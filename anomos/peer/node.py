@@ -149,7 +149,8 @@ class Peer:
     sessions: dict[bytes, TorrentSession] = attrs.field(factory=dict, init=False)
     address: str = attrs.field(default="", init=False)
     ratio: float = attrs.field(default=0.0, init=False)
-    #: The tracker's last word on this peer's accounts (uploaded, downloaded, relayed, ratio).
+    #: The tracker's last word on this peer's accounts (uploaded, downloaded, relayed as
+    #: credited and as claimed, ratio).
     account: AnnounceReply | None = attrs.field(default=None, init=False)
     _interval: float = attrs.field(default=60.0, init=False)
     _group: gevent.pool.Group = attrs.field(factory=gevent.pool.Group, init=False)
@@ -231,6 +232,7 @@ class Peer:
                     torrents=self._statuses(),
                     relayed=self.relayed,
                     stopped=True,
+                    receipts=self.links.receipts(),
                 )
             except AnomosError as exc:
                 log.info("final announce failed: %s", exc)
@@ -283,7 +285,8 @@ class Peer:
         ]
 
     def announce(self) -> AnnounceReply:
-        """Announce now, reporting the neighbours whose links dropped since the last one."""
+        """Announce now, reporting the neighbours whose links dropped since the last one
+        and what each neighbour sent us (its relay credit depends on it)."""
         now = time.monotonic()
         reported = {
             nid: entry
@@ -294,7 +297,11 @@ class Peer:
             LostNeighbour(nid, int((now - at) * 1000), why) for nid, (at, why) in reported.items()
         ]
         reply = self.tracker.announce(
-            address=self.address, torrents=self._statuses(), relayed=self.relayed, lost=lost
+            address=self.address,
+            torrents=self._statuses(),
+            relayed=self.relayed,
+            lost=lost,
+            receipts=self.links.receipts(),
         )
         for nid, entry in reported.items():
             if self._lost.get(nid) == entry:

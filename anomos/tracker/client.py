@@ -15,7 +15,7 @@ import socket
 import ssl
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -42,7 +42,7 @@ MAX_REPLY = 1024 * 1024
 REQUEST_TIMEOUT = 30.0
 #: Most circuits one request may ask for (the server enforces the same bound).
 MAX_CIRCUITS = 8
-#: Most neighbours a reply may list.
+#: Most neighbours a reply may list (and receipts an announce may carry: one per neighbour).
 MAX_NEIGHBOURS = 64
 #: Events a torrent entry may carry, as in BitTorrent.
 EVENTS = ("", "started", "completed", "stopped")
@@ -73,8 +73,11 @@ class AnnounceReply:
     ratio: float
     uploaded: int
     downloaded: int
+    #: Relayed bytes credited: what we claimed, as far as our neighbours confirm it.
     relayed: int
     min_interval: int = 0
+    #: Relayed bytes we claimed in all (credited or not).
+    relayed_claimed: int = 0
 
 
 @attrs.frozen
@@ -226,10 +229,21 @@ class TrackerClient:
         relayed: int,
         stopped: bool = False,
         lost: Iterable[LostNeighbour] = (),
+        receipts: Mapping[int, int] | None = None,
     ) -> AnnounceReply:
         """Report this peer and its torrents (and the neighbours it lost); learn its
-        neighbours, the epoch and its ratio."""
+        neighbours, the epoch and its ratio.
+
+        ``receipts``: NID -> link bytes received from that neighbour this session
+        (cumulative across reconnections): the tracker credits the neighbour's
+        relaying with them.
+        """
         split_address(address)
+        receipts = receipts or {}
+        if len(receipts) > MAX_NEIGHBOURS:
+            raise ConfigError(
+                f"{len(receipts)} receipts: an announce carries at most {MAX_NEIGHBOURS}"
+            )
         inner: dict[str, Any] = {
             "time": int(time.time()),
             "session": self.session,
@@ -252,6 +266,11 @@ class TrackerClient:
         lost_list = [{"nid": x.nid, "ago": max(0, x.ago_ms), "why": x.why} for x in lost]
         if lost_list:
             inner["lost"] = lost_list
+        if receipts:
+            inner["receipts"] = [
+                {"nid": nid, "received": max(0, received)}
+                for nid, received in sorted(receipts.items())
+            ]
         reply = self._post(self.announce_path, inner)
         try:
             return _parse_announce(reply)
@@ -371,6 +390,7 @@ def _parse_announce(reply: dict[bytes, Any]) -> AnnounceReply:
         downloaded=_int(reply[b"downloaded"]),
         relayed=_int(reply[b"relayed"]),
         min_interval=_int(reply.get(b"min_interval", 0), 0, 86400),
+        relayed_claimed=_int(reply.get(b"relayed_claimed", reply[b"relayed"])),
     )
 
 

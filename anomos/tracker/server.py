@@ -1,8 +1,10 @@
 """The tracker: an HTTPS API over the neighbour graph, the swarms and the planner.
 
-Peers announce (keys, contact address, torrents, relayed bytes) and get their
-neighbours; downloaders ask for circuits and get plans whose sources stay
-hidden from them. The exact wire format is in docs/tracker-api.md.
+Peers announce (keys, contact address, torrents, relayed bytes, and receipts:
+the bytes they received from each neighbour) and get their neighbours;
+downloaders ask for circuits and get plans whose sources stay hidden from
+them. A peer is credited only the relayed bytes its neighbours confirm. The
+exact wire format is in docs/tracker-api.md.
 
 Everything is served from memory; the changes announces make are written to
 SQLite together, once a second, in one transaction (:mod:`anomos.tracker.store`);
@@ -43,6 +45,7 @@ from anomos.protocol.onion import current_epoch
 from anomos.tracker.client import (
     EVENTS,
     MAX_CIRCUITS,
+    MAX_NEIGHBOURS,
     SIGNATURE_CONTEXT,
     plan_to_wire,
 )
@@ -228,6 +231,32 @@ def _parse_lost(raw: Any) -> list[tuple[int, int, str]]:
     return out
 
 
+def _parse_receipts(raw: Any) -> dict[int, int]:
+    """The optional ``receipts`` field: {nid: bytes received from that neighbour this session}."""
+    if not isinstance(raw, list) or len(raw) > MAX_NEIGHBOURS:
+        raise Refused(400, f"field 'receipts' must be a list of at most {MAX_NEIGHBOURS}")
+    out = {}
+    for item in raw:
+        if not isinstance(item, dict):
+            raise Refused(400, "each receipt must be a dict")
+        nid = _int_field(item, "nid", 1, 2**32 - 1)
+        out[nid] = _int_field(item, "received")
+    return out
+
+
+@attrs.define
+class _Receipts:
+    """What one reporter's receipts said last, in its current session (memory only)."""
+
+    session: bytes
+    #: Whether these baselines start with the session (its counters started at zero)
+    #: or were picked up mid-session by a restarted tracker (first receipts are
+    #: baselines only: what came before them may have been credited already).
+    from_start: bool
+    #: nid -> (the neighbour at that NID, bytes it was last confirmed to have sent)
+    last: dict[int, tuple[bytes, int]] = attrs.field(factory=dict)
+
+
 def _add_delta(reported: int, last: int) -> int:
     """Bytes to credit from a cumulative counter; a smaller value means it was reset."""
     return reported - last if reported >= last else reported
@@ -352,6 +381,8 @@ class Tracker:
         self._lost_reports: dict[bytes, dict[bytes, float]] = {}
         #: peers dropped because their neighbours lost them (for /stats)
         self.dropped = 0
+        #: reporter -> its receipt baselines (not persisted: see _confirm)
+        self._receipts: dict[bytes, _Receipts] = {}
         self._restore()
         self._server: _Server | None = None
         self._loops: list[gevent.Greenlet] = []
@@ -437,11 +468,15 @@ class Tracker:
         stopped = _int_field(inner, "stopped", 0, 1)
         torrents = self._parse_torrents(_field(inner, "torrents"))
         lost = _parse_lost(inner.get(b"lost", []))
+        receipts = _parse_receipts(inner.get(b"receipts", []))
         self.announces += 1
         batch = self._pending
+        fresh = self.accounts.get(peer, Account()).session != session
         account = self._credit(peer, session, relayed, torrents, batch)
+        self._confirm(peer, session, fresh, receipts, batch)
 
         if stopped:
+            self._receipts.pop(peer, None)
             if row is not None:
                 self._remove_peer(peer, batch)
             self._changed()
@@ -522,7 +557,7 @@ class Tracker:
             account.session, account.relayed_reported = session, 0
             account.reports.clear()
             batch.clear_reports(peer)
-        account.relayed += _add_delta(relayed, account.relayed_reported)
+        account.relayed_claimed += _add_delta(relayed, account.relayed_reported)
         account.relayed_reported = relayed
         for ih, (up, down, _left, _event) in torrents.items():
             last_up, last_down = account.reports.get(ih, (0, 0))
@@ -537,6 +572,43 @@ class Tracker:
                 batch.remove_report(peer, ih)
         batch.accounts[peer] = account
         return account
+
+    def _confirm(
+        self,
+        reporter: bytes,
+        session: bytes,
+        fresh: bool,
+        receipts: dict[int, int],
+        batch: Batch,
+    ) -> None:
+        """Credit each neighbour what ``reporter`` received from it since its last receipt.
+
+        Receipts are cumulative per session and NID, like the other counters. For
+        an NID that is not one of the reporter's edges nobody is credited. The
+        baselines live in memory only: after a tracker restart, the first receipt
+        of each NID in a session already under way is a baseline only, never credit.
+        ``fresh``: this announce starts a session the tracker had not seen.
+        """
+        state = self._receipts.get(reporter)
+        if state is None or state.session != session:
+            state = self._receipts[reporter] = _Receipts(session, from_start=fresh)
+        last, state.last = state.last, {}
+        for nid, received in receipts.items():
+            sender: Any = self.graph.peer_by_nid(reporter, nid)
+            if sender is None:
+                continue
+            state.last[nid] = (sender, received)
+            before = last.get(nid)
+            if before is not None and before[0] == sender:
+                delta = _add_delta(received, before[1])
+            elif state.from_start:
+                delta = received  # a new neighbour at this NID: its counter began at zero
+            else:
+                continue  # picked up mid-session: a baseline only
+            if delta:
+                account = self.accounts.setdefault(sender, Account())
+                account.relayed_confirmed += delta
+                batch.accounts[sender] = account
 
     def _parse_torrents(self, raw: Any) -> dict[bytes, tuple[int, int, int, str]]:
         if not isinstance(raw, list) or len(raw) > MAX_TORRENTS:
@@ -635,6 +707,7 @@ class Tracker:
             "uploaded": account.uploaded,
             "downloaded": account.downloaded,
             "relayed": account.relayed,
+            "relayed_claimed": account.relayed_claimed,
         }
 
     # ------------------------------------------------------------------ circuits

@@ -1,19 +1,22 @@
 """The tracker's durable state in SQLite, so a restart loses nothing.
 
-The tracker serves from memory (the graph, the swarms) and writes here once
-per announce, in one transaction: never on the path of a circuit request.
+The tracker serves from memory (the graph, the swarms) and writes here in
+batches, one transaction a second: never on the path of a circuit request.
 On start it reads everything back and rebuilds the graph with the same NIDs,
 so the peers' existing links stay valid.
 
 Tables: ``peers`` (live peers: keys, contact address, join order),
-``accounts`` (lifetime transfer totals, and the session and ``relayed`` last
-reported; kept after a peer leaves so neither its ratio nor its baselines are
-lost), ``reports`` (per identity and torrent, the cumulative counters last
-reported in the current session), ``edges`` (the neighbour graph with NIDs),
-``dialers`` (for edges whose dial direction was fixed when an end was told of
-it: that end; added in place, old databases simply lack it),
-``swarm`` (torrent membership), ``torrents`` (the largest ``left`` seen: the
-torrent's size as far as the tracker can tell) and ``meta`` (counters).
+``accounts`` (lifetime transfer totals: relayed bytes as claimed by the peer,
+as confirmed by its neighbours' receipts, and the credited lesser of the two;
+the session and ``relayed`` last reported; kept after a peer leaves so neither
+its ratio nor its baselines are lost; the claimed and confirmed columns are
+added in place to older databases), ``reports`` (per identity and torrent,
+the cumulative counters last reported in the current session), ``edges``
+(the neighbour graph with NIDs), ``dialers`` (for edges whose dial direction
+was fixed when an end was told of it: that end; added in place, old databases
+simply lack it), ``swarm`` (torrent membership), ``torrents`` (the largest
+``left`` seen: the torrent's size as far as the tracker can tell) and
+``meta`` (counters).
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ CREATE TABLE IF NOT EXISTS accounts (
     downloaded INTEGER NOT NULL,
     relayed INTEGER NOT NULL,
     session BLOB NOT NULL,
-    relayed_reported INTEGER NOT NULL
+    relayed_reported INTEGER NOT NULL,
+    relayed_claimed INTEGER NOT NULL DEFAULT 0,
+    relayed_confirmed INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS reports (
     identity BLOB NOT NULL,
@@ -101,11 +106,19 @@ class Account:
 
     uploaded: int = 0
     downloaded: int = 0
-    relayed: int = 0
+    #: relayed bytes the peer says it relayed (the increases of its own reports)
+    relayed_claimed: int = 0
+    #: link bytes its neighbours' receipts say they received from it
+    relayed_confirmed: int = 0
     session: bytes = b""
     relayed_reported: int = 0
     #: infohash -> (uploaded, downloaded) last reported in ``session``
     reports: dict[bytes, tuple[int, int]] = attrs.field(factory=dict, eq=False)
+
+    @property
+    def relayed(self) -> int:
+        """Relayed bytes credited: a claim counts only as far as neighbours confirm it."""
+        return min(self.relayed_claimed, self.relayed_confirmed)
 
 
 @attrs.define
@@ -200,6 +213,7 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            self._add_relay_columns()
             version = self._get_meta("schema_version")
             if version is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
@@ -210,6 +224,26 @@ class Store:
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open tracker database {self.path}: {exc}") from None
 
+    def _add_relay_columns(self) -> None:
+        """Give an older ``accounts`` table the claimed and confirmed relay totals.
+
+        Its ``relayed`` was self-reported: it becomes the claim, and nothing of it
+        is confirmed, so no relay credit survives that no neighbour vouched for.
+        """
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(accounts)")}
+        if "relayed_claimed" in columns:
+            return
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            for name in ("relayed_claimed", "relayed_confirmed"):
+                db.execute(f"ALTER TABLE accounts ADD COLUMN {name} INTEGER NOT NULL DEFAULT 0")
+            db.execute("UPDATE accounts SET relayed_claimed = relayed, relayed = 0")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
     def _get_meta(self, key: str) -> int | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else int(row[0])
@@ -217,7 +251,13 @@ class Store:
     def load(self) -> Snapshot:
         db = self._db
         peers = [PeerRow(*row) for row in db.execute("SELECT * FROM peers ORDER BY seq")]
-        accounts = {row[0]: Account(*row[1:]) for row in db.execute("SELECT * FROM accounts")}
+        accounts = {
+            row[0]: Account(*row[1:])
+            for row in db.execute(
+                "SELECT identity, uploaded, downloaded, relayed_claimed, relayed_confirmed,"
+                " session, relayed_reported FROM accounts"
+            )
+        }
         for identity, ih, up, down in db.execute("SELECT * FROM reports"):
             if identity in accounts:
                 accounts[identity].reports[ih] = (up, down)
@@ -257,9 +297,20 @@ class Store:
                 [attrs.astuple(p) for p in batch.peers.values()],
             )
             db.executemany(
-                "INSERT OR REPLACE INTO accounts VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO accounts (identity, uploaded, downloaded, relayed,"
+                " session, relayed_reported, relayed_claimed, relayed_confirmed)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [
-                    (k, a.uploaded, a.downloaded, a.relayed, a.session, a.relayed_reported)
+                    (
+                        k,
+                        a.uploaded,
+                        a.downloaded,
+                        a.relayed,
+                        a.session,
+                        a.relayed_reported,
+                        a.relayed_claimed,
+                        a.relayed_confirmed,
+                    )
                     for k, a in batch.accounts.items()
                 ],
             )

@@ -200,18 +200,20 @@ def get_command(
     )
     result = report.to_json()
     try:
-        account = peer.announce()  # the tracker credits what we uploaded and relayed
+        account = peer.announce()  # the tracker credits what we uploaded and relayed (confirmed)
     except AnomosError as exc:
         click.echo(f"ratio: unknown (final announce failed: {exc})")
     else:
         click.echo(
             f"ratio: {account.ratio:.2f} as the tracker counts it (uploaded {account.uploaded}, "
-            f"relayed {account.relayed}, downloaded {account.downloaded} bytes)"
+            f"relayed {account.relayed} confirmed by neighbours of {account.relayed_claimed} "
+            f"claimed, downloaded {account.downloaded} bytes)"
         )
         result["account"] = {
             "ratio": account.ratio,
             "uploaded": account.uploaded,
             "relayed": account.relayed,
+            "relayed_claimed": account.relayed_claimed,
             "downloaded": account.downloaded,
         }
     if summary is not None:

@@ -1,7 +1,8 @@
 """Default ratio accounting: relayed bytes count as uploaded bytes.
 
 Relaying for others is how a peer with nothing popular to share still earns
-its ratio, as the original Anomos intended (and never actually credited).
+its ratio, as the original Anomos intended (and never actually credited). The
+tracker passes only relayed bytes the peer's neighbours confirmed receiving.
 """
 
 from __future__ import annotations
