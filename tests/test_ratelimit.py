@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 import gevent
@@ -10,8 +12,10 @@ import pytest
 from test_link import make_node, pair  # noqa: F401  (make_node: fixture)
 
 from anomos.errors import ConfigError
+from anomos.localnet import LocalNetwork
 from anomos.net.frames import CELL_BODY, HEADER_SIZE, Cmd
-from anomos.net.ratelimit import TokenBucket, parse_rate
+from anomos.net.ratelimit import BURST_SECONDS, TokenBucket, parse_rate
+from anomos.torrent.metainfo import make_metainfo
 
 
 @pytest.mark.parametrize(
@@ -73,3 +77,35 @@ def test_a_peer_with_a_send_rate_paces_its_links(make_node: Any) -> None:  # noq
     sent = frames * (HEADER_SIZE + CELL_BODY)
     # Everything but the bucket's burst waited for tokens: at least this long.
     assert elapsed >= (sent - a.links.send_limiter.burst) / rate * 0.99, elapsed
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_seeder_with_max_send_rate_is_paced_end_to_end(tmp_path: Path) -> None:
+    rate, size = 1_000_000, 4 * 1024 * 1024
+    data = tmp_path / "share" / "payload.bin"
+    data.parent.mkdir()
+    data.write_bytes(os.urandom(size))
+    with LocalNetwork(tmp_path / "net") as net:
+        net.start_tracker("--relays", "1-1")
+        atorrent = tmp_path / "payload.atorrent"
+        make_metainfo(
+            data, trackers=[net.tracker_url], fingerprint=net.fingerprint, progress=False
+        ).save(atorrent)
+        for i in range(3):
+            net.start_peer(f"relay{i}", "relay")
+        net.start_peer(
+            "seeder", "seed", str(atorrent), "--data", str(data), "--max-send-rate", "1M"
+        )
+        time.sleep(4.0)  # let the edges settle (see test_network)
+        dest = tmp_path / "dest"
+        began = time.monotonic()
+        getter = net.start_peer(
+            "downloader", "get", str(atorrent), "--dest", str(dest), "--timeout", "60", wait=False
+        )
+        assert getter.popen.wait(90) == 0, getter.log_tail()
+        elapsed = time.monotonic() - began
+    assert (dest / data.name).read_bytes() == data.read_bytes()
+    # The one source sent every byte of the file (and more: cells, records) at 1 MB/s
+    # after a burst of a quarter second: it cannot have taken less than this.
+    assert elapsed >= (size - rate * BURST_SECONDS) / rate, elapsed

@@ -14,6 +14,7 @@ import gevent.event
 from anomos import hookimpl
 from anomos.config import Settings
 from anomos.errors import AnomosError, ConfigError
+from anomos.net.ratelimit import parse_rate
 from anomos.pluginmanager import Plugins
 from anomos.progress import bar
 from anomos.torrent.metainfo import Metainfo
@@ -33,8 +34,25 @@ state_option = click.option(
 )
 
 
+def _rate(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
+    try:
+        return parse_rate(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def transport_option(fn: Any) -> Any:
-    """``--transport`` to listen and dial with, ``--dial-transport`` for what it cannot reach."""
+    """``--transport`` to listen and dial with, ``--dial-transport`` for what it cannot reach,
+    ``--max-send-rate`` for how much bandwidth the peer gives."""
+    fn = click.option(
+        "--max-send-rate",
+        default="0",
+        show_default=True,
+        callback=_rate,
+        metavar="RATE",
+        help="Bytes per second all neighbour links may send together, relayed cells and "
+        "own uploads alike (e.g. 500k, 2M); 0 for no limit.",
+    )(fn)
     fn = click.option(
         "--dial-transport",
         "dial_transports",
@@ -48,7 +66,12 @@ def transport_option(fn: Any) -> Any:
 
 
 def _settings(
-    listen: str, state_dir: Path, transport: str, dial_transports: tuple[str, ...], plugins: Plugins
+    listen: str,
+    state_dir: Path,
+    transport: str,
+    dial_transports: tuple[str, ...],
+    max_send_rate: int,
+    plugins: Plugins,
 ) -> Settings:
     for name in (transport, *dial_transports):
         plugins.transports.get(name)  # an unknown name is a one-line error before anything starts
@@ -57,6 +80,7 @@ def _settings(
         state_dir=state_dir,
         transport=transport,
         dial_transports=tuple(dial_transports),
+        max_send_rate=max_send_rate,
         options=plugins.options,
     )
 
@@ -116,12 +140,16 @@ def seed_command(
     listen: str,
     transport: str,
     dial_transports: tuple[str, ...],
+    max_send_rate: int,
 ) -> None:
     """Share ATORRENT's data anonymously, and relay for others, until stopped."""
     metainfo = Metainfo.load(atorrent)
     url, fingerprint = _tracker_of(metainfo)
     peer = _make_peer(
-        plugins, _settings(listen, state_dir, transport, dial_transports, plugins), url, fingerprint
+        plugins,
+        _settings(listen, state_dir, transport, dial_transports, max_send_rate, plugins),
+        url,
+        fingerprint,
     )
     session = peer.add_torrent(metainfo, _data_root(metainfo, data))
     if not session.complete:
@@ -167,6 +195,7 @@ def get_command(
     listen: str,
     transport: str,
     dial_transports: tuple[str, ...],
+    max_send_rate: int,
     sources: int,
     timeout: float | None,
     summary: Path | None,
@@ -177,7 +206,10 @@ def get_command(
     url, fingerprint = _tracker_of(metainfo)
     dest.mkdir(parents=True, exist_ok=True)
     peer = _make_peer(
-        plugins, _settings(listen, state_dir, transport, dial_transports, plugins), url, fingerprint
+        plugins,
+        _settings(listen, state_dir, transport, dial_transports, max_send_rate, plugins),
+        url,
+        fingerprint,
     )
     session = peer.add_torrent(metainfo, dest)
     peer.start()
@@ -240,10 +272,14 @@ def relay_command(
     listen: str,
     transport: str,
     dial_transports: tuple[str, ...],
+    max_send_rate: int,
 ) -> None:
     """Donate bandwidth: relay circuits for the tracker at URL until stopped."""
     peer = _make_peer(
-        plugins, _settings(listen, state_dir, transport, dial_transports, plugins), url, fingerprint
+        plugins,
+        _settings(listen, state_dir, transport, dial_transports, max_send_rate, plugins),
+        url,
+        fingerprint,
     )
     peer.start()
     click.echo(f"relaying from {peer.address}")
