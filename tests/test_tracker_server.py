@@ -56,6 +56,22 @@ class Peer:
         return self.client.announce(self.address, torrents, relayed, **kw)
 
 
+def announce_fields(p, **changes):
+    """The fields of a minimal valid announce by ``p``, with ``changes``."""
+    inner = {
+        "time": int(time.time()),
+        "session": b"s",
+        "onion": p.identity.onion_public,
+        "box": p.identity.box_public,
+        "address": p.address,
+        "torrents": [],
+        "relayed": 0,
+        "stopped": 0,
+    }
+    inner.update(changes)
+    return inner
+
+
 def raw_post(tracker: Tracker, path: str, body: bytes, headers=None):
     """POST ``body`` as is; (status, decoded reply)."""
     host, port = tracker.address.rsplit(":", 1)
@@ -147,18 +163,7 @@ def test_wrong_fingerprint_is_refused_before_sending(tracker):
 def test_bad_signature_and_stolen_identity_are_refused(tracker):
     victim, thief = Peer(tracker), Peer(tracker)
     victim.announce()
-    inner = bencode.encode(
-        {
-            "time": int(time.time()),
-            "session": b"s",
-            "onion": thief.identity.onion_public,
-            "box": thief.identity.box_public,
-            "address": thief.address,
-            "torrents": [],
-            "relayed": 0,
-            "stopped": 0,
-        }
-    )
+    inner = bencode.encode(announce_fields(thief))
     # The thief signs correctly with its own key but claims the victim's identity.
     sig = thief.identity.signing.sign(SIGNATURE_CONTEXT + b"/announce" + inner).signature
     body = bencode.encode({"peer": victim.pub, "msg": inner, "sig": sig})
@@ -279,17 +284,7 @@ def test_receipts_are_bounded_and_checked(tracker):
     p.announce()
 
     def refusal(receipts):
-        inner = {
-            "time": int(time.time()),
-            "session": b"s",
-            "onion": p.identity.onion_public,
-            "box": p.identity.box_public,
-            "address": p.address,
-            "torrents": [],
-            "relayed": 0,
-            "stopped": 0,
-            "receipts": receipts,
-        }
+        inner = announce_fields(p, receipts=receipts)
         status, reply = raw_post(tracker, "/announce", signed_body(p.identity, "/announce", inner))
         assert status == 400
         return reply[b"failure reason"].decode()
@@ -561,17 +556,7 @@ def test_sources_near_the_downloader_are_found_in_a_big_sparse_graph(tmp_path, p
 def test_low_order_keys_are_refused(tracker, key):
     """A low-order X25519 key would make every circuit through the peer fail to build."""
     p = Peer(tracker)
-    inner = {
-        "time": int(time.time()),
-        "session": b"s",
-        "onion": p.identity.onion_public,
-        "box": p.identity.box_public,
-        "address": p.address,
-        "torrents": [],
-        "relayed": 0,
-        "stopped": 0,
-    }
-    inner[key] = bytes(32)
+    inner = announce_fields(p, **{key: bytes(32)})
     status, reply = raw_post(tracker, "/announce", signed_body(p.identity, "/announce", inner))
     assert status == 400
     assert reply[b"failure reason"] == f"field {key!r} is not a usable X25519 public key".encode()
