@@ -121,12 +121,18 @@ def _make_peer(plugins: Plugins, settings: Settings, url: str, fingerprint: str)
 
 
 @click.command("seed")
-@click.argument("atorrent", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument(
+    "atorrents",
+    metavar="ATORRENT...",
+    nargs=-1,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
 @click.option(
     "--data",
     required=True,
     type=click.Path(exists=True, path_type=Path),
-    help="The shared file or folder (or the folder that holds it).",
+    help="The shared file or folder, or the folder that holds the data of every ATORRENT.",
 )
 @state_option
 @listen_option
@@ -134,7 +140,7 @@ def _make_peer(plugins: Plugins, settings: Settings, url: str, fingerprint: str)
 @click.pass_obj
 def seed_command(
     plugins: Plugins,
-    atorrent: Path,
+    atorrents: tuple[Path, ...],
     data: Path,
     state_dir: Path,
     listen: str,
@@ -142,22 +148,33 @@ def seed_command(
     dial_transports: tuple[str, ...],
     max_send_rate: int,
 ) -> None:
-    """Share ATORRENT's data anonymously, and relay for others, until stopped."""
-    metainfo = Metainfo.load(atorrent)
-    url, fingerprint = _tracker_of(metainfo)
+    """Share the data of each ATORRENT anonymously, and relay for others, until stopped.
+
+    One peer seeds them all, so they must name the same tracker.
+    """
+    metainfos = [Metainfo.load(a) for a in atorrents]
+    url, fingerprint = _tracker_of(metainfos[0])
+    for m, path in zip(metainfos, atorrents, strict=True):
+        if _tracker_of(m) != (url, fingerprint):
+            raise ConfigError(f"{path}: names another tracker than {atorrents[0]}; seed it apart")
+    if len({m.infohash for m in metainfos}) != len(metainfos):
+        raise ConfigError("the same torrent is given twice")
     peer = _make_peer(
         plugins,
         _settings(listen, state_dir, transport, dial_transports, max_send_rate, plugins),
         url,
         fingerprint,
     )
-    session = peer.add_torrent(metainfo, _data_root(metainfo, data))
-    if not session.complete:
-        raise ConfigError(
-            f"--data {data}: only {session.progress:.0%} of {metainfo.name!r} is present and valid"
-        )
+    for metainfo in metainfos:
+        session = peer.add_torrent(metainfo, _data_root(metainfo, data))
+        if not session.complete:
+            raise ConfigError(
+                f"--data {data}: only {session.progress:.0%} of {metainfo.name!r} "
+                "is present and valid"
+            )
     peer.start()
-    click.echo(f"seeding {metainfo.name} ({metainfo.infohash.hex()}) from {peer.address}")
+    for metainfo in metainfos:
+        click.echo(f"seeding {metainfo.name} ({metainfo.infohash.hex()}) from {peer.address}")
     _run_until_signal(peer)
 
 
