@@ -54,6 +54,7 @@ def test_restart_keeps_everything(tmp_path, plugins):
     assert planned >= 1
     before = snapshot(t)
     fingerprint = t.fingerprint
+    t.dropped = 3  # as if three peers had been reported lost and dropped
     t.stop()
 
     t2 = Tracker(state, "127.0.0.1:0", plugins)
@@ -62,6 +63,7 @@ def test_restart_keeps_everything(tmp_path, plugins):
         assert t2.fingerprint == fingerprint
         assert snapshot(t2) == before
         assert t2.stats()["circuits_planned"] == planned
+        assert t2.stats()["dropped"] == 3
         # Peers are live again without announcing: circuits can be planned at once.
         for p in peers:
             p.client = TrackerClient(

@@ -776,7 +776,11 @@ class Tracker:
                 self.flush()
 
     def _meta(self) -> dict[str, int]:
-        return {"circuits_planned": self.planner.planned, "announces": self.announces}
+        return {
+            "circuits_planned": self.planner.planned,
+            "announces": self.announces,
+            "dropped": self.dropped,
+        }
 
     def _restore(self) -> None:
         snap = self.store.load()
@@ -797,6 +801,7 @@ class Tracker:
                 self._peer_torrents.setdefault(peer, set()).add(ih)
         self.planner.planned = snap.meta.get("circuits_planned", 0)
         self.announces = snap.meta.get("announces", 0)
+        self.dropped = snap.meta.get("dropped", 0)
         self._apply_changes(self.graph.repair(), self._pending)
         self.flush()
         if self.peers:
