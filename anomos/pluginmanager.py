@@ -52,6 +52,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "anomos.plugins.commands.testnet_cmd",
     "anomos.plugins.commands.plugins_cmd",
     "anomos.plugins.commands.bench_cmd",
+    "anomos.plugins.commands.paths_cmd",
 )
 
 ENTRY_POINT_GROUP = PROJECT

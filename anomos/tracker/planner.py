@@ -115,6 +115,22 @@ class Swarm:
         return [p for p in picked if p != exclude][:k]
 
 
+def valid_path(path: list[Any], downloader: Hashable, source: Hashable, view: SettledView) -> bool:
+    """A plugin's path is checked, not trusted: simple, along settled edges, with a relay.
+
+    One rule for the planner and for ``anomos paths`` (anomos.tracker.simulate),
+    so a policy is judged in simulation exactly as the tracker would judge it.
+    """
+    if path[0] != downloader or path[-1] != source or len(path) < 3:
+        return False
+    if len(set(path)) != len(path) or len(path) - 1 > MAX_HOPS:
+        return False
+    try:
+        return all(view.usable(a, b) for a, b in itertools.pairwise(path))
+    except KeyError:
+        return False
+
+
 @attrs.define(eq=False)
 class Planner:
     """Plans circuits over ``graph`` with one path policy and one cipher suite."""
@@ -145,7 +161,7 @@ class Planner:
             if source == downloader or source not in self.graph:
                 continue
             path = self.policy.find_path(view, downloader, source, self.rng)
-            if not path or not self._valid(path, downloader, source, view):
+            if not path or not valid_path(path, downloader, source, view):
                 continue
             try:
                 plans.append(self.circuit(path, infohash))
@@ -158,19 +174,6 @@ class Planner:
     def source_tries(count: int) -> int:
         """Sources worth trying for ``count`` circuits."""
         return max(MIN_SOURCE_TRIES, SOURCE_TRIES_PER_CIRCUIT * count)
-
-    def _valid(
-        self, path: list[Any], downloader: Hashable, source: Hashable, view: SettledView
-    ) -> bool:
-        """A plugin's path is checked, not trusted: simple, along settled edges, with a relay."""
-        if path[0] != downloader or path[-1] != source or len(path) < 3:
-            return False
-        if len(set(path)) != len(path) or len(path) - 1 > MAX_HOPS:
-            return False
-        try:
-            return all(view.usable(a, b) for a, b in itertools.pairwise(path))
-        except KeyError:
-            return False
 
     def circuit(self, path: list[Any], infohash: bytes) -> CircuitPlan:
         """The plan for ``path = [downloader, r1 .. rk, source]``."""
