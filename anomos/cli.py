@@ -71,6 +71,12 @@ def run(argv: list[str] | None = None) -> int:
     except AnomosError as exc:
         click.echo(f"anomos: error: {exc}", err=True)
         return EXIT_USAGE
+    except click.UsageError as exc:
+        # One line like every other error; the command's --help has the rest.
+        where = exc.ctx.command_path if exc.ctx is not None else "anomos"
+        message = exc.format_message().rstrip(".")
+        click.echo(f"anomos: error: {message} (see {where} --help)", err=True)
+        return exc.exit_code
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code

@@ -186,3 +186,17 @@ def test_help_for_each_command():
         assert proc.stdout.startswith(f"Usage: anomos {command} ")
         for needle in wanted:
             assert needle in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["info", "--bogus"], "No such option '--bogus' (see anomos info --help)"),
+        (["frob"], "No such command 'frob' (see anomos --help)"),
+        (["info"], "Missing argument 'FILE' (see anomos info --help)"),
+    ],
+)
+def test_usage_errors_are_one_line(argv, needle):
+    proc = run_anomos(*argv)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"anomos: error: {needle}"]
