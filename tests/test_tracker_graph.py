@@ -179,3 +179,70 @@ def test_new_edges_settle_only_once_both_ends_were_told():
     assert all(g.settled(e.a, e.b) for e in g.edges())
     view = g.settled_view()
     assert sorted(view.neighbours("new"), key=str) == sorted(g.neighbours("new"), key=str)
+
+
+def test_replace_edge_tops_up_both_ends_and_keeps_the_pair_apart():
+    now = [0.0]
+    g = PeerGraph(rng=random.Random(13), clock=lambda: now[0])
+    for i in range(200):
+        g.add_peer(i)
+    a = 7
+    b = next(iter(g.neighbours(a)))
+    edges_before = g.edge_count()
+    changes = g.replace_edge(a, b)
+    assert changes.removed == [(a, b)]
+    assert b not in g.neighbours(a) and g.avoided(a, b) and g.avoided(b, a)
+    assert g.degree(a) >= g.min_neighbours and g.degree(b) >= g.min_neighbours
+    assert all({e.a, e.b} != {a, b} for e in changes.added)
+    check_invariants(g)
+    assert g.edge_count() == edges_before - 1 + len(changes.added)
+    # No edge: nothing to replace.
+    assert g.replace_edge(a, b) == graph_mod.Changes()
+    assert g.replace_edge("nobody", a) == graph_mod.Changes()
+
+    # Three peers, at most two neighbours each: once a - b is replaced, the only
+    # peer with a free slot for either is the other, so they stay short while avoided.
+    small = PeerGraph(min_neighbours=2, max_neighbours=2, clock=lambda: now[0])
+    for name in "abc":
+        small.add_peer(name)
+    assert small.degree("a") == small.degree("b") == 2
+    small.replace_edge("a", "b")
+    assert "b" not in small.neighbours("a")
+    assert small.degree("a") == small.degree("b") == 1
+    now[0] += graph_mod.AVOID_PAIR_SECONDS - 1
+    assert not small.top_up("a").added and small.avoided("a", "b")
+    small.remove_peer("c")  # repairs of the others must not link the pair either
+    small.add_peer("c")
+    assert "b" not in small.neighbours("a")
+    now[0] += 1
+    assert not small.avoided("a", "b")
+    small.replace_edge("a", "c")  # ... but once the avoidance expired, they may
+    assert set(small.neighbours("a")) == {"b"}
+
+
+def test_an_edge_split_never_joins_an_avoided_pair():
+    joined = set()
+    for seed in range(20):
+        g = PeerGraph(min_neighbours=2, max_neighbours=2, rng=random.Random(seed))
+        for i in range(6):
+            g.add_peer(i)  # saturated: every peer at the maximum, a newcomer must split
+        for i in range(4):
+            g._avoid("new", i)
+        g.add_peer("new")
+        assert set(g.neighbours("new")) <= {4, 5}
+        joined.add(frozenset(g.neighbours("new")))
+    assert frozenset({4, 5}) in joined  # the one edge it may split was found
+
+
+def test_avoided_pairs_expire_and_are_bounded(monkeypatch):
+    monkeypatch.setattr(graph_mod, "MAX_AVOIDED", 2)
+    now = [0.0]
+    g = PeerGraph(rng=random.Random(2), clock=lambda: now[0])
+    g._avoid(1, 2)
+    g._avoid(3, 4)
+    g._avoid(5, 6)
+    assert not g.avoided(1, 2) and g.avoided(3, 4) and g.avoided(6, 5)
+    now[0] += graph_mod.AVOID_PAIR_SECONDS
+    assert not g.avoided(3, 4)
+    g._avoid(7, 8)  # expired pairs are dropped as new ones come
+    assert list(g._avoided) == [frozenset((7, 8))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import random
 import socket
 import time
 
@@ -20,7 +21,13 @@ from anomos.protocol.request import open_request
 from anomos.testing import loopback_host
 from anomos.tracker import client as client_mod
 from anomos.tracker import server as server_mod
-from anomos.tracker.client import SIGNATURE_CONTEXT, TorrentStatus, TrackerClient, signed_body
+from anomos.tracker.client import (
+    SIGNATURE_CONTEXT,
+    LostNeighbour,
+    TorrentStatus,
+    TrackerClient,
+    signed_body,
+)
 from anomos.tracker.identity import TrackerIdentity, pinned_context
 from anomos.tracker.server import Tracker
 
@@ -351,6 +358,107 @@ def test_stopped_peers_and_torrents_leave(tracker):
     assert peers[1].pub not in tracker.swarms[IH]
     peers[2].announce()  # no longer lists the torrent
     assert peers[2].pub not in tracker.swarms[IH]
+
+
+@pytest.fixture
+def settled_net(tmp_path, plugins):
+    """A tracker with a seeded graph and ten peers that all know their neighbours."""
+    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, edge_settle=0, rng=random.Random(7))
+    t.start()
+    peers = [Peer(t) for _ in range(10)]
+    for _ in range(2):
+        for p in peers:
+            p.announce()
+    yield t, peers
+    t.stop()
+
+
+def stored_edges(tracker):
+    tracker.flush()
+    return {(frozenset((a, b)), nid) for a, b, nid in tracker.store.load().edges}
+
+
+def graph_edges(tracker):
+    return {(frozenset((e.a, e.b)), e.nid) for e in tracker.graph.edges()}
+
+
+def test_an_unreachable_neighbour_is_replaced_not_dropped(settled_net):
+    tracker, peers = settled_net
+    g = tracker.graph
+    by_pub = {p.pub: p for p in peers}
+    reporter = peers[0]
+    victim = by_pub[next(iter(g.neighbours(reporter.pub)))]
+    nid = g.nid(reporter.pub, victim.pub)
+    victim.announce()  # alive and announcing: a "lost" report about it would be void
+    reply = reporter.announce(lost=[LostNeighbour(nid, 0, "unreachable")])
+    # The edge is gone, the reporter got the minimum back in this very reply ...
+    mine = {n.identity for n in reply.neighbours}
+    assert victim.pub not in mine and mine == set(g.neighbours(reporter.pub))
+    assert len(mine) >= g.min_neighbours
+    assert reply.interval == tracker.interval  # nothing pending: no early recheck
+    # ... and the neighbour is not suspected: still in, not dropped, no lost report.
+    assert victim.pub in tracker.peers and victim.pub in g
+    assert tracker.stats()["dropped"] == 0 and victim.pub not in tracker._lost_reports
+    theirs = victim.announce()
+    assert reporter.pub not in {n.identity for n in theirs.neighbours}
+    assert len(theirs.neighbours) >= g.min_neighbours
+    assert g.avoided(reporter.pub, victim.pub)
+    # The removal and the new edges went through the normal batch.
+    assert stored_edges(tracker) == graph_edges(tracker)
+
+
+def test_unreachable_reports_beyond_the_per_announce_cap_are_ignored(settled_net, monkeypatch):
+    tracker, peers = settled_net
+    g = tracker.graph
+    reporter = peers[0]
+    replaced = []
+    replace_edge = g.replace_edge
+
+    def spy(a, b):
+        replaced.append((a, b))
+        return replace_edge(a, b)
+
+    monkeypatch.setattr(g, "replace_edge", spy)
+    cap = server_mod.UNREACHABLE_PER_ANNOUNCE
+    nbrs = list(g.neighbours(reporter.pub))[: cap + 1]
+    assert len(nbrs) == cap + 1
+    lost = [LostNeighbour(g.nid(reporter.pub, n), 0, "unreachable") for n in nbrs]
+    reply = reporter.announce(lost=lost)
+    assert replaced == [(reporter.pub, n) for n in nbrs[:cap]]
+    mine = {n.identity for n in reply.neighbours}
+    assert not mine & set(nbrs[:cap])
+    assert nbrs[cap] in mine  # over the cap: kept
+    assert all(n in tracker.peers for n in nbrs)
+    # The next announce may report it again.
+    reporter.announce(lost=[LostNeighbour(g.nid(reporter.pub, nbrs[cap]), 0, "unreachable")])
+    assert nbrs[cap] not in set(g.neighbours(reporter.pub))
+    assert stored_edges(tracker) == graph_edges(tracker)
+
+
+def test_an_unreachable_report_for_a_nid_that_is_not_the_reporters_is_ignored(settled_net):
+    tracker, peers = settled_net
+    g = tracker.graph
+    reporter = peers[0]
+    mine = set(g.neighbours(reporter.pub))
+    # An edge elsewhere in the graph whose NID the reporter does not use itself.
+    foreign = next(
+        e
+        for e in g.edges()
+        if reporter.pub not in (e.a, e.b) and g.peer_by_nid(reporter.pub, e.nid) is None
+    )
+    unused = next(n for n in range(1, 1000) if g.peer_by_nid(reporter.pub, n) is None)
+    before = graph_edges(tracker)
+    reply = reporter.announce(
+        lost=[
+            LostNeighbour(unused, 0, "unreachable"),
+            LostNeighbour(foreign.nid, 0, "unreachable"),
+        ]
+    )
+    assert graph_edges(tracker) == before
+    assert {n.identity for n in reply.neighbours} == mine
+    assert not any(g.avoided(reporter.pub, p.pub) for p in peers)
+    with pytest.raises(TrackerError, match="must be one of lost, protocol, unreachable"):
+        reporter.announce(lost=[LostNeighbour(1, 0, "far away")])
 
 
 def test_silent_peers_expire_and_neighbours_are_repaired(tmp_path, plugins):

@@ -70,6 +70,10 @@ LOST_REPORT_DELAY = 0.2
 STALE_NEIGHBOUR_REFRESH = 10.0
 #: Seconds between checks of the assigned neighbours' links.
 LINK_WATCH_INTERVAL = 2.0
+#: Seconds a neighbour we dial may stay without a link before we report it to the
+#: tracker as "unreachable" (a firewall, a partition, a transport we lack), which
+#: replaces that edge; reported again only if the tracker still assigns it as long after.
+UNREACHABLE_AFTER = 45.0
 #: Seconds between attempts (one circuit at a time) while the download's disk is full.
 DISK_FULL_RETRY = 5.0
 #: Seconds the goodbye announce may take when stopping (the tracker may be down).
@@ -353,8 +357,11 @@ class Peer:
         self._announce_now.set()
 
     def _link_watch(self) -> None:
-        """Ask the tracker again when assigned neighbours stay unlinked (moved, restarted)."""
+        """Ask the tracker again when assigned neighbours stay unlinked (moved, restarted),
+        and report the ones we dial but never reach as "unreachable"."""
         missing_since: dict[int, float] = {}
+        #: (NID, identity) of a neighbour we dial -> since when it has had no link
+        unreachable_since: dict[tuple[int, bytes], float] = {}
         delay = STALE_NEIGHBOUR_REFRESH
         last_refresh = time.monotonic()
         while not self._stopped:
@@ -367,6 +374,7 @@ class Peer:
             for nid in assigned:
                 if self.links.get(nid) is None:
                     missing_since.setdefault(nid, now)
+            self._watch_unreachable(assigned, unreachable_since, now)
             if not missing_since:
                 delay = STALE_NEIGHBOUR_REFRESH
                 continue
@@ -379,6 +387,38 @@ class Peer:
                 last_refresh = now
                 delay = min(delay * 2, max(self._interval, STALE_NEIGHBOUR_REFRESH))
                 self._announce_now.set()
+
+    def _watch_unreachable(
+        self, assigned: dict[int, Any], since: dict[tuple[int, bytes], float], now: float
+    ) -> None:
+        """Report a neighbour we dial that has had no link for UNREACHABLE_AFTER seconds.
+
+        A link that never came up never goes down, so nothing else would tell the
+        tracker, and a "lost" report is void while the neighbour keeps announcing.
+        Once per assignment: the clock starts again at the report, and the tracker
+        takes the edge away; only an edge it kept (say, over its per-announce cap)
+        is reported again, UNREACHABLE_AFTER later.
+        """
+        dialled = {(nid, bytes(nb.identity)) for nid, nb in assigned.items() if nb.dial}
+        for key in list(since):
+            if key not in dialled or self.links.get(key[0]) is not None:
+                del since[key]
+        for key in dialled:
+            nid, identity = key
+            if self.links.get(nid) is not None:
+                continue
+            began = since.setdefault(key, now)
+            if now - began < UNREACHABLE_AFTER:
+                continue
+            since[key] = now
+            log.info(
+                "neighbour NID %d (%s) not reachable for %.0f s: reporting it",
+                nid,
+                identity.hex()[:16],
+                now - began,
+            )
+            self._lost[nid] = (now, "unreachable")
+            self._announce_now.set()
 
     def _on_unknown_nid(self, nid: int) -> None:
         """A neighbour we have not heard of yet dialled us: ask the tracker now."""

@@ -105,7 +105,8 @@ class LostNeighbour:
     #: Milliseconds since the link dropped (the tracker ignores a report older
     #: than the neighbour's own last announce: it came back since).
     ago_ms: int
-    #: ``"lost"`` (the link went down) or ``"protocol"`` (we cut it: it broke the protocol).
+    #: ``"lost"`` (the link went down), ``"protocol"`` (we cut it: it broke the protocol)
+    #: or ``"unreachable"`` (we dial it and never got a link up: the tracker replaces the edge).
     why: str = "lost"
 
 

@@ -12,6 +12,8 @@ scans all peers. Because a new peer needs ``min`` neighbours while the
 average degree cannot exceed ``max``, a join sometimes *splits* an existing
 edge ``u - v`` into ``u - new - v``; that is done only when no peer below the
 maximum degree is available, since it breaks the circuits using ``u - v``.
+A pair whose edge was replaced because one end could not reach the other
+(:meth:`PeerGraph.replace_edge`) is kept apart for a while (soft state).
 
 The module also holds the bounded search that the path-policy plugins share
 (:func:`search_region`, :func:`random_path`): a meet-in-the-middle pair of
@@ -41,12 +43,20 @@ EDGE_SETTLE = 2.0
 LOAD_HALF_LIFE = 300.0
 #: Random draws before an edge split gives up.
 PICK_ATTEMPTS = 24
+#: Random draws among many open peers before giving up: a draw misses only on the
+#: peer itself, its neighbours and the peers it avoids, which are few among them.
+OPEN_PICK_ATTEMPTS = 256
 #: Up to this many peers below the maximum degree, candidates are listed, not sampled.
 SMALL_OPEN_SET = 64
 #: Nodes a randomized path search may expand before giving up.
 MAX_EXPANSIONS = 2000
 #: Relays a circuit may have: ``anomos.protocol.onion.MAX_HOPS`` minus the source.
 MAX_RELAYS = 7
+#: Seconds a pair separated by :meth:`PeerGraph.replace_edge` is not made neighbours
+#: again: one end could not reach the other, and would not for a while.
+AVOID_PAIR_SECONDS = 600.0
+#: Avoided pairs remembered at most (the oldest are forgotten first).
+MAX_AVOIDED = 65536
 
 Peer = Hashable
 
@@ -154,6 +164,8 @@ class PeerGraph:
         #: peer -> (load, time it was last updated)
         self._load: dict[Peer, tuple[float, float]] = {}
         self._decay = math.log(2) / LOAD_HALF_LIFE
+        #: pair -> when it may be linked again, soonest first (soft state, never stored)
+        self._avoided: collections.OrderedDict[frozenset[Peer], float] = collections.OrderedDict()
         #: bumped on every structural change, so callers can cache searches.
         self.version = 0
 
@@ -337,6 +349,30 @@ class PeerGraph:
             return Changes()
         return self._fill(peer)
 
+    def replace_edge(self, a: Peer, b: Peer) -> Changes:
+        """Remove edge ``a - b`` (``a`` cannot reach ``b``) and top up both ends.
+
+        The pair is not linked again for AVOID_PAIR_SECONDS, by any operation.
+        Empty changes when there is no such edge.
+        """
+        changes = Changes()
+        if b not in self._adj.get(a, {}):
+            return changes
+        self._unlink(a, b)
+        changes.removed.append((a, b))
+        self._avoid(a, b)
+        for end in (a, b):
+            if len(self._adj[end]) < self.min_neighbours:
+                changes.extend(self._fill(end))
+        return changes
+
+    def avoided(self, a: Peer, b: Peer) -> bool:
+        """Whether ``a`` and ``b`` must not be made neighbours now (see :meth:`replace_edge`)."""
+        if not self._avoided:
+            return False
+        until = self._avoided.get(frozenset((a, b)))
+        return until is not None and until > self._clock()
+
     def repair(self) -> Changes:
         """Top up every peer below the minimum (after a restore with other bounds): O(n)."""
         changes = Changes()
@@ -414,6 +450,18 @@ class PeerGraph:
         self._bucket_of(b).add(b)
         self.version += 1
 
+    def _avoid(self, a: Peer, b: Peer) -> None:
+        """Keep ``a`` and ``b`` apart for AVOID_PAIR_SECONDS; forget expired and excess pairs."""
+        now = self._clock()
+        avoided = self._avoided
+        while avoided and next(iter(avoided.values())) <= now:
+            avoided.popitem(last=False)
+        key = frozenset((a, b))
+        avoided.pop(key, None)
+        avoided[key] = now + AVOID_PAIR_SECONDS
+        while len(avoided) > MAX_AVOIDED:
+            avoided.popitem(last=False)
+
     def _connect(self, a: Peer, b: Peer, changes: Changes) -> None:
         nid = self._new_nid(a, b)
         self._link(a, b, nid)
@@ -432,7 +480,8 @@ class PeerGraph:
         return changes
 
     def _pick_open(self, peer: Peer) -> Peer | None:
-        """A random peer below the maximum degree, weighted by its free slots (max - degree)."""
+        """A random peer below the maximum degree, weighted by its free slots (max - degree),
+        that is neither ``peer``'s neighbour nor avoided by it."""
         mine = self._adj[peer]
         top = self.max_neighbours
         sizes = [len(self._buckets[d]) for d in range(top)]
@@ -443,19 +492,21 @@ class PeerGraph:
                 for d in range(top)
                 if sizes[d]
                 for c in self._buckets[d]
-                if c != peer and c not in mine
+                if c != peer and c not in mine and not self.avoided(peer, c)
             ]
             if not open_peers:
                 return None
             return self._rng.choices([c for c, _ in open_peers], [w for _, w in open_peers])[0]
-        # Many open peers: ``peer`` and its few neighbours are rarely drawn, so sample.
+        # Many open peers: ``peer``, its few neighbours and the few it avoids are rarely
+        # drawn, so sample (bounded: a peer may avoid many).
         weights = [n * (top - d) for d, n in enumerate(sizes)]
         total = sum(weights)
-        while True:
+        for _ in range(OPEN_PICK_ATTEMPTS):
             bucket = self._buckets[_weighted_index(weights, self._rng.random() * total)]
             cand = bucket.choice(self._rng)
-            if cand != peer and cand not in mine:
+            if cand != peer and cand not in mine and not self.avoided(peer, cand):
                 return cand
+        return None
 
     def _split(self, peer: Peer, changes: Changes) -> bool:
         """Replace a random edge ``u - v`` by ``u - peer - v``; degrees of u and v stay."""
@@ -468,7 +519,7 @@ class PeerGraph:
                 continue
             nbrs = self._adj[u]
             v = list(nbrs)[int(self._rng.random() * len(nbrs))]
-            if v == peer or v in mine:
+            if v == peer or v in mine or self.avoided(peer, u) or self.avoided(peer, v):
                 continue
             self._unlink(u, v)
             changes.removed.append((u, v))

@@ -89,6 +89,9 @@ MAX_LOST_AGE_MS = 3_600_000
 #: Distinct neighbours that must report a peer lost before it is dropped (fewer
 #: if it has fewer neighbours); one report only stops planning over that edge.
 LOST_REPORTS_TO_DROP = 2
+#: Edges one announce may have replaced by reporting neighbours "unreachable" (more
+#: are ignored), so that one peer cannot churn the graph fast.
+UNREACHABLE_PER_ANNOUNCE = 2
 #: Seconds until the next announce asked of a peer whose report is still pending
 #: (so it hears of the replacement neighbours soon after the peer is dropped).
 LOST_RECHECK_INTERVAL = 2
@@ -207,7 +210,9 @@ def _address_field(d: dict[bytes, Any]) -> str:
     return address
 
 
-_LOST_WHY = ("lost", "protocol")
+#: Why a neighbour is reported: its link went down, it broke the protocol, or it was
+#: never reachable (assigned, dialled, never linked; it may well be alive).
+_LOST_WHY = ("lost", "protocol", "unreachable")
 
 
 def _parse_lost(raw: Any) -> list[tuple[int, int, str]]:
@@ -514,13 +519,27 @@ class Tracker:
         The edge is taken out of planning at once (a circuit over it would fail);
         the neighbour is dropped, and its neighbours repaired, once enough of its
         neighbours report it. A report older than the neighbour's own last
-        announce is ignored: it came back (restarted) since.
+        announce is ignored: it came back (restarted) since. A neighbour reported
+        ``unreachable`` is not suspected at all: see :meth:`_on_unreachable`.
         """
         pending = False
+        replaced = 0
         for nid, age_ms, why in lost:
             other: Any = self.graph.peer_by_nid(peer, nid)
             row = self.peers.get(other) if other is not None else None
             if other is None or row is None:
+                continue
+            if why == "unreachable":
+                if replaced >= UNREACHABLE_PER_ANNOUNCE:
+                    log.info(
+                        "peer %s reports neighbour %s unreachable: over %d per announce, ignored",
+                        peer.hex()[:16],
+                        other.hex()[:16],
+                        UNREACHABLE_PER_ANNOUNCE,
+                    )
+                    continue
+                self._on_unreachable(peer, other, batch)
+                replaced += 1
                 continue
             if row.last_seen >= now - age_ms / 1000.0:
                 continue
@@ -541,6 +560,19 @@ class Tracker:
             else:
                 pending = True
         return pending
+
+    def _on_unreachable(self, peer: bytes, other: bytes, batch: Batch) -> None:
+        """``peer`` never got a link to ``other`` up (a firewall, a partition, a transport
+        it lacks). ``other`` may be alive and fine with everyone else, so it is not
+        suspected: only their edge is replaced, and the pair kept apart for a while."""
+        changes = self.graph.replace_edge(peer, other)
+        self._apply_changes(changes, batch)
+        log.info(
+            "peer %s cannot reach neighbour %s: edge replaced (%d new)",
+            peer.hex()[:16],
+            other.hex()[:16],
+            len(changes.added),
+        )
 
     def _credit(
         self,
