@@ -33,6 +33,7 @@ from anomos.localnet import LocalNetwork
 from anomos.net import circuit as circuitmod
 from anomos.net import frames, link
 from anomos.net.circuit import CircuitStream
+from anomos.peer import node as node_mod
 from anomos.peer.node import Peer
 from anomos.pluginmanager import Plugins
 from anomos.protocol import onion, request
@@ -44,6 +45,7 @@ from anomos.torrent import session as sessionmod
 from anomos.torrent import wire
 from anomos.torrent.metainfo import make_metainfo
 from anomos.tracker import client as clientmod
+from anomos.tracker import graph as graph_mod
 from anomos.tracker import server as server_mod
 from anomos.tracker.client import CircuitPlan, TrackerClient
 from anomos.tracker.identity import pinned_context
@@ -82,6 +84,11 @@ def test_every_limit_exists_and_is_coherent() -> None:
     assert server_mod.MAX_CONNECTIONS_PER_IP < server_mod.MAX_CONNECTIONS
     assert server_mod.RATE_BURST >= server_mod.RATE_PER_SECOND > 0
     assert server_mod.MAX_LOST >= clientmod.MAX_NEIGHBOURS
+    # Unreachable neighbours: reported well after a dial's backoff could have
+    # linked, replaced a few per announce, kept apart for a while, in bounded memory.
+    assert node_mod.UNREACHABLE_AFTER > link.DIAL_BACKOFF_MAX
+    assert 1 <= server_mod.UNREACHABLE_PER_ANNOUNCE <= server_mod.MAX_LOST
+    assert graph_mod.AVOID_PAIR_SECONDS > 0 and graph_mod.MAX_AVOIDED > 0
     assert clientmod.MAX_REPLY >= server_mod.MAX_BODY
 
 
@@ -294,6 +301,21 @@ def test_peer_side_tracker_client_limits(tracker: Tracker) -> None:
     client = TrackerClient(tracker.url, tracker.fingerprint, PeerIdentity.generate())
     with pytest.raises(Exception, match="outside 1-8"):
         client.request_circuits(b"\x00" * 20, clientmod.MAX_CIRCUITS + 1)
+
+
+def test_a_lost_report_older_than_the_tracker_accepts_is_dropped_not_sent(
+    net: tuple[Tracker, list[Peer]],
+) -> None:
+    """A report held back past the tracker's look-back (tracker down) must not make
+    every later announce a 400: it is dropped, and the announce goes through."""
+    _tracker, peers = net
+    peer = peers[0]
+    nid = next(n for n in range(1, 100) if n not in peer.links.neighbours())  # no link
+    stale = time.monotonic() - clientmod.MAX_LOST_AGE_MS / 1000 - 5
+    peer._lost[nid] = (stale, "lost")
+    reply = peer.announce()  # would raise (400: 'ago' out of range) if it were sent
+    assert reply.interval > 0
+    assert nid not in peer._lost
 
 
 # ----------------------------------------------------------------------------- the disk

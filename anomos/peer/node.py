@@ -31,6 +31,7 @@ from anomos.pluginmanager import Plugins
 from anomos.torrent.metainfo import Metainfo
 from anomos.torrent.session import TorrentSession
 from anomos.tracker.client import (
+    MAX_LOST_AGE_MS,
     AnnounceReply,
     CircuitPlan,
     LostNeighbour,
@@ -292,6 +293,10 @@ class Peer:
         """Announce now, reporting the neighbours whose links dropped since the last one
         and what each neighbour sent us (its relay credit depends on it)."""
         now = time.monotonic()
+        for nid in [n for n, (at, _) in self._lost.items() if now - at > MAX_LOST_AGE_MS / 1000]:
+            # Held back longer than the tracker looks back (it was unreachable): the
+            # tracker has expired or heard from that neighbour since, and would refuse it.
+            del self._lost[nid]
         reported = {
             nid: entry
             for nid, entry in self._lost.items()

@@ -44,6 +44,8 @@ REQUEST_TIMEOUT = 30.0
 MAX_CIRCUITS = 8
 #: Most neighbours a reply may list (and receipts an announce may carry: one per neighbour).
 MAX_NEIGHBOURS = 64
+#: Milliseconds a lost-neighbour report may look back; the tracker refuses older ones.
+MAX_LOST_AGE_MS = 3_600_000
 #: Events a torrent entry may carry, as in BitTorrent.
 EVENTS = ("", "started", "completed", "stopped")
 

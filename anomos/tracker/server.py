@@ -45,6 +45,7 @@ from anomos.protocol.onion import current_epoch
 from anomos.tracker.client import (
     EVENTS,
     MAX_CIRCUITS,
+    MAX_LOST_AGE_MS,
     MAX_NEIGHBOURS,
     SIGNATURE_CONTEXT,
     plan_to_wire,
@@ -84,8 +85,6 @@ MAX_CONNECTIONS = 512
 MAX_CONNECTIONS_PER_IP = 16
 #: Lost neighbours one announce may report.
 MAX_LOST = 64
-#: Milliseconds a lost-neighbour report may look back.
-MAX_LOST_AGE_MS = 3_600_000
 #: Distinct neighbours that must report a peer lost before it is dropped (fewer
 #: if it has fewer neighbours); one report only stops planning over that edge.
 LOST_REPORTS_TO_DROP = 2
