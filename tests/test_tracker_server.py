@@ -239,6 +239,29 @@ def test_ratio_credits_relayed_bytes_its_neighbour_confirms(tracker):
     assert (reply.downloaded, reply.relayed_claimed, reply.relayed) == (700, 1700, 1400)
 
 
+def test_min_ratio_refuses_circuits_past_the_grace_until_relaying_earns_them(tmp_path, plugins):
+    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, edge_settle=0, min_ratio=0.5,
+                ratio_grace=1000)  # fmt: skip
+    t.start()
+    try:
+        p, n = Peer(t), Peer(t)
+        p.announce(left=SIZE, downloaded=800)
+        n.announce()
+        assert p.client.request_circuits(IH, 1) == []  # within the grace: asked, no seeds
+        p.announce(left=SIZE, downloaded=4000)
+        with pytest.raises(TrackerError, match=r"share ratio 0\.00 is below .* minimum 0\.5"):
+            p.client.request_circuits(IH, 1)
+        # Relaying for others, confirmed by a neighbour, earns circuits back.
+        n.announce(receipts={nid_between(t, n, p): 2500})
+        reply = p.announce(left=SIZE, downloaded=4000, relayed=2500)
+        assert reply.ratio == pytest.approx(2500 / 4000)
+        assert p.client.request_circuits(IH, 1) == []
+        with pytest.raises(ConfigError, match="--min-ratio 50"):
+            Tracker(tmp_path / "u", "127.0.0.1:0", plugins, min_ratio=50)
+    finally:
+        t.stop()
+
+
 def test_a_claim_without_receipts_is_not_credited(tracker):
     p, n = Peer(tracker), Peer(tracker)
     p.announce(left=SIZE, downloaded=500, relayed=5000)

@@ -519,9 +519,11 @@ class Peer:
             active.discard(g)
             changed.set()
 
+        refused: str | None = None  # the tracker's last reason for planning nothing
         while not session.complete:
             if timeout is not None and time.monotonic() - started > timeout:
-                raise AnomosError(f"download not complete after {timeout:.0f} s")
+                why = f" (tracker: {refused})" if refused else ""
+                raise AnomosError(f"download not complete after {timeout:.0f} s{why}")
             missing = sources - len(active)
             if missing > 0 and time.monotonic() >= next_request and _disk_full(session):
                 # Every piece would fail to be written: try one circuit now and
@@ -542,8 +544,9 @@ class Peer:
                     plans = []
                 except TrackerError as exc:
                     log.warning("no circuits yet: %s", exc)
-                    plans = []
+                    refused, plans = str(exc), []
                 if plans:
+                    refused = None
                     backoff = NO_PLAN_BACKOFF_MIN
                     now = time.monotonic()
                     replans.extend(now - t for t in broken_at)

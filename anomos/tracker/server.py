@@ -83,6 +83,10 @@ REQUEST_TIMEOUT = 20.0
 MAX_CONNECTIONS = 512
 #: Connections one client IP may hold open at once (more are closed unanswered).
 MAX_CONNECTIONS_PER_IP = 16
+#: Bytes a peer may download before ``--min-ratio`` applies (newcomers start at 0).
+RATIO_GRACE = 1 << 30
+#: Highest ``--min-ratio`` accepted (a typo like 50 would lock everyone out).
+MAX_MIN_RATIO = 10.0
 #: Lost neighbours one announce may report.
 MAX_LOST = 64
 #: Distinct neighbours that must report a peer lost before it is dropped (fewer
@@ -336,8 +340,18 @@ class Tracker:
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
         shared_clients: Iterable[str] = (),
+        min_ratio: float = 0.0,
+        ratio_grace: int = RATIO_GRACE,
     ) -> None:
         self.state_dir = Path(state_dir)
+        if not 0 <= min_ratio <= MAX_MIN_RATIO:
+            raise ConfigError(f"--min-ratio {min_ratio:g}: need 0 to {MAX_MIN_RATIO:g}")
+        if ratio_grace < 0:
+            raise ConfigError("--ratio-grace must not be negative")
+        #: Share ratio a peer needs to be given circuits once it downloaded more than
+        #: ``ratio_grace`` bytes (0: no minimum). Relaying raises it: see _ratio_refusal.
+        self.min_ratio = min_ratio
+        self.ratio_grace = ratio_grace
         #: Addresses that stand for many clients (tor's end of an onion service):
         #: no per-address connection cap, and rate limits per peer identity instead.
         self.shared_clients = frozenset(shared_clients)
@@ -748,6 +762,9 @@ class Tracker:
         count = _int_field(inner, "count", 1, MAX_CIRCUITS)
         if peer not in self.peers:
             raise Refused(409, "announce before requesting circuits")
+        refusal = self._ratio_refusal(peer)
+        if refusal is not None:
+            raise Refused(403, refusal)
         swarm = self.swarms.get(infohash)
         if swarm is None:
             return {"circuits": []}
@@ -762,6 +779,25 @@ class Tracker:
             self.rng.shuffle(extra)
             plans += self.planner.plan(peer, infohash, extra, count - len(plans))
         return {"circuits": [plan_to_wire(p) for p in plans]}
+
+    def _ratio_refusal(self, peer: bytes) -> str | None:
+        """Why ``peer`` gets no circuits under this tracker's minimum ratio, or None.
+
+        Only downloads past the grace allowance count; the peer keeps relaying
+        (and seeding) meanwhile, which is how it earns its way back.
+        """
+        if not self.min_ratio:
+            return None
+        account = self.accounts.get(peer)
+        if account is None or account.downloaded <= self.ratio_grace:
+            return None
+        ratio = self.ratio.ratio(account.uploaded, account.downloaded, account.relayed)
+        if ratio >= self.min_ratio:
+            return None
+        return (
+            f"share ratio {ratio:.2f} is below this tracker's minimum {self.min_ratio:g}: "
+            "seed or relay for others to raise it"
+        )
 
     def _keys(self, peer: Any) -> PeerKeys:
         row = self.peers[peer]

@@ -28,11 +28,11 @@ _SIZE = re.compile(r"(\d+)\s*([kmg]?)(i?b)?", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, what: str = "piece size") -> int:
     """``262144``, ``256K``, ``256KiB``, ``1M`` -> bytes (binary units)."""
     match = _SIZE.fullmatch(text.strip())
     if not match:
-        raise ConfigError(f"piece size {text!r} is not a size such as 262144, 256K or 1M")
+        raise ConfigError(f"{what} {text!r} is not a size such as 262144, 256K or 1M")
     return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 

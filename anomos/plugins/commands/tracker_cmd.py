@@ -21,6 +21,7 @@ from anomos import hookimpl
 from anomos.config import split_address
 from anomos.errors import ConfigError
 from anomos.pluginmanager import Plugins
+from anomos.plugins.commands.torrent_cmds import parse_size
 
 TRACKER_JSON = "tracker.json"
 #: Where tor's connections to an onion service's target come from.
@@ -64,6 +65,19 @@ def write_tracker_json(state_dir: Path, url: str, fingerprint: str) -> Path:
 @click.option("--relays", default="2-4", show_default=True, help="Relays per circuit.")
 @click.option("--interval", default=60, show_default=True, help="Announce interval, seconds.")
 @click.option(
+    "--min-ratio",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Share ratio a peer needs to be given circuits (relayed bytes count); 0: no minimum.",
+)
+@click.option(
+    "--ratio-grace",
+    default="1G",
+    show_default=True,
+    help="Bytes a peer may download before --min-ratio applies.",
+)
+@click.option(
     "--onion",
     is_flag=True,
     help="Also publish the tracker as a v3 onion service (key kept in STATE/onion_key).",
@@ -92,6 +106,8 @@ def tracker_command(
     neighbours: str,
     relays: str,
     interval: int,
+    min_ratio: float,
+    ratio_grace: str,
     onion: bool,
     tor_control: str,
     tor_launch: bool,
@@ -119,6 +135,8 @@ def tracker_command(
         min_relays=min_r,
         max_relays=max_r,
         interval=interval,
+        min_ratio=min_ratio,
+        ratio_grace=parse_size(ratio_grace, "--ratio-grace"),
         # Behind an onion service every client arrives from tor's loopback end.
         shared_clients=ONION_CLIENT_ADDRESSES if onion else (),
     )
