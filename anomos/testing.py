@@ -214,3 +214,28 @@ def tracker_trust() -> frozenset[str]:
     from anomos.protocol.request import tracker_fingerprint
 
     return frozenset({tracker_fingerprint(tracker_key().public_key())})
+
+
+# ----------------------------------------------------------------------------- in-process peers
+
+
+def start_peers(
+    plugins: Plugins, tracker: Any, state_root: Path, count: int, *, announce: bool = True
+) -> list[Any]:
+    """``count`` started peers in this process, each on its own loopback address and
+    state directory (``state_root/p0``, ...), announced to ``tracker`` (an
+    :class:`anomos.tracker.server.Tracker`); with ``announce`` each announces once
+    more after all joined, so every one has heard of every edge."""
+    from anomos.config import Settings
+    from anomos.peer.node import Peer
+
+    peers = []
+    for i in range(count):
+        settings = Settings(listen=f"{loopback_host()}:0", state_dir=state_root / f"p{i}")
+        peer = Peer(plugins, settings, tracker_url=tracker.url, fingerprint=tracker.fingerprint)
+        peer.start()
+        peers.append(peer)
+    if announce:
+        for peer in peers:
+            peer.announce()
+    return peers

@@ -23,14 +23,13 @@ from typing import Any
 import gevent
 import pytest
 
-from anomos.config import Settings
 from anomos.errors import TrackerError
 from anomos.identity import PeerIdentity
 from anomos.localnet import LocalNetwork, Proc
 from anomos.peer import node as nodemod
 from anomos.peer.node import Peer
 from anomos.pluginmanager import Plugins
-from anomos.testing import loopback_host
+from anomos.testing import loopback_host, start_peers
 from anomos.torrent.metainfo import make_metainfo
 from anomos.tracker import server as server_mod
 from anomos.tracker.client import LostNeighbour, TrackerClient
@@ -195,14 +194,7 @@ def peers(
     monkeypatch.setattr(nodemod, "LINK_WATCH_INTERVAL", 0.5)
     t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, min_neighbours=3, edge_settle=0.2)
     t.start()
-    made: list[Peer] = []
-    for i in range(6):
-        settings = Settings(listen=f"{loopback_host()}:0", state_dir=tmp_path / f"p{i}")
-        peer = Peer(plugins, settings, tracker_url=t.url, fingerprint=t.fingerprint)
-        peer.start()
-        made.append(peer)
-    for p in made:  # everyone hears of every edge
-        p.announce()
+    made: list[Peer] = start_peers(plugins, t, tmp_path, 6)  # all heard of every edge
     wait_until(lambda: all_linked(made), 10, "links up")
     yield t, made
     for p in made:

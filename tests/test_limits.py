@@ -27,7 +27,7 @@ from test_churn import Client, sha256, wait_until
 from test_hostile_peers import RawLink
 
 from anomos import bencode
-from anomos.config import HANDSHAKE_TIMEOUT, Settings, split_address
+from anomos.config import HANDSHAKE_TIMEOUT, split_address
 from anomos.identity import PeerIdentity
 from anomos.localnet import LocalNetwork
 from anomos.net import circuit as circuitmod
@@ -40,7 +40,7 @@ from anomos.protocol import onion, request
 from anomos.protocol.e2e import CELL_BODY
 from anomos.protocol.onion import Hop, build_tracking_code, current_epoch
 from anomos.protocol.request import SourceRequest, seal_request
-from anomos.testing import loopback_host
+from anomos.testing import loopback_host, start_peers
 from anomos.torrent import session as sessionmod
 from anomos.torrent import wire
 from anomos.torrent.metainfo import make_metainfo
@@ -189,14 +189,7 @@ def test_oversized_and_too_frequent_requests_are_refused(tmp_path: Path, plugins
 def net(tmp_path: Path, plugins: Plugins) -> Iterator[tuple[Tracker, list[Peer]]]:
     t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, min_neighbours=2, edge_settle=0)
     t.start()
-    peers: list[Peer] = []
-    for i in range(4):
-        settings = Settings(listen=f"{loopback_host()}:0", state_dir=tmp_path / f"p{i}")
-        peer = Peer(plugins, settings, tracker_url=t.url, fingerprint=t.fingerprint)
-        peer.start()
-        peers.append(peer)
-    for p in peers:
-        p.announce()
+    peers: list[Peer] = start_peers(plugins, t, tmp_path, 4)
     wait_until(
         lambda: all(set(p.links.neighbours()) <= set(p.links.links) for p in peers), 10, "links"
     )

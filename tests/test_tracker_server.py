@@ -18,7 +18,7 @@ from anomos.errors import ConfigError, TrackerError
 from anomos.identity import PeerIdentity
 from anomos.protocol.onion import OnionReader
 from anomos.protocol.request import open_request
-from anomos.testing import loopback_host
+from anomos.testing import loopback_host, start_peers
 from anomos.tracker import client as client_mod
 from anomos.tracker import server as server_mod
 from anomos.tracker.client import (
@@ -331,21 +331,12 @@ def test_receipts_are_bounded_and_checked(tracker):
 def test_peers_confirm_what_their_links_carried(tmp_path, plugins):
     """Real peers: each announce carries what the links received, and a peer's claim is
     credited only up to what its neighbour confirmed."""
-    from anomos.config import Settings
-    from anomos.peer.node import Peer as Node
-
     t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, edge_settle=0)
     t.start()
     nodes = []
     try:
-        for i in range(2):
-            settings = Settings(listen=f"{loopback_host()}:0", state_dir=tmp_path / f"p{i}")
-            node = Node(plugins, settings, tracker_url=t.url, fingerprint=t.fingerprint)
-            node.start()
-            nodes.append(node)
+        nodes = start_peers(plugins, t, tmp_path, 2)
         a, b = nodes
-        for node in nodes:
-            node.announce()
         nid = t.graph.nid(a.identity.identity_public, b.identity.identity_public)
         with gevent.Timeout(10, AssertionError("the link never carried anything")):
             while not (a.links.receipts().get(nid) and b.links.receipts().get(nid)):

@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 from test_churn import Client, wait_until
 
-from anomos.config import Settings
 from anomos.peer import node as nodemod
 from anomos.peer.node import Peer
 from anomos.pluginmanager import Plugins
-from anomos.testing import free_port, loopback_host
+from anomos.testing import free_port, start_peers
 from anomos.tracker.server import Tracker
 
 
@@ -44,11 +43,7 @@ def test_a_neighbour_nobody_can_reach_is_reported_and_replaced(
     assert dead.announce().neighbours == ()
     peers: list[Peer] = []
     try:
-        for i in range(4):
-            settings = Settings(listen=f"{loopback_host()}:0", state_dir=tmp_path / f"p{i}")
-            peer = Peer(plugins, settings, tracker_url=tracker.url, fingerprint=tracker.fingerprint)
-            peer.start()
-            peers.append(peer)
+        peers = start_peers(plugins, tracker, tmp_path, 4, announce=False)
         first = peers[0]  # the fake was the only peer to link it to
         me = first.identity.identity_public
         assert dead.pub in g.neighbours(me)
