@@ -316,7 +316,7 @@ class CircuitStream:
         for layer in self._send_layers:
             layer.apply_in_place(body)
         link = self.link
-        if link.over_limit() and gevent.getcurrent() is not link._reader_greenlet:
+        if link.over_limit():
             link.wait_for_room(LINK_ROOM_TIMEOUT)  # our own circuit waits; a relay's is refused
         if not link.send(self.circ_id, Cmd.DATA, body):
             reason = f"link to NID {self.link.nid} lost" if self.link.closed else "send queue full"

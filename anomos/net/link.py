@@ -428,8 +428,11 @@ class Link:
         """Wait until the link's queue is below its limit (or the link closed).
 
         For senders that can wait (our own circuits' streams); a relay, which runs
-        in another link's reader, must not block and is refused instead.
+        in another link's reader, must not block and is refused instead. This
+        link's own reader never waits (it would stop the link): it returns at once.
         """
+        if gevent.getcurrent() is self._reader_greenlet:
+            return not self.over_limit()
         deadline = time.monotonic() + timeout
         while self._queued >= self.link_limit and self.closed_reason is None:
             left = deadline - time.monotonic()
@@ -604,9 +607,9 @@ class LinkManager:
     _last_refresh: float = attrs.field(default=-1e9, init=False, repr=False)
     _refreshing: gevent.event.Event | None = attrs.field(default=None, init=False, repr=False)
     _closed: bool = attrs.field(default=False, init=False)
-    #: NID -> (neighbour identity, bytes received over its links that closed), for
-    #: the assigned neighbours only: the past part of :meth:`receipts`.
-    _received: dict[int, tuple[bytes, int]] = attrs.field(factory=dict, init=False, repr=False)
+    #: NID -> bytes received over the closed links of the neighbour now assigned that
+    #: NID (dropped when the assignment changes): the past part of :meth:`receipts`.
+    _received: dict[int, int] = attrs.field(factory=dict, init=False, repr=False)
     #: Paces the writers of all links together (``Settings.max_send_rate``), or None.
     send_limiter: TokenBucket | None = attrs.field(default=None, init=False, repr=False)
 
@@ -631,15 +634,15 @@ class LinkManager:
                 )
                 break
             assigned[int(nb.nid)] = nb
+        for nid in list(self._received):
+            old, new = self._assigned[nid], assigned.get(nid)
+            if new is None or bytes(new.identity) != bytes(old.identity):
+                del self._received[nid]  # another edge now: its count starts again
         self._assigned = assigned
         for nid, link in list(self.links.items()):
             nb = assigned.get(nid)
             if nb is None or bytes(nb.identity) != link.identity:
                 link.close("neighbour no longer assigned")
-        for nid, (identity, _) in list(self._received.items()):
-            nb = assigned.get(nid)
-            if nb is None or bytes(nb.identity) != identity:
-                del self._received[nid]  # another edge now: its count starts again
         if self._closed:
             return
         for nid, nb in assigned.items():
@@ -655,16 +658,13 @@ class LinkManager:
         reconnections: what the tracker credits the neighbour's relaying with."""
         out = {}
         for nid, nb in self._assigned.items():
-            identity = bytes(nb.identity)
-            past_identity, total = self._received.get(nid, (identity, 0))
-            if past_identity != identity:
-                total = 0
+            past = self._received.get(nid)
             link = self.links.get(nid)
-            if link is not None and link.identity == identity:
-                total += link.bytes_in
-            elif nid not in self._received:
-                continue  # never linked: nothing to confirm
-            out[nid] = total
+            if link is not None and link.identity == bytes(nb.identity):
+                out[nid] = (past or 0) + link.bytes_in
+            elif past is not None:
+                out[nid] = past
+            # else never linked: nothing to confirm
         return out
 
     def get(self, nid: int) -> Link | None:
@@ -852,10 +852,7 @@ class LinkManager:
             del self.links[link.nid]
         nb = self._assigned.get(link.nid)
         if nb is not None and bytes(nb.identity) == link.identity:
-            identity, total = self._received.get(link.nid, (link.identity, 0))
-            if identity != link.identity:
-                total = 0
-            self._received[link.nid] = (link.identity, total + link.bytes_in)
+            self._received[link.nid] = self._received.get(link.nid, 0) + link.bytes_in
         log.info("link to NID %d closed: %s", link.nid, reason)
         if self.on_link_down is not None:
             try:

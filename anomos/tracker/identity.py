@@ -57,11 +57,13 @@ def normalise_fingerprint(text: str) -> str:
 
 @attrs.frozen
 class TrackerIdentity:
-    """Paths of the tracker's key and certificate, and the key's fingerprint."""
+    """Paths of the tracker's key and certificate, the key's fingerprint and the key."""
 
     key_path: Path
     cert_path: Path
     fingerprint: str
+    #: The key itself: it also signs the requests the tracker seals to sources.
+    private_key: ec.EllipticCurvePrivateKey = attrs.field(repr=False, eq=False)
 
     @classmethod
     def load_or_create(cls, state_dir: str | os.PathLike[str]) -> TrackerIdentity:
@@ -79,13 +81,8 @@ class TrackerIdentity:
             cert = _make_cert(key)
             _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
             log.info("wrote a new tracker certificate %s", cert_path)
-        return cls(
-            key_path, cert_path, spki_fingerprint(cert.public_bytes(serialization.Encoding.DER))
-        )
-
-    def private_key(self) -> ec.EllipticCurvePrivateKey:
-        """The key itself: it also signs the requests the tracker seals to sources."""
-        return _load_key(self.key_path)
+        fingerprint = spki_fingerprint(cert.public_bytes(serialization.Encoding.DER))
+        return cls(key_path, cert_path, fingerprint, key)
 
     def server_context(self) -> ssl.SSLContext:
         """TLS 1.3-only server context with this identity."""

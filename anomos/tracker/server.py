@@ -378,7 +378,7 @@ class Tracker:
             policy,
             suite,
             self._keys,
-            tracker_key=self.identity.private_key(),
+            tracker_key=self.identity.private_key,
             rng=self.rng,
             clock=clock,
         )
@@ -734,7 +734,7 @@ class Tracker:
         account: Account,
         interval: int | None = None,
     ) -> dict[str, Any]:
-        ratio = self.ratio.ratio(account.uploaded, account.downloaded, account.relayed)
+        ratio = self._ratio_of(account)
         return {
             "neighbours": [
                 {
@@ -780,6 +780,10 @@ class Tracker:
             plans += self.planner.plan(peer, infohash, extra, count - len(plans))
         return {"circuits": [plan_to_wire(p) for p in plans]}
 
+    def _ratio_of(self, account: Account) -> float:
+        """The ratio plugin's share ratio, with the relayed bytes neighbours confirmed."""
+        return self.ratio.ratio(account.uploaded, account.downloaded, account.relayed)
+
     def _ratio_refusal(self, peer: bytes) -> str | None:
         """Why ``peer`` gets no circuits under this tracker's minimum ratio, or None.
 
@@ -791,7 +795,7 @@ class Tracker:
         account = self.accounts.get(peer)
         if account is None or account.downloaded <= self.ratio_grace:
             return None
-        ratio = self.ratio.ratio(account.uploaded, account.downloaded, account.relayed)
+        ratio = self._ratio_of(account)
         if ratio >= self.min_ratio:
             return None
         return (
