@@ -389,7 +389,7 @@ def onion_with_mac(beta: bytes, alpha: bytes = b"") -> bytes:
     except ValueError:  # a low-order alpha has no MAC key; the raw mode covers it
         alpha = x25519_public(_key("alpha"))
         shared = onion._exchange(private, alpha)
-    keys = onion._derive(shared, prefix)
+    keys, _ = onion._hop_stream(shared, prefix, b"")
     return prefix + alpha + beta + onion._mac(keys.mu, prefix, alpha, beta)
 
 

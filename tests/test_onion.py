@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -237,7 +238,7 @@ def test_documented_intermediate_values_match() -> None:
     assert f"x (session)      {session.hex()}" in text
     for i in range(3):
         assert f"hop {i} public     {x25519_public(hop_key(i)).hex()}" in text
-    x0 = hashlib.sha256(b"anomos-onion-v2 hop" + session + b"\0").digest()
+    x0 = hashlib.sha256(b"anomos-onion-v3 hop" + session + b"\0").digest()
     alpha0 = x25519_public(x0)
     assert f"x_0              {x0.hex()}" in text
     assert f"alpha_0          {alpha0.hex()}" in text
@@ -249,3 +250,12 @@ def test_documented_intermediate_values_match() -> None:
     assert m, "docs/protocol.md lost its 1-hop code"
     code, _ = build_tracking_code(path(1), EPOCH, session_key=session)
     assert "".join(m.group(1).split()) == code.hex()
+    # The 1-hop code re-derived from the text of the spec, not from onion.py.
+    prefix, beta, gamma = code[:5], code[37:461], code[461:]
+    assert prefix == b"\x03" + EPOCH.to_bytes(4, "big") and code[5:37] == alpha0
+    k = hashlib.blake2b(prefix, key=shared, person=b"anomos-onion-v3", digest_size=32).digest()
+    stream = Cipher(algorithms.AES(k), modes.CTR(bytes(16))).encryptor().update(bytes(621))
+    mu, routing = stream[0:32], stream[144:621]
+    assert gamma == hashlib.blake2b(prefix + alpha0 + beta, key=mu, digest_size=16).digest()
+    opened = bytes(a ^ b for a, b in zip(beta + bytes(53), routing, strict=True))
+    assert opened[:53] == b"\x02" + bytes(52)  # the terminal's slot

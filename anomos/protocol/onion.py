@@ -18,10 +18,13 @@ later one in the slot of the hop before, so consecutive hops see unrelated
 elements. (Version 1 blinded one element hop by hop as Sphinx does, which
 costs the builder ``n(n+1)/2 + n`` scalar multiplications for ``n`` hops;
 fresh elements cost two per hop, one of them with the fixed base, and one per
-hop to peel instead of two.) ``beta`` is decrypted with a per-hop AES-256-CTR
-stream and shifted by one slot, the missing tail is the *filler* the builder
-precomputed; ``gamma`` is an HMAC over the prefix, ``alpha`` and ``beta``
-with a per-hop key, so any change is refused at the first hop that sees it.
+hop to peel instead of two.) A keyed BLAKE2b of the shared secret keys one
+AES-256-CTR stream per hop, which yields every per-hop key and then decrypts
+``beta``, shifted by one slot; the missing tail is the *filler* the builder
+precomputed. ``gamma`` is a keyed BLAKE2b MAC over the prefix, ``alpha`` and
+``beta``, so any change is refused at the first hop that sees it. (Version 2
+derived the keys with HKDF and MACed with HMAC-SHA256: the same properties at
+about 8 us more per hop, an eighth of what building a code costs.)
 """
 
 from __future__ import annotations
@@ -36,15 +39,13 @@ from collections.abc import Callable, Sequence
 import attrs
 import nacl.bindings
 import nacl.exceptions
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from anomos.errors import CryptoError, ProtocolError
 
 #: Format version carried in the first byte of every code.
-VERSION = 2
+VERSION = 3
 #: Keys rotate per epoch: a code is accepted in its epoch and the next one.
 EPOCH_SECONDS = 600
 MAX_HOPS = 8
@@ -65,15 +66,16 @@ TRACKING_CODE_SIZE = PREFIX_SIZE + ALPHA_SIZE + ROUTING_SIZE + MAC_SIZE
 #: Bytes of LayerKeys.to_bytes().
 LAYER_KEYS_SIZE = 96
 
-_LABEL = b"anomos-onion-v2"
+_LABEL = b"anomos-onion-v3"  # also the BLAKE2b personalisation (16 bytes at most)
 _ZERO_IV = bytes(16)
 _ZERO_SLOT = bytes(SLOT_SIZE)
 _ZERO_MAC = bytes(MAC_SIZE)
 _ZERO_ALPHA = bytes(ALPHA_SIZE)
+# A hop's key stream: mu (32) | replay tag (16) | layer keys (96) | routing stream (477)
+_HOP_KEYS_SIZE = 32 + 16 + LAYER_KEYS_SIZE
 _STREAM_SIZE = ROUTING_SIZE + SLOT_SIZE
+_ZERO_KEYS = bytes(_HOP_KEYS_SIZE)
 _ZERO_STREAM = bytes(_STREAM_SIZE)
-# rho (32) | mu (32) | replay tag (16) | fwd key (32) | fwd iv (16) | bwd key (32) | bwd iv (16)
-_HOP_KEYS_SIZE = 32 + 32 + 16 + LAYER_KEYS_SIZE
 _ALPHA_END = PREFIX_SIZE + ALPHA_SIZE
 _BETA_END = _ALPHA_END + ROUTING_SIZE
 
@@ -145,23 +147,23 @@ class Peeled:
 
 @attrs.frozen
 class _HopSecrets:
-    rho: bytes
     mu: bytes
     tag: bytes
     layer: LayerKeys
 
 
-def _derive(shared: bytes, prefix: bytes) -> _HopSecrets:
-    """Every per-hop key from the shared secret, bound to version and epoch."""
-    okm = HKDF(
-        algorithm=hashes.SHA256(), length=_HOP_KEYS_SIZE, salt=_LABEL, info=b"hop keys" + prefix
-    ).derive(shared)
-    return _HopSecrets(
-        rho=okm[0:32],
-        mu=okm[32:64],
-        tag=okm[64:80],
-        layer=LayerKeys.from_bytes(okm[80:176]),
+def _hop_stream(shared: bytes, prefix: bytes, data: bytes) -> tuple[_HopSecrets, bytes]:
+    """A hop's keys and ``data`` XOR its routing stream, from its shared secret.
+
+    One keyed BLAKE2b, bound to version and epoch, keys one AES-256-CTR stream
+    (zero IV: the key is single-use); its first bytes are the keys.
+    """
+    key = hashlib.blake2b(prefix, key=shared, person=_LABEL, digest_size=32).digest()
+    out = _stream_xor(key, _ZERO_KEYS + data)
+    secrets_ = _HopSecrets(
+        mu=out[0:32], tag=out[32:48], layer=LayerKeys.from_bytes(out[48:_HOP_KEYS_SIZE])
     )
+    return secrets_, out[_HOP_KEYS_SIZE:]
 
 
 def _stream_xor(key: bytes, data: bytes) -> bytes:
@@ -175,7 +177,7 @@ def _xor(a: bytes, b: bytes) -> bytes:
 
 
 def _mac(mu: bytes, prefix: bytes, alpha: bytes, beta: bytes) -> bytes:
-    return hmac.new(mu, prefix + alpha + beta, hashlib.sha256).digest()[:MAC_SIZE]
+    return hashlib.blake2b(prefix + alpha + beta, key=mu, digest_size=MAC_SIZE).digest()
 
 
 def _hop_scalar(session_key: bytes, i: int) -> bytes:
@@ -225,10 +227,10 @@ def build_tracking_code(
         except nacl.exceptions.CryptoError:  # a low-order key: all-zero secret
             raise ValueError(f"hop {i} has an invalid onion key") from None
         alphas.append(nacl.bindings.crypto_scalarmult_base(x))
-        secrets_i = _derive(shared, prefix)
-        keys.append(secrets_i)
         # One key stream per hop serves both the filler and the layer of beta.
-        streams.append(_stream_xor(secrets_i.rho, _ZERO_STREAM))
+        secrets_i, stream = _hop_stream(shared, prefix, _ZERO_STREAM)
+        keys.append(secrets_i)
+        streams.append(stream)
 
     # Filler: what the hops before the terminal shift into the tail of beta.
     filler = b""
@@ -293,12 +295,11 @@ class OnionReader:
             shared = _exchange(self._key, alpha)
         except ValueError:
             raise CryptoError("tracking code carries a low-order X25519 element") from None
-        keys = _derive(shared, prefix)
+        keys, opened = _hop_stream(shared, prefix, beta + _ZERO_SLOT)
         if not hmac.compare_digest(_mac(keys.mu, prefix, alpha, beta), code[_BETA_END:]):
             raise CryptoError("tracking code MAC failed: tampered or not for this key")
         self._remember(epoch, now_epoch, keys.tag)
 
-        opened = _stream_xor(keys.rho, beta + _ZERO_SLOT)
         flag, nid, next_alpha, next_gamma = _SLOT.unpack_from(opened)
         if flag == FLAG_TERMINAL:
             return Peeled(next_nid=None, forward_code=None, layer=keys.layer)
