@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,25 @@ def join_address(host: str, port: int) -> str:
 
 def is_onion(address: str) -> bool:
     return split_address(address)[0].lower().endswith(".onion")
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?", re.IGNORECASE)
+_BINARY = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str, what: str, *, minimum: int = 0, maximum: int | None = None) -> int:
+    """``262144``, ``256K``, ``256KiB``, ``1.5G`` -> bytes (binary units).
+
+    The one parser of sizes given on the command line; ``ConfigError`` names ``what``.
+    """
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise ConfigError(f"{what} {text!r} is not a size such as 262144, 256K or 1.5GiB")
+    value = int(float(match.group(1)) * _BINARY[match.group(2).lower()])
+    if value < minimum or (maximum is not None and value > maximum):
+        top = f"{maximum:,}" if maximum is not None else "any number of"
+        raise ConfigError(f"{what} {text!r} is out of range ({minimum:,} to {top} bytes)")
+    return value
 
 
 @attrs.frozen

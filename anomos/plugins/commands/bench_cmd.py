@@ -13,21 +13,7 @@ from pathlib import Path
 import click
 
 from anomos import hookimpl
-
-_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
-
-def parse_size(text: str) -> int:
-    """``"256MiB"``, ``"16m"``, ``"1048576"`` -> bytes."""
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = _UNITS.get(t[-1:], 1)
-    try:
-        value = int(float(t[:-1] if t[-1:] in _UNITS else t) * mult)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size like 256MiB") from None
-    if not 16 * 1024 <= value <= 4 << 30:
-        raise click.BadParameter("size must be between 16 KiB and 4 GiB")
-    return value
+from anomos.config import parse_size
 
 
 def _sections(text: str) -> tuple[str, ...]:
@@ -91,7 +77,7 @@ def bench_command(
 
     overrides: dict[str, object] = {"sections": _sections(only)}
     if size_text is not None:
-        overrides["size"] = parse_size(size_text)
+        overrides["size"] = parse_size(size_text, "--size", minimum=16 << 10, maximum=4 << 30)
     if runs is not None:
         overrides["runs"] = runs
     if quiet_wait is not None:

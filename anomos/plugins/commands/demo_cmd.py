@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 
 from anomos import hookimpl
+from anomos.config import parse_size
 from anomos.errors import AnomosError
 from anomos.localnet import LocalNetwork
 from anomos.torrent.metainfo import make_metainfo
@@ -29,19 +30,6 @@ from anomos.torrent.metainfo import make_metainfo
 SETTLE = 5.0
 #: Announce interval of the demo's tracker, short so relayed bytes show up quickly.
 ANNOUNCE_INTERVAL = 2
-
-
-def _parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = units.get(t[-1:], 1)
-    try:
-        value = int(float(t[:-1] if t[-1:] in units else t) * mult)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size like 16MiB") from None
-    if not 1 <= value <= 4 << 30:
-        raise click.BadParameter("size must be between 1 byte and 4 GiB")
-    return value
 
 
 def _write_random(path: Path, size: int) -> str:
@@ -85,7 +73,7 @@ def demo_command(
     peers: int, seeders: int, size_text: str, workdir: Path | None, timeout: float
 ) -> int:
     """Run a tracker and PEERS peers on loopback and download a file anonymously."""
-    size = _parse_size(size_text)
+    size = parse_size(size_text, "--size", minimum=1, maximum=4 << 30)
     relays = peers - seeders - 1
     if relays < 2:
         raise click.BadParameter("need at least 2 relays: raise --peers or lower --seeders")

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import click
 
 from anomos import hookimpl
+from anomos.config import parse_size
 from anomos.errors import ConfigError, MetainfoError
 from anomos.torrent.metainfo import (
     MAX_METAINFO_SIZE,
@@ -23,17 +23,6 @@ from anomos.torrent.metainfo import (
     anonymize,
     make_metainfo,
 )
-
-_SIZE = re.compile(r"(\d+)\s*([kmg]?)(i?b)?", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-
-
-def parse_size(text: str, what: str = "piece size") -> int:
-    """``262144``, ``256K``, ``256KiB``, ``1M`` -> bytes (binary units)."""
-    match = _SIZE.fullmatch(text.strip())
-    if not match:
-        raise ConfigError(f"{what} {text!r} is not a size such as 262144, 256K or 1M")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
 def human(n: int) -> str:
@@ -125,7 +114,7 @@ def make_command(
     The infohash is the one libtorrent or mktorrent give the same files with
     the same piece size, so the content can also be checked by other clients.
     """
-    piece_length = parse_size(piece_size) if piece_size is not None else None
+    piece_length = parse_size(piece_size, "piece size") if piece_size is not None else None
     root = Path(os.path.abspath(path))
     out = Path(os.path.abspath(output))
     if out == root or out.is_relative_to(root) or _same_file(out, root):

@@ -18,10 +18,9 @@ import gevent
 import gevent.event
 
 from anomos import hookimpl
-from anomos.config import split_address
+from anomos.config import parse_size, split_address
 from anomos.errors import ConfigError
 from anomos.pluginmanager import Plugins
-from anomos.plugins.commands.torrent_cmds import parse_size
 
 TRACKER_JSON = "tracker.json"
 #: Where tor's connections to an onion service's target come from.
