@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import gevent.event
 import pytest
 
 from anomos import hookimpl
@@ -232,6 +233,25 @@ def corrupt_reads(s: TorrentSession, pieces: set[int] | None) -> None:
     s.storage.read_block = read_block  # type: ignore[method-assign]
 
 
+def hold_reads_until(s: TorrentSession, event: gevent.event.Event) -> None:
+    """Make a seeder wait for ``event`` before it reads any block it serves."""
+    real = s.storage.read_block
+
+    def read_block(index: int, begin: int, length: int) -> bytes:
+        event.wait()
+        return real(index, begin, length)
+
+    s.storage.read_block = read_block  # type: ignore[method-assign]
+
+
+def asked(s: TorrentSession, conn: PeerConnection) -> bool:
+    """Whether ``s`` has blocks requested on ``conn`` (False before the handshake)."""
+    try:
+        return s.picker.outstanding(conn) > 0
+    except KeyError:
+        return False
+
+
 def test_corrupt_piece_is_detected_blamed_and_fetched_from_the_honest_seeder(
     tmp_path: Path, torrent: tuple[Metainfo, dict[str, bytes]], sessions: list[TorrentSession]
 ) -> None:
@@ -307,8 +327,18 @@ def test_mixed_pieces_blame_only_the_source_of_the_bad_blocks(
     leech = new_session(
         sessions, m, tmp_path / "leech", plugins=get_plugins(load_entrypoints=False, extra=[rec])
     )
+    # Neither seeder serves a block until the leech has asked both: otherwise
+    # the liar, connected first, can earn its strikes on pieces it supplied
+    # alone and be dropped before any mixed piece fails.
+    asked_both = gevent.event.Event()
+    for seeder in (liar, honest):
+        hold_reads_until(seeder, asked_both)
     _, liar_conn = connect(liar, leech, "leech", "liar")
     _, honest_conn = connect(honest, leech, "leech", "honest")
+    with gevent.Timeout(10, AssertionError("the leech never asked both seeders")):
+        while not all(asked(leech, c) for c in (liar_conn, honest_conn)):
+            gevent.sleep(0.01)
+    asked_both.set()
     assert leech.wait_complete(timeout=30)
     assert_identical(tmp_path / "leech", content)
     assert "honest, liar" in {source for _, source in rec.failed}
