@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import gevent
+import gevent.lock
 import gevent.queue
 import pytest
 from test_churn import sha256
@@ -50,6 +51,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 #: Seconds within which a refused connection must be closed (the handshake
 #: timeout of a peer is 10 s; a refusal is immediate).
 CLOSE_WITHIN = 8.0
+#: Seconds between the PADDING frames a reading RawLink sends, as a real peer does
+#: when idle: a peer closes a link silent for link.IDLE_TIMEOUT (20 s).
+RAW_KEEPALIVE = 2.0
 
 
 class RawLink:
@@ -63,6 +67,8 @@ class RawLink:
         self.buf = b""
         self.frames: gevent.queue.Queue[tuple[int, int, bytes] | None] = gevent.queue.Queue()
         self.reader: gevent.Greenlet | None = None
+        self.keepalive: gevent.Greenlet | None = None
+        self.send_lock = gevent.lock.Semaphore()
 
     def tls(self) -> bytes:
         """TLS 1.3 (the listener's certificate is not checked here); the AUTH challenge."""
@@ -81,7 +87,8 @@ class RawLink:
         return frame is not None and frame[1] == Cmd.AUTH_OK
 
     def send(self, circ: int, cmd: int, payload: bytes = b"") -> None:
-        self.sock.sendall(HEADER.pack(circ, cmd, 0, len(payload)) + payload)
+        with self.send_lock:  # whole frames, between the test and the keepalive greenlet
+            self.sock.sendall(HEADER.pack(circ, cmd, 0, len(payload)) + payload)
 
     def _recv(self) -> bytes:
         try:
@@ -120,7 +127,16 @@ class RawLink:
                 self.frames.put(frame)
             self.frames.put(None)
 
+        def keepalive() -> None:
+            try:
+                while True:
+                    gevent.sleep(RAW_KEEPALIVE)
+                    self.send(LINK_CIRC_ID, Cmd.PADDING)
+            except (ConnectionError, ssl.SSLError, OSError):
+                pass  # closed: the reader reports it
+
         self.reader = gevent.spawn(loop)
+        self.keepalive = gevent.spawn(keepalive)
 
     def wait_circuit(self, circ: int, timeout: float = 15.0) -> tuple[int, bytes] | None:
         """(cmd, payload) of the next CREATED or BREAK on ``circ``; None if the link closed."""
@@ -133,8 +149,9 @@ class RawLink:
                     return frame[1], frame[2]
 
     def close(self) -> None:
-        if self.reader is not None:
-            self.reader.kill()
+        for greenlet in (self.keepalive, self.reader):
+            if greenlet is not None:
+                greenlet.kill()
         self.sock.close()
 
 

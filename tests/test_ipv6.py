@@ -2,7 +2,7 @@
 
 The original Anomos had no IPv6. Here the tracker's URL, every peer's contact
 address and every neighbour link are IPv6; the operating system's socket table
-shows that no IPv4 connection touched any of them.
+shows IPv6 links on the peers' ports and no IPv4 connection in any of the processes.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
+import psutil
 import pytest
 
-from anomos.localnet import LocalNetwork
+from anomos.localnet import LocalNetwork, Proc
 from anomos.torrent.metainfo import make_metainfo
 
 
@@ -37,7 +37,6 @@ def _no_ipv6_loopback() -> str | None:
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.integration,
-    pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)"),
     pytest.mark.skipif(_no_ipv6_loopback() is not None, reason=str(_no_ipv6_loopback())),
 ]
 
@@ -46,18 +45,21 @@ HOST = "[::1]"
 PORT = re.compile(r":(\d+)$")
 
 
-def ports_in_use(family: str) -> set[int]:
-    """Local and remote ports of established TCP sockets of one family (``-4``/``-6``)."""
-    out = subprocess.run(
-        ["ss", "-tnH", family, "state", "established"], capture_output=True, text=True, check=True
-    ).stdout
-    ports: set[int] = set()
-    for line in out.splitlines():
-        for field in line.split()[2:4]:
-            m = PORT.search(field)
-            if m:
-                ports.add(int(m[1]))
-    return ports
+def connections_of(procs: list[Proc], kind: str) -> set[tuple[str, Any, Any]]:
+    """(process name, local, remote address) of the connected TCP sockets that the
+    processes ``procs`` hold, of one ``kind`` (psutil's ``tcp4``/``tcp6``).
+
+    By process, not by port: other sockets on the machine (another test run's peers
+    on 127.0.x.y, ssh) may use the same port numbers as ours.
+    """
+    seen: set[tuple[str, Any, Any]] = set()
+    for proc in procs:
+        try:
+            conns = psutil.Process(proc.pid).net_connections(kind=kind)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue  # exited between the listing and the look
+        seen |= {(proc.name, tuple(c.laddr), tuple(c.raddr)) for c in conns if c.raddr}
+    return seen
 
 
 def test_anonymous_transfer_over_ipv6(tmp_path: Path) -> None:
@@ -87,11 +89,16 @@ def test_anonymous_transfer_over_ipv6(tmp_path: Path) -> None:
             "--summary", str(summary), "--timeout", "90", host=HOST, wait=False,
         )  # fmt: skip
         listening = {int(PORT.search(a)[1]) for a in addresses}  # type: ignore[index]
-        v4_seen: set[int] = set()
+        v4_seen: set[tuple[str, Any, Any]] = set()
         v6_seen: set[int] = set()
         while getter.alive():
-            v4_seen |= ports_in_use("-4") & listening
-            v6_seen |= ports_in_use("-6") & listening
+            v4_seen |= connections_of(net.procs, "tcp4")
+            v6_seen |= {
+                port
+                for _, local, remote in connections_of(net.procs, "tcp6")
+                for port in (local[1], remote[1])
+                if port in listening
+            }
             time.sleep(0.2)
         assert getter.popen.wait() == 0, getter.log_tail()
 
@@ -100,4 +107,4 @@ def test_anonymous_transfer_over_ipv6(tmp_path: Path) -> None:
     report = json.loads(summary.read_text())
     assert report["circuits"] and all(c["relays"] >= 1 for c in report["circuits"]), report
     assert v6_seen, "no IPv6 neighbour link observed"
-    assert not v4_seen, f"IPv4 connections to peer ports {sorted(v4_seen)}"
+    assert not v4_seen, f"IPv4 connections: {sorted(v4_seen)}"
