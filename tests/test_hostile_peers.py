@@ -54,6 +54,8 @@ CLOSE_WITHIN = 8.0
 #: Seconds between the PADDING frames a reading RawLink sends, as a real peer does
 #: when idle: a peer closes a link silent for link.IDLE_TIMEOUT (20 s).
 RAW_KEEPALIVE = 2.0
+#: Seconds of silence after which a reading RawLink takes the link for closed.
+READING_TIMEOUT = 30.0
 
 
 class RawLink:
@@ -135,6 +137,9 @@ class RawLink:
             except (ConnectionError, ssl.SSLError, OSError):
                 pass  # closed: the reader reports it
 
+        # A reading link waits on the peer's own PADDING (every 5 s when idle):
+        # give a busy machine more than twice that before calling it closed.
+        self.sock.settimeout(READING_TIMEOUT)
         self.reader = gevent.spawn(loop)
         self.keepalive = gevent.spawn(keepalive)
 
