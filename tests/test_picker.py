@@ -268,3 +268,55 @@ def test_rate_meter_tracks_a_steady_rate() -> None:
         meter.add(1000, float(t))
     assert 900 < meter.rate(99.0) < 1300
     assert meter.rate(200.0) < 10  # decays when idle
+
+
+def brute_force_pick(p: PiecePicker, who: str) -> int | None:
+    """The definition of a new pick: the wanted piece ``who`` has with the least
+    (availability, rank), skipping failed pieces it may not take."""
+    st = p._peers[who]
+    candidates = [i for i in p._wanted if st.has[i] and (i not in p._fails or p._may_take(who, i))]
+    return min(candidates, key=lambda i: (p.availability(i), p._rank[i]), default=None)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_rarity_order_matches_a_full_scan_through_any_history(seed: int) -> None:
+    """Peers come and go, announce pieces, serve, fail and verify at random; after
+    every step the kept order holds exactly the wanted pieces, and a pick is the
+    one a scan of every piece would choose."""
+    rng = random.Random(seed)
+    num = rng.choice([1, 7, 40, 130])
+    p = make(num, seed=seed)
+    names = [f"p{k}" for k in range(6)]
+    live: set[str] = set()
+    for _ in range(300):
+        op = rng.random()
+        who = rng.choice(names)
+        if who not in live and op < 0.5:
+            peer(p, who, [i for i in range(num) if rng.random() < rng.random()])
+            live.add(who)
+        elif who in live and op < 0.08:
+            p.remove_peer(who)
+            live.discard(who)
+        elif who in live and op < 0.35:
+            p.peer_have(who, rng.randrange(num))
+        elif who in live and op < 0.85:
+            expected = brute_force_pick(p, who)
+            assert p._pick_new(who, p._peers[who]) == expected
+            blocks = p.next_requests(who, rng.randint(1, 12))
+            for b in blocks if rng.random() < 0.7 else []:
+                result = p.block_received(who, b)
+                if result.accepted and result.piece_complete:
+                    if rng.random() < 0.8:
+                        p.piece_verified(b[0])
+                    else:
+                        p.piece_failed(b[0], [who])
+        elif who in live:
+            p.peer_choked(who)
+            p.peer_unchoked(who)
+        keys = sorted(p._avail[i] * num + p._rank[i] for i in p._wanted)
+        assert list(p._rarity) == keys
+        assert p.in_endgame == (
+            not any(part.missing for part in p._partials.values())
+            and not any(p.availability(i) for i in p._wanted)
+        )
+    assert all(p.availability(i) >= 0 for i in range(num))
