@@ -6,6 +6,7 @@ Enable in a ``conftest.py`` with ``pytest_plugins = ["anomos.testing"]`` after
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import socket
@@ -15,8 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from anomos.pluginmanager import Plugins, get_plugins
+from anomos.protocol.request import tracker_fingerprint
 
 _next_host = itertools.count(2)
 
@@ -198,10 +201,6 @@ def install_plugin(
 
 # ----------------------------------------------------------------------------- a tracker key
 
-import functools  # noqa: E402
-
-from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-
 
 @functools.cache
 def tracker_key() -> ec.EllipticCurvePrivateKey:
@@ -211,8 +210,6 @@ def tracker_key() -> ec.EllipticCurvePrivateKey:
 
 def tracker_trust() -> frozenset[str]:
     """The fingerprint of :func:`tracker_key`, as a source's set of trusted trackers."""
-    from anomos.protocol.request import tracker_fingerprint
-
     return frozenset({tracker_fingerprint(tracker_key().public_key())})
 
 

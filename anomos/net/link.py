@@ -329,8 +329,9 @@ class Link:
     #: Frames queued now, all circuits together.
     _queued: int = attrs.field(default=0, repr=False)
     _room: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
-    _create_tokens: float = attrs.field(factory=lambda: float(CREATE_BURST), repr=False)
-    _create_at: float = attrs.field(factory=time.monotonic, repr=False)
+    _creates: TokenBucket = attrs.field(
+        factory=lambda: TokenBucket(CREATE_RATE, CREATE_BURST), repr=False
+    )
 
     @property
     def bytes_in(self) -> int:
@@ -444,16 +445,7 @@ class Link:
 
     def allow_create(self) -> bool:
         """Take a token from the neighbour's CREATE bucket; False when it is empty."""
-        now = time.monotonic()
-        tokens = min(
-            float(CREATE_BURST), self._create_tokens + (now - self._create_at) * CREATE_RATE
-        )
-        self._create_at = now
-        if tokens < 1.0:
-            self._create_tokens = tokens
-            return False
-        self._create_tokens = tokens - 1.0
-        return True
+        return self._creates.try_take()
 
     def discard(self, circ_id: int) -> None:
         """Drop what is queued for ``circ_id`` (a circuit broken by overflow)."""

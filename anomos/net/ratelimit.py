@@ -1,4 +1,5 @@
-"""A token bucket shared by the writers of every neighbour link of one peer.
+"""Token buckets: one shared by the writers of every neighbour link of one peer,
+and one per link for the CREATEs its neighbour may send.
 
 A peer that donates bandwidth wants to say how much: ``--max-send-rate``
 caps the bytes per second all its links send together, relayed cells and its
@@ -56,9 +57,20 @@ class TokenBucket:
         A batch larger than the burst is allowed through and paid back by
         waiting afterwards, so any batch size works with any rate.
         """
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
+        self._refill()
         self._tokens -= n
         if self._tokens < 0:
             gevent.sleep(-self._tokens / self.rate)
+
+    def try_take(self, n: float = 1.0) -> bool:
+        """Spend ``n`` tokens if the bucket holds them; never waits nor goes into debt."""
+        self._refill()
+        if self._tokens < n:
+            return False
+        self._tokens -= n
+        return True
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now

@@ -35,6 +35,7 @@ import nacl.public
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.hazmat.primitives.asymmetric.utils import (
     decode_dss_signature,
     encode_dss_signature,
@@ -158,7 +159,7 @@ def _private(key: bytes | nacl.public.PrivateKey) -> nacl.public.PrivateKey:
     return key if isinstance(key, nacl.public.PrivateKey) else nacl.public.PrivateKey(key)
 
 
-def tracker_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+def tracker_fingerprint(key: PublicKeyTypes) -> str:
     """Hex SHA-256 of the key's DER SubjectPublicKeyInfo: what peers pin (see tracker.identity)."""
     spki = key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

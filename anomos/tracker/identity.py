@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import logging
 import os
 import secrets
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from anomos.errors import ConfigError, TrackerError
+from anomos.protocol.request import tracker_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,7 @@ MAX_PEM_FILE = 64 * 1024
 
 def spki_fingerprint(cert_der: bytes) -> str:
     """Hex SHA-256 of the DER SubjectPublicKeyInfo of a DER certificate."""
-    cert = x509.load_der_x509_certificate(cert_der)
-    spki = cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(spki).hexdigest()
+    return tracker_fingerprint(x509.load_der_x509_certificate(cert_der).public_key())
 
 
 def normalise_fingerprint(text: str) -> str:
@@ -81,8 +77,7 @@ class TrackerIdentity:
             cert = _make_cert(key)
             _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
             log.info("wrote a new tracker certificate %s", cert_path)
-        fingerprint = spki_fingerprint(cert.public_bytes(serialization.Encoding.DER))
-        return cls(key_path, cert_path, fingerprint, key)
+        return cls(key_path, cert_path, tracker_fingerprint(key.public_key()), key)
 
     def server_context(self) -> ssl.SSLContext:
         """TLS 1.3-only server context with this identity."""
