@@ -10,7 +10,6 @@ so an existing file is never overwritten: a corrupt one is refused loudly.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +24,8 @@ import nacl.signing
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from anomos.errors import ConfigError
+from anomos.errors import ConfigError, StorageError
+from anomos.fsutil import atomic_write, private_dir
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,9 @@ class PeerIdentity:
         if path.exists():
             return cls._load(path)
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create state directory {directory}: {exc}") from None
+            private_dir(directory)
+        except StorageError as exc:
+            raise ConfigError(str(exc)) from None
         identity = cls.generate()
         if not identity._write_new(path):
             # Another process created it between our check and our link: use theirs.
@@ -178,36 +178,7 @@ class PeerIdentity:
 
     def _write_new(self, path: Path) -> bool:
         """Write atomically with mode 0600; False if ``path`` appeared meanwhile."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, self.to_json())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            try:
-                # link() refuses to replace an existing file, unlike rename().
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-            except OSError:
-                if path.exists():
-                    return False
-                os.replace(tmp, path)  # a filesystem without hard links
-            _fsync_dir(path.parent)
-            return True
-        except OSError as exc:
-            raise ConfigError(f"cannot write identity file {path}: {exc.strerror or exc}") from None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            return atomic_write(path, self.to_json(), mode=0o600, replace=False)
+        except StorageError as exc:
+            raise ConfigError(str(exc)) from None

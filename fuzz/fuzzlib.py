@@ -210,18 +210,20 @@ def metainfo_seeds() -> list[bytes]:
         b"pieces": b"\x02" * 40,
         b"private": 1,
     }
-    anomos_keys = {
+    anomos = {
+        b"fingerprint": b"ab" * 32,
+        b"trackers": [b"https://tracker.example:8443/announce"],
+        b"version": 2,
+    }
+    legacy = {
         b"announce": b"https://tracker.example:8443/announce",
-        b"anomos": {
-            b"fingerprint": b"ab" * 32,
-            b"trackers": [b"https://tracker.example:8443/announce"],
-            b"version": 1,
-        },
+        b"anomos": {**anomos, b"version": 1},
     }
     return [
         bencode.encode({b"info": single}),
-        bencode.encode({**anomos_keys, b"info": multi}),
-        bencode.encode({**anomos_keys, b"info": single}),
+        bencode.encode({b"anomos": anomos, b"anomos-info": multi}),
+        bencode.encode({b"anomos": anomos, b"anomos-info": single}),
+        bencode.encode({**legacy, b"info": multi}),  # the old format, still read
     ]
 
 

@@ -40,6 +40,11 @@ def share(tmp_path: Path) -> Path:
     return root
 
 
+def unwrap(atorrent: bytes) -> bytes:
+    """The info dict of an .atorrent as a plain torrent (to check it with libtorrent)."""
+    return bencode.encode({b"info": bencode.decode(atorrent)[b"anomos-info"]})
+
+
 def lt_reference(root: Path, piece_length: int) -> bytes:
     files = sorted(lt.list_files(str(root)), key=lambda f: f.filename.encode())
     ct = lt.create_torrent(files, piece_length, flags=lt.create_torrent.v1_only)
@@ -58,9 +63,10 @@ def test_make_then_info_matches_libtorrent(share: Path, tmp_path: Path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     reference = lt.load_torrent_buffer(lt_reference(share, 32768)).ti.info_hashes().v1
-    ours = lt.load_torrent_buffer(out.read_bytes())
+    with pytest.raises(RuntimeError, match="info"):
+        lt.load_torrent_buffer(out.read_bytes())  # BitTorrent clients refuse an .atorrent
+    ours = lt.load_torrent_buffer(unwrap(out.read_bytes()))
     assert ours.ti.info_hashes().v1 == reference
-    assert list(ours.trackers) == [TRACKER]
     assert str(reference) in proc.stdout
 
     proc = run_anomos("info", str(out), "--json")
@@ -86,7 +92,7 @@ def test_make_single_file_with_progress_bar(share: Path, tmp_path: Path):
     target = share / "music.ogg"
     env = dict(os.environ, ANOMOS_PROGRESS="1")
     proc = subprocess.run(
-        anomos_cmd("make", str(target), "-t", TRACKER, "-o", str(out)),
+        anomos_cmd("make", str(target), "-t", TRACKER, "--fingerprint", FP, "-o", str(out)),
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -95,7 +101,7 @@ def test_make_single_file_with_progress_bar(share: Path, tmp_path: Path):
     ct = lt.create_torrent(files, 0, flags=lt.create_torrent.v1_only)
     lt.set_piece_hashes(ct, str(share))
     expected = lt.load_torrent_buffer(bytes(lt.bencode(ct.generate()))).ti.info_hashes().v1
-    assert lt.load_torrent_buffer(out.read_bytes()).ti.info_hashes().v1 == expected
+    assert lt.load_torrent_buffer(unwrap(out.read_bytes())).ti.info_hashes().v1 == expected
 
 
 def test_anonymize_keeps_infohash_and_drops_trackers(share: Path, tmp_path: Path):
@@ -107,9 +113,9 @@ def test_anonymize_keeps_infohash_and_drops_trackers(share: Path, tmp_path: Path
     assert proc.returncode == 0, proc.stderr
     assert plain.read_bytes() == before
     plain_atp = lt.load_torrent_buffer(before)
-    anon_atp = lt.load_torrent_buffer(out.read_bytes())
+    anon_atp = lt.load_torrent_buffer(unwrap(out.read_bytes()))
     assert anon_atp.ti.info_hashes().v1 == plain_atp.ti.info_hashes().v1
-    assert list(anon_atp.trackers) == [TRACKER] and list(anon_atp.url_seeds) == []
+    assert list(anon_atp.trackers) == [] and list(anon_atp.url_seeds) == []
     data = out.read_bytes()
     assert b"open.tracker" not in data and b"cdn.example" not in data and b"bob" not in data
     assert bencode.decode(data)[b"anomos"][b"fingerprint"] == FP.encode()
@@ -119,17 +125,21 @@ def test_outputs_never_overwrite_inputs(share: Path, tmp_path: Path):
     plain = tmp_path / "plain.torrent"
     plain.write_bytes(lt_reference(share, 16384))
     before = plain.read_bytes()
-    proc = run_anomos("anonymize", str(plain), "-t", TRACKER, "-o", str(plain), "--force")
+    proc = run_anomos(
+        "anonymize", str(plain), "-t", TRACKER, "--fingerprint", FP, "-o", str(plain), "--force"
+    )
     assert_clean_error(proc, "is the input file")
     assert plain.read_bytes() == before
 
-    proc = run_anomos("make", str(share), "-t", TRACKER, "-o", str(share / "x.atorrent"))
+    proc = run_anomos(
+        "make", str(share), "-t", TRACKER, "--fingerprint", FP, "-o", str(share / "x.atorrent")
+    )
     assert_clean_error(proc, "inside the shared path")
     assert not (share / "x.atorrent").exists()
 
     existing = tmp_path / "existing.atorrent"
     existing.write_bytes(b"keep me")
-    proc = run_anomos("make", str(share), "-t", TRACKER, "-o", str(existing))
+    proc = run_anomos("make", str(share), "-t", TRACKER, "--fingerprint", FP, "-o", str(existing))
     assert_clean_error(proc, "--force")
     assert existing.read_bytes() == b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
@@ -153,21 +163,51 @@ def test_bad_input_gives_one_line_and_exit_2(share: Path, tmp_path: Path):
     assert_clean_error(run_anomos("info", str(hostile), "--json"), "bencode")
     assert_clean_error(run_anomos("info", str(tmp_path / "missing")), "cannot read")
     assert_clean_error(
-        run_anomos("anonymize", str(hostile), "-t", TRACKER, "-o", str(tmp_path / "o")), "bencode"
+        run_anomos(
+            "anonymize", str(hostile), "-t", TRACKER, "--fingerprint", FP, "-o", str(tmp_path / "o")
+        ),
+        "bencode",
     )
     empty = tmp_path / "empty"
     empty.mkdir()
     assert_clean_error(
-        run_anomos("make", str(empty), "-t", TRACKER, "-o", str(tmp_path / "e.atorrent")),
+        run_anomos(
+            "make",
+            str(empty),
+            "-t",
+            TRACKER,
+            "--fingerprint",
+            FP,
+            "-o",
+            str(tmp_path / "e.atorrent"),
+        ),
         "no files",
     )
     assert_clean_error(
-        run_anomos("make", str(share), "-t", "http://x/", "-o", str(tmp_path / "h.atorrent")),
+        run_anomos(
+            "make",
+            str(share),
+            "-t",
+            "http://x/",
+            "--fingerprint",
+            FP,
+            "-o",
+            str(tmp_path / "h.atorrent"),
+        ),
         "https://",
     )
     assert_clean_error(
         run_anomos(
-            "make", str(share), "-t", TRACKER, "-o", str(tmp_path / "p"), "--piece-size", "3M"
+            "make",
+            str(share),
+            "-t",
+            TRACKER,
+            "--fingerprint",
+            FP,
+            "-o",
+            str(tmp_path / "p"),
+            "--piece-size",
+            "3M",
         ),
         "power of two",
     )

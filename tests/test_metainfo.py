@@ -179,17 +179,54 @@ def test_file_order_is_libtorrents_canonical_order(tree: Path):
     assert ours[:4] == ["share/.hidden", "share/B", "share/a b/q", "share/a.txt"]
 
 
-def test_libtorrent_reads_our_atorrent(tree: Path):
+def unwrap(atorrent: bytes) -> bytes:
+    """The .atorrent's info dict as a plain torrent, as someone checking it would do."""
+    return bencode.encode({b"info": bencode.decode(atorrent)[b"anomos-info"]})
+
+
+def test_libtorrent_refuses_our_atorrent(tree: Path, tmp_path: Path):
+    """A BitTorrent client cannot add an .atorrent, so it never announces the
+    infohash to the public DHT (issue 12); the infohash stays checkable."""
     meta = make_metainfo(
         tree, trackers=[TRACKER, "https://[::1]:9/x"], fingerprint=FP, progress=False
     )
-    atp = lt.load_torrent_buffer(meta.to_bytes())
+    data = meta.to_bytes()
+    with pytest.raises(RuntimeError, match="info"):
+        lt.torrent_info(data)
+    with pytest.raises(RuntimeError, match="info"):
+        lt.load_torrent_buffer(data)
+    session = lt.session({"enable_dht": False, "enable_lsd": False, "listen_interfaces": ""})
+    params = lt.add_torrent_params()
+    params.save_path = str(tmp_path)
+    with pytest.raises(RuntimeError, match="info"):
+        params.ti = lt.torrent_info(lt.bdecode(data))
+        session.add_torrent(params)
+    assert not session.get_torrents()
+    # The info dict inside is byte for byte the one libtorrent makes: same infohash.
+    atp = lt.load_torrent_buffer(unwrap(data))
     assert atp.ti.info_hashes().v1.to_bytes() == meta.infohash
+    assert meta.infohash == lt_info(lt_make(tree, meta.piece_length)).info_hashes().v1.to_bytes()
     fs = atp.ti.layout()
     assert [
         (fs.file_path(i), fs.file_size(i), fs.file_offset(i)) for i in range(fs.num_files())
     ] == [("/".join(f.path), f.length, f.offset) for f in meta.files]
-    assert list(atp.trackers) == [TRACKER, "https://[::1]:9/x"]
+    assert list(atp.trackers) == []  # nothing outside info names the anomos tracker
+
+
+def test_old_format_atorrent_is_still_read(tree: Path):
+    """Version 1 (info at the top, as a .torrent) is read, marked legacy, rewritten as 2."""
+    meta = make_metainfo(tree, trackers=[TRACKER], fingerprint=FP, progress=False)
+    anomos = {b"version": 1, b"trackers": [TRACKER.encode()], b"fingerprint": FP.encode()}
+    old = bencode.encode({b"anomos": anomos, b"announce": TRACKER.encode(), b"info": meta.info})
+    loaded = Metainfo.from_bytes(old)
+    assert loaded.legacy and loaded.is_anomos
+    assert (loaded.infohash, loaded.trackers, loaded.fingerprint) == (
+        meta.infohash,
+        meta.trackers,
+        meta.fingerprint,
+    )
+    assert set(bencode.decode(loaded.to_bytes())) == {b"anomos", b"anomos-info"}
+    assert not meta.legacy and not anonymize(old, trackers=[TRACKER], fingerprint=FP).legacy
 
 
 @pytest.mark.parametrize(
@@ -224,13 +261,12 @@ def test_save_load_round_trip_is_atomic(tree: Path, tmp_path: Path):
     assert loaded == meta
     assert loaded.to_bytes() == out.read_bytes()
     top = bencode.decode(out.read_bytes())
-    assert set(top) == {b"announce", b"announce-list", b"anomos", b"info"}
+    assert set(top) == {b"anomos", b"anomos-info"}
     assert top[b"anomos"] == {
-        b"version": 1,
+        b"version": 2,
         b"trackers": [TRACKER.encode()],
         b"fingerprint": FP.encode(),
     }
-    assert top[b"announce-list"] == [[TRACKER.encode()]]
 
 
 def test_pieces_hash_the_concatenated_files(tree: Path):
@@ -270,12 +306,13 @@ def test_anonymize_keeps_infohash_and_drops_identity(tree: Path):
     meta = anonymize(plain, trackers=[TRACKER], fingerprint=FP)
     data = meta.to_bytes()
     assert meta.infohash == lt_info(plain).info_hashes().v1.to_bytes()
-    assert set(bencode.decode(data)) == {b"announce", b"announce-list", b"anomos", b"info"}
+    assert set(bencode.decode(data)) == {b"anomos", b"anomos-info"}
     for leak in (b"opentrackr", b"mirror.example", b"router.example", b"alice", b"creat"):
         assert leak not in data
-    atp = lt.load_torrent_buffer(data)
+    with pytest.raises(RuntimeError, match="info"):
+        lt.load_torrent_buffer(data)
+    atp = lt.load_torrent_buffer(unwrap(data))
     assert atp.ti.info_hashes().v1.to_bytes() == meta.infohash
-    assert list(atp.trackers) == [TRACKER]
     assert list(atp.url_seeds) == [] and list(atp.dht_nodes) == []
     assert Metainfo.from_bytes(data).fingerprint == FP
 
@@ -375,11 +412,25 @@ HOSTILE: list[tuple[str, bytes, str]] = [
     ("no info", bencode.encode({b"announce": b"x"}), "info: missing"),
     ("info list", atorrent(info=[1]), "info: missing or not a dictionary"),
     ("top list", b"li1ee", "not a bencoded dictionary"),
-    ("truncated", atorrent()[:-7], "bencode"),
+    ("truncated", atorrent()[:-7], "truncated or corrupt file .bencode: stream underflow"),
     ("junk", atorrent() + b"x", "bencode"),
     ("unsorted", b"d4:infod4:name1:x6:lengthi1eee", "disordered"),
     ("anomos list", atorrent(anomos=[1]), "anomos: not a dictionary"),
-    ("anomos v2", atorrent(anomos={b"version": 2, b"trackers": [b"https://t/"]}), "version"),
+    ("anomos v3", atorrent(anomos={b"version": 3, b"trackers": [b"https://t/"]}), "version"),
+    (
+        "v2 at info",
+        atorrent(anomos={b"version": 2, b"trackers": [b"https://t/"]}),
+        "version: 2 does not match the info key",
+    ),
+    (
+        "v1 at anomos-info",
+        bencode.encode(
+            {b"anomos": {b"version": 1, b"trackers": [b"https://t/"]}, b"anomos-info": good_info()}
+        ),
+        "version: 1 does not match the anomos-info key",
+    ),
+    ("both infos", atorrent(**{"anomos-info": good_info()}), "both info and anomos-info"),
+    ("bare anomos-info", bencode.encode({b"anomos-info": good_info()}), "without the anomos key"),
     ("anomos no trackers", atorrent(anomos={b"version": 1}), "anomos.trackers"),
     (
         "anomos http",

@@ -24,6 +24,7 @@ import gevent.pool
 
 from anomos.config import Settings
 from anomos.errors import AnomosError, ConfigError, TrackerError, TransportError
+from anomos.fsutil import atomic_write, private_dir
 from anomos.identity import PeerIdentity
 from anomos.net.circuit import CircuitSwitch
 from anomos.net.link import Link, LinkManager
@@ -167,7 +168,7 @@ class Peer:
     _lost: dict[int, tuple[float, str]] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.settings.state_dir)  # resume file names are the infohashes shared
         self.identity = PeerIdentity.load_or_create(self.settings.state_dir)
         self.tracker = TrackerClient(
             self.tracker_url,
@@ -260,18 +261,12 @@ class Peer:
         return g
 
     def _write_peer_file(self) -> None:
-        path = self.settings.state_dir / "peer.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps(
-                {
-                    "address": self.address,
-                    "identity": self.identity.identity_public.hex(),
-                    "pid": os.getpid(),
-                }
-            )
-        )
-        tmp.replace(path)
+        doc = {
+            "address": self.address,
+            "identity": self.identity.identity_public.hex(),
+            "pid": os.getpid(),
+        }
+        atomic_write(self.settings.state_dir / "peer.json", json.dumps(doc).encode())
 
     # ------------------------------------------------------------------ tracker
     def _dial_tracker(self, address: str, timeout: float) -> Any:

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from stem.control import Controller
 
 from anomos.errors import ConfigError, TransportError
+from anomos.fsutil import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -154,15 +155,8 @@ def load_key(key_path: Path) -> str | None:
 
 def save_key(key_path: Path, blob: str) -> None:
     """Write the key atomically, readable by its owner only."""
-    key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = key_path.with_name(key_path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(blob + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, key_path)
+    key_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # may be any folder: no chmod
+    atomic_write(key_path, (blob + "\n").encode(), mode=0o600)
 
 
 # --------------------------------------------------------------------------- publish

@@ -1,10 +1,12 @@
 """``.atorrent`` metainfo: parse, validate, make and anonymize.
 
-An ``.atorrent`` is a BitTorrent v1 metainfo file (BEP 3) whose ``info`` dict
-is byte-identical to what libtorrent (v1 only) or mktorrent make for the same
-files, so the infohash is the plain torrent's. anomos' own keys sit *outside*
-``info``: ``announce``, ``announce-list`` and ``anomos`` = ``{version,
-trackers, fingerprint}``. See docs/metainfo.md.
+An ``.atorrent`` is a bencoded dictionary of two keys: ``anomos`` =
+``{version, trackers, fingerprint}`` and ``anomos-info``, a BitTorrent v1
+``info`` dict (BEP 3) byte-identical to what libtorrent (v1 only) or mktorrent
+make for the same files, so the infohash is the plain torrent's. There is no
+``info`` key, so BitTorrent clients refuse the file rather than announce its
+infohash to the public DHT. Version-1 files (``info`` at the top) are still
+read. See docs/metainfo.md.
 
 Every metainfo file is hostile input: sizes, counts, nesting and paths are
 bounded and checked (no path traversal), and every problem is a
@@ -17,7 +19,6 @@ import hashlib
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from fastbencode import Bencached
 
 from anomos import bencode
 from anomos.errors import ConfigError, MetainfoError, StorageError
+from anomos.fsutil import atomic_write
 from anomos.progress import bar
 
 #: The BitTorrent request block; every piece length is a multiple of it.
@@ -47,8 +49,14 @@ MAX_TRACKERS = 16
 MAX_URL_LENGTH = 2048
 #: Tracker URL schemes accepted in anomos keys (the tracker API is HTTPS only).
 TRACKER_SCHEMES: tuple[str, ...] = ("https",)
-#: Version of the ``anomos`` key this code writes and understands.
-ANOMOS_VERSION = 1
+#: Version of the ``anomos`` key this code writes: the info dict sits under
+#: :data:`INFO_KEY`, so BitTorrent clients find no torrent in the file.
+ANOMOS_VERSION = 2
+#: Where a version-2 .atorrent keeps the ``info`` dict, byte for byte.
+INFO_KEY = b"anomos-info"
+#: The first format (``info`` at the top, as in a .torrent): still read, never written,
+#: since BitTorrent clients open it as a public torrent (docs/metainfo.md).
+LEGACY_VERSION = 1
 #: Bytes read per call while hashing (the hub gets a turn after each).
 HASH_CHUNK = 1024 * 1024
 PIECE_HASH_SIZE = 20
@@ -108,6 +116,9 @@ class Metainfo:
     fingerprint: str | None
     #: The ``info`` dict exactly as encoded in the file (the infohash covers these bytes).
     info_bytes: bytes = attrs.field(repr=False)
+    #: A version-1 .atorrent (``info`` at the top), which BitTorrent clients open too;
+    #: not part of equality: the same torrent in either layout.
+    legacy: bool = attrs.field(default=False, eq=False)
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -120,10 +131,16 @@ class Metainfo:
         try:
             top = bencode.decode(data, max_size=MAX_METAINFO_SIZE)
         except bencode.BencodeError as exc:
-            raise MetainfoError(f"metainfo: {exc}") from None
+            raise MetainfoError(f"metainfo: truncated or corrupt file ({exc})") from None
         if not isinstance(top, dict):
             raise MetainfoError("metainfo: not a bencoded dictionary")
-        info = top.get(b"info")
+        anomos = top.get(b"anomos")
+        if INFO_KEY in top:
+            if b"info" in top:
+                raise MetainfoError("metainfo: has both info and anomos-info")
+            if anomos is None:
+                raise MetainfoError("metainfo: anomos-info without the anomos key")
+        info = top.get(INFO_KEY, top.get(b"info"))
         if not isinstance(info, dict):
             raise MetainfoError("metainfo: info: missing or not a dictionary")
         # The decoder is strict (canonical bencode), so re-encoding gives back
@@ -132,15 +149,17 @@ class Metainfo:
         parsed = _parse_info(info)
         trackers: tuple[str, ...] = ()
         fingerprint: str | None = None
-        anomos = top.get(b"anomos")
+        legacy = INFO_KEY not in top
         if anomos is not None:
-            trackers, fingerprint = _parse_anomos(anomos)
+            version = LEGACY_VERSION if legacy else ANOMOS_VERSION
+            trackers, fingerprint = _parse_anomos(anomos, version)
         return cls(
             **parsed,
             infohash=hashlib.sha1(info_bytes).digest(),
             trackers=trackers,
             fingerprint=fingerprint,
             info_bytes=info_bytes,
+            legacy=legacy and anomos is not None,
         )
 
     @classmethod
@@ -162,23 +181,15 @@ class Metainfo:
 
     # ------------------------------------------------------------------ writing
     def to_bytes(self) -> bytes:
-        """The .atorrent: ``info`` verbatim plus the anomos keys, nothing else."""
-        top: dict[bytes, Any] = {b"info": Bencached(self.info_bytes)}
-        if self.trackers:
-            top[b"announce"] = self.trackers[0].encode()
-            top[b"announce-list"] = [[url.encode()] for url in self.trackers]
-            anomos: dict[bytes, Any] = {
-                b"version": ANOMOS_VERSION,
-                b"trackers": [url.encode() for url in self.trackers],
-            }
-            if self.fingerprint is not None:
-                anomos[b"fingerprint"] = self.fingerprint.encode()
-            top[b"anomos"] = anomos
-        return bencode.encode(top)
+        """The .atorrent (always the current format): ``info`` verbatim plus the anomos key.
+
+        Without trackers, a plain .torrent (``info`` only).
+        """
+        return _metainfo_bytes(Bencached(self.info_bytes), self.trackers, self.fingerprint)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically: a temporary file in the same folder, then rename."""
-        write_atomic(Path(path), self.to_bytes())
+        """Write atomically (see :func:`anomos.fsutil.atomic_write`), readable by all."""
+        atomic_write(path, self.to_bytes(), mode=0o644)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -348,15 +359,19 @@ def _parse_info(info: dict[bytes, Any]) -> dict[str, Any]:
     }
 
 
-def _parse_anomos(anomos: Any) -> tuple[tuple[str, ...], str | None]:
+def _parse_anomos(anomos: Any, expected: int) -> tuple[tuple[str, ...], str | None]:
+    """The trackers and fingerprint; ``expected`` is the version the file's layout implies."""
     if not isinstance(anomos, dict):
         raise MetainfoError("metainfo: anomos: not a dictionary")
     version = _field_int(anomos.get(b"version"), "anomos.version", low=0, high=1 << 31)
-    if version != ANOMOS_VERSION:
+    if version not in (LEGACY_VERSION, ANOMOS_VERSION):
         raise MetainfoError(
             f"metainfo: anomos.version: {version} is not supported (this program reads "
-            f"{ANOMOS_VERSION})"
+            f"{LEGACY_VERSION} and {ANOMOS_VERSION})"
         )
+    if version != expected:
+        where = "anomos-info" if expected == ANOMOS_VERSION else "info"
+        raise MetainfoError(f"metainfo: anomos.version: {version} does not match the {where} key")
     raw = anomos.get(b"trackers")
     if not isinstance(raw, list) or not raw:
         raise MetainfoError("metainfo: anomos.trackers: not a non-empty list")
@@ -621,24 +636,26 @@ def make_metainfo(
         info[b"length"] = total
     if private:
         info[b"private"] = 1
-    data = _atorrent_bytes(info, tracker_urls, fp)
+    data = _metainfo_bytes(info, tracker_urls, fp)
     return Metainfo.from_bytes(data)
 
 
-def _atorrent_bytes(info: dict[bytes, Any], trackers: tuple[str, ...], fp: str | None) -> bytes:
+def _metainfo_bytes(info: Any, trackers: tuple[str, ...], fp: str | None) -> bytes:
+    """An .atorrent: the anomos key and the info dict under :data:`INFO_KEY`, nothing else.
+
+    No ``info`` and no ``announce``: a BitTorrent client refuses the file
+    instead of publishing its infohash on the public DHT. The info dict is
+    kept byte for byte, so the infohash is the plain torrent's.
+    """
+    if not trackers:
+        return bencode.encode({b"info": info})
     anomos: dict[bytes, Any] = {
         b"version": ANOMOS_VERSION,
         b"trackers": [url.encode() for url in trackers],
     }
     if fp is not None:
         anomos[b"fingerprint"] = fp.encode()
-    top = {
-        b"announce": trackers[0].encode(),
-        b"announce-list": [[url.encode()] for url in trackers],
-        b"anomos": anomos,
-        b"info": info,
-    }
-    data = bencode.encode(top)
+    data = bencode.encode({b"anomos": anomos, INFO_KEY: info})
     if len(data) > MAX_METAINFO_SIZE:
         raise ConfigError(
             f"the metainfo would be {len(data)} bytes, over the limit of {MAX_METAINFO_SIZE}"
@@ -657,35 +674,7 @@ def anonymize(data: bytes, *, trackers: Iterable[str], fingerprint: str | None) 
     tracker_urls = normalize_trackers(trackers)
     fp = normalize_fingerprint(fingerprint)
     plain = Metainfo.from_bytes(data)
-    return attrs.evolve(plain, trackers=tracker_urls, fingerprint=fp)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename."""
-    directory = path.parent if str(path.parent) else Path(".")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    return attrs.evolve(plain, trackers=tracker_urls, fingerprint=fp, legacy=False)
 
 
 def _shown(path: tuple[str, ...]) -> str:

@@ -19,8 +19,8 @@ from typing import Any
 
 import attrs
 
-from anomos.errors import StorageError
-from anomos.torrent.metainfo import Metainfo, write_atomic
+from anomos.fsutil import atomic_write, private_dir
+from anomos.torrent.metainfo import Metainfo
 from anomos.torrent.storage import FileStat
 from anomos.torrent.wire import pack_bitfield, unpack_bitfield
 
@@ -58,11 +58,8 @@ def save(
         "files": [list(s) if s is not None else None for s in files],
     }
     path = resume_path(resume_dir, metainfo)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StorageError(f"cannot create {path.parent}: {exc.strerror or exc}") from None
-    write_atomic(path, json.dumps(doc, separators=(",", ":")).encode())
+    private_dir(path.parent)  # its file names are the infohashes this peer shares
+    atomic_write(path, json.dumps(doc, separators=(",", ":")).encode())
 
 
 def load(resume_dir: str | os.PathLike[str], metainfo: Metainfo) -> ResumeData | None:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from anomos.errors import StorageError
+from anomos.fsutil import open_beneath, open_dir
 from anomos.torrent.metainfo import Metainfo
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class Storage:
         self._span_files = [i for i, f in enumerate(files) if f.length > 0]
         self._span_starts = [files[i].offset for i in self._span_files]
         self._fds: OrderedDict[int, tuple[int, bool]] = OrderedDict()
+        #: The download folder, opened once: files are created relative to it (see _create).
+        self._root_fd: int | None = open_dir(self.root) if self.root.is_dir() else None
         self._dirty: set[int] = set()
         self._closed = False
         # The last piece read whole by read_block (-1: none).
@@ -127,30 +130,49 @@ class Storage:
         if self._closed:
             raise StorageError(f"storage of {self.metainfo.name} is closed")
         path = self.paths[fi]
-        # Re-check at open time: a symlink may have appeared since we started.
-        real = os.path.realpath(path)
-        if not _within(real, str(self.root)):
-            raise StorageError(f"{path} resolves outside {self.root}")
-        flags = os.O_RDWR | os.O_CREAT if write else os.O_RDONLY
-        flags |= getattr(os, "O_CLOEXEC", 0)
-        try:
-            if write:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, flags, 0o644)
-        except FileNotFoundError:
-            if write:
-                raise StorageError(f"cannot create {path}") from None
-            return None
-        except OSError as exc:
-            if not write and exc.errno in (errno.ENOTDIR, errno.EISDIR):
+        if write:
+            fd = self._create(fi, os.O_RDWR)
+        else:
+            # Re-check at open time: a symlink may have appeared since we started.
+            real = os.path.realpath(path)
+            if not _within(real, str(self.root)):
+                raise StorageError(f"{path} resolves outside {self.root}")
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except FileNotFoundError:
                 return None
-            raise StorageError(f"cannot open {path}: {exc.strerror or exc}") from None
+            except OSError as exc:
+                if exc.errno in (errno.ENOTDIR, errno.EISDIR):
+                    return None
+                raise StorageError(f"cannot open {path}: {exc.strerror or exc}") from None
         if entry is not None:
             self._drop_fd(fi)
         self._fds[fi] = (fd, write)
         while len(self._fds) > MAX_OPEN_FILES:
             self._drop_fd(next(iter(self._fds)))
         return fd
+
+    def _create(self, fi: int, flags: int) -> int:
+        """Open (creating it and its folders if needed) file ``fi`` for writing.
+
+        Relative to a descriptor of the download folder taken once, with no
+        symlink followed on any component: a link planted under the folder
+        after we started cannot make us create or write a file outside it.
+        """
+        path = self.paths[fi]
+        if self._root_fd is None:
+            self._root_fd = open_dir(self.root, create=True)
+        try:
+            return open_beneath(
+                self._root_fd,
+                self.metainfo.files[fi].path,
+                flags | os.O_CREAT,
+                0o644,
+                make_dirs=True,
+                shown=path,
+            )
+        except OSError as exc:
+            raise StorageError(f"cannot create {path}: {exc.strerror or exc}") from None
 
     def _drop_fd(self, fi: int) -> None:
         fd, _ = self._fds.pop(fi)
@@ -278,14 +300,8 @@ class Storage:
     def finish(self) -> None:
         """After the last piece: create the empty files and flush everything to disk."""
         for i, f in enumerate(self.metainfo.files):
-            if f.length == 0 and not f.pad and not self.paths[i].exists():
-                try:
-                    self.paths[i].parent.mkdir(parents=True, exist_ok=True)
-                    self.paths[i].touch()
-                except OSError as exc:
-                    raise StorageError(
-                        f"cannot create {self.paths[i]}: {exc.strerror or exc}"
-                    ) from None
+            if f.length == 0 and not f.pad:
+                os.close(self._create(i, os.O_WRONLY))
         self.sync()
 
     def sync(self) -> None:
@@ -315,3 +331,6 @@ class Storage:
                     self._drop_fd(fi)
                 except OSError as exc:
                     log.warning("closing %s: %s", self.paths[fi], exc.strerror or exc)
+            if self._root_fd is not None:
+                os.close(self._root_fd)
+                self._root_fd = None

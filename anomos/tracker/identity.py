@@ -9,13 +9,14 @@ out. Both sides speak TLS 1.3 only.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import os
 import secrets
 import ssl
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import attrs
 from cryptography import x509
@@ -23,10 +24,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from anomos.errors import ConfigError, TrackerError
+from anomos.errors import ConfigError, StorageError, TrackerError
+from anomos.fsutil import atomic_write, private_dir
 from anomos.protocol.request import tracker_fingerprint
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 KEY_FILE = "tracker-key.pem"
 CERT_FILE = "tracker-cert.pem"
@@ -65,17 +69,15 @@ class TrackerIdentity:
     def load_or_create(cls, state_dir: str | os.PathLike[str]) -> TrackerIdentity:
         """The identity kept in ``state_dir``, created (key) or renewed (certificate) as needed."""
         directory = Path(state_dir)
-        try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"cannot create state directory {directory}: {exc}") from None
+        _config(private_dir, directory)
         key_path = directory / KEY_FILE
         cert_path = directory / CERT_FILE
         key = _load_key(key_path) if key_path.exists() else _create_key(key_path)
         cert = _load_cert(cert_path) if cert_path.exists() else None
         if cert is None or not _cert_is_fresh(cert, key):
             cert = _make_cert(key)
-            _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+            pem = cert.public_bytes(serialization.Encoding.PEM)
+            _config(atomic_write, cert_path, pem, mode=0o644)
             log.info("wrote a new tracker certificate %s", cert_path)
         return cls(key_path, cert_path, tracker_fingerprint(key.public_key()), key)
 
@@ -123,7 +125,7 @@ def _create_key(path: Path) -> ec.EllipticCurvePrivateKey:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    if not _write_atomic(path, pem, 0o600, replace=False):
+    if not _config(atomic_write, path, pem, mode=0o600, replace=False):
         return _load_key(path)  # another process made it first
     log.info("created a new tracker key %s", path)
     return key
@@ -189,26 +191,9 @@ def _make_cert(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
     )
 
 
-def _write_atomic(path: Path, data: bytes, mode: int, *, replace: bool = True) -> bool:
-    """Write ``data`` to ``path`` via a temporary file; False if not replacing and it exists."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+def _config(fn: Callable[..., _T], *args: Any, **kw: Any) -> _T:
+    """Call an :mod:`anomos.fsutil` helper; its StorageError is a ConfigError here (exit 2)."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if replace:
-            os.replace(tmp, path)
-            return True
-        try:
-            os.link(tmp, path)  # refuses to replace an existing key
-        except FileExistsError:
-            return False
-        return True
-    except OSError as exc:
-        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        return fn(*args, **kw)
+    except StorageError as exc:
+        raise ConfigError(str(exc)) from None

@@ -28,6 +28,7 @@ from pathlib import Path
 import attrs
 
 from anomos.errors import ConfigError
+from anomos.fsutil import private_file
 
 DB_FILE = "tracker.sqlite3"
 SCHEMA_VERSION = 1
@@ -208,6 +209,10 @@ class Store:
 
     def __init__(self, state_dir: str | Path) -> None:
         self.path = Path(state_dir) / DB_FILE
+        # Owner only: SQLite gives its -wal and -shm files the database's mode.
+        for suffix in ("", "-wal", "-shm"):
+            if suffix == "" or self.path.with_name(DB_FILE + suffix).exists():
+                private_file(self.path.with_name(DB_FILE + suffix))
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")

@@ -13,7 +13,8 @@ import gevent.event
 
 from anomos import hookimpl
 from anomos.config import Settings
-from anomos.errors import AnomosError, ConfigError
+from anomos.errors import AnomosError, ConfigError, StorageError
+from anomos.fsutil import atomic_write, check_room, check_writable, lock_state_dir
 from anomos.net.ratelimit import parse_rate
 from anomos.pluginmanager import Plugins
 from anomos.progress import bar
@@ -75,6 +76,7 @@ def _settings(
 ) -> Settings:
     for name in (transport, *dial_transports):
         plugins.transports.get(name)  # an unknown name is a one-line error before anything starts
+    hold_state_dir(state_dir)
     return Settings(
         listen=listen,
         state_dir=state_dir,
@@ -85,12 +87,27 @@ def _settings(
     )
 
 
-def _tracker_of(metainfo: Metainfo) -> tuple[str, str]:
-    if not metainfo.trackers:
-        raise ConfigError(f"{metainfo.name}: the .atorrent names no tracker")
+def hold_state_dir(state_dir: Path) -> None:
+    """Lock ``state_dir`` for as long as this command runs: one process per identity."""
+    click.get_current_context().with_resource(lock_state_dir(state_dir))
+
+
+def _tracker_of(metainfo: Metainfo, path: Path) -> tuple[str, str]:
+    if not metainfo.is_anomos:
+        raise ConfigError(
+            f"{path} is a plain .torrent, not an .atorrent; make one with "
+            f"`anomos anonymize {path} --tracker URL --fingerprint FP -o OUT.atorrent`"
+        )
     if not metainfo.fingerprint:
         raise ConfigError(
-            f"{metainfo.name}: no tracker fingerprint in the .atorrent (use make --fingerprint)"
+            f"{path} does not pin the tracker's identity (no fingerprint); remake it with "
+            "--fingerprint"
+        )
+    if metainfo.legacy:
+        click.echo(
+            f"warning: {path} is an old-format .atorrent that BitTorrent clients also open "
+            "(its infohash could reach the public DHT); rewrite it with `anomos anonymize`",
+            err=True,
         )
     return metainfo.trackers[0], metainfo.fingerprint
 
@@ -153,9 +170,10 @@ def seed_command(
     One peer seeds them all, so they must name the same tracker.
     """
     metainfos = [Metainfo.load(a) for a in atorrents]
-    url, fingerprint = _tracker_of(metainfos[0])
-    for m, path in zip(metainfos, atorrents, strict=True):
-        if _tracker_of(m) != (url, fingerprint):
+    trackers = [_tracker_of(m, path) for m, path in zip(metainfos, atorrents, strict=True)]
+    url, fingerprint = trackers[0]
+    for tracker, path in zip(trackers, atorrents, strict=True):
+        if tracker != (url, fingerprint):
             raise ConfigError(f"{path}: names another tracker than {atorrents[0]}; seed it apart")
     if len({m.infohash for m in metainfos}) != len(metainfos):
         raise ConfigError("the same torrent is given twice")
@@ -220,8 +238,12 @@ def get_command(
 ) -> int:
     """Download ATORRENT anonymously; exits 0 once every piece is verified."""
     metainfo = Metainfo.load(atorrent)
-    url, fingerprint = _tracker_of(metainfo)
-    dest.mkdir(parents=True, exist_ok=True)
+    url, fingerprint = _tracker_of(metainfo, atorrent)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create --dest {dest}: {exc.strerror or exc}") from None
+    check_writable(dest)  # a read-only folder fails now, not after building circuits
     peer = _make_peer(
         plugins,
         _settings(listen, state_dir, transport, dial_transports, max_send_rate, plugins),
@@ -229,6 +251,7 @@ def get_command(
         fingerprint,
     )
     session = peer.add_torrent(metainfo, dest)
+    check_room(dest, session.left)
     peer.start()
     progress = bar(metainfo.total_length, f"get {metainfo.name}")
     progress.update(metainfo.total_length - session.left)
@@ -266,7 +289,7 @@ def get_command(
             "downloaded": account.downloaded,
         }
     if summary is not None:
-        summary.write_text(json.dumps(result, indent=2, default=str))
+        atomic_write(summary, json.dumps(result, indent=2, default=str).encode(), mode=0o644)
     if keep_seeding:
         _run_until_signal(peer)
     else:

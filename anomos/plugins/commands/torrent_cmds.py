@@ -71,6 +71,7 @@ _tracker_option = click.option(
 )
 _fingerprint_option = click.option(
     "--fingerprint",
+    required=True,
     metavar="FP",
     help="SHA-256 of the tracker's public key, in hex (pins its identity).",
 )
@@ -146,6 +147,7 @@ def info_dict(meta: Metainfo) -> dict[str, Any]:
         "private": meta.private,
         "multi_file": meta.multi_file,
         "anomos": meta.is_anomos,
+        "legacy": meta.legacy,
         "trackers": list(meta.trackers),
         "fingerprint": meta.fingerprint,
         "files": [
@@ -169,6 +171,8 @@ def info_command(file: Path, as_json: bool) -> None:
     click.echo(f"size:         {human(meta.total_length)} ({meta.total_length} bytes)")
     click.echo(f"pieces:       {meta.piece_count} of {human(meta.piece_length)}")
     click.echo(f"private:      {'yes' if meta.private else 'no'}")
+    if meta.legacy:
+        click.echo("format:       1 (old: BitTorrent clients open it too; rewrite with anonymize)")
     if meta.is_anomos:
         for url in meta.trackers:
             click.echo(f"tracker:      {url}")

@@ -7,7 +7,6 @@ writes both to ``STATE/tracker.json`` so scripts (and tests) can pick them up.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import urllib.parse
 from pathlib import Path
@@ -20,6 +19,7 @@ import gevent.event
 from anomos import hookimpl
 from anomos.config import parse_size, split_address
 from anomos.errors import ConfigError
+from anomos.fsutil import atomic_write, lock_state_dir
 from anomos.pluginmanager import Plugins
 
 TRACKER_JSON = "tracker.json"
@@ -42,9 +42,8 @@ def parse_range(text: str, what: str) -> tuple[int, int]:
 
 def write_tracker_json(state_dir: Path, url: str, fingerprint: str) -> Path:
     path = state_dir / TRACKER_JSON
-    tmp = path.with_name(f".{TRACKER_JSON}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"url": url, "fingerprint": fingerprint}, indent=1) + "\n")
-    os.replace(tmp, path)
+    doc = json.dumps({"url": url, "fingerprint": fingerprint}, indent=1) + "\n"
+    atomic_write(path, doc.encode(), mode=0o644)  # what peers need: not a secret
     return path
 
 
@@ -122,6 +121,7 @@ def tracker_command(
         raise ConfigError("--interval must be at least 1 second")
     if (tor_launch or onion_client_auth) and not onion:
         raise ConfigError("--tor-launch and --onion-client-auth need --onion")
+    click.get_current_context().with_resource(lock_state_dir(state))
     tracker = Tracker(
         state,
         listen,
