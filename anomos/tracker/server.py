@@ -34,7 +34,7 @@ import nacl.exceptions
 import nacl.signing
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from gevent.pool import Pool
-from gevent.pywsgi import WSGIServer
+from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from anomos import bencode
 from anomos.config import join_address, split_address
@@ -273,6 +273,18 @@ def _add_delta(reported: int, last: int) -> int:
 # ---------------------------------------------------------------------------- the tracker
 
 
+class _Handler(WSGIHandler):
+    """A client that goes away mid-request or mid-reply (every peer that exits
+    does) is no error of ours: one debug line, not pywsgi's traceback."""
+
+    def handle_error(self, t: type[BaseException], v: BaseException, tb: Any) -> None:
+        if issubclass(t, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError)):
+            log.debug("tracker client %s went away: %s", self.client_address, v)
+            self.close_connection = True
+            return
+        super().handle_error(t, v, tb)
+
+
 class _Server(WSGIServer):
     """pywsgi over TLS: a deadline on each whole connection, a cap on connections per IP.
 
@@ -280,6 +292,8 @@ class _Server(WSGIServer):
     it (the TLS handshake, the request line, the body, our reply), so a client
     trickling a byte at a time holds a slot for REQUEST_TIMEOUT at most.
     """
+
+    handler_class = _Handler
 
     def __init__(self, *args: Any, shared_clients: frozenset[str] = frozenset(), **kw: Any) -> None:
         super().__init__(*args, **kw)
