@@ -317,13 +317,15 @@ def test_a_lost_report_older_than_the_tracker_accepts_is_dropped_not_sent(
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_full_disk_pauses_the_download_until_space_is_freed(tmp_path: Path) -> None:
-    """A 2 MiB tmpfs as the destination of a 6 MiB download, then made larger."""
+    """A 6 MiB download into an 8 MiB tmpfs that fills up once it started, then made larger.
+
+    (With too little room at the start, get refuses at once: test_local_faults.py.)"""
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("needs root and mount(8) for a small tmpfs")
     dest = tmp_path / "dest"
     dest.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(dest)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(dest)], capture_output=True
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
@@ -346,6 +348,11 @@ def test_a_full_disk_pauses_the_download_until_space_is_freed(tmp_path: Path) ->
                 "downloader", "get", str(atorrent), "--dest", str(dest), "--timeout", "80",
                 wait=False,
             )  # fmt: skip
+            # Past its free-space check, someone else fills the disk: 2 MiB are left.
+            while not (net.workdir / "downloader" / "peer.json").exists():
+                assert getter.alive(), getter.log_tail()
+                time.sleep(0.05)
+            (dest / "filler").write_bytes(bytes(6 * 1024 * 1024))
             deadline = time.monotonic() + 40
             while "no space left" not in getter.log_path.read_text():
                 assert getter.alive(), getter.log_tail()
