@@ -209,10 +209,10 @@ class Store:
 
     def __init__(self, state_dir: str | Path) -> None:
         self.path = Path(state_dir) / DB_FILE
-        # Owner only: SQLite gives its -wal and -shm files the database's mode.
-        for suffix in ("", "-wal", "-shm"):
-            if suffix == "" or self.path.with_name(DB_FILE + suffix).exists():
-                private_file(self.path.with_name(DB_FILE + suffix))
+        private_file(self.path)  # owner only; SQLite gives -wal and -shm the database's mode
+        for older in (self.path.with_name(DB_FILE + "-wal"), self.path.with_name(DB_FILE + "-shm")):
+            if older.exists():
+                private_file(older)  # left by an older anomos, maybe 0644
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
