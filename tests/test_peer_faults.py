@@ -1,0 +1,212 @@
+"""Faulty and hostile peers (issue 12): a seeder whose data went bad under it, a
+downloader that reports pieces bad to make a seeder re-hash, a tracker that is
+down or busy, a download stopped by a signal.
+
+Sessions talk over real loopback TCP; the downloads run real in-process peers
+against a real tracker; the signal tests run real ``anomos get`` processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import gevent
+import pytest
+from test_session import PIECE, connect, make_torrent, new_session, tcp_pair
+
+from anomos.errors import StorageError
+from anomos.torrent import session as session_mod
+from anomos.torrent import wire
+from anomos.torrent.metainfo import Metainfo
+from anomos.torrent.session import TorrentSession
+
+#: Bytes of movie.bin zeroed under the seeder (two 64 KiB pieces at most).
+ZEROED = (200_000, 100_000)
+
+
+def bad_pieces(m: Metainfo) -> set[int]:
+    """The pieces ZEROED falls in."""
+    (movie,) = [f for f in m.files if f.path[-1] == "movie.bin"]
+    start, length = movie.offset + ZEROED[0], ZEROED[1]
+    return set(range(start // m.piece_length, (start + length - 1) // m.piece_length + 1))
+
+
+@pytest.fixture
+def sessions() -> Iterator[list[TorrentSession]]:
+    made: list[TorrentSession] = []
+    yield made
+    for s in made:
+        s.close()
+
+
+def wait_until(predicate: object, timeout: float, what: str) -> None:
+    assert callable(predicate)
+    with gevent.Timeout(timeout, AssertionError(f"{what}: not within {timeout:g} s")):
+        while not predicate():
+            gevent.sleep(0.02)
+
+
+def zero(path: Path, offset: int, length: int) -> None:
+    """Overwrite part of a file in place, as a disk fault or an editor would."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(length))
+
+
+def seeder_gone_bad(
+    tmp_path: Path, sessions: list[TorrentSession], m: Metainfo, name: str = "seed"
+) -> TorrentSession:
+    """A seeder that verified its data, whose first file then lost ZEROED."""
+    seeder = new_session(sessions, m, tmp_path / name, label=name, resume_dir=tmp_path / "resume")
+    assert seeder.complete
+    zero(tmp_path / name / "share" / "movie.bin", *ZEROED)
+    return seeder
+
+
+def pieces_of(session: TorrentSession) -> set[int]:
+    return {i for i in range(len(session.metainfo.pieces)) if session.has_piece(i)}
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+def test_a_seeder_gone_bad_serves_every_good_piece_and_withdraws_the_bad_ones(
+    tmp_path: Path, sessions: list[TorrentSession], caplog: pytest.LogCaptureFixture
+) -> None:
+    m, content = make_torrent(tmp_path / "seed")
+    n, bad = len(m.pieces), bad_pieces(m)
+    assert len(bad) == 2
+    seeder = seeder_gone_bad(tmp_path, sessions, m)
+    leech = new_session(sessions, m, tmp_path / "leech", label="leech")
+    caplog.set_level(logging.INFO, logger="anomos.torrent.session")
+    _, conn = connect(seeder, leech, "leech", "seeder")
+    # Every good piece arrives from the only source; the bad ones, once each.
+    wait_until(lambda: pieces_of(leech) == set(range(n)) - bad, 30, "every good piece")
+    wait_until(lambda: seeder.lost_pieces == bad, 10, "the seeder withdrew the bad pieces")
+    assert leech.failed_pieces == bad
+    assert leech.hash_failures == len(bad)  # never asked for a bad piece twice
+    assert not conn.closed and conn.strikes == len(bad)  # kept: it had good pieces too
+    assert conn.good_pieces == n - len(bad)
+    # The seeder said so, one line per piece, and stopped offering them.
+    lines = [r.getMessage() for r in caplog.records if "corrupt on disk" in r.getMessage()]
+    assert sorted(lines) == [
+        f"seed: piece {i} is corrupt on disk (a downloader's hash check failed): no longer offered"
+        for i in sorted(bad)
+    ]
+    assert not seeder.complete and seeder.left == sum(m.piece_size(i) for i in bad)
+    assert seeder.storage.missing == bad
+    assert not leech.picker.interesting(conn)  # it offers nothing more we lack
+    # Its resume data no longer claims them: a restart does not serve them again.
+    seeder.close()
+    again = new_session(sessions, m, tmp_path / "seed", resume_dir=tmp_path / "resume")
+    assert set(range(n)) - pieces_of(again) == bad
+    assert again.rechecked == 0
+    good = content["movie.bin"]
+    got = (tmp_path / "leech" / "share" / "movie.bin").read_bytes()
+    assert got[: ZEROED[0] - PIECE] == good[: ZEROED[0] - PIECE]
+    assert got[sum(ZEROED) + PIECE :] == good[sum(ZEROED) + PIECE :]
+
+
+def test_a_seeder_gone_bad_beside_an_honest_one_the_download_is_intact(
+    tmp_path: Path, sessions: list[TorrentSession]
+) -> None:
+    m, content = make_torrent(tmp_path / "seed")
+    make_torrent(tmp_path / "honest")
+    bad = seeder_gone_bad(tmp_path, sessions, m)
+    honest = new_session(sessions, m, tmp_path / "honest", label="honest")
+    leech = new_session(sessions, m, tmp_path / "leech", label="leech")
+    _, bad_conn = connect(bad, leech, "leech", "bad")
+    wait_until(lambda: leech.failed_pieces, 30, "a bad piece from the bad seeder")
+    _, honest_conn = connect(honest, leech, "leech", "honest")
+    assert leech.wait_complete(timeout=30)
+    for rel, data in content.items():
+        assert (tmp_path / "leech" / "share" / rel).read_bytes() == data, rel
+    assert honest_conn.strikes == 0
+    assert 1 <= bad_conn.strikes <= len(bad_pieces(m))
+    assert bad.lost_pieces <= bad_pieces(m) and bad.lost_pieces
+
+
+def test_bad_piece_reports_rehash_only_served_pieces_at_a_bounded_rate(
+    tmp_path: Path, sessions: list[TorrentSession], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hostile downloader reports every piece bad, over and over: the seeder hashes
+    again only pieces it sent over that connection, at most RECHECK_BURST of them at
+    once, and keeps serving."""
+    m, _ = make_torrent(tmp_path / "seed")
+    seeder = new_session(sessions, m, tmp_path / "seed", label="seed")
+    caplog.set_level(logging.INFO, logger="anomos.torrent.session")
+    at_start = seeder.storage.checks
+    # Served nothing: its reports are ignored.
+    ours, other = tcp_pair()
+    seeder.add_connection(ours, "served nothing")
+    other.sendall(
+        wire.Handshake(m.infohash, wire.new_peer_id()).encode()
+        + b"".join(wire.BadPiece(i).encode() for i in range(len(m.pieces)))
+        + wire.Interested().encode()
+    )
+    wait_until(lambda: seeder.connections[0].peer_interested, 10, "its interest")
+    assert seeder.storage.checks == at_start
+    ours, theirs = tcp_pair()
+    seeder.add_connection(ours, "hostile")
+    theirs.sendall(
+        wire.Handshake(m.infohash, wire.new_peer_id()).encode() + wire.Interested().encode()
+    )
+    reader = wire.MessageReader(len(m.pieces), m.piece_size)
+    got: list[object] = []
+
+    def read_until(kind: type, count: int = 1) -> None:
+        with gevent.Timeout(10, AssertionError(f"no {kind.__name__}: {got[-5:]}")):
+            while sum(isinstance(x, kind) for x in got) < count:
+                data = theirs.recv(1 << 16)
+                assert data, f"the seeder closed the connection: {got[-5:]}"
+                got.extend(reader.feed(data))
+
+    read_until(wire.Unchoke)
+    served = list(range(6))
+    theirs.sendall(
+        b"".join(wire.Request(i, 0, min(wire.BLOCK_SIZE, m.piece_size(i))).encode() for i in served)
+    )
+    read_until(wire.Piece, len(served))
+    before = seeder.storage.checks
+    reports = [wire.BadPiece(i).encode() for i in range(len(m.pieces))] * 20
+    theirs.sendall(b"".join(reports) + wire.Request(7, 0, wire.BLOCK_SIZE).encode())
+    read_until(wire.Piece, len(served) + 1)  # still served after all that
+    assert seeder.storage.checks - before == session_mod.RECHECK_BURST
+    assert seeder.complete and not seeder.lost_pieces  # its data is intact
+    intact = [r for r in caplog.records if "but it is intact here" in r.getMessage()]
+    assert len(intact) == session_mod.RECHECK_BURST
+    theirs.close()
+    other.close()
+
+
+def test_a_piece_that_cannot_be_written_pauses_requests_and_keeps_the_source(
+    tmp_path: Path, sessions: list[TorrentSession], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write failing at run time (a full disk) is a state retried later, not a reason
+    to drop the source it came from."""
+    monkeypatch.setattr(session_mod, "WRITE_RETRY", 0.5)
+    monkeypatch.setattr(session_mod, "MAINTENANCE_INTERVAL", 0.2)
+    m, content = make_torrent(tmp_path / "seed")
+    seeder = new_session(sessions, m, tmp_path / "seed", label="seed")
+    leech = new_session(sessions, m, tmp_path / "leech", label="leech")
+    real = leech.storage.write_piece
+    full = [True]
+
+    def no_space(index: int, data: bytes) -> bool:
+        if full[0]:
+            raise StorageError(f"cannot write piece {index}: No space left on device")
+        return real(index, data)
+
+    leech.storage.write_piece = no_space  # type: ignore[method-assign]
+    _, conn = connect(seeder, leech, "leech", "seed")
+    wait_until(lambda: leech.write_error, 10, "the write error")
+    assert "No space left on device" in (leech.write_error or "")
+    gevent.sleep(1.0)
+    assert not conn.closed and leech.left == m.total_length
+    full[0] = False
+    assert leech.wait_complete(timeout=30)
+    assert leech.write_error is None
+    for rel, data in content.items():
+        assert (tmp_path / "leech" / "share" / rel).read_bytes() == data, rel
