@@ -8,7 +8,12 @@ against a real tracker; the signal tests run real ``anomos get`` processes.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +22,10 @@ import pytest
 from test_session import PIECE, connect, make_torrent, new_session, tcp_pair
 
 from anomos.errors import StorageError
+from anomos.localnet import LocalNetwork
 from anomos.torrent import session as session_mod
 from anomos.torrent import wire
-from anomos.torrent.metainfo import Metainfo
+from anomos.torrent.metainfo import Metainfo, make_metainfo
 from anomos.torrent.session import TorrentSession
 
 #: Bytes of movie.bin zeroed under the seeder (two 64 KiB pieces at most).
@@ -210,3 +216,125 @@ def test_a_piece_that_cannot_be_written_pauses_requests_and_keeps_the_source(
     assert leech.write_error is None
     for rel, data in content.items():
         assert (tmp_path / "leech" / "share" / rel).read_bytes() == data, rel
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def share(tmp_path: Path, size: int) -> Path:
+    data = tmp_path / "share" / "file.bin"
+    data.parent.mkdir(parents=True)
+    data.write_bytes(os.urandom(size))
+    return data
+
+
+def start_network(net: LocalNetwork, data: Path, tmp_path: Path, *seed_args: str) -> Path:
+    """A tracker, three relays and a seeder of ``data``; the .atorrent's path."""
+    net.start_tracker()
+    meta = make_metainfo(
+        data, trackers=[net.tracker_url], fingerprint=net.fingerprint, piece_length=PIECE_LEN,
+        progress=False,
+    )  # fmt: skip
+    atorrent = tmp_path / "file.atorrent"
+    meta.save(atorrent)
+    for i in range(3):
+        net.start_peer(f"relay{i}", "relay")
+    net.start_peer("seeder", "seed", str(atorrent), "--data", str(data), *seed_args)
+    return atorrent
+
+
+PIECE_LEN = 256 * 1024
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_get_from_a_seeder_gone_bad_gets_every_good_piece_and_names_the_bad_ones(
+    tmp_path: Path,
+) -> None:
+    size = 6 * 1024 * 1024 + 1234
+    data = share(tmp_path, size)
+    original = data.read_bytes()
+    zeroed = (2 * 1024 * 1024 + 100, 300_000)  # pieces 8 and 9 (of 25)
+    bad = {8, 9}
+    with LocalNetwork(tmp_path / "net", verbose=1) as net:
+        atorrent = start_network(net, data, tmp_path)
+        zero(data, *zeroed)  # under the running seeder, after it verified its data
+        dest = tmp_path / "dest"
+        getter = net.start_peer(
+            "downloader", "get", str(atorrent), "--dest", str(dest), "--stall-limit", "10",
+            wait=False,
+        )  # fmt: skip
+        assert getter.popen.wait(150) == 1, getter.log_tail()
+        log = getter.log_path.read_text()
+        seeder_log = (tmp_path / "net" / "seeder.log").read_text()
+    # Every good piece arrived ...
+    got = (dest / "file.bin").read_bytes()
+    for i in range(-(-size // PIECE_LEN)):
+        if i not in bad:
+            assert (
+                got[i * PIECE_LEN : (i + 1) * PIECE_LEN]
+                == original[i * PIECE_LEN : (i + 1) * PIECE_LEN]
+            ), f"piece {i}"
+    # ... the bad ones are named in one line, and the seeder said it stopped offering them.
+    (line,) = [x for x in log.splitlines() if "gave up" in x]
+    assert re.fullmatch(
+        r"anomos: error: gave up: no piece for 10 s: 2 piece\(s\) failed their hash check "
+        r"and no source offers a good copy: 8, 9 \(23/25 pieces kept in .*\)",
+        line,
+    ), line
+    assert "Traceback" not in log
+    for i in bad:
+        assert f"piece {i} is corrupt on disk" in seeder_log, seeder_log[-3000:]
+    # It never asked the tracker faster than the tracker allows.
+    assert "too many requests" not in log
+
+
+def resumed_pieces(state: Path) -> int:
+    (resume,) = (state / "resume").glob("*.json")
+    saved = json.loads(resume.read_text())
+    return sum(bin(b).count("1") for b in bytes.fromhex(saved["have"]))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_get_stopped_by_sigint_or_sigterm_keeps_its_pieces_and_resumes_without_rehashing(
+    tmp_path: Path,
+) -> None:
+    size = 8 * 1024 * 1024 + 99
+    data = share(tmp_path, size)
+    pieces = -(-size // PIECE_LEN)
+    with LocalNetwork(tmp_path / "net", verbose=1) as net:
+        # A slow seeder (1 MB/s): the download is still under way when it is stopped.
+        atorrent = start_network(net, data, tmp_path, "--max-send-rate", "1M")
+        dest, summary = tmp_path / "dest", tmp_path / "summary.json"
+        args = ["get", str(atorrent), "--dest", str(dest)]
+        kept = 0
+        for sig, status in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+            getter = net.start_peer("downloader", *args, wait=False)
+            log_at = getter.log_path.stat().st_size
+            # Stopped once the periodic resume data holds more than it did.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and getter.alive():
+                state = tmp_path / "net" / "downloader"
+                if list((state / "resume").glob("*.json")) and resumed_pieces(state) > kept:
+                    break
+                time.sleep(0.1)
+            assert getter.alive(), getter.log_tail()
+            getter.popen.send_signal(sig)
+            assert getter.popen.wait(30) == status, getter.log_tail()
+            log = getter.log_path.read_text()[log_at:]
+            assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+            (line,) = [x for x in log.splitlines() if x.startswith("stopped")]
+            match = re.fullmatch(rf"stopped by {sig.name}: (\d+)/{pieces} pieces kept in .*", line)
+            assert match, line
+            assert kept < int(match[1]) == resumed_pieces(tmp_path / "net" / "downloader")
+            kept = int(match[1])
+        # A third run starts from those pieces without hashing them again.
+        getter = net.start_peer("downloader", *args, "--summary", str(summary), wait=False)
+        log_at = getter.log_path.stat().st_size
+        assert getter.popen.wait(90) == 0, getter.log_tail()
+        log = getter.log_path.read_text()[log_at:]
+    assert (dest / "file.bin").read_bytes() == data.read_bytes()
+    assert re.search(rf"{kept} of {pieces} pieces on disk \(0 re-hashed\)", log), log[-3000:]
+    report = json.loads(summary.read_text())
+    assert size - kept * PIECE_LEN <= report["left_at_start"] < size - (kept - 1) * PIECE_LEN

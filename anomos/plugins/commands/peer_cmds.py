@@ -132,7 +132,7 @@ def _stop_on_signals() -> None:
     def on_signal(signum: int) -> None:
         if not received:
             received.append(signum)
-            gevent.kill(target, Stopped(signum), block=False)
+            gevent.kill(target, Stopped(signum))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(sig, on_signal, sig)
