@@ -8,6 +8,7 @@ against a real tracker; the signal tests run real ``anomos get`` processes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -21,12 +22,21 @@ import gevent
 import pytest
 from test_session import PIECE, connect, make_torrent, new_session, tcp_pair
 
+from anomos.config import Settings
 from anomos.errors import StorageError
 from anomos.localnet import LocalNetwork
+from anomos.peer import download as download_mod
+from anomos.peer import node as nodemod
+from anomos.peer.download import DownloadStalled
+from anomos.peer.node import Peer
+from anomos.pluginmanager import Plugins
+from anomos.testing import free_port, loopback_host, start_peers
 from anomos.torrent import session as session_mod
 from anomos.torrent import wire
 from anomos.torrent.metainfo import Metainfo, make_metainfo
 from anomos.torrent.session import TorrentSession
+from anomos.tracker.client import CircuitPlan, TrackerBusy
+from anomos.tracker.server import Tracker
 
 #: Bytes of movie.bin zeroed under the seeder (two 64 KiB pieces at most).
 ZEROED = (200_000, 100_000)
@@ -338,3 +348,94 @@ def test_get_stopped_by_sigint_or_sigterm_keeps_its_pieces_and_resumes_without_r
     assert re.search(rf"{kept} of {pieces} pieces on disk \(0 re-hashed\)", log), log[-3000:]
     report = json.loads(summary.read_text())
     assert size - kept * PIECE_LEN <= report["left_at_start"] < size - (kept - 1) * PIECE_LEN
+
+
+# ----------------------------------------------------------------------------- the tracker
+
+
+def small_torrent(tmp_path: Path, url: str) -> Metainfo:
+    data = tmp_path / "share" / "small.bin"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_bytes(os.urandom(300_000))
+    return make_metainfo(data, trackers=[url], piece_length=PIECE, progress=False)
+
+
+def record_circuit_requests(peer: Peer) -> list[tuple[float, BaseException | None]]:
+    """Wrap the peer's circuit requests: (monotonic time, the error raised or None)."""
+    calls: list[tuple[float, BaseException | None]] = []
+    real = peer.tracker.request_circuits
+
+    def request_circuits(infohash: bytes, count: int) -> list[CircuitPlan]:
+        at = time.monotonic()
+        try:
+            plans = real(infohash, count)
+        except BaseException as exc:
+            calls.append((at, exc))
+            raise
+        calls.append((at, None))
+        return plans
+
+    peer.tracker.request_circuits = request_circuits  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_down_tracker_is_one_waiting_line_retried_then_a_clear_give_up(
+    tmp_path: Path,
+    plugins: Plugins,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(nodemod, "RETRY_MIN", 0.05)
+    monkeypatch.setattr(download_mod, "TRACKER_RETRY_MIN", 0.05)
+    monkeypatch.setattr(download_mod, "TRACKER_RETRY_MAX", 0.2)
+    host = loopback_host()
+    made = Tracker(tmp_path / "tracker", f"{host}:{free_port(host)}", plugins)  # never started
+    url, fingerprint = made.url, made.fingerprint
+    made.stop()
+    settings = Settings(listen=f"{loopback_host()}:0", state_dir=tmp_path / "peer")
+    peer = Peer(plugins, settings, tracker_url=url, fingerprint=fingerprint)
+    caplog.set_level(logging.INFO)
+    peer.start()
+    try:
+        session = peer.add_torrent(small_torrent(tmp_path, url), tmp_path / "dest")
+        calls = record_circuit_requests(peer)
+        with pytest.raises(
+            DownloadStalled,
+            match=r"^no piece for 3 s: waiting for the tracker since \d\d:\d\d:\d\d "
+            r"\(cannot reach the tracker: .*\)$",
+        ):
+            peer.download(session, stall_limit=3)
+    finally:
+        peer.stop()
+    assert len(calls) >= 5 and all(exc is not None for _, exc in calls)  # it kept trying
+    waiting = [
+        (r.name, r.getMessage())
+        for r in caplog.records
+        if "waiting for the tracker" in r.getMessage()
+    ]
+    # ... and said so once per loop (the download's, the announces'), not once per try.
+    assert sorted(name for name, _ in waiting) == ["anomos.peer.download", "anomos.peer.node"]
+
+
+def test_a_busy_tracker_is_not_asked_again_before_its_retry_after(
+    tmp_path: Path, plugins: Plugins
+) -> None:
+    tracker = Tracker(
+        tmp_path / "tracker", f"{loopback_host()}:0", plugins, rate=0.5, burst=4, edge_settle=0
+    )
+    tracker.start()
+    (peer,) = start_peers(plugins, tracker, tmp_path, 1, announce=False)
+    try:
+        # Nobody seeds it: the tracker plans nothing, and the downloader keeps asking.
+        session = peer.add_torrent(small_torrent(tmp_path, tracker.url), tmp_path / "dest")
+        calls = record_circuit_requests(peer)
+        with pytest.raises(DownloadStalled, match="no source offers the missing pieces"):
+            peer.download(session, stall_limit=8)
+    finally:
+        peer.stop()
+        tracker.stop()
+    busy = [(at, exc) for at, exc in calls if isinstance(exc, TrackerBusy)]
+    assert busy, calls  # it was rate-limited ...
+    for (at, exc), (later, _) in itertools.pairwise(calls):
+        if isinstance(exc, TrackerBusy):  # ... and waited as long as it was told each time
+            assert exc.retry_after == 2 and later - at >= exc.retry_after
