@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -317,9 +318,10 @@ def test_a_lost_report_older_than_the_tracker_accepts_is_dropped_not_sent(
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_full_disk_pauses_the_download_until_space_is_freed(tmp_path: Path) -> None:
-    """A 6 MiB download into an 8 MiB tmpfs that fills up once it started, then made larger.
-
-    (With too little room at the start, get refuses at once: test_local_faults.py.)"""
+    """A 6 MiB download into an 8 MiB tmpfs that fills up once it started: one line says
+    the disk is full and since when, the download waits (no source dropped), then gives up
+    after --stall-limit with that reason; once the tmpfs is made larger, a second run
+    completes. (With too little room at the start, get refuses at once: test_local_faults.py.)"""
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("needs root and mount(8) for a small tmpfs")
     dest = tmp_path / "dest"
@@ -344,25 +346,23 @@ def test_a_full_disk_pauses_the_download_until_space_is_freed(tmp_path: Path) ->
                 net.start_peer(f"relay{i}", "relay")
             net.start_peer("seeder", "seed", str(atorrent), "--data", str(data))
             time.sleep(2.5)
-            getter = net.start_peer(
-                "downloader", "get", str(atorrent), "--dest", str(dest), "--timeout", "80",
-                wait=False,
-            )  # fmt: skip
+            args = ["get", str(atorrent), "--dest", str(dest)]
+            getter = net.start_peer("downloader", *args, "--stall-limit", "8", wait=False)
             # Past its free-space check, someone else fills the disk: 2 MiB are left.
             while not (net.workdir / "downloader" / "peer.json").exists():
                 assert getter.alive(), getter.log_tail()
                 time.sleep(0.05)
             (dest / "filler").write_bytes(bytes(6 * 1024 * 1024))
-            deadline = time.monotonic() + 40
-            while "no space left" not in getter.log_path.read_text():
-                assert getter.alive(), getter.log_tail()
-                assert time.monotonic() < deadline, getter.log_tail()
-                time.sleep(0.2)
-            time.sleep(2.0)
-            assert getter.alive(), getter.log_tail()  # waiting, not failing
+            assert getter.popen.wait(90) == 1, getter.log_tail()
+            log = getter.log_path.read_text()
+            full = [x for x in log.splitlines() if "disk full since" in x]
+            assert len(full) == 2, full  # the state, once; then the line giving up
+            assert re.search(r"disk full since \d\d:\d\d:\d\d \(.*No space left", full[0])
+            assert re.search(r"anomos: error: gave up: no piece for 8 s: disk full since", full[1])
             subprocess.run(
                 ["mount", "-o", "remount,size=64m", str(dest)], check=True, capture_output=True
             )
+            getter = net.start_peer("downloader", *args, wait=False)
             assert getter.popen.wait(70) == 0, getter.log_tail()
             assert sha256(dest / data.name) == sha256(data)
     finally:

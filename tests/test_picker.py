@@ -320,3 +320,48 @@ def test_the_rarity_order_matches_a_full_scan_through_any_history(seed: int) -> 
             and not any(p.availability(i) for i in p._wanted)
         )
     assert all(p.availability(i) >= 0 for i in range(num))
+
+
+def test_a_peer_that_sent_a_bad_copy_is_never_asked_for_that_piece_again() -> None:
+    p = make(num=3)
+    peer(p, "bad")
+    per_piece = PIECE // BLOCK_SIZE
+    blocks = p.next_requests("bad", per_piece)
+    first = blocks[0][0]
+    assert deliver(p, "bad", blocks) == [first]
+    p.piece_failed(first, {"bad"})
+    assert p.peer_lost("bad", first, refuse=True) is False  # it still has two others
+    p.peer_have("bad", first)  # announcing it again changes nothing
+    assert not p.peer_has("bad", first) and p.availability(first) == 0
+    for _ in range(2):  # every other piece is still fetched from it
+        again = p.next_requests("bad", per_piece)
+        assert again and first not in {b[0] for b in again}
+        (index,) = deliver(p, "bad", again)
+        p.piece_verified(index)
+    assert p.next_requests("bad", per_piece) == []
+    assert not p.interesting("bad")  # nothing left it may give us
+    peer(p, "honest")
+    assert {b[0] for b in p.next_requests("honest", 1000)} == {first}
+
+
+def test_a_withdrawn_piece_goes_to_another_peer_and_may_come_back() -> None:
+    p = make(num=2)
+    peer(p, "a", [0])
+    peer(p, "b", [0, 1])
+    asked = p.next_requests("a", 1000)
+    assert {b[0] for b in asked} == {0}
+    assert p.peer_lost("a", 0) is True  # a don't-have: "a" has nothing left for us
+    assert p.outstanding("a") == 0 and p.availability(0) == 1
+    assert 0 in {b[0] for b in p.next_requests("b", 1000)}
+    assert p.peer_have("a", 0) is True  # not refused: it may have it again later
+
+
+def test_a_piece_we_lost_is_wanted_again() -> None:
+    p = make(num=2)
+    for i in range(2):
+        p.piece_verified(i)
+    peer(p, "a")
+    assert p.complete and not p.interesting("a")
+    assert p.piece_lost(1) == ["a"]
+    assert not p.complete and p.remaining == 1 and p.interesting("a")
+    assert {b[0] for b in p.next_requests("a", 1000)} == {1}

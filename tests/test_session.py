@@ -296,7 +296,7 @@ def test_seeder_corrupting_everything_is_disconnected_after_three_strikes(
     assert leech.wait_complete(timeout=30)
     assert_identical(tmp_path / "leech", content)
     assert liar_conn.strikes == session_mod.MAX_STRIKES
-    assert liar_conn.close_reason == "sent corrupt data for 3 pieces"
+    assert liar_conn.close_reason == "sent corrupt data for 3 pieces (0 good)"
     assert honest_conn.strikes == 0
     assert honest_conn.close_reason == "both sides complete"
 

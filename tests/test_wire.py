@@ -50,6 +50,8 @@ ALL = [
     Piece(1, 3 * BLOCK_SIZE, bytes(range(256)) * 64),
     Piece(9, 2 * BLOCK_SIZE, b"x" * (LAST_PIECE - 2 * BLOCK_SIZE)),
     Cancel(0, 0, BLOCK_SIZE),
+    wire.DontHave(4),
+    wire.BadPiece(9),
 ]
 
 
@@ -111,6 +113,9 @@ def frame(msg_id: int, payload: bytes) -> bytes:
         (frame(wire.PIECE, b"abc"), "too short"),
         (frame(wire.HAVE, struct.pack(">I", NUM_PIECES)), "10-piece"),
         (frame(wire.HAVE, b"\0\0"), "expected 5"),
+        (frame(wire.DONT_HAVE, struct.pack(">I", NUM_PIECES)), "don't have for piece 10"),
+        (frame(wire.BAD_PIECE, struct.pack(">I", NUM_PIECES)), "bad piece for piece 10"),
+        (frame(wire.BAD_PIECE, b"\0\0\0\0\0"), "expected 5"),
         (frame(wire.BITFIELD, b"\xff"), "expected 2"),
         (frame(wire.CHOKE, b"x"), "unexpected"),
         (frame(42, b""), "unknown message id 42"),

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,22 +20,29 @@ import gevent
 import gevent.event
 import gevent.pool
 
+from anomos.backoff import Backoff, Waiting
 from anomos.config import Settings
 from anomos.errors import AnomosError, ConfigError, TrackerError, TransportError
 from anomos.fsutil import atomic_write, private_dir
 from anomos.identity import PeerIdentity
 from anomos.net.circuit import CircuitSwitch
 from anomos.net.link import Link, LinkManager
+from anomos.peer.download import (
+    DEFAULT_SOURCES,
+    DEFAULT_STALL_LIMIT,
+    CircuitRecord,
+    DownloadReport,
+    TorrentDownload,
+)
 from anomos.pluginmanager import Plugins
 from anomos.torrent.metainfo import Metainfo
 from anomos.torrent.session import TorrentSession
 from anomos.tracker.client import (
     MAX_LOST_AGE_MS,
     AnnounceReply,
-    CircuitPlan,
     LostNeighbour,
-    NotAnnounced,
     TorrentStatus,
+    TrackerBusy,
     TrackerClient,
 )
 from anomos.tracker.identity import TrackerTrustError
@@ -47,24 +52,6 @@ log = logging.getLogger(__name__)
 #: Seconds before retrying the tracker after a failure.
 RETRY_MIN = 1.0
 RETRY_MAX = 30.0
-#: Seconds allowed for a circuit to be built and its end-to-end keys agreed.
-CIRCUIT_TIMEOUT = 30.0
-#: Sources (circuits) a download keeps open at once.
-DEFAULT_SOURCES = 4
-#: Seconds between progress checks of the download loop.
-DOWNLOAD_TICK = 0.5
-#: Seconds a circuit waits for the link to its first hop when that neighbour is
-#: assigned but not linked (yet): a plan over a link that will not come is dropped fast.
-FIRST_HOP_WAIT = 5.0
-#: Seconds before asking for circuits again after one failed to build, doubling
-#: up to FAIL_BACKOFF_MAX (a plan made before the tracker heard of a dead relay
-#: fails fast; asking again at once would likely get the same relay).
-FAIL_BACKOFF_MIN = 0.25
-FAIL_BACKOFF_MAX = 5.0
-#: Seconds before asking again when the tracker planned no circuit (a new peer's
-#: edges take a moment to settle): starts small so a download starts quickly.
-NO_PLAN_BACKOFF_MIN = 0.25
-NO_PLAN_BACKOFF_MAX = 10.0
 #: Seconds to gather further link losses before reporting them to the tracker.
 LOST_REPORT_DELAY = 0.2
 #: Seconds an assigned neighbour may stay without a link before we ask the
@@ -76,8 +63,6 @@ LINK_WATCH_INTERVAL = 2.0
 #: tracker as "unreachable" (a firewall, a partition, a transport we lack), which
 #: replaces that edge; reported again only if the tracker still assigns it as long after.
 UNREACHABLE_AFTER = 45.0
-#: Seconds between attempts (one circuit at a time) while the download's disk is full.
-DISK_FULL_RETRY = 5.0
 #: Seconds the goodbye announce may take when stopping (the tracker may be down).
 STOP_ANNOUNCE_TIMEOUT = 5.0
 
@@ -94,50 +79,7 @@ _LOCAL_CLOSE = (
 _LOST_CLOSE = ("closed by neighbour", "connection lost", "idle for", "send stuck", "send failed")
 
 
-@attrs.frozen
-class CircuitRecord:
-    """What the downloader may know about one circuit it used: never addresses."""
-
-    relays: int
-    received: int
-    seconds: float
-    #: Why the circuit ended before the download was complete ("" if it did not).
-    broken: str = ""
-
-
-@attrs.frozen
-class DownloadReport:
-    infohash: str
-    size: int
-    seconds: float
-    circuits: tuple[CircuitRecord, ...]
-    #: Circuits that could not be built (a relay gone, a stale neighbour, ...).
-    failed: int = 0
-    #: Bytes that were missing when the download started (the rest was on disk).
-    left_at_start: int = 0
-    #: Piece bytes received (over ``left_at_start`` only when blocks were refetched).
-    downloaded: int = 0
-    #: Per circuit that broke mid-download, seconds until fresh circuits arrived.
-    replan_seconds: tuple[float, ...] = ()
-
-    @property
-    def throughput(self) -> float:
-        """Bytes per second over the whole download."""
-        return self.size / self.seconds if self.seconds > 0 else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "infohash": self.infohash,
-            "size": self.size,
-            "seconds": round(self.seconds, 3),
-            "throughput": round(self.throughput),
-            "circuits": [attrs.asdict(c) for c in self.circuits],
-            "failed_circuits": self.failed,
-            "broken_circuits": sum(1 for c in self.circuits if c.broken),
-            "replan_seconds": [round(x, 3) for x in self.replan_seconds],
-            "left_at_start": self.left_at_start,
-            "downloaded": self.downloaded,
-        }
+__all__ = ["CircuitRecord", "DownloadReport", "Peer"]
 
 
 @attrs.define(eq=False)
@@ -164,6 +106,9 @@ class Peer:
     _stopped: bool = attrs.field(default=False, init=False)
     #: Whether an announce succeeded yet (until then the loop retries with backoff).
     _announced: bool = attrs.field(default=False, init=False)
+    _tracker_wait: Waiting = attrs.field(
+        factory=lambda: Waiting("waiting for the tracker", log), init=False
+    )
     #: NID -> (monotonic time the link dropped, why) not yet reported to the tracker.
     _lost: dict[int, tuple[float, str]] = attrs.field(factory=dict, init=False)
 
@@ -217,9 +162,9 @@ class Peer:
             self.links.close()
             raise
         except AnomosError as exc:
-            log.warning("tracker unreachable, will keep trying: %s", exc)
-        self._spawn(self._announce_loop)
-        self._spawn(self._link_watch)
+            self._tracker_wait.enter(str(exc))
+        self.spawn(self._announce_loop)
+        self.spawn(self._link_watch)
         self._write_peer_file()
         self.plugins.notify("anomos_peer_started", peer=self)
         log.info("peer %s listening on %s", self.identity.identity_public.hex()[:16], self.address)
@@ -255,7 +200,8 @@ class Peer:
     def relayed(self) -> int:
         return int(self.switch.relayed_bytes)
 
-    def _spawn(self, fn: Callable[..., Any], *args: Any) -> gevent.Greenlet:
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> gevent.Greenlet:
+        """Run ``fn`` in a greenlet of this peer (killed when it stops; crashes logged)."""
         g = self._group.spawn(fn, *args)
         g.link_exception(lambda g: log.error("%s crashed: %r", fn.__name__, g.exception))
         return g
@@ -321,26 +267,38 @@ class Peer:
             log.info("reported %d lost neighbour(s) to the tracker", len(lost))
         return reply
 
+    def announce_soon(self) -> None:
+        """Have the announce loop announce now (or as soon as the tracker allows)."""
+        self._announce_now.set()
+
     def _announce_loop(self) -> None:
-        """Announce every interval, at once on request, and with backoff while it fails."""
-        backoff = RETRY_MIN
-        wait = self._interval if self._announced else backoff
+        """Announce every interval, at once on request, and with backoff while it fails
+        (never before a busy tracker's Retry-After); the tracker being down is logged
+        when it starts and when it ends, not at every attempt."""
+        backoff = Backoff(RETRY_MIN, RETRY_MAX)
+        wait = self._interval if self._announced else backoff.next()
+        not_before = 0.0
         while not self._stopped:
             self._announce_now.wait(wait)
             self._announce_now.clear()
             if self._lost:
                 gevent.sleep(LOST_REPORT_DELAY)  # one report for links that drop together
+            gevent.sleep(max(0.0, not_before - time.monotonic()))
             try:
                 self.announce()
             except TrackerTrustError as exc:
                 log.error("announce refused: %s", exc)
                 wait = RETRY_MAX
+            except TrackerBusy as exc:
+                wait = backoff.next(at_least=exc.retry_after)
+                not_before = time.monotonic() + wait
+                log.info("tracker busy: announcing again in %.1f s", wait)
             except AnomosError as exc:
-                wait = backoff * random.uniform(0.75, 1.25)
-                log.warning("announce failed: %s (retrying in %.1f s)", exc, wait)
-                backoff = min(RETRY_MAX, backoff * 2)
+                self._tracker_wait.enter(str(exc))
+                wait = backoff.next()
             else:
-                backoff = RETRY_MIN
+                self._tracker_wait.leave()
+                backoff.reset()
                 wait = self._interval
 
     def _on_link_down(self, link: Link, reason: str) -> None:
@@ -418,7 +376,7 @@ class Peer:
                 now - began,
             )
             self._lost[nid] = (now, "unreachable")
-            self._announce_now.set()
+            self.announce_soon()
 
     def _on_unknown_nid(self, nid: int) -> None:
         """A neighbour we have not heard of yet dialled us: ask the tracker now."""
@@ -455,126 +413,13 @@ class Peer:
         *,
         sources: int = DEFAULT_SOURCES,
         timeout: float | None = None,
+        stall_limit: float | None = DEFAULT_STALL_LIMIT,
     ) -> DownloadReport:
-        """Fetch ``session``'s torrent over circuits to several sources at once.
-
-        Whenever fewer than ``sources`` circuits are up (one broke: a relay died,
-        a link was cut) it asks the tracker for fresh ones at once; plans that
-        fail to build are retried after a short, growing pause.
-        """
-        started = time.monotonic()
-        left_at_start = session.left
-        downloaded_at_start = session.downloaded
-        records: list[CircuitRecord] = []
-        failures: list[str] = []
-        broken_at: list[float] = []
-        replans: list[float] = []
-        active: set[gevent.Greenlet] = set()
-        changed = gevent.event.Event()
-        backoff = NO_PLAN_BACKOFF_MIN
-        fail_backoff = FAIL_BACKOFF_MIN
-        next_request = 0.0
-        infohash = session.metainfo.infohash
-
-        def run_circuit(plan: CircuitPlan) -> None:
-            nonlocal fail_backoff, next_request
-            relays = len(plan.layers) - 1
-            t0 = time.monotonic()
-            try:
-                if plan.first_nid not in self.links.neighbours():
-                    raise TransportError(f"first hop NID {plan.first_nid} is not a neighbour")
-                self.links.wait_for(plan.first_nid, FIRST_HOP_WAIT)
-                stream = self.switch.open_circuit(plan, timeout=CIRCUIT_TIMEOUT)
-            except AnomosError as exc:
-                failures.append(str(exc))
-                log.info("circuit with %d relays failed: %s", relays, exc)
-                next_request = max(next_request, time.monotonic() + fail_backoff)
-                fail_backoff = min(FAIL_BACKOFF_MAX, fail_backoff * 2)
-                return
-            fail_backoff = FAIL_BACKOFF_MIN
-            try:
-                session.add_connection(stream, f"circuit/{relays} relays").join()
-            finally:
-                stream.close()
-                broken = ""
-                if not session.complete:
-                    broken = stream.closed_reason or "closed"
-                    broken_at.append(time.monotonic())
-                    log.info("circuit with %d relays ended early: %s", relays, broken)
-                records.append(
-                    CircuitRecord(
-                        relays=relays,
-                        received=stream.bytes_received,
-                        seconds=round(time.monotonic() - t0, 3),
-                        broken=broken,
-                    )
-                )
-
-        def finished(g: gevent.Greenlet) -> None:
-            active.discard(g)
-            changed.set()
-
-        refused: str | None = None  # the tracker's last reason for planning nothing
-        while not session.complete:
-            if timeout is not None and time.monotonic() - started > timeout:
-                why = f" (tracker: {refused})" if refused else ""
-                raise AnomosError(f"download not complete after {timeout:.0f} s{why}")
-            missing = sources - len(active)
-            if missing > 0 and time.monotonic() >= next_request and _disk_full(session):
-                # Every piece would fail to be written: try one circuit now and
-                # then (space may be freed, or the blocks may already be allocated).
-                log.warning(
-                    "no space left under %s; retrying in %g s", session.data_root, DISK_FULL_RETRY
-                )
-                next_request = time.monotonic() + DISK_FULL_RETRY
-                missing = 1 - len(active)
-            elif missing > 0 and time.monotonic() < next_request:
-                missing = 0
-            if missing > 0:
-                try:
-                    plans = self.tracker.request_circuits(infohash, missing)
-                except NotAnnounced as exc:
-                    log.warning("tracker lost track of us: %s", exc)
-                    self._announce_now.set()
-                    plans = []
-                except TrackerError as exc:
-                    log.warning("no circuits yet: %s", exc)
-                    refused, plans = str(exc), []
-                if plans:
-                    refused = None
-                    backoff = NO_PLAN_BACKOFF_MIN
-                    now = time.monotonic()
-                    replans.extend(now - t for t in broken_at)
-                    broken_at.clear()
-                else:
-                    log.info("no circuits planned; asking again in %.1f s", backoff)
-                    next_request = time.monotonic() + backoff
-                    backoff = min(NO_PLAN_BACKOFF_MAX, backoff * 1.5)
-                for plan in plans:
-                    g = self._spawn(run_circuit, plan)
-                    active.add(g)
-                    g.link(finished)
-            changed.wait(DOWNLOAD_TICK)
-            changed.clear()
-        gevent.killall(list(active), timeout=5)
-        seconds = time.monotonic() - started
-        self._announce_now.set()
-        return DownloadReport(
-            infohash=infohash.hex(),
-            size=session.metainfo.total_length,
-            seconds=seconds,
-            circuits=tuple(records),
-            failed=len(failures),
-            left_at_start=left_at_start,
-            downloaded=session.downloaded - downloaded_at_start,
-            replan_seconds=tuple(replans),
-        )
-
-
-def _disk_full(session: TorrentSession) -> bool:
-    """Whether the download's file system lacks room for even one more piece."""
-    try:
-        free = shutil.disk_usage(session.data_root).free
-    except OSError:
-        return False
-    return free < session.metainfo.piece_length
+        """Fetch ``session``'s torrent over circuits to several sources at once
+        (see :class:`~anomos.peer.download.TorrentDownload`)."""
+        try:
+            return TorrentDownload(
+                self, session, sources=sources, timeout=timeout, stall_limit=stall_limit
+            ).run()
+        finally:
+            self.announce_soon()

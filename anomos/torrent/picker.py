@@ -13,6 +13,9 @@
 * A piece that failed its hash is fetched again preferably from a peer that
   was involved in fewer failures of it, and from a single peer at a time
   (*exclusive*), so a second failure points at exactly one source.
+* A peer that alone sent a bad copy of a piece is never asked for that piece
+  again (:meth:`PiecePicker.peer_lost` with ``refuse``), whatever it
+  announces; every other piece it has is still fetched from it.
 
 Peers are opaque hashable keys (the session uses its connection objects).
 """
@@ -60,6 +63,8 @@ class _Peer:
     #: Pieces this peer has.
     count: int = 0
     choked: bool = True
+    #: Pieces this peer sent a bad copy of: treated as missing at the peer for good.
+    refused: set[int] = attrs.field(factory=set)
 
 
 @attrs.frozen
@@ -181,7 +186,7 @@ class PiecePicker:
     def peer_have(self, peer: Hashable, index: int) -> bool:
         """The peer announced a piece; True if it makes the peer interesting."""
         st = self._peers[peer]
-        if st.has[index]:
+        if st.has[index] or index in st.refused:
             return False
         st.has[index] = 1
         st.count += 1
@@ -200,11 +205,49 @@ class PiecePicker:
         st.choked = True
         self.release(peer)
 
-    def release(self, peer: Hashable) -> None:
-        """Forget every request outstanding at ``peer``; its blocks become missing again."""
+    def peer_lost(self, peer: Hashable, index: int, *, refuse: bool = False) -> bool:
+        """``peer`` no longer offers piece ``index``: it said so (a don't-have), or with
+        ``refuse`` it sent a bad copy and is never asked for it again. Its requests for
+        that piece go back to the pool. True if the peer stopped being interesting."""
+        st = self._peers.get(peer)
+        if st is None:
+            return False
+        if refuse:
+            st.refused.add(index)
+        if not st.has[index]:
+            return False
+        st.has[index] = 0
+        st.count -= 1
+        self._shift([index], -1)
+        self.release(peer, index)
+        if self._have[index]:
+            return False
+        st.lacking -= 1
+        return st.lacking == 0
+
+    def piece_lost(self, index: int) -> list[Hashable]:
+        """Our own copy of piece ``index`` went bad: it is wanted again. The peers it
+        makes interesting (they have it and had nothing else for us)."""
+        if not self._have[index]:
+            return []
+        self._have[index] = 0
+        self._remaining += 1
+        self._want(index)
+        now_interesting = []
+        for peer, st in self._peers.items():
+            if st.has[index]:
+                st.lacking += 1
+                if st.lacking == 1:
+                    now_interesting.append(peer)
+        return now_interesting
+
+    def release(self, peer: Hashable, only: int | None = None) -> None:
+        """Forget the requests outstanding at ``peer`` (those of piece ``only`` if given);
+        their blocks become missing again."""
         st = self._peers[peer]
         touched = set()
-        for block in st.outstanding:
+        blocks = [b for b in st.outstanding if only is None or b[0] == only]
+        for block in blocks:
             index, begin, _ = block
             part = self._partials.get(index)
             if part is None:
@@ -219,9 +262,9 @@ class PiecePicker:
                 part.state[bno] = _MISSING
                 part.missing += 1
             touched.add(part)
-        st.outstanding.clear()
+        st.outstanding.difference_update(blocks)
         for part in self._partials.values():
-            if part.owner == peer:
+            if part.owner == peer and (only is None or part.index == only):
                 part.owner = None
                 touched.add(part)
         for part in touched:

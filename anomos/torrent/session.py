@@ -9,8 +9,15 @@ control messages first, then the blocks the peer asked for, in big batches.
 
 Every peer is hostile: a malformed message closes only its connection (one
 logged line); a piece that fails its hash is thrown away, counted against the
-connection(s) that sent it (:data:`MAX_STRIKES` and it is closed) and fetched
-again, from another connection where there is one.
+connection that sent it, never asked of that connection again (every other
+piece still is), reported to it (a :class:`~anomos.torrent.wire.BadPiece`) and
+fetched again from another connection where there is one; a connection that
+sent more bad pieces than good ones (at least :data:`MAX_STRIKES`) is closed.
+
+A source told that a piece failed hashes its own copy again (at a bounded rate
+per connection, only for pieces it sent there); a copy gone bad on disk is
+withdrawn (a :class:`~anomos.torrent.wire.DontHave` to every connection, one
+log line) and wanted again like any missing piece.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from gevent.greenlet import Greenlet
 from gevent.pool import Group
 
 from anomos.errors import AnomosError, ProtocolError, StorageError
+from anomos.net.ratelimit import TokenBucket
 from anomos.progress import bar
 from anomos.torrent import choker as choking
 from anomos.torrent import resume
@@ -40,9 +48,11 @@ from anomos.torrent.picker import Block, PiecePicker
 from anomos.torrent.storage import Storage
 from anomos.torrent.wire import (
     BLOCK_SIZE,
+    BadPiece,
     Bitfield,
     Cancel,
     Choke,
+    DontHave,
     Handshake,
     Have,
     Interested,
@@ -92,10 +102,20 @@ IDLE_TIMEOUT = 180.0
 REQUEST_TIMEOUT = 60.0
 #: How often keep-alives, idle and snub timers are checked.
 MAINTENANCE_INTERVAL = 5.0
-#: How often resume data is saved while pieces keep arriving.
-RESUME_SAVE_INTERVAL = 30.0
-#: Pieces with corrupt data a connection may send before it is closed.
+#: How often resume data is saved while pieces keep arriving (a crash or a kill
+#: costs at most the pieces of this many seconds).
+RESUME_SAVE_INTERVAL = 5.0
+#: Corrupt pieces a connection may send before it is closed, if it sent fewer
+#: good ones than that (a source whose disk went bad in one place is kept).
 MAX_STRIKES = 3
+#: Pieces a downloader may make us re-hash at once (reporting them bad) over one
+#: connection, and how many more per second after that: a hostile downloader
+#: cannot make a source re-read its whole file.
+RECHECK_BURST = 4
+RECHECK_RATE = 0.1
+#: Seconds between attempts to write again after a write failed (a full disk):
+#: meanwhile no new blocks are requested.
+WRITE_RETRY = 5.0
 #: Failed pieces whose block hashes are kept to find the culprit once the
 #: piece verifies (several connections supplied blocks).
 MAX_FAILED_STASH = 32
@@ -126,8 +146,18 @@ class PeerConnection:
     am_interested: bool = False
     peer_choking: bool = True
     peer_interested: bool = False
-    #: Corrupt pieces attributed to this connection.
+    #: Corrupt pieces attributed to this connection, and good ones it alone supplied.
     strikes: int = 0
+    good_pieces: int = 0
+    #: Pieces we sent blocks of (created on the first one): only those may be reported bad.
+    served: bytearray | None = attrs.field(default=None, repr=False)
+    #: Re-hashes of our own pieces this connection may still make us do (BadPiece reports).
+    rechecks: TokenBucket = attrs.field(
+        factory=lambda: TokenBucket(RECHECK_RATE, RECHECK_BURST), repr=False
+    )
+    #: Since when ``am_interested`` has its present value (a source with nothing we
+    #: want can be let go).
+    interest_since: float = attrs.field(factory=time.monotonic, repr=False)
     #: Block payload bytes sent / received (received includes wasted ones).
     uploaded: int = 0
     downloaded: int = 0
@@ -214,6 +244,13 @@ class TorrentSession:
         self.wasted = 0
         #: Pieces that failed their hash check (each failure counted).
         self.hash_failures = 0
+        #: Pieces that failed their hash check and are not verified yet.
+        self.failed_pieces: set[int] = set()
+        #: Our own pieces found bad on disk after a downloader reported them.
+        self.lost_pieces: set[int] = set()
+        #: Why the last piece could not be written (a full disk), until one is.
+        self.write_error: str | None = None
+        self._write_retry_at = 0.0
         #: Pieces hashed at start (resume tests compare it with the pieces of changed files).
         self.rechecked = 0
 
@@ -322,10 +359,19 @@ class TorrentSession:
             stream.close()
             raise
         conn = PeerConnection(session=self, stream=stream, label=label)
+        # Queued before the connection is visible to the others: any have (or
+        # don't-have) sent to it meanwhile goes out after the handshake.
+        conn.send(Handshake(self.metainfo.infohash, conn.peer_id).encode())
+        if any(self._have):
+            conn.send(Bitfield(pack_bitfield(self._have)).encode())
         self._conns.append(conn)
         conn.writer = self._spawn(self._write_loop, conn)
         conn.greenlet = self._spawn(self._read_loop, conn)
         return conn.greenlet
+
+    def close_connection(self, conn: PeerConnection, reason: str) -> None:
+        """Close one connection (its greenlet from :meth:`add_connection` ends)."""
+        self._close_conn(conn, reason)
 
     def wait_complete(self, timeout: float | None = None) -> bool:
         """Block until every piece is verified on disk; False on timeout or close."""
@@ -347,7 +393,9 @@ class TorrentSession:
         gevent.joinall(others, timeout=5)
         if self._storage is not None:
             try:
-                if self.resume_dir is not None:
+                if self.resume_dir is not None and self._picker is not None:
+                    # (only once the check at start finished: a half-checked have-field
+                    # saved with the files' stats would hide the pieces not yet checked)
                     self._save_resume()
             finally:
                 self._storage.close()
@@ -370,9 +418,6 @@ class TorrentSession:
         reader = MessageReader(len(m.pieces), m.piece_size)
         stream = conn.stream
         try:
-            conn.send(Handshake(m.infohash, conn.peer_id).encode())
-            if any(self._have):
-                conn.send(Bitfield(pack_bitfield(self._have)).encode())
             messages: list[Any] = []
             with gevent.Timeout(
                 HANDSHAKE_TIMEOUT, ProtocolError(f"no handshake within {HANDSHAKE_TIMEOUT:g} s")
@@ -416,6 +461,9 @@ class TorrentSession:
                     requests = conn.requests
                     while requests and size < SEND_BATCH and not conn.am_choking:
                         index, begin, length = requests.popleft()
+                        if conn.served is None:
+                            conn.served = bytearray(len(self._have))
+                        conn.served[index] = 1
                         parts.append(encode_piece_header(index, begin, length))
                         parts.append(storage.read_block(index, begin, length))
                         size += 13 + length
@@ -528,6 +576,10 @@ class TorrentSession:
                     conn.requests.remove((msg.index, msg.begin, msg.length))
                 except ValueError:
                     pass
+            elif kind is DontHave:
+                self._on_dont_have(conn, msg.index)
+            elif kind is BadPiece:
+                self._on_bad_piece(conn, msg.index)
             elif kind is KeepAlive:
                 continue
             conn.seen_message = True
@@ -535,12 +587,67 @@ class TorrentSession:
     def _on_request(self, conn: PeerConnection, msg: Request) -> None:
         if conn.am_choking:
             return  # BEP 3: requests from a choked peer are dropped
+        if msg.index in self.lost_pieces and not self._have[msg.index]:
+            return  # sent before our don't-have arrived
         if not self._have[msg.index]:
             raise ProtocolError(f"request for piece {msg.index}, which we do not have")
         if len(conn.requests) >= MAX_PEER_REQUESTS:
             raise ProtocolError(f"more than {MAX_PEER_REQUESTS} requests queued")
         conn.requests.append((msg.index, msg.begin, msg.length))
         conn.wake.set()
+
+    def _on_dont_have(self, conn: PeerConnection, index: int) -> None:
+        """The peer withdrew a piece (its copy went bad): ask others for it."""
+        if self.picker.peer_lost(conn, index):
+            self._set_interested(conn, False)
+        for other in list(self._conns):
+            self._fill(other)
+
+    def _on_bad_piece(self, conn: PeerConnection, index: int) -> None:
+        """The peer says the piece we sent failed its hash: check our copy again.
+
+        Only for a piece we sent over this connection and still offer, and at most
+        :data:`RECHECK_BURST` at once then :data:`RECHECK_RATE` per second per
+        connection: the re-hashing a peer can cause is bounded by what it downloaded.
+        """
+        served = conn.served
+        if served is None or not served[index] or not self._have[index]:
+            return
+        if not conn.rechecks.try_take():
+            log.debug(
+                "%s: %s reported piece %d bad too often; ignored", self.label, conn.label, index
+            )
+            return
+        if self.storage.check_piece(index):
+            log.info(
+                "%s: %s reported piece %d bad, but it is intact here", self.label, conn.label, index
+            )
+            return
+        self._lose_piece(index)
+
+    def _lose_piece(self, index: int) -> None:
+        """Our copy of piece ``index`` is bad on disk: stop offering it, want it again."""
+        self._have[index] = 0
+        self._left += self.metainfo.piece_size(index)
+        self.lost_pieces.add(index)
+        self.storage.mark_missing(index)
+        self._complete.clear()
+        log.warning(
+            "%s: piece %d is corrupt on disk (a downloader's hash check failed): no longer offered",
+            self.label,
+            index,
+        )
+        self._save_resume()
+        withdrawn = DontHave(index).encode()
+        for conn in list(self._conns):
+            if conn.requests:
+                kept = [r for r in conn.requests if r[0] != index]
+                conn.requests.clear()
+                conn.requests.extend(kept)
+            conn.send(withdrawn)
+        for other in self.picker.piece_lost(index):
+            assert isinstance(other, PeerConnection)
+            self._set_interested(other, True)
 
     def _on_piece(self, conn: PeerConnection, msg: Piece) -> None:
         n = len(msg.block)
@@ -582,9 +689,17 @@ class TorrentSession:
         picker = self.picker
         try:
             ok = self.storage.write_piece(index, buf.data)
-        except StorageError:
+        except StorageError as exc:
+            # Most likely a full disk: keep the connections, pause requests, retry.
             picker.piece_failed(index, ())
-            raise
+            if self.write_error is None:
+                log.warning("%s: %s", self.label, exc)
+            self.write_error = str(exc)
+            self._write_retry_at = time.monotonic() + WRITE_RETRY
+            return
+        if self.write_error is not None:
+            log.warning("%s: pieces are written again", self.label)
+            self.write_error = None
         if ok:
             self._piece_verified(index, buf)
         else:
@@ -596,6 +711,10 @@ class TorrentSession:
         self._have[index] = 1
         self._left -= len(buf.data)
         self._resume_dirty = True
+        self.failed_pieces.discard(index)
+        suppliers = {c for c in buf.suppliers if c is not None}
+        if len(suppliers) == 1:
+            next(iter(suppliers)).good_pieces += 1
         self._blame_stashed(index, buf.data)
         have_msg = encode_have(index)
         for conn in list(self._conns):
@@ -625,6 +744,7 @@ class TorrentSession:
     def _piece_failed(self, index: int, buf: _PieceBuffer) -> None:
         suppliers = {c for c in buf.suppliers if c is not None}
         self.hash_failures += 1
+        self.failed_pieces.add(index)
         self.picker.piece_failed(index, suppliers)
         source = ", ".join(sorted({c.label for c in suppliers}))
         log.warning("%s: piece %d failed its hash check (from %s)", self.label, index, source)
@@ -670,17 +790,26 @@ class TorrentSession:
             self._close_conn(conn, "both sides complete")
 
     def _strike(self, conn: PeerConnection, index: int) -> None:
+        """``conn`` sent a bad copy of piece ``index``: never ask it for that piece again,
+        tell it, and drop it once it sent more bad pieces than good ones."""
         conn.strikes += 1
         log.info(
-            "%s: connection %s sent corrupt data for piece %d (strike %d of %d)",
+            "%s: connection %s sent corrupt data for piece %d (%d bad, %d good pieces)",
             self.label,
             conn.label,
             index,
             conn.strikes,
-            MAX_STRIKES,
+            conn.good_pieces,
         )
-        if conn.strikes >= MAX_STRIKES:
-            self._close_conn(conn, f"sent corrupt data for {conn.strikes} pieces")
+        if conn.closed:
+            return
+        if self.picker.peer_lost(conn, index, refuse=True):
+            self._set_interested(conn, False)
+        conn.send(BadPiece(index).encode())
+        if conn.strikes >= MAX_STRIKES and conn.strikes > conn.good_pieces:
+            self._close_conn(
+                conn, f"sent corrupt data for {conn.strikes} pieces ({conn.good_pieces} good)"
+            )
 
     # ------------------------------------------------------------------ requests and choking
     def _fill(self, conn: PeerConnection) -> None:
@@ -688,7 +817,7 @@ class TorrentSession:
         if conn.closed or conn.peer_choking or not conn.am_interested:
             return
         now = time.monotonic()
-        if conn.snubbed_until > now:
+        if conn.snubbed_until > now or (self.write_error and now < self._write_retry_at):
             return
         picker = self.picker
         outstanding = picker.outstanding(conn)
@@ -709,6 +838,7 @@ class TorrentSession:
         if conn.am_interested == interested:
             return
         conn.am_interested = interested
+        conn.interest_since = time.monotonic()
         conn.send(Interested().encode() if interested else NotInterested().encode())
         if interested:
             self._fill(conn)
@@ -769,6 +899,8 @@ class TorrentSession:
                         self._fill(other)
                 elif conn.snubbed_until and conn.snubbed_until <= now:
                     conn.snubbed_until = 0.0
+                    self._fill(conn)
+                elif self.write_error and now >= self._write_retry_at:
                     self._fill(conn)
 
     def _resume_loop(self) -> None:

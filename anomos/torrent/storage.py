@@ -57,6 +57,9 @@ class Storage:
         self.num_pieces = len(metainfo.pieces)
         #: Pieces hashed by :meth:`check_piece` (resume tests count re-hashing with it).
         self.checks = 0
+        #: Pieces found bad on disk after they were verified (a disk fault, an edited
+        #: file): never served until written again.
+        self.missing: set[int] = set()
         files = metainfo.files
         self.paths: tuple[Path, ...] = tuple(self._safe_path(f.path) for f in files)
         # Spans are looked up by bisecting the start offsets of non-empty files.
@@ -204,6 +207,13 @@ class Storage:
             parts.append(data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    def mark_missing(self, index: int) -> None:
+        """Piece ``index`` went bad on disk: never serve it (nor a cached copy) until it is
+        written again."""
+        self.missing.add(index)
+        if self._cached_index == index:
+            self._cached_index, self._cached = -1, None
+
     def read_block(self, index: int, begin: int, length: int) -> bytes:
         """Bytes ``begin:begin+length`` of piece ``index``, which must be on disk.
 
@@ -215,6 +225,8 @@ class Storage:
         size = self.metainfo.piece_size(index)
         if begin < 0 or length < 0 or begin + length > size:
             raise StorageError(f"block {index}:{begin}+{length} lies outside the piece")
+        if index in self.missing:
+            raise StorageError(f"piece {index} of {self.metainfo.name} went bad on disk")
         if size <= READ_CACHE_PIECE:
             if self._cached_index != index:
                 self._cached = self._read(index * self.piece_length, size)
@@ -236,6 +248,7 @@ class Storage:
             return False
         if self._cached_index == index:
             self._cached_index, self._cached = -1, None
+        self.missing.discard(index)
         files = self.metainfo.files
         view = memoryview(data)
         pos = 0

@@ -7,6 +7,11 @@ raises :class:`~anomos.errors.ProtocolError` with a one-line reason.
 
 No extension bits are set in the handshake (no DHT, no fast extension, no
 extension protocol): those would leak addresses or fingerprint the client.
+Two messages of anomos' own (ids 24 and 25, unused by BEP 3, 6, 10 and 52)
+carry faults between the two ends of a circuit: :class:`BadPiece` (downloader
+to source: "your copy of this piece failed its hash check") and
+:class:`DontHave` (source to downloader: "I no longer have this piece", as
+BEP 54's ``lt_donthave``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ BLOCK_SIZE = 16 * 1024
 MAX_PIECE_MESSAGE = 9 + BLOCK_SIZE
 
 CHOKE, UNCHOKE, INTERESTED, NOT_INTERESTED, HAVE, BITFIELD, REQUEST, PIECE, CANCEL = range(9)
+#: anomos' own: a source withdraws a piece; a downloader reports a piece that failed.
+DONT_HAVE, BAD_PIECE = 24, 25
 
 _U32 = struct.Struct(">I")
 _HAVE = struct.Struct(">IBI")
@@ -149,6 +156,26 @@ class Have:
 
 
 @attrs.frozen
+class DontHave:
+    """The sender no longer has piece ``index`` (its copy went bad): do not ask for it."""
+
+    index: int
+
+    def encode(self) -> bytes:
+        return _HAVE.pack(5, DONT_HAVE, self.index)
+
+
+@attrs.frozen
+class BadPiece:
+    """Piece ``index`` as the receiver sent it failed the sender's hash check."""
+
+    index: int
+
+    def encode(self) -> bytes:
+        return _HAVE.pack(5, BAD_PIECE, self.index)
+
+
+@attrs.frozen
 class Bitfield:
     """The packed BEP 3 bitfield; :func:`unpack_bitfield` turns it into flags."""
 
@@ -203,6 +230,8 @@ Message = (
     | Request
     | Piece
     | Cancel
+    | DontHave
+    | BadPiece
 )
 
 KEEP_ALIVE = KeepAlive()
@@ -226,6 +255,16 @@ _NAMES = {
     REQUEST: "request",
     PIECE: "piece",
     CANCEL: "cancel",
+    DONT_HAVE: "don't have",
+    BAD_PIECE: "bad piece",
+}
+
+
+#: Messages whose payload is one piece index.
+_INDEX_MESSAGES: dict[int, type[Have] | type[DontHave] | type[BadPiece]] = {
+    HAVE: Have,
+    DONT_HAVE: DontHave,
+    BAD_PIECE: BadPiece,
 }
 
 
@@ -321,13 +360,16 @@ class MessageReader:
             return (
                 Request(index, begin, length) if msg_id == REQUEST else Cancel(index, begin, length)
             )
-        if msg_id == HAVE:
+        if msg_id in _INDEX_MESSAGES:
+            name = _NAMES[msg_id]
             if n != 4:
-                raise ProtocolError(f"have message of {n + 1} bytes (expected 5)")
+                raise ProtocolError(f"{name} message of {n + 1} bytes (expected 5)")
             (index,) = _U32.unpack_from(mv, at)
             if index >= self.num_pieces:
-                raise ProtocolError(f"have for piece {index} of a {self.num_pieces}-piece torrent")
-            return Have(index)
+                raise ProtocolError(
+                    f"{name} for piece {index} of a {self.num_pieces}-piece torrent"
+                )
+            return _INDEX_MESSAGES[msg_id](index)
         if msg_id in _NO_PAYLOAD:
             if n != 0:
                 raise ProtocolError(f"{_NAMES[msg_id]} message carries {n} unexpected bytes")

@@ -10,6 +10,7 @@ answers is treated as hostile: bounded size, strict types, one-line
 from __future__ import annotations
 
 import http.client
+import math
 import secrets
 import socket
 import ssl
@@ -50,7 +51,23 @@ MAX_LOST_AGE_MS = 3_600_000
 EVENTS = ("", "started", "completed", "stopped")
 
 
-class NotAnnounced(TrackerError):
+#: Longest Retry-After honoured (a tracker asking for more is asked again after this).
+MAX_RETRY_AFTER = 600.0
+
+
+class TrackerRefused(TrackerError):
+    """The tracker answered, with a refusal (its failure reason is the message)."""
+
+
+class TrackerBusy(TrackerRefused):
+    """The tracker is rate-limiting this peer (HTTP 429): ask again after ``retry_after``."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotAnnounced(TrackerRefused):
     """The tracker does not know this peer (it expired, was dropped or the tracker
     lost it): announce, then ask again."""
 
@@ -342,8 +359,11 @@ class TrackerClient:
                 if isinstance(failure, bytes)
                 else f"HTTP {resp.status}"
             )
-            cls = NotAnnounced if resp.status == 409 else TrackerError
-            raise cls(f"{where} refused {path.rsplit('/', 1)[-1]}: {_one_line(text)}")
+            message = f"{where} refused {path.rsplit('/', 1)[-1]}: {_one_line(text)}"
+            if resp.status == 429:
+                raise TrackerBusy(message, _retry_after(resp.getheader("Retry-After")))
+            cls = NotAnnounced if resp.status == 409 else TrackerRefused
+            raise cls(message)
         return reply
 
 
@@ -409,6 +429,17 @@ def _parse_plan(item: Any) -> CircuitPlan:
         suite=_text(item[b"suite"], 32),
         material=_bytes(item[b"material"], max_size=256),
     )
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds from a Retry-After header (delay-seconds form), bounded; 1 s if absent or odd."""
+    try:
+        seconds = float(value) if value is not None else 1.0
+    except ValueError:
+        seconds = 1.0
+    if not math.isfinite(seconds):
+        seconds = 1.0
+    return min(MAX_RETRY_AFTER, max(1.0, seconds))
 
 
 def _one_line(text: str) -> str:

@@ -925,8 +925,13 @@ class Tracker:
             reply = handler(peer, inner)
             return _respond(start_response, 200, bencode.encode(reply))
         except Refused as exc:
+            # A client over its rate gets a token back within 1/rate seconds.
+            retry = [("Retry-After", str(max(1, math.ceil(1 / self.limiter.rate))))]
             return _respond(
-                start_response, exc.status, bencode.encode({"failure reason": exc.reason})
+                start_response,
+                exc.status,
+                bencode.encode({"failure reason": exc.reason}),
+                headers=retry if exc.status == 429 else [],
             )
         except Exception:
             log.exception("tracker failed on %s", path[:64])
@@ -983,9 +988,10 @@ def _respond(
     status: int,
     body: bytes,
     content_type: str = "application/x-bencode",
+    headers: list[tuple[str, str]] | None = None,
 ) -> list[bytes]:
     start_response(
         f"{status} {_STATUS_TEXT.get(status, 'Error')}",
-        [("Content-Type", content_type), ("Content-Length", str(len(body)))],
+        [("Content-Type", content_type), ("Content-Length", str(len(body))), *(headers or [])],
     )
     return [body]

@@ -16,6 +16,7 @@ from anomos.config import Settings
 from anomos.errors import AnomosError, ConfigError, StorageError
 from anomos.fsutil import atomic_write, check_room, check_writable, lock_state_dir
 from anomos.net.ratelimit import parse_rate
+from anomos.peer.download import DEFAULT_STALL_LIMIT, DownloadStalled
 from anomos.pluginmanager import Plugins
 from anomos.progress import bar
 from anomos.torrent.metainfo import Metainfo
@@ -131,6 +132,29 @@ def _run_until_signal(peer: Any) -> None:
     peer.stop()
 
 
+class Stopped(Exception):
+    """SIGINT or SIGTERM arrived: stop cleanly (resume data saved), one line, no traceback."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_on_signals() -> None:
+    """From now on, the first SIGINT or SIGTERM raises :class:`Stopped` in this greenlet
+    (wherever it waits), instead of gevent's KeyboardInterrupt noise or a silent death."""
+    target = gevent.getcurrent()
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if not received:
+            received.append(signum)
+            gevent.kill(target, Stopped(signum))
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(sig, on_signal, sig)
+
+
 def _make_peer(plugins: Plugins, settings: Settings, url: str, fingerprint: str) -> Any:
     from anomos.peer.node import Peer  # imported late: keeps `anomos --help` fast
 
@@ -216,6 +240,15 @@ def seed_command(
 )
 @click.option("--timeout", default=None, type=float, help="Give up after this many seconds.")
 @click.option(
+    "--stall-limit",
+    default=DEFAULT_STALL_LIMIT,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Give up when no piece has arrived for this long (the tracker down, the disk "
+    "full, no source with a good copy of the missing pieces); 0 to keep trying.",
+)
+@click.option(
     "--summary",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write a JSON summary (circuits, hop counts, throughput) here.",
@@ -233,10 +266,16 @@ def get_command(
     max_send_rate: int,
     sources: int,
     timeout: float | None,
+    stall_limit: float,
     summary: Path | None,
     keep_seeding: bool,
 ) -> int:
-    """Download ATORRENT anonymously; exits 0 once every piece is verified."""
+    """Download ATORRENT anonymously; exits 0 once every piece is verified.
+
+    SIGINT or SIGTERM stops it cleanly: the pieces on disk are kept in the resume
+    data, and the next run starts from them without hashing them again.
+    """
+    _stop_on_signals()
     metainfo = Metainfo.load(atorrent)
     url, fingerprint = _tracker_of(metainfo, atorrent)
     try:
@@ -250,20 +289,47 @@ def get_command(
         url,
         fingerprint,
     )
-    session = peer.add_torrent(metainfo, dest)
-    check_room(dest, session.left)
-    peer.start()
-    progress = bar(metainfo.total_length, f"get {metainfo.name}")
-    progress.update(metainfo.total_length - session.left)
+    session: Any = None
 
-    def on_progress(s: Any) -> None:
-        progress.update(metainfo.total_length - s.left - progress.n)
+    def kept() -> str:
+        have = sum(map(session.has_piece, range(len(metainfo.pieces)))) if session else 0
+        return f"{have}/{len(metainfo.pieces)} pieces kept in {state_dir}"
 
-    session.on_progress = on_progress
     try:
-        report = peer.download(session, sources=sources, timeout=timeout)
+        session = peer.add_torrent(metainfo, dest)
+        check_room(dest, session.left)  # no room fails now, not after building circuits
+        peer.start()
+        progress = bar(metainfo.total_length, f"get {metainfo.name}")
+        progress.update(metainfo.total_length - session.left)
+
+        def on_progress(s: Any) -> None:
+            progress.update(metainfo.total_length - s.left - progress.n)
+
+        session.on_progress = on_progress
+        try:
+            report = peer.download(
+                session, sources=sources, timeout=timeout, stall_limit=stall_limit or None
+            )
+        finally:
+            progress.close()
+        _report_download(peer, metainfo, report, summary)
+        if keep_seeding:
+            gevent.event.Event().wait()  # until a signal raises Stopped
+    except Stopped as exc:
+        peer.stop()  # saves the resume data
+        click.echo(f"stopped by {exc}: {kept()}", err=True)
+        return 128 + exc.signum
+    except DownloadStalled as exc:
+        peer.stop()
+        click.echo(f"anomos: error: gave up: {exc} ({kept()})", err=True)
+        return 1
     finally:
-        progress.close()
+        peer.stop()
+    return 0
+
+
+def _report_download(peer: Any, metainfo: Metainfo, report: Any, summary: Path | None) -> None:
+    """The lines (and the JSON summary) a finished download leaves."""
     relays = sorted(c.relays for c in report.circuits)
     click.echo(
         f"complete: {metainfo.name} {metainfo.total_length} bytes in {report.seconds:.2f} s "
@@ -290,11 +356,6 @@ def get_command(
         }
     if summary is not None:
         atomic_write(summary, json.dumps(result, indent=2, default=str).encode(), mode=0o644)
-    if keep_seeding:
-        _run_until_signal(peer)
-    else:
-        peer.stop()
-    return 0
 
 
 @click.command("relay")

@@ -1,0 +1,310 @@
+"""One torrent's download over circuits: the loop `anomos get` runs, one object per torrent.
+
+A :class:`TorrentDownload` keeps ``sources`` circuits open to sources of its
+torrent, asks the tracker for fresh ones when one ends, and never asks faster
+than the tracker allows (its Retry-After, a growing pause while it is down or
+plans nothing, a pause after circuits that fail or bring nothing). What it
+waits for (the tracker, disk space) is logged once when the wait starts and
+once when it ends. It gives up, with one line naming why, when no piece has
+arrived for ``stall_limit`` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import gevent
+import gevent.event
+
+from anomos.backoff import Backoff, Waiting
+from anomos.errors import AnomosError, TrackerError, TransportError
+from anomos.torrent.session import PeerConnection, TorrentSession
+from anomos.tracker.client import CircuitPlan, NotAnnounced, TrackerBusy, TrackerRefused
+
+if TYPE_CHECKING:
+    from anomos.peer.node import Peer
+
+log = logging.getLogger(__name__)
+
+#: Seconds allowed for a circuit to be built and its end-to-end keys agreed.
+CIRCUIT_TIMEOUT = 30.0
+#: Sources (circuits) a download keeps open at once.
+DEFAULT_SOURCES = 4
+#: Seconds between progress checks of the download loop.
+DOWNLOAD_TICK = 0.5
+#: Seconds a circuit waits for the link to its first hop when that neighbour is
+#: assigned but not linked (yet): a plan over a link that will not come is dropped fast.
+FIRST_HOP_WAIT = 5.0
+#: Seconds before asking for circuits again after one failed to build (or ended
+#: without bringing a piece), growing up to FAIL_BACKOFF_MAX: a plan made before
+#: the tracker heard of a dead relay fails fast, and a source with nothing we
+#: need would be planned again at once.
+FAIL_BACKOFF_MIN = 0.25
+FAIL_BACKOFF_MAX = 5.0
+#: Seconds before asking again when the tracker planned no circuit (a new peer's
+#: edges take a moment to settle): starts small so a download starts quickly.
+NO_PLAN_BACKOFF_MIN = 0.25
+NO_PLAN_BACKOFF_MAX = 10.0
+#: Seconds before asking a tracker that cannot be reached again, growing.
+TRACKER_RETRY_MIN = 1.0
+TRACKER_RETRY_MAX = 30.0
+#: Seconds a connection may have nothing we want (and want nothing of ours)
+#: before its circuit is closed, so that another source can take its place.
+USELESS_AFTER = 10.0
+#: Seconds without a new piece after which a one-shot download gives up.
+DEFAULT_STALL_LIMIT = 120.0
+
+
+class DownloadStalled(AnomosError):
+    """No piece arrived for the stall limit; the message says what it waited for."""
+
+
+@attrs.frozen
+class CircuitRecord:
+    """What the downloader may know about one circuit it used: never addresses."""
+
+    relays: int
+    received: int
+    seconds: float
+    #: Why the circuit ended before the download was complete ("" if it did not).
+    broken: str = ""
+
+
+@attrs.frozen
+class DownloadReport:
+    infohash: str
+    size: int
+    seconds: float
+    circuits: tuple[CircuitRecord, ...]
+    #: Circuits that could not be built (a relay gone, a stale neighbour, ...).
+    failed: int = 0
+    #: Bytes that were missing when the download started (the rest was on disk).
+    left_at_start: int = 0
+    #: Piece bytes received (over ``left_at_start`` only when blocks were refetched).
+    downloaded: int = 0
+    #: Per circuit that broke mid-download, seconds until fresh circuits arrived.
+    replan_seconds: tuple[float, ...] = ()
+
+    @property
+    def throughput(self) -> float:
+        """Bytes per second over the whole download."""
+        return self.size / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "infohash": self.infohash,
+            "size": self.size,
+            "seconds": round(self.seconds, 3),
+            "throughput": round(self.throughput),
+            "circuits": [attrs.asdict(c) for c in self.circuits],
+            "failed_circuits": self.failed,
+            "broken_circuits": sum(1 for c in self.circuits if c.broken),
+            "replan_seconds": [round(x, 3) for x in self.replan_seconds],
+            "left_at_start": self.left_at_start,
+            "downloaded": self.downloaded,
+        }
+
+
+@attrs.define(eq=False)
+class TorrentDownload:
+    """Fetch one session's torrent over circuits to several sources at once."""
+
+    peer: Peer
+    session: TorrentSession
+    sources: int = DEFAULT_SOURCES
+    #: Seconds the whole download may take (None: no limit).
+    timeout: float | None = None
+    #: Seconds without a new piece before giving up (None: never).
+    stall_limit: float | None = DEFAULT_STALL_LIMIT
+    records: list[CircuitRecord] = attrs.field(factory=list, init=False)
+    failures: int = attrs.field(default=0, init=False)
+    _active: set[gevent.Greenlet] = attrs.field(factory=set, init=False)
+    _changed: gevent.event.Event = attrs.field(factory=gevent.event.Event, init=False)
+    _broken_at: list[float] = attrs.field(factory=list, init=False)
+    _replans: list[float] = attrs.field(factory=list, init=False)
+    #: No circuit may be asked of the tracker before this (monotonic) time.
+    _next_request: float = attrs.field(default=0.0, init=False)
+    _no_plan: Backoff = attrs.field(
+        factory=lambda: Backoff(NO_PLAN_BACKOFF_MIN, NO_PLAN_BACKOFF_MAX, factor=1.5), init=False
+    )
+    _no_piece: Backoff = attrs.field(
+        factory=lambda: Backoff(FAIL_BACKOFF_MIN, FAIL_BACKOFF_MAX), init=False
+    )
+    _tracker_down: Backoff = attrs.field(
+        factory=lambda: Backoff(TRACKER_RETRY_MIN, TRACKER_RETRY_MAX), init=False
+    )
+    _tracker_wait: Waiting = attrs.field(
+        factory=lambda: Waiting("waiting for the tracker", log), init=False
+    )
+    _disk_wait: Waiting = attrs.field(factory=lambda: Waiting("disk full", log), init=False)
+    #: The tracker's last reason for planning nothing.
+    _refused: str | None = attrs.field(default=None, init=False)
+    _progress_at: float = attrs.field(factory=time.monotonic, init=False)
+    _left: int = attrs.field(default=0, init=False)
+
+    def run(self) -> DownloadReport:
+        """Download until complete; :class:`DownloadStalled` or :class:`AnomosError` if not."""
+        session = self.session
+        started = self._progress_at = time.monotonic()
+        left_at_start = self._left = session.left
+        downloaded_at_start = session.downloaded
+        try:
+            while not session.complete:
+                now = time.monotonic()
+                self._check_limits(started, now)
+                self._watch_disk()
+                self._let_go_of_useless(now)
+                missing = self.sources - len(self._active)
+                if missing > 0 and now >= self._next_request and not self._disk_wait.active:
+                    self._request(missing)
+                self._changed.wait(DOWNLOAD_TICK)
+                self._changed.clear()
+        finally:
+            gevent.killall(list(self._active), timeout=5)
+        self._disk_wait.leave()
+        return DownloadReport(
+            infohash=session.metainfo.infohash.hex(),
+            size=session.metainfo.total_length,
+            seconds=time.monotonic() - started,
+            circuits=tuple(self.records),
+            failed=self.failures,
+            left_at_start=left_at_start,
+            downloaded=session.downloaded - downloaded_at_start,
+            replan_seconds=tuple(self._replans),
+        )
+
+    # ------------------------------------------------------------------ limits and states
+    def _check_limits(self, started: float, now: float) -> None:
+        if self.session.left < self._left:
+            self._left, self._progress_at = self.session.left, now
+        if self.timeout is not None and now - started > self.timeout:
+            why = f" (tracker: {self._refused})" if self._refused else ""
+            raise AnomosError(f"download not complete after {self.timeout:.0f} s{why}")
+        if self.stall_limit is not None and now - self._progress_at > self.stall_limit:
+            raise DownloadStalled(f"no piece for {self.stall_limit:.0f} s: {self.stalled_on()}")
+
+    def stalled_on(self) -> str:
+        """What the download is waiting for, in a few words."""
+        session = self.session
+        bad = sorted(i for i in session.failed_pieces if not session.has_piece(i))
+        if self._disk_wait.active:
+            return self._disk_wait.describe()
+        if self._tracker_wait.active:
+            return self._tracker_wait.describe()
+        if bad:
+            shown = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
+            return (
+                f"{len(bad)} piece(s) failed their hash check and no source offers a good "
+                f"copy: {shown}"
+            )
+        if self._refused:
+            return f"the tracker plans no circuit ({self._refused})"
+        return "no source offers the missing pieces"
+
+    def _watch_disk(self) -> None:
+        error = self.session.write_error
+        if error is not None:
+            self._disk_wait.enter(error)
+        else:
+            self._disk_wait.leave()
+
+    def _let_go_of_useless(self, now: float) -> None:
+        """Close circuits whose source has nothing we want (and wants nothing of ours)."""
+        for conn in self.session.connections:
+            if (
+                conn.handshaken
+                and not conn.am_interested
+                and not conn.peer_interested
+                and now - conn.interest_since > USELESS_AFTER
+            ):
+                self.session.close_connection(conn, "the source has nothing we need")
+
+    # ------------------------------------------------------------------ the tracker
+    def _request(self, count: int) -> None:
+        """Ask the tracker for ``count`` circuits (or note when to ask again)."""
+        now = time.monotonic()
+        try:
+            plans = self.peer.tracker.request_circuits(self.session.metainfo.infohash, count)
+        except TrackerBusy as exc:
+            self._next_request = now + self._no_plan.next(at_least=exc.retry_after)
+            log.info("tracker busy: asking again in %.1f s", self._next_request - now)
+            return
+        except NotAnnounced as exc:
+            log.info("tracker lost track of us: %s", exc)
+            self.peer.announce_soon()
+            self._next_request = now + self._no_plan.next()
+            return
+        except TrackerRefused as exc:
+            self._tracker_wait.leave()
+            self._refused = str(exc)
+            self._next_request = now + self._no_plan.next()
+            log.info("no circuits: %s (asking again in %.1f s)", exc, self._next_request - now)
+            return
+        except TrackerError as exc:
+            self._tracker_wait.enter(str(exc))
+            self._next_request = now + self._tracker_down.next()
+            return
+        self._tracker_wait.leave()
+        self._tracker_down.reset()
+        if not plans:
+            self._next_request = now + self._no_plan.next()
+            log.info("no circuits planned; asking again in %.1f s", self._next_request - now)
+            return
+        self._refused = None
+        self._no_plan.reset()
+        self._replans.extend(now - t for t in self._broken_at)
+        self._broken_at.clear()
+        for plan in plans:
+            g = self.peer.spawn(self._run_circuit, plan)
+            self._active.add(g)
+            g.link(self._finished)
+
+    def _finished(self, g: gevent.Greenlet) -> None:
+        self._active.discard(g)
+        self._changed.set()
+
+    # ------------------------------------------------------------------ one circuit
+    def _run_circuit(self, plan: CircuitPlan) -> None:
+        peer, session = self.peer, self.session
+        relays = len(plan.layers) - 1
+        t0 = time.monotonic()
+        try:
+            if plan.first_nid not in peer.links.neighbours():
+                raise TransportError(f"first hop NID {plan.first_nid} is not a neighbour")
+            peer.links.wait_for(plan.first_nid, FIRST_HOP_WAIT)
+            stream = peer.switch.open_circuit(plan, timeout=CIRCUIT_TIMEOUT)
+        except AnomosError as exc:
+            self.failures += 1
+            log.info("circuit with %d relays failed: %s", relays, exc)
+            self._pause_requests()
+            return
+        conn: PeerConnection | None = None
+        try:
+            greenlet = session.add_connection(stream, f"circuit/{relays} relays")
+            conn = session.connections[-1]
+            greenlet.join()
+        finally:
+            stream.close()
+            broken = ""
+            if not session.complete:
+                broken = stream.closed_reason or (conn.close_reason if conn else "") or "closed"
+                self._broken_at.append(time.monotonic())
+                log.info("circuit with %d relays ended early: %s", relays, broken)
+                if conn is None or conn.good_pieces == 0:
+                    self._pause_requests()  # it brought nothing: do not rush back
+                else:
+                    self._no_piece.reset()
+            self.records.append(
+                CircuitRecord(
+                    relays=relays,
+                    received=stream.bytes_received,
+                    seconds=round(time.monotonic() - t0, 3),
+                    broken=broken,
+                )
+            )
+
+    def _pause_requests(self) -> None:
+        self._next_request = max(self._next_request, time.monotonic() + self._no_piece.next())
