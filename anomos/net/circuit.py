@@ -45,7 +45,7 @@ import gevent.pool
 from anomos.errors import AnomosError, CryptoError, ProtocolError
 from anomos.net.frames import JOINED_BREAK, BreakReason, Cmd, describe_break, encode_break
 from anomos.protocol import e2e
-from anomos.protocol.layers import OnionLayer
+from anomos.protocol.layers import OnionLayer, add_layers, remove_layers
 from anomos.protocol.onion import OnionReader
 from anomos.protocol.request import SeenRequests, SourceRequest, open_request
 
@@ -107,12 +107,12 @@ class RelayCircuit:
     def on_frame(self, link: Link, circ_id: int, cmd: int, payload: memoryview) -> None:
         forward = link is self.prev_link and circ_id == self.prev_id
         if cmd == Cmd.DATA:
-            body = bytearray(payload)  # the link sends it later: a copy of our own
+            # Into a new buffer of our own: the link sends it later.
             if forward:
-                self.forward.remove(body)
+                body = remove_layers((self.forward,), payload)
                 ok = self.next_link.send(self.next_id, Cmd.DATA, body)
             else:
-                self.backward.add(body)
+                body = add_layers((self.backward,), payload)
                 ok = self.prev_link.send(self.prev_id, Cmd.DATA, body)
             self.relayed += len(body)
             self.switch._relayed += len(body)
@@ -316,14 +316,11 @@ class CircuitStream:
         assert self._channel is not None
         self._send_body(self._channel.seal_mutable(kind, data))
 
-    def _send_body(self, body: bytes | bytearray) -> None:
-        """Add the layers (in place when ``body`` is ours to change) and queue the cell."""
+    def _send_body(self, record: bytes | bytearray) -> None:
+        """Add the layers (into new buffers: the link sends the cell later) and queue it."""
         if self.state == _CLOSED:
             raise CircuitClosed(f"circuit closed: {self.closed_reason}")
-        if not isinstance(body, bytearray):
-            body = bytearray(body)
-        for layer in self._send_layers:
-            layer.add(body)
+        body = add_layers(self._send_layers, record)
         link = self.link
         if link.over_limit():
             link.wait_for_room(LINK_ROOM_TIMEOUT)  # our own circuit waits; a relay's is refused
@@ -333,10 +330,8 @@ class CircuitStream:
             raise CircuitClosed(f"circuit closed: {reason}")
 
     def _peel(self, payload: memoryview) -> memoryview:
-        """Remove every layer in place: the frame's bytes are ours until the next frame."""
-        for layer in self._recv_layers:
-            layer.remove(payload)
-        return payload
+        """The cell with every layer removed (valid until the next frame, like ``payload``)."""
+        return remove_layers(self._recv_layers, payload)
 
     def _on_frame(self, link: Link, circ_id: int, cmd: int, payload: memoryview) -> None:
         if cmd == Cmd.DATA:

@@ -13,9 +13,15 @@ pseudorandom permutations", CRYPTO 2022) as Tor's Counter Galois Onion
 
     add:     h = GMAC(Kh, nonce=T, R)          GHASH of R, masked per T
              L' = AES(K1, L ^ h) ^ h           tweakable block cipher (LRW2)
-             R' = R ^ AES-CTR(K2, iv=L')       stream keyed by the new head
-    remove:  R = R' ^ AES-CTR(K2, iv=L'); h = GMAC(Kh, T, R); L = AES^-1(K1, L' ^ h) ^ h
+             R' = R ^ AES-CTR(K2, iv=N(L'))    stream keyed by the new head
+    remove:  R = R' ^ AES-CTR(K2, iv=N(L')); h = GMAC(Kh, T, R); L = AES^-1(K1, L' ^ h) ^ h
     then:    T = BLAKE2b(Kc, counter || L || L')   (both sides, after every cell)
+
+The counter-mode stream is AES-GCM's (``AESGCM.encrypt_into`` with the 96-bit
+nonce ``N(L') = AES(Kn, L')[:12]``, tag discarded into the 16 spare bytes of
+the output): a long-lived key schedule, where a new CTR context per cell
+would cost more than the stream (and OpenSSL's fast GCM path wants 96-bit
+nonces); ``N`` keeps every bit of ``L'`` in the nonce.
 
 Why this stops tagging, where AES-CTR alone did not: with CTR a relay could
 XOR a mark into a cell, honest relays carried it through (XOR commutes with
@@ -35,7 +41,7 @@ the break, is in docs/threat-model.md.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -67,6 +73,7 @@ class OnionLayer:
     start: bytes = attrs.field(repr=False)
     _tbc: Any = attrs.field(init=False, repr=False)
     _tbc_inverse: Any = attrs.field(init=False, repr=False)
+    _nonce: Any = attrs.field(init=False, repr=False)
     _stream: AESGCM = attrs.field(init=False, repr=False)
     _hash: AESGCM = attrs.field(init=False, repr=False)
     _chain_key: bytes = attrs.field(init=False, repr=False)
@@ -83,6 +90,8 @@ class OnionLayer:
         self._tbc_inverse = block.decryptor()
         self._stream = AESGCM(k[32:])
         self._hash = AESGCM(k2[:32])
+        k3 = hashlib.blake2b(b"\x03", key=self.key, person=_PERSON, digest_size=32).digest()
+        self._nonce = Cipher(algorithms.AES(k3), modes.ECB()).encryptor()
         self._chain_key = k2[32:]
         self._chain = self.start
 
@@ -98,38 +107,40 @@ class OnionLayer:
 
     def add(self, body: bytearray | memoryview) -> None:
         """Encrypt the next cell in place (``body`` writable, more than 16 bytes)."""
-        view = memoryview(body).cast("B")
-        if len(view) <= HEAD:
-            raise ValueError(f"a cell body must be longer than {HEAD} bytes")
-        rest = view[HEAD:]
-        head = bytes(view[:HEAD])
-        mask = self._hash.encrypt(self._chain, b"", rest)
-        out = _xor16(self._tbc.update(_xor16(head, mask)), mask)
-        self._xor_stream(out, rest)
-        view[:HEAD] = out
-        self._advance(head, out)
+        out = bytearray(len(body) + HEAD)
+        self.add_into(body, out)
+        body[:] = memoryview(out)[: len(body)]
 
     def remove(self, body: bytearray | memoryview) -> None:
         """Decrypt the next cell in place; a changed cell comes out as noise."""
-        view = memoryview(body).cast("B")
-        if len(view) <= HEAD:
-            raise ValueError(f"a cell body must be longer than {HEAD} bytes")
-        rest = view[HEAD:]
-        out = bytes(view[:HEAD])
-        self._xor_stream(out, rest)
-        mask = self._hash.encrypt(self._chain, b"", rest)
-        head = _xor16(self._tbc_inverse.update(_xor16(out, mask)), mask)
-        view[:HEAD] = head
-        self._advance(head, out)
+        out = bytearray(len(body) + HEAD)
+        self.remove_into(body, out)
+        body[:] = memoryview(out)[: len(body)]
 
-    def _xor_stream(self, head: bytes, rest: memoryview) -> None:
-        """``rest ^= AES-CTR(K2, iv from head)``, through AESGCM: GCM's counter mode with
-        the head as nonce, tag discarded; unlike a CTR context it needs no new key
-        schedule per cell (about 18 us each here)."""
-        n = len(rest)
-        scratch = bytearray(n + 16)
-        self._stream.encrypt_into(head, rest, None, scratch)
-        rest[:] = memoryview(scratch)[:n]
+    def add_into(self, body: bytes | bytearray | memoryview, out: bytearray) -> None:
+        """Encrypt the next cell into ``out[:len(body)]``; ``out`` has 16 bytes more (scratch)."""
+        src, dst = _views(body, out)
+        head = bytes(src[:HEAD])
+        mask = self._hash.encrypt(self._chain, b"", src[HEAD:])
+        new_head = _xor16(self._tbc.update(_xor16(head, mask)), mask)
+        self._stream.encrypt_into(self._nonce_of(new_head), src[HEAD:], None, dst[HEAD:])
+        dst[:HEAD] = new_head
+        self._advance(head, new_head)
+
+    def remove_into(self, body: bytes | bytearray | memoryview, out: bytearray) -> None:
+        """Decrypt the next cell into ``out[:len(body)]``; ``out`` has 16 bytes more (scratch)."""
+        src, dst = _views(body, out)
+        new_head = bytes(src[:HEAD])
+        self._stream.encrypt_into(self._nonce_of(new_head), src[HEAD:], None, dst[HEAD:])
+        rest = dst[HEAD : len(src)]
+        mask = self._hash.encrypt(self._chain, b"", rest)
+        head = _xor16(self._tbc_inverse.update(_xor16(new_head, mask)), mask)
+        dst[:HEAD] = head
+        self._advance(head, new_head)
+
+    def _nonce_of(self, new_head: bytes) -> bytes:
+        """The stream's 96-bit nonce: a pseudorandom permutation of the head, truncated."""
+        return self._nonce.update(new_head)[:12]  # type: ignore[no-any-return]
 
     def _advance(self, head: bytes, out: bytes) -> None:
         """Chain the next cell's tweak to this cell's heads, as this hop saw them."""
@@ -138,17 +149,44 @@ class OnionLayer:
         self._count += 1
 
 
+def _views(body: bytes | bytearray | memoryview, out: bytearray) -> tuple[memoryview, memoryview]:
+    src = memoryview(body).cast("B")
+    if len(src) <= HEAD:
+        raise ValueError(f"a cell body must be longer than {HEAD} bytes")
+    if len(out) != len(src) + HEAD:
+        raise ValueError("the output of a layer must be 16 bytes longer than the cell")
+    return src, memoryview(out)
+
+
+def add_layers(layers: Iterable[OnionLayer], body: bytes | bytearray | memoryview) -> memoryview:
+    """``body`` with several layers added in the order given (last hop first), anew."""
+    return _through(layers, body, OnionLayer.add_into)
+
+
+def remove_layers(layers: Iterable[OnionLayer], body: bytes | bytearray | memoryview) -> memoryview:
+    """``body`` with several layers removed in the order given (first hop first), anew."""
+    return _through(layers, body, OnionLayer.remove_into)
+
+
+def _through(
+    layers: Iterable[OnionLayer],
+    body: bytes | bytearray | memoryview,
+    step: Callable[[OnionLayer, memoryview, bytearray], None],
+) -> memoryview:
+    view = memoryview(body).cast("B")
+    n = len(view)
+    for layer in layers:
+        out = bytearray(n + HEAD)  # one fresh buffer per layer: no copy back, nothing shared
+        step(layer, view, out)
+        view = memoryview(out)[:n]
+    return view
+
+
 def add_all(layers: Iterable[OnionLayer], data: bytes | bytearray | memoryview) -> bytes:
     """A copy of ``data`` with several layers added in the order given (last hop first)."""
-    body = bytearray(data)
-    for layer in layers:
-        layer.add(body)
-    return bytes(body)
+    return bytes(add_layers(layers, data))
 
 
 def remove_all(layers: Iterable[OnionLayer], data: bytes | bytearray | memoryview) -> bytes:
     """A copy of ``data`` with several layers removed in the order given (first hop first)."""
-    body = bytearray(data)
-    for layer in layers:
-        layer.remove(body)
-    return bytes(body)
+    return bytes(remove_layers(layers, data))
