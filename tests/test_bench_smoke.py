@@ -75,6 +75,12 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
         assert 0 < g["request_p50"] <= g["request_p99"]
         assert g["requests_planned"] > 0.5  # circuit requests really produced plans
 
+    cells = result["cells"]
+    for name in ("aes_ctr", "layer_add", "layer_remove", "e2e_seal"):
+        assert _positive(cells[name]["seconds"])
+        assert cells[name]["rate"] == pytest.approx(cells["cell"] / cells[name]["seconds"])
+    assert "cell layer: wide-block, add" in proc.stdout
+
     mem = result["memory"]
     assert [p["circuits"] for p in mem["points"]] == list(result["options"]["memory_counts"])
     for p in mem["points"]:

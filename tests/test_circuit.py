@@ -24,7 +24,7 @@ from anomos.identity import PeerIdentity
 from anomos.net import circuit as circuitmod
 from anomos.net import link as linkmod
 from anomos.net.circuit import CircuitClosed, CircuitStream, CircuitSwitch, RelayCircuit
-from anomos.net.frames import BreakReason, Cmd
+from anomos.net.frames import JOINED_BREAK, BreakReason, Cmd
 from anomos.net.link import LinkManager
 from anomos.pluginmanager import Plugins, get_plugins
 from anomos.protocol import e2e
@@ -388,7 +388,7 @@ def test_hello_timeout_at_the_terminal(net: Any, monkeypatch: Any) -> None:
     wait_until(lambda: downloader.seen and downloader.seen[-1][2] == Cmd.BREAK)
     assert downloader.seen is not None
     assert [cmd for _, c, cmd, _ in downloader.seen if c == circ_id] == [Cmd.CREATED, Cmd.BREAK]
-    assert downloader.seen[-1][3] == bytes([BreakReason.TIMEOUT])
+    assert downloader.seen[-1][3] == JOINED_BREAK  # joined: no reason on the wire
     assert not source.switch.circuits()
 
 
@@ -412,15 +412,17 @@ def test_break_mid_stream_reaches_both_ends(net: Any) -> None:
     (relay,) = r2.relays()
     r2.switch._end_relay(relay, BreakReason.INTERNAL, None)
     with gevent.Timeout(2):
-        with pytest.raises(CircuitClosed, match="internal error"):
+        with pytest.raises(CircuitClosed, match="broken by the circuit"):
             while True:
                 stream.recv(100000)
         wait_until(lambda: source.served and source.served[0].closed)
-    assert "internal error" in (source.served[0].closed_reason or "")
+    # Only relay 2 knows why: a BREAK carries no reason once a circuit is joined.
+    assert source.served[0].closed_reason == "broken by the circuit"
     for node in nodes:
         assert len(node.events.closed) == 1
         assert not node.switch.circuits()
-    assert "internal error" in downloader.events.closed[0][1]
+    assert downloader.events.closed[0][1] == "broken by the circuit"
+    assert r2.events.closed[0][1] == "internal error"
 
 
 def test_killing_a_relays_links_breaks_the_circuit_at_both_ends(net: Any) -> None:
@@ -503,6 +505,8 @@ def test_sender_ignoring_the_window_is_cut_off(net: Any) -> None:
     assert stream.closed_reason == "the other end ignored the flow-control window"
     assert stream.buffered() <= circuitmod.CIRCUIT_WINDOW * e2e.MAX_RECORD_DATA
     wait_until(lambda: nodes[-1].served and nodes[-1].served[0].closed)
+    # Why travelled end to end, in an END record the relay could not read or change.
+    assert nodes[-1].served[0].closed_reason == "the other end failed: protocol violation"
 
 
 def test_relay_queue_overflow_breaks_the_circuit_not_the_link(net: Any) -> None:
@@ -517,7 +521,8 @@ def test_relay_queue_overflow_breaks_the_circuit_not_the_link(net: Any) -> None:
     with pytest.raises(CircuitClosed), gevent.Timeout(5):
         while True:
             stream.sendall(bytes(e2e.MAX_RECORD_DATA))
-    assert "queue overflow" in (stream.closed_reason or "")
+    assert stream.closed_reason == "broken by the circuit"
+    assert relay.events.closed[0][1] == "queue overflow"
     towards_downloader = relay.links.get(1)
     assert towards_downloader is not None and not towards_downloader.closed
     assert not relay.switch.circuits()

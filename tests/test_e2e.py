@@ -24,7 +24,7 @@ from anomos.protocol.e2e import (
     encode_hello,
     encode_reply,
 )
-from anomos.protocol.layers import LayerStream, apply_all
+from anomos.protocol.layers import OnionLayer, add_all, remove_all
 from anomos.protocol.onion import EPOCH_SECONDS, Hop, OnionReader, build_tracking_code
 
 
@@ -145,20 +145,6 @@ def test_malformed_first_cells_refused() -> None:
 # ----------------------------------------------------------------------------- layers
 
 
-def test_layer_stream_is_stateful_and_self_inverse() -> None:
-    key, iv = os.urandom(32), os.urandom(16)
-    data = os.urandom(3 * 1000)
-    a = LayerStream(key, iv)
-    pieces = a.apply(data[:1000]) + a.apply(data[1000:2000]) + a.apply(data[2000:])
-    assert pieces == LayerStream(key, iv).apply(data)
-    assert LayerStream(key, iv).apply(pieces) == data
-    out = bytearray(len(data) + 15)
-    LayerStream(key, iv).apply_into(data, out)
-    assert bytes(out[: len(data)]) == pieces
-    with pytest.raises(ValueError):
-        LayerStream(key[:16], iv)
-
-
 def hop_key(i: int) -> bytes:
     return hashlib.sha256(b"e2e-test-hop-%d" % i).digest()
 
@@ -176,19 +162,19 @@ def test_cells_through_a_layered_circuit() -> None:
         code = peeled.forward_code or b""
     assert hop_layers == list(layers)
 
-    down_fwd = [LayerStream.forward(k) for k in reversed(layers)]  # source's layer first
-    down_back = [LayerStream.backward(k) for k in layers]
-    hop_fwd = [LayerStream.forward(k) for k in hop_layers]
-    hop_back = [LayerStream.backward(k) for k in hop_layers]
+    down_fwd = [OnionLayer.forward(k) for k in reversed(layers)]  # source's layer first
+    down_back = [OnionLayer.backward(k) for k in layers]
+    hop_fwd = [OnionLayer.forward(k) for k in hop_layers]
+    hop_back = [OnionLayer.backward(k) for k in hop_layers]
     down, src = pair()
 
     for round_ in range(3):  # several cells: the streams carry on across cells
         record = down.seal(DATA, b"piece %d" % round_ * 100)
-        cell = apply_all(down_fwd, record)
+        cell = add_all(down_fwd, record)
         seen = []  # what each hop receives on its incoming link
         for i in range(n):
             seen.append(cell)
-            cell = hop_fwd[i].apply(cell)
+            cell = remove_all([hop_fwd[i]], cell)
         assert cell == record
         assert src.open(cell) == (DATA, b"piece %d" % round_ * 100)
         blocks = [{c[j : j + 16] for j in range(0, CELL_BODY - 16, 16)} for c in seen]
@@ -199,7 +185,7 @@ def test_cells_through_a_layered_circuit() -> None:
         cell = answer
         back_seen = []
         for i in reversed(range(n)):
-            cell = hop_back[i].apply(cell)
+            cell = add_all([hop_back[i]], cell)
             back_seen.append(cell)
         assert len(set(back_seen)) == n and answer not in back_seen
-        assert down.open(apply_all(down_back, cell)) == (DATA, b"back %d" % round_)
+        assert down.open(remove_all(down_back, cell)) == (DATA, b"back %d" % round_)

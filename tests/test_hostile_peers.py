@@ -34,6 +34,7 @@ from anomos.localnet import LocalNetwork
 from anomos.net.frames import (
     HEADER,
     HEADER_SIZE,
+    JOINED_BREAK,
     LINK_CIRC_ID,
     BreakReason,
     Cmd,
@@ -328,9 +329,10 @@ def test_garbage_at_every_stage_is_refused_and_the_peers_keep_serving(
     assert links[other.first_nid].wait_circuit(circ + 2) == (Cmd.BREAK, bytes([BreakReason.CRYPTO]))
 
     # 7. Garbage DATA into the genuine circuit: the source cannot read the HELLO
-    # and breaks the circuit; the BREAK comes back through the relays.
+    # and breaks the circuit; the BREAK comes back through the relays, with no reason
+    # (the source's reason travels inside the layers, in a refusal cell).
     link.send(good_circ, Cmd.DATA, os.urandom(CELL_BODY))
-    assert link.wait_circuit(good_circ) == (Cmd.BREAK, bytes([BreakReason.PROTOCOL]))
+    assert link.wait_circuit(good_circ) == (Cmd.BREAK, JOINED_BREAK)
     # The link itself is untouched by all this: PADDING still passes both ways.
     link.send(LINK_CIRC_ID, Cmd.PADDING)
     assert link.reader is not None and not link.reader.dead

@@ -1,6 +1,6 @@
 """Statistics and the printed table of ``anomos bench``.
 
-Medians of several runs, nearest-rank percentiles, and the five sections of
+Medians of several runs, nearest-rank percentiles, and the sections of
 the JSON result rendered as one plain-text table (also pasted into
 docs/performance.md).
 """
@@ -116,6 +116,24 @@ def table(result: dict[str, Any]) -> str:
                     f"circuit request, {n}",
                     f"p99 {item['request_p99'] * 1e3:.2f} ms",
                     f"p50 {item['request_p50'] * 1e3:.2f} ms (1 circuit)",
+                )
+            )
+    cells = result.get("cells")
+    if cells:
+        ctr = cells["aes_ctr"]["seconds"]
+        for key, name in (
+            ("aes_ctr", "cell layer: AES-256-CTR (before)"),
+            ("layer_add", "cell layer: wide-block, add"),
+            ("layer_remove", "cell layer: wide-block, remove"),
+            ("e2e_seal", "end-to-end AEAD: seal a record"),
+        ):
+            item = cells[key]
+            rows.append(
+                (
+                    name,
+                    f"{_fmt(item['rate'] / MB, 0)} MB/s",
+                    f"one core; {item['seconds'] * 1e6:.1f} us per cell, "
+                    f"{item['seconds'] / ctr:.1f}x AES-CTR",
                 )
             )
     mem = result.get("memory")

@@ -1,8 +1,8 @@
 """Everything ``anomos bench`` measures, in one call: :func:`run_bench`.
 
 The sections run one after another so none competes with another for the
-cores: ``tracker`` (in this process), ``network`` (throughput, one relay,
-circuit set-up; worker processes) and ``memory`` (worker processes).
+cores: ``tracker`` and ``cells`` (in this process), ``network`` (throughput,
+one relay, circuit set-up; worker processes) and ``memory`` (worker processes).
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from typing import Any
 import attrs
 
 from anomos import __version__
+from anomos.bench.cells import cells_section
 from anomos.bench.network import relay_memory, throughput_and_setup
 from anomos.bench.procs import machine_busy
 from anomos.bench.report import MiB
 from anomos.bench.tracker import tracker_section
 
-SECTIONS = ("tracker", "network", "memory")
+SECTIONS = ("tracker", "cells", "network", "memory")
 
 
 @attrs.frozen
@@ -44,6 +45,9 @@ class BenchOptions:
     tracker_repeats: int = 3
     announces: int = 3000
     samples: int = 1000
+    #: Cells per timing of the per-hop layer, and timings (the best counts).
+    cell_count: int = 500
+    cell_repeats: int = 15
     sections: tuple[str, ...] = SECTIONS
     timeout: float = 600.0
     #: Seconds to wait, before each timed network run, for other programs to go quiet.
@@ -63,6 +67,7 @@ class BenchOptions:
             "tracker_repeats": 1,
             "announces": 1000,
             "samples": 200,
+            "cell_repeats": 5,
             "quiet_wait": 0.0,
         }
         return cls(**{**base, **kw})
@@ -82,6 +87,8 @@ class BenchOptions:
             "tracker_repeats": 1,
             "announces": 50,
             "samples": 20,
+            "cell_count": 20,
+            "cell_repeats": 1,
             "timeout": 120.0,
             "quiet_wait": 0.0,
         }
@@ -146,6 +153,9 @@ def run_bench(
                 repeats=options.tracker_repeats,
                 echo=echo,
             )
+        if "cells" in options.sections:
+            echo("cells: per-hop layer and end-to-end AEAD per cell, one core")
+            result["cells"] = cells_section(cells=options.cell_count, repeats=options.cell_repeats)
         if "network" in options.sections:
             result.update(
                 throughput_and_setup(

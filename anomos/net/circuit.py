@@ -6,7 +6,8 @@ a *relay* learns only the NID of the next hop and its own layer keys, picks a
 fresh circuit id on that link, forwards the peeled code and from then on
 switches DATA cells between the two ``(link, circuit id)`` ends, removing its
 forward layer on the way out and adding its backward layer on the way back,
-so no two links of a circuit carry the same bytes. The *terminal* (the source)
+so no two links of a circuit carry the same bytes, and a cell changed on the
+way arrives as noise (:mod:`anomos.protocol.layers`). The *terminal* (the source)
 answers CREATED, opens the downloader's sealed request from the HELLO cell,
 agrees end-to-end keys with the cipher suite and answers a REPLY; both ends
 then exchange :mod:`anomos.protocol.e2e` records through a socket-like
@@ -18,7 +19,12 @@ returns a SENDME record for every :data:`SENDME_EVERY` records its application
 consumed. Every queue on the way is bounded by that window, so a relay whose
 per-circuit queue still overflows is facing a misbehaving end and breaks that
 circuit, never the link. BREAK travels hop by hop and both ends learn of it;
-losing a link breaks every circuit on it in both directions.
+losing a link breaks every circuit on it in both directions. Once a hop has
+joined a circuit, every BREAK it sends carries the same fixed payload
+(:data:`~anomos.net.frames.JOINED_BREAK`), whatever it received: a relay never
+passes on a value another relay chose. Why a circuit ended travels end to end
+instead, inside the layers and the AEAD (an END record's reason, the source's
+refusal cell).
 """
 
 from __future__ import annotations
@@ -37,9 +43,9 @@ import gevent.lock
 import gevent.pool
 
 from anomos.errors import AnomosError, CryptoError, ProtocolError
-from anomos.net.frames import BreakReason, Cmd, describe_break, encode_break
+from anomos.net.frames import JOINED_BREAK, BreakReason, Cmd, describe_break, encode_break
 from anomos.protocol import e2e
-from anomos.protocol.layers import LayerStream
+from anomos.protocol.layers import OnionLayer, add_layers, remove_layers
 from anomos.protocol.onion import OnionReader
 from anomos.protocol.request import SeenRequests, SourceRequest, open_request
 
@@ -83,8 +89,8 @@ class RelayCircuit:
     prev_id: int
     next_link: Link = attrs.field(repr=False)
     next_id: int
-    forward: LayerStream = attrs.field(repr=False)
-    backward: LayerStream = attrs.field(repr=False)
+    forward: OnionLayer = attrs.field(repr=False)
+    backward: OnionLayer = attrs.field(repr=False)
     opened: bool = False
     closed: bool = False
     #: Cell bytes this relay forwarded, both directions.
@@ -101,17 +107,19 @@ class RelayCircuit:
     def on_frame(self, link: Link, circ_id: int, cmd: int, payload: memoryview) -> None:
         forward = link is self.prev_link and circ_id == self.prev_id
         if cmd == Cmd.DATA:
+            # Into a new buffer of our own: the link sends it later.
             if forward:
-                body = self.forward.apply(payload)
+                body = remove_layers((self.forward,), payload)
                 ok = self.next_link.send(self.next_id, Cmd.DATA, body)
             else:
-                body = self.backward.apply(payload)
+                body = add_layers((self.backward,), payload)
                 ok = self.prev_link.send(self.prev_id, Cmd.DATA, body)
             self.relayed += len(body)
             self.switch._relayed += len(body)
             if not ok:
                 self.switch._end_relay(self, BreakReason.OVERFLOW, None, discard=True)
         elif cmd == Cmd.BREAK:
+            # Its reason is for our log only: what we send on is JOINED_BREAK.
             self.switch._end_relay(self, payload[0], (link, circ_id))
         elif cmd == Cmd.CREATED and not forward and not self.opened:
             self.opened = True
@@ -136,8 +144,9 @@ class CircuitStream:
     circ_id: int
     #: True at the downloader, False at the source.
     initiator: bool
-    _send_layers: list[LayerStream] = attrs.field(repr=False)
-    _recv_layers: list[LayerStream] = attrs.field(repr=False)
+    #: Layers added to what we send (the far end's first) and removed from what we get.
+    _send_layers: list[OnionLayer] = attrs.field(repr=False)
+    _recv_layers: list[OnionLayer] = attrs.field(repr=False)
     #: At the source: the request the downloader sent.
     request: SourceRequest | None = attrs.field(default=None, repr=False)
     state: str = _CREATING
@@ -307,14 +316,11 @@ class CircuitStream:
         assert self._channel is not None
         self._send_body(self._channel.seal_mutable(kind, data))
 
-    def _send_body(self, body: bytes | bytearray) -> None:
-        """Add the layers (in place when ``body`` is ours to change) and queue the cell."""
+    def _send_body(self, record: bytes | bytearray) -> None:
+        """Add the layers (into new buffers: the link sends the cell later) and queue it."""
         if self.state == _CLOSED:
             raise CircuitClosed(f"circuit closed: {self.closed_reason}")
-        if not isinstance(body, bytearray):
-            body = bytearray(body)
-        for layer in self._send_layers:
-            layer.apply_in_place(body)
+        body = add_layers(self._send_layers, record)
         link = self.link
         if link.over_limit():
             link.wait_for_room(LINK_ROOM_TIMEOUT)  # our own circuit waits; a relay's is refused
@@ -324,10 +330,8 @@ class CircuitStream:
             raise CircuitClosed(f"circuit closed: {reason}")
 
     def _peel(self, payload: memoryview) -> memoryview:
-        """Remove every layer in place: the frame's bytes are ours until the next frame."""
-        for layer in self._recv_layers:
-            layer.apply_in_place(payload)
-        return payload
+        """The cell with every layer removed (valid until the next frame, like ``payload``)."""
+        return remove_layers(self._recv_layers, payload)
 
     def _on_frame(self, link: Link, circ_id: int, cmd: int, payload: memoryview) -> None:
         if cmd == Cmd.DATA:
@@ -343,13 +347,23 @@ class CircuitStream:
             self.state = _AWAIT_REPLY
             self._setup.set(None)
         elif cmd == Cmd.BREAK:
-            self._end(None, f"broken by the circuit: {describe_break(payload[0])}")
+            if bytes(payload) == JOINED_BREAK:
+                self._end(None, "broken by the circuit")
+            else:  # the first hop refusing our CREATE says why
+                self._end(None, f"broken by the circuit: {describe_break(payload[0])}")
         else:
             self._fail(BreakReason.PROTOCOL, f"unexpected {Cmd(cmd).name} in state {self.state}")
 
     def _on_reply(self, body: memoryview) -> None:
         try:
             reply = e2e.decode_reply(body)
+        except e2e.SourceRefused as exc:
+            self._end(BreakReason.CLOSED, f"refused by the source: {describe_break(exc.reason)}")
+            return
+        except AnomosError as exc:
+            self._fail(BreakReason.PROTOCOL, f"bad REPLY: {exc}")
+            return
+        try:
             keys = self._suite.initiator_finish(self._suite_state, reply)
             self._channel = e2e.E2EChannel(keys)
         except AnomosError as exc:
@@ -387,14 +401,40 @@ class CircuitStream:
                 self._fail(BreakReason.PROTOCOL, "SENDME beyond the window")
                 return
             self._window_open.set()
-        else:  # END
+        elif len(data) > 1:
+            self._fail(BreakReason.PROTOCOL, f"END record with {len(data)} bytes of data")
+        elif data:  # the other end gave up on the circuit, and says why
+            why = describe_break(data[0])
+            log.info(
+                "circuit %#x on NID %d: the other end failed: %s", self.circ_id, self.link.nid, why
+            )
+            self._end(BreakReason.CLOSED, f"the other end failed: {why}")
+        else:  # a clean END
             self._eof = True
             self._readable.set()
             self._window_open.set()
 
     def _fail(self, code: int, reason: str) -> None:
+        """Give up on the circuit: tell the other end why (END record) if keys exist, break."""
         log.info("circuit %#x on NID %d: %s", self.circ_id, self.link.nid, reason)
-        self._end(code, reason, discard=True)
+        if self.state == _OPEN and self._channel is not None and not self.link.closed:
+            # Behind what is queued: dropping sealed records would make the END unreadable.
+            try:
+                self._send_record(e2e.END, bytes((code & 0xFF,)))
+            except (OSError, AnomosError):
+                pass
+            self._end(code, reason)
+        else:
+            self._end(code, reason, discard=True)
+
+    def _refuse(self, code: int, reason: str) -> None:
+        """At the source, before keys exist: say why in a refusal cell, then break."""
+        log.info("circuit %#x on NID %d: %s", self.circ_id, self.link.nid, reason)
+        try:
+            self._send_body(e2e.encode_refusal(code))
+        except CircuitClosed:
+            return
+        self._end(code, reason)
 
     def _end(self, code: int | None, reason: str, *, discard: bool = False) -> None:
         """Close this end; send BREAK ``code`` unless None (the BREAK came from the link)."""
@@ -408,7 +448,7 @@ class CircuitStream:
         if code is not None and not self.link.closed:
             if discard:
                 self.link.discard(self.circ_id)
-            self.link.send(self.circ_id, Cmd.BREAK, encode_break(code), force=True)
+            self.link.send(self.circ_id, Cmd.BREAK, JOINED_BREAK, force=True)
         self.link.release_circ_id(self.circ_id)
         self._readable.set()
         self._window_open.set()
@@ -482,8 +522,8 @@ class CircuitSwitch:
             link,
             circ_id,
             True,
-            [LayerStream.forward(k) for k in reversed(plan.layers)],
-            [LayerStream.backward(k) for k in plan.layers],
+            [OnionLayer.forward(k) for k in reversed(plan.layers)],
+            [OnionLayer.backward(k) for k in plan.layers],
         )
         stream._suite, stream._suite_state = suite, state
         self._register(link, circ_id, stream)
@@ -561,8 +601,8 @@ class CircuitSwitch:
                 link,
                 circ_id,
                 False,
-                [LayerStream.backward(peeled.layer)],
-                [LayerStream.forward(peeled.layer)],
+                [OnionLayer.backward(peeled.layer)],
+                [OnionLayer.forward(peeled.layer)],
                 state=_AWAIT_HELLO,
             )
             self._register(link, circ_id, stream)
@@ -589,8 +629,8 @@ class CircuitSwitch:
             circ_id,
             nxt,
             next_id,
-            LayerStream.forward(peeled.layer),
-            LayerStream.backward(peeled.layer),
+            OnionLayer.forward(peeled.layer),
+            OnionLayer.backward(peeled.layer),
         )
         self._register(link, circ_id, relay)
         self._register(nxt, next_id, relay)
@@ -609,7 +649,7 @@ class CircuitSwitch:
             request = open_request(blob, self.identity.box, self.trackers)
             self._seen.check(blob, request)
         except AnomosError as exc:
-            stream._fail(BreakReason.PROTOCOL, f"bad HELLO: {exc}")
+            stream._refuse(BreakReason.PROTOCOL, f"bad HELLO: {exc}")
             return
         try:
             serve = self.on_request(request) if self.on_request is not None else None
@@ -617,14 +657,14 @@ class CircuitSwitch:
             log.exception("on_request failed")
             serve = None
         if serve is None:
-            stream._fail(BreakReason.REFUSED, "request refused")
+            stream._refuse(BreakReason.REFUSED, "request refused")
             return
         try:
             suite = self.plugins.cipher_suite(request.suite)
             keys, reply = suite.responder_accept(request.material, suite_hello)
             channel = e2e.E2EChannel(keys)
         except AnomosError as exc:
-            stream._fail(BreakReason.REFUSED, f"cannot agree keys: {exc}")
+            stream._refuse(BreakReason.REFUSED, f"cannot agree keys: {exc}")
             return
         if stream._timer is not None:
             stream._timer.kill(block=False)
@@ -671,7 +711,11 @@ class CircuitSwitch:
         *,
         discard: bool = False,
     ) -> None:
-        """Tear a relay circuit down, sending BREAK ``code`` on every end but ``origin``."""
+        """Tear a relay circuit down, sending BREAK on every end but ``origin``.
+
+        ``code`` is why, for our own hook and log; the BREAK carries
+        :data:`JOINED_BREAK`, never ``code`` and never what ``origin`` sent.
+        """
         if relay.closed:
             return
         relay.closed = True
@@ -680,7 +724,7 @@ class CircuitSwitch:
             if origin != (link, circ_id) and not link.closed:
                 if discard:
                     link.discard(circ_id)
-                link.send(circ_id, Cmd.BREAK, encode_break(code), force=True)
+                link.send(circ_id, Cmd.BREAK, JOINED_BREAK, force=True)
             link.release_circ_id(circ_id)
         if relay.opened:
             self._notify_closed(relay, describe_break(code))

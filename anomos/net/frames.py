@@ -100,6 +100,17 @@ _BREAK_TEXT = {
 }
 
 
+def encode_break(reason: int) -> bytes:
+    return bytes((reason & 0xFF,))
+
+
+#: The payload of every BREAK a hop sends on a circuit it has joined, relays and ends
+#: alike: one fixed value, so no hop can pass chosen bits across the next one. Only a
+#: hop refusing a CREATE names its reason, to the neighbour that sent it; reasons the
+#: two ends need travel end to end (an END record, or the source's refusal cell).
+JOINED_BREAK = encode_break(BreakReason.CLOSED)
+
+
 def describe_break(reason: int) -> str:
     """One line for a BREAK reason code (unknown codes are named, not refused)."""
     try:
@@ -135,10 +146,6 @@ def encode_frame(circ_id: int, cmd: int, payload: bytes = b"") -> bytes:
     """A whole frame, validated like an incoming one (for small frames and tests)."""
     check_header(circ_id, cmd, len(payload))
     return HEADER.pack(circ_id, cmd, 0, len(payload)) + payload
-
-
-def encode_break(reason: int) -> bytes:
-    return bytes((reason & 0xFF,))
 
 
 def decode_break(payload: Any) -> int:

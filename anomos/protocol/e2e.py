@@ -16,6 +16,13 @@ The first cell each way (HELLO from the downloader, REPLY from the source)
 exists before these keys do; :func:`encode_hello` / :func:`encode_reply` frame
 them in fixed-size bodies protected only by the per-hop layers; whatever they
 carry authenticates itself (a sealed box, and the suite's MAC over its transcript).
+A source that refuses a HELLO answers :func:`encode_refusal` instead, with its
+reason: under the per-hop layers no relay can read it or plant one of its own
+(a changed cell arrives as noise, see :mod:`anomos.protocol.layers`).
+
+Why a circuit ends travels the same way, end to end: an END record carries no
+data for a clean close, or one reason byte when the sender gave up on the
+circuit. BREAK, which relays see and pass on, carries nothing anyone chose.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ RECORD_KINDS = frozenset({DATA, SENDME, END})
 
 HELLO_TYPE = 0x48  # "H"
 REPLY_TYPE = 0x52  # "R"
+REFUSAL_TYPE = 0x46  # "F"
+_FIRST_CELL_NAMES = {HELLO_TYPE: "HELLO", REPLY_TYPE: "REPLY", REFUSAL_TYPE: "REFUSAL"}
 HELLO_VERSION = 1
 _U16 = struct.Struct(">H")
 #: Largest suite hello / reply a first cell can frame.
@@ -151,6 +160,14 @@ class E2EChannel:
         return kind, memoryview(plain)[_HEADER : _HEADER + n]
 
 
+class SourceRefused(ProtocolError):
+    """The source answered a refusal instead of a REPLY; ``reason`` is its BREAK reason code."""
+
+    def __init__(self, reason: int) -> None:
+        super().__init__(f"the source refused the circuit (reason {reason})")
+        self.reason = reason
+
+
 # ----------------------------------------------------------------------------- first cells
 
 
@@ -167,7 +184,7 @@ def _frame(kind: int, fields: tuple[bytes, ...]) -> bytes:
 
 
 def _unframe(body: bytes | bytearray | memoryview, kind: int, count: int) -> list[bytes]:
-    name = "HELLO" if kind == HELLO_TYPE else "REPLY"
+    name = _FIRST_CELL_NAMES[kind]
     if len(body) != CELL_BODY:
         raise ProtocolError(f"{name} cell is {len(body)} bytes, expected {CELL_BODY}")
     body = bytes(body)
@@ -208,6 +225,16 @@ def encode_reply(reply: bytes) -> bytes:
 
 
 def decode_reply(body: bytes | bytearray | memoryview) -> bytes:
-    """The suite's reply; ``ProtocolError`` on a malformed cell."""
+    """The suite's reply; :class:`SourceRefused` for a refusal, ``ProtocolError`` if malformed."""
+    if len(body) == CELL_BODY and body[0] == REFUSAL_TYPE:
+        (reason,) = _unframe(body, REFUSAL_TYPE, 1)
+        if len(reason) != 1:
+            raise ProtocolError(f"REFUSAL cell has a reason of {len(reason)} bytes")
+        raise SourceRefused(reason[0])
     (reply,) = _unframe(body, REPLY_TYPE, 1)
     return reply
+
+
+def encode_refusal(reason: int) -> bytes:
+    """The source's first cell body when it refuses a HELLO: its reason code (u8)."""
+    return _frame(REFUSAL_TYPE, (bytes((reason & 0xFF,)),))

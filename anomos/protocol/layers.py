@@ -1,67 +1,192 @@
-"""Per-hop AES-256-CTR layers on cell bodies (Tor-style layered encryption).
+"""Per-hop onion layers on cell bodies: wide-block, chained, tagging-proof.
 
-Each hop of a circuit holds one :class:`LayerStream` per direction, keyed from
-its tracking-code :class:`~anomos.protocol.onion.LayerKeys`. CTR mode is its own
-inverse, so the same ``apply`` adds a layer at one end and removes it at the
-other, provided both sides have processed the same number of bytes: cells on a
-circuit are delivered in order, and every cell body has the same size, so the
-two key streams never drift. Because every hop changes every byte, two relays
-of one circuit never see the same bytes of a cell.
+Each hop of a circuit holds one :class:`OnionLayer` per direction, keyed from
+its tracking-code :class:`~anomos.protocol.onion.LayerKeys`. The sender of a
+cell *adds* layers, each hop on the way *removes* (forward) or *adds*
+(backward) its own, and the receiver removes the rest; every body keeps its
+size (:data:`~anomos.protocol.e2e.CELL_BODY`) at every hop.
 
-The layers give confidentiality from relays only; integrity comes from the
-end-to-end AEAD (:mod:`anomos.protocol.e2e`) inside them.
+A layer is the UIV construction of Degabriele and Karadzic ("Rugged
+pseudorandom permutations", CRYPTO 2022) as Tor's Counter Galois Onion
+(proposal 359) instantiates it, built only from AES and GHASH. A body is a
+16-byte head ``L`` and the rest ``R``; with the layer's chain value ``T``::
+
+    add:     h = GMAC(Kh, nonce=T, R)          GHASH of R, masked per T
+             L' = AES(K1, L ^ h) ^ h           tweakable block cipher (LRW2)
+             R' = R ^ AES-CTR(K2, iv=N(L'))    stream keyed by the new head
+    remove:  R = R' ^ AES-CTR(K2, iv=N(L')); h = GMAC(Kh, T, R); L = AES^-1(K1, L' ^ h) ^ h
+    then:    T = BLAKE2b(Kc, counter || L || L')   (both sides, after every cell)
+
+The counter-mode stream is AES-GCM's (``AESGCM.encrypt_into`` with the 96-bit
+nonce ``N(L') = AES(Kn, L')[:12]``, tag discarded into the 16 spare bytes of
+the output): a long-lived key schedule, where a new CTR context per cell
+would cost more than the stream (and OpenSSL's fast GCM path wants 96-bit
+nonces); ``N`` keeps every bit of ``L'`` in the nonce.
+
+Why this stops tagging, where AES-CTR alone did not: with CTR a relay could
+XOR a mark into a cell, honest relays carried it through (XOR commutes with
+their layers) and a colluder further on XORed it away, so the circuit
+survived exactly when the guess was right. Here a change anywhere in a cell
+makes the next honest hop that removes (or adds) its layer produce a random
+head: a change in ``L'`` keys the wrong stream, a change in ``R'`` changes
+``h``; a random head keys a random stream at the hop after, so the whole cell
+is noise from then on, and no later hop can restore it without the honest
+hop's keys. Because ``T`` chains over the heads every hop saw, that hop's
+chain diverges too, and every later cell of the circuit is noise as well:
+the circuit can only fail (the end-to-end AEAD refuses it), never carry a
+mark. What remains, a relay breaking a circuit and a colluder watching for
+the break, is in docs/threat-model.md.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from anomos.protocol.onion import LayerKeys
 
+#: Bytes of the head that goes through the tweakable block cipher.
+HEAD = 16
+_PERSON = b"anomos-layer-v1"  # BLAKE2b personalisation (16 bytes at most)
+
+
+def _xor16(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a) ^ int.from_bytes(b)).to_bytes(HEAD)
+
 
 @attrs.define(eq=False)
-class LayerStream:
-    """One direction of one hop's layer; stateful across cells."""
+class OnionLayer:
+    """One direction of one hop's layer; cells must pass in order, one by one.
+
+    ``key`` (32 bytes) yields the four subkeys; ``start`` (16 bytes) is the
+    first chain value. Both ends of a layer hold equal objects and stay in
+    step as long as they see the same cells: any other cell desynchronises
+    them for good, which is the point.
+    """
 
     key: bytes = attrs.field(repr=False)
-    iv: bytes = attrs.field(repr=False)
-    _ctx: Any = attrs.field(init=False, repr=False)
+    start: bytes = attrs.field(repr=False)
+    _tbc: Any = attrs.field(init=False, repr=False)
+    _tbc_inverse: Any = attrs.field(init=False, repr=False)
+    _nonce: Any = attrs.field(init=False, repr=False)
+    _stream: AESGCM = attrs.field(init=False, repr=False)
+    _hash: AESGCM = attrs.field(init=False, repr=False)
+    _chain_key: bytes = attrs.field(init=False, repr=False)
+    _chain: bytes = attrs.field(init=False, repr=False)
+    _count: int = attrs.field(default=0, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
-        if len(self.key) != 32 or len(self.iv) != 16:
-            raise ValueError("a layer needs a 32-byte key and a 16-byte IV")
-        self._ctx = Cipher(algorithms.AES(self.key), modes.CTR(self.iv)).encryptor()
+        if len(self.key) != 32 or len(self.start) != HEAD:
+            raise ValueError("a layer needs a 32-byte key and a 16-byte start value")
+        k = hashlib.blake2b(b"\x01", key=self.key, person=_PERSON, digest_size=64).digest()
+        k2 = hashlib.blake2b(b"\x02", key=self.key, person=_PERSON, digest_size=64).digest()
+        block = Cipher(algorithms.AES(k[:32]), modes.ECB())
+        self._tbc = block.encryptor()
+        self._tbc_inverse = block.decryptor()
+        self._stream = AESGCM(k[32:])
+        self._hash = AESGCM(k2[:32])
+        k3 = hashlib.blake2b(b"\x03", key=self.key, person=_PERSON, digest_size=32).digest()
+        self._nonce = Cipher(algorithms.AES(k3), modes.ECB()).encryptor()
+        self._chain_key = k2[32:]
+        self._chain = self.start
 
     @classmethod
-    def forward(cls, keys: LayerKeys) -> LayerStream:
+    def forward(cls, keys: LayerKeys) -> OnionLayer:
         """The layer on cells travelling from the downloader towards the source."""
         return cls(keys.forward_key, keys.forward_iv)
 
     @classmethod
-    def backward(cls, keys: LayerKeys) -> LayerStream:
+    def backward(cls, keys: LayerKeys) -> OnionLayer:
         """The layer on cells travelling from the source back to the downloader."""
         return cls(keys.backward_key, keys.backward_iv)
 
-    def apply(self, data: bytes | bytearray | memoryview) -> bytes:
-        """Add or remove this layer on the next ``len(data)`` bytes of the stream."""
-        return self._ctx.update(data)  # type: ignore[no-any-return]
+    def add(self, body: bytearray | memoryview) -> None:
+        """Encrypt the next cell in place (``body`` writable, more than 16 bytes)."""
+        out = bytearray(len(body) + HEAD)
+        self.add_into(body, out)
+        body[:] = memoryview(out)[: len(body)]
 
-    def apply_in_place(self, buf: bytearray | memoryview) -> None:
-        """Like :meth:`apply`, overwriting ``buf`` (writable): no new buffer per cell."""
-        self._ctx.update_into(buf, buf)
+    def remove(self, body: bytearray | memoryview) -> None:
+        """Decrypt the next cell in place; a changed cell comes out as noise."""
+        out = bytearray(len(body) + HEAD)
+        self.remove_into(body, out)
+        body[:] = memoryview(out)[: len(body)]
 
-    def apply_into(self, data: bytes | bytearray | memoryview, out: bytearray) -> None:
-        """Like :meth:`apply`, writing into ``out`` (``len(data) + 15`` bytes) without a copy."""
-        self._ctx.update_into(data, out)
+    def add_into(self, body: bytes | bytearray | memoryview, out: bytearray) -> None:
+        """Encrypt the next cell into ``out[:len(body)]``; ``out`` has 16 bytes more (scratch)."""
+        src, dst = _views(body, out)
+        head = bytes(src[:HEAD])
+        mask = self._hash.encrypt(self._chain, b"", src[HEAD:])
+        new_head = _xor16(self._tbc.update(_xor16(head, mask)), mask)
+        self._stream.encrypt_into(self._nonce_of(new_head), src[HEAD:], None, dst[HEAD:])
+        dst[:HEAD] = new_head
+        self._advance(head, new_head)
+
+    def remove_into(self, body: bytes | bytearray | memoryview, out: bytearray) -> None:
+        """Decrypt the next cell into ``out[:len(body)]``; ``out`` has 16 bytes more (scratch)."""
+        src, dst = _views(body, out)
+        new_head = bytes(src[:HEAD])
+        self._stream.encrypt_into(self._nonce_of(new_head), src[HEAD:], None, dst[HEAD:])
+        rest = dst[HEAD : len(src)]
+        mask = self._hash.encrypt(self._chain, b"", rest)
+        head = _xor16(self._tbc_inverse.update(_xor16(new_head, mask)), mask)
+        dst[:HEAD] = head
+        self._advance(head, new_head)
+
+    def _nonce_of(self, new_head: bytes) -> bytes:
+        """The stream's 96-bit nonce: a pseudorandom permutation of the head, truncated."""
+        return self._nonce.update(new_head)[:12]  # type: ignore[no-any-return]
+
+    def _advance(self, head: bytes, out: bytes) -> None:
+        """Chain the next cell's tweak to this cell's heads, as this hop saw them."""
+        data = self._count.to_bytes(8) + head + out
+        self._chain = hashlib.blake2b(data, key=self._chain_key, digest_size=HEAD).digest()
+        self._count += 1
 
 
-def apply_all(streams: Iterable[LayerStream], data: bytes | bytearray | memoryview) -> bytes:
-    """Apply several layers in the order given (e.g. last hop first, when sending)."""
-    out = bytes(data)
-    for stream in streams:
-        out = stream.apply(out)
-    return out
+def _views(body: bytes | bytearray | memoryview, out: bytearray) -> tuple[memoryview, memoryview]:
+    src = memoryview(body).cast("B")
+    if len(src) <= HEAD:
+        raise ValueError(f"a cell body must be longer than {HEAD} bytes")
+    if len(out) != len(src) + HEAD:
+        raise ValueError("the output of a layer must be 16 bytes longer than the cell")
+    return src, memoryview(out)
+
+
+def add_layers(layers: Iterable[OnionLayer], body: bytes | bytearray | memoryview) -> memoryview:
+    """``body`` with several layers added in the order given (last hop first), anew."""
+    return _through(layers, body, OnionLayer.add_into)
+
+
+def remove_layers(layers: Iterable[OnionLayer], body: bytes | bytearray | memoryview) -> memoryview:
+    """``body`` with several layers removed in the order given (first hop first), anew."""
+    return _through(layers, body, OnionLayer.remove_into)
+
+
+def _through(
+    layers: Iterable[OnionLayer],
+    body: bytes | bytearray | memoryview,
+    step: Callable[[OnionLayer, memoryview, bytearray], None],
+) -> memoryview:
+    view = memoryview(body).cast("B")
+    n = len(view)
+    for layer in layers:
+        out = bytearray(n + HEAD)  # one fresh buffer per layer: no copy back, nothing shared
+        step(layer, view, out)
+        view = memoryview(out)[:n]
+    return view
+
+
+def add_all(layers: Iterable[OnionLayer], data: bytes | bytearray | memoryview) -> bytes:
+    """A copy of ``data`` with several layers added in the order given (last hop first)."""
+    return bytes(add_layers(layers, data))
+
+
+def remove_all(layers: Iterable[OnionLayer], data: bytes | bytearray | memoryview) -> bytes:
+    """A copy of ``data`` with several layers removed in the order given (first hop first)."""
+    return bytes(remove_layers(layers, data))

@@ -33,7 +33,7 @@ def _sections(text: str) -> tuple[str, ...]:
 @click.option(
     "--only",
     "only",
-    default="tracker,network,memory",
+    default="tracker,cells,network,memory",
     show_default=True,
     help="Sections to run.",
 )

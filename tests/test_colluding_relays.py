@@ -1,0 +1,122 @@
+"""Two colluding relays around an honest one try to link a circuit (issue 11, items 2 and 3).
+
+A 3-relay circuit over real TLS links on loopback: downloader, relay 1, relay 2
+(honest), relay 3, source. Relays 1 and 3 are hostile: relay 1 plants a signal,
+relay 3 looks for it. With a signal that crosses relay 2, the two know they
+carry the same circuit, which is most of the way to knowing who talks to whom.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+from test_circuit import Node, net, plan_for, wait_until  # noqa: F401  (net: fixture)
+
+from anomos.net.circuit import CircuitClosed, CircuitStream
+from anomos.net.frames import BreakReason, Cmd
+from anomos.net.link import Link
+from anomos.protocol import e2e
+
+MARK = 0x5A
+
+
+def test_a_break_reason_planted_by_relay_1_never_reaches_relay_3(net: Any) -> None:  # noqa: F811
+    nodes: list[Node] = net(5)
+    downloader, r1, _r2, r3, source = nodes
+    source.serve = lambda stream: stream.recv(1)  # hold the circuit until it breaks
+    r3.instrument()
+    assert r3.seen is not None
+    from_r2 = 3  # NID of the link relay 2 -> relay 3 in the chain
+    received: dict[int, bytes] = {}
+    for planted in (0x00, 0x01, 0x5A, 0xA5, 0xFF):
+        stream = downloader.switch.open_circuit(plan_for(nodes), timeout=10)
+        (relay,) = r1.relays()
+        before = len(r3.seen)
+        # Relay 1 sends a BREAK of its own towards relay 2, with the bits it chose,
+        # and tears its end down (the downloader gets a BREAK of its own).
+        relay.next_link.send(relay.next_id, Cmd.BREAK, bytes([planted]), force=True)
+        r1.switch._end_relay(relay, BreakReason.CLOSED, (relay.next_link, relay.next_id))
+
+        def breaks(before: int = before) -> list[bytes]:
+            assert r3.seen is not None
+            return [p for nid, _, cmd, p in r3.seen[before:] if cmd == Cmd.BREAK and nid == from_r2]
+
+        wait_until(breaks, timeout=10)
+        received[planted] = breaks()[0]
+        wait_until(lambda: not any(n.switch.circuits() for n in nodes), timeout=10)
+        assert stream.closed
+    # What relay 3 reads is the same whatever relay 1 planted: no bits cross relay 2.
+    assert len(set(received.values())) == 1, f"relay 3 read what relay 1 planted: {received}"
+    assert stream.closed_reason == "broken by the circuit"
+
+
+@attrs.define
+class Marker:
+    """A hostile relay: XORs MARK into byte ``pos`` of DATA cell ``index`` it sends on ``link``."""
+
+    link: Link
+    circ_id: int
+    index: int
+    pos: int
+    sent: int = 0
+
+
+def test_a_mark_xored_in_by_relay_1_and_out_by_relay_3_kills_the_circuit(
+    net: Any,  # noqa: F811
+    monkeypatch: Any,
+) -> None:
+    nodes: list[Node] = net(5)
+    downloader, r1, _r2, r3, source = nodes
+    got = bytearray()
+    ended: list[CircuitStream] = []
+
+    def collect(stream: CircuitStream) -> None:
+        ended.append(stream)
+        try:
+            while data := stream.recv(1 << 20):
+                got.extend(data)
+        except CircuitClosed:
+            pass
+
+    source.serve = collect
+    stream = downloader.switch.open_circuit(plan_for(nodes), timeout=10)
+    (at_r1,) = r1.relays()
+    (at_r3,) = r3.relays()
+    tagged = 3  # the HELLO was cell 0: cells 1 and 2 are the first two records
+    markers = [
+        # Relay 1 marks the cell after removing its layer, relay 3 XORs the same mark
+        # out after removing its own: with XOR-malleable layers the two cancel.
+        Marker(at_r1.next_link, at_r1.next_id, tagged, 1000),
+        Marker(at_r3.next_link, at_r3.next_id, tagged, 1000),
+    ]
+    for m in markers:
+        m.sent = 1  # the HELLO already went through
+    send = Link.send
+
+    def hostile_send(self: Link, circ_id: int, cmd: int, payload: Any = b"", **kw: Any) -> bool:
+        for m in markers:
+            if self is m.link and circ_id == m.circ_id and cmd == Cmd.DATA:
+                if m.sent == m.index:
+                    payload = bytearray(payload)
+                    payload[m.pos] ^= MARK
+                m.sent += 1
+        return send(self, circ_id, cmd, payload, **kw)
+
+    monkeypatch.setattr(Link, "send", hostile_send)
+    message = os.urandom(8 * e2e.MAX_RECORD_DATA)
+    stream.sendall(message)
+    wait_until(lambda: len(got) == len(message) or (ended and ended[0].closed), timeout=15)
+    assert all(m.sent > tagged for m in markers), "the marked cell went through both"
+    assert len(got) != len(message), (
+        "the marked cell crossed relay 2 and arrived intact: relays 1 and 3 linked the circuit"
+    )
+    wait_until(lambda: ended[0].closed and stream.closed, timeout=15)
+    # Nothing from the marked cell on was delivered: only the two records before it.
+    delivered = (tagged - 1) * e2e.MAX_RECORD_DATA
+    assert bytes(got) == message[:delivered]
+    assert "failed authentication" in (ended[0].closed_reason or "")
+    # The source said why, end to end through the relays (an END record, not the BREAK).
+    assert stream.closed_reason == "the other end failed: protocol violation"
+    wait_until(lambda: not any(n.switch.circuits() for n in nodes), timeout=10)

@@ -1,0 +1,172 @@
+"""The per-hop onion layer: round trips, constant sizes, and no tag survives an honest hop.
+
+The tagging attack: a relay XORs a mark into a cell, the honest relays after
+it carry the mark, a colluding relay further on XORs it away, and the circuit
+goes on exactly when the two are on the same circuit. Here each test changes
+one byte at one hop, lets a colluder two hops on try to undo the change, and
+checks that the changed cell and every cell after it are lost for good.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from anomos.protocol.e2e import CELL_BODY
+from anomos.protocol.layers import HEAD, OnionLayer, add_all, remove_all
+from anomos.protocol.onion import LayerKeys
+
+HOPS = 5  # four relays and the source
+CELLS = 6
+TAGGED = 2  # index of the cell that gets the mark
+MARK = 0x5A
+#: Byte positions to mark: the head (first, last byte), the rest (first, middle, last).
+POSITIONS = [0, HEAD - 1, HEAD, CELL_BODY // 2, CELL_BODY - 1]
+
+
+def random_keys() -> list[LayerKeys]:
+    return [
+        LayerKeys(os.urandom(32), os.urandom(16), os.urandom(32), os.urandom(16))
+        for _ in range(HOPS)
+    ]
+
+
+def agreement(a: bytes, b: bytes) -> float:
+    """Share of equal bytes: about 1/256 for unrelated cells."""
+    return sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def forward(
+    keys: list[LayerKeys], cells: list[bytes], tamper: int | None, pos: int, colluder: int | None
+) -> list[bytes]:
+    """Downloader -> hops 0..HOPS-1; hop ``tamper`` marks cell TAGGED after removing its
+    layer, hop ``colluder`` XORs the mark again after removing its own. What the
+    source (the last hop) gets, cell by cell."""
+    sender = [OnionLayer.forward(k) for k in reversed(keys)]
+    hops = [OnionLayer.forward(k) for k in keys]
+    out = []
+    for n, cell in enumerate(cells):
+        body = bytearray(add_all(sender, cell))
+        for i, layer in enumerate(hops):
+            assert len(body) == CELL_BODY
+            layer.remove(body)
+            if n == TAGGED and i in (tamper, colluder):
+                body[pos] ^= MARK
+        out.append(bytes(body))
+    return out
+
+
+def backward(
+    keys: list[LayerKeys], cells: list[bytes], tamper: int | None, pos: int, colluder: int | None
+) -> list[bytes]:
+    """Source (hop HOPS-1) -> relays HOPS-2..0 -> downloader; hop ``tamper`` marks cell
+    TAGGED after adding its layer, hop ``colluder`` XORs the mark after adding its own.
+    What the downloader gets once it removed every layer."""
+    hops = [OnionLayer.backward(k) for k in keys]
+    receiver = [OnionLayer.backward(k) for k in keys]
+    out = []
+    for n, cell in enumerate(cells):
+        body = bytearray(cell)
+        for i in reversed(range(HOPS)):
+            hops[i].add(body)
+            assert len(body) == CELL_BODY
+            if n == TAGGED and i in (tamper, colluder):
+                body[pos] ^= MARK
+        out.append(remove_all(receiver, body))
+    return out
+
+
+def assert_lost_from_the_tag(cells: list[bytes], got: list[bytes], *, noise: bool) -> None:
+    assert got[:TAGGED] == cells[:TAGGED], "cells before the mark must arrive intact"
+    for n in range(TAGGED, CELLS):
+        assert got[n] != cells[n], f"cell {n} survived the mark"
+        if noise:
+            assert agreement(got[n], cells[n]) < 0.02, f"cell {n} is not noise"
+
+
+def test_layers_round_trip_with_constant_sizes_both_ways() -> None:
+    keys = random_keys()
+    cells = [os.urandom(CELL_BODY) for _ in range(CELLS)]
+    assert forward(keys, cells, None, 0, None) == cells
+    assert backward(keys, cells, None, 0, None) == cells
+    # A zero cell looks random after one layer, and differently every time.
+    layer = OnionLayer.forward(keys[0])
+    first, second = add_all([layer], bytes(CELL_BODY)), add_all([layer], bytes(CELL_BODY))
+    assert first != second and agreement(first, bytes(CELL_BODY)) < 0.02
+    with pytest.raises(ValueError):
+        OnionLayer(os.urandom(16), os.urandom(16))
+    with pytest.raises(ValueError):
+        layer.add(bytearray(HEAD))
+
+
+@pytest.mark.parametrize("pos", POSITIONS)
+@pytest.mark.parametrize("tamper", range(HOPS - 1))
+def test_a_mark_at_any_hop_forward_loses_the_rest_of_the_circuit(tamper: int, pos: int) -> None:
+    keys = random_keys()
+    cells = [os.urandom(CELL_BODY) for _ in range(CELLS)]
+    colluder = tamper + 2 if tamper + 2 < HOPS else None
+    got = forward(keys, cells, tamper, pos, colluder)
+    # With two hops or more after the mark (the honest one and another) everything from
+    # the marked cell on is noise; with only the source after it, the source's end-to-end
+    # AEAD refuses those cells (their heads are random).
+    assert_lost_from_the_tag(cells, got, noise=tamper + 2 < HOPS)
+    for n in range(TAGGED, CELLS):
+        assert got[n][:HEAD] != cells[n][:HEAD]
+
+
+@pytest.mark.parametrize("pos", POSITIONS)
+@pytest.mark.parametrize("tamper", range(HOPS - 1))
+def test_a_mark_at_any_hop_backward_loses_the_rest_of_the_circuit(tamper: int, pos: int) -> None:
+    keys = random_keys()
+    cells = [os.urandom(CELL_BODY) for _ in range(CELLS)]
+    colluder = tamper - 2 if tamper >= 2 else None
+    got = backward(keys, cells, tamper, pos, colluder)
+    # The downloader removes the marked hop's layer and then the source's, at least.
+    assert_lost_from_the_tag(cells, got, noise=True)
+
+
+@pytest.mark.parametrize("pos", POSITIONS)
+def test_the_hop_after_the_mark_outputs_a_random_head_from_the_marked_cell_on(pos: int) -> None:
+    """Right after one honest hop, no cell from the marked one on can be recovered."""
+    keys = random_keys()[:2]
+    sender = [OnionLayer.forward(k) for k in reversed(keys)]
+    tagger, honest = OnionLayer.forward(keys[0]), OnionLayer.forward(keys[1])
+    reference = OnionLayer.forward(keys[1])
+    for n in range(CELLS):
+        body = bytearray(add_all(sender, os.urandom(CELL_BODY)))
+        tagger.remove(body)
+        clean = bytearray(body)
+        if n == TAGGED:
+            body[pos] ^= MARK
+        honest.remove(body)
+        reference.remove(clean)
+        if n < TAGGED:
+            assert body == clean
+        else:
+            # The head keys the next hop's stream: a random head makes the cell noise there.
+            assert body[:HEAD] != clean[:HEAD]
+
+
+def test_dropped_or_reordered_cells_desynchronise_the_layers_for_good() -> None:
+    """A relay dropping or swapping cells loses every later cell, at the hop after next."""
+    keys = random_keys()[:2]
+    cells = [os.urandom(CELL_BODY) for _ in range(CELLS)]
+    sender = [OnionLayer.forward(k) for k in reversed(keys)]
+    sent = [add_all(sender, c) for c in cells]
+
+    def receive(order: list[int]) -> list[bytes]:
+        hops = [OnionLayer.forward(k) for k in keys]
+        return [remove_all(hops, sent[i]) for i in order]
+
+    assert receive(list(range(CELLS))) == cells
+    kept = [n for n in range(CELLS) if n != TAGGED]
+    got = receive(kept)
+    assert got[:TAGGED] == cells[:TAGGED]
+    assert all(
+        agreement(g, cells[n]) < 0.02 for g, n in zip(got[TAGGED:], kept[TAGGED:], strict=True)
+    )
+    swapped = [0, 1, 3, 2, 4, 5]
+    got = receive(swapped)
+    assert got[:2] == cells[:2]
+    assert all(agreement(g, cells[n]) < 0.02 for g, n in zip(got[2:], swapped[2:], strict=True))
