@@ -155,8 +155,11 @@ class Experiment:
         return list({spec.label: spec for spec in specs}.values())
 
     def as_json(self) -> dict[str, Any]:
+        """Every setting but ``jobs``, which changes how long a run takes, never its figures."""
         return attrs.asdict(
-            self, value_serializer=lambda _, __, v: v.value if isinstance(v, enum.Enum) else v
+            self,
+            filter=lambda a, _: a.name != "jobs",
+            value_serializer=lambda _, __, v: v.value if isinstance(v, enum.Enum) else v,
         )
 
 
@@ -173,7 +176,7 @@ def from_mapping(values: dict[str, Any], base: Experiment | None = None) -> Expe
             low, high = _range(value, key)
             changes[f"min_{name}"], changes[f"max_{name}"] = low, high
         elif name in FIELDS:
-            changes[name] = value
+            changes[name] = _typed(name, value)
         else:
             raise ConfigError(f"unknown experiment setting {key!r}")
     try:
@@ -182,6 +185,23 @@ def from_mapping(values: dict[str, Any], base: Experiment | None = None) -> Expe
         raise ConfigError(f"experiment: {exc}") from None
     experiment.check()
     return experiment
+
+
+def _typed(name: str, value: Any) -> Any:
+    """``value`` if it has the setting's type (a TOML file may hold anything)."""
+    default = getattr(Experiment(), name)
+    key = name.replace("_", "-")
+    if isinstance(default, bool | Adversary | tuple) or name == "colluding":
+        if isinstance(default, tuple) and not isinstance(value, list | tuple | str):
+            raise ConfigError(f"experiment: {key} {value!r} is not a list")
+        if name == "policies" and not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"experiment: policies {value!r} are not names")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"experiment: {key} {value!r} is not a number")
+    if isinstance(default, int) and not isinstance(value, int):
+        raise ConfigError(f"experiment: {key} {value!r} is not a whole number")
+    return value
 
 
 def _range(value: str | list[Any], key: str) -> tuple[int, int]:
@@ -220,7 +240,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "days": 7.0,
         "policies": ["weighted", "guard", "original"],
         "seeds": 3,
-        "downloads_per_day": 0.5,
+        "downloads_per_day": 0.25,
         "jobs": 2,
     },
     # docs/research.md's table

@@ -43,7 +43,7 @@ PER_RUN = (
     "leaves_per_hour",
 )
 #: Figures that differ between two runs of one seed.
-TIMING = ("find_path_us_p50", "find_path_us_p99", "seconds")
+TIMING = ("find_path_us_p50", "find_path_us_p99", "seconds", "cpu_seconds")
 
 
 def _stat(values: Sequence[float | None]) -> dict[str, Any]:

@@ -120,6 +120,10 @@ class LabRun:
         self.best: dict[int, int] = {}
         #: downloader -> [(time, threshold)] each time ``best`` fell
         self.lows: dict[int, list[tuple[float, int]]] = {}
+        #: predecessor attack target -> per c, the round it was named at (None: never)
+        self.named_at: dict[int, list[int | None]] = {}
+        #: capacity adversary: peer -> circuits it relayed in the warm-up
+        self.warmup: dict[Hashable, int] = {}
         #: per c: colluding relays seen -> [circuits observed, predecessor was the downloader]
         self.classes: list[dict[int, list[int]]] = [{} for _ in self.thresholds]
 
@@ -151,7 +155,7 @@ class LabRun:
     def place_capacity(self) -> None:
         """The peers the policy relays through most in a warm-up of one circuit per peer."""
         rng = random.Random(f"{self.seed}:lab:warmup")
-        count: dict[Hashable, int] = {}
+        count = self.warmup
         n = self.exp.peers
         self.clock.now = -WARMUP
         for _ in range(n):
@@ -232,6 +236,7 @@ class LabRun:
     # ------------------------------------------------------------------ the run
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
+        cpu = time.process_time()
         exp = self.exp
         if exp.adversary is Adversary.RANDOM:
             self.place_random()
@@ -259,6 +264,7 @@ class LabRun:
         figures = self.figures(honest)
         figures.update(predecessor)
         figures["seconds"] = time.perf_counter() - started
+        figures["cpu_seconds"] = time.process_time() - cpu
         return figures
 
     def predecessor_attack(self, honest: list[int], offline: set[int]) -> dict[str, Any]:
@@ -285,6 +291,7 @@ class LabRun:
                 if all(log.named_at is not None for log in logs):
                     break
                 self.clock.advance(1.0)
+            self.named_at[target] = [log.named_at for log in logs]
             for i, log in enumerate(logs):
                 named[i].append(math.inf if log.named_at is None else float(log.named_at))
         return {
