@@ -39,6 +39,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "anomos.plugins.paths.weighted",
     "anomos.plugins.paths.random_walk",
     "anomos.plugins.paths.fixed",
+    "anomos.plugins.paths.original",
+    "anomos.plugins.paths.guard",
     # cipher suites
     "anomos.plugins.ciphers.x25519",
     "anomos.plugins.ciphers.classic",
@@ -53,6 +55,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "anomos.plugins.commands.plugins_cmd",
     "anomos.plugins.commands.bench_cmd",
     "anomos.plugins.commands.paths_cmd",
+    "anomos.plugins.commands.lab_cmd",
 )
 
 ENTRY_POINT_GROUP = PROJECT

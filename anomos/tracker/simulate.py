@@ -147,6 +147,41 @@ class PolicyRun:
     seconds: float = 0.0
 
 
+@attrs.frozen
+class Planned:
+    """One circuit asked of a policy, judged as the planner judges it."""
+
+    #: ``[downloader, relays..., source]``, or None when the policy found none
+    #: or returned one the planner's rule refuses
+    path: list[Hashable] | None
+    #: the policy returned a path that :func:`valid_path` refused (a buggy policy)
+    invalid: bool
+    #: nanoseconds the ``find_path`` call took
+    ns: int
+
+
+def plan_circuit(
+    policy: PathPolicy, graph: PeerGraph, downloader: Hashable, source: Hashable, rng: random.Random
+) -> Planned:
+    """Ask ``policy`` for one circuit as :meth:`~anomos.tracker.planner.Planner.plan` does:
+    on the downloader's settled view, checked by :func:`valid_path`, relays charged load.
+
+    The one step ``anomos paths`` and ``anomos lab`` share, so both judge a
+    policy exactly as the tracker would.
+    """
+    view = graph.settled_view(downloader)
+    begin = time.perf_counter_ns()
+    path = policy.find_path(view, downloader, source, rng)
+    ns = time.perf_counter_ns() - begin
+    if not path:
+        return Planned(None, False, ns)
+    if not valid_path(path, downloader, source, view):
+        return Planned(None, True, ns)
+    for relay in path[1:-1]:
+        graph.add_load(relay)
+    return Planned(list(path), False, ns)
+
+
 def simulate(
     policy: PathPolicy,
     options: SimOptions,
@@ -165,21 +200,16 @@ def simulate(
     run = PolicyRun(policy=policy.name, graph=graph_summary(graph))
     step = 1.0 / options.rate
     for downloader, source in random_pairs(options):
-        view = graph.settled_view(downloader)
-        begin = time.perf_counter_ns()
-        path = policy.find_path(view, downloader, source, rng)
-        run.times_ns.append(time.perf_counter_ns() - begin)
+        planned = plan_circuit(policy, graph, downloader, source, rng)
+        run.times_ns.append(planned.ns)
         run.circuits += 1
-        if path:
-            if valid_path(path, downloader, source, view):
-                relays = path[1:-1]
-                for relay in relays:
-                    graph.add_load(relay)
-                    run.relayed[relay] = run.relayed.get(relay, 0) + 1
-                run.relay_counts[len(relays)] = run.relay_counts.get(len(relays), 0) + 1
-                run.planned += 1
-            else:
-                run.invalid += 1
+        if planned.path is not None:
+            relays = planned.path[1:-1]
+            for relay in relays:
+                run.relayed[relay] = run.relayed.get(relay, 0) + 1
+            run.relay_counts[len(relays)] = run.relay_counts.get(len(relays), 0) + 1
+            run.planned += 1
+        run.invalid += planned.invalid
         clock.advance(step)
         if on_circuit is not None:
             on_circuit()
