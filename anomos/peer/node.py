@@ -102,6 +102,8 @@ class CircuitRecord:
     seconds: float
     #: Why the circuit ended before the download was complete ("" if it did not).
     broken: str = ""
+    #: The most bytes of requests outstanding at once (the flow-control window at work).
+    peak_in_flight: int = 0
 
 
 @attrs.frozen
@@ -118,6 +120,8 @@ class DownloadReport:
     downloaded: int = 0
     #: Per circuit that broke mid-download, seconds until fresh circuits arrived.
     replan_seconds: tuple[float, ...] = ()
+    #: Seconds from the start of the download to the first block received.
+    first_byte_seconds: float | None = None
 
     @property
     def throughput(self) -> float:
@@ -134,6 +138,9 @@ class DownloadReport:
             "failed_circuits": self.failed,
             "broken_circuits": sum(1 for c in self.circuits if c.broken),
             "replan_seconds": [round(x, 3) for x in self.replan_seconds],
+            "first_byte_seconds": (
+                None if self.first_byte_seconds is None else round(self.first_byte_seconds, 3)
+            ),
             "left_at_start": self.left_at_start,
             "downloaded": self.downloaded,
         }
@@ -497,8 +504,11 @@ class Peer:
                 fail_backoff = min(FAIL_BACKOFF_MAX, fail_backoff * 2)
                 return
             fail_backoff = FAIL_BACKOFF_MIN
+            conn = None
             try:
-                session.add_connection(stream, f"circuit/{relays} relays").join()
+                conn = session.connect(stream, f"circuit/{relays} relays")
+                assert conn.greenlet is not None
+                conn.greenlet.join()
             finally:
                 stream.close()
                 broken = ""
@@ -512,6 +522,7 @@ class Peer:
                         received=stream.bytes_received,
                         seconds=round(time.monotonic() - t0, 3),
                         broken=broken,
+                        peak_in_flight=conn.flow.peak_in_flight if conn is not None else 0,
                     )
                 )
 
@@ -573,6 +584,9 @@ class Peer:
             left_at_start=left_at_start,
             downloaded=session.downloaded - downloaded_at_start,
             replan_seconds=tuple(replans),
+            first_byte_seconds=(
+                None if session.first_block_at is None else session.first_block_at - started
+            ),
         )
 
 
