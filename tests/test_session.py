@@ -18,6 +18,7 @@ import pytest
 from anomos import hookimpl
 from anomos.errors import StorageError
 from anomos.pluginmanager import Plugins, get_plugins
+from anomos.torrent import flow as flow_mod
 from anomos.torrent import session as session_mod
 from anomos.torrent import wire
 from anomos.torrent.metainfo import Metainfo, make_metainfo
@@ -306,8 +307,8 @@ def test_mixed_pieces_blame_only_the_source_of_the_bad_blocks(
 ) -> None:
     # Big pieces (32 blocks) and short pipelines: with partial pieces first,
     # both seeders' blocks end up in the same pieces.
-    monkeypatch.setattr(session_mod, "PIPELINE_MIN", 4)
-    monkeypatch.setattr(session_mod, "PIPELINE_MAX", 4)
+    monkeypatch.setattr(flow_mod, "INITIAL_WINDOW", 4 * flow_mod.BLOCK)
+    monkeypatch.setattr(flow_mod, "MAX_WINDOW", 4 * flow_mod.BLOCK)
     sizes = {"big.bin": 3 * 512 * 1024 + 1234, "small.bin": 4321}
     rng = random.Random(3)
     content = {rel: rng.randbytes(n) for rel, n in sizes.items()}

@@ -297,6 +297,20 @@ def _next_frame(reader: FrameReader, expected: Cmd) -> memoryview:
 # ----------------------------------------------------------------------------- links
 
 
+def _same_neighbour(current: Any, dialled: Any) -> bool:
+    """Whether the tracker still assigns the neighbour we dialled (same key and address).
+
+    Every announce makes new assignment objects: a link that took a few round
+    trips to set up must survive an announce that changed nothing about it.
+    """
+    return (
+        current is not None
+        and bool(current.dial)
+        and bytes(current.identity) == bytes(dialled.identity)
+        and current.address == dialled.address
+    )
+
+
 @attrs.define(eq=False)
 class Link:
     """One authenticated neighbour link: bounded per-circuit queues, a reader and a writer."""
@@ -721,7 +735,7 @@ class LinkManager:
                     gevent.sleep(backoff * random.uniform(0.75, 1.25))
                     backoff = min(backoff * 2, DIAL_BACKOFF_MAX)
                     continue
-                if self._closed or self._assigned.get(nid) is not nb:
+                if self._closed or not _same_neighbour(self._assigned.get(nid), nb):
                     with contextlib.suppress(OSError):
                         link.sock.close()
                     continue

@@ -71,6 +71,8 @@ class CircuitRecord:
     seconds: float
     #: Why the circuit ended before the download was complete ("" if it did not).
     broken: str = ""
+    #: The most bytes of requests outstanding at once (the flow-control window at work).
+    peak_in_flight: int = 0
 
 
 @attrs.frozen
@@ -87,6 +89,8 @@ class DownloadReport:
     downloaded: int = 0
     #: Per circuit that broke mid-download, seconds until fresh circuits arrived.
     replan_seconds: tuple[float, ...] = ()
+    #: Seconds from the start of the download to the first block received.
+    first_byte_seconds: float | None = None
 
     @property
     def throughput(self) -> float:
@@ -103,6 +107,9 @@ class DownloadReport:
             "failed_circuits": self.failed,
             "broken_circuits": sum(1 for c in self.circuits if c.broken),
             "replan_seconds": [round(x, 3) for x in self.replan_seconds],
+            "first_byte_seconds": (
+                None if self.first_byte_seconds is None else round(self.first_byte_seconds, 3)
+            ),
             "left_at_start": self.left_at_start,
             "downloaded": self.downloaded,
         }
@@ -174,6 +181,9 @@ class TorrentDownload:
             left_at_start=left_at_start,
             downloaded=session.downloaded - downloaded_at_start,
             replan_seconds=tuple(self._replans),
+            first_byte_seconds=(
+                None if session.first_block_at is None else session.first_block_at - started
+            ),
         )
 
     # ------------------------------------------------------------------ limits and states
@@ -283,9 +293,9 @@ class TorrentDownload:
             return
         conn: PeerConnection | None = None
         try:
-            greenlet = session.add_connection(stream, f"circuit/{relays} relays")
-            conn = session.connections[-1]
-            greenlet.join()
+            conn = session.connect(stream, f"circuit/{relays} relays")
+            assert conn.greenlet is not None
+            conn.greenlet.join()
         finally:
             stream.close()
             broken = ""
@@ -303,6 +313,7 @@ class TorrentDownload:
                     received=stream.bytes_received,
                     seconds=round(time.monotonic() - t0, 3),
                     broken=broken,
+                    peak_in_flight=conn.flow.peak_in_flight if conn is not None else 0,
                 )
             )
 

@@ -44,6 +44,7 @@ from anomos.progress import bar
 from anomos.torrent import choker as choking
 from anomos.torrent import resume
 from anomos.torrent.choker import Choker, RateMeter
+from anomos.torrent.flow import FlowControl
 from anomos.torrent.picker import Block, PiecePicker
 from anomos.torrent.storage import Storage
 from anomos.torrent.wire import (
@@ -77,17 +78,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Requests kept in flight per peer: at least PIPELINE_MIN, growing with the
-#: peer's rate to cover PIPELINE_SECONDS of transfer, at most PIPELINE_MAX.
-PIPELINE_MIN = 32
-PIPELINE_MAX = 256
-PIPELINE_SECONDS = 1.0
-#: Requests go out in batches of at least this many (at most half the pipeline):
+#: Requests go out in batches of at least this many (at most half the pipeline,
+#: whose size :class:`~anomos.torrent.flow.FlowControl` sets per connection):
 #: over a circuit every write costs a whole 32 KiB cell, so asking for one block
 #: per block received would send as many cells upstream as data comes down.
 REQUEST_BATCH = 64
-#: Requests a peer may have queued at us; more is a protocol error.
-MAX_PEER_REQUESTS = 512
+#: Requests a peer may have queued at us; more is a protocol error (libtorrent's
+#: limit too; the ceiling of a connection's window, flow.MAX_WINDOW).
+MAX_PEER_REQUESTS = 2000
 #: Bytes asked of the stream per recv, and sent per sendall (at most, roughly).
 RECV_SIZE = 256 * 1024
 SEND_BATCH = 256 * 1024
@@ -178,6 +176,8 @@ class PeerConnection:
     wake: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
     down_meter: RateMeter = attrs.field(factory=lambda: RateMeter(now=time.monotonic()), repr=False)
     up_meter: RateMeter = attrs.field(factory=lambda: RateMeter(now=time.monotonic()), repr=False)
+    #: Bytes of requests to keep in flight, from this connection's RTT and delivery rate.
+    flow: FlowControl = attrs.field(factory=lambda: FlowControl(time.monotonic()), repr=False)
 
     def send(self, data: bytes) -> None:
         """Queue an encoded message; the writer greenlet sends it before any block."""
@@ -253,6 +253,8 @@ class TorrentSession:
         self._write_retry_at = 0.0
         #: Pieces hashed at start (resume tests compare it with the pieces of changed files).
         self.rechecked = 0
+        #: When (time.monotonic()) the first block arrived, for time-to-first-byte.
+        self.first_block_at: float | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -350,6 +352,12 @@ class TorrentSession:
 
     def add_connection(self, stream: Stream, label: str) -> Greenlet:
         """Run the peer-wire protocol over ``stream``; the greenlet ends when it closes."""
+        greenlet = self.connect(stream, label).greenlet
+        assert greenlet is not None
+        return greenlet
+
+    def connect(self, stream: Stream, label: str) -> PeerConnection:
+        """:meth:`add_connection`, returning the connection (its figures stay readable)."""
         if self._closed:
             stream.close()
             raise RuntimeError("session is closed")
@@ -367,7 +375,7 @@ class TorrentSession:
         self._conns.append(conn)
         conn.writer = self._spawn(self._write_loop, conn)
         conn.greenlet = self._spawn(self._read_loop, conn)
-        return conn.greenlet
+        return conn
 
     def close_connection(self, conn: PeerConnection, reason: str) -> None:
         """Close one connection (its greenlet from :meth:`add_connection` ends)."""
@@ -657,6 +665,9 @@ class TorrentSession:
         conn.down_meter.add(n, now)
         picker = self.picker
         index, begin = msg.index, msg.begin
+        conn.flow.on_block((index, begin, n), n, now)
+        if self.first_block_at is None:
+            self.first_block_at = now
         result = picker.block_received(conn, (index, begin, n))
         if not result.accepted:
             conn.wasted += n
@@ -821,16 +832,17 @@ class TorrentSession:
             return
         picker = self.picker
         outstanding = picker.outstanding(conn)
-        if outstanding and outstanding > PIPELINE_MAX - min(REQUEST_BATCH, PIPELINE_MAX // 2):
-            return  # no batch fits whatever the rate (skips the rate estimate per block)
-        depth = int(conn.down_meter.rate(now) * PIPELINE_SECONDS / BLOCK_SIZE)
-        depth = max(PIPELINE_MIN, min(PIPELINE_MAX, depth))
-        if outstanding and depth - outstanding < min(REQUEST_BATCH, depth // 2):
+        depth = max(1, conn.flow.window // BLOCK_SIZE)
+        if outstanding and depth - outstanding < min(REQUEST_BATCH, max(1, depth // 2)):
             return
         blocks = picker.next_requests(conn, depth - outstanding)
         if blocks:
             if outstanding == 0:
                 conn.last_block = now
+            flow = conn.flow
+            for b in blocks:
+                flow.on_request(b, now, outstanding * BLOCK_SIZE)
+            flow.on_requested((outstanding + len(blocks)) * BLOCK_SIZE)
             conn.control.extend([encode_request(*b) for b in blocks])
             conn.wake.set()
 

@@ -60,6 +60,23 @@ def _sections(text: str) -> tuple[str, ...]:
 )
 @click.option("--verbose-workers", is_flag=True, help="Workers log at INFO level.")
 @click.option("--smoke", is_flag=True, hidden=True, help="Tiny sizes (the test suite's run).")
+@click.option(
+    "--wan",
+    is_flag=True,
+    help="Instead: anomos against a direct libtorrent download on an emulated WAN "
+    "(root; per-node rate and one-way delay in a network namespace).",
+)
+@click.option(
+    "--code",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="With --wan: run anomos from this source tree (compare before and after a change).",
+)
+@click.option(
+    "--profile",
+    "profiles",
+    multiple=True,
+    help="With --wan: RATE:DELAY per node, repeatable [100M:20ms 100M:50ms 1G:50ms].",
+)
 def bench_command(
     quick: bool,
     size_text: str | None,
@@ -70,8 +87,14 @@ def bench_command(
     quiet_wait: float | None,
     verbose_workers: bool,
     smoke: bool,
+    wan: bool,
+    profiles: tuple[str, ...],
+    code: Path | None,
 ) -> None:
     """Benchmark anomos on this machine: every peer a separate process on loopback."""
+    if wan:
+        _wan(size_text, runs, profiles, code, json_path, workdir)
+        return
     from anomos.bench.report import table
     from anomos.bench.runner import BenchOptions, run_bench
 
@@ -93,6 +116,38 @@ def bench_command(
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     click.echo(table(result))
     click.echo(f"({result['seconds']:.0f} s; every figure and run in {json_path})")
+
+
+def _wan(
+    size_text: str | None,
+    runs: int | None,
+    profiles: tuple[str, ...],
+    code: Path | None,
+    json_path: Path,
+    workdir: Path | None,
+) -> None:
+    import tempfile
+
+    from anomos.bench import wan
+
+    overrides: dict[str, object] = {}
+    if size_text is not None:
+        overrides["size"] = parse_size(size_text, "--size", minimum=1 << 20, maximum=4 << 30)
+    if runs is not None:
+        overrides["runs"] = runs
+    if profiles:
+        overrides["profiles"] = tuple(wan.Profile.parse(p) for p in profiles)
+    if code is not None:
+        overrides["code"] = code.resolve()
+    options = wan.WanOptions(**overrides)  # type: ignore[arg-type]
+    with tempfile.TemporaryDirectory(prefix="anomos-wan-") as tmp:
+        result = wan.run_wan(
+            options, workdir or Path(tmp), echo=lambda msg: click.echo(f"  {msg}", err=True)
+        )
+    rows = wan.summarize(result)
+    result["summary"] = rows
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    click.echo(wan.table(rows))
 
 
 @hookimpl

@@ -1,0 +1,492 @@
+"""``anomos bench --wan``: anomos against a direct libtorrent download on an emulated WAN.
+
+Every node (tracker, relays, seeder, downloader, and libtorrent's two) gets an
+address 127.0.1.N in one network namespace of its own, and an emulated
+access link: an HTB class on the namespace's loopback caps what the node
+sends at the profile's rate (a byte FIFO of :data:`QUEUE_SECONDS` of that
+rate is its modem buffer), and every packet it sends then waits the
+profile's one-way delay in :mod:`anomos.bench.delayline` (the kernel has no
+netem) before it is delivered. Two nodes thus see an RTT of twice the delay;
+a circuit of R relays crosses R + 1 such links each way. The loopback MTU is
+1500 so TCP grows its window in real segment sizes. :meth:`WanNet.verify`
+measures the RTT (TCP connects) and the rate (a bulk TCP copy) against the
+settings before anything is timed.
+
+Needs root, iproute2 and iptables (NFQUEUE target); python libtorrent for the
+comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from anomos.errors import AnomosError
+
+#: Seconds of the node's rate its uplink buffer holds (a modest modem buffer).
+QUEUE_SECONDS = 0.05
+#: TCP buffer ceiling for every socket in the namespace (both clients alike).
+TCP_BUFFER_MAX = 32 * 1024 * 1024
+SUBNET = "127.0.1"
+#: TCP payload per frame the HTB counts: 1448 of 1514 bytes (MTU 1500, timestamps).
+GOODPUT = 1448 / 1514
+MiB = 1024 * 1024
+
+
+@attrs.frozen
+class Profile:
+    """A per-node access link: uplink rate and one-way delay."""
+
+    rate_bits: int
+    delay: float
+
+    @property
+    def name(self) -> str:
+        rate = (
+            f"{self.rate_bits // 10**9} Gbit/s"
+            if self.rate_bits >= 10**9
+            else (f"{self.rate_bits // 10**6} Mbit/s")
+        )
+        return f"{rate} x {self.delay * 1000:g} ms"
+
+    @classmethod
+    def parse(cls, text: str) -> Profile:
+        """``100M:20ms``, ``1G:50ms``."""
+        try:
+            rate, delay = text.lower().split(":")
+            scale = {"k": 10**3, "m": 10**6, "g": 10**9}[rate[-1]]
+            ms = float(delay.removesuffix("ms"))
+            return cls(int(float(rate[:-1]) * scale), ms / 1000)
+        except (ValueError, KeyError):
+            raise AnomosError(
+                f"WAN profile {text!r}: expected RATE:DELAY such as 100M:20ms"
+            ) from None
+
+
+PROFILES = (Profile(100 * 10**6, 0.020), Profile(100 * 10**6, 0.050), Profile(10**9, 0.050))
+
+
+def unavailable() -> str | None:
+    """Why the emulated WAN cannot be built here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, tc, iptables)"
+    for tool in ("ip", "tc", "iptables-nft"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (apt-get install iproute2 iptables)"
+    return None
+
+
+def _run(*cmd: str) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise AnomosError(f"{' '.join(cmd)}: {done.stderr.strip() or done.returncode}")
+
+
+@attrs.define(eq=False)
+class WanNet:
+    """One namespace of emulated nodes; use as a context manager."""
+
+    profile: Profile
+    ns: str = attrs.field(factory=lambda: f"anwan-{secrets.token_hex(4)}")
+    nodes: list[str] = attrs.field(factory=list)
+    _delay: subprocess.Popen[bytes] | None = None
+
+    @property
+    def prefix(self) -> list[str]:
+        """Command prefix that runs a program inside the namespace."""
+        return ["ip", "netns", "exec", self.ns]
+
+    def start(self) -> WanNet:
+        _run("ip", "netns", "add", self.ns)
+        try:
+            self._sh("ip", "link", "set", "lo", "up", "mtu", "1500")
+            buffers = f"4096 131072 {TCP_BUFFER_MAX}"
+            self._sh("sysctl", "-q", "-w", f"net.ipv4.tcp_rmem={buffers}")
+            self._sh("sysctl", "-q", "-w", f"net.ipv4.tcp_wmem={buffers}")
+            self._sh("sysctl", "-q", "-w", f"net.core.rmem_max={TCP_BUFFER_MAX}")
+            self._sh("sysctl", "-q", "-w", f"net.core.wmem_max={TCP_BUFFER_MAX}")
+            self._sh("tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", "htb")
+            # Delay on arrival: held packets then no longer count against the
+            # sender's TCP small-queue budget, as on a real wire.
+            self._sh(
+                "iptables-nft", "-t", "mangle", "-A", "PREROUTING", "-s", f"{SUBNET}.0/24",
+                "-j", "NFQUEUE", "--queue-num", "0",
+            )  # fmt: skip
+            self._delay = subprocess.Popen(
+                [*self.prefix, sys.executable, "-m", "anomos.bench.delayline", "--delay",
+                 str(self.profile.delay)],
+                stdout=subprocess.PIPE,
+            )  # fmt: skip
+            assert self._delay.stdout is not None
+            if not self._delay.stdout.readline():
+                raise AnomosError("the delay line did not start")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _sh(self, *cmd: str) -> None:
+        _run(*self.prefix, *cmd)
+
+    def add_node(self, rate_bits: int | None = None) -> str:
+        """A new address with its own uplink (the profile's rate unless given)."""
+        n = len(self.nodes) + 2
+        address = f"{SUBNET}.{n}"
+        rate = rate_bits or self.profile.rate_bits
+        burst = str(max(64 * 1024, rate // 8 // 1000))  # at least 1 ms of the rate
+        queue = str(max(256 * 1024, int(rate / 8 * QUEUE_SECONDS)))
+        self._sh("ip", "addr", "add", f"{address}/32", "dev", "lo")
+        self._sh(
+            "tc", "class", "add", "dev", "lo", "parent", "1:", "classid", f"1:{n}", "htb",
+            "rate", str(rate), "ceil", str(rate), "burst", burst, "cburst", burst,
+            "quantum", "60000",
+        )  # fmt: skip
+        self._sh("tc", "qdisc", "add", "dev", "lo", "parent", f"1:{n}", "bfifo", "limit", queue)
+        self._sh(
+            "tc", "filter", "add", "dev", "lo", "parent", "1:", "protocol", "ip", "prio", "1",
+            "u32", "match", "ip", "src", f"{address}/32", "flowid", f"1:{n}",
+        )  # fmt: skip
+        self.nodes.append(address)
+        return address
+
+    def close(self) -> None:
+        if self._delay is not None:
+            self._delay.terminate()
+            try:
+                self._delay.wait(5)
+            except subprocess.TimeoutExpired:
+                self._delay.kill()
+            self._delay = None
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+
+    def __enter__(self) -> WanNet:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def python(self, *args: str, timeout: float = 600) -> dict[str, Any]:
+        """Run ``python -m anomos.bench.wan ARGS`` in the namespace; its JSON answer."""
+        done = subprocess.run(
+            [*self.prefix, sys.executable, "-m", "anomos.bench.wan", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if done.returncode != 0:
+            raise AnomosError(f"bench.wan {args[0]} failed: {done.stderr.strip()[-500:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+    def verify(self, a: str, b: str, size: int = 16 * MiB) -> dict[str, float]:
+        """Measured RTT and bulk TCP rate between two nodes, and their error against the
+        settings (the rate against the TCP payload a link of that rate carries)."""
+        got = self.python("probe", a, b, str(size))
+        want_rtt = 2 * self.profile.delay
+        return {
+            "rtt_ms": round(got["rtt"] * 1000, 2),
+            "rtt_error": round(got["rtt"] / want_rtt - 1, 4),
+            "rate_mbit": round(got["rate"] * 8 / 1e6, 2),
+            "rate_error": round(got["rate"] * 8 / (self.profile.rate_bits * GOODPUT) - 1, 4),
+        }
+
+
+# ---------------------------------------------------------------------- in-namespace helpers
+def _probe(a: str, b: str, size: int) -> dict[str, float]:
+    """Median TCP-connect RTT from ``a`` to ``b``; then ``b``'s steady send rate to ``a``."""
+    listener = socket.create_server((a, 0))
+    rtts = []
+    for _ in range(5):
+        c = socket.socket()
+        c.bind((b, 0))
+        t = time.perf_counter()
+        c.connect(listener.getsockname())
+        rtts.append(time.perf_counter() - t)
+        listener.accept()[0].close()
+        c.close()
+    marks: list[tuple[float, int]] = []
+
+    def sink() -> None:
+        conn, _ = listener.accept()
+        got = 0
+        while got < size:
+            data = conn.recv(1 << 20)
+            if not data:
+                break
+            got += len(data)
+            marks.append((time.perf_counter(), got))
+        conn.close()
+
+    reader = threading.Thread(target=sink)
+    reader.start()
+    c = socket.create_connection(listener.getsockname(), source_address=(b, 0))
+    block = bytes(1 << 20)
+    for _ in range(size >> 20):
+        c.sendall(block)
+    reader.join()
+    c.close()
+    # The rate after slow start: the second half of the bytes over its time.
+    half = next(i for i, (_, got) in enumerate(marks) if got >= size // 2)
+    (t0, b0), (t1, b1) = marks[half], marks[-1]
+    return {"rtt": statistics.median(rtts), "rate": (b1 - b0) / (t1 - t0)}
+
+
+def _libtorrent(
+    seed_addr: str, get_addr: str, atorrent: str, data: str, dest: str
+) -> dict[str, Any]:
+    """Seed from one address, download directly from another; times from launch."""
+    launched = time.monotonic()
+    import importlib
+
+    lt: Any = importlib.import_module("libtorrent")  # typed loosely: its stubs disagree with it
+
+    from anomos.torrent.metainfo import Metainfo
+
+    meta = Metainfo.load(Path(atorrent))
+    info = lt.torrent_info(lt.bdecode(b"d4:info" + meta.info_bytes + b"e"))
+
+    def session(addr: str) -> Any:
+        return lt.session(
+            {
+                "listen_interfaces": f"{addr}:0",
+                "outgoing_interfaces": addr,
+                "enable_dht": False,
+                "enable_lsd": False,
+                "enable_upnp": False,
+                "enable_natpmp": False,
+                "enable_outgoing_utp": False,
+                "enable_incoming_utp": False,
+                "allow_multiple_connections_per_ip": True,
+            }
+        )
+
+    seeder, getter = session(seed_addr), session(get_addr)
+    params = lt.add_torrent_params()
+    params.ti = info
+    params.save_path = data
+    params.flags |= lt.torrent_flags.seed_mode
+    seeding = seeder.add_torrent(params)
+    params = lt.add_torrent_params()
+    params.ti = lt.torrent_info(info)
+    params.save_path = dest
+    getting = getter.add_torrent(params)
+    while not seeding.status().is_seeding:
+        time.sleep(0.01)
+    started = time.monotonic()
+    getting.connect_peer((seed_addr, seeder.listen_port()))
+    first = None
+    while True:
+        st = getting.status()
+        if first is None and st.total_wanted_done > 0:
+            first = time.monotonic()
+        if st.is_seeding:
+            break
+        time.sleep(0.005)
+    done = time.monotonic()
+    return {
+        "seconds": done - started,
+        "first_byte": (first or done) - launched,
+        "launch_seconds": done - launched,
+    }
+
+
+# ---------------------------------------------------------------------- the benchmark
+@attrs.frozen
+class WanOptions:
+    profiles: tuple[Profile, ...] = PROFILES
+    size: int = 32 * MiB
+    runs: int = 3
+    relays: int = 6
+    sources: int = 4
+    timeout: float = 300.0
+    #: A slower uplink for the seeder: the bytes queued at relays then show backpressure.
+    slow_seeder_bits: int | None = None
+    #: Run the anomos processes from this source tree (a before/after comparison).
+    code: Path | None = None
+
+
+def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dict[str, Any]:
+    from anomos.localnet import LocalNetwork
+    from anomos.torrent.metainfo import make_metainfo
+
+    env = {"PYTHONPATH": str(options.code)} if options.code is not None else {}
+    local = LocalNetwork(work / "anomos", verbose=1, extra_env=env)
+    try:
+        local.start_tracker(host=net.add_node(), prefix=net.prefix)
+        meta = make_metainfo(
+            data, trackers=[local.tracker_url], fingerprint=local.fingerprint, progress=False
+        )
+        atorrent = work / "bench.atorrent"
+        meta.save(atorrent)
+        for i in range(options.relays):
+            local.start_peer(f"relay{i}", "relay", host=net.add_node(), prefix=net.prefix)
+        seeder_rate = options.slow_seeder_bits
+        local.start_peer(
+            "seed", "seed", str(atorrent), "--data", str(data),
+            host=net.add_node(seeder_rate), prefix=net.prefix,
+        )  # fmt: skip
+        summary = work / "summary.json"
+        launched = time.monotonic()
+        proc = local.start_peer(
+            "get", "get", str(atorrent), "--dest", str(work / "got"), "--summary", str(summary),
+            "--sources", str(options.sources), "--timeout", str(options.timeout),
+            host=net.add_node(), prefix=net.prefix, wait=False,
+        )  # fmt: skip
+        rc = proc.popen.wait(options.timeout + 30)
+        if rc != 0:
+            raise AnomosError(f"anomos get exited {rc}: {proc.log_tail(8)}")
+        report = json.loads(summary.read_text())
+        report["launch_seconds"] = time.monotonic() - launched
+        return report
+    finally:
+        local.stop()
+
+
+def run_wan(
+    options: WanOptions, workdir: Path, echo: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Every profile, ``runs`` rounds of libtorrent then anomos in the same namespace."""
+    reason = unavailable()
+    if reason is not None:
+        raise AnomosError(f"bench --wan {reason}")
+    data = workdir / "share" / "bench.bin"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    with open(data, "wb") as f:
+        for _ in range(options.size // MiB):
+            f.write(os.urandom(MiB))
+    results: list[dict[str, Any]] = []
+    for profile in options.profiles:
+        entry: dict[str, Any] = {"profile": profile.name, "runs": []}
+        for run in range(options.runs):
+            work = workdir / f"{profile.rate_bits}-{profile.delay}-{run}"
+            work.mkdir(parents=True, exist_ok=True)
+            with WanNet(profile) as net:
+                if run == 0:
+                    entry["verify"] = net.verify(net.add_node(), net.add_node())
+                    echo(f"{profile.name}: measured {entry['verify']}")
+                lt_result = _lt_in(net, work, data)
+                anomos = _anomos_run(net, work, data, options)
+            one = {"libtorrent": lt_result, "anomos": anomos}
+            echo(f"{profile.name} run {run + 1}: " + _line(options.size, one))
+            entry["runs"].append(one)
+        results.append(entry)
+    return {"size": options.size, "relays": options.relays, "profiles": results}
+
+
+def _lt_in(net: WanNet, work: Path, data: Path) -> dict[str, Any]:
+    from anomos.torrent.metainfo import make_metainfo
+
+    meta = make_metainfo(data, trackers=["https://127.0.0.1:1/announce"], fingerprint="00" * 32,
+                         progress=False)  # fmt: skip
+    torrent = work / "lt.atorrent"
+    meta.save(torrent)
+    dest = work / "lt-got"
+    dest.mkdir(exist_ok=True)
+    return net.python(
+        "libtorrent", net.add_node(), net.add_node(), str(torrent), str(data.parent), str(dest)
+    )
+
+
+def _mbs(size: int, seconds: float) -> float:
+    return size / seconds / 1e6 if seconds > 0 else 0.0
+
+
+def _line(size: int, one: dict[str, Any]) -> str:
+    lt_rate = _mbs(size, one["libtorrent"]["seconds"])
+    an_rate = _mbs(size, one["anomos"]["seconds"])
+    return (
+        f"libtorrent {lt_rate:.2f} MB/s, anomos {an_rate:.2f} MB/s "
+        f"(ratio {an_rate / lt_rate:.2f}), first byte {one['anomos'].get('first_byte_seconds')} s"
+    )
+
+
+def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Medians per profile, and the per-circuit rates grouped by relay count."""
+    size = result["size"]
+    rows = []
+    for entry in result["profiles"]:
+        runs = entry["runs"]
+        lt_rates = [_mbs(size, r["libtorrent"]["seconds"]) for r in runs]
+        an_rates = [_mbs(size, r["anomos"]["seconds"]) for r in runs]
+        ratios = [a / b for a, b in zip(an_rates, lt_rates, strict=True)]
+        by_relays: dict[int, list[float]] = {}
+        peaks: dict[int, list[int]] = {}
+        for r in runs:
+            for c in r["anomos"]["circuits"]:
+                if c["seconds"] > 0 and c["received"] > 0:
+                    by_relays.setdefault(c["relays"], []).append(c["received"] / c["seconds"] / 1e6)
+                    peaks.setdefault(c["relays"], []).append(c.get("peak_in_flight", 0))
+        rows.append(
+            {
+                "profile": entry["profile"],
+                "verify": entry.get("verify"),
+                "libtorrent_mbs": round(statistics.median(lt_rates), 2),
+                "anomos_mbs": round(statistics.median(an_rates), 2),
+                "ratio": round(statistics.median(ratios), 2),
+                "lt_first_byte": round(
+                    statistics.median(r["libtorrent"]["first_byte"] for r in runs), 2
+                ),
+                "anomos_first_byte": _median_or_none(
+                    [r["anomos"].get("first_byte_seconds") for r in runs]
+                ),
+                "failed_circuits": sum(r["anomos"].get("failed_circuits", 0) for r in runs),
+                "per_circuit_mbs": {
+                    k: round(statistics.median(v), 2) for k, v in sorted(by_relays.items())
+                },
+                "peak_in_flight_kib": {
+                    k: round(statistics.median(v) / 1024) for k, v in sorted(peaks.items())
+                },
+                "runs": len(runs),
+            }
+        )
+    return rows
+
+
+def _median_or_none(values: Sequence[float | None]) -> float | None:
+    got = [v for v in values if v is not None]
+    return round(statistics.median(got), 2) if got else None
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| per-node profile | libtorrent | anomos | ratio | first byte (lt / anomos) "
+        "| per circuit by relays (MB/s) | peak in flight by relays (KiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        per = ", ".join(f"{k}: {v}" for k, v in r["per_circuit_mbs"].items())
+        peak = ", ".join(f"{k}: {v}" for k, v in r["peak_in_flight_kib"].items())
+        lines.append(
+            f"| {r['profile']} | {r['libtorrent_mbs']} MB/s | {r['anomos_mbs']} MB/s "
+            f"| {r['ratio']} | {r['lt_first_byte']} s / {r['anomos_first_byte']} s | {per} "
+            f"| {peak} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    """In-namespace helpers: ``probe A B SIZE`` and ``libtorrent SEED GET TORRENT DATA DEST``."""
+    if argv[0] == "probe":
+        print(json.dumps(_probe(argv[1], argv[2], int(argv[3]))))
+    elif argv[0] == "libtorrent":
+        print(json.dumps(_libtorrent(*argv[1:6])))
+    else:
+        sys.stderr.write(f"unknown helper {argv[0]!r}\n")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

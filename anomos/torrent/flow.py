@@ -1,0 +1,192 @@
+"""How many bytes of requests to keep in flight on one connection: pure logic.
+
+A circuit's rate is bytes in flight / round-trip time, so a fixed request
+pipeline is either too small for a long, fast path or a bloated queue on a
+short one. :class:`FlowControl` sizes it the way BBR sizes a congestion
+window, from two measurements taken on the requests themselves:
+
+* **delivery rate**: for each block, the bytes delivered between the
+  delivery just before its request went out and its own arrival, over that
+  time (BBR's rate sample: robust to pipelining, blind to idle periods);
+  the estimate is the maximum over the last :data:`BW_WINDOW_RTTS` round
+  trips (at least :data:`BW_WINDOW_MIN` s), so it follows a drop within a
+  few seconds;
+* **minimum RTT**: request sent to block received, the minimum over
+  :data:`MIN_RTT_WINDOW` seconds. When it has not been seen again for that
+  long (the path got slower, or our own queue hides the floor), the window
+  drops to half the bandwidth-delay product (shrinking with what the probe
+  sees) until a request sent with well under rate x RTT ahead of it has come
+  back (*probe RTT*): its RTT is the floor afresh, at the cost of about half a
+  round trip of throughput every 10 s.
+
+The target is ``rate x min RTT x gain``. It starts at :data:`INITIAL_WINDOW`
+and, in *startup*, the gain is :data:`STARTUP_GAIN`, so the window about
+doubles every round trip; once the rate has not grown by
+:data:`PLATEAU_GROWTH` for :data:`PLATEAU_ROUNDS` round trips the pipe is
+full and the gain falls to :data:`CRUISE_GAIN`: one round trip of slack, so
+a faster path shows up as a higher rate (the window probes up by itself),
+while the queue a connection builds at the bottleneck stays about one
+bandwidth-delay product. No fixed ceiling: :data:`MAX_WINDOW` only mirrors
+what a peer accepts queued (``session.MAX_PEER_REQUESTS``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from collections.abc import Hashable
+
+import attrs
+
+BLOCK = 16 * 1024
+#: Bytes in flight before anything is measured (BitTorrent's usual 32 requests).
+INITIAL_WINDOW = 32 * BLOCK
+#: The floor.
+MIN_WINDOW = 4 * BLOCK
+#: The ceiling a peer itself imposes (2,000 queued requests, as libtorrent).
+MAX_WINDOW = 2000 * BLOCK
+#: Window = rate x min RTT x gain: 2/ln 2 (BBR's startup) while filling the pipe.
+STARTUP_GAIN = 2 / math.log(2)
+#: ... and 2 once full: one round trip of slack, which also lets a faster path show.
+CRUISE_GAIN = 2.0
+#: The pipe is full when the rate grew less than this in PLATEAU_ROUNDS rounds.
+PLATEAU_GROWTH = 1.25
+PLATEAU_ROUNDS = 3
+#: The rate estimate is the best sample of the last BW_WINDOW_RTTS minimum
+#: round trips, and of at least BW_WINDOW_MIN seconds. Time, not counted
+#: rounds: a round stretches with the queue when the rate drops.
+BW_WINDOW_RTTS = 8
+BW_WINDOW_MIN = 2.0
+#: Seconds a minimum RTT stays valid without being seen again.
+MIN_RTT_WINDOW = 10.0
+#: The window while probing the RTT, as a fraction of the BDP.
+PROBE_RTT_GAIN = 0.5
+#: A probe ends with a request sent with less than this x rate x RTT outstanding.
+PROBE_RTT_EXIT = 0.75
+#: Requests remembered for rate samples (bounds memory against a peer that never answers).
+MAX_TRACKED = 4096
+
+
+@attrs.define
+class _Sent:
+    at: float
+    delivered: int
+    delivered_at: float
+    #: Bytes outstanding when it was sent.
+    in_flight: int
+
+
+class FlowControl:
+    """One connection's bytes-in-flight target (:attr:`window`), fed by its requests."""
+
+    def __init__(self, now: float) -> None:
+        self.window = INITIAL_WINDOW
+        self.startup = True
+        self.probing_rtt = False
+        #: The most bytes requested and not yet received at one time (reported).
+        self.peak_in_flight = 0
+        self.rate = 0.0  # bytes/s, the windowed maximum
+        self.min_rtt = math.inf
+        self._min_rtt_at = now
+        self._probe_started = 0.0
+        self._probe_rtt = math.inf
+        self._delivered = 0
+        self._delivered_at = now
+        self._round = 0
+        self._next_round_delivered = 0
+        self._full_rate = 0.0
+        self._flat_rounds = 0
+        self._samples: deque[tuple[float, float]] = deque()  # (time, rate), rates decreasing
+        self._sent: OrderedDict[Hashable, _Sent] = OrderedDict()
+
+    def on_request(self, key: Hashable, now: float, in_flight: int) -> None:
+        """A request went out; ``in_flight`` counts the bytes outstanding before it."""
+        if in_flight == 0:
+            self._delivered_at = now  # an idle pipe is not slow delivery
+        self._sent[key] = _Sent(now, self._delivered, self._delivered_at, in_flight)
+        if len(self._sent) > MAX_TRACKED:
+            self._sent.popitem(last=False)
+
+    def on_requested(self, in_flight: int) -> None:
+        """The bytes outstanding after a batch of requests (for the reported peak)."""
+        self.peak_in_flight = max(self.peak_in_flight, in_flight)
+
+    def forget(self, key: Hashable) -> None:
+        """A request was cancelled or handed to another connection."""
+        self._sent.pop(key, None)
+
+    def on_block(self, key: Hashable, nbytes: int, now: float) -> None:
+        """The block answering request ``key`` arrived."""
+        self._delivered += nbytes
+        self._delivered_at = now
+        sent = self._sent.pop(key, None)
+        if sent is None:
+            return
+        rtt = now - sent.at
+        if sent.delivered >= self._next_round_delivered:
+            self._next_round_delivered = self._delivered
+            self._round += 1
+            self._end_round(now)
+        if self.probing_rtt:
+            if sent.at >= self._probe_started:
+                self._probe_rtt = min(self._probe_rtt, rtt)
+                if sent.in_flight <= self.rate * rtt * PROBE_RTT_EXIT:
+                    # Sent with clearly less than rate x RTT ahead of it, so no
+                    # queue: its RTT is the floor now. (Else shrink and retry.)
+                    self.probing_rtt = False
+                    self.min_rtt, self._min_rtt_at = self._probe_rtt, now
+        elif rtt <= self.min_rtt:
+            self.min_rtt, self._min_rtt_at = rtt, now
+        elif now - self._min_rtt_at > MIN_RTT_WINDOW:
+            self.probing_rtt = True
+            self._probe_started = now
+            self._probe_rtt = math.inf
+        interval = now - sent.delivered_at
+        if interval > 0 and interval >= 0.5 * self.min_rtt:
+            self._add_rate((self._delivered - sent.delivered) / interval, now)
+        self._update_window()
+
+    def _add_rate(self, rate: float, now: float) -> None:
+        samples = self._samples
+        while samples and samples[-1][1] <= rate:
+            samples.pop()
+        samples.append((now, rate))
+        self._expire_rates(now)
+
+    def _expire_rates(self, now: float) -> None:
+        samples = self._samples
+        horizon = max(BW_WINDOW_MIN, BW_WINDOW_RTTS * self.min_rtt)
+        while len(samples) > 1 and samples[0][0] < now - horizon:
+            samples.popleft()
+        if samples:
+            self.rate = samples[0][1]
+
+    def _end_round(self, now: float) -> None:
+        self._expire_rates(now)
+        if not self.startup:
+            return
+        if self.rate >= self._full_rate * PLATEAU_GROWTH:
+            self._full_rate = self.rate
+            self._flat_rounds = 0
+        else:
+            self._flat_rounds += 1
+            if self._flat_rounds >= PLATEAU_ROUNDS:
+                self.startup = False
+
+    def _update_window(self) -> None:
+        if self.probing_rtt:
+            # Half the BDP: the bottleneck queue empties while the pipe stays half full.
+            rtt = (
+                min(self._probe_rtt, self.min_rtt)
+                if math.isfinite(self._probe_rtt)
+                else (self.min_rtt)
+            )
+            self.window = max(MIN_WINDOW, int(self.rate * rtt * PROBE_RTT_GAIN))
+            return
+        if not self.rate or not math.isfinite(self.min_rtt):
+            return
+        gain = STARTUP_GAIN if self.startup else CRUISE_GAIN
+        target = int(self.rate * self.min_rtt * gain)
+        if self.startup:
+            target = max(target, self.window)  # startup only grows
+        self.window = max(MIN_WINDOW, min(MAX_WINDOW, target))

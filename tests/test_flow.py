@@ -1,0 +1,152 @@
+"""FlowControl over a simulated clock: bytes in flight follow rate x RTT.
+
+The simulated path is a source that serves requests one block at a time at a
+fixed rate (its uplink), behind a one-way delay each way; the downloader keeps
+``window`` bytes of requests outstanding, as TorrentSession does.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+
+import attrs
+
+from anomos.torrent import flow
+from anomos.torrent.flow import BLOCK, FlowControl
+
+
+@attrs.define
+class Path:
+    rate: float  # bytes/s the source sends
+    rtt: float  # seconds, both ways together
+
+
+@attrs.define
+class Downloader:
+    """One connection: its controller, its outstanding requests and what arrived."""
+
+    flow: FlowControl
+    path: Path
+    in_flight: int = 0
+    next_key: int = 0
+    arrivals: list[tuple[float, int]] = attrs.field(factory=list)
+    peak_queue_delay: float = 0.0
+
+    def rate_between(self, t0: float, t1: float) -> float:
+        return sum(n for t, n in self.arrivals if t0 <= t < t1) / (t1 - t0)
+
+
+class Sim:
+    """Event loop: requests travel, a FIFO source serves them, blocks travel back."""
+
+    def __init__(self, downloaders: list[Downloader], source_rate: Callable[[float], float]):
+        self.now = 0.0
+        self.events: list[tuple[float, int, Downloader, int]] = []
+        self.seq = 0
+        self.busy_until = 0.0
+        self.downloaders = downloaders
+        self.source_rate = source_rate
+
+    def fill(self, d: Downloader) -> None:
+        while d.in_flight + BLOCK <= max(d.flow.window, BLOCK):
+            key = d.next_key
+            d.next_key += 1
+            d.flow.on_request(key, self.now, d.in_flight)
+            d.in_flight += BLOCK
+            arrive_at_source = self.now + d.path.rtt / 2
+            start = max(arrive_at_source, self.busy_until)
+            d.peak_queue_delay = max(d.peak_queue_delay, start - arrive_at_source)
+            self.busy_until = start + BLOCK / self.source_rate(start)
+            self.seq += 1
+            heapq.heappush(self.events, (self.busy_until + d.path.rtt / 2, self.seq, d, key))
+        d.flow.on_requested(d.in_flight)
+
+    def run_until(self, end: float) -> None:
+        for d in self.downloaders:
+            if d.in_flight == 0:
+                self.fill(d)
+        while self.events and self.events[0][0] <= end:
+            self.now, _, d, key = heapq.heappop(self.events)
+            d.in_flight -= BLOCK
+            d.flow.on_block(key, BLOCK, self.now)
+            d.arrivals.append((self.now, BLOCK))
+            self.fill(d)
+        self.now = end
+
+
+def one(rate: float, rtt: float) -> tuple[Sim, Downloader]:
+    d = Downloader(FlowControl(0.0), Path(rate, rtt))
+    return Sim([d], lambda _t: d.path.rate), d
+
+
+def test_startup_grows_from_the_first_round_trip_then_settles_at_twice_the_bdp() -> None:
+    sim, d = one(rate=5e6, rtt=0.2)
+    bdp = 5e6 * 0.2
+    sim.run_until(0.2)
+    assert d.flow.window == flow.INITIAL_WINDOW  # nothing measured yet
+    windows = []
+    for step in range(1, 9):
+        sim.run_until(0.2 + step * 0.2)
+        windows.append(d.flow.window)
+    # Slow start: the window about doubles per round trip until it covers the BDP.
+    assert windows[1] >= 1.8 * flow.INITIAL_WINDOW, windows
+    assert max(windows) >= bdp, windows
+    peak = max(max(windows), d.flow.window)
+    sim.run_until(10.0)
+    assert not d.flow.startup  # the rate stopped growing: the pipe is full
+    assert d.flow.window < peak  # ... and the window backed off from startup
+    assert 1.6 * bdp <= d.flow.window <= 2.4 * bdp
+    assert d.rate_between(5.0, 10.0) >= 0.97 * 5e6
+    # The queue this connection builds at the source stays about one BDP.
+    assert d.peak_queue_delay <= 2.0 * 0.2
+
+
+def test_window_follows_the_rtt_up_and_down() -> None:
+    sim, d = one(rate=4e6, rtt=0.1)
+    sim.run_until(8.0)
+    assert 1.6 * 4e6 * 0.1 <= d.flow.window <= 2.4 * 4e6 * 0.1
+    d.path.rtt = 0.4  # the path got longer
+    sim.run_until(8.0 + flow.MIN_RTT_WINDOW + 6.0)
+    assert 1.6 * 4e6 * 0.4 <= d.flow.window <= 2.4 * 4e6 * 0.4, d.flow.window
+    t = sim.now
+    assert d.rate_between(t - 8.0, t) >= 0.9 * 4e6  # a probe of the RTT included
+    d.path.rtt = 0.05  # shorter again: the next probe of the RTT finds the new floor
+    sim.run_until(t + flow.MIN_RTT_WINDOW + 4.0)
+    assert 1.6 * 4e6 * 0.05 <= d.flow.window <= 2.4 * 4e6 * 0.05, d.flow.window
+    assert d.rate_between(sim.now - 1.0, sim.now) >= 0.9 * 4e6
+
+
+def test_window_follows_the_rate_down_and_probes_it_up() -> None:
+    rate = {"now": 8e6}
+    d = Downloader(FlowControl(0.0), Path(0, 0.2))
+    sim = Sim([d], lambda _t: rate["now"])
+    sim.run_until(8.0)
+    assert d.flow.window >= 1.6 * 8e6 * 0.2
+    rate["now"] = 2e6
+    sim.run_until(14.0)
+    assert d.flow.window <= 2.4 * 2e6 * 0.2, d.flow.window
+    rate["now"] = 6e6  # more room: the slack of the window finds it, no fixed cap
+    sim.run_until(20.0)
+    assert d.flow.window >= 1.6 * 6e6 * 0.2, d.flow.window
+    assert d.rate_between(17.0, 20.0) >= 0.9 * 6e6
+
+
+def test_connections_to_one_source_share_its_uplink() -> None:
+    a = Downloader(FlowControl(0.0), Path(0, 0.2))
+    b = Downloader(FlowControl(0.0), Path(0, 0.2))
+    sim = Sim([a], lambda _t: 6e6)
+    sim.run_until(5.0)
+    sim.downloaders.append(b)  # a second circuit to the same source joins late
+    b.flow = FlowControl(5.0)
+    sim.run_until(40.0)
+    ra, rb = a.rate_between(25.0, 40.0), b.rate_between(25.0, 40.0)
+    assert ra + rb >= 0.95 * 6e6
+    assert min(ra, rb) / max(ra, rb) >= 0.6, (ra, rb)
+
+
+def test_requests_never_answered_are_not_remembered_forever() -> None:
+    f = FlowControl(0.0)
+    for key in range(flow.MAX_TRACKED * 3):
+        f.on_request(key, 0.0, 0)
+    assert len(f._sent) == flow.MAX_TRACKED
