@@ -355,38 +355,47 @@ def test_tls_stream_returns_every_buffered_record_in_one_call() -> None:
 def test_receipts_count_what_each_neighbour_sent_across_reconnections(
     make_node: Any, monkeypatch: Any
 ) -> None:
-    """The bytes received per NID survive a reconnect, and the announce carries them."""
+    """The cell bytes credited per NID survive a reconnect, and the announce carries them.
+
+    Here every DATA cell counts as on an established circuit (a CircuitSwitch decides
+    that: tests/test_link_abuse.py); other frames never count."""
+    from anomos.protocol.e2e import CELL_BODY
     from anomos.tracker.client import TrackerClient
 
     monkeypatch.setattr(linkmod, "DIAL_BACKOFF_MIN", 0.05)
     a, b = make_node("memory"), make_node("memory")
+
+    def on_frame(link: Any, circ_id: int, cmd: int, payload: memoryview) -> None:
+        if cmd == Cmd.DATA:
+            link.credit(payload)
+        a.frames.append((circ_id, cmd, bytes(payload)))
+
+    a.links.on_frame = on_frame
+    cell = linkmod.HEADER_SIZE + CELL_BODY
     assert a.links.receipts() == {}  # assigned but never linked: nothing to confirm
     pair(a, b, nid=2)
     first_a, first_b = a.links.wait_for(2, 5), b.links.wait_for(2, 5)
     circ_id = first_b.allocate_circ_id()
+    assert first_b.send(circ_id, Cmd.CREATED)
     for _ in range(5):
-        assert first_b.send(circ_id, Cmd.CREATED)
-    wait_until(lambda: len(a.frames) == 5)
-    before = first_a.bytes_in
-    assert a.links.receipts() == {2: before} and before > 0
+        assert first_b.send(circ_id, Cmd.DATA, bytes(CELL_BODY))
+    wait_until(lambda: len(a.frames) == 6)
+    assert a.links.receipts() == {2: 5 * cell}  # the CREATED and keepalives: not credited
     first_b.close("test closes it")
     assert first_a.wait_closed(2)
-    before = first_a.bytes_in  # all the first link carried
     wait_until(lambda: a.links.get(2) not in (None, first_a))
     second_b = b.links.wait_for(2, 5)
     circ_id = second_b.allocate_circ_id()
-    assert second_b.send(circ_id, Cmd.CREATED)
-    wait_until(lambda: len(a.frames) == 6)
-    second_a = a.links.wait_for(2, 5)
-    assert second_a.bytes_in > 0
-    assert a.links.receipts() == {2: before + second_a.bytes_in}
+    assert second_b.send(circ_id, Cmd.DATA, bytes(CELL_BODY))
+    wait_until(lambda: len(a.frames) == 7)
+    assert a.links.receipts() == {2: 6 * cell}
 
     sent: list[dict[str, Any]] = []
     client = TrackerClient("https://127.0.0.1:9/announce", "00" * 32, a.identity)
     monkeypatch.setattr(client, "_post", lambda _path, inner: sent.append(inner) or {})
     with pytest.raises(Exception, match="malformed announce reply"):
         client.announce("127.0.0.1:7000", [], 0, receipts=a.links.receipts())
-    assert sent[0]["receipts"] == [{"nid": 2, "received": before + second_a.bytes_in}]
+    assert sent[0]["receipts"] == [{"nid": 2, "received": 6 * cell}]
 
     # Another neighbour at that NID starts from zero; an unassigned NID is forgotten.
     c = make_node("memory")
