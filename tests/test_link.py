@@ -184,6 +184,40 @@ def test_handshake_timeout_drops_silent_callers(make_node: Any) -> None:
         assert raw.recv(100) == b""  # closed by b without a TLS handshake
 
 
+def test_handshake_slots_per_address_and_eviction_of_strangers(
+    make_node: Any, monkeypatch: Any
+) -> None:
+    """Idle callers hold no slot a neighbour needs: 8 per address, and when all are
+    taken a newcomer evicts the oldest stranger (the 3 s first-bytes deadline is
+    lifted here, so only the eviction can let the neighbour in)."""
+    monkeypatch.setattr(linkmod, "FIRST_BYTES_TIMEOUT", 30.0)
+    monkeypatch.setattr(linkmod, "MAX_PENDING_HANDSHAKES", 12)
+    a, b = make_node(), make_node(handshake_timeout=30.0)
+    host, port = split_address(b.links.address)
+
+    def stranger(source: str) -> socket.socket:
+        sock = socket.create_connection((host, port), 5, (source, 0))
+        sock.settimeout(5)
+        return sock
+
+    same = loopback_host()
+    crowd = [stranger(same) for _ in range(linkmod.MAX_HANDSHAKES_PER_ADDRESS)]
+    wait_until(lambda: len(b.links._handshakes) == len(crowd))
+    extra = stranger(same)
+    assert extra.recv(1) == b""  # one address over its cap: dropped at once
+    crowd += [stranger(loopback_host()) for _ in range(4)]  # all 12 slots taken
+    wait_until(lambda: len(b.links._handshakes) == 12)
+    newcomer = stranger(loopback_host())  # a stranger evicts the oldest stranger
+    assert crowd[0].recv(1) == b""
+    wait_until(lambda: len(b.links._handshakes) == 12)
+    # The assigned neighbour, from its own address, evicts the next oldest and links.
+    pair(a, b)
+    a.links.wait_for(7, 5)
+    assert crowd[1].recv(1) == b""
+    for sock in [*crowd, extra, newcomer]:
+        sock.close()
+
+
 def test_keepalive_and_idle_timeout(make_node: Any, monkeypatch: Any) -> None:
     # Padding every 0.1 s against a 1.5 s idle limit: a busy machine may stall the
     # writers a good while without the link looking idle.

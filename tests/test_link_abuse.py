@@ -15,6 +15,7 @@ import resource
 import socket
 import ssl
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,6 +169,8 @@ def test_a_create_flood_against_a_slow_reader_stays_bounded_and_is_cut_and_repor
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     print(f"sent {sent} CREATEs; peak {peak_frames} frames queued in {peak_queues} circuit")
     print(f"queues; peak RSS of this process {rss} MiB")
+    if tracemalloc.is_tracing():  # python -X tracemalloc
+        print(f"peak traced memory {tracemalloc.get_traced_memory()[1] >> 20} MiB")
     # Ids we never accepted hold no per-circuit queue, and everything the neighbour
     # made us queue is bounded per link.
     assert peak_queues <= 8, peak_queues
