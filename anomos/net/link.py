@@ -12,7 +12,10 @@ caller claimed.
 Once up, one reader greenlet dispatches frames to ``on_frame`` and one writer
 greenlet serves bounded per-circuit queues round-robin, several frames per
 ``sendall``: one busy circuit cannot starve the others, and a circuit that
-overflows its queue is broken by its owner, never the link.
+overflows its queue is broken by its owner, never the link. What a neighbour
+may make us do over time (CREATEs, refusals, junk frames, reconnects) is its
+:class:`NeighbourBudget`, which outlives its links; spending it is a protocol
+violation that closes the link.
 """
 
 from __future__ import annotations
@@ -337,10 +340,6 @@ def _next_frame(reader: FrameReader, expected: Cmd) -> memoryview:
 # ----------------------------------------------------------------------------- links
 
 
-def _bucket(rate: float, burst: float) -> TokenBucket:
-    return TokenBucket(rate, burst)
-
-
 @attrs.define(eq=False)
 class NeighbourBudget:
     """What one neighbour (NID and identity) may still make us do.
@@ -350,13 +349,13 @@ class NeighbourBudget:
     """
 
     #: CREATEs (see CREATE_RATE).
-    creates: TokenBucket = attrs.field(factory=lambda: _bucket(CREATE_RATE, CREATE_BURST))
+    creates: TokenBucket = attrs.field(factory=lambda: TokenBucket(CREATE_RATE, CREATE_BURST))
     #: CREATEs refused for the neighbour's own fault (see STRIKE_RATE).
-    strikes: TokenBucket = attrs.field(factory=lambda: _bucket(STRIKE_RATE, STRIKE_BURST))
+    strikes: TokenBucket = attrs.field(factory=lambda: TokenBucket(STRIKE_RATE, STRIKE_BURST))
     #: Frames for circuit ids that are not open (see JUNK_RATE).
-    junk: TokenBucket = attrs.field(factory=lambda: _bucket(JUNK_RATE, JUNK_BURST))
+    junk: TokenBucket = attrs.field(factory=lambda: TokenBucket(JUNK_RATE, JUNK_BURST))
     #: Links it opens to us (see RELINK_RATE).
-    relinks: TokenBucket = attrs.field(factory=lambda: _bucket(RELINK_RATE, RELINK_BURST))
+    relinks: TokenBucket = attrs.field(factory=lambda: TokenBucket(RELINK_RATE, RELINK_BURST))
 
 
 @attrs.define(eq=False)
