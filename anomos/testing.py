@@ -102,6 +102,8 @@ class MemoryTransport:
     """Reaches only ``memory:N`` addresses of this process; each dial is a socketpair."""
 
     name = "memory"
+    #: Every caller is "memory:0": no per-address cap on handshakes.
+    callers_share_an_address = True
 
     def __init__(self, settings: object) -> None:
         pass

@@ -62,11 +62,15 @@ READING_TIMEOUT = 30.0
 class RawLink:
     """A hand-driven connection to a peer: raw TCP, then TLS, then frames."""
 
-    def __init__(self, address: str, source: str) -> None:
+    def __init__(self, address: str, source: str, *, rcvbuf: int = 0) -> None:
+        """``rcvbuf``: a small receive buffer makes a slow reader (set before connecting)."""
         host, port = split_address(address)
-        self.sock: Any = socket.create_connection(
-            (host, port), timeout=10, source_address=(source, 0)
-        )
+        self.sock: Any = socket.socket(socket.AF_INET)
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(10)
+        self.sock.bind((source, 0))
+        self.sock.connect((host, port))
         self.buf = b""
         self.frames: gevent.queue.Queue[tuple[int, int, bytes] | None] = gevent.queue.Queue()
         self.reader: gevent.Greenlet | None = None

@@ -74,6 +74,19 @@ def test_every_limit_exists_and_is_coherent() -> None:
     # keepalive does not cut it; the CREATE bucket refills.
     assert link.IDLE_TIMEOUT >= 3 * link.KEEPALIVE_INTERVAL
     assert link.CREATE_BURST >= link.CREATE_RATE > 0
+    # A hostile neighbour (docs/threat-model.md, "Attacks"): refusals, junk and
+    # reconnects are bounded per neighbour; late frames of a closed circuit fit in
+    # what the neighbour may have queued for it, junk is far less than that.
+    assert link.STRIKE_BURST >= link.STRIKE_RATE > 0 and link.CONTROL_QUEUE_FRAMES > 0
+    assert link.LATE_FRAMES > circuitmod.CIRCUIT_WINDOW + circuitmod.SENDME_EVERY
+    assert 0 < link.JUNK_BURST < link.LATE_FRAMES and link.JUNK_RATE > 0
+    # An honest dialler reconnects at most once per stable link (its backoff resets
+    # only after STABLE_LINK), which the reconnect bucket always allows.
+    assert link.RELINK_RATE * link.STABLE_LINK >= 1 and link.RELINK_BURST >= 2
+    assert link.MAX_BUDGETS >= link.MAX_NEIGHBOURS
+    # Handshake slots: one address cannot take them all; ClientHello comes fast.
+    assert link.MAX_HANDSHAKES_PER_ADDRESS < link.MAX_PENDING_HANDSHAKES
+    assert 0 < link.FIRST_BYTES_TIMEOUT < HANDSHAKE_TIMEOUT
     assert circuitmod.HELLO_TIMEOUT > 0
     # Replay caches are bounded.
     assert onion.REPLAY_CACHE_LIMIT > 0 and request.REQUEST_REPLAY_LIMIT > 0

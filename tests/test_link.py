@@ -184,6 +184,40 @@ def test_handshake_timeout_drops_silent_callers(make_node: Any) -> None:
         assert raw.recv(100) == b""  # closed by b without a TLS handshake
 
 
+def test_handshake_slots_per_address_and_eviction_of_strangers(
+    make_node: Any, monkeypatch: Any
+) -> None:
+    """Idle callers hold no slot a neighbour needs: 8 per address, and when all are
+    taken a newcomer evicts the oldest stranger (the 3 s first-bytes deadline is
+    lifted here, so only the eviction can let the neighbour in)."""
+    monkeypatch.setattr(linkmod, "FIRST_BYTES_TIMEOUT", 30.0)
+    monkeypatch.setattr(linkmod, "MAX_PENDING_HANDSHAKES", 12)
+    a, b = make_node(), make_node(handshake_timeout=30.0)
+    host, port = split_address(b.links.address)
+
+    def stranger(source: str) -> socket.socket:
+        sock = socket.create_connection((host, port), 5, (source, 0))
+        sock.settimeout(5)
+        return sock
+
+    same = loopback_host()
+    crowd = [stranger(same) for _ in range(linkmod.MAX_HANDSHAKES_PER_ADDRESS)]
+    wait_until(lambda: len(b.links._handshakes) == len(crowd))
+    extra = stranger(same)
+    assert extra.recv(1) == b""  # one address over its cap: dropped at once
+    crowd += [stranger(loopback_host()) for _ in range(4)]  # all 12 slots taken
+    wait_until(lambda: len(b.links._handshakes) == 12)
+    newcomer = stranger(loopback_host())  # a stranger evicts the oldest stranger
+    assert crowd[0].recv(1) == b""
+    wait_until(lambda: len(b.links._handshakes) == 12)
+    # The assigned neighbour, from its own address, evicts the next oldest and links.
+    pair(a, b)
+    a.links.wait_for(7, 5)
+    assert crowd[1].recv(1) == b""
+    for sock in [*crowd, extra, newcomer]:
+        sock.close()
+
+
 def test_keepalive_and_idle_timeout(make_node: Any, monkeypatch: Any) -> None:
     # Padding every 0.1 s against a 1.5 s idle limit: a busy machine may stall the
     # writers a good while without the link looking idle.
@@ -355,38 +389,47 @@ def test_tls_stream_returns_every_buffered_record_in_one_call() -> None:
 def test_receipts_count_what_each_neighbour_sent_across_reconnections(
     make_node: Any, monkeypatch: Any
 ) -> None:
-    """The bytes received per NID survive a reconnect, and the announce carries them."""
+    """The cell bytes credited per NID survive a reconnect, and the announce carries them.
+
+    Here every DATA cell counts as on an established circuit (a CircuitSwitch decides
+    that: tests/test_link_abuse.py); other frames never count."""
+    from anomos.protocol.e2e import CELL_BODY
     from anomos.tracker.client import TrackerClient
 
     monkeypatch.setattr(linkmod, "DIAL_BACKOFF_MIN", 0.05)
     a, b = make_node("memory"), make_node("memory")
+
+    def on_frame(link: Any, circ_id: int, cmd: int, payload: memoryview) -> None:
+        if cmd == Cmd.DATA:
+            link.credit(payload)
+        a.frames.append((circ_id, cmd, bytes(payload)))
+
+    a.links.on_frame = on_frame
+    cell = linkmod.HEADER_SIZE + CELL_BODY
     assert a.links.receipts() == {}  # assigned but never linked: nothing to confirm
     pair(a, b, nid=2)
     first_a, first_b = a.links.wait_for(2, 5), b.links.wait_for(2, 5)
     circ_id = first_b.allocate_circ_id()
+    assert first_b.send(circ_id, Cmd.CREATED)
     for _ in range(5):
-        assert first_b.send(circ_id, Cmd.CREATED)
-    wait_until(lambda: len(a.frames) == 5)
-    before = first_a.bytes_in
-    assert a.links.receipts() == {2: before} and before > 0
+        assert first_b.send(circ_id, Cmd.DATA, bytes(CELL_BODY))
+    wait_until(lambda: len(a.frames) == 6)
+    assert a.links.receipts() == {2: 5 * cell}  # the CREATED and keepalives: not credited
     first_b.close("test closes it")
     assert first_a.wait_closed(2)
-    before = first_a.bytes_in  # all the first link carried
     wait_until(lambda: a.links.get(2) not in (None, first_a))
     second_b = b.links.wait_for(2, 5)
     circ_id = second_b.allocate_circ_id()
-    assert second_b.send(circ_id, Cmd.CREATED)
-    wait_until(lambda: len(a.frames) == 6)
-    second_a = a.links.wait_for(2, 5)
-    assert second_a.bytes_in > 0
-    assert a.links.receipts() == {2: before + second_a.bytes_in}
+    assert second_b.send(circ_id, Cmd.DATA, bytes(CELL_BODY))
+    wait_until(lambda: len(a.frames) == 7)
+    assert a.links.receipts() == {2: 6 * cell}
 
     sent: list[dict[str, Any]] = []
     client = TrackerClient("https://127.0.0.1:9/announce", "00" * 32, a.identity)
     monkeypatch.setattr(client, "_post", lambda _path, inner: sent.append(inner) or {})
     with pytest.raises(Exception, match="malformed announce reply"):
         client.announce("127.0.0.1:7000", [], 0, receipts=a.links.receipts())
-    assert sent[0]["receipts"] == [{"nid": 2, "received": before + second_a.bytes_in}]
+    assert sent[0]["receipts"] == [{"nid": 2, "received": 6 * cell}]
 
     # Another neighbour at that NID starts from zero; an unassigned NID is forgotten.
     c = make_node("memory")

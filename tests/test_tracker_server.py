@@ -329,8 +329,10 @@ def test_receipts_are_bounded_and_checked(tracker):
 
 
 def test_peers_confirm_what_their_links_carried(tmp_path, plugins):
-    """Real peers: each announce carries what the links received, and a peer's claim is
-    credited only up to what its neighbour confirmed."""
+    """Real peers: each announce carries the cells a circuit carried over each link (not
+    keepalives), and a peer's claim is credited only up to what its neighbour confirmed."""
+    from test_limits import plan
+
     t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, edge_settle=0)
     t.start()
     nodes = []
@@ -338,9 +340,21 @@ def test_peers_confirm_what_their_links_carried(tmp_path, plugins):
         nodes = start_peers(plugins, t, tmp_path, 2)
         a, b = nodes
         nid = t.graph.nid(a.identity.identity_public, b.identity.identity_public)
-        with gevent.Timeout(10, AssertionError("the link never carried anything")):
-            while not (a.links.receipts().get(nid) and b.links.receipts().get(nid)):
+
+        def sink(stream):
+            while stream.recv(65536):
+                pass
+            stream.close()
+
+        b.switch.on_request = lambda request: sink
+        a.links.wait_for(nid, 10)
+        assert a.links.receipts().get(nid, 0) == b.links.receipts().get(nid, 0) == 0
+        stream = a.switch.open_circuit(plan(t, [a, b]), timeout=10)
+        stream.sendall(b"x" * 3_000_000)  # b acknowledges with SENDMEs: cells back to a
+        with gevent.Timeout(10, AssertionError("the circuit never carried anything")):
+            while not (b.links.receipts().get(nid, 0) >= 3_000_000 and a.links.receipts()[nid]):
                 gevent.sleep(0.05)
+        stream.close()
         a.switch._relayed = 10**12  # a claims far more than it ever sent
         b.announce()
         confirmed = t.accounts[a.identity.identity_public].relayed_confirmed

@@ -551,12 +551,17 @@ class CircuitSwitch:
         end = ends.get(circ_id) if ends else None
         if end is not None:
             if isinstance(end, RelayCircuit):
+                if cmd == Cmd.DATA and end.opened:
+                    link.credit(payload)
                 end.on_frame(link, circ_id, cmd, payload)
             else:
+                if cmd == Cmd.DATA and end.state == _OPEN:
+                    link.credit(payload)
                 end._on_frame(link, circ_id, cmd, payload)
         elif cmd == Cmd.CREATE:
             self._on_create(link, circ_id, payload)
-        # Anything else for an unknown id is a late cell of a circuit already gone.
+        else:  # a late cell of a circuit already gone, or junk (a little is tolerated)
+            link.stray_frame(circ_id)
 
     def handle_link_down(self, link: Link, reason: str) -> None:
         """The link manager's ``on_link_down``: break every circuit that used ``link``."""
@@ -578,16 +583,18 @@ class CircuitSwitch:
 
     # ------------------------------------------------------------------ CREATE
     def _on_create(self, link: Link, circ_id: int, code: memoryview) -> None:
+        # Refusals for the neighbour's own fault are strikes: a flood of them closes
+        # the link (Link.refuse raises) and the peer reports the neighbour.
         if not link.allow_create():
-            log.info("CREATE from NID %d refused: over the CREATE rate limit", link.nid)
-            link.send(circ_id, Cmd.BREAK, encode_break(BreakReason.RATE_LIMITED), force=True)
+            log.debug("CREATE from NID %d refused: over the CREATE rate limit", link.nid)
+            link.refuse(circ_id, BreakReason.RATE_LIMITED, strike=True)
             return
         try:
             link.accept_circ_id(circ_id)
         except ProtocolError as exc:
             log.info("CREATE from NID %d refused: %s", link.nid, exc)
             code_ = BreakReason.TOO_MANY if "too many" in str(exc) else BreakReason.PROTOCOL
-            link.send(circ_id, Cmd.BREAK, encode_break(code_), force=True)
+            link.refuse(circ_id, code_, strike=True)
             return
         try:
             peeled = self._reader.peel(bytes(code))
@@ -638,8 +645,7 @@ class CircuitSwitch:
         nxt.send(next_id, Cmd.CREATE, peeled.forward_code)
 
     def _refuse(self, link: Link, circ_id: int, code: int) -> None:
-        link.send(circ_id, Cmd.BREAK, encode_break(code), force=True)
-        link.release_circ_id(circ_id)
+        link.refuse(circ_id, code, taken=True)
 
     # ------------------------------------------------------------------ terminal
     def _on_hello(self, stream: CircuitStream, body: memoryview) -> None:

@@ -12,7 +12,10 @@ caller claimed.
 Once up, one reader greenlet dispatches frames to ``on_frame`` and one writer
 greenlet serves bounded per-circuit queues round-robin, several frames per
 ``sendall``: one busy circuit cannot starve the others, and a circuit that
-overflows its queue is broken by its owner, never the link.
+overflows its queue is broken by its owner, never the link. What a neighbour
+may make us do over time (CREATEs, refusals, junk frames, reconnects) is its
+:class:`NeighbourBudget`, which outlives its links; spending it is a protocol
+violation that closes the link.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import gevent
 import gevent.event
 import gevent.lock
 import gevent.pool
+import gevent.socket
 import nacl.exceptions
 import nacl.signing
 from cryptography import x509
@@ -79,8 +83,15 @@ DIAL_BACKOFF_MAX = 30.0
 STABLE_LINK = 10.0
 #: Minimum seconds between two ``on_unknown_nid`` refreshes.
 UNKNOWN_NID_INTERVAL = 2.0
-#: Handshakes in progress at once; more callers are dropped.
+#: Handshakes in progress at once. When all are taken, a new caller evicts the
+#: oldest caller from an address no assigned neighbour has (a stranger); with none
+#: to evict it is dropped.
 MAX_PENDING_HANDSHAKES = 64
+#: Handshakes in progress from one address (unless the transport's callers all
+#: share one, as Tor's do); more callers from there are dropped.
+MAX_HANDSHAKES_PER_ADDRESS = 8
+#: Seconds a caller has to send its first TLS bytes (the ClientHello).
+FIRST_BYTES_TIMEOUT = 3.0
 #: Neighbours accepted in one assignment.
 MAX_NEIGHBOURS = 256
 #: Circuits one link carries at once (both directions together).
@@ -97,9 +108,35 @@ CIRCUIT_QUEUE_FRAMES = 256
 LINK_QUEUE_FRAMES = 2048
 #: CREATEs a neighbour may send: a token bucket refilled at this rate (per second)
 #: up to the burst. Each CREATE costs X25519 work and a replay-cache entry; the
-#: excess is answered with BREAK "rate limited".
+#: excess is answered with BREAK "rate limited". The bucket belongs to the
+#: neighbour (:class:`NeighbourBudget`), so reconnecting does not refill it.
 CREATE_RATE = 200.0
 CREATE_BURST = 1000
+#: CREATEs of one neighbour we may refuse for its own fault (over its rate, over the
+#: circuit cap, a reused id): a bucket refilled at this rate up to the burst. A
+#: neighbour that empties it is flooding us: its link closes and it is reported.
+STRIKE_RATE = 10.0
+STRIKE_BURST = 200
+#: Refusals (BREAKs answering CREATEs we did not take) and link frames one link may
+#: have waiting. They hold no per-circuit state; a neighbour that lets more pile up
+#: does not read our answers while it keeps asking: the link closes.
+CONTROL_QUEUE_FRAMES = 256
+#: Frames one neighbour may send for circuit ids that are not open (beyond the late
+#: cells of circuits closed meanwhile): a bucket refilled per second up to the burst.
+#: Past it the neighbour is sending junk: the link closes and it is reported.
+JUNK_RATE = 1.0
+JUNK_BURST = 16
+#: Late frames accepted for a circuit id after the circuit closed: whatever the
+#: neighbour still had queued for it (its queue bound; the end-to-end window and its
+#: SENDMEs fit in it). Remembered for the last MAX_CIRCUITS_PER_LINK ids closed.
+LATE_FRAMES = CIRCUIT_QUEUE_FRAMES
+#: Links one neighbour may open to us: a bucket refilled at this rate (per second)
+#: up to the burst; a reconnect beyond it is refused after authentication.
+RELINK_RATE = 0.2
+RELINK_BURST = 5
+#: Neighbours whose budgets are remembered (the assigned ones and, beyond them, the
+#: most recently seen), so an assignment that comes and goes refills nothing.
+MAX_BUDGETS = 2 * MAX_NEIGHBOURS
 #: The writer sends up to this many bytes per ``sendall``.
 BATCH_BYTES = 256 * 1024
 #: Bytes read from the transport at once, before TLS decryption.
@@ -284,6 +321,12 @@ class TLSStream:
         self.sock.close()
 
 
+def _host(address: str) -> str:
+    """The host part of ``host:port`` (the whole string if it has no port)."""
+    host, sep, port = address.rpartition(":")
+    return host.strip("[]") if sep and port.isdigit() else address
+
+
 def _next_frame(reader: FrameReader, expected: Cmd) -> memoryview:
     try:
         circ_id, cmd, payload = next(reader)
@@ -309,6 +352,24 @@ def _same_neighbour(current: Any, dialled: Any) -> bool:
         and bytes(current.identity) == bytes(dialled.identity)
         and current.address == dialled.address
     )
+
+
+@attrs.define(eq=False)
+class NeighbourBudget:
+    """What one neighbour (NID and identity) may still make us do.
+
+    It outlives the neighbour's links: reconnecting refills nothing, and a
+    neighbour cut for flooding comes back with the budget it left with.
+    """
+
+    #: CREATEs (see CREATE_RATE).
+    creates: TokenBucket = attrs.field(factory=lambda: TokenBucket(CREATE_RATE, CREATE_BURST))
+    #: CREATEs refused for the neighbour's own fault (see STRIKE_RATE).
+    strikes: TokenBucket = attrs.field(factory=lambda: TokenBucket(STRIKE_RATE, STRIKE_BURST))
+    #: Frames for circuit ids that are not open (see JUNK_RATE).
+    junk: TokenBucket = attrs.field(factory=lambda: TokenBucket(JUNK_RATE, JUNK_BURST))
+    #: Links it opens to us (see RELINK_RATE).
+    relinks: TokenBucket = attrs.field(factory=lambda: TokenBucket(RELINK_RATE, RELINK_BURST))
 
 
 @attrs.define(eq=False)
@@ -343,9 +404,16 @@ class Link:
     #: Frames queued now, all circuits together.
     _queued: int = attrs.field(default=0, repr=False)
     _room: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
-    _creates: TokenBucket = attrs.field(
-        factory=lambda: TokenBucket(CREATE_RATE, CREATE_BURST), repr=False
-    )
+    #: The neighbour's budget, shared by all its links (see :class:`NeighbourBudget`).
+    budget: NeighbourBudget = attrs.field(factory=NeighbourBudget, repr=False)
+    #: Bytes of the DATA cells the neighbour sent on circuits established through
+    #: us: what our receipts confirm (keepalives, junk and refused CREATEs are not).
+    cell_bytes_in: int = 0
+    #: Released circuit ids whose frames are still queued: they count against the
+    #: circuit cap until sent, so closing circuits cannot pile up queues.
+    _draining: set[int] = attrs.field(factory=set, repr=False)
+    #: Recently closed circuit ids -> late frames still accepted for each (LATE_FRAMES).
+    _late: dict[int, int] = attrs.field(factory=dict, repr=False)
 
     @property
     def bytes_in(self) -> int:
@@ -358,7 +426,8 @@ class Link:
     # ------------------------------------------------------------------ circuit ids
     @property
     def circuit_count(self) -> int:
-        return len(self._circ_ids)
+        """Open circuit ids, and closed ones whose last frames are still queued."""
+        return len(self._circ_ids) + len(self._draining)
 
     def is_local_id(self, circ_id: int) -> bool:
         """Whether ``circ_id`` lies in the half of the id space this side allocates."""
@@ -378,22 +447,31 @@ class Link:
         """Take a circuit id the neighbour allocated (on its CREATE)."""
         if self.is_local_id(circ_id):
             raise ProtocolError(f"NID {self.nid} used circuit id {circ_id:#x} from our half")
-        if circ_id in self._circ_ids:
+        if circ_id in self._circ_ids or circ_id in self._queues:
             raise ProtocolError(f"NID {self.nid} reused the open circuit id {circ_id:#x}")
         self._check_room()
         self._circ_ids.add(circ_id)
+        self._late.pop(circ_id, None)
 
     def release_circ_id(self, circ_id: int) -> None:
-        """Forget a circuit id; frames already queued for it are still sent."""
+        """Forget a circuit id; frames already queued for it are still sent, and the
+        neighbour's frames still in flight for it are accepted (LATE_FRAMES)."""
+        if circ_id not in self._circ_ids:
+            return
         self._circ_ids.discard(circ_id)
         q = self._queues.get(circ_id)
-        if q is not None and not q:
+        if q:
+            self._draining.add(circ_id)
+        elif q is not None:
             del self._queues[circ_id]
+        self._late[circ_id] = LATE_FRAMES
+        if len(self._late) > MAX_CIRCUITS_PER_LINK:
+            del self._late[next(iter(self._late))]  # the oldest
 
     def _check_room(self) -> None:
         if self.closed_reason is not None:
             raise ProtocolError(f"link to NID {self.nid} is closed ({self.closed_reason})")
-        if len(self._circ_ids) >= MAX_CIRCUITS_PER_LINK:
+        if self.circuit_count >= MAX_CIRCUITS_PER_LINK:
             raise ProtocolError(f"too many circuits on the link to NID {self.nid}")
 
     # ------------------------------------------------------------------ sending
@@ -459,7 +537,40 @@ class Link:
 
     def allow_create(self) -> bool:
         """Take a token from the neighbour's CREATE bucket; False when it is empty."""
-        return self._creates.try_take()
+        return self.budget.creates.try_take()
+
+    def refuse(self, circ_id: int, code: int, *, taken: bool = False, strike: bool = False) -> None:
+        """Answer a CREATE with BREAK ``code``, queued in the small control queue: a
+        refused CREATE leaves no per-circuit state.
+
+        ``taken``: we had accepted the id and the CREATE failed later: the id is
+        forgotten (a circuit that never opened has no late frames). ``strike``: the
+        CREATE broke the neighbour's own limits, which spends its strike budget.
+        Raises ProtocolError (the reader closes the link, the peer reports the
+        neighbour) when that budget or the control queue is spent: a flood.
+        """
+        if taken:
+            self._circ_ids.discard(circ_id)
+        if strike and not self.budget.strikes.try_take():
+            raise ProtocolError(f"NID {self.nid} floods us with CREATEs over its limits")
+        if len(self._control) >= CONTROL_QUEUE_FRAMES:
+            raise ProtocolError(f"NID {self.nid} floods us with CREATEs and reads no answer")
+        self._control.append(encode_frame(circ_id, Cmd.BREAK, bytes((code,))))
+        self._wake.set()
+
+    def stray_frame(self, circ_id: int) -> None:
+        """A frame for a circuit id that is not open: a late frame of a circuit closed
+        meanwhile (up to LATE_FRAMES each), else junk, a little of which is tolerated.
+        Raises ProtocolError once the neighbour's junk budget is spent."""
+        left = self._late.get(circ_id)
+        if left:
+            self._late[circ_id] = left - 1
+        elif not self.budget.junk.try_take():
+            raise ProtocolError(f"NID {self.nid} sent frames on circuits that do not exist")
+
+    def credit(self, payload: memoryview) -> None:
+        """Count a DATA cell the neighbour sent on an established circuit (receipts)."""
+        self.cell_bytes_in += HEADER_SIZE + len(payload)
 
     def discard(self, circ_id: int) -> None:
         """Drop what is queued for ``circ_id`` (a circuit broken by overflow)."""
@@ -469,6 +580,9 @@ class Link:
             q.clear()
             with contextlib.suppress(ValueError):
                 self._active.remove(circ_id)
+        if q is not None and circ_id not in self._circ_ids:
+            del self._queues[circ_id]
+            self._draining.discard(circ_id)
 
     # ------------------------------------------------------------------ lifecycle
     def close(self, reason: str = "closed") -> None:
@@ -478,6 +592,8 @@ class Link:
         self.closed_reason = reason
         self._queues.clear()
         self._active.clear()
+        self._control.clear()
+        self._draining.clear()
         self._queued = 0
         self._room.set()
         current = gevent.getcurrent()
@@ -509,6 +625,8 @@ class Link:
                 handler = self.manager.on_frame
                 if handler is None:
                     raise ProtocolError(f"{cmd_name(cmd)} on a link that carries no circuits")
+                if cmd == Cmd.BREAK:
+                    self.discard(circ_id)  # the neighbour ended it: nothing more to send
                 handler(self, circ_id, cmd, payload)
                 turn += 1
                 if turn >= READER_TURN_FRAMES:
@@ -566,6 +684,7 @@ class Link:
                         active.append(circ_id)
                     else:
                         del queues[circ_id]  # an idle circuit keeps no queue (~600 bytes)
+                        self._draining.discard(circ_id)
                 if limiter is not None:
                     limiter.take(size)
                 sock.sendall(b"".join(batch))
@@ -608,13 +727,21 @@ class LinkManager:
     _transports: dict[str, Transport] = attrs.field(factory=dict, init=False, repr=False)
     _server_ctx: ssl.SSLContext | None = attrs.field(default=None, init=False, repr=False)
     _client_ctx: ssl.SSLContext = attrs.field(factory=client_context, init=False, repr=False)
-    _pending: int = attrs.field(default=0, init=False, repr=False)
+    #: Handshakes in progress: their greenlet -> the caller's host, oldest first.
+    _handshakes: dict[gevent.Greenlet, str] = attrs.field(factory=dict, init=False, repr=False)
+    #: Hosts of the assigned neighbours' contact addresses: callers from them are
+    #: never evicted for another caller.
+    _neighbour_hosts: frozenset[str] = attrs.field(default=frozenset(), init=False, repr=False)
+    #: (NID, identity) -> that neighbour's budget, least recently used first.
+    _budgets: dict[tuple[int, bytes], NeighbourBudget] = attrs.field(
+        factory=dict, init=False, repr=False
+    )
     _changed: gevent.event.Event = attrs.field(factory=gevent.event.Event, init=False, repr=False)
     _last_refresh: float = attrs.field(default=-1e9, init=False, repr=False)
     _refreshing: gevent.event.Event | None = attrs.field(default=None, init=False, repr=False)
     _closed: bool = attrs.field(default=False, init=False)
-    #: NID -> bytes received over the closed links of the neighbour now assigned that
-    #: NID (dropped when the assignment changes): the past part of :meth:`receipts`.
+    #: NID -> cell bytes received over the closed links of the neighbour now assigned
+    #: that NID (dropped when the assignment changes): the past part of :meth:`receipts`.
     _received: dict[int, int] = attrs.field(factory=dict, init=False, repr=False)
     #: Paces the writers of all links together (``Settings.max_send_rate``), or None.
     send_limiter: TokenBucket | None = attrs.field(default=None, init=False, repr=False)
@@ -645,6 +772,7 @@ class LinkManager:
             if new is None or bytes(new.identity) != bytes(old.identity):
                 del self._received[nid]  # another edge now: its count starts again
         self._assigned = assigned
+        self._neighbour_hosts = frozenset(_host(nb.address) for nb in assigned.values())
         for nid, link in list(self.links.items()):
             nb = assigned.get(nid)
             if nb is None or bytes(nb.identity) != link.identity:
@@ -660,14 +788,15 @@ class LinkManager:
         return dict(self._assigned)
 
     def receipts(self) -> dict[int, int]:
-        """NID -> bytes received from that assigned neighbour since it was assigned, across
-        reconnections: what the tracker credits the neighbour's relaying with."""
+        """NID -> bytes of the DATA cells that assigned neighbour sent on circuits
+        established through us since it was assigned, across reconnections: what the
+        tracker credits the neighbour's relaying with (never keepalives or junk)."""
         out = {}
         for nid, nb in self._assigned.items():
             past = self._received.get(nid)
             link = self.links.get(nid)
             if link is not None and link.identity == bytes(nb.identity):
-                out[nid] = (past or 0) + link.bytes_in
+                out[nid] = (past or 0) + link.cell_bytes_in
             elif past is not None:
                 out[nid] = past
             # else never linked: nothing to confirm
@@ -774,19 +903,23 @@ class LinkManager:
             with contextlib.suppress(OSError):
                 sock.close()
             raise
-        return Link(nid, nb.address, expected, True, sock, reader, self)
+        return Link(
+            nid, nb.address, expected, True, sock, reader, self, budget=self._budget(nid, expected)
+        )
 
     # ------------------------------------------------------------------ accepting
     def _accept(self, raw: socket.socket, remote: str) -> None:
         """Transport handler: authenticate, then serve the link in this greenlet."""
-        if self._closed or self._pending >= MAX_PENDING_HANDSHAKES or self._server_ctx is None:
+        if self._closed or self._server_ctx is None or not self._take_slot(remote):
             raw.close()
             return
-        self._pending += 1
         sock: Any = raw
         try:
             timeout = ProtocolError("link handshake timed out")
             with gevent.Timeout(self.settings.handshake_timeout, timeout):
+                first = min(FIRST_BYTES_TIMEOUT, self.settings.handshake_timeout)
+                silent = ProtocolError(f"no TLS handshake within {first:g} s")
+                gevent.socket.wait_read(raw.fileno(), timeout=first, timeout_exc=silent)
                 sock = TLSStream(raw, self._server_ctx, server_side=True)
                 sock.do_handshake()
                 reader = FrameReader(sock)
@@ -806,6 +939,9 @@ class LinkManager:
                     raise CryptoError(f"caller claimed NID {nid}, which is not our neighbour")
                 if bytes(nb.identity) != identity:
                     raise CryptoError(f"caller claimed NID {nid} with the wrong identity key")
+                budget = self._budget(nid, identity)
+                if not budget.relinks.try_take():
+                    raise ProtocolError(f"NID {nid} reconnects too often")
                 sock.sendall(encode_frame(LINK_CIRC_ID, Cmd.AUTH_OK))
         except (AnomosError, OSError) as exc:
             log.info("refused link from %s: %s", remote, exc)
@@ -813,13 +949,33 @@ class LinkManager:
                 sock.close()
             return
         finally:
-            self._pending -= 1
+            self._handshakes.pop(gevent.getcurrent(), None)
         if self._closed:
             sock.close()
             return
-        link = Link(nid, nb.address, identity, False, sock, reader, self)
+        link = Link(nid, nb.address, identity, False, sock, reader, self, budget=budget)
         self._link_up(link)
         link.run()
+
+    def _take_slot(self, remote: str) -> bool:
+        """A handshake slot for a caller from ``remote``, evicting the oldest stranger
+        when all are taken; False (drop the caller) when there is none to give."""
+        host = _host(remote)
+        pending = self._handshakes
+        transport = self._transport(self.settings.transport)
+        shared = getattr(transport, "callers_share_an_address", False)  # e.g. all via tor
+        if not shared and sum(h == host for h in pending.values()) >= MAX_HANDSHAKES_PER_ADDRESS:
+            log.info("dropped a caller from %s: too many handshakes from there", host)
+            return False
+        if len(pending) >= MAX_PENDING_HANDSHAKES:
+            oldest = next((g for g, h in pending.items() if h not in self._neighbour_hosts), None)
+            if oldest is None:
+                log.info("dropped a caller from %s: every handshake slot is taken", host)
+                return False
+            del pending[oldest]
+            oldest.kill(ProtocolError("handshake slot taken by a newer caller"), block=False)
+        pending[gevent.getcurrent()] = host
+        return True
 
     def _assignment_for(self, nid: int) -> Any:
         """The assigned neighbour ``nid``, refreshing from the tracker once if unknown."""
@@ -841,6 +997,15 @@ class LinkManager:
         return self._assigned.get(nid)
 
     # ------------------------------------------------------------------ bookkeeping
+    def _budget(self, nid: int, identity: bytes) -> NeighbourBudget:
+        """The budget of neighbour ``nid`` with ``identity``, kept across its links."""
+        key = (nid, identity)
+        budget = self._budgets.pop(key, None) or NeighbourBudget()
+        self._budgets[key] = budget  # the most recently used last
+        while len(self._budgets) > MAX_BUDGETS:
+            del self._budgets[next(iter(self._budgets))]
+        return budget
+
     def _link_up(self, link: Link) -> None:
         old = self.links.get(link.nid)
         self.links[link.nid] = link
@@ -858,7 +1023,7 @@ class LinkManager:
             del self.links[link.nid]
         nb = self._assigned.get(link.nid)
         if nb is not None and bytes(nb.identity) == link.identity:
-            self._received[link.nid] = self._received.get(link.nid, 0) + link.bytes_in
+            self._received[link.nid] = self._received.get(link.nid, 0) + link.cell_bytes_in
         log.info("link to NID %d closed: %s", link.nid, reason)
         if self.on_link_down is not None:
             try:

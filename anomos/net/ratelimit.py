@@ -1,5 +1,5 @@
 """Token buckets: one shared by the writers of every neighbour link of one peer,
-and one per link for the CREATEs its neighbour may send.
+and per neighbour, what it may make us do (anomos.net.link.NeighbourBudget).
 
 A peer that donates bandwidth wants to say how much: ``--max-send-rate``
 caps the bytes per second all its links send together, relayed cells and its

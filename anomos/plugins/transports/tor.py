@@ -72,6 +72,8 @@ class TorTransport:
     """Dial through Tor's SOCKS port; listen as a v3 onion service."""
 
     name: ClassVar[str] = "tor"
+    #: Every caller of our onion arrives from the local tor: no per-address cap.
+    callers_share_an_address: ClassVar[bool] = True
 
     def __init__(self, settings: Settings) -> None:
         opts = settings.options
