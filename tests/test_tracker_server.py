@@ -22,11 +22,11 @@ from anomos.testing import loopback_host, start_peers
 from anomos.tracker import client as client_mod
 from anomos.tracker import server as server_mod
 from anomos.tracker.client import (
-    SIGNATURE_CONTEXT,
     LostNeighbour,
     TorrentStatus,
     TrackerClient,
     signed_body,
+    signed_message,
 )
 from anomos.tracker.identity import TrackerIdentity, pinned_context
 from anomos.tracker.server import Tracker
@@ -172,13 +172,17 @@ def test_bad_signature_and_stolen_identity_are_refused(tracker):
     victim.announce()
     inner = bencode.encode(announce_fields(thief))
     # The thief signs correctly with its own key but claims the victim's identity.
-    sig = thief.identity.signing.sign(SIGNATURE_CONTEXT + b"/announce" + inner).signature
+    sig = thief.identity.signing.sign(signed_message(tracker.fingerprint, "/announce", inner))
+    sig = sig.signature
     body = bencode.encode({"peer": victim.pub, "msg": inner, "sig": sig})
     status, reply = raw_post(tracker, "/announce", body)
     assert status == 403
-    assert reply[b"failure reason"] == b"bad signature: request not signed by the claimed peer"
+    assert reply[b"failure reason"] == (
+        b"bad signature: request not signed by the claimed peer for this tracker"
+    )
     # A signature made for another endpoint does not carry over.
-    sig = victim.identity.signing.sign(SIGNATURE_CONTEXT + b"/circuits" + inner).signature
+    sig = victim.identity.signing.sign(signed_message(tracker.fingerprint, "/circuits", inner))
+    sig = sig.signature
     body = bencode.encode({"peer": victim.pub, "msg": inner, "sig": sig})
     assert raw_post(tracker, "/announce", body)[0] == 403
     assert tracker.peers[victim.pub].address == victim.address
@@ -197,7 +201,7 @@ def test_oversize_and_malformed_requests(tracker):
     assert raw_post(tracker, "/announce", b"not bencode")[0] == 400
     assert raw_post(tracker, "/nowhere", b"de")[0] == 404
     p = Peer(tracker)
-    body = signed_body(p.identity, "/announce", {"time": int(time.time())})
+    body = signed_body(p.identity, "/announce", {"time": int(time.time())}, tracker.fingerprint)
     status, reply = raw_post(tracker, "/announce", body)
     assert status == 400 and reply[b"failure reason"] == b"missing field 'session'"
 
@@ -315,7 +319,9 @@ def test_receipts_are_bounded_and_checked(tracker):
 
     def refusal(receipts):
         inner = announce_fields(p, receipts=receipts)
-        status, reply = raw_post(tracker, "/announce", signed_body(p.identity, "/announce", inner))
+        status, reply = raw_post(
+            tracker, "/announce", signed_body(p.identity, "/announce", inner, tracker.fingerprint)
+        )
         assert status == 400
         return reply[b"failure reason"].decode()
 
@@ -632,11 +638,13 @@ def test_client_refuses_bad_urls_and_fingerprints():
         TrackerClient("https://x:1/announce", "abc", ident)
 
 
-def test_signature_covers_context_path_and_message():
+def test_signature_covers_context_tracker_path_and_message():
     ident = PeerIdentity.generate()
-    outer = bencode.decode(signed_body(ident, "/announce", {"time": 1}))
+    fingerprint = "ab" * 32
+    outer = bencode.decode(signed_body(ident, "/announce", {"time": 1}, fingerprint))
     nacl.signing.VerifyKey(outer[b"peer"]).verify(
-        b"anomos-tracker-v1/announce" + outer[b"msg"], outer[b"sig"]
+        b"anomos-tracker-v2" + bytes.fromhex(fingerprint) + b"/announce" + outer[b"msg"],
+        outer[b"sig"],
     )
 
 
@@ -679,7 +687,9 @@ def test_low_order_keys_are_refused(tracker, key):
     """A low-order X25519 key would make every circuit through the peer fail to build."""
     p = Peer(tracker)
     inner = announce_fields(p, **{key: bytes(32)})
-    status, reply = raw_post(tracker, "/announce", signed_body(p.identity, "/announce", inner))
+    status, reply = raw_post(
+        tracker, "/announce", signed_body(p.identity, "/announce", inner, tracker.fingerprint)
+    )
     assert status == 400
     assert reply[b"failure reason"] == f"field {key!r} is not a usable X25519 public key".encode()
     assert p.pub not in tracker.peers
