@@ -14,9 +14,11 @@ import os
 import pytest
 
 from anomos import bencode
+from anomos.errors import TrackerError
 from anomos.identity import PeerIdentity
-from anomos.tracker.client import TorrentStatus, TrackerClient
+from anomos.tracker.client import LostNeighbour, TorrentStatus, TrackerClient
 from anomos.tracker.identity import pinned_context
+from anomos.tracker.limits import LimitSettings
 from anomos.tracker.server import Tracker
 
 IH = bytes(range(20))
@@ -125,3 +127,74 @@ def test_a_captured_request_is_refused_when_played_again(tmp_path, plugins):
         assert status == 403 and reason.startswith(b"request replayed")
     finally:
         t.stop()
+
+
+# ---------------------------------------------------------------------------- item 6
+
+
+def honest_network(t: Tracker, n: int) -> dict[bytes, str]:
+    """``n`` peers announced over HTTPS, each from its own /24; identity -> address."""
+    members = {}
+    for _ in range(n):
+        host = f"{subnet()}.2"
+        peer = client(t, host)
+        peer.announce(f"{host}:7000", [], 0)
+        members[peer.identity.identity_public] = f"{host}:7000"
+    return members
+
+
+def test_throwaway_identities_from_one_network_are_limited(tracker):
+    """The review's attack: a fresh identity per announce, from one network, each
+    learning 4-6 neighbours. Past the network's join allowance (16 back to back,
+    then one a minute) the tracker answers 429 and names no one."""
+    members = honest_network(tracker, 30)
+    net = subnet()
+    learned: set[str] = set()
+    joined = refused = 0
+    for i in range(40):
+        host = f"{net}.{2 + i % 4}"  # four addresses of one /24
+        try:
+            reply = client(tracker, host).announce(f"{host}:7000", [], 0)
+        except TrackerError as exc:
+            assert f"too many new peers from {net}.0/24" in str(exc)
+            refused += 1
+            continue
+        joined += 1
+        learned |= {n.address for n in reply.neighbours}
+    assert joined == LimitSettings().join_burst and refused == 40 - joined
+    assert len(learned & set(members.values())) < len(members)
+    # Another network is not held back by this one.
+    other = f"{subnet()}.2"
+    assert client(tracker, other).announce(f"{other}:7000", [], 0).neighbours
+
+
+def test_one_identity_reporting_unreachable_neighbours_learns_few(tracker):
+    """The review's second attack: one identity reports its neighbours `unreachable`
+    again and again and is given new ones each time. Only `replace_burst` of its
+    reports replace an edge; the rest are ignored."""
+    members = honest_network(tracker, 40)
+    host = f"{subnet()}.2"
+    spy = client(tracker, host)
+    reply = spy.announce(f"{host}:7000", [], 0)
+    learned = {n.identity for n in reply.neighbours}
+    first = len(learned)
+    for _ in range(7):  # the first announce and these fit in the announce burst
+        lost = [LostNeighbour(n.nid, 0, "unreachable") for n in reply.neighbours[:2]]
+        reply = spy.announce(f"{host}:7000", [], 0, lost=lost)
+        learned |= {n.identity for n in reply.neighbours}
+    assert learned <= set(members)
+    assert len(learned) <= first + LimitSettings().replace_burst
+
+
+def test_announcing_faster_than_min_interval_is_refused(tracker):
+    """min_interval is enforced per identity (on average: a burst of 8, then one per
+    min_interval); a goodbye is never refused."""
+    host = f"{subnet()}.2"
+    peer = client(tracker, host)
+    done = 0
+    with pytest.raises(TrackerError, match="announcing too often: at most one per 5 s"):
+        for done in range(1, 30):  # noqa: B007
+            peer.announce(f"{host}:7000", [], 0)
+    assert done > LimitSettings().announce_burst
+    peer.announce(f"{host}:7000", [], 0, stopped=True)
+    assert peer.identity.identity_public not in tracker.peers
