@@ -198,3 +198,36 @@ def test_announcing_faster_than_min_interval_is_refused(tracker):
     assert done > LimitSettings().announce_burst
     peer.announce(f"{host}:7000", [], 0, stopped=True)
     assert peer.identity.identity_public not in tracker.peers
+
+
+# ---------------------------------------------------------------------------- item 7
+
+
+def test_a_forged_upload_count_neither_raises_the_ratio_nor_passes_min_ratio(tmp_path, plugins):
+    """The review's attack: announcing uploaded=10^13 took a ratio from 0 to 931 and
+    got circuits past --min-ratio. Only uploads the peer's neighbours confirm count."""
+    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, edge_settle=0, min_ratio=0.5,
+                ratio_grace=1000)  # fmt: skip
+    t.start()
+    try:
+        host, other = f"{subnet()}.2", f"{subnet()}.2"
+        cheat, witness = client(t, host), client(t, other)
+        torrent = [TorrentStatus(IH, 0, 4000, 5)]
+        cheat.announce(f"{host}:7000", torrent, 0)
+        witness.announce(f"{other}:7000", [], 0)
+        with pytest.raises(TrackerError, match=r"share ratio 0\.00 is below"):
+            cheat.request_circuits(IH, 1)
+        forged = [TorrentStatus(IH, 10**13, 4000, 5)]
+        reply = cheat.announce(f"{host}:7000", forged, 0)
+        assert reply.ratio == 0.0
+        with pytest.raises(TrackerError, match=r"share ratio 0\.00 is below"):
+            cheat.request_circuits(IH, 1)
+        assert (reply.uploaded, reply.uploaded_claimed) == (0, 10**13)
+        # What its neighbour confirms receiving from it is credited, and no more.
+        nid = t.graph.nid(witness.identity.identity_public, cheat.identity.identity_public)
+        witness.announce(f"{other}:7000", [], 0, receipts={nid: 3000})
+        reply = cheat.announce(f"{host}:7000", forged, 0)
+        assert (reply.uploaded, reply.ratio) == (3000, pytest.approx(3000 / 4000))
+        assert cheat.request_circuits(IH, 1) == []  # served (there is no source)
+    finally:
+        t.stop()

@@ -230,17 +230,22 @@ def test_ratio_credits_relayed_bytes_its_neighbour_confirms(tracker):
     # Claiming more than the neighbour confirms: only the confirmed part counts.
     n.announce(receipts={nid_between(tracker, n, p): 1400})
     reply = p.announce(left=SIZE, downloaded=500, uploaded=100, relayed=1500)
-    assert (reply.uploaded, reply.downloaded, reply.relayed) == (100, 500, 1400)
-    assert reply.relayed_claimed == 1500
-    assert reply.ratio == pytest.approx(1500 / 500)
+    assert (reply.uploaded, reply.downloaded, reply.relayed) == (0, 500, 1400)
+    assert (reply.uploaded_claimed, reply.relayed_claimed) == (100, 1500)
+    assert reply.ratio == pytest.approx(1400 / 500)
+    # Uploads are credited from what the receipts confirm beyond the relayed bytes.
+    n.announce(receipts={nid_between(tracker, n, p): 1560})
+    reply = p.announce(left=SIZE, downloaded=500, uploaded=100, relayed=1500)
+    assert (reply.uploaded, reply.relayed) == (60, 1500)
+    assert reply.ratio == pytest.approx(1560 / 500)
     # Leaving and coming back in the same session credits nothing twice.
     p.announce(stopped=True, left=SIZE, downloaded=500, uploaded=100, relayed=1500)
     reply = p.announce(left=SIZE, downloaded=600, uploaded=100, relayed=1500)
-    assert (reply.uploaded, reply.downloaded, reply.relayed_claimed) == (100, 600, 1500)
+    assert (reply.uploaded_claimed, reply.downloaded, reply.relayed_claimed) == (100, 600, 1500)
     # A restarted peer (new session) starts its counters from zero again.
     p.client = TrackerClient(tracker.url, tracker.fingerprint, p.identity, source_host=p.host)
     reply = p.announce(left=SIZE, downloaded=100, relayed=200)
-    assert (reply.downloaded, reply.relayed_claimed, reply.relayed) == (700, 1700, 1400)
+    assert (reply.downloaded, reply.relayed_claimed, reply.relayed) == (700, 1700, 1560)
 
 
 def test_min_ratio_refuses_circuits_past_the_grace_until_relaying_earns_them(tmp_path, plugins):

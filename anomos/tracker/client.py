@@ -84,6 +84,8 @@ class AnnounceReply:
     min_interval: int = 0
     #: Relayed bytes we claimed in all (credited or not).
     relayed_claimed: int = 0
+    #: Uploaded bytes we claimed in all; ``uploaded`` is what our neighbours confirm of it.
+    uploaded_claimed: int = 0
 
 
 @attrs.frozen
@@ -407,6 +409,7 @@ def _parse_announce(reply: dict[bytes, Any]) -> AnnounceReply:
         relayed=_int(reply[b"relayed"]),
         min_interval=_int(reply.get(b"min_interval", 0), 0, 86400),
         relayed_claimed=_int(reply.get(b"relayed_claimed", reply[b"relayed"])),
+        uploaded_claimed=_int(reply.get(b"uploaded_claimed", reply[b"uploaded"])),
     )
 
 

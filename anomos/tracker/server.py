@@ -267,6 +267,17 @@ class _Receipts:
     last: dict[int, tuple[bytes, int]] = attrs.field(factory=dict)
 
 
+def _confirmed_upload(account: Account) -> int:
+    """Uploaded bytes credited: the peer's claim, as far as its neighbours' receipts
+    confirm link bytes from it that the relay credit has not used already.
+
+    A source's uploads leave it over its links like the cells it relays, so the
+    receipts bound both together: what a peer says it uploaded is never taken on
+    trust (it could claim 10^13 bytes), only the bytes others saw leave it.
+    """
+    return min(account.uploaded, max(0, account.relayed_confirmed - account.relayed))
+
+
 def _add_delta(reported: int, last: int) -> int:
     """Bytes to credit from a cumulative counter; a smaller value means it was reset."""
     return reported - last if reported >= last else reported
@@ -774,7 +785,8 @@ class Tracker:
             "interval": min(interval or self.interval, self.interval),
             "min_interval": min(self.min_interval, interval or self.min_interval),
             "ratio": "inf" if math.isinf(ratio) else f"{ratio:.6f}",
-            "uploaded": account.uploaded,
+            "uploaded": _confirmed_upload(account),
+            "uploaded_claimed": account.uploaded,
             "downloaded": account.downloaded,
             "relayed": account.relayed,
             "relayed_claimed": account.relayed_claimed,
@@ -806,8 +818,9 @@ class Tracker:
         return {"circuits": [plan_to_wire(p) for p in plans]}
 
     def _ratio_of(self, account: Account) -> float:
-        """The ratio plugin's share ratio, with the relayed bytes neighbours confirmed."""
-        return self.ratio.ratio(account.uploaded, account.downloaded, account.relayed)
+        """The ratio plugin's share ratio, with the uploaded and relayed bytes
+        neighbours confirmed."""
+        return self.ratio.ratio(_confirmed_upload(account), account.downloaded, account.relayed)
 
     def _ratio_refusal(self, peer: bytes) -> str | None:
         """Why ``peer`` gets no circuits under this tracker's minimum ratio, or None.
