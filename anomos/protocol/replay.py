@@ -25,7 +25,7 @@ from pathlib import Path
 
 import attrs
 
-from anomos.errors import CryptoError
+from anomos.errors import ConfigError, CryptoError
 
 #: Records appended beyond twice the live entries before the file is compacted.
 COMPACT_SLACK = 4096
@@ -51,11 +51,14 @@ class ReplayFile:
 
     def load(self, alive: Callable[[int], bool], limit: int) -> list[tuple[int, bytes]]:
         """The entries still ``alive`` (at most the last ``limit``); the file is
-        rewritten with exactly those and kept open for appending."""
+        rewritten with exactly those and kept open for appending. ``ConfigError``
+        if it cannot be read or written (a peer must not run without it)."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
             data = b""
+        except OSError as exc:
+            raise ConfigError(f"cannot read the replay cache {self.path}: {exc.strerror}") from None
         size = self.record_size
         whole = len(data) - len(data) % size  # without a last record torn by a crash
         entries = []
@@ -64,7 +67,12 @@ class ReplayFile:
             if alive(until):
                 entries.append((until, data[at + _UNTIL_SIZE : at + size]))
         entries = entries[-limit:] if limit else []
-        self.rewrite(entries)
+        try:
+            self.rewrite(entries)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot write the replay cache {self.path}: {exc.strerror}"
+            ) from None
         return entries
 
     def append(self, until: int, key: bytes) -> None:
@@ -80,7 +88,12 @@ class ReplayFile:
     def compact(self, live: int, entries: Callable[[], Iterable[tuple[int, bytes]]]) -> None:
         """Rewrite the file with ``entries()`` once it holds well over ``live`` records."""
         if self._records > 2 * live + COMPACT_SLACK:
-            self.rewrite(entries())
+            try:
+                self.rewrite(entries())
+            except OSError as exc:
+                raise CryptoError(
+                    f"replay cache {self.path.name} cannot be rewritten: {exc}"
+                ) from None
 
     def rewrite(self, entries: Iterable[tuple[int, bytes]]) -> None:
         """Replace the file by one holding ``entries`` only, atomically."""
