@@ -159,6 +159,10 @@ class RecentRequests:
     def __len__(self) -> int:
         return len(self._seen)
 
+    def clear(self) -> None:
+        self._seen.clear()
+        self._by_second.clear()
+
     def add(self, digest: bytes, stamp: int) -> Seen:
         """Remember ``digest`` (if NEW) of a request stamped ``stamp``."""
         self._prune(int(self.clock()))

@@ -399,7 +399,8 @@ class Tracker:
         self.limiter = RateLimiter(rate, burst)
         #: Per-identity and per-network limits on what announces hand out (limits.py).
         self.limits = Limits(limits or LimitSettings(), min_interval, clock)
-        self._recent = RecentRequests(MAX_CLOCK_SKEW, clock)
+        #: Digests of the signed requests seen lately (replays are refused).
+        self.recent = RecentRequests(MAX_CLOCK_SKEW, clock)
         #: live peers
         self.peers: dict[bytes, PeerRow] = {}
         #: live peers, least recently seen first (expiry pops from the front)
@@ -990,7 +991,7 @@ class Tracker:
         if abs(stamp - self.clock()) > MAX_CLOCK_SKEW:
             raise Refused(403, f"request time is more than {MAX_CLOCK_SKEW} s off the tracker's")
         digest = hashlib.blake2b(peer + path.encode() + msg, digest_size=16).digest()
-        seen = self._recent.add(digest, stamp)
+        seen = self.recent.add(digest, stamp)
         if seen is not Seen.NEW:
             raise Refused(403 if seen is Seen.REPLAYED else 429, seen.value)
         return peer, inner
