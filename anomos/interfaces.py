@@ -125,8 +125,10 @@ class CipherSuite(Protocol):
 class RatioPolicy(Protocol):
     """Turns a peer's transfer counters into its share ratio.
 
-    ``relayed`` is the credited relay total: what the peer claims, as far as its
-    neighbours' receipts confirm it. Factories are called with no argument.
+    ``uploaded`` and ``relayed`` are the credited totals: what the peer claims,
+    as far as its neighbours' receipts confirm it (together they never exceed
+    the link bytes its neighbours received from it); ``downloaded`` is the
+    peer's own report. Factories are called with no argument.
     """
 
     name: ClassVar[str]

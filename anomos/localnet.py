@@ -140,7 +140,9 @@ class LocalNetwork:
         host = listen.rpartition(":")[0]
         state = self.workdir / "tracker"
         (state / "tracker.json").unlink(missing_ok=True)
-        args = ["tracker", "--state", str(state), "--listen", listen, *self._tracker_args]
+        # Every loopback address stands for a host of its own (not one /24 of them).
+        args = ["tracker", "--state", str(state), "--listen", listen, "--ipv4-prefix", "32"]
+        args += self._tracker_args
         proc = self._spawn("tracker", host, args, self._tracker_prefix)
         info = self._wait_file(proc, proc.state_dir / "tracker.json")
         self.tracker_url, self.fingerprint = info["url"], info["fingerprint"]

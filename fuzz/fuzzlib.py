@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import signal
 import struct
@@ -57,6 +58,7 @@ except ImportError:  # pragma: no cover
     tracker_client = None  # type: ignore[assignment]
 try:
     from anomos.tracker import server as tracker_server
+    from anomos.tracker.limits import LimitSettings
 except ImportError:  # pragma: no cover
     tracker_server = None  # type: ignore[assignment]
 
@@ -656,11 +658,20 @@ def fixed_identity(label: str) -> PeerIdentity:
     )
 
 
+#: Every honest message made here differs: the tracker refuses one it has seen (a replay).
+_NONCES = itertools.count(1)
+
+
+def _nonce() -> bytes:
+    return next(_NONCES).to_bytes(8, "big")
+
+
 def announce_inner(who: PeerIdentity, port: int, *, left: int = 0) -> dict[bytes, Any]:
     """A valid announce message (decoded form) for ``who``."""
     return {
         b"address": f"127.0.0.1:{port}".encode(),
         b"box": who.box_public,
+        b"nonce": _nonce(),
         b"onion": who.onion_public,
         b"relayed": 0,
         b"session": b"s" * 8,
@@ -679,7 +690,7 @@ def announce_inner(who: PeerIdentity, port: int, *, left: int = 0) -> dict[bytes
 
 
 def circuits_inner(count: int = 2) -> dict[bytes, Any]:
-    return {b"count": count, b"infohash": SWARM, b"time": int(NOW)}
+    return {b"count": count, b"infohash": SWARM, b"nonce": _nonce(), b"time": int(NOW)}
 
 
 class TrackerHarness:
@@ -705,6 +716,7 @@ class TrackerHarness:
             rng=random.Random(7),
             clock=lambda: NOW,
             edge_settle=0.0,
+            limits=LimitSettings.unlimited(),
         )
         self.fuzzer = fixed_identity("fuzzer")
         #: identity public key -> (identity, announce message) of every peer that joined
@@ -723,6 +735,7 @@ class TrackerHarness:
         """Announce every member again, so both ends of every edge have been told of it
         (the tracker plans circuits over such settled edges only)."""
         for who, inner in list(self.members.values()):
+            inner = {**inner, b"nonce": _nonce()}
             status, reply = self.signed(tracker_server.ANNOUNCE_PATH, inner, who)
             if status != 200:
                 raise Finding(f"an honest announce was refused: {reply!r}")
@@ -764,7 +777,11 @@ class TrackerHarness:
         """Post ``inner`` (a decoded value, or raw message bytes) signed by ``who``."""
         who = who or self.fuzzer
         msg = inner if isinstance(inner, bytes) else bencode.encode(inner)
-        sig = who.signing.sign(tracker_client.SIGNATURE_CONTEXT + path.encode() + msg).signature
+        # Each input is judged on its own: on the harness' frozen clock the tracker
+        # would otherwise refuse every input as a replay once its memory is full.
+        self.tracker.recent.clear()
+        signed = tracker_client.signed_message(self.tracker.fingerprint, path, msg)
+        sig = who.signing.sign(signed).signature
         body = bencode.encode({b"msg": msg, b"peer": who.identity_public, b"sig": sig})
         return self.post(path, body)
 

@@ -47,9 +47,11 @@ from anomos.torrent import wire
 from anomos.torrent.metainfo import make_metainfo
 from anomos.tracker import client as clientmod
 from anomos.tracker import graph as graph_mod
+from anomos.tracker import limits as tracker_limits
 from anomos.tracker import server as server_mod
 from anomos.tracker.client import CircuitPlan, TrackerClient
 from anomos.tracker.identity import pinned_context
+from anomos.tracker.limits import LimitSettings
 from anomos.tracker.server import Tracker
 
 
@@ -104,6 +106,12 @@ def test_every_limit_exists_and_is_coherent() -> None:
     assert 1 <= server_mod.UNREACHABLE_PER_ANNOUNCE <= server_mod.MAX_LOST
     assert graph_mod.AVOID_PAIR_SECONDS > 0 and graph_mod.MAX_AVOIDED > 0
     assert clientmod.MAX_REPLY >= server_mod.MAX_BODY
+    # What one identity or network may take from the tracker: a reference peer's
+    # early announces fit the burst, one announce's replacements fit the allowance.
+    allowance = LimitSettings()
+    assert allowance.announce_burst >= 4
+    assert allowance.replace_burst >= server_mod.UNREACHABLE_PER_ANNOUNCE
+    assert allowance.join_burst >= 1 and tracker_limits.MAX_RECENT_REQUESTS > 0
 
 
 # ----------------------------------------------------------------------------- tracker

@@ -22,11 +22,11 @@ from anomos.testing import loopback_host, start_peers
 from anomos.tracker import client as client_mod
 from anomos.tracker import server as server_mod
 from anomos.tracker.client import (
-    SIGNATURE_CONTEXT,
     LostNeighbour,
     TorrentStatus,
     TrackerClient,
     signed_body,
+    signed_message,
 )
 from anomos.tracker.identity import TrackerIdentity, pinned_context
 from anomos.tracker.server import Tracker
@@ -172,13 +172,17 @@ def test_bad_signature_and_stolen_identity_are_refused(tracker):
     victim.announce()
     inner = bencode.encode(announce_fields(thief))
     # The thief signs correctly with its own key but claims the victim's identity.
-    sig = thief.identity.signing.sign(SIGNATURE_CONTEXT + b"/announce" + inner).signature
+    sig = thief.identity.signing.sign(signed_message(tracker.fingerprint, "/announce", inner))
+    sig = sig.signature
     body = bencode.encode({"peer": victim.pub, "msg": inner, "sig": sig})
     status, reply = raw_post(tracker, "/announce", body)
     assert status == 403
-    assert reply[b"failure reason"] == b"bad signature: request not signed by the claimed peer"
+    assert reply[b"failure reason"] == (
+        b"bad signature: request not signed by the claimed peer for this tracker"
+    )
     # A signature made for another endpoint does not carry over.
-    sig = victim.identity.signing.sign(SIGNATURE_CONTEXT + b"/circuits" + inner).signature
+    sig = victim.identity.signing.sign(signed_message(tracker.fingerprint, "/circuits", inner))
+    sig = sig.signature
     body = bencode.encode({"peer": victim.pub, "msg": inner, "sig": sig})
     assert raw_post(tracker, "/announce", body)[0] == 403
     assert tracker.peers[victim.pub].address == victim.address
@@ -197,7 +201,7 @@ def test_oversize_and_malformed_requests(tracker):
     assert raw_post(tracker, "/announce", b"not bencode")[0] == 400
     assert raw_post(tracker, "/nowhere", b"de")[0] == 404
     p = Peer(tracker)
-    body = signed_body(p.identity, "/announce", {"time": int(time.time())})
+    body = signed_body(p.identity, "/announce", {"time": int(time.time())}, tracker.fingerprint)
     status, reply = raw_post(tracker, "/announce", body)
     assert status == 400 and reply[b"failure reason"] == b"missing field 'session'"
 
@@ -226,17 +230,22 @@ def test_ratio_credits_relayed_bytes_its_neighbour_confirms(tracker):
     # Claiming more than the neighbour confirms: only the confirmed part counts.
     n.announce(receipts={nid_between(tracker, n, p): 1400})
     reply = p.announce(left=SIZE, downloaded=500, uploaded=100, relayed=1500)
-    assert (reply.uploaded, reply.downloaded, reply.relayed) == (100, 500, 1400)
-    assert reply.relayed_claimed == 1500
-    assert reply.ratio == pytest.approx(1500 / 500)
+    assert (reply.uploaded, reply.downloaded, reply.relayed) == (0, 500, 1400)
+    assert (reply.uploaded_claimed, reply.relayed_claimed) == (100, 1500)
+    assert reply.ratio == pytest.approx(1400 / 500)
+    # Uploads are credited from what the receipts confirm beyond the relayed bytes.
+    n.announce(receipts={nid_between(tracker, n, p): 1560})
+    reply = p.announce(left=SIZE, downloaded=500, uploaded=100, relayed=1500)
+    assert (reply.uploaded, reply.relayed) == (60, 1500)
+    assert reply.ratio == pytest.approx(1560 / 500)
     # Leaving and coming back in the same session credits nothing twice.
     p.announce(stopped=True, left=SIZE, downloaded=500, uploaded=100, relayed=1500)
     reply = p.announce(left=SIZE, downloaded=600, uploaded=100, relayed=1500)
-    assert (reply.uploaded, reply.downloaded, reply.relayed_claimed) == (100, 600, 1500)
+    assert (reply.uploaded_claimed, reply.downloaded, reply.relayed_claimed) == (100, 600, 1500)
     # A restarted peer (new session) starts its counters from zero again.
     p.client = TrackerClient(tracker.url, tracker.fingerprint, p.identity, source_host=p.host)
     reply = p.announce(left=SIZE, downloaded=100, relayed=200)
-    assert (reply.downloaded, reply.relayed_claimed, reply.relayed) == (700, 1700, 1400)
+    assert (reply.downloaded, reply.relayed_claimed, reply.relayed) == (700, 1700, 1560)
 
 
 def test_min_ratio_refuses_circuits_past_the_grace_until_relaying_earns_them(tmp_path, plugins):
@@ -315,7 +324,9 @@ def test_receipts_are_bounded_and_checked(tracker):
 
     def refusal(receipts):
         inner = announce_fields(p, receipts=receipts)
-        status, reply = raw_post(tracker, "/announce", signed_body(p.identity, "/announce", inner))
+        status, reply = raw_post(
+            tracker, "/announce", signed_body(p.identity, "/announce", inner, tracker.fingerprint)
+        )
         assert status == 400
         return reply[b"failure reason"].decode()
 
@@ -646,11 +657,13 @@ def test_client_refuses_bad_urls_and_fingerprints():
         TrackerClient("https://x:1/announce", "abc", ident)
 
 
-def test_signature_covers_context_path_and_message():
+def test_signature_covers_context_tracker_path_and_message():
     ident = PeerIdentity.generate()
-    outer = bencode.decode(signed_body(ident, "/announce", {"time": 1}))
+    fingerprint = "ab" * 32
+    outer = bencode.decode(signed_body(ident, "/announce", {"time": 1}, fingerprint))
     nacl.signing.VerifyKey(outer[b"peer"]).verify(
-        b"anomos-tracker-v1/announce" + outer[b"msg"], outer[b"sig"]
+        b"anomos-tracker-v2" + bytes.fromhex(fingerprint) + b"/announce" + outer[b"msg"],
+        outer[b"sig"],
     )
 
 
@@ -693,7 +706,9 @@ def test_low_order_keys_are_refused(tracker, key):
     """A low-order X25519 key would make every circuit through the peer fail to build."""
     p = Peer(tracker)
     inner = announce_fields(p, **{key: bytes(32)})
-    status, reply = raw_post(tracker, "/announce", signed_body(p.identity, "/announce", inner))
+    status, reply = raw_post(
+        tracker, "/announce", signed_body(p.identity, "/announce", inner, tracker.fingerprint)
+    )
     assert status == 400
     assert reply[b"failure reason"] == f"field {key!r} is not a usable X25519 public key".encode()
     assert p.pub not in tracker.peers

@@ -73,7 +73,7 @@ def test_restart_keeps_everything(tmp_path, plugins):
         assert peers[9].client.request_circuits(IH, 1)
         # Re-announcing the same cumulative counters credits nothing twice.
         reply = peers[4].announce(left=SIZE, uploaded=40, downloaded=5, relayed=400)
-        assert (reply.uploaded, reply.downloaded, reply.relayed_claimed) == (40, 5, 400)
+        assert (reply.uploaded_claimed, reply.downloaded, reply.relayed_claimed) == (40, 5, 400)
         account = t2.accounts[peers[4].pub]
         assert reply.relayed == min(400, account.relayed_confirmed)
         assert {(n.identity, n.nid) for n in reply.neighbours} == {

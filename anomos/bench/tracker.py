@@ -110,6 +110,11 @@ def _inner(ident: PeerIdentity | None, address: str, infohash: bytes, left: int)
     }
 
 
+def _signed_address(j: int) -> str:
+    """The contact address of the ``j``-th signing identity."""
+    return f"10.255.0.{j % 250}:{7000 + j}"
+
+
 _SHARED = (x25519_public(os.urandom(32)), x25519_public(os.urandom(32)))
 
 
@@ -144,11 +149,20 @@ def graph_bench(
     echo: Echo = _quiet,
 ) -> dict[str, Any]:
     """One tracker with ``peers`` registered: announce rate, path and request latencies."""
+    from anomos.tracker.limits import LimitSettings
     from anomos.tracker.server import ANNOUNCE_PATH, Tracker
 
     state = tempfile.mkdtemp(prefix="anomos-bench-tracker-")
     try:
-        tracker = Tracker(state, "127.0.0.1:0", plugins, rate=1e12, burst=1e12, edge_settle=0.0)
+        tracker = Tracker(
+            state,
+            "127.0.0.1:0",
+            plugins,
+            rate=1e12,
+            burst=1e12,
+            edge_settle=0.0,
+            limits=LimitSettings.unlimited(),
+        )
         infohash = os.urandom(20)
         size = 1 << 30
         rng = random.Random(1)
@@ -162,20 +176,27 @@ def graph_bench(
                 secrets.token_bytes(32), _bytes_keys(_inner(None, address, infohash, left))
             )
         for j, ident in enumerate(signed):
-            inner = _bytes_keys(_inner(ident, f"10.255.0.{j % 250}:{7000 + j}", infohash, size))
+            inner = _bytes_keys(_inner(ident, _signed_address(j), infohash, size))
             tracker.announce(ident.identity_public, inner)
         join_rate = peers / (time.perf_counter() - t0)
         # Every peer announced once; let every edge settle as if all had announced again.
         for peer in list(tracker.peers):
             tracker.graph.mark_told(peer)
 
+        # Every request differs (a nonce): the tracker refuses one it has seen.
         bodies = [
             signed_body(
-                ident,
+                signed[i % len(signed)],
                 ANNOUNCE_PATH,
-                _inner(ident, f"10.255.0.{j % 250}:{7000 + j}", infohash, size),
+                {
+                    **_inner(
+                        signed[i % len(signed)], _signed_address(i % len(signed)), infohash, size
+                    ),
+                    "nonce": i.to_bytes(8, "big"),
+                },
+                tracker.fingerprint,
             )
-            for j, ident in enumerate(signed)
+            for i in range(announces)
         ]
         statuses: list[str] = []
 
@@ -185,7 +206,7 @@ def graph_bench(
         echo(f"tracker: {announces:,} signed announces")
         t0 = time.perf_counter()
         for i in range(announces):
-            body = bodies[i % len(bodies)]
+            body = bodies[i]
             tracker.wsgi(_environ(ANNOUNCE_PATH, body), start_response)
         announce_rate = announces / (time.perf_counter() - t0)
         bad = [s for s in statuses if not s.startswith("200")]

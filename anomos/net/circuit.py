@@ -34,6 +34,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -43,10 +44,11 @@ import gevent.lock
 import gevent.pool
 
 from anomos.errors import AnomosError, CryptoError, ProtocolError
-from anomos.net.frames import JOINED_BREAK, BreakReason, Cmd, describe_break, encode_break
+from anomos.net.frames import JOINED_BREAK, BreakReason, Cmd, describe_break
 from anomos.protocol import e2e
 from anomos.protocol.layers import OnionLayer, add_layers, remove_layers
 from anomos.protocol.onion import OnionReader
+from anomos.protocol.replay import peer_replay_files
 from anomos.protocol.request import SeenRequests, SourceRequest, open_request
 
 if TYPE_CHECKING:
@@ -480,14 +482,19 @@ class CircuitSwitch:
     trackers: frozenset[str] = attrs.field(
         default=frozenset(), kw_only=True, converter=lambda fps: frozenset(f.lower() for f in fps)
     )
+    #: Where the replay caches outlive a restart (the peer's state directory); None:
+    #: in memory only.
+    state_dir: Path | None = attrs.field(default=None, kw_only=True)
     _reader: OnionReader = attrs.field(init=False, repr=False)
-    _seen: SeenRequests = attrs.field(factory=SeenRequests, init=False, repr=False)
+    _seen: SeenRequests = attrs.field(init=False, repr=False)
     _ends: dict[Link, dict[int, Any]] = attrs.field(factory=dict, init=False, repr=False)
     _group: gevent.pool.Group = attrs.field(factory=gevent.pool.Group, init=False, repr=False)
     _relayed: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._reader = OnionReader(self.identity.onion_private)
+        codes, requests = peer_replay_files(self.state_dir)
+        self._reader = OnionReader(self.identity.onion_private, replay_file=codes)
+        self._seen = SeenRequests(replay_file=requests)
         self.links.on_frame = self.handle_frame
         self.links.on_link_down = self.handle_link_down
 
@@ -580,6 +587,9 @@ class CircuitSwitch:
             else:
                 end.close()
         self._group.kill(block=False)
+        for cache in (self._reader.replay_file, self._seen.replay_file):
+            if cache is not None:
+                cache.close()
 
     # ------------------------------------------------------------------ CREATE
     def _on_create(self, link: Link, circ_id: int, code: memoryview) -> None:

@@ -11,6 +11,7 @@ nothing is dropped, only paced.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import attrs
 import gevent
@@ -42,14 +43,17 @@ class TokenBucket:
 
     rate: float
     burst: float = attrs.field(default=0.0)
+    #: Seconds, monotonic (the tracker passes its own clock, so tests can move it).
+    clock: Callable[[], float] = attrs.field(default=time.monotonic, kw_only=True, repr=False)
     _tokens: float = attrs.field(default=0.0, init=False, repr=False)
-    _at: float = attrs.field(factory=time.monotonic, init=False, repr=False)
+    _at: float = attrs.field(default=0.0, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if self.rate <= 0:
             raise ConfigError("a rate limit must be above 0 bytes per second")
         self.burst = self.burst or self.rate * BURST_SECONDS
         self._tokens = self.burst
+        self._at = self.clock()
 
     def take(self, n: int) -> None:
         """Spend ``n`` tokens, sleeping (cooperatively) while the bucket is in debt.
@@ -71,6 +75,6 @@ class TokenBucket:
         return True
 
     def _refill(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
         self._at = now

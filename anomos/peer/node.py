@@ -138,6 +138,7 @@ class Peer:
             peer=self,
             on_request=self._on_request,
             trackers={self.fingerprint},  # serve only requests our tracker signed
+            state_dir=self.settings.state_dir,  # replay caches survive restarts
         )
         switch_down = self.links.on_link_down
 

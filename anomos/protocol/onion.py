@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from anomos.errors import CryptoError, ProtocolError
+from anomos.protocol.replay import ReplayFile
 
 #: Format version carried in the first byte of every code.
 VERSION = 3
@@ -263,13 +264,26 @@ class OnionReader:
 
     The replay cache holds one set of tags per epoch, at most
     ``replay_limit`` entries each; a set is dropped once its epoch can no
-    longer be accepted, so memory stays bounded whatever arrives.
+    longer be accepted, so memory stays bounded whatever arrives. With a
+    ``replay_file`` every tag is also written to disk before the code is
+    accepted and read back on start, so a restart forgets nothing: a tag is
+    kept while its epoch is the current or the previous one by this peer's
+    clock, exactly as long as the code itself would be accepted.
     """
 
     _key: X25519PrivateKey = attrs.field(alias="onion_private", converter=_private_key, repr=False)
     clock: Callable[[], float] = attrs.field(default=time.time, kw_only=True)
     replay_limit: int = attrs.field(factory=lambda: REPLAY_CACHE_LIMIT, kw_only=True)
+    replay_file: ReplayFile | None = attrs.field(default=None, kw_only=True)
     _seen: dict[int, set[bytes]] = attrs.field(factory=dict, init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.replay_file is not None:
+            oldest = current_epoch(self.clock()) - 1
+            for epoch, tag in self.replay_file.load(
+                lambda epoch: epoch >= oldest, limit=2 * self.replay_limit
+            ):
+                self._seen.setdefault(epoch, set()).add(tag)
 
     def cached_tags(self) -> int:
         """Replay tags currently held (all epochs)."""
@@ -316,4 +330,9 @@ class OnionReader:
             raise CryptoError(f"tracking code replayed in epoch {epoch}")
         if len(seen) >= self.replay_limit:
             raise CryptoError(f"replay cache of epoch {epoch} is full; refusing new tracking codes")
+        if self.replay_file is not None:
+            self.replay_file.compact(
+                self.cached_tags(), lambda: [(e, t) for e, tags in self._seen.items() for t in tags]
+            )
+            self.replay_file.append(epoch, tag)  # on disk before the code is acted upon
         seen.add(tag)

@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from anomos.errors import CryptoError
+from anomos.protocol.replay import ReplayFile
 
 VERSION = 2
 #: Every sealed request has exactly this many bytes.
@@ -268,11 +269,21 @@ class SeenRequests:
     Without it anyone who saw a sealed request could build their own circuit to
     a suspected source and learn from its answer that it holds the box key.
     Entries live until their request expires; when full, new requests are
-    refused rather than old ones forgotten.
+    refused rather than old ones forgotten. With a ``replay_file`` every entry
+    is also written to disk before the request is served and read back on
+    start, so a restarted peer refuses what it served before (expiry is by
+    this peer's clock, as when the request is opened).
     """
 
     limit: int = attrs.field(factory=lambda: REQUEST_REPLAY_LIMIT)
+    replay_file: ReplayFile | None = attrs.field(default=None, kw_only=True)
     _seen: dict[bytes, int] = attrs.field(factory=dict, init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        if self.replay_file is not None:
+            now = time.time()
+            entries = self.replay_file.load(lambda expires: expires >= now, limit=self.limit)
+            self._seen = {digest: expires for expires, digest in entries}
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -287,4 +298,9 @@ class SeenRequests:
             self._seen = {d: exp for d, exp in self._seen.items() if exp >= now}
             if len(self._seen) >= self.limit:
                 raise CryptoError("too many sealed requests in flight; refusing new ones")
+        if self.replay_file is not None:
+            self.replay_file.compact(
+                len(self._seen), lambda: [(exp, d) for d, exp in self._seen.items() if exp >= now]
+            )
+            self.replay_file.append(req.expires, digest)  # on disk before it is served
         self._seen[digest] = req.expires

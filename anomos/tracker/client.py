@@ -35,8 +35,12 @@ from anomos.tracker.identity import (
     pinned_context,
 )
 
-#: Prefix of every signed message (followed by the request path and the inner message).
-SIGNATURE_CONTEXT = b"anomos-tracker-v1"
+#: Prefix of every signed message (followed by the tracker's fingerprint, the request
+#: path and the inner message).
+SIGNATURE_CONTEXT = b"anomos-tracker-v2"
+#: Random bytes in every request, so that two alike in the same second differ (the
+#: tracker refuses a request it has seen: a replay).
+NONCE_SIZE = 8
 #: Largest reply accepted from the tracker.
 MAX_REPLY = 1024 * 1024
 #: Seconds a whole request may take unless the caller says otherwise.
@@ -97,6 +101,8 @@ class AnnounceReply:
     min_interval: int = 0
     #: Relayed bytes we claimed in all (credited or not).
     relayed_claimed: int = 0
+    #: Uploaded bytes we claimed in all; ``uploaded`` is what our neighbours confirm of it.
+    uploaded_claimed: int = 0
 
 
 @attrs.frozen
@@ -140,10 +146,18 @@ class TorrentStatus:
     event: str = ""
 
 
-def signed_body(identity: PeerIdentity, path: str, inner: dict[str, Any]) -> bytes:
-    """The request body: the bencoded inner message signed for ``path``."""
+def signed_message(fingerprint: str, path: str, msg: bytes) -> bytes:
+    """What a peer signs: the request is good for one tracker and one endpoint only."""
+    return SIGNATURE_CONTEXT + bytes.fromhex(fingerprint) + path.encode() + msg
+
+
+def signed_body(
+    identity: PeerIdentity, path: str, inner: dict[str, Any], fingerprint: str
+) -> bytes:
+    """The request body: the bencoded inner message signed for ``path`` of the tracker
+    whose fingerprint is ``fingerprint``."""
     msg = bencode.encode(inner)
-    sig = identity.signing.sign(SIGNATURE_CONTEXT + path.encode() + msg).signature
+    sig = identity.signing.sign(signed_message(fingerprint, path, msg)).signature
     return bencode.encode({"peer": identity.identity_public, "msg": msg, "sig": sig})
 
 
@@ -313,7 +327,8 @@ class TrackerClient:
 
     # ------------------------------------------------------------------ transport
     def _post(self, path: str, inner: dict[str, Any]) -> dict[bytes, Any]:
-        body = signed_body(self.identity, path, inner)
+        inner = {**inner, "nonce": secrets.token_bytes(NONCE_SIZE)}
+        body = signed_body(self.identity, path, inner, self.fingerprint)
         where = f"tracker {self.host}:{self.port}"
         conn = _PinnedConnection(
             self.host,
@@ -414,6 +429,7 @@ def _parse_announce(reply: dict[bytes, Any]) -> AnnounceReply:
         relayed=_int(reply[b"relayed"]),
         min_interval=_int(reply.get(b"min_interval", 0), 0, 86400),
         relayed_claimed=_int(reply.get(b"relayed_claimed", reply[b"relayed"])),
+        uploaded_claimed=_int(reply.get(b"uploaded_claimed", reply[b"uploaded"])),
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -47,11 +48,12 @@ from anomos.tracker.client import (
     MAX_CIRCUITS,
     MAX_LOST_AGE_MS,
     MAX_NEIGHBOURS,
-    SIGNATURE_CONTEXT,
     plan_to_wire,
+    signed_message,
 )
 from anomos.tracker.graph import PeerGraph
 from anomos.tracker.identity import TrackerIdentity
+from anomos.tracker.limits import Limits, LimitSettings, RecentRequests, Seen
 from anomos.tracker.planner import PeerKeys, Planner, Swarm
 from anomos.tracker.store import Account, Batch, PeerRow, Store, SwarmRow
 
@@ -265,6 +267,17 @@ class _Receipts:
     last: dict[int, tuple[bytes, int]] = attrs.field(factory=dict)
 
 
+def _confirmed_upload(account: Account) -> int:
+    """Uploaded bytes credited: the peer's claim, as far as its neighbours' receipts
+    confirm link bytes from it that the relay credit has not used already.
+
+    A source's uploads leave it over its links like the cells it relays, so the
+    receipts bound both together: what a peer says it uploaded is never taken on
+    trust (it could claim 10^13 bytes), only the bytes others saw leave it.
+    """
+    return min(account.uploaded, max(0, account.relayed_confirmed - account.relayed))
+
+
 def _add_delta(reported: int, last: int) -> int:
     """Bytes to credit from a cumulative counter; a smaller value means it was reset."""
     return reported - last if reported >= last else reported
@@ -356,6 +369,7 @@ class Tracker:
         shared_clients: Iterable[str] = (),
         min_ratio: float = 0.0,
         ratio_grace: int = RATIO_GRACE,
+        limits: LimitSettings | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         if not 0 <= min_ratio <= MAX_MIN_RATIO:
@@ -397,6 +411,10 @@ class Tracker:
             clock=clock,
         )
         self.limiter = RateLimiter(rate, burst)
+        #: Per-identity and per-network limits on what announces hand out (limits.py).
+        self.limits = Limits(limits or LimitSettings(), min_interval, clock)
+        #: Digests of the signed requests seen lately (replays are refused).
+        self.recent = RecentRequests(MAX_CLOCK_SKEW, clock)
         #: live peers
         self.peers: dict[bytes, PeerRow] = {}
         #: live peers, least recently seen first (expiry pops from the front)
@@ -486,8 +504,11 @@ class Tracker:
         }
 
     # ------------------------------------------------------------------ announce
-    def announce(self, peer: bytes, inner: dict[bytes, Any]) -> dict[str, Any]:
-        """Handle a verified announce from ``peer``; the reply dict (see docs/tracker-api.md)."""
+    def announce(
+        self, peer: bytes, inner: dict[bytes, Any], network: str | None = None
+    ) -> dict[str, Any]:
+        """Handle a verified announce from ``peer``, sent from ``network`` (None: not
+        limited per network); the reply dict (see docs/tracker-api.md)."""
         now = self.clock()
         session = _field(inner, "session")
         if not isinstance(session, bytes) or not 1 <= len(session) <= 32:
@@ -501,6 +522,8 @@ class Tracker:
         torrents = self._parse_torrents(_field(inner, "torrents"))
         lost = _parse_lost(inner.get(b"lost", []))
         receipts = _parse_receipts(inner.get(b"receipts", []))
+        if not stopped:
+            self._check_limits(peer, row is None, network)
         self.announces += 1
         batch = self._pending
         fresh = self.accounts.get(peer, Account()).session != session
@@ -538,6 +561,17 @@ class Tracker:
         interval = LOST_RECHECK_INTERVAL if pending else None
         return self._reply(peer, list(self.graph.neighbours(peer)), account, interval)
 
+    def _check_limits(self, peer: bytes, joining: bool, network: str | None) -> None:
+        """Refuse (429) an announce over the identity's or its network's allowance."""
+        if not self.limits.announce_allowed(peer):
+            raise Refused(429, f"announcing too often: at most one per {self.min_interval} s")
+        if joining and network is not None and not self.limits.join_allowed(network):
+            raise Refused(
+                429,
+                f"too many new peers from {network}: one per "
+                f"{self.limits.settings.join_every:g} s; try again later",
+            )
+
     def _on_lost(
         self, peer: bytes, lost: list[tuple[int, int, str]], now: float, batch: Batch
     ) -> bool:
@@ -557,9 +591,12 @@ class Tracker:
             if other is None or row is None:
                 continue
             if why == "unreachable":
-                if replaced >= UNREACHABLE_PER_ANNOUNCE:
+                if replaced >= UNREACHABLE_PER_ANNOUNCE or not self.limits.replacement_allowed(
+                    peer
+                ):
                     log.info(
-                        "peer %s reports neighbour %s unreachable: over %d per announce, ignored",
+                        "peer %s reports neighbour %s unreachable: over %d per announce "
+                        "or its allowance, ignored",
                         peer.hex()[:16],
                         other.hex()[:16],
                         UNREACHABLE_PER_ANNOUNCE,
@@ -763,7 +800,8 @@ class Tracker:
             "interval": min(interval or self.interval, self.interval),
             "min_interval": min(self.min_interval, interval or self.min_interval),
             "ratio": "inf" if math.isinf(ratio) else f"{ratio:.6f}",
-            "uploaded": account.uploaded,
+            "uploaded": _confirmed_upload(account),
+            "uploaded_claimed": account.uploaded,
             "downloaded": account.downloaded,
             "relayed": account.relayed,
             "relayed_claimed": account.relayed_claimed,
@@ -795,8 +833,9 @@ class Tracker:
         return {"circuits": [plan_to_wire(p) for p in plans]}
 
     def _ratio_of(self, account: Account) -> float:
-        """The ratio plugin's share ratio, with the relayed bytes neighbours confirmed."""
-        return self.ratio.ratio(account.uploaded, account.downloaded, account.relayed)
+        """The ratio plugin's share ratio, with the uploaded and relayed bytes
+        neighbours confirmed."""
+        return self.ratio.ratio(_confirmed_upload(account), account.downloaded, account.relayed)
 
     def _ratio_refusal(self, peer: bytes) -> str | None:
         """Why ``peer`` gets no circuits under this tracker's minimum ratio, or None.
@@ -921,8 +960,11 @@ class Tracker:
             peer, inner = self._verified(path, _read_body(environ))
             if shared and not self.limiter.allow(peer.hex()):
                 raise Refused(429, "too many requests; slow down")
-            handler = self.announce if path == ANNOUNCE_PATH else self.circuits
-            reply = handler(peer, inner)
+            if path == ANNOUNCE_PATH:
+                network = None if shared else self.limits.network(client)
+                reply = self.announce(peer, inner, network)
+            else:
+                reply = self.circuits(peer, inner)
             return _respond(start_response, 200, bencode.encode(reply))
         except Refused as exc:
             # A client over its rate gets a token back within 1/rate seconds.
@@ -953,9 +995,11 @@ class Tracker:
         if not isinstance(msg, bytes):
             raise Refused(400, "field 'msg' must be a byte string")
         try:
-            nacl.signing.VerifyKey(peer).verify(SIGNATURE_CONTEXT + path.encode() + msg, sig)
+            nacl.signing.VerifyKey(peer).verify(signed_message(self.fingerprint, path, msg), sig)
         except (nacl.exceptions.BadSignatureError, ValueError):
-            raise Refused(403, "bad signature: request not signed by the claimed peer") from None
+            raise Refused(
+                403, "bad signature: request not signed by the claimed peer for this tracker"
+            ) from None
         try:
             inner = bencode.decode(msg, max_size=MAX_BODY, max_depth=4)
         except AnomosError:
@@ -965,6 +1009,10 @@ class Tracker:
         stamp = _int_field(inner, "time")
         if abs(stamp - self.clock()) > MAX_CLOCK_SKEW:
             raise Refused(403, f"request time is more than {MAX_CLOCK_SKEW} s off the tracker's")
+        digest = hashlib.blake2b(peer + path.encode() + msg, digest_size=16).digest()
+        seen = self.recent.add(digest, stamp)
+        if seen is not Seen.NEW:
+            raise Refused(403 if seen is Seen.REPLAYED else 429, seen.value)
         return peer, inner
 
 

@@ -343,13 +343,15 @@ def _report_download(peer: Any, metainfo: Metainfo, report: Any, summary: Path |
         click.echo(f"ratio: unknown (final announce failed: {exc})")
     else:
         click.echo(
-            f"ratio: {account.ratio:.2f} as the tracker counts it (uploaded {account.uploaded}, "
-            f"relayed {account.relayed} confirmed by neighbours of {account.relayed_claimed} "
-            f"claimed, downloaded {account.downloaded} bytes)"
+            f"ratio: {account.ratio:.2f} as the tracker counts it (confirmed by neighbours: "
+            f"uploaded {account.uploaded} of {account.uploaded_claimed} claimed, "
+            f"relayed {account.relayed} of {account.relayed_claimed}; "
+            f"downloaded {account.downloaded} bytes)"
         )
         result["account"] = {
             "ratio": account.ratio,
             "uploaded": account.uploaded,
+            "uploaded_claimed": account.uploaded_claimed,
             "relayed": account.relayed,
             "relayed_claimed": account.relayed_claimed,
             "downloaded": account.downloaded,

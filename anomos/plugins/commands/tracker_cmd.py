@@ -76,6 +76,34 @@ def write_tracker_json(state_dir: Path, url: str, fingerprint: str) -> Path:
     help="Bytes a peer may download before --min-ratio applies.",
 )
 @click.option(
+    "--ipv4-prefix",
+    default=24,
+    show_default=True,
+    type=click.IntRange(8, 32),
+    help="Leading bits of a client's IPv4 address that make one network (32: every address).",
+)
+@click.option(
+    "--ipv6-prefix",
+    default=64,
+    show_default=True,
+    type=click.IntRange(16, 128),
+    help="Leading bits of a client's IPv6 address that make one network.",
+)
+@click.option(
+    "--join-burst",
+    default=16,
+    show_default=True,
+    type=click.IntRange(1, None),
+    help="New peers one network may bring in back to back ...",
+)
+@click.option(
+    "--join-every",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0.001),
+    help="... and then one per this many seconds.",
+)
+@click.option(
     "--onion",
     is_flag=True,
     help="Also publish the tracker as a v3 onion service (key kept in STATE/onion_key).",
@@ -106,12 +134,17 @@ def tracker_command(
     interval: int,
     min_ratio: float,
     ratio_grace: str,
+    ipv4_prefix: int,
+    ipv6_prefix: int,
+    join_burst: int,
+    join_every: float,
     onion: bool,
     tor_control: str,
     tor_launch: bool,
     onion_client_auth: tuple[str, ...],
 ) -> None:
     """Run a tracker: assign neighbours, plan circuits, keep ratios."""
+    from anomos.tracker.limits import LimitSettings
     from anomos.tracker.server import Tracker
 
     split_address(listen)
@@ -136,6 +169,12 @@ def tracker_command(
         interval=interval,
         min_ratio=min_ratio,
         ratio_grace=parse_size(ratio_grace, "--ratio-grace"),
+        limits=LimitSettings(
+            join_burst=join_burst,
+            join_every=join_every,
+            ipv4_prefix=ipv4_prefix,
+            ipv6_prefix=ipv6_prefix,
+        ),
         # Behind an onion service every client arrives from tor's loopback end.
         shared_clients=ONION_CLIENT_ADDRESSES if onion else (),
     )

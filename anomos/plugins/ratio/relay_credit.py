@@ -2,7 +2,8 @@
 
 Relaying for others is how a peer with nothing popular to share still earns
 its ratio, as the original Anomos intended (and never actually credited). The
-tracker passes only relayed bytes the peer's neighbours confirmed receiving.
+tracker passes only uploaded and relayed bytes the peer's neighbours confirmed
+receiving, never a bare claim.
 """
 
 from __future__ import annotations
