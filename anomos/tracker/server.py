@@ -7,8 +7,9 @@ them. A peer is credited only the relayed bytes its neighbours confirm. The
 exact wire format is in docs/tracker-api.md.
 
 Everything is served from memory; the changes announces make are written to
-SQLite together, once a second, in one transaction (:mod:`anomos.tracker.store`);
-circuit requests write nothing. A peer not seen for ``EXPIRY_INTERVALS``
+SQLite together, once a second, in one transaction by a writer thread
+(:mod:`anomos.tracker.store`), so serving never waits for the disk; circuit
+requests write nothing. A peer not seen for ``EXPIRY_INTERVALS``
 announce intervals is dropped and its neighbours repaired. All state changes
 run without yielding to other greenlets, so no locks are needed.
 """
@@ -101,9 +102,9 @@ LOST_RECHECK_INTERVAL = 2
 #: Peers looked at around a downloader when sampled sources were out of reach.
 NEAR_BUDGET = 20_000
 #: Seconds between writes of accumulated changes to the database (a crash loses at most
-#: this much; peers simply announce again).
+#: this much, plus a write under way; peers simply announce again).
 FLUSH_INTERVAL = 1.0
-#: Announces after which changes are written at once, whatever the time.
+#: Announces after which changes are handed to the writer at once, whatever the time.
 FLUSH_MAX_PENDING = 2000
 #: Seconds ``stop`` waits for requests in progress.
 STOP_TIMEOUT = 5.0
@@ -503,10 +504,14 @@ class Tracker:
         if row is None:
             row = PeerRow(peer, onion, box, address, now, 0)
             self.peers[peer] = row
-            self._apply_changes(self.graph.add_peer(peer), batch)
+            changes = self.graph.add_peer(peer)
             row.seq = self.graph.seq(peer)
+            self._apply_changes(changes, batch)
+            batch.peers[row.seq] = row
         else:
-            row.onion, row.box, row.address = onion, box, address
+            if (row.onion, row.box, row.address) != (onion, box, address):
+                row.onion, row.box, row.address = onion, box, address
+                batch.peers[row.seq] = row
             row.last_seen = now
         # Speaking proves it alive: earlier reports of it being lost are void.
         self._lost_reports.pop(peer, None)
@@ -515,12 +520,11 @@ class Tracker:
             self._apply_changes(self.graph.top_up(peer), batch)
         self._seen[peer] = now
         self._seen.move_to_end(peer)
-        batch.peers[peer] = row
         self._update_swarms(peer, torrents, batch)
         self._changed()
         fixed: list[Any] = self.graph.mark_told(peer)
         for edge in fixed:
-            batch.add_edge(edge.a, edge.b, edge.nid, edge.dialer)
+            batch.add_edge(self._id(edge.a), self._id(edge.b), edge.nid, self._id(edge.dialer))
         interval = LOST_RECHECK_INTERVAL if pending else None
         return self._reply(peer, list(self.graph.neighbours(peer)), account, interval)
 
@@ -595,27 +599,39 @@ class Tracker:
         torrents: dict[bytes, tuple[int, int, int, str]],
         batch: Batch,
     ) -> Account:
-        """Add what the peer reports beyond its last report in this session to its totals."""
-        account = self.accounts.setdefault(peer, Account())
+        """Add what the peer reports beyond its last report in this session to its totals
+        (and mark the account for writing only if that changed anything)."""
+        account = self.accounts.get(peer)
+        changed = account is None or account.session != session
+        if account is None:
+            account = self.accounts[peer] = Account()
         if account.session != session:
             # A new session: its counters start from zero, so every baseline does too.
             account.session, account.relayed_reported = session, 0
             account.reports.clear()
             batch.clear_reports(peer)
-        account.relayed_claimed += _add_delta(relayed, account.relayed_reported)
-        account.relayed_reported = relayed
+        if relayed != account.relayed_reported:
+            account.relayed_claimed += _add_delta(relayed, account.relayed_reported)
+            account.relayed_reported = relayed
+            changed = True
         for ih, (up, down, _left, _event) in torrents.items():
-            last_up, last_down = account.reports.get(ih, (0, 0))
+            last = account.reports.get(ih)
+            if last == (up, down):
+                continue
+            last_up, last_down = last or (0, 0)
             account.uploaded += _add_delta(up, last_up)
             account.downloaded += _add_delta(down, last_down)
             account.reports[ih] = (up, down)
             batch.set_report(peer, ih, (up, down))
+            changed = True
         if len(account.reports) > MAX_REPORTS:
             # Forget torrents the peer no longer lists (bounds memory per identity).
             for ih in [ih for ih in account.reports if ih not in torrents]:
                 del account.reports[ih]
                 batch.remove_report(peer, ih)
-        batch.accounts[peer] = account
+            changed = True
+        if changed:
+            batch.accounts[peer] = account
         return account
 
     def _confirm(
@@ -685,11 +701,12 @@ class Tracker:
         for ih, (up, down, left, event) in torrents.items():
             if event == "stopped":
                 continue
-            row = SwarmRow(left, up, down)
             swarm = self._swarm(ih)
-            swarm.set(peer, row)
+            before = swarm.rows.get(peer)
+            swarm.set(peer, SwarmRow(left, up, down))
             mine.add(ih)
-            batch.set_swarm(ih, peer, row)
+            if before is None or before.left != left:  # the counters are in its account
+                batch.set_swarm(ih, self._id(peer), left)
             if swarm.size > self.sizes.get(ih, -1):
                 self.sizes[ih] = swarm.size
                 batch.torrents[ih] = swarm.size
@@ -708,24 +725,27 @@ class Tracker:
             if not swarm:
                 del self.swarms[ih]
         self._peer_torrents.get(peer, set()).discard(ih)
-        batch.remove_swarm(ih, peer)
+        batch.remove_swarm(ih, self._id(peer))
 
     def _remove_peer(self, peer: bytes, batch: Batch) -> None:
         for ih in list(self._peer_torrents.get(peer, ())):
             self._leave_swarm(peer, ih, batch)
         self._peer_torrents.pop(peer, None)
         self._apply_changes(self.graph.remove_peer(peer), batch)
+        batch.remove_peer(self._id(peer))
         self.peers.pop(peer, None)
         self._seen.pop(peer, None)
         self._lost_reports.pop(peer, None)
-        batch.peers.pop(peer, None)
-        batch.removed_peers.add(peer)
+
+    def _id(self, peer: bytes) -> int:
+        """The peer's integer id in the store (its join sequence number)."""
+        return self.peers[peer].seq
 
     def _apply_changes(self, changes: Any, batch: Batch) -> None:
         for a, b in changes.removed:
-            batch.remove_edge(a, b)
+            batch.remove_edge(self._id(a), self._id(b))
         for edge in changes.added:
-            batch.add_edge(edge.a, edge.b, edge.nid)
+            batch.add_edge(self._id(edge.a), self._id(edge.b), edge.nid)
 
     def _reply(
         self,
@@ -830,21 +850,30 @@ class Tracker:
             self.expire()
 
     def flush(self) -> None:
-        """Write the changes made since the last flush, in one transaction."""
+        """Write the changes made since the last flush now, in one transaction."""
         batch, self._pending, self._pending_count = self._pending, Batch(), 0
         batch.meta.update(self._meta())
         self.store.write(batch)
 
+    def _write_behind(self) -> None:
+        """Hand the changes to the store's writer thread, unless it is still busy
+        with the previous ones (then they keep accumulating: serving never waits)."""
+        if self.store.busy:
+            return
+        batch, self._pending, self._pending_count = self._pending, Batch(), 0
+        batch.meta.update(self._meta())
+        self.store.submit(batch)
+
     def _changed(self) -> None:
         self._pending_count += 1
         if self._pending_count >= FLUSH_MAX_PENDING:
-            self.flush()
+            self._write_behind()
 
     def _flush_loop(self) -> None:
         while True:
             gevent.sleep(FLUSH_INTERVAL)
             if self._pending_count:
-                self.flush()
+                self._write_behind()
 
     def _meta(self) -> dict[str, int]:
         return {
