@@ -33,7 +33,6 @@ import attrs
 import gevent
 import nacl.exceptions
 import nacl.signing
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 
@@ -182,19 +181,34 @@ def _bytes_field(d: dict[bytes, Any], key: str, sizes: tuple[int, ...]) -> bytes
     return value
 
 
-#: A throwaway key to test announced X25519 keys with (low-order points give all zeros).
-_PROBE = X25519PrivateKey.generate()
+_P25519 = 2**255 - 19
+#: u-coordinates of the X25519 public keys of small order, for which every shared secret
+#: is all zeros (libsodium's list): 0, 1, the two of order 8, p - 1, and the non-canonical
+#: p and p + 1. X25519 ignores the top bit, so it is masked off before comparing.
+LOW_ORDER_X25519 = frozenset(
+    {
+        0,
+        1,
+        325606250916557431795983626356110631294008115727848805560023387167927233504,
+        39382357235489614581723060781553021112529911719440698176882885853963445705823,
+        _P25519 - 1,
+        _P25519,
+        _P25519 + 1,
+    }
+)
+
+
+def low_order_x25519(key: bytes) -> bool:
+    """Whether ``key`` (32 bytes) is a point of small order: a comparison, no scalar mult."""
+    return int.from_bytes(key, "little") & ((1 << 255) - 1) in LOW_ORDER_X25519
 
 
 def _x25519_field(d: dict[bytes, Any], key: str, known: bytes | None) -> bytes:
     """A 32-byte X25519 public key that is not a low-order point (it would break every
     circuit through the peer); ``known`` is the key already accepted from this peer."""
     value = _bytes_field(d, key, (32,))
-    if value != known:
-        try:
-            _PROBE.exchange(X25519PublicKey.from_public_bytes(value))
-        except ValueError:
-            raise Refused(400, f"field {key!r} is not a usable X25519 public key") from None
+    if value != known and low_order_x25519(value):
+        raise Refused(400, f"field {key!r} is not a usable X25519 public key")
     return value
 
 
@@ -473,7 +487,7 @@ class Tracker:
         }
 
     # ------------------------------------------------------------------ announce
-    def announce(self, peer: bytes, inner: dict[bytes, Any]) -> dict[str, Any]:
+    def announce(self, peer: bytes, inner: dict[bytes, Any]) -> dict[bytes, Any]:
         """Handle a verified announce from ``peer``; the reply dict (see docs/tracker-api.md)."""
         now = self.clock()
         session = _field(inner, "session")
@@ -753,30 +767,31 @@ class Tracker:
         neighbours: list[Any],
         account: Account,
         interval: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> dict[bytes, Any]:
+        """The reply, with byte-string keys: bencoded as is, in one pass."""
         ratio = self._ratio_of(account)
         return {
-            "neighbours": [
+            b"neighbours": [
                 {
-                    "nid": self.graph.nid(peer, n),
-                    "address": self.peers[n].address,
-                    "identity": n,
-                    "dial": int(self.graph.dialer(peer, n) == peer),
+                    b"nid": self.graph.nid(peer, n),
+                    b"address": self.peers[n].address.encode(),
+                    b"identity": n,
+                    b"dial": int(self.graph.dialer(peer, n) == peer),
                 }
                 for n in neighbours
             ],
-            "epoch": current_epoch(self.clock()),
-            "interval": min(interval or self.interval, self.interval),
-            "min_interval": min(self.min_interval, interval or self.min_interval),
-            "ratio": "inf" if math.isinf(ratio) else f"{ratio:.6f}",
-            "uploaded": account.uploaded,
-            "downloaded": account.downloaded,
-            "relayed": account.relayed,
-            "relayed_claimed": account.relayed_claimed,
+            b"epoch": current_epoch(self.clock()),
+            b"interval": min(interval or self.interval, self.interval),
+            b"min_interval": min(self.min_interval, interval or self.min_interval),
+            b"ratio": b"inf" if math.isinf(ratio) else f"{ratio:.6f}".encode(),
+            b"uploaded": account.uploaded,
+            b"downloaded": account.downloaded,
+            b"relayed": account.relayed,
+            b"relayed_claimed": account.relayed_claimed,
         }
 
     # ------------------------------------------------------------------ circuits
-    def circuits(self, peer: bytes, inner: dict[bytes, Any]) -> dict[str, Any]:
+    def circuits(self, peer: bytes, inner: dict[bytes, Any]) -> dict[bytes, Any]:
         """Handle a verified circuit request from ``peer``."""
         infohash = _bytes_field(inner, "infohash", (20, 32))
         count = _int_field(inner, "count", 1, MAX_CIRCUITS)
@@ -787,7 +802,7 @@ class Tracker:
             raise Refused(403, refusal)
         swarm = self.swarms.get(infohash)
         if swarm is None:
-            return {"circuits": []}
+            return {b"circuits": []}
         sources = swarm.sample_sources(self.planner.source_tries(count), peer, self.rng)
         plans = self.planner.plan(peer, infohash, sources, count)
         if len(plans) < count and swarm.source_count() > len(sources):
@@ -798,7 +813,7 @@ class Tracker:
             extra = [p for p in near if swarm.is_source(p) and p not in tried and p != peer]
             self.rng.shuffle(extra)
             plans += self.planner.plan(peer, infohash, extra, count - len(plans))
-        return {"circuits": [plan_to_wire(p) for p in plans]}
+        return {b"circuits": [plan_to_wire(p) for p in plans]}
 
     def _ratio_of(self, account: Account) -> float:
         """The ratio plugin's share ratio, with the relayed bytes neighbours confirmed."""
@@ -941,12 +956,12 @@ class Tracker:
             return _respond(start_response, 200, bencode.encode(reply))
         except Refused as exc:
             return _respond(
-                start_response, exc.status, bencode.encode({"failure reason": exc.reason})
+                start_response, exc.status, bencode.encode({b"failure reason": exc.reason})
             )
         except Exception:
             log.exception("tracker failed on %s", path[:64])
             return _respond(
-                start_response, 500, bencode.encode({"failure reason": "internal error"})
+                start_response, 500, bencode.encode({b"failure reason": b"internal error"})
             )
 
     def _verified(self, path: str, body: bytes) -> tuple[bytes, dict[bytes, Any]]:
