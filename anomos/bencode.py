@@ -6,8 +6,12 @@ zeros, no trailing junk), so that a value has exactly one encoding and
 lets the infohash be recomputed from a decoded ``info`` dict.
 
 Everything decoded comes from outside, so :func:`decode` refuses inputs over a
-size bound and nesting deeper than a depth bound *before* handing them to the
-decoder, and reports every failure as :class:`BencodeError` with one line.
+size bound and nesting deeper than a depth bound, and reports every failure as
+:class:`BencodeError` with one line. The decoder never recurses (any depth is
+safe to decode), so for inputs up to ``_DECODE_FIRST`` the depth is bounded on
+the decoded value, which costs a few container visits instead of a token scan
+in Python; bigger inputs (torrent files) are scanned first, so that a deep one
+is refused before it takes memory.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ DEFAULT_MAX_DEPTH = 32
 _MAX_LENGTH_DIGITS = 12
 
 _DIGITS = frozenset(b"0123456789")
+#: Inputs up to this size are decoded before their depth is checked (a refused one
+#: costs at most a few MiB of nested lists, briefly).
+_DECODE_FIRST = 1 << 20
 
 
 class BencodeError(ProtocolError):
@@ -51,11 +58,16 @@ def decode(
         raise BencodeError(f"bencode: {len(data)} bytes is over the limit of {max_size}")
     if not data:
         raise BencodeError("bencode: empty input")
-    _check_depth(data, max_depth)
+    small = len(data) <= _DECODE_FIRST
+    if not small:
+        _check_depth(data, max_depth)
     try:
-        return fastbencode.bdecode(data)
+        value = fastbencode.bdecode(data)
     except (ValueError, TypeError, IndexError, OverflowError, RecursionError) as exc:
         raise BencodeError(f"bencode: {_one_line(exc)}") from None
+    if small:
+        _bound_depth(value, max_depth)
+    return value
 
 
 def encode(obj: Any) -> bytes:
@@ -90,6 +102,23 @@ def _normalise(obj: Any, depth: int) -> Any:
     if isinstance(obj, bytearray | memoryview):
         return bytes(obj)
     return obj
+
+
+def _bound_depth(value: Any, max_depth: int) -> None:
+    """Refuse a decoded value whose lists and dicts nest deeper than ``max_depth``
+    (level by level, without recursion: a deep value cannot exhaust the stack)."""
+    level = [value] if type(value) is list or type(value) is dict else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > max_depth:
+            raise BencodeError(f"bencode: nesting deeper than {max_depth}")
+        deeper = []
+        for container in level:
+            for item in container.values() if type(container) is dict else container:
+                if type(item) is list or type(item) is dict:
+                    deeper.append(item)
+        level = deeper
 
 
 def _check_depth(data: bytes, max_depth: int) -> None:

@@ -696,7 +696,7 @@ def test_sources_near_the_downloader_are_found_in_a_big_sparse_graph(tmp_path, p
     try:
         for downloader in pubs[:40:2]:
             reply = t.circuits(downloader, {b"infohash": IH, b"count": 4})
-            assert len(reply["circuits"]) == 4
+            assert len(reply[b"circuits"]) == 4
     finally:
         t.stop()
 
@@ -712,3 +712,31 @@ def test_low_order_keys_are_refused(tracker, key):
     assert status == 400
     assert reply[b"failure reason"] == f"field {key!r} is not a usable X25519 public key".encode()
     assert p.pub not in tracker.peers
+
+
+def test_low_order_x25519_keys_are_found_by_comparison():
+    """The comparison list is exactly what the scalar multiplication would refuse:
+    every listed point (top bit set or not) gives an all-zero secret, random keys do not."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+
+    probe = X25519PrivateKey.generate()
+
+    def refused_by_exchange(key: bytes) -> bool:
+        try:
+            probe.exchange(X25519PublicKey.from_public_bytes(key))
+        except ValueError:
+            return True
+        return False
+
+    listed = [u.to_bytes(32, "little") for u in server_mod.LOW_ORDER_X25519]
+    for key in listed + [k[:31] + bytes([k[31] | 0x80]) for k in listed]:
+        assert server_mod.low_order_x25519(key) and refused_by_exchange(key), key.hex()
+    rng = random.Random(7)
+    for _ in range(300):
+        key = rng.randbytes(32)
+        assert server_mod.low_order_x25519(key) == refused_by_exchange(key) is False
+    # A real key is never of small order.
+    assert not server_mod.low_order_x25519(PeerIdentity.generate().onion_public)

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 
+import gevent
 import pytest
+from gevent.pool import Pool
 from test_tracker_server import IH, SIZE, Peer
 
 from anomos.errors import ConfigError
+from anomos.identity import PeerIdentity
+from anomos.localnet import LocalNetwork
+from anomos.testing import loopback_host
+from anomos.tracker import server as server_mod
 from anomos.tracker.client import TorrentStatus, TrackerClient
-from anomos.tracker.server import Tracker
+from anomos.tracker.server import FLUSH_INTERVAL, Tracker
 from anomos.tracker.store import DB_FILE, Account, Batch, PeerRow, Store, SwarmRow
 
 
@@ -177,36 +184,89 @@ def test_store_round_trip_and_peer_removal(tmp_path):
     a, b, c = b"a" * 32, b"b" * 32, b"c" * 32
     batch = Batch()
     for i, k in enumerate((a, b, c)):
-        batch.peers[k] = PeerRow(k, b"o" * 32, b"x" * 32, f"10.0.0.{i}:1", 5.0, i + 1)
+        batch.peers[i + 1] = PeerRow(k, b"o" * 32, b"x" * 32, f"10.0.0.{i}:1", 5.0, i + 1)
         batch.accounts[k] = Account(1, 2, 30, 3, b"s", 7)
         batch.set_report(k, IH, (i, 2 * i))
-    batch.add_edge(b, a, 11)
-    batch.add_edge(b, c, 12)
-    batch.set_swarm(IH, a, SwarmRow(0, 1, 2))
-    batch.set_swarm(IH, c, SwarmRow(9, 0, 0))
+    batch.add_edge(2, 1, 11)
+    batch.add_edge(2, 3, 12, dialer=3)
+    batch.set_swarm(IH, 1, 0)
+    batch.set_swarm(IH, 3, 9)
     batch.torrents[IH] = 9
     batch.meta["circuits_planned"] = 4
     store.write(batch)
     snap = store.load()
-    assert [p.identity for p in snap.peers] == [a, b, c]
+    assert [(p.identity, p.seq) for p in snap.peers] == [(a, 1), (b, 2), (c, 3)]
     assert sorted(snap.edges) == [(a, b, 11), (b, c, 12)]
+    assert snap.dialers == {(b, c): c}
     assert snap.accounts[b] == Account(1, 2, 30, 3, b"s", 7)
     assert snap.accounts[b].relayed == 3
     assert snap.accounts[b].reports == {IH: (1, 2)}
+    # A swarm row's counters come back from the peer's last report.
+    assert sorted((ih, p, r.left, r.uploaded, r.downloaded) for ih, p, r in snap.swarm) == [
+        (IH, a, 0, 0, 0),
+        (IH, c, 9, 2, 4),
+    ]
     assert snap.torrents == {IH: 9} and snap.meta["circuits_planned"] == 4
 
-    gone = Batch(removed_peers={a})
-    store.write(gone)
-    snap = store.load()
+    gone = Batch()
+    gone.remove_edge(1, 2)
+    gone.remove_swarm(IH, 1)
+    gone.remove_peer(1)
+    assert store.submit(gone)  # through the writer thread
+    snap = store.load()  # waits for it
     assert [p.identity for p in snap.peers] == [b, c]
     assert snap.edges == [(b, c, 12)]
     assert [(ih, p) for ih, p, _ in snap.swarm] == [(IH, c)]
     assert snap.accounts[a].reports == {IH: (0, 0)}  # the account outlives the peer
     cleared = Batch()
-    cleared.clear_reports(c)
+    cleared.set_report(c, b"x" * 20, (1, 1))
+    cleared.clear_reports(c)  # drops the pending report too
     store.write(cleared)
     assert store.load().accounts[c].reports == {}
     store.close()
+
+
+def test_a_schema_1_database_is_converted_in_place(tmp_path):
+    """The identity-keyed tables of schema 1 become id-keyed ones, nothing lost."""
+    from anomos.tracker.store import _SCHEMA_V1
+
+    a, b, c = b"a" * 32, b"b" * 32, b"c" * 32
+    db = sqlite3.connect(tmp_path / DB_FILE)
+    db.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);"
+        "INSERT INTO meta VALUES ('schema_version', 1), ('announces', 77);" + _SCHEMA_V1
+    )
+    for seq, k in enumerate((a, b, c), 1):
+        db.execute("INSERT INTO peers VALUES (?, ?, ?, ?, 1.0, ?)", (k, b"o", b"x", "h:1", seq))
+        db.execute("INSERT INTO accounts VALUES (?, 5, 6, 0, ?, 0, 10, 4)", (k, b"s"))
+        db.execute("INSERT INTO reports VALUES (?, ?, 5, 6)", (k, IH))
+    db.execute("INSERT INTO edges VALUES (?, ?, 7)", (a, b))
+    db.execute("INSERT INTO edges VALUES (?, ?, 8)", (b, c))
+    db.execute("INSERT INTO dialers VALUES (?, ?, ?)", (b, c, b))
+    db.execute("INSERT INTO swarm VALUES (?, ?, 0, 5, 6)", (IH, c))
+    db.execute("INSERT INTO torrents VALUES (?, 100)", (IH,))
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    snap = store.load()
+    store.close()
+    assert [(p.identity, p.seq, p.address) for p in snap.peers] == [
+        (a, 1, "h:1"),
+        (b, 2, "h:2"[:0] + "h:1"),
+        (c, 3, "h:1"),
+    ]
+    assert sorted(snap.edges) == [(a, b, 7), (b, c, 8)]
+    assert snap.dialers == {(b, c): b}
+    assert snap.accounts[c].relayed == 4 and snap.accounts[c].reports == {IH: (5, 6)}
+    assert [(ih, p, r) for ih, p, r in snap.swarm] == [(IH, c, SwarmRow(0, 5, 6))]
+    assert snap.torrents == {IH: 100} and snap.meta["announces"] == 77
+    assert snap.meta["schema_version"] == 2
+    db = sqlite3.connect(tmp_path / DB_FILE)
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    # The view for readers gives the edges by identity, as schema 1 stored them.
+    assert sorted(db.execute("SELECT a, b, nid FROM edges")) == [(a, b, 7), (b, c, 8)]
+    db.close()
+    assert tables == {"meta", "peers", "accounts", "reports", "links", "swarm", "torrents"}
 
 
 def test_store_refuses_a_foreign_schema(tmp_path):
@@ -215,5 +275,111 @@ def test_store_refuses_a_foreign_schema(tmp_path):
     db.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'")
     db.commit()
     db.close()
-    with pytest.raises(ConfigError, match="schema 99, expected 1"):
+    with pytest.raises(ConfigError, match="schema 99, expected 2"):
         Store(tmp_path)
+
+
+# ----------------------------------------------------------------------------- write-behind
+
+
+def test_serving_goes_on_while_the_database_is_locked(tmp_path, plugins, monkeypatch):
+    """Announces are answered while another process holds the database's write lock:
+    the writes wait in the writer thread, and land once the lock is released.
+
+    The old tracker wrote inline: its announce waited out SQLite's busy timeout
+    (5 s) and then failed with an internal error."""
+    monkeypatch.setattr(server_mod, "FLUSH_MAX_PENDING", 3)
+    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, edge_settle=0)
+    t.start()
+    try:
+        locker = sqlite3.connect(t.store.path, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        peers = [Peer(t) for _ in range(12)]
+        for p in peers:  # each 3rd announce hands a batch to the (blocked) writer
+            p.announce(left=SIZE, uploaded=1)
+        assert t.store.busy  # the writer is still waiting for the lock
+        locker.execute("ROLLBACK")
+        locker.close()
+        t.flush()
+        stored = {row.identity for row in t.store.load().peers}
+        assert stored == {p.pub for p in peers}
+    finally:
+        t.stop()
+
+
+def _consistent(t: Tracker) -> None:
+    """The restored graph is whole: every stored link came back, NIDs agree at both ends."""
+    g = t.graph
+    for peer in t.peers:
+        assert peer in g
+        nids = [g.nid(peer, n) for n in g.neighbours(peer)]
+        assert len(set(nids)) == len(nids)
+        for n in g.neighbours(peer):
+            assert n in t.peers and g.peer_by_nid(n, g.nid(peer, n)) == peer
+    for ih, swarm in t.swarms.items():
+        assert set(swarm.rows) <= set(t.peers), ih
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_tracker_killed_while_writing_comes_back_consistent(tmp_path, plugins):
+    """kill -9 of a real tracker process under a stream of joins and announces:
+    the database is intact and the restored state is that of a recent flush."""
+    with LocalNetwork(tmp_path / "net") as net:
+        proc = net.start_tracker()
+        #: identity -> [(time answered, uploaded reported)]
+        acked: dict[bytes, list[tuple[float, int]]] = {}
+        stop = False
+
+        def run_peer() -> None:
+            identity = PeerIdentity.generate()
+            host = loopback_host()
+            client = TrackerClient(net.tracker_url, net.fingerprint, identity, source_host=host)
+            log = acked.setdefault(identity.identity_public, [])
+            k = 0
+            while not stop:
+                k += 1
+                try:
+                    client.announce(f"{host}:7000", [TorrentStatus(IH, 1000 * k, k, SIZE)], 0)
+                except Exception:
+                    return  # the tracker is gone
+                log.append((time.monotonic(), 1000 * k))
+
+        pool = Pool()
+        for _ in range(48):
+            pool.spawn(run_peer)
+            gevent.sleep(0.05)  # joins spread over the run
+        deadline = time.monotonic() + 60
+        while sum(bool(log) for log in acked.values()) < 32 and time.monotonic() < deadline:
+            gevent.sleep(0.1)
+        gevent.sleep(2 * FLUSH_INTERVAL + 3.5)  # their state is written by now
+        proc.kill()
+        killed = time.monotonic()
+        proc.popen.wait(10)
+        stop = True
+        pool.join(timeout=20)
+
+    db = sqlite3.connect(tmp_path / "net" / "tracker" / DB_FILE)
+    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    db.close()
+    t = Tracker(tmp_path / "net" / "tracker", "127.0.0.1:0", plugins)
+    try:
+        _consistent(t)
+        for a, b, nid in t.store.load().edges:  # every stored link came back
+            assert t.graph.nid(a, b) == nid
+        recent = killed - (2 * FLUSH_INTERVAL + 3.0)
+        checked = 0
+        for identity, log in acked.items():
+            old = [up for when, up in log if when < recent]
+            if not old:
+                continue
+            checked += 1
+            assert identity in t.peers
+            account = t.accounts[identity]
+            # Totals and the report baseline were written together, as some announce left them.
+            assert account.reports[IH] == (account.uploaded, account.uploaded // 1000)
+            assert account.uploaded in {up for _, up in log}
+            assert account.uploaded >= old[-1]
+        assert checked >= 32
+    finally:
+        t.stop()

@@ -99,9 +99,30 @@ def table(result: dict[str, Any]) -> str:
             n = f"{item['peers']:,} peers"
             rows.append(
                 (
+                    f"tracker joins, {n}",
+                    f"{_fmt(item['joins_per_second'], 0)} /s",
+                    "one core, signed, distinct peers, no TLS",
+                )
+            )
+            rows.append(
+                (
                     f"tracker announces, {n}",
                     f"{_fmt(item['announces_per_second'], 0)} /s",
-                    "one core, signed, no TLS",
+                    "one core, signed, distinct peers, no TLS",
+                )
+            )
+            rows.append(
+                (
+                    f"tracker bytes per peer, {n}",
+                    f"{_fmt(item['rss_per_peer'], 0)} B RSS",
+                    f"{_fmt(item['counted_per_peer'], 0)} B counted",
+                )
+            )
+            rows.append(
+                (
+                    f"tracker longest stall, {n}",
+                    f"{item['longest_stall'] * 1e3:.1f} ms",
+                    f"restart {item['restart_seconds']:.1f} s",
                 )
             )
             rows.append(

@@ -3,33 +3,40 @@
 * tracking codes built per second (the onion alone), for 3 and 5 hops;
 * circuit plans per second: code, tracker material and the sealed request,
   what the tracker does per circuit besides finding the path;
-* with 10,000 and 100,000 registered peers (1 % of them seeding one
-  torrent): announces answered per second through the tracker's WSGI
-  application (signature check, bencode, graph, reply; TLS and HTTP parsing
-  excluded, as they are the web server's), path computation and whole
-  circuit requests, p50 and p99.
+* with 10,000 and 100,000 registered peers by default (``--scale`` for
+  others, 1 % of them seeding one torrent): joins and announces answered
+  per second through the tracker's WSGI application from distinct peers
+  (signature check, bencode, graph, reply; TLS and HTTP parsing excluded, as
+  they are the web server's), path computation and whole circuit requests,
+  p50 and p99, bytes per peer (RSS growth and the state's objects counted),
+  the longest gap between two served requests (a stall) and the restart time.
 
-Peers are registered by calling the tracker's announce handler directly (no
-signature to check, one shared pair of public keys) to keep set-up short;
-the announces that are timed are fully signed re-announces, the steady
-state of a tracker whose peers announce every interval.
+Most peers are registered by calling the tracker's announce handler directly
+(no signature to check, one shared pair of public keys) to keep set-up short;
+see :func:`graph_bench`.
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import io
 import os
 import random
 import secrets
 import shutil
+import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from typing import Any
 
+import gevent
+import psutil
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from anomos import bencode
 from anomos.bench.report import median, percentile
 from anomos.identity import PeerIdentity, x25519_public
 from anomos.pluginmanager import Plugins, get_plugins
@@ -140,6 +147,76 @@ def _environ(path: str, body: bytes) -> dict[str, Any]:
     }
 
 
+class _Gaps:
+    """The longest gap between two served requests, per phase: a stall of the event loop
+    (a garbage collection, an inline write) shows up as one long gap."""
+
+    def __init__(self) -> None:
+        self.longest: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def tick(self, phase: str) -> None:
+        gevent.sleep(0)  # let the tracker's own greenlets (flushes, expiry) run, as serving does
+        now = time.perf_counter()
+        gap = now - self._last
+        self._last = now
+        if gap > self.longest.get(phase, 0.0):
+            self.longest[phase] = gap
+
+    def restart(self) -> None:
+        self._last = time.perf_counter()
+
+
+#: Attributes of the tracker and its graph that hold per-peer state (others are shared
+#: machinery: plugins, keys, the database handle, the random source).
+_STATE = (
+    "peers",
+    "accounts",
+    "swarms",
+    "_peer_torrents",
+    "sizes",
+    "_seen",
+    "_receipts",
+    "_lost_reports",
+    "_pending",
+)
+_SKIP = (
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.MethodType,
+    types.BuiltinFunctionType,
+    random.Random,
+)
+
+
+def counted_bytes(tracker: Any) -> int:
+    """Bytes of every object the tracker's state holds (each counted once), numpy buffers
+    included: what ``sys.getsizeof`` says, summed over a walk of the references."""
+    roots = [getattr(tracker, name) for name in _STATE if hasattr(tracker, name)]
+    roots += [
+        v
+        for k, v in vars(tracker.graph).items()
+        if k not in ("_rng", "_clock") and not isinstance(v, _SKIP)
+    ]
+    seen: set[int] = set()
+    stack = roots
+    total = 0
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, _SKIP):
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        if gc.is_tracked(obj) or isinstance(obj, dict):
+            stack.extend(gc.get_referents(obj))
+    return total
+
+
+def _rss() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
 def graph_bench(
     plugins: Plugins,
     peers: int,
@@ -148,12 +225,42 @@ def graph_bench(
     samples: int = 1000,
     echo: Echo = _quiet,
 ) -> dict[str, Any]:
-    """One tracker with ``peers`` registered: announce rate, path and request latencies."""
+    """One tracker with ``peers`` registered: joins, announces, paths, signed circuit requests,
+    memory per peer, the longest stall and the restart time.
+
+    Most peers are registered by calling the announce handler directly (no signature,
+    shared public keys) to keep set-up short; the last ``announces`` join through the
+    WSGI application with their own keys and signatures (the join rate), and then each
+    of them announces once more (the announce rate: distinct peers, so nothing is
+    served from a cache one peer warmed). TLS and HTTP parsing are the web server's
+    and are excluded.
+    """
+    from anomos.tracker.identity import TrackerIdentity
     from anomos.tracker.limits import LimitSettings
-    from anomos.tracker.server import ANNOUNCE_PATH, Tracker
+    from anomos.tracker.server import ANNOUNCE_PATH, CIRCUITS_PATH, Tracker
 
     state = tempfile.mkdtemp(prefix="anomos-bench-tracker-")
+    gaps = _Gaps()
     try:
+        infohash = os.urandom(20)
+        size = 1 << 30
+        rng = random.Random(1)
+        joiners = min(announces, peers)
+        echo(f"tracker: {joiners:,} identities and signed requests")
+        signed = [PeerIdentity.generate() for _ in range(joiners)]
+        # Requests are signed for this tracker (its key, made here, is the one it loads).
+        fingerprint = TrackerIdentity.load_or_create(state).fingerprint
+        nonces = iter(range(1 << 62))
+
+        def body(j: int, ident: PeerIdentity) -> bytes:
+            address = f"10.255.{j >> 8 & 255}.{j & 255}:{7000 + j % 1000}"
+            # A nonce each: the tracker refuses a signed request it has seen.
+            inner = {**_inner(ident, address, infohash, size), "nonce": next(nonces).to_bytes(8)}
+            return signed_body(ident, ANNOUNCE_PATH, inner, fingerprint)
+
+        join_bodies = [body(j, ident) for j, ident in enumerate(signed)]
+        gc.collect()
+        rss0 = _rss()
         tracker = Tracker(
             state,
             "127.0.0.1:0",
@@ -163,52 +270,38 @@ def graph_bench(
             edge_settle=0.0,
             limits=LimitSettings.unlimited(),
         )
-        infohash = os.urandom(20)
-        size = 1 << 30
-        rng = random.Random(1)
-        echo(f"tracker: registering {peers:,} peers")
-        t0 = time.perf_counter()
-        signed = [PeerIdentity.generate() for _ in range(min(SIGNED_PEERS, peers))]
-        for i in range(peers - len(signed)):
-            left = 0 if rng.random() < SEED_FRACTION else size
-            address = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:6881"
-            tracker.announce(
-                secrets.token_bytes(32), _bytes_keys(_inner(None, address, infohash, left))
-            )
-        for j, ident in enumerate(signed):
-            inner = _bytes_keys(_inner(ident, _signed_address(j), infohash, size))
-            tracker.announce(ident.identity_public, inner)
-        join_rate = peers / (time.perf_counter() - t0)
-        # Every peer announced once; let every edge settle as if all had announced again.
-        for peer in list(tracker.peers):
-            tracker.graph.mark_told(peer)
-
-        # Every request differs (a nonce): the tracker refuses one it has seen.
-        bodies = [
-            signed_body(
-                signed[i % len(signed)],
-                ANNOUNCE_PATH,
-                {
-                    **_inner(
-                        signed[i % len(signed)], _signed_address(i % len(signed)), infohash, size
-                    ),
-                    "nonce": i.to_bytes(8, "big"),
-                },
-                tracker.fingerprint,
-            )
-            for i in range(announces)
-        ]
+        tracker.start()
         statuses: list[str] = []
 
         def start_response(status: str, _headers: list[Any]) -> None:
             statuses.append(status)
 
-        echo(f"tracker: {announces:,} signed announces")
+        def serve(tracker: Tracker, bodies: list[bytes], phase: str) -> float:
+            t0 = time.perf_counter()
+            for b in bodies:
+                tracker.wsgi(_environ(ANNOUNCE_PATH, b), start_response)
+                gaps.tick(phase)
+            return len(bodies) / (time.perf_counter() - t0)
+
+        echo(f"tracker: registering {peers - joiners:,} peers")
         t0 = time.perf_counter()
-        for i in range(announces):
-            body = bodies[i]
-            tracker.wsgi(_environ(ANNOUNCE_PATH, body), start_response)
-        announce_rate = announces / (time.perf_counter() - t0)
+        gaps.restart()
+        for i in range(peers - joiners):
+            left = 0 if rng.random() < SEED_FRACTION else size
+            address = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}:6881"
+            tracker.announce(
+                secrets.token_bytes(32), _bytes_keys(_inner(None, address, infohash, left))
+            )
+            gaps.tick("registration")
+        registration = time.perf_counter() - t0
+        echo(f"tracker: {joiners:,} signed joins, then as many signed announces")
+        join_rate = serve(tracker, join_bodies, "joins")
+        # Every peer announced once; let every edge settle as if all had announced again.
+        for peer in list(tracker.peers):
+            tracker.graph.mark_told(peer)
+        announce_bodies = [body(j, ident) for j, ident in enumerate(signed)]
+        gaps.restart()
+        announce_rate = serve(tracker, announce_bodies, "announces")
         bad = [s for s in statuses if not s.startswith("200")]
         if bad:
             raise RuntimeError(f"tracker refused benchmark announces: {bad[0]}")
@@ -229,15 +322,43 @@ def graph_bench(
             found += path is not None
         request_times = []
         planned = 0
-        for i in range(samples):
-            ident = signed[i % len(signed)]
+        gaps.restart()
+        asks = [
+            signed_body(
+                signed[rng.randrange(len(signed))],
+                CIRCUITS_PATH,
+                {
+                    "time": int(time.time()),
+                    "infohash": infohash,
+                    "count": 1,
+                    "nonce": next(nonces).to_bytes(8),
+                },
+                fingerprint,
+            )
+            for _ in range(samples)
+        ]
+        for ask in asks:
             t = time.perf_counter()
-            reply = tracker.circuits(ident.identity_public, {b"infohash": infohash, b"count": 1})
+            reply = tracker.wsgi(_environ(CIRCUITS_PATH, ask), start_response)
             request_times.append(time.perf_counter() - t)
-            planned += len(reply["circuits"])
+            planned += len(bencode.decode(b"".join(reply))[b"circuits"])
+            gaps.tick("circuits")
+        gc.collect()
+        rss = _rss() - rss0
+        echo("tracker: counting the bytes of its state")
+        counted = counted_bytes(tracker)
         tracker.stop()
+        del tracker
+        gc.collect()
+        echo("tracker: restart")
+        t0 = time.perf_counter()
+        again = Tracker(state, "127.0.0.1:0", plugins)
+        restart = time.perf_counter() - t0
+        restored = len(again.peers)
+        again.stop()
         return {
             "peers": peers,
+            "registration_seconds": registration,
             "joins_per_second": join_rate,
             "announces_per_second": announce_rate,
             "path_p50": percentile(path_times, 50),
@@ -246,6 +367,12 @@ def graph_bench(
             "request_p50": percentile(request_times, 50),
             "request_p99": percentile(request_times, 99),
             "requests_planned": planned / samples,
+            "rss_per_peer": rss / peers,
+            "counted_per_peer": counted / peers,
+            "longest_stall": max(gaps.longest.values()),
+            "stalls": gaps.longest,
+            "restart_seconds": restart,
+            "restored_peers": restored,
         }
     finally:
         shutil.rmtree(state, ignore_errors=True)

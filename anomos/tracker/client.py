@@ -161,14 +161,15 @@ def signed_body(
     return bencode.encode({"peer": identity.identity_public, "msg": msg, "sig": sig})
 
 
-def plan_to_wire(plan: CircuitPlan) -> dict[str, Any]:
+def plan_to_wire(plan: CircuitPlan) -> dict[bytes, Any]:
+    """The plan as the tracker sends it (byte-string keys: bencoded in one pass)."""
     return {
-        "first_nid": plan.first_nid,
-        "tracking_code": plan.tracking_code,
-        "layers": [layer.to_bytes() for layer in plan.layers],
-        "request": plan.request_blob,
-        "suite": plan.suite,
-        "material": plan.material,
+        b"first_nid": plan.first_nid,
+        b"tracking_code": plan.tracking_code,
+        b"layers": [layer.to_bytes() for layer in plan.layers],
+        b"request": plan.request_blob,
+        b"suite": plan.suite.encode(),
+        b"material": plan.material,
     }
 
 

@@ -7,8 +7,9 @@ them. A peer is credited only the relayed bytes its neighbours confirm. The
 exact wire format is in docs/tracker-api.md.
 
 Everything is served from memory; the changes announces make are written to
-SQLite together, once a second, in one transaction (:mod:`anomos.tracker.store`);
-circuit requests write nothing. A peer not seen for ``EXPIRY_INTERVALS``
+SQLite together, once a second, in one transaction by a writer thread
+(:mod:`anomos.tracker.store`), so serving never waits for the disk; circuit
+requests write nothing. A peer not seen for ``EXPIRY_INTERVALS``
 announce intervals is dropped and its neighbours repaired. All state changes
 run without yielding to other greenlets, so no locks are needed.
 """
@@ -33,7 +34,6 @@ import attrs
 import gevent
 import nacl.exceptions
 import nacl.signing
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
@@ -103,9 +103,9 @@ LOST_RECHECK_INTERVAL = 2
 #: Peers looked at around a downloader when sampled sources were out of reach.
 NEAR_BUDGET = 20_000
 #: Seconds between writes of accumulated changes to the database (a crash loses at most
-#: this much; peers simply announce again).
+#: this much, plus a write under way; peers simply announce again).
 FLUSH_INTERVAL = 1.0
-#: Announces after which changes are written at once, whatever the time.
+#: Announces after which changes are handed to the writer at once, whatever the time.
 FLUSH_MAX_PENDING = 2000
 #: Seconds ``stop`` waits for requests in progress.
 STOP_TIMEOUT = 5.0
@@ -183,19 +183,34 @@ def _bytes_field(d: dict[bytes, Any], key: str, sizes: tuple[int, ...]) -> bytes
     return value
 
 
-#: A throwaway key to test announced X25519 keys with (low-order points give all zeros).
-_PROBE = X25519PrivateKey.generate()
+_P25519 = 2**255 - 19
+#: u-coordinates of the X25519 public keys of small order, for which every shared secret
+#: is all zeros (libsodium's list): 0, 1, the two of order 8, p - 1, and the non-canonical
+#: p and p + 1. X25519 ignores the top bit, so it is masked off before comparing.
+LOW_ORDER_X25519 = frozenset(
+    {
+        0,
+        1,
+        325606250916557431795983626356110631294008115727848805560023387167927233504,
+        39382357235489614581723060781553021112529911719440698176882885853963445705823,
+        _P25519 - 1,
+        _P25519,
+        _P25519 + 1,
+    }
+)
+
+
+def low_order_x25519(key: bytes) -> bool:
+    """Whether ``key`` (32 bytes) is a point of small order: a comparison, no scalar mult."""
+    return int.from_bytes(key, "little") & ((1 << 255) - 1) in LOW_ORDER_X25519
 
 
 def _x25519_field(d: dict[bytes, Any], key: str, known: bytes | None) -> bytes:
     """A 32-byte X25519 public key that is not a low-order point (it would break every
     circuit through the peer); ``known`` is the key already accepted from this peer."""
     value = _bytes_field(d, key, (32,))
-    if value != known:
-        try:
-            _PROBE.exchange(X25519PublicKey.from_public_bytes(value))
-        except ValueError:
-            raise Refused(400, f"field {key!r} is not a usable X25519 public key") from None
+    if value != known and low_order_x25519(value):
+        raise Refused(400, f"field {key!r} is not a usable X25519 public key")
     return value
 
 
@@ -506,7 +521,7 @@ class Tracker:
     # ------------------------------------------------------------------ announce
     def announce(
         self, peer: bytes, inner: dict[bytes, Any], network: str | None = None
-    ) -> dict[str, Any]:
+    ) -> dict[bytes, Any]:
         """Handle a verified announce from ``peer``, sent from ``network`` (None: not
         limited per network); the reply dict (see docs/tracker-api.md)."""
         now = self.clock()
@@ -540,10 +555,14 @@ class Tracker:
         if row is None:
             row = PeerRow(peer, onion, box, address, now, 0)
             self.peers[peer] = row
-            self._apply_changes(self.graph.add_peer(peer), batch)
+            changes = self.graph.add_peer(peer)
             row.seq = self.graph.seq(peer)
+            self._apply_changes(changes, batch)
+            batch.peers[row.seq] = row
         else:
-            row.onion, row.box, row.address = onion, box, address
+            if (row.onion, row.box, row.address) != (onion, box, address):
+                row.onion, row.box, row.address = onion, box, address
+                batch.peers[row.seq] = row
             row.last_seen = now
         # Speaking proves it alive: earlier reports of it being lost are void.
         self._lost_reports.pop(peer, None)
@@ -552,12 +571,11 @@ class Tracker:
             self._apply_changes(self.graph.top_up(peer), batch)
         self._seen[peer] = now
         self._seen.move_to_end(peer)
-        batch.peers[peer] = row
         self._update_swarms(peer, torrents, batch)
         self._changed()
         fixed: list[Any] = self.graph.mark_told(peer)
         for edge in fixed:
-            batch.add_edge(edge.a, edge.b, edge.nid, edge.dialer)
+            batch.add_edge(self._id(edge.a), self._id(edge.b), edge.nid, self._id(edge.dialer))
         interval = LOST_RECHECK_INTERVAL if pending else None
         return self._reply(peer, list(self.graph.neighbours(peer)), account, interval)
 
@@ -646,27 +664,39 @@ class Tracker:
         torrents: dict[bytes, tuple[int, int, int, str]],
         batch: Batch,
     ) -> Account:
-        """Add what the peer reports beyond its last report in this session to its totals."""
-        account = self.accounts.setdefault(peer, Account())
+        """Add what the peer reports beyond its last report in this session to its totals
+        (and mark the account for writing only if that changed anything)."""
+        account = self.accounts.get(peer)
+        changed = account is None or account.session != session
+        if account is None:
+            account = self.accounts[peer] = Account()
         if account.session != session:
             # A new session: its counters start from zero, so every baseline does too.
             account.session, account.relayed_reported = session, 0
             account.reports.clear()
             batch.clear_reports(peer)
-        account.relayed_claimed += _add_delta(relayed, account.relayed_reported)
-        account.relayed_reported = relayed
+        if relayed != account.relayed_reported:
+            account.relayed_claimed += _add_delta(relayed, account.relayed_reported)
+            account.relayed_reported = relayed
+            changed = True
         for ih, (up, down, _left, _event) in torrents.items():
-            last_up, last_down = account.reports.get(ih, (0, 0))
+            last = account.reports.get(ih)
+            if last == (up, down):
+                continue
+            last_up, last_down = last or (0, 0)
             account.uploaded += _add_delta(up, last_up)
             account.downloaded += _add_delta(down, last_down)
             account.reports[ih] = (up, down)
             batch.set_report(peer, ih, (up, down))
+            changed = True
         if len(account.reports) > MAX_REPORTS:
             # Forget torrents the peer no longer lists (bounds memory per identity).
             for ih in [ih for ih in account.reports if ih not in torrents]:
                 del account.reports[ih]
                 batch.remove_report(peer, ih)
-        batch.accounts[peer] = account
+            changed = True
+        if changed:
+            batch.accounts[peer] = account
         return account
 
     def _confirm(
@@ -736,11 +766,12 @@ class Tracker:
         for ih, (up, down, left, event) in torrents.items():
             if event == "stopped":
                 continue
-            row = SwarmRow(left, up, down)
             swarm = self._swarm(ih)
-            swarm.set(peer, row)
+            before = swarm.rows.get(peer)
+            swarm.set(peer, SwarmRow(left, up, down))
             mine.add(ih)
-            batch.set_swarm(ih, peer, row)
+            if before is None or before.left != left:  # the counters are in its account
+                batch.set_swarm(ih, self._id(peer), left)
             if swarm.size > self.sizes.get(ih, -1):
                 self.sizes[ih] = swarm.size
                 batch.torrents[ih] = swarm.size
@@ -759,24 +790,27 @@ class Tracker:
             if not swarm:
                 del self.swarms[ih]
         self._peer_torrents.get(peer, set()).discard(ih)
-        batch.remove_swarm(ih, peer)
+        batch.remove_swarm(ih, self._id(peer))
 
     def _remove_peer(self, peer: bytes, batch: Batch) -> None:
         for ih in list(self._peer_torrents.get(peer, ())):
             self._leave_swarm(peer, ih, batch)
         self._peer_torrents.pop(peer, None)
         self._apply_changes(self.graph.remove_peer(peer), batch)
+        batch.remove_peer(self._id(peer))
         self.peers.pop(peer, None)
         self._seen.pop(peer, None)
         self._lost_reports.pop(peer, None)
-        batch.peers.pop(peer, None)
-        batch.removed_peers.add(peer)
+
+    def _id(self, peer: bytes) -> int:
+        """The peer's integer id in the store (its join sequence number)."""
+        return self.peers[peer].seq
 
     def _apply_changes(self, changes: Any, batch: Batch) -> None:
         for a, b in changes.removed:
-            batch.remove_edge(a, b)
+            batch.remove_edge(self._id(a), self._id(b))
         for edge in changes.added:
-            batch.add_edge(edge.a, edge.b, edge.nid)
+            batch.add_edge(self._id(edge.a), self._id(edge.b), edge.nid)
 
     def _reply(
         self,
@@ -784,31 +818,32 @@ class Tracker:
         neighbours: list[Any],
         account: Account,
         interval: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> dict[bytes, Any]:
+        """The reply, with byte-string keys: bencoded as is, in one pass."""
         ratio = self._ratio_of(account)
         return {
-            "neighbours": [
+            b"neighbours": [
                 {
-                    "nid": self.graph.nid(peer, n),
-                    "address": self.peers[n].address,
-                    "identity": n,
-                    "dial": int(self.graph.dialer(peer, n) == peer),
+                    b"nid": self.graph.nid(peer, n),
+                    b"address": self.peers[n].address.encode(),
+                    b"identity": n,
+                    b"dial": int(self.graph.dialer(peer, n) == peer),
                 }
                 for n in neighbours
             ],
-            "epoch": current_epoch(self.clock()),
-            "interval": min(interval or self.interval, self.interval),
-            "min_interval": min(self.min_interval, interval or self.min_interval),
-            "ratio": "inf" if math.isinf(ratio) else f"{ratio:.6f}",
-            "uploaded": _confirmed_upload(account),
-            "uploaded_claimed": account.uploaded,
-            "downloaded": account.downloaded,
-            "relayed": account.relayed,
-            "relayed_claimed": account.relayed_claimed,
+            b"epoch": current_epoch(self.clock()),
+            b"interval": min(interval or self.interval, self.interval),
+            b"min_interval": min(self.min_interval, interval or self.min_interval),
+            b"ratio": b"inf" if math.isinf(ratio) else f"{ratio:.6f}".encode(),
+            b"uploaded": _confirmed_upload(account),
+            b"uploaded_claimed": account.uploaded,
+            b"downloaded": account.downloaded,
+            b"relayed": account.relayed,
+            b"relayed_claimed": account.relayed_claimed,
         }
 
     # ------------------------------------------------------------------ circuits
-    def circuits(self, peer: bytes, inner: dict[bytes, Any]) -> dict[str, Any]:
+    def circuits(self, peer: bytes, inner: dict[bytes, Any]) -> dict[bytes, Any]:
         """Handle a verified circuit request from ``peer``."""
         infohash = _bytes_field(inner, "infohash", (20, 32))
         count = _int_field(inner, "count", 1, MAX_CIRCUITS)
@@ -819,7 +854,7 @@ class Tracker:
             raise Refused(403, refusal)
         swarm = self.swarms.get(infohash)
         if swarm is None:
-            return {"circuits": []}
+            return {b"circuits": []}
         sources = swarm.sample_sources(self.planner.source_tries(count), peer, self.rng)
         plans = self.planner.plan(peer, infohash, sources, count)
         if len(plans) < count and swarm.source_count() > len(sources):
@@ -830,7 +865,7 @@ class Tracker:
             extra = [p for p in near if swarm.is_source(p) and p not in tried and p != peer]
             self.rng.shuffle(extra)
             plans += self.planner.plan(peer, infohash, extra, count - len(plans))
-        return {"circuits": [plan_to_wire(p) for p in plans]}
+        return {b"circuits": [plan_to_wire(p) for p in plans]}
 
     def _ratio_of(self, account: Account) -> float:
         """The ratio plugin's share ratio, with the uploaded and relayed bytes
@@ -883,21 +918,30 @@ class Tracker:
             self.expire()
 
     def flush(self) -> None:
-        """Write the changes made since the last flush, in one transaction."""
+        """Write the changes made since the last flush now, in one transaction."""
         batch, self._pending, self._pending_count = self._pending, Batch(), 0
         batch.meta.update(self._meta())
         self.store.write(batch)
 
+    def _write_behind(self) -> None:
+        """Hand the changes to the store's writer thread, unless it is still busy
+        with the previous ones (then they keep accumulating: serving never waits)."""
+        if self.store.busy:
+            return
+        batch, self._pending, self._pending_count = self._pending, Batch(), 0
+        batch.meta.update(self._meta())
+        self.store.submit(batch)
+
     def _changed(self) -> None:
         self._pending_count += 1
         if self._pending_count >= FLUSH_MAX_PENDING:
-            self.flush()
+            self._write_behind()
 
     def _flush_loop(self) -> None:
         while True:
             gevent.sleep(FLUSH_INTERVAL)
             if self._pending_count:
-                self.flush()
+                self._write_behind()
 
     def _meta(self) -> dict[str, int]:
         return {
@@ -972,13 +1016,13 @@ class Tracker:
             return _respond(
                 start_response,
                 exc.status,
-                bencode.encode({"failure reason": exc.reason}),
+                bencode.encode({b"failure reason": exc.reason}),
                 headers=retry if exc.status == 429 else [],
             )
         except Exception:
             log.exception("tracker failed on %s", path[:64])
             return _respond(
-                start_response, 500, bencode.encode({"failure reason": "internal error"})
+                start_response, 500, bencode.encode({b"failure reason": b"internal error"})
             )
 
     def _verified(self, path: str, body: bytes) -> tuple[bytes, dict[bytes, Any]]:

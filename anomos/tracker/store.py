@@ -1,47 +1,62 @@
 """The tracker's durable state in SQLite, so a restart loses nothing.
 
-The tracker serves from memory (the graph, the swarms) and writes here in
-batches, one transaction a second: never on the path of a circuit request.
-On start it reads everything back and rebuilds the graph with the same NIDs,
-so the peers' existing links stay valid.
+The tracker serves from memory (the graph, the swarms) and never waits for
+this module: :meth:`Store.submit` turns the changes accumulated since the last
+flush into plain rows on the event loop (a few microseconds each) and one
+writer thread applies them in one transaction, WAL checkpoints included. A
+crash (even ``kill -9``) loses the last transaction at most, a second or two
+of announces, which peers simply repeat. On start it reads everything back and
+rebuilds the graph with the same NIDs, so the peers' existing links stay valid.
 
-Tables: ``peers`` (live peers: keys, contact address, join order),
-``accounts`` (lifetime transfer totals: relayed bytes as claimed by the peer,
-as confirmed by its neighbours' receipts, and the credited lesser of the two;
-the session and ``relayed`` last reported; kept after a peer leaves so neither
-its ratio nor its baselines are lost; the claimed and confirmed columns are
-added in place to older databases), ``reports`` (per identity and torrent,
-the cumulative counters last reported in the current session), ``edges``
-(the neighbour graph with NIDs), ``dialers`` (for edges whose dial direction
-was fixed when an end was told of it: that end; added in place, old databases
-simply lack it), ``swarm`` (torrent membership), ``torrents`` (the largest
-``left`` seen: the torrent's size as far as the tracker can tell) and
-``meta`` (counters).
+Only what changed is written: a peer row when a peer joins or changes its keys
+or address (not on every announce: when it was last seen is not stored, a
+restart gives every peer a new expiry window), an account or a report when its
+counters moved. Peers are keyed by an integer id (their join sequence number)
+in ``peers``, ``links`` and ``swarm``; the tables are ``WITHOUT ROWID`` where
+the primary key is the natural one, so each change is one B-tree update.
+
+Tables: ``peers`` (live peers: id, keys, contact address), ``accounts``
+(lifetime transfer totals: relayed bytes as claimed by the peer, as confirmed
+by its neighbours' receipts, and the credited lesser of the two; the session
+and ``relayed`` last reported; kept after a peer leaves so neither its ratio
+nor its baselines are lost), ``reports`` (per identity and torrent, the
+cumulative counters last reported in the current session: a swarm row's
+counters are restored from here), ``links`` (the neighbour graph: the two peer
+ids, the NID and the id of the end that dials, or 0 when that is not fixed
+yet), ``swarm`` (torrent membership and bytes left), ``torrents`` (the largest
+``left`` seen: the torrent's size as far as the tracker can tell) and ``meta``
+(counters). The view ``edges`` gives the links by identity, for people and
+tools reading the file. Schema 1 (keyed by identity, one row per announce) is
+converted in place on first open.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
-from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import attrs
 
 from anomos.errors import ConfigError
 from anomos.fsutil import private_file
 
+log = logging.getLogger(__name__)
+
 DB_FILE = "tracker.sqlite3"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: SQLite page cache (KiB): the hot part of the B-trees (recent peers, their links).
+CACHE_KIB = 65536
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS peers (
-    identity BLOB PRIMARY KEY,
+    id INTEGER PRIMARY KEY,
+    identity BLOB NOT NULL,
     onion BLOB NOT NULL,
     box BLOB NOT NULL,
-    address TEXT NOT NULL,
-    last_seen REAL NOT NULL,
-    seq INTEGER NOT NULL
+    address TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS accounts (
     identity BLOB PRIMARY KEY,
@@ -52,41 +67,91 @@ CREATE TABLE IF NOT EXISTS accounts (
     relayed_reported INTEGER NOT NULL,
     relayed_claimed INTEGER NOT NULL DEFAULT 0,
     relayed_confirmed INTEGER NOT NULL DEFAULT 0
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS reports (
     identity BLOB NOT NULL,
     infohash BLOB NOT NULL,
     uploaded INTEGER NOT NULL,
     downloaded INTEGER NOT NULL,
     PRIMARY KEY (identity, infohash)
-);
-CREATE TABLE IF NOT EXISTS edges (
-    a BLOB NOT NULL,
-    b BLOB NOT NULL,
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS links (
+    a INTEGER NOT NULL,
+    b INTEGER NOT NULL,
     nid INTEGER NOT NULL,
+    dialer INTEGER NOT NULL,
     PRIMARY KEY (a, b)
-);
-CREATE TABLE IF NOT EXISTS dialers (
-    a BLOB NOT NULL,
-    b BLOB NOT NULL,
-    dialer BLOB NOT NULL,
-    PRIMARY KEY (a, b)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS swarm (
+    peer INTEGER NOT NULL,
     infohash BLOB NOT NULL,
-    peer BLOB NOT NULL,
     left INTEGER NOT NULL,
-    uploaded INTEGER NOT NULL,
-    downloaded INTEGER NOT NULL,
-    PRIMARY KEY (infohash, peer)
-);
+    PRIMARY KEY (peer, infohash)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS torrents (infohash BLOB PRIMARY KEY, size INTEGER NOT NULL)
+    WITHOUT ROWID;
+CREATE VIEW IF NOT EXISTS edges AS
+    SELECT pa.identity AS a, pb.identity AS b, links.nid AS nid, pd.identity AS dialer
+    FROM links JOIN peers pa ON pa.id = links.a JOIN peers pb ON pb.id = links.b
+    LEFT JOIN peers pd ON pd.id = links.dialer;
+"""
+
+#: Schema 1, keyed by identity: the tables an old database may lack are made before converting.
+_SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS peers (identity BLOB PRIMARY KEY, onion BLOB NOT NULL,
+    box BLOB NOT NULL, address TEXT NOT NULL, last_seen REAL NOT NULL, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS accounts (identity BLOB PRIMARY KEY, uploaded INTEGER NOT NULL,
+    downloaded INTEGER NOT NULL, relayed INTEGER NOT NULL, session BLOB NOT NULL,
+    relayed_reported INTEGER NOT NULL, relayed_claimed INTEGER NOT NULL DEFAULT 0,
+    relayed_confirmed INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS reports (identity BLOB NOT NULL, infohash BLOB NOT NULL,
+    uploaded INTEGER NOT NULL, downloaded INTEGER NOT NULL, PRIMARY KEY (identity, infohash));
+CREATE TABLE IF NOT EXISTS edges (a BLOB NOT NULL, b BLOB NOT NULL, nid INTEGER NOT NULL,
+    PRIMARY KEY (a, b));
+CREATE TABLE IF NOT EXISTS dialers (a BLOB NOT NULL, b BLOB NOT NULL, dialer BLOB NOT NULL,
+    PRIMARY KEY (a, b));
+CREATE TABLE IF NOT EXISTS swarm (infohash BLOB NOT NULL, peer BLOB NOT NULL,
+    left INTEGER NOT NULL, uploaded INTEGER NOT NULL, downloaded INTEGER NOT NULL,
+    PRIMARY KEY (infohash, peer));
 CREATE TABLE IF NOT EXISTS torrents (infohash BLOB PRIMARY KEY, size INTEGER NOT NULL);
+"""
+
+#: Schema 1 -> 2, in one transaction: the identity-keyed tables become id-keyed ones.
+_MIGRATE_V1 = """
+ALTER TABLE peers RENAME TO peers_v1;
+ALTER TABLE accounts RENAME TO accounts_v1;
+ALTER TABLE reports RENAME TO reports_v1;
+ALTER TABLE edges RENAME TO edges_v1;
+ALTER TABLE swarm RENAME TO swarm_v1;
+ALTER TABLE torrents RENAME TO torrents_v1;
+{schema}
+INSERT INTO peers SELECT seq, identity, onion, box, address FROM peers_v1;
+INSERT INTO accounts SELECT identity, uploaded, downloaded, relayed, session, relayed_reported,
+    relayed_claimed, relayed_confirmed FROM accounts_v1;
+INSERT INTO reports SELECT * FROM reports_v1;
+INSERT OR REPLACE INTO links
+    SELECT min(pa.seq, pb.seq), max(pa.seq, pb.seq), e.nid, coalesce(pd.seq, 0)
+    FROM edges_v1 e JOIN peers_v1 pa ON pa.identity = e.a JOIN peers_v1 pb ON pb.identity = e.b
+    LEFT JOIN dialers d ON d.a = e.a AND d.b = e.b
+    LEFT JOIN peers_v1 pd ON pd.identity = d.dialer;
+INSERT OR REPLACE INTO swarm
+    SELECT p.seq, s.infohash, s.left FROM swarm_v1 s JOIN peers_v1 p ON p.identity = s.peer;
+INSERT INTO torrents SELECT * FROM torrents_v1;
+DROP TABLE peers_v1;
+DROP TABLE accounts_v1;
+DROP TABLE reports_v1;
+DROP TABLE edges_v1;
+DROP TABLE dialers;
+DROP TABLE swarm_v1;
+DROP TABLE torrents_v1;
+UPDATE meta SET value = 2 WHERE key = 'schema_version';
 """
 
 
 @attrs.define
 class PeerRow:
-    """A live peer as stored."""
+    """A live peer: its keys and contact address (stored), when it was last seen
+    (memory only) and its id, the join sequence number (the key of its stored rows)."""
 
     identity: bytes
     onion: bytes
@@ -131,60 +196,72 @@ class SwarmRow:
     downloaded: int = 0
 
 
-def _edge_key(a: bytes, b: bytes) -> tuple[bytes, bytes]:
+def _link_key(a: int, b: int) -> tuple[int, int]:
     return (a, b) if a < b else (b, a)
 
 
 @attrs.define
 class Batch:
-    """Everything one announce (or expiry round) changes, written in one transaction."""
+    """What changed since the last flush, coalesced per row, written in one transaction.
 
-    peers: dict[bytes, PeerRow] = attrs.field(factory=dict)
-    removed_peers: set[bytes] = attrs.field(factory=set)
+    Peers are referred to by their integer id (``PeerRow.seq``); accounts and
+    reports, which outlive a peer's stay, by identity.
+    """
+
+    #: id -> the row of a peer that joined or changed its keys or address
+    peers: dict[int, PeerRow] = attrs.field(factory=dict)
+    removed_peers: set[int] = attrs.field(factory=set)
     accounts: dict[bytes, Account] = attrs.field(factory=dict)
     #: identities whose per-torrent reports are all dropped (a new session)
     cleared_reports: set[bytes] = attrs.field(factory=set)
-    reports: dict[tuple[bytes, bytes], tuple[int, int]] = attrs.field(factory=dict)
-    removed_reports: set[tuple[bytes, bytes]] = attrs.field(factory=set)
-    #: (a, b) -> (nid, dialer or None)
-    added_edges: dict[tuple[bytes, bytes], tuple[int, bytes | None]] = attrs.field(factory=dict)
-    removed_edges: set[tuple[bytes, bytes]] = attrs.field(factory=set)
-    swarm: dict[tuple[bytes, bytes], SwarmRow] = attrs.field(factory=dict)
-    removed_swarm: set[tuple[bytes, bytes]] = attrs.field(factory=set)
+    #: identity -> infohash -> counters (indexed by identity: clearing one is O(its torrents))
+    reports: dict[bytes, dict[bytes, tuple[int, int]]] = attrs.field(factory=dict)
+    removed_reports: dict[bytes, set[bytes]] = attrs.field(factory=dict)
+    #: (a, b), a < b -> (nid, id of the dialer or 0)
+    added_edges: dict[tuple[int, int], tuple[int, int]] = attrs.field(factory=dict)
+    removed_edges: set[tuple[int, int]] = attrs.field(factory=set)
+    #: (peer id, infohash) -> bytes left
+    swarm: dict[tuple[int, bytes], int] = attrs.field(factory=dict)
+    removed_swarm: set[tuple[int, bytes]] = attrs.field(factory=set)
     torrents: dict[bytes, int] = attrs.field(factory=dict)
     meta: dict[str, int] = attrs.field(factory=dict)
 
-    def add_edge(self, a: bytes, b: bytes, nid: int, dialer: bytes | None = None) -> None:
-        key = _edge_key(a, b)
+    def add_edge(self, a: int, b: int, nid: int, dialer: int = 0) -> None:
+        key = _link_key(a, b)
         self.removed_edges.discard(key)
         self.added_edges[key] = (nid, dialer)
 
-    def remove_edge(self, a: bytes, b: bytes) -> None:
-        key = _edge_key(a, b)
+    def remove_edge(self, a: int, b: int) -> None:
+        key = _link_key(a, b)
         self.added_edges.pop(key, None)
         self.removed_edges.add(key)
 
+    def remove_peer(self, peer: int) -> None:
+        self.peers.pop(peer, None)
+        self.removed_peers.add(peer)
+
     def clear_reports(self, identity: bytes) -> None:
         self.cleared_reports.add(identity)
-        for key in [k for k in self.reports if k[0] == identity]:
-            del self.reports[key]
-        self.removed_reports = {k for k in self.removed_reports if k[0] != identity}
+        self.reports.pop(identity, None)
+        self.removed_reports.pop(identity, None)
 
     def set_report(self, identity: bytes, infohash: bytes, counters: tuple[int, int]) -> None:
-        self.removed_reports.discard((identity, infohash))
-        self.reports[(identity, infohash)] = counters
+        removed = self.removed_reports.get(identity)
+        if removed:
+            removed.discard(infohash)
+        self.reports.setdefault(identity, {})[infohash] = counters
 
     def remove_report(self, identity: bytes, infohash: bytes) -> None:
-        self.reports.pop((identity, infohash), None)
-        self.removed_reports.add((identity, infohash))
+        self.reports.get(identity, {}).pop(infohash, None)
+        self.removed_reports.setdefault(identity, set()).add(infohash)
 
-    def set_swarm(self, infohash: bytes, peer: bytes, row: SwarmRow) -> None:
-        self.removed_swarm.discard((infohash, peer))
-        self.swarm[(infohash, peer)] = attrs.evolve(row)
+    def set_swarm(self, infohash: bytes, peer: int, left: int) -> None:
+        self.removed_swarm.discard((peer, infohash))
+        self.swarm[(peer, infohash)] = left
 
-    def remove_swarm(self, infohash: bytes, peer: bytes) -> None:
-        self.swarm.pop((infohash, peer), None)
-        self.removed_swarm.add((infohash, peer))
+    def remove_swarm(self, infohash: bytes, peer: int) -> None:
+        self.swarm.pop((peer, infohash), None)
+        self.removed_swarm.add((peer, infohash))
 
     def __bool__(self) -> bool:
         return any(attrs.astuple(self, recurse=False))
@@ -192,11 +269,12 @@ class Batch:
 
 @attrs.frozen
 class Snapshot:
-    """The whole stored state, as read at start-up."""
+    """The whole stored state, as read at start-up (peers by identity)."""
 
     peers: list[PeerRow]
     accounts: dict[bytes, Account]
     edges: list[tuple[bytes, bytes, int]]
+    #: (infohash, peer, row); the row's counters are the peer's last report
     swarm: list[tuple[bytes, bytes, SwarmRow]]
     torrents: dict[bytes, int]
     meta: dict[str, int]
@@ -204,8 +282,75 @@ class Snapshot:
     dialers: dict[tuple[bytes, bytes], bytes] = attrs.field(factory=dict)
 
 
+#: A transaction's work: (SQL, rows) run with executemany, in order.
+Statements = list[tuple[str, list[tuple[Any, ...]]]]
+
+
+def statements(batch: Batch) -> Statements:
+    """``batch`` as plain rows: a copy the writer thread may use while serving goes on."""
+    accounts = [
+        (
+            k,
+            a.uploaded,
+            a.downloaded,
+            a.relayed,
+            a.session,
+            a.relayed_reported,
+            a.relayed_claimed,
+            a.relayed_confirmed,
+        )
+        for k, a in batch.accounts.items()
+    ]
+    out: Statements = [
+        ("DELETE FROM links WHERE a = ? AND b = ?", list(batch.removed_edges)),
+        ("DELETE FROM swarm WHERE peer = ? AND infohash = ?", list(batch.removed_swarm)),
+        ("DELETE FROM peers WHERE id = ?", [(p,) for p in batch.removed_peers]),
+        ("DELETE FROM swarm WHERE peer = ?", [(p,) for p in batch.removed_peers]),
+        ("DELETE FROM reports WHERE identity = ?", [(k,) for k in batch.cleared_reports]),
+        (
+            "DELETE FROM reports WHERE identity = ? AND infohash = ?",
+            [(k, ih) for k, ihs in batch.removed_reports.items() for ih in ihs],
+        ),
+        (
+            "INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?)",
+            [(i, p.identity, p.onion, p.box, p.address) for i, p in batch.peers.items()],
+        ),
+        (
+            "INSERT OR REPLACE INTO accounts (identity, uploaded, downloaded, relayed,"
+            " session, relayed_reported, relayed_claimed, relayed_confirmed)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            accounts,
+        ),
+        (
+            "INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?)",
+            [
+                (k, ih, up, down)
+                for k, counters in batch.reports.items()
+                for ih, (up, down) in counters.items()
+            ],
+        ),
+        (
+            "INSERT OR REPLACE INTO links VALUES (?, ?, ?, ?)",
+            [(a, b, nid, d) for (a, b), (nid, d) in batch.added_edges.items()],
+        ),
+        (
+            "INSERT OR REPLACE INTO swarm VALUES (?, ?, ?)",
+            [(p, ih, left) for (p, ih), left in batch.swarm.items()],
+        ),
+        ("INSERT OR REPLACE INTO torrents VALUES (?, ?)", list(batch.torrents.items())),
+        ("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(batch.meta.items())),
+    ]
+    return [(sql, rows) for sql, rows in out if rows]
+
+
 class Store:
-    """One SQLite database in the state directory (WAL, one writer: the tracker)."""
+    """One SQLite database in the state directory (WAL, one writer thread).
+
+    :meth:`write` applies a batch at once; :meth:`submit` hands it to the
+    writer thread and returns. One write is under way at a time (:attr:`busy`):
+    meanwhile the caller keeps accumulating changes in its next batch, so a slow
+    disk makes transactions bigger, never the event loop slower.
+    """
 
     def __init__(self, state_dir: str | Path) -> None:
         self.path = Path(state_dir) / DB_FILE
@@ -213,14 +358,23 @@ class Store:
         for older in (self.path.with_name(DB_FILE + "-wal"), self.path.with_name(DB_FILE + "-shm")):
             if older.exists():
                 private_file(older)  # left by an older anomos, maybe 0644
+        self._pool: Any = None
+        self._inflight: Any = None
+        #: a transaction that failed, retried ahead of the next (replaying it is harmless)
+        self._failed: Statements = []
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-            self._add_relay_columns()
+            self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+            )
             version = self._get_meta("schema_version")
-            if version is None:
+            if version == 1:
+                self._migrate_v1()
+            elif version is None:
+                self._db.executescript(_SCHEMA)
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
             elif version != SCHEMA_VERSION:
                 raise ConfigError(
@@ -228,6 +382,19 @@ class Store:
                 )
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open tracker database {self.path}: {exc}") from None
+
+    def _migrate_v1(self) -> None:
+        """Convert a schema 1 database (identity keys) in place, in one transaction."""
+        db = self._db
+        db.executescript(_SCHEMA_V1)
+        self._add_relay_columns()
+        try:
+            db.executescript("BEGIN;" + _MIGRATE_V1.format(schema=_SCHEMA) + "COMMIT;")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        log.info("tracker database %s converted to schema %d", self.path, SCHEMA_VERSION)
 
     def _add_relay_columns(self) -> None:
         """Give an older ``accounts`` table the claimed and confirmed relay totals.
@@ -254,8 +421,13 @@ class Store:
         return None if row is None else int(row[0])
 
     def load(self) -> Snapshot:
+        self.wait()
         db = self._db
-        peers = [PeerRow(*row) for row in db.execute("SELECT * FROM peers ORDER BY seq")]
+        peers = [
+            PeerRow(identity, onion, box, address, 0.0, seq)
+            for seq, identity, onion, box, address in db.execute("SELECT * FROM peers ORDER BY id")
+        ]
+        by_id = {p.seq: p.identity for p in peers}
         accounts = {
             row[0]: Account(*row[1:])
             for row in db.execute(
@@ -266,90 +438,81 @@ class Store:
         for identity, ih, up, down in db.execute("SELECT * FROM reports"):
             if identity in accounts:
                 accounts[identity].reports[ih] = (up, down)
-        edges = [(a, b, nid) for a, b, nid in db.execute("SELECT a, b, nid FROM edges")]
-        dialers = {(a, b): d for a, b, d in db.execute("SELECT a, b, dialer FROM dialers")}
-        swarm = [
-            (ih, peer, SwarmRow(left, up, down))
-            for ih, peer, left, up, down in db.execute("SELECT * FROM swarm")
-        ]
+        edges = []
+        dialers = {}
+        for a, b, nid, dialer in db.execute("SELECT a, b, nid, dialer FROM links"):
+            ka, kb = by_id.get(a), by_id.get(b)
+            if ka is None or kb is None:
+                continue
+            edges.append((ka, kb, nid))
+            if dialer:
+                dialers[(ka, kb)] = by_id.get(dialer, b"")
+        swarm = []
+        for peer, ih, left in db.execute("SELECT peer, infohash, left FROM swarm"):
+            identity = by_id.get(peer)
+            if identity is None:
+                continue
+            account = accounts.get(identity)
+            counters = account.reports.get(ih, (0, 0)) if account else (0, 0)
+            swarm.append((ih, identity, SwarmRow(left, *counters)))
         torrents = {ih: size for ih, size in db.execute("SELECT * FROM torrents")}
         meta = {k: v for k, v in db.execute("SELECT key, value FROM meta")}
         return Snapshot(peers, accounts, edges, swarm, torrents, meta, dialers)
 
     def write(self, batch: Batch) -> None:
-        """Apply ``batch`` atomically."""
-        if not batch:
-            return
+        """Apply ``batch`` atomically, now (after any write under way)."""
+        self.wait()
+        self._execute(statements(batch))
+
+    def submit(self, batch: Batch) -> bool:
+        """Hand ``batch`` to the writer thread and return; False, taking nothing, while
+        the previous write is still under way (keep accumulating and try again)."""
+        if self.busy:
+            return False
+        self._collect()
+        work = statements(batch)
+        if work or self._failed:
+            if self._pool is None:
+                from gevent.threadpool import ThreadPool  # a real OS thread, patched or not
+
+                self._pool = ThreadPool(1)
+            self._inflight = self._pool.spawn(self._execute, work)
+        return True
+
+    @property
+    def busy(self) -> bool:
+        """Whether a write is under way in the writer thread."""
+        return self._inflight is not None and not self._inflight.ready()
+
+    def wait(self) -> None:
+        """Wait (cooperatively) for the write under way, if any."""
+        if self._inflight is not None:
+            self._inflight.wait()
+            self._collect()
+
+    def _collect(self) -> None:
+        """Take note of the finished write: a failure is logged and retried with the next."""
+        done, self._inflight = self._inflight, None
+        if done is not None and not done.successful():
+            log.error("tracker database %s: write failed, retrying: %s", self.path, done.exception)
+
+    def _execute(self, work: Statements) -> None:
         db = self._db
+        work = self._failed + work
+        self._failed = work  # until committed
         db.execute("BEGIN")
         try:
-            _delete(db, "DELETE FROM edges WHERE a = ? AND b = ?", batch.removed_edges)
-            _delete(db, "DELETE FROM dialers WHERE a = ? AND b = ?", batch.removed_edges)
-            _delete(db, "DELETE FROM swarm WHERE infohash = ? AND peer = ?", batch.removed_swarm)
-            for peer in batch.removed_peers:
-                db.execute("DELETE FROM peers WHERE identity = ?", (peer,))
-                db.execute("DELETE FROM edges WHERE a = ? OR b = ?", (peer, peer))
-                db.execute("DELETE FROM dialers WHERE a = ? OR b = ?", (peer, peer))
-                db.execute("DELETE FROM swarm WHERE peer = ?", (peer,))
-            db.executemany(
-                "DELETE FROM reports WHERE identity = ?", [(k,) for k in batch.cleared_reports]
-            )
-            _delete(
-                db, "DELETE FROM reports WHERE identity = ? AND infohash = ?", batch.removed_reports
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO peers VALUES (?, ?, ?, ?, ?, ?)",
-                [attrs.astuple(p) for p in batch.peers.values()],
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO accounts (identity, uploaded, downloaded, relayed,"
-                " session, relayed_reported, relayed_claimed, relayed_confirmed)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        k,
-                        a.uploaded,
-                        a.downloaded,
-                        a.relayed,
-                        a.session,
-                        a.relayed_reported,
-                        a.relayed_claimed,
-                        a.relayed_confirmed,
-                    )
-                    for k, a in batch.accounts.items()
-                ],
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO reports VALUES (?, ?, ?, ?)",
-                [(k, ih, up, down) for (k, ih), (up, down) in batch.reports.items()],
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO edges VALUES (?, ?, ?)",
-                [(a, b, nid) for (a, b), (nid, _) in batch.added_edges.items()],
-            )
-            _delete(  # a re-made edge has no dial direction until an end is told of it
-                db,
-                "DELETE FROM dialers WHERE a = ? AND b = ?",
-                [key for key, (_, d) in batch.added_edges.items() if d is None],
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO dialers VALUES (?, ?, ?)",
-                [(a, b, d) for (a, b), (_, d) in batch.added_edges.items() if d is not None],
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO swarm VALUES (?, ?, ?, ?, ?)",
-                [(ih, p, r.left, r.uploaded, r.downloaded) for (ih, p), r in batch.swarm.items()],
-            )
-            db.executemany("INSERT OR REPLACE INTO torrents VALUES (?, ?)", batch.torrents.items())
-            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", batch.meta.items())
+            for sql, rows in work:
+                db.executemany(sql, rows)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        self._failed = []
 
     def close(self) -> None:
+        self.wait()
+        if self._pool is not None:
+            self._pool.kill()
+            self._pool = None
         self._db.close()
-
-
-def _delete(db: sqlite3.Connection, sql: str, keys: Iterable[tuple[bytes, bytes]]) -> None:
-    db.executemany(sql, list(keys))

@@ -26,6 +26,16 @@ def _sections(text: str) -> tuple[str, ...]:
     return names
 
 
+def _scale(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(n.replace("_", "")) for n in text.split(",") if n.strip())
+    except ValueError:
+        counts = ()
+    if not counts or not all(100 <= n <= 10_000_000 for n in counts):
+        raise click.BadParameter("--scale takes peer counts from 100 to 10000000, comma-separated")
+    return counts
+
+
 @click.command("bench")
 @click.option("--quick", is_flag=True, help="Small sizes and one round (about 15 s).")
 @click.option("--size", "size_text", default=None, help="File size for throughput [256MiB].")
@@ -58,6 +68,13 @@ def _sections(text: str) -> tuple[str, ...]:
     help="Before each timed network run, wait up to this long (s) for other programs "
     "to leave the CPUs [10; 0 with --quick].",
 )
+@click.option(
+    "--scale",
+    "scale",
+    default=None,
+    help="Registered peers of the tracker section, comma-separated [10000,100000]; "
+    "1000000 needs about 2 GiB of RAM and several minutes.",
+)
 @click.option("--verbose-workers", is_flag=True, help="Workers log at INFO level.")
 @click.option("--smoke", is_flag=True, hidden=True, help="Tiny sizes (the test suite's run).")
 @click.option(
@@ -85,6 +102,7 @@ def bench_command(
     json_path: Path,
     workdir: Path | None,
     quiet_wait: float | None,
+    scale: str | None,
     verbose_workers: bool,
     smoke: bool,
     wan: bool,
@@ -105,6 +123,8 @@ def bench_command(
         overrides["runs"] = runs
     if quiet_wait is not None:
         overrides["quiet_wait"] = quiet_wait
+    if scale is not None:
+        overrides["tracker_peers"] = _scale(scale)
     preset = BenchOptions.smoke if smoke else BenchOptions.quick if quick else BenchOptions
     options = preset(**overrides)  # type: ignore[arg-type]
     result = run_bench(
