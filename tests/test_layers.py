@@ -9,6 +9,7 @@ checks that the changed cell and every cell after it are lost for good.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
@@ -170,3 +171,30 @@ def test_dropped_or_reordered_cells_desynchronise_the_layers_for_good() -> None:
     got = receive(swapped)
     assert got[:2] == cells[:2]
     assert all(agreement(g, cells[n]) < 0.02 for g, n in zip(got[2:], swapped[2:], strict=True))
+
+
+#: docs/protocol.md, "Cell layers": (first 16 bytes, SHA-256) of three cells added in a row.
+VECTORS = [
+    (
+        "83141f25c432cb28f4a950fbb514f1fc",
+        "4b15d3665c322cce2d7b97922fc802ef7c0685b2047d001d8dc6fa63ae3ff710",
+    ),
+    (
+        "afb4e259e6a6a08e972cb0e82bf31a35",
+        "d10f58e559afdba573f3283ea825a2325b2da8ca2c7876646028a3bd1e776a22",
+    ),
+    (
+        "0d90bd9ac886f30f8d0d5f696d51b36d",
+        "2ff6321ad4ed695ce20c3782d04278f13aa338b1dfe80e4c077db9c35cf88365",
+    ),
+]
+
+
+def test_layer_matches_the_documented_vectors() -> None:
+    adder = OnionLayer(bytes(range(32)), bytes(range(16)))
+    remover = OnionLayer(bytes(range(32)), bytes(range(16)))
+    for n, (head, digest) in enumerate(VECTORS):
+        cell = bytes((n + i) % 256 for i in range(CELL_BODY))
+        out = add_all([adder], cell)
+        assert (out[:HEAD].hex(), hashlib.sha256(out).hexdigest()) == (head, digest)
+        assert remove_all([remover], out) == cell

@@ -46,8 +46,8 @@ class BenchOptions:
     announces: int = 3000
     samples: int = 1000
     #: Cells per timing of the per-hop layer, and timings (the best counts).
-    cell_count: int = 500
-    cell_repeats: int = 15
+    cell_count: int = 10
+    cell_repeats: int = 300
     sections: tuple[str, ...] = SECTIONS
     timeout: float = 600.0
     #: Seconds to wait, before each timed network run, for other programs to go quiet.
@@ -67,7 +67,7 @@ class BenchOptions:
             "tracker_repeats": 1,
             "announces": 1000,
             "samples": 200,
-            "cell_repeats": 5,
+            "cell_repeats": 100,
             "quiet_wait": 0.0,
         }
         return cls(**{**base, **kw})
@@ -87,8 +87,8 @@ class BenchOptions:
             "tracker_repeats": 1,
             "announces": 50,
             "samples": 20,
-            "cell_count": 20,
-            "cell_repeats": 1,
+            "cell_count": 5,
+            "cell_repeats": 2,
             "timeout": 120.0,
             "quiet_wait": 0.0,
         }

@@ -439,7 +439,8 @@ class CircuitStream:
         self._end(code, reason)
 
     def _end(self, code: int | None, reason: str, *, discard: bool = False) -> None:
-        """Close this end; send BREAK ``code`` unless None (the BREAK came from the link)."""
+        """Close this end; send a BREAK (:data:`JOINED_BREAK`) unless ``code`` is None
+        (the BREAK came from the link); ``code`` itself never goes on the wire."""
         if self.state == _CLOSED:
             return
         self.state = _CLOSED

@@ -70,7 +70,8 @@ DATA_FRAME_SIZE = HEADER_SIZE + CELL_BODY
 
 
 class BreakReason(enum.IntEnum):
-    """Why a circuit was torn down; travels in the one-byte BREAK payload."""
+    """Why a circuit was torn down: in the BREAK of a hop refusing a CREATE, in an END
+    record or a REFUSAL cell (end to end); every other BREAK carries CLOSED."""
 
     CLOSED = 0
     PROTOCOL = 1

@@ -18,8 +18,8 @@ pseudorandom permutations", CRYPTO 2022) as Tor's Counter Galois Onion
     then:    T = BLAKE2b(Kc, counter || L || L')   (both sides, after every cell)
 
 The counter-mode stream is AES-GCM's (``AESGCM.encrypt_into`` with the 96-bit
-nonce ``N(L') = AES(Kn, L')[:12]``, tag discarded into the 16 spare bytes of
-the output): a long-lived key schedule, where a new CTR context per cell
+nonce ``N(L') = BLAKE2b(Kn, L')[:12]``, tag discarded into the 16 spare bytes
+of the output): a long-lived key schedule, where a new CTR context per cell
 would cost more than the stream (and OpenSSL's fast GCM path wants 96-bit
 nonces); ``N`` keeps every bit of ``L'`` in the nonce.
 
@@ -63,37 +63,41 @@ def _xor16(a: bytes, b: bytes) -> bytes:
 class OnionLayer:
     """One direction of one hop's layer; cells must pass in order, one by one.
 
-    ``key`` (32 bytes) yields the four subkeys; ``start`` (16 bytes) is the
-    first chain value. Both ends of a layer hold equal objects and stay in
-    step as long as they see the same cells: any other cell desynchronises
-    them for good, which is the point.
+    ``key`` (32 bytes) yields the subkeys; ``start`` (16 bytes) is the first
+    chain value. Both ends of a layer hold equal objects and stay in step as
+    long as they see the same cells: any other cell desynchronises them for
+    good, which is the point. The cipher contexts (about 6.4 KB: two AES-GCM
+    keys with their GHASH tables, one AES block context) are made on the
+    first cell, so a circuit that never carries one costs only its keys.
     """
 
     key: bytes = attrs.field(repr=False)
     start: bytes = attrs.field(repr=False)
-    _tbc: Any = attrs.field(init=False, repr=False)
-    _tbc_inverse: Any = attrs.field(init=False, repr=False)
-    _nonce: Any = attrs.field(init=False, repr=False)
-    _stream: AESGCM = attrs.field(init=False, repr=False)
-    _hash: AESGCM = attrs.field(init=False, repr=False)
-    _chain_key: bytes = attrs.field(init=False, repr=False)
+    _subkeys: bytes = attrs.field(init=False, repr=False)
+    _gcm: tuple[AESGCM, AESGCM] | None = attrs.field(default=None, init=False, repr=False)
+    _tbc: Any = attrs.field(default=None, init=False, repr=False)
+    _tbc_inverse: Any = attrs.field(default=None, init=False, repr=False)
     _chain: bytes = attrs.field(init=False, repr=False)
     _count: int = attrs.field(default=0, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if len(self.key) != 32 or len(self.start) != HEAD:
             raise ValueError("a layer needs a 32-byte key and a 16-byte start value")
-        k = hashlib.blake2b(b"\x01", key=self.key, person=_PERSON, digest_size=64).digest()
-        k2 = hashlib.blake2b(b"\x02", key=self.key, person=_PERSON, digest_size=64).digest()
-        block = Cipher(algorithms.AES(k[:32]), modes.ECB())
-        self._tbc = block.encryptor()
-        self._tbc_inverse = block.decryptor()
-        self._stream = AESGCM(k[32:])
-        self._hash = AESGCM(k2[:32])
-        k3 = hashlib.blake2b(b"\x03", key=self.key, person=_PERSON, digest_size=32).digest()
-        self._nonce = Cipher(algorithms.AES(k3), modes.ECB()).encryptor()
-        self._chain_key = k2[32:]
+        # K1 (head) | K2 (stream) | Kh (GMAC) | Kc (chain) | Kn (nonce), 32 bytes each
+        self._subkeys = b"".join(
+            hashlib.blake2b(bytes([i]), key=self.key, person=_PERSON, digest_size=64).digest()
+            for i in (1, 2, 3)
+        )[:160]
         self._chain = self.start
+
+    def _contexts(self) -> tuple[AESGCM, AESGCM]:
+        """(stream, hash) AES-GCM contexts, made on first use."""
+        if self._gcm is None:
+            self._gcm = (AESGCM(self._subkeys[32:64]), AESGCM(self._subkeys[64:96]))
+        return self._gcm
+
+    def _block(self) -> Cipher[Any]:
+        return Cipher(algorithms.AES(self._subkeys[:32]), modes.ECB())
 
     @classmethod
     def forward(cls, keys: LayerKeys) -> OnionLayer:
@@ -120,32 +124,38 @@ class OnionLayer:
     def add_into(self, body: bytes | bytearray | memoryview, out: bytearray) -> None:
         """Encrypt the next cell into ``out[:len(body)]``; ``out`` has 16 bytes more (scratch)."""
         src, dst = _views(body, out)
+        stream, hash_ = self._contexts()
+        if self._tbc is None:
+            self._tbc = self._block().encryptor()
         head = bytes(src[:HEAD])
-        mask = self._hash.encrypt(self._chain, b"", src[HEAD:])
+        mask = hash_.encrypt(self._chain, b"", src[HEAD:])
         new_head = _xor16(self._tbc.update(_xor16(head, mask)), mask)
-        self._stream.encrypt_into(self._nonce_of(new_head), src[HEAD:], None, dst[HEAD:])
+        stream.encrypt_into(self._nonce_of(new_head), src[HEAD:], None, dst[HEAD:])
         dst[:HEAD] = new_head
         self._advance(head, new_head)
 
     def remove_into(self, body: bytes | bytearray | memoryview, out: bytearray) -> None:
         """Decrypt the next cell into ``out[:len(body)]``; ``out`` has 16 bytes more (scratch)."""
         src, dst = _views(body, out)
+        stream, hash_ = self._contexts()
+        if self._tbc_inverse is None:
+            self._tbc_inverse = self._block().decryptor()
         new_head = bytes(src[:HEAD])
-        self._stream.encrypt_into(self._nonce_of(new_head), src[HEAD:], None, dst[HEAD:])
+        stream.encrypt_into(self._nonce_of(new_head), src[HEAD:], None, dst[HEAD:])
         rest = dst[HEAD : len(src)]
-        mask = self._hash.encrypt(self._chain, b"", rest)
+        mask = hash_.encrypt(self._chain, b"", rest)
         head = _xor16(self._tbc_inverse.update(_xor16(new_head, mask)), mask)
         dst[:HEAD] = head
         self._advance(head, new_head)
 
     def _nonce_of(self, new_head: bytes) -> bytes:
-        """The stream's 96-bit nonce: a pseudorandom permutation of the head, truncated."""
-        return self._nonce.update(new_head)[:12]  # type: ignore[no-any-return]
+        """The stream's 96-bit nonce: a keyed BLAKE2b of the whole head."""
+        return hashlib.blake2b(new_head, key=self._subkeys[128:160], digest_size=12).digest()
 
     def _advance(self, head: bytes, out: bytes) -> None:
         """Chain the next cell's tweak to this cell's heads, as this hop saw them."""
         data = self._count.to_bytes(8) + head + out
-        self._chain = hashlib.blake2b(data, key=self._chain_key, digest_size=HEAD).digest()
+        self._chain = hashlib.blake2b(data, key=self._subkeys[96:128], digest_size=HEAD).digest()
         self._count += 1
 
 

@@ -115,7 +115,7 @@ class Hop:
 
 @attrs.frozen
 class LayerKeys:
-    """One hop's AES-256-CTR layer: a key and initial counter block per direction."""
+    """One hop's layer keys (anomos.protocol.layers): a key and a start value per direction."""
 
     forward_key: bytes = attrs.field(repr=False, validator=_sized(32))
     forward_iv: bytes = attrs.field(repr=False, validator=_sized(16))
