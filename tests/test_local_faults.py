@@ -241,8 +241,10 @@ def test_lock_is_exclusive_and_dies_with_its_holder(tmp_path: Path):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_a_second_process_on_one_state_dir_is_refused(tmp_path: Path, silent_tracker):
-    url, _sock = silent_tracker
+def test_a_second_process_on_one_state_dir_is_refused(tmp_path: Path):
+    closed = socket.socket()  # bound, not listening: the tracker refuses at once
+    closed.bind(("127.0.0.1", 0))
+    url = f"https://127.0.0.1:{closed.getsockname()[1]}/announce"
     state = tmp_path / "state"
     state.mkdir()
     os.chmod(state, 0o755)
@@ -268,6 +270,7 @@ def test_a_second_process_on_one_state_dir_is_refused(tmp_path: Path, silent_tra
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(30)
+        closed.close()
 
 
 # ----------------------------------------------------------------------------- fail at once
