@@ -360,6 +360,12 @@ def test_words_name_the_file_and_the_way_out(tmp_path: Path):
     common = ["--dest", str(tmp_path / "d"), "--state", str(tmp_path / "s")]
     one_line_error(run_anomos("get", str(plain), *common), str(plain), "anomos anonymize")
 
+    legacy = tmp_path / "old.atorrent"
+    anomos = {b"version": 1, b"trackers": [b"https://t.example/a"], b"fingerprint": FP.encode()}
+    legacy.write_bytes(bencode.encode({b"anomos": anomos, b"info": meta.info}))
+    shown = run_anomos("info", str(legacy))
+    assert shown.returncode == 0 and "format:       1 (old" in shown.stdout, shown.stderr
+
     truncated = tmp_path / "cut.atorrent"
     full = atorrent_for(tmp_path, 40_000).read_bytes()
     truncated.write_bytes(full[: len(full) // 2])
