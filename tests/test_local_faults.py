@@ -241,8 +241,10 @@ def test_lock_is_exclusive_and_dies_with_its_holder(tmp_path: Path):
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_a_second_process_on_one_state_dir_is_refused(tmp_path: Path, silent_tracker):
-    url, _sock = silent_tracker
+def test_a_second_process_on_one_state_dir_is_refused(tmp_path: Path):
+    closed = socket.socket()  # bound, not listening: the tracker refuses at once
+    closed.bind(("127.0.0.1", 0))
+    url = f"https://127.0.0.1:{closed.getsockname()[1]}/announce"
     state = tmp_path / "state"
     state.mkdir()
     os.chmod(state, 0o755)
@@ -268,6 +270,7 @@ def test_a_second_process_on_one_state_dir_is_refused(tmp_path: Path, silent_tra
     finally:
         first.send_signal(signal.SIGTERM)
         first.wait(30)
+        closed.close()
 
 
 # ----------------------------------------------------------------------------- fail at once
@@ -356,6 +359,12 @@ def test_words_name_the_file_and_the_way_out(tmp_path: Path):
     plain.write_bytes(bencode.encode({b"announce": b"http://t.example/", b"info": meta.info}))
     common = ["--dest", str(tmp_path / "d"), "--state", str(tmp_path / "s")]
     one_line_error(run_anomos("get", str(plain), *common), str(plain), "anomos anonymize")
+
+    legacy = tmp_path / "old.atorrent"
+    anomos = {b"version": 1, b"trackers": [b"https://t.example/a"], b"fingerprint": FP.encode()}
+    legacy.write_bytes(bencode.encode({b"anomos": anomos, b"info": meta.info}))
+    shown = run_anomos("info", str(legacy))
+    assert shown.returncode == 0 and "format:       1 (old" in shown.stdout, shown.stderr
 
     truncated = tmp_path / "cut.atorrent"
     full = atorrent_for(tmp_path, 40_000).read_bytes()
