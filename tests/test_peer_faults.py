@@ -271,7 +271,7 @@ def test_get_from_a_seeder_gone_bad_gets_every_good_piece_and_names_the_bad_ones
         zero(data, *zeroed)  # under the running seeder, after it verified its data
         dest = tmp_path / "dest"
         getter = net.start_peer(
-            "downloader", "get", str(atorrent), "--dest", str(dest), "--stall-limit", "10",
+            "downloader", "get", str(atorrent), "--dest", str(dest), "--stall-limit", "6",
             wait=False,
         )  # fmt: skip
         assert getter.popen.wait(150) == 1, getter.log_tail()
@@ -288,7 +288,7 @@ def test_get_from_a_seeder_gone_bad_gets_every_good_piece_and_names_the_bad_ones
     # ... the bad ones are named in one line, and the seeder said it stopped offering them.
     (line,) = [x for x in log.splitlines() if "gave up" in x]
     assert re.fullmatch(
-        r"anomos: error: gave up: no piece for 10 s: 2 piece\(s\) failed their hash check "
+        r"anomos: error: gave up: no piece for 6 s: 2 piece\(s\) failed their hash check "
         r"and no source offers a good copy: 8, 9 \(23/25 pieces kept in .*\)",
         line,
     ), line
@@ -310,7 +310,7 @@ def resumed_pieces(state: Path) -> int:
 def test_get_stopped_by_sigint_or_sigterm_keeps_its_pieces_and_resumes_without_rehashing(
     tmp_path: Path,
 ) -> None:
-    size = 8 * 1024 * 1024 + 99
+    size = 6 * 1024 * 1024 + 99
     data = share(tmp_path, size)
     pieces = -(-size // PIECE_LEN)
     with LocalNetwork(tmp_path / "net", verbose=1) as net:

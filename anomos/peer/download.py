@@ -53,7 +53,7 @@ TRACKER_RETRY_MIN = 1.0
 TRACKER_RETRY_MAX = 30.0
 #: Seconds a connection may have nothing we want (and want nothing of ours)
 #: before its circuit is closed, so that another source can take its place.
-USELESS_AFTER = 10.0
+USELESS_AFTER = 5.0
 #: Seconds without a new piece after which a one-shot download gives up.
 DEFAULT_STALL_LIMIT = 120.0
 
