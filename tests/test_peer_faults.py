@@ -439,3 +439,36 @@ def test_a_busy_tracker_is_not_asked_again_before_its_retry_after(
     for (at, exc), (later, _) in itertools.pairwise(calls):
         if isinstance(exc, TrackerBusy):  # ... and waited as long as it was told each time
             assert exc.retry_after == 2 and later - at >= exc.retry_after
+
+
+def test_a_peer_downloads_intact_over_circuits_beside_a_seeder_gone_bad(
+    tmp_path: Path, plugins: Plugins
+) -> None:
+    """The bad seeder alone first (so it certainly serves a bad piece), then an honest
+    one joins: the download completes intact. (It did before too: a regression guard.)"""
+    tracker = Tracker(
+        tmp_path / "tracker", f"{loopback_host()}:0", plugins, min_neighbours=3, edge_settle=0
+    )
+    tracker.start()
+    peers = start_peers(plugins, tracker, tmp_path, 6)
+    honest, bad, leech = peers[:3]
+    try:
+        m, content = make_torrent(tmp_path / "honest")
+        make_torrent(tmp_path / "bad")
+        bad_session = bad.add_torrent(m, tmp_path / "bad")
+        zero(tmp_path / "bad" / "share" / "movie.bin", *ZEROED)
+        bad.announce()
+        session = leech.add_torrent(m, tmp_path / "leech")
+        downloading = gevent.spawn(leech.download, session, sources=2, stall_limit=60)
+        wait_until(lambda: bad_session.lost_pieces, 30, "a bad piece from the bad seeder")
+        honest.add_torrent(m, tmp_path / "honest")
+        honest.announce()
+        report = downloading.get(timeout=60)
+        for rel, data in content.items():
+            assert (tmp_path / "leech" / "share" / rel).read_bytes() == data, rel
+        assert report.size == m.total_length
+        assert session.hash_failures >= 1 and not session.failed_pieces
+    finally:
+        for p in peers:
+            p.stop()
+        tracker.stop()
