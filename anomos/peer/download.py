@@ -136,9 +136,6 @@ class TorrentDownload:
     _tracker_down: Backoff = attrs.field(
         factory=lambda: Backoff(TRACKER_RETRY_MIN, TRACKER_RETRY_MAX), init=False
     )
-    _tracker_wait: Waiting = attrs.field(
-        factory=lambda: Waiting("waiting for the tracker", log), init=False
-    )
     _disk_wait: Waiting = attrs.field(factory=lambda: Waiting("disk full", log), init=False)
     #: The tracker's last reason for planning nothing.
     _refused: str | None = attrs.field(default=None, init=False)
@@ -192,8 +189,8 @@ class TorrentDownload:
         bad = sorted(i for i in session.failed_pieces if not session.has_piece(i))
         if self._disk_wait.active:
             return self._disk_wait.describe()
-        if self._tracker_wait.active:
-            return self._tracker_wait.describe()
+        if self.peer.tracker_wait.active:
+            return self.peer.tracker_wait.describe()
         if bad:
             shown = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
             return (
@@ -238,16 +235,16 @@ class TorrentDownload:
             self._next_request = now + self._no_plan.next()
             return
         except TrackerRefused as exc:
-            self._tracker_wait.leave()
+            self.peer.tracker_wait.leave()
             self._refused = str(exc)
             self._next_request = now + self._no_plan.next()
             log.info("no circuits: %s (asking again in %.1f s)", exc, self._next_request - now)
             return
         except TrackerError as exc:
-            self._tracker_wait.enter(str(exc))
+            self.peer.tracker_wait.enter(str(exc))
             self._next_request = now + self._tracker_down.next()
             return
-        self._tracker_wait.leave()
+        self.peer.tracker_wait.leave()
         self._tracker_down.reset()
         if not plans:
             self._next_request = now + self._no_plan.next()
