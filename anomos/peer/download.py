@@ -12,6 +12,7 @@ arrived for ``stall_limit`` seconds.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,15 @@ TRACKER_RETRY_MAX = 30.0
 USELESS_AFTER = 5.0
 #: Seconds without a new piece after which a one-shot download gives up.
 DEFAULT_STALL_LIMIT = 120.0
+
+
+def _disk_full(session: TorrentSession) -> bool:
+    """Whether the download's file system lacks room for one more piece."""
+    try:
+        free = shutil.disk_usage(session.data_root).free
+    except OSError:
+        return False
+    return free < session.metainfo.piece_length
 
 
 class DownloadStalled(AnomosError):
@@ -136,7 +146,7 @@ class TorrentDownload:
     _tracker_down: Backoff = attrs.field(
         factory=lambda: Backoff(TRACKER_RETRY_MIN, TRACKER_RETRY_MAX), init=False
     )
-    _disk_wait: Waiting = attrs.field(factory=lambda: Waiting("disk full", log), init=False)
+    _disk_wait: Waiting = attrs.field(factory=lambda: Waiting("cannot write", log), init=False)
     #: The tracker's last reason for planning nothing.
     _refused: str | None = attrs.field(default=None, init=False)
     _progress_at: float = attrs.field(factory=time.monotonic, init=False)
@@ -203,10 +213,12 @@ class TorrentDownload:
 
     def _watch_disk(self) -> None:
         error = self.session.write_error
-        if error is not None:
-            self._disk_wait.enter(error)
-        else:
+        if error is None:
             self._disk_wait.leave()
+            return
+        if not self._disk_wait.active:
+            self._disk_wait.what = "disk full" if _disk_full(self.session) else "cannot write"
+        self._disk_wait.enter(error)
 
     def _let_go_of_useless(self, now: float) -> None:
         """Close circuits whose source has nothing we want (and wants nothing of ours)."""
