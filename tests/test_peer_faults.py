@@ -271,7 +271,7 @@ def test_get_from_a_seeder_gone_bad_gets_every_good_piece_and_names_the_bad_ones
         zero(data, *zeroed)  # under the running seeder, after it verified its data
         dest = tmp_path / "dest"
         getter = net.start_peer(
-            "downloader", "get", str(atorrent), "--dest", str(dest), "--stall-limit", "10",
+            "downloader", "get", str(atorrent), "--dest", str(dest), "--stall-limit", "6",
             wait=False,
         )  # fmt: skip
         assert getter.popen.wait(150) == 1, getter.log_tail()
@@ -288,7 +288,7 @@ def test_get_from_a_seeder_gone_bad_gets_every_good_piece_and_names_the_bad_ones
     # ... the bad ones are named in one line, and the seeder said it stopped offering them.
     (line,) = [x for x in log.splitlines() if "gave up" in x]
     assert re.fullmatch(
-        r"anomos: error: gave up: no piece for 10 s: 2 piece\(s\) failed their hash check "
+        r"anomos: error: gave up: no piece for 6 s: 2 piece\(s\) failed their hash check "
         r"and no source offers a good copy: 8, 9 \(23/25 pieces kept in .*\)",
         line,
     ), line
@@ -310,7 +310,7 @@ def resumed_pieces(state: Path) -> int:
 def test_get_stopped_by_sigint_or_sigterm_keeps_its_pieces_and_resumes_without_rehashing(
     tmp_path: Path,
 ) -> None:
-    size = 8 * 1024 * 1024 + 99
+    size = 6 * 1024 * 1024 + 99
     data = share(tmp_path, size)
     pieces = -(-size // PIECE_LEN)
     with LocalNetwork(tmp_path / "net", verbose=1) as net:
@@ -409,12 +409,10 @@ def test_a_down_tracker_is_one_waiting_line_retried_then_a_clear_give_up(
         peer.stop()
     assert len(calls) >= 5 and all(exc is not None for _, exc in calls)  # it kept trying
     waiting = [
-        (r.name, r.getMessage())
-        for r in caplog.records
-        if "waiting for the tracker" in r.getMessage()
+        r.getMessage() for r in caplog.records if "waiting for the tracker" in r.getMessage()
     ]
-    # ... and said so once per loop (the download's, the announces'), not once per try.
-    assert sorted(name for name, _ in waiting) == ["anomos.peer.download", "anomos.peer.node"]
+    # ... and said so once (announces and circuit requests alike), not once per try.
+    assert len(waiting) == 1, waiting
 
 
 def test_a_busy_tracker_is_not_asked_again_before_its_retry_after(
@@ -439,3 +437,36 @@ def test_a_busy_tracker_is_not_asked_again_before_its_retry_after(
     for (at, exc), (later, _) in itertools.pairwise(calls):
         if isinstance(exc, TrackerBusy):  # ... and waited as long as it was told each time
             assert exc.retry_after == 2 and later - at >= exc.retry_after
+
+
+def test_a_peer_downloads_intact_over_circuits_beside_a_seeder_gone_bad(
+    tmp_path: Path, plugins: Plugins
+) -> None:
+    """The bad seeder alone first (so it certainly serves a bad piece), then an honest
+    one joins: the download completes intact. (It did before too: a regression guard.)"""
+    tracker = Tracker(
+        tmp_path / "tracker", f"{loopback_host()}:0", plugins, min_neighbours=3, edge_settle=0
+    )
+    tracker.start()
+    peers = start_peers(plugins, tracker, tmp_path, 6)
+    honest, bad, leech = peers[:3]
+    try:
+        m, content = make_torrent(tmp_path / "honest")
+        make_torrent(tmp_path / "bad")
+        bad_session = bad.add_torrent(m, tmp_path / "bad")
+        zero(tmp_path / "bad" / "share" / "movie.bin", *ZEROED)
+        bad.announce()
+        session = leech.add_torrent(m, tmp_path / "leech")
+        downloading = gevent.spawn(leech.download, session, sources=2, stall_limit=60)
+        wait_until(lambda: bad_session.lost_pieces, 30, "a bad piece from the bad seeder")
+        honest.add_torrent(m, tmp_path / "honest")
+        honest.announce()
+        report = downloading.get(timeout=60)
+        for rel, data in content.items():
+            assert (tmp_path / "leech" / "share" / rel).read_bytes() == data, rel
+        assert report.size == m.total_length
+        assert session.hash_failures >= 1 and not session.failed_pieces
+    finally:
+        for p in peers:
+            p.stop()
+        tracker.stop()

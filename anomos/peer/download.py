@@ -12,6 +12,7 @@ arrived for ``stall_limit`` seconds.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -53,9 +54,18 @@ TRACKER_RETRY_MIN = 1.0
 TRACKER_RETRY_MAX = 30.0
 #: Seconds a connection may have nothing we want (and want nothing of ours)
 #: before its circuit is closed, so that another source can take its place.
-USELESS_AFTER = 10.0
+USELESS_AFTER = 5.0
 #: Seconds without a new piece after which a one-shot download gives up.
 DEFAULT_STALL_LIMIT = 120.0
+
+
+def _disk_full(session: TorrentSession) -> bool:
+    """Whether the download's file system lacks room for one more piece."""
+    try:
+        free = shutil.disk_usage(session.data_root).free
+    except OSError:
+        return False
+    return free < session.metainfo.piece_length
 
 
 class DownloadStalled(AnomosError):
@@ -143,10 +153,7 @@ class TorrentDownload:
     _tracker_down: Backoff = attrs.field(
         factory=lambda: Backoff(TRACKER_RETRY_MIN, TRACKER_RETRY_MAX), init=False
     )
-    _tracker_wait: Waiting = attrs.field(
-        factory=lambda: Waiting("waiting for the tracker", log), init=False
-    )
-    _disk_wait: Waiting = attrs.field(factory=lambda: Waiting("disk full", log), init=False)
+    _disk_wait: Waiting = attrs.field(factory=lambda: Waiting("cannot write", log), init=False)
     #: The tracker's last reason for planning nothing.
     _refused: str | None = attrs.field(default=None, init=False)
     _progress_at: float = attrs.field(factory=time.monotonic, init=False)
@@ -202,8 +209,8 @@ class TorrentDownload:
         bad = sorted(i for i in session.failed_pieces if not session.has_piece(i))
         if self._disk_wait.active:
             return self._disk_wait.describe()
-        if self._tracker_wait.active:
-            return self._tracker_wait.describe()
+        if self.peer.tracker_wait.active:
+            return self.peer.tracker_wait.describe()
         if bad:
             shown = ", ".join(map(str, bad[:20])) + (", ..." if len(bad) > 20 else "")
             return (
@@ -216,10 +223,12 @@ class TorrentDownload:
 
     def _watch_disk(self) -> None:
         error = self.session.write_error
-        if error is not None:
-            self._disk_wait.enter(error)
-        else:
+        if error is None:
             self._disk_wait.leave()
+            return
+        if not self._disk_wait.active:
+            self._disk_wait.what = "disk full" if _disk_full(self.session) else "cannot write"
+        self._disk_wait.enter(error)
 
     def _let_go_of_useless(self, now: float) -> None:
         """Close circuits whose source has nothing we want (and wants nothing of ours)."""
@@ -248,16 +257,16 @@ class TorrentDownload:
             self._next_request = now + self._no_plan.next()
             return
         except TrackerRefused as exc:
-            self._tracker_wait.leave()
+            self.peer.tracker_wait.leave()
             self._refused = str(exc)
             self._next_request = now + self._no_plan.next()
             log.info("no circuits: %s (asking again in %.1f s)", exc, self._next_request - now)
             return
         except TrackerError as exc:
-            self._tracker_wait.enter(str(exc))
+            self.peer.tracker_wait.enter(str(exc))
             self._next_request = now + self._tracker_down.next()
             return
-        self._tracker_wait.leave()
+        self.peer.tracker_wait.leave()
         self._tracker_down.reset()
         if not plans:
             self._next_request = now + self._no_plan.next()

@@ -106,7 +106,9 @@ class Peer:
     _stopped: bool = attrs.field(default=False, init=False)
     #: Whether an announce succeeded yet (until then the loop retries with backoff).
     _announced: bool = attrs.field(default=False, init=False)
-    _tracker_wait: Waiting = attrs.field(
+    #: Whether (and since when) the tracker cannot be reached: one line when that
+    #: starts, one when it ends, whichever loop (announces, downloads) notices.
+    tracker_wait: Waiting = attrs.field(
         factory=lambda: Waiting("waiting for the tracker", log), init=False
     )
     #: NID -> (monotonic time the link dropped, why) not yet reported to the tracker.
@@ -163,7 +165,7 @@ class Peer:
             self.links.close()
             raise
         except AnomosError as exc:
-            self._tracker_wait.enter(str(exc))
+            self.tracker_wait.enter(str(exc))
         self.spawn(self._announce_loop)
         self.spawn(self._link_watch)
         self._write_peer_file()
@@ -295,10 +297,10 @@ class Peer:
                 not_before = time.monotonic() + wait
                 log.info("tracker busy: announcing again in %.1f s", wait)
             except AnomosError as exc:
-                self._tracker_wait.enter(str(exc))
+                self.tracker_wait.enter(str(exc))
                 wait = backoff.next()
             else:
-                self._tracker_wait.leave()
+                self.tracker_wait.leave()
                 backoff.reset()
                 wait = self._interval
 

@@ -704,12 +704,12 @@ class TorrentSession:
             # Most likely a full disk: keep the connections, pause requests, retry.
             picker.piece_failed(index, ())
             if self.write_error is None:
-                log.warning("%s: %s", self.label, exc)
+                log.info("%s: %s", self.label, exc)
             self.write_error = str(exc)
             self._write_retry_at = time.monotonic() + WRITE_RETRY
             return
         if self.write_error is not None:
-            log.warning("%s: pieces are written again", self.label)
+            log.info("%s: pieces are written again", self.label)
             self.write_error = None
         if ok:
             self._piece_verified(index, buf)

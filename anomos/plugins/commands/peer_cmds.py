@@ -318,7 +318,8 @@ def get_command(
     except Stopped as exc:
         peer.stop()  # saves the resume data
         click.echo(f"stopped by {exc}: {kept()}", err=True)
-        return 128 + exc.signum
+        # Seeding after a complete download ends this way: that is a success.
+        return 0 if session is not None and session.complete else 128 + exc.signum
     except DownloadStalled as exc:
         peer.stop()
         click.echo(f"anomos: error: gave up: {exc} ({kept()})", err=True)
