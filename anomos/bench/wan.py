@@ -313,6 +313,9 @@ class WanOptions:
     timeout: float = 300.0
     #: A slower uplink for the seeder: the bytes queued at relays then show backpressure.
     slow_seeder_bits: int | None = None
+    #: Seconds the network may settle before the download starts (a downloader
+    #: joins a network whose neighbour graph is already in place).
+    settle: float = 3.0
     #: Run the anomos processes from this source tree (a before/after comparison).
     code: Path | None = None
 
@@ -338,20 +341,43 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
             host=net.add_node(seeder_rate), prefix=net.prefix,
         )  # fmt: skip
         summary = work / "summary.json"
+        time.sleep(options.settle)
         launched = time.monotonic()
         proc = local.start_peer(
             "get", "get", str(atorrent), "--dest", str(work / "got"), "--summary", str(summary),
             "--sources", str(options.sources), "--timeout", str(options.timeout),
             host=net.add_node(), prefix=net.prefix, wait=False,
         )  # fmt: skip
+        start_cpu = _cpu_seconds(local.procs)
         rc = proc.popen.wait(options.timeout + 30)
+        seconds = time.monotonic() - launched
         if rc != 0:
             raise AnomosError(f"anomos get exited {rc}: {proc.log_tail(8)}")
         report = json.loads(summary.read_text())
-        report["launch_seconds"] = time.monotonic() - launched
+        report["launch_seconds"] = seconds
+        # Cores each process used while `get` ran: a saturated one is the cap.
+        end_cpu = _cpu_seconds(local.procs)
+        report["cores"] = {
+            name: round((end_cpu[name] - start_cpu.get(name, 0.0)) / seconds, 2)
+            for name in end_cpu
+            if name != "get"
+        }
         return report
     finally:
         local.stop()
+
+
+def _cpu_seconds(procs: Sequence[Any]) -> dict[str, float]:
+    import psutil
+
+    out = {}
+    for p in procs:
+        try:
+            t = psutil.Process(p.pid).cpu_times()
+        except psutil.Error:
+            continue
+        out[p.name] = t.user + t.system
+    return out
 
 
 def run_wan(

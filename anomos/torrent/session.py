@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 #: over a circuit every write costs a whole 32 KiB cell, so asking for one block
 #: per block received would send as many cells upstream as data comes down.
 REQUEST_BATCH = 64
+#: Bytes a piece message adds to its block (length, id, index, begin).
+PIECE_OVERHEAD = 13
 #: Requests a peer may have queued at us; more is a protocol error (libtorrent's
 #: limit too; the ceiling of a connection's window, flow.MAX_WINDOW).
 MAX_PEER_REQUESTS = 2000
@@ -713,7 +715,11 @@ class TorrentSession:
             flow = conn.flow
             for b in blocks:
                 flow.on_request(b, now, outstanding * BLOCK_SIZE)
-            flow.on_requested((outstanding + len(blocks)) * BLOCK_SIZE)
+            in_flight = (outstanding + len(blocks)) * BLOCK_SIZE
+            flow.on_requested(in_flight)
+            expect = getattr(conn.stream, "expect_bytes", None)
+            if expect is not None:  # a circuit: let its window carry what we asked for
+                expect(in_flight + (outstanding + len(blocks)) * PIECE_OVERHEAD)
             conn.control.extend([encode_request(*b) for b in blocks])
             conn.wake.set()
 
