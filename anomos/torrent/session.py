@@ -68,11 +68,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Requests go out in batches of at least this many (at most half the pipeline,
-#: whose size :class:`~anomos.torrent.flow.FlowControl` sets per connection):
-#: over a circuit every write costs a whole 32 KiB cell, so asking for one block
-#: per block received would send as many cells upstream as data comes down.
-REQUEST_BATCH = 64
 #: Bytes a piece message adds to its block (length, id, index, begin).
 PIECE_OVERHEAD = 13
 #: Requests a peer may have queued at us; more is a protocol error (libtorrent's
@@ -705,10 +700,10 @@ class TorrentSession:
             return
         picker = self.picker
         outstanding = picker.outstanding(conn)
-        depth = max(1, conn.flow.window // BLOCK_SIZE)
-        if outstanding and depth - outstanding < min(REQUEST_BATCH, max(1, depth // 2)):
+        wanted = conn.flow.wanted(outstanding * BLOCK_SIZE) // BLOCK_SIZE
+        if not wanted:
             return
-        blocks = picker.next_requests(conn, depth - outstanding)
+        blocks = picker.next_requests(conn, wanted)
         if blocks:
             if outstanding == 0:
                 conn.last_block = now
