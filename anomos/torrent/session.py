@@ -327,6 +327,18 @@ class TorrentSession:
             stream.close()
             raise
         conn = PeerConnection(session=self, stream=stream, label=label)
+        # Queued before anything else can be (a HAVE for a piece verified before
+        # the reader runs went out ahead of the handshake, and the peer hung up).
+        conn.send(Handshake(self.metainfo.infohash, conn.peer_id).encode())
+        if any(self._have):
+            conn.send(Bitfield(pack_bitfield(self._have)).encode())
+        if not self.complete:
+            # Interested at once, not after the peer's bitfield: a source can
+            # unchoke in its first answer, one round trip sooner (over a circuit
+            # of several relays, a good part of a second). Withdrawn if the
+            # bitfield shows nothing we want.
+            conn.am_interested = True
+            conn.send(Interested().encode())
         self._conns.append(conn)
         conn.writer = self._spawn(self._write_loop, conn)
         conn.greenlet = self._spawn(self._read_loop, conn)
@@ -375,9 +387,6 @@ class TorrentSession:
         reader = MessageReader(len(m.pieces), m.piece_size)
         stream = conn.stream
         try:
-            conn.send(Handshake(m.infohash, conn.peer_id).encode())
-            if any(self._have):
-                conn.send(Bitfield(pack_bitfield(self._have)).encode())
             messages: list[Any] = []
             with gevent.Timeout(
                 HANDSHAKE_TIMEOUT, ProtocolError(f"no handshake within {HANDSHAKE_TIMEOUT:g} s")
@@ -507,6 +516,8 @@ class TorrentSession:
                 flags = unpack_bitfield(msg.bits, len(self.metainfo.pieces))
                 if self.picker.peer_bitfield(conn, flags):
                     self._set_interested(conn, True)
+                elif conn.am_interested and not self.picker.interesting(conn):
+                    self._set_interested(conn, False)
                 self._close_if_both_seeds(conn)
             elif kind is Unchoke:
                 if conn.peer_choking:
