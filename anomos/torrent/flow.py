@@ -201,6 +201,14 @@ class FlowControl:
             target = int(bdp) + QUEUE_TARGET + _batch(int(bdp))
         self.window = max(MIN_WINDOW, min(MAX_WINDOW, target))
 
+    def describe(self) -> str:
+        """One line for the logs: what the controller measured and chose."""
+        return (
+            f"flow window {self.window // 1024} KiB (peak in flight "
+            f"{self.peak_in_flight // 1024} KiB), delivery rate {self.rate / 1e6:.2f} MB/s, "
+            f"min RTT {self.min_rtt * 1000:.0f} ms, {'startup' if self.startup else 'cruise'}"
+        )
+
     def wanted(self, in_flight: int) -> int:
         """Bytes to request now with ``in_flight`` outstanding: a whole batch or nothing."""
         room = self.window - in_flight

@@ -459,6 +459,8 @@ class TorrentSession:
         quiet = ("session closed", "closed by peer", "both sides complete")
         level = logging.DEBUG if reason in quiet else logging.INFO
         log.log(level, "%s: connection %s closed: %s", self.label, conn.label, reason)
+        if conn.downloaded:
+            log.info("%s: connection %s: %s", self.label, conn.label, conn.flow.describe())
         if conn in self._conns:
             self._conns.remove(conn)
         conn.requests.clear()
