@@ -326,7 +326,9 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
     from anomos.localnet import LocalNetwork
     from anomos.torrent.metainfo import make_metainfo
 
-    env = {"PYTHONPATH": str(options.code)} if options.code is not None else {}
+    env = {}
+    if options.code is not None:  # and not the tree in the current directory (-m adds it)
+        env = {"PYTHONPATH": str(options.code), "PYTHONSAFEPATH": "1"}
     local = LocalNetwork(work / "anomos", verbose=1, extra_env=env)
     try:
         local.start_tracker(host=net.add_node(), prefix=net.prefix)
