@@ -533,6 +533,10 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
                     [r["anomos"].get("first_byte_seconds") for r in runs]
                 ),
                 "failed_circuits": sum(r["anomos"].get("failed_circuits", 0) for r in runs),
+                "get_cpu_seconds": _median_or_none([r["anomos"].get("cpu_seconds") for r in runs]),
+                "anomos_launch_seconds": _median_or_none(
+                    [r["anomos"].get("launch_seconds") for r in runs]
+                ),
                 "relay_send_queue_kib": max(
                     (
                         q["send_queue"] // 1024
