@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / "bin"
-APT_PACKAGES = ("tor", "iproute2")
+APT_PACKAGES = ("tor", "iproute2", "iptables")
 
 
 def sh(*cmd: str | Path, **kw: object) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import attrs
 import gevent
+import gevent.event
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -507,6 +508,30 @@ def test_sender_ignoring_the_window_is_cut_off(net: Any) -> None:
     wait_until(lambda: nodes[-1].served and nodes[-1].served[0].closed)
     # Why travelled end to end, in an END record the relay could not read or change.
     assert nodes[-1].served[0].closed_reason == "the other end failed: protocol violation"
+
+
+def test_receiver_grows_the_window_and_still_cuts_a_sender_beyond_it(net: Any) -> None:
+    nodes = net(3, "memory")
+    granted = 8 << 20  # twice the initial window
+    sent = gevent.event.Event()
+
+    def fill(stream: CircuitStream) -> None:
+        stream.sendall(bytes(granted))  # blocks unless the receiver's grant arrived
+        sent.set()
+        stream._window = 10**6  # then pretends it has more credit than granted
+        stream.sendall(bytes(circuitmod.MAX_CIRCUIT_WINDOW * e2e.MAX_RECORD_DATA))
+
+    nodes[-1].serve = fill
+    stream = nodes[0].switch.open_circuit(plan_for(nodes), timeout=5)
+    stream.expect_bytes(granted)
+    assert stream.receive_window > circuitmod.CIRCUIT_WINDOW
+    # Nobody reads: the sender still got all of the grant out, far past the initial window.
+    assert sent.wait(20)
+    wait_until(lambda: stream.buffered() >= granted or stream.closed)
+    assert stream.buffered() > circuitmod.CIRCUIT_WINDOW * e2e.MAX_RECORD_DATA
+    wait_until(lambda: stream.closed)
+    assert stream.closed_reason == "the other end ignored the flow-control window"
+    assert stream.buffered() <= stream.receive_window * e2e.MAX_RECORD_DATA
 
 
 def test_relay_queue_overflow_breaks_the_circuit_not_the_link(net: Any) -> None:

@@ -49,7 +49,7 @@ class Sim:
         self.source_rate = source_rate
 
     def fill(self, d: Downloader) -> None:
-        while d.in_flight + BLOCK <= max(d.flow.window, BLOCK):
+        for _ in range(d.flow.wanted(d.in_flight) // BLOCK):
             key = d.next_key
             d.next_key += 1
             d.flow.on_request(key, self.now, d.in_flight)
@@ -75,12 +75,30 @@ class Sim:
         self.now = end
 
 
+def cruising(window: int, rate: float, rtt: float) -> bool:
+    """Whether ``window`` is the cruise window for this path: its BDP, the queue
+    allowance and a batch, within 15 %."""
+    bdp = rate * rtt
+    want = bdp + flow.QUEUE_TARGET + min(flow.MAX_BATCH, bdp / 4)
+    return 0.85 * want <= window <= 1.15 * want
+
+
+def cruise_window(sim: Sim, d: Downloader, until: float) -> int:
+    """Run to ``until``; the window at the last moment it was not probing the RTT."""
+    window = d.flow.window
+    while sim.now < until:
+        sim.run_until(min(until, sim.now + 0.05))
+        if not d.flow.probing_rtt:
+            window = d.flow.window
+    return window
+
+
 def one(rate: float, rtt: float) -> tuple[Sim, Downloader]:
     d = Downloader(FlowControl(0.0), Path(rate, rtt))
     return Sim([d], lambda _t: d.path.rate), d
 
 
-def test_startup_grows_from_the_first_round_trip_then_settles_at_twice_the_bdp() -> None:
+def test_startup_grows_from_the_first_round_trip_then_backs_off_to_the_bdp() -> None:
     sim, d = one(rate=5e6, rtt=0.2)
     bdp = 5e6 * 0.2
     sim.run_until(0.2)
@@ -96,24 +114,28 @@ def test_startup_grows_from_the_first_round_trip_then_settles_at_twice_the_bdp()
     sim.run_until(10.0)
     assert not d.flow.startup  # the rate stopped growing: the pipe is full
     assert d.flow.window < peak  # ... and the window backed off from startup
-    assert 1.6 * bdp <= d.flow.window <= 2.4 * bdp
+    assert cruising(d.flow.window, 5e6, 0.2), d.flow.window
     assert d.rate_between(5.0, 10.0) >= 0.97 * 5e6
-    # The queue this connection builds at the source stays about one BDP.
+    # Startup overshoots into the queue for a moment; cruising, it keeps a few
+    # hundred KiB there, not a BDP.
     assert d.peak_queue_delay <= 2.0 * 0.2
+    d.peak_queue_delay = 0.0
+    sim.run_until(20.0)
+    assert d.peak_queue_delay * 5e6 <= flow.QUEUE_TARGET + flow.MAX_BATCH
 
 
 def test_window_follows_the_rtt_up_and_down() -> None:
     sim, d = one(rate=4e6, rtt=0.1)
     sim.run_until(8.0)
-    assert 1.6 * 4e6 * 0.1 <= d.flow.window <= 2.4 * 4e6 * 0.1
+    assert cruising(d.flow.window, 4e6, 0.1), d.flow.window
     d.path.rtt = 0.4  # the path got longer
-    sim.run_until(8.0 + flow.MIN_RTT_WINDOW + 6.0)
-    assert 1.6 * 4e6 * 0.4 <= d.flow.window <= 2.4 * 4e6 * 0.4, d.flow.window
+    window = cruise_window(sim, d, 8.0 + flow.MIN_RTT_WINDOW + 6.0)
+    assert cruising(window, 4e6, 0.4), window
     t = sim.now
     assert d.rate_between(t - 8.0, t) >= 0.9 * 4e6  # a probe of the RTT included
     d.path.rtt = 0.05  # shorter again: the next probe of the RTT finds the new floor
-    sim.run_until(t + flow.MIN_RTT_WINDOW + 4.0)
-    assert 1.6 * 4e6 * 0.05 <= d.flow.window <= 2.4 * 4e6 * 0.05, d.flow.window
+    window = cruise_window(sim, d, t + flow.MIN_RTT_WINDOW + 4.0)
+    assert cruising(window, 4e6, 0.05), window
     assert d.rate_between(sim.now - 1.0, sim.now) >= 0.9 * 4e6
 
 
@@ -122,13 +144,13 @@ def test_window_follows_the_rate_down_and_probes_it_up() -> None:
     d = Downloader(FlowControl(0.0), Path(0, 0.2))
     sim = Sim([d], lambda _t: rate["now"])
     sim.run_until(8.0)
-    assert d.flow.window >= 1.6 * 8e6 * 0.2
+    assert cruising(d.flow.window, 8e6, 0.2), d.flow.window
     rate["now"] = 2e6
     sim.run_until(14.0)
-    assert d.flow.window <= 2.4 * 2e6 * 0.2, d.flow.window
+    assert cruising(d.flow.window, 2e6, 0.2), d.flow.window
     rate["now"] = 6e6  # more room: the slack of the window finds it, no fixed cap
     sim.run_until(20.0)
-    assert d.flow.window >= 1.6 * 6e6 * 0.2, d.flow.window
+    assert cruising(d.flow.window, 6e6, 0.2), d.flow.window
     assert d.rate_between(17.0, 20.0) >= 0.9 * 6e6
 
 
@@ -142,7 +164,7 @@ def test_connections_to_one_source_share_its_uplink() -> None:
     sim.run_until(40.0)
     ra, rb = a.rate_between(25.0, 40.0), b.rate_between(25.0, 40.0)
     assert ra + rb >= 0.95 * 6e6
-    assert min(ra, rb) / max(ra, rb) >= 0.6, (ra, rb)
+    assert min(ra, rb) / max(ra, rb) >= 0.8, (ra, rb)
 
 
 def test_requests_never_answered_are_not_remembered_forever() -> None:

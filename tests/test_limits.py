@@ -67,7 +67,7 @@ def test_every_limit_exists_and_is_coherent() -> None:
     assert link.MAX_NEIGHBOURS >= clientmod.MAX_NEIGHBOURS
     # A circuit's queue on a link holds its whole end-to-end window and then
     # some: only an end that ignores flow control overflows it.
-    assert link.CIRCUIT_QUEUE_FRAMES > circuitmod.CIRCUIT_WINDOW + circuitmod.SENDME_EVERY
+    assert link.CIRCUIT_QUEUE_FRAMES > circuitmod.MAX_CIRCUIT_WINDOW + circuitmod.SENDME_EVERY
     # A link's whole queue holds a few circuits' full windows, far less than every
     # circuit's (which is what it bounds).
     assert link.CIRCUIT_QUEUE_FRAMES < link.LINK_QUEUE_FRAMES

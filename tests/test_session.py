@@ -439,6 +439,27 @@ def test_malformed_message_closes_only_that_connection(
     assert "request of 1048576 bytes" in line
 
 
+def test_handshake_goes_out_first_even_if_a_have_is_queued_at_once(
+    tmp_path: Path, torrent: tuple[Metainfo, dict[str, bytes]], sessions: list[TorrentSession]
+) -> None:
+    m, _ = torrent
+    leech = new_session(sessions, m, tmp_path / "leech")
+    peer, ours = tcp_pair()
+    leech.add_connection(ours, "late")
+    # A piece verified before the new connection's greenlets first run queues a
+    # HAVE for it at once (_piece_verified does so for connections not yet
+    # handshaken); the peer must still hear the handshake first (it hung up on
+    # circuits opened while others were downloading).
+    leech.connections[-1].send(wire.encode_have(0))
+    handshake_with(peer, m)
+    data = b""
+    with gevent.Timeout(10):
+        while len(data) < wire.HANDSHAKE_LEN + 9:
+            data += peer.recv(65536)
+    assert data[:20] == b"\x13BitTorrent protocol"
+    peer.close()
+
+
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [

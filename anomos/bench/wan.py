@@ -311,8 +311,13 @@ class WanOptions:
     relays: int = 6
     sources: int = 4
     timeout: float = 300.0
-    #: A slower uplink for the seeder: the bytes queued at relays then show backpressure.
-    slow_seeder_bits: int | None = None
+    #: A slower uplink for every relay than for the seeder: the relay next to the
+    #: seeder then receives faster than it can forward, and the bytes it queues
+    #: show whether backpressure works (end-to-end windows bound them).
+    relay_bits: int | None = None
+    #: Seconds the network may settle before the download starts (a downloader
+    #: joins a network whose neighbour graph is already in place).
+    settle: float = 3.0
     #: Run the anomos processes from this source tree (a before/after comparison).
     code: Path | None = None
 
@@ -321,7 +326,9 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
     from anomos.localnet import LocalNetwork
     from anomos.torrent.metainfo import make_metainfo
 
-    env = {"PYTHONPATH": str(options.code)} if options.code is not None else {}
+    env = {}
+    if options.code is not None:  # and not the tree in the current directory (-m adds it)
+        env = {"PYTHONPATH": str(options.code), "PYTHONSAFEPATH": "1"}
     local = LocalNetwork(work / "anomos", verbose=1, extra_env=env)
     try:
         local.start_tracker(host=net.add_node(), prefix=net.prefix)
@@ -331,27 +338,111 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
         atorrent = work / "bench.atorrent"
         meta.save(atorrent)
         for i in range(options.relays):
-            local.start_peer(f"relay{i}", "relay", host=net.add_node(), prefix=net.prefix)
-        seeder_rate = options.slow_seeder_bits
+            host = net.add_node(options.relay_bits)
+            local.start_peer(f"relay{i}", "relay", host=host, prefix=net.prefix)
         local.start_peer(
             "seed", "seed", str(atorrent), "--data", str(data),
-            host=net.add_node(seeder_rate), prefix=net.prefix,
+            host=net.add_node(), prefix=net.prefix,
         )  # fmt: skip
         summary = work / "summary.json"
+        time.sleep(options.settle)
         launched = time.monotonic()
         proc = local.start_peer(
             "get", "get", str(atorrent), "--dest", str(work / "got"), "--summary", str(summary),
             "--sources", str(options.sources), "--timeout", str(options.timeout),
             host=net.add_node(), prefix=net.prefix, wait=False,
         )  # fmt: skip
-        rc = proc.popen.wait(options.timeout + 30)
+        start_cpu = _cpu_seconds(local.procs)
+        relays = [p for p in local.procs if p.name.startswith("relay")]
+        queues = QueueWatch(net, relays)
+        queues.start()
+        try:
+            rc = proc.popen.wait(options.timeout + 30)
+        finally:
+            queues.stop()
+        seconds = time.monotonic() - launched
         if rc != 0:
             raise AnomosError(f"anomos get exited {rc}: {proc.log_tail(8)}")
         report = json.loads(summary.read_text())
-        report["launch_seconds"] = time.monotonic() - launched
+        report["launch_seconds"] = seconds
+        report["relay_queues"] = queues.peaks()
+        # Cores each process used while `get` ran: a saturated one is the cap.
+        end_cpu = _cpu_seconds(local.procs)
+        report["cores"] = {
+            name: round((end_cpu[name] - start_cpu.get(name, 0.0)) / seconds, 2)
+            for name in end_cpu
+            if name != "get"
+        }
         return report
     finally:
         local.stop()
+
+
+class QueueWatch(threading.Thread):
+    """Samples, at each relay, what it holds for others: bytes in its TCP send
+    queues (``ss``) and its memory above the level before the download (its own
+    per-circuit queues live there); the peaks are the relay's queueing."""
+
+    def __init__(self, net: WanNet, relays: Sequence[Any], interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.net, self.relays, self.interval = net, relays, interval
+        self._stop_event = threading.Event()
+        self.base_rss = {p.name: _rss(p.pid) for p in relays}
+        self.peak_send_q = {p.name: 0 for p in relays}
+        self.peak_rss = dict(self.base_rss)
+
+    def run(self) -> None:
+        by_addr = {p.host: p.name for p in self.relays}
+        while not self._stop_event.wait(self.interval):
+            out = subprocess.run(
+                [*self.net.prefix, "ss", "-tnH"], capture_output=True, text=True
+            ).stdout
+            send_q = dict.fromkeys(self.peak_send_q, 0)
+            for line in out.splitlines():
+                fields = line.split()
+                if len(fields) >= 4:
+                    name = by_addr.get(fields[3].rpartition(":")[0])
+                    if name is not None:
+                        send_q[name] += int(fields[2])
+            for name, q in send_q.items():
+                self.peak_send_q[name] = max(self.peak_send_q[name], q)
+            for p in self.relays:
+                self.peak_rss[p.name] = max(self.peak_rss[p.name], _rss(p.pid))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(5)
+
+    def peaks(self) -> dict[str, dict[str, int]]:
+        return {
+            name: {
+                "send_queue": self.peak_send_q[name],
+                "memory_growth": self.peak_rss[name] - self.base_rss[name],
+            }
+            for name in self.peak_send_q
+        }
+
+
+def _rss(pid: int) -> int:
+    import psutil
+
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0
+
+
+def _cpu_seconds(procs: Sequence[Any]) -> dict[str, float]:
+    import psutil
+
+    out = {}
+    for p in procs:
+        try:
+            t = psutil.Process(p.pid).cpu_times()
+        except psutil.Error:
+            continue
+        out[p.name] = t.user + t.system
+    return out
 
 
 def run_wan(
@@ -442,6 +533,26 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
                     [r["anomos"].get("first_byte_seconds") for r in runs]
                 ),
                 "failed_circuits": sum(r["anomos"].get("failed_circuits", 0) for r in runs),
+                "get_cpu_seconds": _median_or_none([r["anomos"].get("cpu_seconds") for r in runs]),
+                "anomos_launch_seconds": _median_or_none(
+                    [r["anomos"].get("launch_seconds") for r in runs]
+                ),
+                "relay_send_queue_kib": max(
+                    (
+                        q["send_queue"] // 1024
+                        for r in runs
+                        for q in r["anomos"].get("relay_queues", {}).values()
+                    ),
+                    default=None,
+                ),
+                "relay_memory_growth_kib": max(
+                    (
+                        q["memory_growth"] // 1024
+                        for r in runs
+                        for q in r["anomos"].get("relay_queues", {}).values()
+                    ),
+                    default=None,
+                ),
                 "per_circuit_mbs": {
                     k: round(statistics.median(v), 2) for k, v in sorted(by_relays.items())
                 },

@@ -14,13 +14,16 @@ then exchange :mod:`anomos.protocol.e2e` records through a socket-like
 :class:`CircuitStream`.
 
 Relays never originate or read DATA. Flow control is end to end: a sender may
-have at most :data:`CIRCUIT_WINDOW` DATA records unacknowledged; the receiver
-returns a SENDME record for every :data:`SENDME_EVERY` records its application
-consumed. Every queue on the way is bounded by that window, so a relay whose
-per-circuit queue still overflows is facing a misbehaving end and breaks that
-circuit, never the link. BREAK travels hop by hop and both ends learn of it;
-losing a link breaks every circuit on it in both directions. Once a hop has
-joined a circuit, every BREAK it sends carries the same fixed payload
+have at most its window of DATA records unacknowledged, :data:`CIRCUIT_WINDOW`
+at first; the receiver returns a SENDME record for every :data:`SENDME_EVERY`
+records its application consumed, and may grant more (extra SENDMEs, up to
+:data:`MAX_CIRCUIT_WINDOW`) when its application expects more bytes in flight
+(:meth:`CircuitStream.expect_bytes`: the downloader's request window, itself
+sized by rate x RTT). Every queue on the way is bounded by that window, so a
+relay whose per-circuit queue still overflows is facing a misbehaving end and
+breaks that circuit, never the link. BREAK travels hop by hop and both ends
+learn of it; losing a link breaks every circuit on it in both directions. Once
+a hop has joined a circuit, every BREAK it sends carries the same fixed payload
 (:data:`~anomos.net.frames.JOINED_BREAK`), whatever it received: a relay never
 passes on a value another relay chose. Why a circuit ended travels end to end
 instead, inside the layers and the AEAD (an END record's reason, the source's
@@ -58,8 +61,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: DATA records a sender may have in flight per direction (each carries up to ~32 KiB).
+#: DATA records a sender may have in flight per direction at first (each carries
+#: up to ~32 KiB); the receiver grows it with :meth:`CircuitStream.expect_bytes`.
 CIRCUIT_WINDOW = 128
+#: The most a receiver grants (16 MiB): what a relay may have to queue per circuit.
+MAX_CIRCUIT_WINDOW = 512
 #: The receiver acknowledges consumed records in groups of this many.
 SENDME_EVERY = 32
 #: Seconds a terminal waits for the HELLO after answering CREATED.
@@ -163,6 +169,8 @@ class CircuitStream:
     _offset: int = attrs.field(default=0, repr=False)
     _readable: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
     _window: int = attrs.field(factory=lambda: CIRCUIT_WINDOW, repr=False)
+    #: Records we allow the other end to have in flight to us (grown by expect_bytes).
+    _recv_window: int = attrs.field(factory=lambda: CIRCUIT_WINDOW, repr=False)
     _window_open: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
     _unacked: int = attrs.field(default=0, repr=False)
     _consumed: int = attrs.field(default=0, repr=False)
@@ -276,6 +284,22 @@ class CircuitStream:
         """Bytes received and not yet read."""
         return sum(len(c) for c in self._chunks) - self._offset
 
+    def expect_bytes(self, nbytes: int) -> None:
+        """The application expects up to ``nbytes`` in flight to us: grant the sender a
+        window that large (never shrinks; at most :data:`MAX_CIRCUIT_WINDOW` records)."""
+        records = -(-nbytes // e2e.MAX_RECORD_DATA) + SENDME_EVERY
+        records = min(MAX_CIRCUIT_WINDOW, -(-records // SENDME_EVERY) * SENDME_EVERY)
+        if records <= self._recv_window or self.state != _OPEN:
+            return
+        for _ in range((records - self._recv_window) // SENDME_EVERY):
+            self._send_record(e2e.SENDME, b"")
+        self._recv_window = records
+
+    @property
+    def receive_window(self) -> int:
+        """DATA records the other end may have in flight to us."""
+        return self._recv_window
+
     @property
     def send_window(self) -> int:
         """DATA records this end may still send before it needs a SENDME."""
@@ -388,7 +412,7 @@ class CircuitStream:
                 self._fail(BreakReason.PROTOCOL, "DATA after END")
                 return
             self._unacked += 1
-            if self._unacked > CIRCUIT_WINDOW:
+            if self._unacked > self._recv_window:
                 self._fail(BreakReason.PROTOCOL, "the other end ignored the flow-control window")
                 return
             self.bytes_received += len(data)
@@ -399,7 +423,7 @@ class CircuitStream:
                 self._consumed += 1
         elif kind == e2e.SENDME:
             self._window += SENDME_EVERY
-            if self._window > CIRCUIT_WINDOW:
+            if self._window > MAX_CIRCUIT_WINDOW:
                 self._fail(BreakReason.PROTOCOL, "SENDME beyond the window")
                 return
             self._window_open.set()

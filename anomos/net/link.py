@@ -97,9 +97,9 @@ MAX_NEIGHBOURS = 256
 #: Circuits one link carries at once (both directions together).
 MAX_CIRCUITS_PER_LINK = 1024
 #: Frames one circuit may have waiting in a link's send queue. Must exceed the
-#: end-to-end window (anomos.net.circuit.CIRCUIT_WINDOW) plus its SENDMEs, so
-#: only a misbehaving circuit can overflow it.
-CIRCUIT_QUEUE_FRAMES = 256
+#: largest end-to-end window (anomos.net.circuit.MAX_CIRCUIT_WINDOW) plus its
+#: SENDMEs, so only a misbehaving circuit can overflow it.
+CIRCUIT_QUEUE_FRAMES = 576
 #: Frames all circuits together may have waiting in one link's send queue (64 MiB
 #: of cells). Above it, circuits holding at least an equal share of the queue are
 #: refused more (a relay breaks them with "queue overflow", our own circuits wait),

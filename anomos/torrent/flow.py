@@ -19,15 +19,20 @@ window, from two measurements taken on the requests themselves:
   back (*probe RTT*): its RTT is the floor afresh, at the cost of about half a
   round trip of throughput every 10 s.
 
-The target is ``rate x min RTT x gain``. It starts at :data:`INITIAL_WINDOW`
-and, in *startup*, the gain is :data:`STARTUP_GAIN`, so the window about
-doubles every round trip; once the rate has not grown by
-:data:`PLATEAU_GROWTH` for :data:`PLATEAU_ROUNDS` round trips the pipe is
-full and the gain falls to :data:`CRUISE_GAIN`: one round trip of slack, so
-a faster path shows up as a higher rate (the window probes up by itself),
-while the queue a connection builds at the bottleneck stays about one
-bandwidth-delay product. No fixed ceiling: :data:`MAX_WINDOW` only mirrors
-what a peer accepts queued (``session.MAX_PEER_REQUESTS``).
+The window starts at :data:`INITIAL_WINDOW`. In *startup* it is
+``rate x min RTT x`` :data:`STARTUP_GAIN`, so it about doubles every round
+trip; once the rate has not grown by :data:`PLATEAU_GROWTH` for
+:data:`PLATEAU_ROUNDS` round trips the pipe is full and the window backs off
+to *cruise*: ``rate x min RTT`` plus a fixed :data:`QUEUE_TARGET` plus one
+request batch (requests go out in batches, :meth:`FlowControl.wanted`, so the
+average in flight is half a batch under the window). The fixed allowance is
+what makes several connections through one bottleneck fair (each keeps the
+same few hundred KiB queued there, so each sees the same RTT and gets the
+same rate) and keeps the queue small whatever the BDP, so the minimum RTT
+stays visible; it is also the slack through which a faster path shows up as
+a higher delivery rate (the window probes up by itself). No fixed ceiling:
+:data:`MAX_WINDOW` only mirrors what a peer accepts queued
+(``session.MAX_PEER_REQUESTS``).
 """
 
 from __future__ import annotations
@@ -47,8 +52,12 @@ MIN_WINDOW = 4 * BLOCK
 MAX_WINDOW = 2000 * BLOCK
 #: Window = rate x min RTT x gain: 2/ln 2 (BBR's startup) while filling the pipe.
 STARTUP_GAIN = 2 / math.log(2)
-#: ... and 2 once full: one round trip of slack, which also lets a faster path show.
-CRUISE_GAIN = 2.0
+#: Bytes each connection keeps queued at the bottleneck once the pipe is full.
+QUEUE_TARGET = 16 * BLOCK
+#: Requests go out in batches of a quarter of the window, at most this many bytes
+#: (over a circuit every write costs a whole cell: one request per block received
+#: would send as many cells up as data comes down).
+MAX_BATCH = 64 * BLOCK
 #: The pipe is full when the rate grew less than this in PLATEAU_ROUNDS rounds.
 PLATEAU_GROWTH = 1.25
 PLATEAU_ROUNDS = 3
@@ -185,8 +194,28 @@ class FlowControl:
             return
         if not self.rate or not math.isfinite(self.min_rtt):
             return
-        gain = STARTUP_GAIN if self.startup else CRUISE_GAIN
-        target = int(self.rate * self.min_rtt * gain)
+        bdp = self.rate * self.min_rtt
         if self.startup:
-            target = max(target, self.window)  # startup only grows
+            target = max(int(bdp * STARTUP_GAIN), self.window)  # startup only grows
+        else:
+            target = int(bdp) + QUEUE_TARGET + _batch(int(bdp))
         self.window = max(MIN_WINDOW, min(MAX_WINDOW, target))
+
+    def describe(self) -> str:
+        """One line for the logs: what the controller measured and chose."""
+        return (
+            f"flow window {self.window // 1024} KiB (peak in flight "
+            f"{self.peak_in_flight // 1024} KiB), delivery rate {self.rate / 1e6:.2f} MB/s, "
+            f"min RTT {self.min_rtt * 1000:.0f} ms, {'startup' if self.startup else 'cruise'}"
+        )
+
+    def wanted(self, in_flight: int) -> int:
+        """Bytes to request now with ``in_flight`` outstanding: a whole batch or nothing."""
+        room = self.window - in_flight
+        if room <= 0 or (in_flight and room < _batch(self.window)):
+            return 0
+        return room
+
+
+def _batch(window: int) -> int:
+    return max(BLOCK, min(MAX_BATCH, window // 4 // BLOCK * BLOCK))

@@ -78,11 +78,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Requests go out in batches of at least this many (at most half the pipeline,
-#: whose size :class:`~anomos.torrent.flow.FlowControl` sets per connection):
-#: over a circuit every write costs a whole 32 KiB cell, so asking for one block
-#: per block received would send as many cells upstream as data comes down.
-REQUEST_BATCH = 64
+#: Bytes a piece message adds to its block (length, id, index, begin).
+PIECE_OVERHEAD = 13
 #: Requests a peer may have queued at us; more is a protocol error (libtorrent's
 #: limit too; the ceiling of a connection's window, flow.MAX_WINDOW).
 MAX_PEER_REQUESTS = 2000
@@ -372,6 +369,13 @@ class TorrentSession:
         conn.send(Handshake(self.metainfo.infohash, conn.peer_id).encode())
         if any(self._have):
             conn.send(Bitfield(pack_bitfield(self._have)).encode())
+        if not self.complete:
+            # Interested at once, not after the peer's bitfield: a source can
+            # unchoke in its first answer, one round trip sooner (over a circuit
+            # of several relays, a good part of a second). Withdrawn if the
+            # bitfield shows nothing we want.
+            conn.am_interested = True
+            conn.send(Interested().encode())
         self._conns.append(conn)
         conn.writer = self._spawn(self._write_loop, conn)
         conn.greenlet = self._spawn(self._read_loop, conn)
@@ -501,6 +505,8 @@ class TorrentSession:
         quiet = ("session closed", "closed by peer", "both sides complete")
         level = logging.DEBUG if reason in quiet else logging.INFO
         log.log(level, "%s: connection %s closed: %s", self.label, conn.label, reason)
+        if conn.downloaded:
+            log.info("%s: connection %s: %s", self.label, conn.label, conn.flow.describe())
         if conn in self._conns:
             self._conns.remove(conn)
         conn.requests.clear()
@@ -558,6 +564,8 @@ class TorrentSession:
                 flags = unpack_bitfield(msg.bits, len(self.metainfo.pieces))
                 if self.picker.peer_bitfield(conn, flags):
                     self._set_interested(conn, True)
+                elif conn.am_interested and not self.picker.interesting(conn):
+                    self._set_interested(conn, False)
                 self._close_if_both_seeds(conn)
             elif kind is Unchoke:
                 if conn.peer_choking:
@@ -832,17 +840,21 @@ class TorrentSession:
             return
         picker = self.picker
         outstanding = picker.outstanding(conn)
-        depth = max(1, conn.flow.window // BLOCK_SIZE)
-        if outstanding and depth - outstanding < min(REQUEST_BATCH, max(1, depth // 2)):
+        wanted = conn.flow.wanted(outstanding * BLOCK_SIZE) // BLOCK_SIZE
+        if not wanted:
             return
-        blocks = picker.next_requests(conn, depth - outstanding)
+        blocks = picker.next_requests(conn, wanted)
         if blocks:
             if outstanding == 0:
                 conn.last_block = now
             flow = conn.flow
             for b in blocks:
                 flow.on_request(b, now, outstanding * BLOCK_SIZE)
-            flow.on_requested((outstanding + len(blocks)) * BLOCK_SIZE)
+            in_flight = (outstanding + len(blocks)) * BLOCK_SIZE
+            flow.on_requested(in_flight)
+            expect = getattr(conn.stream, "expect_bytes", None)
+            if expect is not None:  # a circuit: let its window carry what we asked for
+                expect(in_flight + (outstanding + len(blocks)) * PIECE_OVERHEAD)
             conn.control.extend([encode_request(*b) for b in blocks])
             conn.wake.set()
 

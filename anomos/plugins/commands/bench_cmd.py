@@ -89,6 +89,12 @@ def _scale(text: str) -> tuple[int, ...]:
     help="With --wan: run anomos from this source tree (compare before and after a change).",
 )
 @click.option(
+    "--relay-rate",
+    default=None,
+    help="With --wan: a slower uplink for the relays than the seeder's (e.g. 20M): "
+    "shows what a relay queues when its downstream is slower.",
+)
+@click.option(
     "--profile",
     "profiles",
     multiple=True,
@@ -108,10 +114,11 @@ def bench_command(
     wan: bool,
     profiles: tuple[str, ...],
     code: Path | None,
+    relay_rate: str | None,
 ) -> None:
     """Benchmark anomos on this machine: every peer a separate process on loopback."""
     if wan:
-        _wan(size_text, runs, profiles, code, json_path, workdir)
+        _wan(size_text, runs, profiles, code, relay_rate, json_path, workdir)
         return
     from anomos.bench.report import table
     from anomos.bench.runner import BenchOptions, run_bench
@@ -143,12 +150,18 @@ def _wan(
     runs: int | None,
     profiles: tuple[str, ...],
     code: Path | None,
+    relay_rate: str | None,
     json_path: Path,
     workdir: Path | None,
 ) -> None:
+    import signal
+    import sys
     import tempfile
 
     from anomos.bench import wan
+
+    # Stopped with SIGTERM, still take the namespace and its processes down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     overrides: dict[str, object] = {}
     if size_text is not None:
@@ -159,6 +172,8 @@ def _wan(
         overrides["profiles"] = tuple(wan.Profile.parse(p) for p in profiles)
     if code is not None:
         overrides["code"] = code.resolve()
+    if relay_rate is not None:
+        overrides["relay_bits"] = wan.Profile.parse(f"{relay_rate}:0ms").rate_bits
     options = wan.WanOptions(**overrides)  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory(prefix="anomos-wan-") as tmp:
         result = wan.run_wan(
