@@ -186,6 +186,30 @@ def test_one_identity_reporting_unreachable_neighbours_learns_few(tracker):
     assert len(learned) <= first + LimitSettings().replace_burst
 
 
+def test_identities_of_one_network_share_a_replacement_allowance(tracker):
+    """Many identities (within the join allowance) each reporting neighbours
+    `unreachable`: together they get `network_replace_burst` edges replaced, not
+    `replace_burst` each."""
+    honest_network(tracker, 50)
+    net = subnet()
+    spies = []
+    for i in range(8):
+        host = f"{net}.{2 + i}"
+        spy = client(tracker, host)
+        spies.append([spy, host, spy.announce(f"{host}:7000", [], 0)])
+    replaced = 0
+    for _ in range(2):  # 8 identities x 2 announces x 2 reports: 32 asked for
+        for entry in spies:
+            spy, host, reply = entry
+            reported = reply.neighbours[:2]
+            lost = [LostNeighbour(n.nid, 0, "unreachable") for n in reported]
+            entry[2] = spy.announce(f"{host}:7000", [], 0, lost=lost)
+            still = {n.identity for n in entry[2].neighbours}
+            replaced += sum(n.identity not in still for n in reported)
+    settings = LimitSettings()
+    assert 0 < replaced <= settings.network_replace_burst < 8 * settings.replace_burst
+
+
 def test_announcing_faster_than_min_interval_is_refused(tracker):
     """min_interval is enforced per identity (on average: a burst of 8, then one per
     min_interval); a goodbye is never refused."""

@@ -7,7 +7,8 @@ learns the network that fast. The tracker bounds each with a token bucket
 
 * announces per identity: ``min_interval`` enforced on average, with a small
   burst for the reference peer's early announces (a lost link, an unknown NID);
-* edges replaced on ``unreachable`` reports, per identity;
+* edges replaced on ``unreachable`` reports, per identity and per source network
+  (else identities kept from many joins would each walk the graph);
 * joins (an identity entering the graph) per source network: an IPv4 /24 or an
   IPv6 /64 by default, the share of one household, office or small hoster.
 
@@ -59,6 +60,10 @@ class LimitSettings:
     replace_burst: float = attrs.field(default=4.0, validator=_positive)
     #: ... and then one per this many seconds.
     replace_every: float = attrs.field(default=300.0, validator=_positive)
+    #: Edges all identities of one source network may have replaced back to back ...
+    network_replace_burst: float = attrs.field(default=16.0, validator=_positive)
+    #: ... and then one per this many seconds.
+    network_replace_every: float = attrs.field(default=60.0, validator=_positive)
     #: Identities one source network may bring into the graph back to back ...
     join_burst: float = attrs.field(default=16.0, validator=_positive)
     #: ... and then one per this many seconds.
@@ -70,7 +75,9 @@ class LimitSettings:
     @classmethod
     def unlimited(cls) -> LimitSettings:
         """No practical limit (benchmarks, which replay one identity thousands of times)."""
-        return cls(announce_burst=1e12, replace_burst=1e12, join_burst=1e12)
+        return cls(
+            announce_burst=1e12, replace_burst=1e12, network_replace_burst=1e12, join_burst=1e12
+        )
 
 
 @attrs.define(eq=False)
@@ -104,6 +111,9 @@ class Limits:
         self.settings = settings
         self._announces = _Buckets(1.0 / max(min_interval, 1e-3), settings.announce_burst, clock)
         self._replacements = _Buckets(1.0 / settings.replace_every, settings.replace_burst, clock)
+        self._network_replacements = _Buckets(
+            1.0 / settings.network_replace_every, settings.network_replace_burst, clock
+        )
         self._joins = _Buckets(1.0 / settings.join_every, settings.join_burst, clock)
 
     def network(self, ip: str) -> str:
@@ -127,8 +137,12 @@ class Limits:
     def join_allowed(self, network: str) -> bool:
         return self._joins.try_take(network)
 
-    def replacement_allowed(self, peer: bytes) -> bool:
-        return self._replacements.try_take(peer)
+    def replacement_allowed(self, peer: bytes, network: str | None) -> bool:
+        """Whether ``peer``, announcing from ``network`` (None: not limited per network),
+        may have one more edge replaced."""
+        if not self._replacements.try_take(peer):
+            return False
+        return network is None or self._network_replacements.try_take(network)
 
 
 class Seen(enum.Enum):

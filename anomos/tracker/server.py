@@ -566,7 +566,7 @@ class Tracker:
             row.last_seen = now
         # Speaking proves it alive: earlier reports of it being lost are void.
         self._lost_reports.pop(peer, None)
-        pending = self._on_lost(peer, lost, now, batch) if lost else False
+        pending = self._on_lost(peer, lost, now, batch, network) if lost else False
         if self.graph.degree(peer) < self.graph.min_neighbours:
             self._apply_changes(self.graph.top_up(peer), batch)
         self._seen[peer] = now
@@ -591,7 +591,12 @@ class Tracker:
             )
 
     def _on_lost(
-        self, peer: bytes, lost: list[tuple[int, int, str]], now: float, batch: Batch
+        self,
+        peer: bytes,
+        lost: list[tuple[int, int, str]],
+        now: float,
+        batch: Batch,
+        network: str | None = None,
     ) -> bool:
         """``peer`` lost its links to these NIDs; True if a lost neighbour is still kept.
 
@@ -610,7 +615,7 @@ class Tracker:
                 continue
             if why == "unreachable":
                 if replaced >= UNREACHABLE_PER_ANNOUNCE or not self.limits.replacement_allowed(
-                    peer
+                    peer, network
                 ):
                     log.info(
                         "peer %s reports neighbour %s unreachable: over %d per announce "
