@@ -143,7 +143,8 @@ def test_lab_command_writes_table_json_csv_and_nontrivial_plots(tmp_path):
         "targets = 5\nrounds = 20\n"
     )
     out = run_cli(
-        *("lab", "--config", str(config), "--seeds", "2", "--policy", "guard"),
+        *("lab", "--preset", "research", "--config", str(config), "--jobs", "1"),
+        *("--seeds", "2", "--policy", "guard"),
         *("--policy", "original", "--relays", "2-4", "--neighbours", "4-6"),
         *("--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")),
         *("--plots", str(tmp_path)),
@@ -155,6 +156,8 @@ def test_lab_command_writes_table_json_csv_and_nontrivial_plots(tmp_path):
     report = json.loads((tmp_path / "r.json").read_text())
     assert list(report["policies"]) == ["guard", "original"]  # flags win over the file
     assert report["experiment"]["colluding"] == [0.05, 0.1, 0.2]  # the file's value
+    assert report["experiment"]["targets"] == 5  # the file wins over the preset
+    assert report["experiment"]["days"] == 1.0 and report["experiment"]["seeds"] == 2
     assert report["owners"]["guard"] == "anomos.plugins.paths.guard"
     rows = list(csv.DictReader(io.StringIO((tmp_path / "r.csv").read_text())))
     assert {r["figure"] for r in rows} >= {"circuit_compromise", "degree", "gini", "relays_mean"}

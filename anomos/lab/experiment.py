@@ -218,6 +218,11 @@ def _range(value: str | list[Any], key: str) -> tuple[int, int]:
 
 def load(path: Path) -> Experiment:
     """The experiment a TOML file describes (top-level keys, or an ``[experiment]`` table)."""
+    return from_mapping(read_toml(path))
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The settings a TOML experiment file holds, unchecked (bounded in size)."""
     try:
         with path.open("rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)
@@ -229,7 +234,10 @@ def load(path: Path) -> Experiment:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"experiment {path}: {exc}") from None
-    return from_mapping(data.get("experiment", data))
+    table = data.get("experiment", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"experiment {path}: [experiment] is not a table")
+    return table
 
 
 #: ``anomos lab --preset NAME``: experiments worth a name.
@@ -245,10 +253,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # docs/research.md's table
     "research": {
-        "peers": 2000,
+        "peers": 1000,
         "days": 7.0,
-        "policies": ["original", "fixed", "random-walk", "weighted", "guard"],
+        "policies": ["original", "fixed", "random-walk", "weighted", "guard", "guard:2-3"],
         "seeds": 5,
+        "targets": 50,
+        "rounds": 100,
         "jobs": 2,
     },
 }

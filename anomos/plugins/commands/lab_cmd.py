@@ -129,16 +129,20 @@ def lab_command(
     plots_dir: Path | None,
     **flags: Any,
 ) -> None:
-    """Anonymity per path policy: compromise, degree of anonymity, predecessor attack, cost."""
+    """Anonymity per path policy: compromise, degree of anonymity, predecessor attack, cost.
+
+    Settings come from --preset, then --config, then the flags (each wins over
+    the one before).
+    """
     from anomos.bench.runner import machine
-    from anomos.lab.experiment import PRESETS, Experiment, from_mapping, load
+    from anomos.lab.experiment import PRESETS, Experiment, from_mapping, read_toml
     from anomos.lab.report import table, to_csv
     from anomos.lab.runner import run_experiment
     from anomos.progress import bar
 
-    exp = load(config_path) if config_path else Experiment()
-    if preset:
-        exp = from_mapping(PRESETS[preset], exp)
+    exp = from_mapping(PRESETS[preset]) if preset else Experiment()
+    if config_path:
+        exp = from_mapping(read_toml(config_path), exp)
     given = {k: v for k, v in flags.items() if k in _FLAGS and v is not None}
     if policies:
         given["policies"] = list(dict.fromkeys(policies))

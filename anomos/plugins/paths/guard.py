@@ -18,7 +18,8 @@ stable while the neighbour stays, unpredictable to peers (a rule such as "the
 oldest neighbour" would let an adversary that joins early become everyone's
 guard; hashing the pair, not the neighbour alone, makes each peer the guard of
 about one downloader, not of all its neighbours). When the guard leaves, the
-next neighbour in that order takes over. The relay count is drawn uniformly in
+next neighbour in that order takes over (and a tracker restart draws a new
+key, so every guard changes then). The relay count is drawn uniformly in
 [min, max] and moved to the nearest count the graph allows (the shorter on a
 tie), so circuits are no longer than ``weighted``'s; the relays after the
 guard are ``weighted``'s: lightly loaded ones preferred. The price is reach: only sources
