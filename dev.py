@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / "bin"
-APT_PACKAGES = ("tor", "iproute2", "iptables")
+#: Debian package -> the program that shows it is installed.
+APT_PACKAGES = {"tor": "tor", "iproute2": "ip", "iptables": "iptables"}
 
 
 def sh(*cmd: str | Path, **kw: object) -> None:
@@ -48,8 +49,8 @@ def ensure_venv(extras: str) -> None:
 
 
 def ensure_apt_packages() -> None:
-    """Tor and iproute2 for the Tor and network-namespace tests (root only)."""
-    missing = [p for p, exe in (("tor", "tor"), ("iproute2", "ip")) if not shutil.which(exe)]
+    """Tor, iproute2 and iptables for the Tor and network-namespace tests (root only)."""
+    missing = [p for p, exe in APT_PACKAGES.items() if not shutil.which(exe)]
     if not missing:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
