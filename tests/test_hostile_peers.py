@@ -65,7 +65,7 @@ class RawLink:
     def __init__(self, address: str, source: str, *, rcvbuf: int = 0) -> None:
         """``rcvbuf``: a small receive buffer makes a slow reader (set before connecting)."""
         host, port = split_address(address)
-        self.sock: Any = socket.socket(socket.AF_INET)
+        self.sock: Any = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(10)

@@ -935,6 +935,8 @@ class LinkManager:
                         f"bad link signature from a caller claiming NID {nid}"
                     ) from None
                 nb = self._assignment_for(nid)
+                if gevent.getcurrent() not in self._handshakes:  # evicted meanwhile
+                    raise ProtocolError("handshake slot taken by a newer caller")
                 if nb is None:
                     raise CryptoError(f"caller claimed NID {nid}, which is not our neighbour")
                 if bytes(nb.identity) != identity:
