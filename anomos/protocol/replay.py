@@ -25,7 +25,8 @@ from pathlib import Path
 
 import attrs
 
-from anomos.errors import ConfigError, CryptoError
+from anomos.errors import ConfigError, CryptoError, StorageError
+from anomos.fsutil import PRIVATE_FILE_MODE, atomic_write
 
 #: Records appended beyond twice the live entries before the file is compacted.
 COMPACT_SLACK = 4096
@@ -98,16 +99,10 @@ class ReplayFile:
     def rewrite(self, entries: Iterable[tuple[int, bytes]]) -> None:
         """Replace the file by one holding ``entries`` only, atomically."""
         data = b"".join(until.to_bytes(_UNTIL_SIZE, "big") + key for until, key in entries)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
+            atomic_write(self.path, data, mode=PRIVATE_FILE_MODE)
+        except StorageError as exc:
+            raise OSError(str(exc)) from None  # the callers name the cache and the phase
         self.close()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         self._records = len(data) // self.record_size
