@@ -14,6 +14,7 @@ import os
 import pytest
 
 from anomos import bencode
+from anomos.bench.enumeration import enumerate_membership
 from anomos.errors import TrackerError
 from anomos.identity import PeerIdentity
 from anomos.tracker.client import LostNeighbour, TorrentStatus, TrackerClient
@@ -255,3 +256,13 @@ def test_a_forged_upload_count_neither_raises_the_ratio_nor_passes_min_ratio(tmp
         assert cheat.request_circuits(IH, 1) == []  # served (there is no source)
     finally:
         t.stop()
+
+
+def test_the_enumeration_bench_meets_the_limits(plugins):
+    """anomos.bench.enumeration (the figures in docs/threat-model.md) runs the attack
+    over HTTPS: six simulated minutes from one IP join the burst plus one a minute."""
+    result = enumerate_membership(plugins, peers=60, hours=0.1)
+    settings = LimitSettings()
+    assert settings.join_burst < result["identities_joined"] <= settings.join_burst + 6
+    assert result["joins_refused"] > 0
+    assert 0 < result["addresses_learned"] < 60
