@@ -470,3 +470,34 @@ def test_a_peer_downloads_intact_over_circuits_beside_a_seeder_gone_bad(
         for p in peers:
             p.stop()
         tracker.stop()
+
+
+def test_announces_asked_for_by_torrents_wait_for_the_trackers_min_interval(
+    tmp_path: Path, plugins: Plugins
+) -> None:
+    """Torrents added and downloads ending ask for an announce; the peer makes it no
+    sooner than the tracker's min_interval after the last one."""
+    tracker = Tracker(
+        tmp_path / "tracker", f"{loopback_host()}:0", plugins, min_interval=2, edge_settle=0
+    )
+    tracker.start()
+    (peer,) = start_peers(plugins, tracker, tmp_path, 1)
+    times: list[float] = []
+    real = peer.tracker.announce
+
+    def announce(*args: object, **kwargs: object) -> object:
+        times.append(time.monotonic())
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    peer.tracker.announce = announce  # type: ignore[method-assign]
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            peer.announce_soon()
+            gevent.sleep(0.1)
+    finally:
+        peer.stop()
+        tracker.stop()
+    assert len(times) >= 3, times  # it did announce when asked ...
+    gaps = [b - a for a, b in itertools.pairwise(times[:-1])]  # (the last is the goodbye)
+    assert all(gap >= 2 for gap in gaps), gaps  # ... never sooner than min_interval
