@@ -216,22 +216,22 @@ def test_a_killed_tracker_comes_back_with_everything(tmp_path: Path) -> None:
         b = net.start_peer("b", "get", str(atorrent), "--dest", str(dest), "--timeout", "60")
         # A relay's next announce (every 3 s, retried sooner) fails.
         deadline = time.monotonic() + 15
+        waiting = "waiting for the tracker since"
         while time.monotonic() < deadline:
-            if "waiting for the tracker since" in b.log_path.read_text() and (
-                "waiting for the tracker since" in relays[0].log_path.read_text()
-            ):
+            if waiting in b.log_path.read_text() and waiting in relays[0].log_path.read_text():
                 break
             time.sleep(0.2)
         assert b.alive(), b.log_tail()
-        assert "waiting for the tracker since" in b.log_path.read_text(), b.log_tail()
-        assert "waiting for the tracker since" in relays[0].log_path.read_text(), relays[
-            0
-        ].log_tail()
+        assert waiting in b.log_path.read_text(), b.log_tail()
+        assert waiting in relays[0].log_path.read_text(), relays[0].log_tail()
 
         net.restart_tracker()
         assert (net.fingerprint, net.tracker_url) == (fingerprint, url)
         assert b.popen.wait(60) == 0, b.log_tail()
         assert sha256(dest / data.name) == sha256(data)
+        # One line when the tracker went away and one when it came back, not one per try.
+        b_log = b.log_path.read_text()
+        assert b_log.count(waiting) == 2 and b_log.count(": over after") == 1, b_log[-3000:]
 
         after = stats(url)
         # Nothing was lost: peers, the accounting, the counters; and everyone came back.

@@ -253,7 +253,7 @@ class TorrentDownload:
             return
         except NotAnnounced as exc:
             log.info("tracker lost track of us: %s", exc)
-            self.peer.announce_soon()
+            self.peer.announce_soon(urgent=True)
             self._next_request = now + self._no_plan.next()
             return
         except TrackerRefused as exc:

@@ -101,6 +101,11 @@ class Peer:
     #: credited and as claimed, ratio).
     account: AnnounceReply | None = attrs.field(default=None, init=False)
     _interval: float = attrs.field(default=60.0, init=False)
+    #: The tracker's minimum interval between announces, and when we last announced.
+    _min_interval: float = attrs.field(default=0.0, init=False)
+    _last_announce: float = attrs.field(default=float("-inf"), init=False)
+    #: An announce asked for that may not wait for the minimum interval.
+    _urgent: bool = attrs.field(default=False, init=False)
     _group: gevent.pool.Group = attrs.field(factory=gevent.pool.Group, init=False)
     _announce_now: gevent.event.Event = attrs.field(factory=gevent.event.Event, init=False)
     _stopped: bool = attrs.field(default=False, init=False)
@@ -249,6 +254,7 @@ class Peer:
         lost = [
             LostNeighbour(nid, int((now - at) * 1000), why) for nid, (at, why) in reported.items()
         ]
+        self._last_announce = now
         reply = self.tracker.announce(
             address=self.address,
             torrents=self._statuses(),
@@ -263,6 +269,7 @@ class Peer:
             del self._lost[nid]
         self._announced = True
         self._interval = max(1.0, float(reply.interval))
+        self._min_interval = float(reply.min_interval)
         self.ratio = reply.ratio
         self.account = reply
         self.links.set_neighbours(reply.neighbours)
@@ -270,8 +277,11 @@ class Peer:
             log.info("reported %d lost neighbour(s) to the tracker", len(lost))
         return reply
 
-    def announce_soon(self) -> None:
-        """Have the announce loop announce now (or as soon as the tracker allows)."""
+    def announce_soon(self, *, urgent: bool = False) -> None:
+        """Have the announce loop announce as soon as the tracker allows: after its
+        minimum interval since the last announce, unless ``urgent`` (the tracker asks
+        for it at once: it forgot us, or our neighbours need replacing)."""
+        self._urgent = self._urgent or urgent
         self._announce_now.set()
 
     def _announce_loop(self) -> None:
@@ -286,6 +296,11 @@ class Peer:
             self._announce_now.clear()
             if self._lost:
                 gevent.sleep(LOST_REPORT_DELAY)  # one report for links that drop together
+            elif not self._urgent:
+                # Lost links are reported at once (the tracker wants them so); anything
+                # else waits for the tracker's minimum interval.
+                gevent.sleep(max(0.0, self._last_announce + self._min_interval - time.monotonic()))
+            self._urgent = False
             gevent.sleep(max(0.0, not_before - time.monotonic()))
             try:
                 self.announce()
@@ -315,7 +330,7 @@ class Peer:
         if why == "protocol":
             log.warning("neighbour NID %d broke the protocol (%s): reporting it", link.nid, reason)
         self._lost[link.nid] = (time.monotonic(), why)
-        self._announce_now.set()
+        self.announce_soon()
 
     def _link_watch(self) -> None:
         """Ask the tracker again when assigned neighbours stay unlinked (moved, restarted),
@@ -347,7 +362,7 @@ class Peer:
                 )
                 last_refresh = now
                 delay = min(delay * 2, max(self._interval, STALE_NEIGHBOUR_REFRESH))
-                self._announce_now.set()
+                self.announce_soon(urgent=True)
 
     def _watch_unreachable(
         self, assigned: dict[int, Any], since: dict[tuple[int, bytes], float], now: float
@@ -396,7 +411,7 @@ class Peer:
         )
         session.start()
         self.sessions[metainfo.infohash] = session
-        self._announce_now.set()
+        self.announce_soon()
         return session
 
     def _on_request(self, request: Any) -> Callable[[Any], None] | None:

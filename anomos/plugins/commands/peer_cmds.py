@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -141,19 +142,28 @@ class Stopped(Exception):
         self.signum = signum
 
 
-def _stop_on_signals() -> None:
+def _stop_on_signals() -> Callable[[], None]:
     """From now on, the first SIGINT or SIGTERM raises :class:`Stopped` in this greenlet
-    (wherever it waits), instead of gevent's KeyboardInterrupt noise or a silent death."""
+    (wherever it waits), instead of gevent's KeyboardInterrupt noise or a silent death.
+
+    Returns ``disarm``: once called (when the peer is stopping anyway), signals are
+    ignored, so none can interrupt the stop itself.
+    """
     target = gevent.getcurrent()
-    received: list[int] = []
+    armed = [True]
 
     def on_signal(signum: int) -> None:
-        if not received:
-            received.append(signum)
+        if armed[0]:
+            armed[0] = False
             gevent.kill(target, Stopped(signum))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(sig, on_signal, sig)
+
+    def disarm() -> None:
+        armed[0] = False
+
+    return disarm
 
 
 def _make_peer(plugins: Plugins, settings: Settings, url: str, fingerprint: str) -> Any:
@@ -276,7 +286,7 @@ def get_command(
     SIGINT or SIGTERM stops it cleanly: the pieces on disk are kept in the resume
     data, and the next run starts from them without hashing them again.
     """
-    _stop_on_signals()
+    disarm = _stop_on_signals()
     metainfo = Metainfo.load(atorrent)
     url, fingerprint = _tracker_of(metainfo, atorrent)
     try:
@@ -317,15 +327,18 @@ def get_command(
         if keep_seeding:
             gevent.event.Event().wait()  # until a signal raises Stopped
     except Stopped as exc:
+        disarm()
         peer.stop()  # saves the resume data
         click.echo(f"stopped by {exc}: {kept()}", err=True)
         # Seeding after a complete download ends this way: that is a success.
         return 0 if session is not None and session.complete else 128 + exc.signum
     except DownloadStalled as exc:
+        disarm()
         peer.stop()
         click.echo(f"anomos: error: gave up: {exc} ({kept()})", err=True)
         return 1
     finally:
+        disarm()
         peer.stop()
     return 0
 
