@@ -256,9 +256,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "peers": 1000,
         "days": 7.0,
         "policies": ["original", "fixed", "random-walk", "weighted", "guard", "guard:2-3"],
+        "downloads_per_day": 0.5,
         "seeds": 5,
-        "targets": 50,
-        "rounds": 100,
+        "targets": 30,
+        "rounds": 60,
         "jobs": 2,
     },
 }
