@@ -281,6 +281,33 @@ class PeerGraph:
             frontier = nxt
         return {peers[s]: d for s, d in dist.items()}
 
+    def nearest(
+        self, peer: Peer, depth: int, budget: int, wanted: Callable[[Peer], bool], enough: int
+    ) -> list[Peer]:
+        """Peers within ``depth`` hops of ``peer`` for which ``wanted`` holds, nearest first
+        (in random order within a distance); the search stops after the first distance at
+        which ``enough`` were found, or once it has looked at ``budget`` peers."""
+        start = self._slot[peer]
+        seen = {start}
+        frontier = [start]
+        found: list[Peer] = []
+        nbr, deg, width, peers = self._nbr, self._deg, self._width, self._peers
+        for _ in range(depth):
+            nxt = []
+            for node in frontier:
+                base = node * width
+                for n in nbr[base : base + deg[node]]:
+                    if n not in seen:
+                        seen.add(n)
+                        nxt.append(n)
+            level = [peers[n] for n in nxt if wanted(peers[n])]
+            self._rng.shuffle(level)
+            found += level
+            if len(found) >= enough or len(seen) >= budget or not nxt:
+                break
+            frontier = nxt
+        return found
+
     def edge_count(self) -> int:
         return sum(self._deg) // 2
 
