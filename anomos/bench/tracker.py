@@ -308,6 +308,8 @@ def graph_bench(
                 secrets.token_bytes(32), _bytes_keys(_inner(None, address, infohash, left))
             )
             gaps.tick("registration")
+            if i and not i % 100_000:
+                echo(f"tracker: {i:,} registered in {time.perf_counter() - t0:.0f} s")
         registration = time.perf_counter() - t0
         echo(f"tracker: {joiners:,} signed joins, then as many signed announces")
         join_bodies = bodies()

@@ -27,7 +27,7 @@ import math
 import random
 import time
 from array import array
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Container, Hashable, Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -94,6 +94,10 @@ class IndexedSet:
     def __contains__(self, item: object) -> bool:
         return item in self._index
 
+    def members(self) -> Container[Peer]:
+        """A live read-only view to test membership with at C speed (no method call)."""
+        return self._index.keys()
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -159,6 +163,8 @@ class PeerGraph:
         self.min_neighbours = min_neighbours
         self.max_neighbours = max_neighbours
         self._rng = rng or random.SystemRandom()
+        #: a fast generator, seeded from ``rng``, for orders that need no secrecy of their own
+        self._order = random.Random(self._rng.getrandbits(64))
         self._clock = clock
         self.edge_settle = EDGE_SETTLE if edge_settle is None else edge_settle
         #: peer -> slot, and slot -> peer (None: a free slot)
@@ -182,6 +188,8 @@ class PeerGraph:
         #: slot -> its index in its bucket: O(1) add, remove and uniform choice
         self._buckets: list[array[int]] = [array("i") for _ in range(max_neighbours + 1)]
         self._bucket_pos = array("i")
+        #: inside restore_edges: buckets are left alone until the end
+        self._bulk = False
         #: (time it settles, a, b, nid) of edges both ends know, in time order
         self._settling: collections.deque[tuple[float, Peer, Peer, int]] = collections.deque()
         self._decay = math.log(2) / LOAD_HALF_LIFE
@@ -282,29 +290,32 @@ class PeerGraph:
         return {peers[s]: d for s, d in dist.items()}
 
     def nearest(
-        self, peer: Peer, depth: int, budget: int, wanted: Callable[[Peer], bool], enough: int
+        self, peer: Peer, depth: int, budget: int, among: Container[Peer], enough: int
     ) -> list[Peer]:
-        """Peers within ``depth`` hops of ``peer`` for which ``wanted`` holds, nearest first
-        (in random order within a distance); the search stops after the first distance at
-        which ``enough`` were found, or once it has looked at ``budget`` peers."""
+        """Up to ``enough`` peers of ``among`` within ``depth`` hops of ``peer``, nearest
+        first: a breadth-first search that expands each distance in random order and
+        stops as soon as it has found enough, or has looked at ``budget`` peers."""
         start = self._slot[peer]
         seen = {start}
         frontier = [start]
         found: list[Peer] = []
         nbr, deg, width, peers = self._nbr, self._deg, self._width, self._peers
         for _ in range(depth):
+            self._order.shuffle(frontier)
             nxt = []
             for node in frontier:
                 base = node * width
                 for n in nbr[base : base + deg[node]]:
-                    if n not in seen:
-                        seen.add(n)
-                        nxt.append(n)
-            level = [peers[n] for n in nxt if wanted(peers[n])]
-            self._rng.shuffle(level)
-            found += level
-            if len(found) >= enough or len(seen) >= budget or not nxt:
-                break
+                    if n in seen:
+                        continue
+                    seen.add(n)
+                    nxt.append(n)
+                    if peers[n] in among:
+                        found.append(peers[n])
+                        if len(found) >= enough:
+                            return found
+                if len(seen) >= budget:
+                    return found
             frontier = nxt
         return found
 
@@ -381,8 +392,10 @@ class PeerGraph:
         if s is None:
             return set()
         base = s * self._width
-        flags, nbr, peers = self._flags, self._nbr, self._peers
-        return {peers[nbr[i]] for i in range(base, base + self._deg[s]) if flags[i] & flag}
+        end = base + self._deg[s]
+        peers = self._peers
+        nbr, flags = self._nbr[base:end], self._flags[base:end]
+        return {peers[n] for n, f in zip(nbr, flags, strict=True) if f & flag}
 
     def settled_neighbours(self, peer: Peer) -> set[Peer]:
         """Neighbours over settled edges (:meth:`settled_view` brings them up to date)."""
@@ -489,6 +502,21 @@ class PeerGraph:
         if peer not in self._slot:
             self._insert(peer, seq)
 
+    def restore_edges(self, edges: Iterable[tuple[Peer, Peer, int, Peer | None]]) -> None:
+        """Re-insert many edges from the store (a, b, nid, dialer), as :meth:`restore_edge`
+        does, with the degree buckets sorted out once at the end instead of per edge."""
+        self._bulk = True
+        try:
+            for a, b, nid, dialer in edges:
+                self.restore_edge(a, b, nid, dialer)
+        finally:
+            self._bulk = False
+            for bucket in self._buckets:
+                del bucket[:]
+            for s, peer in enumerate(self._peers):
+                if peer is not None:
+                    self._bucket_add(s)
+
     def restore_edge(self, a: Peer, b: Peer, nid: int, dialer: Peer | None = None) -> None:
         """Re-insert an edge from the store, keeping its NID and dial direction."""
         sa, sb = self._slot.get(a), self._slot.get(b)
@@ -567,16 +595,18 @@ class PeerGraph:
                 return nid
 
     def _link(self, sa: int, sb: int, nid: int) -> None:
-        self._bucket_remove(sa)
-        self._bucket_remove(sb)
+        if not self._bulk:
+            self._bucket_remove(sa)
+            self._bucket_remove(sb)
         for s, other in ((sa, sb), (sb, sa)):
             i = s * self._width + self._deg[s]
             self._nbr[i] = other
             self._nid[i] = nid
             self._flags[i] = 0
             self._deg[s] += 1
-        self._bucket_add(sa)
-        self._bucket_add(sb)
+        if not self._bulk:
+            self._bucket_add(sa)
+            self._bucket_add(sb)
         self.version += 1
 
     def _unlink(self, a: Peer, b: Peer) -> int:
@@ -723,6 +753,41 @@ class SettledView:
     def load(self, peer: Peer) -> float:
         return self.graph.load(peer)
 
+    def distances(self, root: Peer, depth: int, allowed: Any = None) -> dict[Peer, int]:
+        """Hop distances from ``root`` over usable edges, up to ``depth``, optionally only
+        through ``allowed``: what :func:`_bfs` computes, but over the graph's arrays, with
+        no set built per node (the bulk of a path search)."""
+        g = self.graph
+        slot, peers = g._slot, g._peers
+        nbr, flags, deg, width = g._nbr, g._flags, g._deg, g._width
+        origin = slot.get(self.origin, -1) if self.origin is not None else -1
+        hops = {slot[p] for p in self.first_hops if p in slot}
+        start = slot[root]
+        dist = {start: 0}
+        frontier = [start]
+        for d in range(1, depth + 1):
+            nxt = []
+            for node in frontier:
+                base = node * width
+                end = base + deg[node]
+                for n, f in zip(nbr[base:end], flags[base:end], strict=True):
+                    if n in dist:
+                        continue
+                    if not (
+                        f & _READY
+                        or (node == origin and n in hops)
+                        or (n == origin and node in hops)
+                    ):
+                        continue
+                    if allowed is not None and peers[n] not in allowed:
+                        continue
+                    dist[n] = d
+                    nxt.append(n)
+            if not nxt:
+                break
+            frontier = nxt
+        return {peers[s]: d for s, d in dist.items()}
+
     def __contains__(self, peer: object) -> bool:
         return peer in self.graph
 
@@ -750,6 +815,9 @@ def check_relay_bounds(min_relays: int, max_relays: int) -> None:
 
 def _bfs(graph: Any, root: Peer, depth: int, allowed: Any = None) -> dict[Peer, int]:
     """Hop distances from ``root`` up to ``depth``, optionally only through ``allowed``."""
+    fast = getattr(graph, "distances", None)
+    if fast is not None:
+        return fast(root, depth, allowed)  # type: ignore[no-any-return]
     dist = {root: 0}
     frontier = [root]
     for d in range(1, depth + 1):

@@ -12,7 +12,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Container, Hashable, Mapping
 from typing import Any
 
 import attrs
@@ -105,6 +105,10 @@ class Swarm:
     def is_source(self, peer: Hashable) -> bool:
         return peer in self._sources
 
+    def sources(self) -> Container[Hashable]:
+        """The peers with data, for membership tests (a live view)."""
+        return self._sources.members()
+
     def source_count(self) -> int:
         return len(self._sources)
 
@@ -175,18 +179,18 @@ class Planner:
         return plans
 
     def sources(self, downloader: Hashable, swarm: Swarm, count: int, depth: int) -> list[Hashable]:
-        """Sources to try for ``count`` circuits: first those within ``depth`` hops of the
-        downloader (the only ones a path can reach), then random ones of the swarm.
+        """Sources to try for ``count`` circuits: first a few within ``depth`` hops of the
+        downloader (the only ones a path can reach), nearest first, then random ones.
 
         Sampling the swarm blindly first would mostly draw sources out of reach in a
         big graph, each costing a failed path search; the search around the downloader
-        stops at the first distance where it found enough.
+        stops as soon as it found enough.
         """
         tries = self.source_tries(count)
         if downloader not in self.graph:
             return []
         near = self.graph.nearest(
-            downloader, depth, NEAR_BUDGET, swarm.is_source, NEAR_SOURCES_PER_CIRCUIT * count + 2
+            downloader, depth, NEAR_BUDGET, swarm.sources(), NEAR_SOURCES_PER_CIRCUIT * count
         )
         if len(near) < tries:
             seen = set(near)

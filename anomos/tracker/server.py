@@ -907,8 +907,7 @@ class Tracker:
             row.last_seen = now
             self._seen[row.identity] = now
             self.graph.restore_peer(row.identity, row.seq)
-        for a, b, nid in snap.edges:
-            self.graph.restore_edge(a, b, nid, snap.dialers.get((a, b)))
+        self.graph.restore_edges((a, b, nid, snap.dialers.get((a, b))) for a, b, nid in snap.edges)
         self.accounts = dict(snap.accounts)
         self.sizes = dict(snap.torrents)
         for ih, peer, srow in snap.swarm:
