@@ -147,6 +147,14 @@ def test_bulk_restore_keeps_edges_and_the_degree_buckets():
         h.add_peer(p)
     check_invariants(h)
     assert {h.degree(p) for p in h} <= {4, 5, 6}
+    # Restored under a lower maximum: the rows widen, nothing is lost.
+    narrow = PeerGraph(rng=random.Random(0), min_neighbours=2, max_neighbours=3)
+    for p in g:
+        narrow.restore_peer(p, g.seq(p))
+    narrow.restore_edges((e.a, e.b, e.nid, e.dialer) for e in g.edges())
+    assert sorted((e.a, e.b, e.nid) for e in narrow.edges()) == sorted(
+        (e.a, e.b, e.nid) for e in g.edges()
+    )
 
 
 def test_load_decays():

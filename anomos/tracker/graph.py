@@ -188,8 +188,6 @@ class PeerGraph:
         #: slot -> its index in its bucket: O(1) add, remove and uniform choice
         self._buckets: list[array[int]] = [array("i") for _ in range(max_neighbours + 1)]
         self._bucket_pos = array("i")
-        #: inside restore_edges: buckets are left alone until the end
-        self._bulk = False
         #: (time it settles, a, b, nid) of edges both ends know, in time order
         self._settling: collections.deque[tuple[float, Peer, Peer, int]] = collections.deque()
         self._decay = math.log(2) / LOAD_HALF_LIFE
@@ -504,18 +502,33 @@ class PeerGraph:
 
     def restore_edges(self, edges: Iterable[tuple[Peer, Peer, int, Peer | None]]) -> None:
         """Re-insert many edges from the store (a, b, nid, dialer), as :meth:`restore_edge`
-        does, with the degree buckets sorted out once at the end instead of per edge."""
-        self._bulk = True
-        try:
-            for a, b, nid, dialer in edges:
-                self.restore_edge(a, b, nid, dialer)
-        finally:
-            self._bulk = False
-            for bucket in self._buckets:
-                del bucket[:]
-            for s, peer in enumerate(self._peers):
-                if peer is not None:
-                    self._bucket_add(s)
+        does (the same checks), writing the arrays directly and sorting the degree
+        buckets out once at the end: a restart at 10^6 peers restores 3 * 10^6 edges."""
+        slot, nbr, nids, flags, deg = self._slot, self._nbr, self._nid, self._flags, self._deg
+        for a, b, nid, dialer in edges:
+            sa, sb = slot.get(a), slot.get(b)
+            if sa is None or sb is None or sa == sb or not 1 <= nid <= MAX_NID:
+                continue
+            w = self._width
+            ba, bb, da, db = sa * w, sb * w, deg[sa], deg[sb]
+            if sb in nbr[ba : ba + da] or nid in nids[ba : ba + da] or nid in nids[bb : bb + db]:
+                continue
+            if max(da, db) >= w:
+                self._widen(max(da, db) + 1)
+                nbr, nids, flags = self._nbr, self._nid, self._flags
+                w = self._width
+                ba, bb = sa * w, sb * w
+            # Both ends knew it before the restart: usable at once.
+            i, j = ba + da, bb + db
+            nbr[i], nids[i], flags[i] = sb, nid, _TOLD | _READY | (_DIALS if dialer == a else 0)
+            nbr[j], nids[j], flags[j] = sa, nid, _TOLD | _READY | (_DIALS if dialer == b else 0)
+            deg[sa], deg[sb] = da + 1, db + 1
+        self.version += 1
+        for bucket in self._buckets:
+            del bucket[:]
+        for s, peer in enumerate(self._peers):
+            if peer is not None:
+                self._bucket_add(s)
 
     def restore_edge(self, a: Peer, b: Peer, nid: int, dialer: Peer | None = None) -> None:
         """Re-insert an edge from the store, keeping its NID and dial direction."""
@@ -595,18 +608,16 @@ class PeerGraph:
                 return nid
 
     def _link(self, sa: int, sb: int, nid: int) -> None:
-        if not self._bulk:
-            self._bucket_remove(sa)
-            self._bucket_remove(sb)
+        self._bucket_remove(sa)
+        self._bucket_remove(sb)
         for s, other in ((sa, sb), (sb, sa)):
             i = s * self._width + self._deg[s]
             self._nbr[i] = other
             self._nid[i] = nid
             self._flags[i] = 0
             self._deg[s] += 1
-        if not self._bulk:
-            self._bucket_add(sa)
-            self._bucket_add(sb)
+        self._bucket_add(sa)
+        self._bucket_add(sb)
         self.version += 1
 
     def _unlink(self, a: Peer, b: Peer) -> int:
