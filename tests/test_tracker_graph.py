@@ -134,6 +134,29 @@ def test_restore_keeps_nids_and_dial_direction():
     assert all(e.dialer == "next" for e in h.edges() if "next" in (e.a, e.b))
 
 
+def test_bulk_restore_keeps_edges_and_the_degree_buckets():
+    g = build(200, seed=8)
+    h = PeerGraph(rng=random.Random(0))
+    for p in g:
+        h.restore_peer(p, g.seq(p))
+    h.restore_edges((e.a, e.b, e.nid, e.dialer) for e in g.edges())
+    assert sorted((e.a, e.b, e.nid, e.dialer) for e in h.edges()) == sorted(
+        (e.a, e.b, e.nid, e.dialer) for e in g.edges()
+    )
+    for p in range(1000, 1100):  # joins pick open peers from the rebuilt buckets
+        h.add_peer(p)
+    check_invariants(h)
+    assert {h.degree(p) for p in h} <= {4, 5, 6}
+    # Restored under a lower maximum: the rows widen, nothing is lost.
+    narrow = PeerGraph(rng=random.Random(0), min_neighbours=2, max_neighbours=3)
+    for p in g:
+        narrow.restore_peer(p, g.seq(p))
+    narrow.restore_edges((e.a, e.b, e.nid, e.dialer) for e in g.edges())
+    assert sorted((e.a, e.b, e.nid) for e in narrow.edges()) == sorted(
+        (e.a, e.b, e.nid) for e in g.edges()
+    )
+
+
 def test_load_decays():
     now = [1000.0]
     g = PeerGraph(rng=random.Random(1), clock=lambda: now[0])

@@ -228,3 +228,34 @@ def test_a_source_whose_keys_the_crypto_refuses_is_skipped(world):
     assert len(plans) == 4
     for plan in plans:
         assert bad_source not in follow(plan, peers[0], graph, by_pub)[0]
+
+
+def test_sources_near_the_downloader_come_first():
+    """In a big graph with few sources, the ones a path can reach (within max relays + 1
+    hops) are tried first, nearest first, and the search stops once it has enough."""
+    graph = PeerGraph(rng=random.Random(4), edge_settle=0)
+    for p in range(3000):
+        graph.add_peer(p)
+    rng = random.Random(5)
+    swarm = Swarm()
+    for p in rng.sample(range(3000), 30):  # 1 % seeds
+        swarm.set(p, SwarmRow(0))
+    planner = Planner(
+        graph, WeightedPolicy(), X25519Suite(), lambda p: None, tracker_key=tracker_key(), rng=rng
+    )
+    checked = 0
+    for downloader in range(0, 3000, 150):
+        reach = graph.within(downloader, 3, 10**6)
+        near = [p for p in reach if swarm.is_source(p) and p != downloader]
+        sources = planner.sources(downloader, swarm, 1, 3)
+        assert downloader not in sources and len(set(sources)) == len(sources)
+        assert all(swarm.is_source(p) for p in sources)
+        if near:
+            checked += 1
+            first = min(reach[p] for p in near)
+            assert reach[sources[0]] == first  # the nearest distance with a source
+    assert checked >= 5
+    # The search stops after the first distance where it found enough.
+    hub = 0
+    found = graph.nearest(hub, 4, 10**6, set(graph), 3)
+    assert len(found) == 3 and set(found) <= set(graph.neighbours(hub))

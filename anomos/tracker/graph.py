@@ -26,7 +26,8 @@ import collections
 import math
 import random
 import time
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from array import array
+from collections.abc import Callable, Container, Hashable, Iterable, Iterator
 from typing import Any
 
 import attrs
@@ -93,6 +94,10 @@ class IndexedSet:
     def __contains__(self, item: object) -> bool:
         return item in self._index
 
+    def members(self) -> Container[Peer]:
+        """A live read-only view to test membership with at C speed (no method call)."""
+        return self._index.keys()
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -122,8 +127,27 @@ class Changes:
         self.removed.extend(other.removed)
 
 
+#: Flags of one end of an edge (one byte per neighbour slot).
+#: The end has been told of the edge (an announce reply listed it).
+_TOLD = 1
+#: The edge is settled: both ends were told, long enough ago to have linked up.
+_READY = 2
+#: This end was told first and so dials (fixed; otherwise the newer peer dials).
+_DIALS = 4
+
+
 class PeerGraph:
-    """Neighbour graph of every live peer; implements :class:`anomos.interfaces.PeerGraphView`."""
+    """Neighbour graph of every live peer; implements :class:`anomos.interfaces.PeerGraphView`.
+
+    Compact: each peer has an integer slot, and everything per peer lives in flat
+    arrays indexed by it (no container objects per peer, so nothing for the
+    garbage collector to walk): ``width`` neighbour slots per peer, each with
+    the neighbour's slot, the edge's NID and a flags byte (told, settled, dials),
+    filled from the front; the degree, the join sequence number, the circuit
+    load, and the peer's position in its degree bucket. Slots of departed peers
+    are reused. ``width`` is the maximum degree (widened only if a restore
+    brings a peer with more neighbours than that).
+    """
 
     def __init__(
         self,
@@ -139,30 +163,33 @@ class PeerGraph:
         self.min_neighbours = min_neighbours
         self.max_neighbours = max_neighbours
         self._rng = rng or random.SystemRandom()
+        #: a fast generator, seeded from ``rng``, for orders that need no secrecy of their own
+        self._order = random.Random(self._rng.getrandbits(64))
         self._clock = clock
         self.edge_settle = EDGE_SETTLE if edge_settle is None else edge_settle
-        #: peer -> neighbour -> when the peer was told of the edge (an announce reply)
-        self._told: dict[Peer, dict[Peer, float]] = {}
-        #: peer -> neighbours over settled edges (what path policies see)
-        self._ready: dict[Peer, set[Peer]] = {}
+        #: peer -> slot, and slot -> peer (None: a free slot)
+        self._slot: dict[Peer, int] = {}
+        self._peers: list[Peer | None] = []
+        self._free: list[int] = []
+        self._width = max_neighbours
+        #: slot * width + i -> the i-th neighbour's slot, the edge's NID, its flags here
+        self._nbr = array("i")
+        self._nid = array("i")
+        self._flags = bytearray()
+        self._deg = array("i")
+        #: join sequence number; the newer peer of an edge dials, unless _DIALS says otherwise
+        self._seq = array("q")
+        #: the highest sequence number given so far (a new peer gets the next)
+        self._top_seq = 0
+        #: circuit load, and the time it was last updated
+        self._load = array("d")
+        self._load_at = array("d")
+        #: degree -> slots of that degree (degrees above max share the top bucket), and
+        #: slot -> its index in its bucket: O(1) add, remove and uniform choice
+        self._buckets: list[array[int]] = [array("i") for _ in range(max_neighbours + 1)]
+        self._bucket_pos = array("i")
         #: (time it settles, a, b, nid) of edges both ends know, in time order
         self._settling: collections.deque[tuple[float, Peer, Peer, int]] = collections.deque()
-        #: peer -> neighbour -> nid
-        self._adj: dict[Peer, dict[Peer, int]] = {}
-        #: peer -> nid -> neighbour
-        self._by_nid: dict[Peer, dict[int, Peer]] = {}
-        #: peer -> join sequence number; the newer peer of an edge dials, unless
-        #: ``_dialers`` says otherwise.
-        self._seq: dict[Peer, int] = {}
-        #: edge -> the end told of it first, which dials: it is the one that can
-        #: act on the edge at once (the other learns when dialled, see links).
-        self._dialers: dict[frozenset[Peer], Peer] = {}
-        self._next_seq = 1
-        #: degree -> peers of that degree (degrees above max share the top bucket).
-        self._buckets: list[IndexedSet] = [IndexedSet() for _ in range(max_neighbours + 1)]
-        self._all = IndexedSet()
-        #: peer -> (load, time it was last updated)
-        self._load: dict[Peer, tuple[float, float]] = {}
         self._decay = math.log(2) / LOAD_HALF_LIFE
         #: pair -> when it may be linked again, soonest first (soft state, never stored)
         self._avoided: collections.OrderedDict[frozenset[Peer], float] = collections.OrderedDict()
@@ -171,26 +198,48 @@ class PeerGraph:
 
     # ------------------------------------------------------------------ view
     def __contains__(self, peer: object) -> bool:
-        return peer in self._adj
+        return peer in self._slot
 
     def __len__(self) -> int:
-        return len(self._adj)
+        return len(self._slot)
 
     def __iter__(self) -> Iterator[Peer]:
-        return iter(self._adj)
+        return iter(self._slot)
 
-    def neighbours(self, peer: Peer) -> Iterable[Peer]:
-        return self._adj[peer].keys()
+    def neighbours(self, peer: Peer) -> list[Peer]:
+        s = self._slot[peer]
+        base = s * self._width
+        peers = self._peers
+        return [peers[n] for n in self._nbr[base : base + self._deg[s]]]
 
     def degree(self, peer: Peer) -> int:
-        return len(self._adj[peer])
+        return self._deg[self._slot[peer]]
+
+    def _pos(self, s: int, other: int) -> int:
+        """Index (into the flat arrays) of ``other`` among ``s``'s neighbours, or -1."""
+        base = s * self._width
+        try:
+            return self._nbr.index(other, base, base + self._deg[s])
+        except ValueError:
+            return -1
 
     def nid(self, a: Peer, b: Peer) -> int:
         """The NID of edge ``a - b``; KeyError when they are not neighbours."""
-        return self._adj[a][b]
+        i = self._pos(self._slot[a], self._slot[b])
+        if i < 0:
+            raise KeyError((a, b))
+        return self._nid[i]
 
     def peer_by_nid(self, peer: Peer, nid: int) -> Peer | None:
-        return self._by_nid.get(peer, {}).get(nid)
+        s = self._slot.get(peer)
+        if s is None or not 1 <= nid <= MAX_NID:
+            return None
+        base = s * self._width
+        try:
+            i = self._nid.index(nid, base, base + self._deg[s])
+        except ValueError:
+            return None
+        return self._peers[self._nbr[i]]
 
     def dialer(self, a: Peer, b: Peer) -> Peer:
         """Which end of edge ``a - b`` opens the connection.
@@ -199,38 +248,77 @@ class PeerGraph:
         other end learns of the edge when dialled); before either was told, or for
         an edge restored without one, the peer that joined later.
         """
-        fixed = self._dialers.get(frozenset((a, b)))
-        if fixed is not None:
-            return fixed
-        return a if self._seq[a] > self._seq[b] else b
+        sa, sb = self._slot[a], self._slot[b]
+        i = self._pos(sa, sb)
+        if i >= 0:
+            if self._flags[i] & _DIALS:
+                return a
+            if self._flags[self._pos(sb, sa)] & _DIALS:
+                return b
+        return a if self._seq[sa] > self._seq[sb] else b
 
     def seq(self, peer: Peer) -> int:
-        return self._seq[peer]
+        return self._seq[self._slot[peer]]
 
     def edges(self) -> Iterator[Edge]:
-        for a, nbrs in self._adj.items():
-            for b, nid in nbrs.items():
-                if self._seq[a] < self._seq[b]:
-                    yield Edge(a, b, nid, self.dialer(a, b))
+        seq = self._seq
+        for a, s in self._slot.items():
+            for b in self.neighbours(a):
+                if seq[s] < seq[self._slot[b]]:
+                    yield Edge(a, b, self.nid(a, b), self.dialer(a, b))
 
     def within(self, peer: Peer, depth: int, budget: int) -> dict[Peer, int]:
         """Peers at most ``depth`` hops from ``peer`` (with their distance), at most ``budget``."""
-        dist = {peer: 0}
-        frontier = [peer]
+        start = self._slot[peer]
+        dist = {start: 0}
+        frontier = [start]
+        nbr, deg, width = self._nbr, self._deg, self._width
+        peers = self._peers
         for d in range(1, depth + 1):
             nxt = []
             for node in frontier:
-                for n in self._adj[node]:
+                base = node * width
+                for n in nbr[base : base + deg[node]]:
                     if n not in dist:
                         dist[n] = d
                         nxt.append(n)
                         if len(dist) >= budget:
-                            return dist
+                            return {peers[s]: d for s, d in dist.items()}
             frontier = nxt
-        return dist
+        return {peers[s]: d for s, d in dist.items()}
+
+    def nearest(
+        self, peer: Peer, depth: int, budget: int, among: Container[Peer], enough: int
+    ) -> list[Peer]:
+        """Up to ``enough`` peers of ``among`` within ``depth`` hops of ``peer``, nearest
+        first: a breadth-first search that expands each distance in random order and
+        stops as soon as it has found enough, or has looked at ``budget`` peers."""
+        start = self._slot[peer]
+        seen = {start}
+        frontier = [start]
+        found: list[Peer] = []
+        nbr, deg, width, peers = self._nbr, self._deg, self._width, self._peers
+        for _ in range(depth):
+            self._order.shuffle(frontier)
+            nxt = []
+            for node in frontier:
+                base = node * width
+                for n in nbr[base : base + deg[node]]:
+                    if n in seen:
+                        continue
+                    seen.add(n)
+                    nxt.append(n)
+                    if peers[n] in among:
+                        found.append(peers[n])
+                        if len(found) >= enough:
+                            return found
+                if len(seen) >= budget:
+                    return found
+            frontier = nxt
+        return found
 
     def edge_count(self) -> int:
-        return sum(len(n) for n in self._adj.values()) // 2
+        return sum(self._deg) // 2
 
     # ------------------------------------------------------------------ settled edges
     def mark_told(self, peer: Peer) -> list[Edge]:
@@ -239,19 +327,23 @@ class PeerGraph:
         Call it before reading :meth:`dialer` for the reply: on an edge neither
         end has heard of yet, ``peer`` becomes the dialer.
         """
-        told = self._told[peer]
+        s = self._slot[peer]
+        base = s * self._width
+        flags, nbr = self._flags, self._nbr
         now = self._clock()
         fixed: list[Edge] = []
-        for n, nid in self._adj[peer].items():
-            if n not in told:
-                told[n] = now
-                if peer in self._told[n]:
-                    self._settling.append((now + self.edge_settle, peer, n, nid))
-                else:
-                    key = frozenset((peer, n))
-                    if key not in self._dialers:
-                        self._dialers[key] = peer
-                        fixed.append(Edge(peer, n, nid, peer))
+        for i in range(base, base + self._deg[s]):
+            if flags[i] & _TOLD:
+                continue
+            flags[i] |= _TOLD
+            n = nbr[i]
+            other = self._peers[n]
+            j = self._pos(n, s)
+            if flags[j] & _TOLD:
+                self._settling.append((now + self.edge_settle, peer, other, self._nid[i]))
+            elif not flags[j] & _DIALS:
+                flags[i] |= _DIALS
+                fixed.append(Edge(peer, other, self._nid[i], peer))
         self._promote()
         return fixed
 
@@ -262,11 +354,12 @@ class PeerGraph:
         alive it announces again, and the edge settles as a new one would.
         False when there is no such edge.
         """
-        if b not in self._adj.get(a, {}):
+        sa, sb = self._slot.get(a), self._slot.get(b)
+        if sa is None or sb is None or (i := self._pos(sa, sb)) < 0:
             return False
-        self._ready[a].discard(b)
-        self._ready[b].discard(a)
-        self._told[b].pop(a, None)
+        j = self._pos(sb, sa)
+        self._flags[i] &= ~_READY
+        self._flags[j] &= ~(_READY | _TOLD)
         self.version += 1
         return True
 
@@ -276,23 +369,41 @@ class PeerGraph:
         queue = self._settling
         while queue and queue[0][0] <= now:
             _, a, b, nid = queue.popleft()
-            if self._adj.get(a, {}).get(b) == nid:  # not removed (or re-made) meanwhile
-                self._ready[a].add(b)
-                self._ready[b].add(a)
+            sa, sb = self._slot.get(a), self._slot.get(b)
+            if sa is None or sb is None or (i := self._pos(sa, sb)) < 0:
+                continue
+            if self._nid[i] == nid:  # not removed (or re-made) meanwhile
+                self._flags[i] |= _READY
+                self._flags[self._pos(sb, sa)] |= _READY
 
     def settled(self, a: Peer, b: Peer) -> bool:
         """Whether both ends of edge ``a - b`` know it, long enough ago to have linked up."""
         self._promote()
-        return b in self._ready.get(a, ())
+        sa, sb = self._slot.get(a), self._slot.get(b)
+        if sa is None or sb is None:
+            return False
+        i = self._pos(sa, sb)
+        return i >= 0 and bool(self._flags[i] & _READY)
+
+    def _flagged(self, peer: Peer, flag: int) -> set[Peer]:
+        s = self._slot.get(peer)
+        if s is None:
+            return set()
+        base = s * self._width
+        end = base + self._deg[s]
+        peers = self._peers
+        nbr, flags = self._nbr[base:end], self._flags[base:end]
+        return {peers[n] for n, f in zip(nbr, flags, strict=True) if f & flag}
 
     def settled_neighbours(self, peer: Peer) -> set[Peer]:
         """Neighbours over settled edges (:meth:`settled_view` brings them up to date)."""
-        return self._ready[peer]
+        if peer not in self._slot:
+            raise KeyError(peer)
+        return self._flagged(peer, _READY)
 
     def told_neighbours(self, peer: Peer) -> set[Peer]:
         """Neighbours ``peer`` has been told of (it dials or waits for them itself)."""
-        adjacent = self._adj.get(peer, {})
-        return {n for n in self._told.get(peer, {}) if n in adjacent}
+        return self._flagged(peer, _TOLD)
 
     def settled_view(self, origin: Peer | None = None) -> SettledView:
         """The graph as path policies should see it: only edges that are settled
@@ -303,49 +414,50 @@ class PeerGraph:
     # ------------------------------------------------------------------ load
     def load(self, peer: Peer) -> float:
         """Circuits planned through ``peer``, decaying with a half-life of LOAD_HALF_LIFE."""
-        entry = self._load.get(peer)
-        if entry is None:
+        s = self._slot.get(peer)
+        if s is None or not self._load[s]:
             return 0.0
-        value, when = entry
-        return value * math.exp(-self._decay * (self._clock() - when))
+        return self._load[s] * math.exp(-self._decay * (self._clock() - self._load_at[s]))
 
     def add_load(self, peer: Peer, amount: float = 1.0) -> None:
-        if peer in self._adj:
-            self._load[peer] = (self.load(peer) + amount, self._clock())
+        s = self._slot.get(peer)
+        if s is not None:
+            self._load[s] = self.load(peer) + amount
+            self._load_at[s] = self._clock()
 
     # ------------------------------------------------------------------ membership
     def add_peer(self, peer: Peer) -> Changes:
         """Add ``peer`` (no-op when present) and give it neighbours up to the minimum."""
         changes = Changes()
-        if peer in self._adj:
+        if peer in self._slot:
             return changes
-        self._insert(peer, self._next_seq)
+        self._insert(peer, self._top_seq + 1)
         changes.extend(self._fill(peer))
         return changes
 
     def remove_peer(self, peer: Peer) -> Changes:
         """Remove ``peer`` and give its former neighbours new ones if they fell below minimum."""
         changes = Changes()
-        if peer not in self._adj:
+        s = self._slot.get(peer)
+        if s is None:
             return changes
-        former = list(self._adj[peer])
+        former = self.neighbours(peer)
         for other in former:
             self._unlink(peer, other)
             changes.removed.append((peer, other))
-        self._bucket_of(peer).discard(peer)
-        self._all.discard(peer)
-        del self._adj[peer], self._by_nid[peer], self._seq[peer], self._told[peer]
-        del self._ready[peer]
-        self._load.pop(peer, None)
+        self._bucket_remove(s)
+        del self._slot[peer]
+        self._peers[s] = None
+        self._free.append(s)
         self.version += 1
         for other in former:
-            if other in self._adj and len(self._adj[other]) < self.min_neighbours:
+            if other in self._slot and self.degree(other) < self.min_neighbours:
                 changes.extend(self._fill(other))
         return changes
 
     def top_up(self, peer: Peer) -> Changes:
         """Give ``peer`` more neighbours if it is below the minimum (a young, small network)."""
-        if peer not in self._adj or len(self._adj[peer]) >= self.min_neighbours:
+        if peer not in self._slot or self.degree(peer) >= self.min_neighbours:
             return Changes()
         return self._fill(peer)
 
@@ -356,13 +468,14 @@ class PeerGraph:
         Empty changes when there is no such edge.
         """
         changes = Changes()
-        if b not in self._adj.get(a, {}):
+        sa, sb = self._slot.get(a), self._slot.get(b)
+        if sa is None or sb is None or self._pos(sa, sb) < 0:
             return changes
         self._unlink(a, b)
         changes.removed.append((a, b))
         self._avoid(a, b)
         for end in (a, b):
-            if len(self._adj[end]) < self.min_neighbours:
+            if self.degree(end) < self.min_neighbours:
                 changes.extend(self._fill(end))
         return changes
 
@@ -376,79 +489,157 @@ class PeerGraph:
     def repair(self) -> Changes:
         """Top up every peer below the minimum (after a restore with other bounds): O(n)."""
         changes = Changes()
-        for peer in list(self._adj):
-            if len(self._adj[peer]) < self.min_neighbours:
+        for peer in list(self._slot):
+            if self.degree(peer) < self.min_neighbours:
                 changes.extend(self._fill(peer))
         return changes
 
     # ------------------------------------------------------------------ restore
     def restore_peer(self, peer: Peer, seq: int) -> None:
         """Re-insert a peer from the store, without neighbours."""
-        if peer not in self._adj:
+        if peer not in self._slot:
             self._insert(peer, seq)
+
+    def restore_edges(self, edges: Iterable[tuple[Peer, Peer, int, Peer | None]]) -> None:
+        """Re-insert many edges from the store (a, b, nid, dialer), as :meth:`restore_edge`
+        does (the same checks), writing the arrays directly and sorting the degree
+        buckets out once at the end: a restart at 10^6 peers restores 3 * 10^6 edges."""
+        slot, nbr, nids, flags, deg = self._slot, self._nbr, self._nid, self._flags, self._deg
+        for a, b, nid, dialer in edges:
+            sa, sb = slot.get(a), slot.get(b)
+            if sa is None or sb is None or sa == sb or not 1 <= nid <= MAX_NID:
+                continue
+            w = self._width
+            ba, bb, da, db = sa * w, sb * w, deg[sa], deg[sb]
+            if sb in nbr[ba : ba + da] or nid in nids[ba : ba + da] or nid in nids[bb : bb + db]:
+                continue
+            if max(da, db) >= w:
+                self._widen(max(da, db) + 1)
+                nbr, nids, flags = self._nbr, self._nid, self._flags
+                w = self._width
+                ba, bb = sa * w, sb * w
+            # Both ends knew it before the restart: usable at once.
+            i, j = ba + da, bb + db
+            nbr[i], nids[i], flags[i] = sb, nid, _TOLD | _READY | (_DIALS if dialer == a else 0)
+            nbr[j], nids[j], flags[j] = sa, nid, _TOLD | _READY | (_DIALS if dialer == b else 0)
+            deg[sa], deg[sb] = da + 1, db + 1
+        self.version += 1
+        for bucket in self._buckets:
+            del bucket[:]
+        for s, peer in enumerate(self._peers):
+            if peer is not None:
+                self._bucket_add(s)
 
     def restore_edge(self, a: Peer, b: Peer, nid: int, dialer: Peer | None = None) -> None:
         """Re-insert an edge from the store, keeping its NID and dial direction."""
-        if a == b or a not in self._adj or b not in self._adj or b in self._adj[a]:
+        sa, sb = self._slot.get(a), self._slot.get(b)
+        if a == b or sa is None or sb is None or self._pos(sa, sb) >= 0:
             return
-        if nid in self._by_nid[a] or nid in self._by_nid[b] or not 1 <= nid <= MAX_NID:
+        if not 1 <= nid <= MAX_NID or self.peer_by_nid(a, nid) or self.peer_by_nid(b, nid):
             return
-        self._link(a, b, nid)
-        if dialer in (a, b):
-            self._dialers[frozenset((a, b))] = dialer
+        need = max(self._deg[sa], self._deg[sb]) + 1
+        if need > self._width:
+            self._widen(need)
+        self._link(sa, sb, nid)
         # Both ends knew it before the restart: usable at once.
-        self._told[a][b] = self._told[b][a] = -math.inf
-        self._ready[a].add(b)
-        self._ready[b].add(a)
+        i, j = self._pos(sa, sb), self._pos(sb, sa)
+        self._flags[i] = _TOLD | _READY | (_DIALS if dialer == a else 0)
+        self._flags[j] = _TOLD | _READY | (_DIALS if dialer == b else 0)
 
     # ------------------------------------------------------------------ internals
     def _insert(self, peer: Peer, seq: int) -> None:
-        self._adj[peer] = {}
-        self._by_nid[peer] = {}
-        self._told[peer] = {}
-        self._ready[peer] = set()
-        self._seq[peer] = seq
-        self._next_seq = max(self._next_seq, seq + 1)
-        self._buckets[0].add(peer)
-        self._all.add(peer)
+        if self._free:
+            s = self._free.pop()
+        else:
+            s = len(self._peers)
+            self._peers.append(None)
+            w = self._width
+            self._nbr.extend(_FILL * w)
+            self._nid.extend(_ZERO * w)
+            self._flags.extend(bytes(w))
+            for column in (self._deg, self._bucket_pos):
+                column.append(0)
+            self._seq.append(0)
+            self._load.append(0.0)
+            self._load_at.append(0.0)
+        self._peers[s] = peer
+        self._slot[peer] = s
+        self._deg[s] = 0
+        self._seq[s] = seq
+        self._top_seq = max(self._top_seq, seq)
+        self._load[s] = 0.0
+        self._bucket_add(s)
         self.version += 1
 
-    def _bucket_of(self, peer: Peer) -> IndexedSet:
-        return self._buckets[min(len(self._adj[peer]), self.max_neighbours)]
+    def _widen(self, width: int) -> None:
+        """Give every peer ``width`` neighbour slots (a restore brought a bigger degree)."""
+        old = self._width
+        pad = width - old
+        nbr, nid, flags = array("i"), array("i"), bytearray()
+        for s in range(len(self._peers)):
+            nbr.extend(self._nbr[s * old : (s + 1) * old])
+            nbr.extend(_FILL * pad)
+            nid.extend(self._nid[s * old : (s + 1) * old])
+            nid.extend(_ZERO * pad)
+            flags.extend(self._flags[s * old : (s + 1) * old])
+            flags.extend(bytes(pad))
+        self._nbr, self._nid, self._flags, self._width = nbr, nid, flags, width
 
-    def _new_nid(self, a: Peer, b: Peer) -> int:
-        used_a, used_b = self._by_nid[a], self._by_nid[b]
+    def _bucket_add(self, s: int) -> None:
+        bucket = self._buckets[min(self._deg[s], self.max_neighbours)]
+        self._bucket_pos[s] = len(bucket)
+        bucket.append(s)
+
+    def _bucket_remove(self, s: int) -> None:
+        bucket = self._buckets[min(self._deg[s], self.max_neighbours)]
+        i = self._bucket_pos[s]
+        last = bucket.pop()
+        if last != s:
+            bucket[i] = last
+            self._bucket_pos[last] = i
+
+    def _new_nid(self, sa: int, sb: int) -> int:
+        w = self._width
+        used = set(self._nid[sa * w : sa * w + self._deg[sa]])
+        used.update(self._nid[sb * w : sb * w + self._deg[sb]])
         while True:
             nid = self._rng.randint(1, MAX_NID)
-            if nid not in used_a and nid not in used_b:
+            if nid not in used:
                 return nid
 
-    def _link(self, a: Peer, b: Peer, nid: int) -> None:
-        self._bucket_of(a).discard(a)
-        self._bucket_of(b).discard(b)
-        self._adj[a][b] = nid
-        self._adj[b][a] = nid
-        self._by_nid[a][nid] = b
-        self._by_nid[b][nid] = a
-        self._bucket_of(a).add(a)
-        self._bucket_of(b).add(b)
+    def _link(self, sa: int, sb: int, nid: int) -> None:
+        self._bucket_remove(sa)
+        self._bucket_remove(sb)
+        for s, other in ((sa, sb), (sb, sa)):
+            i = s * self._width + self._deg[s]
+            self._nbr[i] = other
+            self._nid[i] = nid
+            self._flags[i] = 0
+            self._deg[s] += 1
+        self._bucket_add(sa)
+        self._bucket_add(sb)
         self.version += 1
 
-    def _unlink(self, a: Peer, b: Peer) -> None:
-        self._told[a].pop(b, None)
-        self._told[b].pop(a, None)
-        self._ready[a].discard(b)
-        self._ready[b].discard(a)
-        self._dialers.pop(frozenset((a, b)), None)
-        self._bucket_of(a).discard(a)
-        self._bucket_of(b).discard(b)
-        nid = self._adj[a].pop(b)
-        del self._adj[b][a]
-        del self._by_nid[a][nid]
-        del self._by_nid[b][nid]
-        self._bucket_of(a).add(a)
-        self._bucket_of(b).add(b)
+    def _unlink(self, a: Peer, b: Peer) -> int:
+        sa, sb = self._slot[a], self._slot[b]
+        self._bucket_remove(sa)
+        self._bucket_remove(sb)
+        nid = self._nid[self._pos(sa, sb)]
+        for s, other in ((sa, sb), (sb, sa)):
+            i = self._pos(s, other)
+            last = s * self._width + self._deg[s] - 1
+            # The last neighbour takes the freed place: a peer's neighbours stay in front.
+            self._nbr[i], self._nid[i], self._flags[i] = (
+                self._nbr[last],
+                self._nid[last],
+                self._flags[last],
+            )
+            self._nbr[last], self._nid[last], self._flags[last] = -1, 0, 0
+            self._deg[s] -= 1
+        self._bucket_add(sa)
+        self._bucket_add(sb)
         self.version += 1
+        return nid
 
     def _avoid(self, a: Peer, b: Peer) -> None:
         """Keep ``a`` and ``b`` apart for AVOID_PAIR_SECONDS; forget expired and excess pairs."""
@@ -463,26 +654,31 @@ class PeerGraph:
             avoided.popitem(last=False)
 
     def _connect(self, a: Peer, b: Peer, changes: Changes) -> None:
-        nid = self._new_nid(a, b)
-        self._link(a, b, nid)
+        sa, sb = self._slot[a], self._slot[b]
+        nid = self._new_nid(sa, sb)
+        self._link(sa, sb, nid)
         changes.added.append(Edge(a, b, nid, self.dialer(a, b)))
 
     def _fill(self, peer: Peer) -> Changes:
         """Give ``peer`` neighbours until it reaches the minimum (or nobody is left)."""
         changes = Changes()
-        while len(self._adj[peer]) < self.min_neighbours:
+        while self.degree(peer) < self.min_neighbours:
             other = self._pick_open(peer)
             if other is not None:
                 self._connect(peer, other, changes)
                 continue
-            if len(self._adj[peer]) + 2 > self.max_neighbours or not self._split(peer, changes):
+            if self.degree(peer) + 2 > self.max_neighbours or not self._split(peer, changes):
                 break
         return changes
+
+    def _excluded(self, peer: Peer, s: int, cand: int) -> bool:
+        """Whether slot ``cand`` may not become a neighbour of ``peer`` (slot ``s``)."""
+        return cand == s or self._pos(s, cand) >= 0 or self.avoided(peer, self._peers[cand])
 
     def _pick_open(self, peer: Peer) -> Peer | None:
         """A random peer below the maximum degree, weighted by its free slots (max - degree),
         that is neither ``peer``'s neighbour nor avoided by it."""
-        mine = self._adj[peer]
+        s = self._slot[peer]
         top = self.max_neighbours
         sizes = [len(self._buckets[d]) for d in range(top)]
         if sum(sizes) <= SMALL_OPEN_SET:
@@ -492,34 +688,37 @@ class PeerGraph:
                 for d in range(top)
                 if sizes[d]
                 for c in self._buckets[d]
-                if c != peer and c not in mine and not self.avoided(peer, c)
+                if not self._excluded(peer, s, c)
             ]
             if not open_peers:
                 return None
-            return self._rng.choices([c for c, _ in open_peers], [w for _, w in open_peers])[0]
+            picked = self._rng.choices([c for c, _ in open_peers], [w for _, w in open_peers])[0]
+            return self._peers[picked]
         # Many open peers: ``peer``, its few neighbours and the few it avoids are rarely
         # drawn, so sample (bounded: a peer may avoid many).
         weights = [n * (top - d) for d, n in enumerate(sizes)]
         total = sum(weights)
         for _ in range(OPEN_PICK_ATTEMPTS):
             bucket = self._buckets[_weighted_index(weights, self._rng.random() * total)]
-            cand = bucket.choice(self._rng)
-            if cand != peer and cand not in mine and not self.avoided(peer, cand):
-                return cand
+            cand = bucket[int(self._rng.random() * len(bucket))]
+            if not self._excluded(peer, s, cand):
+                return self._peers[cand]
         return None
 
     def _split(self, peer: Peer, changes: Changes) -> bool:
         """Replace a random edge ``u - v`` by ``u - peer - v``; degrees of u and v stay."""
-        mine = self._adj[peer]
+        s = self._slot[peer]
         for _ in range(PICK_ATTEMPTS):
-            if len(self._all) < 3:
+            if len(self._slot) < 3:
                 return False
-            u = self._all.choice(self._rng)
-            if u == peer or u in mine or not self._adj[u]:
+            su = int(self._rng.random() * len(self._peers))
+            u = self._peers[su]
+            if u is None or su == s or self._pos(s, su) >= 0 or not self._deg[su]:
                 continue
-            nbrs = self._adj[u]
-            v = list(nbrs)[int(self._rng.random() * len(nbrs))]
-            if v == peer or v in mine or self.avoided(peer, u) or self.avoided(peer, v):
+            base = su * self._width
+            sv = self._nbr[base + int(self._rng.random() * self._deg[su])]
+            v = self._peers[sv]
+            if sv == s or self._pos(s, sv) >= 0 or self.avoided(peer, u) or self.avoided(peer, v):
                 continue
             self._unlink(u, v)
             changes.removed.append((u, v))
@@ -527,6 +726,10 @@ class PeerGraph:
             self._connect(peer, v, changes)
             return True
         return False
+
+
+_FILL = array("i", [-1])
+_ZERO = array("i", [0])
 
 
 class SettledView:
@@ -561,6 +764,41 @@ class SettledView:
     def load(self, peer: Peer) -> float:
         return self.graph.load(peer)
 
+    def distances(self, root: Peer, depth: int, allowed: Any = None) -> dict[Peer, int]:
+        """Hop distances from ``root`` over usable edges, up to ``depth``, optionally only
+        through ``allowed``: what :func:`_bfs` computes, but over the graph's arrays, with
+        no set built per node (the bulk of a path search)."""
+        g = self.graph
+        slot, peers = g._slot, g._peers
+        nbr, flags, deg, width = g._nbr, g._flags, g._deg, g._width
+        origin = slot.get(self.origin, -1) if self.origin is not None else -1
+        hops = {slot[p] for p in self.first_hops if p in slot}
+        start = slot[root]
+        dist = {start: 0}
+        frontier = [start]
+        for d in range(1, depth + 1):
+            nxt = []
+            for node in frontier:
+                base = node * width
+                end = base + deg[node]
+                for n, f in zip(nbr[base:end], flags[base:end], strict=True):
+                    if n in dist:
+                        continue
+                    if not (
+                        f & _READY
+                        or (node == origin and n in hops)
+                        or (n == origin and node in hops)
+                    ):
+                        continue
+                    if allowed is not None and peers[n] not in allowed:
+                        continue
+                    dist[n] = d
+                    nxt.append(n)
+            if not nxt:
+                break
+            frontier = nxt
+        return {peers[s]: d for s, d in dist.items()}
+
     def __contains__(self, peer: object) -> bool:
         return peer in self.graph
 
@@ -588,6 +826,9 @@ def check_relay_bounds(min_relays: int, max_relays: int) -> None:
 
 def _bfs(graph: Any, root: Peer, depth: int, allowed: Any = None) -> dict[Peer, int]:
     """Hop distances from ``root`` up to ``depth``, optionally only through ``allowed``."""
+    fast = getattr(graph, "distances", None)
+    if fast is not None:
+        return fast(root, depth, allowed)  # type: ignore[no-any-return]
     dist = {root: 0}
     frontier = [root]
     for d in range(1, depth + 1):

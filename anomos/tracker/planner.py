@@ -12,7 +12,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Container, Hashable, Mapping
 from typing import Any
 
 import attrs
@@ -35,6 +35,10 @@ REQUEST_TTL = 300
 SOURCE_TRIES_PER_CIRCUIT = 8
 #: Sources tried at least, however few circuits are asked for.
 MIN_SOURCE_TRIES = 16
+#: Sources looked for near the downloader per circuit asked for (then the search stops).
+NEAR_SOURCES_PER_CIRCUIT = 2
+#: Peers the search around a downloader looks at, at most.
+NEAR_BUDGET = 20_000
 
 
 @attrs.frozen
@@ -100,6 +104,10 @@ class Swarm:
 
     def is_source(self, peer: Hashable) -> bool:
         return peer in self._sources
+
+    def sources(self) -> Container[Hashable]:
+        """The peers with data, for membership tests (a live view)."""
+        return self._sources.members()
 
     def source_count(self) -> int:
         return len(self._sources)
@@ -169,6 +177,25 @@ class Planner:
                 # A key the server let through but the crypto refuses: skip, never fail.
                 log.warning("cannot plan a circuit to a source: %s", exc)
         return plans
+
+    def sources(self, downloader: Hashable, swarm: Swarm, count: int, depth: int) -> list[Hashable]:
+        """Sources to try for ``count`` circuits: first a few within ``depth`` hops of the
+        downloader (the only ones a path can reach), nearest first, then random ones.
+
+        Sampling the swarm blindly first would mostly draw sources out of reach in a
+        big graph, each costing a failed path search; the search around the downloader
+        stops as soon as it found enough.
+        """
+        tries = self.source_tries(count)
+        if downloader not in self.graph:
+            return []
+        near = self.graph.nearest(
+            downloader, depth, NEAR_BUDGET, swarm.sources(), NEAR_SOURCES_PER_CIRCUIT * count
+        )
+        if len(near) < tries:
+            seen = set(near)
+            near += [p for p in swarm.sample_sources(tries, downloader, self.rng) if p not in seen]
+        return near[:tries]
 
     @staticmethod
     def source_tries(count: int) -> int:

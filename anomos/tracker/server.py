@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -100,13 +101,16 @@ UNREACHABLE_PER_ANNOUNCE = 2
 #: Seconds until the next announce asked of a peer whose report is still pending
 #: (so it hears of the replacement neighbours soon after the peer is dropped).
 LOST_RECHECK_INTERVAL = 2
-#: Peers looked at around a downloader when sampled sources were out of reach.
-NEAR_BUDGET = 20_000
 #: Seconds between writes of accumulated changes to the database (a crash loses at most
 #: this much, plus a write under way; peers simply announce again).
 FLUSH_INTERVAL = 1.0
 #: Announces after which changes are handed to the writer at once, whatever the time.
 FLUSH_MAX_PENDING = 2000
+#: Seconds between moves of the surviving objects out of the garbage collector's sight
+#: (gc.freeze): a full collection then walks only what is younger, not a million peers'
+#: state (a stall of seconds). Cyclic garbage still alive at that moment is never
+#: collected: a few in-flight requests' worth every few minutes.
+FREEZE_INTERVAL = 300.0
 #: Seconds ``stop`` waits for requests in progress.
 STOP_TIMEOUT = 5.0
 
@@ -860,16 +864,9 @@ class Tracker:
         swarm = self.swarms.get(infohash)
         if swarm is None:
             return {b"circuits": []}
-        sources = swarm.sample_sources(self.planner.source_tries(count), peer, self.rng)
+        # Sources near the downloader first: in a big graph most others are out of reach.
+        sources = self.planner.sources(peer, swarm, count, self.max_relays + 1)
         plans = self.planner.plan(peer, infohash, sources, count)
-        if len(plans) < count and swarm.source_count() > len(sources):
-            # In a big graph most sources are out of reach: look for those near the
-            # downloader instead of sampling blindly (bounded by NEAR_BUDGET peers).
-            tried = set(sources)
-            near = self.graph.within(peer, self.max_relays + 1, NEAR_BUDGET)
-            extra = [p for p in near if swarm.is_source(p) and p not in tried and p != peer]
-            self.rng.shuffle(extra)
-            plans += self.planner.plan(peer, infohash, extra, count - len(plans))
         return {b"circuits": [plan_to_wire(p) for p in plans]}
 
     def _ratio_of(self, account: Account) -> float:
@@ -943,10 +940,14 @@ class Tracker:
             self._write_behind()
 
     def _flush_loop(self) -> None:
+        frozen = time.monotonic()
         while True:
             gevent.sleep(FLUSH_INTERVAL)
             if self._pending_count:
                 self._write_behind()
+            if time.monotonic() - frozen >= FREEZE_INTERVAL:
+                frozen = time.monotonic()
+                _freeze()
 
     def _meta(self) -> dict[str, int]:
         return {
@@ -964,8 +965,7 @@ class Tracker:
             row.last_seen = now
             self._seen[row.identity] = now
             self.graph.restore_peer(row.identity, row.seq)
-        for a, b, nid in snap.edges:
-            self.graph.restore_edge(a, b, nid, snap.dialers.get((a, b)))
+        self.graph.restore_edges((a, b, nid, snap.dialers.get((a, b))) for a, b, nid in snap.edges)
         self.accounts = dict(snap.accounts)
         self.sizes = dict(snap.torrents)
         for ih, peer, srow in snap.swarm:
@@ -977,6 +977,7 @@ class Tracker:
         self.dropped = snap.meta.get("dropped", 0)
         self._apply_changes(self.graph.repair(), self._pending)
         self.flush()
+        _freeze()
         if self.peers:
             log.info(
                 "tracker restored %d peers, %d edges, %d torrents",
@@ -1063,6 +1064,13 @@ class Tracker:
         if seen is not Seen.NEW:
             raise Refused(403 if seen is Seen.REPLAYED else 429, seen.value)
         return peer, inner
+
+
+def _freeze() -> None:
+    """Collect the young generations, then exempt every surviving object from future
+    collections: the tracker's state is long-lived, and walking it would stall serving."""
+    gc.collect(1)
+    gc.freeze()
 
 
 def _read_body(environ: dict[str, Any]) -> bytes:
