@@ -16,8 +16,10 @@ window, from two measurements taken on the requests themselves:
   long (the path got slower, or our own queue hides the floor), the window
   drops to half the bandwidth-delay product (shrinking with what the probe
   sees) until a request sent with well under rate x RTT ahead of it has come
-  back (*probe RTT*): its RTT is the floor afresh, at the cost of about half a
-  round trip of throughput every 10 s.
+  back (*probe RTT*): its RTT is the floor afresh (a rise is taken in steps of
+  at most :data:`MIN_RTT_RISE`: other connections' queues at a shared
+  bottleneck can survive our probe, and a circuit's path does not change),
+  at the cost of about half a round trip of throughput every 10 s.
 
 The window starts at :data:`INITIAL_WINDOW`. In *startup* it is
 ``rate x min RTT x`` :data:`STARTUP_GAIN`, so it about doubles every round
@@ -64,12 +66,14 @@ PLATEAU_ROUNDS = 3
 #: The rate estimate is the best sample of the last BW_WINDOW_RTTS minimum
 #: round trips, and of at least BW_WINDOW_MIN seconds. Time, not counted
 #: rounds: a round stretches with the queue when the rate drops.
-BW_WINDOW_RTTS = 8
+BW_WINDOW_RTTS = 3
 BW_WINDOW_MIN = 2.0
 #: Seconds a minimum RTT stays valid without being seen again.
 MIN_RTT_WINDOW = 10.0
 #: The window while probing the RTT, as a fraction of the BDP.
 PROBE_RTT_GAIN = 0.5
+#: A probe raises the minimum RTT by at most this factor.
+MIN_RTT_RISE = 1.5
 #: A probe ends with a request sent with less than this x rate x RTT outstanding.
 PROBE_RTT_EXIT = 0.75
 #: Requests remembered for rate samples (bounds memory against a peer that never answers).
@@ -141,9 +145,12 @@ class FlowControl:
                 self._probe_rtt = min(self._probe_rtt, rtt)
                 if sent.in_flight <= self.rate * rtt * PROBE_RTT_EXIT:
                     # Sent with clearly less than rate x RTT ahead of it, so no
-                    # queue: its RTT is the floor now. (Else shrink and retry.)
+                    # queue of ours: its RTT is the floor now (else shrink and
+                    # retry). It may still hold other circuits' queues, and a
+                    # circuit's path does not change: it rises by steps.
                     self.probing_rtt = False
-                    self.min_rtt, self._min_rtt_at = self._probe_rtt, now
+                    self.min_rtt = min(self._probe_rtt, self.min_rtt * MIN_RTT_RISE)
+                    self._min_rtt_at = now
         elif rtt <= self.min_rtt:
             self.min_rtt, self._min_rtt_at = rtt, now
         elif now - self._min_rtt_at > MIN_RTT_WINDOW:
