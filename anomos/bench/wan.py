@@ -310,6 +310,8 @@ class WanOptions:
     runs: int = 3
     relays: int = 6
     sources: int = 4
+    #: Relays per circuit, as the tracker's ``--relays`` (its default when None).
+    circuit_relays: str | None = None
     timeout: float = 300.0
     #: A slower uplink for every relay than for the seeder: the relay next to the
     #: seeder then receives faster than it can forward, and the bytes it queues
@@ -331,7 +333,8 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
         env = {"PYTHONPATH": str(options.code), "PYTHONSAFEPATH": "1"}
     local = LocalNetwork(work / "anomos", verbose=1, extra_env=env)
     try:
-        local.start_tracker(host=net.add_node(), prefix=net.prefix)
+        hops = ("--relays", options.circuit_relays) if options.circuit_relays else ()
+        local.start_tracker(*hops, host=net.add_node(), prefix=net.prefix)
         meta = make_metainfo(
             data, trackers=[local.tracker_url], fingerprint=local.fingerprint, progress=False
         )
