@@ -104,7 +104,7 @@ def bench_command(
 ) -> None:
     """Benchmark anomos on this machine: every peer a separate process on loopback."""
     if wan:
-        wan_extra = {"sources": sources, "circuit_relays": circuit_relays}
+        wan_extra: dict[str, object] = {"sources": sources, "circuit_relays": circuit_relays}
         _wan(size_text, runs, profiles, code, relay_rate, wan_extra, json_path, workdir)
         return
     from anomos.bench.report import table
