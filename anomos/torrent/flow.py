@@ -26,8 +26,9 @@ The window starts at :data:`INITIAL_WINDOW`. In *startup* it is
 trip; once the rate has not grown by :data:`PLATEAU_GROWTH` for
 :data:`PLATEAU_ROUNDS` round trips the pipe is full and the window backs off
 to *cruise*: ``rate x min RTT`` plus a fixed :data:`QUEUE_TARGET` plus one
-request batch (never under :data:`CRUISE_FLOOR`) (requests go out in batches, :meth:`FlowControl.wanted`, so the
-average in flight is half a batch under the window). The fixed allowance is
+request batch (requests go out in batches, :meth:`FlowControl.wanted`, so
+the average in flight is half a batch under the window), never under
+:data:`CRUISE_FLOOR`. The fixed allowance is
 what makes several connections through one bottleneck fair (each keeps the
 same few hundred KiB queued there, so each sees the same RTT and gets the
 same rate) and keeps the queue small whatever the BDP, so the minimum RTT
