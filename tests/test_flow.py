@@ -128,8 +128,8 @@ def test_window_follows_the_rtt_up_and_down() -> None:
     sim, d = one(rate=4e6, rtt=0.1)
     sim.run_until(8.0)
     assert cruising(d.flow.window, 4e6, 0.1), d.flow.window
-    d.path.rtt = 0.4  # the path got longer
-    window = cruise_window(sim, d, 8.0 + flow.MIN_RTT_WINDOW + 6.0)
+    d.path.rtt = 0.4  # the path got longer: a few probes of the RTT find it
+    window = cruise_window(sim, d, 8.0 + 4 * (flow.MIN_RTT_WINDOW + 1.0) + 6.0)
     assert cruising(window, 4e6, 0.4), window
     t = sim.now
     assert d.rate_between(t - 8.0, t) >= 0.9 * 4e6  # a probe of the RTT included
@@ -165,6 +165,20 @@ def test_connections_to_one_source_share_its_uplink() -> None:
     ra, rb = a.rate_between(25.0, 40.0), b.rate_between(25.0, 40.0)
     assert ra + rb >= 0.95 * 6e6
     assert min(ra, rb) / max(ra, rb) >= 0.8, (ra, rb)
+
+
+def test_circuits_of_different_lengths_share_a_source_without_ratcheting_their_rtt() -> None:
+    # Four circuits to one source, 0.2-0.5 s long: each one's queue survives the
+    # others' RTT probes, so a probe may see more than the floor.
+    ds = [Downloader(FlowControl(0.0), Path(0, rtt)) for rtt in (0.2, 0.3, 0.4, 0.5)]
+    sim = Sim(list(ds), lambda _t: 8e6)
+    sim.run_until(90.0)
+    rates = [d.rate_between(30.0, 90.0) for d in ds]
+    assert sum(rates) >= 0.95 * 8e6
+    assert min(rates) / max(rates) >= 0.4, rates
+    for d in ds:  # the floor stays in sight: no ratchet from others' queues
+        assert d.flow.min_rtt <= 2 * d.path.rtt, (d.path.rtt, d.flow.min_rtt)
+        assert d.flow.window <= 4 * (8e6 / 4) * d.path.rtt + flow.QUEUE_TARGET + flow.MAX_BATCH
 
 
 def test_requests_never_answered_are_not_remembered_forever() -> None:

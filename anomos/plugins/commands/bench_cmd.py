@@ -88,6 +88,8 @@ def _scale(text: str) -> tuple[int, ...]:
     type=click.Path(file_okay=False, exists=True, path_type=Path),
     help="With --wan: run anomos from this source tree (compare before and after a change).",
 )
+@click.option("--sources", type=click.IntRange(1, 8), help="With --wan: circuits at once [4].")
+@click.option("--circuit-relays", help="With --wan: relays per circuit, e.g. 1-1 [the tracker's].")
 @click.option(
     "--relay-rate",
     default=None,
@@ -115,10 +117,13 @@ def bench_command(
     profiles: tuple[str, ...],
     code: Path | None,
     relay_rate: str | None,
+    sources: int | None,
+    circuit_relays: str | None,
 ) -> None:
     """Benchmark anomos on this machine: every peer a separate process on loopback."""
     if wan:
-        _wan(size_text, runs, profiles, code, relay_rate, json_path, workdir)
+        wan_extra: dict[str, object] = {"sources": sources, "circuit_relays": circuit_relays}
+        _wan(size_text, runs, profiles, code, relay_rate, wan_extra, json_path, workdir)
         return
     from anomos.bench.report import table
     from anomos.bench.runner import BenchOptions, run_bench
@@ -151,6 +156,7 @@ def _wan(
     profiles: tuple[str, ...],
     code: Path | None,
     relay_rate: str | None,
+    extra: dict[str, object],
     json_path: Path,
     workdir: Path | None,
 ) -> None:
@@ -163,7 +169,7 @@ def _wan(
     # Stopped with SIGTERM, still take the namespace and its processes down.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    overrides: dict[str, object] = {}
+    overrides: dict[str, object] = {k: v for k, v in extra.items() if v is not None}
     if size_text is not None:
         overrides["size"] = parse_size(size_text, "--size", minimum=1 << 20, maximum=4 << 30)
     if runs is not None:
