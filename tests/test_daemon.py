@@ -191,7 +191,8 @@ def test_a_torrent_added_over_rpc_finishes_stops_starts_and_is_removed(
         assert circuits["ended-by-relays"] or circuits["open"], circuits
 
         client.stop_torrent(tid)
-        assert status_of(client, tid)["status"] == 0
+        stopped = status_of(client, tid)
+        assert stopped["status"] == 0 and stopped["percentDone"] == 1.0, stopped
         client.start_torrent(tid)
         back = wait_for(
             "seeding again",
@@ -200,6 +201,16 @@ def test_a_torrent_added_over_rpc_finishes_stops_starts_and_is_removed(
             daemon.log,
         )
         assert back["anomos-rechecked"] == 0, "a restart of a torrent hashed its data again"
+        # Verify hashes every piece again, and the torrent goes back to seeding.
+        client.verify_torrent(tid)
+        pieces = client.get_torrent(tid, arguments=["pieceCount"]).fields["pieceCount"]
+        checked = wait_for(
+            "seeding after a verify",
+            lambda: (st := status_of(client, tid))["status"] == 6 and st,
+            30,
+            daemon.log,
+        )
+        assert checked["anomos-rechecked"] == pieces > 1
 
         # The same torrent again is a duplicate, not a second copy.
         assert client.add_torrent(atorrent.read_bytes()).id == tid
@@ -294,6 +305,11 @@ def test_the_rpc_handshake_auth_and_bad_requests(
         # A body over the limit is refused from its Content-Length, unread.
         code, _, reply = raw_post(url, b"x", {**ok, "Content-Length": str(10**9)})
         assert code == 413
+        # format "table": the field names, then one row per torrent (none here).
+        table = json.dumps(
+            {"method": "torrent-get", "arguments": {"fields": ["id", "name"], "format": "table"}}
+        ).encode()
+        assert raw_post(url, table, ok)[2]["arguments"]["torrents"] == [["id", "name"]]
         # Port test: answered honestly.
         port = json.loads(json.dumps({"method": "port-test"}))
         code, _, reply = raw_post(url, json.dumps(port).encode(), ok)

@@ -94,6 +94,21 @@ class Torrent:
     changed_at: float = attrs.field(factory=time.monotonic, repr=False)
     #: Pieces hashed when it last started (0 when the resume data covered everything).
     rechecked: int = 0
+    #: One 0/1 flag per piece, verified when it last ran (None: nothing known yet).
+    stopped_have: bytes | None = attrs.field(default=None, repr=False)
+
+    def has_piece(self, index: int) -> bool:
+        if self.session is not None:
+            return self.session.has_piece(index)
+        return bool(self.stopped_have[index]) if self.stopped_have is not None else False
+
+    @property
+    def left(self) -> int:
+        """Bytes still to download (as of its last run when it is stopped)."""
+        if self.session is not None:
+            return self.session.left
+        m = self.metainfo
+        return sum(m.piece_size(i) for i in range(len(m.pieces)) if not self.has_piece(i))
 
     @property
     def infohash(self) -> str:
@@ -226,6 +241,8 @@ class Daemon:
                 continue
             self.torrents[torrent.id] = torrent
             self._next_id = max(self._next_id, torrent.id + 1)
+            saved = resume.load(self.state_dir / "resume", metainfo)
+            torrent.stopped_have = bytes(saved.have) if saved is not None else None
             if not torrent.paused:
                 self._begin(torrent)
         log.info("restored %d torrent(s) from %s", len(self.torrents), self.state_file)
@@ -321,6 +338,7 @@ class Daemon:
                     self.peer.settings.state_dir / "resume", torrent.metainfo
                 ).unlink()
         torrent.error, torrent.error_string = ErrorKind.OK, ""
+        torrent.stopped_have = None
         self._begin(torrent)
         if torrent.paused:
             # Transmission checks a paused torrent and leaves it paused.
@@ -403,6 +421,8 @@ class Daemon:
             task.kill()
         session, torrent.session = torrent.session, None
         if session is not None:
+            n = len(session.metainfo.pieces)  # (a session is set once its check is done)
+            torrent.stopped_have = bytes(session.has_piece(i) for i in range(n))
             torrent.uploaded_before += session.uploaded
             torrent.downloaded_before += session.downloaded
             if self.peer is not None:

@@ -58,25 +58,13 @@ def _rate(torrent: Torrent, down: bool) -> int:
     )
 
 
-def _left(torrent: Torrent) -> int:
-    return torrent.session.left if torrent.session is not None else _saved_left(torrent)
-
-
-def _saved_left(torrent: Torrent) -> int:
-    """Bytes missing when the torrent is not running: what its last finish says."""
-    return 0 if torrent.done_date else torrent.metainfo.total_length
-
-
 def _file_done(torrent: Torrent) -> list[int]:
-    """Verified bytes of each file (from the pieces the session holds)."""
+    """Verified bytes of each file (from the pieces verified now, or at its last run)."""
     m = torrent.metainfo
     done = [0] * len(m.files)
-    session = torrent.session
-    if session is None:
-        return [f.length for f in m.files] if torrent.done_date else done
     starts = [f.offset for f in m.files]
     for index in range(len(m.pieces)):
-        if not session.has_piece(index):
+        if not torrent.has_piece(index):
             continue
         lo = index * m.piece_length
         hi = lo + m.piece_size(index)
@@ -92,7 +80,7 @@ def _eta(torrent: Torrent) -> int:
     if torrent.status != Status.DOWNLOADING:
         return -1  # not available
     rate = _rate(torrent, down=True)
-    return int(_left(torrent) / rate) if rate > 0 else -2  # -2: unknown
+    return int(torrent.left / rate) if rate > 0 else -2  # -2: unknown
 
 
 def _circuits(torrent: Torrent) -> dict[str, Any]:
@@ -112,7 +100,7 @@ def _circuits(torrent: Torrent) -> dict[str, Any]:
 
 def _percent(torrent: Torrent) -> float:
     total = torrent.metainfo.total_length
-    return 1.0 - _left(torrent) / total if total else 1.0
+    return 1.0 - torrent.left / total if total else 1.0
 
 
 FIELDS: dict[str, Callable[[Torrent], Any]] = {
@@ -123,8 +111,8 @@ FIELDS: dict[str, Callable[[Torrent], Any]] = {
     "percentDone": _percent,
     "sizeWhenDone": lambda t: t.metainfo.total_length,
     "totalSize": lambda t: t.metainfo.total_length,
-    "leftUntilDone": _left,
-    "haveValid": lambda t: t.metainfo.total_length - _left(t),
+    "leftUntilDone": lambda t: t.left,
+    "haveValid": lambda t: t.metainfo.total_length - t.left,
     "rateDownload": lambda t: _rate(t, down=True),
     "rateUpload": lambda t: _rate(t, down=False),
     "eta": _eta,
