@@ -214,9 +214,15 @@ def test_a_torrent_added_over_rpc_finishes_stops_starts_and_is_removed(
 
         # The same torrent again is a duplicate, not a second copy.
         assert client.add_torrent(atorrent.read_bytes()).id == tid
+        # ids: by hash string, and "recently-active".
+        assert client.get_torrent(added.hash_string).id == tid
+        recent = client._request("torrent-get", {"ids": "recently-active", "fields": ["id"]})
+        assert recent["torrents"] == [{"id": tid}]
 
         client.remove_torrent(tid, delete_data=True)
         assert client.get_torrents() == []
+        recent = client._request("torrent-get", {"ids": "recently-active", "fields": ["id"]})
+        assert recent["removed"] == [tid]
         assert not downloaded.exists()
         assert (tmp_path / "home" / "downloads").is_dir()  # only the torrent's files go
     finally:
@@ -287,6 +293,9 @@ def test_the_rpc_handshake_auth_and_bad_requests(
             json.dumps(
                 {"method": "torrent-add", "arguments": {"filename": "/nonexistent/x"}}
             ).encode(): "cannot read",
+            json.dumps(
+                {"method": "torrent-add", "arguments": {"filename": "/dev/zero"}}
+            ).encode(): "not a regular file",
             json.dumps(
                 {"method": "torrent-add", "arguments": {"filename": "magnet:?xt=1"}}
             ).encode(): "magnet",
@@ -378,8 +387,19 @@ def test_transmission_remote_lists_and_adds(
     network: tuple[LocalNetwork, Path, Path], tmp_path: Path
 ) -> None:
     net, atorrent, data = network
-    daemon = new_daemon(net, tmp_path / "home")
+    # Configured to join the tracker before it has any torrent.
+    daemon = new_daemon(
+        net, tmp_path / "home", tracker=net.tracker_url, fingerprint=net.fingerprint
+    )
     url = daemon.start()
+    session = client_for(url).get_session()
+    assert session.fields["anomos-tracker"] == net.tracker_url
+    wait_for(
+        "announced",
+        lambda: "peer " in daemon.log() and "listening on" in daemon.log(),
+        30,
+        daemon.log,
+    )
     where = urllib.parse.urlsplit(url)
     target = f"{where.hostname}:{where.port}"
 

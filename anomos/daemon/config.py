@@ -119,7 +119,8 @@ def load_config(path: Path, *, required: bool = False) -> DaemonConfig:
             )
         attr, kind = _KEYS[key]
         if type(value) is not kind:
-            raise ConfigError(f"config file {path}: {key} must be a {kind.__name__}")
+            what = "an integer" if kind is int else "a string"
+            raise ConfigError(f"config file {path}: {key} must be {what}")
         values[attr] = value
     if "download_dir" in values:
         values["download_dir"] = Path(values["download_dir"]).expanduser()

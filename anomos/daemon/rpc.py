@@ -34,6 +34,8 @@ RPC_PATH = "/transmission/rpc"
 SESSION_HEADER = "X-Transmission-Session-Id"
 #: Bytes a request body may have (a base64 .atorrent of MAX_METAINFO_SIZE fits).
 MAX_REQUEST_SIZE = 24 * 1024 * 1024
+#: Requests served at once (more wait for a free slot: a slow client cannot take them all).
+MAX_CONNECTIONS = 64
 #: Transmission 4.0's RPC version: the clients we serve check it.
 RPC_VERSION = 17
 RPC_VERSION_MINIMUM = 14
@@ -213,8 +215,11 @@ def _torrent_add(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             raise RpcError("magnet links are not supported yet by anomos")
         if "://" in filename:
             raise RpcError("anomos adds torrents from a file name or metainfo, never a URL")
+        path = Path(filename).expanduser()
+        if not path.is_file():  # a FIFO or a device would block the whole daemon
+            raise RpcError(f"cannot read {filename}: not a regular file")
         try:
-            with open(Path(filename).expanduser(), "rb") as f:
+            with open(path, "rb") as f:
                 data = f.read(MAX_REQUEST_SIZE)
         except OSError as exc:
             raise RpcError(f"cannot read {filename}: {exc.strerror or exc}") from None

@@ -43,7 +43,7 @@ def daemon_command(plugins: Plugins, config_path: Path | None, state_dir: Path |
 
     from anomos.daemon.config import default_config_file, default_state_dir, load_config
     from anomos.daemon.core import Daemon
-    from anomos.daemon.rpc import RPC_PATH, RpcApp
+    from anomos.daemon.rpc import MAX_CONNECTIONS, RPC_PATH, RpcApp
     from anomos.fsutil import atomic_write
     from anomos.plugins.commands.peer_cmds import hold_state_dir
 
@@ -52,7 +52,9 @@ def daemon_command(plugins: Plugins, config_path: Path | None, state_dir: Path |
     hold_state_dir(state_dir)
     daemon = Daemon(plugins, config, state_dir)
     app = RpcApp(daemon, config)
-    server = WSGIServer((config.rpc_bind_address, config.rpc_port), app, log=None)
+    server = WSGIServer(
+        (config.rpc_bind_address, config.rpc_port), app, log=None, spawn=MAX_CONNECTIONS
+    )
     try:
         server.start()
     except OSError as exc:
@@ -74,6 +76,7 @@ def daemon_command(plugins: Plugins, config_path: Path | None, state_dir: Path |
     finally:
         server.stop(timeout=2)
         daemon.stop()
+        (state_dir / "rpc.json").unlink(missing_ok=True)  # `anomos list` finds no stale URL
 
 
 # ---------------------------------------------------------------------------- remote commands
