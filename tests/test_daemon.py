@@ -353,6 +353,14 @@ def test_a_killed_daemon_restarts_every_torrent_in_its_state_without_rehashing(
     pid = client.add_torrent(paused_meta.to_bytes(), paused=True).id
     wait_for("seeding", lambda: status_of(client, tid)["status"] == 6, 60, daemon.log)
     assert status_of(client, pid)["status"] == 0
+    # A torrent of another tracker network is refused (one network per daemon, for now).
+    third = tmp_path / "third.bin"
+    third.write_bytes(os.urandom(1000))
+    elsewhere = make_metainfo(
+        third, trackers=["https://127.0.0.1:9/announce"], fingerprint="ab" * 32, progress=False
+    )
+    with pytest.raises(transmission_rpc.TransmissionError, match="daemon of their own"):
+        client.add_torrent(elsewhere.to_bytes())
     # A second daemon on the same state says so in one line and exits.
     second = subprocess.run(
         [sys.executable, "-m", "anomos", "daemon"],

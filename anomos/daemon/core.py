@@ -235,15 +235,20 @@ class Daemon:
                     error=ErrorKind(int(entry.get("error", 0))),
                     error_string=str(entry.get("error_string", "")),
                 )
-                self._ensure_peer(*self._tracker_of(metainfo))
             except (AnomosError, KeyError, ValueError, TypeError) as exc:
                 log.error("torrent %r from %s not restored: %s", entry, self.state_file, exc)
                 continue
+            runnable = True
+            try:
+                self._ensure_peer(*self._tracker_of(metainfo))
+            except DaemonError as exc:  # kept in the list (and the file), not started
+                torrent.error, torrent.error_string = ErrorKind.LOCAL_ERROR, str(exc)
+                runnable = False
             self.torrents[torrent.id] = torrent
             self._next_id = max(self._next_id, torrent.id + 1)
             saved = resume.load(self.state_dir / "resume", metainfo)
             torrent.stopped_have = bytes(saved.have) if saved is not None else None
-            if not torrent.paused:
+            if runnable and not torrent.paused:
                 self._begin(torrent)
         log.info("restored %d torrent(s) from %s", len(self.torrents), self.state_file)
 
@@ -318,9 +323,9 @@ class Daemon:
         return torrent, True
 
     def start_torrent(self, torrent: Torrent) -> None:
+        self._ensure_peer(*self._tracker_of(torrent.metainfo))  # another network: refused
         torrent.paused = False
         if torrent.task is None:
-            torrent.error, torrent.error_string = ErrorKind.OK, ""
             self._begin(torrent)
         self.save_state()
 
@@ -337,7 +342,6 @@ class Daemon:
                 resume.resume_path(
                     self.peer.settings.state_dir / "resume", torrent.metainfo
                 ).unlink()
-        torrent.error, torrent.error_string = ErrorKind.OK, ""
         torrent.stopped_have = None
         self._begin(torrent)
         if torrent.paused:
@@ -367,6 +371,7 @@ class Daemon:
 
     # ------------------------------------------------------------------ running a torrent
     def _begin(self, torrent: Torrent) -> None:
+        torrent.error, torrent.error_string = ErrorKind.OK, ""  # a fresh attempt
         torrent.set_status(Status.CHECK_WAIT)
         torrent.task = gevent.spawn(self._run, torrent)
         torrent.task.link_exception(
