@@ -280,6 +280,8 @@ def test_the_rpc_handshake_auth_and_bad_requests(
 
         bad = {
             b"{not json": "invalid JSON",
+            b"[" * 200_000: "invalid JSON",  # nested too deep for the parser
+            b"\xff\xfe\x00": "invalid JSON",
             b"[1, 2]": "not a JSON object",
             json.dumps({"method": "torrent-explode"}).encode(): "method name not recognized",
             json.dumps({"method": "torrent-get", "arguments": []}).encode(): "not an object",

@@ -446,7 +446,7 @@ class RpcApp:
     def dispatch(self, raw: bytes) -> dict[str, Any]:
         try:
             request = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # (RecursionError: "[[[[..." nested too deep)
             return {"result": "invalid JSON request", "arguments": {}}
         if not isinstance(request, dict):
             return {"result": "invalid request: not a JSON object", "arguments": {}}
