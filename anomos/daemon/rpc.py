@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from gevent.pywsgi import WSGIHandler, WSGIServer
+
 from anomos import __version__
 from anomos.daemon.config import DaemonConfig
 from anomos.daemon.core import RECENT_SECONDS, Daemon, DaemonError, Status, Torrent, free_space
@@ -36,6 +38,9 @@ SESSION_HEADER = "X-Transmission-Session-Id"
 MAX_REQUEST_SIZE = 24 * 1024 * 1024
 #: Requests served at once (more wait for a free slot: a slow client cannot take them all).
 MAX_CONNECTIONS = 64
+#: Seconds a client may keep a connection without sending (reading a request, or kept
+#: alive between requests): a silent client cannot hold a slot for long.
+IDLE_TIMEOUT = 30.0
 #: Transmission 4.0's RPC version: the clients we serve check it.
 RPC_VERSION = 17
 RPC_VERSION_MINIMUM = 14
@@ -476,3 +481,25 @@ class RpcApp:
 
 def _error(message: str) -> bytes:
     return json.dumps({"result": message, "arguments": {}}).encode()
+
+
+class _Handler(WSGIHandler):  # type: ignore[misc]
+    def _handle_client_error(self, ex: Exception) -> Any:
+        if isinstance(ex, OSError):  # the idle timeout, a reset: no one to answer
+            log.debug("RPC connection from %s dropped: %s", self.client_address, ex)
+            return None
+        return super()._handle_client_error(ex)
+
+
+class RpcServer(WSGIServer):  # type: ignore[misc]
+    """gevent's WSGI server, with MAX_CONNECTIONS slots and an idle timeout per connection;
+    its own complaints go to the log, one line each."""
+
+    handler_class = _Handler
+
+    def __init__(self, address: tuple[str, int], app: RpcApp) -> None:
+        super().__init__(address, app, log=None, error_log=log, spawn=MAX_CONNECTIONS)
+
+    def handle(self, sock: Any, address: Any) -> None:
+        sock.settimeout(IDLE_TIMEOUT)
+        super().handle(sock, address)

@@ -39,11 +39,9 @@ def daemon_command(plugins: Plugins, config_path: Path | None, state_dir: Path |
 
     Stops cleanly on Ctrl-C or SIGTERM, saving every torrent's resume data.
     """
-    from gevent.pywsgi import WSGIServer
-
     from anomos.daemon.config import default_config_file, default_state_dir, load_config
     from anomos.daemon.core import Daemon
-    from anomos.daemon.rpc import MAX_CONNECTIONS, RPC_PATH, RpcApp
+    from anomos.daemon.rpc import RPC_PATH, RpcApp, RpcServer
     from anomos.fsutil import atomic_write
     from anomos.plugins.commands.peer_cmds import hold_state_dir
 
@@ -52,9 +50,7 @@ def daemon_command(plugins: Plugins, config_path: Path | None, state_dir: Path |
     hold_state_dir(state_dir)
     daemon = Daemon(plugins, config, state_dir)
     app = RpcApp(daemon, config)
-    server = WSGIServer(
-        (config.rpc_bind_address, config.rpc_port), app, log=None, spawn=MAX_CONNECTIONS
-    )
+    server = RpcServer((config.rpc_bind_address, config.rpc_port), app)
     try:
         server.start()
     except OSError as exc:
