@@ -23,7 +23,12 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 BIN = VENV / "bin"
 #: Debian package -> the program that shows it is installed.
-APT_PACKAGES = {"tor": "tor", "iproute2": "ip", "iptables": "iptables"}
+APT_PACKAGES = {
+    "tor": "tor",
+    "iproute2": "ip",
+    "iptables": "iptables",
+    "transmission-cli": "transmission-remote",
+}
 
 
 def sh(*cmd: str | Path, **kw: object) -> None:

@@ -56,6 +56,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "anomos.plugins.commands.bench_cmd",
     "anomos.plugins.commands.paths_cmd",
     "anomos.plugins.commands.lab_cmd",
+    "anomos.plugins.commands.daemon_cmd",
 )
 
 ENTRY_POINT_GROUP = PROJECT

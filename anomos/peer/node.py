@@ -409,10 +409,21 @@ class Peer:
         session = TorrentSession(
             metainfo, data_root, plugins=self.plugins, resume_dir=resume, label=metainfo.name
         )
-        session.start()
+        try:
+            session.start()
+        except BaseException:
+            session.close()  # a failed or interrupted check leaves no file open
+            raise
         self.sessions[metainfo.infohash] = session
         self.announce_soon()
         return session
+
+    def remove_torrent(self, infohash: bytes) -> None:
+        """Stop serving ``infohash``: its session closes (resume data saved), the tracker hears."""
+        session = self.sessions.pop(infohash, None)
+        if session is not None:
+            session.close()
+            self._announce_now.set()
 
     def _on_request(self, request: Any) -> Callable[[Any], None] | None:
         """A circuit asks this peer, as its terminal, for ``request.infohash``."""

@@ -1,0 +1,1 @@
+"""anomos daemon: one peer, many torrents, driven over the Transmission RPC."""

@@ -1,0 +1,130 @@
+"""Where the daemon keeps its state, reads its config and puts downloads; its TOML config.
+
+Directories follow the XDG base directories (via platformdirs): state under
+``$XDG_STATE_HOME/anomos/daemon``, the config file at
+``$XDG_CONFIG_HOME/anomos/daemon.toml``, downloads in the user's download folder.
+Config keys are named as in Transmission's settings.json where Transmission
+has them, so that session-get/-set and the file speak the same names.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import attrs
+import platformdirs
+
+from anomos.config import split_address
+from anomos.errors import ConfigError
+
+#: Transmission's RPC port.
+DEFAULT_RPC_PORT = 9091
+#: Bytes a config file may have (it is a handful of keys).
+MAX_CONFIG_SIZE = 64 * 1024
+
+
+def default_state_dir() -> Path:
+    return platformdirs.user_state_path("anomos") / "daemon"
+
+
+def default_config_file() -> Path:
+    return platformdirs.user_config_path("anomos") / "daemon.toml"
+
+
+def default_download_dir() -> Path:
+    return platformdirs.user_downloads_path()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@attrs.frozen
+class DaemonConfig:
+    """The daemon's settings (the keys of ``daemon.toml``, documented in docs/rpc.md)."""
+
+    rpc_bind_address: str = "127.0.0.1"
+    rpc_port: int = DEFAULT_RPC_PORT
+    rpc_username: str = ""
+    rpc_password: str = attrs.field(default="", repr=False)
+    download_dir: Path = attrs.field(factory=default_download_dir, converter=Path)
+    #: HOST:PORT the peer listens on (and dials from).
+    listen: str = "127.0.0.1:0"
+    #: The tracker to join before any torrent names one ("" : wait for the first torrent).
+    tracker: str = ""
+    fingerprint: str = ""
+
+    @property
+    def auth_required(self) -> bool:
+        return bool(self.rpc_username or self.rpc_password)
+
+    def check(self) -> DaemonConfig:
+        """One line naming the first bad setting, or ``self``."""
+        if not 0 <= self.rpc_port <= 65535:
+            raise ConfigError(f"rpc-port {self.rpc_port} is outside 0-65535")
+        if not is_loopback(self.rpc_bind_address) and not (self.rpc_username and self.rpc_password):
+            raise ConfigError(
+                f"rpc-bind-address {self.rpc_bind_address} is not loopback: set rpc-username "
+                "and rpc-password (anyone who reaches the RPC controls the daemon)"
+            )
+        split_address(self.listen)
+        if bool(self.tracker) != bool(self.fingerprint):
+            raise ConfigError("tracker and fingerprint go together: set both or neither")
+        return self
+
+
+#: TOML key -> (attribute, type).
+_KEYS: dict[str, tuple[str, type]] = {
+    "rpc-bind-address": ("rpc_bind_address", str),
+    "rpc-port": ("rpc_port", int),
+    "rpc-username": ("rpc_username", str),
+    "rpc-password": ("rpc_password", str),
+    "download-dir": ("download_dir", str),
+    "listen": ("listen", str),
+    "tracker": ("tracker", str),
+    "fingerprint": ("fingerprint", str),
+}
+
+
+def load_config(path: Path, *, required: bool = False) -> DaemonConfig:
+    """Read ``path`` (absent: the defaults, unless ``required``); a bad key is one line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_SIZE + 1)
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return DaemonConfig().check()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_SIZE:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_SIZE} bytes")
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, value in doc.items():
+        if key not in _KEYS:
+            raise ConfigError(
+                f"config file {path}: unknown key {key!r} (known: {', '.join(_KEYS)})"
+            )
+        attr, kind = _KEYS[key]
+        if type(value) is not kind:
+            what = "an integer" if kind is int else "a string"
+            raise ConfigError(f"config file {path}: {key} must be {what}")
+        values[attr] = value
+    if "download_dir" in values:
+        values["download_dir"] = Path(values["download_dir"]).expanduser()
+    try:
+        return DaemonConfig(**values).check()
+    except ConfigError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None

@@ -1,0 +1,505 @@
+"""The Transmission RPC (its published rpc-spec) over plain WSGI, served by gevent.
+
+``POST /transmission/rpc`` with a JSON body ``{"method", "arguments", "tag"}``;
+the answer is ``{"result": "success" | <error string>, "arguments", "tag"}``.
+A request without the current ``X-Transmission-Session-Id`` header gets 409 and
+the id (the CSRF handshake); with a username and password set, a request
+without them gets 401. Every failure is a ``result`` string: a bad request never
+gets a traceback and never stops the daemon. anomos' own figures use names that
+start with ``anomos-``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import bisect
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from gevent.pywsgi import WSGIHandler, WSGIServer
+
+from anomos import __version__
+from anomos.daemon.config import DaemonConfig
+from anomos.daemon.core import RECENT_SECONDS, Daemon, DaemonError, Status, Torrent, free_space
+from anomos.errors import AnomosError
+
+log = logging.getLogger(__name__)
+
+RPC_PATH = "/transmission/rpc"
+SESSION_HEADER = "X-Transmission-Session-Id"
+#: Bytes a request body may have (a base64 .atorrent of MAX_METAINFO_SIZE fits).
+MAX_REQUEST_SIZE = 24 * 1024 * 1024
+#: Requests served at once (more wait for a free slot: a slow client cannot take them all).
+MAX_CONNECTIONS = 64
+#: Seconds a client may keep a connection without sending (reading a request, or kept
+#: alive between requests): a silent client cannot hold a slot for long.
+IDLE_TIMEOUT = 30.0
+#: Transmission 4.0's RPC version: the clients we serve check it.
+RPC_VERSION = 17
+RPC_VERSION_MINIMUM = 14
+
+Handler = Callable[[Daemon, dict[str, Any]], dict[str, Any]]
+
+
+class RpcError(Exception):
+    """A request we refuse: the message becomes the ``result`` string."""
+
+
+# ---------------------------------------------------------------------------- torrent fields
+
+
+def _rate(torrent: Torrent, down: bool) -> int:
+    session = torrent.session
+    if session is None:
+        return 0
+    now = time.monotonic()
+    return int(
+        sum(c.download_rate(now) if down else c.upload_rate(now) for c in session.connections)
+    )
+
+
+def _file_done(torrent: Torrent) -> list[int]:
+    """Verified bytes of each file (from the pieces verified now, or at its last run)."""
+    m = torrent.metainfo
+    done = [0] * len(m.files)
+    starts = [f.offset for f in m.files]
+    for index in range(len(m.pieces)):
+        if not torrent.has_piece(index):
+            continue
+        lo = index * m.piece_length
+        hi = lo + m.piece_size(index)
+        fi = max(0, bisect.bisect_right(starts, lo) - 1)
+        while fi < len(m.files) and m.files[fi].offset < hi:
+            f = m.files[fi]
+            done[fi] += max(0, min(hi, f.offset + f.length) - max(lo, f.offset))
+            fi += 1
+    return done
+
+
+def _eta(torrent: Torrent) -> int:
+    if torrent.status != Status.DOWNLOADING:
+        return -1  # not available
+    rate = _rate(torrent, down=True)
+    return int(torrent.left / rate) if rate > 0 else -2  # -2: unknown
+
+
+def _circuits(torrent: Torrent) -> dict[str, Any]:
+    """Circuits by relay count (never an address): the ones built so far and open now."""
+    download = torrent.download
+    relays: dict[str, int] = {}
+    if download is not None:
+        for record in download.records:
+            relays[str(record.relays)] = relays.get(str(record.relays), 0) + 1
+    session = torrent.session
+    return {
+        "open": len(session.connections) if session is not None else 0,
+        "ended-by-relays": relays,
+        "failed": download.failures if download is not None else 0,
+    }
+
+
+def _percent(torrent: Torrent) -> float:
+    total = torrent.metainfo.total_length
+    return 1.0 - torrent.left / total if total else 1.0
+
+
+FIELDS: dict[str, Callable[[Torrent], Any]] = {
+    "id": lambda t: t.id,
+    "hashString": lambda t: t.infohash,
+    "name": lambda t: t.metainfo.name,
+    "status": lambda t: int(t.status),
+    "percentDone": _percent,
+    "sizeWhenDone": lambda t: t.metainfo.total_length,
+    "totalSize": lambda t: t.metainfo.total_length,
+    "leftUntilDone": lambda t: t.left,
+    "haveValid": lambda t: t.metainfo.total_length - t.left,
+    "rateDownload": lambda t: _rate(t, down=True),
+    "rateUpload": lambda t: _rate(t, down=False),
+    "eta": _eta,
+    "uploadRatio": lambda t: (
+        round(t.uploaded_ever / t.downloaded_ever, 4) if t.downloaded_ever else -1
+    ),
+    "uploadedEver": lambda t: t.uploaded_ever,
+    "downloadedEver": lambda t: t.downloaded_ever,
+    "error": lambda t: int(t.error),
+    "errorString": lambda t: t.error_string,
+    "files": lambda t: [
+        {"name": "/".join(f.path), "length": f.length, "bytesCompleted": done}
+        for f, done in zip(t.metainfo.files, _file_done(t), strict=True)
+    ],
+    "fileStats": lambda t: [
+        {"bytesCompleted": done, "wanted": True, "priority": 0} for done in _file_done(t)
+    ],
+    "downloadDir": lambda t: str(t.download_dir),
+    "addedDate": lambda t: t.added_date,
+    "doneDate": lambda t: t.done_date,
+    "queuePosition": lambda t: t.id - 1,
+    "peersConnected": lambda t: len(t.session.connections) if t.session is not None else 0,
+    "peersGettingFromUs": lambda t: (
+        sum(1 for c in t.session.connections if c.peer_interested) if t.session else 0
+    ),
+    "peersSendingToUs": lambda t: (
+        sum(1 for c in t.session.connections if c.am_interested) if t.session else 0
+    ),
+    "isFinished": lambda t: False,  # no seed limits yet: a torrent never "finishes" seeding
+    "isPrivate": lambda t: True,  # no DHT, no PEX: always
+    "pieceCount": lambda t: len(t.metainfo.pieces),
+    "pieceSize": lambda t: t.metainfo.piece_length,
+    "metadataPercentComplete": lambda t: 1.0,
+    "anomos-circuits": _circuits,
+    "anomos-rechecked": lambda t: t.rechecked,
+}
+
+
+# ---------------------------------------------------------------------------- methods
+
+
+def _select(daemon: Daemon, ids: Any) -> list[Torrent]:
+    """Transmission's ``ids``: absent (all), a number, a hash, a list of both, or
+    "recently-active"."""
+    torrents = sorted(daemon.torrents.values(), key=lambda t: t.id)
+    if ids is None:
+        return torrents
+    if ids == "recently-active":
+        now = time.monotonic()
+        return [
+            t
+            for t in torrents
+            if now - t.changed_at < RECENT_SECONDS
+            or t.status in (Status.CHECKING, Status.DOWNLOADING)
+            or (t.session is not None and t.session.connections)
+        ]
+    wanted = ids if isinstance(ids, list) else [ids]
+    if len(wanted) > 100_000:
+        raise RpcError("too many ids")
+    chosen: list[Torrent] = []
+    for item in wanted:
+        if isinstance(item, bool) or not isinstance(item, int | str):
+            raise RpcError(f"invalid id {item!r}: a number or a hash string")
+        for t in torrents:
+            matches = t.id == item if isinstance(item, int) else t.infohash == item.lower()
+            if matches and t not in chosen:
+                chosen.append(t)
+    return chosen
+
+
+def _torrent_get(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    fields = args.get("fields")
+    if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+        raise RpcError("torrent-get needs 'fields', a list of names")
+    known = [f for f in dict.fromkeys(fields) if f in FIELDS]  # unknown ones are left out
+    torrents = _select(daemon, args.get("ids"))
+    rows = [{f: FIELDS[f](t) for f in known} for t in torrents]
+    result: dict[str, Any]
+    if args.get("format") == "table":
+        result = {"torrents": [known, *([row[f] for f in known] for row in rows)]}
+    else:
+        result = {"torrents": rows}
+    if args.get("ids") == "recently-active":
+        now = time.monotonic()
+        result["removed"] = [i for i, at in daemon.removed.items() if now - at < RECENT_SECONDS]
+    return result
+
+
+def _torrent_add(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    metainfo, filename = args.get("metainfo"), args.get("filename")
+    if isinstance(metainfo, str):
+        try:
+            data = base64.b64decode(metainfo, validate=False)
+        except (binascii.Error, ValueError):
+            raise RpcError("invalid or corrupt torrent file: bad base64") from None
+    elif isinstance(filename, str):
+        if filename.startswith("magnet:"):
+            raise RpcError("magnet links are not supported yet by anomos")
+        if "://" in filename:
+            raise RpcError("anomos adds torrents from a file name or metainfo, never a URL")
+        path = Path(filename).expanduser()
+        if not path.is_file():  # a FIFO or a device would block the whole daemon
+            raise RpcError(f"cannot read {filename}: not a regular file")
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_REQUEST_SIZE)
+        except OSError as exc:
+            raise RpcError(f"cannot read {filename}: {exc.strerror or exc}") from None
+    else:
+        raise RpcError("torrent-add needs 'metainfo' (base64) or 'filename'")
+    download_dir = args.get("download-dir")
+    if download_dir is not None and not isinstance(download_dir, str):
+        raise RpcError("download-dir must be a string")
+    paused = args.get("paused", False)
+    torrent, new = daemon.add(data, paused=bool(paused), download_dir=download_dir)
+    brief = {"id": torrent.id, "name": torrent.metainfo.name, "hashString": torrent.infohash}
+    return {"torrent-added" if new else "torrent-duplicate": brief}
+
+
+def _each(action: Callable[[Daemon, Torrent], None]) -> Handler:
+    def handler(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+        for torrent in _select(daemon, args.get("ids")):
+            action(daemon, torrent)
+        return {}
+
+    return handler
+
+
+def _torrent_remove(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    delete = bool(args.get("delete-local-data", False))
+    for torrent in _select(daemon, args.get("ids")):
+        daemon.remove(torrent, delete_data=delete)
+    return {}
+
+
+def _session_values(daemon: Daemon) -> dict[str, Any]:
+    config = daemon.config
+    peer = daemon.peer
+    return {
+        "version": f"{__version__} (anomos)",
+        "rpc-version": RPC_VERSION,
+        "rpc-version-minimum": RPC_VERSION_MINIMUM,
+        "rpc-version-semver": "5.3.0",
+        "session-id": "",  # filled in by the app
+        "download-dir": str(config.download_dir),
+        "rpc-bind-address": config.rpc_bind_address,
+        "rpc-port": config.rpc_port,
+        "rpc-authentication-required": config.auth_required,
+        "dht-enabled": False,
+        "pex-enabled": False,
+        "lpd-enabled": False,
+        "utp-enabled": False,
+        "encryption": "required",
+        "peer-port": 0,
+        "port-forwarding-enabled": False,
+        "speed-limit-down-enabled": False,
+        "speed-limit-up-enabled": False,
+        "alt-speed-enabled": False,
+        "download-queue-enabled": False,
+        "seed-queue-enabled": False,
+        "seedRatioLimited": False,
+        "start-added-torrents": True,
+        "config-dir": str(daemon.state_dir),
+        "anomos-tracker": peer.tracker_url if peer is not None else None,
+        "anomos-address": peer.address if peer is not None else None,
+    }
+
+
+def _session_get(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    values = _session_values(daemon)
+    fields = args.get("fields")
+    if isinstance(fields, list):
+        values = {k: v for k, v in values.items() if k in fields}
+    return values
+
+
+#: session-set keys that can change while running.
+_SETTABLE = {"download-dir"}
+
+
+def _session_set(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    unsupported = sorted(k for k in args if k not in _SETTABLE)
+    if unsupported:
+        raise RpcError(f"not supported by anomos yet: {', '.join(unsupported)}")
+    if "download-dir" in args:
+        value = args["download-dir"]
+        if not isinstance(value, str) or not Path(value).expanduser().is_absolute():
+            raise RpcError("download-dir must be an absolute path")
+        import attrs
+
+        daemon.config = attrs.evolve(daemon.config, download_dir=Path(value).expanduser())
+    return {}
+
+
+def _session_stats(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    torrents = list(daemon.torrents.values())
+    up = sum(t.uploaded_ever for t in torrents)
+    down = sum(t.downloaded_ever for t in torrents)
+    stats = {
+        "uploadedBytes": up,
+        "downloadedBytes": down,
+        "filesAdded": len(torrents),
+        "sessionCount": 1,
+        "secondsActive": int(time.time() - daemon.started_at),
+    }
+    peer = daemon.peer
+    account = peer.account if peer is not None else None
+    return {
+        "activeTorrentCount": sum(1 for t in torrents if t.status != Status.STOPPED),
+        "pausedTorrentCount": sum(1 for t in torrents if t.status == Status.STOPPED),
+        "torrentCount": len(torrents),
+        "downloadSpeed": sum(_rate(t, down=True) for t in torrents),
+        "uploadSpeed": sum(_rate(t, down=False) for t in torrents),
+        "current-stats": stats,
+        "cumulative-stats": stats,
+        "anomos-relayed": peer.relayed if peer is not None else 0,
+        "anomos-ratio": peer.ratio if peer is not None else None,
+        "anomos-account": (
+            {
+                "uploaded": account.uploaded,
+                "downloaded": account.downloaded,
+                "relayed": account.relayed,
+                "relayed-claimed": account.relayed_claimed,
+            }
+            if account is not None
+            else None
+        ),
+        "anomos-neighbours": len(peer.links.neighbours()) if peer is not None else 0,
+    }
+
+
+def _free_space(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    path = args.get("path")
+    if not isinstance(path, str):
+        raise RpcError("free-space needs 'path'")
+    try:
+        free, total = free_space(path)
+    except OSError as exc:
+        raise RpcError(f"{path}: {exc.strerror or exc}") from None
+    return {"path": path, "size-bytes": free, "total_size": total}
+
+
+def _port_test(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "port-is-open": False,
+        "anomos-port-test": "not tested: anomos asks no outside service to probe its port "
+        "(that would reveal the peer's address); its tracker reports unreachable neighbours",
+    }
+
+
+METHODS: dict[str, Handler] = {
+    "torrent-get": _torrent_get,
+    "torrent-add": _torrent_add,
+    "torrent-start": _each(Daemon.start_torrent),
+    "torrent-start-now": _each(Daemon.start_torrent),
+    "torrent-stop": _each(Daemon.stop_torrent),
+    "torrent-verify": _each(Daemon.verify),
+    "torrent-remove": _torrent_remove,
+    "session-get": _session_get,
+    "session-set": _session_set,
+    "session-stats": _session_stats,
+    "free-space": _free_space,
+    "port-test": _port_test,
+}
+
+
+# ---------------------------------------------------------------------------- WSGI
+
+
+class RpcApp:
+    """The WSGI application: handshake, authentication, bounded JSON, dispatch."""
+
+    def __init__(self, daemon: Daemon, config: DaemonConfig) -> None:
+        self.daemon = daemon
+        self.config = config
+        self.session_id = secrets.token_urlsafe(32)
+
+    def __call__(
+        self, environ: dict[str, Any], start_response: Callable[..., Any]
+    ) -> Iterable[bytes]:
+        status, headers, body = self.handle(environ)
+        headers = [("Content-Type", "application/json; charset=UTF-8"), *headers]
+        headers.append(("Content-Length", str(len(body))))
+        start_response(status, headers)
+        return [body]
+
+    def _authorized(self, environ: dict[str, Any]) -> bool:
+        if not self.config.auth_required:
+            return True
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except (binascii.Error, ValueError):
+            return False
+        ok_user = hmac.compare_digest(user.encode(), self.config.rpc_username.encode())
+        ok_pass = hmac.compare_digest(password.encode(), self.config.rpc_password.encode())
+        return ok_user and ok_pass
+
+    def handle(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], bytes]:
+        session_header = [(SESSION_HEADER, self.session_id)]
+        if environ.get("PATH_INFO", "").rstrip("/") != RPC_PATH:
+            return "404 Not Found", [], _error("not found: the RPC is at " + RPC_PATH)
+        if not self._authorized(environ):
+            headers = [("WWW-Authenticate", 'Basic realm="anomos"')]
+            return "401 Unauthorized", headers, _error("unauthorized user")
+        given = environ.get("HTTP_X_TRANSMISSION_SESSION_ID", "")
+        if not hmac.compare_digest(given.encode(), self.session_id.encode()):
+            return "409 Conflict", session_header, _error("invalid session id")
+        if environ.get("REQUEST_METHOD") != "POST":
+            return "405 Method Not Allowed", [("Allow", "POST")], _error("POST only")
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or -1)
+        except ValueError:
+            length = -1
+        if length < 0:
+            return "411 Length Required", session_header, _error("Content-Length required")
+        if length > MAX_REQUEST_SIZE:
+            return (
+                "413 Payload Too Large",
+                session_header,
+                _error(f"request larger than {MAX_REQUEST_SIZE} bytes"),
+            )
+        raw = environ["wsgi.input"].read(length)
+        return "200 OK", session_header, json.dumps(self.dispatch(raw)).encode()
+
+    def dispatch(self, raw: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(raw)
+        except (ValueError, RecursionError):  # (RecursionError: "[[[[..." nested too deep)
+            return {"result": "invalid JSON request", "arguments": {}}
+        if not isinstance(request, dict):
+            return {"result": "invalid request: not a JSON object", "arguments": {}}
+        reply: dict[str, Any] = {"arguments": {}}
+        if "tag" in request:
+            reply["tag"] = request["tag"]
+        method, args = request.get("method"), request.get("arguments", {})
+        handler = METHODS.get(method) if isinstance(method, str) else None
+        if handler is None:
+            reply["result"] = "method name not recognized"
+            return reply
+        if not isinstance(args, dict):
+            reply["result"] = "invalid request: 'arguments' is not an object"
+            return reply
+        try:
+            reply["arguments"] = handler(self.daemon, args)
+            if method == "session-get" and "session-id" in reply["arguments"]:
+                reply["arguments"]["session-id"] = self.session_id
+            reply["result"] = "success"
+        except (RpcError, DaemonError, AnomosError) as exc:
+            reply["result"] = str(exc)
+        except Exception as exc:  # a bug of ours: one line in the log and the answer
+            log.exception("RPC %s failed", method)
+            reply["result"] = f"internal error: {type(exc).__name__}"
+        return reply
+
+
+def _error(message: str) -> bytes:
+    return json.dumps({"result": message, "arguments": {}}).encode()
+
+
+class _Handler(WSGIHandler):  # type: ignore[misc]
+    def _handle_client_error(self, ex: Exception) -> Any:
+        if isinstance(ex, OSError):  # the idle timeout, a reset: no one to answer
+            log.debug("RPC connection from %s dropped: %s", self.client_address, ex)
+            return None
+        return super()._handle_client_error(ex)
+
+
+class RpcServer(WSGIServer):  # type: ignore[misc]
+    """gevent's WSGI server, with MAX_CONNECTIONS slots and an idle timeout per connection;
+    its own complaints go to the log, one line each."""
+
+    handler_class = _Handler
+
+    def __init__(self, address: tuple[str, int], app: RpcApp) -> None:
+        super().__init__(address, app, log=None, error_log=log, spawn=MAX_CONNECTIONS)
+
+    def handle(self, sock: Any, address: Any) -> None:
+        sock.settimeout(IDLE_TIMEOUT)
+        super().handle(sock, address)
