@@ -49,7 +49,7 @@ import attrs
 BLOCK = 16 * 1024
 #: Bytes in flight before anything is measured (BitTorrent's usual 32 requests).
 INITIAL_WINDOW = 32 * BLOCK
-#: The floor.
+#: The least a window ever is (while probing the RTT of a slow path).
 MIN_WINDOW = 4 * BLOCK
 #: The ceiling a peer itself imposes (2,000 queued requests, as libtorrent).
 MAX_WINDOW = 2000 * BLOCK

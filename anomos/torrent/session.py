@@ -848,8 +848,8 @@ class TorrentSession:
             if outstanding == 0:
                 conn.last_block = now
             flow = conn.flow
-            for b in blocks:
-                flow.on_request(b, now, outstanding * BLOCK_SIZE)
+            for i, b in enumerate(blocks):
+                flow.on_request(b, now, (outstanding + i) * BLOCK_SIZE)
             in_flight = (outstanding + len(blocks)) * BLOCK_SIZE
             flow.on_requested(in_flight)
             expect = getattr(conn.stream, "expect_bytes", None)
