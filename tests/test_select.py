@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
+import click
 import pytest
 
+from anomos.errors import ConfigError
+from anomos.plugins.commands.peer_cmds import _chosen_files, _file_indices
+from anomos.testing import run_anomos
 from anomos.torrent import resume
-from anomos.torrent.metainfo import Metainfo
+from anomos.torrent.metainfo import Metainfo, make_metainfo
 from anomos.torrent.picker import SKIP, PiecePicker, Priority, band
 from anomos.torrent.session import TorrentSession
 from anomos.torrent.wire import BLOCK_SIZE
@@ -194,3 +199,35 @@ def test_nothing_wanted_is_done_at_once_and_creates_no_file(
     assert not (tmp_path / "leech" / "share").exists()
     s.set_wanted([C], True)
     assert not s.complete and s.left == 2 * PIECE + PIECE // 2 + 1000
+
+
+def test_info_lists_file_indices_and_get_refuses_a_bad_choice_in_one_line(
+    tmp_path: Path,
+) -> None:
+    m, _ = selection_torrent(tmp_path)
+    signed = make_metainfo(
+        tmp_path / "seed" / "share",
+        trackers=["https://127.0.0.1:9/"],
+        fingerprint="ab" * 32,
+        piece_length=PIECE,
+        progress=False,
+    )
+    atorrent = tmp_path / "share.atorrent"
+    signed.save(atorrent)
+    text = run_anomos("info", str(atorrent)).stdout
+    for i, name in enumerate(FILES):
+        assert re.search(rf"^ +{i} +{FILES[name]} +share/{name}$", text, re.M), text
+    get = ["get", str(atorrent), "--dest", str(tmp_path / "d"), "--state", str(tmp_path / "s")]
+    proc = run_anomos(*get, "--only", "0,3", timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0] == "anomos: error: no file 3 in 'share': it has 3 (see `anomos info`)"
+    with pytest.raises(ConfigError, match="not both"):
+        _chosen_files(m, frozenset({0}), frozenset({1}))
+    assert _chosen_files(m, None, frozenset({1})) == {0, 2}
+    assert _chosen_files(m, frozenset({1}), None) == {1}
+    assert _chosen_files(m, None, None) == {0, 1, 2}
+    for bad in ("zero", "-1", ","):
+        with pytest.raises(click.BadParameter, match="give file indices like 0,3,4"):
+            _file_indices(None, None, bad)  # type: ignore[arg-type]
+    assert _file_indices(None, None, "2, 0") == {0, 2}  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import attrs
 import click
 import gevent
 import gevent.event
@@ -389,13 +390,15 @@ def get_command(
 def _report_download(peer: Any, session: Any, report: Any, summary: Path | None) -> None:
     """The lines (and the JSON summary) a finished download leaves."""
     metainfo = session.metainfo
+    # The size (and so the rate) of what was asked for, not of the whole torrent.
+    report = attrs.evolve(report, size=session.size_when_done)
     relays = sorted(c.relays for c in report.circuits)
     files = session.file_progress()
     real = [i for i, f in enumerate(metainfo.files) if not f.pad]
     wanted = sum(1 for i in real if files[i].wanted)
     click.echo(
         f"complete: {metainfo.name} {wanted} of {len(real)} files, "
-        f"{session.size_when_done} bytes in {report.seconds:.2f} s "
+        f"{report.size} bytes in {report.seconds:.2f} s "
         f"({report.throughput / 1e6:.2f} MB/s) over {len(report.circuits)} circuits "
         f"(relays per circuit: {relays})"
     )
