@@ -101,7 +101,8 @@ def test_a_session_fetches_only_the_pieces_of_wanted_files_then_the_rest(
     leech.start()
     sessions.append(leech)
     assert leech.size_when_done == 5 * PIECE + PIECE // 2 + 1000  # pieces 0-2 and 10-12
-    assert leech.left == leech.size_when_done
+    assert leech.left_until_done == leech.size_when_done
+    assert leech.left == m.total_length  # as announced: no piece here yet
     connect(seeder, leech, "leech", "seeder")
     assert leech.wait_complete(timeout=30)
     share = tmp_path / "leech" / "share"
@@ -116,7 +117,8 @@ def test_a_session_fetches_only_the_pieces_of_wanted_files_then_the_rest(
     assert on_disk[head:-tail] == bytes(len(on_disk) - head - tail)
     assert on_disk[-tail:] == content["b.bin"][-tail:]
     assert leech.downloaded == leech.size_when_done < m.total_length // 2
-    assert leech.left == 0 and leech.progress == 1.0
+    assert leech.left_until_done == 0 and leech.progress == 1.0
+    assert leech.left == m.total_length - leech.size_when_done
     stats = leech.file_progress()
     assert [(s.bytes_completed, s.wanted, s.priority) for s in stats] == [
         (FILES["a.bin"], True, Priority.NORMAL),
@@ -130,7 +132,7 @@ def test_a_session_fetches_only_the_pieces_of_wanted_files_then_the_rest(
     assert leech.connections == ()
     # wanted later: fetched then
     leech.set_wanted([B], True)
-    assert not leech.complete and leech.left == 7 * PIECE  # pieces 3-9
+    assert not leech.complete and leech.left_until_done == 7 * PIECE  # pieces 3-9
     connect(seeder, leech, "leech", "seeder")
     assert leech.wait_complete(timeout=30)
     assert b.read_bytes() == content["b.bin"]
@@ -195,10 +197,10 @@ def test_nothing_wanted_is_done_at_once_and_creates_no_file(
     s.set_wanted([A, B, C], False)
     s.start()
     sessions.append(s)
-    assert s.complete and s.left == 0 and s.size_when_done == 0
+    assert s.complete and s.left_until_done == 0 and s.size_when_done == 0
     assert not (tmp_path / "leech" / "share").exists()
     s.set_wanted([C], True)
-    assert not s.complete and s.left == 2 * PIECE + PIECE // 2 + 1000
+    assert not s.complete and s.left_until_done == 2 * PIECE + PIECE // 2 + 1000
 
 
 def test_info_lists_file_indices_and_get_refuses_a_bad_choice_in_one_line(

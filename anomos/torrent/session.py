@@ -247,6 +247,7 @@ class TorrentSession:
         self._picker: PiecePicker | None = None
         self._have = bytearray(len(metainfo.pieces))
         self._left = metainfo.total_length
+        self._left_until_done = metainfo.total_length
         nfiles = len(metainfo.files)
         self._file_wanted = [True] * nfiles
         self._file_priority = [Priority.NORMAL] * nfiles
@@ -290,8 +291,14 @@ class TorrentSession:
 
     @property
     def left(self) -> int:
-        """Bytes of wanted pieces still to download (Transmission's leftUntilDone)."""
+        """Bytes of the torrent not verified here, wanted or not (BEP 3's ``left``, as
+        announced: the tracker takes ``left`` < size for "has data")."""
         return self._left
+
+    @property
+    def left_until_done(self) -> int:
+        """Bytes of wanted pieces still to download (Transmission's leftUntilDone)."""
+        return self._left_until_done
 
     @property
     def size_when_done(self) -> int:
@@ -303,7 +310,7 @@ class TorrentSession:
     @property
     def progress(self) -> float:
         size = self.size_when_done
-        return 1.0 - self._left / size if size else 1.0
+        return 1.0 - self._left_until_done / size if size else 1.0
 
     # ------------------------------------------------------------------ file selection
     def set_wanted(self, file_indices: Iterable[int], wanted: bool) -> None:
@@ -365,6 +372,8 @@ class TorrentSession:
 
     def _selection_changed(self) -> None:
         """Apply a new choice of files to the picker, interests, done-ness and resume data."""
+        if self._closed:
+            raise RuntimeError("session is closed")
         picker = self._picker
         if picker is None:
             self._selection_given = True
@@ -374,7 +383,8 @@ class TorrentSession:
             was_wanted = picker.wanted(index)
             interesting, bored = picker.set_band(index, new)
             if not self._have[index] and was_wanted != picker.wanted(index):
-                self._left += m.piece_size(index) if new < SKIP else -m.piece_size(index)
+                size = m.piece_size(index)
+                self._left_until_done += size if new < SKIP else -size
                 if new == SKIP:
                     self._buffers.pop(index, None)
             for conn in interesting:
@@ -448,7 +458,8 @@ class TorrentSession:
         self.rechecked = len(recheck)
         self._have = have
         bands = self._piece_bands()
-        self._left = sum(
+        self._left = sum(m.piece_size(i) for i in range(len(have)) if not have[i])
+        self._left_until_done = sum(
             m.piece_size(i) for i in range(len(have)) if not have[i] and bands[i] < SKIP
         )
         self._picker = PiecePicker(
@@ -768,11 +779,12 @@ class TorrentSession:
     def _lose_piece(self, index: int) -> None:
         """Our copy of piece ``index`` is bad on disk: stop offering it, want it again."""
         self._have[index] = 0
+        self._left += self.metainfo.piece_size(index)
         if self.picker.wanted(index):
-            self._left += self.metainfo.piece_size(index)
+            self._left_until_done += self.metainfo.piece_size(index)
+            self._complete.clear()
         self.lost_pieces.add(index)
         self.storage.mark_missing(index)
-        self._complete.clear()
         log.warning(
             "%s: piece %d is corrupt on disk (a downloader's hash check failed): no longer offered",
             self.label,
@@ -853,8 +865,9 @@ class TorrentSession:
         picker = self.picker
         picker.piece_verified(index)
         self._have[index] = 1
+        self._left -= len(buf.data)
         if picker.wanted(index):
-            self._left -= len(buf.data)
+            self._left_until_done -= len(buf.data)
         self._resume_dirty = True
         self.failed_pieces.discard(index)
         suppliers = {c for c in buf.suppliers if c is not None}

@@ -354,14 +354,15 @@ def get_command(
         session = peer.add_torrent(metainfo, dest)
         session.set_wanted(chosen, True)
         session.set_wanted(set(range(len(metainfo.files))) - chosen, False)
-        check_room(dest, session.left)  # no room fails now, not after building circuits
+        check_room(dest, session.left_until_done)  # no room fails now, not after building circuits
         peer.start()
         size = session.size_when_done
         progress = bar(size, f"get {metainfo.name}")
-        progress.update(size - session.left)
+        left_at_start = session.left_until_done
+        progress.update(size - left_at_start)
 
         def on_progress(s: Any) -> None:
-            progress.update(size - s.left - progress.n)
+            progress.update(size - s.left_until_done - progress.n)
 
         session.on_progress = on_progress
         try:
@@ -370,6 +371,8 @@ def get_command(
             )
         finally:
             progress.close()
+        # The size, rate and start of what was asked for, not of the whole torrent.
+        report = attrs.evolve(report, size=session.size_when_done, left_at_start=left_at_start)
         _report_download(peer, session, report, summary)
         if keep_seeding:
             gevent.event.Event().wait()  # until a signal raises Stopped
@@ -390,8 +393,6 @@ def get_command(
 def _report_download(peer: Any, session: Any, report: Any, summary: Path | None) -> None:
     """The lines (and the JSON summary) a finished download leaves."""
     metainfo = session.metainfo
-    # The size (and so the rate) of what was asked for, not of the whole torrent.
-    report = attrs.evolve(report, size=session.size_when_done)
     relays = sorted(c.relays for c in report.circuits)
     files = session.file_progress()
     real = [i for i, f in enumerate(metainfo.files) if not f.pad]
