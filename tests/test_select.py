@@ -11,6 +11,7 @@ import click
 import pytest
 
 from anomos.errors import ConfigError
+from anomos.pluginmanager import get_plugins
 from anomos.plugins.commands.peer_cmds import _chosen_files, _file_indices
 from anomos.testing import run_anomos
 from anomos.torrent import resume
@@ -20,6 +21,7 @@ from anomos.torrent.session import TorrentSession
 from anomos.torrent.wire import BLOCK_SIZE
 from tests.test_session import (
     PIECE,
+    Recorder,
     connect,
     make_torrent,
     new_session,
@@ -233,3 +235,27 @@ def test_info_lists_file_indices_and_get_refuses_a_bad_choice_in_one_line(
         with pytest.raises(click.BadParameter, match="give file indices like 0,3,4"):
             _file_indices(None, None, bad)  # type: ignore[arg-type]
     assert _file_indices(None, None, "2, 0") == {0, 2}  # type: ignore[arg-type]
+
+
+def test_high_priority_pieces_arrive_first_and_low_ones_last(
+    tmp_path: Path,
+    sessions: list[TorrentSession],  # noqa: F811
+) -> None:
+    m, content = selection_torrent(tmp_path)
+    seeder = new_session(sessions, m, tmp_path / "seed")
+    rec = Recorder()
+    leech = TorrentSession(
+        m, tmp_path / "leech", plugins=get_plugins(load_entrypoints=False, extra=[rec])
+    )
+    leech.set_priority([C], Priority.HIGH)
+    leech.set_priority([A], Priority.LOW)
+    leech.start()
+    sessions.append(leech)
+    connect(seeder, leech, "leech", "seeder")
+    assert leech.wait_complete(timeout=30)
+    order = rec.verified
+    assert sorted(order) == list(range(13))
+    # c.bin's pieces (10 is shared with b.bin: the higher priority wins), then b.bin's
+    # (2 is shared with a.bin), then what only the low-priority a.bin holds
+    assert set(order[:3]) == {10, 11, 12} and set(order[-2:]) == {0, 1}, order
+    assert (tmp_path / "leech" / "share" / "a.bin").read_bytes() == content["a.bin"]

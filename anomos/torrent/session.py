@@ -253,6 +253,7 @@ class TorrentSession:
         self._file_priority = [Priority.NORMAL] * nfiles
         #: The caller chose files before start: the saved choice is not loaded.
         self._selection_given = False
+        self._size_when_done: int | None = None  # cached: progress is read per piece
         self._resume_dirty = False
         self._started = False
         self._ready = gevent.event.Event()
@@ -303,9 +304,11 @@ class TorrentSession:
     @property
     def size_when_done(self) -> int:
         """Bytes of the pieces of the wanted files (Transmission's sizeWhenDone)."""
-        m = self.metainfo
-        bands = self._piece_bands()
-        return sum(m.piece_size(i) for i, b in enumerate(bands) if b < SKIP)
+        if self._size_when_done is None:
+            m = self.metainfo
+            bands = self._piece_bands()
+            self._size_when_done = sum(m.piece_size(i) for i, b in enumerate(bands) if b < SKIP)
+        return self._size_when_done
 
     @property
     def progress(self) -> float:
@@ -374,6 +377,7 @@ class TorrentSession:
         """Apply a new choice of files to the picker, interests, done-ness and resume data."""
         if self._closed:
             raise RuntimeError("session is closed")
+        self._size_when_done = None
         picker = self._picker
         if picker is None:
             self._selection_given = True
@@ -448,6 +452,7 @@ class TorrentSession:
         if saved is not None and saved.wanted is not None and not self._selection_given:
             self._file_wanted = list(saved.wanted)
             self._file_priority = [Priority(p) for p in saved.priorities or self._file_priority]
+            self._size_when_done = None
         have, recheck = resume.plan(m, saved, storage.file_stats())
         size = sum(m.piece_size(i) for i in recheck)
         with bar(size, f"check {m.name}", enabled=None if size else False) as checking:
