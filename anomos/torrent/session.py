@@ -322,17 +322,19 @@ class TorrentSession:
         Before :meth:`start` this replaces the choice saved in the resume data.
         """
         indices = self._file_indices(file_indices)
+        changed = any(self._file_wanted[fi] != wanted for fi in indices)
         for fi in indices:
             self._file_wanted[fi] = wanted
-        self._selection_changed()
+        self._selection_changed(changed)
 
     def set_priority(self, file_indices: Iterable[int], priority: Priority) -> None:
         """Pieces of higher-priority files are requested first (rarest first within)."""
         priority = Priority(priority)
         indices = self._file_indices(file_indices)
+        changed = any(self._file_priority[fi] != priority for fi in indices)
         for fi in indices:
             self._file_priority[fi] = priority
-        self._selection_changed()
+        self._selection_changed(changed)
 
     def file_progress(self) -> tuple[FileProgress, ...]:
         """Per file: verified bytes, wanted, priority (Transmission's fileStats)."""
@@ -373,14 +375,15 @@ class TorrentSession:
     def _unwanted_files(self) -> set[int]:
         return {fi for fi, w in enumerate(self._file_wanted) if not w}
 
-    def _selection_changed(self) -> None:
+    def _selection_changed(self, changed: bool) -> None:
         """Apply a new choice of files to the picker, interests, done-ness and resume data."""
         if self._closed:
             raise RuntimeError("session is closed")
         self._size_when_done = None
         picker = self._picker
         if picker is None:
-            self._selection_given = True
+            self._selection_given = True  # even the default, chosen before start, is a choice
+        if picker is None or not changed:
             return
         m = self.metainfo
         for index, new in enumerate(self._piece_bands()):
