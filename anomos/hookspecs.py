@@ -187,7 +187,8 @@ def anomos_piece_failed(torrent: Any, index: int, source: str) -> None:
 
 @hookspec
 def anomos_download_complete(torrent: Any) -> None:
-    """Every piece of a torrent is verified on disk.
+    """Every piece of the torrent's wanted files (all, by default) is verified on disk;
+    again if a file is wanted later and completes.
 
     :param torrent: the :class:`anomos.torrent.session.TorrentSession`.
     """

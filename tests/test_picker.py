@@ -7,7 +7,7 @@ import random
 import pytest
 
 from anomos.torrent.choker import Choker, RateMeter
-from anomos.torrent.picker import PiecePicker
+from anomos.torrent.picker import SKIP, PiecePicker
 from anomos.torrent.wire import BLOCK_SIZE
 
 PIECE = 4 * BLOCK_SIZE
@@ -274,15 +274,24 @@ def brute_force_pick(p: PiecePicker, who: str) -> int | None:
     """The definition of a new pick: the wanted piece ``who`` has with the least
     (availability, rank), skipping failed pieces it may not take."""
     st = p._peers[who]
-    candidates = [i for i in p._wanted if st.has[i] and (i not in p._fails or p._may_take(who, i))]
-    return min(candidates, key=lambda i: (p.availability(i), p._rank[i]), default=None)
+    candidates = [
+        i
+        for i in range(p.num_pieces)
+        if p.wanted(i)
+        and not p.have(i)
+        and i not in p._partials
+        and st.has[i]
+        and (i not in p._fails or p._may_take(who, i))
+    ]
+    return min(candidates, key=lambda i: (p._band[i], p.availability(i), p._rank[i]), default=None)
 
 
 @pytest.mark.parametrize("seed", range(40))
 def test_the_rarity_order_matches_a_full_scan_through_any_history(seed: int) -> None:
-    """Peers come and go, announce pieces, serve, fail and verify at random; after
-    every step the kept order holds exactly the wanted pieces, and a pick is the
-    one a scan of every piece would choose."""
+    """Peers come and go, announce pieces, serve, fail and verify, files are
+    (un)wanted and change priority at random; after every step the kept order
+    holds exactly the wanted pieces not started, a pick is the one a scan of every
+    piece would choose, and each peer's interest matches a count from scratch."""
     rng = random.Random(seed)
     num = rng.choice([1, 7, 40, 130])
     p = make(num, seed=seed)
@@ -310,15 +319,23 @@ def test_the_rarity_order_matches_a_full_scan_through_any_history(seed: int) -> 
                         p.piece_verified(b[0])
                     else:
                         p.piece_failed(b[0], [who])
-        elif who in live:
+        elif who in live and op < 0.93:
             p.peer_choked(who)
             p.peer_unchoked(who)
-        keys = sorted(p._avail[i] * num + p._rank[i] for i in p._wanted)
+        else:
+            p.set_band(rng.randrange(num), rng.choice([0, 1, 2, SKIP, SKIP]))
+        pool = [i for i in range(num) if p.wanted(i) and not p.have(i) and i not in p._partials]
+        keys = sorted((p._band[i], p._avail[i] * num + p._rank[i]) for i in pool)
         assert list(p._rarity) == keys
         assert p.in_endgame == (
             not any(part.missing for part in p._partials.values())
-            and not any(p.availability(i) for i in p._wanted)
+            and not any(p.availability(i) for i in pool)
         )
+        assert p.remaining == sum(1 for i in range(num) if p.wanted(i) and not p.have(i))
+        for name in live:
+            has = p._peers[name].has
+            lacking = sum(1 for i in range(num) if has[i] and p.wanted(i) and not p.have(i))
+            assert p.interesting(name) == (lacking > 0)
     assert all(p.availability(i) >= 0 for i in range(num))
 
 

@@ -2,11 +2,16 @@
 
 * Partially requested pieces come first (strictly), so pieces complete and
   can be verified, shared and freed from memory as soon as possible.
-* New pieces are chosen rarest first over the availability among connected
-  peers, with a random tie-break (a per-picker random rank of every piece).
-  The wanted pieces are kept sorted by (availability, rank), so a pick is
-  the first of them the peer has, not a scan of every piece: a torrent of
-  25,000 pieces would otherwise cost 25,000 steps per piece started.
+* Only wanted pieces are fetched: each piece has a :class:`Priority` (the
+  highest of the wanted files it touches) or none (:data:`SKIP`: it touches
+  no wanted file). A peer is interesting only for wanted pieces we lack, and
+  the picker is :attr:`~PiecePicker.complete` once every wanted piece is in.
+* New pieces are chosen by priority first, then rarest first over the
+  availability among connected peers, with a random tie-break (a per-picker
+  random rank of every piece). The pieces to start are kept sorted by
+  (priority band, availability, rank), so a pick is the first of them the
+  peer has, not a scan of every piece: a torrent of 25,000 pieces would
+  otherwise cost 25,000 steps per piece started.
 * Endgame: once every block still missing is requested, the outstanding
   blocks are requested from every other peer that has them too; when one copy
   arrives the duplicates are returned as cancels.
@@ -22,8 +27,10 @@ Peers are opaque hashable keys (the session uses its connection objects).
 
 from __future__ import annotations
 
+import enum
 import random
-from collections.abc import Callable, Hashable, Iterable
+import sys
+from collections.abc import Callable, Hashable, Iterable, Iterator
 
 import attrs
 from sortedcontainers import SortedList
@@ -34,6 +41,23 @@ from anomos.torrent.wire import BLOCK_SIZE
 Block = tuple[int, int, int]
 
 _MISSING, _REQUESTED, _RECEIVED = 0, 1, 2
+
+
+class Priority(enum.IntEnum):
+    """A file's (and so its pieces') download priority; Transmission's values."""
+
+    LOW = -1
+    NORMAL = 0
+    HIGH = 1
+
+
+#: The band of a piece no wanted file touches: never requested.
+SKIP = 3
+
+
+def band(priority: Priority | None) -> int:
+    """Sort band of a piece: 0 (high) to 2 (low) are fetched, :data:`SKIP` is not."""
+    return SKIP if priority is None else Priority.HIGH - priority
 
 
 @attrs.define(eq=False)
@@ -91,14 +115,19 @@ class PiecePicker:
         piece_size: Callable[[int], int],
         *,
         have: bytes | bytearray | None = None,
+        bands: bytes | bytearray | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        """``bands``: one :func:`band` per piece (None: every piece wanted, normal)."""
         self.num_pieces = num_pieces
         self.piece_size = piece_size
         self._have = bytearray(have) if have is not None else bytearray(num_pieces)
         if len(self._have) != num_pieces:
             raise ValueError("have flags do not match the piece count")
-        self._remaining = num_pieces - sum(self._have)
+        self._band = bytearray(bands) if bands is not None else bytearray([1]) * num_pieces
+        if len(self._band) != num_pieces or any(b > SKIP for b in self._band):
+            raise ValueError("bands do not match the piece count")
+        self._remaining = sum(1 for i in range(num_pieces) if self._lacks(i))
         self._avail = [0] * num_pieces
         rank = list(range(num_pieces))
         (rng or random.Random()).shuffle(rank)
@@ -106,9 +135,10 @@ class PiecePicker:
         self._piece_of_rank = [0] * num_pieces
         for index, r in enumerate(rank):
             self._piece_of_rank[r] = index
-        self._wanted: set[int] = {i for i in range(num_pieces) if not self._have[i]}
-        #: ``_key(i)`` of every wanted piece, rarest first.
-        self._rarity = SortedList(map(self._key, self._wanted))
+        #: Wanted pieces we lack that are not started (no partial): the pool of new picks.
+        self._pool: set[int] = {i for i in range(num_pieces) if self._lacks(i)}
+        #: ``_key(i)`` of every piece of the pool, highest priority then rarest first.
+        self._rarity = SortedList(map(self._key, self._pool))
         self._partials: dict[int, _Partial] = {}
         self._peers: dict[Hashable, _Peer] = {}
         #: Failed pieces: peer -> failures of that piece it supplied blocks to.
@@ -117,12 +147,21 @@ class PiecePicker:
     # ------------------------------------------------------------------ state
     @property
     def complete(self) -> bool:
+        """Every wanted piece is verified (pieces of unwanted files may be missing)."""
         return self._remaining == 0
 
     @property
     def remaining(self) -> int:
-        """Pieces not verified yet."""
+        """Wanted pieces not verified yet."""
         return self._remaining
+
+    def wanted(self, index: int) -> bool:
+        """Whether piece ``index`` touches a wanted file."""
+        return self._band[index] < SKIP
+
+    def _lacks(self, index: int) -> bool:
+        """Piece ``index`` is wanted and not verified."""
+        return not self._have[index] and self._band[index] < SKIP
 
     def have(self, index: int) -> bool:
         return bool(self._have[index])
@@ -141,7 +180,7 @@ class PiecePicker:
         return set(self._peers[peer].outstanding)
 
     def interesting(self, peer: Hashable) -> bool:
-        """Whether ``peer`` has a piece we lack."""
+        """Whether ``peer`` has a wanted piece we lack."""
         st = self._peers.get(peer)
         return st is not None and st.lacking > 0
 
@@ -159,7 +198,13 @@ class PiecePicker:
         """Every missing block that any peer can give us is requested."""
         if any(p.missing for p in self._partials.values()):
             return False
-        return not self._rarity or self._rarity[-1] < self.num_pieces  # all unavailable
+        return next(self._available(), None) is None
+
+    def _available(self) -> Iterator[tuple[int, int]]:
+        """The keys of the pool, in order, skipping pieces no peer has."""
+        n = self.num_pieces
+        for b in range(SKIP):
+            yield from self._rarity.irange(minimum=(b, n), maximum=(b, sys.maxsize))
 
     # ------------------------------------------------------------------ peers
     def add_peer(self, peer: Hashable) -> None:
@@ -172,12 +217,12 @@ class PiecePicker:
         st = self._peers[peer]
         if len(flags) != self.num_pieces:
             raise ValueError("bitfield does not match the piece count")
-        have, has = self._have, st.has
+        has = st.has
         new = [i for i, f in enumerate(flags) if f and not has[i]]
         for i in new:
             has[i] = 1
         st.count += len(new)
-        lacking = sum(1 for i in new if not have[i])
+        lacking = sum(1 for i in new if self._lacks(i))
         self._shift(new, +1)
         was = st.lacking
         st.lacking += lacking
@@ -191,7 +236,7 @@ class PiecePicker:
         st.has[index] = 1
         st.count += 1
         self._shift([index], +1)
-        if not self._have[index]:
+        if self._lacks(index):
             st.lacking += 1
             return st.lacking == 1
         return False
@@ -220,7 +265,7 @@ class PiecePicker:
         st.count -= 1
         self._shift([index], -1)
         self.release(peer, index)
-        if self._have[index]:
+        if not self._lacks(index):
             return False
         st.lacking -= 1
         return st.lacking == 0
@@ -231,15 +276,47 @@ class PiecePicker:
         if not self._have[index]:
             return []
         self._have[index] = 0
+        if not self._lacks(index):
+            return []
         self._remaining += 1
         self._want(index)
-        now_interesting = []
+        return self._lacking_changed(index, +1)
+
+    def set_band(self, index: int, band: int) -> tuple[list[Hashable], list[Hashable]]:
+        """Piece ``index`` moves to ``band`` (see :func:`band`; :data:`SKIP`: unwanted).
+        ``(peers now interesting, peers no longer interesting)``. A piece that stops
+        being wanted loses its requests: its blocks still in flight are dropped."""
+        if not 0 <= band <= SKIP:
+            raise ValueError(f"no such band {band}")
+        old = self._band[index]
+        if old == band:
+            return [], []
+        was_lacking = self._lacks(index)
+        self._unwant(index)
+        self._band[index] = band
+        if self._have[index]:
+            return [], []
+        if band == SKIP:
+            self._drop_partial(index)
+            self._remaining -= 1
+            return [], self._lacking_changed(index, -1)
+        if index not in self._partials:
+            self._want(index)
+        if was_lacking:
+            return [], []
+        self._remaining += 1
+        return self._lacking_changed(index, +1), []
+
+    def _lacking_changed(self, index: int, delta: int) -> list[Hashable]:
+        """Count (+1) or uncount (-1) piece ``index`` as lacking at every peer having it;
+        the peers whose interest flipped."""
+        flipped = []
         for peer, st in self._peers.items():
             if st.has[index]:
-                st.lacking += 1
-                if st.lacking == 1:
-                    now_interesting.append(peer)
-        return now_interesting
+                st.lacking += delta
+                if st.lacking == (1 if delta > 0 else 0):
+                    flipped.append(peer)
+        return flipped
 
     def release(self, peer: Hashable, only: int | None = None) -> None:
         """Forget the requests outstanding at ``peer`` (those of piece ``only`` if given);
@@ -342,29 +419,29 @@ class PiecePicker:
     def _pick_new(self, peer: Hashable, st: _Peer) -> int | None:
         """The rarest wanted piece ``peer`` has (random tie-break), or None."""
         has, fails, piece_of_rank, n = st.has, self._fails, self._piece_of_rank, self.num_pieces
-        for key in self._rarity.irange(minimum=n):  # pieces nobody has cannot match
+        for _, key in self._available():  # pieces nobody has cannot match
             i = piece_of_rank[key % n]
             if has[i] and (i not in fails or self._may_take(peer, i)):
                 return i
         return None
 
-    def _key(self, index: int) -> int:
-        """Sort key of a wanted piece: availability first, then the random rank."""
-        return self._avail[index] * self.num_pieces + self._rank[index]
+    def _key(self, index: int) -> tuple[int, int]:
+        """Sort key of a piece of the pool: its band, then availability, then random rank."""
+        return self._band[index], self._avail[index] * self.num_pieces + self._rank[index]
 
     def _want(self, index: int) -> None:
-        if index not in self._wanted:
-            self._wanted.add(index)
+        if index not in self._pool and self._lacks(index):
+            self._pool.add(index)
             self._rarity.add(self._key(index))
 
     def _unwant(self, index: int) -> None:
-        if index in self._wanted:
-            self._wanted.remove(index)
+        if index in self._pool:
+            self._pool.remove(index)
             self._rarity.remove(self._key(index))
 
     def _shift(self, indices: list[int], delta: int) -> None:
         """The availability of ``indices`` moves by ``delta``; the rarity order follows."""
-        avail, wanted = self._avail, self._wanted
+        avail, wanted = self._avail, self._pool
         moved = [i for i in indices if i in wanted]
         if len(moved) > len(wanted) // 8 + 8:  # a bitfield or a departing peer: sort once
             for i in indices:
@@ -436,11 +513,11 @@ class PiecePicker:
         self._fails.pop(index, None)
         if self._have[index]:
             return
+        lacked = self._lacks(index)
         self._have[index] = 1
-        self._remaining -= 1
-        for st in self._peers.values():
-            if st.has[index]:
-                st.lacking -= 1
+        if lacked:
+            self._remaining -= 1
+            self._lacking_changed(index, -1)
 
     def piece_failed(self, index: int, suppliers: Iterable[Hashable]) -> None:
         """Piece ``index`` failed its hash: fetch it again, exclusively, from a better peer."""

@@ -4,8 +4,11 @@
 ``(size, mtime_ns)`` seen when it was saved (after the data was fsynced). On
 restart a piece keeps its saved state only if every file it touches still has
 the same size and mtime; pieces touching a changed or missing file are
-re-hashed. Resume data that is unreadable, corrupt or for another torrent is
-ignored with a warning, and everything is re-checked: it can cost time, never data.
+re-hashed. It also keeps which files are wanted and their priorities
+(``wanted``: 0/1 per file, ``priority``: -1/0/1 per file; absent in older
+files, which then mean every file, normal priority). Resume data that is
+unreadable, corrupt or for another torrent is ignored with a warning, and
+everything is re-checked: it can cost time, never data.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ class ResumeData:
 
     have: bytes = attrs.field(repr=False)  # one 0/1 flag per piece
     files: tuple[FileStat, ...]
+    #: Per file: wanted, and its priority (-1, 0, 1); None when not saved.
+    wanted: tuple[bool, ...] | None = None
+    priorities: tuple[int, ...] | None = None
 
 
 def save(
@@ -48,15 +54,22 @@ def save(
     metainfo: Metainfo,
     have: bytes | bytearray,
     files: Sequence[FileStat],
+    *,
+    wanted: Sequence[bool] | None = None,
+    priorities: Sequence[int] | None = None,
 ) -> None:
     """Write atomically (temporary file, fsync, rename); the data files must be synced first."""
-    doc = {
+    doc: dict[str, Any] = {
         "version": RESUME_VERSION,
         "infohash": metainfo.infohash.hex(),
         "pieces": len(metainfo.pieces),
         "have": pack_bitfield(have).hex(),
         "files": [list(s) if s is not None else None for s in files],
     }
+    if wanted is not None:
+        doc["wanted"] = [int(bool(w)) for w in wanted]
+    if priorities is not None:
+        doc["priority"] = [int(p) for p in priorities]
     path = resume_path(resume_dir, metainfo)
     private_dir(path.parent)  # its file names are the infohashes this peer shares
     atomic_write(path, json.dumps(doc, separators=(",", ":")).encode())
@@ -117,7 +130,27 @@ def _parse(raw: bytes, metainfo: Metainfo) -> ResumeData:
         ):
             raise _Unusable("bad file entry")
         files.append((entry[0], entry[1]))
-    return ResumeData(have=bytes(have), files=tuple(files))
+    wanted = _per_file(doc.get("wanted"), len(files), (0, 1))
+    priorities = _per_file(doc.get("priority"), len(files), (-1, 0, 1))
+    return ResumeData(
+        have=bytes(have),
+        files=tuple(files),
+        wanted=None if wanted is None else tuple(map(bool, wanted)),
+        priorities=priorities,
+    )
+
+
+def _per_file(raw: Any, nfiles: int, allowed: tuple[int, ...]) -> tuple[int, ...] | None:
+    """A saved list of one small int per file, or None when absent."""
+    if raw is None:
+        return None
+    if (
+        not isinstance(raw, list)
+        or len(raw) != nfiles
+        or not all(type(v) is int and v in allowed for v in raw)
+    ):
+        raise _Unusable("bad file selection")
+    return tuple(raw)
 
 
 def pieces_of_file(metainfo: Metainfo, file_index: int) -> range:

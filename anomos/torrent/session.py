@@ -18,6 +18,13 @@ A source told that a piece failed hashes its own copy again (at a bounded rate
 per connection, only for pieces it sent there); a copy gone bad on disk is
 withdrawn (a :class:`~anomos.torrent.wire.DontHave` to every connection, one
 log line) and wanted again like any missing piece.
+
+Files can be left out and given priorities (:meth:`TorrentSession.set_wanted`,
+:meth:`TorrentSession.set_priority`), before or after start: a piece is fetched
+when it touches a wanted file, at the highest priority of those files, and the
+session is :attr:`~TorrentSession.complete` ("done", Transmission's
+leftUntilDone = 0) once every such piece is verified. The choice is kept in
+the resume data.
 """
 
 from __future__ import annotations
@@ -45,7 +52,7 @@ from anomos.torrent import choker as choking
 from anomos.torrent import resume
 from anomos.torrent.choker import Choker, RateMeter
 from anomos.torrent.flow import FlowControl
-from anomos.torrent.picker import Block, PiecePicker
+from anomos.torrent.picker import SKIP, Block, PiecePicker, Priority, band
 from anomos.torrent.storage import Storage
 from anomos.torrent.wire import (
     BLOCK_SIZE,
@@ -196,6 +203,15 @@ class _PieceBuffer:
     suppliers: list[PeerConnection | None]
 
 
+@attrs.frozen
+class FileProgress:
+    """One file of a session, as Transmission's fileStats tells it."""
+
+    bytes_completed: int
+    wanted: bool
+    priority: Priority
+
+
 class TorrentSession:
     """Download and/or seed one torrent over any number of connections.
 
@@ -231,6 +247,13 @@ class TorrentSession:
         self._picker: PiecePicker | None = None
         self._have = bytearray(len(metainfo.pieces))
         self._left = metainfo.total_length
+        self._left_until_done = metainfo.total_length
+        nfiles = len(metainfo.files)
+        self._file_wanted = [True] * nfiles
+        self._file_priority = [Priority.NORMAL] * nfiles
+        #: The caller chose files before start: the saved choice is not loaded.
+        self._selection_given = False
+        self._size_when_done: int | None = None  # cached: progress is read per piece
         self._resume_dirty = False
         self._started = False
         self._ready = gevent.event.Event()
@@ -256,6 +279,7 @@ class TorrentSession:
     # ------------------------------------------------------------------ properties
     @property
     def complete(self) -> bool:
+        """Every piece of the wanted files is verified (all pieces, by default)."""
         return self._complete.is_set()
 
     @property
@@ -268,12 +292,121 @@ class TorrentSession:
 
     @property
     def left(self) -> int:
-        """Bytes still to download."""
+        """Bytes of the torrent not verified here, wanted or not (BEP 3's ``left``, as
+        announced: the tracker takes ``left`` < size for "has data")."""
         return self._left
 
     @property
+    def left_until_done(self) -> int:
+        """Bytes of wanted pieces still to download (Transmission's leftUntilDone)."""
+        return self._left_until_done
+
+    @property
+    def size_when_done(self) -> int:
+        """Bytes of the pieces of the wanted files (Transmission's sizeWhenDone)."""
+        if self._size_when_done is None:
+            m = self.metainfo
+            bands = self._piece_bands()
+            self._size_when_done = sum(m.piece_size(i) for i, b in enumerate(bands) if b < SKIP)
+        return self._size_when_done
+
+    @property
     def progress(self) -> float:
-        return 1.0 - self._left / self.metainfo.total_length
+        size = self.size_when_done
+        return 1.0 - self._left_until_done / size if size else 1.0
+
+    # ------------------------------------------------------------------ file selection
+    def set_wanted(self, file_indices: Iterable[int], wanted: bool) -> None:
+        """Fetch (or leave out) these files; a piece shared with a wanted file is fetched.
+
+        Before :meth:`start` this replaces the choice saved in the resume data.
+        """
+        indices = self._file_indices(file_indices)
+        changed = any(self._file_wanted[fi] != wanted for fi in indices)
+        for fi in indices:
+            self._file_wanted[fi] = wanted
+        self._selection_changed(changed)
+
+    def set_priority(self, file_indices: Iterable[int], priority: Priority) -> None:
+        """Pieces of higher-priority files are requested first (rarest first within)."""
+        priority = Priority(priority)
+        indices = self._file_indices(file_indices)
+        changed = any(self._file_priority[fi] != priority for fi in indices)
+        for fi in indices:
+            self._file_priority[fi] = priority
+        self._selection_changed(changed)
+
+    def file_progress(self) -> tuple[FileProgress, ...]:
+        """Per file: verified bytes, wanted, priority (Transmission's fileStats)."""
+        m = self.metainfo
+        pl = m.piece_length
+        out = []
+        for fi, f in enumerate(m.files):
+            done = 0
+            for i in resume.pieces_of_file(m, fi):
+                if self._have[i]:
+                    start = max(i * pl, f.offset)
+                    end = min(i * pl + m.piece_size(i), f.offset + f.length)
+                    done += end - start
+            out.append(FileProgress(done, self._file_wanted[fi], self._file_priority[fi]))
+        return tuple(out)
+
+    def _file_indices(self, file_indices: Iterable[int]) -> list[int]:
+        indices = list(file_indices)
+        nfiles = len(self.metainfo.files)
+        bad = [i for i in indices if not 0 <= i < nfiles]
+        if bad:
+            raise ValueError(f"no file {bad[0]} in {self.label} (it has {nfiles} files)")
+        return indices
+
+    def _piece_bands(self) -> bytearray:
+        """Per piece, the highest priority band of the wanted files it touches (or SKIP)."""
+        m = self.metainfo
+        bands = bytearray([SKIP]) * len(m.pieces)
+        for fi, f in enumerate(m.files):
+            if f.pad or not self._file_wanted[fi]:
+                continue
+            b = band(self._file_priority[fi])
+            for i in resume.pieces_of_file(m, fi):
+                if b < bands[i]:
+                    bands[i] = b
+        return bands
+
+    def _unwanted_files(self) -> set[int]:
+        return {fi for fi, w in enumerate(self._file_wanted) if not w}
+
+    def _selection_changed(self, changed: bool) -> None:
+        """Apply a new choice of files to the picker, interests, done-ness and resume data."""
+        if self._closed:
+            raise RuntimeError("session is closed")
+        self._size_when_done = None
+        picker = self._picker
+        if picker is None:
+            self._selection_given = True  # even the default, chosen before start, is a choice
+        if picker is None or not changed:
+            return
+        m = self.metainfo
+        for index, new in enumerate(self._piece_bands()):
+            was_wanted = picker.wanted(index)
+            interesting, bored = picker.set_band(index, new)
+            if not self._have[index] and was_wanted != picker.wanted(index):
+                size = m.piece_size(index)
+                self._left_until_done += size if new < SKIP else -size
+                if new == SKIP:
+                    self._buffers.pop(index, None)
+            for conn in interesting:
+                assert isinstance(conn, PeerConnection)
+                self._set_interested(conn, True)
+            for conn in bored:
+                assert isinstance(conn, PeerConnection)
+                self._set_interested(conn, False)
+        if picker.complete:
+            self._done()
+        else:
+            self._complete.clear()
+        self._save_resume()
+        for conn in list(self._conns):
+            self._fill(conn)
 
     @property
     def connections(self) -> tuple[PeerConnection, ...]:
@@ -319,6 +452,10 @@ class TorrentSession:
         storage = Storage(m, self.data_root)
         self._storage = storage
         saved = resume.load(self.resume_dir, m) if self.resume_dir is not None else None
+        if saved is not None and saved.wanted is not None and not self._selection_given:
+            self._file_wanted = list(saved.wanted)
+            self._file_priority = [Priority(p) for p in saved.priorities or self._file_priority]
+            self._size_when_done = None
         have, recheck = resume.plan(m, saved, storage.file_stats())
         size = sum(m.piece_size(i) for i in recheck)
         with bar(size, f"check {m.name}", enabled=None if size else False) as checking:
@@ -328,8 +465,14 @@ class TorrentSession:
                 gevent.sleep(0)
         self.rechecked = len(recheck)
         self._have = have
+        bands = self._piece_bands()
         self._left = sum(m.piece_size(i) for i in range(len(have)) if not have[i])
-        self._picker = PiecePicker(len(m.pieces), m.piece_size, have=have, rng=self._rng)
+        self._left_until_done = sum(
+            m.piece_size(i) for i in range(len(have)) if not have[i] and bands[i] < SKIP
+        )
+        self._picker = PiecePicker(
+            len(m.pieces), m.piece_size, have=have, bands=bands, rng=self._rng
+        )
         log.info(
             "%s: %d of %d pieces on disk (%d re-hashed)",
             self.label,
@@ -338,7 +481,7 @@ class TorrentSession:
             len(recheck),
         )
         if self._picker.complete:
-            storage.finish()
+            storage.finish(skip=self._unwanted_files())
             self._complete.set()
         if self.resume_dir is not None and (recheck or saved is None):
             self._save_resume()
@@ -645,9 +788,11 @@ class TorrentSession:
         """Our copy of piece ``index`` is bad on disk: stop offering it, want it again."""
         self._have[index] = 0
         self._left += self.metainfo.piece_size(index)
+        if self.picker.wanted(index):
+            self._left_until_done += self.metainfo.piece_size(index)
+            self._complete.clear()
         self.lost_pieces.add(index)
         self.storage.mark_missing(index)
-        self._complete.clear()
         log.warning(
             "%s: piece %d is corrupt on disk (a downloader's hash check failed): no longer offered",
             self.label,
@@ -729,6 +874,8 @@ class TorrentSession:
         picker.piece_verified(index)
         self._have[index] = 1
         self._left -= len(buf.data)
+        if picker.wanted(index):
+            self._left_until_done -= len(buf.data)
         self._resume_dirty = True
         self.failed_pieces.discard(index)
         suppliers = {c for c in buf.suppliers if c is not None}
@@ -750,15 +897,21 @@ class TorrentSession:
                 self.on_progress(self)
             except Exception:
                 log.exception("%s: on_progress callback failed", self.label)
-        if picker.complete and not self._complete.is_set():
-            self.storage.finish()
-            if self.resume_dir is not None:
-                self._save_resume()
-            self._complete.set()
-            log.info("%s: download complete", self.label)
-            self._notify("anomos_download_complete")
-            for conn in list(self._conns):
-                self._close_if_both_seeds(conn)
+        if picker.complete:
+            self._done()
+
+    def _done(self) -> None:
+        """Every wanted piece is verified: create the empty files, save, tell everyone."""
+        if self._complete.is_set():
+            return
+        self.storage.finish(skip=self._unwanted_files())
+        if self.resume_dir is not None:
+            self._save_resume()
+        self._complete.set()
+        log.info("%s: download complete", self.label)
+        self._notify("anomos_download_complete")
+        for conn in list(self._conns):
+            self._close_if_both_seeds(conn)
 
     def _piece_failed(self, index: int, buf: _PieceBuffer) -> None:
         suppliers = {c for c in buf.suppliers if c is not None}
@@ -938,7 +1091,14 @@ class TorrentSession:
             return
         try:
             self._storage.sync()
-            resume.save(self.resume_dir, self.metainfo, self._have, self._storage.file_stats())
+            resume.save(
+                self.resume_dir,
+                self.metainfo,
+                self._have,
+                self._storage.file_stats(),
+                wanted=self._file_wanted,
+                priorities=self._file_priority,
+            )
             self._resume_dirty = False
         except AnomosError as exc:
             log.warning("%s: cannot save resume data: %s", self.label, exc)

@@ -2,7 +2,10 @@
 
 Data layout is standard BitTorrent: a single-file torrent is
 ``data_root/name``, a multi-file one ``data_root/name/<path...>``. Files and
-folders are created lazily and sparsely, on the first write that touches them.
+folders are created lazily and sparsely, on the first write that touches them:
+a file left out of the download (see the session's ``set_wanted``) is never
+created, unless it shares a piece with a wanted file, and then it holds only
+the bytes of that boundary piece (sparse elsewhere).
 A piece reaches the disk only after its SHA-1 matched (:meth:`Storage.write_piece`
 hashes it itself), and existing user data is never truncated or overwritten by
 anything but verified pieces.
@@ -17,7 +20,7 @@ import logging
 import os
 import stat
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from pathlib import Path
 
 from anomos.errors import StorageError
@@ -310,10 +313,11 @@ class Storage:
             out.append((st.st_size, st.st_mtime_ns))
         return out
 
-    def finish(self) -> None:
-        """After the last piece: create the empty files and flush everything to disk."""
+    def finish(self, skip: Container[int] = ()) -> None:
+        """After the last piece: create the empty files (but those in ``skip``, files
+        left out) and flush everything to disk."""
         for i, f in enumerate(self.metainfo.files):
-            if f.length == 0 and not f.pad:
+            if f.length == 0 and not f.pad and i not in skip:
                 os.close(self._create(i, os.O_WRONLY))
         self.sync()
 

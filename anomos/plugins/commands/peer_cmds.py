@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import click
 import gevent
 import gevent.event
@@ -126,6 +127,37 @@ def _data_root(metainfo: Metainfo, data: Path) -> Path:
     )
 
 
+def _file_indices(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> frozenset[int] | None:
+    """``--only 0,3,4``: a set of file indices."""
+    if value is None:
+        return None
+    try:
+        indices = frozenset(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give file indices like 0,3,4") from None
+    if not indices or min(indices) < 0:
+        raise click.BadParameter(f"{value!r}: give file indices like 0,3,4")
+    return indices
+
+
+def _chosen_files(
+    metainfo: Metainfo, only: frozenset[int] | None, exclude: frozenset[int] | None
+) -> set[int]:
+    """The indices of the files to fetch: --only, or all but --exclude, or all."""
+    every = set(range(len(metainfo.files)))
+    if only is not None and exclude is not None:
+        raise ConfigError("give --only or --exclude, not both")
+    named = only if only is not None else exclude or frozenset()
+    if named - every:
+        raise ConfigError(
+            f"no file {min(named - every)} in {metainfo.name!r}: it has {len(every)} "
+            "(see `anomos info`)"
+        )
+    return set(only) if only is not None else every - named
+
+
 def _run_until_signal(peer: Any) -> None:
     stop = gevent.event.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -220,6 +252,7 @@ def seed_command(
     )
     for metainfo in metainfos:
         session = peer.add_torrent(metainfo, _data_root(metainfo, data))
+        session.set_wanted(range(len(metainfo.files)), True)  # a seed serves every file
         if not session.complete:
             raise ConfigError(
                 f"--data {data}: only {session.progress:.0%} of {metainfo.name!r} "
@@ -265,6 +298,19 @@ def seed_command(
     help="Write a JSON summary (circuits, hop counts, throughput) here.",
 )
 @click.option("--keep-seeding", is_flag=True, help="Stay and seed after the download.")
+@click.option(
+    "--only",
+    "only",
+    callback=_file_indices,
+    metavar="INDEX[,INDEX...]",
+    help="Download only these files (indices as `anomos info` lists them).",
+)
+@click.option(
+    "--exclude",
+    callback=_file_indices,
+    metavar="INDEX[,INDEX...]",
+    help="Download every file but these.",
+)
 @click.pass_obj
 def get_command(
     plugins: Plugins,
@@ -280,14 +326,22 @@ def get_command(
     stall_limit: float,
     summary: Path | None,
     keep_seeding: bool,
+    only: frozenset[int] | None,
+    exclude: frozenset[int] | None,
 ) -> int:
-    """Download ATORRENT anonymously; exits 0 once every piece is verified.
+    """Download ATORRENT anonymously; exits 0 once every piece of the chosen files
+    (all of them by default) is verified.
+
+    --only or --exclude choose files by the index `anomos info` prints; a piece
+    shared with a chosen file is fetched whole. Without either, every file is
+    fetched (also those an earlier --only left out: their pieces on disk are kept).
 
     SIGINT or SIGTERM stops it cleanly: the pieces on disk are kept in the resume
     data, and the next run starts from them without hashing them again.
     """
     disarm = _stop_on_signals()
     metainfo = Metainfo.load(atorrent)
+    chosen = _chosen_files(metainfo, only, exclude)
     url, fingerprint = _tracker_of(metainfo, atorrent)
     try:
         dest.mkdir(parents=True, exist_ok=True)
@@ -308,13 +362,17 @@ def get_command(
 
     try:
         session = peer.add_torrent(metainfo, dest)
-        check_room(dest, session.left)  # no room fails now, not after building circuits
+        session.set_wanted(chosen, True)
+        session.set_wanted(set(range(len(metainfo.files))) - chosen, False)
+        check_room(dest, session.left_until_done)  # no room fails now, not after building circuits
         peer.start()
-        progress = bar(metainfo.total_length, f"get {metainfo.name}")
-        progress.update(metainfo.total_length - session.left)
+        size = session.size_when_done
+        progress = bar(size, f"get {metainfo.name}")
+        left_at_start = session.left_until_done
+        progress.update(size - left_at_start)
 
         def on_progress(s: Any) -> None:
-            progress.update(metainfo.total_length - s.left - progress.n)
+            progress.update(size - s.left_until_done - progress.n)
 
         session.on_progress = on_progress
         try:
@@ -323,7 +381,9 @@ def get_command(
             )
         finally:
             progress.close()
-        _report_download(peer, metainfo, report, summary)
+        # The size, rate and start of what was asked for, not of the whole torrent.
+        report = attrs.evolve(report, size=session.size_when_done, left_at_start=left_at_start)
+        _report_download(peer, session, report, summary)
         if keep_seeding:
             gevent.event.Event().wait()  # until a signal raises Stopped
     except Stopped as exc:
@@ -343,15 +403,22 @@ def get_command(
     return 0
 
 
-def _report_download(peer: Any, metainfo: Metainfo, report: Any, summary: Path | None) -> None:
+def _report_download(peer: Any, session: Any, report: Any, summary: Path | None) -> None:
     """The lines (and the JSON summary) a finished download leaves."""
+    metainfo = session.metainfo
     relays = sorted(c.relays for c in report.circuits)
+    files = session.file_progress()
+    real = [i for i, f in enumerate(metainfo.files) if not f.pad]
+    wanted = sum(1 for i in real if files[i].wanted)
     click.echo(
-        f"complete: {metainfo.name} {metainfo.total_length} bytes in {report.seconds:.2f} s "
+        f"complete: {metainfo.name} {wanted} of {len(real)} files, "
+        f"{report.size} bytes in {report.seconds:.2f} s "
         f"({report.throughput / 1e6:.2f} MB/s) over {len(report.circuits)} circuits "
         f"(relays per circuit: {relays})"
     )
     result = report.to_json()
+    result["files_wanted"] = wanted
+    result["files"] = len(real)
     # CPU seconds this process took (the benchmarks compare it with the wall time).
     result["cpu_seconds"] = round(sum(os.times()[:2]), 3)
     try:

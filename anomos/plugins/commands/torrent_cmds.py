@@ -151,8 +151,14 @@ def info_dict(meta: Metainfo) -> dict[str, Any]:
         "trackers": list(meta.trackers),
         "fingerprint": meta.fingerprint,
         "files": [
-            {"path": "/".join(f.path), "length": f.length, "offset": f.offset, "pad": f.pad}
-            for f in meta.files
+            {
+                "index": i,
+                "path": "/".join(f.path),
+                "length": f.length,
+                "offset": f.offset,
+                "pad": f.pad,
+            }
+            for i, f in enumerate(meta.files)
         ],
     }
 
@@ -179,10 +185,10 @@ def info_command(file: Path, as_json: bool) -> None:
         click.echo(f"fingerprint:  {meta.fingerprint or '(none: tracker identity not pinned)'}")
     else:
         click.echo("trackers:     none (a plain .torrent; use `anomos anonymize`)")
-    click.echo(f"files:        {len(meta.files)}")
-    for f in meta.files:
+    click.echo(f"files:        {len(meta.files)} (INDEX, bytes, path: `get --only INDEX,...`)")
+    for i, f in enumerate(meta.files):
         pad = "  (padding)" if f.pad else ""
-        click.echo(f"  {f.length:>14}  {'/'.join(f.path)}{pad}")
+        click.echo(f"  {i:>5}  {f.length:>14}  {'/'.join(f.path)}{pad}")
 
 
 @click.command("anonymize")
