@@ -314,9 +314,9 @@ def test_get_stopped_by_sigint_or_sigterm_keeps_its_pieces_and_resumes_without_r
     data = share(tmp_path, size)
     pieces = -(-size // PIECE_LEN)
     with LocalNetwork(tmp_path / "net", verbose=1) as net:
-        # A slow seeder (300 kB/s: 20 s for the file; resume data is saved every 5 s):
+        # A slow seeder (200 kB/s: 30 s for the file; resume data is saved every 5 s):
         # each run is still under way when it is stopped.
-        atorrent = start_network(net, data, tmp_path, "--max-send-rate", "300k")
+        atorrent = start_network(net, data, tmp_path, "--max-send-rate", "200k")
         dest, summary = tmp_path / "dest", tmp_path / "summary.json"
         args = ["get", str(atorrent), "--dest", str(dest)]
         kept = 0
