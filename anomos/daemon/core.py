@@ -122,6 +122,21 @@ class Torrent:
     def downloaded_ever(self) -> int:
         return self.downloaded_before + (self.session.downloaded if self.session else 0)
 
+    @property
+    def problem(self) -> tuple[ErrorKind, str]:
+        """Transmission's ``error`` and ``errorString`` now: a failure that stopped the
+        torrent, else what its running download waits for (a full disk: a local error;
+        the tracker: a tracker warning), while it keeps trying."""
+        if self.error != ErrorKind.OK or self.download is None:
+            return self.error, self.error_string
+        disk = self.download.disk_problem()
+        if disk:
+            return ErrorKind.LOCAL_ERROR, disk
+        tracker = self.download.peer.tracker_wait
+        if tracker.active:
+            return ErrorKind.TRACKER_WARNING, tracker.describe()
+        return ErrorKind.OK, ""
+
     def set_status(self, status: Status) -> None:
         if status != self.status:
             self.status = status

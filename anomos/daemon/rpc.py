@@ -128,8 +128,8 @@ FIELDS: dict[str, Callable[[Torrent], Any]] = {
     ),
     "uploadedEver": lambda t: t.uploaded_ever,
     "downloadedEver": lambda t: t.downloaded_ever,
-    "error": lambda t: int(t.error),
-    "errorString": lambda t: t.error_string,
+    "error": lambda t: int(t.problem[0]),
+    "errorString": lambda t: t.problem[1],
     "files": lambda t: [
         {"name": "/".join(f.path), "length": f.length, "bytesCompleted": done}
         for f, done in zip(t.metainfo.files, _file_done(t), strict=True)

@@ -203,6 +203,10 @@ class TorrentDownload:
         if self.stall_limit is not None and now - self._progress_at > self.stall_limit:
             raise DownloadStalled(f"no piece for {self.stall_limit:.0f} s: {self.stalled_on()}")
 
+    def disk_problem(self) -> str:
+        """ "cannot write since 10:22:01 (...)" while piece writes fail, else ""."""
+        return self._disk_wait.describe() if self._disk_wait.active else ""
+
     def stalled_on(self) -> str:
         """What the download is waiting for, in a few words."""
         session = self.session
