@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +85,21 @@ class Settings:
     @property
     def listen_port(self) -> int:
         return split_address(self.listen)[1]
+
+
+def read_toml(path: Path, what: str, max_bytes: int) -> dict[str, Any]:
+    """The TOML document at ``path``, read at most ``max_bytes``; any fault is one
+    ConfigError naming ``what`` and the path (a missing file raises FileNotFoundError)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if len(raw) > max_bytes:
+        raise ConfigError(f"{what} {path} is larger than {max_bytes // 1024} KiB")
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{what} {path}: {exc}") from None

@@ -79,6 +79,14 @@ class Attacker:
         raw.close()
         return None
 
+    def first_link(self, rcvbuf: int = 0) -> RawLink:
+        """A link with our genuine NID, retried while the victim's set-up settles."""
+        for _ in range(8):
+            if (raw := self.link(rcvbuf=rcvbuf)) is not None:
+                return raw
+            gevent.sleep(1.0)
+        raise AssertionError("the victim never accepted our genuine NID")
+
     def victim_link(self) -> linkmod.Link:
         wait_until(lambda: self.victim.links.get(self.nb.nid) is not None, 5, "victim's link")
         link = self.victim.links.get(self.nb.nid)
@@ -121,12 +129,7 @@ def test_a_create_flood_against_a_slow_reader_stays_bounded_and_is_cut_and_repor
     past every bound, in a deque of its own."""
     tracker, peers = net
     evil = Attacker(tracker, peers)
-    raw = None
-    for _ in range(8):
-        if (raw := evil.link(rcvbuf=4096)) is not None:
-            break
-        gevent.sleep(1.0)
-    assert raw is not None, "the victim never accepted our genuine NID"
+    raw = evil.first_link(rcvbuf=4096)
     link = evil.victim_link()
     # The victim's kernel buffers toward us hold 4 KiB, not megabytes: full within a
     # second, as over a real network; past them, what the victim queues is its own.
@@ -189,12 +192,7 @@ def test_reconnecting_refills_no_create_bucket_and_reconnects_are_limited(
     monkeypatch.setattr(linkmod, "CREATE_BURST", 40)
     monkeypatch.setattr(linkmod, "CREATE_RATE", 2.0)
     evil = Attacker(tracker, peers)
-    raw = None
-    for _ in range(8):
-        if (raw := evil.link()) is not None:
-            break
-        gevent.sleep(1.0)
-    assert raw is not None, "the victim never accepted our genuine NID"
+    raw = evil.first_link()
     started = time.monotonic()
     raw.sock.sendall(create_frames(1, 50))
     first = answers(raw, range(1, 51))
@@ -231,12 +229,7 @@ def test_junk_data_on_unknown_circuits_is_not_credited_and_closes_the_link(
     full as relayed; now it is not, and junk beyond a small allowance closes the link."""
     tracker, peers = net
     evil = Attacker(tracker, peers)
-    raw = None
-    for _ in range(8):
-        if (raw := evil.link()) is not None:
-            break
-        gevent.sleep(1.0)
-    assert raw is not None, "the victim never accepted our genuine NID"
+    raw = evil.first_link()
     link = evil.victim_link()
     cell = HEADER.pack(DIALLER | 0x1234, Cmd.DATA, 0, CELL_BODY) + os.urandom(CELL_BODY)
     sent = 0

@@ -10,14 +10,13 @@ has them, so that session-get/-set and the file speak the same names.
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import attrs
 import platformdirs
 
-from anomos.config import split_address
+from anomos.config import read_toml, split_address
 from anomos.errors import ConfigError
 
 #: Transmission's RPC port.
@@ -97,20 +96,11 @@ _KEYS: dict[str, tuple[str, type]] = {
 def load_config(path: Path, *, required: bool = False) -> DaemonConfig:
     """Read ``path`` (absent: the defaults, unless ``required``); a bad key is one line."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_SIZE + 1)
+        doc = read_toml(path, "config file", MAX_CONFIG_SIZE)
     except FileNotFoundError:
         if required:
             raise ConfigError(f"config file {path} does not exist") from None
         return DaemonConfig().check()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_CONFIG_SIZE:
-        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_SIZE} bytes")
-    try:
-        doc = tomllib.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"config file {path}: {exc}") from None
     values: dict[str, Any] = {}
     for key, value in doc.items():
         if key not in _KEYS:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import enum
 import math
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from anomos.config import read_toml as read_toml_file
 from anomos.errors import ConfigError
 from anomos.tracker.graph import MAX_RELAYS
 from anomos.tracker.simulate import MAX_NEIGHBOURS, MAX_SEED, MIN_PEERS
@@ -224,16 +224,9 @@ def load(path: Path) -> Experiment:
 def read_toml(path: Path) -> dict[str, Any]:
     """The settings a TOML experiment file holds, unchecked (bounded in size)."""
     try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"cannot read experiment {path}: {exc.strerror}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"experiment {path}: larger than {MAX_CONFIG_BYTES // 1024} KiB")
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(f"experiment {path}: {exc}") from None
+        data = read_toml_file(path, "experiment", MAX_CONFIG_BYTES)
+    except FileNotFoundError:
+        raise ConfigError(f"cannot read experiment {path}: no such file") from None
     table = data.get("experiment", data)
     if not isinstance(table, dict):
         raise ConfigError(f"experiment {path}: [experiment] is not a table")
