@@ -603,3 +603,27 @@ def test_anomos_tracker_with_contrib_policies_and_hooklog_option(tmp_path):
     events = json.loads(result.stdout)
     assert [e["event"] for e in events] == ["tracker_started", "tracker_stopped"]
     assert events[0]["address"] in url and events[0]["pid"] == proc.pid
+
+
+def test_the_lab_compares_an_installed_third_party_policy(install_plugin, tmp_path):
+    """Issue 16: a researcher's own plugin is compared by `anomos lab` like a shipped
+    policy (the path-shortest example, installed through its entry point)."""
+    from click.testing import CliRunner
+
+    install_contrib(install_plugin, "anomos-path-shortest")
+    plugins = get_plugins()
+    result = CliRunner().invoke(
+        build_cli(plugins),
+        [
+            *("lab", "--peers", "60", "--days", "0.5", "--seeds", "2", "--jobs", "1"),
+            *("--policy", "shortest", "--policy", "weighted", "--colluding", "0.1,0.2"),
+            *("--json", str(tmp_path / "r.json")),
+        ],
+        obj=plugins,
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert list(report["policies"]) == ["shortest", "weighted"]
+    assert [line.split()[0] for line in result.output.splitlines()[1:5]] == (
+        ["shortest"] * 2 + ["weighted"] * 2
+    )
