@@ -5,8 +5,9 @@
     python3 dev.py test     # lint, type check and the whole test suite
 
 Both create ``.venv`` on first use and install anomos into it. ``test`` also
-installs Debian's ``tor`` when it is missing and we are root (the Tor tests
-need it); extra arguments go to ``anomos demo`` or to ``pytest``.
+installs the Debian packages in APT_PACKAGES when they are missing and we are
+root (the Tor, network-namespace, WAN and transmission-remote tests need them);
+extra arguments go to ``anomos demo`` or to ``pytest``.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def ensure_venv(extras: str) -> None:
 
 
 def ensure_apt_packages() -> None:
-    """Tor, iproute2 and iptables for the Tor and network-namespace tests (root only)."""
+    """The Debian packages the tests need (root only; otherwise those tests skip)."""
     missing = [p for p, exe in APT_PACKAGES.items() if not shutil.which(exe)]
     if not missing:
         return
