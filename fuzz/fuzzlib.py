@@ -59,6 +59,7 @@ except ImportError:  # pragma: no cover
 try:
     from anomos.tracker import server as tracker_server
     from anomos.tracker.limits import LimitSettings
+    from anomos.tracker.settings import TrackerSettings
 except ImportError:  # pragma: no cover
     tracker_server = None  # type: ignore[assignment]
 
@@ -711,12 +712,9 @@ class TrackerHarness:
             state_dir,
             "127.0.0.1:9",
             get_plugins(),
-            rate=1e9,
-            burst=1e9,
+            TrackerSettings(rate=1e9, burst=1e9, edge_settle=0.0, limits=LimitSettings.unlimited()),
             rng=random.Random(7),
             clock=lambda: NOW,
-            edge_settle=0.0,
-            limits=LimitSettings.unlimited(),
         )
         self.fuzzer = fixed_identity("fuzzer")
         #: identity public key -> (identity, announce message) of every peer that joined

@@ -35,6 +35,7 @@ from anomos.tracker import server as server_mod
 from anomos.tracker.client import LostNeighbour, TrackerClient
 from anomos.tracker.graph import PeerGraph
 from anomos.tracker.server import Tracker
+from anomos.tracker.settings import TrackerSettings
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -66,7 +67,12 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> None:
 
 @pytest.fixture
 def tracker(tmp_path: Path, plugins: Plugins) -> Iterator[Tracker]:
-    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, edge_settle=0, min_neighbours=3)
+    t = Tracker(
+        tmp_path / "tracker",
+        "127.0.0.1:0",
+        plugins,
+        TrackerSettings(edge_settle=0, min_neighbours=3),
+    )
     t.start()
     yield t
     t.stop()
@@ -165,7 +171,7 @@ def test_the_end_told_first_dials_a_new_edge() -> None:
 
 def test_dial_direction_survives_a_tracker_restart(tmp_path: Path, plugins: Plugins) -> None:
     state = tmp_path / "tracker"
-    t = Tracker(state, "127.0.0.1:0", plugins, edge_settle=0, min_neighbours=2)
+    t = Tracker(state, "127.0.0.1:0", plugins, TrackerSettings(edge_settle=0, min_neighbours=2))
     t.start()
     peers = [Client(t) for _ in range(6)]
     for p in peers:
@@ -175,7 +181,7 @@ def test_dial_direction_survives_a_tracker_restart(tmp_path: Path, plugins: Plug
         p.announce([LostNeighbour(t.graph.nid(p.pub, victim.pub), 0)])
     before = {frozenset((e.a, e.b)): (e.nid, e.dialer) for e in t.graph.edges()}
     t.stop()
-    t2 = Tracker(state, "127.0.0.1:0", plugins, min_neighbours=2)
+    t2 = Tracker(state, "127.0.0.1:0", plugins, TrackerSettings(min_neighbours=2))
     try:
         after = {frozenset((e.a, e.b)): (e.nid, e.dialer) for e in t2.graph.edges()}
         assert after == before
@@ -192,7 +198,12 @@ def peers(
 ) -> Iterator[tuple[Tracker, list[Peer]]]:
     """An in-process tracker (long interval) and six relaying peers on their own hosts."""
     monkeypatch.setattr(nodemod, "LINK_WATCH_INTERVAL", 0.5)
-    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, min_neighbours=3, edge_settle=0.2)
+    t = Tracker(
+        tmp_path / "tracker",
+        "127.0.0.1:0",
+        plugins,
+        TrackerSettings(min_neighbours=3, edge_settle=0.2),
+    )
     t.start()
     made: list[Peer] = start_peers(plugins, t, tmp_path, 6)  # all heard of every edge
     wait_until(lambda: all_linked(made), 10, "links up")

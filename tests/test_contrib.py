@@ -351,11 +351,15 @@ def test_hooklog_writes_every_lifecycle_event_as_a_json_line(install_plugin, tmp
 
 def test_hooklog_records_a_real_tracker_using_the_other_contrib_policies(contrib, tmp_path):
     from anomos.tracker.server import Tracker
+    from anomos.tracker.settings import TrackerSettings
 
     log = tmp_path / "tracker.jsonl"
     contrib.options["hooklog"] = str(log)
     tracker = Tracker(
-        tmp_path / "t", "127.0.0.1:0", contrib, ratio_policy="strict", path_policy="shortest"
+        tmp_path / "t",
+        "127.0.0.1:0",
+        contrib,
+        TrackerSettings(ratio_policy="strict", path_policy="shortest"),
     )
     assert tracker.ratio.name == "strict"
     tracker.start()

@@ -53,6 +53,7 @@ from anomos.tracker.client import CircuitPlan, TrackerClient
 from anomos.tracker.identity import pinned_context
 from anomos.tracker.limits import LimitSettings
 from anomos.tracker.server import Tracker
+from anomos.tracker.settings import TrackerSettings
 
 
 def test_every_limit_exists_and_is_coherent() -> None:
@@ -118,10 +119,9 @@ def test_every_limit_exists_and_is_coherent() -> None:
 
 
 @pytest.fixture
-def tracker(tmp_path: Path, plugins: Plugins, monkeypatch: pytest.MonkeyPatch) -> Iterator[Tracker]:
-    monkeypatch.setattr(server_mod, "REQUEST_TIMEOUT", 1.5)
-    monkeypatch.setattr(server_mod, "MAX_CONNECTIONS_PER_IP", 4)
-    t = Tracker(tmp_path / "tracker", f"{loopback_host()}:0", plugins, rate=1000, burst=1000)
+def tracker(tmp_path: Path, plugins: Plugins) -> Iterator[Tracker]:
+    settings = TrackerSettings(rate=1000, burst=1000, request_timeout=1.5, max_connections_per_ip=4)
+    t = Tracker(tmp_path / "tracker", f"{loopback_host()}:0", plugins, settings)
     t.start()
     yield t
     t.stop()
@@ -146,7 +146,7 @@ def closed(sock: Any, within: float) -> bool:
 
 def test_idle_connections_per_ip_are_capped(tracker: Tracker) -> None:
     host = loopback_host()
-    held = [connect(tracker, host) for _ in range(server_mod.MAX_CONNECTIONS_PER_IP)]
+    held = [connect(tracker, host) for _ in range(tracker.settings.max_connections_per_ip)]
     gevent.sleep(0.2)
     extra = connect(tracker, host)
     assert closed(extra, 1.0)  # refused at once, not after the deadline
@@ -179,12 +179,14 @@ def test_a_trickling_client_is_cut_at_the_deadline(tracker: Tracker) -> None:
             finally:
                 sock.settimeout(5)
     took = time.monotonic() - started
-    assert took < server_mod.REQUEST_TIMEOUT + 2.0, took
+    assert took < tracker.settings.request_timeout + 2.0, took
     sock.close()
 
 
 def test_oversized_and_too_frequent_requests_are_refused(tmp_path: Path, plugins: Plugins) -> None:
-    t = Tracker(tmp_path / "t", f"{loopback_host()}:0", plugins, rate=0.01, burst=3)
+    t = Tracker(
+        tmp_path / "t", f"{loopback_host()}:0", plugins, TrackerSettings(rate=0.01, burst=3)
+    )
     t.start()
     try:
         host, port = split_address(t.address)
@@ -209,7 +211,12 @@ def test_oversized_and_too_frequent_requests_are_refused(tmp_path: Path, plugins
 
 @pytest.fixture
 def net(tmp_path: Path, plugins: Plugins) -> Iterator[tuple[Tracker, list[Peer]]]:
-    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, min_neighbours=2, edge_settle=0)
+    t = Tracker(
+        tmp_path / "tracker",
+        "127.0.0.1:0",
+        plugins,
+        TrackerSettings(min_neighbours=2, edge_settle=0),
+    )
     t.start()
     peers: list[Peer] = start_peers(plugins, t, tmp_path, 4)
     wait_until(

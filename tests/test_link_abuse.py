@@ -33,6 +33,7 @@ from anomos.protocol.onion import TRACKING_CODE_SIZE
 from anomos.testing import start_peers
 from anomos.tracker.client import Neighbour
 from anomos.tracker.server import Tracker
+from anomos.tracker.settings import TrackerSettings
 
 #: Circuit ids the attacker allocates: it dials, so they carry the dialler bit.
 DIALLER = 0x80000000
@@ -40,7 +41,12 @@ DIALLER = 0x80000000
 
 @pytest.fixture
 def net(tmp_path: Path, plugins: Plugins) -> Iterator[tuple[Tracker, list[Peer]]]:
-    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, min_neighbours=2, edge_settle=0)
+    t = Tracker(
+        tmp_path / "tracker",
+        "127.0.0.1:0",
+        plugins,
+        TrackerSettings(min_neighbours=2, edge_settle=0),
+    )
     t.start()
     peers: list[Peer] = start_peers(plugins, t, tmp_path, 2)
     yield t, peers

@@ -37,6 +37,7 @@ from anomos.torrent.metainfo import Metainfo, make_metainfo
 from anomos.torrent.session import TorrentSession
 from anomos.tracker.client import CircuitPlan, TrackerBusy
 from anomos.tracker.server import Tracker
+from anomos.tracker.settings import TrackerSettings
 
 #: Bytes of movie.bin zeroed under the seeder (two 64 KiB pieces at most).
 ZEROED = (200_000, 100_000)
@@ -420,7 +421,10 @@ def test_a_busy_tracker_is_not_asked_again_before_its_retry_after(
     tmp_path: Path, plugins: Plugins
 ) -> None:
     tracker = Tracker(
-        tmp_path / "tracker", f"{loopback_host()}:0", plugins, rate=0.5, burst=2, edge_settle=0
+        tmp_path / "tracker",
+        f"{loopback_host()}:0",
+        plugins,
+        TrackerSettings(rate=0.5, burst=2, edge_settle=0),
     )
     tracker.start()
     (peer,) = start_peers(plugins, tracker, tmp_path, 1, announce=False)
@@ -446,7 +450,10 @@ def test_a_peer_downloads_intact_over_circuits_beside_a_seeder_gone_bad(
     """The bad seeder alone first (so it certainly serves a bad piece), then an honest
     one joins: the download completes intact. (It did before too: a regression guard.)"""
     tracker = Tracker(
-        tmp_path / "tracker", f"{loopback_host()}:0", plugins, min_neighbours=3, edge_settle=0
+        tmp_path / "tracker",
+        f"{loopback_host()}:0",
+        plugins,
+        TrackerSettings(min_neighbours=3, edge_settle=0),
     )
     tracker.start()
     peers = start_peers(plugins, tracker, tmp_path, 6)
@@ -479,7 +486,10 @@ def test_announces_asked_for_by_torrents_wait_for_the_trackers_min_interval(
     """Torrents added and downloads ending ask for an announce; the peer makes it no
     sooner than the tracker's min_interval after the last one."""
     tracker = Tracker(
-        tmp_path / "tracker", f"{loopback_host()}:0", plugins, min_interval=2, edge_settle=0
+        tmp_path / "tracker",
+        f"{loopback_host()}:0",
+        plugins,
+        TrackerSettings(min_interval=2, edge_settle=0),
     )
     tracker.start()
     (peer,) = start_peers(plugins, tracker, tmp_path, 1)

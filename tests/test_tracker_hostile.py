@@ -22,6 +22,7 @@ from anomos.tracker.client import LostNeighbour, TorrentStatus, TrackerClient
 from anomos.tracker.identity import pinned_context
 from anomos.tracker.limits import LimitSettings
 from anomos.tracker.server import Tracker
+from anomos.tracker.settings import TrackerSettings
 
 IH = bytes(range(20))
 #: A /16 of loopback for this test process; each test picks /24s inside it.
@@ -36,7 +37,7 @@ def subnet() -> str:
 
 @pytest.fixture
 def tracker(tmp_path, plugins):
-    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, edge_settle=0)
+    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, TrackerSettings(edge_settle=0))
     t.start()
     yield t
     t.stop()
@@ -85,8 +86,8 @@ def test_a_stopped_announce_made_for_one_tracker_cannot_drop_the_peer_from_anoth
     tmp_path, plugins
 ):
     """Tracker A replays a peer's signed `stopped` announce to tracker B: B keeps the peer."""
-    a = Tracker(tmp_path / "a", "127.0.0.1:0", plugins, edge_settle=0)
-    b = Tracker(tmp_path / "b", "127.0.0.1:0", plugins, edge_settle=0)
+    a = Tracker(tmp_path / "a", "127.0.0.1:0", plugins, TrackerSettings(edge_settle=0))
+    b = Tracker(tmp_path / "b", "127.0.0.1:0", plugins, TrackerSettings(edge_settle=0))
     captured = record_bodies(a)
     a.start()
     b.start()
@@ -110,7 +111,7 @@ def test_a_stopped_announce_made_for_one_tracker_cannot_drop_the_peer_from_anoth
 def test_a_captured_request_is_refused_when_played_again(tmp_path, plugins):
     """A peer leaves and comes back; its captured `stopped` announce, played again, no
     longer drops it, and a captured circuit request is not served twice."""
-    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, edge_settle=0)
+    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, TrackerSettings(edge_settle=0))
     captured = record_bodies(t)
     t.start()
     try:
@@ -252,8 +253,12 @@ def test_announcing_faster_than_min_interval_is_refused(tracker):
 def test_a_forged_upload_count_neither_raises_the_ratio_nor_passes_min_ratio(tmp_path, plugins):
     """The review's attack: announcing uploaded=10^13 took a ratio from 0 to 931 and
     got circuits past --min-ratio. Only uploads the peer's neighbours confirm count."""
-    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, edge_settle=0, min_ratio=0.5,
-                ratio_grace=1000)  # fmt: skip
+    t = Tracker(
+        tmp_path / "t",
+        "127.0.0.1:0",
+        plugins,
+        TrackerSettings(edge_settle=0, min_ratio=0.5, ratio_grace=1000),
+    )
     t.start()
     try:
         host, other = f"{subnet()}.2", f"{subnet()}.2"

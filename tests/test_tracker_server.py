@@ -30,6 +30,7 @@ from anomos.tracker.client import (
 )
 from anomos.tracker.identity import TrackerIdentity, pinned_context
 from anomos.tracker.server import Tracker
+from anomos.tracker.settings import TrackerSettings
 
 IH = bytes(range(20))
 SIZE = 10_000
@@ -37,7 +38,7 @@ SIZE = 10_000
 
 @pytest.fixture
 def tracker(tmp_path, plugins):
-    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, edge_settle=0)
+    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, TrackerSettings(edge_settle=0))
     t.start()
     yield t
     t.stop()
@@ -249,8 +250,12 @@ def test_ratio_credits_relayed_bytes_its_neighbour_confirms(tracker):
 
 
 def test_min_ratio_refuses_circuits_past_the_grace_until_relaying_earns_them(tmp_path, plugins):
-    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, edge_settle=0, min_ratio=0.5,
-                ratio_grace=1000)  # fmt: skip
+    t = Tracker(
+        tmp_path / "t",
+        "127.0.0.1:0",
+        plugins,
+        TrackerSettings(edge_settle=0, min_ratio=0.5, ratio_grace=1000),
+    )
     t.start()
     try:
         p, n = Peer(t), Peer(t)
@@ -266,7 +271,7 @@ def test_min_ratio_refuses_circuits_past_the_grace_until_relaying_earns_them(tmp
         assert reply.ratio == pytest.approx(2500 / 4000)
         assert p.client.request_circuits(IH, 1) == []
         with pytest.raises(ConfigError, match="--min-ratio 50"):
-            Tracker(tmp_path / "u", "127.0.0.1:0", plugins, min_ratio=50)
+            Tracker(tmp_path / "u", "127.0.0.1:0", plugins, TrackerSettings(min_ratio=50))
     finally:
         t.stop()
 
@@ -344,7 +349,7 @@ def test_peers_confirm_what_their_links_carried(tmp_path, plugins):
     keepalives), and a peer's claim is credited only up to what its neighbour confirmed."""
     from test_limits import plan
 
-    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, edge_settle=0)
+    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, TrackerSettings(edge_settle=0))
     t.start()
     nodes = []
     try:
@@ -402,7 +407,13 @@ def test_stopped_peers_and_torrents_leave(tracker):
 @pytest.fixture
 def settled_net(tmp_path, plugins):
     """A tracker with a seeded graph and ten peers that all know their neighbours."""
-    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, edge_settle=0, rng=random.Random(7))
+    t = Tracker(
+        tmp_path / "tracker",
+        "127.0.0.1:0",
+        plugins,
+        TrackerSettings(edge_settle=0),
+        rng=random.Random(7),
+    )
     t.start()
     peers = [Peer(t) for _ in range(10)]
     for _ in range(2):
@@ -502,7 +513,9 @@ def test_an_unreachable_report_for_a_nid_that_is_not_the_reporters_is_ignored(se
 
 def test_silent_peers_expire_and_neighbours_are_repaired(tmp_path, plugins):
     now = [time.time()]
-    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, interval=10, clock=lambda: now[0])
+    t = Tracker(
+        tmp_path / "t", "127.0.0.1:0", plugins, TrackerSettings(interval=10), clock=lambda: now[0]
+    )
     t.start()
     try:
         peers = [Peer(t) for _ in range(12)]
@@ -539,7 +552,7 @@ def test_stats_are_counts_without_addresses(tracker):
 
 
 def test_rate_limit_per_client_ip(tmp_path, plugins):
-    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, rate=0.001, burst=2)
+    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, TrackerSettings(rate=0.001, burst=2))
     t.start()
     try:
         p, q = Peer(t), Peer(t)
@@ -556,7 +569,12 @@ def test_shared_client_address_is_limited_per_identity(tmp_path, plugins):
     """Behind an onion service every peer arrives from tor's address: each identity then
     has its own bucket, so one busy peer cannot lock the others out."""
     host = loopback_host()
-    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, rate=0.001, burst=2, shared_clients=[host])
+    t = Tracker(
+        tmp_path / "t",
+        "127.0.0.1:0",
+        plugins,
+        TrackerSettings(rate=0.001, burst=2, shared_clients=[host]),
+    )
     t.start()
     try:
         p, q = Peer(t), Peer(t)
@@ -670,7 +688,12 @@ def test_signature_covers_context_tracker_path_and_message():
 def test_sources_near_the_downloader_are_found_in_a_big_sparse_graph(tmp_path, plugins):
     """With 1 relay only peers within 2 hops are reachable (~37 of 2000): blind sampling
     of 16 sources would rarely find one, so the tracker also looks around the downloader."""
-    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, min_relays=1, max_relays=1, edge_settle=0)
+    t = Tracker(
+        tmp_path / "t",
+        "127.0.0.1:0",
+        plugins,
+        TrackerSettings(min_relays=1, max_relays=1, edge_settle=0),
+    )
     keys = PeerIdentity.generate()
     pubs = [bytes([i >> 8, i & 255]) * 16 for i in range(2000)]
     for i, pub in enumerate(pubs * 2):  # twice, so both ends of every edge know it

@@ -14,9 +14,9 @@ from anomos.errors import ConfigError
 from anomos.identity import PeerIdentity
 from anomos.localnet import LocalNetwork
 from anomos.testing import loopback_host
-from anomos.tracker import server as server_mod
 from anomos.tracker.client import TorrentStatus, TrackerClient
 from anomos.tracker.server import FLUSH_INTERVAL, Tracker
+from anomos.tracker.settings import TrackerSettings
 from anomos.tracker.store import DB_FILE, Account, Batch, PeerRow, Store, SwarmRow
 
 
@@ -38,7 +38,7 @@ def snapshot(t: Tracker):
 
 def test_restart_keeps_everything(tmp_path, plugins):
     state = tmp_path / "tracker"
-    t = Tracker(state, "127.0.0.1:0", plugins, edge_settle=0)
+    t = Tracker(state, "127.0.0.1:0", plugins, TrackerSettings(edge_settle=0))
     t.start()
     peers = [Peer(t) for _ in range(10)]
     replies = {}
@@ -282,14 +282,14 @@ def test_store_refuses_a_foreign_schema(tmp_path):
 # ----------------------------------------------------------------------------- write-behind
 
 
-def test_serving_goes_on_while_the_database_is_locked(tmp_path, plugins, monkeypatch):
+def test_serving_goes_on_while_the_database_is_locked(tmp_path, plugins):
     """Announces are answered while another process holds the database's write lock:
     the writes wait in the writer thread, and land once the lock is released.
 
     The old tracker wrote inline: its announce waited out SQLite's busy timeout
     (5 s) and then failed with an internal error."""
-    monkeypatch.setattr(server_mod, "FLUSH_MAX_PENDING", 3)
-    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, edge_settle=0)
+    settings = TrackerSettings(edge_settle=0, flush_max_pending=3)
+    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, settings)
     t.start()
     try:
         locker = sqlite3.connect(t.store.path, isolation_level=None)

@@ -20,11 +20,17 @@ from anomos.peer.node import Peer
 from anomos.pluginmanager import Plugins
 from anomos.testing import free_port, start_peers
 from anomos.tracker.server import Tracker
+from anomos.tracker.settings import TrackerSettings
 
 
 @pytest.fixture
 def tracker(tmp_path: Path, plugins: Plugins) -> Iterator[Tracker]:
-    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, min_neighbours=2, edge_settle=0)
+    t = Tracker(
+        tmp_path / "tracker",
+        "127.0.0.1:0",
+        plugins,
+        TrackerSettings(min_neighbours=2, edge_settle=0),
+    )
     t.start()
     yield t
     t.stop()

@@ -36,6 +36,7 @@ from anomos.pluginmanager import Plugins
 from anomos.tracker.client import LostNeighbour, Neighbour, TrackerClient
 from anomos.tracker.limits import LimitSettings
 from anomos.tracker.server import Tracker
+from anomos.tracker.settings import TrackerSettings
 
 #: Simulated seconds between the attacker's moves (the tracker's min_interval).
 STEP = 5.0
@@ -101,12 +102,10 @@ def enumerate_membership(
             Path(state),
             "127.0.0.1:0",
             plugins,
+            TrackerSettings(
+                interval=3600, rate=1e9, burst=1e9, edge_settle=0, limits=limits or LimitSettings()
+            ),
             clock=clock,
-            interval=3600,
-            rate=1e9,
-            burst=1e9,
-            edge_settle=0,
-            limits=limits,
         )
         members = _register(tracker, peers)
         tracker.start()

@@ -252,6 +252,7 @@ def graph_bench(
     from anomos.tracker.identity import TrackerIdentity
     from anomos.tracker.limits import LimitSettings
     from anomos.tracker.server import ANNOUNCE_PATH, CIRCUITS_PATH, Tracker
+    from anomos.tracker.settings import TrackerSettings
 
     state = tempfile.mkdtemp(prefix="anomos-bench-tracker-")
     gaps = _Gaps()
@@ -325,7 +326,10 @@ def graph_bench(
         gc.collect()
         rss0 = _rss()
         tracker = Tracker(
-            state, "127.0.0.1:0", plugins, limits=LimitSettings.unlimited(), **_SETTINGS
+            state,
+            "127.0.0.1:0",
+            plugins,
+            TrackerSettings(limits=LimitSettings.unlimited(), **_SETTINGS),
         )
         tracker.start()
         echo(f"tracker: registering {peers - joiners:,} peers")
@@ -360,7 +364,7 @@ def graph_bench(
         found = 0
         for _ in range(samples):
             start = rng.choice(everyone)
-            near = list(tracker.graph.within(start, tracker.max_relays + 1, 2000))
+            near = list(tracker.graph.within(start, tracker.settings.max_relays + 1, 2000))
             end = rng.choice(near[1:]) if len(near) > 1 else rng.choice(everyone)
             t = time.thread_time()
             path = policy.find_path(view, start, end, rng)
@@ -379,7 +383,10 @@ def graph_bench(
         echo("tracker: restart")
         t0 = time.perf_counter()
         again = Tracker(
-            state, "127.0.0.1:0", plugins, limits=LimitSettings.unlimited(), **_SETTINGS
+            state,
+            "127.0.0.1:0",
+            plugins,
+            TrackerSettings(limits=LimitSettings.unlimited(), **_SETTINGS),
         )
         restart = time.perf_counter() - t0
         restored = len(again.peers)

@@ -81,7 +81,7 @@ class LimitSettings:
 
 
 @attrs.define(eq=False)
-class _Buckets:
+class KeyedBuckets:
     """One token bucket per key, the least recently used forgotten past ``limit``."""
 
     rate: float
@@ -109,12 +109,16 @@ class Limits:
         self, settings: LimitSettings, min_interval: float, clock: Callable[[], float]
     ) -> None:
         self.settings = settings
-        self._announces = _Buckets(1.0 / max(min_interval, 1e-3), settings.announce_burst, clock)
-        self._replacements = _Buckets(1.0 / settings.replace_every, settings.replace_burst, clock)
-        self._network_replacements = _Buckets(
+        self._announces = KeyedBuckets(
+            1.0 / max(min_interval, 1e-3), settings.announce_burst, clock
+        )
+        self._replacements = KeyedBuckets(
+            1.0 / settings.replace_every, settings.replace_burst, clock
+        )
+        self._network_replacements = KeyedBuckets(
             1.0 / settings.network_replace_every, settings.network_replace_burst, clock
         )
-        self._joins = _Buckets(1.0 / settings.join_every, settings.join_burst, clock)
+        self._joins = KeyedBuckets(1.0 / settings.join_every, settings.join_burst, clock)
 
     def network(self, ip: str) -> str:
         """The source network ``ip`` belongs to, e.g. ``"192.0.2.0/24"``."""

@@ -146,6 +146,7 @@ def tracker_command(
     """Run a tracker: assign neighbours, plan circuits, keep ratios."""
     from anomos.tracker.limits import LimitSettings
     from anomos.tracker.server import Tracker
+    from anomos.tracker.settings import TrackerSettings
 
     split_address(listen)
     min_n, max_n = parse_range(neighbours, "--neighbours")
@@ -155,10 +156,7 @@ def tracker_command(
     if (tor_launch or onion_client_auth) and not onion:
         raise ConfigError("--tor-launch and --onion-client-auth need --onion")
     click.get_current_context().with_resource(lock_state_dir(state))
-    tracker = Tracker(
-        state,
-        listen,
-        plugins,
+    settings = TrackerSettings(
         path_policy=path_policy,
         cipher_suite=cipher_suite,
         ratio_policy=ratio_policy,
@@ -178,6 +176,7 @@ def tracker_command(
         # Behind an onion service every client arrives from tor's loopback end.
         shared_clients=ONION_CLIENT_ADDRESSES if onion else (),
     )
+    tracker = Tracker(state, listen, plugins, settings)
     done = gevent.event.Event()
     handlers = [gevent.signal_handler(sig, done.set) for sig in (signal.SIGINT, signal.SIGTERM)]
     tracker.start()
