@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import gc
 import io
+import operator
 import os
 import random
 import secrets
@@ -175,12 +176,12 @@ _STATE = (
     "peers",
     "accounts",
     "swarms",
-    "_peer_torrents",
+    "membership.peer_torrents",
     "sizes",
-    "_seen",
-    "_receipts",
-    "_lost_reports",
-    "_pending",
+    "liveness.seen",
+    "accounting.receipts",
+    "liveness.reports",
+    "persistence.pending",
 )
 _SKIP = (
     type,
@@ -195,7 +196,7 @@ _SKIP = (
 def counted_bytes(tracker: Any) -> int:
     """Bytes of every object the tracker's state holds (each counted once), numpy buffers
     included: what ``sys.getsizeof`` says, summed over a walk of the references."""
-    roots = [getattr(tracker, name) for name in _STATE if hasattr(tracker, name)]
+    roots = [operator.attrgetter(name)(tracker) for name in _STATE]
     roots += [
         v
         for k, v in vars(tracker.graph).items()

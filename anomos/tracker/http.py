@@ -293,6 +293,8 @@ class _Server(WSGIServer):
             client_socket.close()
             return None
         self.per_ip[ip] += 1
+        with contextlib.suppress(OSError):  # replies go out at once, not after a delayed ACK
+            client_socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         deadline = _Deadline(client_socket.dup(), address)
         deadline.arm(self.settings.request_timeout)
         client_socket.settimeout(self.settings.request_timeout)

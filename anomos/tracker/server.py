@@ -1,33 +1,19 @@
-"""The tracker: membership of the neighbour graph and the swarms, over separate parts.
+"""The tracker: who is in the network, and the parts that serve it.
 
 Peers announce (keys, contact address, torrents, relayed bytes, and receipts:
 the bytes they received from each neighbour) and get their neighbours;
 downloaders ask for circuits and get plans whose sources stay hidden from
-them. The exact wire format is in docs/tracker-api.md.
-
-:class:`Tracker` is the orchestrator: it owns who is in the network (peers,
-their liveness, lost-neighbour reports) and wires the parts together:
-
-* :mod:`~anomos.tracker.http`: the HTTPS front end (connections, per-IP limits,
-  routing, one-line errors);
-* :mod:`~anomos.tracker.requests`: signatures, replays and every field checked,
-  into typed requests;
-* :mod:`~anomos.tracker.accounting`: share ratios credited only as far as
-  neighbours confirm;
-* :mod:`~anomos.tracker.swarms`, :mod:`~anomos.tracker.graph`,
-  :mod:`~anomos.tracker.planner`: swarms, neighbours, circuit plans;
-* :mod:`~anomos.tracker.persistence`: the changes written behind to SQLite by a
-  writer thread, so serving never waits for the disk; circuit requests write nothing;
-* :mod:`~anomos.tracker.settings`: every choice, as one frozen value.
-
-A peer not seen for ``EXPIRY_INTERVALS`` announce intervals is dropped and its
-neighbours repaired. All state changes run without yielding to other
+them (docs/tracker-api.md). :class:`Tracker` is the orchestrator: it holds the
+live peers and runs the join/announce and circuits handlers over the parts,
+each in its own module (docs/architecture.md has the map): ``http`` front end,
+``requests`` checks, ``accounting``, ``swarms``, ``liveness``, ``graph``,
+``planner``, ``persistence`` (written behind to SQLite: serving never waits
+for the disk), ``settings``. All state changes run without yielding to other
 greenlets, so no locks are needed.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import random
 import time
@@ -43,79 +29,48 @@ from anomos.interfaces import RatioPolicy
 from anomos.pluginmanager import Plugins
 from anomos.protocol.onion import current_epoch
 from anomos.tracker.accounting import Accounting
-from anomos.tracker.client import MAX_LOST_AGE_MS, plan_to_wire
+
+# Names this module re-exports ("X as X") are the ones callers and tests know it by;
+# each is defined in the part it belongs to.
+from anomos.tracker.client import MAX_LOST_AGE_MS as MAX_LOST_AGE_MS
+from anomos.tracker.client import plan_to_wire
 from anomos.tracker.graph import PeerGraph
-from anomos.tracker.http import (
-    ANNOUNCE_PATH,
-    CIRCUITS_PATH,
-    MAX_BODY,
-    MAX_CONNECTIONS,
-    STATS_PATH,
-    FrontEnd,
-    Refused,
-)
+from anomos.tracker.http import ANNOUNCE_PATH as ANNOUNCE_PATH
+from anomos.tracker.http import CIRCUITS_PATH as CIRCUITS_PATH
+from anomos.tracker.http import MAX_BODY as MAX_BODY
+from anomos.tracker.http import MAX_CONNECTIONS as MAX_CONNECTIONS
+from anomos.tracker.http import STATS_PATH as STATS_PATH
+from anomos.tracker.http import FrontEnd, Refused
 from anomos.tracker.identity import TrackerIdentity
 from anomos.tracker.limits import Limits, RecentRequests
-from anomos.tracker.persistence import FLUSH_INTERVAL, Persistence, freeze
+from anomos.tracker.liveness import EXPIRY_INTERVALS as EXPIRY_INTERVALS
+from anomos.tracker.liveness import UNREACHABLE_PER_ANNOUNCE as UNREACHABLE_PER_ANNOUNCE
+from anomos.tracker.liveness import Liveness, Verdict
+from anomos.tracker.persistence import FLUSH_INTERVAL as FLUSH_INTERVAL
+from anomos.tracker.persistence import Persistence, freeze
 from anomos.tracker.planner import PeerKeys, Planner, Swarm
+from anomos.tracker.requests import LOW_ORDER_X25519 as LOW_ORDER_X25519
 from anomos.tracker.requests import (
-    LOW_ORDER_X25519,
     MAX_CLOCK_SKEW,
-    MAX_LOST,
     AnnounceRequest,
     Verifier,
-    low_order_x25519,
     parse_announce,
     parse_circuits,
 )
-from anomos.tracker.settings import (
-    ANNOUNCE_INTERVAL,
-    MAX_CONNECTIONS_PER_IP,
-    MIN_INTERVAL,
-    RATE_BURST,
-    RATE_PER_SECOND,
-    REQUEST_TIMEOUT,
-    TrackerSettings,
-)
-from anomos.tracker.store import Account, Batch, PeerRow
+from anomos.tracker.requests import MAX_LOST as MAX_LOST
+from anomos.tracker.requests import low_order_x25519 as low_order_x25519
+from anomos.tracker.settings import ANNOUNCE_INTERVAL as ANNOUNCE_INTERVAL
+from anomos.tracker.settings import MAX_CONNECTIONS_PER_IP as MAX_CONNECTIONS_PER_IP
+from anomos.tracker.settings import MIN_INTERVAL as MIN_INTERVAL
+from anomos.tracker.settings import RATE_BURST as RATE_BURST
+from anomos.tracker.settings import RATE_PER_SECOND as RATE_PER_SECOND
+from anomos.tracker.settings import REQUEST_TIMEOUT as REQUEST_TIMEOUT
+from anomos.tracker.settings import TrackerSettings
+from anomos.tracker.store import Account, Batch, PeerRow, Store
 from anomos.tracker.swarms import Swarms
-
-# The names callers and tests know this module by (each defined where it belongs).
-__all__ = [
-    "ANNOUNCE_INTERVAL",
-    "ANNOUNCE_PATH",
-    "CIRCUITS_PATH",
-    "EXPIRY_INTERVALS",
-    "FLUSH_INTERVAL",
-    "LOST_RECHECK_INTERVAL",
-    "LOW_ORDER_X25519",
-    "MAX_BODY",
-    "MAX_CONNECTIONS",
-    "MAX_CONNECTIONS_PER_IP",
-    "MAX_LOST",
-    "MAX_LOST_AGE_MS",
-    "MIN_INTERVAL",
-    "RATE_BURST",
-    "RATE_PER_SECOND",
-    "REQUEST_TIMEOUT",
-    "STATS_PATH",
-    "UNREACHABLE_PER_ANNOUNCE",
-    "Refused",
-    "Tracker",
-    "TrackerSettings",
-    "low_order_x25519",
-]
 
 log = logging.getLogger(__name__)
 
-#: A peer silent for this many intervals is expired.
-EXPIRY_INTERVALS = 3
-#: Distinct neighbours that must report a peer lost before it is dropped (fewer
-#: if it has fewer neighbours); one report only stops planning over that edge.
-LOST_REPORTS_TO_DROP = 2
-#: Edges one announce may have replaced by reporting neighbours "unreachable" (more
-#: are ignored), so that one peer cannot churn the graph fast.
-UNREACHABLE_PER_ANNOUNCE = 2
 #: Seconds until the next announce asked of a peer whose report is still pending
 #: (so it hears of the replacement neighbours soon after the peer is dropped).
 LOST_RECHECK_INTERVAL = 2
@@ -178,11 +133,8 @@ class Tracker:
         self.front = FrontEnd(s, self, self.verifier.verify, self.limits.network)
         #: live peers
         self.peers: dict[bytes, PeerRow] = {}
-        #: live peers, least recently seen first (expiry pops from the front)
-        self._seen: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self.liveness = Liveness(self.graph, self.limits)
         self.announces = 0
-        #: peer -> neighbours that reported it lost since it last announced -> when
-        self._lost_reports: dict[bytes, dict[bytes, float]] = {}
         #: peers dropped because their neighbours lost them (for /stats)
         self.dropped = 0
         self.persistence = Persistence(
@@ -224,8 +176,12 @@ class Tracker:
         return self.membership.sizes
 
     @property
-    def store(self) -> Any:
+    def store(self) -> Store:
         return self.persistence.store
+
+    @property
+    def _lost_reports(self) -> dict[bytes, dict[bytes, float]]:
+        return self.liveness.reports
 
     def start(self) -> None:
         """Serve HTTPS and run the expiry and flush loops."""
@@ -306,14 +262,10 @@ class Tracker:
                 row.onion, row.box, row.address = request.onion, request.box, request.address
                 batch.peers[row.seq] = row
             row.last_seen = now
-        # Speaking proves it alive: earlier reports of it being lost are void.
-        self._lost_reports.pop(peer, None)
-        lost = request.lost
-        pending = self._on_lost(peer, lost, now, batch, network) if lost else False
+        self.liveness.spoke(peer, now)
+        pending = self._on_lost(peer, request.lost, now, batch, network)
         if self.graph.degree(peer) < self.graph.min_neighbours:
             self._apply_changes(self.graph.top_up(peer), batch)
-        self._seen[peer] = now
-        self._seen.move_to_end(peer)
         self.membership.update(peer, row.seq, request.torrents, batch)
         self.persistence.changed()
         fixed: list[Any] = self.graph.mark_told(peer)
@@ -353,49 +305,13 @@ class Tracker:
         batch: Batch,
         network: str | None = None,
     ) -> bool:
-        """``peer`` lost its links to these NIDs; True if a lost neighbour is still kept.
-
-        The edge is taken out of planning at once (a circuit over it would fail);
-        the neighbour is dropped, and its neighbours repaired, once enough of its
-        neighbours report it. A report older than the neighbour's own last
-        announce is ignored: it came back (restarted) since. A neighbour reported
-        ``unreachable`` is not suspected at all: see :meth:`_on_unreachable`.
-        """
+        """``peer`` lost its links to these NIDs (judged in :mod:`liveness`); True if a
+        lost neighbour is still kept."""
         pending = False
-        replaced = 0
-        for nid, age_ms, why in lost:
-            other: Any = self.graph.peer_by_nid(peer, nid)
-            row = self.peers.get(other) if other is not None else None
-            if other is None or row is None:
-                continue
-            if why == "unreachable":
-                if replaced >= UNREACHABLE_PER_ANNOUNCE or not self.limits.replacement_allowed(
-                    peer, network
-                ):
-                    log.info(
-                        "peer %s reports neighbour %s unreachable: over %d per announce "
-                        "or its allowance, ignored",
-                        peer.hex()[:16],
-                        other.hex()[:16],
-                        UNREACHABLE_PER_ANNOUNCE,
-                    )
-                    continue
+        for other, verdict in self.liveness.judge(peer, lost, now, self.peers, network):
+            if verdict is Verdict.REPLACE:
                 self._on_unreachable(peer, other, batch)
-                replaced += 1
-                continue
-            if row.last_seen >= now - age_ms / 1000.0:
-                continue
-            self.graph.unsettle(peer, other)
-            reporters = self._lost_reports.setdefault(other, {})
-            reporters[peer] = now
-            log.info(
-                "peer %s reports neighbour %s: %s (%d report(s))",
-                peer.hex()[:16],
-                other.hex()[:16],
-                why,
-                len(reporters),
-            )
-            if len(reporters) >= min(LOST_REPORTS_TO_DROP, self.graph.degree(other)):
+            elif verdict is Verdict.DROP:
                 log.info("dropping peer %s: lost by its neighbours", other.hex()[:16])
                 self._remove_peer(other, batch)
                 self.dropped += 1
@@ -421,8 +337,7 @@ class Tracker:
         self._apply_changes(self.graph.remove_peer(peer), batch)
         batch.remove_peer(self._id(peer))
         self.peers.pop(peer, None)
-        self._seen.pop(peer, None)
-        self._lost_reports.pop(peer, None)
+        self.liveness.forget(peer)
 
     def _id(self, peer: bytes) -> int:
         """The peer's integer id in the store (its join sequence number)."""
@@ -486,10 +401,7 @@ class Tracker:
         deadline = self.clock() - EXPIRY_INTERVALS * self.settings.interval
         batch = self.persistence.pending
         gone = 0
-        while self._seen:
-            peer, seen = next(iter(self._seen.items()))
-            if seen >= deadline:
-                break
+        for peer in self.liveness.silent_since(deadline):
             self._remove_peer(peer, batch)
             gone += 1
         if gone:
@@ -516,7 +428,7 @@ class Tracker:
             self.peers[row.identity] = row
             # Restored peers get a full expiry window from now to announce again.
             row.last_seen = now
-            self._seen[row.identity] = now
+            self.liveness.seen[row.identity] = now
             self.graph.restore_peer(row.identity, row.seq)
         self.graph.restore_edges((a, b, nid, snap.dialers.get((a, b))) for a, b, nid in snap.edges)
         self.accounts.update(snap.accounts)
