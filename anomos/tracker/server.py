@@ -57,6 +57,7 @@ from anomos.tracker.identity import TrackerIdentity
 from anomos.tracker.limits import Limits, LimitSettings, RecentRequests, Seen
 from anomos.tracker.planner import PeerKeys, Planner, Swarm
 from anomos.tracker.store import Account, Batch, PeerRow, Store, SwarmRow
+from anomos.tracker.tables import TorrentsByPeer
 
 log = logging.getLogger(__name__)
 
@@ -440,7 +441,7 @@ class Tracker:
         self._seen: collections.OrderedDict[bytes, float] = collections.OrderedDict()
         self.accounts: dict[bytes, Account] = {}
         self.swarms: dict[bytes, Swarm] = {}
-        self._peer_torrents: dict[bytes, set[bytes]] = {}
+        self._peer_torrents = TorrentsByPeer()
         self.sizes: dict[bytes, int] = {}
         self.announces = 0
         self.store = Store(self.state_dir)
