@@ -269,3 +269,32 @@ def test_avoided_pairs_expire_and_are_bounded(monkeypatch):
     assert not g.avoided(3, 4)
     g._avoid(7, 8)  # expired pairs are dropped as new ones come
     assert list(g._avoided) == [frozenset((7, 8))]
+
+
+def test_a_departed_peers_slot_is_reused_clean():
+    """The arrays do not grow with churn, and a reused slot keeps nothing of its last
+    peer: no neighbour, NID, flag, load or settled edge."""
+    g = build(200, seed=9, edge_settle=0.0)
+    for p in list(g):
+        g.mark_told(p)
+    g.add_load(17, 5.0)
+    slot = g._slot[17]
+    rows = len(g._nbr)
+    g.remove_peer(17)
+    g.add_peer("newcomer")
+    assert g._slot["newcomer"] == slot and len(g._nbr) == rows
+    assert g.load("newcomer") == 0.0
+    assert g.settled_neighbours("newcomer") == set()  # told of nothing yet
+    base = slot * g._width
+    deg = g.degree("newcomer")
+    assert g.min_neighbours <= deg <= g.max_neighbours
+    assert list(g._nbr[base + deg : base + g._width]) == [-1] * (g._width - deg)
+    assert not any(g._flags[base : base + g._width])
+    for n in g.neighbours("newcomer"):
+        assert "newcomer" in g.neighbours(n) and 17 not in g.neighbours(n)
+        assert g.nid(n, "newcomer") == g.nid("newcomer", n)
+    # A search never crosses the old peer's edges through the reused slot.
+    view = g.settled_view()
+    for other in list(g)[:50]:
+        region = view.region(other, "newcomer", 5)
+        assert region is None  # every edge of the newcomer is unsettled

@@ -20,6 +20,7 @@ from anomos.protocol.onion import OnionReader
 from anomos.protocol.request import open_request
 from anomos.testing import loopback_host, start_peers
 from anomos.tracker import client as client_mod
+from anomos.tracker import persistence as persistence_mod
 from anomos.tracker import server as server_mod
 from anomos.tracker.client import (
     LostNeighbour,
@@ -767,3 +768,38 @@ def test_low_order_x25519_keys_are_found_by_comparison():
         assert server_mod.low_order_x25519(key) == refused_by_exchange(key) is False
     # A real key is never of small order.
     assert not server_mod.low_order_x25519(PeerIdentity.generate().onion_public)
+
+
+def test_the_state_is_frozen_once_the_peer_count_moved_enough(tmp_path, plugins, monkeypatch):
+    """A full garbage collection walks what was made since the last gc.freeze(): a burst
+    of joins must bring the next freeze forward, not wait for FREEZE_INTERVAL."""
+    frozen = []
+    monkeypatch.setattr(persistence_mod, "FLUSH_INTERVAL", 0.01)
+    monkeypatch.setattr(persistence_mod, "FREEZE_PEERS", 20)
+    monkeypatch.setattr(persistence_mod, "freeze", lambda: frozen.append(time.monotonic()))
+    settings = TrackerSettings(edge_settle=0, rate=1e9, burst=1e9)
+    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, settings)
+    t.start()
+    gevent.sleep(0.05)  # the flush loop starts counting
+    frozen.clear()  # the restore's own freeze
+    try:
+        inner = {
+            b"session": b"s",
+            b"onion": PeerIdentity.generate().onion_public,
+            b"box": PeerIdentity.generate().box_public,
+            b"address": b"10.0.0.1:1",
+            b"torrents": [],
+            b"relayed": 0,
+            b"stopped": 0,
+        }
+        for _ in range(19):
+            t.announce(PeerIdentity.generate().identity_public, dict(inner))
+        gevent.sleep(0.1)
+        assert not frozen  # 19 new peers: not yet
+        t.announce(PeerIdentity.generate().identity_public, dict(inner))
+        deadline = time.monotonic() + 10
+        while not frozen and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+        assert len(frozen) == 1
+    finally:
+        t.stop()

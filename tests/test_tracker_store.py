@@ -25,13 +25,10 @@ def snapshot(t: Tracker):
         "edges": sorted((e.a, e.b, e.nid, e.dialer) for e in t.graph.edges()),
         "peers": {k: (r.onion, r.box, r.address, r.seq) for k, r in t.peers.items()},
         "accounts": {
-            k: (a.uploaded, a.downloaded, a.relayed_claimed, a.relayed_confirmed)
+            k: (a.uploaded, a.downloaded, a.relayed_claimed, a.relayed_confirmed, dict(a.reports))
             for k, a in t.accounts.items()
         },
-        "swarms": {
-            ih: {p: (r.left, r.uploaded, r.downloaded) for p, r in s.rows.items()}
-            for ih, s in t.swarms.items()
-        },
+        "swarms": {ih: {p: r.left for p, r in s.rows.items()} for ih, s in t.swarms.items()},
         "sizes": dict(t.sizes),
     }
 

@@ -23,7 +23,9 @@ breadth-first searches that looks at a few hundred nodes, however big the graph.
 from __future__ import annotations
 
 import collections
+import itertools
 import math
+import operator
 import random
 import time
 from array import array
@@ -730,6 +732,8 @@ class PeerGraph:
 
 _FILL = array("i", [-1])
 _ZERO = array("i", [0])
+#: ``bytes.translate`` table: a flags byte -> 1 if the edge is settled, else 0.
+_SETTLED = bytes(1 if f & _READY else 0 for f in range(256))
 
 
 class SettledView:
@@ -766,38 +770,95 @@ class SettledView:
 
     def distances(self, root: Peer, depth: int, allowed: Any = None) -> dict[Peer, int]:
         """Hop distances from ``root`` over usable edges, up to ``depth``, optionally only
-        through ``allowed``: what :func:`_bfs` computes, but over the graph's arrays, with
-        no set built per node (the bulk of a path search)."""
+        through ``allowed``: what :func:`_bfs` computes, over the graph's arrays."""
         g = self.graph
-        slot, peers = g._slot, g._peers
-        nbr, flags, deg, width = g._nbr, g._flags, g._deg, g._width
-        origin = slot.get(self.origin, -1) if self.origin is not None else -1
-        hops = {slot[p] for p in self.first_hops if p in slot}
-        start = slot[root]
-        dist = {start: 0}
-        frontier = [start]
+        keep: list[set[int] | None] | None = None
+        if allowed is not None:
+            slots = {s for p, s in g._slot.items() if p in allowed}
+            keep = [slots] * (depth + 1)
+        levels = self._levels(g._slot[root], depth, keep)
+        peers = g._peers
+        return {peers[s]: d for d, level in enumerate(levels) for s in level}
+
+    def region(
+        self, start: Peer, end: Peer, max_edges: int, without: Peer | None = None
+    ) -> dict[Peer, int] | None:
+        """:func:`search_region` over the graph's arrays (the bulk of a path search), in
+        slots until the answer; ``without`` is a peer no walk may cross.
+
+        One search around ``start`` to ``ceil(L/2)`` hops, then one from ``end`` that
+        keeps, at distance ``k``, only nodes at most ``L - k`` from ``start`` (known
+        exactly inside the first ball, and more than its radius outside it, so beyond
+        ``L - ceil(L/2) - 1`` hops from ``end`` such nodes are dropped): exactly the
+        nodes some walk of at most ``L`` edges can use. Every node on such a node's
+        shortest way to ``end`` qualifies too, so the distances are exact; and the
+        search looks at the few nodes between the two ends, not a whole region.
+        """
+        slot = self.graph._slot
+        s0, s1 = slot[start], slot[end]
+        hidden = {slot[without]} if without in slot else set()
+        if s0 in hidden or s1 in hidden:
+            return None
+        half = (max_edges + 1) // 2
+        upto: list[set[int]] = list(
+            itertools.accumulate(self._levels(s0, half, None, hidden), operator.or_)
+        )
+        keep: list[set[int] | None] = [
+            None if half + 1 + k <= max_edges else upto[min(max_edges - k, len(upto) - 1)]
+            for k in range(max_edges + 1)
+        ]
+        levels = self._levels(s1, max_edges, keep, hidden)
+        if not any(s0 in level for level in levels):
+            return None
+        peers = self.graph._peers
+        return {peers[s]: d for d, level in enumerate(levels) for s in level}
+
+    def _levels(
+        self,
+        root: int,
+        depth: int,
+        keep: list[set[int] | None] | None = None,
+        hidden: set[int] | None = None,
+    ) -> list[set[int]]:
+        """Slots by hop distance from slot ``root`` over usable edges, up to ``depth``;
+        at distance ``d`` only those in ``keep[d]`` (when it is not None), never ``hidden``.
+
+        Level by level with set operations: each node costs a few C calls (its row of
+        neighbour slots, filtered by the settled flag with ``bytes.translate`` and
+        ``itertools.compress``); free slots of a row have no flags, so the whole row is
+        read without looking up the degree.
+        """
+        g = self.graph
+        nbr, flags, width = g._nbr, g._flags, g._width
+        origin = g._slot.get(self.origin, -1) if self.origin is not None else -1
+        hops = {g._slot[p] for p in self.first_hops if p in g._slot} if origin >= 0 else set()
+        seen = {root}
+        if hidden:
+            seen |= hidden
+        levels = [{root}]
         for d in range(1, depth + 1):
-            nxt = []
+            frontier = levels[-1]
+            found: list[int] = []
             for node in frontier:
                 base = node * width
-                end = base + deg[node]
-                for n, f in zip(nbr[base:end], flags[base:end], strict=True):
-                    if n in dist:
-                        continue
-                    if not (
-                        f & _READY
-                        or (node == origin and n in hops)
-                        or (n == origin and node in hops)
-                    ):
-                        continue
-                    if allowed is not None and peers[n] not in allowed:
-                        continue
-                    dist[n] = d
-                    nxt.append(n)
+                row = nbr[base : base + width]
+                found.extend(
+                    itertools.compress(row, flags[base : base + width].translate(_SETTLED))
+                )
+            nxt = set(found)
+            if origin >= 0:
+                if origin in frontier:
+                    nxt |= hops
+                if not hops.isdisjoint(frontier):
+                    nxt.add(origin)
+            nxt -= seen
+            if keep is not None and (allowed := keep[d]) is not None:
+                nxt &= allowed
             if not nxt:
                 break
-            frontier = nxt
-        return {peers[s]: d for s, d in dist.items()}
+            seen |= nxt
+            levels.append(nxt)
+        return levels
 
     def __contains__(self, peer: object) -> bool:
         return peer in self.graph
@@ -851,9 +912,13 @@ def search_region(graph: Any, start: Peer, end: Peer, max_edges: int) -> dict[Pe
     Meet in the middle: any node of such a walk is within ``ceil(L/2)`` of
     ``start`` or within ``floor(L/2)`` of ``end``, so two small searches bound
     the region, and a third, inside it, gives exact distances to ``end``.
+    A graph with a ``region`` method (:class:`SettledView`) computes it itself.
     """
     if start == end or start not in graph or end not in graph or max_edges < 1:
         return None
+    fast = getattr(graph, "region", None)
+    if fast is not None:
+        return fast(start, end, max_edges)  # type: ignore[no-any-return]
     near_start = _bfs(graph, start, (max_edges + 1) // 2)
     near_end = _bfs(graph, end, max_edges // 2)
     if not any(n in near_start and near_start[n] + d <= max_edges for n, d in near_end.items()):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import enum
 import ipaddress
+import socket
 import time
 from collections.abc import Callable, Hashable
 
@@ -121,7 +122,21 @@ class Limits:
         self._joins = KeyedBuckets(1.0 / settings.join_every, settings.join_burst, clock)
 
     def network(self, ip: str) -> str:
-        """The source network ``ip`` belongs to, e.g. ``"192.0.2.0/24"``."""
+        """The source network ``ip`` belongs to, e.g. ``"192.0.2.0/24"``.
+
+        A dotted IPv4 address (nearly every request) is masked as 4 packed bytes, a
+        microsecond; anything else goes through :mod:`ipaddress` (~15 us, a tenth of a
+        whole announce when it was the only way)."""
+        try:
+            packed = socket.inet_pton(socket.AF_INET, ip)
+        except OSError:
+            return self._network_slow(ip)
+        bits = self.settings.ipv4_prefix
+        mask = (0xFFFFFFFF << (32 - bits)) & 0xFFFFFFFF
+        masked = (int.from_bytes(packed, "big") & mask).to_bytes(4, "big")
+        return f"{socket.inet_ntop(socket.AF_INET, masked)}/{bits}"
+
+    def _network_slow(self, ip: str) -> str:
         try:
             address = ipaddress.ip_address(ip.split("%", 1)[0])
         except ValueError:

@@ -12,7 +12,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Container, Hashable, Mapping
+from collections.abc import Callable, Container, Hashable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -72,26 +72,34 @@ class Swarm:
     A downloader's request must not cost O(swarm size): sources are drawn at
     random from an index kept up to date on each announce. Only when the
     torrent's apparent size grows (a new largest ``left``) is the index rebuilt.
+    Each member costs one dict entry (its ``left``): the counters it reports are
+    kept in its account (``Account.reports``), not here.
     """
 
     def __init__(self) -> None:
-        self.rows: dict[Hashable, SwarmRow] = {}
+        #: peer -> bytes it has left
+        self._left: dict[Hashable, int] = {}
         self.size = 0
         self._sources = IndexedSet()
 
+    @property
+    def rows(self) -> Mapping[Hashable, SwarmRow]:
+        """The members as rows (a live read-only view: ``left`` only)."""
+        return _Rows(self._left)
+
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self._left)
 
     def __contains__(self, peer: object) -> bool:
-        return peer in self.rows
+        return peer in self._left
 
     def set(self, peer: Hashable, row: SwarmRow) -> None:
-        self.rows[peer] = row
+        self._left[peer] = row.left
         if row.left > self.size:
             self.size = row.left
             self._sources = IndexedSet()
-            for p, r in self.rows.items():
-                if _has_data(r.left, self.size):
+            for p, left in self._left.items():
+                if _has_data(left, self.size):
                     self._sources.add(p)
         elif _has_data(row.left, self.size):
             self._sources.add(peer)
@@ -99,7 +107,7 @@ class Swarm:
             self._sources.discard(peer)
 
     def remove(self, peer: Hashable) -> None:
-        self.rows.pop(peer, None)
+        self._left.pop(peer, None)
         self._sources.discard(peer)
 
     def is_source(self, peer: Hashable) -> bool:
@@ -121,6 +129,24 @@ class Swarm:
             return picked[:k]
         picked = [self._sources[i] for i in rng.sample(range(n), k + 1)]
         return [p for p in picked if p != exclude][:k]
+
+
+class _Rows(Mapping[Hashable, SwarmRow]):
+    """A swarm's members as :class:`SwarmRow` values, made on demand from ``left``."""
+
+    __slots__ = ("_left",)
+
+    def __init__(self, left: dict[Hashable, int]) -> None:
+        self._left = left
+
+    def __getitem__(self, peer: Hashable) -> SwarmRow:
+        return SwarmRow(self._left[peer])
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self._left)
+
+    def __len__(self) -> int:
+        return len(self._left)
 
 
 def valid_path(path: list[Any], downloader: Hashable, source: Hashable, view: SettledView) -> bool:

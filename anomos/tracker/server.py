@@ -18,6 +18,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -195,12 +196,16 @@ class Tracker:
             raise ConfigError(f"tracker cannot listen on {self.listen}: {reason}") from None
         self._serving = True
         self.address = join_address(host, self.front.port)
-        for loop in (self._expiry_loop, self.persistence.run):
+        for loop in (self._expiry_loop, partial(self.persistence.run, self.peer_count)):
             g = gevent.spawn(loop)
             g.link_exception(lambda g: log.error("tracker background loop died: %s", g.exception))
             self._loops.append(g)
         log.info("tracker %s serving, fingerprint %s", self.url, self.fingerprint)
         self.plugins.notify("anomos_tracker_started", tracker=self)
+
+    def peer_count(self) -> int:
+        """How many peers are live now."""
+        return len(self.peers)
 
     def stop(self) -> None:
         """Stop serving, write what is pending and close the database; idempotent."""

@@ -41,6 +41,7 @@ import attrs
 
 from anomos.errors import ConfigError
 from anomos.fsutil import private_file
+from anomos.tracker.tables import Reports
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,8 @@ class Account:
     relayed_confirmed: int = 0
     session: bytes = b""
     relayed_reported: int = 0
-    #: infohash -> (uploaded, downloaded) last reported in ``session``
-    reports: dict[bytes, tuple[int, int]] = attrs.field(factory=dict, eq=False)
+    #: infohash -> (uploaded, downloaded) last reported in ``session`` (a compact mapping)
+    reports: Reports = attrs.field(factory=Reports, eq=False)
 
     @property
     def relayed(self) -> int:

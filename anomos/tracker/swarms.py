@@ -13,6 +13,7 @@ from collections.abc import Container
 
 from anomos.tracker.planner import Swarm
 from anomos.tracker.store import Batch, Snapshot, SwarmRow
+from anomos.tracker.tables import TorrentsByPeer
 
 
 class Swarms:
@@ -22,7 +23,7 @@ class Swarms:
         #: infohash -> its live swarm (absent once empty)
         self.swarms: dict[bytes, Swarm] = {}
         #: peer -> infohashes of the swarms it is in
-        self.peer_torrents: dict[bytes, set[bytes]] = {}
+        self.peer_torrents = TorrentsByPeer()
         #: infohash -> the largest size its swarm reached
         self.sizes: dict[bytes, int] = {}
 

@@ -29,6 +29,7 @@ so the tracker tries more sources per circuit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections.abc import Hashable, Iterable
@@ -93,6 +94,10 @@ class _Without:
     def __init__(self, graph: PeerGraphView, hidden: Hashable) -> None:
         self.graph = graph
         self.hidden = hidden
+        fast = getattr(graph, "region", None)
+        if fast is not None:
+            # search_region uses the view's own search, told to keep off ``hidden``.
+            self.region = functools.partial(fast, without=hidden)
 
     def neighbours(self, peer: Hashable) -> Iterable[Hashable]:
         return [n for n in self.graph.neighbours(peer) if n != self.hidden]
