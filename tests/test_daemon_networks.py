@@ -1,0 +1,165 @@
+"""One `anomos daemon` process on two tracker networks at once, and its restarts.
+
+Two LocalNetworks (each a tracker process, relays and a seeder of its own file)
+and one daemon given a torrent of each: it joins both networks with one peer
+each (its own port, its own identity under the one state folder), downloads
+both, survives SIGTERM and a restart with both networks and torrents back, and
+stops a network's peer once that network's last torrent is removed. Then the
+restart guarantees over a download in progress: SIGTERM keeps every piece it
+had, SIGKILL loses at most the last few seconds' pieces, neither re-hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from anomos.localnet import LocalNetwork
+from anomos.torrent.metainfo import make_metainfo
+from tests.test_daemon import DaemonProc, client_for, status_of, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+SIZE = 1024 * 1024 + 333
+#: A file the slow seeder serves at SLOW_RATE bytes/s: ~10 s to download, so a
+#: daemon can be stopped or killed in the middle.
+SLOW_SIZE = 3 * 1024 * 1024
+SLOW_RATE = "300k"
+
+
+@attrs.frozen
+class Net:
+    net: LocalNetwork
+    atorrent: Path
+    data: Path
+
+
+def _network(tmp: Path, base: str, name: str, slow: bool = False) -> Net:
+    data = tmp / f"{name}.bin"
+    data.write_bytes(os.urandom(SIZE))
+    net = LocalNetwork(tmp / name, base=base, verbose=1)
+    net.start_tracker()
+    meta = make_metainfo(
+        data, trackers=[net.tracker_url], fingerprint=net.fingerprint, progress=False
+    )
+    atorrent = tmp / f"{name}.atorrent"
+    meta.save(atorrent)
+    for i in range(3):
+        net.start_peer(f"relay{i}", "relay")
+    net.start_peer("seeder", "seed", str(atorrent), "--data", str(data))
+    return Net(net, atorrent, data)
+
+
+@pytest.fixture(scope="module")
+def networks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Net, Net]]:
+    """Two tracker networks on loopback blocks of their own (127.0.x.y and 127.1.x.y)."""
+    tmp = tmp_path_factory.mktemp("twonets")
+    a = b = None
+    try:
+        a = _network(tmp, "127.0", "alpha")
+        b = _network(tmp, "127.1", "beta")
+        yield a, b
+    finally:
+        for n in (b, a):
+            if n is not None:
+                n.net.stop()
+
+
+def new_daemon(listen_host: str, home: Path) -> DaemonProc:
+    config = {
+        "rpc-port": 0,
+        "listen": f"{listen_host}:0",
+        "download-dir": str(home / "downloads"),
+    }
+    return DaemonProc(home, listen_host, config)
+
+
+def session_networks(client: Any) -> list[dict[str, Any]]:
+    return list(client.get_session().fields["anomos-networks"])
+
+
+def identities(daemon: DaemonProc) -> dict[str, str]:
+    """Network folder -> the identity key its peer announced in this run of the daemon."""
+    assert daemon.popen is not None
+    out = {}
+    for folder in (daemon.state_dir / "networks").iterdir():
+        try:
+            peer = json.loads((folder / "peer.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if peer["pid"] == daemon.popen.pid:
+            out[folder.name] = peer["identity"]
+    return out
+
+
+def test_one_daemon_downloads_from_two_tracker_networks_and_restarts_both(
+    networks: tuple[Net, Net], tmp_path: Path
+) -> None:
+    a, b = networks
+    home = tmp_path / "home"
+    daemon = new_daemon(a.net.next_host(), home)
+    url = daemon.start()
+    try:
+        client = client_for(url)
+        ta = client.add_torrent(a.atorrent.read_bytes()).id
+        tb = client.add_torrent(b.atorrent.read_bytes()).id
+        for tid in (ta, tb):
+            wait_for("seeding", lambda t=tid: status_of(client, t)["status"] == 6, 90, daemon.log)
+        for n in (a, b):
+            assert (home / "downloads" / n.data.name).read_bytes() == n.data.read_bytes()
+        nets = session_networks(client)
+        assert {n["tracker"] for n in nets} == {a.net.tracker_url, b.net.tracker_url}
+        assert len({n["address"] for n in nets}) == 2, nets  # a port (a peer) per network
+        # One identity per network: the two trackers cannot link them by key.
+        keys = wait_for(
+            "both peers started", lambda: len(identities(daemon)) == 2 and identities(daemon)
+        )
+        assert len(keys) == 2 and len(set(keys.values())) == 2, keys
+        # Session-wide figures are the sums over the networks.
+        stats = client._request("session-stats", {})
+        per = stats["anomos-networks"]
+        assert len(per) == 2 and all(n["neighbours"] > 0 for n in per), per
+        assert stats["anomos-neighbours"] == sum(n["neighbours"] for n in per)
+        assert stats["anomos-relayed"] == sum(n["relayed"] for n in per)
+        assert stats["activeTorrentCount"] == 2
+    finally:
+        assert daemon.stop(signal.SIGTERM) == 0, daemon.log()
+    assert "daemon stopped: 2 torrent(s) saved" in daemon.log()
+
+    # A restart brings both networks back, with the same identities, and both
+    # torrents seeding without hashing their data again.
+    marker = len(daemon.log())
+    url = daemon.start()
+    try:
+        client = client_for(url)
+        for tid in (ta, tb):
+            back = wait_for(
+                "seeding after the restart",
+                lambda t=tid: (s := status_of(client, t))["status"] == 6 and s,
+                60,
+                daemon.log,
+            )
+            assert back["anomos-rechecked"] == 0, daemon.log()[marker:]
+        assert len(session_networks(client)) == 2
+        wait_for("both peers announced", lambda: identities(daemon) == keys, 30, daemon.log)
+
+        # Removing a network's last torrent stops that network's peer.
+        client.remove_torrent(tb)
+        wait_for(
+            "beta's peer stopped",
+            lambda: [n["tracker"] for n in session_networks(client)] == [a.net.tracker_url],
+            30,
+            daemon.log,
+        )
+        assert f"no torrent of {b.net.tracker_url} left" in daemon.log()
+        assert status_of(client, ta)["status"] == 6
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+    assert "Traceback" not in daemon.log()
