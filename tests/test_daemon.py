@@ -103,7 +103,8 @@ class DaemonProc:
                 return None
 
         url: str = wait_for("serving its RPC", ready, 60, self.log)
-        assert f"RPC at {url}" in self.log()
+        # It writes rpc.json, then prints the line: give the line a moment.
+        wait_for("printing its RPC URL", lambda: f"RPC at {url}" in self.log(), 10, self.log)
         return url
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
