@@ -22,11 +22,14 @@ from typing import Any
 import attrs
 import pytest
 
+from anomos.daemon.config import DaemonConfig
+from anomos.daemon.core import Daemon, DaemonError, Network
+from anomos.identity import PeerIdentity
 from anomos.localnet import LocalNetwork
+from anomos.pluginmanager import Plugins
+from anomos.testing import free_port
 from anomos.torrent.metainfo import make_metainfo
 from tests.test_daemon import DaemonProc, client_for, status_of, wait_for
-
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 SIZE = 1024 * 1024 + 333
 #: A file the slow seeder serves at SLOW_RATE bytes/s (~10 s to download), in
@@ -117,6 +120,8 @@ def identities(daemon: DaemonProc) -> dict[str, str]:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_one_daemon_downloads_from_two_tracker_networks_and_restarts_both(
     networks: tuple[Net, Net, Net], tmp_path: Path
 ) -> None:
@@ -183,6 +188,8 @@ def test_one_daemon_downloads_from_two_tracker_networks_and_restarts_both(
     assert "Traceback" not in daemon.log()
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_a_download_in_progress_survives_ctrl_c_and_sigkill(
     networks: tuple[Net, Net, Net], tmp_path: Path
 ) -> None:
@@ -229,3 +236,35 @@ def test_a_download_in_progress_survives_ctrl_c_and_sigkill(
     finally:
         assert daemon.stop() == 0, daemon.log()
     assert "Traceback" not in daemon.log()
+
+
+def test_networks_get_their_own_identity_and_port_and_adopt_a_one_network_state(
+    tmp_path: Path, plugins: Plugins
+) -> None:
+    """In one process, trackers unreachable: a state folder of the one-network daemon
+    (identity and resume data at its top) becomes the first network's; the second
+    network gets a new identity, and a free port since the configured one is taken."""
+    state = tmp_path / "state"
+    old = PeerIdentity.load_or_create(state)
+    (state / "resume").mkdir()
+    (state / "resume" / "ab.json").write_text("{}")
+    port = free_port()
+    config = DaemonConfig(listen=f"127.0.0.1:{port}", download_dir=tmp_path / "downloads")
+    daemon = Daemon(plugins, config, state)
+    first_net = Network("https://127.0.0.1:9/announce", "ab" * 32)
+    first = daemon._ensure_peer(first_net)
+    second = daemon._ensure_peer(Network("https://127.0.0.1:9/other/announce", "cd" * 32))
+    try:
+        assert first.identity.identity_public == old.identity_public
+        assert second.identity.identity_public != old.identity_public
+        assert not (state / "identity.json").exists()
+        assert (daemon.network_dir(first_net) / "resume" / "ab.json").exists()
+        wait_for("both listening", lambda: first.address and second.address, 30)
+        assert first.address == f"127.0.0.1:{port}"
+        assert second.address != first.address
+        # A tracker URL the peer cannot use is refused in one line and leaves no folder.
+        with pytest.raises(DaemonError, match=re.escape("is not https://HOST:PORT/.../announce")):
+            daemon._ensure_peer(Network("http://127.0.0.1:9/announce", "ef" * 32))
+        assert len(list((state / "networks").iterdir())) == 2
+    finally:
+        daemon.stop()

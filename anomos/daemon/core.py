@@ -303,10 +303,10 @@ class Daemon:
             self._next_id = max(self._next_id, torrent.id + 1)
             try:
                 network = Network.of(metainfo)
-            except DaemonError as exc:  # kept in the list (and the file), not started
+                self._ensure_peer(network)
+            except AnomosError as exc:  # kept in the list (and the file), not started
                 torrent.error, torrent.error_string = ErrorKind.LOCAL_ERROR, str(exc)
                 continue
-            self._ensure_peer(network)
             saved = resume.load(self._resume_dir(network), metainfo)
             torrent.stopped_have = bytes(saved.have) if saved is not None else None
             if not torrent.paused:
@@ -332,20 +332,42 @@ class Daemon:
         if retiring is not None:
             retiring.join()  # its files (replay caches, resume data) are closed
         folder = self.network_dir(network)
+        new = not folder.exists()
         private_dir(folder.parent)
         private_dir(folder)
+        if new:
+            self._adopt_single_network_state(folder)
         atomic_write(folder / "network.json", json.dumps(attrs.asdict(network)).encode())
         listen = self.config.listen
         if any(p.settings.listen == listen for p in self.peers.values()):
             # The configured port is taken by another network's peer: any free port.
             listen = f"{listen.rpartition(':')[0]}:0"
         settings = Settings(listen=listen, state_dir=folder, options=self.plugins.options)
-        peer = Peer(self.plugins, settings, network.url, network.fingerprint)
+        try:
+            peer = Peer(self.plugins, settings, network.url, network.fingerprint)
+        except AnomosError as exc:  # say, a tracker URL that is not https://.../announce
+            if new:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise DaemonError(str(exc)) from None
         self.peers[network] = peer
         self._peer_ready[network] = gevent.event.Event()
         gevent.spawn(self._start_peer, network, peer)
         log.info("joining the tracker network %s (state in %s)", network.url, folder)
         return peer
+
+    def _adopt_single_network_state(self, folder: Path) -> None:
+        """Move the files of a one-network daemon's peer (kept at the top of the state
+        folder before networks had folders) into ``folder``, the first network's: its
+        identity, with the ratio the tracker keeps for it, and its resume data survive."""
+        from anomos.identity import IDENTITY_FILE
+        from anomos.protocol.replay import CODES_FILE, REQUESTS_FILE
+
+        if not (self.state_dir / IDENTITY_FILE).exists():
+            return
+        for name in (IDENTITY_FILE, "resume", CODES_FILE, REQUESTS_FILE, "peer.json"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.state_dir / name, folder / name)
+        log.info("the peer of the earlier one-network state now lives in %s", folder)
 
     def _start_peer(self, network: Network, peer: Peer) -> None:
         try:
