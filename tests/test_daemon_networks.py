@@ -23,7 +23,7 @@ import attrs
 import pytest
 
 from anomos.daemon.config import DaemonConfig
-from anomos.daemon.core import Daemon, DaemonError, Network
+from anomos.daemon.core import Daemon, DaemonError, ErrorKind, Network, Status
 from anomos.identity import PeerIdentity
 from anomos.localnet import LocalNetwork
 from anomos.pluginmanager import Plugins
@@ -266,5 +266,32 @@ def test_networks_get_their_own_identity_and_port_and_adopt_a_one_network_state(
         with pytest.raises(DaemonError, match=re.escape("is not https://HOST:PORT/.../announce")):
             daemon._ensure_peer(Network("http://127.0.0.1:9/announce", "ef" * 32))
         assert len(list((state / "networks").iterdir())) == 2
+    finally:
+        daemon.stop()
+
+
+def test_a_network_whose_peer_cannot_start_fails_its_torrents_and_is_retried(
+    tmp_path: Path, plugins: Plugins
+) -> None:
+    """A tracker no transport can reach (an onion address, no tor): its torrents show a
+    tracker error, the other networks are untouched, and starting one tries again."""
+    data = tmp_path / "file.bin"
+    data.write_bytes(os.urandom(50_000))
+    onion = "https://" + "a" * 56 + ".onion:443/announce"
+    meta = make_metainfo(data, trackers=[onion], fingerprint="ab" * 32, progress=False)
+    config = DaemonConfig(download_dir=tmp_path / "downloads")
+    daemon = Daemon(plugins, config, tmp_path / "state")
+    daemon.start()
+    try:
+        other = daemon._ensure_peer(Network("https://127.0.0.1:9/announce", "cd" * 32))
+        torrent, added = daemon.add(meta.to_bytes())
+        assert added
+        wait_for("a tracker error", lambda: torrent.error == ErrorKind.TRACKER_ERROR, 30)
+        assert "no configured transport" in torrent.error_string
+        assert torrent.status == Status.STOPPED and torrent.task is None
+        assert list(daemon.peers.values()) == [other]
+        daemon.start_torrent(torrent)  # a new peer for that network, which fails again
+        assert len(daemon.peers) == 2
+        wait_for("failed again", lambda: len(daemon.peers) == 1 and torrent.error, 30)
     finally:
         daemon.stop()

@@ -374,6 +374,8 @@ class Daemon:
             peer.start()
         except AnomosError as exc:
             log.error("the peer of %s cannot start: %s", network.url, exc)
+            if self.peers.get(network) is peer:  # the next start of one of its torrents retries
+                del self.peers[network]
             for torrent in self.torrents.values():
                 if _network_or_none(torrent) == network:
                     self._fail(torrent, ErrorKind.TRACKER_ERROR, str(exc))
