@@ -268,6 +268,15 @@ def test_networks_get_their_own_identity_and_port_and_adopt_a_one_network_state(
         assert len(list((state / "networks").iterdir())) == 2
     finally:
         daemon.stop()
+    # ...even when it would have adopted a one-network state: that stays where it was.
+    other = tmp_path / "other"
+    kept = PeerIdentity.load_or_create(other)
+    daemon = Daemon(plugins, config, other)
+    with pytest.raises(DaemonError):
+        daemon._ensure_peer(Network("http://127.0.0.1:9/announce", "ef" * 32))
+    assert PeerIdentity.load_or_create(other).identity_public == kept.identity_public
+    assert not list((other / "networks").iterdir())
+    daemon.stop()
 
 
 def test_a_network_whose_peer_cannot_start_fails_its_torrents_and_is_retried(

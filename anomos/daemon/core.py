@@ -37,6 +37,8 @@ import gevent.event
 from anomos.config import Settings
 from anomos.errors import AnomosError, StorageError
 from anomos.fsutil import atomic_write, private_dir
+from anomos.identity import IDENTITY_FILE
+from anomos.protocol.replay import CODES_FILE, REQUESTS_FILE
 from anomos.torrent import resume
 from anomos.torrent.metainfo import Metainfo
 from anomos.torrent.storage import Storage
@@ -335,8 +337,12 @@ class Daemon:
         new = not folder.exists()
         private_dir(folder.parent)
         private_dir(folder)
-        if new:
-            self._adopt_single_network_state(folder)
+        # A state folder of the one-network daemon kept its peer's files at the top:
+        # the first network joined adopts them (that identity and its ratio live on).
+        adopted = new and (self.state_dir / _PEER_FILES[0]).exists()
+        if adopted:
+            _move_peer_files(self.state_dir, folder)
+            log.info("the peer of the earlier one-network state now lives in %s", folder)
         atomic_write(folder / "network.json", json.dumps(attrs.asdict(network)).encode())
         listen = self.config.listen
         if any(p.settings.listen == listen for p in self.peers.values()):
@@ -346,6 +352,8 @@ class Daemon:
         try:
             peer = Peer(self.plugins, settings, network.url, network.fingerprint)
         except AnomosError as exc:  # say, a tracker URL that is not https://.../announce
+            if adopted:
+                _move_peer_files(folder, self.state_dir)
             if new:
                 shutil.rmtree(folder, ignore_errors=True)
             raise DaemonError(str(exc)) from None
@@ -354,20 +362,6 @@ class Daemon:
         gevent.spawn(self._start_peer, network, peer)
         log.info("joining the tracker network %s (state in %s)", network.url, folder)
         return peer
-
-    def _adopt_single_network_state(self, folder: Path) -> None:
-        """Move the files of a one-network daemon's peer (kept at the top of the state
-        folder before networks had folders) into ``folder``, the first network's: its
-        identity, with the ratio the tracker keeps for it, and its resume data survive."""
-        from anomos.identity import IDENTITY_FILE
-        from anomos.protocol.replay import CODES_FILE, REQUESTS_FILE
-
-        if not (self.state_dir / IDENTITY_FILE).exists():
-            return
-        for name in (IDENTITY_FILE, "resume", CODES_FILE, REQUESTS_FILE, "peer.json"):
-            with contextlib.suppress(FileNotFoundError):
-                os.replace(self.state_dir / name, folder / name)
-        log.info("the peer of the earlier one-network state now lives in %s", folder)
 
     def _start_peer(self, network: Network, peer: Peer) -> None:
         try:
@@ -545,6 +539,16 @@ class Daemon:
         log.error("torrent %d (%s): %s", torrent.id, torrent.metainfo.name, message)
         torrent.error, torrent.error_string = kind, message
         self._halt(torrent)
+
+
+#: A peer's files in its state folder: identity, resume data, replay caches, peer.json.
+_PEER_FILES = (IDENTITY_FILE, "resume", CODES_FILE, REQUESTS_FILE, "peer.json")
+
+
+def _move_peer_files(source: Path, target: Path) -> None:
+    for name in _PEER_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(source / name, target / name)
 
 
 def _network_or_none(torrent: Torrent) -> Network | None:
