@@ -373,6 +373,10 @@ class NeighbourBudget:
     relinks: TokenBucket = attrs.field(factory=lambda: TokenBucket(RELINK_RATE, RELINK_BURST))
 
 
+class NoTransportError(TransportError):
+    """No configured transport can dial the address: retrying will not help."""
+
+
 class CloseCause(enum.Enum):
     """Why a neighbour link closed, as the peer acts on it (the value is the log text)."""
 
@@ -919,7 +923,7 @@ class LinkManager:
             transport = self._transport(name)
             if transport.can_dial(address):
                 return transport
-        raise TransportError(f"no configured transport can reach {address}")
+        raise NoTransportError(f"no configured transport can reach {address}")
 
     # ------------------------------------------------------------------ dialling
     def _dial_loop(self, nid: int) -> None:

@@ -26,7 +26,7 @@ from anomos.errors import AnomosError, ConfigError, TrackerError, TransportError
 from anomos.fsutil import atomic_write, private_dir
 from anomos.identity import PeerIdentity
 from anomos.net.circuit import CircuitSwitch
-from anomos.net.link import CloseReason, Link, LinkManager
+from anomos.net.link import CloseReason, Link, LinkManager, NoTransportError
 from anomos.peer.download import (
     DEFAULT_SOURCES,
     DEFAULT_STALL_LIMIT,
@@ -215,9 +215,9 @@ class Peer:
         """Reach the tracker through this peer's transports, never around them."""
         try:
             return self.links.dial(address, timeout=timeout)
+        except NoTransportError as exc:
+            raise TrackerTrustError(str(exc)) from None  # retrying will not help
         except TransportError as exc:
-            if str(exc).startswith("no configured transport"):
-                raise TrackerTrustError(str(exc)) from None  # retrying will not help
             raise TrackerError(f"cannot reach the tracker: {exc}") from None
 
     def _statuses(self) -> list[TorrentStatus]:
