@@ -36,7 +36,7 @@ import gevent.event
 
 from anomos.config import Settings
 from anomos.errors import AnomosError, StorageError
-from anomos.fsutil import atomic_write, private_dir
+from anomos.fsutil import atomic_write, move_entries, private_dir
 from anomos.identity import IDENTITY_FILE
 from anomos.protocol.replay import CODES_FILE, REQUESTS_FILE
 from anomos.torrent import resume
@@ -341,7 +341,7 @@ class Daemon:
         # the first network joined adopts them (that identity and its ratio live on).
         adopted = new and (self.state_dir / _PEER_FILES[0]).exists()
         if adopted:
-            _move_peer_files(self.state_dir, folder)
+            move_entries(self.state_dir, folder, _PEER_FILES)
             log.info("the peer of the earlier one-network state now lives in %s", folder)
         atomic_write(folder / "network.json", json.dumps(attrs.asdict(network)).encode())
         listen = self.config.listen
@@ -353,7 +353,7 @@ class Daemon:
             peer = Peer(self.plugins, settings, network.url, network.fingerprint)
         except AnomosError as exc:  # say, a tracker URL that is not https://.../announce
             if adopted:
-                _move_peer_files(folder, self.state_dir)
+                move_entries(folder, self.state_dir, _PEER_FILES)
             if new:
                 shutil.rmtree(folder, ignore_errors=True)
             raise DaemonError(str(exc)) from None
@@ -543,12 +543,6 @@ class Daemon:
 
 #: A peer's files in its state folder: identity, resume data, replay caches, peer.json.
 _PEER_FILES = (IDENTITY_FILE, "resume", CODES_FILE, REQUESTS_FILE, "peer.json")
-
-
-def _move_peer_files(source: Path, target: Path) -> None:
-    for name in _PEER_FILES:
-        with contextlib.suppress(FileNotFoundError):
-            os.replace(source / name, target / name)
 
 
 def _network_or_none(torrent: Torrent) -> Network | None:
