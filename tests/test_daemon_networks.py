@@ -15,7 +15,7 @@ import json
 import os
 import re
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,13 +93,24 @@ def networks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Net, Ne
         alpha.stop()
 
 
-def new_daemon(listen_host: str, home: Path) -> DaemonProc:
-    config = {
-        "rpc-port": 0,
-        "listen": f"{listen_host}:0",
-        "download-dir": str(home / "downloads"),
-    }
-    return DaemonProc(home, listen_host, config)
+@pytest.fixture
+def new_daemon() -> Iterator[Callable[[str, Path], DaemonProc]]:
+    """Makes daemons (not started); any still running when the test ends is killed."""
+    made: list[DaemonProc] = []
+
+    def make(listen_host: str, home: Path) -> DaemonProc:
+        config = {
+            "rpc-port": 0,
+            "listen": f"{listen_host}:0",
+            "download-dir": str(home / "downloads"),
+        }
+        made.append(DaemonProc(home, listen_host, config))
+        return made[-1]
+
+    yield make
+    for daemon in made:
+        if daemon.popen is not None and daemon.popen.poll() is None:
+            daemon.stop(signal.SIGKILL)
 
 
 def session_networks(client: Any) -> list[dict[str, Any]]:
@@ -123,7 +134,9 @@ def identities(daemon: DaemonProc) -> dict[str, str]:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_one_daemon_downloads_from_two_tracker_networks_and_restarts_both(
-    networks: tuple[Net, Net, Net], tmp_path: Path
+    networks: tuple[Net, Net, Net],
+    tmp_path: Path,
+    new_daemon: Callable[[str, Path], DaemonProc],
 ) -> None:
     a, b, _ = networks
     home = tmp_path / "home"
@@ -191,7 +204,9 @@ def test_one_daemon_downloads_from_two_tracker_networks_and_restarts_both(
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_download_in_progress_survives_ctrl_c_and_sigkill(
-    networks: tuple[Net, Net, Net], tmp_path: Path
+    networks: tuple[Net, Net, Net],
+    tmp_path: Path,
+    new_daemon: Callable[[str, Path], DaemonProc],
 ) -> None:
     slow = networks[2]
     home = tmp_path / "home"
