@@ -307,3 +307,17 @@ def check_room(directory: str | os.PathLike[str], need: int) -> None:
         raise StorageError(
             f"not enough space in {directory}: {need:,} bytes still to write, {free:,} free"
         )
+
+
+def move_entries(source: Path, target: Path, names: Sequence[str]) -> None:
+    """Move the files or folders ``names`` from ``source`` into ``target`` (one file
+    system: each move is a rename, whole or not at all); missing ones are skipped."""
+    for name in names:
+        try:
+            os.replace(source / name, target / name)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StorageError(f"cannot move {source / name} to {target}: {_reason(exc)}") from None
+    fsync_dir(source)
+    fsync_dir(target)

@@ -26,7 +26,7 @@ from anomos.net import circuit as circuitmod
 from anomos.net import link as linkmod
 from anomos.net.circuit import CircuitClosed, CircuitStream, CircuitSwitch, RelayCircuit
 from anomos.net.frames import JOINED_BREAK, BreakReason, Cmd
-from anomos.net.link import LinkManager
+from anomos.net.link import CloseCause, CloseReason, LinkManager
 from anomos.pluginmanager import Plugins, get_plugins
 from anomos.protocol import e2e
 from anomos.protocol.onion import Hop, build_tracking_code, current_epoch
@@ -434,7 +434,7 @@ def test_killing_a_relays_links_breaks_the_circuit_at_both_ends(net: Any) -> Non
     wait_until(lambda: source.served)
     start = time.monotonic()
     for link in list(r1.links.links.values()):
-        link.close("killed by the test")
+        link.close(CloseReason(CloseCause.STOPPED, "killed by the test"))
     with gevent.Timeout(1):
         with pytest.raises(CircuitClosed, match="lost"):
             stream.recv(10)

@@ -17,7 +17,7 @@ from anomos.errors import TransportError
 from anomos.identity import PeerIdentity
 from anomos.net import link as linkmod
 from anomos.net.frames import Cmd
-from anomos.net.link import LinkManager
+from anomos.net.link import CloseCause, CloseReason, LinkManager
 from anomos.pluginmanager import get_plugins
 from anomos.testing import MemoryTransportPlugin, loopback_host
 from anomos.tracker.client import Neighbour
@@ -167,8 +167,9 @@ def test_unassigning_closes_the_link_and_dialler_reconnects(
     a, b = make_node(), make_node()
     pair(a, b, nid=2)
     first = a.links.wait_for(2, 5)
-    b.links.wait_for(2, 5).close("test closes it")
+    b.links.wait_for(2, 5).close(CloseReason(CloseCause.STOPPED, "test closes it"))
     assert first.wait_closed(2)
+    assert first.closed_reason is not None and first.closed_reason.cause.lost  # not ours
     wait_until(lambda: 2 in a.links.links and a.links.links[2] is not first)
     assert len(a.events.up) == 2 and a.events.down[0][0] == 2
     a.unassign(2)
@@ -231,7 +232,8 @@ def test_keepalive_and_idle_timeout(make_node: Any, monkeypatch: Any) -> None:
     assert la.bytes_in > 0
     lb._writer.kill()  # b goes silent
     assert la.wait_closed(10)
-    assert la.closed_reason == "idle for 1.5 s"
+    assert la.closed_reason == CloseReason(CloseCause.IDLE, "idle for 1.5 s")
+    assert la.closed_reason.cause.lost and not la.closed_reason.cause.local
 
 
 def test_garbage_after_handshake_closes_the_link(make_node: Any) -> None:
@@ -240,7 +242,8 @@ def test_garbage_after_handshake_closes_the_link(make_node: Any) -> None:
     la, lb = a.links.wait_for(7, 5), b.links.wait_for(7, 5)
     la.sock.sendall(b"\x00\x00\x00\x01\xff\x00\x00\x00")
     assert lb.wait_closed(2)
-    assert lb.closed_reason == "unknown frame command 255"
+    assert lb.closed_reason == CloseReason(CloseCause.VIOLATION, "unknown frame command 255")
+    assert not lb.closed_reason.cause.lost and not lb.closed_reason.cause.local
     assert b.events.down == [(7, "unknown frame command 255")]
 
 
@@ -415,7 +418,7 @@ def test_receipts_count_what_each_neighbour_sent_across_reconnections(
         assert first_b.send(circ_id, Cmd.DATA, bytes(CELL_BODY))
     wait_until(lambda: len(a.frames) == 6)
     assert a.links.receipts() == {2: 5 * cell}  # the CREATED and keepalives: not credited
-    first_b.close("test closes it")
+    first_b.close(CloseReason(CloseCause.STOPPED, "test closes it"))
     assert first_a.wait_closed(2)
     wait_until(lambda: a.links.get(2) not in (None, first_a))
     second_b = b.links.wait_for(2, 5)

@@ -26,6 +26,7 @@ from test_hostile_peers import RawLink
 
 from anomos.net import link as linkmod
 from anomos.net.frames import HEADER, BreakReason, Cmd
+from anomos.net.link import CloseCause
 from anomos.peer.node import Peer
 from anomos.pluginmanager import Plugins
 from anomos.protocol.e2e import CELL_BODY
@@ -185,7 +186,8 @@ def test_a_create_flood_against_a_slow_reader_stays_bounded_and_is_cut_and_repor
     assert peak_queues <= 8, peak_queues
     assert peak_frames <= linkmod.CONTROL_QUEUE_FRAMES + 8, peak_frames
     # The flood ended the link long before it could grow, and the neighbour is reported.
-    assert link.closed and "floods us with CREATEs" in (link.closed_reason or "")
+    assert link.closed_reason is not None and link.closed_reason.cause == CloseCause.VIOLATION
+    assert "floods us with CREATEs" in link.closed_reason.text
     assert sent < 50_000  # before: 126,000-200,000 in 60 s, never cut
     wait_until(evil.reported, 10, "report to the tracker")
 
@@ -249,7 +251,8 @@ def test_junk_data_on_unknown_circuits_is_not_credited_and_closes_the_link(
     raw.close()
     print(f"sent {sent} bytes of junk DATA; victim read {link.bytes_in}")
     wait_until(lambda: link.closed, 10, "link closed")
-    assert "circuits that do not exist" in (link.closed_reason or "")
+    assert link.closed_reason is not None and link.closed_reason.cause == CloseCause.VIOLATION
+    assert "circuits that do not exist" in link.closed_reason.text
     assert link.bytes_in < (linkmod.JUNK_BURST + 64) * len(cell)  # cut early
     assert evil.victim.links.receipts().get(evil.nb.nid, 0) == 0  # nothing credited
     wait_until(evil.reported, 10, "report to the tracker")

@@ -1,4 +1,4 @@
-"""The daemon: one peer (one identity, one tracker network) running many torrents.
+"""The daemon: many torrents of one or several tracker networks, one peer per network.
 
 Each torrent has a typed :class:`Status` (numbered as Transmission numbers
 them), an error kind and message, and a task greenlet that checks its data
@@ -8,12 +8,20 @@ torrents, their paused flags and lifetime counters live in ``daemon.json``
 metainfo in ``torrents/<infohash>.atorrent`` and its verified pieces in the
 peer's resume data: a restart brings every torrent back as it was, without
 re-hashing data that has not changed.
+
+Each tracker network (an announce URL and the fingerprint it is pinned by) gets
+a peer of its own: its own neighbours, listen port and identity, kept in
+``networks/<folder>/`` of the one state directory (docs/threat-model.md says
+why one identity per network). A network's peer starts with its first torrent
+and stops when its last torrent is removed (unless it is the configured
+``tracker``, which the daemon keeps joined).
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import hashlib
 import json
 import logging
 import os
@@ -28,7 +36,9 @@ import gevent.event
 
 from anomos.config import Settings
 from anomos.errors import AnomosError, StorageError
-from anomos.fsutil import atomic_write, private_dir
+from anomos.fsutil import atomic_write, move_entries, private_dir
+from anomos.identity import IDENTITY_FILE
+from anomos.protocol.replay import CODES_FILE, REQUESTS_FILE
 from anomos.torrent import resume
 from anomos.torrent.metainfo import Metainfo
 from anomos.torrent.storage import Storage
@@ -72,6 +82,27 @@ class ErrorKind(enum.IntEnum):
     LOCAL_ERROR = 3
 
 
+@attrs.frozen
+class Network:
+    """A tracker network: the tracker's announce URL and the fingerprint that pins it."""
+
+    url: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, metainfo: Metainfo) -> Network:
+        if not metainfo.is_anomos or not metainfo.trackers or not metainfo.fingerprint:
+            raise DaemonError(
+                "not an .atorrent that pins its tracker (make one with `anomos anonymize`)"
+            )
+        return cls(metainfo.trackers[0], metainfo.fingerprint)
+
+    @property
+    def folder(self) -> str:
+        """The name of its state folder (identity, resume data, replay caches)."""
+        return hashlib.sha256(f"{self.url}\n{self.fingerprint}".encode()).hexdigest()[:16]
+
+
 @attrs.define(eq=False)
 class Torrent:
     """One torrent of the daemon; ``session`` exists while it runs."""
@@ -113,6 +144,10 @@ class Torrent:
     @property
     def infohash(self) -> str:
         return self.metainfo.infohash.hex()
+
+    @property
+    def network(self) -> Network:
+        return Network.of(self.metainfo)
 
     @property
     def uploaded_ever(self) -> int:
@@ -163,18 +198,23 @@ class DaemonError(AnomosError):
 
 @attrs.define(eq=False)
 class Daemon:
-    """Owns one :class:`~anomos.peer.node.Peer` and every torrent it runs."""
+    """Owns a :class:`~anomos.peer.node.Peer` per tracker network and every torrent."""
 
     plugins: Plugins
     config: DaemonConfig
     state_dir: Path
     torrents: dict[int, Torrent] = attrs.field(factory=dict, init=False)
-    peer: Peer | None = attrs.field(default=None, init=False)
+    #: The peer of each tracker network that has torrents (or is configured).
+    peers: dict[Network, Peer] = attrs.field(factory=dict, init=False)
     started_at: float = attrs.field(factory=time.time, init=False)
     #: Ids removed lately with when (monotonic), for "recently-active" requests.
     removed: dict[int, float] = attrs.field(factory=dict, init=False)
     _next_id: int = attrs.field(default=1, init=False)
-    _peer_ready: gevent.event.Event = attrs.field(factory=gevent.event.Event, init=False)
+    #: Set once the network's peer has started (listening, first announce tried).
+    _peer_ready: dict[Network, gevent.event.Event] = attrs.field(factory=dict, init=False)
+    #: Peers saying goodbye after their network's last torrent went (joined before a
+    #: new peer of the same network opens the same files).
+    _retiring: dict[Network, gevent.Greenlet] = attrs.field(factory=dict, init=False)
     _saver: gevent.Greenlet | None = attrs.field(default=None, init=False)
     _stopped: bool = attrs.field(default=False, init=False)
 
@@ -187,11 +227,18 @@ class Daemon:
         return self.state_dir / "torrents"
 
     # ------------------------------------------------------------------ lifecycle
+    @property
+    def configured_network(self) -> Network | None:
+        """The network the config says to join before any torrent names it."""
+        if not self.config.tracker:
+            return None
+        return Network(self.config.tracker, self.config.fingerprint)
+
     def start(self) -> None:
-        """Bring back the torrents of the last run (each in its state) and start the peer."""
+        """Bring back the torrents of the last run (each in its state) and their peers."""
         private_dir(self.metainfo_dir)
-        if self.config.tracker:
-            self._ensure_peer(self.config.tracker, self.config.fingerprint)
+        if self.configured_network is not None:
+            self._ensure_peer(self.configured_network)
         self._load_state()
         self._saver = gevent.spawn(self._save_loop)
 
@@ -205,8 +252,9 @@ class Daemon:
         for torrent in self.torrents.values():
             self._halt(torrent)
         self.save_state()
-        if self.peer is not None:
-            self.peer.stop()
+        # Every network's goodbye announce at once (each may wait for its tracker).
+        gevent.joinall([gevent.spawn(peer.stop) for peer in self.peers.values()])
+        gevent.joinall(list(self._retiring.values()))
         log.info("daemon stopped: %d torrent(s) saved", len(self.torrents))
 
     def _save_loop(self) -> None:
@@ -253,55 +301,92 @@ class Daemon:
             except (AnomosError, KeyError, ValueError, TypeError) as exc:
                 log.error("torrent %r from %s not restored: %s", entry, self.state_file, exc)
                 continue
-            runnable = True
-            try:
-                self._ensure_peer(*self._tracker_of(metainfo))
-            except DaemonError as exc:  # kept in the list (and the file), not started
-                torrent.error, torrent.error_string = ErrorKind.LOCAL_ERROR, str(exc)
-                runnable = False
             self.torrents[torrent.id] = torrent
             self._next_id = max(self._next_id, torrent.id + 1)
-            saved = resume.load(self.state_dir / "resume", metainfo)
+            try:
+                network = Network.of(metainfo)
+                self._ensure_peer(network)
+            except AnomosError as exc:  # kept in the list (and the file), not started
+                torrent.error, torrent.error_string = ErrorKind.LOCAL_ERROR, str(exc)
+                continue
+            saved = resume.load(self._resume_dir(network), metainfo)
             torrent.stopped_have = bytes(saved.have) if saved is not None else None
-            if runnable and not torrent.paused:
+            if not torrent.paused:
                 self._begin(torrent)
         log.info("restored %d torrent(s) from %s", len(self.torrents), self.state_file)
 
-    # ------------------------------------------------------------------ the peer
-    def _tracker_of(self, metainfo: Metainfo) -> tuple[str, str]:
-        if not metainfo.is_anomos or not metainfo.trackers or not metainfo.fingerprint:
-            raise DaemonError(
-                "not an .atorrent that pins its tracker (make one with `anomos anonymize`)"
-            )
-        return metainfo.trackers[0], metainfo.fingerprint
+    # ------------------------------------------------------------------ the peers
+    def network_dir(self, network: Network) -> Path:
+        """The state folder of ``network``'s peer: its identity, resume data, replay caches."""
+        return self.state_dir / "networks" / network.folder
 
-    def _ensure_peer(self, url: str, fingerprint: str) -> Peer:
-        """The peer, created on the first tracker; another tracker is refused (this slice)."""
-        if self.peer is not None:
-            if (self.peer.tracker_url, self.peer.fingerprint) != (url, fingerprint):
-                raise DaemonError(
-                    f"this daemon is on the tracker {self.peer.tracker_url}; torrents of "
-                    f"another tracker ({url}) need a daemon of their own"
-                )
-            return self.peer
+    def _resume_dir(self, network: Network) -> Path:
+        return self.network_dir(network) / "resume"
+
+    def _ensure_peer(self, network: Network) -> Peer:
+        """The peer of ``network``, created (and started) on its first use."""
+        peer = self.peers.get(network)
+        if peer is not None:
+            return peer
         from anomos.peer.node import Peer  # imported late: keeps `anomos --help` fast
 
-        settings = Settings(
-            listen=self.config.listen, state_dir=self.state_dir, options=self.plugins.options
-        )
-        self.peer = Peer(self.plugins, settings, tracker_url=url, fingerprint=fingerprint)
-        gevent.spawn(self._start_peer, self.peer)
-        return self.peer
+        retiring = self._retiring.pop(network, None)
+        if retiring is not None:
+            retiring.join()  # its files (replay caches, resume data) are closed
+        folder = self.network_dir(network)
+        new = not folder.exists()
+        private_dir(folder.parent)
+        private_dir(folder)
+        # A state folder of the one-network daemon kept its peer's files at the top:
+        # the first network joined adopts them (that identity and its ratio live on).
+        adopted = new and (self.state_dir / _PEER_FILES[0]).exists()
+        if adopted:
+            move_entries(self.state_dir, folder, _PEER_FILES)
+            log.info("the peer of the earlier one-network state now lives in %s", folder)
+        atomic_write(folder / "network.json", json.dumps(attrs.asdict(network)).encode())
+        listen = self.config.listen
+        if any(p.settings.listen == listen for p in self.peers.values()):
+            # The configured port is taken by another network's peer: any free port.
+            listen = f"{listen.rpartition(':')[0]}:0"
+        settings = Settings(listen=listen, state_dir=folder, options=self.plugins.options)
+        try:
+            peer = Peer(self.plugins, settings, network.url, network.fingerprint)
+        except AnomosError as exc:  # say, a tracker URL that is not https://.../announce
+            if adopted:
+                move_entries(folder, self.state_dir, _PEER_FILES)
+            if new:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise DaemonError(str(exc)) from None
+        self.peers[network] = peer
+        self._peer_ready[network] = gevent.event.Event()
+        gevent.spawn(self._start_peer, network, peer)
+        log.info("joining the tracker network %s (state in %s)", network.url, folder)
+        return peer
 
-    def _start_peer(self, peer: Peer) -> None:
+    def _start_peer(self, network: Network, peer: Peer) -> None:
         try:
             peer.start()
         except AnomosError as exc:
-            log.error("the peer cannot start: %s", exc)
+            log.error("the peer of %s cannot start: %s", network.url, exc)
+            if self.peers.get(network) is peer:  # the next start of one of its torrents retries
+                del self.peers[network]
             for torrent in self.torrents.values():
-                self._fail(torrent, ErrorKind.TRACKER_ERROR, str(exc))
+                if _network_or_none(torrent) == network:
+                    self._fail(torrent, ErrorKind.TRACKER_ERROR, str(exc))
             return
-        self._peer_ready.set()
+        self._peer_ready[network].set()
+
+    def _retire_if_unused(self, network: Network) -> None:
+        """Stop ``network``'s peer once no torrent of it is left (the configured one stays)."""
+        if network == self.configured_network or self._stopped:
+            return
+        if any(_network_or_none(t) == network for t in self.torrents.values()):
+            return
+        peer = self.peers.pop(network, None)
+        self._peer_ready.pop(network, None)
+        if peer is not None:
+            log.info("no torrent of %s left: its peer stops", network.url)
+            self._retiring[network] = gevent.spawn(peer.stop)
 
     # ------------------------------------------------------------------ requests
     def add(
@@ -317,7 +402,7 @@ class Daemon:
         for torrent in self.torrents.values():
             if torrent.metainfo.infohash == metainfo.infohash:
                 return torrent, False
-        self._ensure_peer(*self._tracker_of(metainfo))
+        self._ensure_peer(Network.of(metainfo))
         where = Path(download_dir).expanduser() if download_dir else self.config.download_dir
         if not where.is_absolute():
             raise DaemonError(f"download-dir {str(where)!r} is not an absolute path")
@@ -338,7 +423,7 @@ class Daemon:
         return torrent, True
 
     def start_torrent(self, torrent: Torrent) -> None:
-        self._ensure_peer(*self._tracker_of(torrent.metainfo))  # another network: refused
+        self._ensure_peer(torrent.network)
         torrent.paused = False
         if torrent.task is None:
             self._begin(torrent)
@@ -351,12 +436,10 @@ class Daemon:
 
     def verify(self, torrent: Torrent) -> None:
         """Hash every piece again (the resume data is set aside), then carry on as before."""
+        self._ensure_peer(torrent.network)
         self._halt(torrent)
-        if self.peer is not None:
-            with contextlib.suppress(OSError):
-                resume.resume_path(
-                    self.peer.settings.state_dir / "resume", torrent.metainfo
-                ).unlink()
+        with contextlib.suppress(OSError):
+            resume.resume_path(self._resume_dir(torrent.network), torrent.metainfo).unlink()
         torrent.stopped_have = None
         self._begin(torrent)
         if torrent.paused:
@@ -369,11 +452,11 @@ class Daemon:
         self.removed[torrent.id] = time.monotonic()
         with contextlib.suppress(OSError):
             (self.metainfo_dir / f"{torrent.infohash}.atorrent").unlink()
-        if self.peer is not None:
+        network = _network_or_none(torrent)
+        if network is not None:
             with contextlib.suppress(OSError):
-                resume.resume_path(
-                    self.peer.settings.state_dir / "resume", torrent.metainfo
-                ).unlink()
+                resume.resume_path(self._resume_dir(network), torrent.metainfo).unlink()
+            self._retire_if_unused(network)
         if delete_data:
             _delete_data(torrent)
         self.save_state()
@@ -397,9 +480,9 @@ class Daemon:
         """Check, download, seed: the life of a running torrent (ends only when stopped)."""
         from anomos.peer.download import TorrentDownload
 
-        self._peer_ready.wait()
-        peer = self.peer
-        assert peer is not None
+        network = torrent.network
+        self._peer_ready[network].wait()
+        peer = self.peers[network]
         torrent.set_status(Status.CHECKING)
         try:
             torrent.download_dir.mkdir(parents=True, exist_ok=True)
@@ -445,8 +528,9 @@ class Daemon:
             torrent.stopped_have = bytes(session.has_piece(i) for i in range(n))
             torrent.uploaded_before += session.uploaded
             torrent.downloaded_before += session.downloaded
-            if self.peer is not None:
-                self.peer.remove_torrent(session.metainfo.infohash)
+            peer = self.peers.get(torrent.network)
+            if peer is not None:
+                peer.remove_torrent(session.metainfo.infohash)
             session.close()
         torrent.download = None
         torrent.set_status(Status.STOPPED)
@@ -455,6 +539,18 @@ class Daemon:
         log.error("torrent %d (%s): %s", torrent.id, torrent.metainfo.name, message)
         torrent.error, torrent.error_string = kind, message
         self._halt(torrent)
+
+
+#: A peer's files in its state folder: identity, resume data, replay caches, peer.json.
+_PEER_FILES = (IDENTITY_FILE, "resume", CODES_FILE, REQUESTS_FILE, "peer.json")
+
+
+def _network_or_none(torrent: Torrent) -> Network | None:
+    """The torrent's network; None for one restored from a file that names none."""
+    try:
+        return torrent.network
+    except DaemonError:
+        return None
 
 
 def _delete_data(torrent: Torrent) -> None:
@@ -482,4 +578,4 @@ def free_space(path: str) -> tuple[int, int]:
     return usage.free, usage.total
 
 
-__all__ = ["Daemon", "DaemonError", "ErrorKind", "Status", "Torrent"]
+__all__ = ["Daemon", "DaemonError", "ErrorKind", "Network", "Status", "Torrent"]

@@ -257,7 +257,6 @@ def _torrent_remove(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 
 def _session_values(daemon: Daemon) -> dict[str, Any]:
     config = daemon.config
-    peer = daemon.peer
     return {
         "version": f"{__version__} (anomos)",
         "rpc-version": RPC_VERSION,
@@ -283,8 +282,10 @@ def _session_values(daemon: Daemon) -> dict[str, Any]:
         "seedRatioLimited": False,
         "start-added-torrents": True,
         "config-dir": str(daemon.state_dir),
-        "anomos-tracker": peer.tracker_url if peer is not None else None,
-        "anomos-address": peer.address if peer is not None else None,
+        "anomos-networks": [
+            {"tracker": network.url, "fingerprint": network.fingerprint, "address": peer.address}
+            for network, peer in daemon.peers.items()
+        ],
     }
 
 
@@ -325,8 +326,8 @@ def _session_stats(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         "sessionCount": 1,
         "secondsActive": int(time.time() - daemon.started_at),
     }
-    peer = daemon.peer
-    account = peer.account if peer is not None else None
+    peers = daemon.peers
+    accounts = [p.account for p in peers.values() if p.account is not None]
     return {
         "activeTorrentCount": sum(1 for t in torrents if t.status != Status.STOPPED),
         "pausedTorrentCount": sum(1 for t in torrents if t.status == Status.STOPPED),
@@ -335,19 +336,31 @@ def _session_stats(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         "uploadSpeed": sum(_rate(t, down=False) for t in torrents),
         "current-stats": stats,
         "cumulative-stats": stats,
-        "anomos-relayed": peer.relayed if peer is not None else 0,
-        "anomos-ratio": peer.ratio if peer is not None else None,
-        "anomos-account": (
+        # Over every tracker network; the ratio is the lowest (the first to run short).
+        "anomos-relayed": sum(p.relayed for p in peers.values()),
+        "anomos-ratio": min((p.ratio for p in peers.values() if p.account), default=None),
+        "anomos-account": _account(accounts) if accounts else None,
+        "anomos-neighbours": sum(len(p.links.neighbours()) for p in peers.values()),
+        "anomos-networks": [
             {
-                "uploaded": account.uploaded,
-                "downloaded": account.downloaded,
-                "relayed": account.relayed,
-                "relayed-claimed": account.relayed_claimed,
+                "tracker": network.url,
+                "relayed": p.relayed,
+                "ratio": p.ratio,
+                "account": _account([p.account]) if p.account is not None else None,
+                "neighbours": len(p.links.neighbours()),
             }
-            if account is not None
-            else None
-        ),
-        "anomos-neighbours": len(peer.links.neighbours()) if peer is not None else 0,
+            for network, p in peers.items()
+        ],
+    }
+
+
+def _account(accounts: list[Any]) -> dict[str, int]:
+    """The tracker's last word on this peer's accounts, summed over ``accounts``."""
+    return {
+        "uploaded": sum(a.uploaded for a in accounts),
+        "downloaded": sum(a.downloaded for a in accounts),
+        "relayed": sum(a.relayed for a in accounts),
+        "relayed-claimed": sum(a.relayed_claimed for a in accounts),
     }
 
 

@@ -56,7 +56,7 @@ from anomos.protocol.request import SeenRequests, SourceRequest, open_request
 
 if TYPE_CHECKING:
     from anomos.identity import PeerIdentity
-    from anomos.net.link import Link, LinkManager
+    from anomos.net.link import CloseReason, Link, LinkManager
     from anomos.pluginmanager import Plugins
 
 log = logging.getLogger(__name__)
@@ -595,7 +595,7 @@ class CircuitSwitch:
         else:  # a late cell of a circuit already gone, or junk (a little is tolerated)
             link.stray_frame(circ_id)
 
-    def handle_link_down(self, link: Link, reason: str) -> None:
+    def handle_link_down(self, link: Link, reason: CloseReason) -> None:
         """The link manager's ``on_link_down``: break every circuit that used ``link``."""
         ends = self._ends.pop(link, {})
         for end in list(ends.values()):

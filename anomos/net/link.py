@@ -21,9 +21,9 @@ violation that closes the link.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import os
-import random
 import secrets
 import socket
 import ssl
@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
+from anomos.backoff import Backoff
 from anomos.errors import AnomosError, CryptoError, ProtocolError, TransportError
 from anomos.net.frames import (
     HEADER,
@@ -372,6 +373,83 @@ class NeighbourBudget:
     relinks: TokenBucket = attrs.field(factory=lambda: TokenBucket(RELINK_RATE, RELINK_BURST))
 
 
+class NoTransportError(TransportError):
+    """No configured transport can dial the address: retrying will not help."""
+
+
+class CloseCause(enum.Enum):
+    """Why a neighbour link closed, as the peer acts on it (the value is the log text)."""
+
+    # Our own doing: nothing to report to the tracker.
+    UNASSIGNED = "neighbour no longer assigned"
+    SHUTDOWN = "shutting down"
+    REPLACED = "replaced by a new connection"
+    STOPPED = "stopped"
+    INTERNAL_ERROR = "internal error"
+    # The neighbour, or the path to it, went away.
+    CLOSED_BY_NEIGHBOUR = "closed by neighbour"
+    CONNECTION_LOST = "connection lost"
+    IDLE = "idle"
+    SEND_STUCK = "send stuck"
+    SEND_FAILED = "send failed"
+    # The neighbour broke the protocol: we cut the link and report it.
+    VIOLATION = "protocol violation"
+
+    @property
+    def local(self) -> bool:
+        return self in _LOCAL_CAUSES
+
+    @property
+    def lost(self) -> bool:
+        return self in _LOST_CAUSES
+
+
+_LOCAL_CAUSES = frozenset(
+    {
+        CloseCause.UNASSIGNED,
+        CloseCause.SHUTDOWN,
+        CloseCause.REPLACED,
+        CloseCause.STOPPED,
+        CloseCause.INTERNAL_ERROR,
+    }
+)
+_LOST_CAUSES = frozenset(
+    {
+        CloseCause.CLOSED_BY_NEIGHBOUR,
+        CloseCause.CONNECTION_LOST,
+        CloseCause.IDLE,
+        CloseCause.SEND_STUCK,
+        CloseCause.SEND_FAILED,
+    }
+)
+
+
+@attrs.frozen
+class CloseReason:
+    """A link's close reason: the typed ``cause`` callers act on, and the human
+    ``text`` logs and hooks show (by default the cause's own words)."""
+
+    cause: CloseCause
+    text: str = attrs.field()
+
+    @text.default
+    def _text(self) -> str:
+        return self.cause.value
+
+    @classmethod
+    def of(cls, cause: CloseCause, detail: object) -> CloseReason:
+        """``cause`` with a detail, as "connection lost: Connection reset by peer"."""
+        return cls(cause, f"{cause.value}: {detail}")
+
+    @classmethod
+    def violation(cls, what: object) -> CloseReason:
+        """The neighbour broke the protocol; ``what`` says how."""
+        return cls(CloseCause.VIOLATION, str(what))
+
+    def __str__(self) -> str:
+        return self.text
+
+
 @attrs.define(eq=False)
 class Link:
     """One authenticated neighbour link: bounded per-circuit queues, a reader and a writer."""
@@ -387,7 +465,7 @@ class Link:
     manager: LinkManager = attrs.field(repr=False)
     bytes_out: int = 0
     #: Why the link closed; ``None`` while it is up.
-    closed_reason: str | None = None
+    closed_reason: CloseReason | None = None
     _queues: dict[int, deque[tuple[bytes, Any]]] = attrs.field(factory=dict, repr=False)
     _active: deque[int] = attrs.field(factory=deque, repr=False)
     _control: deque[bytes] = attrs.field(factory=deque, repr=False)
@@ -585,7 +663,7 @@ class Link:
             self._draining.discard(circ_id)
 
     # ------------------------------------------------------------------ lifecycle
-    def close(self, reason: str = "closed") -> None:
+    def close(self, reason: CloseReason) -> None:
         """Close once; the manager and the circuit switch learn why."""
         if self.closed_reason is not None:
             return
@@ -612,7 +690,7 @@ class Link:
         self._reader_greenlet = gevent.getcurrent()
         self.sock.settimeout(IDLE_TIMEOUT)
         self._writer = gevent.spawn(self._write_loop)
-        reason = "closed by neighbour"
+        reason = CloseReason(CloseCause.CLOSED_BY_NEIGHBOUR)
         turn = 0
         try:
             for circ_id, cmd, payload in self.reader:
@@ -636,17 +714,17 @@ class Link:
                     turn = 0
                     gevent.sleep(0)
         except ProtocolError as exc:
-            reason = str(exc)
+            reason = CloseReason.violation(exc)
         except TimeoutError:
-            reason = f"idle for {IDLE_TIMEOUT:g} s"
+            reason = CloseReason(CloseCause.IDLE, f"idle for {IDLE_TIMEOUT:g} s")
         except OSError as exc:
-            reason = f"connection lost: {exc.strerror or exc}"
+            reason = CloseReason.of(CloseCause.CONNECTION_LOST, exc.strerror or exc)
         except gevent.GreenletExit:
-            reason = "stopped"
+            reason = CloseReason(CloseCause.STOPPED)
             raise
         except Exception as exc:  # a bug in a frame handler must not kill silently
             log.exception("link to NID %d: frame handler failed", self.nid)
-            reason = f"internal error: {exc}"
+            reason = CloseReason.of(CloseCause.INTERNAL_ERROR, exc)
         finally:
             self.close(reason)
 
@@ -692,9 +770,9 @@ class Link:
                 if self._queued < self.link_limit:
                     self._room.set()
         except TimeoutError:
-            self.close(f"send stuck for {IDLE_TIMEOUT:g} s")
+            self.close(CloseReason(CloseCause.SEND_STUCK, f"send stuck for {IDLE_TIMEOUT:g} s"))
         except OSError as exc:
-            self.close(f"send failed: {exc.strerror or exc}")
+            self.close(CloseReason.of(CloseCause.SEND_FAILED, exc.strerror or exc))
 
 
 # ----------------------------------------------------------------------------- manager
@@ -714,7 +792,9 @@ class LinkManager:
     on_frame: FrameHandler | None = attrs.field(kw_only=True)
     on_unknown_nid: Callable[[int], None] | None = attrs.field(default=None, kw_only=True)
     #: Called as ``on_link_down(link, reason)`` after a link closed.
-    on_link_down: Callable[[Link, str], None] | None = attrs.field(default=None, kw_only=True)
+    on_link_down: Callable[[Link, CloseReason], None] | None = attrs.field(
+        default=None, kw_only=True
+    )
     #: Passed along to the neighbour hooks.
     peer: Any = attrs.field(default=None, kw_only=True)
     #: The address neighbours dial, once :meth:`start` returned.
@@ -776,7 +856,7 @@ class LinkManager:
         for nid, link in list(self.links.items()):
             nb = assigned.get(nid)
             if nb is None or bytes(nb.identity) != link.identity:
-                link.close("neighbour no longer assigned")
+                link.close(CloseReason(CloseCause.UNASSIGNED))
         if self._closed:
             return
         for nid, nb in assigned.items():
@@ -829,7 +909,7 @@ class LinkManager:
             self._listener.close()
         self._group.kill(block=False)
         for link in list(self.links.values()):
-            link.close("shutting down")
+            link.close(CloseReason(CloseCause.SHUTDOWN))
 
     # ------------------------------------------------------------------ transports
     def _transport(self, name: str) -> Transport:
@@ -843,11 +923,11 @@ class LinkManager:
             transport = self._transport(name)
             if transport.can_dial(address):
                 return transport
-        raise TransportError(f"no configured transport can reach {address}")
+        raise NoTransportError(f"no configured transport can reach {address}")
 
     # ------------------------------------------------------------------ dialling
     def _dial_loop(self, nid: int) -> None:
-        backoff = DIAL_BACKOFF_MIN
+        backoff = Backoff(DIAL_BACKOFF_MIN, DIAL_BACKOFF_MAX)
         try:
             while not self._closed:
                 nb = self._assigned.get(nid)
@@ -861,8 +941,7 @@ class LinkManager:
                     link = self._dial_once(nb)
                 except (AnomosError, OSError) as exc:
                     log.info("cannot link to NID %d at %s: %s", nid, nb.address, exc)
-                    gevent.sleep(backoff * random.uniform(0.75, 1.25))
-                    backoff = min(backoff * 2, DIAL_BACKOFF_MAX)
+                    gevent.sleep(backoff.next())
                     continue
                 if self._closed or not _same_neighbour(self._assigned.get(nid), nb):
                     with contextlib.suppress(OSError):
@@ -871,9 +950,8 @@ class LinkManager:
                 self._link_up(link)
                 link.run()
                 if time.monotonic() - link.opened_at >= STABLE_LINK:
-                    backoff = DIAL_BACKOFF_MIN
-                gevent.sleep(backoff * random.uniform(0.75, 1.25))
-                backoff = min(backoff * 2, DIAL_BACKOFF_MAX)
+                    backoff.reset()
+                gevent.sleep(backoff.next())
         finally:
             if self._dialling.get(nid) is gevent.getcurrent():
                 del self._dialling[nid]
@@ -1012,7 +1090,7 @@ class LinkManager:
         old = self.links.get(link.nid)
         self.links[link.nid] = link
         if old is not None:
-            old.close("replaced by a new connection")
+            old.close(CloseReason(CloseCause.REPLACED))
         log.info("link to NID %d (%s) is up", link.nid, link.address)
         self._changed.set()
         self._changed = gevent.event.Event()
@@ -1020,7 +1098,7 @@ class LinkManager:
             "anomos_neighbour_up", peer=self.peer, nid=link.nid, address=link.address
         )
 
-    def _link_down(self, link: Link, reason: str) -> None:
+    def _link_down(self, link: Link, reason: CloseReason) -> None:
         if self.links.get(link.nid) is link:
             del self.links[link.nid]
         nb = self._assigned.get(link.nid)
@@ -1032,4 +1110,6 @@ class LinkManager:
                 self.on_link_down(link, reason)
             except Exception:
                 log.exception("link-down handler failed for NID %d", link.nid)
-        self.plugins.notify("anomos_neighbour_down", peer=self.peer, nid=link.nid, reason=reason)
+        self.plugins.notify(
+            "anomos_neighbour_down", peer=self.peer, nid=link.nid, reason=reason.text
+        )

@@ -26,7 +26,7 @@ from anomos.errors import AnomosError, ConfigError, TrackerError, TransportError
 from anomos.fsutil import atomic_write, private_dir
 from anomos.identity import PeerIdentity
 from anomos.net.circuit import CircuitSwitch
-from anomos.net.link import Link, LinkManager
+from anomos.net.link import CloseReason, Link, LinkManager, NoTransportError
 from anomos.peer.download import (
     DEFAULT_SOURCES,
     DEFAULT_STALL_LIMIT,
@@ -65,18 +65,6 @@ LINK_WATCH_INTERVAL = 2.0
 UNREACHABLE_AFTER = 45.0
 #: Seconds the goodbye announce may take when stopping (the tracker may be down).
 STOP_ANNOUNCE_TIMEOUT = 5.0
-
-#: Link-close reasons that are our own doing: nothing to report.
-_LOCAL_CLOSE = (
-    "neighbour no longer assigned",
-    "shutting down",
-    "replaced by a new connection",
-    "stopped",
-    "internal error",
-)
-#: Link-close reasons meaning the neighbour or the path to it went away; any
-#: other reason is a protocol violation we cut the link for.
-_LOST_CLOSE = ("closed by neighbour", "connection lost", "idle for", "send stuck", "send failed")
 
 
 __all__ = ["CircuitRecord", "DownloadReport", "Peer"]
@@ -149,7 +137,7 @@ class Peer:
         )
         switch_down = self.links.on_link_down
 
-        def on_link_down(link: Link, reason: str) -> None:
+        def on_link_down(link: Link, reason: CloseReason) -> None:
             if switch_down is not None:
                 switch_down(link, reason)  # break the circuits first
             self._on_link_down(link, reason)
@@ -227,9 +215,9 @@ class Peer:
         """Reach the tracker through this peer's transports, never around them."""
         try:
             return self.links.dial(address, timeout=timeout)
+        except NoTransportError as exc:
+            raise TrackerTrustError(str(exc)) from None  # retrying will not help
         except TransportError as exc:
-            if str(exc).startswith("no configured transport"):
-                raise TrackerTrustError(str(exc)) from None  # retrying will not help
             raise TrackerError(f"cannot reach the tracker: {exc}") from None
 
     def _statuses(self) -> list[TorrentStatus]:
@@ -319,14 +307,14 @@ class Peer:
                 backoff.reset()
                 wait = self._interval
 
-    def _on_link_down(self, link: Link, reason: str) -> None:
+    def _on_link_down(self, link: Link, reason: CloseReason) -> None:
         """Tell the tracker at once when a neighbour's link drops (not when we dropped it)."""
-        if self._stopped or reason.startswith(_LOCAL_CLOSE):
+        if self._stopped or reason.cause.local:
             return
         nb = self.links.neighbours().get(link.nid)
         if nb is None or bytes(nb.identity) != link.identity:
             return  # no longer assigned: the tracker knows already
-        why = "lost" if reason.startswith(_LOST_CLOSE) else "protocol"
+        why = "lost" if reason.cause.lost else "protocol"
         if why == "protocol":
             log.warning("neighbour NID %d broke the protocol (%s): reporting it", link.nid, reason)
         self._lost[link.nid] = (time.monotonic(), why)
@@ -338,7 +326,8 @@ class Peer:
         missing_since: dict[int, float] = {}
         #: (NID, identity) of a neighbour we dial -> since when it has had no link
         unreachable_since: dict[tuple[int, bytes], float] = {}
-        delay = STALE_NEIGHBOUR_REFRESH
+        # Each refresh that changes nothing doubles the wait, up to the announce interval.
+        refresh = Backoff(STALE_NEIGHBOUR_REFRESH, STALE_NEIGHBOUR_REFRESH, jitter=0.0)
         last_refresh = time.monotonic()
         while not self._stopped:
             gevent.sleep(LINK_WATCH_INTERVAL)
@@ -352,16 +341,17 @@ class Peer:
                     missing_since.setdefault(nid, now)
             self._watch_unreachable(assigned, unreachable_since, now)
             if not missing_since:
-                delay = STALE_NEIGHBOUR_REFRESH
+                refresh.reset()
                 continue
             oldest = min(missing_since.values())
-            if now - oldest >= delay and now - last_refresh >= delay:
+            if now - oldest >= refresh.delay and now - last_refresh >= refresh.delay:
                 log.info(
                     "%d assigned neighbour(s) not linked: asking the tracker again",
                     len(missing_since),
                 )
                 last_refresh = now
-                delay = min(delay * 2, max(self._interval, STALE_NEIGHBOUR_REFRESH))
+                refresh.limit = max(self._interval, STALE_NEIGHBOUR_REFRESH)
+                refresh.next()
                 self.announce_soon(urgent=True)
 
     def _watch_unreachable(
