@@ -17,6 +17,7 @@ import click
 from anomos import hookimpl
 from anomos.config import parse_size
 from anomos.errors import ConfigError, MetainfoError
+from anomos.torrent.magnet import Magnet
 from anomos.torrent.metainfo import (
     MAX_METAINFO_SIZE,
     Metainfo,
@@ -54,10 +55,19 @@ def _check_output(out: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> N
 
 
 def _summary(meta: Metainfo, out: Path) -> str:
+    """What make and anonymize print: the file written, and its magnet when it has one."""
+    magnet = _magnet(meta)
     return (
         f"wrote {out}: {meta.name}, {human(meta.total_length)} in {len(meta.files)} file(s), "
         f"{meta.piece_count} pieces of {human(meta.piece_length)}, infohash {meta.infohash_hex}"
-    )
+    ) + (f"\nmagnet: {magnet}" if magnet else "")
+
+
+def _magnet(meta: Metainfo) -> str | None:
+    """The anomos magnet link, for a torrent that names and pins its tracker."""
+    if not meta.trackers or meta.fingerprint is None:
+        return None
+    return str(Magnet.from_metainfo(meta))
 
 
 _tracker_option = click.option(
@@ -150,6 +160,7 @@ def info_dict(meta: Metainfo) -> dict[str, Any]:
         "legacy": meta.legacy,
         "trackers": list(meta.trackers),
         "fingerprint": meta.fingerprint,
+        "magnet": _magnet(meta),
         "files": [
             {
                 "index": i,
@@ -183,6 +194,7 @@ def info_command(file: Path, as_json: bool) -> None:
         for url in meta.trackers:
             click.echo(f"tracker:      {url}")
         click.echo(f"fingerprint:  {meta.fingerprint or '(none: tracker identity not pinned)'}")
+        click.echo(f"magnet:       {_magnet(meta) or '(none: needs a fingerprint)'}")
     else:
         click.echo("trackers:     none (a plain .torrent; use `anomos anonymize`)")
     click.echo(f"files:        {len(meta.files)} (INDEX, bytes, path: `get --only INDEX,...`)")
