@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import re
 import socket
@@ -19,6 +20,7 @@ import pytest
 from test_session import make_torrent, new_session, tcp_pair
 
 from anomos.errors import MetainfoError, ProtocolError
+from anomos.testing import run_anomos
 from anomos.torrent import magnet as magnet_mod
 from anomos.torrent import wire
 from anomos.torrent.magnet import Magnet, fetch_metadata, is_magnet
@@ -127,18 +129,23 @@ def test_libtorrent_refuses_the_link_and_the_infohash_never_appears_as_btih(
 # ----------------------------------------------------------------------------- metadata
 
 
-def big_torrent(tmp_path: Path) -> Metainfo:
+@pytest.fixture(scope="module")
+def big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Metainfo, Path]:
     """A torrent whose info dict spans several 16 KiB metadata pieces (40 MiB of
-    zeros in 16 KiB pieces: 2,560 hashes, 51 KiB of metadata; a sparse file hashes fast)."""
-    data = tmp_path / "big" / "zeros.bin"
-    data.parent.mkdir(parents=True)
-    with open(data, "wb") as f:
+    zeros in 16 KiB pieces: 2,560 hashes, 51 KiB of metadata; a sparse file hashes
+    fast), and the folder holding its data."""
+    root = tmp_path_factory.mktemp("big")
+    with open(root / "zeros.bin", "wb") as f:
         f.truncate(40 * 1024 * 1024)
     m = make_metainfo(
-        data, trackers=[TRACKER], fingerprint=FP, piece_length=16 * 1024, progress=False
+        root / "zeros.bin",
+        trackers=[TRACKER],
+        fingerprint=FP,
+        piece_length=16 * 1024,
+        progress=False,
     )
     assert len(m.info_bytes) > 3 * wire.METADATA_PIECE_SIZE
-    return m
+    return m, root
 
 
 def test_wire_bound_matches_the_metainfo_limit() -> None:
@@ -147,10 +154,10 @@ def test_wire_bound_matches_the_metainfo_limit() -> None:
 
 @pytest.mark.parametrize("size", ["small", "big"])
 def test_the_metadata_comes_in_pieces_from_a_source_and_makes_the_same_atorrent(
-    tmp_path: Path, sessions: list[TorrentSession], size: str
+    tmp_path: Path, sessions: list[TorrentSession], size: str, big: tuple[Metainfo, Path]
 ) -> None:
-    m = anomos_torrent(tmp_path) if size == "small" else big_torrent(tmp_path)
-    source = new_session(sessions, m, tmp_path if size == "small" else tmp_path / "big")
+    m, root = (anomos_torrent(tmp_path), tmp_path) if size == "small" else big
+    source = new_session(sessions, m, root)
     assert source.complete
     ours, theirs = tcp_pair()
     source.add_connection(theirs, "downloader")
@@ -228,9 +235,9 @@ def honest_pieces(info: bytes) -> Callable[[int], bytes]:
     ],
 )
 def test_a_source_lying_about_the_metadata_is_caught_in_one_line(
-    tmp_path: Path, lie: Callable[[bytes], Callable[[int], bytes]], message: str
+    big: tuple[Metainfo, Path], lie: Callable[[bytes], Callable[[int], bytes]], message: str
 ) -> None:
-    m = big_torrent(tmp_path)
+    m, _ = big
     source = HostileSource(m.infohash, lie(m.info_bytes))
     try:
         with pytest.raises(ProtocolError, match=re.escape(message)) as caught:
@@ -314,3 +321,27 @@ def test_the_metadata_reader_skips_piece_messages_it_cannot_check() -> None:
     )
     assert msgs[-1] == wire.MetadataPiece(0, 3, b"abc")
     assert all(isinstance(x, wire.KeepAlive) for x in msgs[:-1])
+
+
+# ----------------------------------------------------------------------------- the commands
+
+
+def test_make_and_info_print_the_magnet_and_info_reads_one(tmp_path: Path) -> None:
+    song = tmp_path / "song.ogg"
+    song.write_bytes(b"la" * 50_000)
+    out = tmp_path / "song.atorrent"
+    made = run_anomos("make", str(song), "-t", TRACKER, "--fingerprint", FP, "-o", str(out))
+    assert made.returncode == 0, made.stderr
+    magnet = str(Magnet.from_metainfo(Metainfo.load(out)))
+    assert f"magnet: {magnet}" in made.stdout.splitlines()
+    shown = run_anomos("info", str(out))
+    assert f"magnet:       {magnet}" in shown.stdout.splitlines()
+    assert json.loads(run_anomos("info", str(out), "--json").stdout)["magnet"] == magnet
+    named = json.loads(run_anomos("info", magnet, "--json").stdout)
+    assert named["name"] == "song.ogg" and named["trackers"] == [TRACKER]
+    refused = run_anomos("info", f"magnet:?xt=urn:btih:{IH.hex()}")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "anomos: error: magnet: a BitTorrent magnet (urn:btih/btmh), not an anomos one "
+        "(urn:anomos:)"
+    ]

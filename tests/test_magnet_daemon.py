@@ -14,7 +14,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from test_daemon import DaemonProc, client_for, network, new_daemon, status_of, wait_for
+from test_daemon import client_for, network, new_daemon, status_of, wait_for
 
 from anomos.localnet import LocalNetwork
 from anomos.torrent.magnet import Magnet
@@ -23,16 +23,6 @@ from anomos.torrent.metainfo import Metainfo
 __all__ = ["network"]  # the module-scoped LocalNetwork fixture, shared with test_daemon
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-def start(daemon: DaemonProc) -> str:
-    """daemon.start(), allowing for its race: the daemon writes rpc.json just before it
-    prints the URL that DaemonProc.start looks for at once (seen failing under load)."""
-    try:
-        return daemon.start()
-    except AssertionError:
-        wait_for("the RPC URL printed", lambda: "RPC at" in daemon.log(), 10, daemon.log)
-        return str(json.loads((daemon.state_dir / "rpc.json").read_text())["url"])
 
 
 FIELDS = ["id", "name", "status", "percentDone", "metadataPercentComplete", "totalSize", "files"]
@@ -54,7 +44,7 @@ def test_transmission_remote_adds_a_magnet_and_it_finishes_and_survives_a_restar
     daemon = new_daemon(
         net, tmp_path / "home", tracker=net.tracker_url, fingerprint=net.fingerprint
     )
-    url = start(daemon)
+    url = daemon.start()
     where = urllib.parse.urlsplit(url)
     target = f"{where.hostname}:{where.port}"
 
@@ -118,7 +108,7 @@ def test_transmission_remote_adds_a_magnet_and_it_finishes_and_survives_a_restar
 
     # A restart brings both back: the first from its .atorrent, seeding; the second
     # still waiting for its metadata, under its display name.
-    url = start(daemon)
+    url = daemon.start()
     try:
         wait_for("seeding again", lambda: row(1)["status"] == 6, 60, daemon.log)
         assert row(1)["name"] == data.name

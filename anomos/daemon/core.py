@@ -380,14 +380,16 @@ class Daemon:
             raise DaemonError(f"metainfo larger than {MAX_METAINFO_SIZE} bytes")
         metainfo: Metainfo | None = None
         magnet: Magnet | None = None
+        link = data[:64].lstrip().lower().startswith(b"magnet:")
         try:
-            if data[:64].lstrip().lower().startswith(b"magnet:"):
+            if link:
                 magnet = Magnet.parse(data[: 2 * MAX_MAGNET_LENGTH].decode("utf-8", "replace"))
             else:
                 metainfo = Metainfo.from_bytes(data)
         except AnomosError as exc:
-            what = "magnet link" if magnet is None and metainfo is None else "torrent file"
-            raise DaemonError(f"invalid or corrupt {what}: {exc}") from None
+            raise DaemonError(
+                f"invalid or corrupt {'magnet link' if link else 'torrent file'}: {exc}"
+            ) from None
         given = metainfo or magnet
         assert given is not None
         for torrent in self.torrents.values():

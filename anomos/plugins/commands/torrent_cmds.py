@@ -17,7 +17,7 @@ import click
 from anomos import hookimpl
 from anomos.config import parse_size
 from anomos.errors import ConfigError, MetainfoError
-from anomos.torrent.magnet import Magnet
+from anomos.torrent.magnet import Magnet, is_magnet
 from anomos.torrent.metainfo import (
     MAX_METAINFO_SIZE,
     Metainfo,
@@ -174,11 +174,34 @@ def info_dict(meta: Metainfo) -> dict[str, Any]:
     }
 
 
+def _magnet_info(magnet: Magnet, as_json: bool) -> None:
+    shown = {
+        "name": magnet.name,
+        "infohash": magnet.infohash_hex,
+        "trackers": list(magnet.trackers),
+        "fingerprint": magnet.fingerprint,
+        "magnet": str(magnet),
+    }
+    if as_json:
+        click.echo(json.dumps(shown, indent=2))
+        return
+    click.echo(f"name:         {magnet.name or '(none given)'}")
+    click.echo(f"infohash:     {magnet.infohash_hex}")
+    for url in magnet.trackers:
+        click.echo(f"tracker:      {url}")
+    click.echo(f"fingerprint:  {magnet.fingerprint}")
+    click.echo("metadata:     not in a magnet: `get` and `add` fetch it from a source")
+
+
 @click.command("info")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def info_command(file: Path, as_json: bool) -> None:
-    """Show what a .atorrent (or plain .torrent) holds, after validating it."""
+    """Show what a .atorrent (or plain .torrent) holds, after validating it, or what
+    an anomos magnet link names."""
+    if is_magnet(str(file)):
+        _magnet_info(Magnet.parse(str(file)), as_json)
+        return
     meta = Metainfo.load(file)
     if as_json:
         click.echo(json.dumps(info_dict(meta), indent=2))
