@@ -150,10 +150,13 @@ class Torrent:
 
     @property
     def left(self) -> int:
-        """Bytes still to download (as of its last run when it is stopped)."""
+        """Bytes still to download (as of its last run when it is stopped; 0 before a
+        magnet's metadata, as Transmission counts it)."""
         if self.session is not None:
             return self.session.left
-        m = self.metainfo
+        if self._metainfo is None:
+            return 0
+        m = self._metainfo
         return sum(m.piece_size(i) for i in range(len(m.pieces)) if not self.has_piece(i))
 
     @property
@@ -176,12 +179,13 @@ class Torrent:
         """Transmission's ``error`` and ``errorString`` now: a failure that stopped the
         torrent, else what its running download waits for (a full disk: a local error;
         the tracker: a tracker warning), while it keeps trying."""
-        if self.error != ErrorKind.OK or self.download is None:
+        running = self.download or self.fetch
+        if self.error != ErrorKind.OK or running is None:
             return self.error, self.error_string
-        disk = self.download.disk_problem()
+        disk = self.download.disk_problem() if self.download is not None else ""
         if disk:
             return ErrorKind.LOCAL_ERROR, disk
-        tracker = self.download.peer.tracker_wait
+        tracker = running.peer.tracker_wait
         if tracker.active:
             return ErrorKind.TRACKER_WARNING, tracker.describe()
         return ErrorKind.OK, ""

@@ -172,7 +172,6 @@ WITHOUT_METADATA: dict[str, Any] = {
     "percentDone": 0.0,
     "sizeWhenDone": 0,
     "totalSize": 0,
-    "leftUntilDone": 0,
     "haveValid": 0,
     "eta": -2,
     "files": [],
