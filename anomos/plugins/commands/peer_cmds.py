@@ -366,11 +366,10 @@ def get_command(
     session: Any = None
 
     def kept() -> str:
-        if session is None:
-            return "no metadata yet" if metainfo is None else f"0 pieces kept in {state_dir}"
-        pieces = session.metainfo.pieces
-        have = sum(map(session.has_piece, range(len(pieces))))
-        return f"{have}/{len(pieces)} pieces kept in {state_dir}"
+        if metainfo is None:
+            return "no metadata yet"
+        have = sum(map(session.has_piece, range(len(metainfo.pieces)))) if session else 0
+        return f"{have}/{len(metainfo.pieces)} pieces kept in {state_dir}"
 
     try:
         if metainfo is None:
