@@ -5,7 +5,8 @@ them), an error kind and message, and a task greenlet that checks its data
 (resume data first), downloads it over circuits and then seeds it. The list of
 torrents, their paused flags and lifetime counters live in ``daemon.json``
 (written atomically on every change and every few seconds), each torrent's
-metainfo in ``torrents/<infohash>.atorrent`` and its verified pieces in the
+metainfo in ``torrents/<infohash>.atorrent`` (a torrent added by magnet keeps
+``<infohash>.magnet`` until its metadata arrives) and its verified pieces in the
 peer's resume data: a restart brings every torrent back as it was, without
 re-hashing data that has not changed.
 
@@ -40,12 +41,13 @@ from anomos.fsutil import atomic_write, move_entries, private_dir
 from anomos.identity import IDENTITY_FILE
 from anomos.protocol.replay import CODES_FILE, REQUESTS_FILE
 from anomos.torrent import resume
+from anomos.torrent.magnet import MAX_MAGNET_LENGTH, Magnet
 from anomos.torrent.metainfo import Metainfo
 from anomos.torrent.storage import Storage
 
 if TYPE_CHECKING:
     from anomos.daemon.config import DaemonConfig
-    from anomos.peer.download import TorrentDownload
+    from anomos.peer.download import MetadataFetch, TorrentDownload
     from anomos.peer.node import Peer
     from anomos.pluginmanager import Plugins
     from anomos.torrent.session import TorrentSession
@@ -90,7 +92,10 @@ class Network:
     fingerprint: str
 
     @classmethod
-    def of(cls, metainfo: Metainfo) -> Network:
+    def of(cls, metainfo: Metainfo | Magnet) -> Network:
+        """The network a torrent (its metainfo, or the magnet it was added by) names."""
+        if isinstance(metainfo, Magnet):
+            return cls(metainfo.trackers[0], metainfo.fingerprint)
         if not metainfo.is_anomos or not metainfo.trackers or not metainfo.fingerprint:
             raise DaemonError(
                 "not an .atorrent that pins its tracker (make one with `anomos anonymize`)"
@@ -105,10 +110,15 @@ class Network:
 
 @attrs.define(eq=False)
 class Torrent:
-    """One torrent of the daemon; ``session`` exists while it runs."""
+    """One torrent of the daemon; ``session`` exists while it runs.
+
+    A torrent added by magnet has no metainfo until a source sent it: meanwhile
+    :attr:`metainfo` raises :class:`NoMetadata` (the RPC shows Transmission's
+    values for a magnet without metadata).
+    """
 
     id: int
-    metainfo: Metainfo = attrs.field(repr=False)
+    _metainfo: Metainfo | None = attrs.field(repr=False)
     download_dir: Path
     added_date: int
     paused: bool = False
@@ -127,6 +137,45 @@ class Torrent:
     rechecked: int = 0
     #: One 0/1 flag per piece, verified when it last ran (None: nothing known yet).
     stopped_have: bytes | None = attrs.field(default=None, repr=False)
+    #: The magnet it was added by, kept until its metadata arrived.
+    magnet: Magnet | None = attrs.field(default=None, repr=False)
+    #: Fetching the metadata of a magnet (while it runs).
+    fetch: MetadataFetch | None = attrs.field(default=None, repr=False)
+
+    @property
+    def metainfo(self) -> Metainfo:
+        if self._metainfo is None:
+            raise NoMetadata(f"torrent {self.id} has no metadata yet (added by magnet)")
+        return self._metainfo
+
+    @property
+    def has_metadata(self) -> bool:
+        return self._metainfo is not None
+
+    @property
+    def given(self) -> Metainfo | Magnet:
+        """What the torrent was added by: its metainfo, or its magnet until the metadata came."""
+        given = self._metainfo or self.magnet
+        assert given is not None
+        return given
+
+    def metadata_arrived(self, metainfo: Metainfo) -> None:
+        self._metainfo, self.magnet = metainfo, None
+
+    @property
+    def name(self) -> str:
+        """The torrent's name, or the magnet's display name (or infohash) before the metadata."""
+        if self._metainfo is not None:
+            return self._metainfo.name
+        assert self.magnet is not None
+        return self.magnet.name or self.magnet.infohash_hex
+
+    @property
+    def metadata_fraction(self) -> float:
+        """Transmission's metadataPercentComplete: 1 once the metainfo is known."""
+        if self._metainfo is not None:
+            return 1.0
+        return self.fetch.fraction if self.fetch is not None else 0.0
 
     def has_piece(self, index: int) -> bool:
         if self.session is not None:
@@ -135,19 +184,25 @@ class Torrent:
 
     @property
     def left(self) -> int:
-        """Bytes still to download (as of its last run when it is stopped)."""
+        """Bytes still to download (as of its last run when it is stopped; 0 before a
+        magnet's metadata, as Transmission counts it)."""
         if self.session is not None:
             return self.session.left
-        m = self.metainfo
+        if self._metainfo is None:
+            return 0
+        m = self._metainfo
         return sum(m.piece_size(i) for i in range(len(m.pieces)) if not self.has_piece(i))
 
     @property
     def infohash(self) -> str:
-        return self.metainfo.infohash.hex()
+        if self._metainfo is None:
+            assert self.magnet is not None
+            return self.magnet.infohash_hex
+        return self._metainfo.infohash.hex()
 
     @property
     def network(self) -> Network:
-        return Network.of(self.metainfo)
+        return Network.of(self.given)
 
     @property
     def uploaded_ever(self) -> int:
@@ -162,12 +217,13 @@ class Torrent:
         """Transmission's ``error`` and ``errorString`` now: a failure that stopped the
         torrent, else what its running download waits for (a full disk: a local error;
         the tracker: a tracker warning), while it keeps trying."""
-        if self.error != ErrorKind.OK or self.download is None:
+        running = self.download or self.fetch
+        if self.error != ErrorKind.OK or running is None:
             return self.error, self.error_string
-        disk = self.download.disk_problem()
+        disk = self.download.disk_problem() if self.download is not None else ""
         if disk:
             return ErrorKind.LOCAL_ERROR, disk
-        tracker = self.download.peer.tracker_wait
+        tracker = running.peer.tracker_wait
         if tracker.active:
             return ErrorKind.TRACKER_WARNING, tracker.describe()
         return ErrorKind.OK, ""
@@ -194,6 +250,10 @@ class Torrent:
 
 class DaemonError(AnomosError):
     """A request the daemon refuses; the message is the RPC ``result`` string."""
+
+
+class NoMetadata(DaemonError):
+    """What was asked needs the metainfo of a torrent added by magnet, not fetched yet."""
 
 
 @attrs.define(eq=False)
@@ -285,10 +345,11 @@ class Daemon:
         self._next_id = int(doc.get("next_id", 1))
         for entry in doc.get("torrents", []):
             try:
-                metainfo = Metainfo.load(self.metainfo_dir / f"{entry['infohash']}.atorrent")
+                metainfo, magnet = self._load_torrent_file(str(entry["infohash"]))
                 torrent = Torrent(
                     id=int(entry["id"]),
                     metainfo=metainfo,
+                    magnet=magnet,
                     download_dir=Path(entry["download_dir"]),
                     added_date=int(entry["added_date"]),
                     done_date=int(entry.get("done_date", 0)),
@@ -304,16 +365,27 @@ class Daemon:
             self.torrents[torrent.id] = torrent
             self._next_id = max(self._next_id, torrent.id + 1)
             try:
-                network = Network.of(metainfo)
+                network = Network.of(torrent.given)
                 self._ensure_peer(network)
             except AnomosError as exc:  # kept in the list (and the file), not started
                 torrent.error, torrent.error_string = ErrorKind.LOCAL_ERROR, str(exc)
                 continue
-            saved = resume.load(self._resume_dir(network), metainfo)
+            saved = resume.load(self._resume_dir(network), metainfo) if metainfo else None
             torrent.stopped_have = bytes(saved.have) if saved is not None else None
             if not torrent.paused:
                 self._begin(torrent)
         log.info("restored %d torrent(s) from %s", len(self.torrents), self.state_file)
+
+    def _load_torrent_file(self, infohash: str) -> tuple[Metainfo | None, Magnet | None]:
+        """A torrent's .atorrent, or the magnet it was added by while its metadata is missing."""
+        atorrent = self.metainfo_dir / f"{infohash}.atorrent"
+        magnet = self.metainfo_dir / f"{infohash}.magnet"
+        if atorrent.exists() or not magnet.exists():
+            return Metainfo.load(atorrent), None
+        try:
+            return None, Magnet.parse(magnet.read_text()[: 2 * MAX_MAGNET_LENGTH])
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StorageError(f"cannot read {magnet}: {exc}") from None
 
     # ------------------------------------------------------------------ the peers
     def network_dir(self, network: Network) -> Path:
@@ -392,31 +464,46 @@ class Daemon:
     def add(
         self, data: bytes, *, paused: bool = False, download_dir: str | None = None
     ) -> tuple[Torrent, bool]:
-        """Add the torrent in ``data`` (an .atorrent); (torrent, False) if it was there already."""
+        """Add the torrent in ``data`` (an .atorrent, or an anomos magnet link);
+        (torrent, False) if it was there already."""
         if len(data) > MAX_METAINFO_SIZE:
             raise DaemonError(f"metainfo larger than {MAX_METAINFO_SIZE} bytes")
+        metainfo: Metainfo | None = None
+        magnet: Magnet | None = None
+        link = data[:64].lstrip().lower().startswith(b"magnet:")
         try:
-            metainfo = Metainfo.from_bytes(data)
+            if link:
+                magnet = Magnet.parse(data[: 2 * MAX_MAGNET_LENGTH].decode("utf-8", "replace"))
+            else:
+                metainfo = Metainfo.from_bytes(data)
         except AnomosError as exc:
-            raise DaemonError(f"invalid or corrupt torrent file: {exc}") from None
+            raise DaemonError(
+                f"invalid or corrupt {'magnet link' if link else 'torrent file'}: {exc}"
+            ) from None
+        given = metainfo or magnet
+        assert given is not None
         for torrent in self.torrents.values():
-            if torrent.metainfo.infohash == metainfo.infohash:
+            if torrent.infohash == given.infohash.hex():
                 return torrent, False
-        self._ensure_peer(Network.of(metainfo))
+        self._ensure_peer(Network.of(given))
         where = Path(download_dir).expanduser() if download_dir else self.config.download_dir
         if not where.is_absolute():
             raise DaemonError(f"download-dir {str(where)!r} is not an absolute path")
-        atomic_write(self.metainfo_dir / f"{metainfo.infohash.hex()}.atorrent", data)
+        if magnet is not None:
+            atomic_write(self.metainfo_dir / f"{magnet.infohash_hex}.magnet", str(magnet).encode())
+        else:
+            atomic_write(self.metainfo_dir / f"{given.infohash.hex()}.atorrent", data)
         torrent = Torrent(
             id=self._next_id,
             metainfo=metainfo,
+            magnet=magnet,
             download_dir=where,
             added_date=int(time.time()),
             paused=paused,
         )
         self._next_id += 1
         self.torrents[torrent.id] = torrent
-        log.info("added torrent %d: %s (%s)", torrent.id, metainfo.name, torrent.infohash)
+        log.info("added torrent %d: %s (%s)", torrent.id, torrent.name, torrent.infohash)
         if not paused:
             self._begin(torrent)
         self.save_state()
@@ -438,8 +525,9 @@ class Daemon:
         """Hash every piece again (the resume data is set aside), then carry on as before."""
         self._ensure_peer(torrent.network)
         self._halt(torrent)
-        with contextlib.suppress(OSError):
-            resume.resume_path(self._resume_dir(torrent.network), torrent.metainfo).unlink()
+        if torrent.has_metadata:
+            with contextlib.suppress(OSError):
+                resume.resume_path(self._resume_dir(torrent.network), torrent.metainfo).unlink()
         torrent.stopped_have = None
         self._begin(torrent)
         if torrent.paused:
@@ -450,20 +538,22 @@ class Daemon:
         self._halt(torrent)
         del self.torrents[torrent.id]
         self.removed[torrent.id] = time.monotonic()
-        with contextlib.suppress(OSError):
-            (self.metainfo_dir / f"{torrent.infohash}.atorrent").unlink()
+        for suffix in ("atorrent", "magnet"):
+            with contextlib.suppress(OSError):
+                (self.metainfo_dir / f"{torrent.infohash}.{suffix}").unlink()
         network = _network_or_none(torrent)
         if network is not None:
-            with contextlib.suppress(OSError):
-                resume.resume_path(self._resume_dir(network), torrent.metainfo).unlink()
+            if torrent.has_metadata:
+                with contextlib.suppress(OSError):
+                    resume.resume_path(self._resume_dir(network), torrent.metainfo).unlink()
             self._retire_if_unused(network)
-        if delete_data:
+        if delete_data and torrent.has_metadata:
             _delete_data(torrent)
         self.save_state()
         log.info(
             "removed torrent %d: %s%s",
             torrent.id,
-            torrent.metainfo.name,
+            torrent.name,
             " and its data" if delete_data else "",
         )
 
@@ -483,6 +573,8 @@ class Daemon:
         network = torrent.network
         self._peer_ready[network].wait()
         peer = self.peers[network]
+        if not torrent.has_metadata and not self._fetch_metadata(torrent, peer):
+            return
         torrent.set_status(Status.CHECKING)
         try:
             torrent.download_dir.mkdir(parents=True, exist_ok=True)
@@ -506,10 +598,33 @@ class Daemon:
             finally:
                 peer.announce_soon()
             torrent.done_date = int(time.time())
-            log.info("torrent %d complete: %s", torrent.id, torrent.metainfo.name)
+            log.info("torrent %d complete: %s", torrent.id, torrent.name)
             self.save_state()
         torrent.set_status(Status.SEEDING)
         gevent.event.Event().wait()  # seed until stopped
+
+    def _fetch_metadata(self, torrent: Torrent, peer: Peer) -> bool:
+        """A magnet's metadata from a source (shown as downloading meanwhile); then its
+        .atorrent replaces the saved magnet. False if it failed (the torrent stopped)."""
+        from anomos.peer.download import MetadataFetch
+
+        assert torrent.magnet is not None
+        torrent.set_status(Status.DOWNLOADING)
+        torrent.fetch = MetadataFetch(peer, torrent.magnet)
+        try:
+            metainfo = torrent.fetch.run()
+        except AnomosError as exc:
+            self._fail(torrent, ErrorKind.LOCAL_ERROR, str(exc))
+            return False
+        finally:
+            torrent.fetch = None
+        metainfo.save(self.metainfo_dir / f"{torrent.infohash}.atorrent")
+        with contextlib.suppress(OSError):
+            (self.metainfo_dir / f"{torrent.infohash}.magnet").unlink()
+        torrent.metadata_arrived(metainfo)
+        log.info("torrent %d: metadata of %s received", torrent.id, metainfo.name)
+        self.save_state()
+        return True
 
     def _check_then_stop(self, torrent: Torrent, task: gevent.Greenlet | None) -> None:
         while torrent.status in (Status.CHECK_WAIT, Status.CHECKING) and torrent.task is task:
@@ -532,11 +647,11 @@ class Daemon:
             if peer is not None:
                 peer.remove_torrent(session.metainfo.infohash)
             session.close()
-        torrent.download = None
+        torrent.download = torrent.fetch = None
         torrent.set_status(Status.STOPPED)
 
     def _fail(self, torrent: Torrent, kind: ErrorKind, message: str) -> None:
-        log.error("torrent %d (%s): %s", torrent.id, torrent.metainfo.name, message)
+        log.error("torrent %d (%s): %s", torrent.id, torrent.name, message)
         torrent.error, torrent.error_string = kind, message
         self._halt(torrent)
 

@@ -27,8 +27,17 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from anomos import __version__
 from anomos.daemon.config import DaemonConfig
-from anomos.daemon.core import RECENT_SECONDS, Daemon, DaemonError, Status, Torrent, free_space
+from anomos.daemon.core import (
+    RECENT_SECONDS,
+    Daemon,
+    DaemonError,
+    NoMetadata,
+    Status,
+    Torrent,
+    free_space,
+)
 from anomos.errors import AnomosError
+from anomos.torrent.magnet import is_magnet
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +122,7 @@ def _percent(torrent: Torrent) -> float:
 FIELDS: dict[str, Callable[[Torrent], Any]] = {
     "id": lambda t: t.id,
     "hashString": lambda t: t.infohash,
-    "name": lambda t: t.metainfo.name,
+    "name": lambda t: t.name,
     "status": lambda t: int(t.status),
     "percentDone": _percent,
     "sizeWhenDone": lambda t: t.metainfo.total_length,
@@ -152,10 +161,33 @@ FIELDS: dict[str, Callable[[Torrent], Any]] = {
     "isPrivate": lambda t: True,  # no DHT, no PEX: always
     "pieceCount": lambda t: len(t.metainfo.pieces),
     "pieceSize": lambda t: t.metainfo.piece_length,
-    "metadataPercentComplete": lambda t: 1.0,
+    "metadataPercentComplete": lambda t: t.metadata_fraction,
     "anomos-circuits": _circuits,
     "anomos-rechecked": lambda t: t.rechecked,
 }
+
+
+#: What a field shows for a magnet whose metadata has not come yet (as Transmission).
+WITHOUT_METADATA: dict[str, Any] = {
+    "percentDone": 0.0,
+    "sizeWhenDone": 0,
+    "totalSize": 0,
+    "haveValid": 0,
+    "eta": -2,
+    "files": [],
+    "fileStats": [],
+    "priorities": [],
+    "wanted": [],
+    "pieceCount": 0,
+    "pieceSize": 0,
+}
+
+
+def _field(name: str, torrent: Torrent) -> Any:
+    try:
+        return FIELDS[name](torrent)
+    except NoMetadata:
+        return WITHOUT_METADATA.get(name)
 
 
 # ---------------------------------------------------------------------------- methods
@@ -196,7 +228,7 @@ def _torrent_get(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         raise RpcError("torrent-get needs 'fields', a list of names")
     known = [f for f in dict.fromkeys(fields) if f in FIELDS]  # unknown ones are left out
     torrents = _select(daemon, args.get("ids"))
-    rows = [{f: FIELDS[f](t) for f in known} for t in torrents]
+    rows = [{f: _field(f, t) for f in known} for t in torrents]
     result: dict[str, Any]
     if args.get("format") == "table":
         result = {"torrents": [known, *([row[f] for f in known] for row in rows)]}
@@ -208,6 +240,17 @@ def _torrent_get(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _read_torrent_file(filename: str) -> bytes:
+    path = Path(filename).expanduser()
+    if not path.is_file():  # a FIFO or a device would block the whole daemon
+        raise RpcError(f"cannot read {filename}: not a regular file")
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_REQUEST_SIZE)
+    except OSError as exc:
+        raise RpcError(f"cannot read {filename}: {exc.strerror or exc}") from None
+
+
 def _torrent_add(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     metainfo, filename = args.get("metainfo"), args.get("filename")
     if isinstance(metainfo, str):
@@ -216,18 +259,12 @@ def _torrent_add(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         except (binascii.Error, ValueError):
             raise RpcError("invalid or corrupt torrent file: bad base64") from None
     elif isinstance(filename, str):
-        if filename.startswith("magnet:"):
-            raise RpcError("magnet links are not supported yet by anomos")
-        if "://" in filename:
+        if is_magnet(filename):
+            data = filename.encode()  # the daemon reads the link (and refuses a BitTorrent one)
+        elif "://" in filename:
             raise RpcError("anomos adds torrents from a file name or metainfo, never a URL")
-        path = Path(filename).expanduser()
-        if not path.is_file():  # a FIFO or a device would block the whole daemon
-            raise RpcError(f"cannot read {filename}: not a regular file")
-        try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_REQUEST_SIZE)
-        except OSError as exc:
-            raise RpcError(f"cannot read {filename}: {exc.strerror or exc}") from None
+        else:
+            data = _read_torrent_file(filename)
     else:
         raise RpcError("torrent-add needs 'metainfo' (base64) or 'filename'")
     download_dir = args.get("download-dir")
@@ -235,7 +272,7 @@ def _torrent_add(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         raise RpcError("download-dir must be a string")
     paused = args.get("paused", False)
     torrent, new = daemon.add(data, paused=bool(paused), download_dir=download_dir)
-    brief = {"id": torrent.id, "name": torrent.metainfo.name, "hashString": torrent.infohash}
+    brief = {"id": torrent.id, "name": torrent.name, "hashString": torrent.infohash}
     return {"torrent-added" if new else "torrent-duplicate": brief}
 
 

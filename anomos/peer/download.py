@@ -22,11 +22,14 @@ import gevent.event
 
 from anomos.backoff import Backoff, Waiting
 from anomos.errors import AnomosError, TrackerError, TransportError
+from anomos.torrent.magnet import Magnet, fetch_metadata
 from anomos.torrent.session import PeerConnection, TorrentSession
 from anomos.tracker.client import CircuitPlan, NotAnnounced, TrackerBusy, TrackerRefused
 
 if TYPE_CHECKING:
+    from anomos.net.circuit import CircuitStream
     from anomos.peer.node import Peer
+    from anomos.torrent.metainfo import Metainfo
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,8 @@ TRACKER_RETRY_MAX = 30.0
 USELESS_AFTER = 5.0
 #: Seconds without a new piece after which a one-shot download gives up.
 DEFAULT_STALL_LIMIT = 120.0
+#: Circuits asked for at once when fetching a magnet's metadata (tried one by one).
+METADATA_SOURCES = 2
 
 
 def _disk_full(session: TorrentSession) -> bool:
@@ -125,6 +130,80 @@ class DownloadReport:
         }
 
 
+def open_circuit(peer: Peer, plan: CircuitPlan) -> CircuitStream:
+    """Build the circuit ``plan`` describes; :class:`AnomosError` if it cannot be."""
+    if plan.first_nid not in peer.links.neighbours():
+        raise TransportError(f"first hop NID {plan.first_nid} is not a neighbour")
+    peer.links.wait_for(plan.first_nid, FIRST_HOP_WAIT)
+    stream: CircuitStream = peer.switch.open_circuit(plan, timeout=CIRCUIT_TIMEOUT)
+    return stream
+
+
+@attrs.define(eq=False)
+class CircuitAsker:
+    """Asks the tracker for circuits to one torrent's sources, never faster than it
+    allows: its Retry-After, a growing pause while it is down or plans nothing, and
+    after circuits that fail or bring nothing (:meth:`pause`)."""
+
+    peer: Peer
+    #: The tracker's last reason for planning nothing.
+    refused: str | None = None
+    #: No circuit may be asked of the tracker before this (monotonic) time.
+    _next_at: float = 0.0
+    _no_plan: Backoff = attrs.field(
+        factory=lambda: Backoff(NO_PLAN_BACKOFF_MIN, NO_PLAN_BACKOFF_MAX, factor=1.5)
+    )
+    _no_piece: Backoff = attrs.field(factory=lambda: Backoff(FAIL_BACKOFF_MIN, FAIL_BACKOFF_MAX))
+    _tracker_down: Backoff = attrs.field(
+        factory=lambda: Backoff(TRACKER_RETRY_MIN, TRACKER_RETRY_MAX)
+    )
+
+    def due(self, now: float) -> bool:
+        return now >= self._next_at
+
+    def ask(self, infohash: bytes, count: int) -> list[CircuitPlan]:
+        """The circuits the tracker plans now (none: it notes when to ask again)."""
+        now = time.monotonic()
+        try:
+            plans = self.peer.tracker.request_circuits(infohash, count)
+        except TrackerBusy as exc:
+            self._next_at = now + self._no_plan.next(at_least=exc.retry_after)
+            log.info("tracker busy: asking again in %.1f s", self._next_at - now)
+            return []
+        except NotAnnounced as exc:
+            log.info("tracker lost track of us: %s", exc)
+            self.peer.announce_soon(urgent=True)
+            self._next_at = now + self._no_plan.next()
+            return []
+        except TrackerRefused as exc:
+            self.peer.tracker_wait.leave()
+            self.refused = str(exc)
+            self._next_at = now + self._no_plan.next()
+            log.info("no circuits: %s (asking again in %.1f s)", exc, self._next_at - now)
+            return []
+        except TrackerError as exc:
+            self.peer.tracker_wait.enter(str(exc))
+            self._next_at = now + self._tracker_down.next()
+            return []
+        self.peer.tracker_wait.leave()
+        self._tracker_down.reset()
+        if not plans:
+            self._next_at = now + self._no_plan.next()
+            log.info("no circuits planned; asking again in %.1f s", self._next_at - now)
+            return []
+        self.refused = None
+        self._no_plan.reset()
+        return plans
+
+    def pause(self) -> None:
+        """A circuit failed or brought nothing: wait a growing while before asking again."""
+        self._next_at = max(self._next_at, time.monotonic() + self._no_piece.next())
+
+    def useful(self) -> None:
+        """A circuit brought something: the pause after a useless one starts small again."""
+        self._no_piece.reset()
+
+
 @attrs.define(eq=False)
 class TorrentDownload:
     """Fetch one session's torrent over circuits to several sources at once."""
@@ -142,20 +221,10 @@ class TorrentDownload:
     _changed: gevent.event.Event = attrs.field(factory=gevent.event.Event, init=False)
     _broken_at: list[float] = attrs.field(factory=list, init=False)
     _replans: list[float] = attrs.field(factory=list, init=False)
-    #: No circuit may be asked of the tracker before this (monotonic) time.
-    _next_request: float = attrs.field(default=0.0, init=False)
-    _no_plan: Backoff = attrs.field(
-        factory=lambda: Backoff(NO_PLAN_BACKOFF_MIN, NO_PLAN_BACKOFF_MAX, factor=1.5), init=False
-    )
-    _no_piece: Backoff = attrs.field(
-        factory=lambda: Backoff(FAIL_BACKOFF_MIN, FAIL_BACKOFF_MAX), init=False
-    )
-    _tracker_down: Backoff = attrs.field(
-        factory=lambda: Backoff(TRACKER_RETRY_MIN, TRACKER_RETRY_MAX), init=False
+    _asking: CircuitAsker = attrs.field(
+        default=attrs.Factory(lambda self: CircuitAsker(self.peer), takes_self=True), init=False
     )
     _disk_wait: Waiting = attrs.field(factory=lambda: Waiting("cannot write", log), init=False)
-    #: The tracker's last reason for planning nothing.
-    _refused: str | None = attrs.field(default=None, init=False)
     _progress_at: float = attrs.field(factory=time.monotonic, init=False)
     _left: int = attrs.field(default=0, init=False)
 
@@ -172,7 +241,7 @@ class TorrentDownload:
                 self._watch_disk()
                 self._let_go_of_useless(now)
                 missing = self.sources - len(self._active)
-                if missing > 0 and now >= self._next_request and not self._disk_wait.active:
+                if missing > 0 and self._asking.due(now) and not self._disk_wait.active:
                     self._request(missing)
                 self._changed.wait(DOWNLOAD_TICK)
                 self._changed.clear()
@@ -198,7 +267,8 @@ class TorrentDownload:
         if self.session.left < self._left:
             self._left, self._progress_at = self.session.left, now
         if self.timeout is not None and now - started > self.timeout:
-            why = f" (tracker: {self._refused})" if self._refused else ""
+            refused = self._asking.refused
+            why = f" (tracker: {refused})" if refused else ""
             raise AnomosError(f"download not complete after {self.timeout:.0f} s{why}")
         if self.stall_limit is not None and now - self._progress_at > self.stall_limit:
             raise DownloadStalled(f"no piece for {self.stall_limit:.0f} s: {self.stalled_on()}")
@@ -221,8 +291,8 @@ class TorrentDownload:
                 f"{len(bad)} piece(s) failed their hash check and no source offers a good "
                 f"copy: {shown}"
             )
-        if self._refused:
-            return f"the tracker plans no circuit ({self._refused})"
+        if self._asking.refused:
+            return f"the tracker plans no circuit ({self._asking.refused})"
         return "no source offers the missing pieces"
 
     def _watch_disk(self) -> None:
@@ -247,37 +317,11 @@ class TorrentDownload:
 
     # ------------------------------------------------------------------ the tracker
     def _request(self, count: int) -> None:
-        """Ask the tracker for ``count`` circuits (or note when to ask again)."""
-        now = time.monotonic()
-        try:
-            plans = self.peer.tracker.request_circuits(self.session.metainfo.infohash, count)
-        except TrackerBusy as exc:
-            self._next_request = now + self._no_plan.next(at_least=exc.retry_after)
-            log.info("tracker busy: asking again in %.1f s", self._next_request - now)
-            return
-        except NotAnnounced as exc:
-            log.info("tracker lost track of us: %s", exc)
-            self.peer.announce_soon(urgent=True)
-            self._next_request = now + self._no_plan.next()
-            return
-        except TrackerRefused as exc:
-            self.peer.tracker_wait.leave()
-            self._refused = str(exc)
-            self._next_request = now + self._no_plan.next()
-            log.info("no circuits: %s (asking again in %.1f s)", exc, self._next_request - now)
-            return
-        except TrackerError as exc:
-            self.peer.tracker_wait.enter(str(exc))
-            self._next_request = now + self._tracker_down.next()
-            return
-        self.peer.tracker_wait.leave()
-        self._tracker_down.reset()
+        """Ask the tracker for ``count`` circuits and run each one it plans."""
+        plans = self._asking.ask(self.session.metainfo.infohash, count)
         if not plans:
-            self._next_request = now + self._no_plan.next()
-            log.info("no circuits planned; asking again in %.1f s", self._next_request - now)
             return
-        self._refused = None
-        self._no_plan.reset()
+        now = time.monotonic()
         self._replans.extend(now - t for t in self._broken_at)
         self._broken_at.clear()
         for plan in plans:
@@ -291,18 +335,15 @@ class TorrentDownload:
 
     # ------------------------------------------------------------------ one circuit
     def _run_circuit(self, plan: CircuitPlan) -> None:
-        peer, session = self.peer, self.session
+        session = self.session
         relays = len(plan.layers) - 1
         t0 = time.monotonic()
         try:
-            if plan.first_nid not in peer.links.neighbours():
-                raise TransportError(f"first hop NID {plan.first_nid} is not a neighbour")
-            peer.links.wait_for(plan.first_nid, FIRST_HOP_WAIT)
-            stream = peer.switch.open_circuit(plan, timeout=CIRCUIT_TIMEOUT)
+            stream = open_circuit(self.peer, plan)
         except AnomosError as exc:
             self.failures += 1
             log.info("circuit with %d relays failed: %s", relays, exc)
-            self._pause_requests()
+            self._asking.pause()
             return
         conn: PeerConnection | None = None
         try:
@@ -317,9 +358,9 @@ class TorrentDownload:
                 self._broken_at.append(time.monotonic())
                 log.info("circuit with %d relays ended early: %s", relays, broken)
                 if conn is None or conn.good_pieces == 0:
-                    self._pause_requests()  # it brought nothing: do not rush back
+                    self._asking.pause()  # it brought nothing: do not rush back
                 else:
-                    self._no_piece.reset()
+                    self._asking.useful()
             self.records.append(
                 CircuitRecord(
                     relays=relays,
@@ -330,5 +371,73 @@ class TorrentDownload:
                 )
             )
 
-    def _pause_requests(self) -> None:
-        self._next_request = max(self._next_request, time.monotonic() + self._no_piece.next())
+
+@attrs.define(eq=False)
+class MetadataFetch:
+    """A magnet's metadata (its ``info`` dict) over circuits, one source at a time.
+
+    The tracker plans circuits by infohash alone, so nothing here needs the
+    metainfo. A source that sends bad metadata (a wrong hash, an oversized or
+    inconsistent size, pieces not asked for) or none is dropped with one log
+    line, and the next one is tried; :meth:`run` returns the checked metainfo.
+    """
+
+    peer: Peer
+    magnet: Magnet
+    #: Seconds to keep trying (None: until stopped).
+    timeout: float | None = None
+    #: Sources dropped (bad metadata, silence, a circuit that could not be built).
+    dropped: int = attrs.field(default=0, init=False)
+    #: Share of the metadata received from the source being asked now (0..1).
+    fraction: float = attrs.field(default=0.0, init=False)
+    _asking: CircuitAsker = attrs.field(
+        default=attrs.Factory(lambda self: CircuitAsker(self.peer), takes_self=True), init=False
+    )
+
+    def run(self) -> Metainfo:
+        started = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if self.timeout is not None and now - started > self.timeout:
+                raise DownloadStalled(
+                    f"no metadata for {self.magnet.name or self.magnet.infohash_hex} after "
+                    f"{self.timeout:.0f} s: {self._waiting_for()}"
+                )
+            if self._asking.due(now):
+                for plan in self._asking.ask(self.magnet.infohash, METADATA_SOURCES):
+                    metainfo = self._from_source(plan)
+                    if metainfo is not None:
+                        self.fraction = 1.0
+                        return metainfo
+            gevent.sleep(DOWNLOAD_TICK)
+
+    def _waiting_for(self) -> str:
+        if self.peer.tracker_wait.active:
+            return self.peer.tracker_wait.describe()
+        if self._asking.refused:
+            return f"the tracker plans no circuit ({self._asking.refused})"
+        return f"{self.dropped} source(s) tried, none sent good metadata"
+
+    def _from_source(self, plan: CircuitPlan) -> Metainfo | None:
+        relays = len(plan.layers) - 1
+        try:
+            stream = open_circuit(self.peer, plan)
+        except AnomosError as exc:
+            self.dropped += 1
+            log.info("circuit with %d relays failed: %s", relays, exc)
+            self._asking.pause()
+            return None
+        try:
+            info = fetch_metadata(stream, self.magnet.infohash, progress=self._progress)
+            return self.magnet.metainfo(info)
+        except (AnomosError, OSError) as exc:
+            self.dropped += 1
+            self.fraction = 0.0
+            log.warning("metadata source over %d relays dropped: %s", relays, exc)
+            self._asking.pause()
+            return None
+        finally:
+            stream.close()
+
+    def _progress(self, fraction: float) -> None:
+        self.fraction = fraction

@@ -163,6 +163,15 @@ class Metainfo:
         )
 
     @classmethod
+    def from_info(
+        cls, info_bytes: bytes, trackers: Sequence[str], fingerprint: str | None
+    ) -> Metainfo:
+        """The .atorrent of a bencoded ``info`` dict (metadata fetched for a magnet)."""
+        if len(info_bytes) > MAX_METAINFO_SIZE:
+            raise MetainfoError(f"metainfo: info: over the limit of {MAX_METAINFO_SIZE} bytes")
+        return cls.from_bytes(_metainfo_bytes(Bencached(info_bytes), tuple(trackers), fingerprint))
+
+    @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Metainfo:
         """Read and validate a metainfo file; raises MetainfoError."""
         try:

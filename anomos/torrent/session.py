@@ -56,6 +56,7 @@ from anomos.torrent.picker import SKIP, Block, PiecePicker, Priority, band
 from anomos.torrent.storage import Storage
 from anomos.torrent.wire import (
     BLOCK_SIZE,
+    METADATA_PIECE_SIZE,
     BadPiece,
     Bitfield,
     Cancel,
@@ -66,6 +67,8 @@ from anomos.torrent.wire import (
     Interested,
     KeepAlive,
     MessageReader,
+    MetadataPiece,
+    MetadataRequest,
     NotInterested,
     Piece,
     Request,
@@ -118,6 +121,10 @@ RECHECK_RATE = 0.1
 #: Seconds between attempts to write again after a write failed (a full disk):
 #: meanwhile no new blocks are requested.
 WRITE_RETRY = 5.0
+#: Times over one connection a downloader may ask for the whole metadata (a
+#: magnet's ``info`` dict): more is a protocol error, so a hostile one cannot
+#: make a source send it in a loop.
+MAX_METADATA_SENDS = 2
 #: Failed pieces whose block hashes are kept to find the culprit once the
 #: piece verifies (several connections supplied blocks).
 MAX_FAILED_STASH = 32
@@ -180,6 +187,8 @@ class PeerConnection:
     wake: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
     down_meter: RateMeter = attrs.field(factory=lambda: RateMeter(now=time.monotonic()), repr=False)
     up_meter: RateMeter = attrs.field(factory=lambda: RateMeter(now=time.monotonic()), repr=False)
+    #: Metadata pieces sent over this connection (bounded: see MAX_METADATA_SENDS).
+    metadata_sent: int = attrs.field(default=0, repr=False)
     #: Bytes of requests to keep in flight, from this connection's RTT and delivery rate.
     flow: FlowControl = attrs.field(factory=lambda: FlowControl(time.monotonic()), repr=False)
 
@@ -739,9 +748,26 @@ class TorrentSession:
                 self._on_dont_have(conn, msg.index)
             elif kind is BadPiece:
                 self._on_bad_piece(conn, msg.index)
+            elif kind is MetadataRequest:
+                self._on_metadata_request(conn, msg.piece)
+            elif kind is MetadataPiece:
+                raise ProtocolError("sent metadata nobody asked for")
             elif kind is KeepAlive:
                 continue
             conn.seen_message = True
+
+    def _on_metadata_request(self, conn: PeerConnection, piece: int) -> None:
+        """A magnet's downloader asks for piece ``piece`` of our ``info`` dict (BEP 9 style)."""
+        info = self.metainfo.info_bytes
+        count = -(-len(info) // METADATA_PIECE_SIZE)
+        if piece >= count:
+            raise ProtocolError(f"metadata request for piece {piece} of {count}")
+        if conn.metadata_sent >= MAX_METADATA_SENDS * count:
+            raise ProtocolError(f"asked for the metadata more than {MAX_METADATA_SENDS} times")
+        conn.metadata_sent += 1
+        start = piece * METADATA_PIECE_SIZE
+        data = info[start : start + METADATA_PIECE_SIZE]
+        conn.send(MetadataPiece(piece, len(info), data).encode())
 
     def _on_request(self, conn: PeerConnection, msg: Request) -> None:
         if conn.am_choking:

@@ -11,7 +11,9 @@ Two messages of anomos' own (ids 24 and 25, unused by BEP 3, 6, 10 and 52)
 carry faults between the two ends of a circuit: :class:`BadPiece` (downloader
 to source: "your copy of this piece failed its hash check") and
 :class:`DontHave` (source to downloader: "I no longer have this piece", as
-BEP 54's ``lt_donthave``).
+BEP 54's ``lt_donthave``). Two more (ids 26 and 27, BEP 9's ``ut_metadata``
+without the extension protocol) carry a torrent's metadata to a downloader that
+started from a magnet: :class:`MetadataRequest` and :class:`MetadataPiece`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ MAX_PIECE_MESSAGE = 9 + BLOCK_SIZE
 CHOKE, UNCHOKE, INTERESTED, NOT_INTERESTED, HAVE, BITFIELD, REQUEST, PIECE, CANCEL = range(9)
 #: anomos' own: a source withdraws a piece; a downloader reports a piece that failed.
 DONT_HAVE, BAD_PIECE = 24, 25
+#: anomos' own: a magnet's downloader asks a source for the ``info`` dict, in pieces.
+METADATA_REQUEST, METADATA_PIECE = 26, 27
+#: Bytes of metadata per piece (BEP 9's 16 KiB), except the last.
+METADATA_PIECE_SIZE = 16 * 1024
+#: Metadata pieces any torrent may have (8 MiB, the metainfo limit, in 16 KiB pieces).
+MAX_METADATA_PIECES = 512
+#: Messages whose meaning depends on the torrent's piece count.
+PIECE_MESSAGES = frozenset({HAVE, BITFIELD, REQUEST, PIECE, CANCEL, DONT_HAVE, BAD_PIECE})
 
 _U32 = struct.Struct(">I")
 _HAVE = struct.Struct(">IBI")
@@ -42,6 +52,7 @@ _REQ = struct.Struct(">IBIII")
 _PIECE_HDR = struct.Struct(">IBII")
 _IDX_BEGIN = struct.Struct(">II")
 _TRIPLE = struct.Struct(">III")
+_META_HDR = struct.Struct(">IBII")
 
 
 def new_peer_id() -> bytes:
@@ -176,6 +187,29 @@ class BadPiece:
 
 
 @attrs.frozen
+class MetadataRequest:
+    """Send me piece ``piece`` of the torrent's metadata (the bencoded ``info`` dict)."""
+
+    piece: int
+
+    def encode(self) -> bytes:
+        return _HAVE.pack(5, METADATA_REQUEST, self.piece)
+
+
+@attrs.frozen
+class MetadataPiece:
+    """Piece ``piece`` of the metadata, whose whole is ``total`` bytes."""
+
+    piece: int
+    total: int
+    data: bytes = attrs.field(repr=lambda b: f"<{len(b)} bytes>")
+
+    def encode(self) -> bytes:
+        header = _META_HDR.pack(9 + len(self.data), METADATA_PIECE, self.piece, self.total)
+        return header + self.data
+
+
+@attrs.frozen
 class Bitfield:
     """The packed BEP 3 bitfield; :func:`unpack_bitfield` turns it into flags."""
 
@@ -232,6 +266,8 @@ Message = (
     | Cancel
     | DontHave
     | BadPiece
+    | MetadataRequest
+    | MetadataPiece
 )
 
 KEEP_ALIVE = KeepAlive()
@@ -257,6 +293,8 @@ _NAMES = {
     CANCEL: "cancel",
     DONT_HAVE: "don't have",
     BAD_PIECE: "bad piece",
+    METADATA_REQUEST: "metadata request",
+    METADATA_PIECE: "metadata piece",
 }
 
 
@@ -374,6 +412,20 @@ class MessageReader:
             if n != 0:
                 raise ProtocolError(f"{_NAMES[msg_id]} message carries {n} unexpected bytes")
             return _NO_PAYLOAD[msg_id]
+        if msg_id == METADATA_REQUEST:
+            if n != 4:
+                raise ProtocolError(f"metadata request of {n + 1} bytes (expected 5)")
+            (piece,) = _U32.unpack_from(mv, at)
+            if piece >= MAX_METADATA_PIECES:
+                raise ProtocolError(f"metadata request for piece {piece}: there are at most 512")
+            return MetadataRequest(piece)
+        if msg_id == METADATA_PIECE:
+            if not 8 < n <= 8 + METADATA_PIECE_SIZE:
+                raise ProtocolError(f"metadata piece message of {n + 1} bytes")
+            piece, total = _IDX_BEGIN.unpack_from(mv, at)
+            if piece >= MAX_METADATA_PIECES:
+                raise ProtocolError(f"metadata piece {piece}: there are at most 512")
+            return MetadataPiece(piece, total, bytes(mv[at + 8 : at + n]))
         if msg_id == BITFIELD:
             if n != self._bitfield_len:
                 raise ProtocolError(

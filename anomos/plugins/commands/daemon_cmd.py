@@ -17,6 +17,7 @@ import gevent.event
 from anomos import hookimpl
 from anomos.errors import ConfigError
 from anomos.pluginmanager import Plugins
+from anomos.torrent.magnet import Magnet, is_magnet
 
 
 @click.command("daemon")
@@ -62,8 +63,9 @@ def daemon_command(plugins: Plugins, config_path: Path | None, state_dir: Path |
     url = f"http://{f'[{host}]' if ':' in host else host}:{server.server_port}{RPC_PATH}"
     try:
         daemon.start()
-        atomic_write(state_dir / "rpc.json", json.dumps({"url": url, "pid": os.getpid()}).encode())
+        # Printed before rpc.json names the URL: whoever finds the file finds the line too.
         click.echo(f"anomos daemon: RPC at {url} (state in {state_dir})", err=False)
+        atomic_write(state_dir / "rpc.json", json.dumps({"url": url, "pid": os.getpid()}).encode())
         stop = gevent.event.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             gevent.signal_handler(sig, stop.set)
@@ -113,6 +115,13 @@ def _client(rpc_url: str | None, auth: str) -> Any:
     return RpcClient(rpc_url or _default_url(), user, password)
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def _ids(ids: tuple[str, ...]) -> list[int | str]:
     return [int(i) if i.isdigit() else i for i in ids]
 
@@ -120,10 +129,9 @@ def _ids(ids: tuple[str, ...]) -> list[int | str]:
 @click.command("add")
 @click.argument(
     "atorrents",
-    metavar="ATORRENT...",
+    metavar="ATORRENT|MAGNET...",
     nargs=-1,
     required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
 )
 @click.option("--paused", is_flag=True, help="Add without starting.")
 @click.option(
@@ -133,19 +141,20 @@ def _ids(ids: tuple[str, ...]) -> list[int | str]:
 )
 @rpc_options
 def add_command(
-    atorrents: tuple[Path, ...],
+    atorrents: tuple[str, ...],
     paused: bool,
     download_dir: Path | None,
     rpc_url: str | None,
     auth: str,
 ) -> None:
-    """Give each ATORRENT to the running daemon."""
+    """Give each ATORRENT (or anomos magnet link) to the running daemon."""
     client = _client(rpc_url, auth)
-    for path in atorrents:
-        args: dict[str, Any] = {
-            "metainfo": base64.b64encode(path.read_bytes()).decode(),
-            "paused": paused,
-        }
+    for given in atorrents:
+        args: dict[str, Any] = {"paused": paused}
+        if is_magnet(given):
+            args["filename"] = str(Magnet.parse(given))  # a malformed link fails here
+        else:
+            args["metainfo"] = base64.b64encode(_read(Path(given))).decode()
         if download_dir is not None:
             args["download-dir"] = str(download_dir.resolve())
         reply = client.call("torrent-add", **args)

@@ -19,9 +19,10 @@ from anomos.config import Settings
 from anomos.errors import AnomosError, ConfigError, StorageError
 from anomos.fsutil import atomic_write, check_room, check_writable, lock_state_dir
 from anomos.net.ratelimit import parse_rate
-from anomos.peer.download import DEFAULT_STALL_LIMIT, DownloadStalled
+from anomos.peer.download import DEFAULT_STALL_LIMIT, DownloadStalled, MetadataFetch
 from anomos.pluginmanager import Plugins
 from anomos.progress import bar
+from anomos.torrent.magnet import Magnet, is_magnet
 from anomos.torrent.metainfo import Metainfo
 
 listen_option = click.option(
@@ -265,7 +266,7 @@ def seed_command(
 
 
 @click.command("get")
-@click.argument("atorrent", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("atorrent", metavar="ATORRENT|MAGNET")
 @click.option(
     "--dest",
     required=True,
@@ -314,7 +315,7 @@ def seed_command(
 @click.pass_obj
 def get_command(
     plugins: Plugins,
-    atorrent: Path,
+    atorrent: str,
     dest: Path,
     state_dir: Path,
     listen: str,
@@ -329,8 +330,11 @@ def get_command(
     only: frozenset[int] | None,
     exclude: frozenset[int] | None,
 ) -> int:
-    """Download ATORRENT anonymously; exits 0 once every piece of the chosen files
-    (all of them by default) is verified.
+    """Download ATORRENT (or an anomos magnet link) anonymously; exits 0 once every
+    piece of the chosen files (all of them by default) is verified.
+
+    A magnet's metadata is fetched first, from a source over a circuit, and
+    checked against its infohash.
 
     --only or --exclude choose files by the index `anomos info` prints; a piece
     shared with a chosen file is fetched whole. Without either, every file is
@@ -340,9 +344,14 @@ def get_command(
     data, and the next run starts from them without hashing them again.
     """
     disarm = _stop_on_signals()
-    metainfo = Metainfo.load(atorrent)
-    chosen = _chosen_files(metainfo, only, exclude)
-    url, fingerprint = _tracker_of(metainfo, atorrent)
+    magnet = Magnet.parse(atorrent) if is_magnet(atorrent) else None
+    metainfo: Metainfo | None = None
+    if magnet is None:
+        metainfo = Metainfo.load(atorrent)
+        _chosen_files(metainfo, only, exclude)  # bad indices fail before the network
+        url, fingerprint = _tracker_of(metainfo, Path(atorrent))
+    else:
+        url, fingerprint = magnet.trackers[0], magnet.fingerprint
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -357,15 +366,24 @@ def get_command(
     session: Any = None
 
     def kept() -> str:
+        if metainfo is None:
+            return "no metadata yet"
         have = sum(map(session.has_piece, range(len(metainfo.pieces)))) if session else 0
         return f"{have}/{len(metainfo.pieces)} pieces kept in {state_dir}"
 
     try:
+        if metainfo is None:
+            assert magnet is not None
+            peer.start()
+            metainfo = MetadataFetch(peer, magnet, timeout=stall_limit or None).run()
+            click.echo(f"metadata of {metainfo.name} ({metainfo.infohash_hex}) received", err=True)
+        chosen = _chosen_files(metainfo, only, exclude)
         session = peer.add_torrent(metainfo, dest)
         session.set_wanted(chosen, True)
         session.set_wanted(set(range(len(metainfo.files))) - chosen, False)
         check_room(dest, session.left_until_done)  # no room fails now, not after building circuits
-        peer.start()
+        if magnet is None:
+            peer.start()
         size = session.size_when_done
         progress = bar(size, f"get {metainfo.name}")
         left_at_start = session.left_until_done

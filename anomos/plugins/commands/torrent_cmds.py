@@ -17,6 +17,7 @@ import click
 from anomos import hookimpl
 from anomos.config import parse_size
 from anomos.errors import ConfigError, MetainfoError
+from anomos.torrent.magnet import Magnet, is_magnet
 from anomos.torrent.metainfo import (
     MAX_METAINFO_SIZE,
     Metainfo,
@@ -54,10 +55,19 @@ def _check_output(out: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> N
 
 
 def _summary(meta: Metainfo, out: Path) -> str:
+    """What make and anonymize print: the file written, and its magnet when it has one."""
+    magnet = _magnet(meta)
     return (
         f"wrote {out}: {meta.name}, {human(meta.total_length)} in {len(meta.files)} file(s), "
         f"{meta.piece_count} pieces of {human(meta.piece_length)}, infohash {meta.infohash_hex}"
-    )
+    ) + (f"\nmagnet: {magnet}" if magnet else "")
+
+
+def _magnet(meta: Metainfo) -> str | None:
+    """The anomos magnet link, for a torrent that names and pins its tracker."""
+    if not meta.trackers or meta.fingerprint is None:
+        return None
+    return str(Magnet.from_metainfo(meta))
 
 
 _tracker_option = click.option(
@@ -150,6 +160,7 @@ def info_dict(meta: Metainfo) -> dict[str, Any]:
         "legacy": meta.legacy,
         "trackers": list(meta.trackers),
         "fingerprint": meta.fingerprint,
+        "magnet": _magnet(meta),
         "files": [
             {
                 "index": i,
@@ -163,11 +174,34 @@ def info_dict(meta: Metainfo) -> dict[str, Any]:
     }
 
 
+def _magnet_info(magnet: Magnet, as_json: bool) -> None:
+    shown = {
+        "name": magnet.name,
+        "infohash": magnet.infohash_hex,
+        "trackers": list(magnet.trackers),
+        "fingerprint": magnet.fingerprint,
+        "magnet": str(magnet),
+    }
+    if as_json:
+        click.echo(json.dumps(shown, indent=2))
+        return
+    click.echo(f"name:         {magnet.name or '(none given)'}")
+    click.echo(f"infohash:     {magnet.infohash_hex}")
+    for url in magnet.trackers:
+        click.echo(f"tracker:      {url}")
+    click.echo(f"fingerprint:  {magnet.fingerprint}")
+    click.echo("metadata:     not in a magnet: `get` and `add` fetch it from a source")
+
+
 @click.command("info")
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def info_command(file: Path, as_json: bool) -> None:
-    """Show what a .atorrent (or plain .torrent) holds, after validating it."""
+    """Show what a .atorrent (or plain .torrent) holds, after validating it, or what
+    an anomos magnet link names."""
+    if is_magnet(str(file)):
+        _magnet_info(Magnet.parse(str(file)), as_json)
+        return
     meta = Metainfo.load(file)
     if as_json:
         click.echo(json.dumps(info_dict(meta), indent=2))
@@ -183,6 +217,7 @@ def info_command(file: Path, as_json: bool) -> None:
         for url in meta.trackers:
             click.echo(f"tracker:      {url}")
         click.echo(f"fingerprint:  {meta.fingerprint or '(none: tracker identity not pinned)'}")
+        click.echo(f"magnet:       {_magnet(meta) or '(none: needs a fingerprint)'}")
     else:
         click.echo("trackers:     none (a plain .torrent; use `anomos anonymize`)")
     click.echo(f"files:        {len(meta.files)} (INDEX, bytes, path: `get --only INDEX,...`)")
