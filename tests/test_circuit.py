@@ -411,7 +411,7 @@ def test_break_mid_stream_reaches_both_ends(net: Any) -> None:
     stream = downloader.switch.open_circuit(plan_for(nodes), timeout=5)
     assert stream.recv(1000)
     (relay,) = r2.relays()
-    r2.switch._end_relay(relay, BreakReason.INTERNAL, None)
+    relay.end(BreakReason.INTERNAL)
     with gevent.Timeout(2):
         with pytest.raises(CircuitClosed, match="broken by the circuit"):
             while True:
