@@ -225,6 +225,28 @@ def test_data_both_ways_through_relays(net: Any, relays: int) -> None:
     assert stream.bytes_received == len(message)
 
 
+def test_the_hello_goes_out_behind_the_create_without_waiting_for_created(net: Any) -> None:
+    # The relay swallows the CREATED coming back from the source: the downloader
+    # never learns the circuit was built, yet the source gets the HELLO and serves,
+    # because the HELLO travelled right behind the CREATE (one round trip saved).
+    nodes = net(3)
+    downloader, relay, source = nodes
+    source.serve = lambda stream: stream.recv(1)
+    handle = relay.switch.handle_frame
+
+    def hold_created(link: Any, circ_id: int, cmd: int, payload: memoryview) -> None:
+        if cmd != Cmd.CREATED:
+            handle(link, circ_id, cmd, payload)
+
+    relay.links.on_frame = hold_created
+    building = gevent.spawn(downloader.switch.open_circuit, plan_for(nodes), timeout=2)
+    wait_until(lambda: source.served, timeout=5)
+    assert source.served[0].request is not None
+    assert source.served[0].request.infohash == INFOHASH
+    building.join(5)
+    assert building.exception is not None  # the downloader itself never saw CREATED
+
+
 def test_classic_suite_over_memory_transport(net: Any) -> None:
     nodes = net(3, "memory")
     nodes[-1].serve = exchange
