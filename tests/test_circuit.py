@@ -373,6 +373,26 @@ def test_tampered_create_and_unknown_next_hop(net: Any) -> None:
     assert all(link.circuit_count == 0 for n in nodes for link in n.links.links.values())
 
 
+def test_a_hello_behind_a_refused_create_is_a_late_frame_not_junk(
+    net: Any, monkeypatch: Any
+) -> None:
+    # The downloader sends its HELLO right behind the CREATE; when the first hop
+    # refuses the CREATE, that HELLO arrives for a circuit id it no longer knows.
+    # It must not count as junk, or honest refusals would cut the link.
+    monkeypatch.setattr(linkmod, "JUNK_BURST", 1)
+    monkeypatch.setattr(linkmod, "JUNK_RATE", 1e-6)
+    nodes = net(3)
+    hops = [Hop(nodes[1].identity.onion_public, 99), Hop(nodes[2].identity.onion_public, None)]
+    for _ in range(3):
+        code, layers = build_tracking_code(hops, current_epoch())
+        bad = attrs.evolve(plan_for(nodes), tracking_code=code, layers=layers)
+        with pytest.raises(ProtocolError, match="next hop is not a neighbour"):
+            nodes[0].switch.open_circuit(bad, timeout=5)
+    gevent.sleep(0.2)  # the last HELLO reaches the relay
+    link = nodes[1].links.get(1)
+    assert link is not None and not link.closed
+
+
 def test_source_refuses_unknown_torrent_and_replayed_request(net: Any) -> None:
     nodes = net(3)
     nodes[-1].serve = exchange
