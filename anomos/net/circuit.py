@@ -688,14 +688,14 @@ class CircuitSwitch:
         )
         self._register(link, circ_id, stream)
         link.send(circ_id, Cmd.CREATE, bytes(plan.tracking_code))
-        # The HELLO right behind the CREATE, not after CREATED: each hop passes it on
-        # once it has forwarded the CREATE (same queue, so never ahead of it), and
-        # the source, which answered CREATED, is waiting for it. One round trip of
-        # the whole circuit saved.
-        stream.send_hello(e2e.encode_hello(plan.request_blob, hello))
         try:
             left = max(deadline - time.monotonic(), 0.0)
             with gevent.Timeout(left, ProtocolError(f"circuit not created within {timeout:g} s")):
+                # The HELLO right behind the CREATE, not after CREATED: each hop passes
+                # it on once it has forwarded the CREATE (same queue, so never ahead of
+                # it), and the source, which answered CREATED, is waiting for it. One
+                # round trip of the whole circuit saved.
+                stream.send_hello(e2e.encode_hello(plan.request_blob, hello))
                 stream.wait_for(CircuitState.OPEN)
         except CircuitClosed:
             raise ProtocolError(f"circuit failed: {stream.closed_reason}") from None
