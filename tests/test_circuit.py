@@ -225,6 +225,28 @@ def test_data_both_ways_through_relays(net: Any, relays: int) -> None:
     assert stream.bytes_received == len(message)
 
 
+def test_the_hello_goes_out_behind_the_create_without_waiting_for_created(net: Any) -> None:
+    # The relay swallows the CREATED coming back from the source: the downloader
+    # never learns the circuit was built, yet the source gets the HELLO and serves,
+    # because the HELLO travelled right behind the CREATE (one round trip saved).
+    nodes = net(3)
+    downloader, relay, source = nodes
+    source.serve = lambda stream: stream.recv(1)
+    handle = relay.switch.handle_frame
+
+    def hold_created(link: Any, circ_id: int, cmd: int, payload: memoryview) -> None:
+        if cmd != Cmd.CREATED:
+            handle(link, circ_id, cmd, payload)
+
+    relay.links.on_frame = hold_created
+    building = gevent.spawn(downloader.switch.open_circuit, plan_for(nodes), timeout=2)
+    wait_until(lambda: source.served, timeout=5)
+    assert source.served[0].request is not None
+    assert source.served[0].request.infohash == INFOHASH
+    building.join(5)
+    assert building.exception is not None  # the downloader itself never saw CREATED
+
+
 def test_classic_suite_over_memory_transport(net: Any) -> None:
     nodes = net(3, "memory")
     nodes[-1].serve = exchange
@@ -351,6 +373,26 @@ def test_tampered_create_and_unknown_next_hop(net: Any) -> None:
     assert all(link.circuit_count == 0 for n in nodes for link in n.links.links.values())
 
 
+def test_a_hello_behind_a_refused_create_is_a_late_frame_not_junk(
+    net: Any, monkeypatch: Any
+) -> None:
+    # The downloader sends its HELLO right behind the CREATE; when the first hop
+    # refuses the CREATE, that HELLO arrives for a circuit id it no longer knows.
+    # It must not count as junk, or honest refusals would cut the link.
+    monkeypatch.setattr(linkmod, "JUNK_BURST", 1)
+    monkeypatch.setattr(linkmod, "JUNK_RATE", 1e-6)
+    nodes = net(3)
+    hops = [Hop(nodes[1].identity.onion_public, 99), Hop(nodes[2].identity.onion_public, None)]
+    for _ in range(3):
+        code, layers = build_tracking_code(hops, current_epoch())
+        bad = attrs.evolve(plan_for(nodes), tracking_code=code, layers=layers)
+        with pytest.raises(ProtocolError, match="next hop is not a neighbour"):
+            nodes[0].switch.open_circuit(bad, timeout=5)
+    gevent.sleep(0.2)  # the last HELLO reaches the relay
+    link = nodes[1].links.get(1)
+    assert link is not None and not link.closed
+
+
 def test_source_refuses_unknown_torrent_and_replayed_request(net: Any) -> None:
     nodes = net(3)
     nodes[-1].serve = exchange
@@ -411,7 +453,7 @@ def test_break_mid_stream_reaches_both_ends(net: Any) -> None:
     stream = downloader.switch.open_circuit(plan_for(nodes), timeout=5)
     assert stream.recv(1000)
     (relay,) = r2.relays()
-    r2.switch._end_relay(relay, BreakReason.INTERNAL, None)
+    relay.end(BreakReason.INTERNAL)
     with gevent.Timeout(2):
         with pytest.raises(CircuitClosed, match="broken by the circuit"):
             while True:

@@ -37,7 +37,7 @@ def test_a_break_reason_planted_by_relay_1_never_reaches_relay_3(net: Any) -> No
         # Relay 1 sends a BREAK of its own towards relay 2, with the bits it chose,
         # and tears its end down (the downloader gets a BREAK of its own).
         relay.next_link.send(relay.next_id, Cmd.BREAK, bytes([planted]), force=True)
-        r1.switch._end_relay(relay, BreakReason.CLOSED, (relay.next_link, relay.next_id))
+        relay.end(BreakReason.CLOSED, (relay.next_link, relay.next_id))
 
         def breaks(before: int = before) -> list[bytes]:
             assert r3.seen is not None

@@ -460,6 +460,37 @@ def test_handshake_goes_out_first_even_if_a_have_is_queued_at_once(
     peer.close()
 
 
+def test_a_peer_that_asked_for_the_torrent_is_unchoked_in_the_first_answer(
+    tmp_path: Path, torrent: tuple[Metainfo, dict[str, bytes]], sessions: list[TorrentSession]
+) -> None:
+    # A circuit to us as its source asked for this torrent: the seeder unchokes it
+    # with its handshake and bitfield, before the peer says it is interested, so
+    # the peer's first requests go out one round trip sooner.
+    m, _ = torrent
+    seeder = new_session(sessions, m, tmp_path / "seed")
+    peer, ours = tcp_pair()
+    seeder.add_connection(ours, "circuit", asked=True)
+    reader = wire.MessageReader(len(m.pieces), m.piece_size)
+    messages: list[Any] = []
+    with gevent.Timeout(10):
+        while len(messages) < 3:
+            messages += reader.feed(peer.recv(65536))
+    assert [type(x) for x in messages[:3]] == [wire.Handshake, wire.Bitfield, wire.Unchoke]
+    # Not so for a connection nobody asked for: it is unchoked once interested.
+    other, ours = tcp_pair()
+    seeder.add_connection(ours, "plain")
+    handshake_with(other, m)
+    other.settimeout(0.5)
+    data = b""
+    with pytest.raises(TimeoutError):
+        while True:
+            data += other.recv(65536)
+    reader = wire.MessageReader(len(m.pieces), m.piece_size)
+    assert not any(isinstance(x, wire.Unchoke) for x in reader.feed(data))
+    peer.close()
+    other.close()
+
+
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [

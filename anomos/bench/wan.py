@@ -518,12 +518,7 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
         # From the first byte on: the flow control's part, without the set-up.
         lt_flow = [_mbs(size, r["libtorrent"]["launch_seconds"] - r["libtorrent"]["first_byte"])
                    for r in runs]  # fmt: skip
-        an_flow = [
-            _mbs(size, r["anomos"]["seconds"] - r["anomos"]["first_byte_seconds"])
-            if r["anomos"].get("first_byte_seconds") is not None
-            else None
-            for r in runs
-        ]
+        an_flow = [_after_first_byte(size, r["anomos"]) for r in runs]
         flow_ratios = [a / b for a, b in zip(an_flow, lt_flow, strict=True) if a is not None]
         by_relays: dict[int, list[float]] = {}
         peaks: dict[int, list[int]] = {}
@@ -547,6 +542,10 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
                 ),
                 "anomos_first_byte": _median_or_none(
                     [r["anomos"].get("first_byte_seconds") for r in runs]
+                ),
+                "anomos_startup": _startup_medians(runs),
+                "circuit_setup_seconds": _median_or_none(
+                    [c.get("setup_seconds") for r in runs for c in r["anomos"]["circuits"]]
                 ),
                 "failed_circuits": sum(r["anomos"].get("failed_circuits", 0) for r in runs),
                 "get_cpu_seconds": _median_or_none([r["anomos"].get("cpu_seconds") for r in runs]),
@@ -581,6 +580,25 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _after_first_byte(size: int, report: dict[str, Any]) -> float | None:
+    """MB/s from anomos' first block on: ``seconds`` counts from the download's start,
+    ``first_byte_seconds`` from launch (``startup["download"]`` after it)."""
+    first = report.get("first_byte_seconds")
+    if first is None:
+        return None
+    return _mbs(size, report["seconds"] - (first - report.get("startup", {}).get("download", 0)))
+
+
+def _startup_medians(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Median seconds from launch to each step of anomos' start."""
+    steps: dict[str, list[float]] = {}
+    for r in runs:
+        for step, at in r["anomos"].get("startup", {}).items():
+            steps.setdefault(step, []).append(at)
+    medians = {step: round(statistics.median(v), 2) for step, v in steps.items()}
+    return dict(sorted(medians.items(), key=lambda m: m[1]))
+
+
 def _median_or_none(values: Sequence[float | None]) -> float | None:
     got = [v for v in values if v is not None]
     return round(statistics.median(got), 2) if got else None
@@ -602,6 +620,13 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{r['anomos_after_first_byte_mbs']} MB/s / {r['ratio_after_first_byte']} "
             f"| {r['lt_first_byte']} s / {r['anomos_first_byte']} s | {per} "
             f"| {peak} |"
+        )
+    for r in rows:
+        steps = ", ".join(f"{k} {v}" for k, v in r.get("anomos_startup", {}).items())
+        lines.append(
+            f"\n{r['profile']}: anomos start, median seconds from launch: {steps}; "
+            f"circuit set-up {r.get('circuit_setup_seconds')} s (median); "
+            f"circuits that failed to build: {r['failed_circuits']}"
         )
     return "\n".join(lines)
 

@@ -32,13 +32,14 @@ refusal cell).
 
 from __future__ import annotations
 
+import enum
 import logging
 import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 import gevent
@@ -77,11 +78,44 @@ LINK_ROOM_TIMEOUT = 20.0
 #: ``on_request(request)`` returns the function that will serve the stream, or None.
 RequestHandler = Callable[[SourceRequest], "Callable[[CircuitStream], None] | None"]
 
-_CREATING = "creating"
-_AWAIT_REPLY = "awaiting reply"
-_AWAIT_HELLO = "awaiting hello"
-_OPEN = "open"
-_CLOSED = "closed"
+
+class CircuitState(enum.Enum):
+    """Where one of our circuit ends stands, in the order a circuit is built."""
+
+    #: The downloader sent CREATE and waits for CREATED.
+    CREATING = "creating"
+    #: The downloader's circuit is built; it waits for the source's REPLY.
+    AWAITING_REPLY = "awaiting reply"
+    #: The source answered CREATED and waits for the downloader's HELLO.
+    AWAITING_HELLO = "awaiting hello"
+    #: End-to-end keys agreed: records flow.
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+#: How far along the downloader's set-up each state is (:meth:`CircuitStream.wait_for`).
+_SETUP_ORDER = {CircuitState.CREATING: 0, CircuitState.AWAITING_REPLY: 1, CircuitState.OPEN: 2}
+
+
+class CircuitEnd(Protocol):
+    """What the switch keeps per ``(link, circuit id)``: a relay circuit or a stream."""
+
+    @property
+    def established(self) -> bool:
+        """Whether DATA on it is the circuit's traffic (counted in the neighbour's receipts)."""
+        ...
+
+    def on_frame(self, link: Link, circ_id: int, cmd: int, payload: memoryview) -> None:
+        """A frame for this circuit arrived on ``link``."""
+        ...
+
+    def on_link_lost(self, link: Link, reason: CloseReason) -> None:
+        """``link``, which this circuit uses, is gone."""
+        ...
+
+    def close(self) -> None:
+        """Tear the circuit down (the peer stops)."""
+        ...
 
 
 class CircuitClosed(ConnectionResetError):
@@ -105,6 +139,10 @@ class RelayCircuit:
     relayed: int = 0
 
     @property
+    def established(self) -> bool:
+        return self.opened
+
+    @property
     def prev_nid(self) -> int:
         return self.prev_link.nid
 
@@ -123,19 +161,46 @@ class RelayCircuit:
                 body = add_layers((self.backward,), payload)
                 ok = self.prev_link.send(self.prev_id, Cmd.DATA, body)
             self.relayed += len(body)
-            self.switch._relayed += len(body)
+            self.switch.count_relayed(len(body))
             if not ok:
-                self.switch._end_relay(self, BreakReason.OVERFLOW, None, discard=True)
+                self.end(BreakReason.OVERFLOW, discard=True)
         elif cmd == Cmd.BREAK:
             # Its reason is for our log only: what we send on is JOINED_BREAK.
-            self.switch._end_relay(self, payload[0], (link, circ_id))
+            self.end(payload[0], (link, circ_id))
         elif cmd == Cmd.CREATED and not forward and not self.opened:
             self.opened = True
             self.prev_link.send(self.prev_id, Cmd.CREATED)
-            self.switch._notify_opened(self)
+            self.switch.notify_opened(self)
         else:
             log.info("relay circuit from NID %d: unexpected %s", link.nid, Cmd(cmd).name)
-            self.switch._end_relay(self, BreakReason.PROTOCOL, None)
+            self.end(BreakReason.PROTOCOL)
+
+    def on_link_lost(self, link: Link, reason: CloseReason) -> None:
+        self.end(BreakReason.LINK_LOST)
+
+    def close(self) -> None:
+        self.end(BreakReason.CLOSED)
+
+    def end(
+        self, code: int, origin: tuple[Link, int] | None = None, *, discard: bool = False
+    ) -> None:
+        """Tear the circuit down, sending BREAK on every end but ``origin``.
+
+        ``code`` is why, for our own hook and log; the BREAK carries
+        :data:`JOINED_BREAK`, never ``code`` and never what ``origin`` sent.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        for link, circ_id in ((self.prev_link, self.prev_id), (self.next_link, self.next_id)):
+            self.switch.forget(link, circ_id)
+            if origin != (link, circ_id) and not link.closed:
+                if discard:
+                    link.discard(circ_id)
+                link.send(circ_id, Cmd.BREAK, JOINED_BREAK, force=True)
+            link.release_circ_id(circ_id)
+        if self.opened:
+            self.switch.notify_closed(self, describe_break(code))
 
 
 @attrs.define(eq=False)
@@ -157,13 +222,15 @@ class CircuitStream:
     _recv_layers: list[OnionLayer] = attrs.field(repr=False)
     #: At the source: the request the downloader sent.
     request: SourceRequest | None = attrs.field(default=None, repr=False)
-    state: str = _CREATING
+    state: CircuitState = CircuitState.CREATING
     #: Why the circuit closed, once it has.
     closed_reason: str | None = None
     _channel: e2e.E2EChannel | None = attrs.field(default=None, repr=False)
-    _setup: gevent.event.AsyncResult = attrs.field(factory=gevent.event.AsyncResult, repr=False)
-    _suite_state: Any = attrs.field(default=None, repr=False)
-    _suite: Any = attrs.field(default=None, repr=False)
+    #: Set at each step of the set-up (and when the circuit ends).
+    _progress: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
+    #: At the downloader: the cipher suite and its state until the REPLY.
+    _suite: Any = attrs.field(default=None, repr=False, kw_only=True)
+    _suite_state: Any = attrs.field(default=None, repr=False, kw_only=True)
     #: Received data, views of the decrypted records.
     _chunks: deque[memoryview] = attrs.field(factory=deque, repr=False)
     _offset: int = attrs.field(default=0, repr=False)
@@ -198,7 +265,7 @@ class CircuitStream:
         step = e2e.MAX_RECORD_DATA
         with self._send_lock:
             for start in range(0, len(view), step):
-                if self._window <= 0 or self.state != _OPEN:
+                if self._window <= 0 or self.state is not CircuitState.OPEN:
                     self._wait_window()
                 self._window -= 1
                 if self._window <= 0:
@@ -264,9 +331,9 @@ class CircuitStream:
 
     def close(self) -> None:
         """End the stream cleanly (END record) and tear the circuit down."""
-        if self.state == _CLOSED:
+        if self.state is CircuitState.CLOSED:
             return
-        if self.state == _OPEN and not self.link.closed:
+        if self.state is CircuitState.OPEN and not self.link.closed:
             try:
                 self._send_record(e2e.END, b"")
             except (OSError, AnomosError):
@@ -278,7 +345,7 @@ class CircuitStream:
 
     @property
     def closed(self) -> bool:
-        return self.state == _CLOSED
+        return self.state is CircuitState.CLOSED
 
     def buffered(self) -> int:
         """Bytes received and not yet read."""
@@ -289,11 +356,77 @@ class CircuitStream:
         window that large (never shrinks; at most :data:`MAX_CIRCUIT_WINDOW` records)."""
         records = -(-nbytes // e2e.MAX_RECORD_DATA) + SENDME_EVERY
         records = min(MAX_CIRCUIT_WINDOW, -(-records // SENDME_EVERY) * SENDME_EVERY)
-        if records <= self._recv_window or self.state != _OPEN:
+        if records <= self._recv_window or self.state is not CircuitState.OPEN:
             return
         for _ in range((records - self._recv_window) // SENDME_EVERY):
             self._send_record(e2e.SENDME, b"")
         self._recv_window = records
+
+    @property
+    def established(self) -> bool:
+        return self.state is CircuitState.OPEN
+
+    # ------------------------------------------------------------------ set-up
+    def send_hello(self, hello: bytes) -> None:
+        """At the downloader: the HELLO cell (sealed request and suite hello), sent
+        right behind the CREATE."""
+        self._send_body(hello)
+
+    def wait_for(self, state: CircuitState) -> None:
+        """At the downloader: block until the set-up reached ``state``; raise
+        :class:`CircuitClosed` if the circuit ended first."""
+        while True:
+            if self.state is CircuitState.CLOSED:
+                raise CircuitClosed(f"circuit closed: {self.closed_reason}")
+            if _SETUP_ORDER.get(self.state, -1) >= _SETUP_ORDER[state]:
+                return
+            self._progress.clear()
+            self._progress.wait()
+
+    def abandon(self, reason: str) -> None:
+        """Give up on a circuit whose set-up took too long (or was interrupted)."""
+        self._end(BreakReason.TIMEOUT, reason)
+
+    def expect_hello(self, timeout: float) -> gevent.Greenlet:
+        """At the source: fail the circuit unless :meth:`accept` comes within ``timeout``."""
+        self._timer = gevent.spawn_later(
+            timeout, self._fail, BreakReason.TIMEOUT, "no HELLO in time"
+        )
+        return self._timer
+
+    def accept(self, request: SourceRequest, channel: e2e.E2EChannel, reply: bytes) -> bool:
+        """At the source: answer a good HELLO with the REPLY and open; False if the
+        circuit broke meanwhile."""
+        if self._timer is not None:
+            self._timer.kill(block=False)
+            self._timer = None
+        self.request = request
+        try:
+            self._send_body(e2e.encode_reply(reply))
+        except CircuitClosed:
+            return False
+        self._channel = channel
+        self._opened()
+        return True
+
+    def refuse(self, code: int, reason: str) -> None:
+        """At the source, before keys exist: say why in a refusal cell, then break."""
+        log.info("circuit %#x on NID %d: %s", self.circ_id, self.link.nid, reason)
+        try:
+            self._send_body(e2e.encode_refusal(code))
+        except CircuitClosed:
+            return
+        self._end(code, reason)
+
+    def on_link_lost(self, link: Link, reason: CloseReason) -> None:
+        self._end(None, f"link to NID {link.nid} lost: {reason}")
+
+    def _opened(self) -> None:
+        self.state = CircuitState.OPEN
+        self._window_open.set()
+        self._progress.set()
+        self._notified = True
+        self.switch.notify_opened(self)
 
     @property
     def receive_window(self) -> int:
@@ -309,11 +442,11 @@ class CircuitStream:
     def _wait_window(self) -> None:
         event = self._window_open
         while True:
-            if self.state == _CLOSED:
+            if self.state is CircuitState.CLOSED:
                 raise CircuitClosed(f"circuit closed: {self.closed_reason}")
             if self._eof:
                 raise BrokenPipeError("the other end closed the circuit")
-            if self._window > 0 and self.state == _OPEN:
+            if self._window > 0 and self.state is CircuitState.OPEN:
                 return
             event.clear()
             if not event.wait(self._timeout):
@@ -323,7 +456,7 @@ class CircuitStream:
         while not self._chunks:
             if self._eof:
                 return
-            if self.state == _CLOSED:
+            if self.state is CircuitState.CLOSED:
                 raise CircuitClosed(f"circuit closed: {self.closed_reason}")
             self._readable.clear()
             if not self._readable.wait(self._timeout):
@@ -333,7 +466,7 @@ class CircuitStream:
         self._chunks.popleft()
         self._offset = 0
         self._consumed += 1
-        if self._consumed >= SENDME_EVERY and self.state == _OPEN:
+        if self._consumed >= SENDME_EVERY and self.state is CircuitState.OPEN:
             self._consumed -= SENDME_EVERY
             self._unacked -= SENDME_EVERY
             self._send_record(e2e.SENDME, b"")
@@ -344,7 +477,7 @@ class CircuitStream:
 
     def _send_body(self, record: bytes | bytearray) -> None:
         """Add the layers (into new buffers: the link sends the cell later) and queue it."""
-        if self.state == _CLOSED:
+        if self.state is CircuitState.CLOSED:
             raise CircuitClosed(f"circuit closed: {self.closed_reason}")
         body = add_layers(self._send_layers, record)
         link = self.link
@@ -359,26 +492,28 @@ class CircuitStream:
         """The cell with every layer removed (valid until the next frame, like ``payload``)."""
         return remove_layers(self._recv_layers, payload)
 
-    def _on_frame(self, link: Link, circ_id: int, cmd: int, payload: memoryview) -> None:
+    def on_frame(self, link: Link, circ_id: int, cmd: int, payload: memoryview) -> None:
         if cmd == Cmd.DATA:
-            if self.state == _OPEN:
+            if self.state is CircuitState.OPEN:
                 self._on_record(self._peel(payload))
-            elif self.state == _AWAIT_REPLY:
+            elif self.state is CircuitState.AWAITING_REPLY:
                 self._on_reply(self._peel(payload))
-            elif self.state == _AWAIT_HELLO:
-                self.switch._on_hello(self, self._peel(payload))
+            elif self.state is CircuitState.AWAITING_HELLO:
+                self.switch.on_hello(self, self._peel(payload))
             else:
                 self._fail(BreakReason.PROTOCOL, "DATA before CREATED")
-        elif cmd == Cmd.CREATED and self.state == _CREATING and self.initiator:
-            self.state = _AWAIT_REPLY
-            self._setup.set(None)
+        elif cmd == Cmd.CREATED and self.state is CircuitState.CREATING and self.initiator:
+            self.state = CircuitState.AWAITING_REPLY
+            self._progress.set()
         elif cmd == Cmd.BREAK:
             if bytes(payload) == JOINED_BREAK:
                 self._end(None, "broken by the circuit")
             else:  # the first hop refusing our CREATE says why
                 self._end(None, f"broken by the circuit: {describe_break(payload[0])}")
         else:
-            self._fail(BreakReason.PROTOCOL, f"unexpected {Cmd(cmd).name} in state {self.state}")
+            self._fail(
+                BreakReason.PROTOCOL, f"unexpected {Cmd(cmd).name} in state {self.state.value}"
+            )
 
     def _on_reply(self, body: memoryview) -> None:
         try:
@@ -396,9 +531,7 @@ class CircuitStream:
             self._fail(BreakReason.PROTOCOL, f"bad REPLY: {exc}")
             return
         self._suite_state = None
-        self.state = _OPEN
-        self._window_open.set()
-        self._setup.set(None)
+        self._opened()
 
     def _on_record(self, body: memoryview) -> None:
         assert self._channel is not None
@@ -443,7 +576,7 @@ class CircuitStream:
     def _fail(self, code: int, reason: str) -> None:
         """Give up on the circuit: tell the other end why (END record) if keys exist, break."""
         log.info("circuit %#x on NID %d: %s", self.circ_id, self.link.nid, reason)
-        if self.state == _OPEN and self._channel is not None and not self.link.closed:
+        if self.state is CircuitState.OPEN and self._channel is not None and not self.link.closed:
             # Behind what is queued: dropping sealed records would make the END unreadable.
             try:
                 self._send_record(e2e.END, bytes((code & 0xFF,)))
@@ -453,25 +586,16 @@ class CircuitStream:
         else:
             self._end(code, reason, discard=True)
 
-    def _refuse(self, code: int, reason: str) -> None:
-        """At the source, before keys exist: say why in a refusal cell, then break."""
-        log.info("circuit %#x on NID %d: %s", self.circ_id, self.link.nid, reason)
-        try:
-            self._send_body(e2e.encode_refusal(code))
-        except CircuitClosed:
-            return
-        self._end(code, reason)
-
     def _end(self, code: int | None, reason: str, *, discard: bool = False) -> None:
         """Close this end; send a BREAK (:data:`JOINED_BREAK`) unless ``code`` is None
         (the BREAK came from the link); ``code`` itself never goes on the wire."""
-        if self.state == _CLOSED:
+        if self.state is CircuitState.CLOSED:
             return
-        self.state = _CLOSED
+        self.state = CircuitState.CLOSED
         self.closed_reason = reason
         if self._timer is not None and self._timer is not gevent.getcurrent():
             self._timer.kill(block=False)
-        self.switch._unregister(self.link, self.circ_id)
+        self.switch.forget(self.link, self.circ_id)
         if code is not None and not self.link.closed:
             if discard:
                 self.link.discard(self.circ_id)
@@ -479,10 +603,9 @@ class CircuitStream:
         self.link.release_circ_id(self.circ_id)
         self._readable.set()
         self._window_open.set()
-        if not self._setup.ready():
-            self._setup.set_exception(ProtocolError(f"circuit failed: {reason}"))
+        self._progress.set()
         if self._notified:
-            self.switch._notify_closed(self, reason)
+            self.switch.notify_closed(self, reason)
 
 
 @attrs.define(eq=False)
@@ -512,7 +635,7 @@ class CircuitSwitch:
     state_dir: Path | None = attrs.field(default=None, kw_only=True)
     _reader: OnionReader = attrs.field(init=False, repr=False)
     _seen: SeenRequests = attrs.field(init=False, repr=False)
-    _ends: dict[Link, dict[int, Any]] = attrs.field(factory=dict, init=False, repr=False)
+    _ends: dict[Link, dict[int, CircuitEnd]] = attrs.field(factory=dict, init=False, repr=False)
     _group: gevent.pool.Group = attrs.field(factory=gevent.pool.Group, init=False, repr=False)
     _relayed: int = attrs.field(default=0, init=False)
 
@@ -528,9 +651,13 @@ class CircuitSwitch:
         """Cell bytes this peer forwarded as a relay (reported to the tracker)."""
         return self._relayed
 
-    def circuits(self) -> list[Any]:
+    def count_relayed(self, nbytes: int) -> None:
+        """A relay circuit of ours forwarded ``nbytes`` of cells."""
+        self._relayed += nbytes
+
+    def circuits(self) -> list[CircuitEnd]:
         """Every live circuit end (each relay circuit once)."""
-        seen: dict[int, Any] = {}
+        seen: dict[int, CircuitEnd] = {}
         for ends in self._ends.values():
             for end in ends.values():
                 seen[id(end)] = end
@@ -556,24 +683,25 @@ class CircuitSwitch:
             True,
             [OnionLayer.forward(k) for k in reversed(plan.layers)],
             [OnionLayer.backward(k) for k in plan.layers],
+            suite=suite,
+            suite_state=state,
         )
-        stream._suite, stream._suite_state = suite, state
         self._register(link, circ_id, stream)
         link.send(circ_id, Cmd.CREATE, bytes(plan.tracking_code))
         try:
             left = max(deadline - time.monotonic(), 0.0)
             with gevent.Timeout(left, ProtocolError(f"circuit not created within {timeout:g} s")):
-                stream._setup.get()
-                stream._setup = gevent.event.AsyncResult()
-                stream._send_body(e2e.encode_hello(plan.request_blob, hello))
-                stream._setup.get()
+                # The HELLO right behind the CREATE, not after CREATED: each hop passes
+                # it on once it has forwarded the CREATE (same queue, so never ahead of
+                # it), and the source, which answered CREATED, is waiting for it. One
+                # round trip of the whole circuit saved.
+                stream.send_hello(e2e.encode_hello(plan.request_blob, hello))
+                stream.wait_for(CircuitState.OPEN)
         except CircuitClosed:
             raise ProtocolError(f"circuit failed: {stream.closed_reason}") from None
         except BaseException as exc:
-            stream._end(BreakReason.TIMEOUT, str(exc))
+            stream.abandon(str(exc))
             raise
-        stream._notified = True
-        self._notify_opened(stream)
         return stream
 
     # ------------------------------------------------------------------ frames
@@ -582,14 +710,9 @@ class CircuitSwitch:
         ends = self._ends.get(link)
         end = ends.get(circ_id) if ends else None
         if end is not None:
-            if isinstance(end, RelayCircuit):
-                if cmd == Cmd.DATA and end.opened:
-                    link.credit(payload)
-                end.on_frame(link, circ_id, cmd, payload)
-            else:
-                if cmd == Cmd.DATA and end.state == _OPEN:
-                    link.credit(payload)
-                end._on_frame(link, circ_id, cmd, payload)
+            if cmd == Cmd.DATA and end.established:
+                link.credit(payload)
+            end.on_frame(link, circ_id, cmd, payload)
         elif cmd == Cmd.CREATE:
             self._on_create(link, circ_id, payload)
         else:  # a late cell of a circuit already gone, or junk (a little is tolerated)
@@ -599,18 +722,12 @@ class CircuitSwitch:
         """The link manager's ``on_link_down``: break every circuit that used ``link``."""
         ends = self._ends.pop(link, {})
         for end in list(ends.values()):
-            if isinstance(end, RelayCircuit):
-                self._end_relay(end, BreakReason.LINK_LOST, None)
-            else:
-                end._end(None, f"link to NID {link.nid} lost: {reason}")
+            end.on_link_lost(link, reason)
 
     def close(self) -> None:
         """Break every circuit and stop timers."""
         for end in self.circuits():
-            if isinstance(end, RelayCircuit):
-                self._end_relay(end, BreakReason.CLOSED, None)
-            else:
-                end.close()
+            end.close()
         self._group.kill(block=False)
         for cache in (self._reader.replay_file, self._seen.replay_file):
             if cache is not None:
@@ -645,13 +762,10 @@ class CircuitSwitch:
                 False,
                 [OnionLayer.backward(peeled.layer)],
                 [OnionLayer.forward(peeled.layer)],
-                state=_AWAIT_HELLO,
+                state=CircuitState.AWAITING_HELLO,
             )
             self._register(link, circ_id, stream)
-            stream._timer = gevent.spawn_later(
-                HELLO_TIMEOUT, stream._fail, BreakReason.TIMEOUT, "no HELLO in time"
-            )
-            self._group.add(stream._timer)
+            self._group.add(stream.expect_hello(HELLO_TIMEOUT))
             link.send(circ_id, Cmd.CREATED)
             return
         nxt = self.links.get(peeled.next_nid)
@@ -683,14 +797,14 @@ class CircuitSwitch:
         link.refuse(circ_id, code, taken=True)
 
     # ------------------------------------------------------------------ terminal
-    def _on_hello(self, stream: CircuitStream, body: memoryview) -> None:
+    def on_hello(self, stream: CircuitStream, body: memoryview) -> None:
         """The source's half of the key agreement; runs in the link's reader greenlet."""
         try:
             blob, suite_hello = e2e.decode_hello(body)
             request = open_request(blob, self.identity.box, self.trackers)
             self._seen.check(blob, request)
         except AnomosError as exc:
-            stream._refuse(BreakReason.PROTOCOL, f"bad HELLO: {exc}")
+            stream.refuse(BreakReason.PROTOCOL, f"bad HELLO: {exc}")
             return
         try:
             serve = self.on_request(request) if self.on_request is not None else None
@@ -698,28 +812,17 @@ class CircuitSwitch:
             log.exception("on_request failed")
             serve = None
         if serve is None:
-            stream._refuse(BreakReason.REFUSED, "request refused")
+            stream.refuse(BreakReason.REFUSED, "request refused")
             return
         try:
             suite = self.plugins.cipher_suite(request.suite)
             keys, reply = suite.responder_accept(request.material, suite_hello)
             channel = e2e.E2EChannel(keys)
         except AnomosError as exc:
-            stream._refuse(BreakReason.REFUSED, f"cannot agree keys: {exc}")
+            stream.refuse(BreakReason.REFUSED, f"cannot agree keys: {exc}")
             return
-        if stream._timer is not None:
-            stream._timer.kill(block=False)
-            stream._timer = None
-        stream.request = request
-        try:
-            stream._send_body(e2e.encode_reply(reply))
-        except CircuitClosed:
-            return
-        stream._channel = channel
-        stream.state = _OPEN
-        stream._notified = True
-        self._notify_opened(stream)
-        self._group.spawn(self._serve, serve, stream)
+        if stream.accept(request, channel, reply):
+            self._group.spawn(self._serve, serve, stream)
 
     @staticmethod
     def _serve(serve: Callable[[CircuitStream], None], stream: CircuitStream) -> None:
@@ -734,44 +837,21 @@ class CircuitSwitch:
             stream.close()
 
     # ------------------------------------------------------------------ bookkeeping
-    def _register(self, link: Link, circ_id: int, end: Any) -> None:
+    def _register(self, link: Link, circ_id: int, end: CircuitEnd) -> None:
         self._ends.setdefault(link, {})[circ_id] = end
 
-    def _unregister(self, link: Link, circ_id: int) -> None:
+    def forget(self, link: Link, circ_id: int) -> None:
+        """A circuit end on ``(link, circ_id)`` closed: no more frames are switched to it."""
         ends = self._ends.get(link)
         if ends is not None:
             ends.pop(circ_id, None)
             if not ends:
                 del self._ends[link]
 
-    def _end_relay(
-        self,
-        relay: RelayCircuit,
-        code: int,
-        origin: tuple[Link, int] | None,
-        *,
-        discard: bool = False,
-    ) -> None:
-        """Tear a relay circuit down, sending BREAK on every end but ``origin``.
-
-        ``code`` is why, for our own hook and log; the BREAK carries
-        :data:`JOINED_BREAK`, never ``code`` and never what ``origin`` sent.
-        """
-        if relay.closed:
-            return
-        relay.closed = True
-        for link, circ_id in ((relay.prev_link, relay.prev_id), (relay.next_link, relay.next_id)):
-            self._unregister(link, circ_id)
-            if origin != (link, circ_id) and not link.closed:
-                if discard:
-                    link.discard(circ_id)
-                link.send(circ_id, Cmd.BREAK, JOINED_BREAK, force=True)
-            link.release_circ_id(circ_id)
-        if relay.opened:
-            self._notify_closed(relay, describe_break(code))
-
-    def _notify_opened(self, circuit: Any) -> None:
+    def notify_opened(self, circuit: CircuitEnd) -> None:
+        """Tell the plugins a circuit through or from this peer is open."""
         self.plugins.notify("anomos_circuit_opened", peer=self.peer, circuit=circuit)
 
-    def _notify_closed(self, circuit: Any, reason: str) -> None:
+    def notify_closed(self, circuit: CircuitEnd, reason: str) -> None:
+        """Tell the plugins an open circuit closed, and why."""
         self.plugins.notify("anomos_circuit_closed", peer=self.peer, circuit=circuit, reason=reason)

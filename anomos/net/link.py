@@ -629,6 +629,9 @@ class Link:
         """
         if taken:
             self._circ_ids.discard(circ_id)
+            self._late[circ_id] = 1  # the HELLO a downloader sends right behind its CREATE
+            if len(self._late) > MAX_CIRCUITS_PER_LINK:
+                del self._late[next(iter(self._late))]  # the oldest
         if strike and not self.budget.strikes.try_take():
             raise ProtocolError(f"NID {self.nid} floods us with CREATEs over its limits")
         if len(self._control) >= CONTROL_QUEUE_FRAMES:

@@ -12,6 +12,7 @@ arrived for ``stall_limit`` seconds.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from typing import TYPE_CHECKING, Any
@@ -73,6 +74,21 @@ def _disk_full(session: TorrentSession) -> bool:
     return free < session.metainfo.piece_length
 
 
+def process_started() -> float:
+    """When this process was launched, on the :func:`time.monotonic` clock (Linux: from
+    ``/proc``, 10 ms resolution; elsewhere: now)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            # Field 22, counted after the command name (which may hold spaces).
+            started_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+    return time.monotonic() - max(0.0, age)
+
+
 class DownloadStalled(AnomosError):
     """No piece arrived for the stall limit; the message says what it waited for."""
 
@@ -88,6 +104,8 @@ class CircuitRecord:
     broken: str = ""
     #: The most bytes of requests outstanding at once (the flow-control window at work).
     peak_in_flight: int = 0
+    #: Seconds from asking to build it until its end-to-end keys were agreed.
+    setup_seconds: float = 0.0
 
 
 @attrs.frozen
@@ -104,8 +122,13 @@ class DownloadReport:
     downloaded: int = 0
     #: Per circuit that broke mid-download, seconds until fresh circuits arrived.
     replan_seconds: tuple[float, ...] = ()
-    #: Seconds from the start of the download to the first block received.
+    #: Seconds from launch (see :attr:`TorrentDownload.launched`) to the first block.
     first_byte_seconds: float | None = None
+    #: Seconds from launch to each step of the start: ``download`` (this loop began:
+    #: the peer had announced), ``first_link`` (a neighbour link up),
+    #: ``circuits_requested``, ``circuits_planned``, ``first_circuit`` (keys agreed),
+    #: ``first_block``, ``first_piece`` (verified).
+    startup: dict[str, float] = attrs.field(factory=dict)
 
     @property
     def throughput(self) -> float:
@@ -125,6 +148,7 @@ class DownloadReport:
             "first_byte_seconds": (
                 None if self.first_byte_seconds is None else round(self.first_byte_seconds, 3)
             ),
+            "startup": {k: round(v, 3) for k, v in self.startup.items()},
             "left_at_start": self.left_at_start,
             "downloaded": self.downloaded,
         }
@@ -215,6 +239,9 @@ class TorrentDownload:
     timeout: float | None = None
     #: Seconds without a new piece before giving up (None: never).
     stall_limit: float | None = DEFAULT_STALL_LIMIT
+    #: The monotonic time the start is counted from (`anomos get`: the process's
+    #: launch); None: when :meth:`run` begins.
+    launched: float | None = None
     records: list[CircuitRecord] = attrs.field(factory=list, init=False)
     failures: int = attrs.field(default=0, init=False)
     _active: set[gevent.Greenlet] = attrs.field(factory=set, init=False)
@@ -227,11 +254,15 @@ class TorrentDownload:
     _disk_wait: Waiting = attrs.field(factory=lambda: Waiting("cannot write", log), init=False)
     _progress_at: float = attrs.field(factory=time.monotonic, init=False)
     _left: int = attrs.field(default=0, init=False)
+    #: Monotonic times of the steps of the start (see DownloadReport.startup).
+    _marks: dict[str, float] = attrs.field(factory=dict, init=False)
 
     def run(self) -> DownloadReport:
         """Download until complete; :class:`DownloadStalled` or :class:`AnomosError` if not."""
         session = self.session
         started = self._progress_at = time.monotonic()
+        launched = started if self.launched is None else self.launched
+        self._mark("download", started)
         left_at_start = self._left = session.left
         downloaded_at_start = session.downloaded
         try:
@@ -258,9 +289,26 @@ class TorrentDownload:
             downloaded=session.downloaded - downloaded_at_start,
             replan_seconds=tuple(self._replans),
             first_byte_seconds=(
-                None if session.first_block_at is None else session.first_block_at - started
+                None if session.first_block_at is None else session.first_block_at - launched
             ),
+            startup=self._startup(launched),
         )
+
+    def _mark(self, step: str, at: float | None = None) -> None:
+        self._marks.setdefault(step, time.monotonic() if at is None else at)
+
+    def _startup(self, launched: float) -> dict[str, float]:
+        marks = dict(self._marks)
+        opened = [link.opened_at for link in self.peer.links.links.values()]
+        if opened:
+            marks["first_link"] = min(opened)
+        for step, at in (
+            ("first_block", self.session.first_block_at),
+            ("first_piece", self.session.first_piece_at),
+        ):
+            if at is not None:
+                marks[step] = at
+        return {step: at - launched for step, at in sorted(marks.items(), key=lambda m: m[1])}
 
     # ------------------------------------------------------------------ limits and states
     def _check_limits(self, started: float, now: float) -> None:
@@ -318,10 +366,12 @@ class TorrentDownload:
     # ------------------------------------------------------------------ the tracker
     def _request(self, count: int) -> None:
         """Ask the tracker for ``count`` circuits and run each one it plans."""
+        self._mark("circuits_requested")
         plans = self._asking.ask(self.session.metainfo.infohash, count)
         if not plans:
             return
         now = time.monotonic()
+        self._mark("circuits_planned", now)
         self._replans.extend(now - t for t in self._broken_at)
         self._broken_at.clear()
         for plan in plans:
@@ -340,6 +390,8 @@ class TorrentDownload:
         t0 = time.monotonic()
         try:
             stream = open_circuit(self.peer, plan)
+            self._mark("first_circuit")
+            setup = time.monotonic() - t0
         except AnomosError as exc:
             self.failures += 1
             log.info("circuit with %d relays failed: %s", relays, exc)
@@ -368,6 +420,7 @@ class TorrentDownload:
                     seconds=round(time.monotonic() - t0, 3),
                     broken=broken,
                     peak_in_flight=conn.flow.peak_in_flight if conn is not None else 0,
+                    setup_seconds=round(setup, 3),
                 )
             )
 

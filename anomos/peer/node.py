@@ -422,7 +422,7 @@ class Peer:
             return None  # nothing to give: refusing tells the downloader to look elsewhere
 
         def serve(stream: Any) -> None:
-            session.add_connection(stream, "circuit")
+            session.add_connection(stream, "circuit", asked=True)
 
         return serve
 
@@ -433,12 +433,18 @@ class Peer:
         sources: int = DEFAULT_SOURCES,
         timeout: float | None = None,
         stall_limit: float | None = DEFAULT_STALL_LIMIT,
+        launched: float | None = None,
     ) -> DownloadReport:
         """Fetch ``session``'s torrent over circuits to several sources at once
         (see :class:`~anomos.peer.download.TorrentDownload`)."""
         try:
             return TorrentDownload(
-                self, session, sources=sources, timeout=timeout, stall_limit=stall_limit
+                self,
+                session,
+                sources=sources,
+                timeout=timeout,
+                stall_limit=stall_limit,
+                launched=launched,
             ).run()
         finally:
             self.announce_soon()

@@ -7,4 +7,11 @@
   Tor paths of anomos are tested without the internet.
 
 The ``tor`` and ``socks5`` transports live in :mod:`anomos.plugins.transports`.
+This package's own namespace holds only the constants their options show, so
+that a peer without Tor never imports stem (a few hundred ms at every launch).
 """
+
+#: Where a system tor usually listens for controllers (Debian: also ``unix:/run/tor/control``).
+DEFAULT_CONTROL = "127.0.0.1:9051"
+#: Seconds for a whole private test network (all attempts) to be ready.
+TESTNET_START_TIMEOUT = 150.0

@@ -25,14 +25,13 @@ from stem.control import Controller
 
 from anomos.config import split_address
 from anomos.errors import ConfigError, TransportError
+from anomos.tor import DEFAULT_CONTROL
 
 log = logging.getLogger(__name__)
 # stem pins its logger at TRACE level, which floods stderr through the root
 # handler; let it follow the level the user chose with -v instead.
 logging.getLogger("stem").setLevel(logging.NOTSET)
 
-#: Where a system tor usually listens for controllers (Debian: also ``unix:/run/tor/control``).
-DEFAULT_CONTROL = "127.0.0.1:9051"
 #: Seconds to connect and authenticate to a ControlPort.
 CONTROL_TIMEOUT = 10.0
 #: Seconds a launched tor gets to bootstrap (the public network can be slow).

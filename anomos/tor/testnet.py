@@ -32,12 +32,13 @@ import attrs
 import gevent
 
 from anomos.errors import ConfigError, TransportError
+from anomos.tor import TESTNET_START_TIMEOUT
 from anomos.tor.control import connect_control
 
 log = logging.getLogger(__name__)
 
 #: Seconds for the whole network (all attempts) to be ready.
-START_TIMEOUT = 150.0
+START_TIMEOUT = TESTNET_START_TIMEOUT
 #: Seconds a tor gets to exit after SIGTERM before it is killed.
 STOP_TIMEOUT = 5.0
 #: Seconds between readiness checks.

@@ -19,7 +19,12 @@ from anomos.config import Settings
 from anomos.errors import AnomosError, ConfigError, StorageError
 from anomos.fsutil import atomic_write, check_room, check_writable, lock_state_dir
 from anomos.net.ratelimit import parse_rate
-from anomos.peer.download import DEFAULT_STALL_LIMIT, DownloadStalled, MetadataFetch
+from anomos.peer.download import (
+    DEFAULT_STALL_LIMIT,
+    DownloadStalled,
+    MetadataFetch,
+    process_started,
+)
 from anomos.pluginmanager import Plugins
 from anomos.progress import bar
 from anomos.torrent.magnet import Magnet, is_magnet
@@ -343,6 +348,7 @@ def get_command(
     SIGINT or SIGTERM stops it cleanly: the pieces on disk are kept in the resume
     data, and the next run starts from them without hashing them again.
     """
+    launched = process_started()  # the summary's times count from here
     disarm = _stop_on_signals()
     magnet = Magnet.parse(atorrent) if is_magnet(atorrent) else None
     metainfo: Metainfo | None = None
@@ -395,7 +401,11 @@ def get_command(
         session.on_progress = on_progress
         try:
             report = peer.download(
-                session, sources=sources, timeout=timeout, stall_limit=stall_limit or None
+                session,
+                sources=sources,
+                timeout=timeout,
+                stall_limit=stall_limit or None,
+                launched=launched,
             )
         finally:
             progress.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import gevent
@@ -15,7 +16,10 @@ import gevent.event
 
 from anomos import hookimpl
 from anomos.errors import AnomosError
-from anomos.tor.testnet import START_TIMEOUT, TorTestNetwork
+from anomos.tor import TESTNET_START_TIMEOUT
+
+if TYPE_CHECKING:
+    from anomos.tor.testnet import TorTestNetwork
 
 EXIT_INTERRUPTED = 130
 
@@ -49,7 +53,7 @@ def testnet_group() -> None:
 )
 @click.option(
     "--timeout",
-    default=START_TIMEOUT,
+    default=TESTNET_START_TIMEOUT,
     show_default=True,
     type=click.FloatRange(1),
     help="Seconds the network gets to come up.",
@@ -60,6 +64,8 @@ def tor_command(workdir: Path, authorities: int, relays: int, timeout: float) ->
     Prints the client's SOCKS port and the two control ports, then a line
     starting with "ready"; stops cleanly on SIGINT or SIGTERM.
     """
+    from anomos.tor.testnet import TorTestNetwork  # stem: only when asked for
+
     # a ConfigError here (too small a network) is reported before any handler is set
     network = TorTestNetwork(workdir, authorities=authorities, relays=relays)
     stop = gevent.event.Event()

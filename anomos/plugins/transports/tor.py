@@ -25,11 +25,10 @@ import logging
 import socket
 import time
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import click
 import gevent
-from stem.control import Controller
 
 from anomos import hookimpl
 from anomos.config import Settings, join_address, split_address
@@ -37,14 +36,12 @@ from anomos.errors import TransportError
 from anomos.interfaces import ConnectionHandler
 from anomos.plugins.transports.socks5 import socks_connect
 from anomos.plugins.transports.tcp import TCPTransport
-from anomos.tor import onion
-from anomos.tor.control import (
-    DEFAULT_CONTROL,
-    LaunchedTor,
-    connect_control,
-    launch_tor,
-    socks_address,
-)
+from anomos.tor import DEFAULT_CONTROL
+
+if TYPE_CHECKING:
+    from stem.control import Controller
+
+    from anomos.tor.control import LaunchedTor
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +57,8 @@ class TorListener:
         self.address = address
 
     def close(self) -> None:
+        from anomos.tor import onion
+
         onion.unpublish(self._controller, self.address.rpartition(":")[0])
         self._local.close()
 
@@ -76,6 +75,9 @@ class TorTransport:
     callers_share_an_address: ClassVar[bool] = True
 
     def __init__(self, settings: Settings) -> None:
+        # stem only once Tor is used: every other peer starts faster without it.
+        from anomos.tor.control import connect_control, launch_tor, socks_address
+
         opts = settings.options
         self._tcp = TCPTransport(settings)
         self._launched: LaunchedTor | None = None
@@ -137,6 +139,8 @@ class TorTransport:
             )
         local = self._tcp.listen(address, handler)
         local_port = split_address(local.address)[1]
+        from anomos.tor import onion
+
         try:
             name = onion.publish(
                 self.controller,
