@@ -29,6 +29,8 @@ APT_PACKAGES = {
     "iproute2": "ip",
     "iptables": "iptables",
     "transmission-cli": "transmission-remote",
+    "chromium": "chromium",
+    "chromium-driver": "chromedriver",
 }
 
 
