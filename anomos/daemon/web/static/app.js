@@ -149,46 +149,80 @@ function circuitsText(c) {
   return `${c.open} open` + (built.length ? `; ${built.join(" ")}` : "");
 }
 
-function row(t) {
-  const tr = el("tr", { id: `torrent-${t.id}`, "data-status": t.status, "data-percent": t.percentDone });
-  if (t.error) tr.className = "error";
-  const nameButton = el("button", { type: "button", class: "open-detail" }, t.name);
-  nameButton.addEventListener("click", () => openDetail(t.id));
-  const name = el("td", { class: "name" }, nameButton);
-  if (t.error) name.append(el("div", { class: "error-line" }, t.errorString));
-  const state = t.error ? `Error (${STATUS[t.status] || "?"})` : STATUS[t.status] || "?";
-  const percent = Math.floor(t.percentDone * 1000) / 10;
-  const progress = el("progress", { max: 1, value: t.percentDone });
-  const ratio = t.uploadRatio < 0 ? "–" : t.uploadRatio.toFixed(2);
-  const running = t.status !== 0;
-  const toggle = el("button", { type: "button", class: running ? "pause" : "resume" }, running ? "Pause" : "Resume");
-  toggle.addEventListener("click", () =>
-    act(running ? `paused ${t.name}` : `resumed ${t.name}`, running ? "torrent-stop" : "torrent-start", { ids: [t.id] }));
+// One row per torrent, made once and updated in place by each event (a button under
+// the pointer or with the focus stays the same element).
+const rows = new Map();
+
+function makeRow(id) {
+  const r = { torrent: null };
+  r.tr = el("tr", { id: `torrent-${id}` });
+  r.nameButton = el("button", { type: "button", class: "open-detail" });
+  r.nameButton.addEventListener("click", () => openDetail(id));
+  r.errorLine = el("div", { class: "error-line" });
+  r.progress = el("progress", { max: 1, value: 0 });
+  r.percent = document.createTextNode("");
+  r.toggle = el("button", { type: "button" });
+  r.toggle.addEventListener("click", () => {
+    const t = r.torrent, running = t.status !== 0;
+    act(running ? `paused ${t.name}` : `resumed ${t.name}`, running ? "torrent-stop" : "torrent-start", { ids: [t.id] });
+  });
   const remove = el("button", { type: "button", class: "remove" }, "Remove");
   remove.addEventListener("click", () => {
+    const t = r.torrent;
     if (window.confirm(`Remove ${t.name} from the daemon (its files stay)?`)) {
       act(`removed ${t.name}`, "torrent-remove", { ids: [t.id] });
     }
   });
-  tr.append(
-    el("td", {}, t.id),
-    name,
-    el("td", { class: "state" }, state),
-    el("td", { class: "done" }, progress, ` ${percent}%`),
-    el("td", {}, rate(t.rateDownload)),
-    el("td", {}, rate(t.rateUpload)),
-    el("td", {}, eta(t.eta, t.leftUntilDone)),
-    el("td", { title: `up ${size(t.uploadedEver)}, down ${size(t.downloadedEver)}` }, ratio),
-    el("td", { class: "circuits" }, circuitsText(t["anomos-circuits"])),
-    el("td", { class: "actions" }, toggle, remove),
+  r.cells = {};
+  for (const key of ["id", "state", "down", "up", "eta", "ratio", "circuits"]) r.cells[key] = el("td", { class: key });
+  r.tr.append(
+    r.cells.id,
+    el("td", { class: "name" }, r.nameButton, r.errorLine),
+    r.cells.state,
+    el("td", { class: "done" }, r.progress, r.percent),
+    r.cells.down, r.cells.up, r.cells.eta, r.cells.ratio, r.cells.circuits,
+    el("td", { class: "actions" }, r.toggle, remove),
   );
-  return tr;
+  return r;
+}
+
+function updateRow(r, t) {
+  r.torrent = t;
+  r.tr.dataset.status = t.status;
+  r.tr.dataset.percent = t.percentDone;
+  r.tr.className = t.error ? "error" : "";
+  r.cells.id.textContent = t.id;
+  r.nameButton.textContent = t.name;
+  r.errorLine.textContent = t.error ? t.errorString : "";
+  r.cells.state.textContent = t.error ? `Error (${STATUS[t.status] || "?"})` : STATUS[t.status] || "?";
+  r.progress.value = t.percentDone;
+  r.percent.textContent = ` ${Math.floor(t.percentDone * 1000) / 10}%`;
+  r.cells.down.textContent = rate(t.rateDownload);
+  r.cells.up.textContent = rate(t.rateUpload);
+  r.cells.eta.textContent = eta(t.eta, t.leftUntilDone);
+  r.cells.ratio.textContent = t.uploadRatio < 0 ? "–" : t.uploadRatio.toFixed(2);
+  r.cells.ratio.title = `up ${size(t.uploadedEver)}, down ${size(t.downloadedEver)}`;
+  r.cells.circuits.textContent = circuitsText(t["anomos-circuits"]);
+  const running = t.status !== 0;
+  r.toggle.textContent = running ? "Pause" : "Resume";
+  r.toggle.className = running ? "pause" : "resume";
 }
 
 function showTorrents(torrents) {
-  $("torrent-rows").replaceChildren(...torrents.map(row));
+  const seen = new Set();
+  const body = $("torrent-rows");
+  torrents.forEach((t, i) => {
+    seen.add(t.id);
+    if (!rows.has(t.id)) rows.set(t.id, makeRow(t.id));
+    const r = rows.get(t.id);
+    updateRow(r, t);
+    if (body.children[i] !== r.tr) body.insertBefore(r.tr, body.children[i] || null); // (daemon's order)
+  });
+  for (const [id, r] of rows) {
+    if (!seen.has(id)) { r.tr.remove(); rows.delete(id); }
+  }
   $("empty").hidden = torrents.length > 0;
-  if (detailId !== null && !torrents.some((t) => t.id === detailId)) closeDetail();
+  if (detailId !== null && !seen.has(detailId)) closeDetail();
 }
 
 function showSession(s) {
@@ -282,24 +316,25 @@ $("close-detail").addEventListener("click", closeDetail);
 function showNeighbourhood(n) {
   const picture = $("neighbourhood");
   const width = 640, height = 420, cx = width / 2, cy = height / 2;
-  const radius = Math.min(width, height) / 2 - 50;
+  const rx = width / 2 - 95, ry = height / 2 - 55; // an ellipse: room for labels
   const rows = n.neighbours || [];
   const most = Math.max(1, ...rows.map((r) => r.relayed));
   const links = [], nodes = [];
   rows.forEach((r, i) => {
     const angle = (2 * Math.PI * i) / Math.max(rows.length, 1) - Math.PI / 2;
-    const x = cx + radius * Math.cos(angle), y = cy + radius * Math.sin(angle);
+    const x = cx + rx * Math.cos(angle), y = cy + ry * Math.sin(angle);
     const widthOf = 1.5 + 8 * Math.sqrt(r.relayed / most);
     links.push(svg("line", { class: r.linked ? "link" : "link down", x1: cx, y1: cy, x2: x, y2: y, "stroke-width": widthOf }));
-    const mx = cx + (x - cx) * 0.55, my = cy + (y - cy) * 0.55;
-    links.push(svg("text", { class: "bytes", x: mx, y: my }, r.linked ? size(r.relayed) : "no link"));
+    const mx = cx + (x - cx) * 0.55, my = cy + (y - cy) * 0.55 - (Math.abs(y - cy) < 40 ? 12 : 0);
+    links.push(svg("text", { class: "bytes", x: mx, y: my }, r.linked ? `relayed ${size(r.relayed)} of ${size(r.sent + r.received)}` : "no link"));
     const node = svg("g", { class: r.linked ? "node" : "node down", "data-nid": r.nid, "data-relayed": r.relayed });
     const title = svg("title", {}, `NID ${r.nid}: relayed ${size(r.relayed)}; all bytes sent ${size(r.sent)}, received ${size(r.received)}`);
-    node.append(title, svg("circle", { cx: x, cy: y, r: 24 }), svg("text", { x: x, y: y }, `NID ${r.nid}`));
+    const below = y >= cy ? 32 : -32; // the label outside the ring
+    node.append(title, svg("circle", { cx: x, cy: y, r: 18 }), svg("text", { class: "nid", x: x, y: y + below }, `NID ${r.nid}`));
     nodes.push(node);
   });
   const me = svg("g", { class: "self" });
-  me.append(svg("circle", { cx: cx, cy: cy, r: 34 }), svg("text", { x: cx, y: cy - 7 }, "this peer"),
+  me.append(svg("circle", { cx: cx, cy: cy, r: 42 }), svg("text", { x: cx, y: cy - 7 }, "this peer"),
     svg("text", { x: cx, y: cy + 9 }, `relayed ${size(n.relayed || 0)}`));
   if (!rows.length) {
     nodes.push(svg("text", { x: cx, y: cy + 60 }, n.identity ? "no neighbours assigned yet" : "not on a tracker yet: add a torrent"));
