@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import socket
+import struct
 import time
 from collections.abc import Callable, Iterator
 from importlib import resources
@@ -28,15 +30,20 @@ import gevent
 if TYPE_CHECKING:
     from anomos.daemon.rpc import RpcApp
 
+log = logging.getLogger(__name__)
+
 WEB_PATH = "/web/"
 EVENTS_PATH = "/web/events"
 #: Seconds between two events of a stream.
 EVENT_INTERVAL = 1.0
 #: Event streams served at once (each holds one of the server's connection slots).
 MAX_EVENT_STREAMS = 8
+#: Events a stream's client may leave unread in our send queue before it is closed
+#: (it reconnects by itself when it reads again, and gets the current list).
+MAX_UNREAD_EVENTS = 4
 #: Seconds a send to an event stream may block: a client that stops reading is closed.
 EVENT_SEND_TIMEOUT = 10.0
-#: Kernel send buffer of an event stream, so a stalled reader blocks (and is closed) soon.
+#: Kernel send buffer of an event stream: what a stalled reader can make us hold.
 EVENT_SEND_BUFFER = 64 * 1024
 #: The torrent fields each event carries (the list; details come from torrent-get).
 LIST_FIELDS = [
@@ -142,9 +149,10 @@ class WebPage:
         headers = [
             ("Content-Type", "text/event-stream; charset=UTF-8"),
             ("X-Accel-Buffering", "no"),
+            ("Connection", "close"),  # (a stream we end frees its connection slot too)
             *SECURITY_HEADERS,
         ]
-        return "200 OK", headers, EventStream(self, self.snapshot)
+        return "200 OK", headers, EventStream(self, self.snapshot, sock)
 
     def snapshot(self) -> bytes:
         """One event: the torrent list, the session's figures and the neighbourhood
@@ -171,22 +179,43 @@ class EventStream:
     """The body of one ``/web/events`` answer: an event per interval until the client
     goes; counted in ``page.streams`` from creation until the server closes it."""
 
-    def __init__(self, page: WebPage, make: Callable[[], bytes]) -> None:
+    def __init__(self, page: WebPage, make: Callable[[], bytes], sock: Any = None) -> None:
         self.page = page
         self.make = make
+        self.sock = sock
         self.closed = False
         page.streams += 1
 
     def __iter__(self) -> Iterator[bytes]:
         yield b"retry: 2000\n\n"
         while not self.closed:
-            yield self.make()
+            event = self.make()
+            if _unsent(self.sock) > MAX_UNREAD_EVENTS * len(event):
+                log.info("web event stream closed: its client reads too slowly")
+                return
+            yield event
             gevent.sleep(EVENT_INTERVAL)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.page.streams -= 1
+
+
+def _unsent(sock: Any) -> int:
+    """Bytes written to ``sock`` that its peer has not taken yet (0 where unknown)."""
+    try:
+        import fcntl
+        import termios
+    except ImportError:  # not POSIX: the send timeout alone closes slow clients
+        return 0
+    if sock is None or not hasattr(termios, "TIOCOUTQ"):
+        return 0
+    try:
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", queued)[0])
 
 
 def _read(name: str) -> bytes:
