@@ -12,6 +12,8 @@ from gevent import monkey
 
 monkey.patch_all()
 
+pytest.register_assert_rewrite("conftest_daemon")  # (its asserts say what failed)
+
 pytest_plugins = ["anomos.testing"]
 
 #: Set in the pytest run that test_tor_netns.py starts inside a fresh network namespace.

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest_daemon import DaemonProc, new_daemon, wait_for
+from conftest_daemon import SIZE, DaemonProc, new_daemon, wait_for
 
 from anomos.daemon.web import MAX_EVENT_STREAMS
 from anomos.localnet import LocalNetwork
@@ -108,6 +108,7 @@ def test_a_foreign_host_header_is_refused_and_the_page_is_locked_down(
     assert b"innerHTML" not in script  # text from strangers goes in as textContent
     assert request(web + "../../etc/passwd")[0] == 404
     assert request(web, "POST", body=b"x")[0] == 405
+    assert request(web + "events", "HEAD")[0] == 405  # (a stream nobody reads)
 
     # The event stream: one JSON document per event.
     parts = urllib.parse.urlsplit(web)
@@ -278,6 +279,9 @@ def test_the_page_adds_a_torrent_sees_it_finish_pauses_resumes_and_draws_the_nei
     )
     nids = {n.get_attribute("data-nid") for n in nodes}
     assert all(nid and nid.isdigit() for nid in nids), nids
+    # Live per-link figures: the download crossed this peer's links.
+    assert sum(int(n.get_attribute("data-bytes")) for n in nodes) > SIZE
+    assert all(int(n.get_attribute("data-relayed")) >= 0 for n in nodes)
     assert any(f"NID {nid}" in browser.find_element(By.ID, "neighbourhood").text for nid in nids)
     assert browser.find_elements(By.CSS_SELECTOR, "#neighbourhood line.link")
     assert "127.0.0." not in browser.find_element(By.TAG_NAME, "body").text  # never an address

@@ -131,7 +131,8 @@ class WebPage:
             answer = _text("401 Unauthorized", "unauthorized user")
             answer[1].append(("WWW-Authenticate", 'Basic realm="anomos"'))
             return answer
-        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+        method = environ.get("REQUEST_METHOD")
+        if method != "GET" and (method != "HEAD" or path == EVENTS_PATH):
             return _text("405 Method Not Allowed", "GET only")
         if path == EVENTS_PATH:
             return self._events(environ)

@@ -64,9 +64,9 @@ def daemon_command(plugins: Plugins, config_path: Path | None, state_dir: Path |
     url, web = base + RPC_PATH, base + WEB_PATH
     try:
         daemon.start()
-        doc = {"url": url, "web": web, "pid": os.getpid()}
-        atomic_write(state_dir / "rpc.json", json.dumps(doc).encode())
         click.echo(f"anomos daemon: RPC at {url}, web page at {web} (state in {state_dir})")
+        doc = {"url": url, "web": web, "pid": os.getpid()}  # (written last: "ready")
+        atomic_write(state_dir / "rpc.json", json.dumps(doc).encode())
         stop = gevent.event.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             gevent.signal_handler(sig, stop.set)

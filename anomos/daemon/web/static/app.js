@@ -327,7 +327,7 @@ function showNeighbourhood(n) {
     links.push(svg("line", { class: r.linked ? "link" : "link down", x1: cx, y1: cy, x2: x, y2: y, "stroke-width": widthOf }));
     const mx = cx + (x - cx) * 0.55, my = cy + (y - cy) * 0.55 - (Math.abs(y - cy) < 40 ? 12 : 0);
     links.push(svg("text", { class: "bytes", x: mx, y: my }, r.linked ? `relayed ${size(r.relayed)} of ${size(r.sent + r.received)}` : "no link"));
-    const node = svg("g", { class: r.linked ? "node" : "node down", "data-nid": r.nid, "data-relayed": r.relayed });
+    const node = svg("g", { class: r.linked ? "node" : "node down", "data-nid": r.nid, "data-relayed": r.relayed, "data-bytes": r.sent + r.received });
     const title = svg("title", {}, `NID ${r.nid}: relayed ${size(r.relayed)}; all bytes sent ${size(r.sent)}, received ${size(r.received)}`);
     const below = y >= cy ? 32 : -32; // the label outside the ring
     node.append(title, svg("circle", { cx: x, cy: y, r: 18 }), svg("text", { class: "nid", x: x, y: y + below }, `NID ${r.nid}`));
