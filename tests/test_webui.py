@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from conftest_daemon import SIZE, DaemonProc, new_daemon, wait_for
 
-from anomos.daemon.web import MAX_EVENT_STREAMS
+from anomos.daemon.web import MAX_EVENT_STREAMS, host_allowed
 from anomos.localnet import LocalNetwork
 from anomos.torrent.metainfo import make_metainfo
 
@@ -66,6 +66,26 @@ def daemon(
     finally:
         assert proc.stop() == 0, proc.log()
     assert "Traceback" not in proc.log()
+
+
+@pytest.mark.parametrize(
+    ("host", "served"),
+    [
+        ("127.0.0.1:9091", True),
+        ("127.0.0.2", True),
+        ("[::1]:9091", True),
+        ("LOCALHOST.:9091", True),
+        ("", True),  # no Host: not a browser
+        ("evil.example:9091", False),
+        ("localhost.evil.example", False),
+        ("127.0.0.1.nip.io:9091", False),
+        ("[::1", False),
+        ("::1", True),
+    ],
+)
+def test_host_names_a_rebinding_page_could_send_are_refused(host: str, served: bool) -> None:
+    assert host_allowed(host, auth_required=False) is served
+    assert host_allowed(host, auth_required=True)  # a foreign page has no password
 
 
 def request(
