@@ -347,7 +347,11 @@ function showNeighbourhood(n) {
 function connect() {
   const source = new EventSource(EVENTS_URL);
   source.onopen = () => { $("connection").textContent = "live"; $("connection").className = "good"; };
-  source.onerror = () => { $("connection").textContent = "disconnected: retrying"; $("connection").className = "bad"; };
+  source.onerror = () => {
+    $("connection").textContent = "disconnected: retrying";
+    $("connection").className = "bad";
+    if (source.readyState === EventSource.CLOSED) setTimeout(connect, 5000); // (refused: 503, ...)
+  };
   source.onmessage = (event) => {
     let doc;
     try { doc = JSON.parse(event.data); } catch (e) { return; }
