@@ -3,11 +3,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from gevent import monkey
 
 monkey.patch_all()
+
+pytest.register_assert_rewrite("conftest_daemon")  # (its asserts say what failed)
 
 pytest_plugins = ["anomos.testing"]
 
@@ -41,3 +46,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.get_closest_marker("tor") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path, Path]]:
+    """A tracker, 3 relays and a seeder of one file: (LocalNetwork, .atorrent, the file),
+    for the tests that drive `anomos daemon` (tests/conftest_daemon.py)."""
+    from conftest_daemon import seeded_network
+
+    yield from seeded_network(tmp_path_factory)

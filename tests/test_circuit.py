@@ -220,7 +220,11 @@ def test_data_both_ways_through_relays(net: Any, relays: int) -> None:
         assert all(link.circuit_count == 0 for link in node.links.links.values())
     for relay in nodes[1:-1]:
         assert relay.switch.relayed_bytes >= 2 * len(message)
+        # Both its links carried every byte it relayed (the daemon's neighbourhood view).
+        relayed = [link.relayed for link in relay.links.links.values()]
+        assert relayed == [relay.switch.relayed_bytes] * 2
     assert nodes[0].switch.relayed_bytes == source.switch.relayed_bytes == 0
+    assert all(link.relayed == 0 for n in (nodes[0], source) for link in n.links.links.values())
     assert stream.bytes_sent == len(message) + 4
     assert stream.bytes_received == len(message)
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import attrs
 import pytest
+from conftest_daemon import DaemonProc, wait_for
+from test_daemon import client_for, status_of
 
 from anomos.daemon.config import DaemonConfig
 from anomos.daemon.core import Daemon, DaemonError, ErrorKind, Network, Status
@@ -29,7 +31,6 @@ from anomos.localnet import LocalNetwork
 from anomos.pluginmanager import Plugins
 from anomos.testing import free_port
 from anomos.torrent.metainfo import make_metainfo
-from tests.test_daemon import DaemonProc, client_for, status_of, wait_for
 
 SIZE = 1024 * 1024 + 333
 #: A file the slow seeder serves at SLOW_RATE bytes/s (~10 s to download), in

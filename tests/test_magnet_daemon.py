@@ -14,13 +14,12 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
-from test_daemon import client_for, network, new_daemon, status_of, wait_for
+from conftest_daemon import new_daemon, wait_for
+from test_daemon import client_for, status_of
 
 from anomos.localnet import LocalNetwork
 from anomos.torrent.magnet import Magnet
 from anomos.torrent.metainfo import Metainfo
-
-__all__ = ["network"]  # the module-scoped LocalNetwork fixture, shared with test_daemon
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

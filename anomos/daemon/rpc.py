@@ -420,7 +420,45 @@ def _port_test(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _neighbours(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """This daemon's neighbours by NID (never an address) and the bytes over each live link:
+    all of them, and those of circuits relayed through this peer (since the link came up).
+    One entry per tracker network in ``networks``; ``neighbours`` lists them all, each
+    row naming its ``tracker`` (NIDs are numbered per network)."""
+    networks: list[dict[str, Any]] = []
+    for network, peer in daemon.peers.items():
+        rows = []
+        for nid in sorted(peer.links.neighbours()):
+            link = peer.links.get(nid)
+            up = link is not None and not link.closed
+            rows.append(
+                {
+                    "nid": nid,
+                    "tracker": network.url,
+                    "linked": up,
+                    "relayed": link.relayed if link is not None and up else 0,
+                    "sent": link.bytes_out if link is not None and up else 0,
+                    "received": link.bytes_in if link is not None and up else 0,
+                }
+            )
+        networks.append(
+            {
+                "tracker": network.url,
+                "identity": peer.identity.identity_public.hex()[:16],
+                "relayed": peer.relayed,
+                "neighbours": rows,
+            }
+        )
+    return {
+        "identity": networks[0]["identity"] if networks else None,
+        "relayed": sum(n["relayed"] for n in networks),
+        "neighbours": [row for n in networks for row in n["neighbours"]],
+        "networks": networks,
+    }
+
+
 METHODS: dict[str, Handler] = {
+    "anomos-neighbours": _neighbours,
     "torrent-get": _torrent_get,
     "torrent-add": _torrent_add,
     "torrent-start": _each(Daemon.start_torrent),
@@ -443,13 +481,20 @@ class RpcApp:
     """The WSGI application: handshake, authentication, bounded JSON, dispatch."""
 
     def __init__(self, daemon: Daemon, config: DaemonConfig) -> None:
+        from anomos.daemon.web import WebPage
+
         self.daemon = daemon
         self.config = config
         self.session_id = secrets.token_urlsafe(32)
+        self.web = WebPage(self)
 
     def __call__(
         self, environ: dict[str, Any], start_response: Callable[..., Any]
     ) -> Iterable[bytes]:
+        answer = self.web.answer(environ)  # a foreign Host header, the web page, its events
+        if answer is not None:
+            start_response(answer[0], answer[1])
+            return answer[2]  # type: ignore[no-any-return]
         status, headers, body = self.handle(environ)
         headers = [("Content-Type", "application/json; charset=UTF-8"), *headers]
         headers.append(("Content-Length", str(len(body))))
@@ -534,6 +579,11 @@ def _error(message: str) -> bytes:
 
 
 class _Handler(WSGIHandler):  # type: ignore[misc]
+    def get_environ(self) -> Any:
+        environ = super().get_environ()
+        environ["anomos.socket"] = self.socket  # (the web page's event streams bound sends)
+        return environ
+
     def _handle_client_error(self, ex: Exception) -> Any:
         if isinstance(ex, OSError):  # the idle timeout, a reset: no one to answer
             log.debug("RPC connection from %s dropped: %s", self.client_address, ex)

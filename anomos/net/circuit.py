@@ -162,6 +162,8 @@ class RelayCircuit:
                 ok = self.prev_link.send(self.prev_id, Cmd.DATA, body)
             self.relayed += len(body)
             self.switch.count_relayed(len(body))
+            self.prev_link.relayed += len(body)  # (per link: the daemon's neighbourhood view)
+            self.next_link.relayed += len(body)
             if not ok:
                 self.end(BreakReason.OVERFLOW, discard=True)
         elif cmd == Cmd.BREAK:

@@ -464,6 +464,8 @@ class Link:
     reader: FrameReader = attrs.field(repr=False)
     manager: LinkManager = attrs.field(repr=False)
     bytes_out: int = 0
+    #: Cell bytes of circuits relayed through this peer that crossed this link, both ways.
+    relayed: int = 0
     #: Why the link closed; ``None`` while it is up.
     closed_reason: CloseReason | None = None
     _queues: dict[int, deque[tuple[bytes, Any]]] = attrs.field(factory=dict, repr=False)

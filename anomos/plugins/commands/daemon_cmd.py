@@ -43,6 +43,7 @@ def daemon_command(plugins: Plugins, config_path: Path | None, state_dir: Path |
     from anomos.daemon.config import default_config_file, default_state_dir, load_config
     from anomos.daemon.core import Daemon
     from anomos.daemon.rpc import RPC_PATH, RpcApp, RpcServer
+    from anomos.daemon.web import WEB_PATH
     from anomos.fsutil import atomic_write
     from anomos.plugins.commands.peer_cmds import hold_state_dir
 
@@ -60,12 +61,13 @@ def daemon_command(plugins: Plugins, config_path: Path | None, state_dir: Path |
             f"{exc.strerror or exc}"
         ) from None
     host = config.rpc_bind_address
-    url = f"http://{f'[{host}]' if ':' in host else host}:{server.server_port}{RPC_PATH}"
+    base = f"http://{f'[{host}]' if ':' in host else host}:{server.server_port}"
+    url, web = base + RPC_PATH, base + WEB_PATH
     try:
         daemon.start()
-        # Printed before rpc.json names the URL: whoever finds the file finds the line too.
-        click.echo(f"anomos daemon: RPC at {url} (state in {state_dir})", err=False)
-        atomic_write(state_dir / "rpc.json", json.dumps({"url": url, "pid": os.getpid()}).encode())
+        click.echo(f"anomos daemon: RPC at {url}, web page at {web} (state in {state_dir})")
+        doc = {"url": url, "web": web, "pid": os.getpid()}  # (written last: "ready")
+        atomic_write(state_dir / "rpc.json", json.dumps(doc).encode())
         stop = gevent.event.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             gevent.signal_handler(sig, stop.set)
