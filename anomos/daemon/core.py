@@ -31,6 +31,7 @@ from anomos.errors import AnomosError, StorageError
 from anomos.fsutil import atomic_write, private_dir
 from anomos.torrent import resume
 from anomos.torrent.metainfo import Metainfo
+from anomos.torrent.picker import Priority
 from anomos.torrent.storage import Storage
 
 if TYPE_CHECKING:
@@ -96,6 +97,20 @@ class Torrent:
     rechecked: int = 0
     #: One 0/1 flag per piece, verified when it last ran (None: nothing known yet).
     stopped_have: bytes | None = attrs.field(default=None, repr=False)
+    #: Per file: fetch it (Transmission's ``wanted``), and its priority; the daemon's
+    #: copy is the truth (kept in daemon.json), given to the session at every start.
+    wanted: list[bool] = attrs.field(
+        default=attrs.Factory(lambda self: [True] * len(self.metainfo.files), takes_self=True),
+        repr=False,
+    )
+    priorities: list[Priority] = attrs.field(
+        default=attrs.Factory(
+            lambda self: [Priority.NORMAL] * len(self.metainfo.files), takes_self=True
+        ),
+        repr=False,
+    )
+    #: Set when the choice of files changes: a seeding torrent may have to download again.
+    reselected: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
 
     def has_piece(self, index: int) -> bool:
         if self.session is not None:
@@ -113,6 +128,29 @@ class Torrent:
     @property
     def infohash(self) -> str:
         return self.metainfo.infohash.hex()
+
+    def _wanted_pieces(self) -> set[int]:
+        m = self.metainfo
+        pieces: set[int] = set()
+        for fi, f in enumerate(m.files):
+            if self.wanted[fi] and not f.pad:
+                pieces.update(resume.pieces_of_file(m, fi))
+        return pieces
+
+    @property
+    def size_when_done(self) -> int:
+        """Bytes of the pieces of the wanted files (Transmission's sizeWhenDone)."""
+        if self.session is not None:
+            return self.session.size_when_done
+        return sum(self.metainfo.piece_size(i) for i in self._wanted_pieces())
+
+    @property
+    def left_until_done(self) -> int:
+        """Bytes of wanted pieces still to fetch (as of its last run when stopped)."""
+        if self.session is not None:
+            return self.session.left_until_done
+        m = self.metainfo
+        return sum(m.piece_size(i) for i in self._wanted_pieces() if not self.has_piece(i))
 
     @property
     def uploaded_ever(self) -> int:
@@ -154,6 +192,8 @@ class Torrent:
             "downloaded": self.downloaded_ever,
             "error": int(self.error),
             "error_string": self.error_string,
+            "wanted": [int(w) for w in self.wanted],
+            "priorities": [int(p) for p in self.priorities],
         }
 
 
@@ -250,6 +290,7 @@ class Daemon:
                     error=ErrorKind(int(entry.get("error", 0))),
                     error_string=str(entry.get("error_string", "")),
                 )
+                _restore_selection(torrent, entry)
             except (AnomosError, KeyError, ValueError, TypeError) as exc:
                 log.error("torrent %r from %s not restored: %s", entry, self.state_file, exc)
                 continue
@@ -305,7 +346,12 @@ class Daemon:
 
     # ------------------------------------------------------------------ requests
     def add(
-        self, data: bytes, *, paused: bool = False, download_dir: str | None = None
+        self,
+        data: bytes,
+        *,
+        paused: bool = False,
+        download_dir: str | None = None,
+        selection: FileSelection | None = None,
     ) -> tuple[Torrent, bool]:
         """Add the torrent in ``data`` (an .atorrent); (torrent, False) if it was there already."""
         if len(data) > MAX_METAINFO_SIZE:
@@ -329,6 +375,9 @@ class Daemon:
             added_date=int(time.time()),
             paused=paused,
         )
+        if selection is not None:
+            selection.check(len(metainfo.files))
+            selection.apply(torrent)
         self._next_id += 1
         self.torrents[torrent.id] = torrent
         log.info("added torrent %d: %s (%s)", torrent.id, metainfo.name, torrent.infohash)
@@ -384,6 +433,16 @@ class Daemon:
             " and its data" if delete_data else "",
         )
 
+    def select_files(self, torrent: Torrent, selection: FileSelection) -> None:
+        """Change which files are fetched and their priorities (torrent-set), running or not."""
+        selection.check(len(torrent.metainfo.files))
+        selection.apply(torrent)
+        if torrent.session is not None:
+            _give_selection(torrent, torrent.session)
+        torrent.reselected.set()
+        torrent.changed_at = time.monotonic()
+        self.save_state()
+
     # ------------------------------------------------------------------ running a torrent
     def _begin(self, torrent: Torrent) -> None:
         torrent.error, torrent.error_string = ErrorKind.OK, ""  # a fresh attempt
@@ -412,21 +471,25 @@ class Daemon:
             return
         torrent.session = session
         torrent.rechecked = session.rechecked
-        if not session.complete:
-            torrent.set_status(Status.DOWNLOADING)
-            torrent.download = TorrentDownload(peer, session, stall_limit=None)
-            try:
-                torrent.download.run()
-            except AnomosError as exc:
-                self._fail(torrent, ErrorKind.LOCAL_ERROR, str(exc))
-                return
-            finally:
-                peer.announce_soon()
-            torrent.done_date = int(time.time())
-            log.info("torrent %d complete: %s", torrent.id, torrent.metainfo.name)
-            self.save_state()
-        torrent.set_status(Status.SEEDING)
-        gevent.event.Event().wait()  # seed until stopped
+        _give_selection(torrent, session)
+        while True:
+            if not session.complete:
+                torrent.set_status(Status.DOWNLOADING)
+                torrent.download = TorrentDownload(peer, session, stall_limit=None)
+                try:
+                    torrent.download.run()
+                except AnomosError as exc:
+                    self._fail(torrent, ErrorKind.LOCAL_ERROR, str(exc))
+                    return
+                finally:
+                    peer.announce_soon()
+                torrent.done_date = int(time.time())
+                log.info("torrent %d complete: %s", torrent.id, torrent.metainfo.name)
+                self.save_state()
+            torrent.set_status(Status.SEEDING)
+            while session.complete:  # seed until stopped, or until more files are wanted
+                torrent.reselected.wait()
+                torrent.reselected.clear()
 
     def _check_then_stop(self, torrent: Torrent, task: gevent.Greenlet | None) -> None:
         while torrent.status in (Status.CHECK_WAIT, Status.CHECKING) and torrent.task is task:
@@ -457,6 +520,56 @@ class Daemon:
         self._halt(torrent)
 
 
+@attrs.frozen
+class FileSelection:
+    """A change of files (indices as the metainfo lists them): which to fetch or leave
+    out, and priorities; files not named keep their setting."""
+
+    wanted: tuple[int, ...] = ()
+    unwanted: tuple[int, ...] = ()
+    high: tuple[int, ...] = ()
+    normal: tuple[int, ...] = ()
+    low: tuple[int, ...] = ()
+
+    def check(self, nfiles: int) -> None:
+        for group in (self.wanted, self.unwanted, self.high, self.normal, self.low):
+            bad = [i for i in group if not 0 <= i < nfiles]
+            if bad:
+                raise DaemonError(f"file index {bad[0]} out of range (the torrent has {nfiles})")
+
+    def apply(self, torrent: Torrent) -> None:
+        for index in self.wanted:
+            torrent.wanted[index] = True
+        for index in self.unwanted:
+            torrent.wanted[index] = False
+        for group, priority in (
+            (self.high, Priority.HIGH),
+            (self.normal, Priority.NORMAL),
+            (self.low, Priority.LOW),
+        ):
+            for index in group:
+                torrent.priorities[index] = priority
+
+
+def _give_selection(torrent: Torrent, session: TorrentSession) -> None:
+    """Make the session fetch the torrent's chosen files at their priorities."""
+    for wanted in (True, False):
+        session.set_wanted([i for i, w in enumerate(torrent.wanted) if w == wanted], wanted)
+    for priority in Priority:
+        chosen = [i for i, p in enumerate(torrent.priorities) if p == priority]
+        session.set_priority(chosen, priority)
+
+
+def _restore_selection(torrent: Torrent, entry: dict[str, Any]) -> None:
+    """The files chosen in daemon.json (absent or of another length: all, normal)."""
+    nfiles = len(torrent.metainfo.files)
+    wanted, priorities = entry.get("wanted"), entry.get("priorities")
+    if isinstance(wanted, list) and len(wanted) == nfiles:
+        torrent.wanted = [bool(w) for w in wanted]
+    if isinstance(priorities, list) and len(priorities) == nfiles:
+        torrent.priorities = [Priority(int(p)) for p in priorities]
+
+
 def _delete_data(torrent: Torrent) -> None:
     """Delete the torrent's files (only the paths its metainfo names) and folders left empty."""
     root = torrent.download_dir
@@ -482,4 +595,4 @@ def free_space(path: str) -> tuple[int, int]:
     return usage.free, usage.total
 
 
-__all__ = ["Daemon", "DaemonError", "ErrorKind", "Status", "Torrent"]
+__all__ = ["Daemon", "DaemonError", "ErrorKind", "FileSelection", "Status", "Torrent"]

@@ -27,7 +27,15 @@ from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from anomos import __version__
 from anomos.daemon.config import DaemonConfig
-from anomos.daemon.core import RECENT_SECONDS, Daemon, DaemonError, Status, Torrent, free_space
+from anomos.daemon.core import (
+    RECENT_SECONDS,
+    Daemon,
+    DaemonError,
+    FileSelection,
+    Status,
+    Torrent,
+    free_space,
+)
 from anomos.errors import AnomosError
 
 log = logging.getLogger(__name__)
@@ -87,7 +95,7 @@ def _eta(torrent: Torrent) -> int:
     if torrent.status != Status.DOWNLOADING:
         return -1  # not available
     rate = _rate(torrent, down=True)
-    return int(torrent.left / rate) if rate > 0 else -2  # -2: unknown
+    return int(torrent.left_until_done / rate) if rate > 0 else -2  # -2: unknown
 
 
 def _circuits(torrent: Torrent) -> dict[str, Any]:
@@ -106,8 +114,9 @@ def _circuits(torrent: Torrent) -> dict[str, Any]:
 
 
 def _percent(torrent: Torrent) -> float:
-    total = torrent.metainfo.total_length
-    return 1.0 - torrent.left / total if total else 1.0
+    """Of the wanted pieces, the share verified (Transmission's percentDone)."""
+    size = torrent.size_when_done
+    return 1.0 - torrent.left_until_done / size if size else 1.0
 
 
 FIELDS: dict[str, Callable[[Torrent], Any]] = {
@@ -116,9 +125,12 @@ FIELDS: dict[str, Callable[[Torrent], Any]] = {
     "name": lambda t: t.metainfo.name,
     "status": lambda t: int(t.status),
     "percentDone": _percent,
-    "sizeWhenDone": lambda t: t.metainfo.total_length,
+    "sizeWhenDone": lambda t: t.size_when_done,
     "totalSize": lambda t: t.metainfo.total_length,
-    "leftUntilDone": lambda t: t.left,
+    "leftUntilDone": lambda t: t.left_until_done,
+    "percentComplete": lambda t: (
+        1.0 - t.left / t.metainfo.total_length if t.metainfo.total_length else 1.0
+    ),
     "haveValid": lambda t: t.metainfo.total_length - t.left,
     "rateDownload": lambda t: _rate(t, down=True),
     "rateUpload": lambda t: _rate(t, down=False),
@@ -135,8 +147,12 @@ FIELDS: dict[str, Callable[[Torrent], Any]] = {
         for f, done in zip(t.metainfo.files, _file_done(t), strict=True)
     ],
     "fileStats": lambda t: [
-        {"bytesCompleted": done, "wanted": True, "priority": 0} for done in _file_done(t)
+        {"bytesCompleted": done, "wanted": wanted, "priority": int(priority)}
+        for done, wanted, priority in zip(_file_done(t), t.wanted, t.priorities, strict=True)
     ],
+    # (0/1, not booleans: what Transmission's bespoke RPC has always sent, and clients read)
+    "wanted": lambda t: [int(w) for w in t.wanted],
+    "priorities": lambda t: [int(p) for p in t.priorities],
     "downloadDir": lambda t: str(t.download_dir),
     "addedDate": lambda t: t.added_date,
     "doneDate": lambda t: t.done_date,
@@ -234,9 +250,66 @@ def _torrent_add(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     if download_dir is not None and not isinstance(download_dir, str):
         raise RpcError("download-dir must be a string")
     paused = args.get("paused", False)
-    torrent, new = daemon.add(data, paused=bool(paused), download_dir=download_dir)
+    selection = _file_selection(args, empty_means_all=None)
+    torrent, new = daemon.add(
+        data, paused=bool(paused), download_dir=download_dir, selection=selection
+    )
     brief = {"id": torrent.id, "name": torrent.metainfo.name, "hashString": torrent.infohash}
     return {"torrent-added" if new else "torrent-duplicate": brief}
+
+
+#: Transmission's keys for a change of files, as FileSelection's attributes.
+_FILE_KEYS = {
+    "files-wanted": "wanted",
+    "files-unwanted": "unwanted",
+    "priority-high": "high",
+    "priority-normal": "normal",
+    "priority-low": "low",
+}
+
+
+def _file_selection(args: dict[str, Any], empty_means_all: int | None) -> FileSelection | None:
+    """The files-wanted/-unwanted and priority-* keys of a request (None: none given).
+
+    In torrent-set an empty list means every file (``empty_means_all`` files); in
+    torrent-add it means none, as in Transmission.
+    """
+    groups: dict[str, tuple[int, ...]] = {}
+    for key, attr in _FILE_KEYS.items():
+        if key not in args:
+            continue
+        value = args[key]
+        if not isinstance(value, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in value
+        ):
+            raise RpcError(f"{key} must be a list of file indices")
+        if len(value) > 1_000_000:
+            raise RpcError(f"{key}: too many file indices")
+        if not value and empty_means_all is not None:
+            value = list(range(empty_means_all))
+        groups[attr] = tuple(value)
+    return FileSelection(**groups) if groups else None
+
+
+def _torrent_set(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """torrent-set: the keys anomos supports; any other is refused before anything changes."""
+    unknown = sorted(k for k in args if k not in _TORRENT_SETTABLE)
+    if unknown:
+        raise RpcError(f"not supported by anomos: {', '.join(unknown)}")
+    torrents = _select(daemon, args.get("ids"))
+    for torrent in torrents:  # every value checked before any torrent changes
+        selection = _file_selection(args, empty_means_all=len(torrent.metainfo.files))
+        if selection is not None:
+            selection.check(len(torrent.metainfo.files))
+    for torrent in torrents:
+        selection = _file_selection(args, empty_means_all=len(torrent.metainfo.files))
+        if selection is not None:
+            daemon.select_files(torrent, selection)
+    return {}
+
+
+#: torrent-set keys anomos knows ("ids" and the keys of each part).
+_TORRENT_SETTABLE = {"ids", *_FILE_KEYS}
 
 
 def _each(action: Callable[[Daemon, Torrent], None]) -> Handler:
@@ -373,6 +446,7 @@ def _port_test(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 METHODS: dict[str, Handler] = {
     "torrent-get": _torrent_get,
     "torrent-add": _torrent_add,
+    "torrent-set": _torrent_set,
     "torrent-start": _each(Daemon.start_torrent),
     "torrent-start-now": _each(Daemon.start_torrent),
     "torrent-stop": _each(Daemon.stop_torrent),

@@ -1,5 +1,5 @@
 """``anomos daemon`` and the commands that drive it over its Transmission RPC:
-``add``, ``list``, ``pause``, ``resume``, ``remove``."""
+``add``, ``list``, ``pause``, ``resume``, ``remove``, ``select``."""
 
 from __future__ import annotations
 
@@ -252,6 +252,94 @@ remove_command = _simple(
 )
 
 
+def _index_list(
+    _ctx: click.Context, _param: click.Parameter, value: str | None
+) -> list[int] | None:
+    """``0,3,4`` -> [0, 3, 4] (file indices as `anomos select ID` lists them)."""
+    if value is None:
+        return None
+    try:
+        indices = sorted({int(v) for v in value.split(",") if v.strip()})
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give file indices like 0,3,4") from None
+    if not indices or indices[0] < 0:
+        raise click.BadParameter(f"{value!r}: give file indices like 0,3,4")
+    return indices
+
+
+_PRIORITY_NAMES = {-1: "low", 0: "normal", 1: "high"}
+
+
+@click.command("select")
+@click.argument("torrent_id", metavar="ID")
+@click.option(
+    "--only", callback=_index_list, metavar="INDEX[,INDEX...]", help="Fetch only these files."
+)
+@click.option(
+    "--exclude", callback=_index_list, metavar="INDEX[,INDEX...]", help="Fetch all but these."
+)
+@click.option("--all", "every", is_flag=True, help="Fetch every file.")
+@click.option("--high", callback=_index_list, metavar="INDEX[,...]", help="High priority.")
+@click.option("--normal", callback=_index_list, metavar="INDEX[,...]", help="Normal priority.")
+@click.option("--low", callback=_index_list, metavar="INDEX[,...]", help="Low priority.")
+@rpc_options
+def select_command(
+    torrent_id: str,
+    only: list[int] | None,
+    exclude: list[int] | None,
+    every: bool,
+    high: list[int] | None,
+    normal: list[int] | None,
+    low: list[int] | None,
+    rpc_url: str | None,
+    auth: str,
+) -> None:
+    """Choose the files of torrent ID to fetch, and their priorities, then list its files
+    (with no option: only list them). As `anomos get --only/--exclude`: a piece shared
+    with a wanted file is fetched whole."""
+    if sum(x is not None and x is not False for x in (only, exclude, every or None)) > 1:
+        raise ConfigError("give one of --only, --exclude and --all")
+    client = _client(rpc_url, auth)
+    ids = _ids((torrent_id,))
+
+    def files() -> dict[str, Any]:
+        found = client.call("torrent-get", ids=ids, fields=["id", "name", "files", "fileStats"])
+        if not found["torrents"]:
+            raise ConfigError(f"no torrent {torrent_id} in the daemon (see `anomos list`)")
+        return dict(found["torrents"][0])
+
+    count = len(files()["files"])
+    change: dict[str, Any] = {}
+    if only is not None or exclude is not None or every:
+        named = set(only if only is not None else exclude or [])
+        if named and max(named) >= count:
+            raise ConfigError(f"no file {max(named)}: torrent {torrent_id} has {count}")
+        fetch = named if only is not None else set(range(count)) - named
+        unwanted = sorted(set(range(count)) - fetch)
+        if fetch:
+            change["files-wanted"] = sorted(fetch)
+        if unwanted:  # (an empty list would mean "every file")
+            change["files-unwanted"] = unwanted
+    for key, indices in (
+        ("priority-high", high),
+        ("priority-normal", normal),
+        ("priority-low", low),
+    ):
+        if indices is not None:
+            change[key] = indices
+    if change:
+        client.call("torrent-set", ids=ids, **change)
+    torrent = files()
+    click.echo(f"{torrent['id']}: {torrent['name']}")
+    click.echo(f"{'#':>3}  {'Done':>5}  {'Get':<3}  {'Priority':<8}  {'Size':>9}  Name")
+    for index, (f, st) in enumerate(zip(torrent["files"], torrent["fileStats"], strict=True)):
+        done = f["bytesCompleted"] / f["length"] if f["length"] else 1.0
+        click.echo(
+            f"{index:>3}  {done:>5.0%}  {'yes' if st['wanted'] else 'no':<3}  "
+            f"{_PRIORITY_NAMES.get(st['priority'], '?'):<8}  {_size(f['length']):>9}  {f['name']}"
+        )
+
+
 @hookimpl
 def anomos_add_commands(cli: click.Group) -> None:
     for command in (
@@ -261,5 +349,6 @@ def anomos_add_commands(cli: click.Group) -> None:
         pause_command,
         resume_command,
         remove_command,
+        select_command,
     ):
         cli.add_command(command)

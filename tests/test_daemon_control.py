@@ -1,0 +1,165 @@
+"""The daemon's file selection, speed and seed limits and queue, over its RPC.
+
+One LocalNetwork (tracker, relays, one seeder of a three-file torrent and of a
+few small ones) and real `anomos daemon` processes driven by the
+transmission-rpc library, as tests/test_daemon.py does.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+from test_daemon import client_for, new_daemon, wait_for
+
+from anomos.localnet import LocalNetwork
+from anomos.torrent.metainfo import make_metainfo
+
+transmission_rpc = pytest.importorskip("transmission_rpc")
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+PIECE = 256 * 1024
+# a.bin ends half-way through piece 4; b.bin fills the rest of piece 4 to half of
+# piece 12; c.bin starts there: pieces 4 and 12 are shared with b.bin.
+SIZES = {"a.bin": 4 * PIECE + PIECE // 2, "b.bin": 8 * PIECE, "c.bin": 2 * PIECE + 999}
+SMALL = 3
+
+
+@attrs.frozen
+class Swarm:
+    net: LocalNetwork
+    multi: Path
+    content: dict[str, bytes]
+    small: tuple[Path, ...]
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    tmp = tmp_path_factory.mktemp("controlnet")
+    share = tmp / "share"
+    (share / "multi").mkdir(parents=True)
+    content = {name: os.urandom(size) for name, size in SIZES.items()}
+    for name, data in content.items():
+        (share / "multi" / name).write_bytes(data)
+    with LocalNetwork(tmp / "net", verbose=1) as net:
+        net.start_tracker()
+
+        def atorrent(path: Path) -> Path:
+            meta = make_metainfo(
+                path,
+                trackers=[net.tracker_url],
+                fingerprint=net.fingerprint,
+                piece_length=PIECE,
+                progress=False,
+            )
+            out = tmp / f"{path.name}.atorrent"
+            meta.save(out)
+            return out
+
+        multi = atorrent(share / "multi")
+        small = []
+        for i in range(SMALL):
+            path = share / f"small{i}.bin"
+            path.write_bytes(os.urandom(300_000 + i))
+            small.append(atorrent(path))
+        for i in range(3):
+            net.start_peer(f"relay{i}", "relay")
+        net.start_peer("seeder", "seed", str(multi), *map(str, small), "--data", str(share))
+        yield Swarm(net, multi, content, tuple(small))
+
+
+def torrent_of(client: Any, tid: int, *fields: str) -> dict[str, Any]:
+    reply = client._request("torrent-get", {"ids": [tid], "fields": ["id", *fields]})
+    return dict(reply["torrents"][0])
+
+
+def result_of(client: Any, method: str, args: dict[str, Any]) -> str:
+    """The daemon's ``result`` for a request it refuses ("success" if it does not)."""
+    try:
+        client._request(method, args)
+    except transmission_rpc.TransmissionError as exc:
+        return str(exc)
+    return "success"
+
+
+def test_unwanted_files_are_not_fetched_the_choice_survives_a_restart_and_can_change(
+    swarm: Swarm, tmp_path: Path
+) -> None:
+    daemon = new_daemon(swarm.net, tmp_path / "home")
+    url = daemon.start()
+    got = tmp_path / "home" / "downloads" / "multi"
+    try:
+        client = client_for(url)
+        tid = client.add_torrent(swarm.multi.read_bytes(), files_unwanted=[1]).id
+        fields = ("status", "wanted", "priorities", "fileStats", "sizeWhenDone", "downloadedEver")
+        done = wait_for(
+            "seeding the chosen files",
+            lambda: (t := torrent_of(client, tid, *fields))["status"] == 6 and t,
+            60,
+            daemon.log,
+        )
+        assert done["wanted"] == [1, 0, 1]
+        assert [s["wanted"] for s in done["fileStats"]] == [True, False, True]
+        shared = PIECE // 2  # b.bin's bytes in each piece it shares with a.bin and c.bin
+        wanted_bytes = SIZES["a.bin"] + SIZES["c.bin"] + 2 * shared
+        assert done["sizeWhenDone"] == wanted_bytes
+        # (endgame may fetch a block twice over two circuits)
+        assert wanted_bytes <= done["downloadedEver"] <= wanted_bytes + 2 * PIECE, done
+        assert (got / "a.bin").read_bytes() == swarm.content["a.bin"]
+        assert (got / "c.bin").read_bytes() == swarm.content["c.bin"]
+        b = (got / "b.bin").read_bytes()  # only the shared pieces' bytes, sparse elsewhere
+        assert b[shared:-shared] == bytes(len(b) - 2 * shared)
+        # Bad values: Transmission-style result strings, nothing changed.
+        assert "out of range" in result_of(
+            client, "torrent-set", {"ids": [tid], "files-wanted": [7]}
+        )
+        assert "list of file indices" in result_of(
+            client, "torrent-set", {"ids": [tid], "files-wanted": "1"}
+        )
+        assert "not supported" in result_of(client, "torrent-set", {"ids": [tid], "location": "/"})
+
+        # A restart keeps the choice: the torrent seeds at once and fetches nothing.
+        assert daemon.stop() == 0, daemon.log()
+        url = daemon.start()
+        client = client_for(url)
+        back = wait_for(
+            "seeding after the restart",
+            lambda: (t := torrent_of(client, tid, *fields))["status"] == 6 and t,
+            60,
+            daemon.log,
+        )
+        assert back["wanted"] == [1, 0, 1] and back["sizeWhenDone"] == wanted_bytes
+
+        # `anomos select` wants every file, b.bin at high priority: it downloads.
+        select = subprocess.run(
+            [sys.executable, "-m", "anomos", "select", str(tid), "--all", "--high", "1"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**daemon.env, "ANOMOS_RPC": url},
+        )
+        assert select.returncode == 0, select.stderr
+        row = next(line for line in select.stdout.splitlines() if "b.bin" in line)
+        assert " yes " in row and " high " in row, select.stdout
+        full = wait_for(
+            "seeding every file",
+            lambda: (
+                (t := torrent_of(client, tid, *fields))["status"] == 6
+                and t["sizeWhenDone"] == sum(SIZES.values())
+                and t
+            ),
+            60,
+            daemon.log,
+        )
+        assert full["priorities"] == [0, 1, 0]
+        for name, data in swarm.content.items():
+            assert (got / name).read_bytes() == data, name
+    finally:
+        assert daemon.stop() == 0, daemon.log()
