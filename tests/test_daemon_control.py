@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -161,5 +162,111 @@ def test_unwanted_files_are_not_fetched_the_choice_survives_a_restart_and_can_ch
         assert full["priorities"] == [0, 1, 0]
         for name, data in swarm.content.items():
             assert (got / name).read_bytes() == data, name
+    finally:
+        assert daemon.stop() == 0, daemon.log()
+
+
+def test_speed_limits_the_queue_and_seed_limits(swarm: Swarm, tmp_path: Path) -> None:
+    daemon = new_daemon(swarm.net, tmp_path / "home")
+    url = daemon.start()
+    try:
+        client = client_for(url)
+
+        def call(method: str, **args: Any) -> dict[str, Any]:
+            return dict(client._request(method, args))
+
+        def status(tid: int) -> int:
+            return int(torrent_of(client, tid, "status")["status"])
+
+        # Bad values are result errors and change nothing.
+        for bad in (
+            {"download-queue-size": -1},
+            {"speed-limit-down": "fast"},
+            {"seedRatioLimited": 1},
+            {"seedRatioLimit": 1e300},
+        ):
+            assert result_of(client, "session-set", bad) != "success", bad
+        call("session-set", **{"download-queue-enabled": True, "download-queue-size": 1})
+        call("session-set", **{"speed-limit-down": 50, "speed-limit-down-enabled": True})
+        session = client.get_session().fields
+        assert session["download-queue-size"] == 1 and session["speed-limit-down-enabled"]
+
+        ids = [client.add_torrent(t.read_bytes(), paused=True).id for t in swarm.small]
+        positions = [torrent_of(client, i, "queuePosition")["queuePosition"] for i in ids]
+        assert positions == [0, 1, 2]
+        first, second, third = ids
+        for bad_set in ({"seedRatioMode": 7}, {"downloadLimit": True}, {"uploadLimit": -5}):
+            assert result_of(client, "torrent-set", {"ids": [first], **bad_set}) != "success"
+        # The first also under a limit of its own (both pace it).
+        call("torrent-set", ids=[first], downloadLimit=40, downloadLimited=True)
+        assert torrent_of(client, first, "downloadLimit", "downloadLimited") == {
+            "id": first,
+            "downloadLimit": 40,
+            "downloadLimited": True,
+        }
+
+        call("torrent-start", ids=ids)
+        # One download at a time: the other two wait in the queue (DOWNLOAD_WAIT).
+        assert status(second) == 3 and status(third) == 3
+        call("queue-move-top", ids=[third])
+        positions = [torrent_of(client, i, "queuePosition")["queuePosition"] for i in ids]
+        assert positions == [1, 2, 0]
+        # start-now bypasses the queue.
+        call("torrent-start-now", ids=[second])
+        wait_for("the forced one running", lambda: status(second) in (2, 4, 6), 20, daemon.log)
+
+        # The limited download: from its first byte to its last takes what 50 kB/s allows.
+        first_byte = wait_for(
+            "a first byte",
+            lambda: (
+                torrent_of(client, first, "downloadedEver")["downloadedEver"] > 0
+                and time.monotonic()
+            ),
+            60,
+            daemon.log,
+        )
+        done = wait_for("the first done", lambda: status(first) == 6 and time.monotonic(), 60)
+        # 300 kB at 40 kB/s: 7 s; unlimited, loopback moves it in a fraction of a second.
+        assert done - first_byte > 3.0, done - first_byte
+        # Its slot goes to the next in the queue (the one moved to the top).
+        wait_for("all seeding", lambda: all(status(i) == 6 for i in ids), 60, daemon.log)
+        stats = client.session_stats().fields
+        assert isinstance(stats["anomos-relay-speed"], int)
+
+        # A seed ratio limit of 0, for the session: every torrent stops, finished.
+        call("session-set", seedRatioLimit=0, seedRatioLimited=True)
+        wait_for(
+            "stopped at the ratio limit",
+            lambda: all(
+                (t := torrent_of(client, i, "status", "isFinished"))["status"] == 0
+                and t["isFinished"]
+                for i in ids
+            ),
+            20,
+            daemon.log,
+        )
+        # Started by hand, a finished torrent seeds on (its ratio limit is lifted).
+        call("torrent-start", ids=[first])
+        wait_for("seeding again", lambda: status(first) == 6, 20, daemon.log)
+        again = torrent_of(client, first, "isFinished", "seedRatioMode")
+        assert again["isFinished"] is False and again["seedRatioMode"] == 2
+        # One seeding slot, taken: the others wait (SEED_WAIT).
+        call("session-set", **{"seed-queue-enabled": True, "seed-queue-size": 1})
+        call("torrent-start", ids=[second, third])
+        assert status(second) == 5 and status(third) == 5
+        call("torrent-stop", ids=[first])  # its slot goes to the first in the queue
+        wait_for("the top one seeding", lambda: status(third) == 6, 20, daemon.log)
+        assert status(second) == 5
+
+        # The torrent's limits and queue positions survive a restart.
+        assert daemon.stop() == 0, daemon.log()
+        client = client_for(daemon.start())
+        kept = torrent_of(client, first, "downloadLimit", "downloadLimited", "queuePosition")
+        assert kept == {
+            "id": first,
+            "downloadLimit": 40,
+            "downloadLimited": True,
+            "queuePosition": 1,
+        }
     finally:
         assert daemon.stop() == 0, daemon.log()

@@ -27,8 +27,17 @@ import gevent
 import gevent.event
 
 from anomos.config import Settings
+from anomos.daemon.config import SESSION_KEYS, session_value
+from anomos.daemon.limits import (
+    LimitError,
+    LimitMode,
+    TorrentLimits,
+    seed_limit_reached,
+    speed_rate,
+)
 from anomos.errors import AnomosError, StorageError
 from anomos.fsutil import atomic_write, private_dir
+from anomos.net.ratelimit import Throttle
 from anomos.torrent import resume
 from anomos.torrent.metainfo import Metainfo
 from anomos.torrent.picker import Priority
@@ -50,6 +59,8 @@ STATE_SAVE_INTERVAL = 10.0
 MAX_METAINFO_SIZE = 16 * 1024 * 1024
 #: Seconds a torrent counts as "recently active" after a change or traffic.
 RECENT_SECONDS = 60.0
+#: Seconds between checks of seed limits, stalled torrents and the queue.
+CONTROL_INTERVAL = 1.0
 
 
 class Status(enum.IntEnum):
@@ -111,6 +122,15 @@ class Torrent:
     )
     #: Set when the choice of files changes: a seeding torrent may have to download again.
     reselected: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
+    limits: TorrentLimits = attrs.field(factory=TorrentLimits, repr=False)
+    #: Its seed limit stopped it (Transmission's isFinished).
+    finished: bool = False
+    #: Its place in the queue (0 first), and whether it runs regardless (torrent-start-now).
+    queue_position: int = 0
+    forced: bool = False
+    #: When (monotonic) its payload counters last moved: idle seeding, stalled torrents.
+    active_at: float = attrs.field(factory=time.monotonic, repr=False)
+    _traffic_seen: tuple[int, int] = attrs.field(default=(0, 0), repr=False)
 
     def has_piece(self, index: int) -> bool:
         if self.session is not None:
@@ -175,6 +195,25 @@ class Torrent:
             return ErrorKind.TRACKER_WARNING, tracker.describe()
         return ErrorKind.OK, ""
 
+    @property
+    def done(self) -> bool:
+        """Every wanted piece verified (a stopped torrent: as of its last run; a torrent
+        never checked counts as not done)."""
+        if self.session is not None:
+            return self.session.complete
+        return self.stopped_have is not None and self.left_until_done == 0
+
+    @property
+    def seed_ratio(self) -> float:
+        """Uploaded over downloaded (over the verified bytes if nothing was downloaded)."""
+        base = self.downloaded_ever or self.size_when_done - self.left_until_done
+        return self.uploaded_ever / base if base else 0.0
+
+    def note_traffic(self, now: float) -> None:
+        seen = (self.uploaded_ever, self.downloaded_ever)
+        if seen != self._traffic_seen:
+            self._traffic_seen, self.active_at = seen, now
+
     def set_status(self, status: Status) -> None:
         if status != self.status:
             self.status = status
@@ -194,6 +233,9 @@ class Torrent:
             "error_string": self.error_string,
             "wanted": [int(w) for w in self.wanted],
             "priorities": [int(p) for p in self.priorities],
+            "limits": self.limits.to_state(),
+            "finished": self.finished,
+            "queue_position": self.queue_position,
         }
 
 
@@ -217,6 +259,13 @@ class Daemon:
     _peer_ready: gevent.event.Event = attrs.field(factory=gevent.event.Event, init=False)
     _saver: gevent.Greenlet | None = attrs.field(default=None, init=False)
     _stopped: bool = attrs.field(default=False, init=False)
+    #: The session's speed limits, shared by the torrents that honour them.
+    down: Throttle = attrs.field(factory=Throttle, init=False)
+    up: Throttle = attrs.field(factory=Throttle, init=False)
+    #: Bytes per second this peer relayed for others lately (sampled each control tick).
+    relay_speed: float = attrs.field(default=0.0, init=False)
+    _relay_sample: tuple[float, int] = attrs.field(default=(0.0, 0), init=False)
+    _controller: gevent.Greenlet | None = attrs.field(default=None, init=False)
 
     @property
     def state_file(self) -> Path:
@@ -232,16 +281,19 @@ class Daemon:
         private_dir(self.metainfo_dir)
         if self.config.tracker:
             self._ensure_peer(self.config.tracker, self.config.fingerprint)
+        self._apply_session_limits()
         self._load_state()
         self._saver = gevent.spawn(self._save_loop)
+        self._controller = gevent.spawn(self._control_loop)
 
     def stop(self) -> None:
         """Stop every torrent (resume data written), say goodbye to the tracker, save state."""
         if self._stopped:
             return
         self._stopped = True
-        if self._saver is not None:
-            self._saver.kill()
+        for loop in (self._saver, self._controller):
+            if loop is not None:
+                loop.kill()
         for torrent in self.torrents.values():
             self._halt(torrent)
         self.save_state()
@@ -291,6 +343,9 @@ class Daemon:
                     error_string=str(entry.get("error_string", "")),
                 )
                 _restore_selection(torrent, entry)
+                _restore_limits(torrent, entry)
+                torrent.finished = bool(entry.get("finished", False))
+                torrent.queue_position = int(entry.get("queue_position", torrent.id))
             except (AnomosError, KeyError, ValueError, TypeError) as exc:
                 log.error("torrent %r from %s not restored: %s", entry, self.state_file, exc)
                 continue
@@ -305,7 +360,9 @@ class Daemon:
             saved = resume.load(self.state_dir / "resume", metainfo)
             torrent.stopped_have = bytes(saved.have) if saved is not None else None
             if runnable and not torrent.paused:
-                self._begin(torrent)
+                torrent.error, torrent.error_string = ErrorKind.OK, ""  # a fresh attempt
+        self._renumber()
+        self._schedule()
         log.info("restored %d torrent(s) from %s", len(self.torrents), self.state_file)
 
     # ------------------------------------------------------------------ the peer
@@ -328,7 +385,10 @@ class Daemon:
         from anomos.peer.node import Peer  # imported late: keeps `anomos --help` fast
 
         settings = Settings(
-            listen=self.config.listen, state_dir=self.state_dir, options=self.plugins.options
+            listen=self.config.listen,
+            state_dir=self.state_dir,
+            max_send_rate=self.config.max_send_rate,
+            options=self.plugins.options,
         )
         self.peer = Peer(self.plugins, settings, tracker_url=url, fingerprint=fingerprint)
         gevent.spawn(self._start_peer, self.peer)
@@ -374,6 +434,7 @@ class Daemon:
             download_dir=where,
             added_date=int(time.time()),
             paused=paused,
+            queue_position=len(self.torrents),
         )
         if selection is not None:
             selection.check(len(metainfo.files))
@@ -382,7 +443,7 @@ class Daemon:
         self.torrents[torrent.id] = torrent
         log.info("added torrent %d: %s (%s)", torrent.id, metainfo.name, torrent.infohash)
         if not paused:
-            self._begin(torrent)
+            self._schedule()
         self.save_state()
         return torrent, True
 
@@ -390,12 +451,24 @@ class Daemon:
         self._ensure_peer(*self._tracker_of(torrent.metainfo))  # another network: refused
         torrent.paused = False
         if torrent.task is None:
+            _restart_limits(torrent)
+            torrent.error, torrent.error_string = ErrorKind.OK, ""  # a fresh attempt
+            self._schedule()
+        self.save_state()
+
+    def start_now(self, torrent: Torrent) -> None:
+        """Start it at once, whatever the queue (torrent-start-now)."""
+        self._ensure_peer(*self._tracker_of(torrent.metainfo))
+        torrent.paused, torrent.forced = False, True
+        if torrent.task is None:
+            _restart_limits(torrent)
             self._begin(torrent)
         self.save_state()
 
     def stop_torrent(self, torrent: Torrent) -> None:
-        torrent.paused = True
+        torrent.paused, torrent.forced = True, False
         self._halt(torrent)
+        self._schedule()
         self.save_state()
 
     def verify(self, torrent: Torrent) -> None:
@@ -425,6 +498,8 @@ class Daemon:
                 ).unlink()
         if delete_data:
             _delete_data(torrent)
+        self._renumber()
+        self._schedule()
         self.save_state()
         log.info(
             "removed torrent %d: %s%s",
@@ -442,6 +517,136 @@ class Daemon:
         torrent.reselected.set()
         torrent.changed_at = time.monotonic()
         self.save_state()
+
+    # ------------------------------------------------------------------ limits and the queue
+    def set_torrent_limits(self, torrent: Torrent, values: dict[str, Any]) -> None:
+        """torrent-set's speed and seed keys (Transmission's names; checked first)."""
+        torrent.limits.update(values)
+        self.give_throttles(torrent)
+        self.save_state()
+
+    def give_throttles(self, torrent: Torrent) -> None:
+        """Pace the torrent's session by its own limits and, if it honours them, the session's."""
+        session = torrent.session
+        if session is not None:
+            honours = torrent.limits.honors_session_limits
+            session.download_throttles = (torrent.limits.down, *((self.down,) if honours else ()))
+            session.upload_throttles = (torrent.limits.up, *((self.up,) if honours else ()))
+
+    def set_session(self, values: dict[str, Any]) -> None:
+        """session-set's limit and queue keys for the running daemon (checked first)."""
+        changes = {}
+        for key, value in values.items():
+            attr, kind = SESSION_KEYS[key]
+            changes[attr] = session_value(key, value, kind)
+        self.config = attrs.evolve(self.config, **changes).check()
+        self._apply_session_limits()
+        self._schedule()
+
+    def _apply_session_limits(self) -> None:
+        c = self.config
+        self.down.set_rate(speed_rate(c.speed_limit_down, c.speed_limit_down_enabled))
+        self.up.set_rate(speed_rate(c.speed_limit_up, c.speed_limit_up_enabled))
+
+    def move_in_queue(self, torrents: list[Torrent], where: str) -> None:
+        """queue-move-top/-up/-down/-bottom: Transmission's moves, for several at once."""
+        order = sorted(self.torrents.values(), key=lambda t: t.queue_position)
+        moving = sorted(torrents, key=lambda t: t.queue_position, reverse=where == "down")
+        if where in ("top", "bottom"):
+            rest = [t for t in order if t not in moving]
+            order = moving + rest if where == "top" else rest + moving
+        else:
+            for t in moving:
+                i = order.index(t)
+                j = i - 1 if where == "up" else i + 1
+                if 0 <= j < len(order) and order[j] not in moving:
+                    order[i], order[j] = order[j], order[i]
+        for position, t in enumerate(order):
+            t.queue_position = position
+        self._schedule()
+        self.save_state()
+
+    def set_queue_position(self, torrent: Torrent, position: int) -> None:
+        order = sorted(self.torrents.values(), key=lambda t: t.queue_position)
+        order.remove(torrent)
+        order.insert(max(0, min(position, len(order))), torrent)
+        for i, t in enumerate(order):
+            t.queue_position = i
+        self._schedule()
+        self.save_state()
+
+    def _renumber(self) -> None:
+        order = sorted(self.torrents.values(), key=lambda t: (t.queue_position, t.id))
+        for position, t in enumerate(order):
+            t.queue_position = position
+
+    def _schedule(self) -> None:
+        """Start the waiting torrents that have a free slot, in queue order; mark the others
+        DOWNLOAD_WAIT or SEED_WAIT. A running torrent is never stopped for the queue; one
+        forced (torrent-start-now) or stalled (no traffic for queue-stalled-minutes) takes
+        no slot."""
+        if self._stopped:
+            return
+        c = self.config
+        now = time.monotonic()
+        stalled_after = c.queue_stalled_minutes * 60 if c.queue_stalled_enabled else None
+        busy = {False: 0, True: 0}  # slots taken by downloads, by seeds
+        waiting: list[tuple[Torrent, bool]] = []
+        for t in sorted(self.torrents.values(), key=lambda t: t.queue_position):
+            if t.paused or (t.error != ErrorKind.OK and t.task is None):
+                continue
+            if t.task is None:
+                waiting.append((t, t.done))
+            elif not t.forced and (stalled_after is None or now - t.active_at < stalled_after):
+                busy[t.done] += 1
+        for t, seed in waiting:
+            enabled, size = (
+                (c.seed_queue_enabled, c.seed_queue_size)
+                if seed
+                else (c.download_queue_enabled, c.download_queue_size)
+            )
+            if enabled and busy[seed] >= size:
+                t.set_status(Status.SEED_WAIT if seed else Status.DOWNLOAD_WAIT)
+                continue
+            busy[seed] += 1
+            self._begin(t)
+
+    def _control_loop(self) -> None:
+        while True:
+            gevent.sleep(CONTROL_INTERVAL)
+            try:
+                self.control()
+            except Exception:  # a bug of ours must not end the seed limits and the queue
+                log.exception("daemon control failed")
+
+    def control(self) -> None:
+        """Note traffic, stop torrents that reached a seed limit, fill free queue slots."""
+        now = time.monotonic()
+        c = self.config
+        for t in list(self.torrents.values()):
+            t.note_traffic(now)
+            if t.status != Status.SEEDING or t.session is None:
+                continue
+            why = seed_limit_reached(
+                t.limits,
+                ratio=t.seed_ratio,
+                idle_seconds=now - t.active_at,
+                session_ratio=c.ratio_limit if c.ratio_limit_enabled else None,
+                session_idle_minutes=(
+                    c.idle_seeding_limit if c.idle_seeding_limit_enabled else None
+                ),
+            )
+            if why:
+                log.info("torrent %d (%s) %s: stopped", t.id, t.metainfo.name, why)
+                t.finished = True
+                self.stop_torrent(t)
+        if self.peer is not None:
+            then, relayed_then = self._relay_sample
+            relayed = self.peer.relayed
+            if then:
+                self.relay_speed = (relayed - relayed_then) / max(now - then, 1e-3)
+            self._relay_sample = (now, relayed)
+        self._schedule()
 
     # ------------------------------------------------------------------ running a torrent
     def _begin(self, torrent: Torrent) -> None:
@@ -472,6 +677,7 @@ class Daemon:
         torrent.session = session
         torrent.rechecked = session.rechecked
         _give_selection(torrent, session)
+        self.give_throttles(torrent)
         while True:
             if not session.complete:
                 torrent.set_status(Status.DOWNLOADING)
@@ -486,6 +692,7 @@ class Daemon:
                 torrent.done_date = int(time.time())
                 log.info("torrent %d complete: %s", torrent.id, torrent.metainfo.name)
                 self.save_state()
+                self._schedule()  # its download slot is free
             torrent.set_status(Status.SEEDING)
             while session.complete:  # seed until stopped, or until more files are wanted
                 torrent.reselected.wait()
@@ -549,6 +756,23 @@ class FileSelection:
         ):
             for index in group:
                 torrent.priorities[index] = priority
+
+
+def _restart_limits(torrent: Torrent) -> None:
+    """Started by hand after its seed ratio stopped it: the ratio no longer stops it (as
+    Transmission does); idle time counts from now."""
+    if torrent.finished:
+        torrent.finished = False
+        torrent.limits.seed_ratio_mode = LimitMode.UNLIMITED
+    torrent.active_at = time.monotonic()
+
+
+def _restore_limits(torrent: Torrent, entry: dict[str, Any]) -> None:
+    """The limits in daemon.json; bad ones (an edited file) leave the defaults, said once."""
+    try:
+        torrent.limits.update(dict(entry.get("limits", {})))
+    except (LimitError, KeyError, TypeError, ValueError) as exc:
+        log.warning("torrent %d: limits in daemon.json ignored: %s", torrent.id, exc)
 
 
 def _give_selection(torrent: Torrent, session: TorrentSession) -> None:

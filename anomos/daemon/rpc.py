@@ -23,10 +23,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import attrs
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from anomos import __version__
-from anomos.daemon.config import DaemonConfig
+from anomos.daemon.config import SESSION_KEYS, DaemonConfig
 from anomos.daemon.core import (
     RECENT_SECONDS,
     Daemon,
@@ -36,6 +37,7 @@ from anomos.daemon.core import (
     Torrent,
     free_space,
 )
+from anomos.daemon.limits import KB, TORRENT_KEYS, LimitMode
 from anomos.errors import AnomosError
 
 log = logging.getLogger(__name__)
@@ -156,7 +158,7 @@ FIELDS: dict[str, Callable[[Torrent], Any]] = {
     "downloadDir": lambda t: str(t.download_dir),
     "addedDate": lambda t: t.added_date,
     "doneDate": lambda t: t.done_date,
-    "queuePosition": lambda t: t.id - 1,
+    "queuePosition": lambda t: t.queue_position,
     "peersConnected": lambda t: len(t.session.connections) if t.session is not None else 0,
     "peersGettingFromUs": lambda t: (
         sum(1 for c in t.session.connections if c.peer_interested) if t.session else 0
@@ -164,7 +166,8 @@ FIELDS: dict[str, Callable[[Torrent], Any]] = {
     "peersSendingToUs": lambda t: (
         sum(1 for c in t.session.connections if c.am_interested) if t.session else 0
     ),
-    "isFinished": lambda t: False,  # no seed limits yet: a torrent never "finishes" seeding
+    "isFinished": lambda t: t.finished,
+    "isStalled": lambda t: t.task is not None and time.monotonic() - t.active_at > 300,
     "isPrivate": lambda t: True,  # no DHT, no PEX: always
     "pieceCount": lambda t: len(t.metainfo.pieces),
     "pieceSize": lambda t: t.metainfo.piece_length,
@@ -172,6 +175,17 @@ FIELDS: dict[str, Callable[[Torrent], Any]] = {
     "anomos-circuits": _circuits,
     "anomos-rechecked": lambda t: t.rechecked,
 }
+
+
+def _limit_field(attr: str) -> Callable[[Torrent], Any]:
+    def field(torrent: Torrent) -> Any:
+        value = getattr(torrent.limits, attr)
+        return int(value) if isinstance(value, LimitMode) else value
+
+    return field
+
+
+FIELDS.update({key: _limit_field(attr) for key, (attr, _kind) in TORRENT_KEYS.items()})
 
 
 # ---------------------------------------------------------------------------- methods
@@ -296,20 +310,56 @@ def _torrent_set(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(k for k in args if k not in _TORRENT_SETTABLE)
     if unknown:
         raise RpcError(f"not supported by anomos: {', '.join(unknown)}")
+    limits = _limit_values(args)
+    position = args.get("queuePosition")
+    if position is not None and (isinstance(position, bool) or not isinstance(position, int)):
+        raise RpcError("queuePosition must be a number")
     torrents = _select(daemon, args.get("ids"))
     for torrent in torrents:  # every value checked before any torrent changes
         selection = _file_selection(args, empty_means_all=len(torrent.metainfo.files))
         if selection is not None:
             selection.check(len(torrent.metainfo.files))
+        attrs.evolve(torrent.limits).update(limits)
     for torrent in torrents:
         selection = _file_selection(args, empty_means_all=len(torrent.metainfo.files))
         if selection is not None:
             daemon.select_files(torrent, selection)
+        if limits:
+            daemon.set_torrent_limits(torrent, limits)
+        if position is not None:
+            daemon.set_queue_position(torrent, position)
     return {}
 
 
+def _limit_values(args: dict[str, Any]) -> dict[str, Any]:
+    """The speed and seed keys of a torrent-set; the older ``seedRatioLimited`` and
+    ``seedIdleLimited`` (true: this torrent's limit, false: the session's) as modes."""
+    values = {k: v for k, v in args.items() if k in TORRENT_KEYS}
+    for old, mode in (("seedRatioLimited", "seedRatioMode"), ("seedIdleLimited", "seedIdleMode")):
+        if old in args and mode not in args:
+            if not isinstance(args[old], bool):
+                raise RpcError(f"{old} must be true or false")
+            values[mode] = int(LimitMode.SINGLE if args[old] else LimitMode.GLOBAL)
+    return values
+
+
 #: torrent-set keys anomos knows ("ids" and the keys of each part).
-_TORRENT_SETTABLE = {"ids", *_FILE_KEYS}
+_TORRENT_SETTABLE = {
+    "ids",
+    "queuePosition",
+    "seedRatioLimited",
+    "seedIdleLimited",
+    *_FILE_KEYS,
+    *TORRENT_KEYS,
+}
+
+
+def _queue_move(where: str) -> Handler:
+    def handler(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+        daemon.move_in_queue(_select(daemon, args.get("ids")), where)
+        return {}
+
+    return handler
 
 
 def _each(action: Callable[[Daemon, Torrent], None]) -> Handler:
@@ -348,13 +398,18 @@ def _session_values(daemon: Daemon) -> dict[str, Any]:
         "encryption": "required",
         "peer-port": 0,
         "port-forwarding-enabled": False,
-        "speed-limit-down-enabled": False,
-        "speed-limit-up-enabled": False,
         "alt-speed-enabled": False,
-        "download-queue-enabled": False,
-        "seed-queue-enabled": False,
-        "seedRatioLimited": False,
+        **{key: getattr(config, attr) for key, (attr, _kind) in SESSION_KEYS.items()},
+        "units": {
+            "speed-units": ["kB/s", "MB/s", "GB/s", "TB/s"],
+            "speed-bytes": KB,
+            "size-units": ["kB", "MB", "GB", "TB"],
+            "size-bytes": 1000,
+            "memory-units": ["KiB", "MiB", "GiB", "TiB"],
+            "memory-bytes": 1024,
+        },
         "start-added-torrents": True,
+        "anomos-max-send-rate": config.max_send_rate,
         "config-dir": str(daemon.state_dir),
         "anomos-tracker": peer.tracker_url if peer is not None else None,
         "anomos-address": peer.address if peer is not None else None,
@@ -370,7 +425,7 @@ def _session_get(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 
 
 #: session-set keys that can change while running.
-_SETTABLE = {"download-dir"}
+_SETTABLE = {"download-dir", *SESSION_KEYS}
 
 
 def _session_set(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
@@ -381,9 +436,10 @@ def _session_set(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         value = args["download-dir"]
         if not isinstance(value, str) or not Path(value).expanduser().is_absolute():
             raise RpcError("download-dir must be an absolute path")
-        import attrs
-
-        daemon.config = attrs.evolve(daemon.config, download_dir=Path(value).expanduser())
+    daemon.set_session({k: v for k, v in args.items() if k in SESSION_KEYS})  # (checked first)
+    if "download-dir" in args:
+        where = Path(args["download-dir"]).expanduser()
+        daemon.config = attrs.evolve(daemon.config, download_dir=where)
     return {}
 
 
@@ -409,6 +465,7 @@ def _session_stats(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         "current-stats": stats,
         "cumulative-stats": stats,
         "anomos-relayed": peer.relayed if peer is not None else 0,
+        "anomos-relay-speed": int(daemon.relay_speed),
         "anomos-ratio": peer.ratio if peer is not None else None,
         "anomos-account": (
             {
@@ -448,10 +505,14 @@ METHODS: dict[str, Handler] = {
     "torrent-add": _torrent_add,
     "torrent-set": _torrent_set,
     "torrent-start": _each(Daemon.start_torrent),
-    "torrent-start-now": _each(Daemon.start_torrent),
+    "torrent-start-now": _each(Daemon.start_now),
     "torrent-stop": _each(Daemon.stop_torrent),
     "torrent-verify": _each(Daemon.verify),
     "torrent-remove": _torrent_remove,
+    "queue-move-top": _queue_move("top"),
+    "queue-move-up": _queue_move("up"),
+    "queue-move-down": _queue_move("down"),
+    "queue-move-bottom": _queue_move("bottom"),
     "session-get": _session_get,
     "session-set": _session_set,
     "session-stats": _session_stats,

@@ -46,7 +46,7 @@ from gevent.greenlet import Greenlet
 from gevent.pool import Group
 
 from anomos.errors import AnomosError, ProtocolError, StorageError
-from anomos.net.ratelimit import TokenBucket
+from anomos.net.ratelimit import Throttle, TokenBucket
 from anomos.progress import bar
 from anomos.torrent import choker as choking
 from anomos.torrent import resume
@@ -275,6 +275,10 @@ class TorrentSession:
         self.rechecked = 0
         #: When (time.monotonic()) the first block arrived, for time-to-first-byte.
         self.first_block_at: float | None = None
+        #: Speed limits the daemon sets (this torrent's, the session's): bytes read from
+        #: every connection, and block bytes sent, wait for tokens of each.
+        self.download_throttles: tuple[Throttle, ...] = ()
+        self.upload_throttles: tuple[Throttle, ...] = ()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -592,6 +596,8 @@ class TorrentSession:
                 if not data:
                     self._close_conn(conn, "closed by peer")
                     return
+                for throttle in self.download_throttles:
+                    throttle.take(len(data))  # (reading late closes the circuit's window)
                 conn.last_recv = time.monotonic()
                 self._handle_all(conn, reader.feed(data))
         except AnomosError as exc:
@@ -625,6 +631,8 @@ class TorrentSession:
                         served += length
                     if not parts:
                         break
+                    for throttle in self.upload_throttles if served else ():
+                        throttle.take(served)
                     now = time.monotonic()
                     if served:
                         conn.uploaded += served
