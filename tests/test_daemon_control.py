@@ -90,6 +90,19 @@ def result_of(client: Any, method: str, args: dict[str, Any]) -> str:
     return "success"
 
 
+def anomos_cli(url: str, env: dict[str, str], *args: str) -> str:
+    """Run an anomos command against the daemon at ``url``; its output (it must succeed)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "anomos", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "ANOMOS_RPC": url},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
 def test_unwanted_files_are_not_fetched_the_choice_survives_a_restart_and_can_change(
     swarm: Swarm, tmp_path: Path
 ) -> None:
@@ -139,16 +152,9 @@ def test_unwanted_files_are_not_fetched_the_choice_survives_a_restart_and_can_ch
         assert back["wanted"] == [1, 0, 1] and back["sizeWhenDone"] == wanted_bytes
 
         # `anomos select` wants every file, b.bin at high priority: it downloads.
-        select = subprocess.run(
-            [sys.executable, "-m", "anomos", "select", str(tid), "--all", "--high", "1"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**daemon.env, "ANOMOS_RPC": url},
-        )
-        assert select.returncode == 0, select.stderr
-        row = next(line for line in select.stdout.splitlines() if "b.bin" in line)
-        assert " yes " in row and " high " in row, select.stdout
+        select = anomos_cli(url, daemon.env, "select", str(tid), "--all", "--high", "1")
+        row = next(line for line in select.splitlines() if "b.bin" in line)
+        assert " yes " in row and " high " in row, select
         full = wait_for(
             "seeding every file",
             lambda: (
@@ -186,8 +192,8 @@ def test_speed_limits_the_queue_and_seed_limits(swarm: Swarm, tmp_path: Path) ->
             {"seedRatioLimit": 1e300},
         ):
             assert result_of(client, "session-set", bad) != "success", bad
-        call("session-set", **{"download-queue-enabled": True, "download-queue-size": 1})
-        call("session-set", **{"speed-limit-down": 50, "speed-limit-down-enabled": True})
+        shown = anomos_cli(url, daemon.env, "limits", "--down", "50", "--download-queue", "1")
+        assert "download:        50 kB/s" in shown and "download queue:  1" in shown, shown
         session = client.get_session().fields
         assert session["download-queue-size"] == 1 and session["speed-limit-down-enabled"]
 
@@ -198,7 +204,8 @@ def test_speed_limits_the_queue_and_seed_limits(swarm: Swarm, tmp_path: Path) ->
         for bad_set in ({"seedRatioMode": 7}, {"downloadLimit": True}, {"uploadLimit": -5}):
             assert result_of(client, "torrent-set", {"ids": [first], **bad_set}) != "success"
         # The first also under a limit of its own (both pace it).
-        call("torrent-set", ids=[first], downloadLimit=40, downloadLimited=True)
+        shown = anomos_cli(url, daemon.env, "limits", str(first), "--down", "40")
+        assert "download:        40 kB/s" in shown, shown
         assert torrent_of(client, first, "downloadLimit", "downloadLimited") == {
             "id": first,
             "downloadLimit": 40,
@@ -208,6 +215,8 @@ def test_speed_limits_the_queue_and_seed_limits(swarm: Swarm, tmp_path: Path) ->
         call("torrent-start", ids=ids)
         # One download at a time: the other two wait in the queue (DOWNLOAD_WAIT).
         assert status(second) == 3 and status(third) == 3
+        listing = anomos_cli(url, daemon.env, "list").splitlines()
+        assert sum(1 for line in listing if "Queued" in line) == 2, listing
         call("queue-move-top", ids=[third])
         positions = [torrent_of(client, i, "queuePosition")["queuePosition"] for i in ids]
         assert positions == [1, 2, 0]
@@ -250,6 +259,8 @@ def test_speed_limits_the_queue_and_seed_limits(swarm: Swarm, tmp_path: Path) ->
         wait_for("seeding again", lambda: status(first) == 6, 20, daemon.log)
         again = torrent_of(client, first, "isFinished", "seedRatioMode")
         assert again["isFinished"] is False and again["seedRatioMode"] == 2
+        info = anomos_cli(url, daemon.env, "info", str(second))
+        assert "Finished" in info and "seed ratio:      the daemon's" in info, info
         # One seeding slot, taken: the others wait (SEED_WAIT).
         call("session-set", **{"seed-queue-enabled": True, "seed-queue-size": 1})
         call("torrent-start", ids=[second, third])

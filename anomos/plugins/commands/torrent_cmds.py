@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -167,7 +168,13 @@ def info_dict(meta: Metainfo) -> dict[str, Any]:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def info_command(file: Path, as_json: bool) -> None:
-    """Show what a .atorrent (or plain .torrent) holds, after validating it."""
+    """Show what a .atorrent (or plain .torrent) holds, after validating it; given the
+    ID of a torrent of the running daemon instead (a number or infohash), show that."""
+    if not file.exists() and re.fullmatch(r"\d{1,9}|[0-9a-fA-F]{40}", str(file)):
+        from anomos.plugins.commands.daemon_cmd import show_torrent
+
+        show_torrent(str(file))  # (the daemon as `anomos list` finds it, or ANOMOS_RPC)
+        return
     meta = Metainfo.load(file)
     if as_json:
         click.echo(json.dumps(info_dict(meta), indent=2))
