@@ -651,6 +651,7 @@ class Daemon:
     # ------------------------------------------------------------------ running a torrent
     def _begin(self, torrent: Torrent) -> None:
         torrent.error, torrent.error_string = ErrorKind.OK, ""  # a fresh attempt
+        torrent.active_at = time.monotonic()  # (idle and stalled times count from its start)
         torrent.set_status(Status.CHECK_WAIT)
         torrent.task = gevent.spawn(self._run, torrent)
         torrent.task.link_exception(
@@ -692,8 +693,8 @@ class Daemon:
                 torrent.done_date = int(time.time())
                 log.info("torrent %d complete: %s", torrent.id, torrent.metainfo.name)
                 self.save_state()
-                self._schedule()  # its download slot is free
             torrent.set_status(Status.SEEDING)
+            self._schedule()  # a seed now: its download slot is free
             while session.complete:  # seed until stopped, or until more files are wanted
                 torrent.reselected.wait()
                 torrent.reselected.clear()

@@ -71,9 +71,8 @@ class TorrentLimits:
 
     def update(self, values: dict[str, Any]) -> None:
         """Set RPC keys (checked first: a bad value changes nothing)."""
-        checked = [(k, check_value(k, v, TORRENT_KEYS[k][1])) for k, v in values.items()]
-        for key, value in checked:
-            setattr(self, TORRENT_KEYS[key][0], value)
+        for attr, value in check_limits(values).items():
+            setattr(self, attr, value)
         self.apply()
 
 
@@ -94,6 +93,12 @@ TORRENT_KEYS: dict[str, tuple[str, type]] = {
     "seedIdleLimit": ("seed_idle_limit", int),
     "seedIdleMode": ("seed_idle_mode", LimitMode),
 }
+
+
+def check_limits(values: dict[str, Any]) -> dict[str, Any]:
+    """RPC keys and values -> attributes and checked values (a LimitError for the first
+    bad one; an unknown key is a KeyError)."""
+    return {TORRENT_KEYS[k][0]: check_value(k, v, TORRENT_KEYS[k][1]) for k, v in values.items()}
 
 
 def check_value(key: str, value: Any, kind: type) -> Any:

@@ -37,7 +37,7 @@ from anomos.daemon.core import (
     Torrent,
     free_space,
 )
-from anomos.daemon.limits import KB, TORRENT_KEYS, LimitMode
+from anomos.daemon.limits import KB, TORRENT_KEYS, LimitMode, check_limits
 from anomos.errors import AnomosError
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,6 @@ FIELDS: dict[str, Callable[[Torrent], Any]] = {
         sum(1 for c in t.session.connections if c.am_interested) if t.session else 0
     ),
     "isFinished": lambda t: t.finished,
-    "isStalled": lambda t: t.task is not None and time.monotonic() - t.active_at > 300,
     "isPrivate": lambda t: True,  # no DHT, no PEX: always
     "pieceCount": lambda t: len(t.metainfo.pieces),
     "pieceSize": lambda t: t.metainfo.piece_length,
@@ -311,6 +310,7 @@ def _torrent_set(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise RpcError(f"not supported by anomos: {', '.join(unknown)}")
     limits = _limit_values(args)
+    check_limits(limits)
     position = args.get("queuePosition")
     if position is not None and (isinstance(position, bool) or not isinstance(position, int)):
         raise RpcError("queuePosition must be a number")
@@ -319,7 +319,6 @@ def _torrent_set(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         selection = _file_selection(args, empty_means_all=len(torrent.metainfo.files))
         if selection is not None:
             selection.check(len(torrent.metainfo.files))
-        attrs.evolve(torrent.limits).update(limits)
     for torrent in torrents:
         selection = _file_selection(args, empty_means_all=len(torrent.metainfo.files))
         if selection is not None:
