@@ -7,6 +7,7 @@ transmission-rpc library, as tests/test_daemon.py does.
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -111,6 +112,11 @@ def test_unwanted_files_are_not_fetched_the_choice_survives_a_restart_and_can_ch
     got = tmp_path / "home" / "downloads" / "multi"
     try:
         client = client_for(url)
+        metainfo = base64.b64encode(swarm.multi.read_bytes()).decode()
+        bad_add = {"metainfo": metainfo, "files-unwanted": [3]}
+        assert "out of range" in result_of(client, "torrent-add", bad_add)
+        assert client.get_torrents() == []  # (and nothing half-added)
+        assert list((daemon.state_dir / "torrents").iterdir()) == []
         tid = client.add_torrent(swarm.multi.read_bytes(), files_unwanted=[1]).id
         fields = ("status", "wanted", "priorities", "fileStats", "sizeWhenDone", "downloadedEver")
         done = wait_for(

@@ -427,6 +427,8 @@ class Daemon:
         where = Path(download_dir).expanduser() if download_dir else self.config.download_dir
         if not where.is_absolute():
             raise DaemonError(f"download-dir {str(where)!r} is not an absolute path")
+        if selection is not None:
+            selection.check(len(metainfo.files))
         atomic_write(self.metainfo_dir / f"{metainfo.infohash.hex()}.atorrent", data)
         torrent = Torrent(
             id=self._next_id,
@@ -437,7 +439,6 @@ class Daemon:
             queue_position=len(self.torrents),
         )
         if selection is not None:
-            selection.check(len(metainfo.files))
             selection.apply(torrent)
         self._next_id += 1
         self.torrents[torrent.id] = torrent

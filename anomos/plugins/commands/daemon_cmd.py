@@ -63,8 +63,9 @@ def daemon_command(plugins: Plugins, config_path: Path | None, state_dir: Path |
     url = f"http://{f'[{host}]' if ':' in host else host}:{server.server_port}{RPC_PATH}"
     try:
         daemon.start()
-        atomic_write(state_dir / "rpc.json", json.dumps({"url": url, "pid": os.getpid()}).encode())
         click.echo(f"anomos daemon: RPC at {url} (state in {state_dir})", err=False)
+        # (after the line: whoever finds rpc.json finds the line printed too)
+        atomic_write(state_dir / "rpc.json", json.dumps({"url": url, "pid": os.getpid()}).encode())
         stop = gevent.event.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             gevent.signal_handler(sig, stop.set)
