@@ -3,6 +3,7 @@ and the limit keys of daemon.toml (the daemon itself: tests/test_daemon_control.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from anomos.daemon.config import load_config
 from anomos.daemon.limits import LimitError, LimitMode, TorrentLimits, seed_limit_reached
 from anomos.errors import ConfigError
 from anomos.net.ratelimit import Throttle
+from anomos.torrent.session import TorrentSession
 
 
 def reached(
@@ -88,3 +90,34 @@ def test_limit_keys_in_the_config_file(tmp_path: Path) -> None:
         path.write_text(line + "\n")
         with pytest.raises(ConfigError, match=message):
             load_config(path)
+
+
+@pytest.mark.parametrize("side", ["seeder's upload", "leech's download"])
+def test_a_throttle_paces_a_session(tmp_path: Path, side: str) -> None:
+    """Two sessions over loopback TCP: a throttle on either end holds the transfer to
+    its rate (a lower bound only: a slow machine can only take longer)."""
+    from test_session import connect, make_torrent, new_session
+
+    m, _content = make_torrent(tmp_path / "seed")
+    made: list[TorrentSession] = []
+    try:
+        seeder = new_session(made, m, tmp_path / "seed")
+        leech = new_session(made, m, tmp_path / "leech")
+        throttle = Throttle()
+        throttle.set_rate(RATE)
+        if side == "seeder's upload":
+            seeder.upload_throttles = (throttle,)
+        else:
+            leech.download_throttles = (throttle,)
+        started = time.monotonic()
+        connect(seeder, leech, "leech", "seeder")
+        assert leech.wait_complete(timeout=60)
+        took = time.monotonic() - started
+        # 1.4 MB at 600 kB/s: 2.2 s (less one burst); unthrottled: a tenth of a second
+        assert took > 0.6 * m.total_length / RATE, took
+    finally:
+        for s in made:
+            s.close()
+
+
+RATE = 600_000
