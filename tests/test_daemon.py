@@ -196,7 +196,7 @@ def test_the_rpc_handshake_auth_and_bad_requests(
                 {"method": "torrent-add", "arguments": {"filename": "magnet:?xt=1"}}
             ).encode(): "magnet",
             json.dumps(
-                {"method": "session-set", "arguments": {"speed-limit-up": 5}}
+                {"method": "session-set", "arguments": {"alt-speed-up": 5}}
             ).encode(): "not supported",
         }
         for body, expected in bad.items():

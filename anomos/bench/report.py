@@ -169,6 +169,27 @@ def table(result: dict[str, Any]) -> str:
                     f"({_fmt(point['per_circuit'] / KiB, 2)} over idle)",
                 )
             )
+    daemon = result.get("daemon")
+    if daemon:
+        rows.append(
+            ("daemon RSS, started (no torrent)", f"{_fmt(daemon['rss_started'] / MiB)} MiB", "")
+        )
+        rows.append(
+            (
+                f"daemon RSS, {daemon['idle_torrents']} idle torrents",
+                f"{_fmt(daemon['rss_idle'] / MiB)} MiB",
+                f"{_fmt(daemon['per_idle_torrent'] / KiB)} KiB per torrent (seeding, no traffic)",
+            )
+        )
+        rows.append(
+            (
+                f"daemon RSS, + {daemon['downloads']} downloading",
+                f"{_fmt(daemon['rss_downloading_peak'] / MiB)} MiB",
+                f"peak; up to {daemon['downloading_at_once']} at once, "
+                f"{_fmt(daemon['download_size'] / MiB)} MiB each; "
+                f"{_fmt(daemon['rss_after_downloads'] / MiB)} MiB once done",
+            )
+        )
     if not rows:
         return "(no results)"
     notes = []

@@ -2,7 +2,8 @@
 
 The sections run one after another so none competes with another for the
 cores: ``tracker`` and ``cells`` (in this process), ``network`` (throughput,
-one relay, circuit set-up; worker processes) and ``memory`` (worker processes).
+one relay, circuit set-up; worker processes), ``memory`` (worker processes)
+and ``daemon`` (an ``anomos daemon`` with many torrents; not in the default set).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from anomos.bench.procs import machine_busy
 from anomos.bench.report import MiB
 from anomos.bench.tracker import tracker_section
 
-SECTIONS = ("tracker", "cells", "network", "memory")
+SECTIONS = ("tracker", "cells", "network", "memory", "daemon")
 
 
 @attrs.frozen
@@ -40,6 +41,10 @@ class BenchOptions:
     setup_count: int = 200
     memory_counts: tuple[int, ...] = (1000, 10000)
     memory_pairs: int = 10
+    #: The daemon section: idle torrents added, then torrents downloading at once, of this size.
+    daemon_idle: int = 100
+    daemon_downloading: int = 10
+    daemon_size: int = 8 * MiB
     tracker_peers: tuple[int, ...] = (10_000, 100_000)
     tracker_seconds: float = 2.0
     tracker_repeats: int = 3
@@ -62,6 +67,7 @@ class BenchOptions:
             "setup_count": 50,
             "memory_counts": (100, 1000),
             "memory_pairs": 2,
+            "daemon_size": 2 * MiB,
             "tracker_peers": (10_000,),
             "tracker_seconds": 0.5,
             "tracker_repeats": 1,
@@ -82,6 +88,9 @@ class BenchOptions:
             "setup_count": 5,
             "memory_counts": (10, 20),
             "memory_pairs": 2,
+            "daemon_idle": 4,
+            "daemon_downloading": 2,
+            "daemon_size": 256 * 1024,
             "tracker_peers": (300,),
             "tracker_seconds": 0.05,
             "tracker_repeats": 1,
@@ -175,6 +184,17 @@ def run_bench(
                 root,
                 counts=options.memory_counts,
                 pairs=options.memory_pairs,
+                echo=echo,
+                verbose=verbose,
+            )
+        if "daemon" in options.sections:
+            from anomos.bench.daemon import daemon_memory
+
+            result["daemon"] = daemon_memory(
+                root / "daemon",
+                idle=options.daemon_idle,
+                downloading=options.daemon_downloading,
+                download_size=options.daemon_size,
                 echo=echo,
                 verbose=verbose,
             )

@@ -18,6 +18,7 @@ import platformdirs
 
 from anomos.config import read_toml, split_address
 from anomos.errors import ConfigError
+from anomos.net.ratelimit import parse_rate
 
 #: Transmission's RPC port.
 DEFAULT_RPC_PORT = 9091
@@ -60,6 +61,24 @@ class DaemonConfig:
     #: The tracker to join before any torrent names one ("" : wait for the first torrent).
     tracker: str = ""
     fingerprint: str = ""
+    #: Bytes per second all neighbour links send together (relayed cells and our own
+    #: uploads): the bandwidth donated; 0: unlimited (``--max-send-rate`` of the peers).
+    max_send_rate: int = 0
+    # Speed limits (kB/s), seed limits, queues: Transmission's names and defaults.
+    speed_limit_down: int = 100
+    speed_limit_down_enabled: bool = False
+    speed_limit_up: int = 100
+    speed_limit_up_enabled: bool = False
+    ratio_limit: float = 2.0
+    ratio_limit_enabled: bool = False
+    idle_seeding_limit: int = 30
+    idle_seeding_limit_enabled: bool = False
+    download_queue_enabled: bool = True
+    download_queue_size: int = 5
+    seed_queue_enabled: bool = False
+    seed_queue_size: int = 10
+    queue_stalled_enabled: bool = True
+    queue_stalled_minutes: int = 30
 
     @property
     def auth_required(self) -> bool:
@@ -77,7 +96,46 @@ class DaemonConfig:
         split_address(self.listen)
         if bool(self.tracker) != bool(self.fingerprint):
             raise ConfigError("tracker and fingerprint go together: set both or neither")
+        for key, (attr, kind) in SESSION_KEYS.items():
+            value = getattr(self, attr)
+            if kind is not bool and not 0 <= value <= MAX_SESSION_NUMBER:  # (NaN too)
+                raise ConfigError(f"{key} {value} is outside 0-{MAX_SESSION_NUMBER}")
         return self
+
+
+#: The largest speed (kB/s), size, ratio or number of minutes a setting may have.
+MAX_SESSION_NUMBER = 10_000_000
+
+#: Settings both in daemon.toml and session-get/-set: RPC key -> (attribute, type).
+#: The file uses Transmission's settings.json names, which differ for the ratio
+#: (``ratio-limit``, ``ratio-limit-enabled``): see TOML_NAMES.
+SESSION_KEYS: dict[str, tuple[str, type]] = {
+    "speed-limit-down": ("speed_limit_down", int),
+    "speed-limit-down-enabled": ("speed_limit_down_enabled", bool),
+    "speed-limit-up": ("speed_limit_up", int),
+    "speed-limit-up-enabled": ("speed_limit_up_enabled", bool),
+    "seedRatioLimit": ("ratio_limit", float),
+    "seedRatioLimited": ("ratio_limit_enabled", bool),
+    "idle-seeding-limit": ("idle_seeding_limit", int),
+    "idle-seeding-limit-enabled": ("idle_seeding_limit_enabled", bool),
+    "download-queue-enabled": ("download_queue_enabled", bool),
+    "download-queue-size": ("download_queue_size", int),
+    "seed-queue-enabled": ("seed_queue_enabled", bool),
+    "seed-queue-size": ("seed_queue_size", int),
+    "queue-stalled-enabled": ("queue_stalled_enabled", bool),
+    "queue-stalled-minutes": ("queue_stalled_minutes", int),
+}
+TOML_NAMES = {"seedRatioLimit": "ratio-limit", "seedRatioLimited": "ratio-limit-enabled"}
+
+
+def session_value(key: str, value: Any, kind: type) -> Any:
+    """``value`` for the setting ``key`` if it has the right type, else one ConfigError."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not kind:
+        what = {int: "an integer", bool: "true or false", float: "a number"}.get(kind, "a string")
+        raise ConfigError(f"{key} must be {what}")
+    return value
 
 
 #: TOML key -> (attribute, type).
@@ -90,6 +148,8 @@ _KEYS: dict[str, tuple[str, type]] = {
     "listen": ("listen", str),
     "tracker": ("tracker", str),
     "fingerprint": ("fingerprint", str),
+    "max-send-rate": ("max_send_rate", str),
+    **{TOML_NAMES.get(key, key): spec for key, spec in SESSION_KEYS.items()},
 }
 
 
@@ -108,10 +168,12 @@ def load_config(path: Path, *, required: bool = False) -> DaemonConfig:
                 f"config file {path}: unknown key {key!r} (known: {', '.join(_KEYS)})"
             )
         attr, kind = _KEYS[key]
-        if type(value) is not kind:
-            what = "an integer" if kind is int else "a string"
-            raise ConfigError(f"config file {path}: {key} must be {what}")
-        values[attr] = value
+        try:
+            values[attr] = session_value(key, value, kind)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+    if "max_send_rate" in values:
+        values["max_send_rate"] = parse_rate(values["max_send_rate"])
     if "download_dir" in values:
         values["download_dir"] = Path(values["download_dir"]).expanduser()
     try:

@@ -36,13 +36,23 @@ import gevent
 import gevent.event
 
 from anomos.config import Settings
+from anomos.daemon.config import SESSION_KEYS, session_value
+from anomos.daemon.limits import (
+    LimitError,
+    LimitMode,
+    TorrentLimits,
+    seed_limit_reached,
+    speed_rate,
+)
 from anomos.errors import AnomosError, StorageError
 from anomos.fsutil import atomic_write, move_entries, private_dir
 from anomos.identity import IDENTITY_FILE
+from anomos.net.ratelimit import Throttle
 from anomos.protocol.replay import CODES_FILE, REQUESTS_FILE
 from anomos.torrent import resume
 from anomos.torrent.magnet import MAX_MAGNET_LENGTH, Magnet
 from anomos.torrent.metainfo import Metainfo
+from anomos.torrent.picker import Priority
 from anomos.torrent.storage import Storage
 
 if TYPE_CHECKING:
@@ -61,6 +71,8 @@ STATE_SAVE_INTERVAL = 10.0
 MAX_METAINFO_SIZE = 16 * 1024 * 1024
 #: Seconds a torrent counts as "recently active" after a change or traffic.
 RECENT_SECONDS = 60.0
+#: Seconds between checks of seed limits, stalled torrents and the queue.
+CONTROL_INTERVAL = 1.0
 
 
 class Status(enum.IntEnum):
@@ -142,6 +154,28 @@ class Torrent:
     #: Fetching the metadata of a magnet (while it runs).
     fetch: MetadataFetch | None = attrs.field(default=None, repr=False)
 
+    #: Per file: fetch it (Transmission's ``wanted``), and its priority; the daemon's
+    #: copy is the truth (kept in daemon.json), given to the session at every start.
+    wanted: list[bool] = attrs.field(
+        default=attrs.Factory(lambda self: [True] * self.file_count, takes_self=True),
+        repr=False,
+    )
+    priorities: list[Priority] = attrs.field(
+        default=attrs.Factory(lambda self: [Priority.NORMAL] * self.file_count, takes_self=True),
+        repr=False,
+    )
+    #: Set when the choice of files changes: a seeding torrent may have to download again.
+    reselected: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
+    limits: TorrentLimits = attrs.field(factory=TorrentLimits, repr=False)
+    #: Its seed limit stopped it (Transmission's isFinished).
+    finished: bool = False
+    #: Its place in the queue (0 first), and whether it runs regardless (torrent-start-now).
+    queue_position: int = 0
+    forced: bool = False
+    #: When (monotonic) its payload counters last moved: idle seeding, stalled torrents.
+    active_at: float = attrs.field(factory=time.monotonic, repr=False)
+    _traffic_seen: tuple[int, int] = attrs.field(default=(0, 0), repr=False)
+
     @property
     def metainfo(self) -> Metainfo:
         if self._metainfo is None:
@@ -161,6 +195,13 @@ class Torrent:
 
     def metadata_arrived(self, metainfo: Metainfo) -> None:
         self._metainfo, self.magnet = metainfo, None
+        self.wanted = [True] * self.file_count
+        self.priorities = [Priority.NORMAL] * self.file_count
+
+    @property
+    def file_count(self) -> int:
+        """Files in its metainfo (0 before a magnet's metadata: nothing to choose yet)."""
+        return len(self._metainfo.files) if self._metainfo is not None else 0
 
     @property
     def name(self) -> str:
@@ -204,6 +245,29 @@ class Torrent:
     def network(self) -> Network:
         return Network.of(self.given)
 
+    def _wanted_pieces(self) -> set[int]:
+        m = self.metainfo
+        pieces: set[int] = set()
+        for fi, f in enumerate(m.files):
+            if self.wanted[fi] and not f.pad:
+                pieces.update(resume.pieces_of_file(m, fi))
+        return pieces
+
+    @property
+    def size_when_done(self) -> int:
+        """Bytes of the pieces of the wanted files (Transmission's sizeWhenDone)."""
+        if self.session is not None:
+            return self.session.size_when_done
+        return sum(self.metainfo.piece_size(i) for i in self._wanted_pieces())
+
+    @property
+    def left_until_done(self) -> int:
+        """Bytes of wanted pieces still to fetch (as of its last run when stopped)."""
+        if self.session is not None:
+            return self.session.left_until_done
+        m = self.metainfo
+        return sum(m.piece_size(i) for i in self._wanted_pieces() if not self.has_piece(i))
+
     @property
     def uploaded_ever(self) -> int:
         return self.uploaded_before + (self.session.uploaded if self.session else 0)
@@ -228,6 +292,25 @@ class Torrent:
             return ErrorKind.TRACKER_WARNING, tracker.describe()
         return ErrorKind.OK, ""
 
+    @property
+    def done(self) -> bool:
+        """Every wanted piece verified (a stopped torrent: as of its last run; a torrent
+        never checked counts as not done)."""
+        if self.session is not None:
+            return self.session.complete
+        return self.stopped_have is not None and self.left_until_done == 0
+
+    @property
+    def seed_ratio(self) -> float:
+        """Uploaded over downloaded (over the verified bytes if nothing was downloaded)."""
+        base = self.downloaded_ever or self.size_when_done - self.left_until_done
+        return self.uploaded_ever / base if base else 0.0
+
+    def note_traffic(self, now: float) -> None:
+        seen = (self.uploaded_ever, self.downloaded_ever)
+        if seen != self._traffic_seen:
+            self._traffic_seen, self.active_at = seen, now
+
     def set_status(self, status: Status) -> None:
         if status != self.status:
             self.status = status
@@ -245,6 +328,11 @@ class Torrent:
             "downloaded": self.downloaded_ever,
             "error": int(self.error),
             "error_string": self.error_string,
+            "wanted": [int(w) for w in self.wanted],
+            "priorities": [int(p) for p in self.priorities],
+            "limits": self.limits.to_state(),
+            "finished": self.finished,
+            "queue_position": self.queue_position,
         }
 
 
@@ -277,6 +365,13 @@ class Daemon:
     _retiring: dict[Network, gevent.Greenlet] = attrs.field(factory=dict, init=False)
     _saver: gevent.Greenlet | None = attrs.field(default=None, init=False)
     _stopped: bool = attrs.field(default=False, init=False)
+    #: The session's speed limits, shared by the torrents that honour them.
+    down: Throttle = attrs.field(factory=Throttle, init=False)
+    up: Throttle = attrs.field(factory=Throttle, init=False)
+    #: Bytes per second this peer relayed for others lately (sampled each control tick).
+    relay_speed: float = attrs.field(default=0.0, init=False)
+    _relay_sample: tuple[float, int] = attrs.field(default=(0.0, 0), init=False)
+    _controller: gevent.Greenlet | None = attrs.field(default=None, init=False)
 
     @property
     def state_file(self) -> Path:
@@ -299,16 +394,19 @@ class Daemon:
         private_dir(self.metainfo_dir)
         if self.configured_network is not None:
             self._ensure_peer(self.configured_network)
+        self._apply_session_limits()
         self._load_state()
         self._saver = gevent.spawn(self._save_loop)
+        self._controller = gevent.spawn(self._control_loop)
 
     def stop(self) -> None:
         """Stop every torrent (resume data written), say goodbye to the tracker, save state."""
         if self._stopped:
             return
         self._stopped = True
-        if self._saver is not None:
-            self._saver.kill()
+        for loop in (self._saver, self._controller):
+            if loop is not None:
+                loop.kill()
         for torrent in self.torrents.values():
             self._halt(torrent)
         self.save_state()
@@ -359,6 +457,10 @@ class Daemon:
                     error=ErrorKind(int(entry.get("error", 0))),
                     error_string=str(entry.get("error_string", "")),
                 )
+                _restore_selection(torrent, entry)
+                _restore_limits(torrent, entry)
+                torrent.finished = bool(entry.get("finished", False))
+                torrent.queue_position = int(entry.get("queue_position", torrent.id))
             except (AnomosError, KeyError, ValueError, TypeError) as exc:
                 log.error("torrent %r from %s not restored: %s", entry, self.state_file, exc)
                 continue
@@ -373,7 +475,9 @@ class Daemon:
             saved = resume.load(self._resume_dir(network), metainfo) if metainfo else None
             torrent.stopped_have = bytes(saved.have) if saved is not None else None
             if not torrent.paused:
-                self._begin(torrent)
+                torrent.error, torrent.error_string = ErrorKind.OK, ""  # a fresh attempt
+        self._renumber()
+        self._schedule()
         log.info("restored %d torrent(s) from %s", len(self.torrents), self.state_file)
 
     def _load_torrent_file(self, infohash: str) -> tuple[Metainfo | None, Magnet | None]:
@@ -420,7 +524,12 @@ class Daemon:
         if any(p.settings.listen == listen for p in self.peers.values()):
             # The configured port is taken by another network's peer: any free port.
             listen = f"{listen.rpartition(':')[0]}:0"
-        settings = Settings(listen=listen, state_dir=folder, options=self.plugins.options)
+        settings = Settings(
+            listen=listen,
+            state_dir=folder,
+            max_send_rate=self.config.max_send_rate,
+            options=self.plugins.options,
+        )
         try:
             peer = Peer(self.plugins, settings, network.url, network.fingerprint)
         except AnomosError as exc:  # say, a tracker URL that is not https://.../announce
@@ -462,7 +571,12 @@ class Daemon:
 
     # ------------------------------------------------------------------ requests
     def add(
-        self, data: bytes, *, paused: bool = False, download_dir: str | None = None
+        self,
+        data: bytes,
+        *,
+        paused: bool = False,
+        download_dir: str | None = None,
+        selection: FileSelection | None = None,
     ) -> tuple[Torrent, bool]:
         """Add the torrent in ``data`` (an .atorrent, or an anomos magnet link);
         (torrent, False) if it was there already."""
@@ -489,6 +603,12 @@ class Daemon:
         where = Path(download_dir).expanduser() if download_dir else self.config.download_dir
         if not where.is_absolute():
             raise DaemonError(f"download-dir {str(where)!r} is not an absolute path")
+        if selection is not None:
+            if metainfo is None:
+                raise DaemonError(
+                    "files of a magnet are chosen once its metadata came (torrent-set)"
+                )
+            selection.check(len(metainfo.files))
         if magnet is not None:
             atomic_write(self.metainfo_dir / f"{magnet.infohash_hex}.magnet", str(magnet).encode())
         else:
@@ -500,12 +620,15 @@ class Daemon:
             download_dir=where,
             added_date=int(time.time()),
             paused=paused,
+            queue_position=len(self.torrents),
         )
+        if selection is not None:
+            selection.apply(torrent)
         self._next_id += 1
         self.torrents[torrent.id] = torrent
         log.info("added torrent %d: %s (%s)", torrent.id, torrent.name, torrent.infohash)
         if not paused:
-            self._begin(torrent)
+            self._schedule()
         self.save_state()
         return torrent, True
 
@@ -513,12 +636,24 @@ class Daemon:
         self._ensure_peer(torrent.network)
         torrent.paused = False
         if torrent.task is None:
+            _restart_limits(torrent)
+            torrent.error, torrent.error_string = ErrorKind.OK, ""  # a fresh attempt
+            self._schedule()
+        self.save_state()
+
+    def start_now(self, torrent: Torrent) -> None:
+        """Start it at once, whatever the queue (torrent-start-now)."""
+        self._ensure_peer(torrent.network)
+        torrent.paused, torrent.forced = False, True
+        if torrent.task is None:
+            _restart_limits(torrent)
             self._begin(torrent)
         self.save_state()
 
     def stop_torrent(self, torrent: Torrent) -> None:
-        torrent.paused = True
+        torrent.paused, torrent.forced = True, False
         self._halt(torrent)
+        self._schedule()
         self.save_state()
 
     def verify(self, torrent: Torrent) -> None:
@@ -549,6 +684,8 @@ class Daemon:
             self._retire_if_unused(network)
         if delete_data and torrent.has_metadata:
             _delete_data(torrent)
+        self._renumber()
+        self._schedule()
         self.save_state()
         log.info(
             "removed torrent %d: %s%s",
@@ -557,9 +694,150 @@ class Daemon:
             " and its data" if delete_data else "",
         )
 
+    def select_files(self, torrent: Torrent, selection: FileSelection) -> None:
+        """Change which files are fetched and their priorities (torrent-set), running or not."""
+        selection.check(len(torrent.metainfo.files))
+        selection.apply(torrent)
+        if torrent.session is not None:
+            _give_selection(torrent, torrent.session)
+        torrent.reselected.set()
+        torrent.changed_at = time.monotonic()
+        self.save_state()
+
+    # ------------------------------------------------------------------ limits and the queue
+    def set_torrent_limits(self, torrent: Torrent, values: dict[str, Any]) -> None:
+        """torrent-set's speed and seed keys (Transmission's names; checked first)."""
+        torrent.limits.update(values)
+        self.give_throttles(torrent)
+        self.save_state()
+
+    def give_throttles(self, torrent: Torrent) -> None:
+        """Pace the torrent's session by its own limits and, if it honours them, the session's."""
+        session = torrent.session
+        if session is not None:
+            honours = torrent.limits.honors_session_limits
+            session.download_throttles = (torrent.limits.down, *((self.down,) if honours else ()))
+            session.upload_throttles = (torrent.limits.up, *((self.up,) if honours else ()))
+
+    def set_session(self, values: dict[str, Any]) -> None:
+        """session-set's limit and queue keys for the running daemon (checked first)."""
+        changes = {}
+        for key, value in values.items():
+            attr, kind = SESSION_KEYS[key]
+            changes[attr] = session_value(key, value, kind)
+        self.config = attrs.evolve(self.config, **changes).check()
+        self._apply_session_limits()
+        self._schedule()
+
+    def _apply_session_limits(self) -> None:
+        c = self.config
+        self.down.set_rate(speed_rate(c.speed_limit_down, c.speed_limit_down_enabled))
+        self.up.set_rate(speed_rate(c.speed_limit_up, c.speed_limit_up_enabled))
+
+    def move_in_queue(self, torrents: list[Torrent], where: str) -> None:
+        """queue-move-top/-up/-down/-bottom: Transmission's moves, for several at once."""
+        order = sorted(self.torrents.values(), key=lambda t: t.queue_position)
+        moving = sorted(torrents, key=lambda t: t.queue_position, reverse=where == "down")
+        if where in ("top", "bottom"):
+            rest = [t for t in order if t not in moving]
+            order = moving + rest if where == "top" else rest + moving
+        else:
+            for t in moving:
+                i = order.index(t)
+                j = i - 1 if where == "up" else i + 1
+                if 0 <= j < len(order) and order[j] not in moving:
+                    order[i], order[j] = order[j], order[i]
+        for position, t in enumerate(order):
+            t.queue_position = position
+        self._schedule()
+        self.save_state()
+
+    def set_queue_position(self, torrent: Torrent, position: int) -> None:
+        order = sorted(self.torrents.values(), key=lambda t: t.queue_position)
+        order.remove(torrent)
+        order.insert(max(0, min(position, len(order))), torrent)
+        for i, t in enumerate(order):
+            t.queue_position = i
+        self._schedule()
+        self.save_state()
+
+    def _renumber(self) -> None:
+        order = sorted(self.torrents.values(), key=lambda t: (t.queue_position, t.id))
+        for position, t in enumerate(order):
+            t.queue_position = position
+
+    def _schedule(self) -> None:
+        """Start the waiting torrents that have a free slot, in queue order; mark the others
+        DOWNLOAD_WAIT or SEED_WAIT. A running torrent is never stopped for the queue; one
+        forced (torrent-start-now) or stalled (no traffic for queue-stalled-minutes) takes
+        no slot."""
+        if self._stopped:
+            return
+        c = self.config
+        now = time.monotonic()
+        stalled_after = c.queue_stalled_minutes * 60 if c.queue_stalled_enabled else None
+        busy = {False: 0, True: 0}  # slots taken by downloads, by seeds
+        waiting: list[tuple[Torrent, bool]] = []
+        for t in sorted(self.torrents.values(), key=lambda t: t.queue_position):
+            if t.paused or (t.error != ErrorKind.OK and t.task is None):
+                continue
+            if t.task is None:
+                waiting.append((t, t.done))
+            elif not t.forced and (stalled_after is None or now - t.active_at < stalled_after):
+                busy[t.done] += 1
+        for t, seed in waiting:
+            enabled, size = (
+                (c.seed_queue_enabled, c.seed_queue_size)
+                if seed
+                else (c.download_queue_enabled, c.download_queue_size)
+            )
+            if enabled and busy[seed] >= size:
+                t.set_status(Status.SEED_WAIT if seed else Status.DOWNLOAD_WAIT)
+                continue
+            busy[seed] += 1
+            self._begin(t)
+
+    def _control_loop(self) -> None:
+        while True:
+            gevent.sleep(CONTROL_INTERVAL)
+            try:
+                self.control()
+            except Exception:  # a bug of ours must not end the seed limits and the queue
+                log.exception("daemon control failed")
+
+    def control(self) -> None:
+        """Note traffic, stop torrents that reached a seed limit, fill free queue slots."""
+        now = time.monotonic()
+        c = self.config
+        for t in list(self.torrents.values()):
+            t.note_traffic(now)
+            if t.status != Status.SEEDING or t.session is None:
+                continue
+            why = seed_limit_reached(
+                t.limits,
+                ratio=t.seed_ratio,
+                idle_seconds=now - t.active_at,
+                session_ratio=c.ratio_limit if c.ratio_limit_enabled else None,
+                session_idle_minutes=(
+                    c.idle_seeding_limit if c.idle_seeding_limit_enabled else None
+                ),
+            )
+            if why:
+                log.info("torrent %d (%s) %s: stopped", t.id, t.name, why)
+                t.finished = True
+                self.stop_torrent(t)
+        if self.peers:
+            then, relayed_then = self._relay_sample
+            relayed = sum(peer.relayed for peer in self.peers.values())
+            if then:  # (a network's peer that retired takes its count along: never below 0)
+                self.relay_speed = max(0, relayed - relayed_then) / max(now - then, 1e-3)
+            self._relay_sample = (now, relayed)
+        self._schedule()
+
     # ------------------------------------------------------------------ running a torrent
     def _begin(self, torrent: Torrent) -> None:
         torrent.error, torrent.error_string = ErrorKind.OK, ""  # a fresh attempt
+        torrent.active_at = time.monotonic()  # (idle and stalled times count from its start)
         torrent.set_status(Status.CHECK_WAIT)
         torrent.task = gevent.spawn(self._run, torrent)
         torrent.task.link_exception(
@@ -587,21 +865,27 @@ class Daemon:
             return
         torrent.session = session
         torrent.rechecked = session.rechecked
-        if not session.complete:
-            torrent.set_status(Status.DOWNLOADING)
-            torrent.download = TorrentDownload(peer, session, stall_limit=None)
-            try:
-                torrent.download.run()
-            except AnomosError as exc:
-                self._fail(torrent, ErrorKind.LOCAL_ERROR, str(exc))
-                return
-            finally:
-                peer.announce_soon()
-            torrent.done_date = int(time.time())
-            log.info("torrent %d complete: %s", torrent.id, torrent.name)
-            self.save_state()
-        torrent.set_status(Status.SEEDING)
-        gevent.event.Event().wait()  # seed until stopped
+        _give_selection(torrent, session)
+        self.give_throttles(torrent)
+        while True:
+            if not session.complete:
+                torrent.set_status(Status.DOWNLOADING)
+                torrent.download = TorrentDownload(peer, session, stall_limit=None)
+                try:
+                    torrent.download.run()
+                except AnomosError as exc:
+                    self._fail(torrent, ErrorKind.LOCAL_ERROR, str(exc))
+                    return
+                finally:
+                    peer.announce_soon()
+                torrent.done_date = int(time.time())
+                log.info("torrent %d complete: %s", torrent.id, torrent.name)
+                self.save_state()
+            torrent.set_status(Status.SEEDING)
+            self._schedule()  # a seed now: its download slot is free
+            while session.complete:  # seed until stopped, or until more files are wanted
+                torrent.reselected.wait()
+                torrent.reselected.clear()
 
     def _fetch_metadata(self, torrent: Torrent, peer: Peer) -> bool:
         """A magnet's metadata from a source (shown as downloading meanwhile); then its
@@ -668,6 +952,73 @@ def _network_or_none(torrent: Torrent) -> Network | None:
         return None
 
 
+@attrs.frozen
+class FileSelection:
+    """A change of files (indices as the metainfo lists them): which to fetch or leave
+    out, and priorities; files not named keep their setting."""
+
+    wanted: tuple[int, ...] = ()
+    unwanted: tuple[int, ...] = ()
+    high: tuple[int, ...] = ()
+    normal: tuple[int, ...] = ()
+    low: tuple[int, ...] = ()
+
+    def check(self, nfiles: int) -> None:
+        for group in (self.wanted, self.unwanted, self.high, self.normal, self.low):
+            bad = [i for i in group if not 0 <= i < nfiles]
+            if bad:
+                raise DaemonError(f"file index {bad[0]} out of range (the torrent has {nfiles})")
+
+    def apply(self, torrent: Torrent) -> None:
+        for index in self.wanted:
+            torrent.wanted[index] = True
+        for index in self.unwanted:
+            torrent.wanted[index] = False
+        for group, priority in (
+            (self.high, Priority.HIGH),
+            (self.normal, Priority.NORMAL),
+            (self.low, Priority.LOW),
+        ):
+            for index in group:
+                torrent.priorities[index] = priority
+
+
+def _restart_limits(torrent: Torrent) -> None:
+    """Started by hand after its seed ratio stopped it: the ratio no longer stops it (as
+    Transmission does); idle time counts from now."""
+    if torrent.finished:
+        torrent.finished = False
+        torrent.limits.seed_ratio_mode = LimitMode.UNLIMITED
+    torrent.active_at = time.monotonic()
+
+
+def _restore_limits(torrent: Torrent, entry: dict[str, Any]) -> None:
+    """The limits in daemon.json; bad ones (an edited file) leave the defaults, said once."""
+    try:
+        torrent.limits.update(dict(entry.get("limits", {})))
+    except (LimitError, KeyError, TypeError, ValueError) as exc:
+        log.warning("torrent %d: limits in daemon.json ignored: %s", torrent.id, exc)
+
+
+def _give_selection(torrent: Torrent, session: TorrentSession) -> None:
+    """Make the session fetch the torrent's chosen files at their priorities."""
+    for wanted in (True, False):
+        session.set_wanted([i for i, w in enumerate(torrent.wanted) if w == wanted], wanted)
+    for priority in Priority:
+        chosen = [i for i, p in enumerate(torrent.priorities) if p == priority]
+        session.set_priority(chosen, priority)
+
+
+def _restore_selection(torrent: Torrent, entry: dict[str, Any]) -> None:
+    """The files chosen in daemon.json (absent or of another length: all, normal)."""
+    nfiles = torrent.file_count
+    wanted, priorities = entry.get("wanted"), entry.get("priorities")
+    if isinstance(wanted, list) and len(wanted) == nfiles:
+        torrent.wanted = [bool(w) for w in wanted]
+    if isinstance(priorities, list) and len(priorities) == nfiles:
+        torrent.priorities = [Priority(int(p)) for p in priorities]
+
+
 def _delete_data(torrent: Torrent) -> None:
     """Delete the torrent's files (only the paths its metainfo names) and folders left empty."""
     root = torrent.download_dir
@@ -693,4 +1044,4 @@ def free_space(path: str) -> tuple[int, int]:
     return usage.free, usage.total
 
 
-__all__ = ["Daemon", "DaemonError", "ErrorKind", "Network", "Status", "Torrent"]
+__all__ = ["Daemon", "DaemonError", "ErrorKind", "FileSelection", "Network", "Status", "Torrent"]

@@ -23,19 +23,22 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import attrs
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
 from anomos import __version__
-from anomos.daemon.config import DaemonConfig
+from anomos.daemon.config import SESSION_KEYS, DaemonConfig
 from anomos.daemon.core import (
     RECENT_SECONDS,
     Daemon,
     DaemonError,
+    FileSelection,
     NoMetadata,
     Status,
     Torrent,
     free_space,
 )
+from anomos.daemon.limits import KB, TORRENT_KEYS, LimitMode, check_limits
 from anomos.errors import AnomosError
 from anomos.torrent.magnet import is_magnet
 
@@ -96,7 +99,7 @@ def _eta(torrent: Torrent) -> int:
     if torrent.status != Status.DOWNLOADING:
         return -1  # not available
     rate = _rate(torrent, down=True)
-    return int(torrent.left / rate) if rate > 0 else -2  # -2: unknown
+    return int(torrent.left_until_done / rate) if rate > 0 else -2  # -2: unknown
 
 
 def _circuits(torrent: Torrent) -> dict[str, Any]:
@@ -115,8 +118,9 @@ def _circuits(torrent: Torrent) -> dict[str, Any]:
 
 
 def _percent(torrent: Torrent) -> float:
-    total = torrent.metainfo.total_length
-    return 1.0 - torrent.left / total if total else 1.0
+    """Of the wanted pieces, the share verified (Transmission's percentDone)."""
+    size = torrent.size_when_done
+    return 1.0 - torrent.left_until_done / size if size else 1.0
 
 
 FIELDS: dict[str, Callable[[Torrent], Any]] = {
@@ -125,9 +129,12 @@ FIELDS: dict[str, Callable[[Torrent], Any]] = {
     "name": lambda t: t.name,
     "status": lambda t: int(t.status),
     "percentDone": _percent,
-    "sizeWhenDone": lambda t: t.metainfo.total_length,
+    "sizeWhenDone": lambda t: t.size_when_done,
     "totalSize": lambda t: t.metainfo.total_length,
-    "leftUntilDone": lambda t: t.left,
+    "leftUntilDone": lambda t: t.left_until_done,
+    "percentComplete": lambda t: (
+        1.0 - t.left / t.metainfo.total_length if t.metainfo.total_length else 1.0
+    ),
     "haveValid": lambda t: t.metainfo.total_length - t.left,
     "rateDownload": lambda t: _rate(t, down=True),
     "rateUpload": lambda t: _rate(t, down=False),
@@ -144,12 +151,16 @@ FIELDS: dict[str, Callable[[Torrent], Any]] = {
         for f, done in zip(t.metainfo.files, _file_done(t), strict=True)
     ],
     "fileStats": lambda t: [
-        {"bytesCompleted": done, "wanted": True, "priority": 0} for done in _file_done(t)
+        {"bytesCompleted": done, "wanted": wanted, "priority": int(priority)}
+        for done, wanted, priority in zip(_file_done(t), t.wanted, t.priorities, strict=True)
     ],
+    # (0/1, not booleans: what Transmission's bespoke RPC has always sent, and clients read)
+    "wanted": lambda t: [int(w) for w in t.wanted],
+    "priorities": lambda t: [int(p) for p in t.priorities],
     "downloadDir": lambda t: str(t.download_dir),
     "addedDate": lambda t: t.added_date,
     "doneDate": lambda t: t.done_date,
-    "queuePosition": lambda t: t.id - 1,
+    "queuePosition": lambda t: t.queue_position,
     "peersConnected": lambda t: len(t.session.connections) if t.session is not None else 0,
     "peersGettingFromUs": lambda t: (
         sum(1 for c in t.session.connections if c.peer_interested) if t.session else 0
@@ -157,7 +168,7 @@ FIELDS: dict[str, Callable[[Torrent], Any]] = {
     "peersSendingToUs": lambda t: (
         sum(1 for c in t.session.connections if c.am_interested) if t.session else 0
     ),
-    "isFinished": lambda t: False,  # no seed limits yet: a torrent never "finishes" seeding
+    "isFinished": lambda t: t.finished,
     "isPrivate": lambda t: True,  # no DHT, no PEX: always
     "pieceCount": lambda t: len(t.metainfo.pieces),
     "pieceSize": lambda t: t.metainfo.piece_length,
@@ -171,6 +182,8 @@ FIELDS: dict[str, Callable[[Torrent], Any]] = {
 WITHOUT_METADATA: dict[str, Any] = {
     "percentDone": 0.0,
     "sizeWhenDone": 0,
+    "leftUntilDone": 0,
+    "percentComplete": 0.0,
     "totalSize": 0,
     "haveValid": 0,
     "eta": -2,
@@ -188,6 +201,17 @@ def _field(name: str, torrent: Torrent) -> Any:
         return FIELDS[name](torrent)
     except NoMetadata:
         return WITHOUT_METADATA.get(name)
+
+
+def _limit_field(attr: str) -> Callable[[Torrent], Any]:
+    def field(torrent: Torrent) -> Any:
+        value = getattr(torrent.limits, attr)
+        return int(value) if isinstance(value, LimitMode) else value
+
+    return field
+
+
+FIELDS.update({key: _limit_field(attr) for key, (attr, _kind) in TORRENT_KEYS.items()})
 
 
 # ---------------------------------------------------------------------------- methods
@@ -271,9 +295,102 @@ def _torrent_add(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     if download_dir is not None and not isinstance(download_dir, str):
         raise RpcError("download-dir must be a string")
     paused = args.get("paused", False)
-    torrent, new = daemon.add(data, paused=bool(paused), download_dir=download_dir)
+    selection = _file_selection(args, empty_means_all=None)
+    torrent, new = daemon.add(
+        data, paused=bool(paused), download_dir=download_dir, selection=selection
+    )
     brief = {"id": torrent.id, "name": torrent.name, "hashString": torrent.infohash}
     return {"torrent-added" if new else "torrent-duplicate": brief}
+
+
+#: Transmission's keys for a change of files, as FileSelection's attributes.
+_FILE_KEYS = {
+    "files-wanted": "wanted",
+    "files-unwanted": "unwanted",
+    "priority-high": "high",
+    "priority-normal": "normal",
+    "priority-low": "low",
+}
+
+
+def _file_selection(args: dict[str, Any], empty_means_all: int | None) -> FileSelection | None:
+    """The files-wanted/-unwanted and priority-* keys of a request (None: none given).
+
+    In torrent-set an empty list means every file (``empty_means_all`` files); in
+    torrent-add it means none, as in Transmission.
+    """
+    groups: dict[str, tuple[int, ...]] = {}
+    for key, attr in _FILE_KEYS.items():
+        if key not in args:
+            continue
+        value = args[key]
+        if not isinstance(value, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in value
+        ):
+            raise RpcError(f"{key} must be a list of file indices")
+        if len(value) > 1_000_000:
+            raise RpcError(f"{key}: too many file indices")
+        if not value and empty_means_all is not None:
+            value = list(range(empty_means_all))
+        groups[attr] = tuple(value)
+    return FileSelection(**groups) if groups else None
+
+
+def _torrent_set(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """torrent-set: the keys anomos supports; any other is refused before anything changes."""
+    unknown = sorted(k for k in args if k not in _TORRENT_SETTABLE)
+    if unknown:
+        raise RpcError(f"not supported by anomos: {', '.join(unknown)}")
+    limits = _limit_values(args)
+    check_limits(limits)
+    position = args.get("queuePosition")
+    if position is not None and (isinstance(position, bool) or not isinstance(position, int)):
+        raise RpcError("queuePosition must be a number")
+    torrents = _select(daemon, args.get("ids"))
+    for torrent in torrents:  # every value checked before any torrent changes
+        selection = _file_selection(args, empty_means_all=len(torrent.metainfo.files))
+        if selection is not None:
+            selection.check(len(torrent.metainfo.files))
+    for torrent in torrents:
+        selection = _file_selection(args, empty_means_all=len(torrent.metainfo.files))
+        if selection is not None:
+            daemon.select_files(torrent, selection)
+        if limits:
+            daemon.set_torrent_limits(torrent, limits)
+        if position is not None:
+            daemon.set_queue_position(torrent, position)
+    return {}
+
+
+def _limit_values(args: dict[str, Any]) -> dict[str, Any]:
+    """The speed and seed keys of a torrent-set; the older ``seedRatioLimited`` and
+    ``seedIdleLimited`` (true: this torrent's limit, false: the session's) as modes."""
+    values = {k: v for k, v in args.items() if k in TORRENT_KEYS}
+    for old, mode in (("seedRatioLimited", "seedRatioMode"), ("seedIdleLimited", "seedIdleMode")):
+        if old in args and mode not in args:
+            if not isinstance(args[old], bool):
+                raise RpcError(f"{old} must be true or false")
+            values[mode] = int(LimitMode.SINGLE if args[old] else LimitMode.GLOBAL)
+    return values
+
+
+#: torrent-set keys anomos knows ("ids" and the keys of each part).
+_TORRENT_SETTABLE = {
+    "ids",
+    "queuePosition",
+    "seedRatioLimited",
+    "seedIdleLimited",
+    *_FILE_KEYS,
+    *TORRENT_KEYS,
+}
+
+
+def _queue_move(where: str) -> Handler:
+    def handler(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+        daemon.move_in_queue(_select(daemon, args.get("ids")), where)
+        return {}
+
+    return handler
 
 
 def _each(action: Callable[[Daemon, Torrent], None]) -> Handler:
@@ -311,13 +428,18 @@ def _session_values(daemon: Daemon) -> dict[str, Any]:
         "encryption": "required",
         "peer-port": 0,
         "port-forwarding-enabled": False,
-        "speed-limit-down-enabled": False,
-        "speed-limit-up-enabled": False,
         "alt-speed-enabled": False,
-        "download-queue-enabled": False,
-        "seed-queue-enabled": False,
-        "seedRatioLimited": False,
+        **{key: getattr(config, attr) for key, (attr, _kind) in SESSION_KEYS.items()},
+        "units": {
+            "speed-units": ["kB/s", "MB/s", "GB/s", "TB/s"],
+            "speed-bytes": KB,
+            "size-units": ["kB", "MB", "GB", "TB"],
+            "size-bytes": 1000,
+            "memory-units": ["KiB", "MiB", "GiB", "TiB"],
+            "memory-bytes": 1024,
+        },
         "start-added-torrents": True,
+        "anomos-max-send-rate": config.max_send_rate,
         "config-dir": str(daemon.state_dir),
         "anomos-networks": [
             {"tracker": network.url, "fingerprint": network.fingerprint, "address": peer.address}
@@ -335,7 +457,7 @@ def _session_get(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 
 
 #: session-set keys that can change while running.
-_SETTABLE = {"download-dir"}
+_SETTABLE = {"download-dir", *SESSION_KEYS}
 
 
 def _session_set(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
@@ -346,9 +468,10 @@ def _session_set(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         value = args["download-dir"]
         if not isinstance(value, str) or not Path(value).expanduser().is_absolute():
             raise RpcError("download-dir must be an absolute path")
-        import attrs
-
-        daemon.config = attrs.evolve(daemon.config, download_dir=Path(value).expanduser())
+    daemon.set_session({k: v for k, v in args.items() if k in SESSION_KEYS})  # (checked first)
+    if "download-dir" in args:
+        where = Path(args["download-dir"]).expanduser()
+        daemon.config = attrs.evolve(daemon.config, download_dir=where)
     return {}
 
 
@@ -375,6 +498,7 @@ def _session_stats(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         "cumulative-stats": stats,
         # Over every tracker network; the ratio is the lowest (the first to run short).
         "anomos-relayed": sum(p.relayed for p in peers.values()),
+        "anomos-relay-speed": int(daemon.relay_speed),
         "anomos-ratio": min((p.ratio for p in peers.values() if p.account), default=None),
         "anomos-account": _account(accounts) if accounts else None,
         "anomos-neighbours": sum(len(p.links.neighbours()) for p in peers.values()),
@@ -461,11 +585,16 @@ METHODS: dict[str, Handler] = {
     "anomos-neighbours": _neighbours,
     "torrent-get": _torrent_get,
     "torrent-add": _torrent_add,
+    "torrent-set": _torrent_set,
     "torrent-start": _each(Daemon.start_torrent),
-    "torrent-start-now": _each(Daemon.start_torrent),
+    "torrent-start-now": _each(Daemon.start_now),
     "torrent-stop": _each(Daemon.stop_torrent),
     "torrent-verify": _each(Daemon.verify),
     "torrent-remove": _torrent_remove,
+    "queue-move-top": _queue_move("top"),
+    "queue-move-up": _queue_move("up"),
+    "queue-move-down": _queue_move("down"),
+    "queue-move-bottom": _queue_move("bottom"),
     "session-get": _session_get,
     "session-set": _session_set,
     "session-stats": _session_stats,

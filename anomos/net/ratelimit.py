@@ -78,3 +78,28 @@ class TokenBucket:
         now = self.clock()
         self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
         self._at = now
+
+
+@attrs.define(eq=False)
+class Throttle:
+    """A speed limit that can be set, changed or lifted while traffic flows: ``take``
+    paces through a :class:`TokenBucket` while a rate is set, and returns at once
+    when none is (the daemon's per-torrent and session limits)."""
+
+    _bucket: TokenBucket | None = attrs.field(default=None, init=False)
+
+    @property
+    def rate(self) -> float | None:
+        return self._bucket.rate if self._bucket is not None else None
+
+    def set_rate(self, rate: float | None) -> None:
+        """Bytes per second (None or 0: unlimited); the same rate keeps the bucket."""
+        if not rate:
+            self._bucket = None
+        elif self._bucket is None or self._bucket.rate != rate:
+            self._bucket = TokenBucket(rate)
+
+    def take(self, n: int) -> None:
+        bucket = self._bucket
+        if bucket is not None:
+            bucket.take(n)

@@ -46,7 +46,7 @@ from gevent.greenlet import Greenlet
 from gevent.pool import Group
 
 from anomos.errors import AnomosError, ProtocolError, StorageError
-from anomos.net.ratelimit import TokenBucket
+from anomos.net.ratelimit import Throttle, TokenBucket
 from anomos.progress import bar
 from anomos.torrent import choker as choking
 from anomos.torrent import resume
@@ -286,6 +286,10 @@ class TorrentSession:
         self.first_block_at: float | None = None
         #: When the first piece was verified (monotonic): the start of a download, measured.
         self.first_piece_at: float | None = None
+        #: Speed limits the daemon sets (this torrent's, the session's): bytes read from
+        #: every connection, and block bytes sent, wait for tokens of each.
+        self.download_throttles: tuple[Throttle, ...] = ()
+        self.upload_throttles: tuple[Throttle, ...] = ()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -611,6 +615,8 @@ class TorrentSession:
                 if not data:
                     self._close_conn(conn, "closed by peer")
                     return
+                for throttle in self.download_throttles:
+                    throttle.take(len(data))  # (reading late closes the circuit's window)
                 conn.last_recv = time.monotonic()
                 self._handle_all(conn, reader.feed(data))
         except AnomosError as exc:
@@ -644,6 +650,8 @@ class TorrentSession:
                         served += length
                     if not parts:
                         break
+                    for throttle in self.upload_throttles if served else ():
+                        throttle.take(served)
                     now = time.monotonic()
                     if served:
                         conn.uploaded += served

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -198,9 +199,15 @@ def _magnet_info(magnet: Magnet, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def info_command(file: Path, as_json: bool) -> None:
     """Show what a .atorrent (or plain .torrent) holds, after validating it, or what
-    an anomos magnet link names."""
+    an anomos magnet link names; given the ID of a torrent of the running daemon
+    instead (a number or infohash), show that."""
     if is_magnet(str(file)):
         _magnet_info(Magnet.parse(str(file)), as_json)
+        return
+    if not file.exists() and re.fullmatch(r"\d{1,9}|[0-9a-fA-F]{40}", str(file)):
+        from anomos.plugins.commands.daemon_cmd import show_torrent
+
+        show_torrent(str(file))  # (the daemon as `anomos list` finds it, or ANOMOS_RPC)
         return
     meta = Metainfo.load(file)
     if as_json:
