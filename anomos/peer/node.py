@@ -118,6 +118,8 @@ class Peer:
     )
     #: NID -> (monotonic time the link dropped, why) not yet reported to the tracker.
     _lost: dict[int, tuple[float, str]] = attrs.field(factory=dict, init=False)
+    #: Whether the tracker could dial us back (AnnounceReply.reachable), as last told.
+    reachable: str = attrs.field(default="unchecked", init=False)
 
     def __attrs_post_init__(self) -> None:
         private_dir(self.settings.state_dir)  # resume file names are the infohashes shared
@@ -272,10 +274,24 @@ class Peer:
         self._min_interval = float(reply.min_interval)
         self.ratio = reply.ratio
         self.account = reply
+        self._tell_reachability(reply.reachable)
         self.links.set_neighbours(reply.neighbours)
         if lost:
             log.info("reported %d lost neighbour(s) to the tracker", len(lost))
         return reply
+
+    def _tell_reachability(self, state: str) -> None:
+        """One line when the tracker's verdict on dialling us changes (docs/operations.md)."""
+        if state == self.reachable:
+            return
+        self.reachable = state
+        if state == "reachable":
+            log.info("reachable at %s", self.address)
+        elif state == "unreachable":
+            log.info(
+                "not reachable from outside: behind NAT or a firewall; "
+                "neighbours will dial out from here"
+            )
 
     def announce_soon(self, *, urgent: bool = False) -> None:
         """Have the announce loop announce as soon as the tracker allows: after its

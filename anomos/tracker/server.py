@@ -56,6 +56,7 @@ from anomos.tracker.graph import PeerGraph
 from anomos.tracker.identity import TrackerIdentity
 from anomos.tracker.limits import Limits, LimitSettings, RecentRequests, Seen
 from anomos.tracker.planner import PeerKeys, Planner, Swarm
+from anomos.tracker.reachability import Reach, Reachability
 from anomos.tracker.store import Account, Batch, PeerRow, Store, SwarmRow
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,9 @@ LOST_REPORTS_TO_DROP = 2
 #: Edges one announce may have replaced by reporting neighbours "unreachable" (more
 #: are ignored), so that one peer cannot churn the graph fast.
 UNREACHABLE_PER_ANNOUNCE = 2
+#: Seconds until the next announce asked of a peer the tracker is still probing
+#: (it hears whether it is reachable, and the neighbours that fit, soon after).
+REACH_RECHECK_INTERVAL = 3
 #: Seconds until the next announce asked of a peer whose report is still pending
 #: (so it hears of the replacement neighbours soon after the peer is dropped).
 LOST_RECHECK_INTERVAL = 2
@@ -389,6 +393,7 @@ class Tracker:
         min_ratio: float = 0.0,
         ratio_grace: int = RATIO_GRACE,
         limits: LimitSettings | None = None,
+        probe_reachability: bool = False,
     ) -> None:
         self.state_dir = Path(state_dir)
         if not 0 <= min_ratio <= MAX_MIN_RATIO:
@@ -452,6 +457,14 @@ class Tracker:
         self.dropped = 0
         #: reporter -> its receipt baselines (not persisted: see _confirm)
         self._receipts: dict[bytes, _Receipts] = {}
+        #: Which peers can be dialled from outside (None: not probed, all planned as
+        #: reachable); the graph plans around the ones that cannot (reachability.py).
+        self.reach: Reachability | None = None
+        if probe_reachability:
+            self.reach = Reachability(
+                on_verdict=self._on_reach, network_of=self.limits.network, clock=clock
+            )
+            self.graph.closed = self.reach.closed
         self._restore()
         self._server: _Server | None = None
         self._loops: list[gevent.Greenlet] = []
@@ -506,6 +519,8 @@ class Tracker:
             self._server = None
         gevent.killall(self._loops)
         self._loops = []
+        if self.reach is not None:
+            self.reach.close()
         self.flush()
         self.store.close()
         if was_serving:
@@ -520,14 +535,20 @@ class Tracker:
             "announces": self.announces,
             "circuits_planned": self.planner.planned,
             "dropped": self.dropped,
+            **({} if self.reach is None else self.reach.counts()),
         }
 
     # ------------------------------------------------------------------ announce
     def announce(
-        self, peer: bytes, inner: dict[bytes, Any], network: str | None = None
+        self,
+        peer: bytes,
+        inner: dict[bytes, Any],
+        network: str | None = None,
+        client: str | None = None,
     ) -> dict[bytes, Any]:
         """Handle a verified announce from ``peer``, sent from ``network`` (None: not
-        limited per network); the reply dict (see docs/tracker-api.md)."""
+        limited per network) and the IP ``client`` (None: not probed back); the reply
+        dict (see docs/tracker-api.md)."""
         now = self.clock()
         session = _field(inner, "session")
         if not isinstance(session, bytes) or not 1 <= len(session) <= 32:
@@ -556,6 +577,8 @@ class Tracker:
             self._changed()
             return self._reply(peer, [], account)
 
+        if self.reach is not None:  # before joining: a newcomer is planned as unreachable
+            self.reach.announced(peer, peer, address, client, shared=False)
         if row is None:
             row = PeerRow(peer, onion, box, address, now, 0)
             self.peers[peer] = row
@@ -581,7 +604,23 @@ class Tracker:
         for edge in fixed:
             batch.add_edge(self._id(edge.a), self._id(edge.b), edge.nid, self._id(edge.dialer))
         interval = LOST_RECHECK_INTERVAL if pending else None
+        if self.reach is not None and self.reach.state(peer) is Reach.CHECKING:
+            interval = min(interval or REACH_RECHECK_INTERVAL, REACH_RECHECK_INTERVAL)
         return self._reply(peer, list(self.graph.neighbours(peer)), account, interval)
+
+    def _on_reach(self, peer: Any, before: Reach, after: Reach) -> None:
+        """Mend the graph around a new verdict: a peer that cannot be dialled (or is not
+        known yet to be) loses its edges to others alike; a dialable one is topped up."""
+        if peer not in self.graph:
+            return
+        batch = self._pending
+        if peer in self.graph.closed:
+            for other in [n for n in self.graph.neighbours(peer) if n in self.graph.closed]:
+                self._apply_changes(self.graph.replace_edge(peer, other), batch)
+        if self.graph.degree(peer) < self.graph.min_neighbours:
+            self._apply_changes(self.graph.top_up(peer), batch)
+        self._changed()
+        log.debug("peer %s: %s -> %s", peer.hex()[:16], before.value, after.value)
 
     def _check_limits(self, peer: bytes, joining: bool, network: str | None) -> None:
         """Refuse (429) an announce over the identity's or its network's allowance."""
@@ -810,6 +849,8 @@ class Tracker:
         self.peers.pop(peer, None)
         self._seen.pop(peer, None)
         self._lost_reports.pop(peer, None)
+        if self.reach is not None:
+            self.reach.forget(peer)
 
     def _id(self, peer: bytes) -> int:
         """The peer's integer id in the store (its join sequence number)."""
@@ -849,6 +890,9 @@ class Tracker:
             b"downloaded": account.downloaded,
             b"relayed": account.relayed,
             b"relayed_claimed": account.relayed_claimed,
+            b"reachable": (
+                Reach.UNCHECKED if self.reach is None else self.reach.state(peer)
+            ).value.encode(),
         }
 
     # ------------------------------------------------------------------ circuits
@@ -1012,7 +1056,7 @@ class Tracker:
                 raise Refused(429, "too many requests; slow down")
             if path == ANNOUNCE_PATH:
                 network = None if shared else self.limits.network(client)
-                reply = self.announce(peer, inner, network)
+                reply = self.announce(peer, inner, network, None if shared else client)
             else:
                 reply = self.circuits(peer, inner)
             return _respond(start_response, 200, bencode.encode(reply))
