@@ -6,7 +6,7 @@
 
 Both create ``.venv`` on first use and install anomos into it. ``test`` also
 installs the Debian packages in APT_PACKAGES when they are missing and we are
-root (the Tor, network-namespace, WAN and transmission-remote tests need them);
+root (the Tor, network-namespace, WAN, NAT and transmission-remote tests need them);
 extra arguments go to ``anomos demo`` or to ``pytest``.
 """
 
@@ -29,6 +29,7 @@ APT_PACKAGES = {
     "iproute2": "ip",
     "iptables": "iptables",
     "transmission-cli": "transmission-remote",
+    "nftables": "nft",
 }
 
 

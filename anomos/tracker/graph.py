@@ -196,8 +196,10 @@ class PeerGraph:
         #: bumped on every structural change, so callers can cache searches.
         self.version = 0
         #: Peers that cannot be dialled from outside (behind NAT, or not known yet to be
-        #: dialable): they dial every edge themselves, and two of them are never made
-        #: neighbours. Kept by the tracker (:mod:`anomos.tracker.reachability`).
+        #: dialable): they dial every edge themselves, so two of them are never made
+        #: neighbours, and they get new edges only when they are the peer being given
+        #: neighbours (as they announce, so they hear of them and dial at once), never
+        #: as the chosen end. Kept by the tracker (:mod:`anomos.tracker.reachability`).
         self.closed: Container[Peer] = frozenset()
 
     # ------------------------------------------------------------------ view
@@ -685,13 +687,8 @@ class PeerGraph:
             cand == s
             or self._pos(s, cand) >= 0
             or self.avoided(peer, self._peers[cand])
-            or self.unpairable(peer, self._peers[cand])
+            or self._peers[cand] in self.closed
         )
-
-    def unpairable(self, a: Peer, b: Peer) -> bool:
-        """Whether neither ``a`` nor ``b`` can be dialled, so no link between them can come up."""
-        closed = self.closed
-        return a in closed and b in closed
 
     def _pick_open(self, peer: Peer) -> Peer | None:
         """A random peer below the maximum degree, weighted by its free slots (max - degree),
@@ -738,7 +735,7 @@ class PeerGraph:
             v = self._peers[sv]
             if sv == s or self._pos(s, sv) >= 0 or self.avoided(peer, u) or self.avoided(peer, v):
                 continue
-            if self.unpairable(peer, u) or self.unpairable(peer, v):
+            if u in self.closed or v in self.closed:
                 continue
             self._unlink(u, v)
             changes.removed.append((u, v))

@@ -102,6 +102,9 @@ UNREACHABLE_PER_ANNOUNCE = 2
 #: Seconds until the next announce asked of a peer the tracker is still probing
 #: (it hears whether it is reachable, and the neighbours that fit, soon after).
 REACH_RECHECK_INTERVAL = 3
+#: A peer nobody can dial gets new neighbours only as it announces: while it has
+#: fewer than the minimum it is asked back this many times per interval.
+CLOSED_SHORT_DIVISOR = 4
 #: Seconds until the next announce asked of a peer whose report is still pending
 #: (so it hears of the replacement neighbours soon after the peer is dropped).
 LOST_RECHECK_INTERVAL = 2
@@ -604,23 +607,30 @@ class Tracker:
         for edge in fixed:
             batch.add_edge(self._id(edge.a), self._id(edge.b), edge.nid, self._id(edge.dialer))
         interval = LOST_RECHECK_INTERVAL if pending else None
-        if self.reach is not None and self.reach.state(peer) is Reach.CHECKING:
-            interval = min(interval or REACH_RECHECK_INTERVAL, REACH_RECHECK_INTERVAL)
+        if self.reach is not None:
+            interval = self._reach_interval(peer, interval)
         return self._reply(peer, list(self.graph.neighbours(peer)), account, interval)
 
     def _on_reach(self, peer: Any, before: Reach, after: Reach) -> None:
         """Mend the graph around a new verdict: a peer that cannot be dialled (or is not
-        known yet to be) loses its edges to others alike; a dialable one is topped up."""
-        if peer not in self.graph:
+        known yet to be) loses its edges to others alike. (It is given neighbours as it
+        announces: see PeerGraph.closed.)"""
+        log.debug("peer %s: %s -> %s", bytes(peer).hex()[:16], before.value, after.value)
+        if peer not in self.graph or peer not in self.graph.closed:
             return
-        batch = self._pending
-        if peer in self.graph.closed:
-            for other in [n for n in self.graph.neighbours(peer) if n in self.graph.closed]:
-                self._apply_changes(self.graph.replace_edge(peer, other), batch)
-        if self.graph.degree(peer) < self.graph.min_neighbours:
-            self._apply_changes(self.graph.top_up(peer), batch)
-        self._changed()
-        log.debug("peer %s: %s -> %s", peer.hex()[:16], before.value, after.value)
+        for other in [n for n in self.graph.neighbours(peer) if n in self.graph.closed]:
+            self._apply_changes(self.graph.replace_edge(peer, other), self._pending)
+            self._changed()
+
+    def _reach_interval(self, peer: bytes, interval: int | None) -> int | None:
+        """Ask back sooner a peer being probed (to hear the verdict) and one nobody can
+        dial that is short of neighbours: it gets new ones only as it announces."""
+        if self.reach is not None and self.reach.state(peer) is Reach.CHECKING:
+            return min(interval or REACH_RECHECK_INTERVAL, REACH_RECHECK_INTERVAL)
+        if peer in self.graph.closed and self.graph.degree(peer) < self.graph.min_neighbours:
+            short = max(self.min_interval, self.interval // CLOSED_SHORT_DIVISOR)
+            return min(interval or short, short)
+        return interval
 
     def _check_limits(self, peer: bytes, joining: bool, network: str | None) -> None:
         """Refuse (429) an announce over the identity's or its network's allowance."""
