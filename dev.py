@@ -6,8 +6,8 @@
 
 Both create ``.venv`` on first use and install anomos into it. ``test`` also
 installs the Debian packages in APT_PACKAGES when they are missing and we are
-root (the Tor, network-namespace, WAN, NAT and transmission-remote tests need them);
-extra arguments go to ``anomos demo`` or to ``pytest``.
+root (the Tor, network-namespace, WAN, NAT, UPnP and transmission-remote tests
+need them); extra arguments go to ``anomos demo`` or to ``pytest``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ APT_PACKAGES = {
     "iptables": "iptables",
     "transmission-cli": "transmission-remote",
     "nftables": "nft",
+    "miniupnpd-nftables": "miniupnpd",
 }
 
 

@@ -34,6 +34,7 @@ from anomos.peer.download import (
     DownloadReport,
     TorrentDownload,
 )
+from anomos.peer.portmap import PortMapError, PortMapper
 from anomos.pluginmanager import Plugins
 from anomos.torrent.metainfo import Metainfo
 from anomos.torrent.session import TorrentSession
@@ -120,6 +121,8 @@ class Peer:
     _lost: dict[int, tuple[float, str]] = attrs.field(factory=dict, init=False)
     #: Whether the tracker could dial us back (AnnounceReply.reachable), as last told.
     reachable: str = attrs.field(default="unchecked", init=False)
+    #: The router's port mapping kept for us (``--upnp``), if any.
+    _portmap: PortMapper | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         private_dir(self.settings.state_dir)  # resume file names are the infohashes shared
@@ -166,6 +169,8 @@ class Peer:
         restarting); a tracker with the wrong identity is a fatal error.
         """
         self.address = self.links.start()
+        if self.settings.upnp:
+            self.address = self._map_port(self.address)
         try:
             self.announce()
         except (TrackerTrustError, ConfigError):
@@ -178,6 +183,16 @@ class Peer:
         self._write_peer_file()
         self.plugins.notify("anomos_peer_started", peer=self)
         log.info("peer %s listening on %s", self.identity.identity_public.hex()[:16], self.address)
+
+    def _map_port(self, local: str) -> str:
+        """``--upnp``: the router's public address for our port, or ``local`` (one line)."""
+        self._portmap = PortMapper(local)
+        try:
+            return self._portmap.start().external
+        except PortMapError as exc:
+            log.warning("UPnP: no port mapping (%s); carrying on without one", exc)
+            self._portmap = None
+            return local
 
     def stop(self) -> None:
         if self._stopped:
@@ -204,6 +219,8 @@ class Peer:
             session.close()
         self.switch.close()
         self.links.close()
+        if self._portmap is not None:
+            self._portmap.close()
         self.plugins.notify("anomos_peer_stopped", peer=self)
 
     @property
