@@ -16,9 +16,21 @@ import gevent
 import gevent.event
 import pytest
 
+from anomos.errors import ConfigError
+from anomos.pluginmanager import get_plugins
 from anomos.tracker import reachability as reachmod
 from anomos.tracker.graph import PeerGraph
 from anomos.tracker.reachability import Reach, Reachability
+from anomos.tracker.simulate import (
+    SimClock,
+    SimOptions,
+    build_graph,
+    simulate,
+    summarize,
+    unreachable_peers,
+)
+
+PLUGINS = get_plugins(load_entrypoints=False)
 
 
 def check_rule(g: PeerGraph, closed: set[int]) -> tuple[int, int]:
@@ -144,3 +156,17 @@ def test_probe_bounds_address_in_flight_identity_and_network() -> None:
         gevent.sleep(0.001)
     assert len(dialled) == reachmod.NETWORK_BURST
     r.close()
+
+
+def test_anomos_paths_plans_unreachable_peers_as_the_tracker_does() -> None:
+    options = SimOptions(peers=300, circuits=400, unreachable=0.5, seed=5)
+    closed = unreachable_peers(options)
+    assert len(closed) == 150 and closed == unreachable_peers(options)  # from the seed alone
+    graph = build_graph(options, SimClock())
+    check_rule(graph, set(closed))
+    run = simulate(PLUGINS.path_policy("weighted", min_relays=2, max_relays=4), options)
+    share = summarize(run, options)["reachable"]["hop_share"]
+    # Reachable peers have more neighbours, so they carry more than their half of the relaying.
+    assert 0.5 < share < 1.0, share
+    with pytest.raises(ConfigError):
+        SimOptions(unreachable=1.0).check()

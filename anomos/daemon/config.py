@@ -60,6 +60,8 @@ class DaemonConfig:
     #: The tracker to join before any torrent names one ("" : wait for the first torrent).
     tracker: str = ""
     fingerprint: str = ""
+    #: Ask the home router to forward a port to the peer (UPnP-IGD; anomos.peer.portmap).
+    upnp: bool = False
 
     @property
     def auth_required(self) -> bool:
@@ -90,6 +92,7 @@ _KEYS: dict[str, tuple[str, type]] = {
     "listen": ("listen", str),
     "tracker": ("tracker", str),
     "fingerprint": ("fingerprint", str),
+    "upnp": ("upnp", bool),
 }
 
 
@@ -109,7 +112,7 @@ def load_config(path: Path, *, required: bool = False) -> DaemonConfig:
             )
         attr, kind = _KEYS[key]
         if type(value) is not kind:
-            what = "an integer" if kind is int else "a string"
+            what = {int: "an integer", bool: "true or false"}.get(kind, "a string")
             raise ConfigError(f"config file {path}: {key} must be {what}")
         values[attr] = value
     if "download_dir" in values:

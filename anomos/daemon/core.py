@@ -287,7 +287,10 @@ class Daemon:
         from anomos.peer.node import Peer  # imported late: keeps `anomos --help` fast
 
         settings = Settings(
-            listen=self.config.listen, state_dir=self.state_dir, options=self.plugins.options
+            listen=self.config.listen,
+            state_dir=self.state_dir,
+            upnp=self.config.upnp,
+            options=self.plugins.options,
         )
         self.peer = Peer(self.plugins, settings, tracker_url=url, fingerprint=fingerprint)
         gevent.spawn(self._start_peer, self.peer)
