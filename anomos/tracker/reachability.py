@@ -175,7 +175,8 @@ class Reachability:
         return "" if record is None else record.reason
 
     def counts(self) -> dict[str, int]:
-        out = dict.fromkeys((r.value for r in Reach), 0)
+        """Peers in each probed state (the unchecked ones are not kept)."""
+        out = dict.fromkeys((r.value for r in Reach if r is not Reach.UNCHECKED), 0)
         for record in self._records.values():
             out[record.state.value] += 1
         return out
