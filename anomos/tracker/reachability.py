@@ -38,6 +38,7 @@ import enum
 import ipaddress
 import logging
 import socket
+import sys
 import time
 from collections.abc import Callable, Hashable
 
@@ -65,6 +66,8 @@ NETWORK_EVERY = 5.0
 #: one may have opened its port).
 RECHECK_REACHABLE = 1800.0
 RECHECK_UNREACHABLE = 300.0
+#: Why a peer is taken as unreachable without a probe.
+ADVERTISES_ANOTHER_HOST = "advertises another host than the one its announces come from"
 
 Peer = Hashable
 
@@ -121,10 +124,14 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 @attrs.define(eq=False)
 class _Record:
-    address: str
+    """One peer's verdict (slotted: a tracker may keep a million of these)."""
+
+    #: hash of the address the verdict is for (a change means probing again)
+    address: int
     state: Reach
-    #: when the state was decided (tracker clock)
+    #: when the state was decided, and when the peer was last probed (tracker clock)
     at: float
+    probed_at: float = -PROBE_EVERY
     reason: str = ""
     #: bumped at every new probe: a probe's answer counts only if it is still the latest
     generation: int = 0
@@ -158,7 +165,6 @@ class Reachability:
         #: Peers planned as unreachable (CHECKING or UNREACHABLE).
         self.closed: set[Peer] = set()
         self._records: dict[Peer, _Record] = {}
-        self._last_probe: dict[Peer, float] = {}
         self._networks = _Buckets(1.0 / NETWORK_EVERY, NETWORK_BURST, clock)
         self._in_flight: dict[Peer, gevent.Greenlet] = {}
         #: probes started, and those not started for the bounds (for tests and /stats)
@@ -178,7 +184,8 @@ class Reachability:
         """Peers in each probed state (the unchecked ones are not kept)."""
         out = dict.fromkeys((r.value for r in Reach if r is not Reach.UNCHECKED), 0)
         for record in self._records.values():
-            out[record.state.value] += 1
+            if record.state is not Reach.UNCHECKED:
+                out[record.state.value] += 1
         return out
 
     # ------------------------------------------------------------------ updates
@@ -195,12 +202,12 @@ class Reachability:
         if advertised is None or advertised != source:
             # Dialling anything but where it came from would let any peer aim the
             # tracker at any host; a peer behind NAT advertises its private address.
-            why = f"advertises {host} but its requests come from {client}"
+            why = ADVERTISES_ANOTHER_HOST
             self._set(peer, address, Reach.UNREACHABLE, why)
             return Reach.UNREACHABLE
         record = self._records.get(peer)
         now = self.clock()
-        if record is not None and record.address == address:
+        if record is not None and record.address == hash(address):
             if record.state is Reach.CHECKING and peer in self._in_flight:
                 return record.state
             recheck = RECHECK_REACHABLE if record.state is Reach.REACHABLE else RECHECK_UNREACHABLE
@@ -215,7 +222,6 @@ class Reachability:
     def forget(self, peer: Peer) -> None:
         """``peer`` left: drop its verdict (a probe under way is ignored when it ends)."""
         self._records.pop(peer, None)
-        self._last_probe.pop(peer, None)
         self.closed.discard(peer)
         g = self._in_flight.pop(peer, None)
         if g is not None:
@@ -231,13 +237,13 @@ class Reachability:
         if (
             peer in self._in_flight
             or len(self._in_flight) >= self.max_in_flight
-            or now - self._last_probe.get(peer, -PROBE_EVERY) < PROBE_EVERY
+            or now - self._records[peer].probed_at < PROBE_EVERY
             or not self._networks.try_take(self.network_of(client))
         ):
             self.skipped += 1
             return
-        self._last_probe[peer] = now
         record = self._records[peer]
+        record.probed_at = now
         record.generation += 1
         self.started += 1
         self._in_flight[peer] = gevent.spawn(self._run, peer, identity, address, record.generation)
@@ -252,24 +258,25 @@ class Reachability:
             if self._in_flight.get(peer) is gevent.getcurrent():
                 del self._in_flight[peer]
         record = self._records.get(peer)
-        if record is None or record.generation != generation or record.address != address:
+        if record is None or record.generation != generation or record.address != hash(address):
             return  # it left, moved or was probed again meanwhile
         state = Reach.REACHABLE if why is None else Reach.UNREACHABLE
         log.debug("peer at %s is %s%s", address, state.value, f" ({why})" if why else "")
-        self._set(peer, address, state, why or "")
+        self._set(peer, address, state, sys.intern(why or ""))
 
     def _set(self, peer: Peer, address: str, state: Reach, reason: str) -> None:
         record = self._records.get(peer)
         before = Reach.UNCHECKED if record is None else record.state
-        if state is Reach.UNCHECKED:
+        now = self.clock()
+        if state is Reach.UNCHECKED and (record is None or now - record.probed_at >= PROBE_EVERY):
             self._records.pop(peer, None)  # the default: nothing to keep
         elif record is None:
-            self._records[peer] = _Record(address, state, self.clock(), reason)
-        else:
+            self._records[peer] = _Record(hash(address), state, now, reason=reason)
+        else:  # (an unchecked record is kept while it bounds the next probe)
             record.address, record.state, record.at, record.reason = (
-                address,
+                hash(address),
                 state,
-                self.clock(),
+                now,
                 reason,
             )
         if state in (Reach.CHECKING, Reach.UNREACHABLE):
