@@ -612,15 +612,19 @@ class Tracker:
         return self._reply(peer, list(self.graph.neighbours(peer)), account, interval)
 
     def _on_reach(self, peer: Any, before: Reach, after: Reach) -> None:
-        """Mend the graph around a new verdict: a peer that cannot be dialled (or is not
-        known yet to be) loses its edges to others alike. (It is given neighbours as it
+        """Mend the graph around a new verdict: a peer found unreachable loses its edges
+        to peers found unreachable too (no link between them can come up). Peers merely
+        being checked keep theirs: after a tracker restart every peer is checked again
+        at once, and their edges are fine. (A closed peer is given neighbours as it
         announces: see PeerGraph.closed.)"""
         log.debug("peer %s: %s -> %s", bytes(peer).hex()[:16], before.value, after.value)
-        if peer not in self.graph or peer not in self.graph.closed:
+        reach = self.reach
+        if reach is None or after is not Reach.UNREACHABLE or peer not in self.graph:
             return
-        for other in [n for n in self.graph.neighbours(peer) if n in self.graph.closed]:
-            self._apply_changes(self.graph.replace_edge(peer, other), self._pending)
-            self._changed()
+        for other in self.graph.neighbours(peer):
+            if reach.state(other) is Reach.UNREACHABLE:
+                self._apply_changes(self.graph.replace_edge(peer, other), self._pending)
+                self._changed()
 
     def _reach_interval(self, peer: bytes, interval: int | None) -> int | None:
         """Ask back sooner a peer being probed (to hear the verdict) and one nobody can
