@@ -11,16 +11,18 @@ over real sockets are in test_nat_probe.py).
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import gevent
 import gevent.event
 import pytest
 
 from anomos.errors import ConfigError
-from anomos.pluginmanager import get_plugins
+from anomos.pluginmanager import Plugins, get_plugins
 from anomos.tracker import reachability as reachmod
 from anomos.tracker.graph import PeerGraph
 from anomos.tracker.reachability import Reach, Reachability
+from anomos.tracker.server import Tracker
 from anomos.tracker.simulate import (
     SimClock,
     SimOptions,
@@ -29,6 +31,7 @@ from anomos.tracker.simulate import (
     summarize,
     unreachable_peers,
 )
+from anomos.tracker.store import PeerRow
 
 PLUGINS = get_plugins(load_entrypoints=False)
 
@@ -170,3 +173,28 @@ def test_anomos_paths_plans_unreachable_peers_as_the_tracker_does() -> None:
     assert 0.5 < share < 1.0, share
     with pytest.raises(ConfigError):
         SimOptions(unreachable=1.0).check()
+
+
+def test_edges_between_peers_under_check_survive_only_unreachable_pairs_are_cut(
+    tmp_path: Path, plugins: Plugins
+) -> None:
+    """After a tracker restart every peer is checked again at once: the edges between
+    peers under check must stay; only two peers found unreachable lose their edge."""
+    tracker = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, probe_reachability=True)
+    try:
+        reach, g = tracker.reach, tracker.graph
+        assert reach is not None
+        a, b = b"a" * 32, b"b" * 32
+        for i, peer in enumerate((a, b)):
+            g.add_peer(peer)
+            tracker.peers[peer] = PeerRow(peer, peer, peer, f"192.0.2.{i}:1", 0, g.seq(peer))
+        assert b in g.neighbours(a)
+        reach._set(a, "192.0.2.1:1", Reach.CHECKING, "")
+        reach._set(b, "192.0.2.2:1", Reach.CHECKING, "")
+        assert b in g.neighbours(a)  # both under check: kept
+        reach._set(a, "192.0.2.1:1", Reach.UNREACHABLE, "")
+        assert b in g.neighbours(a)  # the other one may still be reachable
+        reach._set(b, "192.0.2.2:1", Reach.UNREACHABLE, "")
+        assert b not in g.neighbours(a)  # two unreachable peers: no link can come up
+    finally:
+        tracker.stop()
