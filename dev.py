@@ -6,8 +6,8 @@
 
 Both create ``.venv`` on first use and install anomos into it. ``test`` also
 installs the Debian packages in APT_PACKAGES when they are missing and we are
-root (the Tor, network-namespace, WAN, transmission-remote and browser tests need them);
-extra arguments go to ``anomos demo`` or to ``pytest``.
+root (the Tor, network-namespace, WAN, NAT, UPnP, transmission-remote and browser
+tests need them); extra arguments go to ``anomos demo`` or to ``pytest``.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ APT_PACKAGES = {
     "transmission-cli": "transmission-remote",
     "chromium": "chromium",
     "chromium-driver": "chromedriver",
+    "nftables": "nft",
+    "miniupnpd-nftables": "miniupnpd",
 }
 
 

@@ -74,6 +74,8 @@ class Settings:
     dial_transports: tuple[str, ...] = ()
     #: Bytes per second all neighbour links may send together; 0: unlimited.
     max_send_rate: int = 0
+    #: Ask the home router for a port mapping (UPnP-IGD; anomos.peer.portmap).
+    upnp: bool = False
     connect_timeout: float = CONNECT_TIMEOUT
     handshake_timeout: float = HANDSHAKE_TIMEOUT
     options: dict[str, Any] = attrs.field(factory=dict)

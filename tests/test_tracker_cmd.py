@@ -13,6 +13,7 @@ import pytest
 from anomos.identity import PeerIdentity
 from anomos.testing import anomos_cmd, loopback_host, run_anomos
 from anomos.tracker.client import TrackerClient
+from anomos.tracker.server import REACH_RECHECK_INTERVAL
 
 
 @pytest.mark.slow
@@ -42,7 +43,9 @@ def test_tracker_command_serves_and_stops_on_sigterm(tmp_path):
             info["url"], info["fingerprint"], PeerIdentity.generate(), source_host=host
         )
         reply = client.announce(f"{host}:7000", [], 0)
-        assert reply.neighbours == () and reply.interval == 60
+        assert reply.neighbours == ()
+        # Reachability probing is on by default: asked back soon to hear the verdict.
+        assert reply.reachable == "checking" and reply.interval == REACH_RECHECK_INTERVAL
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)

@@ -79,6 +79,8 @@ class DaemonConfig:
     seed_queue_size: int = 10
     queue_stalled_enabled: bool = True
     queue_stalled_minutes: int = 30
+    #: Ask the home router to forward a port to the peer (UPnP-IGD; anomos.peer.portmap).
+    upnp: bool = False
 
     @property
     def auth_required(self) -> bool:
@@ -150,6 +152,7 @@ _KEYS: dict[str, tuple[str, type]] = {
     "fingerprint": ("fingerprint", str),
     "max-send-rate": ("max_send_rate", str),
     **{TOML_NAMES.get(key, key): spec for key, spec in SESSION_KEYS.items()},
+    "upnp": ("upnp", bool),
 }
 
 

@@ -528,6 +528,7 @@ class Daemon:
             listen=listen,
             state_dir=folder,
             max_send_rate=self.config.max_send_rate,
+            upnp=self.config.upnp,
             options=self.plugins.options,
         )
         try:

@@ -34,6 +34,7 @@ from anomos.peer.download import (
     DownloadReport,
     TorrentDownload,
 )
+from anomos.peer.portmap import PortMapError, PortMapper
 from anomos.pluginmanager import Plugins
 from anomos.torrent.metainfo import Metainfo
 from anomos.torrent.session import TorrentSession
@@ -106,6 +107,10 @@ class Peer:
     )
     #: NID -> (monotonic time the link dropped, why) not yet reported to the tracker.
     _lost: dict[int, tuple[float, str]] = attrs.field(factory=dict, init=False)
+    #: Whether the tracker could dial us back (AnnounceReply.reachable), as last told.
+    reachable: str = attrs.field(default="unchecked", init=False)
+    #: The router's port mapping kept for us (``--upnp``), if any.
+    _portmap: PortMapper | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         private_dir(self.settings.state_dir)  # resume file names are the infohashes shared
@@ -152,6 +157,8 @@ class Peer:
         restarting); a tracker with the wrong identity is a fatal error.
         """
         self.address = self.links.start()
+        if self.settings.upnp:
+            self.address = self._map_port(self.address)
         try:
             self.announce()
         except (TrackerTrustError, ConfigError):
@@ -164,6 +171,16 @@ class Peer:
         self._write_peer_file()
         self.plugins.notify("anomos_peer_started", peer=self)
         log.info("peer %s listening on %s", self.identity.identity_public.hex()[:16], self.address)
+
+    def _map_port(self, local: str) -> str:
+        """``--upnp``: the router's public address for our port, or ``local`` (one line)."""
+        self._portmap = PortMapper(local)
+        try:
+            return self._portmap.start().external
+        except PortMapError as exc:
+            log.warning("UPnP: no port mapping (%s); carrying on without one", exc)
+            self._portmap = None
+            return local
 
     def stop(self) -> None:
         if self._stopped:
@@ -190,6 +207,8 @@ class Peer:
             session.close()
         self.switch.close()
         self.links.close()
+        if self._portmap is not None:
+            self._portmap.close()
         self.plugins.notify("anomos_peer_stopped", peer=self)
 
     @property
@@ -260,10 +279,24 @@ class Peer:
         self._min_interval = float(reply.min_interval)
         self.ratio = reply.ratio
         self.account = reply
+        self._tell_reachability(reply.reachable)
         self.links.set_neighbours(reply.neighbours)
         if lost:
             log.info("reported %d lost neighbour(s) to the tracker", len(lost))
         return reply
+
+    def _tell_reachability(self, state: str) -> None:
+        """One line when the tracker's verdict on dialling us changes (docs/operations.md)."""
+        if state == self.reachable:
+            return
+        self.reachable = state
+        if state == "reachable":
+            log.info("reachable at %s", self.address)
+        elif state == "unreachable":
+            log.info(
+                "not reachable from outside: behind NAT or a firewall; "
+                "neighbours will dial out from here"
+            )
 
     def announce_soon(self, *, urgent: bool = False) -> None:
         """Have the announce loop announce as soon as the tracker allows: after its

@@ -59,6 +59,10 @@ EVENTS = ("", "started", "completed", "stopped")
 MAX_RETRY_AFTER = 600.0
 
 
+#: The values of an announce reply's ``reachable`` (tracker/reachability.py's Reach).
+REACH_STATES = ("unchecked", "checking", "reachable", "unreachable")
+
+
 class TrackerRefused(TrackerError):
     """The tracker answered, with a refusal (its failure reason is the message)."""
 
@@ -103,6 +107,9 @@ class AnnounceReply:
     relayed_claimed: int = 0
     #: Uploaded bytes we claimed in all; ``uploaded`` is what our neighbours confirm of it.
     uploaded_claimed: int = 0
+    #: Whether the tracker could dial us back (``anomos.tracker.reachability.Reach``):
+    #: "reachable", "unreachable", "checking", or "unchecked" (it does not probe).
+    reachable: str = "unchecked"
 
 
 @attrs.frozen
@@ -431,7 +438,15 @@ def _parse_announce(reply: dict[bytes, Any]) -> AnnounceReply:
         min_interval=_int(reply.get(b"min_interval", 0), 0, 86400),
         relayed_claimed=_int(reply.get(b"relayed_claimed", reply[b"relayed"])),
         uploaded_claimed=_int(reply.get(b"uploaded_claimed", reply[b"uploaded"])),
+        reachable=_reach(reply.get(b"reachable", b"unchecked")),
     )
+
+
+def _reach(value: Any) -> str:
+    text = _text(value, 16)
+    if text not in REACH_STATES:
+        raise ValueError(f"reachable is {text!r}")
+    return text
 
 
 def _parse_plan(item: Any) -> CircuitPlan:

@@ -197,6 +197,12 @@ class PeerGraph:
         self._avoided: collections.OrderedDict[frozenset[Peer], float] = collections.OrderedDict()
         #: bumped on every structural change, so callers can cache searches.
         self.version = 0
+        #: Peers that cannot be dialled from outside (behind NAT, or not known yet to be
+        #: dialable): they dial every edge themselves, so two of them are never made
+        #: neighbours, and they get new edges only when they are the peer being given
+        #: neighbours (as they announce, so they hear of them and dial at once), never
+        #: as the chosen end. Kept by the tracker (:mod:`anomos.tracker.reachability`).
+        self.closed: Container[Peer] = frozenset()
 
     # ------------------------------------------------------------------ view
     def __contains__(self, peer: object) -> bool:
@@ -248,8 +254,12 @@ class PeerGraph:
 
         The end that was told of the edge first (so it can dial at once, and the
         other end learns of the edge when dialled); before either was told, or for
-        an edge restored without one, the peer that joined later.
+        an edge restored without one, the peer that joined later. Whatever that
+        says, a peer in :attr:`closed` dials a peer that is not: only it can.
         """
+        closed = self.closed
+        if (a in closed) != (b in closed):
+            return a if a in closed else b
         sa, sb = self._slot[a], self._slot[b]
         i = self._pos(sa, sb)
         if i >= 0:
@@ -675,7 +685,12 @@ class PeerGraph:
 
     def _excluded(self, peer: Peer, s: int, cand: int) -> bool:
         """Whether slot ``cand`` may not become a neighbour of ``peer`` (slot ``s``)."""
-        return cand == s or self._pos(s, cand) >= 0 or self.avoided(peer, self._peers[cand])
+        return (
+            cand == s
+            or self._pos(s, cand) >= 0
+            or self.avoided(peer, self._peers[cand])
+            or self._peers[cand] in self.closed
+        )
 
     def _pick_open(self, peer: Peer) -> Peer | None:
         """A random peer below the maximum degree, weighted by its free slots (max - degree),
@@ -721,6 +736,8 @@ class PeerGraph:
             sv = self._nbr[base + int(self._rng.random() * self._deg[su])]
             v = self._peers[sv]
             if sv == s or self._pos(s, sv) >= 0 or self.avoided(peer, u) or self.avoided(peer, v):
+                continue
+            if u in self.closed or v in self.closed:
                 continue
             self._unlink(u, v)
             changes.removed.append((u, v))

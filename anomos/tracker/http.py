@@ -76,7 +76,11 @@ class Endpoints(Protocol):
     def stats(self) -> dict[str, int]: ...
 
     def announce(
-        self, peer: bytes, inner: dict[bytes, Any], network: str | None = None
+        self,
+        peer: bytes,
+        inner: dict[bytes, Any],
+        network: str | None = None,
+        client: str | None = None,
     ) -> dict[bytes, Any]: ...
 
     def circuits(self, peer: bytes, inner: dict[bytes, Any]) -> dict[bytes, Any]: ...
@@ -163,7 +167,7 @@ class FrontEnd:
                 raise Refused(429, "too many requests; slow down")
             if path == ANNOUNCE_PATH:
                 network = None if shared else self.network(client)
-                reply = self.endpoints.announce(peer, inner, network)
+                reply = self.endpoints.announce(peer, inner, network, None if shared else client)
             else:
                 reply = self.endpoints.circuits(peer, inner)
             return respond(start_response, 200, bencode.encode(reply))

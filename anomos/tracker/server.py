@@ -50,6 +50,7 @@ from anomos.tracker.liveness import Liveness, Verdict
 from anomos.tracker.persistence import FLUSH_INTERVAL as FLUSH_INTERVAL
 from anomos.tracker.persistence import Persistence, freeze
 from anomos.tracker.planner import PeerKeys, Planner, Swarm
+from anomos.tracker.reachability import Reach, Reachability
 from anomos.tracker.requests import LOW_ORDER_X25519 as LOW_ORDER_X25519
 from anomos.tracker.requests import (
     MAX_CLOCK_SKEW,
@@ -75,6 +76,12 @@ log = logging.getLogger(__name__)
 #: Seconds until the next announce asked of a peer whose report is still pending
 #: (so it hears of the replacement neighbours soon after the peer is dropped).
 LOST_RECHECK_INTERVAL = 2
+#: Seconds until the next announce asked of a peer the tracker is still probing
+#: (it hears whether it is reachable, and the neighbours that fit, soon after).
+REACH_RECHECK_INTERVAL = 3
+#: A peer nobody can dial gets new neighbours only as it announces: while it has
+#: fewer than the minimum it is asked back this many times per interval.
+CLOSED_SHORT_DIVISOR = 4
 #: Seconds ``stop`` waits for requests in progress.
 STOP_TIMEOUT = 5.0
 
@@ -141,6 +148,14 @@ class Tracker:
         self.persistence = Persistence(
             self.state_dir, self._meta, flush_max_pending=s.flush_max_pending
         )
+        #: Which peers can be dialled from outside (None: not probed, all planned as
+        #: reachable); the graph plans around the ones that cannot (reachability.py).
+        self.reach: Reachability | None = None
+        if s.probe_reachability:
+            self.reach = Reachability(
+                on_verdict=self._on_reach, network_of=self.limits.network, clock=clock
+            )
+            self.graph.closed = self.reach.closed
         self._restore()
         self._serving = False
         self._loops: list[gevent.Greenlet] = []
@@ -215,6 +230,8 @@ class Tracker:
         self.front.stop(timeout=STOP_TIMEOUT)
         gevent.killall(self._loops)
         self._loops = []
+        if self.reach is not None:
+            self.reach.close()
         self.persistence.close()
         if self._serving:
             self._serving = False
@@ -229,6 +246,7 @@ class Tracker:
             "announces": self.announces,
             "circuits_planned": self.planner.planned,
             "dropped": self.dropped,
+            **({} if self.reach is None else self.reach.counts()),
         }
 
     def wsgi(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
@@ -241,10 +259,15 @@ class Tracker:
 
     # ------------------------------------------------------------------ announce and join
     def announce(
-        self, peer: bytes, inner: dict[bytes, Any], network: str | None = None
+        self,
+        peer: bytes,
+        inner: dict[bytes, Any],
+        network: str | None = None,
+        client: str | None = None,
     ) -> dict[bytes, Any]:
         """Handle a verified announce from ``peer``, sent from ``network`` (None: not
-        limited per network); the reply dict (see docs/tracker-api.md)."""
+        limited per network) and the IP ``client`` (None: not probed back); the reply
+        dict (see docs/tracker-api.md)."""
         now = self.clock()
         row = self.peers.get(peer)
         request = parse_announce(inner, (row.onion, row.box) if row else None)
@@ -260,6 +283,8 @@ class Tracker:
             self.persistence.changed()
             return self._reply(peer, [], account)
 
+        if self.reach is not None:  # before joining: a newcomer is planned as unreachable
+            self.reach.announced(peer, peer, request.address, client, shared=False)
         if row is None:
             row = self._join(peer, request, now, batch)
         else:
@@ -277,7 +302,35 @@ class Tracker:
         for edge in fixed:
             batch.add_edge(self._id(edge.a), self._id(edge.b), edge.nid, self._id(edge.dialer))
         interval = LOST_RECHECK_INTERVAL if pending else None
+        if self.reach is not None:
+            interval = self._reach_interval(peer, interval)
         return self._reply(peer, list(self.graph.neighbours(peer)), account, interval)
+
+    def _on_reach(self, peer: Any, before: Reach, after: Reach) -> None:
+        """Mend the graph around a new verdict: a peer found unreachable loses its edges
+        to peers found unreachable too (no link between them can come up). Peers merely
+        being checked keep theirs: after a tracker restart every peer is checked again
+        at once, and their edges are fine. (A closed peer is given neighbours as it
+        announces: see PeerGraph.closed.)"""
+        log.debug("peer %s: %s -> %s", bytes(peer).hex()[:16], before.value, after.value)
+        reach = self.reach
+        if reach is None or after is not Reach.UNREACHABLE or peer not in self.graph:
+            return
+        for other in self.graph.neighbours(peer):
+            if reach.state(other) is Reach.UNREACHABLE:
+                self._apply_changes(self.graph.replace_edge(peer, other), self.persistence.pending)
+                self.persistence.changed()
+
+    def _reach_interval(self, peer: bytes, interval: int | None) -> int | None:
+        """Ask back sooner a peer being probed (to hear the verdict) and one nobody can
+        dial that is short of neighbours: it gets new ones only as it announces."""
+        if self.reach is not None and self.reach.state(peer) is Reach.CHECKING:
+            return min(interval or REACH_RECHECK_INTERVAL, REACH_RECHECK_INTERVAL)
+        if peer in self.graph.closed and self.graph.degree(peer) < self.graph.min_neighbours:
+            s = self.settings
+            short = max(s.min_interval, s.interval // CLOSED_SHORT_DIVISOR)
+            return min(interval or short, short)
+        return interval
 
     def _join(self, peer: bytes, request: AnnounceRequest, now: float, batch: Batch) -> PeerRow:
         """A new peer enters the graph and gets its first neighbours."""
@@ -343,6 +396,8 @@ class Tracker:
         batch.remove_peer(self._id(peer))
         self.peers.pop(peer, None)
         self.liveness.forget(peer)
+        if self.reach is not None:
+            self.reach.forget(peer)
 
     def _id(self, peer: bytes) -> int:
         """The peer's integer id in the store (its join sequence number)."""
@@ -377,6 +432,9 @@ class Tracker:
             b"interval": min(interval or every, every),
             b"min_interval": min(least, interval or least),
             **self.accounting.summary(account),
+            b"reachable": (
+                Reach.UNCHECKED if self.reach is None else self.reach.state(peer)
+            ).value.encode(),
         }
 
     # ------------------------------------------------------------------ circuits

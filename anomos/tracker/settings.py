@@ -105,3 +105,7 @@ class TrackerSettings:
     max_connections_per_ip: int = attrs.field(default=MAX_CONNECTIONS_PER_IP, validator=_positive)
     #: Announces after which the changes go to the writer thread without waiting a second.
     flush_max_pending: int = attrs.field(default=FLUSH_MAX_PENDING, validator=_positive)
+    #: Dial announcing peers back to learn which are behind NAT, and plan edges so those
+    #: dial out and never pair with each other (reachability.py); off in the class (tests
+    #: announce made-up addresses), on in `anomos tracker`.
+    probe_reachability: bool = False

@@ -55,6 +55,9 @@ class SimOptions:
     circuits: int = 5000
     rate: float = 50.0
     seed: int = 1
+    #: Share of the peers nobody can dial (behind NAT): planned as the tracker plans
+    #: them (``PeerGraph.closed``), never two of them neighbours.
+    unreachable: float = 0.0
 
     def check(self) -> None:
         """Refuse inputs that are meaningless or would not finish, with one line."""
@@ -76,6 +79,14 @@ class SimOptions:
             raise ConfigError(f"--rate {self.rate:g}: need {MIN_RATE:g} <= R <= {MAX_RATE:,.0f}")
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"--seed {self.seed}: need 0 <= N <= 2**63-1")
+        if not 0 <= self.unreachable < 1:
+            raise ConfigError(f"--unreachable {self.unreachable:g}: need 0 <= SHARE < 1")
+
+
+def unreachable_peers(options: SimOptions) -> frozenset[int]:
+    """The peers nobody can dial, drawn from the seed alone (the same for every policy)."""
+    rng = random.Random(f"{options.seed}:unreachable")
+    return frozenset(rng.sample(range(options.peers), round(options.unreachable * options.peers)))
 
 
 @attrs.define
@@ -107,6 +118,7 @@ def build_graph(options: SimOptions, clock: Callable[[], float]) -> PeerGraph:
         clock=clock,
         edge_settle=0,
     )
+    graph.closed = unreachable_peers(options)
     for peer in range(options.peers):
         graph.add_peer(peer)
     for peer in range(options.peers):
@@ -270,17 +282,37 @@ def summarize(run: PolicyRun, options: SimOptions) -> dict[str, Any]:
             "p99": percentile(times_us, 99),
         },
         "load": load_spread(run.relayed, options.peers),
+        "reachable": reachable_load(run.relayed, options),
         "seconds": run.seconds,
+    }
+
+
+def reachable_load(relayed: dict[Hashable, int], options: SimOptions) -> dict[str, float]:
+    """How much of the relaying falls on the peers that can be dialled: their share of
+    the relay hops, and the mean hops per reachable and per unreachable peer."""
+    closed = unreachable_peers(options)
+    hops = sum(relayed.values())
+    on_closed = sum(n for peer, n in relayed.items() if peer in closed)
+    reachable = options.peers - len(closed)
+    return {
+        "peers": reachable,
+        "hop_share": (hops - on_closed) / hops if hops else 0.0,
+        "mean_hops": (hops - on_closed) / reachable if reachable else 0.0,
+        "mean_hops_unreachable": on_closed / len(closed) if closed else 0.0,
     }
 
 
 def graph_summary(graph: PeerGraph) -> dict[str, Any]:
     """Size and degrees of the graph every policy ran on."""
     degrees = [graph.degree(p) for p in graph]
+    shut = [graph.degree(p) for p in graph if p in graph.closed]
     return {
         "peers": len(graph),
         "edges": graph.edge_count(),
         "degree_min": min(degrees, default=0),
         "degree_max": max(degrees, default=0),
         "degree_mean": sum(degrees) / len(degrees) if degrees else 0.0,
+        "unreachable": len(shut),
+        "degree_mean_unreachable": sum(shut) / len(shut) if shut else 0.0,
+        "isolated_unreachable": sum(d == 0 for d in shut),
     }

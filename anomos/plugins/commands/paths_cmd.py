@@ -92,6 +92,14 @@ class _Number(click.ParamType):
     help="Seed of everything random.",
 )
 @click.option(
+    "--unreachable",
+    metavar="SHARE",
+    default=0.0,
+    show_default=True,
+    type=_Number(float),
+    help="Share of peers nobody can dial (behind NAT), planned as the tracker plans them.",
+)
+@click.option(
     "--json",
     "json_path",
     default="anomos-paths.json",
@@ -109,6 +117,7 @@ def paths_command(
     circuits: int,
     rate: float,
     seed: int,
+    unreachable: float,
     json_path: Path,
 ) -> None:
     """Compare path policies on one simulated tracker graph: success, relays, time, load spread."""
@@ -128,6 +137,7 @@ def paths_command(
         circuits=circuits,
         rate=rate,
         seed=seed,
+        unreachable=unreachable,
     )
     options.check()
     names = list(dict.fromkeys(policies)) or plugins.path_policies.names()
@@ -168,6 +178,7 @@ _COLUMNS = (
     ("max/mean", 9),
     ("Gini", 6),
     ("top 1 %", 8),
+    ("on reachable", 13),
 )
 
 
@@ -190,6 +201,7 @@ def table(report: dict[str, Any]) -> str:
                 f"{load['max_over_mean']:.2f}",
                 f"{load['gini']:.3f}",
                 f"{load['top_share']:.1%}",
+                f"{r['reachable']['hop_share']:.1%}",
             ]
         )
     lines = [
@@ -206,6 +218,11 @@ def table(report: dict[str, Any]) -> str:
         f"(mean degree {g.get('degree_mean', 0):.2f}), {o['min_relays']}-{o['max_relays']} relays, "
         f"{o['circuits']:,} circuits at {o['rate']:g}/s, seed {o['seed']}"
     )
+    if g.get("unreachable"):
+        lines.append(
+            f"{g['unreachable']:,} peers unreachable ({o['unreachable']:.0%}): mean degree "
+            f"{g['degree_mean_unreachable']:.2f}, {g['isolated_unreachable']:,} with no neighbour"
+        )
     return "\n".join(lines)
 
 

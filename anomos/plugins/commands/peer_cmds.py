@@ -54,7 +54,13 @@ def _rate(_ctx: click.Context, _param: click.Parameter, value: str) -> int:
 
 def transport_option(fn: Any) -> Any:
     """``--transport`` to listen and dial with, ``--dial-transport`` for what it cannot reach,
-    ``--max-send-rate`` for how much bandwidth the peer gives."""
+    ``--max-send-rate`` for how much bandwidth the peer gives, ``--upnp`` to open a port."""
+    fn = click.option(
+        "--upnp",
+        is_flag=True,
+        help="Ask the home router (UPnP-IGD) to forward a public port to this peer, so "
+        "others can dial it from outside (off by default: docs/operations.md).",
+    )(fn)
     fn = click.option(
         "--max-send-rate",
         default="0",
@@ -83,6 +89,7 @@ def _settings(
     dial_transports: tuple[str, ...],
     max_send_rate: int,
     plugins: Plugins,
+    upnp: bool = False,
 ) -> Settings:
     for name in (transport, *dial_transports):
         plugins.transports.get(name)  # an unknown name is a one-line error before anything starts
@@ -93,6 +100,7 @@ def _settings(
         transport=transport,
         dial_transports=tuple(dial_transports),
         max_send_rate=max_send_rate,
+        upnp=upnp,
         options=plugins.options,
     )
 
@@ -237,6 +245,7 @@ def seed_command(
     transport: str,
     dial_transports: tuple[str, ...],
     max_send_rate: int,
+    upnp: bool,
 ) -> None:
     """Share the data of each ATORRENT anonymously, and relay for others, until stopped.
 
@@ -252,7 +261,7 @@ def seed_command(
         raise ConfigError("the same torrent is given twice")
     peer = _make_peer(
         plugins,
-        _settings(listen, state_dir, transport, dial_transports, max_send_rate, plugins),
+        _settings(listen, state_dir, transport, dial_transports, max_send_rate, plugins, upnp),
         url,
         fingerprint,
     )
@@ -327,6 +336,7 @@ def get_command(
     transport: str,
     dial_transports: tuple[str, ...],
     max_send_rate: int,
+    upnp: bool,
     sources: int,
     timeout: float | None,
     stall_limit: float,
@@ -365,7 +375,7 @@ def get_command(
     check_writable(dest)  # a read-only folder fails now, not after building circuits
     peer = _make_peer(
         plugins,
-        _settings(listen, state_dir, transport, dial_transports, max_send_rate, plugins),
+        _settings(listen, state_dir, transport, dial_transports, max_send_rate, plugins, upnp),
         url,
         fingerprint,
     )
@@ -488,11 +498,12 @@ def relay_command(
     transport: str,
     dial_transports: tuple[str, ...],
     max_send_rate: int,
+    upnp: bool,
 ) -> None:
     """Donate bandwidth: relay circuits for the tracker at URL until stopped."""
     peer = _make_peer(
         plugins,
-        _settings(listen, state_dir, transport, dial_transports, max_send_rate, plugins),
+        _settings(listen, state_dir, transport, dial_transports, max_send_rate, plugins, upnp),
         url,
         fingerprint,
     )

@@ -104,6 +104,13 @@ def write_tracker_json(state_dir: Path, url: str, fingerprint: str) -> Path:
     help="... and then one per this many seconds.",
 )
 @click.option(
+    "--probe-reachability/--no-probe-reachability",
+    default=True,
+    show_default=True,
+    help="Dial each peer back to learn whether it is behind NAT, and plan edges so that "
+    "peers nobody can dial dial out (docs/operations.md).",
+)
+@click.option(
     "--onion",
     is_flag=True,
     help="Also publish the tracker as a v3 onion service (key kept in STATE/onion_key).",
@@ -138,6 +145,7 @@ def tracker_command(
     ipv6_prefix: int,
     join_burst: int,
     join_every: float,
+    probe_reachability: bool,
     onion: bool,
     tor_control: str,
     tor_launch: bool,
@@ -175,6 +183,7 @@ def tracker_command(
         ),
         # Behind an onion service every client arrives from tor's loopback end.
         shared_clients=ONION_CLIENT_ADDRESSES if onion else (),
+        probe_reachability=probe_reachability,
     )
     tracker = Tracker(state, listen, plugins, settings)
     done = gevent.event.Event()
