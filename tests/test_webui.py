@@ -31,7 +31,8 @@ from conftest_daemon import SIZE, DaemonProc, new_daemon, wait_for
 
 from anomos.daemon.web import MAX_EVENT_STREAMS, host_allowed
 from anomos.localnet import LocalNetwork
-from anomos.torrent.metainfo import make_metainfo
+from anomos.torrent.magnet import Magnet
+from anomos.torrent.metainfo import Metainfo, make_metainfo
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -306,11 +307,12 @@ def test_the_page_adds_a_torrent_sees_it_finish_pauses_resumes_and_draws_the_nei
     assert browser.find_elements(By.CSS_SELECTOR, "#neighbourhood line.link")
     assert "127.0.0." not in browser.find_element(By.TAG_NAME, "body").text  # never an address
 
-    # A magnet goes to torrent-add as its file name; what the daemon answers is shown.
+    # A magnet goes to torrent-add as its file name; a BitTorrent one is refused, shown.
     browser.find_element(By.ID, "magnet").send_keys("magnet:?xt=urn:btih:not-a-hash")
     browser.find_element(By.ID, "add-magnet-button").click()
     page("the magnet refused", lambda: message().startswith("torrent-add: "))
     assert "error" in browser.find_element(By.ID, "message").get_attribute("class")
+    browser.find_element(By.ID, "magnet").clear()
 
     # Details: the files with check boxes; applying a selection shows the RPC's answer.
     click(1, "button.open-detail")
@@ -318,10 +320,7 @@ def test_the_page_adds_a_torrent_sees_it_finish_pauses_resumes_and_draws_the_nei
     boxes = browser.find_elements(By.CSS_SELECTOR, "#file-rows input.wanted")
     assert len(boxes) == 1 and boxes[0].is_selected()
     browser.find_element(By.ID, "apply-files").click()
-    page(
-        "the selection answered",
-        lambda: message() == "file selection applied" or message().startswith("torrent-set: "),
-    )
+    page("the selection applied", lambda: message() == "file selection applied")
 
     # A stranger's hostile name is shown as text and never becomes markup.
     hostile = tmp_path / "hostile"
@@ -354,3 +353,24 @@ def test_the_page_adds_a_torrent_sees_it_finish_pauses_resumes_and_draws_the_nei
     browser.switch_to.alert.accept()
     page("removed", lambda: row(2) is None)
     assert row(1) is not None
+
+    # The same torrent again, from its anomos magnet pasted into the page: removed with
+    # its data first, it comes back by metadata from a source and a whole download.
+    click(1, "button.remove")
+    browser.switch_to.alert.accept()
+    page("the first removed", lambda: row(1) is None)
+    (proc.home / "downloads" / data.name).unlink()
+    magnet = str(Magnet.from_metainfo(Metainfo.load(atorrent)))
+    browser.find_element(By.ID, "add-paused").click()  # (ticked above: untick)
+    browser.find_element(By.ID, "magnet").send_keys(magnet)
+    browser.find_element(By.ID, "add-magnet-button").click()
+    page(
+        "the magnet's download seeding at 100 %",
+        lambda: (
+            (r := row(3)) is not None
+            and r.get_attribute("data-status") == "6"
+            and r.get_attribute("data-percent") == "1"
+        ),
+        120,
+    )
+    assert (proc.home / "downloads" / data.name).read_bytes() == data.read_bytes()
