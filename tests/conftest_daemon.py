@@ -91,8 +91,13 @@ class DaemonProc:
             except (OSError, ValueError):
                 return None
 
-        url: str = wait_for("serving its RPC", ready, 60, self.log)
-        assert f"RPC at {url}" in self.log()
+        try:
+            url: str = wait_for("serving its RPC", ready, 60, self.log)
+            assert f"RPC at {url}" in self.log()
+        except BaseException:  # a daemon that did not come up is not left running
+            self.popen.kill()
+            self.popen.wait(10)
+            raise
         return url
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
