@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ class DaemonProc:
     host: str
     config: dict[str, Any]
     popen: subprocess.Popen[bytes] | None = None
+    url: str = ""  # its RPC URL, once started
 
     @property
     def env(self) -> dict[str, str]:
@@ -98,7 +100,25 @@ class DaemonProc:
             self.popen.kill()
             self.popen.wait(10)
             raise
+        self.url = url
         return url
+
+    def transmission_remote(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run transmission-remote against this daemon, as a user would."""
+        where = urllib.parse.urlsplit(self.url)
+        return subprocess.run(
+            ["transmission-remote", f"{where.hostname}:{where.port}", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=self.env,
+        )
+
+    def remote(self, *args: str) -> str:
+        """transmission-remote's output; it must succeed."""
+        done = self.transmission_remote(*args)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         assert self.popen is not None

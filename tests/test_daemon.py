@@ -296,25 +296,12 @@ def test_transmission_remote_lists_and_adds(
         30,
         daemon.log,
     )
-    where = urllib.parse.urlsplit(url)
-    target = f"{where.hostname}:{where.port}"
-
-    def remote(*args: str) -> str:
-        done = subprocess.run(
-            ["transmission-remote", target, *args],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=daemon.env,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
 
     try:
-        assert "success" in remote("-a", str(atorrent))
+        assert "success" in daemon.remote("-a", str(atorrent))
         client = client_for(url)
         wait_for("seeding", lambda: status_of(client, 1)["status"] == 6, 60, daemon.log)
-        listing = remote("-l")
+        listing = daemon.remote("-l")
         row = next(line for line in listing.splitlines() if data.name in line)
         assert "100%" in row and ("Seeding" in row or "Idle" in row), listing
         assert listing.splitlines()[0].split()[:2] == ["ID", "Done"]
@@ -331,7 +318,7 @@ def test_transmission_remote_lists_and_adds(
             data.name in line and "100%" in line and "Seeding" in line
             for line in mine.stdout.splitlines()
         ), mine.stdout
-        assert "success" in remote("-t", "1", "-S")
+        assert "success" in daemon.remote("-t", "1", "-S")
         assert status_of(client, 1)["status"] == 0
     finally:
         assert daemon.stop() == 0, daemon.log()

@@ -10,7 +10,6 @@ import json
 import shutil
 import subprocess
 import sys
-import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -44,19 +43,6 @@ def test_transmission_remote_adds_a_magnet_and_it_finishes_and_survives_a_restar
         net, tmp_path / "home", tracker=net.tracker_url, fingerprint=net.fingerprint
     )
     url = daemon.start()
-    where = urllib.parse.urlsplit(url)
-    target = f"{where.hostname}:{where.port}"
-
-    def remote(*args: str) -> str:
-        done = subprocess.run(
-            ["transmission-remote", target, *args],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=daemon.env,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
 
     def row(tid: int) -> dict[str, object]:
         (torrent,) = client_for(url).get_torrents(ids=[tid], arguments=FIELDS)
@@ -64,7 +50,7 @@ def test_transmission_remote_adds_a_magnet_and_it_finishes_and_survives_a_restar
 
     torrents = daemon.state_dir / "torrents"
     try:
-        assert "success" in remote("-a", str(magnet))
+        assert "success" in daemon.remote("-a", str(magnet))
         wait_for("finished", lambda: status_of(client_for(url), 1)["status"] == 6, 90, daemon.log)
         assert (tmp_path / "home" / "downloads" / data.name).read_bytes() == data.read_bytes()
         finished = row(1)
@@ -89,15 +75,9 @@ def test_transmission_remote_adds_a_magnet_and_it_finishes_and_survives_a_restar
         assert waiting["name"] == "lost & found.iso"
         assert waiting["status"] == 4 and waiting["metadataPercentComplete"] == 0.0
         assert waiting["totalSize"] == 0 and waiting["files"] == []
-        assert "lost & found.iso" in remote("-l")
+        assert "lost & found.iso" in daemon.remote("-l")
         # A BitTorrent magnet is refused in one line, through the RPC too.
-        refused = subprocess.run(
-            ["transmission-remote", target, "-a", f"magnet:?xt=urn:btih:{'ab' * 20}"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=daemon.env,
-        )
+        refused = daemon.transmission_remote("-a", f"magnet:?xt=urn:btih:{'ab' * 20}")
         assert "a BitTorrent magnet" in refused.stdout + refused.stderr
     finally:
         assert daemon.stop() == 0, daemon.log()
