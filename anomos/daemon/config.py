@@ -17,6 +17,7 @@ import attrs
 import platformdirs
 
 from anomos.config import read_toml, split_address
+from anomos.daemon.limits import LimitError, check_value
 from anomos.errors import ConfigError
 from anomos.net.ratelimit import parse_rate
 
@@ -99,14 +100,9 @@ class DaemonConfig:
         if bool(self.tracker) != bool(self.fingerprint):
             raise ConfigError("tracker and fingerprint go together: set both or neither")
         for key, (attr, kind) in SESSION_KEYS.items():
-            value = getattr(self, attr)
-            if kind is not bool and not 0 <= value <= MAX_SESSION_NUMBER:  # (NaN too)
-                raise ConfigError(f"{key} {value} is outside 0-{MAX_SESSION_NUMBER}")
+            setting_value(key, getattr(self, attr), kind)
         return self
 
-
-#: The largest speed (kB/s), size, ratio or number of minutes a setting may have.
-MAX_SESSION_NUMBER = 10_000_000
 
 #: Settings both in daemon.toml and session-get/-set: RPC key -> (attribute, type).
 #: The file uses Transmission's settings.json names, which differ for the ratio
@@ -130,14 +126,18 @@ SESSION_KEYS: dict[str, tuple[str, type]] = {
 TOML_NAMES = {"seedRatioLimit": "ratio-limit", "seedRatioLimited": "ratio-limit-enabled"}
 
 
-def session_value(key: str, value: Any, kind: type) -> Any:
-    """``value`` for the setting ``key`` if it has the right type, else one ConfigError."""
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if type(value) is not kind:
-        what = {int: "an integer", bool: "true or false", float: "a number"}.get(kind, "a string")
-        raise ConfigError(f"{key} must be {what}")
-    return value
+def setting_value(key: str, value: Any, kind: type) -> Any:
+    """``value`` for the setting ``key`` if it has the right type (and a speed, seed or
+    queue setting is in range: :func:`~anomos.daemon.limits.check_value`), else one
+    ConfigError."""
+    if kind is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string")
+        return value
+    try:
+        return check_value(key, value, kind)
+    except LimitError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 #: TOML key -> (attribute, type).
@@ -172,7 +172,7 @@ def load_config(path: Path, *, required: bool = False) -> DaemonConfig:
             )
         attr, kind = _KEYS[key]
         try:
-            values[attr] = session_value(key, value, kind)
+            values[attr] = setting_value(key, value, kind)
         except ConfigError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
     if "max_send_rate" in values:

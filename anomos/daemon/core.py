@@ -36,7 +36,7 @@ import gevent
 import gevent.event
 
 from anomos.config import Settings
-from anomos.daemon.config import SESSION_KEYS, session_value
+from anomos.daemon.config import SESSION_KEYS, setting_value
 from anomos.daemon.limits import (
     LimitError,
     LimitMode,
@@ -725,7 +725,7 @@ class Daemon:
         changes = {}
         for key, value in values.items():
             attr, kind = SESSION_KEYS[key]
-            changes[attr] = session_value(key, value, kind)
+            changes[attr] = setting_value(key, value, kind)
         self.config = attrs.evolve(self.config, **changes).check()
         self._apply_session_limits()
         self._schedule()

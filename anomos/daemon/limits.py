@@ -19,8 +19,10 @@ from anomos.net.ratelimit import Throttle
 
 #: Bytes per Transmission speed unit (kB/s).
 KB = 1000
-#: The highest speed limit accepted, kB/s (10 GB/s).
-MAX_SPEED = 10_000_000
+#: The highest speed (kB/s: 10 GB/s), idle time (minutes) or queue size accepted.
+MAX_NUMBER = 10_000_000
+#: The highest seed ratio accepted.
+MAX_RATIO = 1_000_000
 
 
 class LimitMode(enum.IntEnum):
@@ -102,16 +104,19 @@ def check_limits(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_value(key: str, value: Any, kind: type) -> Any:
-    """``value`` as ``kind`` if it is one (and in range), else a LimitError naming ``key``."""
+    """``value`` as ``kind`` if it is one (and in range), else a LimitError naming ``key``.
+
+    The one check of every speed, seed and queue setting: a torrent's (torrent-set,
+    daemon.json) and the session's (session-set, daemon.toml)."""
     if kind is bool:
         if not isinstance(value, bool):
             raise LimitError(f"{key} must be true or false")
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise LimitError(f"{key} must be a number")
+        raise LimitError(f"{key} must be {'a number' if kind is float else 'an integer'}")
     if kind is float:
-        if not math.isfinite(value) or not 0 <= value <= 1e6:
-            raise LimitError(f"{key} must be a ratio from 0 to 1000000")
+        if not math.isfinite(value) or not 0 <= value <= MAX_RATIO:
+            raise LimitError(f"{key} must be a ratio from 0 to {MAX_RATIO}")
         return float(value)
     if not isinstance(value, int) and not float(value).is_integer():
         raise LimitError(f"{key} must be a whole number")
@@ -120,8 +125,8 @@ def check_value(key: str, value: Any, kind: type) -> Any:
         if number not in tuple(LimitMode):
             raise LimitError(f"{key} must be 0 (session), 1 (this torrent) or 2 (unlimited)")
         return LimitMode(number)
-    if not 0 <= number <= MAX_SPEED:
-        raise LimitError(f"{key} must be from 0 to {MAX_SPEED}")
+    if not 0 <= number <= MAX_NUMBER:
+        raise LimitError(f"{key} {number} is outside 0-{MAX_NUMBER}")
     return number
 
 
