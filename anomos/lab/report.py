@@ -98,6 +98,17 @@ _COLUMNS: tuple[tuple[str, int], ...] = (
 )
 
 
+def aligned(rows: list[list[str]], columns: Sequence[tuple[str, int]]) -> list[str]:
+    """``rows`` as lines of fixed columns: (heading, width), a negative width left-aligned."""
+    return [
+        "  ".join(
+            cell.ljust(-width) if width < 0 else cell.rjust(width)
+            for cell, (_, width) in zip(row, columns, strict=True)
+        ).rstrip()
+        for row in rows
+    ]
+
+
 def table(report: dict[str, Any]) -> str:
     """One row per policy and c: compromise (per circuit, per download, users ever),
     degree of anonymity, predecessor attack, then the cost of the same runs."""
@@ -120,13 +131,7 @@ def table(report: dict[str, Any]) -> str:
                     f"{report['timing'][label]['find_path_us_p50']['mean']:,.0f}",
                 ]
             )
-    lines = [
-        "  ".join(
-            cell.ljust(-w) if w < 0 else cell.rjust(w)
-            for cell, (_, w) in zip(row, _COLUMNS, strict=True)
-        ).rstrip()
-        for row in rows
-    ]
+    lines = aligned(rows, _COLUMNS)
     first = next(iter(report["policies"].values()))
     lines.append(
         f"{exp['peers']:,} peers, {exp['min_neighbours']}-{exp['max_neighbours']} neighbours, "

@@ -19,7 +19,7 @@ import click
 from anomos import hookimpl
 from anomos.errors import ConfigError
 from anomos.pluginmanager import Plugins
-from anomos.plugins.commands.paths_cmd import _Number
+from anomos.plugins.commands.paths_cmd import Number
 
 #: flag -> experiment setting, for the flags given on the command line.
 _FLAGS = (
@@ -69,7 +69,7 @@ def _out(default: str | None, what: str) -> Any:
     help="Path policy to compare, optionally with its own relay bounds (repeatable) "
     "[every registered one].",
 )
-@click.option("--peers", type=_Number(int), metavar="N", help="Peers at the start [1000].")
+@click.option("--peers", type=Number(int), metavar="N", help="Peers at the start [1000].")
 @click.option("--neighbours", metavar="MIN-MAX", help="Neighbours per peer [4-6].")
 @click.option("--relays", metavar="MIN-MAX", help="Relays per circuit [2-4].")
 @click.option(
@@ -83,33 +83,33 @@ def _out(default: str | None, what: str) -> Any:
     help="Where the colluders are: random peers, sybils joining at --sybil-hours, "
     "or the peers the policy relays through most [random].",
 )
-@click.option("--sybil-hours", type=_Number(float), metavar="H", help="When sybils join [24].")
-@click.option("--days", type=_Number(float), metavar="D", help="Simulated days [7].")
+@click.option("--sybil-hours", type=Number(float), metavar="H", help="When sybils join [24].")
+@click.option("--days", type=Number(float), metavar="D", help="Simulated days [7].")
 @click.option(
     "--downloads-per-day",
-    type=_Number(float),
+    type=Number(float),
     metavar="R",
     help="Downloads per online peer per day [1].",
 )
 @click.option(
-    "--circuits-per-download", type=_Number(int), metavar="N", help="Circuits per download [4]."
+    "--circuits-per-download", type=Number(int), metavar="N", help="Circuits per download [4]."
 )
 @click.option(
     "--session-hours",
-    type=_Number(float),
+    type=Number(float),
     metavar="H",
     help="Churn: mean online session of a peer, hours; 0 for none [0].",
 )
 @click.option(
-    "--offline-hours", type=_Number(float), metavar="H", help="Churn: mean time offline [8]."
+    "--offline-hours", type=Number(float), metavar="H", help="Churn: mean time offline [8]."
 )
 @click.option(
-    "--targets", type=_Number(int), metavar="N", help="Downloaders the predecessor attack follows."
+    "--targets", type=Number(int), metavar="N", help="Downloaders the predecessor attack follows."
 )
-@click.option("--rounds", type=_Number(int), metavar="N", help="Predecessor attack rounds at most.")
-@click.option("--seed", type=_Number(int), metavar="N", help="First seed [1].")
-@click.option("--seeds", type=_Number(int), metavar="K", help="Seeds (runs per policy) [3].")
-@click.option("--jobs", type=_Number(int), metavar="N", help="Worker processes [1].")
+@click.option("--rounds", type=Number(int), metavar="N", help="Predecessor attack rounds at most.")
+@click.option("--seed", type=Number(int), metavar="N", help="First seed [1].")
+@click.option("--seeds", type=Number(int), metavar="K", help="Seeds (runs per policy) [3].")
+@click.option("--jobs", type=Number(int), metavar="N", help="Worker processes [1].")
 @_out("anomos-lab.json", "json")
 @_out(None, "csv")
 @click.option(

@@ -20,7 +20,7 @@ from anomos.errors import ConfigError
 from anomos.pluginmanager import Plugins
 
 
-class _Number(click.ParamType):
+class Number(click.ParamType):
     """An int or float option whose bad value is one ``anomos: error:`` line, not a usage text."""
 
     def __init__(self, kind: type[int] | type[float]) -> None:
@@ -37,6 +37,15 @@ class _Number(click.ParamType):
             raise ConfigError(f"{option} {value!r} is not a {self.name}") from None
 
 
+def _number_option(
+    flag: str, kind: type[int] | type[float], default: Any, metavar: str, help: str
+) -> Any:
+    """A number option of ``paths`` (a bad value is one line) with its default shown."""
+    return click.option(
+        flag, metavar=metavar, default=default, show_default=True, type=Number(kind), help=help
+    )
+
+
 @click.command("paths")
 @click.option(
     "--policy",
@@ -45,59 +54,28 @@ class _Number(click.ParamType):
     metavar="NAME",
     help="Path policy to compare (repeatable) [every registered one].",
 )
+@_number_option("--peers", int, 1000, "N", "Peers in the graph.")
 @click.option(
-    "--peers",
-    metavar="N",
-    default=1000,
-    show_default=True,
-    type=_Number(int),
-    help="Peers in the graph.",
+    "--neighbours", metavar="MIN-MAX", default="4-6", show_default=True, help="Neighbours per peer."
 )
 @click.option(
-    "--neighbours",
-    metavar="MIN-MAX",
-    default="4-6",
-    show_default=True,
-    help="Neighbours per peer.",
+    "--relays", metavar="MIN-MAX", default="2-4", show_default=True, help="Relays per circuit."
 )
-@click.option(
-    "--relays",
-    metavar="MIN-MAX",
-    default="2-4",
-    show_default=True,
-    help="Relays per circuit.",
-)
-@click.option(
-    "--circuits",
-    metavar="N",
-    default=5000,
-    show_default=True,
-    type=_Number(int),
-    help="Circuits per policy.",
-)
-@click.option(
+@_number_option("--circuits", int, 5000, "N", "Circuits per policy.")
+@_number_option(
     "--rate",
-    metavar="R",
-    default=50.0,
-    show_default=True,
-    type=_Number(float),
-    help="Circuits per simulated second (relay load decays over simulated time).",
+    float,
+    50.0,
+    "R",
+    "Circuits per simulated second (relay load decays over simulated time).",
 )
-@click.option(
-    "--seed",
-    metavar="N",
-    default=1,
-    show_default=True,
-    type=_Number(int),
-    help="Seed of everything random.",
-)
-@click.option(
+@_number_option("--seed", int, 1, "N", "Seed of everything random.")
+@_number_option(
     "--unreachable",
-    metavar="SHARE",
-    default=0.0,
-    show_default=True,
-    type=_Number(float),
-    help="Share of peers nobody can dial (behind NAT), planned as the tracker plans them.",
+    float,
+    0.0,
+    "SHARE",
+    "Share of peers nobody can dial (behind NAT), planned as the tracker plans them.",
 )
 @click.option(
     "--json",
@@ -184,6 +162,8 @@ _COLUMNS = (
 
 def table(report: dict[str, Any]) -> str:
     """One row per policy: planned share, relays, find_path time, relay load spread."""
+    from anomos.lab.report import aligned
+
     rows = [[heading for heading, _ in _COLUMNS]]
     peers = report["graph"].get("peers", 0)
     for name, r in report["policies"].items():
@@ -204,13 +184,7 @@ def table(report: dict[str, Any]) -> str:
                 f"{r['reachable']['hop_share']:.1%}",
             ]
         )
-    lines = [
-        "  ".join(
-            cell.ljust(-width) if width < 0 else cell.rjust(width)
-            for cell, (_, width) in zip(row, _COLUMNS, strict=True)
-        ).rstrip()
-        for row in rows
-    ]
+    lines = aligned(rows, _COLUMNS)
     o = report["options"]
     g = report["graph"]
     lines.append(
