@@ -6,6 +6,7 @@ Enable in a ``conftest.py`` with ``pytest_plugins = ["anomos.testing"]`` after
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import os
@@ -238,3 +239,28 @@ def start_peers(
         for peer in peers:
             peer.announce()
     return peers
+
+
+@contextlib.contextmanager
+def tracker_and_peers(
+    plugins: Plugins, state_root: Path, count: int, *, announce: bool = True, **tracker: Any
+) -> Iterator[tuple[Any, list[Any]]]:
+    """A started tracker on loopback (state in ``state_root/tracker``, its
+    :class:`~anomos.tracker.settings.TrackerSettings` from ``tracker``, ``edge_settle``
+    0 unless given) and ``count`` peers from :func:`start_peers`; all stopped on exit."""
+    from anomos.tracker.server import Tracker
+    from anomos.tracker.settings import TrackerSettings
+
+    tracker.setdefault("edge_settle", 0)
+    server = Tracker(
+        state_root / "tracker", f"{loopback_host()}:0", plugins, TrackerSettings(**tracker)
+    )
+    server.start()
+    peers: list[Any] = []
+    try:
+        peers = start_peers(plugins, server, state_root, count, announce=announce)
+        yield server, peers
+    finally:
+        for peer in peers:
+            peer.stop()
+        server.stop()

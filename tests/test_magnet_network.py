@@ -18,13 +18,11 @@ from test_session import make_torrent
 
 from anomos.peer.download import MetadataFetch
 from anomos.pluginmanager import Plugins
-from anomos.testing import loopback_host, start_peers
+from anomos.testing import loopback_host, tracker_and_peers
 from anomos.torrent import wire
 from anomos.torrent.magnet import Magnet
 from anomos.torrent.metainfo import Metainfo, make_metainfo
 from anomos.torrent.session import PeerConnection, TorrentSession
-from anomos.tracker.server import Tracker
-from anomos.tracker.settings import TrackerSettings
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -55,17 +53,9 @@ def lie_about_the_metadata(session: TorrentSession) -> list[int]:
 def test_bad_metadata_drops_the_source_and_a_good_one_brings_the_download(
     tmp_path: Path, plugins: Plugins, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tracker = Tracker(
-        tmp_path / "tracker",
-        f"{loopback_host()}:0",
-        plugins,
-        TrackerSettings(min_neighbours=3, edge_settle=0),
-    )
-    tracker.start()
-    peers = start_peers(plugins, tracker, tmp_path, 6)
-    honest, bad, leech = peers[:3]
-    caplog.set_level(logging.INFO, logger="anomos.peer.download")
-    try:
+    with tracker_and_peers(plugins, tmp_path, 6, min_neighbours=3) as (tracker, peers):
+        honest, bad, leech = peers[:3]
+        caplog.set_level(logging.INFO, logger="anomos.peer.download")
         plain, content = make_torrent(tmp_path / "honest")
         m = Metainfo.from_info(plain.info_bytes, (tracker.url,), tracker.fingerprint)
         make_torrent(tmp_path / "bad")
@@ -88,23 +78,11 @@ def test_bad_metadata_drops_the_source_and_a_good_one_brings_the_download(
         assert report.size == m.total_length
         for rel, data in content.items():
             assert (tmp_path / "leech" / "share" / rel).read_bytes() == data, rel
-    finally:
-        for p in peers:
-            p.stop()
-        tracker.stop()
 
 
 def test_anomos_get_downloads_from_a_magnet(tmp_path: Path, plugins: Plugins) -> None:
     """`anomos get MAGNET` (a real process) against in-process relays and a seeder."""
-    tracker = Tracker(
-        tmp_path / "tracker",
-        f"{loopback_host()}:0",
-        plugins,
-        TrackerSettings(min_neighbours=2, edge_settle=0),
-    )
-    tracker.start()
-    peers = start_peers(plugins, tracker, tmp_path, 4)
-    try:
+    with tracker_and_peers(plugins, tmp_path, 4, min_neighbours=2) as (tracker, peers):
         data = tmp_path / "share" / "song.ogg"
         data.parent.mkdir()
         data.write_bytes(os.urandom(700_001))
@@ -126,7 +104,3 @@ def test_anomos_get_downloads_from_a_magnet(tmp_path: Path, plugins: Plugins) ->
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"metadata of song.ogg ({m.infohash_hex}) received" in done.stderr
         assert (tmp_path / "got" / "song.ogg").read_bytes() == data.read_bytes()
-    finally:
-        for p in peers:
-            p.stop()
-        tracker.stop()

@@ -30,14 +30,13 @@ from anomos.peer import node as nodemod
 from anomos.peer.download import DownloadStalled
 from anomos.peer.node import Peer
 from anomos.pluginmanager import Plugins
-from anomos.testing import free_port, loopback_host, start_peers
+from anomos.testing import free_port, loopback_host, tracker_and_peers
 from anomos.torrent import session as session_mod
 from anomos.torrent import wire
 from anomos.torrent.metainfo import Metainfo, make_metainfo
 from anomos.torrent.session import TorrentSession
 from anomos.tracker.client import CircuitPlan, TrackerBusy
 from anomos.tracker.server import Tracker
-from anomos.tracker.settings import TrackerSettings
 
 #: Bytes of movie.bin zeroed under the seeder (two 64 KiB pieces at most).
 ZEROED = (200_000, 100_000)
@@ -420,23 +419,13 @@ def test_a_down_tracker_is_one_waiting_line_retried_then_a_clear_give_up(
 def test_a_busy_tracker_is_not_asked_again_before_its_retry_after(
     tmp_path: Path, plugins: Plugins
 ) -> None:
-    tracker = Tracker(
-        tmp_path / "tracker",
-        f"{loopback_host()}:0",
-        plugins,
-        TrackerSettings(rate=0.5, burst=2, edge_settle=0),
-    )
-    tracker.start()
-    (peer,) = start_peers(plugins, tracker, tmp_path, 1, announce=False)
-    try:
+    limited = tracker_and_peers(plugins, tmp_path, 1, announce=False, rate=0.5, burst=2)
+    with limited as (tracker, [peer]):
         # Nobody seeds it: the tracker plans nothing, and the downloader keeps asking.
         session = peer.add_torrent(small_torrent(tmp_path, tracker.url), tmp_path / "dest")
         calls = record_circuit_requests(peer)
         with pytest.raises(DownloadStalled, match="no source offers the missing pieces"):
             peer.download(session, stall_limit=8)
-    finally:
-        peer.stop()
-        tracker.stop()
     busy = [(at, exc) for at, exc in calls if isinstance(exc, TrackerBusy)]
     assert busy, calls  # it was rate-limited ...
     for (at, exc), (later, _) in itertools.pairwise(calls):
@@ -449,16 +438,8 @@ def test_a_peer_downloads_intact_over_circuits_beside_a_seeder_gone_bad(
 ) -> None:
     """The bad seeder alone first (so it certainly serves a bad piece), then an honest
     one joins: the download completes intact. (It did before too: a regression guard.)"""
-    tracker = Tracker(
-        tmp_path / "tracker",
-        f"{loopback_host()}:0",
-        plugins,
-        TrackerSettings(min_neighbours=3, edge_settle=0),
-    )
-    tracker.start()
-    peers = start_peers(plugins, tracker, tmp_path, 6)
-    honest, bad, leech = peers[:3]
-    try:
+    with tracker_and_peers(plugins, tmp_path, 6, min_neighbours=3) as (_tracker, peers):
+        honest, bad, leech = peers[:3]
         m, content = make_torrent(tmp_path / "honest")
         make_torrent(tmp_path / "bad")
         bad_session = bad.add_torrent(m, tmp_path / "bad")
@@ -474,10 +455,6 @@ def test_a_peer_downloads_intact_over_circuits_beside_a_seeder_gone_bad(
             assert (tmp_path / "leech" / "share" / rel).read_bytes() == data, rel
         assert report.size == m.total_length
         assert session.hash_failures >= 1 and not session.failed_pieces
-    finally:
-        for p in peers:
-            p.stop()
-        tracker.stop()
 
 
 def test_announces_asked_for_by_torrents_wait_for_the_trackers_min_interval(
@@ -485,30 +462,19 @@ def test_announces_asked_for_by_torrents_wait_for_the_trackers_min_interval(
 ) -> None:
     """Torrents added and downloads ending ask for an announce; the peer makes it no
     sooner than the tracker's min_interval after the last one."""
-    tracker = Tracker(
-        tmp_path / "tracker",
-        f"{loopback_host()}:0",
-        plugins,
-        TrackerSettings(min_interval=2, edge_settle=0),
-    )
-    tracker.start()
-    (peer,) = start_peers(plugins, tracker, tmp_path, 1)
-    times: list[float] = []
-    real = peer.tracker.announce
+    with tracker_and_peers(plugins, tmp_path, 1, min_interval=2) as (_tracker, [peer]):
+        times: list[float] = []
+        real = peer.tracker.announce
 
-    def announce(*args: object, **kwargs: object) -> object:
-        times.append(time.monotonic())
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+        def announce(*args: object, **kwargs: object) -> object:
+            times.append(time.monotonic())
+            return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    peer.tracker.announce = announce  # type: ignore[method-assign]
-    try:
+        peer.tracker.announce = announce  # type: ignore[method-assign]
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             peer.announce_soon()
             gevent.sleep(0.1)
-    finally:
-        peer.stop()
-        tracker.stop()
     assert len(times) >= 3, times  # it did announce when asked ...
     gaps = [b - a for a, b in itertools.pairwise(times[:-1])]  # (the last is the goodbye)
     assert all(gap >= 2 for gap in gaps), gaps  # ... never sooner than min_interval
