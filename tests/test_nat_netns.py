@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 from test_churn import sha256
-from test_netns import Hosts, ip, netns_unavailable
+from test_netns import Hosts, cable, ip, netns_unavailable, started
 
 from anomos.localnet import LocalNetwork, Proc
 from anomos.torrent.metainfo import make_metainfo
@@ -79,18 +79,10 @@ class Nat:
         self.count += 1
         n = self.count
         tag = self.hosts.tag
-        ns, outer, inner = f"{tag}-l{n}", f"{tag}p{n}", f"{tag}q{n}"
+        ns, outer, inner, address = f"{tag}-l{n}", f"{tag}p{n}", f"{tag}q{n}", f"{LAN}.{n + 1}"
         ip("netns", "add", ns)
         self.hosts.created.append(ns)  # removed with the others
-        ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-        ip("link", "set", outer, "netns", self.router)
-        ip("link", "set", inner, "netns", ns)
-        ip("-n", self.router, "link", "set", outer, "master", "br1")
-        ip("-n", self.router, "link", "set", outer, "up")
-        address = f"{LAN}.{n + 1}"
-        ip("-n", ns, "addr", "add", f"{address}/24", "dev", inner)
-        ip("-n", ns, "link", "set", inner, "up")
-        ip("-n", ns, "link", "set", "lo", "up")
+        cable(ns, inner, address, self.router, "br1", outer)
         ip("-n", ns, "route", "add", "default", "via", f"{LAN}.1")
         return ns, address, ["ip", "netns", "exec", ns]
 
@@ -100,14 +92,8 @@ def hosts() -> Iterator[Hosts]:
     reason = netns_unavailable() or nft_unavailable()
     if reason is not None:
         pytest.skip(reason)
-    h = Hosts()
-    try:
-        h.start()
+    with started(Hosts()) as h:
         yield h
-    finally:
-        h.close()
-        leftover = ip("netns", "list", check=False).stdout
-        assert h.tag not in leftover, leftover
 
 
 def identity(proc: Proc) -> bytes:

@@ -10,6 +10,7 @@ iproute2; the namespaces are always removed, even when the test fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import pytest
 from test_churn import sha256, throttled
@@ -72,19 +74,10 @@ class Hosts:
     def add(self) -> tuple[str, str, list[str]]:
         """A new host: (namespace, address, command prefix)."""
         n = len(self.names) + 1
-        ns = f"{self.tag}-h{n}"
+        ns, inner, address = f"{self.tag}-h{n}", f"{self.tag}i{n}", f"{SUBNET}.{n}"
         ip("netns", "add", ns)
         self.created.append(ns)
-        outer, inner = self.veth(n), f"{self.tag}i{n}"
-        ip("link", "add", outer, "type", "veth", "peer", "name", inner)
-        ip("link", "set", outer, "netns", self.switch)
-        ip("link", "set", inner, "netns", ns)
-        ip("-n", self.switch, "link", "set", outer, "master", "br0")
-        ip("-n", self.switch, "link", "set", outer, "up")
-        address = f"{SUBNET}.{n}"
-        ip("-n", ns, "addr", "add", f"{address}/24", "dev", inner)
-        ip("-n", ns, "link", "set", inner, "up")
-        ip("-n", ns, "link", "set", "lo", "up")
+        cable(ns, inner, address, self.switch, "br0", self.veth(n))
         self.names.append(ns)
         self.cables[ns] = inner
         return ns, address, ["ip", "netns", "exec", ns]
@@ -112,19 +105,48 @@ class Hosts:
         self.created.clear()
 
 
+class Namespaces(Protocol):
+    tag: str  # in the name of every namespace it makes
+
+    def start(self) -> None: ...
+    def close(self) -> None: ...
+
+
+N = TypeVar("N", bound=Namespaces)
+
+
+@contextlib.contextmanager
+def started(world: N) -> Iterator[N]:
+    """``world`` started, then closed: none of its namespaces left, even on a failure."""
+    try:
+        world.start()
+        yield world
+    finally:
+        world.close()
+        leftover = ip("netns", "list", check=False).stdout
+        assert world.tag not in leftover, leftover
+
+
+def cable(ns: str, inner: str, address: str, switch: str, bridge: str, outer: str) -> None:
+    """Plug namespace ``ns`` into ``bridge`` of namespace ``switch`` with a veth pair
+    (``inner`` in ``ns``, up with ``address``/24 and its loopback; ``outer`` on the bridge)."""
+    ip("link", "add", outer, "type", "veth", "peer", "name", inner)
+    ip("link", "set", outer, "netns", switch)
+    ip("link", "set", inner, "netns", ns)
+    ip("-n", switch, "link", "set", outer, "master", bridge)
+    ip("-n", switch, "link", "set", outer, "up")
+    ip("-n", ns, "addr", "add", f"{address}/24", "dev", inner)
+    ip("-n", ns, "link", "set", inner, "up")
+    ip("-n", ns, "link", "set", "lo", "up")
+
+
 @pytest.fixture
 def hosts() -> Iterator[Hosts]:
     reason = netns_unavailable()
     if reason is not None:
         pytest.skip(reason)
-    h = Hosts()
-    try:
-        h.start()
+    with started(Hosts()) as h:
         yield h
-    finally:
-        h.close()
-        leftover = ip("netns", "list", check=False).stdout
-        assert h.tag not in leftover, leftover
 
 
 def test_transfer_completes_after_a_relaying_hosts_cable_is_cut(
