@@ -540,12 +540,14 @@ class Daemon:
                 shutil.rmtree(folder, ignore_errors=True)
             raise DaemonError(str(exc)) from None
         self.peers[network] = peer
-        self._peer_ready[network] = gevent.event.Event()
-        gevent.spawn(self._start_peer, network, peer)
+        ready = self._peer_ready[network] = gevent.event.Event()
+        gevent.spawn(self._start_peer, network, peer, ready)
         log.info("joining the tracker network %s (state in %s)", network.url, folder)
         return peer
 
-    def _start_peer(self, network: Network, peer: Peer) -> None:
+    def _start_peer(self, network: Network, peer: Peer, ready: gevent.event.Event) -> None:
+        """Start ``peer``, then set ``ready`` (its own: the network may have been left
+        meanwhile, its event dropped)."""
         try:
             peer.start()
         except AnomosError as exc:
@@ -556,7 +558,7 @@ class Daemon:
                 if _network_or_none(torrent) == network:
                     self._fail(torrent, ErrorKind.TRACKER_ERROR, str(exc))
             return
-        self._peer_ready[network].set()
+        ready.set()
 
     def _retire_if_unused(self, network: Network) -> None:
         """Stop ``network``'s peer once no torrent of it is left (the configured one stays)."""
@@ -600,16 +602,15 @@ class Daemon:
         for torrent in self.torrents.values():
             if torrent.infohash == given.infohash.hex():
                 return torrent, False
-        self._ensure_peer(Network.of(given))
-        where = Path(download_dir).expanduser() if download_dir else self.config.download_dir
-        if not where.is_absolute():
-            raise DaemonError(f"download-dir {str(where)!r} is not an absolute path")
+        # Everything checked before its network is joined (a refused add starts no peer).
+        where = download_path(download_dir) if download_dir else self.config.download_dir
         if selection is not None:
             if metainfo is None:
                 raise DaemonError(
                     "files of a magnet are chosen once its metadata came (torrent-set)"
                 )
             selection.check(len(metainfo.files))
+        self._ensure_peer(Network.of(given))
         if magnet is not None:
             atomic_write(self.metainfo_dir / f"{magnet.infohash_hex}.magnet", str(magnet).encode())
         else:
@@ -939,6 +940,15 @@ class Daemon:
         log.error("torrent %d (%s): %s", torrent.id, torrent.name, message)
         torrent.error, torrent.error_string = kind, message
         self._halt(torrent)
+
+
+def download_path(value: str) -> Path:
+    """A download-dir given by a client, as a path (a DaemonError unless it is absolute
+    and one the system can name: no NUL byte)."""
+    where = Path(value).expanduser()
+    if "\0" in value or not where.is_absolute():
+        raise DaemonError(f"download-dir {value[:200]!r} is not an absolute path")
+    return where
 
 
 #: A peer's files in its state folder: identity, resume data, replay caches, peer.json.

@@ -36,6 +36,7 @@ from anomos.daemon.core import (
     NoMetadata,
     Status,
     Torrent,
+    download_path,
     free_space,
 )
 from anomos.daemon.limits import KB, TORRENT_KEYS, LimitMode, check_limits
@@ -294,11 +295,9 @@ def _torrent_add(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     download_dir = args.get("download-dir")
     if download_dir is not None and not isinstance(download_dir, str):
         raise RpcError("download-dir must be a string")
-    paused = args.get("paused", False)
+    paused = _flag(args, "paused")
     selection = _file_selection(args, empty_means_all=None)
-    torrent, new = daemon.add(
-        data, paused=bool(paused), download_dir=download_dir, selection=selection
-    )
+    torrent, new = daemon.add(data, paused=paused, download_dir=download_dir, selection=selection)
     brief = {"id": torrent.id, "name": torrent.name, "hashString": torrent.infohash}
     return {"torrent-added" if new else "torrent-duplicate": brief}
 
@@ -402,8 +401,17 @@ def _each(action: Callable[[Daemon, Torrent], None]) -> Handler:
     return handler
 
 
+def _flag(args: dict[str, Any], key: str) -> bool:
+    """A true-or-false argument (absent: false); anything else is refused, never guessed
+    (``"false"`` is truthy, and delete-local-data deletes)."""
+    value = args.get(key, False)
+    if not isinstance(value, bool):
+        raise RpcError(f"{key} must be true or false")
+    return value
+
+
 def _torrent_remove(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    delete = bool(args.get("delete-local-data", False))
+    delete = _flag(args, "delete-local-data")
     for torrent in _select(daemon, args.get("ids")):
         daemon.remove(torrent, delete_data=delete)
     return {}
@@ -464,13 +472,13 @@ def _session_set(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     unsupported = sorted(k for k in args if k not in _SETTABLE)
     if unsupported:
         raise RpcError(f"not supported by anomos yet: {', '.join(unsupported)}")
+    where = None
     if "download-dir" in args:
-        value = args["download-dir"]
-        if not isinstance(value, str) or not Path(value).expanduser().is_absolute():
+        if not isinstance(args["download-dir"], str):
             raise RpcError("download-dir must be an absolute path")
+        where = download_path(args["download-dir"])
     daemon.set_session({k: v for k, v in args.items() if k in SESSION_KEYS})  # (checked first)
-    if "download-dir" in args:
-        where = Path(args["download-dir"]).expanduser()
+    if where is not None:
         daemon.config = attrs.evolve(daemon.config, download_dir=where)
     return {}
 
@@ -531,8 +539,8 @@ def _free_space(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         raise RpcError("free-space needs 'path'")
     try:
         free, total = free_space(path)
-    except OSError as exc:
-        raise RpcError(f"{path}: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # (ValueError: a NUL byte in the path)
+        raise RpcError(f"{path[:200]!r}: {getattr(exc, 'strerror', None) or exc}") from None
     return {"path": path, "size-bytes": free, "total_size": total}
 
 

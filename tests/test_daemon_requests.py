@@ -1,0 +1,108 @@
+"""Hostile RPC requests against a Daemon in this process (its trackers unreachable):
+each is refused in one ``result`` line and changes nothing, on disk or in the peers
+the daemon runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gevent
+import pytest
+
+from anomos.daemon.config import DaemonConfig
+from anomos.daemon.core import Daemon
+from anomos.daemon.rpc import RpcApp
+from anomos.pluginmanager import Plugins
+from anomos.testing import loopback_host
+from anomos.torrent.magnet import Magnet
+from anomos.torrent.metainfo import make_metainfo
+
+#: A tracker nobody runs: the daemon's peers for it never get an answer.
+TRACKER = "https://127.0.0.1:9/announce"
+
+
+@pytest.fixture
+def app(tmp_path: Path, plugins: Plugins) -> Iterator[RpcApp]:
+    config = DaemonConfig(listen=f"{loopback_host()}:0", download_dir=tmp_path / "downloads")
+    daemon = Daemon(plugins, config, tmp_path / "state")
+    daemon.start()
+    try:
+        yield RpcApp(daemon, config)
+    finally:
+        daemon.stop()
+
+
+def call(app: RpcApp, method: str, **args: Any) -> dict[str, Any]:
+    return app.dispatch(json.dumps({"method": method, "arguments": args}).encode())
+
+
+def test_a_refused_add_joins_no_tracker_network(app: RpcApp) -> None:
+    """A magnet of a new network with a download-dir that is refused: no peer starts
+    for that network (it used to start one, announcing to the link's tracker, and keep it)."""
+    magnet = Magnet(b"\x01" * 20, (TRACKER,), "ab" * 32, name="x")
+    for bad in ("relative/dir", "/tmp/nul\0byte"):
+        reply = call(app, "torrent-add", filename=str(magnet), **{"download-dir": bad})
+        assert "is not an absolute path" in reply["result"], reply
+    assert app.daemon.peers == {} and app.daemon.torrents == {}
+    assert not (app.daemon.state_dir / "networks").exists()
+
+
+def test_a_download_dir_with_a_nul_byte_is_refused_in_session_set(app: RpcApp) -> None:
+    before = app.daemon.config.download_dir
+    reply = call(app, "session-set", **{"download-dir": "/tmp/a\0b"})
+    assert "is not an absolute path" in reply["result"], reply
+    assert app.daemon.config.download_dir == before
+    reply = call(app, "free-space", path="/tmp/a\0b")
+    assert "null" in reply["result"] and "internal error" not in reply["result"], reply
+
+
+def test_flags_must_be_true_or_false(app: RpcApp, tmp_path: Path) -> None:
+    """``"delete-local-data": "false"`` is refused: it used to be taken as true (a
+    non-empty string) and the data was deleted."""
+    data = tmp_path / "downloads" / "file.bin"
+    data.parent.mkdir()
+    data.write_bytes(os.urandom(40_000))
+    meta = make_metainfo(data, trackers=[TRACKER], fingerprint="ab" * 32, progress=False)
+    path = tmp_path / "file.atorrent"
+    meta.save(path)
+    reply = call(app, "torrent-add", filename=str(path), paused="no")
+    assert reply["result"] == "paused must be true or false" and not app.daemon.torrents
+    reply = call(app, "torrent-add", filename=str(path), paused=True)
+    assert reply["result"] == "success", reply
+    for value in ("false", 0, None):
+        reply = call(app, "torrent-remove", ids=[1], **{"delete-local-data": value})
+        assert reply["result"] == "delete-local-data must be true or false", reply
+    assert list(app.daemon.torrents) == [1] and data.exists()
+    assert call(app, "torrent-remove", ids=[1], **{"delete-local-data": False})["result"] == (
+        "success"
+    )
+    assert app.daemon.torrents == {} and data.exists()
+
+
+def test_a_network_left_while_its_peer_starts(app: RpcApp, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torrent of a new network added and removed at once: the network's peer is
+    retired before its start ends; the start ends cleanly (it raised KeyError)."""
+    ended: list[BaseException | None] = []
+    real = Daemon._start_peer
+
+    def start_peer(self: Daemon, *args: Any) -> None:
+        try:
+            real(self, *args)
+        except BaseException as exc:
+            ended.append(exc)
+            raise
+        ended.append(None)
+
+    monkeypatch.setattr(Daemon, "_start_peer", start_peer)
+    magnet = Magnet(b"\x02" * 20, (TRACKER,), "cd" * 32)
+    assert call(app, "torrent-add", filename=str(magnet), paused=True)["result"] == "success"
+    assert call(app, "torrent-remove", ids=[1])["result"] == "success"
+    assert app.daemon.peers == {}
+    with gevent.Timeout(30):
+        while not ended:
+            gevent.sleep(0.05)
+    assert ended == [None]
