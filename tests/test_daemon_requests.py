@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import gevent
 import pytest
 
 from anomos.daemon.config import DaemonConfig
-from anomos.daemon.core import Daemon
+from anomos.daemon.core import RECENT_SECONDS, Daemon
 from anomos.daemon.rpc import RpcApp
 from anomos.pluginmanager import Plugins
 from anomos.testing import loopback_host
@@ -106,3 +107,31 @@ def test_a_network_left_while_its_peer_starts(app: RpcApp, monkeypatch: pytest.M
         while not ended:
             gevent.sleep(0.05)
     assert ended == [None]
+
+
+def test_ids_by_number_and_hash_and_removals_remembered_only_while_recent(
+    app: RpcApp, tmp_path: Path
+) -> None:
+    paths = []
+    for i in range(3):
+        data = tmp_path / f"f{i}.bin"
+        data.write_bytes(os.urandom(1000 + i))
+        meta = make_metainfo(data, trackers=[TRACKER], fingerprint="ab" * 32, progress=False)
+        paths.append(tmp_path / f"f{i}.atorrent")
+        meta.save(paths[-1])
+        assert call(app, "torrent-add", filename=str(paths[-1]), paused=True)["result"] == "success"
+    second = app.daemon.torrents[2].infohash
+
+    def ids(selector: Any) -> list[int]:
+        reply = call(app, "torrent-get", ids=selector, fields=["id"])
+        return [row["id"] for row in reply["arguments"]["torrents"]]
+
+    assert ids([3, second.upper(), 3, 99, second]) == [3, 2]
+    assert ids(1) == [1] and ids(second) == [2] and ids([]) == []
+    assert "invalid id" in call(app, "torrent-get", ids=[[1]], fields=["id"])["result"]
+    # A removal long ago is forgotten at the next one (the record no longer grows forever).
+    app.daemon.removed[77] = time.monotonic() - RECENT_SECONDS - 1
+    assert call(app, "torrent-remove", ids=[1])["result"] == "success"
+    assert list(app.daemon.removed) == [1]
+    reply = call(app, "torrent-get", ids="recently-active", fields=["id"])
+    assert reply["arguments"]["removed"] == [1]

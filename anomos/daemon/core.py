@@ -96,6 +96,15 @@ class ErrorKind(enum.IntEnum):
     LOCAL_ERROR = 3
 
 
+class QueueMove(enum.Enum):
+    """Where queue-move-top/-up/-down/-bottom move torrents."""
+
+    TOP = "top"
+    UP = "up"
+    DOWN = "down"
+    BOTTOM = "bottom"
+
+
 @attrs.frozen
 class Network:
     """A tracker network: the tracker's announce URL and the fingerprint that pins it."""
@@ -674,7 +683,9 @@ class Daemon:
     def remove(self, torrent: Torrent, *, delete_data: bool) -> None:
         self._halt(torrent)
         del self.torrents[torrent.id]
-        self.removed[torrent.id] = time.monotonic()
+        now = time.monotonic()  # (older removals are no longer "recently active": dropped)
+        self.removed = {i: at for i, at in self.removed.items() if now - at < RECENT_SECONDS}
+        self.removed[torrent.id] = now
         for suffix in ("atorrent", "magnet"):
             with contextlib.suppress(OSError):
                 (self.metainfo_dir / f"{torrent.infohash}.{suffix}").unlink()
@@ -736,17 +747,17 @@ class Daemon:
         self.down.set_rate(speed_rate(c.speed_limit_down, c.speed_limit_down_enabled))
         self.up.set_rate(speed_rate(c.speed_limit_up, c.speed_limit_up_enabled))
 
-    def move_in_queue(self, torrents: list[Torrent], where: str) -> None:
+    def move_in_queue(self, torrents: list[Torrent], where: QueueMove) -> None:
         """queue-move-top/-up/-down/-bottom: Transmission's moves, for several at once."""
         order = sorted(self.torrents.values(), key=lambda t: t.queue_position)
-        moving = sorted(torrents, key=lambda t: t.queue_position, reverse=where == "down")
-        if where in ("top", "bottom"):
+        moving = sorted(torrents, key=lambda t: t.queue_position, reverse=where is QueueMove.DOWN)
+        if where in (QueueMove.TOP, QueueMove.BOTTOM):
             rest = [t for t in order if t not in moving]
-            order = moving + rest if where == "top" else rest + moving
+            order = moving + rest if where is QueueMove.TOP else rest + moving
         else:
             for t in moving:
                 i = order.index(t)
-                j = i - 1 if where == "up" else i + 1
+                j = i - 1 if where is QueueMove.UP else i + 1
                 if 0 <= j < len(order) and order[j] not in moving:
                     order[i], order[j] = order[j], order[i]
         for position, t in enumerate(order):
@@ -1055,4 +1066,13 @@ def free_space(path: str) -> tuple[int, int]:
     return usage.free, usage.total
 
 
-__all__ = ["Daemon", "DaemonError", "ErrorKind", "FileSelection", "Network", "Status", "Torrent"]
+__all__ = [
+    "Daemon",
+    "DaemonError",
+    "ErrorKind",
+    "FileSelection",
+    "Network",
+    "QueueMove",
+    "Status",
+    "Torrent",
+]

@@ -34,6 +34,7 @@ from anomos.daemon.core import (
     DaemonError,
     FileSelection,
     NoMetadata,
+    QueueMove,
     Status,
     Torrent,
     download_path,
@@ -236,15 +237,16 @@ def _select(daemon: Daemon, ids: Any) -> list[Torrent]:
     wanted = ids if isinstance(ids, list) else [ids]
     if len(wanted) > 100_000:
         raise RpcError("too many ids")
-    chosen: list[Torrent] = []
+    by_key: dict[int | str, Torrent] = {t.id: t for t in torrents}
+    by_key.update({t.infohash: t for t in torrents})
+    chosen: dict[int, Torrent] = {}  # (one look-up per id: never ids x torrents)
     for item in wanted:
         if isinstance(item, bool) or not isinstance(item, int | str):
-            raise RpcError(f"invalid id {item!r}: a number or a hash string")
-        for t in torrents:
-            matches = t.id == item if isinstance(item, int) else t.infohash == item.lower()
-            if matches and t not in chosen:
-                chosen.append(t)
-    return chosen
+            raise RpcError(f"invalid id {str(item)[:40]!r}: a number or a hash string")
+        t = by_key.get(item.lower() if isinstance(item, str) else item)
+        if t is not None:
+            chosen.setdefault(t.id, t)
+    return list(chosen.values())
 
 
 def _torrent_get(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
@@ -384,7 +386,7 @@ _TORRENT_SETTABLE = {
 }
 
 
-def _queue_move(where: str) -> Handler:
+def _queue_move(where: QueueMove) -> Handler:
     def handler(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         daemon.move_in_queue(_select(daemon, args.get("ids")), where)
         return {}
@@ -599,10 +601,10 @@ METHODS: dict[str, Handler] = {
     "torrent-stop": _each(Daemon.stop_torrent),
     "torrent-verify": _each(Daemon.verify),
     "torrent-remove": _torrent_remove,
-    "queue-move-top": _queue_move("top"),
-    "queue-move-up": _queue_move("up"),
-    "queue-move-down": _queue_move("down"),
-    "queue-move-bottom": _queue_move("bottom"),
+    "queue-move-top": _queue_move(QueueMove.TOP),
+    "queue-move-up": _queue_move(QueueMove.UP),
+    "queue-move-down": _queue_move(QueueMove.DOWN),
+    "queue-move-bottom": _queue_move(QueueMove.BOTTOM),
     "session-get": _session_get,
     "session-set": _session_set,
     "session-stats": _session_stats,
@@ -638,7 +640,8 @@ class RpcApp:
         start_response(status, headers)
         return [body]
 
-    def _authorized(self, environ: dict[str, Any]) -> bool:
+    def authorized(self, environ: dict[str, Any]) -> bool:
+        """Whether the request carries the RPC's credentials (or none are set)."""
         if not self.config.auth_required:
             return True
         header = environ.get("HTTP_AUTHORIZATION", "")
@@ -657,7 +660,7 @@ class RpcApp:
         session_header = [(SESSION_HEADER, self.session_id)]
         if environ.get("PATH_INFO", "").rstrip("/") != RPC_PATH:
             return "404 Not Found", [], _error("not found: the RPC is at " + RPC_PATH)
-        if not self._authorized(environ):
+        if not self.authorized(environ):
             headers = [("WWW-Authenticate", 'Basic realm="anomos"')]
             return "401 Unauthorized", headers, _error("unauthorized user")
         given = environ.get("HTTP_X_TRANSMISSION_SESSION_ID", "")
