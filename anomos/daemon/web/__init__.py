@@ -127,7 +127,7 @@ class WebPage:
             return "302 Found", [("Location", WEB_PATH), ("Content-Length", "0")], [b""]
         if path not in _FILES and path != EVENTS_PATH:
             return None
-        if not self.app._authorized(environ):
+        if not self.app.authorized(environ):
             answer = _text("401 Unauthorized", "unauthorized user")
             answer[1].append(("WWW-Authenticate", 'Basic realm="anomos"'))
             return answer
