@@ -4,8 +4,10 @@ the daemon runs."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,13 +16,14 @@ from typing import Any
 import gevent
 import pytest
 
+from anomos.daemon import web
 from anomos.daemon.config import DaemonConfig
 from anomos.daemon.core import RECENT_SECONDS, Daemon
-from anomos.daemon.rpc import RpcApp
+from anomos.daemon.rpc import MAX_REQUEST_SIZE, RpcApp
 from anomos.pluginmanager import Plugins
 from anomos.testing import loopback_host
 from anomos.torrent.magnet import Magnet
-from anomos.torrent.metainfo import make_metainfo
+from anomos.torrent.metainfo import MAX_METAINFO_SIZE, make_metainfo
 
 #: A tracker nobody runs: the daemon's peers for it never get an answer.
 TRACKER = "https://127.0.0.1:9/announce"
@@ -135,3 +138,18 @@ def test_ids_by_number_and_hash_and_removals_remembered_only_while_recent(
     assert list(app.daemon.removed) == [1]
     reply = call(app, "torrent-get", ids="recently-active", fields=["id"])
     assert reply["arguments"]["removed"] == [1]
+
+
+def test_one_metainfo_bound_everywhere(app: RpcApp) -> None:
+    """The daemon, its RPC and its web page bound an .atorrent by the metainfo limit
+    (they said 16 MiB while any metainfo over 8 MiB was refused: the page read and
+    sent files the daemon could only refuse)."""
+    script = (Path(web.__file__).parent / "static" / "app.js").read_text()
+    found = re.search(r"const MAX_ATORRENT = (\d+) \* 1024 \* 1024;", script)
+    assert found is not None and int(found[1]) * 1024 * 1024 == MAX_METAINFO_SIZE
+    largest = json.dumps({"method": "torrent-add", "arguments": {"metainfo": ""}})
+    assert len(largest) + 4 * -(-MAX_METAINFO_SIZE // 3) <= MAX_REQUEST_SIZE
+    reply = call(
+        app, "torrent-add", metainfo=base64.b64encode(bytes(MAX_METAINFO_SIZE + 1)).decode()
+    )
+    assert reply["result"] == f"metainfo larger than {MAX_METAINFO_SIZE} bytes", reply

@@ -51,7 +51,7 @@ from anomos.net.ratelimit import Throttle
 from anomos.protocol.replay import CODES_FILE, REQUESTS_FILE
 from anomos.torrent import resume
 from anomos.torrent.magnet import MAX_MAGNET_LENGTH, Magnet
-from anomos.torrent.metainfo import Metainfo
+from anomos.torrent.metainfo import MAX_METAINFO_SIZE, Metainfo
 from anomos.torrent.picker import Priority
 from anomos.torrent.storage import Storage
 
@@ -67,8 +67,6 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 #: Seconds between periodic writes of daemon.json (counters; pieces have their own resume saves).
 STATE_SAVE_INTERVAL = 10.0
-#: Bytes an .atorrent given to the daemon may have.
-MAX_METAINFO_SIZE = 16 * 1024 * 1024
 #: Seconds a torrent counts as "recently active" after a change or traffic.
 RECENT_SECONDS = 60.0
 #: Seconds between checks of seed limits, stalled torrents and the queue.

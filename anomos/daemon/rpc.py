@@ -43,13 +43,14 @@ from anomos.daemon.core import (
 from anomos.daemon.limits import KB, TORRENT_KEYS, LimitMode, check_limits
 from anomos.errors import AnomosError
 from anomos.torrent.magnet import is_magnet
+from anomos.torrent.metainfo import MAX_METAINFO_SIZE
 
 log = logging.getLogger(__name__)
 
 RPC_PATH = "/transmission/rpc"
 SESSION_HEADER = "X-Transmission-Session-Id"
 #: Bytes a request body may have (a base64 .atorrent of MAX_METAINFO_SIZE fits).
-MAX_REQUEST_SIZE = 24 * 1024 * 1024
+MAX_REQUEST_SIZE = 12 * 1024 * 1024
 #: Requests served at once (more wait for a free slot: a slow client cannot take them all).
 MAX_CONNECTIONS = 64
 #: Seconds a client may keep a connection without sending (reading a request, or kept
@@ -273,7 +274,7 @@ def _read_torrent_file(filename: str) -> bytes:
         raise RpcError(f"cannot read {filename}: not a regular file")
     try:
         with open(path, "rb") as f:
-            return f.read(MAX_REQUEST_SIZE)
+            return f.read(MAX_METAINFO_SIZE + 1)
     except OSError as exc:
         raise RpcError(f"cannot read {filename}: {exc.strerror or exc}") from None
 

@@ -7,7 +7,7 @@
 
 const RPC_URL = "/transmission/rpc";
 const EVENTS_URL = "/web/events";
-const MAX_ATORRENT = 16 * 1024 * 1024; // the daemon's MAX_METAINFO_SIZE
+const MAX_ATORRENT = 8 * 1024 * 1024; // anomos.torrent.metainfo.MAX_METAINFO_SIZE
 const SVG_NS = "http://www.w3.org/2000/svg";
 const STATUS = ["Stopped", "Check wait", "Verifying", "Queued", "Downloading", "Queued", "Seeding"];
 
