@@ -48,9 +48,13 @@ def test_a_refused_add_joins_no_tracker_network(app: RpcApp) -> None:
     """A magnet of a new network with a download-dir that is refused: no peer starts
     for that network (it used to start one, announcing to the link's tracker, and keep it)."""
     magnet = Magnet(b"\x01" * 20, (TRACKER,), "ab" * 32, name="x")
-    for bad in ("relative/dir", "/tmp/nul\0byte"):
+    for bad, why in (
+        ("relative/dir", "is not an absolute path"),
+        ("/tmp/nul\0byte", "is not an absolute path"),
+        ("/" + "a" * 5000, "download-dir longer than 4096 bytes"),
+    ):
         reply = call(app, "torrent-add", filename=str(magnet), **{"download-dir": bad})
-        assert "is not an absolute path" in reply["result"], reply
+        assert why in reply["result"] and len(reply["result"]) < 300, reply
     assert app.daemon.peers == {} and app.daemon.torrents == {}
     assert not (app.daemon.state_dir / "networks").exists()
 

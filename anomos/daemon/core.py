@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 #: Seconds between periodic writes of daemon.json (counters; pieces have their own resume saves).
 STATE_SAVE_INTERVAL = 10.0
+#: Bytes a download-dir given by a client may have (Linux's PATH_MAX): a longer one
+#: could never be created, and its error would repeat it in every answer.
+MAX_PATH_LENGTH = 4096
 #: Seconds a torrent counts as "recently active" after a change or traffic.
 RECENT_SECONDS = 60.0
 #: Seconds between checks of seed limits, stalled torrents and the queue.
@@ -953,7 +956,9 @@ class Daemon:
 
 def download_path(value: str) -> Path:
     """A download-dir given by a client, as a path (a DaemonError unless it is absolute
-    and one the system can name: no NUL byte)."""
+    and one the system can name: no NUL byte, at most PATH_MAX)."""
+    if len(value.encode("utf-8", "surrogateescape")) > MAX_PATH_LENGTH:
+        raise DaemonError(f"download-dir longer than {MAX_PATH_LENGTH} bytes")
     where = Path(value).expanduser()
     if "\0" in value or not where.is_absolute():
         raise DaemonError(f"download-dir {value[:200]!r} is not an absolute path")
