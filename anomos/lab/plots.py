@@ -71,13 +71,7 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
              title="per circuit")  # fmt: skip
     right.set(xlabel="colluding fraction c", ylabel="downloaders ever compromised (%)",
               title=f"per downloader, {exp['days']:g} days")  # fmt: skip
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(caption, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(paths[0], dpi=100)
-    plt.close(fig)
+    _save(plt, fig, (left, right), caption, paths[0])
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, r in report["policies"].items():
@@ -85,12 +79,7 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
         _band(ax, [(h + 1) / 24 for h in range(len(curve))], curve, label, 100)
     ax.set(xlabel="simulated days", ylabel="downloaders compromised (%)",
            title=f"time to first compromise, c = {cs[focus]:g}")  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.suptitle(caption, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=100)
-    plt.close(fig)
+    _save(plt, fig, (ax,), caption, paths[1])
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rounds = exp["rounds"]
@@ -108,10 +97,16 @@ def write_plots(report: dict[str, Any], folder: Path) -> list[Path]:
         ax.step(xs, ys, where="post", label=label)
     ax.set(xlabel="rounds (circuits re-planned to one source)", ylabel="downloaders named (%)",
            title=f"predecessor attack, c = {cs[focus]:g}")  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend()
+    _save(plt, fig, (ax,), caption, paths[2])
+    return paths
+
+
+def _save(plt: Any, fig: Any, axes: tuple[Any, ...], caption: str, path: Path) -> None:
+    """Grid and legend on each of ``axes``, the caption on top; written to ``path``."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.suptitle(caption, fontsize=9)
     fig.tight_layout()
-    fig.savefig(paths[2], dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return paths
