@@ -8,6 +8,7 @@ import base64
 import json
 import os
 import re
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +20,9 @@ import pytest
 from anomos.daemon import web
 from anomos.daemon.config import DaemonConfig
 from anomos.daemon.core import RECENT_SECONDS, Daemon
-from anomos.daemon.rpc import MAX_REQUEST_SIZE, RpcApp
+from anomos.daemon.rpc import MAX_REQUEST_SIZE, RpcApp, RpcServer
 from anomos.pluginmanager import Plugins
-from anomos.testing import loopback_host
+from anomos.testing import anomos_cmd, loopback_host
 from anomos.torrent.magnet import Magnet
 from anomos.torrent.metainfo import MAX_METAINFO_SIZE, make_metainfo
 
@@ -157,3 +158,37 @@ def test_one_metainfo_bound_everywhere(app: RpcApp) -> None:
         app, "torrent-add", metainfo=base64.b64encode(bytes(MAX_METAINFO_SIZE + 1)).decode()
     )
     assert reply["result"] == f"metainfo larger than {MAX_METAINFO_SIZE} bytes", reply
+
+
+def test_info_id_finds_the_daemon_by_the_environment(tmp_path: Path, plugins: Plugins) -> None:
+    """`anomos info ID` reads ANOMOS_RPC and ANOMOS_RPC_AUTH as every other daemon
+    command does (it used to ignore both: a daemon with a password was out of reach)."""
+    config = DaemonConfig(
+        listen=f"{loopback_host()}:0",
+        download_dir=tmp_path / "downloads",
+        rpc_username="me",
+        rpc_password="secret",
+    )
+    daemon = Daemon(plugins, config, tmp_path / "state")
+    daemon.start()
+    server = RpcServer((loopback_host(), 0), RpcApp(daemon, config))
+    server.start()
+    try:
+        magnet = Magnet(b"\x03" * 20, (TRACKER,), "ab" * 32, name="wanted.iso")
+        daemon.add(str(magnet).encode(), paused=True)
+        url = f"http://{server.server_host}:{server.server_port}/transmission/rpc"
+        env = dict(
+            os.environ,
+            ANOMOS_RPC=url,
+            ANOMOS_RPC_AUTH="me:secret",
+            HOME=str(tmp_path),  # (no rpc.json to find)
+            XDG_STATE_HOME=str(tmp_path / "xdg"),
+        )
+        done = subprocess.run(
+            anomos_cmd("info", "1"), capture_output=True, text=True, timeout=60, env=env
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "wanted.iso" in done.stdout
+    finally:
+        server.stop()
+        daemon.stop()

@@ -207,7 +207,8 @@ def info_command(file: Path, as_json: bool) -> None:
     if not file.exists() and re.fullmatch(r"\d{1,9}|[0-9a-fA-F]{40}", str(file)):
         from anomos.plugins.commands.daemon_cmd import show_torrent
 
-        show_torrent(str(file))  # (the daemon as `anomos list` finds it, or ANOMOS_RPC)
+        # The daemon as `anomos list` finds it: ANOMOS_RPC / ANOMOS_RPC_AUTH, else rpc.json.
+        show_torrent(str(file), os.environ.get("ANOMOS_RPC"), os.environ.get("ANOMOS_RPC_AUTH", ""))
         return
     meta = Metainfo.load(file)
     if as_json:
