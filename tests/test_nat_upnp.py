@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from test_nat_netns import LAN, UNREACHABLE_LINE, nft_unavailable
-from test_netns import ip, netns_unavailable
+from test_netns import ip, netns_unavailable, started
 
 from anomos.localnet import LocalNetwork
 
@@ -152,14 +152,8 @@ def router(tmp_path: Path) -> Iterator[Router]:
     reason = unavailable()
     if reason is not None:
         pytest.skip(reason)
-    r = Router(tmp_path)
-    try:
-        r.start()
+    with started(Router(tmp_path)) as r:
         yield r
-    finally:
-        r.close()
-        leftover = ip("netns", "list", check=False).stdout
-        assert r.tag not in leftover, leftover
 
 
 def wait_for_line(path: Path, text: str, timeout: float, proc: object) -> str:
