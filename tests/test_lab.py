@@ -209,9 +209,14 @@ def test_experiment_files_refuse_unknown_keys_bad_toml_and_huge_files(tmp_path):
         ("adversary = 'tracker'\n", "experiment"),
         ("peers = 'many'\n", "experiment"),
         ("x" * 70_000, "larger than"),
+        ("neighbours = ['1', {}]\n", "neighbours .*: need MIN-MAX"),  # (was a TypeError)
+        ("neighbours = 5\n", "neighbours '5': need MIN-MAX"),  # (was "unknown setting")
     ):
         path.write_text(text)
         with pytest.raises(ConfigError, match=message):
             load(path)
     with pytest.raises(ConfigError, match="cannot read"):
         load(Path(tmp_path / "missing.toml"))
+    # One policy named by a string is that policy, not one per letter.
+    path.write_text("policies = 'guard'\n")
+    assert load(path).policies == ("guard",)

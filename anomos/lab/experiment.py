@@ -172,7 +172,7 @@ def from_mapping(values: dict[str, Any], base: Experiment | None = None) -> Expe
     changes: dict[str, Any] = {}
     for key, value in values.items():
         name = key.replace("-", "_")
-        if name in ("neighbours", "relays") and isinstance(value, str | list):
+        if name in ("neighbours", "relays"):
             low, high = _range(value, key)
             changes[f"min_{name}"], changes[f"max_{name}"] = low, high
         elif name in FIELDS:
@@ -194,8 +194,10 @@ def _typed(name: str, value: Any) -> Any:
     if isinstance(default, bool | Adversary | tuple) or name == "colluding":
         if isinstance(default, tuple) and not isinstance(value, list | tuple | str):
             raise ConfigError(f"experiment: {key} {value!r} is not a list")
-        if name == "policies" and not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"experiment: policies {value!r} are not names")
+        if name == "policies":
+            value = [value] if isinstance(value, str) else value  # (one name, not its letters)
+            if not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"experiment: policies {value!r} are not names")
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"experiment: {key} {value!r} is not a number")
@@ -204,15 +206,18 @@ def _typed(name: str, value: Any) -> Any:
     return value
 
 
-def _range(value: str | list[Any], key: str) -> tuple[int, int]:
+def _range(value: Any, key: str) -> tuple[int, int]:
+    """``MIN-MAX`` (a string, or a list of two whole numbers in a TOML file)."""
     try:
         if isinstance(value, list):
             low, high = (int(v) for v in value)
-        else:
+        elif isinstance(value, str):
             low_s, _, high_s = value.partition("-")
             low, high = int(low_s), int(high_s or low_s)
-    except ValueError:
-        raise ConfigError(f"{key} {value!r}: need MIN-MAX") from None
+        else:
+            raise ValueError(value)
+    except (TypeError, ValueError):  # (TypeError: a list holding a table, ...)
+        raise ConfigError(f"{key} {str(value)[:100]!r}: need MIN-MAX") from None
     return low, high
 
 
