@@ -19,7 +19,7 @@ import click
 from anomos import hookimpl
 from anomos.errors import ConfigError
 from anomos.pluginmanager import Plugins
-from anomos.plugins.commands.paths_cmd import Number
+from anomos.plugins.commands.paths_cmd import number_option
 
 #: flag -> experiment setting, for the flags given on the command line.
 _FLAGS = (
@@ -69,7 +69,7 @@ def _out(default: str | None, what: str) -> Any:
     help="Path policy to compare, optionally with its own relay bounds (repeatable) "
     "[every registered one].",
 )
-@click.option("--peers", type=Number(int), metavar="N", help="Peers at the start [1000].")
+@number_option("--peers", int, "N", "Peers at the start [1000].")
 @click.option("--neighbours", metavar="MIN-MAX", help="Neighbours per peer [4-6].")
 @click.option("--relays", metavar="MIN-MAX", help="Relays per circuit [2-4].")
 @click.option(
@@ -83,33 +83,19 @@ def _out(default: str | None, what: str) -> Any:
     help="Where the colluders are: random peers, sybils joining at --sybil-hours, "
     "or the peers the policy relays through most [random].",
 )
-@click.option("--sybil-hours", type=Number(float), metavar="H", help="When sybils join [24].")
-@click.option("--days", type=Number(float), metavar="D", help="Simulated days [7].")
-@click.option(
-    "--downloads-per-day",
-    type=Number(float),
-    metavar="R",
-    help="Downloads per online peer per day [1].",
+@number_option("--sybil-hours", float, "H", "When sybils join [24].")
+@number_option("--days", float, "D", "Simulated days [7].")
+@number_option("--downloads-per-day", float, "R", "Downloads per online peer per day [1].")
+@number_option("--circuits-per-download", int, "N", "Circuits per download [4].")
+@number_option(
+    "--session-hours", float, "H", "Churn: mean online session of a peer, hours; 0 for none [0]."
 )
-@click.option(
-    "--circuits-per-download", type=Number(int), metavar="N", help="Circuits per download [4]."
-)
-@click.option(
-    "--session-hours",
-    type=Number(float),
-    metavar="H",
-    help="Churn: mean online session of a peer, hours; 0 for none [0].",
-)
-@click.option(
-    "--offline-hours", type=Number(float), metavar="H", help="Churn: mean time offline [8]."
-)
-@click.option(
-    "--targets", type=Number(int), metavar="N", help="Downloaders the predecessor attack follows."
-)
-@click.option("--rounds", type=Number(int), metavar="N", help="Predecessor attack rounds at most.")
-@click.option("--seed", type=Number(int), metavar="N", help="First seed [1].")
-@click.option("--seeds", type=Number(int), metavar="K", help="Seeds (runs per policy) [3].")
-@click.option("--jobs", type=Number(int), metavar="N", help="Worker processes [1].")
+@number_option("--offline-hours", float, "H", "Churn: mean time offline [8].")
+@number_option("--targets", int, "N", "Downloaders the predecessor attack follows.")
+@number_option("--rounds", int, "N", "Predecessor attack rounds at most.")
+@number_option("--seed", int, "N", "First seed [1].")
+@number_option("--seeds", int, "K", "Seeds (runs per policy) [3].")
+@number_option("--jobs", int, "N", "Worker processes [1].")
 @_out("anomos-lab.json", "json")
 @_out(None, "csv")
 @click.option(

@@ -37,12 +37,17 @@ class Number(click.ParamType):
             raise ConfigError(f"{option} {value!r} is not a {self.name}") from None
 
 
-def _number_option(
-    flag: str, kind: type[int] | type[float], default: Any, metavar: str, help: str
+def number_option(
+    flag: str, kind: type[int] | type[float], metavar: str, help: str, default: Any = None
 ) -> Any:
-    """A number option of ``paths`` (a bad value is one line) with its default shown."""
+    """A click option taking a number (a bad value is one line); its default shown."""
     return click.option(
-        flag, metavar=metavar, default=default, show_default=True, type=Number(kind), help=help
+        flag,
+        metavar=metavar,
+        default=default,
+        show_default=default is not None,
+        type=Number(kind),
+        help=help,
     )
 
 
@@ -54,28 +59,28 @@ def _number_option(
     metavar="NAME",
     help="Path policy to compare (repeatable) [every registered one].",
 )
-@_number_option("--peers", int, 1000, "N", "Peers in the graph.")
+@number_option("--peers", int, "N", "Peers in the graph.", default=1000)
 @click.option(
     "--neighbours", metavar="MIN-MAX", default="4-6", show_default=True, help="Neighbours per peer."
 )
 @click.option(
     "--relays", metavar="MIN-MAX", default="2-4", show_default=True, help="Relays per circuit."
 )
-@_number_option("--circuits", int, 5000, "N", "Circuits per policy.")
-@_number_option(
+@number_option("--circuits", int, "N", "Circuits per policy.", default=5000)
+@number_option(
     "--rate",
     float,
-    50.0,
     "R",
     "Circuits per simulated second (relay load decays over simulated time).",
+    default=50.0,
 )
-@_number_option("--seed", int, 1, "N", "Seed of everything random.")
-@_number_option(
+@number_option("--seed", int, "N", "Seed of everything random.", default=1)
+@number_option(
     "--unreachable",
     float,
-    0.0,
     "SHARE",
     "Share of peers nobody can dial (behind NAT), planned as the tracker plans them.",
+    default=0.0,
 )
 @click.option(
     "--json",
