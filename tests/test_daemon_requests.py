@@ -192,3 +192,16 @@ def test_info_id_finds_the_daemon_by_the_environment(tmp_path: Path, plugins: Pl
     finally:
         server.stop()
         daemon.stop()
+
+
+def test_torrent_set_of_a_magnet_without_metadata(app: RpcApp) -> None:
+    """Limits and the queue apply to a torrent still waiting for its metadata; only a
+    choice of files needs it (torrent-set used to fail for every key on such a torrent,
+    and with no ids for all torrents at once)."""
+    magnet = Magnet(b"\x04" * 20, (TRACKER,), "ab" * 32, name="later.iso")
+    assert call(app, "torrent-add", filename=str(magnet), paused=True)["result"] == "success"
+    reply = call(app, "torrent-set", downloadLimit=50, downloadLimited=True, queuePosition=0)
+    assert reply["result"] == "success", reply
+    assert app.daemon.torrents[1].limits.download_limit == 50
+    reply = call(app, "torrent-set", ids=[1], **{"files-unwanted": [0, 0, 0]})
+    assert "no metadata yet" in reply["result"], reply

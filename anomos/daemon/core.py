@@ -990,9 +990,9 @@ class FileSelection:
 
     def check(self, nfiles: int) -> None:
         for group in (self.wanted, self.unwanted, self.high, self.normal, self.low):
-            bad = [i for i in group if not 0 <= i < nfiles]
-            if bad:
-                raise DaemonError(f"file index {bad[0]} out of range (the torrent has {nfiles})")
+            bad = next((i for i in group if not 0 <= i < nfiles), None)  # (the first only)
+            if bad is not None:
+                raise DaemonError(f"file index {bad} out of range (the torrent has {nfiles})")
 
     def apply(self, torrent: Torrent) -> None:
         for index in self.wanted:

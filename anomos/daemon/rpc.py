@@ -299,7 +299,7 @@ def _torrent_add(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     if download_dir is not None and not isinstance(download_dir, str):
         raise RpcError("download-dir must be a string")
     paused = _flag(args, "paused")
-    selection = _file_selection(args, empty_means_all=None)
+    selection = _file_selection(_file_lists(args), empty_means_all=None)
     torrent, new = daemon.add(data, paused=paused, download_dir=download_dir, selection=selection)
     brief = {"id": torrent.id, "name": torrent.name, "hashString": torrent.infohash}
     return {"torrent-added" if new else "torrent-duplicate": brief}
@@ -315,13 +315,10 @@ _FILE_KEYS = {
 }
 
 
-def _file_selection(args: dict[str, Any], empty_means_all: int | None) -> FileSelection | None:
-    """The files-wanted/-unwanted and priority-* keys of a request (None: none given).
-
-    In torrent-set an empty list means every file (``empty_means_all`` files); in
-    torrent-add it means none, as in Transmission.
-    """
-    groups: dict[str, tuple[int, ...]] = {}
+def _file_lists(args: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The files-wanted/-unwanted and priority-* lists of a request, as FileSelection's
+    attributes; checked once per request, each index once."""
+    lists: dict[str, tuple[int, ...]] = {}
     for key, attr in _FILE_KEYS.items():
         if key not in args:
             continue
@@ -332,10 +329,20 @@ def _file_selection(args: dict[str, Any], empty_means_all: int | None) -> FileSe
             raise RpcError(f"{key} must be a list of file indices")
         if len(value) > 1_000_000:
             raise RpcError(f"{key}: too many file indices")
-        if not value and empty_means_all is not None:
-            value = list(range(empty_means_all))
-        groups[attr] = tuple(value)
-    return FileSelection(**groups) if groups else None
+        lists[attr] = tuple(sorted(set(value)))
+    return lists
+
+
+def _file_selection(
+    lists: dict[str, tuple[int, ...]], empty_means_all: int | None
+) -> FileSelection | None:
+    """The selection ``lists`` make (None: no list given). In torrent-set an empty list
+    means every file (``empty_means_all`` files); in torrent-add it means none, as in
+    Transmission."""
+    if not lists:
+        return None
+    every = tuple(range(empty_means_all or 0))
+    return FileSelection(**{attr: value or every for attr, value in lists.items()})
 
 
 def _torrent_set(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
@@ -349,14 +356,19 @@ def _torrent_set(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     if position is not None and (isinstance(position, bool) or not isinstance(position, int)):
         raise RpcError("queuePosition must be a number")
     torrents = _select(daemon, args.get("ids"))
-    for torrent in torrents:  # every value checked before any torrent changes
-        selection = _file_selection(args, empty_means_all=len(torrent.metainfo.files))
-        if selection is not None:
-            selection.check(len(torrent.metainfo.files))
+    lists = _file_lists(args)
+    selections: dict[int, FileSelection] = {}
+    # Every value checked before any torrent changes; the metainfo is needed only when
+    # files are chosen (a torrent added by magnet may have none yet).
+    for torrent in torrents if lists else ():
+        nfiles = len(torrent.metainfo.files)
+        selection = _file_selection(lists, empty_means_all=nfiles)
+        assert selection is not None
+        selection.check(nfiles)
+        selections[torrent.id] = selection
     for torrent in torrents:
-        selection = _file_selection(args, empty_means_all=len(torrent.metainfo.files))
-        if selection is not None:
-            daemon.select_files(torrent, selection)
+        if torrent.id in selections:
+            daemon.select_files(torrent, selections[torrent.id])
         if limits:
             daemon.set_torrent_limits(torrent, limits)
         if position is not None:
