@@ -205,3 +205,12 @@ def test_torrent_set_of_a_magnet_without_metadata(app: RpcApp) -> None:
     assert app.daemon.torrents[1].limits.download_limit == 50
     reply = call(app, "torrent-set", ids=[1], **{"files-unwanted": [0, 0, 0]})
     assert "no metadata yet" in reply["result"], reply
+
+
+def test_a_filename_the_system_cannot_name_is_one_line(app: RpcApp) -> None:
+    """A filename too long for the system: one short result, not an internal error with
+    a traceback in the log for every such request."""
+    for name in ("/tmp/" + "a" * 300, "/" + "b/" * 3000):
+        reply = call(app, "torrent-add", filename=name)
+        assert reply["result"].startswith("cannot read "), reply
+        assert "too long" in reply["result"] and len(reply["result"]) < 300, reply

@@ -270,13 +270,14 @@ def _torrent_get(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 
 def _read_torrent_file(filename: str) -> bytes:
     path = Path(filename).expanduser()
-    if not path.is_file():  # a FIFO or a device would block the whole daemon
-        raise RpcError(f"cannot read {filename}: not a regular file")
+    shown = repr(filename) if len(filename) <= 200 else f"{filename[:200]!r}..."
     try:
+        if not path.is_file():  # a FIFO or a device would block the whole daemon
+            raise RpcError(f"cannot read {shown}: not a regular file")
         with open(path, "rb") as f:
             return f.read(MAX_METAINFO_SIZE + 1)
-    except OSError as exc:
-        raise RpcError(f"cannot read {filename}: {exc.strerror or exc}") from None
+    except OSError as exc:  # (is_file too: a name too long, no permission on a folder)
+        raise RpcError(f"cannot read {shown}: {exc.strerror or exc}") from None
 
 
 def _torrent_add(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
