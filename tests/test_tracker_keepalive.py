@@ -12,7 +12,9 @@ from typing import Any
 import gevent
 import pytest
 
+from anomos.config import Settings
 from anomos.identity import PeerIdentity
+from anomos.peer.node import Peer
 from anomos.pluginmanager import Plugins
 from anomos.testing import loopback_host
 from anomos.tracker import client as clientmod
@@ -94,3 +96,19 @@ def test_an_idle_connection_is_not_reused_past_its_time(
     join(client)
     assert len(accepted) == 2 and client.connections_opened == 2
     client.close()
+
+
+def test_a_peer_opens_its_first_connection_while_it_starts(
+    tracker: Tracker, accepted: list[Any], tmp_path: Path, plugins: Plugins
+) -> None:
+    """The connection is up before the first announce is sent, which then rides it."""
+    settings = Settings(listen=f"{loopback_host()}:0", state_dir=tmp_path / "peer")
+    peer = Peer(plugins, settings, tracker_url=tracker.url, fingerprint=tracker.fingerprint)
+    try:
+        with gevent.Timeout(10, AssertionError("no connection ahead of the announce")):
+            while not accepted:
+                gevent.sleep(0.01)
+        peer.start()  # the join
+        assert len(accepted) == 1 and peer.tracker.connections_opened == 1
+    finally:
+        peer.stop()

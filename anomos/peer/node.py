@@ -156,6 +156,9 @@ class Peer:
             self._on_link_down(link, reason)
 
         self.links.on_link_down = on_link_down
+        if self.settings.transport == "tcp":  # others (tor) come up with the listener
+            # The first announce's TCP and TLS handshakes overlap the rest of our start.
+            self.tracker.connect_ahead()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

@@ -289,9 +289,35 @@ class TrackerClient:
         self._idle_since = 0.0
         #: Connections opened (TCP and TLS paid), for tests and benchmarks.
         self.connections_opened = 0
+        #: Opens a connection ahead of the first request (:meth:`connect_ahead`).
+        self._ahead: gevent.Greenlet | None = None
+
+    def connect_ahead(self) -> None:
+        """Open the connection the next request will use in the background, so its
+        TCP and TLS handshakes overlap what the caller does until then (a peer's
+        start: its state, its torrents, its listener). Failures are left to that
+        request, which tries again and says why."""
+        if self._ahead is None and self._idle is None:
+            self._ahead = gevent.spawn(self._open_ahead)
+            gevent.sleep(0)  # its SYN leaves now; the kernel completes the TCP handshake
+
+    def _open_ahead(self) -> None:
+        conn, _ = self._connection()
+        try:
+            conn.connect()
+        except BaseException as exc:
+            conn.close()
+            if not isinstance(exc, (AnomosError, OSError, http.client.HTTPException)):
+                raise  # killed (GreenletExit)
+        else:
+            self._keep(conn)
+        finally:
+            self._ahead = None
 
     def close(self) -> None:
         """Close the kept-alive connection, if any."""
+        if self._ahead is not None:
+            self._ahead.kill(block=True, timeout=1)
         conn, self._idle = self._idle, None
         if conn is not None:
             conn.close()
@@ -369,6 +395,9 @@ class TrackerClient:
     # ------------------------------------------------------------------ transport
     def _connection(self) -> tuple[_PinnedConnection, bool]:
         """The idle connection if it is fresh enough (and True), else a new one."""
+        ahead = self._ahead
+        if ahead is not None and ahead is not gevent.getcurrent():
+            ahead.join(self.timeout)  # the connection opened ahead is for us
         conn, self._idle = self._idle, None
         if conn is not None:
             if time.monotonic() - self._idle_since < KEEPALIVE_REUSE:
