@@ -52,15 +52,17 @@ def test_first_byte_from_launch_and_the_rate_after_it() -> None:
 def test_fast_start_medians_per_tree_and_the_trouble_in_the_logs(tmp_path: Any) -> None:
     """`bench --wan --fast-start`: each tree's steps are medians of its own runs, the
     loop-to-first-block span is taken per run, and trouble is counted from the logs."""
+    t = "2026-12-05 17:11:0"
     (tmp_path / "get.log").write_text(
-        "x anomos.net.link INFO cannot link to NID 5 at 127.0.1.3:4: timed out\n"
-        "x anomos.peer.download INFO no circuits: announce before requesting circuits\n"
-        "x anomos.net.link INFO refused link from 127.0.1.9:5: connection closed while "
+        f"{t}1,000 anomos.net.link INFO cannot link to NID 5 at 127.0.1.3:4: timed out\n"
+        f"{t}1,100 anomos.peer.download INFO no circuits: announce before requesting circuits\n"
+        f"{t}1,200 anomos.net.link INFO refused link from 127.0.1.9:5: connection closed while "
         "waiting for AUTH\n"  # the tracker's reachability probe: no trouble
     )
     (tmp_path / "relay0.log").write_text(
-        "x anomos.net.link INFO refused link from 127.0.1.9:5: bad edge ticket\n"
-        "x anomos.net.link INFO NID 5 admitted on its edge ticket\n"
+        f"{t}0,000 anomos.net.link INFO refused link from 127.0.1.4:5: reset\n"  # before get
+        f"{t}2,000 anomos.net.link INFO refused link from 127.0.1.9:5: bad edge ticket\n"
+        f"{t}2,100 anomos.net.link INFO NID 5 admitted on its edge ticket\n"
     )
     trouble = start_trouble(tmp_path)
     assert trouble == {

@@ -399,15 +399,27 @@ TROUBLE = {
 }
 
 
-def start_trouble(logs: Path) -> dict[str, int]:
-    """Counts of :data:`TROUBLE` lines in every peer's log under ``logs``."""
+def start_trouble(logs: Path, getter: str = "get") -> dict[str, int]:
+    """Counts of :data:`TROUBLE` lines in every peer's log under ``logs`` from the
+    getter's first line on (the network forming before it is not its start)."""
     counts = dict.fromkeys(TROUBLE, 0)
+    first = next(iter(_stamped(logs / f"{getter}.log")), "")
     for log_file in sorted(logs.glob("*.log")):
-        for line in log_file.read_text(errors="replace").splitlines():
+        for line in _stamped(log_file):
+            if line < first:  # "2026-12-05 17:11:00,464 ...": text order is time order
+                continue
             for name, pattern in TROUBLE.items():
                 if pattern.search(line):
                     counts[name] += 1
     return counts
+
+
+def _stamped(log_file: Path) -> list[str]:
+    """The lines of a peer's log that begin with a timestamp."""
+    if not log_file.exists():
+        return []
+    lines = log_file.read_text(errors="replace").splitlines()
+    return [line for line in lines if line[:4].isdigit()]
 
 
 class QueueWatch(threading.Thread):
