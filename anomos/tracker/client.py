@@ -47,10 +47,11 @@ NONCE_SIZE = 8
 MAX_REPLY = 1024 * 1024
 #: Seconds a whole request may take unless the caller says otherwise.
 REQUEST_TIMEOUT = 30.0
-#: Seconds an idle connection to the tracker is reused for: below the tracker's
-#: keep-alive idle limit (anomos.tracker.settings.KEEPALIVE_IDLE, 15 s), so the
-#: next request (the circuits right after the join, a replan) skips TCP and TLS.
-KEEPALIVE_REUSE = 10.0
+#: Seconds an idle connection to the tracker is kept for the next request (the
+#: circuits right after the join, a replan), which then skips TCP and TLS; closed
+#: then, well before the tracker's idle limit (anomos.tracker.settings.KEEPALIVE_IDLE,
+#: 15 s), so that peers sharing an address hold few of its connections.
+KEEPALIVE_REUSE = 5.0
 #: Most circuits one request may ask for (the server enforces the same bound).
 MAX_CIRCUITS = 8
 #: Most neighbours a reply may list (and receipts an announce may carry: one per neighbour).
@@ -420,6 +421,11 @@ class TrackerClient:
         if self._idle is not None:
             self._idle.close()
         self._idle, self._idle_since = conn, time.monotonic()
+        gevent.spawn_later(KEEPALIVE_REUSE, self._expire, conn)
+
+    def _expire(self, conn: _PinnedConnection) -> None:
+        if self._idle is conn:
+            self.close()
 
     def _post(self, path: str, inner: dict[str, Any]) -> dict[bytes, Any]:
         where = f"tracker {self.host}:{self.port}"
