@@ -116,11 +116,15 @@ def test_auth_codec_and_message() -> None:
     identity, signature = bytes(range(32)), bytes(range(64))
     payload = frames.encode_auth(0xDEADBEEF, identity, signature)
     assert len(payload) == frames.AUTH_SIZE
-    assert frames.decode_auth(memoryview(payload)) == (0xDEADBEEF, identity, signature)
+    assert frames.decode_auth(memoryview(payload)) == (0xDEADBEEF, identity, signature, b"")
+    ticketed = frames.encode_auth(7, identity, signature, b"t" * 200)
+    assert frames.decode_auth(ticketed) == (7, identity, signature, b"t" * 200)
     message = frames.auth_message(b"c" * 32, b"s" * 32, 7)
     assert message == b"anomos-link-v1" + b"c" * 32 + b"s" * 32 + b"\x00\x00\x00\x07"
     with pytest.raises(ProtocolError):
         frames.decode_auth(payload[:-1])
+    with pytest.raises(ProtocolError):  # more than AUTH and the largest ticket
+        frames.decode_auth(payload + bytes(frames.MAX_TICKET_SIZE + 1))
 
 
 def test_break_reasons() -> None:

@@ -119,11 +119,11 @@ def test_headers_are_judged_before_any_payload(circ_id: int, cmd: int, length: i
 @given(hostile([frames.encode_auth(9, b"k" * 32, b"s" * 64)], 200))
 def test_decode_auth(data: bytes) -> None:
     try:
-        nid, identity, signature = frames.decode_auth(data)
+        nid, identity, signature, ticket = frames.decode_auth(data)
     except ProtocolError as exc:
         fuzzlib.check_message(exc)
     else:
-        assert frames.encode_auth(nid, identity, signature) == data
+        assert frames.encode_auth(nid, identity, signature, ticket) == data
 
 
 def test_every_break_payload_decodes_and_is_described() -> None:

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from anomos.bench.wan import summarize, table
+from anomos.bench.wan import (
+    fast_start_table,
+    start_trouble,
+    summarize,
+    summarize_fast_start,
+    table,
+)
 
 MB = 10**6
 
@@ -41,3 +47,48 @@ def test_first_byte_from_launch_and_the_rate_after_it() -> None:
     assert row["anomos_first_byte"] == 5.0
     assert list(row["anomos_startup"]) == ["download", "first_block", "first_piece"]
     assert "first_piece 5.2" in table([row])
+
+
+def test_fast_start_medians_per_tree_and_the_trouble_in_the_logs(tmp_path: Any) -> None:
+    """`bench --wan --fast-start`: each tree's steps are medians of its own runs, the
+    loop-to-first-block span is taken per run, and trouble is counted from the logs."""
+    t = "2026-12-05 17:11:0"
+    (tmp_path / "get.log").write_text(
+        f"{t}1,000 anomos.net.link INFO cannot link to NID 5 at 127.0.1.3:4: timed out\n"
+        f"{t}1,100 anomos.peer.download INFO no circuits: announce before requesting circuits\n"
+        f"{t}1,200 anomos.net.link INFO refused link from 127.0.1.9:5: connection closed while "
+        "waiting for AUTH\n"  # the tracker's reachability probe: no trouble
+    )
+    (tmp_path / "relay0.log").write_text(
+        f"{t}0,000 anomos.net.link INFO refused link from 127.0.1.4:5: reset\n"  # before get
+        f"{t}2,000 anomos.net.link INFO refused link from 127.0.1.9:5: bad edge ticket\n"
+        f"{t}2,100 anomos.net.link INFO NID 5 admitted on its edge ticket\n"
+    )
+    trouble = start_trouble(tmp_path)
+    assert trouble == {
+        "dial_failures": 1,
+        "circuit_refusals": 1,
+        "links_refused": 1,
+    }
+
+    def report(download: float, block: float, piece: float) -> dict[str, Any]:
+        return {
+            "startup": {"download": download, "first_block": block, "first_piece": piece},
+            "first_byte_seconds": block,
+            "circuits": [{"relays": 3, "setup_seconds": block - download - 0.5}],
+            "failed_circuits": 0,
+            "start_trouble": trouble,
+        }
+
+    old = [report(4.0, 8.0, 8.1), report(5.0, 8.5, 8.6), report(4.5, 9.0, 9.1)]
+    new = [report(3.0, 5.0, 5.1), report(3.5, 5.0, 5.1), report(2.0, 4.5, 4.6)]
+    result = {"fast_start": [{"profile": "p", "trees": {"old": old, "this tree": new}}]}
+    rows = summarize_fast_start(result)
+    assert [r["tree"] for r in rows] == ["old", "this tree"]
+    assert rows[0]["startup"]["first_piece"] == 8.6 and rows[1]["startup"]["first_piece"] == 5.1
+    assert rows[0]["loop_to_first_block"] == 4.0  # 4.0, 3.5, 4.5: per run, not medians' gap
+    assert rows[1]["loop_to_first_block"] == 2.0  # 2.0, 1.5, 2.5
+    assert rows[1]["trouble"]["dial_failures"] == 3
+    text = fast_start_table(rows)
+    assert "| first_piece | 8.6 | 5.1 |" in text
+    assert "| download loop start -> first block | 4.0 | 2.0 |" in text

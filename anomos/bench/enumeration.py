@@ -61,7 +61,10 @@ class _Client(TrackerClient):
     clock: _Clock
 
     def _post(self, path: str, inner: dict[str, Any]) -> dict[bytes, Any]:
-        return super()._post(path, {**inner, "time": int(self.clock())})
+        try:
+            return super()._post(path, {**inner, "time": int(self.clock())})
+        finally:
+            self.close()  # an attacker holds no idle connection: it would take a join's slot
 
 
 def _register(tracker: Tracker, n: int) -> dict[bytes, str]:

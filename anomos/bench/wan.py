@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -322,15 +323,20 @@ class WanOptions:
     settle: float = 3.0
     #: Run the anomos processes from this source tree (a before/after comparison).
     code: Path | None = None
+    #: Only the start (:func:`run_fast_start`): each run launches ``anomos get`` on a
+    #: network that settled, from ``code`` and from this tree in turn, no libtorrent.
+    fast_start: bool = False
 
 
 def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dict[str, Any]:
     from anomos.localnet import LocalNetwork
     from anomos.torrent.metainfo import make_metainfo
 
-    env = {}
+    # Bytecode cached as an installed anomos has it: a launch must not compile every
+    # module from source (the development shell sets PYTHONDONTWRITEBYTECODE).
+    env = {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": str(work.parent / "pycache")}
     if options.code is not None:  # and not the tree in the current directory (-m adds it)
-        env = {"PYTHONPATH": str(options.code), "PYTHONSAFEPATH": "1"}
+        env |= {"PYTHONPATH": str(options.code), "PYTHONSAFEPATH": "1"}
     local = LocalNetwork(work / "anomos", verbose=1, extra_env=env)
     try:
         hops = ("--relays", options.circuit_relays) if options.circuit_relays else ()
@@ -368,6 +374,7 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
             raise AnomosError(f"anomos get exited {rc}: {proc.log_tail(8)}")
         report = json.loads(summary.read_text())
         report["launch_seconds"] = seconds
+        report["start_trouble"] = start_trouble(work / "anomos")
         report["relay_queues"] = queues.peaks()
         # Cores each process used while `get` ran: a saturated one is the cap.
         end_cpu = _cpu_seconds(local.procs)
@@ -379,6 +386,40 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
         return report
     finally:
         local.stop()
+
+
+#: Log lines of a start that went wrong somewhere (issue 13: none on a healthy network).
+TROUBLE = {
+    # the downloader could not link to a neighbour (an AUTH_OK that did not come, ...)
+    "dial_failures": re.compile(r"cannot link to NID"),
+    # the tracker refused or planned nothing ("announce before requesting circuits", ...)
+    "circuit_refusals": re.compile(r"no circuits|tracker busy|tracker lost track"),
+    # a neighbour refused a link; not the tracker's reachability probe, which hangs up
+    "links_refused": re.compile(r"refused link from (?!.*waiting for AUTH)"),
+}
+
+
+def start_trouble(logs: Path, getter: str = "get") -> dict[str, int]:
+    """Counts of :data:`TROUBLE` lines in every peer's log under ``logs`` from the
+    getter's first line on (the network forming before it is not its start)."""
+    counts = dict.fromkeys(TROUBLE, 0)
+    first = next(iter(_stamped(logs / f"{getter}.log")), "")
+    for log_file in sorted(logs.glob("*.log")):
+        for line in _stamped(log_file):
+            if line < first:  # "2026-12-05 17:11:00,464 ...": text order is time order
+                continue
+            for name, pattern in TROUBLE.items():
+                if pattern.search(line):
+                    counts[name] += 1
+    return counts
+
+
+def _stamped(log_file: Path) -> list[str]:
+    """The lines of a peer's log that begin with a timestamp."""
+    if not log_file.exists():
+        return []
+    lines = log_file.read_text(errors="replace").splitlines()
+    return [line for line in lines if line[:4].isdigit()]
 
 
 class QueueWatch(threading.Thread):
@@ -477,6 +518,100 @@ def run_wan(
             entry["runs"].append(one)
         results.append(entry)
     return {"size": options.size, "relays": options.relays, "profiles": results}
+
+
+def run_fast_start(
+    options: WanOptions, workdir: Path, echo: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """``runs`` rounds per profile; in each, one start of ``options.code`` (if given) and
+    one of this tree, each in a fresh namespace, the order alternating between rounds
+    so that neither always meets the busier minute."""
+    reason = unavailable()
+    if reason is not None:
+        raise AnomosError(f"bench --wan {reason}")
+    data = workdir / "share" / "bench.bin"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_bytes(os.urandom(options.size))
+    trees: list[tuple[str, Path | None]] = [("this tree", None)]
+    if options.code is not None:
+        trees.insert(0, (str(options.code), options.code))
+    results: list[dict[str, Any]] = []
+    for profile in options.profiles:
+        entry: dict[str, Any] = {"profile": profile.name, "trees": {}}
+        for run in range(options.runs):
+            order = trees if run % 2 == 0 else trees[::-1]
+            for label, code in order:
+                work = workdir / f"fast-{profile.rate_bits}-{profile.delay}-{run}-{code is None}"
+                work.mkdir(parents=True, exist_ok=True)
+                with WanNet(profile) as net:
+                    report = _anomos_run(net, work, data, attrs.evolve(options, code=code))
+                entry["trees"].setdefault(label, []).append(report)
+                steps = report.get("startup", {})
+                echo(
+                    f"{profile.name} run {run + 1}, {label}: first piece "
+                    f"{steps.get('first_piece')} s from launch, {report['start_trouble']}"
+                )
+        results.append(entry)
+    return {"size": options.size, "relays": options.relays, "fast_start": results}
+
+
+def summarize_fast_start(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per profile and tree: median seconds from launch to each step of the start, from
+    the download loop's start to the first block, and what went wrong (summed)."""
+    rows = []
+    for entry in result["fast_start"]:
+        for label, runs in entry["trees"].items():
+            loop_to_block = [
+                r["startup"]["first_block"] - r["startup"]["download"]
+                for r in runs
+                if {"first_block", "download"} <= r.get("startup", {}).keys()
+            ]
+            trouble: dict[str, int] = {}
+            for r in runs:
+                for name, n in r.get("start_trouble", {}).items():
+                    trouble[name] = trouble.get(name, 0) + n
+            rows.append(
+                {
+                    "profile": entry["profile"],
+                    "tree": label,
+                    "runs": len(runs),
+                    "startup": _startup_medians([{"anomos": r} for r in runs]),
+                    "loop_to_first_block": _median_or_none(loop_to_block),
+                    "first_byte": _median_or_none([r.get("first_byte_seconds") for r in runs]),
+                    "circuit_setup_seconds": _median_or_none(
+                        [c.get("setup_seconds") for r in runs for c in r["circuits"]]
+                    ),
+                    "failed_circuits": sum(r.get("failed_circuits", 0) for r in runs),
+                    "trouble": trouble,
+                }
+            )
+    return rows
+
+
+def fast_start_table(rows: list[dict[str, Any]]) -> str:
+    """Steps down, trees across: median seconds from launch (medians of each step)."""
+    out = []
+    for profile in dict.fromkeys(r["profile"] for r in rows):
+        mine = [r for r in rows if r["profile"] == profile]
+        steps = list(dict.fromkeys(step for r in mine for step in r["startup"]))
+        steps.sort(key=lambda step: min(r["startup"].get(step, 1e9) for r in mine))
+        out.append(f"{profile}, median of {', '.join(str(r['runs']) for r in mine)} runs")
+        out.append("| step (seconds from launch) | " + " | ".join(r["tree"] for r in mine) + " |")
+        out.append("|---" * (len(mine) + 1) + "|")
+        for step in steps:
+            cells = " | ".join(str(r["startup"].get(step, "-")) for r in mine)
+            out.append(f"| {step} | {cells} |")
+        for name, key in (
+            ("download loop start -> first block", "loop_to_first_block"),
+            ("circuit set-up (median)", "circuit_setup_seconds"),
+            ("circuits that failed to build", "failed_circuits"),
+        ):
+            out.append(f"| {name} | " + " | ".join(str(r[key]) for r in mine) + " |")
+        for name in TROUBLE:
+            counts = " | ".join(str(r["trouble"].get(name, 0)) for r in mine)
+            out.append(f"| {name} | {counts} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def _lt_in(net: WanNet, work: Path, data: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 from anomos.errors import ProtocolError
 from anomos.protocol.e2e import CELL_BODY
 from anomos.protocol.onion import TRACKING_CODE_SIZE
+from anomos.protocol.ticket import MAX_TICKET_SIZE
 
 HEADER = struct.Struct("!IBBH")
 HEADER_SIZE = HEADER.size
@@ -27,7 +28,9 @@ MAX_PAYLOAD = 0xFFFF
 
 #: Size of the listener's random challenge.
 CHALLENGE_SIZE = 32
-#: AUTH = claimed NID (u32) | identity public key (32) | Ed25519 signature (64).
+#: AUTH = claimed NID (u32) | identity public key (32) | Ed25519 signature (64),
+#: then the tracker's edge ticket for this edge, if the dialler holds one
+#: (anomos.protocol.ticket).
 AUTH_SIZE = 4 + 32 + 64
 #: Domain separation for the dialler's link signature.
 AUTH_CONTEXT = b"anomos-link-v1"
@@ -61,7 +64,7 @@ PAYLOAD_SIZES: dict[int, tuple[int, int]] = {
     Cmd.BREAK: (1, 1),
     Cmd.PADDING: (0, MAX_PADDING),
     Cmd.AUTH_CHALLENGE: (CHALLENGE_SIZE, CHALLENGE_SIZE),
-    Cmd.AUTH: (AUTH_SIZE, AUTH_SIZE),
+    Cmd.AUTH: (AUTH_SIZE, AUTH_SIZE + MAX_TICKET_SIZE),
     Cmd.AUTH_OK: (0, 0),
 }
 _DATA = int(Cmd.DATA)
@@ -160,18 +163,20 @@ def auth_message(challenge: bytes, server_identity: bytes, nid: int) -> bytes:
     return AUTH_CONTEXT + bytes(challenge) + bytes(server_identity) + nid.to_bytes(4, "big")
 
 
-def encode_auth(nid: int, identity: bytes, signature: bytes) -> bytes:
+def encode_auth(nid: int, identity: bytes, signature: bytes, ticket: bytes = b"") -> bytes:
     if len(identity) != 32 or len(signature) != 64 or not 0 <= nid <= 0xFFFFFFFF:
         raise ValueError("bad AUTH fields")
-    return nid.to_bytes(4, "big") + identity + signature
+    if len(ticket) > MAX_TICKET_SIZE:
+        raise ValueError("edge ticket too long for an AUTH")
+    return nid.to_bytes(4, "big") + identity + signature + ticket
 
 
-def decode_auth(payload: Any) -> tuple[int, bytes, bytes]:
-    """(claimed NID, identity public key, signature) of an AUTH payload."""
+def decode_auth(payload: Any) -> tuple[int, bytes, bytes, bytes]:
+    """(claimed NID, identity public key, signature, edge ticket or b"") of an AUTH payload."""
     data = bytes(payload)
-    if len(data) != AUTH_SIZE:
-        raise ProtocolError(f"AUTH of {len(data)} bytes (expected {AUTH_SIZE})")
-    return int.from_bytes(data[:4], "big"), data[4:36], data[36:]
+    if not AUTH_SIZE <= len(data) <= AUTH_SIZE + MAX_TICKET_SIZE:
+        raise ProtocolError(f"AUTH of {len(data)} bytes (expected {AUTH_SIZE} and a ticket)")
+    return int.from_bytes(data[:4], "big"), data[4:36], data[36:AUTH_SIZE], data[AUTH_SIZE:]
 
 
 class FrameReader:

@@ -7,7 +7,9 @@ between two neighbours. The dialler then proves *its* identity: the listener
 sends a random challenge and the dialler signs ``AUTH_CONTEXT || challenge ||
 listener identity || claimed NID``. The listener accepts only an NID it was
 assigned with exactly that identity; the original Anomos believed any NID a
-caller claimed.
+caller claimed. A caller on an NID the listener was not told of yet carries
+the tracker's edge ticket for it (anomos.protocol.ticket), so the listener
+need not ask the tracker before it answers.
 
 Once up, one reader greenlet dispatches frames to ``on_frame`` and one writer
 greenlet serves bounded per-circuit queues round-robin, several frames per
@@ -62,6 +64,7 @@ from anomos.net.frames import (
     encode_frame,
 )
 from anomos.net.ratelimit import TokenBucket
+from anomos.protocol.ticket import offerable, open_ticket
 
 if TYPE_CHECKING:
     from anomos.config import Settings
@@ -353,6 +356,17 @@ def _same_neighbour(current: Any, dialled: Any) -> bool:
         and bytes(current.identity) == bytes(dialled.identity)
         and current.address == dialled.address
     )
+
+
+@attrs.frozen
+class TicketedNeighbour:
+    """A caller admitted on the tracker's edge ticket (it dials us): our neighbour
+    until an assignment asked for after its admission leaves it out."""
+
+    nid: int
+    address: str
+    identity: bytes = attrs.field(repr=lambda b: b.hex()[:16])
+    dial: bool = False
 
 
 @attrs.define(eq=False)
@@ -796,6 +810,12 @@ class LinkManager:
     settings: Settings
     on_frame: FrameHandler | None = attrs.field(kw_only=True)
     on_unknown_nid: Callable[[int], None] | None = attrs.field(default=None, kw_only=True)
+    #: Fingerprints of the trackers whose edge tickets admit a caller on an NID we
+    #: have not been told of (none: such a caller waits for ``on_unknown_nid``).
+    trackers: frozenset[str] = attrs.field(default=frozenset(), kw_only=True)
+    #: Called with the NID of a caller admitted on its ticket (the tracker should
+    #: hear from us soon: the edge counts for others' circuits once both ends know it).
+    on_admitted: Callable[[int], None] | None = attrs.field(default=None, kw_only=True)
     #: Called as ``on_link_down(link, reason)`` after a link closed.
     on_link_down: Callable[[Link, CloseReason], None] | None = attrs.field(
         default=None, kw_only=True
@@ -806,6 +826,9 @@ class LinkManager:
     address: str | None = attrs.field(default=None, init=False)
     links: dict[int, Link] = attrs.field(factory=dict, init=False)
     _assigned: dict[int, Any] = attrs.field(factory=dict, init=False, repr=False)
+    #: NID -> when (monotonic) its caller was admitted on a ticket, while it is not
+    #: in an assignment yet.
+    _ticketed: dict[int, float] = attrs.field(factory=dict, init=False, repr=False)
     _dialling: dict[int, gevent.Greenlet] = attrs.field(factory=dict, init=False, repr=False)
     _group: gevent.pool.Group = attrs.field(factory=gevent.pool.Group, init=False, repr=False)
     _listener: Listener | None = attrs.field(default=None, init=False, repr=False)
@@ -842,8 +865,13 @@ class LinkManager:
         self.address = self._listener.address
         return self.address
 
-    def set_neighbours(self, neighbours: Iterable[Any]) -> None:
-        """Adopt the tracker's assignment: dial new ``dial=True`` ones, drop the unassigned."""
+    def set_neighbours(self, neighbours: Iterable[Any], *, asked_at: float | None = None) -> None:
+        """Adopt the tracker's assignment: dial new ``dial=True`` ones, drop the unassigned.
+
+        ``asked_at`` (monotonic): when the assignment was asked for. A caller admitted
+        on its ticket since then stays (the tracker may have answered before it
+        issued the ticket); one admitted before is dropped unless assigned.
+        """
         assigned: dict[int, Any] = {}
         for nb in neighbours:
             if len(assigned) >= MAX_NEIGHBOURS:
@@ -852,6 +880,12 @@ class LinkManager:
                 )
                 break
             assigned[int(nb.nid)] = nb
+        for nid, admitted in list(self._ticketed.items()):
+            kept = self._assigned.get(nid)
+            if nid in assigned or kept is None or asked_at is None or admitted < asked_at:
+                del self._ticketed[nid]
+            elif len(assigned) < MAX_NEIGHBOURS:
+                assigned[nid] = kept
         for nid in list(self._received):
             old, new = self._assigned[nid], assigned.get(nid)
             if new is None or bytes(new.identity) != bytes(old.identity):
@@ -979,7 +1013,13 @@ class LinkManager:
                 challenge = bytes(_next_frame(reader, Cmd.AUTH_CHALLENGE))
                 message = auth_message(challenge, expected, nid)
                 signature = self.identity.signing.sign(message).signature
-                auth = encode_auth(nid, self.identity.identity_public, signature)
+                ticket = bytes(getattr(nb, "ticket", b""))
+                auth = encode_auth(
+                    nid,
+                    self.identity.identity_public,
+                    signature,
+                    ticket if offerable(ticket) else b"",
+                )
                 sock.sendall(encode_frame(LINK_CIRC_ID, Cmd.AUTH, auth))
                 _next_frame(reader, Cmd.AUTH_OK)
         except BaseException:
@@ -1008,7 +1048,7 @@ class LinkManager:
                 reader = FrameReader(sock)
                 challenge = secrets.token_bytes(32)
                 sock.sendall(encode_frame(LINK_CIRC_ID, Cmd.AUTH_CHALLENGE, challenge))
-                nid, identity, signature = decode_auth(_next_frame(reader, Cmd.AUTH))
+                nid, identity, signature, ticket = decode_auth(_next_frame(reader, Cmd.AUTH))
                 try:
                     nacl.signing.VerifyKey(identity).verify(
                         auth_message(challenge, self.identity.identity_public, nid), signature
@@ -1017,7 +1057,10 @@ class LinkManager:
                     raise CryptoError(
                         f"bad link signature from a caller claiming NID {nid}"
                     ) from None
-                nb = self._assignment_for(nid)
+                if ticket and nid not in self._assigned:
+                    nb = self._admit(nid, identity, ticket)
+                else:
+                    nb = self._assignment_for(nid)
                 if gevent.getcurrent() not in self._handshakes:  # evicted meanwhile
                     raise ProtocolError("handshake slot taken by a newer caller")
                 if nb is None:
@@ -1061,6 +1104,28 @@ class LinkManager:
             oldest.kill(ProtocolError("handshake slot taken by a newer caller"), block=False)
         pending[gevent.getcurrent()] = host
         return True
+
+    def _admit(self, nid: int, identity: bytes, ticket: bytes) -> TicketedNeighbour:
+        """Our neighbour ``nid`` on the strength of its edge ticket (it proved
+        ``identity`` already); ``CryptoError`` if the ticket is not good for exactly
+        this edge, now, from a tracker we pin."""
+        good = open_ticket(
+            ticket,
+            self.trackers,
+            dialer=identity,
+            listener=self.identity.identity_public,
+            nid=nid,
+        )
+        if len(self._assigned) >= MAX_NEIGHBOURS:
+            raise ProtocolError(f"NID {nid}: already {MAX_NEIGHBOURS} neighbours")
+        nb = TicketedNeighbour(nid, good.address, identity)
+        self._assigned[nid] = nb
+        self._ticketed[nid] = time.monotonic()
+        self._neighbour_hosts |= {_host(nb.address)}
+        log.info("NID %d admitted on its edge ticket", nid)
+        if self.on_admitted is not None:
+            self.on_admitted(nid)
+        return nb
 
     def _assignment_for(self, nid: int) -> Any:
         """The assigned neighbour ``nid``, refreshing from the tracker once if unknown."""

@@ -124,8 +124,9 @@ class DownloadReport:
     replan_seconds: tuple[float, ...] = ()
     #: Seconds from launch (see :attr:`TorrentDownload.launched`) to the first block.
     first_byte_seconds: float | None = None
-    #: Seconds from launch to each step of the start: ``download`` (this loop began:
-    #: the peer had announced), ``first_link`` (a neighbour link up),
+    #: Seconds from launch to each step of the start: the peer's own (``peer``,
+    #: ``listening``, ``announced``: see :attr:`Peer.startup`), ``download`` (this loop
+    #: began), ``first_link`` (a neighbour link up),
     #: ``circuits_requested``, ``circuits_planned``, ``first_circuit`` (keys agreed),
     #: ``first_block``, ``first_piece`` (verified).
     startup: dict[str, float] = attrs.field(factory=dict)
@@ -298,7 +299,7 @@ class TorrentDownload:
         self._marks.setdefault(step, time.monotonic() if at is None else at)
 
     def _startup(self, launched: float) -> dict[str, float]:
-        marks = dict(self._marks)
+        marks = {**self.peer.startup, **self._marks}
         opened = [link.opened_at for link in self.peer.links.links.values()]
         if opened:
             marks["first_link"] = min(opened)
@@ -308,7 +309,9 @@ class TorrentDownload:
         ):
             if at is not None:
                 marks[step] = at
-        return {step: at - launched for step, at in sorted(marks.items(), key=lambda m: m[1])}
+        # A long-running peer (the daemon's) started before this download was asked for.
+        steps = sorted((m for m in marks.items() if m[1] >= launched), key=lambda m: m[1])
+        return {step: at - launched for step, at in steps}
 
     # ------------------------------------------------------------------ limits and states
     def _check_limits(self, started: float, now: float) -> None:

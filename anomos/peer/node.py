@@ -111,8 +111,13 @@ class Peer:
     reachable: str = attrs.field(default="unchecked", init=False)
     #: The router's port mapping kept for us (``--upnp``), if any.
     _portmap: PortMapper | None = attrs.field(default=None, init=False)
+    #: Monotonic times of this peer's first steps (a download's ``startup`` shows
+    #: them): ``peer`` (made: the program's imports are behind it), ``listening``,
+    #: ``announced`` (the tracker's first answer, with our neighbours).
+    startup: dict[str, float] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
+        self.startup["peer"] = time.monotonic()
         private_dir(self.settings.state_dir)  # resume file names are the infohashes shared
         self.identity = PeerIdentity.load_or_create(self.settings.state_dir)
         self.tracker = TrackerClient(
@@ -129,6 +134,9 @@ class Peer:
             self.settings,
             on_frame=None,
             on_unknown_nid=self._on_unknown_nid,
+            # A caller with our tracker's edge ticket is let in without asking it first.
+            trackers=frozenset({self.tracker.fingerprint}),
+            on_admitted=lambda nid: self.announce_soon(),
             peer=self,
         )
         self.switch = CircuitSwitch(
@@ -148,6 +156,9 @@ class Peer:
             self._on_link_down(link, reason)
 
         self.links.on_link_down = on_link_down
+        if self.settings.transport == "tcp":  # others (tor) come up with the listener
+            # The first announce's TCP and TLS handshakes overlap the rest of our start.
+            self.tracker.connect_ahead()
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -157,6 +168,7 @@ class Peer:
         restarting); a tracker with the wrong identity is a fatal error.
         """
         self.address = self.links.start()
+        self.startup.setdefault("listening", time.monotonic())
         if self.settings.upnp:
             self.address = self._map_port(self.address)
         try:
@@ -202,6 +214,7 @@ class Peer:
                 log.info("final announce failed: %s", exc)
             finally:
                 self.tracker.timeout = timeout
+        self.tracker.close()
         self._group.kill(block=False)
         for session in self.sessions.values():
             session.close()
@@ -275,12 +288,13 @@ class Peer:
         for nid in [n for n in self._lost if self.links.get(n) is not None]:
             del self._lost[nid]
         self._announced = True
+        self.startup.setdefault("announced", time.monotonic())
         self._interval = max(1.0, float(reply.interval))
         self._min_interval = float(reply.min_interval)
         self.ratio = reply.ratio
         self.account = reply
         self._tell_reachability(reply.reachable)
-        self.links.set_neighbours(reply.neighbours)
+        self.links.set_neighbours(reply.neighbours, asked_at=now)
         if lost:
             log.info("reported %d lost neighbour(s) to the tracker", len(lost))
         return reply

@@ -59,6 +59,7 @@ REQUEST_REPLAY_LIMIT = 65536
 #: The tracker's public key (compressed P-256 point) and its signature (r | s).
 TRACKER_KEY_SIZE = 33
 SIGNATURE_SIZE = 64
+TRACKER_SIGNATURE_SIZE = TRACKER_KEY_SIZE + SIGNATURE_SIZE
 _DOMAIN = b"anomos sealed request v2\x00"
 _ECDSA = ec.ECDSA(hashes.SHA256())
 
@@ -191,13 +192,7 @@ def signed_plaintext(
 
     The body is not checked here (fuzzers sign hostile ones); use :func:`seal_request`.
     """
-    if not isinstance(tracker_key.curve, ec.SECP256R1):
-        raise ValueError(f"tracker key is on {tracker_key.curve.name}, not P-256")
-    r, s = decode_dss_signature(tracker_key.sign(_DOMAIN + box_public + body, _ECDSA))
-    point = tracker_key.public_key().public_bytes(
-        serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
-    )
-    plain = body + point + r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    plain = body + tracker_signature(tracker_key, _DOMAIN + box_public + body)
     if len(plain) > PLAINTEXT_SIZE:
         raise ValueError(f"request body of {len(body)} bytes leaves no room for the signature")
     return plain + bytes(PLAINTEXT_SIZE - len(plain))
@@ -231,11 +226,8 @@ def open_request(
         raise CryptoError("sealed request has non-zero padding")
     body = plain[:n]
     req = SourceRequest.decode(body)
-    _check_signature(
-        plain[n : n + TRACKER_KEY_SIZE],
-        plain[n + TRACKER_KEY_SIZE : end],
-        _DOMAIN + bytes(private.public_key) + body,
-        trackers,
+    check_tracker_signature(
+        plain[n:end], _DOMAIN + bytes(private.public_key) + body, trackers, "sealed request"
     )
     now = time.time() if now is None else now
     if req.expires < now:
@@ -245,21 +237,38 @@ def open_request(
     return req
 
 
-def _check_signature(
-    point: bytes, signature: bytes, message: bytes, trackers: Collection[str]
+def tracker_signature(tracker_key: ec.EllipticCurvePrivateKey, message: bytes) -> bytes:
+    """``tracker key | signature`` (:data:`TRACKER_SIGNATURE_SIZE` bytes) over ``message``:
+    what a peer needs to check that a tracker it pins said ``message``."""
+    if not isinstance(tracker_key.curve, ec.SECP256R1):
+        raise ValueError(f"tracker key is on {tracker_key.curve.name}, not P-256")
+    r, s = decode_dss_signature(tracker_key.sign(message, _ECDSA))
+    point = tracker_key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+    )
+    return point + r.to_bytes(32, "big") + s.to_bytes(32, "big")
+
+
+def check_tracker_signature(
+    signed: bytes, message: bytes, trackers: Collection[str], what: str
 ) -> None:
+    """``CryptoError`` naming ``what`` unless ``signed`` (from :func:`tracker_signature`)
+    is a good signature of ``message`` by one of ``trackers`` (pinned fingerprints)."""
+    if len(signed) != TRACKER_SIGNATURE_SIZE:
+        raise CryptoError(f"{what} carries a tracker signature of {len(signed)} bytes")
+    point, signature = signed[:TRACKER_KEY_SIZE], signed[TRACKER_KEY_SIZE:]
     try:
         key = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
     except ValueError:
-        raise CryptoError("sealed request carries a malformed tracker key") from None
+        raise CryptoError(f"{what} carries a malformed tracker key") from None
     fingerprint = tracker_fingerprint(key)
     if fingerprint not in trackers:
-        raise CryptoError(f"sealed request is signed by an untrusted tracker {fingerprint[:16]}")
+        raise CryptoError(f"{what} is signed by an untrusted tracker {fingerprint[:16]}")
     r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
     try:
         key.verify(encode_dss_signature(r, s), message, _ECDSA)
     except (InvalidSignature, ValueError):
-        raise CryptoError("sealed request has a bad tracker signature") from None
+        raise CryptoError(f"{what} has a bad tracker signature") from None
 
 
 @attrs.define(eq=False)

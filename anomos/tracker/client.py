@@ -9,6 +9,7 @@ answers is treated as hostile: bounded size, strict types, one-line
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import math
 import secrets
@@ -28,6 +29,7 @@ from anomos.errors import AnomosError, ConfigError, TrackerError
 from anomos.identity import PeerIdentity
 from anomos.protocol.onion import LAYER_KEYS_SIZE, MAX_HOPS, TRACKING_CODE_SIZE, LayerKeys
 from anomos.protocol.request import REQUEST_BLOB_SIZE
+from anomos.protocol.ticket import MAX_TICKET_SIZE
 from anomos.tracker.identity import (
     TrackerTrustError,
     check_pin,
@@ -45,6 +47,11 @@ NONCE_SIZE = 8
 MAX_REPLY = 1024 * 1024
 #: Seconds a whole request may take unless the caller says otherwise.
 REQUEST_TIMEOUT = 30.0
+#: Seconds an idle connection to the tracker is kept for the next request (the
+#: circuits right after the join, a replan), which then skips TCP and TLS; closed
+#: then, well before the tracker's idle limit (anomos.tracker.settings.KEEPALIVE_IDLE,
+#: 15 s), so that peers sharing an address hold few of its connections.
+KEEPALIVE_REUSE = 5.0
 #: Most circuits one request may ask for (the server enforces the same bound).
 MAX_CIRCUITS = 8
 #: Most neighbours a reply may list (and receipts an announce may carry: one per neighbour).
@@ -88,6 +95,9 @@ class Neighbour:
     address: str
     identity: bytes = attrs.field(repr=lambda b: b.hex()[:16])
     dial: bool
+    #: The tracker's edge ticket for this edge (anomos.protocol.ticket), sent in our
+    #: AUTH when we dial a neighbour that has not been told of the edge yet.
+    ticket: bytes = attrs.field(default=b"", repr=False, eq=False)
 
 
 @attrs.frozen
@@ -222,7 +232,9 @@ class _PinnedConnection(http.client.HTTPSConnection):
         else:
             raw = self._dialer(join_address(self.host, self.port), self.timeout or REQUEST_TIMEOUT)
             raw.settimeout(self.timeout)
+            _no_delay(raw)
             self.sock = self._tls.wrap_socket(raw, server_hostname=self.host)
+        _no_delay(self.sock)
         assert isinstance(self.sock, ssl.SSLSocket)
         try:
             check_pin(self.sock, self._fingerprint)
@@ -231,8 +243,19 @@ class _PinnedConnection(http.client.HTTPSConnection):
             raise
 
 
+def _no_delay(sock: object) -> None:
+    """Requests go out at once, not after the previous reply's delayed ACK."""
+    with contextlib.suppress(OSError, AttributeError):  # not every transport is TCP
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
+
+
+#: What a kept-alive connection the tracker closed meanwhile fails with, before any reply.
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)
+
+
 class TrackerClient:
-    """Talks to one tracker on behalf of one peer identity."""
+    """Talks to one tracker on behalf of one peer identity, over one kept-alive
+    connection while requests follow each other closely (:data:`KEEPALIVE_REUSE`)."""
 
     def __init__(
         self,
@@ -262,6 +285,43 @@ class TrackerClient:
         self.dialer = dialer
         #: Counters are cumulative per session; a new session tells the tracker to rebase.
         self.session = secrets.token_bytes(8)
+        #: The connection the last request left open, and when (monotonic) it went idle.
+        self._idle: _PinnedConnection | None = None
+        self._idle_since = 0.0
+        #: Connections opened (TCP and TLS paid), for tests and benchmarks.
+        self.connections_opened = 0
+        #: Opens a connection ahead of the first request (:meth:`connect_ahead`).
+        self._ahead: gevent.Greenlet | None = None
+
+    def connect_ahead(self) -> None:
+        """Open the connection the next request will use in the background, so its
+        TCP and TLS handshakes overlap what the caller does until then (a peer's
+        start: its state, its torrents, its listener). Failures are left to that
+        request, which tries again and says why."""
+        if self._ahead is None and self._idle is None:
+            self._ahead = gevent.spawn(self._open_ahead)
+            gevent.sleep(0)  # its SYN leaves now; the kernel completes the TCP handshake
+
+    def _open_ahead(self) -> None:
+        conn, _ = self._connection()
+        try:
+            conn.connect()
+        except BaseException as exc:
+            conn.close()
+            if not isinstance(exc, (AnomosError, OSError, http.client.HTTPException)):
+                raise  # killed (GreenletExit)
+        else:
+            self._keep(conn)
+        finally:
+            self._ahead = None
+
+    def close(self) -> None:
+        """Close the kept-alive connection, if any."""
+        if self._ahead is not None:
+            self._ahead.kill(block=True, timeout=1)
+        conn, self._idle = self._idle, None
+        if conn is not None:
+            conn.close()
 
     # ------------------------------------------------------------------ API
     def announce(
@@ -334,10 +394,17 @@ class TrackerClient:
             raise TrackerError(f"tracker sent a malformed circuits reply: {_why(exc)}") from None
 
     # ------------------------------------------------------------------ transport
-    def _post(self, path: str, inner: dict[str, Any]) -> dict[bytes, Any]:
-        inner = {**inner, "nonce": secrets.token_bytes(NONCE_SIZE)}
-        body = signed_body(self.identity, path, inner, self.fingerprint)
-        where = f"tracker {self.host}:{self.port}"
+    def _connection(self) -> tuple[_PinnedConnection, bool]:
+        """The idle connection if it is fresh enough (and True), else a new one."""
+        ahead = self._ahead
+        if ahead is not None and ahead is not gevent.getcurrent():
+            ahead.join(self.timeout)  # the connection opened ahead is for us
+        conn, self._idle = self._idle, None
+        if conn is not None:
+            if time.monotonic() - self._idle_since < KEEPALIVE_REUSE:
+                return conn, True
+            conn.close()
+        self.connections_opened += 1
         conn = _PinnedConnection(
             self.host,
             self.port,
@@ -346,25 +413,51 @@ class TrackerClient:
             timeout=self.timeout,
             dialer=self.dialer,
         )
-        try:
-            with gevent.Timeout(self.timeout, TrackerError(f"{where} timed out")):
-                conn.request(
-                    "POST",
-                    path,
-                    body=body,
-                    headers={"Content-Type": "application/x-bencode", "Connection": "close"},
-                )
-                resp = conn.getresponse()
-                data = resp.read(MAX_REPLY + 1)
-        except TimeoutError:
-            raise TrackerError(f"{where} timed out") from None
-        except ssl.SSLError as exc:
-            raise TrackerError(f"TLS with {where} failed: {exc.reason or exc}") from None
-        except (OSError, http.client.HTTPException) as exc:
-            reason = getattr(exc, "strerror", None) or exc or type(exc).__name__
-            raise TrackerError(f"cannot reach {where}: {_one_line(str(reason))}") from None
-        finally:
-            conn.close()
+        return conn, False
+
+    def _keep(self, conn: _PinnedConnection) -> None:
+        """``conn`` answered in full and stays open: keep it for the next request (one
+        idle connection at most; requests made at once each open their own)."""
+        if self._idle is not None:
+            self._idle.close()
+        self._idle, self._idle_since = conn, time.monotonic()
+        gevent.spawn_later(KEEPALIVE_REUSE, self._expire, conn)
+
+    def _expire(self, conn: _PinnedConnection) -> None:
+        if self._idle is conn:
+            self.close()
+
+    def _post(self, path: str, inner: dict[str, Any]) -> dict[bytes, Any]:
+        where = f"tracker {self.host}:{self.port}"
+        while True:
+            # Signed afresh for each attempt: a new nonce, never a replay.
+            body = signed_body(
+                self.identity,
+                path,
+                {**inner, "nonce": secrets.token_bytes(NONCE_SIZE)},
+                self.fingerprint,
+            )
+            conn, reused = self._connection()
+            try:
+                with gevent.Timeout(self.timeout, TrackerError(f"{where} timed out")):
+                    conn.request(
+                        "POST", path, body=body, headers={"Content-Type": "application/x-bencode"}
+                    )
+                    resp = conn.getresponse()
+                    data = resp.read(MAX_REPLY + 1)
+            except BaseException as exc:
+                conn.close()
+                if reused and isinstance(exc, _STALE):
+                    continue  # closed by the tracker while idle: it read none of this request
+                error = _failure(exc, where)
+                if error is exc:
+                    raise
+                raise error from None
+            if resp.isclosed() and not resp.will_close:
+                self._keep(conn)
+            else:
+                conn.close()
+            break
         if len(data) > MAX_REPLY:
             raise TrackerError(f"{where} sent a reply over {MAX_REPLY} bytes")
         try:
@@ -425,6 +518,7 @@ def _parse_announce(reply: dict[bytes, Any]) -> AnnounceReply:
                 address=address,
                 identity=_bytes(item[b"identity"], 32),
                 dial=bool(_int(item[b"dial"], 0, 1)),
+                ticket=_bytes(item.get(b"ticket", b""), max_size=MAX_TICKET_SIZE),
             )
         )
     return AnnounceReply(
@@ -461,6 +555,18 @@ def _parse_plan(item: Any) -> CircuitPlan:
         suite=_text(item[b"suite"], 32),
         material=_bytes(item[b"material"], max_size=256),
     )
+
+
+def _failure(exc: BaseException, where: str) -> BaseException:
+    """The one-line :class:`TrackerError` for a failed exchange (anything else as is)."""
+    if isinstance(exc, TimeoutError):
+        return TrackerError(f"{where} timed out")
+    if isinstance(exc, ssl.SSLError):
+        return TrackerError(f"TLS with {where} failed: {exc.reason or exc}")
+    if isinstance(exc, (OSError, http.client.HTTPException)):
+        reason = getattr(exc, "strerror", None) or exc or type(exc).__name__
+        return TrackerError(f"cannot reach {where}: {_one_line(str(reason))}")
+    return exc
 
 
 def _retry_after(value: str | None) -> float:

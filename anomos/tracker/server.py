@@ -29,6 +29,7 @@ from anomos.errors import ConfigError
 from anomos.interfaces import RatioPolicy
 from anomos.pluginmanager import Plugins
 from anomos.protocol.onion import current_epoch
+from anomos.protocol.ticket import TICKET_TTL, EdgeTicket, issue_ticket
 from anomos.tracker.accounting import Accounting
 
 # Names this module re-exports ("X as X") are the ones callers and tests know it by;
@@ -425,6 +426,7 @@ class Tracker:
                     b"address": self.peers[n].address.encode(),
                     b"identity": n,
                     b"dial": int(self.graph.dialer(peer, n) == peer),
+                    **self._edge_ticket(peer, n),
                 }
                 for n in neighbours
             ],
@@ -436,6 +438,20 @@ class Tracker:
                 Reach.UNCHECKED if self.reach is None else self.reach.state(peer)
             ).value.encode(),
         }
+
+    def _edge_ticket(self, peer: bytes, other: bytes) -> dict[bytes, bytes]:
+        """For an edge ``peer`` dials whose far end has not heard of it yet, the ticket
+        that lets ``other`` take the link without asking us first (protocol/ticket.py)."""
+        if self.graph.dialer(peer, other) != peer or peer in self.graph.told_neighbours(other):
+            return {}
+        ticket = EdgeTicket(
+            nid=self.graph.nid(peer, other),
+            dialer=peer,
+            listener=other,
+            address=self.peers[peer].address,
+            expires=int(self.clock()) + TICKET_TTL,
+        )
+        return {b"ticket": issue_ticket(ticket, self.identity.private_key)}
 
     # ------------------------------------------------------------------ circuits
     def circuits(self, peer: bytes, inner: dict[bytes, Any]) -> dict[bytes, Any]:
