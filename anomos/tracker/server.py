@@ -50,6 +50,7 @@ from anomos.tracker.liveness import Liveness, Verdict
 from anomos.tracker.persistence import FLUSH_INTERVAL as FLUSH_INTERVAL
 from anomos.tracker.persistence import Persistence, freeze
 from anomos.tracker.planner import PeerKeys, Planner, Swarm
+from anomos.tracker.randomness import BufferedSystemRandom
 from anomos.tracker.reachability import Reach, Reachability
 from anomos.tracker.requests import LOW_ORDER_X25519 as LOW_ORDER_X25519
 from anomos.tracker.requests import (
@@ -105,7 +106,7 @@ class Tracker:
         split_address(listen)
         self.plugins = plugins
         self.clock = clock
-        self.rng = rng or random.SystemRandom()
+        self.rng = rng or BufferedSystemRandom()  # os.urandom, read in blocks
         self.identity = TrackerIdentity.load_or_create(self.state_dir)
         suite = plugins.cipher_suite(s.cipher_suite)
         policy = plugins.path_policy(
@@ -270,7 +271,7 @@ class Tracker:
         dict (see docs/tracker-api.md)."""
         now = self.clock()
         row = self.peers.get(peer)
-        request = parse_announce(inner, (row.onion, row.box) if row else None)
+        request = parse_announce(inner, (row.onion, row.box, row.address) if row else None)
         if not request.stopped:
             self._check_limits(peer, row is None, network)
         self.announces += 1
@@ -304,7 +305,7 @@ class Tracker:
         interval = LOST_RECHECK_INTERVAL if pending else None
         if self.reach is not None:
             interval = self._reach_interval(peer, interval)
-        return self._reply(peer, list(self.graph.neighbours(peer)), account, interval)
+        return self._reply(peer, self.graph.links(peer), account, interval)
 
     def _on_reach(self, peer: Any, before: Reach, after: Reach) -> None:
         """Mend the graph around a new verdict: a peer found unreachable loses its edges
@@ -412,21 +413,23 @@ class Tracker:
     def _reply(
         self,
         peer: bytes,
-        neighbours: list[Any],
+        links: list[tuple[Any, int, bool]],
         account: Account,
         interval: int | None = None,
     ) -> dict[bytes, Any]:
-        """The reply, with byte-string keys: bencoded as is, in one pass."""
+        """The reply, with byte-string keys; ``links``: (neighbour, NID, whether ``peer``
+        dials it) per neighbour (:meth:`PeerGraph.links`)."""
         every, least = self.settings.interval, self.settings.min_interval
+        peers = self.peers
         return {
             b"neighbours": [
                 {
-                    b"nid": self.graph.nid(peer, n),
-                    b"address": self.peers[n].address.encode(),
+                    b"nid": nid,
+                    b"address": peers[n].address.encode(),
                     b"identity": n,
-                    b"dial": int(self.graph.dialer(peer, n) == peer),
+                    b"dial": int(dials),
                 }
-                for n in neighbours
+                for n, nid, dials in links
             ],
             b"epoch": current_epoch(self.clock()),
             b"interval": min(interval or every, every),
