@@ -23,7 +23,8 @@ _live: weakref.WeakSet[BufferedSystemRandom] = weakref.WeakSet()
 
 
 class BufferedSystemRandom(random.SystemRandom):
-    """:class:`random.SystemRandom` whose bytes come from a block of ``os.urandom``."""
+    """:class:`random.SystemRandom` whose bytes come from a block of ``os.urandom``; for
+    one thread (the tracker's event loop: its writer thread draws nothing)."""
 
     def __init__(self, x: Any = None) -> None:
         self._block = b""
