@@ -121,3 +121,18 @@ def test_announce_replies_are_encoded_as_bencode_would(tmp_path, plugins) -> Non
     ]
     for reply in replies + odd:
         assert encode_announce_reply(reply) == bencode.encode(reply)
+
+
+def test_request_cpu_bench_times_every_part() -> None:
+    """``python -m anomos.bench.requestcpu`` (docs/performance.md) still finds every part
+    it times: all requests served, each part measured."""
+    from anomos.bench.requestcpu import request_cpu
+
+    result = request_cpu(peers=60, requests=20)
+    for phase in ("joins", "announces"):
+        r = result[phase]
+        assert r["per_second"] > 0 and r["ed25519_check_us"] > 0
+        parts = set(r["parts_us"])
+        assert {"envelope", "fields", "accounting", "swarms", "reply built"} <= parts
+        assert "reply encoded" in parts
+    assert "graph join" in result["joins"]["parts_us"]
