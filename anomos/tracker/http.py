@@ -204,7 +204,7 @@ _NEIGHBOUR = b"d7:address%d:%s4:diali%de8:identity%d:%s3:nidi%dee"
 
 
 def encode_announce_reply(reply: dict[bytes, Any]) -> bytes:
-    """``bencode.encode(reply)`` for an announce reply, the same bytes in ~60 % of the CPU
+    """``bencode.encode(reply)`` for an announce reply, the same bytes in ~2/3 of the CPU
     (docs/performance.md, "Third pass"): its keys are known, so it is filled into a
     template instead of walked and sorted item by item. Any other dict (a key more or
     less, a value of another type) is left to :func:`bencode.encode`."""
