@@ -197,17 +197,17 @@ class AnnounceRequest:
 
 
 def parse_announce(
-    inner: dict[bytes, Any], known: tuple[bytes, bytes] | tuple[bytes, bytes, str] | None
+    inner: dict[bytes, Any], known: tuple[bytes, bytes, str] | None
 ) -> AnnounceRequest:
     """Check an announce's fields, in this order (the first bad one is named);
-    ``known``: the (onion, box) keys, and optionally the address, already accepted
-    from this peer, if any (unchanged values are not checked again)."""
+    ``known``: the (onion, box, address) already accepted from this peer, if any
+    (unchanged values are not checked again)."""
     session = _field(inner, "session")
     if not isinstance(session, bytes) or not 1 <= len(session) <= 32:
         raise Refused(400, "field 'session' must be 1-32 bytes")
     onion = _x25519_field(inner, "onion", known[0] if known else None)
     box = _x25519_field(inner, "box", known[1] if known else None)
-    address = _address_field(inner, known[2] if known and len(known) > 2 else None)
+    address = _address_field(inner, known[2] if known else None)
     relayed = _int_field(inner, "relayed")
     stopped = _int_field(inner, "stopped", 0, 1)
     torrents = _parse_torrents(_field(inner, "torrents"))
