@@ -269,6 +269,29 @@ class PeerGraph:
                 return b
         return a if self._seq[sa] > self._seq[sb] else b
 
+    def links(self, peer: Peer) -> list[tuple[Peer, int, bool]]:
+        """``peer``'s neighbours, each with the edge's NID and whether ``peer`` dials it
+        (:meth:`dialer`): what an announce reply lists, in one pass over the arrays."""
+        s = self._slot[peer]
+        base = s * self._width
+        nbr, nids, flags, seq, peers = self._nbr, self._nid, self._flags, self._seq, self._peers
+        closed = self.closed
+        mine = peer in closed
+        out = []
+        for i in range(base, base + self._deg[s]):
+            n = nbr[i]
+            other = peers[n]
+            if mine != (other in closed):
+                dials = mine
+            elif flags[i] & _DIALS:
+                dials = True
+            elif flags[self._pos(n, s)] & _DIALS:
+                dials = False
+            else:
+                dials = seq[s] > seq[n]
+            out.append((other, nids[i], dials))
+        return out
+
     def seq(self, peer: Peer) -> int:
         return self._seq[self._slot[peer]]
 
@@ -611,23 +634,23 @@ class PeerGraph:
             self._bucket_pos[last] = i
 
     def _new_nid(self, sa: int, sb: int) -> int:
-        w = self._width
-        used = set(self._nid[sa * w : sa * w + self._deg[sa]])
-        used.update(self._nid[sb * w : sb * w + self._deg[sb]])
+        """A random NID (uniform in 1 .. MAX_NID) neither end uses yet."""
+        w, nids, deg = self._width, self._nid, self._deg
         while True:
             nid = self._rng.randint(1, MAX_NID)
-            if nid not in used:
+            if (
+                nid not in nids[sa * w : sa * w + deg[sa]]
+                and nid not in nids[sb * w : sb * w + deg[sb]]
+            ):
                 return nid
 
     def _link(self, sa: int, sb: int, nid: int) -> None:
         self._bucket_remove(sa)
         self._bucket_remove(sb)
-        for s, other in ((sa, sb), (sb, sa)):
-            i = s * self._width + self._deg[s]
-            self._nbr[i] = other
-            self._nid[i] = nid
-            self._flags[i] = 0
-            self._deg[s] += 1
+        w, deg, nbr, nids, flags = self._width, self._deg, self._nbr, self._nid, self._flags
+        i, j = sa * w + deg[sa], sb * w + deg[sb]
+        nbr[i], nids[i], flags[i], deg[sa] = sb, nid, 0, deg[sa] + 1
+        nbr[j], nids[j], flags[j], deg[sb] = sa, nid, 0, deg[sb] + 1
         self._bucket_add(sa)
         self._bucket_add(sb)
         self.version += 1
@@ -669,7 +692,13 @@ class PeerGraph:
         sa, sb = self._slot[a], self._slot[b]
         nid = self._new_nid(sa, sb)
         self._link(sa, sb, nid)
-        changes.added.append(Edge(a, b, nid, self.dialer(a, b)))
+        # :meth:`dialer` of an edge neither end was told of yet, without its searches.
+        closed = self.closed
+        if (a in closed) != (b in closed):
+            dialer = a if a in closed else b
+        else:
+            dialer = a if self._seq[sa] > self._seq[sb] else b
+        changes.added.append(Edge(a, b, nid, dialer))
 
     def _fill(self, peer: Peer) -> Changes:
         """Give ``peer`` neighbours until it reaches the minimum (or nobody is left)."""
@@ -707,8 +736,8 @@ class PeerGraph:
                 for c in self._buckets[d]
                 if not self._excluded(peer, s, c)
             ]
-            if not open_peers:
-                return None
+            if len(open_peers) <= 1:  # nothing to draw (the saturated network's usual case)
+                return self._peers[open_peers[0][0]] if open_peers else None
             picked = self._rng.choices([c for c, _ in open_peers], [w for _, w in open_peers])[0]
             return self._peers[picked]
         # Many open peers: ``peer``, its few neighbours and the few it avoids are rarely

@@ -170,7 +170,8 @@ class FrontEnd:
                 reply = self.endpoints.announce(peer, inner, network, None if shared else client)
             else:
                 reply = self.endpoints.circuits(peer, inner)
-            return respond(start_response, 200, bencode.encode(reply))
+            encode = encode_announce_reply if path == ANNOUNCE_PATH else bencode.encode
+            return respond(start_response, 200, encode(reply))
         except Refused as exc:
             # A client over its rate gets a token back within 1/rate seconds.
             retry = [("Retry-After", str(max(1, math.ceil(1 / self.settings.rate))))]
@@ -185,6 +186,72 @@ class FrontEnd:
             return respond(
                 start_response, 500, bencode.encode({b"failure reason": b"internal error"})
             )
+
+
+#: The keys of an announce reply (:meth:`anomos.tracker.server.Tracker._reply`) and of
+#: each neighbour in it.
+_REPLY_KEYS = frozenset(
+    b"downloaded epoch interval min_interval neighbours ratio reachable relayed "
+    b"relayed_claimed uploaded uploaded_claimed".split()
+)
+_NEIGHBOUR_KEYS = frozenset((b"address", b"dial", b"identity", b"nid"))
+_REPLY = (
+    b"d10:downloadedi%de5:epochi%de8:intervali%de12:min_intervali%de10:neighboursl%se"
+    b"5:ratio%d:%s9:reachable%d:%s7:relayedi%de15:relayed_claimedi%de"
+    b"8:uploadedi%de16:uploaded_claimedi%dee"
+)
+_NEIGHBOUR = b"d7:address%d:%s4:diali%de8:identity%d:%s3:nidi%dee"
+
+
+def encode_announce_reply(reply: dict[bytes, Any]) -> bytes:
+    """``bencode.encode(reply)`` for an announce reply, the same bytes in ~2/3 of the CPU
+    (docs/performance.md, "Third pass"): its keys are known, so it is filled into a
+    template instead of walked and sorted item by item. Any other dict (a key more or
+    less, a value of another type) is left to :func:`bencode.encode`."""
+    try:
+        if reply.keys() != _REPLY_KEYS:
+            raise TypeError
+        neighbours = []
+        for n in reply[b"neighbours"]:
+            if type(n) is not dict or n.keys() != _NEIGHBOUR_KEYS:
+                raise TypeError
+            address, identity = n[b"address"], n[b"identity"]
+            neighbours.append(
+                _NEIGHBOUR
+                % (
+                    len(address),
+                    address,
+                    _int(n[b"dial"]),
+                    len(identity),
+                    identity,
+                    _int(n[b"nid"]),
+                )
+            )
+        ratio, reachable = reply[b"ratio"], reply[b"reachable"]
+        return _REPLY % (
+            _int(reply[b"downloaded"]),
+            _int(reply[b"epoch"]),
+            _int(reply[b"interval"]),
+            _int(reply[b"min_interval"]),
+            b"".join(neighbours),
+            len(ratio),
+            ratio,
+            len(reachable),
+            reachable,
+            _int(reply[b"relayed"]),
+            _int(reply[b"relayed_claimed"]),
+            _int(reply[b"uploaded"]),
+            _int(reply[b"uploaded_claimed"]),
+        )
+    except TypeError:
+        return bencode.encode(reply)
+
+
+def _int(value: Any) -> int:
+    """An int as bencode writes it (not a bool or a float, which ``%d`` would take)."""
+    if type(value) is not int:
+        raise TypeError
+    return value
 
 
 def read_body(environ: dict[str, Any]) -> bytes:

@@ -51,6 +51,7 @@ from anomos.tracker.liveness import Liveness, Verdict
 from anomos.tracker.persistence import FLUSH_INTERVAL as FLUSH_INTERVAL
 from anomos.tracker.persistence import Persistence, freeze
 from anomos.tracker.planner import PeerKeys, Planner, Swarm
+from anomos.tracker.randomness import BufferedSystemRandom
 from anomos.tracker.reachability import Reach, Reachability
 from anomos.tracker.requests import LOW_ORDER_X25519 as LOW_ORDER_X25519
 from anomos.tracker.requests import (
@@ -106,7 +107,7 @@ class Tracker:
         split_address(listen)
         self.plugins = plugins
         self.clock = clock
-        self.rng = rng or random.SystemRandom()
+        self.rng = rng or BufferedSystemRandom()  # os.urandom, read in blocks
         self.identity = TrackerIdentity.load_or_create(self.state_dir)
         suite = plugins.cipher_suite(s.cipher_suite)
         policy = plugins.path_policy(
@@ -271,7 +272,7 @@ class Tracker:
         dict (see docs/tracker-api.md)."""
         now = self.clock()
         row = self.peers.get(peer)
-        request = parse_announce(inner, (row.onion, row.box) if row else None)
+        request = parse_announce(inner, (row.onion, row.box, row.address) if row else None)
         if not request.stopped:
             self._check_limits(peer, row is None, network)
         self.announces += 1
@@ -305,7 +306,7 @@ class Tracker:
         interval = LOST_RECHECK_INTERVAL if pending else None
         if self.reach is not None:
             interval = self._reach_interval(peer, interval)
-        return self._reply(peer, list(self.graph.neighbours(peer)), account, interval)
+        return self._reply(peer, self.graph.links(peer), account, interval)
 
     def _on_reach(self, peer: Any, before: Reach, after: Reach) -> None:
         """Mend the graph around a new verdict: a peer found unreachable loses its edges
@@ -413,22 +414,24 @@ class Tracker:
     def _reply(
         self,
         peer: bytes,
-        neighbours: list[Any],
+        links: list[tuple[Any, int, bool]],
         account: Account,
         interval: int | None = None,
     ) -> dict[bytes, Any]:
-        """The reply, with byte-string keys: bencoded as is, in one pass."""
+        """The reply, with byte-string keys; ``links``: (neighbour, NID, whether ``peer``
+        dials it) per neighbour (:meth:`PeerGraph.links`)."""
         every, least = self.settings.interval, self.settings.min_interval
+        peers = self.peers
         return {
             b"neighbours": [
                 {
-                    b"nid": self.graph.nid(peer, n),
-                    b"address": self.peers[n].address.encode(),
+                    b"nid": nid,
+                    b"address": peers[n].address.encode(),
                     b"identity": n,
-                    b"dial": int(self.graph.dialer(peer, n) == peer),
-                    **self._edge_ticket(peer, n),
+                    b"dial": int(dials),
+                    **(self._edge_ticket(peer, n, nid) if dials else {}),
                 }
-                for n in neighbours
+                for n, nid, dials in links
             ],
             b"epoch": current_epoch(self.clock()),
             b"interval": min(interval or every, every),
@@ -439,13 +442,14 @@ class Tracker:
             ).value.encode(),
         }
 
-    def _edge_ticket(self, peer: bytes, other: bytes) -> dict[bytes, bytes]:
-        """For an edge ``peer`` dials whose far end has not heard of it yet, the ticket
-        that lets ``other`` take the link without asking us first (protocol/ticket.py)."""
-        if self.graph.dialer(peer, other) != peer or peer in self.graph.told_neighbours(other):
+    def _edge_ticket(self, peer: bytes, other: bytes, nid: int) -> dict[bytes, bytes]:
+        """For edge ``nid`` that ``peer`` dials, if its far end has not heard of it yet,
+        the ticket that lets ``other`` take the link without asking us first
+        (protocol/ticket.py)."""
+        if peer in self.graph.told_neighbours(other):
             return {}
         ticket = EdgeTicket(
-            nid=self.graph.nid(peer, other),
+            nid=nid,
             dialer=peer,
             listener=other,
             address=self.peers[peer].address,
