@@ -178,7 +178,6 @@ _STATE = (
     "swarms",
     "membership.peer_torrents",
     "sizes",
-    "liveness.seen",
     "accounting.receipts",
     "liveness.reports",
     "persistence.pending",
