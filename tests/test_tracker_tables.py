@@ -222,3 +222,14 @@ def test_receipt_baselines_by_slot_follow_a_reporter_in_and_out_of_the_graph():
     assert r.begin(a, fresh=True) and r.last(a) == {}
     r.set_last(a, [(3, 4, 5)])
     assert r.last(b) == {} and r.last(a) == {3: (4, 5)}
+
+
+def test_a_reporter_that_joins_keeps_no_state_by_identity():
+    a, c = b"a" * 32, b"c" * 32
+    g = _graph_with([a])
+    r = ReceiptBaselines(g)
+    assert r.begin(c, fresh=True)  # its first announce, before the join
+    g.add_peer(c)
+    r.joined(c)
+    assert r._loose == {} and c in r  # in its slot now: no dict entry per registered peer
+    assert r.begin(c, fresh=False) is True

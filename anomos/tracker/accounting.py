@@ -69,6 +69,10 @@ class Accounting:
             self.receipts.forget(peer)
         return account
 
+    def joined(self, peer: bytes) -> None:
+        """``peer`` entered the graph: its receipt state moves into its slot."""
+        self.receipts.joined(peer)
+
     def leaving(self, peer: bytes) -> None:
         """``peer`` leaves the graph (call before it does): its receipt baselines go."""
         self.receipts.leaving(peer)

@@ -68,7 +68,7 @@ from anomos.tracker.settings import RATE_BURST as RATE_BURST
 from anomos.tracker.settings import RATE_PER_SECOND as RATE_PER_SECOND
 from anomos.tracker.settings import REQUEST_TIMEOUT as REQUEST_TIMEOUT
 from anomos.tracker.settings import TrackerSettings
-from anomos.tracker.store import Account, Batch, Store
+from anomos.tracker.store import Account, Batch, PeerRow, Store
 from anomos.tracker.swarms import Swarms
 from anomos.tracker.tables import PeerTable
 
@@ -289,7 +289,7 @@ class Tracker:
         if known is None:
             self._join(peer, request, now, batch)
         elif self.peers.update(peer, request.onion, request.box, request.address):
-            batch.peers[self._id(peer)] = self.peers[peer]
+            batch.peers[self._id(peer)] = self._row(peer, request, now)
         self.liveness.spoke(peer, now)
         pending = self._on_lost(peer, request.lost, now, batch, network)
         if self.graph.degree(peer) < self.graph.min_neighbours:
@@ -334,8 +334,13 @@ class Tracker:
         """A new peer enters the graph and gets its first neighbours."""
         changes = self.graph.add_peer(peer)
         self.peers.set(peer, request.onion, request.box, request.address, now)
+        self.accounting.joined(peer)
         self._apply_changes(changes, batch)
-        batch.peers[self._id(peer)] = self.peers[peer]
+        batch.peers[self._id(peer)] = self._row(peer, request, now)
+
+    def _row(self, peer: bytes, request: AnnounceRequest, now: float) -> PeerRow:
+        """The row to store, made of the request's own values (no copies of the table's)."""
+        return PeerRow(peer, request.onion, request.box, request.address, now, self._id(peer))
 
     def _check_limits(self, peer: bytes, joining: bool, network: str | None) -> None:
         """Refuse (429) an announce over the identity's or its network's allowance."""

@@ -472,6 +472,15 @@ class ReceiptBaselines:
             self._state[s] = _NO_RECEIPTS
             self._last[s] = None
 
+    def joined(self, reporter: bytes) -> None:
+        """The reporter entered the graph: the state kept by identity moves into its slot
+        (a peer registered and never heard from again would otherwise keep a dict entry)."""
+        s = self._graph.slot(reporter)
+        state = self._loose.pop(reporter, _NO_RECEIPTS)
+        if s is not None and state:
+            self._grow(s)
+            self._state[s], self._last[s] = state, None
+
     def leaving(self, reporter: bytes) -> None:
         """The reporter leaves the graph (call before it does): its slot is cleared for
         the next peer, and its state kept by identity (its edges, so its baselines, go)."""
