@@ -15,6 +15,7 @@ walk either).
 
 from __future__ import annotations
 
+import math
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -211,6 +212,8 @@ _NO_PEER = 0
 _OTHER_ADDRESS = -1
 #: Set on every packed IPv4 address code, so that no packed address is 0 or -1.
 _PACKED = 1 << 48
+#: Last seen of a free slot: never silent for the expiry scan.
+_NEVER = array("d", [math.inf])
 
 
 def pack_ipv4(address: str) -> int:
@@ -255,7 +258,8 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
         self._graph = graph
         #: slot -> onion key, box key (64 bytes a slot)
         self._keys = bytearray()
-        #: slot -> when last seen (time.time() seconds)
+        #: slot -> when last seen (time.time() seconds; +inf for a free slot, which
+        #: the expiry scan then never picks)
         self._seen = array("d")
         #: slot -> packed IPv4 address, _OTHER_ADDRESS (in _other) or _NO_PEER
         self._addr = array("q")
@@ -327,7 +331,7 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
         if s >= len(self._addr):
             grow = s + 1 - len(self._addr)
             self._keys.extend(bytes(grow * _ROW_KEYS))
-            self._seen.extend(array("d", bytes(8 * grow)))
+            self._seen.extend(_NEVER * grow)
             self._addr.extend(array("q", bytes(8 * grow)))
         if self._addr[s] == _NO_PEER:
             self._count += 1
@@ -368,7 +372,7 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
             return
         self._other.pop(s, None)
         self._addr[s] = _NO_PEER
-        self._seen[s] = 0.0
+        self._seen[s] = _NEVER[0]
         self._keys[s * _ROW_KEYS : (s + 1) * _ROW_KEYS] = bytes(_ROW_KEYS)
         self._count -= 1
 
@@ -384,16 +388,15 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
     # ------------------------------------------------------------------ expiry
     def silent_since(self, deadline: float) -> list[bytes]:
         """Live peers last seen before ``deadline``, longest silent first (ties in slot
-        order): one vectorised pass over the column, ~1 ms at 10^6 peers, instead of an
+        order): one vectorised pass over the column, ~3 ms of CPU at 10^6 peers, instead of an
         ordered dict of every peer (~160 B each) kept in last-seen order."""
         n = len(self._addr)
         if not n:
             return []
         seen = np.frombuffer(self._seen, dtype=np.float64, count=n)
-        live = np.frombuffer(self._addr, dtype=np.int64, count=n) != _NO_PEER
-        silent = np.flatnonzero(live & (seen < deadline))
+        silent = np.flatnonzero(seen < deadline)  # free slots are +inf
         order = silent[np.argsort(seen[silent], kind="stable")].tolist()
-        del seen, live  # release the columns' buffers (an exported array cannot grow)
+        del seen  # release the column's buffer (an exported array cannot grow)
         peers: list[Any] = [p for p in map(self._graph.at, order) if p is not None]
         return peers
 
