@@ -181,6 +181,8 @@ _STATE = (
     "accounting.receipts",
     "liveness.reports",
     "persistence.pending",
+    "limits",
+    "recent",
 )
 _SKIP = (
     type,
