@@ -10,11 +10,11 @@ import pytest
 from anomos.tracker.graph import PeerGraph
 from anomos.tracker.store import PeerRow
 from anomos.tracker.tables import (
+    ADDRESS_BYTES,
     PeerTable,
     ReceiptBaselines,
     Reports,
     TorrentsByPeer,
-    pack_ipv4,
 )
 
 IH = [bytes([i]) * 20 for i in range(8)]
@@ -103,23 +103,26 @@ def _key(rng: random.Random) -> bytes:
 ADDRESSES = [
     "10.0.0.1:6881",
     "255.255.255.255:65535",
-    "0.0.0.0:1",
     "[2001:db8::1]:7000",
-    "abcdefghijklmnop.onion:443",
-    "010.0.0.1:80",
-    "1.2.3.4:080",
+    "abcdefghijklmnopqrstuvwxyz234567abcdefghijklmnopqrstuvwx.onion:443",
     "host.example:1",
+    "x" * 250 + ":1",
 ]
 
 
 @pytest.mark.parametrize("address", ADDRESSES)
 def test_addresses_come_back_exactly(address):
-    g = _graph_with([b"p" * 32])
+    g = _graph_with([b"p" * 32, b"q" * 32])
     table = PeerTable(g)
+    table.set(b"q" * 32, b"o" * 32, b"b" * 32, "192.0.2.1:1", 5.0)  # a neighbour's slot
     table.set(b"p" * 32, b"o" * 32, b"b" * 32, address, 5.0)
     assert table.address(b"p" * 32) == table[b"p" * 32].address == address
-    # Only the canonical dotted IPv4 form is packed; the rest is kept as given.
-    assert bool(pack_ipv4(address)) == (address in ADDRESSES[:3])
+    assert table.address_bytes(b"p" * 32) == address.encode()
+    assert table.address(b"q" * 32) == "192.0.2.1:1"
+    # Short ones inline, long ones (an onion's) in the dict beside.
+    assert bool(table._other) == (len(address) > ADDRESS_BYTES)
+    table.update(b"p" * 32, b"o" * 32, b"b" * 32, "10.9.9.9:9")
+    assert table.address(b"p" * 32) == "10.9.9.9:9" and not table._other
 
 
 def test_peer_table_behaves_as_a_dict_of_rows_through_joins_updates_and_leaves():
@@ -187,9 +190,9 @@ def test_a_row_costs_its_columns_and_no_object():
     table = PeerTable(g)
     for p in ids:
         table.set(p, b"o" * 32, b"b" * 32, "10.1.2.3:6881", 1.0)
-    assert table._other == {}  # every IPv4 address is packed
-    columns = sum(sys.getsizeof(c) for c in (table._keys, table._seen, table._addr))
-    assert columns / len(ids) < 90  # 64 B of keys + 8 + 8, with the arrays' slack
+    assert table._other == {}  # every IPv4 address is inline
+    columns = (table._keys, table._seen, table._alen, table._abuf)
+    assert sum(map(sys.getsizeof, columns)) / len(ids) < 110  # 64 + 8 + 1 + 23, and slack
 
 
 def test_receipt_baselines_by_slot_follow_a_reporter_in_and_out_of_the_graph():

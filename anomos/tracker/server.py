@@ -430,7 +430,7 @@ class Tracker:
             b"neighbours": [
                 {
                     b"nid": self.graph.nid(peer, n),
-                    b"address": self.peers.address(n).encode(),
+                    b"address": self.peers.address_bytes(n),
                     b"identity": n,
                     b"dial": int(self.graph.dialer(peer, n) == peer),
                 }
