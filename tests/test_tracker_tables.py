@@ -107,6 +107,7 @@ ADDRESSES = [
     "abcdefghijklmnopqrstuvwxyz234567abcdefghijklmnopqrstuvwx.onion:443",
     "host.example:1",
     "x" * 250 + ":1",
+    "",
 ]
 
 
@@ -120,7 +121,8 @@ def test_addresses_come_back_exactly(address):
     assert table.address_bytes(b"p" * 32) == address.encode()
     assert table.address(b"q" * 32) == "192.0.2.1:1"
     # Short ones inline, long ones (an onion's) in the dict beside.
-    assert bool(table._other) == (len(address) > ADDRESS_BYTES)
+    assert bool(table._other) == (not address or len(address) > ADDRESS_BYTES)
+    assert b"p" * 32 in table and len(table) == 2
     table.update(b"p" * 32, b"o" * 32, b"b" * 32, "10.9.9.9:9")
     assert table.address(b"p" * 32) == "10.9.9.9:9" and not table._other
 

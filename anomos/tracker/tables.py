@@ -372,7 +372,7 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
 
     def _set_address(self, s: int, address: str) -> None:
         raw = address.encode()
-        if len(raw) <= ADDRESS_BYTES:
+        if 0 < len(raw) <= ADDRESS_BYTES:  # (length 0 marks a free slot)
             self._other.pop(s, None)
             at = s * ADDRESS_BYTES
             self._abuf[at : at + len(raw)] = raw
