@@ -7,7 +7,15 @@ import sys
 
 import pytest
 
-from anomos.tracker.tables import Reports, TorrentsByPeer
+from anomos.tracker.graph import PeerGraph
+from anomos.tracker.store import PeerRow
+from anomos.tracker.tables import (
+    ADDRESS_BYTES,
+    PeerTable,
+    ReceiptBaselines,
+    Reports,
+    TorrentsByPeer,
+)
 
 IH = [bytes([i]) * 20 for i in range(8)]
 
@@ -76,3 +84,157 @@ def test_torrents_by_peer_behave_as_a_dict_of_sets_and_intern_infohashes():
         assert len({id(ih) for ih in held}) == len(set(held))
     table.pop(peers[0])
     assert peers[0] not in table and list(table.get(peers[0], ())) == []
+
+
+# ---------------------------------------------------------------------- packed by graph slot
+
+
+def _graph_with(peers: list[bytes]) -> PeerGraph:
+    g = PeerGraph(min_neighbours=1, max_neighbours=3, rng=random.Random(1))
+    for p in peers:
+        g.add_peer(p)
+    return g
+
+
+def _key(rng: random.Random) -> bytes:
+    return rng.randbytes(32)
+
+
+ADDRESSES = [
+    "10.0.0.1:6881",
+    "255.255.255.255:65535",
+    "[2001:db8::1]:7000",
+    "abcdefghijklmnopqrstuvwxyz234567abcdefghijklmnopqrstuvwx.onion:443",
+    "host.example:1",
+    "x" * 250 + ":1",
+    "",
+]
+
+
+@pytest.mark.parametrize("address", ADDRESSES)
+def test_addresses_come_back_exactly(address):
+    g = _graph_with([b"p" * 32, b"q" * 32])
+    table = PeerTable(g)
+    table.set(b"q" * 32, b"o" * 32, b"b" * 32, "192.0.2.1:1", 5.0)  # a neighbour's slot
+    table.set(b"p" * 32, b"o" * 32, b"b" * 32, address, 5.0)
+    assert table.address(b"p" * 32) == table[b"p" * 32].address == address
+    assert table.address_bytes(b"p" * 32) == address.encode()
+    assert table.address(b"q" * 32) == "192.0.2.1:1"
+    # Short ones inline, long ones (an onion's) in the dict beside.
+    assert bool(table._other) == (not address or len(address) > ADDRESS_BYTES)
+    assert b"p" * 32 in table and len(table) == 2
+    table.update(b"p" * 32, b"o" * 32, b"b" * 32, "10.9.9.9:9")
+    assert table.address(b"p" * 32) == "10.9.9.9:9" and not table._other
+
+
+def test_peer_table_behaves_as_a_dict_of_rows_through_joins_updates_and_leaves():
+    rng = random.Random(7)
+    ids = [bytes([i]) * 32 for i in range(40)]
+    g = _graph_with([])
+    table, model = PeerTable(g), {}
+    for step in range(3000):
+        peer = rng.choice(ids)
+        op = rng.random()
+        address = rng.choice(
+            [
+                f"10.0.{rng.randrange(256)}.{rng.randrange(256)}:{rng.randrange(1, 65536)}",
+                f"[2001:db8::{step:x}]:7000",
+            ]
+        )
+        if peer not in model and op < 0.6:
+            g.add_peer(peer)
+            row = PeerRow(peer, _key(rng), _key(rng), address, float(step), g.seq(peer))
+            table.set(peer, row.onion, row.box, row.address, row.last_seen)
+            model[peer] = row
+        elif peer in model and op < 0.3:
+            onion = _key(rng) if rng.random() < 0.5 else model[peer].onion
+            changed = table.update(peer, onion, model[peer].box, address)
+            assert changed == ((onion, address) != (model[peer].onion, model[peer].address))
+            model[peer].onion, model[peer].address = onion, address
+        elif peer in model and op < 0.6:
+            table.seen(peer, float(step))
+            model[peer].last_seen = float(step)
+        elif peer in model:
+            table.discard(peer)
+            g.remove_peer(peer)  # its slot is reused by the next peer to join
+            del model[peer]
+        assert len(table) == len(model)
+    assert dict(table.items()) == model
+    assert set(table) == set(model)
+    for peer, row in model.items():
+        assert table.public_keys(peer) == (row.onion, row.box)
+        assert table.last_seen(peer) == row.last_seen
+    gone = next(p for p in ids if p not in model)
+    assert gone not in table and table.public_keys(gone) is None
+    with pytest.raises(KeyError):
+        table[gone]
+
+
+def test_silent_since_lists_the_silent_live_peers_longest_silent_first():
+    ids = [bytes([i]) * 32 for i in range(10)]
+    g = _graph_with(ids)
+    table = PeerTable(g)
+    seen = [9.0, 3.0, 7.0, 1.0, 3.0, 20.0, 2.0, 11.0, 0.5, 4.0]
+    for p, t in zip(ids, seen, strict=True):
+        table.set(p, b"o" * 32, b"b" * 32, "10.0.0.1:1", t)
+    table.discard(ids[8])  # silent longest, but gone
+    # Ties (ids 1 and 4 at 3.0) keep slot order, as an insertion-ordered dict would.
+    assert table.silent_since(5.0) == [ids[3], ids[6], ids[1], ids[4], ids[9]]
+    table.seen(ids[3], 30.0)
+    assert table.silent_since(5.0) == [ids[6], ids[1], ids[4], ids[9]]
+    assert table.silent_since(0.0) == []
+    assert PeerTable(_graph_with([])).silent_since(1e9) == []
+
+
+def test_a_row_costs_its_columns_and_no_object():
+    ids = [i.to_bytes(32) for i in range(2000)]
+    g = _graph_with(ids)
+    table = PeerTable(g)
+    for p in ids:
+        table.set(p, b"o" * 32, b"b" * 32, "10.1.2.3:6881", 1.0)
+    assert table._other == {}  # every IPv4 address is inline
+    columns = (table._keys, table._seen, table._alen, table._abuf)
+    assert sum(map(sys.getsizeof, columns)) / len(ids) < 110  # 64 + 8 + 1 + 23, and slack
+
+
+def test_receipt_baselines_by_slot_follow_a_reporter_in_and_out_of_the_graph():
+    a, b, c = b"a" * 32, b"b" * 32, b"c" * 32
+    g = _graph_with([a, b])
+    r = ReceiptBaselines(g)
+    # Outside the graph (a first announce comes before the join): the state only.
+    assert r.begin(c, fresh=True) is True and c in r
+    r.set_last(c, [(5, 1, 100)])
+    assert r.last(c) == {}
+    g.add_peer(c)
+    assert r.begin(c, fresh=False) is True  # carried into its slot
+    r.set_last(c, [(5, 1, 100), (9, 2, 1 << 62)])
+    assert r.last(c) == {5: (1, 100), 9: (2, 1 << 62)}
+    assert r.begin(c, fresh=False) is True and r.last(c) == {5: (1, 100), 9: (2, 1 << 62)}
+    assert r.begin(c, fresh=True) is True and r.last(c) == {}  # a new session: none
+    r.set_last(c, [(5, 1, 7)])
+    # Leaving: the slot is cleared for the next peer, the state kept by identity.
+    r.leaving(c)
+    g.remove_peer(c)
+    d = b"d" * 32
+    g.add_peer(d)
+    assert g.slot(d) is not None and d not in r and r.last(d) == {}
+    assert r.begin(d, fresh=False) is False  # picked up mid-session
+    assert c in r and r.begin(c, fresh=False) is True
+    # A stopped session: nothing left.
+    r.forget(c)
+    assert c not in r and r.begin(c, fresh=False) is False
+    # Other reporters' baselines are their own.
+    assert r.begin(a, fresh=True) and r.last(a) == {}
+    r.set_last(a, [(3, 4, 5)])
+    assert r.last(b) == {} and r.last(a) == {3: (4, 5)}
+
+
+def test_a_reporter_that_joins_keeps_no_state_by_identity():
+    a, c = b"a" * 32, b"c" * 32
+    g = _graph_with([a])
+    r = ReceiptBaselines(g)
+    assert r.begin(c, fresh=True)  # its first announce, before the join
+    g.add_peer(c)
+    r.joined(c)
+    assert r._loose == {} and c in r  # in its slot now: no dict entry per registered peer
+    assert r.begin(c, fresh=False) is True

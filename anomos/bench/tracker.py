@@ -178,10 +178,11 @@ _STATE = (
     "swarms",
     "membership.peer_torrents",
     "sizes",
-    "liveness.seen",
     "accounting.receipts",
     "liveness.reports",
     "persistence.pending",
+    "limits",
+    "recent",
 )
 _SKIP = (
     type,

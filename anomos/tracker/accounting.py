@@ -16,28 +16,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import attrs
-
 from anomos.interfaces import RatioPolicy
 from anomos.tracker.graph import PeerGraph
 from anomos.tracker.requests import AnnounceRequest
 from anomos.tracker.store import Account, Batch
+from anomos.tracker.tables import ReceiptBaselines
 
 #: Torrents whose last reported counters are remembered per identity.
 MAX_REPORTS = 1024
-
-
-@attrs.define
-class _Receipts:
-    """What one reporter's receipts said last, in its current session (memory only)."""
-
-    session: bytes
-    #: Whether these baselines start with the session (its counters started at zero)
-    #: or were picked up mid-session by a restarted tracker (first receipts are
-    #: baselines only: what came before them may have been credited already).
-    from_start: bool
-    #: nid -> (the neighbour at that NID, bytes it was last confirmed to have sent)
-    last: dict[int, tuple[bytes, int]] = attrs.field(factory=dict)
 
 
 def _confirmed_upload(account: Account) -> int:
@@ -70,18 +56,26 @@ class Accounting:
         self.min_ratio = min_ratio
         self.ratio_grace = ratio_grace
         self.accounts: dict[bytes, Account] = {}
-        #: reporter -> its receipt baselines (not persisted: see _confirm)
-        self.receipts: dict[bytes, _Receipts] = {}
+        #: reporter -> its receipt baselines (not persisted: see _confirm), by graph slot
+        self.receipts = ReceiptBaselines(graph)
 
     def announce(self, peer: bytes, request: AnnounceRequest, batch: Batch) -> Account:
         """Credit what an announce reports (its own counters, and its neighbours'
         relaying through its receipts); the peer's account."""
         fresh = self.accounts.get(peer, Account()).session != request.session
         account = self._credit(peer, request.session, request.relayed, request.torrents, batch)
-        self._confirm(peer, request.session, fresh, request.receipts, batch)
+        self._confirm(peer, fresh, request.receipts, batch)
         if request.stopped:
-            self.receipts.pop(peer, None)
+            self.receipts.forget(peer)
         return account
+
+    def joined(self, peer: bytes) -> None:
+        """``peer`` entered the graph: its receipt state moves into its slot."""
+        self.receipts.joined(peer)
+
+    def leaving(self, peer: bytes) -> None:
+        """``peer`` leaves the graph (call before it does): its receipt baselines go."""
+        self.receipts.leaving(peer)
 
     def summary(self, account: Account) -> dict[bytes, Any]:
         """The account's part of an announce reply (byte-string keys)."""
@@ -165,7 +159,6 @@ class Accounting:
     def _confirm(
         self,
         reporter: bytes,
-        session: bytes,
         fresh: bool,
         receipts: dict[int, int],
         batch: Batch,
@@ -178,19 +171,23 @@ class Accounting:
         of each NID in a session already under way is a baseline only, never credit.
         ``fresh``: this announce starts a session the tracker had not seen.
         """
-        state = self.receipts.get(reporter)
-        if state is None or state.session != session:
-            state = self.receipts[reporter] = _Receipts(session, from_start=fresh)
-        last, state.last = state.last, {}
+        # Baselines start with a session the tracker had not seen (``fresh``: its
+        # counters started at zero), or are picked up mid-session by a restarted
+        # tracker (first receipts are baselines only: what came before them may have
+        # been credited already). A sender is known by its join sequence number.
+        from_start = self.receipts.begin(reporter, fresh)
+        last = self.receipts.last(reporter)
+        now: list[tuple[int, int, int]] = []
         for nid, received in receipts.items():
             sender: Any = self.graph.peer_by_nid(reporter, nid)
             if sender is None:
                 continue
-            state.last[nid] = (sender, received)
+            seq = self.graph.seq(sender)
+            now.append((nid, seq, received))
             before = last.get(nid)
-            if before is not None and before[0] == sender:
+            if before is not None and before[0] == seq:
                 delta = _add_delta(received, before[1])
-            elif state.from_start:
+            elif from_start:
                 delta = received  # a new neighbour at this NID: its counter began at zero
             else:
                 continue  # picked up mid-session: a baseline only
@@ -198,3 +195,4 @@ class Accounting:
                 account = self.accounts.setdefault(sender, Account())
                 account.relayed_confirmed += delta
                 batch.accounts[sender] = account
+        self.receipts.set_last(reporter, now)

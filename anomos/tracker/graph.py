@@ -295,6 +295,19 @@ class PeerGraph:
     def seq(self, peer: Peer) -> int:
         return self._seq[self._slot[peer]]
 
+    def slot(self, peer: Peer) -> int | None:
+        """The peer's slot (None: not here): the tracker's other per-peer tables are
+        columns indexed by it, so the identities are mapped to integers once."""
+        return self._slot.get(peer)
+
+    def at(self, slot: int) -> Peer | None:
+        """The peer in ``slot`` (None: a free slot)."""
+        return self._peers[slot]
+
+    def slots(self) -> Iterable[tuple[Peer, int]]:
+        """Every (peer, slot), as a live view."""
+        return self._slot.items()
+
     def edges(self) -> Iterator[Edge]:
         seq = self._seq
         for a, s in self._slot.items():

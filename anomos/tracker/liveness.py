@@ -15,7 +15,6 @@ before the next report is judged.
 
 from __future__ import annotations
 
-import collections
 import enum
 import logging
 from collections.abc import Iterator, Mapping
@@ -24,6 +23,7 @@ from typing import Any
 from anomos.tracker.graph import PeerGraph
 from anomos.tracker.limits import Limits
 from anomos.tracker.store import PeerRow
+from anomos.tracker.tables import PeerTable
 
 log = logging.getLogger(__name__)
 
@@ -51,32 +51,28 @@ class Verdict(enum.Enum):
 class Liveness:
     """Last-seen order of the live peers, and the lost reports against them."""
 
-    def __init__(self, graph: PeerGraph, limits: Limits) -> None:
+    def __init__(self, graph: PeerGraph, limits: Limits, peers: PeerTable) -> None:
         self.graph = graph
         self.limits = limits
-        #: live peers, least recently seen first (expiry pops from the front)
-        self.seen: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        #: live peers; the expiry order is a scan of their last-seen column
+        self.peers = peers
         #: peer -> neighbours that reported it lost since it last announced -> when
         self.reports: dict[bytes, dict[bytes, float]] = {}
 
     def spoke(self, peer: bytes, now: float) -> None:
         """``peer`` announced: it is alive, earlier reports of it being lost are void."""
         self.reports.pop(peer, None)
-        self.seen[peer] = now
-        self.seen.move_to_end(peer)
+        self.peers.seen(peer, now)
 
     def forget(self, peer: bytes) -> None:
-        self.seen.pop(peer, None)
         self.reports.pop(peer, None)
 
     def silent_since(self, deadline: float) -> Iterator[bytes]:
-        """Peers not seen since ``deadline``, longest silent first; each is expected to
-        be forgotten before the next is asked for."""
-        while self.seen:
-            peer, seen = next(iter(self.seen.items()))
-            if seen >= deadline:
-                return
-            yield peer
+        """Peers not seen since ``deadline``, longest silent first (each still silent
+        and live when its turn comes)."""
+        for peer in self.peers.silent_since(deadline):
+            if peer in self.peers and self.peers.last_seen(peer) < deadline:
+                yield peer
 
     def judge(
         self,

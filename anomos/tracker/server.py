@@ -72,6 +72,7 @@ from anomos.tracker.settings import REQUEST_TIMEOUT as REQUEST_TIMEOUT
 from anomos.tracker.settings import TrackerSettings
 from anomos.tracker.store import Account, Batch, PeerRow, Store
 from anomos.tracker.swarms import Swarms
+from anomos.tracker.tables import PeerTable
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +142,9 @@ class Tracker:
         self.recent = RecentRequests(MAX_CLOCK_SKEW, clock)
         self.verifier = Verifier(self.identity.fingerprint, self.recent, clock)
         self.front = FrontEnd(s, self, self.verifier.verify, self.limits.network)
-        #: live peers
-        self.peers: dict[bytes, PeerRow] = {}
-        self.liveness = Liveness(self.graph, self.limits)
+        #: live peers' rows, packed by graph slot (tables.py)
+        self.peers = PeerTable(self.graph)
+        self.liveness = Liveness(self.graph, self.limits, self.peers)
         self.announces = 0
         #: peers dropped because their neighbours lost them (for /stats)
         self.dropped = 0
@@ -271,34 +272,32 @@ class Tracker:
         limited per network) and the IP ``client`` (None: not probed back); the reply
         dict (see docs/tracker-api.md)."""
         now = self.clock()
-        row = self.peers.get(peer)
-        request = parse_announce(inner, (row.onion, row.box, row.address) if row else None)
+        keys = self.peers.public_keys(peer)
+        known = None if keys is None else (*keys, self.peers.address(peer))
+        request = parse_announce(inner, known)
         if not request.stopped:
-            self._check_limits(peer, row is None, network)
+            self._check_limits(peer, known is None, network)
         self.announces += 1
         batch = self.persistence.pending
         account = self.accounting.announce(peer, request, batch)
 
         if request.stopped:
-            if row is not None:
+            if known is not None:
                 self._remove_peer(peer, batch)
             self.persistence.changed()
             return self._reply(peer, [], account)
 
         if self.reach is not None:  # before joining: a newcomer is planned as unreachable
             self.reach.announced(peer, peer, request.address, client, shared=False)
-        if row is None:
-            row = self._join(peer, request, now, batch)
-        else:
-            if (row.onion, row.box, row.address) != (request.onion, request.box, request.address):
-                row.onion, row.box, row.address = request.onion, request.box, request.address
-                batch.peers[row.seq] = row
-            row.last_seen = now
+        if known is None:
+            self._join(peer, request, now, batch)
+        elif self.peers.update(peer, request.onion, request.box, request.address):
+            batch.peers[self._id(peer)] = self._row(peer, request, now)
         self.liveness.spoke(peer, now)
         pending = self._on_lost(peer, request.lost, now, batch, network)
         if self.graph.degree(peer) < self.graph.min_neighbours:
             self._apply_changes(self.graph.top_up(peer), batch)
-        self.membership.update(peer, row.seq, request.torrents, batch)
+        self.membership.update(peer, self._id(peer), request.torrents, batch)
         self.persistence.changed()
         fixed: list[Any] = self.graph.mark_told(peer)
         for edge in fixed:
@@ -334,15 +333,17 @@ class Tracker:
             return min(interval or short, short)
         return interval
 
-    def _join(self, peer: bytes, request: AnnounceRequest, now: float, batch: Batch) -> PeerRow:
+    def _join(self, peer: bytes, request: AnnounceRequest, now: float, batch: Batch) -> None:
         """A new peer enters the graph and gets its first neighbours."""
-        row = PeerRow(peer, request.onion, request.box, request.address, now, 0)
-        self.peers[peer] = row
         changes = self.graph.add_peer(peer)
-        row.seq = self.graph.seq(peer)
+        self.peers.set(peer, request.onion, request.box, request.address, now)
+        self.accounting.joined(peer)
         self._apply_changes(changes, batch)
-        batch.peers[row.seq] = row
-        return row
+        batch.peers[self._id(peer)] = self._row(peer, request, now)
+
+    def _row(self, peer: bytes, request: AnnounceRequest, now: float) -> PeerRow:
+        """The row to store, made of the request's own values (no copies of the table's)."""
+        return PeerRow(peer, request.onion, request.box, request.address, now, self._id(peer))
 
     def _check_limits(self, peer: bytes, joining: bool, network: str | None) -> None:
         """Refuse (429) an announce over the identity's or its network's allowance."""
@@ -393,21 +394,29 @@ class Tracker:
         )
 
     def _remove_peer(self, peer: bytes, batch: Batch) -> None:
-        self.membership.remove_peer(peer, self._id(peer), batch)
-        self._apply_changes(self.graph.remove_peer(peer), batch)
-        batch.remove_peer(self._id(peer))
-        self.peers.pop(peer, None)
+        pid = self._id(peer)
+        self.membership.remove_peer(peer, pid, batch)
+        # Tables indexed by the graph's slot let go of it before the graph does.
+        self.accounting.leaving(peer)
+        self.peers.discard(peer)
+        self._apply_changes(self.graph.remove_peer(peer), batch, (peer, pid))
+        batch.remove_peer(pid)
         self.liveness.forget(peer)
         if self.reach is not None:
             self.reach.forget(peer)
 
     def _id(self, peer: bytes) -> int:
         """The peer's integer id in the store (its join sequence number)."""
-        return self.peers[peer].seq
+        return self.graph.seq(peer)
 
-    def _apply_changes(self, changes: Any, batch: Batch) -> None:
+    def _apply_changes(
+        self, changes: Any, batch: Batch, gone: tuple[bytes, int] | None = None
+    ) -> None:
+        """Queue the graph's changes for the store; ``gone``: (peer, id) of a peer the
+        graph just removed (no longer there to ask for its id)."""
+        ids = dict([gone]) if gone else {}
         for a, b in changes.removed:
-            batch.remove_edge(self._id(a), self._id(b))
+            batch.remove_edge(ids.get(a) or self._id(a), ids.get(b) or self._id(b))
         for edge in changes.added:
             batch.add_edge(self._id(edge.a), self._id(edge.b), edge.nid)
 
@@ -421,12 +430,12 @@ class Tracker:
         """The reply, with byte-string keys; ``links``: (neighbour, NID, whether ``peer``
         dials it) per neighbour (:meth:`PeerGraph.links`)."""
         every, least = self.settings.interval, self.settings.min_interval
-        peers = self.peers
+        address_of = self.peers.address_bytes
         return {
             b"neighbours": [
                 {
                     b"nid": nid,
-                    b"address": peers[n].address.encode(),
+                    b"address": address_of(n),
                     b"identity": n,
                     b"dial": int(dials),
                     **(self._edge_ticket(peer, n, nid) if dials else {}),
@@ -452,7 +461,7 @@ class Tracker:
             nid=nid,
             dialer=peer,
             listener=other,
-            address=self.peers[peer].address,
+            address=self.peers.address(peer),
             expires=int(self.clock()) + TICKET_TTL,
         )
         return {b"ticket": issue_ticket(ticket, self.identity.private_key)}
@@ -475,8 +484,10 @@ class Tracker:
         return {b"circuits": [plan_to_wire(p) for p in plans]}
 
     def _keys(self, peer: Any) -> PeerKeys:
-        row = self.peers[peer]
-        return PeerKeys(row.onion, row.box)
+        keys = self.peers.public_keys(peer)
+        if keys is None:
+            raise KeyError(peer)
+        return PeerKeys(*keys)
 
     # ------------------------------------------------------------------ expiry and state
     def expire(self) -> int:
@@ -508,11 +519,9 @@ class Tracker:
         snap = self.persistence.load()
         now = self.clock()
         for row in snap.peers:
-            self.peers[row.identity] = row
-            # Restored peers get a full expiry window from now to announce again.
-            row.last_seen = now
-            self.liveness.seen[row.identity] = now
             self.graph.restore_peer(row.identity, row.seq)
+        # Restored peers get a full expiry window from now to announce again.
+        self.peers.load(snap.peers, now)
         self.graph.restore_edges((a, b, nid, snap.dialers.get((a, b))) for a, b, nid in snap.edges)
         self.accounts.update(snap.accounts)
         self.membership.restore(snap, self.peers)

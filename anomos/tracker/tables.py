@@ -5,12 +5,26 @@ last reports cost ~500 bytes a peer in empty hash tables and small tuples,
 though nearly every peer shares one or two torrents. These containers keep
 the common case inline (one torrent: no container at all) and keep the
 mapping interfaces the tracker uses, so its code reads the same.
+
+The live peers' rows and receipt baselines are columns indexed by the peer's
+slot in the graph (:meth:`PeerGraph.slot`), as the graph's own arrays are: the
+graph maps each identity to an integer once, and every other table is flat
+arrays with no Python object per peer (nothing for the garbage collector to
+walk either).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
-from typing import Any
+import math
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from anomos.tracker.graph import PeerGraph
+    from anomos.tracker.store import PeerRow
 
 Counters = tuple[int, int]
 
@@ -188,3 +202,303 @@ class PeerTorrents:
 
     def __len__(self) -> int:
         return len(self._table.of(self._peer))
+
+
+#: Bytes of one peer's two public keys in the key arena: onion (X25519), then box.
+KEY_BYTES = 32
+_ROW_KEYS = 2 * KEY_BYTES
+#: Address bytes kept inline per slot: "255.255.255.255:65535" and most IPv6 ones fit;
+#: a longer address (an onion's is 62) is kept in a dict beside.
+ADDRESS_BYTES = 23
+#: Address length of a slot without a live peer, and of an address kept in the dict.
+_NO_PEER = 0
+_IN_DICT = 255
+#: Last seen of a free slot: never silent for the expiry scan.
+_NEVER = array("d", [math.inf])
+
+
+class PeerTable(Mapping[bytes, "PeerRow"]):
+    """identity -> :class:`PeerRow` of every live peer, packed in columns by graph slot.
+
+    A ``PeerRow`` object per peer cost ~300 B (the object, two key objects, the
+    address string, a float); a row here costs 96 B: both public keys in one
+    arena (64), when it was last seen (a double: the expiry order is a scan of
+    this column, see :meth:`silent_since`) and its address, as bytes in a
+    fixed-width field with a length byte (an address longer than
+    ``ADDRESS_BYTES``, an onion's, is kept in a dict beside): read back as
+    bytes, as replies carry it, in a slice. The join sequence number is the
+    graph's. A peer must be in the graph before it gets a row, and lose its row
+    before it leaves the graph.
+
+    Reading hands out a new ``PeerRow`` (a copy): change a peer with :meth:`set`,
+    :meth:`update` and :meth:`seen`.
+    """
+
+    __slots__ = ("_abuf", "_alen", "_count", "_graph", "_keys", "_other", "_seen", "_slot_of")
+
+    def __init__(self, graph: PeerGraph) -> None:
+        self._graph = graph
+        self._slot_of = graph.slot
+        #: slot -> onion key, box key (64 bytes a slot)
+        self._keys = bytearray()
+        #: slot -> when last seen (time.time() seconds; +inf for a free slot, which
+        #: the expiry scan then never picks)
+        self._seen = array("d")
+        #: slot -> the address's length, _IN_DICT (in _other) or _NO_PEER; its bytes
+        self._alen = bytearray()
+        self._abuf = bytearray()
+        self._other: dict[int, bytes] = {}
+        self._count = 0
+
+    # ------------------------------------------------------------------ reading
+    def _slot(self, peer: Any) -> int | None:
+        s = self._slot_of(peer)
+        if s is None or s >= len(self._alen) or self._alen[s] == _NO_PEER:
+            return None
+        return s
+
+    def __getitem__(self, peer: bytes) -> PeerRow:
+        s = self._slot(peer)
+        if s is None:
+            raise KeyError(peer)
+        from anomos.tracker.store import PeerRow  # store.py imports this module
+
+        onion, box = self._keys_at(s)
+        return PeerRow(peer, onion, box, self._address_at(s), self._seen[s], self._graph.seq(peer))
+
+    def __contains__(self, peer: object) -> bool:
+        return self._slot(peer) is not None
+
+    def __iter__(self) -> Iterator[bytes]:
+        alen, n = self._alen, len(self._alen)
+        live: list[Any] = [p for p, s in self._graph.slots() if s < n and alen[s] != _NO_PEER]
+        return iter(live)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def public_keys(self, peer: bytes) -> tuple[bytes, bytes] | None:
+        """The peer's (onion, box) keys, or None when it is not live."""
+        s = self._slot(peer)
+        return None if s is None else self._keys_at(s)
+
+    def address(self, peer: bytes) -> str:
+        return self.address_bytes(peer).decode()
+
+    def address_bytes(self, peer: bytes) -> bytes:
+        """The address as a reply carries it (every announce asks for each neighbour's)."""
+        s = self._slot_of(peer)
+        n = self._alen[s] if s is not None and s < len(self._alen) else _NO_PEER
+        if n == _NO_PEER:
+            raise KeyError(peer)
+        if n == _IN_DICT:
+            return self._other[s]  # type: ignore[index]
+        at = s * ADDRESS_BYTES  # type: ignore[operator]
+        return bytes(self._abuf[at : at + n])
+
+    def last_seen(self, peer: bytes) -> float:
+        s = self._slot(peer)
+        if s is None:
+            raise KeyError(peer)
+        return self._seen[s]
+
+    def _keys_at(self, s: int) -> tuple[bytes, bytes]:
+        at = s * _ROW_KEYS
+        return bytes(self._keys[at : at + KEY_BYTES]), bytes(
+            self._keys[at + KEY_BYTES : at + _ROW_KEYS]
+        )
+
+    def _address_at(self, s: int) -> str:
+        n, at = self._alen[s], s * ADDRESS_BYTES
+        return (self._other[s] if n == _IN_DICT else self._abuf[at : at + n]).decode()
+
+    # ------------------------------------------------------------------ writing
+    def set(self, peer: bytes, onion: bytes, box: bytes, address: str, last_seen: float) -> None:
+        """Give ``peer`` (in the graph) this row, new or replacing its old one."""
+        s = self._graph.slot(peer)
+        if s is None:
+            raise KeyError(f"peer {peer.hex()[:16]} is not in the graph")
+        if len(onion) != KEY_BYTES or len(box) != KEY_BYTES:
+            raise ValueError("public keys are 32 bytes")
+        if s >= len(self._alen):
+            grow = s + 1 - len(self._alen)
+            self._keys.extend(bytes(grow * _ROW_KEYS))
+            self._seen.extend(_NEVER * grow)
+            self._alen.extend(bytes(grow))
+            self._abuf.extend(bytes(grow * ADDRESS_BYTES))
+        if self._alen[s] == _NO_PEER:
+            self._count += 1
+        self._keys[s * _ROW_KEYS : (s + 1) * _ROW_KEYS] = onion + box
+        self._seen[s] = last_seen
+        self._set_address(s, address)
+
+    def __setitem__(self, peer: bytes, row: PeerRow) -> None:
+        self.set(peer, row.onion, row.box, row.address, row.last_seen)
+
+    def load(self, rows: Iterable[PeerRow], last_seen: float) -> None:
+        """Restore: a row for each of ``rows`` (their peers already in the graph), all
+        seen at ``last_seen`` (a full expiry window from the restart)."""
+        for row in rows:
+            self.set(row.identity, row.onion, row.box, row.address, last_seen)
+
+    def update(self, peer: bytes, onion: bytes, box: bytes, address: str) -> bool:
+        """Change a live peer's keys and address; whether anything changed (to be stored)."""
+        s = self._slot(peer)
+        if s is None:
+            raise KeyError(peer)
+        at = s * _ROW_KEYS
+        if self._keys[at : at + _ROW_KEYS] == onion + box and address == self._address_at(s):
+            return False
+        self.set(peer, onion, box, address, self._seen[s])
+        return True
+
+    def seen(self, peer: bytes, now: float) -> None:
+        """The live peer spoke at ``now``."""
+        s = self._slot_of(peer)
+        if s is None or s >= len(self._alen) or self._alen[s] == _NO_PEER:
+            raise KeyError(peer)
+        self._seen[s] = now
+
+    def discard(self, peer: bytes) -> None:
+        """Drop the peer's row (before the graph frees its slot); no-op when absent."""
+        s = self._slot(peer)
+        if s is None:
+            return
+        self._other.pop(s, None)
+        self._alen[s] = _NO_PEER
+        self._seen[s] = _NEVER[0]
+        self._keys[s * _ROW_KEYS : (s + 1) * _ROW_KEYS] = bytes(_ROW_KEYS)
+        self._count -= 1
+
+    def _set_address(self, s: int, address: str) -> None:
+        raw = address.encode()
+        if 0 < len(raw) <= ADDRESS_BYTES:  # (length 0 marks a free slot)
+            self._other.pop(s, None)
+            at = s * ADDRESS_BYTES
+            self._abuf[at : at + len(raw)] = raw
+            self._alen[s] = len(raw)
+        else:
+            self._other[s] = raw
+            self._alen[s] = _IN_DICT
+
+    # ------------------------------------------------------------------ expiry
+    def silent_since(self, deadline: float) -> list[bytes]:
+        """Live peers last seen before ``deadline``, longest silent first (ties in slot
+        order): one vectorised pass over the column, ~3 ms of CPU at 10^6 peers, instead of an
+        ordered dict of every peer (~160 B each) kept in last-seen order."""
+        n = len(self._alen)
+        if not n:
+            return []
+        seen = np.frombuffer(self._seen, dtype=np.float64, count=n)
+        silent = np.flatnonzero(seen < deadline)  # free slots are +inf
+        order = silent[np.argsort(seen[silent], kind="stable")].tolist()
+        del seen  # release the column's buffer (an exported array cannot grow)
+        peers: list[Any] = [p for p in map(self._graph.at, order) if p is not None]
+        return peers
+
+
+#: Receipt state of one reporter: none, baselines from its session's start, or picked
+#: up mid-session (by a restarted tracker: its first receipts are baselines only).
+_NO_RECEIPTS = 0
+_FROM_START = 1
+_MID_SESSION = 2
+
+
+class ReceiptBaselines:
+    """What each reporter's receipts said last in its current session (memory only),
+    packed by graph slot.
+
+    Per slot: a state byte (none, from the session's start, mid-session) and the
+    baselines, one ``bytes`` of int64 triples (NID, the sender's join sequence
+    number, bytes it was confirmed to have sent) or None. An object per reporter
+    with a dict of tuples cost ~220 B even with no receipts at all. The sender is
+    told apart by its join sequence number, unique per stay in the graph, not by
+    its identity. A reporter outside the graph (its first announce comes before
+    its join; after it left) keeps its state byte only, in a dict: it has no edges,
+    so no baselines. The session itself is not kept: it is the account's, and a
+    changed session is what ``fresh`` says.
+    """
+
+    __slots__ = ("_graph", "_last", "_loose", "_state")
+
+    def __init__(self, graph: PeerGraph) -> None:
+        self._graph = graph
+        self._state = bytearray()
+        self._last: list[bytes | None] = []
+        #: identity -> state, for reporters outside the graph
+        self._loose: dict[bytes, int] = {}
+
+    def begin(self, reporter: bytes, fresh: bool) -> bool:
+        """Start the reporter's baselines if it has none or ``fresh`` (its session is new
+        to the tracker); whether they count from the session's start."""
+        s = self._graph.slot(reporter)
+        if s is None:
+            state = self._loose.get(reporter, _NO_RECEIPTS)
+            if state == _NO_RECEIPTS or fresh:
+                state = self._loose[reporter] = _FROM_START if fresh else _MID_SESSION
+            return state == _FROM_START
+        self._grow(s)
+        state = self._state[s] or self._loose.pop(reporter, _NO_RECEIPTS)
+        if state == _NO_RECEIPTS or fresh:
+            state = _FROM_START if fresh else _MID_SESSION
+            self._last[s] = None
+        self._state[s] = state
+        return state == _FROM_START
+
+    def last(self, reporter: bytes) -> dict[int, tuple[int, int]]:
+        """NID -> (the sender's join sequence number, bytes confirmed) as last reported."""
+        s = self._graph.slot(reporter)
+        blob = self._last[s] if s is not None and s < len(self._last) else None
+        if not blob:
+            return {}
+        flat = array("q", blob)
+        return {flat[i]: (flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)}
+
+    def set_last(self, reporter: bytes, entries: list[tuple[int, int, int]]) -> None:
+        """Replace the reporter's baselines with ``entries`` (NID, sender's sequence number,
+        bytes); a reporter outside the graph has none to keep."""
+        s = self._graph.slot(reporter)
+        if s is None:
+            return
+        self._grow(s)
+        self._last[s] = array("q", [v for e in entries for v in e]).tobytes() if entries else None
+
+    def forget(self, reporter: bytes) -> None:
+        """The reporter's session ended (``stopped``): no state at all."""
+        self._loose.pop(reporter, None)
+        s = self._graph.slot(reporter)
+        if s is not None and s < len(self._state):
+            self._state[s] = _NO_RECEIPTS
+            self._last[s] = None
+
+    def joined(self, reporter: bytes) -> None:
+        """The reporter entered the graph: the state kept by identity moves into its slot
+        (a peer registered and never heard from again would otherwise keep a dict entry)."""
+        s = self._graph.slot(reporter)
+        state = self._loose.pop(reporter, _NO_RECEIPTS)
+        if s is not None and state:
+            self._grow(s)
+            self._state[s], self._last[s] = state, None
+
+    def leaving(self, reporter: bytes) -> None:
+        """The reporter leaves the graph (call before it does): its slot is cleared for
+        the next peer, and its state kept by identity (its edges, so its baselines, go)."""
+        s = self._graph.slot(reporter)
+        if s is None or s >= len(self._state):
+            return
+        if self._state[s]:
+            self._loose[reporter] = self._state[s]
+        self._state[s] = _NO_RECEIPTS
+        self._last[s] = None
+
+    def __contains__(self, reporter: object) -> bool:
+        if reporter in self._loose:
+            return True
+        s = self._graph.slot(reporter) if isinstance(reporter, bytes) else None
+        return s is not None and s < len(self._state) and self._state[s] != _NO_RECEIPTS
+
+    def _grow(self, s: int) -> None:
+        if s >= len(self._state):
+            grow = s + 1 - len(self._state)
+            self._state.extend(bytes(grow))
+            self._last.extend([None] * grow)
