@@ -39,7 +39,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
 import gevent
@@ -50,7 +50,8 @@ import gevent.pool
 from anomos.errors import AnomosError, CryptoError, ProtocolError
 from anomos.net.frames import JOINED_BREAK, BreakReason, Cmd, describe_break
 from anomos.protocol import e2e
-from anomos.protocol.layers import OnionLayer, add_layers, remove_layers
+from anomos.protocol.layers import HEAD as LAYER_SCRATCH
+from anomos.protocol.layers import OnionLayer, add_layers
 from anomos.protocol.onion import OnionReader
 from anomos.protocol.replay import peer_replay_files
 from anomos.protocol.request import SeenRequests, SourceRequest, open_request
@@ -61,6 +62,10 @@ if TYPE_CHECKING:
     from anomos.pluginmanager import Plugins
 
 log = logging.getLogger(__name__)
+
+_DATA = int(Cmd.DATA)
+#: ``sendall`` flag: more data follows at once (Linux's value where the platform lacks it).
+MSG_MORE = getattr(socket, "MSG_MORE", 0x8000)
 
 #: DATA records a sender may have in flight per direction at first (each carries
 #: up to ~32 KiB); the receiver grows it with :meth:`CircuitStream.expect_bytes`.
@@ -152,18 +157,20 @@ class RelayCircuit:
 
     def on_frame(self, link: Link, circ_id: int, cmd: int, payload: memoryview) -> None:
         forward = link is self.prev_link and circ_id == self.prev_id
-        if cmd == Cmd.DATA:
-            # Into a new buffer of our own: the link sends it later.
+        if cmd == _DATA:
+            # Into a new buffer of our own (the link sends it later); 16 bytes of scratch.
+            size = len(payload)
+            out = bytearray(size + LAYER_SCRATCH)
             if forward:
-                body = remove_layers((self.forward,), payload)
-                ok = self.next_link.send(self.next_id, Cmd.DATA, body)
+                self.forward.remove_into(payload, out)
+                ok = self.next_link.send(self.next_id, _DATA, memoryview(out)[:size])
             else:
-                body = add_layers((self.backward,), payload)
-                ok = self.prev_link.send(self.prev_id, Cmd.DATA, body)
-            self.relayed += len(body)
-            self.switch.count_relayed(len(body))
-            self.prev_link.relayed += len(body)  # (per link: the daemon's neighbourhood view)
-            self.next_link.relayed += len(body)
+                self.backward.add_into(payload, out)
+                ok = self.prev_link.send(self.prev_id, _DATA, memoryview(out)[:size])
+            self.relayed += size
+            self.switch.count_relayed(size)
+            self.prev_link.relayed += size  # (per link: the daemon's neighbourhood view)
+            self.next_link.relayed += size
             if not ok:
                 self.end(BreakReason.OVERFLOW, discard=True)
         elif cmd == Cmd.BREAK:
@@ -246,10 +253,17 @@ class CircuitStream:
     _eof: bool = attrs.field(default=False, repr=False)
     _timeout: float | None = attrs.field(default=None, repr=False)
     _send_lock: gevent.lock.Semaphore = attrs.field(factory=gevent.lock.Semaphore, repr=False)
+    #: The two buffers received cells are peeled through (made on the first cell).
+    _scratch: list[bytearray] = attrs.field(factory=list, repr=False)
+    #: The partial record a ``MSG_MORE`` send held back (see :meth:`sendall`).
+    _held: bytes = attrs.field(default=b"", repr=False)
     _timer: Any = attrs.field(default=None, repr=False)
     _notified: bool = attrs.field(default=False, repr=False)
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: The ``sendall`` flag under which this stream holds a partial record back
+    #: (a BitTorrent session corks circuits with it, never plain sockets).
+    more_flag: ClassVar[int] = MSG_MORE
 
     def __attrs_post_init__(self) -> None:
         self._window_open.set()
@@ -261,20 +275,42 @@ class CircuitStream:
     def gettimeout(self) -> float | None:
         return self._timeout
 
-    def sendall(self, data: bytes | bytearray | memoryview) -> None:
-        """Send everything, waiting for the window; raise CircuitClosed if the circuit broke."""
+    def sendall(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
+        """Send everything, waiting for the window; raise CircuitClosed if the circuit broke.
+
+        With ``MSG_MORE`` in ``flags`` (as on a TCP socket: the caller sends again at
+        once), a last partial record is held back and filled by the next call, so
+        a stream of bursts travels in full cells; any call without it sends all.
+        """
         view = memoryview(data).cast("B")
         step = e2e.MAX_RECORD_DATA
         with self._send_lock:
-            for start in range(0, len(view), step):
-                if self._window <= 0 or self.state is not CircuitState.OPEN:
-                    self._wait_window()
-                self._window -= 1
-                if self._window <= 0:
-                    self._window_open.clear()
-                chunk = view[start : start + step]
-                self._send_record(e2e.DATA, chunk)
-                self.bytes_sent += len(chunk)
+            held = self._held
+            if held:
+                take = step - len(held)
+                if len(view) < take and flags & MSG_MORE:
+                    self._held = held + view
+                    return
+                self._held = b""
+                self._send_data(held + view[:take])
+                view = view[take:]
+            end = len(view)
+            if flags & MSG_MORE:
+                end -= end % step
+                if end < len(view):
+                    self._held = bytes(view[end:])
+            for start in range(0, end, step):
+                self._send_data(view[start : start + step])
+
+    def _send_data(self, chunk: bytes | memoryview) -> None:
+        """One DATA record, once the window allows (the send lock held)."""
+        if self._window <= 0 or self.state is not CircuitState.OPEN:
+            self._wait_window()
+        self._window -= 1
+        if self._window <= 0:
+            self._window_open.clear()
+        self._send_record(e2e.DATA, chunk)
+        self.bytes_sent += len(chunk)
 
     def send(self, data: bytes | bytearray | memoryview) -> int:
         self.sendall(data)
@@ -337,6 +373,8 @@ class CircuitStream:
             return
         if self.state is CircuitState.OPEN and not self.link.closed:
             try:
+                if self._held and not self._send_lock.locked():
+                    self.sendall(b"")
                 self._send_record(e2e.END, b"")
             except (OSError, AnomosError):
                 pass
@@ -491,8 +529,22 @@ class CircuitStream:
             raise CircuitClosed(f"circuit closed: {reason}")
 
     def _peel(self, payload: memoryview) -> memoryview:
-        """The cell with every layer removed (valid until the next frame, like ``payload``)."""
-        return remove_layers(self._recv_layers, payload)
+        """The cell with every layer removed (valid until the next frame, like ``payload``).
+
+        Through two buffers of this stream's, used in turn: whatever reads the cell
+        copies what it keeps (the AEAD decrypts into a new buffer), so no cell
+        costs a fresh allocation per layer.
+        """
+        size = len(payload)
+        scratch = self._scratch
+        if len(scratch) != 2 or len(scratch[0]) != size + LAYER_SCRATCH:
+            scratch = self._scratch = [bytearray(size + LAYER_SCRATCH) for _ in range(2)]
+        view = payload
+        for i, layer in enumerate(self._recv_layers):
+            out = scratch[i & 1]
+            layer.remove_into(view, out)
+            view = memoryview(out)[:size]
+        return view
 
     def on_frame(self, link: Link, circ_id: int, cmd: int, payload: memoryview) -> None:
         if cmd == Cmd.DATA:
