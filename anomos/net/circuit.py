@@ -51,7 +51,7 @@ from anomos.errors import AnomosError, CryptoError, ProtocolError
 from anomos.net.frames import JOINED_BREAK, BreakReason, Cmd, describe_break
 from anomos.protocol import e2e
 from anomos.protocol.layers import HEAD as LAYER_SCRATCH
-from anomos.protocol.layers import OnionLayer, add_layers
+from anomos.protocol.layers import OnionLayer
 from anomos.protocol.onion import OnionReader
 from anomos.protocol.replay import peer_replay_files
 from anomos.protocol.request import SeenRequests, SourceRequest, open_request
@@ -253,8 +253,6 @@ class CircuitStream:
     _eof: bool = attrs.field(default=False, repr=False)
     _timeout: float | None = attrs.field(default=None, repr=False)
     _send_lock: gevent.lock.Semaphore = attrs.field(factory=gevent.lock.Semaphore, repr=False)
-    #: The two buffers received cells are peeled through (made on the first cell).
-    _scratch: list[bytearray] = attrs.field(factory=list, repr=False)
     #: The partial record a ``MSG_MORE`` send held back (see :meth:`sendall`).
     _held: bytes = attrs.field(default=b"", repr=False)
     _timer: Any = attrs.field(default=None, repr=False)
@@ -513,13 +511,15 @@ class CircuitStream:
 
     def _send_record(self, kind: int, data: Any) -> None:
         assert self._channel is not None
-        self._send_body(self._channel.seal_mutable(kind, data))
+        sealed = memoryview(self.switch.cell_buffers()[0])[: e2e.CELL_BODY]
+        self._channel.seal_into(kind, data, sealed)
+        self._send_body(sealed)
 
-    def _send_body(self, record: bytes | bytearray) -> None:
-        """Add the layers (into new buffers: the link sends the cell later) and queue it."""
+    def _send_body(self, record: bytes | bytearray | memoryview) -> None:
+        """Add the layers and queue the cell."""
         if self.state is CircuitState.CLOSED:
             raise CircuitClosed(f"circuit closed: {self.closed_reason}")
-        body = add_layers(self._send_layers, record)
+        body = self._wrap(record)
         link = self.link
         if link.over_limit():
             link.wait_for_room(LINK_ROOM_TIMEOUT)  # our own circuit waits; a relay's is refused
@@ -528,20 +528,34 @@ class CircuitStream:
             self._end(BreakReason.OVERFLOW, reason)
             raise CircuitClosed(f"circuit closed: {reason}")
 
+    def _wrap(self, record: bytes | bytearray | memoryview) -> memoryview:
+        """The cell with our layers added: between layers through the switch's cell
+        buffers, the last layer into a new buffer of its own (the link sends it later)."""
+        view = memoryview(record).cast("B")
+        size = len(view)
+        layers = self._send_layers
+        if not layers:
+            return memoryview(bytes(view))
+        buffers = self.switch.cell_buffers()
+        last = len(layers) - 1
+        for i, layer in enumerate(layers):
+            out = bytearray(size + LAYER_SCRATCH) if i == last else buffers[(i + 1) & 1]
+            layer.add_into(view, out)
+            view = memoryview(out)[:size]
+        return view
+
     def _peel(self, payload: memoryview) -> memoryview:
         """The cell with every layer removed (valid until the next frame, like ``payload``).
 
-        Through two buffers of this stream's, used in turn: whatever reads the cell
-        copies what it keeps (the AEAD decrypts into a new buffer), so no cell
-        costs a fresh allocation per layer.
+        Through the switch's two cell buffers in turn: whatever reads the cell
+        copies what it keeps (the AEAD decrypts into a new buffer) before anything
+        can yield, so no cell costs a fresh allocation per layer.
         """
+        buffers = self.switch.cell_buffers()
         size = len(payload)
-        scratch = self._scratch
-        if len(scratch) != 2 or len(scratch[0]) != size + LAYER_SCRATCH:
-            scratch = self._scratch = [bytearray(size + LAYER_SCRATCH) for _ in range(2)]
         view = payload
         for i, layer in enumerate(self._recv_layers):
-            out = scratch[i & 1]
+            out = buffers[i & 1]
             layer.remove_into(view, out)
             view = memoryview(out)[:size]
         return view
@@ -692,6 +706,7 @@ class CircuitSwitch:
     _ends: dict[Link, dict[int, CircuitEnd]] = attrs.field(factory=dict, init=False, repr=False)
     _group: gevent.pool.Group = attrs.field(factory=gevent.pool.Group, init=False, repr=False)
     _relayed: int = attrs.field(default=0, init=False)
+    _cell_buffers: list[bytearray] = attrs.field(factory=list, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         codes, requests = peer_replay_files(self.state_dir)
@@ -699,6 +714,13 @@ class CircuitSwitch:
         self._seen = SeenRequests(replay_file=requests)
         self.links.on_frame = self.handle_frame
         self.links.on_link_down = self.handle_link_down
+
+    def cell_buffers(self) -> list[bytearray]:
+        """Two buffers of a cell and a layer's scratch, which our circuit ends pass cells
+        through in turn between two yields: one pair per peer, not per circuit."""
+        if not self._cell_buffers:
+            self._cell_buffers = [bytearray(e2e.CELL_BODY + LAYER_SCRATCH) for _ in range(2)]
+        return self._cell_buffers
 
     @property
     def relayed_bytes(self) -> int:
