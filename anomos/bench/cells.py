@@ -111,7 +111,12 @@ def cpu_per_byte(
     make_metainfo(data, trackers=[BENCH_TRACKER], progress=False).save(atorrent)
     mib = size / (1 << 20)
     samples: dict[str, dict[str, list[float]]] = {
-        name: {**{r: [] for r in ROLES}, **{f"{r}_system": [] for r in ROLES}, "seconds": []}
+        name: {
+            **{r: [] for r in ROLES},
+            **{f"{r}_system": [] for r in ROLES},
+            "seconds": [],
+            "cells_per_mib": [],
+        }
         for name in trees
     }
     clusters = []
@@ -130,6 +135,7 @@ def cpu_per_byte(
                 echo(f"CPU per byte: run {i + 1} of {runs}, {name}")
                 path = net.path([workers["downloader"], workers["relay"], workers["source"]])
                 cpu0 = {role: _cpu_times(w) for role, w in workers.items()}
+                relayed0 = workers["relay"].call("stats")["relayed"]
                 reply = workers["downloader"].call(
                     "download", atorrent=str(atorrent), dest=str(files / f"dl-{name}"), **path
                 )
@@ -138,6 +144,8 @@ def cpu_per_byte(
                     samples[name][role].append((user + system) / mib * 1e6)
                     samples[name][f"{role}_system"].append(system / mib * 1e6)
                 samples[name]["seconds"].append(reply["seconds"])
+                relayed = workers["relay"].call("stats")["relayed"] - relayed0
+                samples[name]["cells_per_mib"].append(relayed / e2e.CELL_BODY / mib)
     finally:
         for net in clusters:
             net.stop()
@@ -181,12 +189,12 @@ def main(argv: list[str] | None = None) -> int:
             echo=lambda m: print(m, flush=True),
         )
     print(f"\nCPU us per MiB, medians of {args.runs} ({args.size} MiB over one relay)")
-    print(f"{'tree':6} {'source':>15} {'relay':>15} {'downloader':>15} {'MB/s':>8}")
-    print(f"{'':6} {'(of it kernel)':>15} {'':>15} {'':>15}")
+    print(f"{'tree':6} {'source':>15} {'relay':>15} {'downloader':>15} {'MB/s':>8} {'cells':>6}")
+    print(f"{'':6} {'(of it kernel)':>15} {'':>15} {'':>15} {'':>8} {'/MiB':>6}")
     for name, tree in result["trees"].items():
         m = tree["median"]
         cols = "".join(f" {m[r]:7.0f} ({m[r + '_system']:5.0f})" for r in ROLES)
-        print(f"{name:6}{cols} {m['mb_per_s']:8.1f}")
+        print(f"{name:6}{cols} {m['mb_per_s']:8.1f} {m['cells_per_mib']:6.1f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0
