@@ -101,3 +101,34 @@ def test_a_corrupted_cell_in_a_burst_is_refused_and_nothing_after_it_is_delivere
             got += chunk
     assert bytes(got) == message[: 2 * RECORD]  # the good cells, intact, and no more
     assert stream.closed and "authentication" in (stream.closed_reason or "")
+
+
+def test_cell_buffers_are_reused_only_once_their_frames_are_sent(net: Any) -> None:
+    """Relays and ends write cells into reused buffers: two circuits at once, both
+    ways, many windows of cells, and every byte arrives as sent."""
+    nodes = net(4)
+    downloader, r1, r2, source = nodes
+    sizes = [41 * RECORD + 7, 23 * RECORD + 3]
+
+    def echo(stream: CircuitStream) -> None:
+        size = int.from_bytes(read_exactly(stream, 4), "big")
+        stream.sendall(read_exactly(stream, size)[::-1])
+        stream.recv(1)
+        stream.close()
+
+    source.serve = echo
+    streams = [downloader.switch.open_circuit(plan_for(nodes), timeout=5) for _ in sizes]
+    messages = [os.urandom(n) for n in sizes]
+
+    def talk(stream: CircuitStream, message: bytes) -> bytes:
+        stream.sendall(len(message).to_bytes(4, "big") + message)
+        return read_exactly(stream, len(message))
+
+    jobs = [gevent.spawn(talk, s, m) for s, m in zip(streams, messages, strict=True)]
+    gevent.joinall(jobs, raise_error=True)
+    for job, message in zip(jobs, messages, strict=True):
+        assert job.value == message[::-1]
+    for node in nodes:  # buffers went back for reuse (at most the spare count)
+        assert 0 < len(node.links.cells._free) <= node.links.cells.spare
+    for stream in streams:
+        stream.close()

@@ -58,7 +58,7 @@ from anomos.protocol.request import SeenRequests, SourceRequest, open_request
 
 if TYPE_CHECKING:
     from anomos.identity import PeerIdentity
-    from anomos.net.link import CloseReason, Link, LinkManager
+    from anomos.net.link import CellBuffers, CloseReason, Link, LinkManager
     from anomos.pluginmanager import Plugins
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,11 @@ class RelayCircuit:
     closed: bool = False
     #: Cell bytes this relay forwarded, both directions.
     relayed: int = 0
+    #: Where each forwarded cell's layer is written (the peer's, given back once sent).
+    cells: CellBuffers = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.cells = self.switch.links.cells
 
     @property
     def established(self) -> bool:
@@ -160,13 +165,13 @@ class RelayCircuit:
         if cmd == _DATA:
             # Into a new buffer of our own (the link sends it later); 16 bytes of scratch.
             size = len(payload)
-            out = bytearray(size + LAYER_SCRATCH)
+            out = self.cells.take()
             if forward:
                 self.forward.remove_into(payload, out)
-                ok = self.next_link.send(self.next_id, _DATA, memoryview(out)[:size])
+                ok = self.next_link.send_cell(self.next_id, out, size)
             else:
                 self.backward.add_into(payload, out)
-                ok = self.prev_link.send(self.prev_id, _DATA, memoryview(out)[:size])
+                ok = self.prev_link.send_cell(self.prev_id, out, size)
             self.relayed += size
             self.switch.count_relayed(size)
             self.prev_link.relayed += size  # (per link: the daemon's neighbourhood view)
@@ -519,30 +524,32 @@ class CircuitStream:
         """Add the layers and queue the cell."""
         if self.state is CircuitState.CLOSED:
             raise CircuitClosed(f"circuit closed: {self.closed_reason}")
-        body = self._wrap(record)
+        cell = self._wrap(record)
         link = self.link
         if link.over_limit():
             link.wait_for_room(LINK_ROOM_TIMEOUT)  # our own circuit waits; a relay's is refused
-        if not link.send(self.circ_id, Cmd.DATA, body):
+        if not link.send_cell(self.circ_id, cell, len(record)):
             reason = f"link to NID {self.link.nid} lost" if self.link.closed else "send queue full"
             self._end(BreakReason.OVERFLOW, reason)
             raise CircuitClosed(f"circuit closed: {reason}")
 
-    def _wrap(self, record: bytes | bytearray | memoryview) -> memoryview:
-        """The cell with our layers added: between layers through the switch's cell
-        buffers, the last layer into a new buffer of its own (the link sends it later)."""
+    def _wrap(self, record: bytes | bytearray | memoryview) -> bytearray:
+        """A buffer of the peer's :class:`CellBuffers` holding the cell with our layers
+        added (between layers it passes through the switch's cell buffers)."""
         view = memoryview(record).cast("B")
         size = len(view)
+        out = self.switch.links.cells.take()
         layers = self._send_layers
         if not layers:
-            return memoryview(bytes(view))
+            out[:size] = view
+            return out
         buffers = self.switch.cell_buffers()
         last = len(layers) - 1
         for i, layer in enumerate(layers):
-            out = bytearray(size + LAYER_SCRATCH) if i == last else buffers[(i + 1) & 1]
-            layer.add_into(view, out)
-            view = memoryview(out)[:size]
-        return view
+            target = out if i == last else buffers[(i + 1) & 1]
+            layer.add_into(view, target)
+            view = memoryview(target)[:size]
+        return out
 
     def _peel(self, payload: memoryview) -> memoryview:
         """The cell with every layer removed (valid until the next frame, like ``payload``).
