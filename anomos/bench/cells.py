@@ -9,6 +9,10 @@
 Each figure is the best of ``repeats`` timings of ``cells`` cells: many
 timings shorter than a scheduler time slice, so that some run undisturbed by
 other programs, as a per-core cost should be measured.
+
+:func:`cpu_per_byte` (``python -m anomos.bench.cells --cpu [--old TREE]``) is
+the whole path instead: the CPU each process of a one-relay download spends
+per MiB it serves, relays or receives, over real TLS links on loopback.
 """
 
 from __future__ import annotations
