@@ -87,3 +87,17 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
         assert p["rss"] > mem["idle_rss"] * 0.5 and math.isfinite(p["per_circuit"])
 
     assert table(result).count("\n") >= 10
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_cpu_per_byte_probe_measures_every_role(tmp_path: Path) -> None:
+    from anomos.bench.cells import ROLES, cpu_per_byte
+
+    result = cpu_per_byte(tmp_path, {"new": None}, size=4 << 20, runs=1)
+    median = result["trees"]["new"]["median"]
+    for role in ROLES:
+        assert _positive(median[role]) and median[f"{role}_system"] <= median[role]
+    # every byte of the file crossed the relay, in cells of at most 32,741 bytes of data
+    assert median["cells_per_mib"] >= (1 << 20) / 32741
+    assert _positive(median["mb_per_s"])

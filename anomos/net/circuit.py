@@ -39,7 +39,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import attrs
 import gevent
@@ -50,17 +50,22 @@ import gevent.pool
 from anomos.errors import AnomosError, CryptoError, ProtocolError
 from anomos.net.frames import JOINED_BREAK, BreakReason, Cmd, describe_break
 from anomos.protocol import e2e
-from anomos.protocol.layers import OnionLayer, add_layers, remove_layers
+from anomos.protocol.layers import HEAD as LAYER_SCRATCH
+from anomos.protocol.layers import OnionLayer
 from anomos.protocol.onion import OnionReader
 from anomos.protocol.replay import peer_replay_files
 from anomos.protocol.request import SeenRequests, SourceRequest, open_request
 
 if TYPE_CHECKING:
     from anomos.identity import PeerIdentity
-    from anomos.net.link import CloseReason, Link, LinkManager
+    from anomos.net.link import CellBuffers, CloseReason, Link, LinkManager
     from anomos.pluginmanager import Plugins
 
 log = logging.getLogger(__name__)
+
+_DATA = int(Cmd.DATA)
+#: ``sendall`` flag: more data follows at once (Linux's value where the platform lacks it).
+MSG_MORE = getattr(socket, "MSG_MORE", 0x8000)
 
 #: DATA records a sender may have in flight per direction at first (each carries
 #: up to ~32 KiB); the receiver grows it with :meth:`CircuitStream.expect_bytes`.
@@ -137,6 +142,11 @@ class RelayCircuit:
     closed: bool = False
     #: Cell bytes this relay forwarded, both directions.
     relayed: int = 0
+    #: Where each forwarded cell's layer is written (the peer's, given back once sent).
+    cells: CellBuffers = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.cells = self.switch.links.cells
 
     @property
     def established(self) -> bool:
@@ -152,18 +162,20 @@ class RelayCircuit:
 
     def on_frame(self, link: Link, circ_id: int, cmd: int, payload: memoryview) -> None:
         forward = link is self.prev_link and circ_id == self.prev_id
-        if cmd == Cmd.DATA:
-            # Into a new buffer of our own: the link sends it later.
+        if cmd == _DATA:
+            # Into a new buffer of our own (the link sends it later); 16 bytes of scratch.
+            size = len(payload)
+            out = self.cells.take()
             if forward:
-                body = remove_layers((self.forward,), payload)
-                ok = self.next_link.send(self.next_id, Cmd.DATA, body)
+                self.forward.remove_into(payload, out)
+                ok = self.next_link.send_cell(self.next_id, out, size)
             else:
-                body = add_layers((self.backward,), payload)
-                ok = self.prev_link.send(self.prev_id, Cmd.DATA, body)
-            self.relayed += len(body)
-            self.switch.count_relayed(len(body))
-            self.prev_link.relayed += len(body)  # (per link: the daemon's neighbourhood view)
-            self.next_link.relayed += len(body)
+                self.backward.add_into(payload, out)
+                ok = self.prev_link.send_cell(self.prev_id, out, size)
+            self.relayed += size
+            self.switch.count_relayed(size)
+            self.prev_link.relayed += size  # (per link: the daemon's neighbourhood view)
+            self.next_link.relayed += size
             if not ok:
                 self.end(BreakReason.OVERFLOW, discard=True)
         elif cmd == Cmd.BREAK:
@@ -246,10 +258,15 @@ class CircuitStream:
     _eof: bool = attrs.field(default=False, repr=False)
     _timeout: float | None = attrs.field(default=None, repr=False)
     _send_lock: gevent.lock.Semaphore = attrs.field(factory=gevent.lock.Semaphore, repr=False)
+    #: The partial record a ``MSG_MORE`` send held back (see :meth:`sendall`).
+    _held: bytes = attrs.field(default=b"", repr=False)
     _timer: Any = attrs.field(default=None, repr=False)
     _notified: bool = attrs.field(default=False, repr=False)
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: The ``sendall`` flag under which this stream holds a partial record back
+    #: (a BitTorrent session corks circuits with it, never plain sockets).
+    more_flag: ClassVar[int] = MSG_MORE
 
     def __attrs_post_init__(self) -> None:
         self._window_open.set()
@@ -261,20 +278,42 @@ class CircuitStream:
     def gettimeout(self) -> float | None:
         return self._timeout
 
-    def sendall(self, data: bytes | bytearray | memoryview) -> None:
-        """Send everything, waiting for the window; raise CircuitClosed if the circuit broke."""
+    def sendall(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
+        """Send everything, waiting for the window; raise CircuitClosed if the circuit broke.
+
+        With ``MSG_MORE`` in ``flags`` (as on a TCP socket: the caller sends again at
+        once), a last partial record is held back and filled by the next call, so
+        a stream of bursts travels in full cells; any call without it sends all.
+        """
         view = memoryview(data).cast("B")
         step = e2e.MAX_RECORD_DATA
         with self._send_lock:
-            for start in range(0, len(view), step):
-                if self._window <= 0 or self.state is not CircuitState.OPEN:
-                    self._wait_window()
-                self._window -= 1
-                if self._window <= 0:
-                    self._window_open.clear()
-                chunk = view[start : start + step]
-                self._send_record(e2e.DATA, chunk)
-                self.bytes_sent += len(chunk)
+            held = self._held
+            if held:
+                take = step - len(held)
+                if len(view) < take and flags & MSG_MORE:
+                    self._held = held + view
+                    return
+                self._held = b""
+                self._send_data(held + view[:take])
+                view = view[take:]
+            end = len(view)
+            if flags & MSG_MORE:
+                end -= end % step
+                if end < len(view):
+                    self._held = bytes(view[end:])
+            for start in range(0, end, step):
+                self._send_data(view[start : start + step])
+
+    def _send_data(self, chunk: bytes | memoryview) -> None:
+        """One DATA record, once the window allows (the send lock held)."""
+        if self._window <= 0 or self.state is not CircuitState.OPEN:
+            self._wait_window()
+        self._window -= 1
+        if self._window <= 0:
+            self._window_open.clear()
+        self._send_record(e2e.DATA, chunk)
+        self.bytes_sent += len(chunk)
 
     def send(self, data: bytes | bytearray | memoryview) -> int:
         self.sendall(data)
@@ -337,6 +376,8 @@ class CircuitStream:
             return
         if self.state is CircuitState.OPEN and not self.link.closed:
             try:
+                if self._held and not self._send_lock.locked():
+                    self.sendall(b"")
                 self._send_record(e2e.END, b"")
             except (OSError, AnomosError):
                 pass
@@ -475,24 +516,56 @@ class CircuitStream:
 
     def _send_record(self, kind: int, data: Any) -> None:
         assert self._channel is not None
-        self._send_body(self._channel.seal_mutable(kind, data))
+        sealed = memoryview(self.switch.cell_buffers()[0])[: e2e.CELL_BODY]
+        self._channel.seal_into(kind, data, sealed)
+        self._send_body(sealed)
 
-    def _send_body(self, record: bytes | bytearray) -> None:
-        """Add the layers (into new buffers: the link sends the cell later) and queue it."""
+    def _send_body(self, record: bytes | bytearray | memoryview) -> None:
+        """Add the layers and queue the cell."""
         if self.state is CircuitState.CLOSED:
             raise CircuitClosed(f"circuit closed: {self.closed_reason}")
-        body = add_layers(self._send_layers, record)
+        cell = self._wrap(record)
         link = self.link
         if link.over_limit():
             link.wait_for_room(LINK_ROOM_TIMEOUT)  # our own circuit waits; a relay's is refused
-        if not link.send(self.circ_id, Cmd.DATA, body):
+        if not link.send_cell(self.circ_id, cell, len(record)):
             reason = f"link to NID {self.link.nid} lost" if self.link.closed else "send queue full"
             self._end(BreakReason.OVERFLOW, reason)
             raise CircuitClosed(f"circuit closed: {reason}")
 
+    def _wrap(self, record: bytes | bytearray | memoryview) -> bytearray:
+        """A buffer of the peer's :class:`CellBuffers` holding the cell with our layers
+        added (between layers it passes through the switch's cell buffers)."""
+        view = memoryview(record).cast("B")
+        size = len(view)
+        out = self.switch.links.cells.take()
+        layers = self._send_layers
+        if not layers:
+            out[:size] = view
+            return out
+        buffers = self.switch.cell_buffers()
+        last = len(layers) - 1
+        for i, layer in enumerate(layers):
+            target = out if i == last else buffers[(i + 1) & 1]
+            layer.add_into(view, target)
+            view = memoryview(target)[:size]
+        return out
+
     def _peel(self, payload: memoryview) -> memoryview:
-        """The cell with every layer removed (valid until the next frame, like ``payload``)."""
-        return remove_layers(self._recv_layers, payload)
+        """The cell with every layer removed (valid until the next frame, like ``payload``).
+
+        Through the switch's two cell buffers in turn: whatever reads the cell
+        copies what it keeps (the AEAD decrypts into a new buffer) before anything
+        can yield, so no cell costs a fresh allocation per layer.
+        """
+        buffers = self.switch.cell_buffers()
+        size = len(payload)
+        view = payload
+        for i, layer in enumerate(self._recv_layers):
+            out = buffers[i & 1]
+            layer.remove_into(view, out)
+            view = memoryview(out)[:size]
+        return view
 
     def on_frame(self, link: Link, circ_id: int, cmd: int, payload: memoryview) -> None:
         if cmd == Cmd.DATA:
@@ -640,6 +713,7 @@ class CircuitSwitch:
     _ends: dict[Link, dict[int, CircuitEnd]] = attrs.field(factory=dict, init=False, repr=False)
     _group: gevent.pool.Group = attrs.field(factory=gevent.pool.Group, init=False, repr=False)
     _relayed: int = attrs.field(default=0, init=False)
+    _cell_buffers: list[bytearray] = attrs.field(factory=list, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         codes, requests = peer_replay_files(self.state_dir)
@@ -647,6 +721,13 @@ class CircuitSwitch:
         self._seen = SeenRequests(replay_file=requests)
         self.links.on_frame = self.handle_frame
         self.links.on_link_down = self.handle_link_down
+
+    def cell_buffers(self) -> list[bytearray]:
+        """Two buffers of a cell and a layer's scratch, which our circuit ends pass cells
+        through in turn between two yields: one pair per peer, not per circuit."""
+        if not self._cell_buffers:
+            self._cell_buffers = [bytearray(e2e.CELL_BODY + LAYER_SCRATCH) for _ in range(2)]
+        return self._cell_buffers
 
     @property
     def relayed_bytes(self) -> int:

@@ -64,6 +64,8 @@ from anomos.net.frames import (
     encode_frame,
 )
 from anomos.net.ratelimit import TokenBucket
+from anomos.protocol.e2e import CELL_BODY
+from anomos.protocol.layers import HEAD as LAYER_SCRATCH
 from anomos.protocol.ticket import offerable, open_ticket
 
 if TYPE_CHECKING:
@@ -148,9 +150,13 @@ TLS_RECV_CHUNK = 256 * 1024
 #: Frames a link's reader handles before it lets other greenlets run.
 READER_TURN_FRAMES = 8
 
+#: Cell buffers a peer keeps for reuse once their frames are sent (about a MiB).
+SPARE_CELLS = 32
+
 #: Circuit ids allocated by the dialler of a link have this bit set.
 DIALLER_BIT = 0x80000000
 _PADDING_FRAME = encode_frame(LINK_CIRC_ID, Cmd.PADDING)
+_DATA = int(Cmd.DATA)
 
 #: ``on_frame(link, circ_id, cmd, payload)``; ``payload`` is only valid during the call.
 FrameHandler = Callable[["Link", int, int, memoryview], None]
@@ -465,6 +471,30 @@ class CloseReason:
 
 
 @attrs.define(eq=False)
+class CellBuffers:
+    """Buffers for the cells a peer sends (a cell body and a layer's 16 bytes of
+    scratch), given back by the link's writer once their frame is on its way.
+
+    A relay writes each cell's layer into a new buffer that the link sends
+    later; a fresh ``bytearray`` per cell is zeroed, then freed after the send.
+    """
+
+    size: int = CELL_BODY + LAYER_SCRATCH
+    spare: int = SPARE_CELLS
+    _free: list[bytearray] = attrs.field(factory=list, repr=False)
+
+    def take(self) -> bytearray:
+        """A buffer of :attr:`size` bytes; its contents are whatever was there."""
+        free = self._free
+        return free.pop() if free else bytearray(self.size)
+
+    def give_back(self, buffer: bytearray) -> None:
+        """``buffer`` (from :meth:`take`) is no longer used by anyone."""
+        if len(self._free) < self.spare:
+            self._free.append(buffer)
+
+
+@attrs.define(eq=False)
 class Link:
     """One authenticated neighbour link: bounded per-circuit queues, a reader and a writer."""
 
@@ -482,7 +512,10 @@ class Link:
     relayed: int = 0
     #: Why the link closed; ``None`` while it is up.
     closed_reason: CloseReason | None = None
-    _queues: dict[int, deque[tuple[bytes, Any]]] = attrs.field(factory=dict, repr=False)
+    #: Per circuit: (header, payload, the payload's CellBuffers buffer or None).
+    _queues: dict[int, deque[tuple[bytes, Any, bytearray | None]]] = attrs.field(
+        factory=dict, repr=False
+    )
     _active: deque[int] = attrs.field(factory=deque, repr=False)
     _control: deque[bytes] = attrs.field(factory=deque, repr=False)
     _circ_ids: set[int] = attrs.field(factory=set, repr=False)
@@ -569,11 +602,25 @@ class Link:
             raise ProtocolError(f"too many circuits on the link to NID {self.nid}")
 
     # ------------------------------------------------------------------ sending
-    def send(self, circ_id: int, cmd: int, payload: Any = b"", *, force: bool = False) -> bool:
+    def send_cell(self, circ_id: int, buffer: bytearray, size: int) -> bool:
+        """Queue a DATA frame of ``buffer[:size]``, a buffer of ``manager.cells``, which
+        the writer gives back once the frame is sent; False as :meth:`send`."""
+        return self.send(circ_id, _DATA, memoryview(buffer)[:size], buffer=buffer)
+
+    def send(
+        self,
+        circ_id: int,
+        cmd: int,
+        payload: Any = b"",
+        *,
+        force: bool = False,
+        buffer: bytearray | None = None,
+    ) -> bool:
         """Queue a frame; False if the link is closed or the circuit's queue is full.
 
         ``payload`` must be bytes the caller will not change (it is sent later).
         ``force`` ignores the queue bound, for the one BREAK that ends a circuit.
+        ``buffer``: see :meth:`send_cell`.
         """
         if self.closed_reason is not None:
             return False
@@ -593,7 +640,7 @@ class Link:
             if not q:
                 del self._queues[circ_id]
             return False
-        q.append((HEADER.pack(circ_id, cmd, 0, len(payload)), payload))
+        q.append((HEADER.pack(circ_id, cmd, 0, len(payload)), payload, buffer))
         self._queued += 1
         if len(q) == 1:
             self._active.append(circ_id)
@@ -754,6 +801,8 @@ class Link:
         control = self._control
         wake = self._wake
         limiter = self.manager.send_limiter
+        cells = self.manager.cells
+        spent: list[bytearray] = []
         try:
             while self.closed_reason is None:
                 if not active and not control:
@@ -772,10 +821,12 @@ class Link:
                     q = queues.get(circ_id)
                     if not q:
                         continue
-                    header, payload = q.popleft()
+                    header, payload, buffer = q.popleft()
                     self._queued -= 1
                     batch.append(header)
                     batch.append(payload)
+                    if buffer is not None:
+                        spent.append(buffer)
                     size += HEADER_SIZE + len(payload)
                     if q:
                         active.append(circ_id)
@@ -784,7 +835,12 @@ class Link:
                         self._draining.discard(circ_id)
                 if limiter is not None:
                     limiter.take(size)
-                sock.sendall(b"".join(batch))
+                data = b"".join(batch)
+                batch.clear()  # the payloads' views, before their buffers go back
+                for buffer in spent:
+                    cells.give_back(buffer)
+                spent.clear()
+                sock.sendall(data)
                 self.bytes_out += size
                 if self._queued < self.link_limit:
                     self._room.set()
@@ -853,6 +909,8 @@ class LinkManager:
     _received: dict[int, int] = attrs.field(factory=dict, init=False, repr=False)
     #: Paces the writers of all links together (``Settings.max_send_rate``), or None.
     send_limiter: TokenBucket | None = attrs.field(default=None, init=False, repr=False)
+    #: Buffers the cells this peer sends are written into (see :meth:`Link.send_cell`).
+    cells: CellBuffers = attrs.field(factory=CellBuffers, init=False, repr=False)
 
     # ------------------------------------------------------------------ public
     def start(self) -> str:

@@ -107,6 +107,10 @@ class E2EChannel:
         self._send.encrypt_into(self._next_plain(kind, data), self._plain, None, out)
         return out
 
+    def seal_into(self, kind: int, data: bytes | bytearray | memoryview, out: memoryview) -> None:
+        """Like :meth:`seal`, into ``out`` (:data:`CELL_BODY` bytes, e.g. a reused buffer)."""
+        self._send.encrypt_into(self._next_plain(kind, data), self._plain, None, out)
+
     def _next_plain(self, kind: int, data: bytes | bytearray | memoryview) -> bytes:
         """Fill the plaintext buffer with the record; the nonce to seal it with."""
         if kind not in RECORD_KINDS:

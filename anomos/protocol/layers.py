@@ -55,10 +55,6 @@ HEAD = 16
 _PERSON = b"anomos-layer-v1"  # BLAKE2b personalisation (16 bytes at most)
 
 
-def _xor16(a: bytes, b: bytes) -> bytes:
-    return (int.from_bytes(a) ^ int.from_bytes(b)).to_bytes(HEAD)
-
-
 @attrs.define(eq=False)
 class OnionLayer:
     """One direction of one hop's layer; cells must pass in order, one by one.
@@ -79,6 +75,9 @@ class OnionLayer:
     _tbc_inverse: Any = attrs.field(default=None, init=False, repr=False)
     _chain: bytes = attrs.field(init=False, repr=False)
     _count: int = attrs.field(default=0, init=False, repr=False)
+    #: Keyed BLAKE2b states for the nonce and the chain, copied per cell (no key set-up).
+    _nonce_hash: Any = attrs.field(default=None, init=False, repr=False)
+    _chain_hash: Any = attrs.field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         if len(self.key) != 32 or len(self.start) != HEAD:
@@ -94,6 +93,8 @@ class OnionLayer:
         """(stream, hash) AES-GCM contexts, made on first use."""
         if self._gcm is None:
             self._gcm = (AESGCM(self._subkeys[32:64]), AESGCM(self._subkeys[64:96]))
+            self._nonce_hash = hashlib.blake2b(key=self._subkeys[128:160], digest_size=12)
+            self._chain_hash = hashlib.blake2b(key=self._subkeys[96:128], digest_size=HEAD)
         return self._gcm
 
     def _block(self) -> Cipher[Any]:
@@ -128,8 +129,9 @@ class OnionLayer:
         if self._tbc is None:
             self._tbc = self._block().encryptor()
         head = bytes(src[:HEAD])
-        mask = hash_.encrypt(self._chain, b"", src[HEAD:])
-        new_head = _xor16(self._tbc.update(_xor16(head, mask)), mask)
+        mask = int.from_bytes(hash_.encrypt(self._chain, b"", src[HEAD:]))
+        masked = (int.from_bytes(head) ^ mask).to_bytes(HEAD)
+        new_head = (int.from_bytes(self._tbc.update(masked)) ^ mask).to_bytes(HEAD)
         stream.encrypt_into(self._nonce_of(new_head), src[HEAD:], None, dst[HEAD:])
         dst[:HEAD] = new_head
         self._advance(head, new_head)
@@ -143,19 +145,23 @@ class OnionLayer:
         new_head = bytes(src[:HEAD])
         stream.encrypt_into(self._nonce_of(new_head), src[HEAD:], None, dst[HEAD:])
         rest = dst[HEAD : len(src)]
-        mask = hash_.encrypt(self._chain, b"", rest)
-        head = _xor16(self._tbc_inverse.update(_xor16(new_head, mask)), mask)
+        mask = int.from_bytes(hash_.encrypt(self._chain, b"", rest))
+        masked = (int.from_bytes(new_head) ^ mask).to_bytes(HEAD)
+        head = (int.from_bytes(self._tbc_inverse.update(masked)) ^ mask).to_bytes(HEAD)
         dst[:HEAD] = head
         self._advance(head, new_head)
 
     def _nonce_of(self, new_head: bytes) -> bytes:
         """The stream's 96-bit nonce: a keyed BLAKE2b of the whole head."""
-        return hashlib.blake2b(new_head, key=self._subkeys[128:160], digest_size=12).digest()
+        h = self._nonce_hash.copy()
+        h.update(new_head)
+        return h.digest()  # type: ignore[no-any-return]
 
     def _advance(self, head: bytes, out: bytes) -> None:
         """Chain the next cell's tweak to this cell's heads, as this hop saw them."""
-        data = self._count.to_bytes(8) + head + out
-        self._chain = hashlib.blake2b(data, key=self._subkeys[96:128], digest_size=HEAD).digest()
+        h = self._chain_hash.copy()
+        h.update(self._count.to_bytes(8) + head + out)
+        self._chain = h.digest()
         self._count += 1
 
 

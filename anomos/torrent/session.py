@@ -133,7 +133,7 @@ MAX_FAILED_STASH = 32
 class Stream(Protocol):
     """What a session needs of a connection: a TCP socket or a CircuitStream."""
 
-    def sendall(self, data: bytes, /) -> Any: ...
+    def sendall(self, data: bytes, flags: int = 0, /) -> Any: ...
 
     def recv(self, n: int, /) -> bytes: ...
 
@@ -629,6 +629,9 @@ class TorrentSession:
     def _write_loop(self, conn: PeerConnection) -> None:
         stream = conn.stream
         storage = self.storage
+        # Circuits hold a partial cell back under this flag; sockets have none here.
+        more_flag = getattr(stream, "more_flag", 0)
+        corked = False
         try:
             while not conn.closed:
                 conn.wake.wait()
@@ -649,6 +652,9 @@ class TorrentSession:
                         size += 13 + length
                         served += length
                     if not parts:
+                        if corked:  # what the last burst held back (MSG_MORE) goes now
+                            stream.sendall(b"")
+                            corked = False
                         break
                     for throttle in self.upload_throttles if served else ():
                         throttle.take(served)
@@ -658,7 +664,10 @@ class TorrentSession:
                         self.uploaded += served
                         conn.up_meter.add(served, now)
                     conn.send_since = now
-                    stream.sendall(b"".join(parts))
+                    # More blocks to come at once: let the stream fill its last cell
+                    # with them rather than send a nearly empty one (MSG_MORE).
+                    corked = more_flag != 0 and bool(requests) and not conn.am_choking
+                    stream.sendall(b"".join(parts), more_flag if corked else 0)
                     conn.send_since = None
                     conn.last_send = time.monotonic()
                     gevent.sleep(0)
