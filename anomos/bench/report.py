@@ -122,7 +122,8 @@ def table(result: dict[str, Any]) -> str:
                 (
                     f"tracker longest stall, {n}",
                     f"{item['longest_stall'] * 1e3:.1f} ms",
-                    f"restart {item['restart_seconds']:.1f} s",
+                    f"restart {item['restart_seconds']:.1f} s"
+                    f" ({item.get('restart_cpu_seconds', 0.0):.1f} s CPU)",
                 )
             )
             rows.append(

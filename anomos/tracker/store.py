@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +42,39 @@ import attrs
 
 from anomos.errors import ConfigError
 from anomos.fsutil import private_file
+from anomos.tracker.graph import GraphImage, Link
 from anomos.tracker.tables import Reports
 
 log = logging.getLogger(__name__)
 
 DB_FILE = "tracker.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: SQLite page cache (KiB): the hot part of the B-trees (recent peers, their links).
 CACHE_KIB = 65536
 
-_SCHEMA = """
+#: Schema 2 -> 3: links written since the graph image are found by their batch number
+#: (``gen``), links removed since then in ``links_gone``; the image itself.
+_LINKS_V3 = """
+CREATE INDEX IF NOT EXISTS links_by_gen ON links (gen);
+CREATE TABLE IF NOT EXISTS links_gone (
+    a INTEGER NOT NULL,
+    b INTEGER NOT NULL,
+    gen INTEGER NOT NULL,
+    PRIMARY KEY (a, b)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS graph_image (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    gen INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    ids BLOB NOT NULL,
+    nbr BLOB NOT NULL,
+    nid BLOB NOT NULL,
+    flags BLOB NOT NULL,
+    deg BLOB NOT NULL
+);
+"""
+
+_SCHEMA_TEMPLATE = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS peers (
     id INTEGER PRIMARY KEY,
@@ -81,8 +105,10 @@ CREATE TABLE IF NOT EXISTS links (
     b INTEGER NOT NULL,
     nid INTEGER NOT NULL,
     dialer INTEGER NOT NULL,
+    gen INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (a, b)
 ) WITHOUT ROWID;
+{links_v3}
 CREATE TABLE IF NOT EXISTS swarm (
     peer INTEGER NOT NULL,
     infohash BLOB NOT NULL,
@@ -96,6 +122,8 @@ CREATE VIEW IF NOT EXISTS edges AS
     FROM links JOIN peers pa ON pa.id = links.a JOIN peers pb ON pb.id = links.b
     LEFT JOIN peers pd ON pd.id = links.dialer;
 """
+
+_SCHEMA = _SCHEMA_TEMPLATE.replace("{links_v3}", _LINKS_V3)
 
 #: Schema 1, keyed by identity: the tables an old database may lack are made before converting.
 _SCHEMA_V1 = """
@@ -130,7 +158,7 @@ INSERT INTO peers SELECT seq, identity, onion, box, address FROM peers_v1;
 INSERT INTO accounts SELECT identity, uploaded, downloaded, relayed, session, relayed_reported,
     relayed_claimed, relayed_confirmed FROM accounts_v1;
 INSERT INTO reports SELECT * FROM reports_v1;
-INSERT OR REPLACE INTO links
+INSERT OR REPLACE INTO links (a, b, nid, dialer)
     SELECT min(pa.seq, pb.seq), max(pa.seq, pb.seq), e.nid, coalesce(pd.seq, 0)
     FROM edges_v1 e JOIN peers_v1 pa ON pa.identity = e.a JOIN peers_v1 pb ON pb.identity = e.b
     LEFT JOIN dialers d ON d.a = e.a AND d.b = e.b
@@ -145,7 +173,7 @@ DROP TABLE edges_v1;
 DROP TABLE dialers;
 DROP TABLE swarm_v1;
 DROP TABLE torrents_v1;
-UPDATE meta SET value = 2 WHERE key = 'schema_version';
+UPDATE meta SET value = {version} WHERE key = 'schema_version';
 """
 
 
@@ -226,6 +254,10 @@ class Batch:
     removed_swarm: set[tuple[int, bytes]] = attrs.field(factory=set)
     torrents: dict[bytes, int] = attrs.field(factory=dict)
     meta: dict[str, int] = attrs.field(factory=dict)
+    #: this batch's number: the links it writes or removes are marked with it
+    gen: int = 0
+    #: the graph as it is with this batch applied, when one is due (written with it)
+    image: GraphImage | None = None
 
     def add_edge(self, a: int, b: int, nid: int, dialer: int = 0) -> None:
         key = _link_key(a, b)
@@ -265,22 +297,28 @@ class Batch:
         self.removed_swarm.add((peer, infohash))
 
     def __bool__(self) -> bool:
-        return any(attrs.astuple(self, recurse=False))
+        return any(attrs.astuple(self, recurse=False)[:-2]) or self.image is not None
 
 
 @attrs.frozen
 class Snapshot:
-    """The whole stored state, as read at start-up (peers by identity)."""
+    """The whole stored state, as read at start-up."""
 
+    #: live peers, in id order
     peers: list[PeerRow]
     accounts: dict[bytes, Account]
-    edges: list[tuple[bytes, bytes, int]]
+    #: the neighbour graph's links by peer id (a, b, NID, dialer or 0), read from the
+    #: database as they are consumed (by :meth:`~anomos.tracker.graph.PeerGraph.restore`):
+    #: all of them, or with an ``image`` those written after it
+    links: Iterable[Link]
     #: (infohash, peer, row); the row's counters are the peer's last report
     swarm: list[tuple[bytes, bytes, SwarmRow]]
     torrents: dict[bytes, int]
     meta: dict[str, int]
-    #: (a, b) -> the end that dials, for edges where that was fixed
-    dialers: dict[tuple[bytes, bytes], bytes] = attrs.field(factory=dict)
+    #: the packed graph as of batch ``image.gen``, if one was written
+    image: GraphImage | None = None
+    #: links (a, b) removed after the image
+    gone: list[tuple[int, int]] = attrs.field(factory=list)
 
 
 #: A transaction's work: (SQL, rows) run with executemany, in order.
@@ -302,8 +340,13 @@ def statements(batch: Batch) -> Statements:
         )
         for k, a in batch.accounts.items()
     ]
+    gen = batch.gen
     out: Statements = [
         ("DELETE FROM links WHERE a = ? AND b = ?", list(batch.removed_edges)),
+        (
+            "INSERT OR REPLACE INTO links_gone VALUES (?, ?, ?)",
+            [(a, b, gen) for a, b in batch.removed_edges],
+        ),
         ("DELETE FROM swarm WHERE peer = ? AND infohash = ?", list(batch.removed_swarm)),
         ("DELETE FROM peers WHERE id = ?", [(p,) for p in batch.removed_peers]),
         ("DELETE FROM swarm WHERE peer = ?", [(p,) for p in batch.removed_peers]),
@@ -331,8 +374,8 @@ def statements(batch: Batch) -> Statements:
             ],
         ),
         (
-            "INSERT OR REPLACE INTO links VALUES (?, ?, ?, ?)",
-            [(a, b, nid, d) for (a, b), (nid, d) in batch.added_edges.items()],
+            "INSERT OR REPLACE INTO links VALUES (?, ?, ?, ?, ?)",
+            [(a, b, nid, d, gen) for (a, b), (nid, d) in batch.added_edges.items()],
         ),
         (
             "INSERT OR REPLACE INTO swarm VALUES (?, ?, ?)",
@@ -341,6 +384,26 @@ def statements(batch: Batch) -> Statements:
         ("INSERT OR REPLACE INTO torrents VALUES (?, ?)", list(batch.torrents.items())),
         ("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(batch.meta.items())),
     ]
+    image = batch.image
+    if image is not None:
+        out += [
+            (
+                "INSERT OR REPLACE INTO graph_image VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        image.gen,
+                        image.width,
+                        image.ids,
+                        image.nbr,
+                        image.nid,
+                        image.flags,
+                        image.deg,
+                    )
+                ],
+            ),
+            # The image holds every link removed so far: their marks are no longer needed.
+            ("DELETE FROM links_gone WHERE gen <= ?", [(image.gen,)]),
+        ]
     return [(sql, rows) for sql, rows in out if rows]
 
 
@@ -374,6 +437,8 @@ class Store:
             version = self._get_meta("schema_version")
             if version == 1:
                 self._migrate_v1()
+            elif version == 2:
+                self._migrate_v2()
             elif version is None:
                 self._db.executescript(_SCHEMA)
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
@@ -390,11 +455,24 @@ class Store:
         db.executescript(_SCHEMA_V1)
         self._add_relay_columns()
         try:
-            db.executescript("BEGIN;" + _MIGRATE_V1.format(schema=_SCHEMA) + "COMMIT;")
+            db.executescript(
+                "BEGIN;" + _MIGRATE_V1.format(schema=_SCHEMA, version=SCHEMA_VERSION) + "COMMIT;"
+            )
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+        log.info("tracker database %s converted to schema %d", self.path, SCHEMA_VERSION)
+
+    def _migrate_v2(self) -> None:
+        """Schema 2 -> 3: the links' batch numbers, the removed links, the graph image."""
+        self._db.executescript(
+            "BEGIN;"
+            "ALTER TABLE links ADD COLUMN gen INTEGER NOT NULL DEFAULT 0;"
+            + _LINKS_V3
+            + f"UPDATE meta SET value = {SCHEMA_VERSION} WHERE key = 'schema_version';"
+            "COMMIT;"
+        )
         log.info("tracker database %s converted to schema %d", self.path, SCHEMA_VERSION)
 
     def _add_relay_columns(self) -> None:
@@ -421,11 +499,12 @@ class Store:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else int(row[0])
 
-    def load(self) -> Snapshot:
+    def load(self, now: float = 0.0) -> Snapshot:
+        """Everything stored, each table read in one pass (peers seen ``now``)."""
         self.wait()
         db = self._db
         peers = [
-            PeerRow(identity, onion, box, address, 0.0, seq)
+            PeerRow(identity, onion, box, address, now, seq)
             for seq, identity, onion, box, address in db.execute("SELECT * FROM peers ORDER BY id")
         ]
         by_id = {p.seq: p.identity for p in peers}
@@ -437,17 +516,9 @@ class Store:
             )
         }
         for identity, ih, up, down in db.execute("SELECT * FROM reports"):
-            if identity in accounts:
-                accounts[identity].reports[ih] = (up, down)
-        edges = []
-        dialers = {}
-        for a, b, nid, dialer in db.execute("SELECT a, b, nid, dialer FROM links"):
-            ka, kb = by_id.get(a), by_id.get(b)
-            if ka is None or kb is None:
-                continue
-            edges.append((ka, kb, nid))
-            if dialer:
-                dialers[(ka, kb)] = by_id.get(dialer, b"")
+            account = accounts.get(identity)
+            if account is not None:
+                account.reports[ih] = (up, down)
         swarm = []
         for peer, ih, left in db.execute("SELECT peer, infohash, left FROM swarm"):
             identity = by_id.get(peer)
@@ -456,9 +527,22 @@ class Store:
             account = accounts.get(identity)
             counters = account.reports.get(ih, (0, 0)) if account else (0, 0)
             swarm.append((ih, identity, SwarmRow(left, *counters)))
+        del by_id
         torrents = {ih: size for ih, size in db.execute("SELECT * FROM torrents")}
         meta = {k: v for k, v in db.execute("SELECT key, value FROM meta")}
-        return Snapshot(peers, accounts, edges, swarm, torrents, meta, dialers)
+        row = db.execute(
+            "SELECT gen, width, ids, nbr, nid, flags, deg FROM graph_image WHERE id = 1"
+        ).fetchone()
+        if row is None:
+            return Snapshot(peers, accounts, self.links(), swarm, torrents, meta)
+        image = GraphImage(*row)
+        links = db.execute("SELECT a, b, nid, dialer FROM links WHERE gen > ?", (image.gen,))
+        gone = db.execute("SELECT a, b FROM links_gone WHERE gen > ?", (image.gen,)).fetchall()
+        return Snapshot(peers, accounts, links, swarm, torrents, meta, image, gone)
+
+    def links(self) -> Iterator[Link]:
+        """Every stored link (a, b, NID, dialer or 0), read as it is consumed."""
+        return self._db.execute("SELECT a, b, nid, dialer FROM links")
 
     def write(self, batch: Batch) -> None:
         """Apply ``batch`` atomically, now (after any write under way)."""
