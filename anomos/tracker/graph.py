@@ -664,12 +664,27 @@ class PeerGraph:
             nbr[j], nids[j], flags[j] = sa, nid, settled | (_DIALS if dialer == sb else 0)
             deg[sa], deg[sb] = da + 1, db + 1
         self.version += 1
-        for bucket in self._buckets:
-            del bucket[:]
-        for s, peer in enumerate(self._peers):
-            if peer is not None:
-                self._bucket_add(s)
+        self._rebuild_buckets()
         return dropped
+
+    def _rebuild_buckets(self) -> None:
+        """Every peer into the bucket of its degree, in C-level passes over the arrays."""
+        top = self.max_neighbours
+        occupied = [peer is not None for peer in self._peers]
+        degree = [min(d, top) for d in self._deg]
+        pos = self._bucket_pos
+        for d in range(top + 1):
+            bucket = array(
+                "i",
+                itertools.compress(
+                    range(len(degree)), map(operator.eq, degree, itertools.repeat(d))
+                ),
+            )
+            if len(self._free):
+                bucket = array("i", itertools.compress(bucket, map(occupied.__getitem__, bucket)))
+            self._buckets[d] = bucket
+            for i, s in enumerate(bucket):
+                pos[s] = i
 
     def restore_edges(self, edges: Iterable[tuple[Peer, Peer, int, Peer | None]]) -> int:
         """Re-insert many edges from the store (a, b, nid, dialer) by identity, as

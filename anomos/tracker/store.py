@@ -33,8 +33,10 @@ converted in place on first open.
 from __future__ import annotations
 
 import logging
+import operator
 import sqlite3
 from collections.abc import Iterable, Iterator
+from itertools import starmap
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +227,10 @@ class SwarmRow:
     downloaded: int = 0
 
 
+_first = operator.itemgetter(0)
+_rest = operator.itemgetter(slice(1, None))
+
+
 def _link_key(a: int, b: int) -> tuple[int, int]:
     return (a, b) if a < b else (b, a)
 
@@ -311,7 +317,7 @@ class Snapshot:
     #: database as they are consumed (by :meth:`~anomos.tracker.graph.PeerGraph.restore`):
     #: all of them, or with an ``image`` those written after it
     links: Iterable[Link]
-    #: (infohash, peer, row); the row's counters are the peer's last report
+    #: (infohash, peer, row): the row's ``left`` (its counters are in the peer's account)
     swarm: list[tuple[bytes, bytes, SwarmRow]]
     torrents: dict[bytes, int]
     meta: dict[str, int]
@@ -500,34 +506,36 @@ class Store:
         return None if row is None else int(row[0])
 
     def load(self, now: float = 0.0) -> Snapshot:
-        """Everything stored, each table read in one pass (peers seen ``now``)."""
+        """Everything stored (peers seen ``now``). Each table is read in one pass, its
+        rows turned into objects by C-level iteration (``starmap``), the joins
+        between tables done by SQLite: at 10^6 peers the per-row Python is the cost."""
         self.wait()
         db = self._db
-        peers = [
-            PeerRow(identity, onion, box, address, now, seq)
-            for seq, identity, onion, box, address in db.execute("SELECT * FROM peers ORDER BY id")
-        ]
-        by_id = {p.seq: p.identity for p in peers}
-        accounts = {
-            row[0]: Account(*row[1:])
-            for row in db.execute(
-                "SELECT identity, uploaded, downloaded, relayed_claimed, relayed_confirmed,"
-                " session, relayed_reported FROM accounts"
+        peers = list(
+            starmap(
+                PeerRow,
+                db.execute(
+                    "SELECT identity, onion, box, address, ?, id FROM peers ORDER BY id", (now,)
+                ),
             )
-        }
+        )
+        rows = db.execute(
+            "SELECT identity, uploaded, downloaded, relayed_claimed, relayed_confirmed,"
+            " session, relayed_reported FROM accounts"
+        ).fetchall()
+        accounts = dict(zip(map(_first, rows), starmap(Account, map(_rest, rows)), strict=True))
+        del rows
         for identity, ih, up, down in db.execute("SELECT * FROM reports"):
             account = accounts.get(identity)
             if account is not None:
                 account.reports[ih] = (up, down)
-        swarm = []
-        for peer, ih, left in db.execute("SELECT peer, infohash, left FROM swarm"):
-            identity = by_id.get(peer)
-            if identity is None:
-                continue
-            account = accounts.get(identity)
-            counters = account.reports.get(ih, (0, 0)) if account else (0, 0)
-            swarm.append((ih, identity, SwarmRow(left, *counters)))
-        del by_id
+        # A swarm keeps each member's ``left`` only: its counters are in its account.
+        swarm = [
+            (ih, identity, SwarmRow(left))
+            for ih, identity, left in db.execute(
+                "SELECT s.infohash, p.identity, s.left FROM swarm s JOIN peers p ON p.id = s.peer"
+            )
+        ]
         torrents = {ih: size for ih, size in db.execute("SELECT * FROM torrents")}
         meta = {k: v for k, v in db.execute("SELECT key, value FROM meta")}
         row = db.execute(
