@@ -280,7 +280,8 @@ def populate(state: str, peers: int, infohash: bytes, size: int, rng: random.Ran
                 batch.peers[i] = PeerRow(identity, onion, box, address, 0.0, i)
                 batch.accounts[identity] = Account(session=b"bench")
                 batch.set_report(identity, infohash, (0, 0))
-                batch.set_swarm(infohash, i, 0 if rng.random() < SEED_FRACTION else size)
+                seeds = i % round(1 / SEED_FRACTION) == 1  # 1 %, the first peer among them
+                batch.set_swarm(infohash, i, 0 if seeds else size)
             batch.torrents[infohash] = size
             store.write(batch)
         links = random_links(peers, rng)
@@ -459,6 +460,21 @@ def graph_bench(
         rss = _rss() - rss0
         echo("tracker: counting the bytes of its state")
         counted = counted_bytes(tracker)
+        # A restart as after a crash: the last graph image (taken by the first write
+        # after the bulk restore) plus every link written since (the timed joins).
+        tracker.flush()
+        echo("tracker: restart after a crash (the last image and the links since)")
+        t0, c0 = time.perf_counter(), time.process_time()
+        crashed = Tracker(
+            state,
+            "127.0.0.1:0",
+            plugins,
+            TrackerSettings(limits=LimitSettings.unlimited(), **_SETTINGS),
+        )
+        crash_restart, crash_restart_cpu = time.perf_counter() - t0, time.process_time() - c0
+        crashed_peers = len(crashed.peers)
+        crashed.stop()
+        del crashed
         tracker.stop()
         del everyone, view, policy
         tracker = None  # type: ignore[assignment]
@@ -505,6 +521,9 @@ def graph_bench(
             "stalls_wall": gaps.longest_wall,
             "restart_seconds": restart,
             "restart_cpu_seconds": restart_cpu,
+            "crash_restart_seconds": crash_restart,
+            "crash_restart_cpu_seconds": crash_restart_cpu,
+            "crash_restored_peers": crashed_peers,
             "rss_bytes": rss,
             "restored_peers": restored,
             "steady_announces_per_second": steady_rate,
