@@ -533,19 +533,21 @@ class PeerGraph:
             self._insert(peer, seq)
 
     def image(self, gen: int) -> GraphImage:
-        """The packed graph, to store with batch ``gen`` (a copy of the arrays: ~70 MB
-        and some tens of milliseconds at 10^6 peers)."""
-        ids = self._seq[:]
-        for s in self._free:
-            ids[s] = 0
-        n = len(self._peers) * self._width
+        """The packed graph, to store with batch ``gen``: one copy of each array (~66 MB
+        at 10^6 peers, a few tens of milliseconds on the loop)."""
+        ids = self._seq.tobytes()
+        if self._free:  # a free slot's id is 0
+            seqs = array("q", ids)
+            for s in self._free:
+                seqs[s] = 0
+            ids = seqs.tobytes()
         return GraphImage(
             gen,
             self._width,
-            ids.tobytes(),
-            self._nbr[:n].tobytes(),
-            self._nid[:n].tobytes(),
-            bytes(self._flags[:n]),
+            ids,
+            self._nbr.tobytes(),
+            self._nid.tobytes(),
+            bytes(self._flags),
             self._deg.tobytes(),
         )
 
