@@ -6,7 +6,9 @@ flush into plain rows on the event loop (a few microseconds each) and one
 writer thread applies them in one transaction, WAL checkpoints included. A
 crash (even ``kill -9``) loses the last transaction at most, a second or two
 of announces, which peers simply repeat. On start it reads everything back and
-rebuilds the graph with the same NIDs, so the peers' existing links stay valid.
+rebuilds the graph with the same NIDs, so the peers' existing links stay valid:
+from the last packed image of the graph plus the links changed after it (see
+below), so that a million peers' three million links are not rebuilt one by one.
 
 Only what changed is written: a peer row when a peer joins or changes its keys
 or address (not on every announce: when it was last seen is not stored, a
@@ -20,14 +22,17 @@ Tables: ``peers`` (live peers: id, keys, contact address), ``accounts``
 by its neighbours' receipts, and the credited lesser of the two; the session
 and ``relayed`` last reported; kept after a peer leaves so neither its ratio
 nor its baselines are lost), ``reports`` (per identity and torrent, the
-cumulative counters last reported in the current session: a swarm row's
-counters are restored from here), ``links`` (the neighbour graph: the two peer
-ids, the NID and the id of the end that dials, or 0 when that is not fixed
-yet), ``swarm`` (torrent membership and bytes left), ``torrents`` (the largest
+cumulative counters last reported in the current session), ``links`` (the
+neighbour graph: the two peer ids, the NID, the id of the end that dials, or 0
+when that is not fixed yet, and ``gen``, the number of the batch that wrote
+it), ``links_gone`` (links removed, with the batch that removed them, since
+the image), ``graph_image`` (one row: the packed graph's arrays as of batch
+``gen``, written with that batch every few minutes and on close), ``swarm``
+(torrent membership and bytes left), ``torrents`` (the largest
 ``left`` seen: the torrent's size as far as the tracker can tell) and ``meta``
 (counters). The view ``edges`` gives the links by identity, for people and
-tools reading the file. Schema 1 (keyed by identity, one row per announce) is
-converted in place on first open.
+tools reading the file. Schema 1 (keyed by identity, one row per announce) and
+schema 2 (no ``gen``, no image) are converted in place on first open.
 """
 
 from __future__ import annotations
