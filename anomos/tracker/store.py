@@ -476,14 +476,21 @@ class Store:
         log.info("tracker database %s converted to schema %d", self.path, SCHEMA_VERSION)
 
     def _migrate_v2(self) -> None:
-        """Schema 2 -> 3: the links' batch numbers, the removed links, the graph image."""
-        self._db.executescript(
-            "BEGIN;"
-            "ALTER TABLE links ADD COLUMN gen INTEGER NOT NULL DEFAULT 0;"
-            + _LINKS_V3
-            + f"UPDATE meta SET value = {SCHEMA_VERSION} WHERE key = 'schema_version';"
-            "COMMIT;"
-        )
+        """Schema 2 -> 3, in one transaction: the links' batch numbers, the removed
+        links, the graph image (none yet: the first restore reads every link)."""
+        db = self._db
+        try:
+            db.executescript(
+                "BEGIN;"
+                "ALTER TABLE links ADD COLUMN gen INTEGER NOT NULL DEFAULT 0;"
+                + _LINKS_V3
+                + f"UPDATE meta SET value = {SCHEMA_VERSION} WHERE key = 'schema_version';"
+                "COMMIT;"
+            )
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
         log.info("tracker database %s converted to schema %d", self.path, SCHEMA_VERSION)
 
     def _add_relay_columns(self) -> None:
