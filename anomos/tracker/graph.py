@@ -617,6 +617,9 @@ class PeerGraph:
             raise ValueError("the stored graph image is inconsistent")
         if n and not -1 <= min(nbr) <= max(nbr) < n:
             raise ValueError("the stored graph image names a slot it does not have")
+        if len(set(ids)) != n - ids.count(0) + (0 in ids):
+            raise ValueError("the stored graph image gives a peer two slots")
+        # (Checked before anything is changed: on ValueError the graph is still empty.)
         self._width = w
         self._peers = [by_id.get(i) if i else None for i in ids]
         self._seq = ids
