@@ -66,6 +66,8 @@ class Persistence:
         self.gen = 0
         #: Whether the next batch handed to the writer takes an image of the graph along.
         self.image_due = False
+        #: Whether links were written since the last image (else a new one is not needed).
+        self._links_changed = False
         self.flush_max_pending = flush_max_pending
         #: What changed since the last hand-over to the writer.
         self.pending = Batch()
@@ -109,7 +111,8 @@ class Persistence:
         while True:
             gevent.sleep(FLUSH_INTERVAL)
             if time.monotonic() - imaged >= IMAGE_INTERVAL:
-                imaged, self.image_due = time.monotonic(), True
+                imaged = time.monotonic()
+                self.image_due = self.image_due or self._links_changed
             if self._pending_count or self.image_due:
                 self.write_behind()
             peers = peer_count()
@@ -124,8 +127,9 @@ class Persistence:
         self.gen += 1
         batch.gen = self.gen
         batch.meta.update(self._meta(), gen=self.gen)
+        self._links_changed |= bool(batch.added_edges or batch.removed_edges)
         if image and self._image is not None:
             # Taken with the batch: the image holds exactly the links stored up to it.
             batch.image = self._image(self.gen)
-            self.image_due = False
+            self.image_due = self._links_changed = False
         return batch
