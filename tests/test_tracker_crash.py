@@ -36,12 +36,16 @@ MIN_NEIGHBOURS, MAX_NEIGHBOURS = 4, 6
 CHILD = r"""
 import os, random, sys
 import gevent
+import anomos.tracker.persistence
 from anomos.pluginmanager import get_plugins
 from anomos.tracker.limits import LimitSettings
 from anomos.tracker.server import Tracker
 from anomos.tracker.settings import TrackerSettings
 
 settings = TrackerSettings(limits=LimitSettings.unlimited(), rate=1e12, burst=1e12, edge_settle=0.0)
+# Seconds between graph images: none but the first (the restart reads every link written
+# since), or some among the writes that are killed.
+anomos.tracker.persistence.IMAGE_INTERVAL = float(sys.argv[2])
 t = Tracker(sys.argv[1], "127.0.0.1:0", get_plugins(load_entrypoints=False), settings)
 t.start()
 store, submitted = t.store, []
@@ -109,6 +113,14 @@ def check_database(path: Path) -> int:
         db.close()
 
 
+def db_links(path: Path) -> list[tuple[int, int, int, int]]:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT a, b, nid, dialer FROM links").fetchall()
+    finally:
+        db.close()
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_tracker_killed_while_writing_restarts_consistent(tmp_path: Path) -> None:
@@ -117,9 +129,9 @@ def test_a_tracker_killed_while_writing_restarts_consistent(tmp_path: Path) -> N
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     plugins = get_plugins(load_entrypoints=False)
     kills_while_busy = 0
-    for _round in range(3):
+    for image_interval in (1e9, 1e9, 1.5):
         child = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(state)],
+            [sys.executable, "-c", CHILD, str(state), str(image_interval)],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             text=True,
@@ -155,6 +167,13 @@ def test_a_tracker_killed_while_writing_restarts_consistent(tmp_path: Path) -> N
             (stored,) = db.execute("SELECT count(*) FROM peers").fetchone()
             db.close()
             assert len(t.peers) == stored > 0
+            # The graph is exactly the stored links (restored from the image and the
+            # links written since, or from the links alone), every one of them.
+            links = {(a, b): nid for a, b, nid, _ in db_links(state / DB_FILE)}
+            seq = t.graph.seq
+            assert {
+                (min(seq(e.a), seq(e.b)), max(seq(e.a), seq(e.b))): e.nid for e in t.graph.edges()
+            } == links
             assert t.announces >= announces
             for a in t.graph:
                 for b in t.graph.neighbours(a):

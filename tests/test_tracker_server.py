@@ -426,7 +426,8 @@ def settled_net(tmp_path, plugins):
 
 def stored_edges(tracker):
     tracker.flush()
-    return {(frozenset((a, b)), nid) for a, b, nid in tracker.store.load().edges}
+    by_id = {row.seq: row.identity for row in tracker.store.load().peers}
+    return {(frozenset((by_id[a], by_id[b])), nid) for a, b, nid, _ in tracker.store.links()}
 
 
 def graph_edges(tracker):

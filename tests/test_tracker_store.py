@@ -17,7 +17,7 @@ from anomos.testing import loopback_host
 from anomos.tracker.client import TorrentStatus, TrackerClient
 from anomos.tracker.server import FLUSH_INTERVAL, Tracker
 from anomos.tracker.settings import TrackerSettings
-from anomos.tracker.store import DB_FILE, Account, Batch, PeerRow, Store, SwarmRow
+from anomos.tracker.store import DB_FILE, Account, Batch, PeerRow, Store
 
 
 def snapshot(t: Tracker):
@@ -193,16 +193,12 @@ def test_store_round_trip_and_peer_removal(tmp_path):
     store.write(batch)
     snap = store.load()
     assert [(p.identity, p.seq) for p in snap.peers] == [(a, 1), (b, 2), (c, 3)]
-    assert sorted(snap.edges) == [(a, b, 11), (b, c, 12)]
-    assert snap.dialers == {(b, c): c}
+    assert sorted(snap.links) == [(1, 2, 11, 0), (2, 3, 12, 3)]  # by peer id
     assert snap.accounts[b] == Account(1, 2, 30, 3, b"s", 7)
     assert snap.accounts[b].relayed == 3
     assert snap.accounts[b].reports == {IH: (1, 2)}
-    # A swarm row's counters come back from the peer's last report.
-    assert sorted((ih, p, r.left, r.uploaded, r.downloaded) for ih, p, r in snap.swarm) == [
-        (IH, a, 0, 0, 0),
-        (IH, c, 9, 2, 4),
-    ]
+    # A swarm row's counters are in the account's reports (above), its ``left`` here.
+    assert sorted((ih, p, r.left) for ih, p, r in snap.swarm) == [(IH, a, 0), (IH, c, 9)]
     assert snap.torrents == {IH: 9} and snap.meta["circuits_planned"] == 4
 
     gone = Batch()
@@ -212,7 +208,7 @@ def test_store_round_trip_and_peer_removal(tmp_path):
     assert store.submit(gone)  # through the writer thread
     snap = store.load()  # waits for it
     assert [p.identity for p in snap.peers] == [b, c]
-    assert snap.edges == [(b, c, 12)]
+    assert list(snap.links) == [(2, 3, 12, 3)]
     assert [(ih, p) for ih, p, _ in snap.swarm] == [(IH, c)]
     assert snap.accounts[a].reports == {IH: (0, 0)}  # the account outlives the peer
     cleared = Batch()
@@ -246,24 +242,34 @@ def test_a_schema_1_database_is_converted_in_place(tmp_path):
     db.close()
     store = Store(tmp_path)
     snap = store.load()
+    links = sorted(snap.links)  # read lazily: before the database is closed
     store.close()
     assert [(p.identity, p.seq, p.address) for p in snap.peers] == [
         (a, 1, "h:1"),
         (b, 2, "h:2"[:0] + "h:1"),
         (c, 3, "h:1"),
     ]
-    assert sorted(snap.edges) == [(a, b, 7), (b, c, 8)]
-    assert snap.dialers == {(b, c): b}
+    assert links == [(1, 2, 7, 0), (2, 3, 8, 2)]
     assert snap.accounts[c].relayed == 4 and snap.accounts[c].reports == {IH: (5, 6)}
-    assert [(ih, p, r) for ih, p, r in snap.swarm] == [(IH, c, SwarmRow(0, 5, 6))]
+    assert [(ih, p, r.left) for ih, p, r in snap.swarm] == [(IH, c, 0)]
     assert snap.torrents == {IH: 100} and snap.meta["announces"] == 77
-    assert snap.meta["schema_version"] == 2
+    assert snap.meta["schema_version"] == 3
     db = sqlite3.connect(tmp_path / DB_FILE)
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     # The view for readers gives the edges by identity, as schema 1 stored them.
     assert sorted(db.execute("SELECT a, b, nid FROM edges")) == [(a, b, 7), (b, c, 8)]
     db.close()
-    assert tables == {"meta", "peers", "accounts", "reports", "links", "swarm", "torrents"}
+    assert tables == {
+        "meta",
+        "peers",
+        "accounts",
+        "reports",
+        "links",
+        "swarm",
+        "torrents",
+        "links_gone",
+        "graph_image",
+    }
 
 
 def test_store_refuses_a_foreign_schema(tmp_path):
@@ -272,7 +278,7 @@ def test_store_refuses_a_foreign_schema(tmp_path):
     db.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'")
     db.commit()
     db.close()
-    with pytest.raises(ConfigError, match="schema 99, expected 2"):
+    with pytest.raises(ConfigError, match="schema 99, expected 3"):
         Store(tmp_path)
 
 
@@ -362,8 +368,9 @@ def test_a_tracker_killed_while_writing_comes_back_consistent(tmp_path, plugins)
     t = Tracker(tmp_path / "net" / "tracker", "127.0.0.1:0", plugins)
     try:
         _consistent(t)
-        for a, b, nid in t.store.load().edges:  # every stored link came back
-            assert t.graph.nid(a, b) == nid
+        by_id = {row.seq: row.identity for row in t.peers.values()}
+        for a, b, nid, _dialer in t.store.links():  # every stored link came back
+            assert t.graph.nid(by_id[a], by_id[b]) == nid
         recent = killed - (2 * FLUSH_INTERVAL + 3.0)
         checked = 0
         for identity, log in acked.items():
@@ -380,3 +387,153 @@ def test_a_tracker_killed_while_writing_comes_back_consistent(tmp_path, plugins)
         assert checked >= 32
     finally:
         t.stop()
+
+
+# ----------------------------------------------------------------------------- exact restore
+
+
+def _announce(t: Tracker, peer: bytes, rng, stopped: int = 0) -> None:
+    """A verified announce of ``peer`` straight into the handler (no HTTP: many peers)."""
+    torrent = {
+        b"infohash": IH,
+        b"uploaded": rng.randrange(1 << 20),
+        b"downloaded": rng.randrange(1 << 20),
+        b"left": rng.choice([0, SIZE]),
+        b"event": b"",
+    }
+    t.announce(
+        peer,
+        {
+            b"session": b"s",
+            b"onion": b"o" * 32,
+            b"box": b"x" * 32,
+            b"address": f"10.0.{rng.randrange(256)}.{rng.randrange(256)}:6881".encode(),
+            b"torrents": [torrent],
+            b"relayed": rng.randrange(1 << 20),
+            b"stopped": stopped,
+        },
+    )
+
+
+def _churn(t: Tracker, live: list[bytes], rng, rounds: int) -> None:
+    """Joins, re-announces (which fix who dials) and leaves."""
+    for _ in range(rounds):
+        r = rng.random()
+        if r < 0.2 and len(live) > 10:
+            _announce(t, live.pop(rng.randrange(len(live))), rng, stopped=1)
+        elif r < 0.5 and live:
+            _announce(t, rng.choice(live), rng)
+        else:
+            live.append(rng.randbytes(32))
+            _announce(t, live[-1], rng)
+
+
+def _state(t: Tracker):
+    """Everything a restart must bring back, the graph by peer id."""
+    g = t.graph
+    return {
+        **snapshot(t),
+        "ids": {k: g.seq(k) for k in t.peers},
+        "degrees": {k: g.degree(k) for k in t.peers},
+        "by_nid": {(k, g.nid(k, n)): n for k in t.peers for n in g.neighbours(k)},
+        "reports": {k: dict(a.reports) for k, a in t.accounts.items()},
+    }
+
+
+def _unlimited() -> TrackerSettings:
+    from anomos.tracker.limits import LimitSettings
+
+    return TrackerSettings(limits=LimitSettings.unlimited(), rate=1e12, burst=1e12, edge_settle=0)
+
+
+@pytest.mark.parametrize("path", ["image", "image and links after it", "links only"])
+def test_a_restart_restores_exactly_the_saved_graph_and_tables(tmp_path, plugins, path, caplog):
+    """The graph (every link with its NID and dialer, each peer's id and degree) and the
+    tables come back exactly as saved: from the graph image written on close, from an
+    older image plus the links written and removed after it (a crash), or from the
+    links table alone (no image)."""
+    import random
+
+    rng = random.Random(3)
+    state = tmp_path / "tracker"
+    t = Tracker(state, "127.0.0.1:0", plugins, _unlimited(), rng=random.Random(4))
+    live: list[bytes] = []
+    _churn(t, live, rng, 300)
+    if path == "image and links after it":
+        t.persistence.image_due = True
+        t.persistence.write_behind()  # an image, then more churn written after it
+        _churn(t, live, rng, 300)
+    t.flush()
+    saved = _state(t)
+    assert sum(saved["degrees"].values()) > 2 * len(live)
+    db = sqlite3.connect(state / DB_FILE, isolation_level=None)
+    if path == "image":
+        t.stop()  # writes the image
+    elif path == "links only":
+        db.execute("DELETE FROM graph_image")
+    (gone,) = db.execute("SELECT count(*) FROM links_gone").fetchone()
+    (images,) = db.execute("SELECT count(*) FROM graph_image").fetchone()
+    db.close()
+    assert images == (path != "links only")
+    if path == "image and links after it":
+        assert gone > 0  # links removed after the image are applied too
+    # (A crash: the first tracker never closed its database.)
+    t2 = Tracker(state, "127.0.0.1:0", plugins, _unlimited(), rng=random.Random(5))
+    try:
+        assert _state(t2) == saved
+        assert "links dropped" not in caplog.text
+        assert t2.persistence.pending.added_edges == {}  # nothing needed mending
+        g = t2.graph
+        assert all(g.settled(k, n) for k in t2.peers for n in g.neighbours(k))
+        # The next peer gets a fresh id, above every restored one.
+        newcomer = rng.randbytes(32)
+        _announce(t2, newcomer, rng)
+        assert t2.graph.seq(newcomer) > max(saved["ids"].values())
+    finally:
+        t2.stop()
+        t.stop()
+
+
+def test_a_bad_graph_image_falls_back_to_the_links(tmp_path, plugins):
+    import random
+
+    rng = random.Random(3)
+    state = tmp_path / "tracker"
+    t = Tracker(state, "127.0.0.1:0", plugins, _unlimited())
+    _churn(t, [], rng, 100)
+    saved = _state(t)
+    t.stop()
+    db = sqlite3.connect(state / DB_FILE, isolation_level=None)
+    db.execute("UPDATE graph_image SET deg = x'00'")  # torn or foreign: does not fit
+    db.close()
+    t2 = Tracker(state, "127.0.0.1:0", plugins, _unlimited())
+    try:
+        assert _state(t2) == saved
+        assert t2.persistence.image_due  # a good one is written next
+    finally:
+        t2.stop()
+
+
+def test_a_schema_2_database_is_converted_in_place(tmp_path, plugins):
+    """Schema 2 had no batch numbers on links and no image: its links are read whole."""
+    import random
+
+    rng = random.Random(3)
+    state = tmp_path / "tracker"
+    t = Tracker(state, "127.0.0.1:0", plugins, _unlimited())
+    _churn(t, [], rng, 100)
+    saved = _state(t)
+    t.stop()
+    db = sqlite3.connect(state / DB_FILE, isolation_level=None)
+    db.executescript(
+        "DROP INDEX links_by_gen; ALTER TABLE links DROP COLUMN gen;"
+        "DROP TABLE links_gone; DROP TABLE graph_image;"
+        "UPDATE meta SET value = 2 WHERE key = 'schema_version';"
+    )
+    db.close()
+    t2 = Tracker(state, "127.0.0.1:0", plugins, _unlimited())
+    try:
+        assert _state(t2) == saved
+        assert t2.store.load().meta["schema_version"] == 3
+    finally:
+        t2.stop()

@@ -122,7 +122,16 @@ def table(result: dict[str, Any]) -> str:
                 (
                     f"tracker longest stall, {n}",
                     f"{item['longest_stall'] * 1e3:.1f} ms",
-                    f"restart {item['restart_seconds']:.1f} s",
+                    "CPU, between two served requests",
+                )
+            )
+            rows.append(
+                (
+                    f"tracker restart, {n}",
+                    f"{item['restart_seconds']:.1f} s",
+                    f"{item.get('restart_cpu_seconds', 0.0):.1f} s CPU; after a crash"
+                    f" {item.get('crash_restart_seconds', 0.0):.1f} s"
+                    f" ({item.get('crash_restart_cpu_seconds', 0.0):.1f} s CPU)",
                 )
             )
             rows.append(

@@ -149,7 +149,10 @@ class Tracker:
         #: peers dropped because their neighbours lost them (for /stats)
         self.dropped = 0
         self.persistence = Persistence(
-            self.state_dir, self._meta, flush_max_pending=s.flush_max_pending
+            self.state_dir,
+            self._meta,
+            flush_max_pending=s.flush_max_pending,
+            image=self.graph.image,
         )
         #: Which peers can be dialled from outside (None: not probed, all planned as
         #: reachable); the graph plans around the ones that cannot (reachability.py).
@@ -516,13 +519,20 @@ class Tracker:
         }
 
     def _restore(self) -> None:
-        snap = self.persistence.load()
         now = self.clock()
-        for row in snap.peers:
-            self.graph.restore_peer(row.identity, row.seq)
+        snap = self.persistence.load(now)
+        identities = [row.identity for row in snap.peers]
+        seqs = [row.seq for row in snap.peers]
+        try:
+            dropped = self.graph.restore(identities, seqs, snap.links, snap.image, snap.gone)
+        except ValueError as exc:  # a bad image (the graph is still empty): every link
+            log.error("tracker restore: %s; reading every link instead", exc)
+            dropped = self.graph.restore(identities, seqs, self.store.links())
+            self.persistence.image_due = True
+        if dropped:
+            log.warning("tracker restore: %d stored links dropped (unknown peer or NID)", dropped)
         # Restored peers get a full expiry window from now to announce again.
         self.peers.load(snap.peers, now)
-        self.graph.restore_edges((a, b, nid, snap.dialers.get((a, b))) for a, b, nid in snap.edges)
         self.accounts.update(snap.accounts)
         self.membership.restore(snap, self.peers)
         self.planner.planned = snap.meta.get("circuits_planned", 0)

@@ -6,7 +6,9 @@ flush into plain rows on the event loop (a few microseconds each) and one
 writer thread applies them in one transaction, WAL checkpoints included. A
 crash (even ``kill -9``) loses the last transaction at most, a second or two
 of announces, which peers simply repeat. On start it reads everything back and
-rebuilds the graph with the same NIDs, so the peers' existing links stay valid.
+rebuilds the graph with the same NIDs, so the peers' existing links stay valid:
+from the last packed image of the graph plus the links changed after it (see
+below), so that a million peers' three million links are not rebuilt one by one.
 
 Only what changed is written: a peer row when a peer joins or changes its keys
 or address (not on every announce: when it was last seen is not stored, a
@@ -20,20 +22,26 @@ Tables: ``peers`` (live peers: id, keys, contact address), ``accounts``
 by its neighbours' receipts, and the credited lesser of the two; the session
 and ``relayed`` last reported; kept after a peer leaves so neither its ratio
 nor its baselines are lost), ``reports`` (per identity and torrent, the
-cumulative counters last reported in the current session: a swarm row's
-counters are restored from here), ``links`` (the neighbour graph: the two peer
-ids, the NID and the id of the end that dials, or 0 when that is not fixed
-yet), ``swarm`` (torrent membership and bytes left), ``torrents`` (the largest
+cumulative counters last reported in the current session), ``links`` (the
+neighbour graph: the two peer ids, the NID, the id of the end that dials, or 0
+when that is not fixed yet, and ``gen``, the number of the batch that wrote
+it), ``links_gone`` (links removed, with the batch that removed them, since
+the image), ``graph_image`` (one row: the packed graph's arrays as of batch
+``gen``, written with that batch every few minutes and on close), ``swarm``
+(torrent membership and bytes left), ``torrents`` (the largest
 ``left`` seen: the torrent's size as far as the tracker can tell) and ``meta``
 (counters). The view ``edges`` gives the links by identity, for people and
-tools reading the file. Schema 1 (keyed by identity, one row per announce) is
-converted in place on first open.
+tools reading the file. Schema 1 (keyed by identity, one row per announce) and
+schema 2 (no ``gen``, no image) are converted in place on first open.
 """
 
 from __future__ import annotations
 
 import logging
+import operator
 import sqlite3
+from collections.abc import Iterable, Iterator
+from itertools import starmap
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +49,39 @@ import attrs
 
 from anomos.errors import ConfigError
 from anomos.fsutil import private_file
+from anomos.tracker.graph import GraphImage, Link
 from anomos.tracker.tables import Reports
 
 log = logging.getLogger(__name__)
 
 DB_FILE = "tracker.sqlite3"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: SQLite page cache (KiB): the hot part of the B-trees (recent peers, their links).
 CACHE_KIB = 65536
 
-_SCHEMA = """
+#: Schema 2 -> 3: links written since the graph image are found by their batch number
+#: (``gen``), links removed since then in ``links_gone``; the image itself.
+_LINKS_V3 = """
+CREATE INDEX IF NOT EXISTS links_by_gen ON links (gen);
+CREATE TABLE IF NOT EXISTS links_gone (
+    a INTEGER NOT NULL,
+    b INTEGER NOT NULL,
+    gen INTEGER NOT NULL,
+    PRIMARY KEY (a, b)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS graph_image (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    gen INTEGER NOT NULL,
+    width INTEGER NOT NULL,
+    ids BLOB NOT NULL,
+    nbr BLOB NOT NULL,
+    nid BLOB NOT NULL,
+    flags BLOB NOT NULL,
+    deg BLOB NOT NULL
+);
+"""
+
+_SCHEMA_TEMPLATE = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS peers (
     id INTEGER PRIMARY KEY,
@@ -81,8 +112,10 @@ CREATE TABLE IF NOT EXISTS links (
     b INTEGER NOT NULL,
     nid INTEGER NOT NULL,
     dialer INTEGER NOT NULL,
+    gen INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (a, b)
 ) WITHOUT ROWID;
+{links_v3}
 CREATE TABLE IF NOT EXISTS swarm (
     peer INTEGER NOT NULL,
     infohash BLOB NOT NULL,
@@ -96,6 +129,8 @@ CREATE VIEW IF NOT EXISTS edges AS
     FROM links JOIN peers pa ON pa.id = links.a JOIN peers pb ON pb.id = links.b
     LEFT JOIN peers pd ON pd.id = links.dialer;
 """
+
+_SCHEMA = _SCHEMA_TEMPLATE.replace("{links_v3}", _LINKS_V3)
 
 #: Schema 1, keyed by identity: the tables an old database may lack are made before converting.
 _SCHEMA_V1 = """
@@ -130,7 +165,7 @@ INSERT INTO peers SELECT seq, identity, onion, box, address FROM peers_v1;
 INSERT INTO accounts SELECT identity, uploaded, downloaded, relayed, session, relayed_reported,
     relayed_claimed, relayed_confirmed FROM accounts_v1;
 INSERT INTO reports SELECT * FROM reports_v1;
-INSERT OR REPLACE INTO links
+INSERT OR REPLACE INTO links (a, b, nid, dialer)
     SELECT min(pa.seq, pb.seq), max(pa.seq, pb.seq), e.nid, coalesce(pd.seq, 0)
     FROM edges_v1 e JOIN peers_v1 pa ON pa.identity = e.a JOIN peers_v1 pb ON pb.identity = e.b
     LEFT JOIN dialers d ON d.a = e.a AND d.b = e.b
@@ -145,7 +180,7 @@ DROP TABLE edges_v1;
 DROP TABLE dialers;
 DROP TABLE swarm_v1;
 DROP TABLE torrents_v1;
-UPDATE meta SET value = 2 WHERE key = 'schema_version';
+UPDATE meta SET value = {version} WHERE key = 'schema_version';
 """
 
 
@@ -197,6 +232,10 @@ class SwarmRow:
     downloaded: int = 0
 
 
+_first = operator.itemgetter(0)
+_rest = operator.itemgetter(slice(1, None))
+
+
 def _link_key(a: int, b: int) -> tuple[int, int]:
     return (a, b) if a < b else (b, a)
 
@@ -226,6 +265,10 @@ class Batch:
     removed_swarm: set[tuple[int, bytes]] = attrs.field(factory=set)
     torrents: dict[bytes, int] = attrs.field(factory=dict)
     meta: dict[str, int] = attrs.field(factory=dict)
+    #: this batch's number: the links it writes or removes are marked with it
+    gen: int = 0
+    #: the graph as it is with this batch applied, when one is due (written with it)
+    image: GraphImage | None = None
 
     def add_edge(self, a: int, b: int, nid: int, dialer: int = 0) -> None:
         key = _link_key(a, b)
@@ -265,22 +308,28 @@ class Batch:
         self.removed_swarm.add((peer, infohash))
 
     def __bool__(self) -> bool:
-        return any(attrs.astuple(self, recurse=False))
+        return any(attrs.astuple(self, recurse=False)[:-2]) or self.image is not None
 
 
 @attrs.frozen
 class Snapshot:
-    """The whole stored state, as read at start-up (peers by identity)."""
+    """The whole stored state, as read at start-up."""
 
+    #: live peers, in id order
     peers: list[PeerRow]
     accounts: dict[bytes, Account]
-    edges: list[tuple[bytes, bytes, int]]
-    #: (infohash, peer, row); the row's counters are the peer's last report
+    #: the neighbour graph's links by peer id (a, b, NID, dialer or 0), read from the
+    #: database as they are consumed (by :meth:`~anomos.tracker.graph.PeerGraph.restore`):
+    #: all of them, or with an ``image`` those written after it
+    links: Iterable[Link]
+    #: (infohash, peer, row): the row's ``left`` (its counters are in the peer's account)
     swarm: list[tuple[bytes, bytes, SwarmRow]]
     torrents: dict[bytes, int]
     meta: dict[str, int]
-    #: (a, b) -> the end that dials, for edges where that was fixed
-    dialers: dict[tuple[bytes, bytes], bytes] = attrs.field(factory=dict)
+    #: the packed graph as of batch ``image.gen``, if one was written
+    image: GraphImage | None = None
+    #: links (a, b) removed after the image
+    gone: list[tuple[int, int]] = attrs.field(factory=list)
 
 
 #: A transaction's work: (SQL, rows) run with executemany, in order.
@@ -302,8 +351,13 @@ def statements(batch: Batch) -> Statements:
         )
         for k, a in batch.accounts.items()
     ]
+    gen = batch.gen
     out: Statements = [
         ("DELETE FROM links WHERE a = ? AND b = ?", list(batch.removed_edges)),
+        (
+            "INSERT OR REPLACE INTO links_gone VALUES (?, ?, ?)",
+            [(a, b, gen) for a, b in batch.removed_edges],
+        ),
         ("DELETE FROM swarm WHERE peer = ? AND infohash = ?", list(batch.removed_swarm)),
         ("DELETE FROM peers WHERE id = ?", [(p,) for p in batch.removed_peers]),
         ("DELETE FROM swarm WHERE peer = ?", [(p,) for p in batch.removed_peers]),
@@ -331,8 +385,8 @@ def statements(batch: Batch) -> Statements:
             ],
         ),
         (
-            "INSERT OR REPLACE INTO links VALUES (?, ?, ?, ?)",
-            [(a, b, nid, d) for (a, b), (nid, d) in batch.added_edges.items()],
+            "INSERT OR REPLACE INTO links VALUES (?, ?, ?, ?, ?)",
+            [(a, b, nid, d, gen) for (a, b), (nid, d) in batch.added_edges.items()],
         ),
         (
             "INSERT OR REPLACE INTO swarm VALUES (?, ?, ?)",
@@ -341,6 +395,26 @@ def statements(batch: Batch) -> Statements:
         ("INSERT OR REPLACE INTO torrents VALUES (?, ?)", list(batch.torrents.items())),
         ("INSERT OR REPLACE INTO meta VALUES (?, ?)", list(batch.meta.items())),
     ]
+    image = batch.image
+    if image is not None:
+        out += [
+            (
+                "INSERT OR REPLACE INTO graph_image VALUES (1, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        image.gen,
+                        image.width,
+                        image.ids,
+                        image.nbr,
+                        image.nid,
+                        image.flags,
+                        image.deg,
+                    )
+                ],
+            ),
+            # The image holds every link removed so far: their marks are no longer needed.
+            ("DELETE FROM links_gone WHERE gen <= ?", [(image.gen,)]),
+        ]
     return [(sql, rows) for sql, rows in out if rows]
 
 
@@ -374,6 +448,8 @@ class Store:
             version = self._get_meta("schema_version")
             if version == 1:
                 self._migrate_v1()
+            elif version == 2:
+                self._migrate_v2()
             elif version is None:
                 self._db.executescript(_SCHEMA)
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
@@ -390,7 +466,27 @@ class Store:
         db.executescript(_SCHEMA_V1)
         self._add_relay_columns()
         try:
-            db.executescript("BEGIN;" + _MIGRATE_V1.format(schema=_SCHEMA) + "COMMIT;")
+            db.executescript(
+                "BEGIN;" + _MIGRATE_V1.format(schema=_SCHEMA, version=SCHEMA_VERSION) + "COMMIT;"
+            )
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        log.info("tracker database %s converted to schema %d", self.path, SCHEMA_VERSION)
+
+    def _migrate_v2(self) -> None:
+        """Schema 2 -> 3, in one transaction: the links' batch numbers, the removed
+        links, the graph image (none yet: the first restore reads every link)."""
+        db = self._db
+        try:
+            db.executescript(
+                "BEGIN;"
+                "ALTER TABLE links ADD COLUMN gen INTEGER NOT NULL DEFAULT 0;"
+                + _LINKS_V3
+                + f"UPDATE meta SET value = {SCHEMA_VERSION} WHERE key = 'schema_version';"
+                "COMMIT;"
+            )
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
@@ -421,44 +517,59 @@ class Store:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else int(row[0])
 
-    def load(self) -> Snapshot:
+    def load(self, now: float = 0.0) -> Snapshot:
+        """Everything stored (peers seen ``now``). Each table is read in one pass, its
+        rows turned into objects by C-level iteration (``starmap``), the joins
+        between tables done by SQLite: at 10^6 peers the per-row Python is the cost."""
         self.wait()
         db = self._db
-        peers = [
-            PeerRow(identity, onion, box, address, 0.0, seq)
-            for seq, identity, onion, box, address in db.execute("SELECT * FROM peers ORDER BY id")
-        ]
-        by_id = {p.seq: p.identity for p in peers}
-        accounts = {
-            row[0]: Account(*row[1:])
-            for row in db.execute(
-                "SELECT identity, uploaded, downloaded, relayed_claimed, relayed_confirmed,"
-                " session, relayed_reported FROM accounts"
+        peers = list(
+            starmap(
+                PeerRow,
+                db.execute(
+                    "SELECT identity, onion, box, address, ?, id FROM peers ORDER BY id", (now,)
+                ),
             )
-        }
+        )
+        # One object per identity and per infohash, shared by every table (as after
+        # joins): not a copy per table and row (~65 and ~53 bytes each).
+        same = {p.identity: p.identity for p in peers}.setdefault
+        by_id = {p.seq: p.identity for p in peers}
+        ihs: dict[bytes, bytes] = {}
+        rows = db.execute(
+            "SELECT identity, uploaded, downloaded, relayed_claimed, relayed_confirmed,"
+            " session, relayed_reported FROM accounts"
+        ).fetchall()
+        keys = list(map(_first, rows))
+        accounts = dict(zip(map(same, keys, keys), starmap(Account, map(_rest, rows)), strict=True))
+        del rows, keys
         for identity, ih, up, down in db.execute("SELECT * FROM reports"):
-            if identity in accounts:
-                accounts[identity].reports[ih] = (up, down)
-        edges = []
-        dialers = {}
-        for a, b, nid, dialer in db.execute("SELECT a, b, nid, dialer FROM links"):
-            ka, kb = by_id.get(a), by_id.get(b)
-            if ka is None or kb is None:
-                continue
-            edges.append((ka, kb, nid))
-            if dialer:
-                dialers[(ka, kb)] = by_id.get(dialer, b"")
-        swarm = []
-        for peer, ih, left in db.execute("SELECT peer, infohash, left FROM swarm"):
-            identity = by_id.get(peer)
-            if identity is None:
-                continue
             account = accounts.get(identity)
-            counters = account.reports.get(ih, (0, 0)) if account else (0, 0)
-            swarm.append((ih, identity, SwarmRow(left, *counters)))
+            if account is not None:
+                account.reports[ihs.setdefault(ih, ih)] = (up, down)
+        # A swarm keeps each member's ``left`` only: its counters are in its account.
+        swarm = [
+            (ihs.setdefault(ih, ih), by_id[peer], SwarmRow(left))
+            for ih, peer, left in db.execute(
+                "SELECT s.infohash, s.peer, s.left FROM swarm s JOIN peers p ON p.id = s.peer"
+            )
+        ]
+        del same, by_id
         torrents = {ih: size for ih, size in db.execute("SELECT * FROM torrents")}
         meta = {k: v for k, v in db.execute("SELECT key, value FROM meta")}
-        return Snapshot(peers, accounts, edges, swarm, torrents, meta, dialers)
+        row = db.execute(
+            "SELECT gen, width, ids, nbr, nid, flags, deg FROM graph_image WHERE id = 1"
+        ).fetchone()
+        if row is None:
+            return Snapshot(peers, accounts, self.links(), swarm, torrents, meta)
+        image = GraphImage(*row)
+        links = db.execute("SELECT a, b, nid, dialer FROM links WHERE gen > ?", (image.gen,))
+        gone = db.execute("SELECT a, b FROM links_gone WHERE gen > ?", (image.gen,)).fetchall()
+        return Snapshot(peers, accounts, links, swarm, torrents, meta, image, gone)
+
+    def links(self) -> Iterator[Link]:
+        """Every stored link (a, b, NID, dialer or 0), read as it is consumed."""
+        return self._db.execute("SELECT a, b, nid, dialer FROM links")
 
     def write(self, batch: Batch) -> None:
         """Apply ``batch`` atomically, now (after any write under way)."""
