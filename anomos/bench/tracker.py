@@ -32,7 +32,7 @@ import tempfile
 import time
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import psutil
@@ -46,6 +46,9 @@ from anomos.protocol.onion import Hop, build_tracking_code, current_epoch
 from anomos.protocol.request import SourceRequest, seal_request
 from anomos.tracker.client import signed_body
 from anomos.tracker.graph import MAX_NID
+
+if TYPE_CHECKING:
+    from anomos.tracker.server import Tracker
 
 Echo = Callable[[str], None]
 
@@ -298,6 +301,19 @@ def populate(state: str, peers: int, infohash: bytes, size: int, rng: random.Ran
         store.close()
 
 
+def _timed_open(state: str, plugins: Plugins) -> tuple[Tracker, float, float]:
+    """The benchmark's tracker opened (restored) on ``state``, and what opening it
+    took: (tracker, wall seconds, CPU seconds)."""
+    from anomos.tracker.limits import LimitSettings
+    from anomos.tracker.server import Tracker
+    from anomos.tracker.settings import TrackerSettings
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    settings = TrackerSettings(limits=LimitSettings.unlimited(), **_SETTINGS)
+    tracker = Tracker(state, "127.0.0.1:0", plugins, settings)
+    return tracker, time.perf_counter() - t0, time.process_time() - c0
+
+
 def populate_main() -> None:
     """:func:`populate` from the command line: STATE PEERS INFOHASH-HEX SIZE."""
     state, peers, infohash, size = sys.argv[1:5]
@@ -326,9 +342,7 @@ def graph_bench(
     writer thread's work is not in them; it does not hold up serving).
     """
     from anomos.tracker.identity import TrackerIdentity
-    from anomos.tracker.limits import LimitSettings
-    from anomos.tracker.server import ANNOUNCE_PATH, CIRCUITS_PATH, Tracker
-    from anomos.tracker.settings import TrackerSettings
+    from anomos.tracker.server import ANNOUNCE_PATH, CIRCUITS_PATH
 
     state = tempfile.mkdtemp(prefix="anomos-bench-tracker-")
     gaps = _Gaps()
@@ -421,14 +435,7 @@ def graph_bench(
         gc.collect()
         rss0 = _rss()
         echo(f"tracker: restoring them ({written:.0f} s to write)")
-        t1, c1 = time.perf_counter(), time.process_time()
-        tracker = Tracker(
-            state,
-            "127.0.0.1:0",
-            plugins,
-            TrackerSettings(limits=LimitSettings.unlimited(), **_SETTINGS),
-        )
-        first_restore, first_restore_cpu = time.perf_counter() - t1, time.process_time() - c1
+        tracker, first_restore, first_restore_cpu = _timed_open(state, plugins)
         tracker.start()
         registration = time.perf_counter() - t0
         if len(tracker.peers) != registered:
@@ -468,14 +475,7 @@ def graph_bench(
         # after the bulk restore) plus every link written since (the timed joins).
         tracker.flush()
         echo("tracker: restart after a crash (the last image and the links since)")
-        t0, c0 = time.perf_counter(), time.process_time()
-        crashed = Tracker(
-            state,
-            "127.0.0.1:0",
-            plugins,
-            TrackerSettings(limits=LimitSettings.unlimited(), **_SETTINGS),
-        )
-        crash_restart, crash_restart_cpu = time.perf_counter() - t0, time.process_time() - c0
+        crashed, crash_restart, crash_restart_cpu = _timed_open(state, plugins)
         crashed_peers = len(crashed.peers)
         crashed.stop()
         del crashed
@@ -484,14 +484,7 @@ def graph_bench(
         tracker = None  # type: ignore[assignment]
         gc.collect()
         echo("tracker: restart")
-        t0, c0 = time.perf_counter(), time.process_time()
-        again = Tracker(
-            state,
-            "127.0.0.1:0",
-            plugins,
-            TrackerSettings(limits=LimitSettings.unlimited(), **_SETTINGS),
-        )
-        restart, restart_cpu = time.perf_counter() - t0, time.process_time() - c0
+        again, restart, restart_cpu = _timed_open(state, plugins)
         restored = len(again.peers)
         if restored != peers:
             raise RuntimeError(f"the restarted tracker has {restored:,} peers of {peers:,}")
