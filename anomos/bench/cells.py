@@ -103,16 +103,10 @@ def cpu_per_byte(
     trees alternate, so a busy phase of the machine hits each; medians of
     ``runs``.
     """
-    from anomos.bench.network import BENCH_TRACKER, _data_dir, write_random
+    from anomos.bench.network import bench_torrent
     from anomos.bench.procs import Cluster
-    from anomos.torrent.metainfo import make_metainfo
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    files = _data_dir(workdir, 2 * size)
-    data = files / "cpu.bin"
-    write_random(data, size)
-    atorrent = workdir / "cpu.atorrent"
-    make_metainfo(data, trackers=[BENCH_TRACKER], progress=False).save(atorrent)
+    files, _data, atorrent = bench_torrent(workdir, "cpu", size, copies=2)
     mib = size / (1 << 20)
     samples: dict[str, dict[str, list[float]]] = {
         name: {

@@ -104,12 +104,7 @@ def throughput_and_setup(
     Before each timed run, waits up to ``quiet_wait`` s for other programs to
     leave the CPUs alone (see :func:`~anomos.bench.procs.wait_quiet`).
     """
-    workdir.mkdir(parents=True, exist_ok=True)
-    files = _data_dir(workdir, 3 * size)
-    data = files / "bench.bin"
-    write_random(data, size)
-    atorrent = workdir / "bench.atorrent"
-    make_metainfo(data, trackers=[BENCH_TRACKER], progress=False).save(atorrent)
+    files, data, atorrent = bench_torrent(workdir, "bench", size, copies=3)
     try:
         result = _network(
             workdir,
@@ -130,6 +125,20 @@ def throughput_and_setup(
             shutil.rmtree(files, ignore_errors=True)
     result["throughput"]["files_on"] = "tmpfs" if files != workdir else "disk"
     return result
+
+
+def bench_torrent(workdir: Path, name: str, size: int, copies: int) -> tuple[Path, Path, Path]:
+    """A file of ``size`` random bytes and its .atorrent for the benchmark's tracker:
+    (the folder the data and downloads live in, with room for ``copies`` of it; the
+    file; the .atorrent in ``workdir``). The caller removes the folder when it is not
+    ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = _data_dir(workdir, copies * size)
+    data = files / f"{name}.bin"
+    write_random(data, size)
+    atorrent = workdir / f"{name}.atorrent"
+    make_metainfo(data, trackers=[BENCH_TRACKER], progress=False).save(atorrent)
+    return files, data, atorrent
 
 
 def _data_dir(workdir: Path, need: int) -> Path:
