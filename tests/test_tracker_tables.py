@@ -127,6 +127,29 @@ def test_addresses_come_back_exactly(address):
     assert table.address(b"p" * 32) == "10.9.9.9:9" and not table._other
 
 
+def test_a_restore_loads_the_same_table_as_one_set_per_row():
+    """``load`` writes the columns in place (the restart's fast path); it must leave
+    exactly what a ``set`` per row leaves, for every kind of address."""
+    rng = random.Random(5)
+    peers = [rng.randbytes(32) for _ in ADDRESSES * 3]
+    rows = [
+        PeerRow(p, _key(rng), _key(rng), ADDRESSES[i % len(ADDRESSES)], 0.0, i + 1)
+        for i, p in enumerate(peers)
+    ]
+    g = _graph_with(peers)
+    loaded, one_by_one = PeerTable(g), PeerTable(g)
+    loaded.load(rows, 7.0)
+    for row in rows:
+        one_by_one.set(row.identity, row.onion, row.box, row.address, 7.0)
+    assert len(loaded) == len(one_by_one) == len(peers)
+    assert {p: loaded[p] for p in peers} == {p: one_by_one[p] for p in peers}
+    assert [loaded.address_bytes(p) for p in peers] == [r.address.encode() for r in rows]
+    with pytest.raises(KeyError):
+        PeerTable(g).load([PeerRow(b"z" * 32, b"o" * 32, b"b" * 32, "10.0.0.1:1", 0.0, 99)], 1.0)
+    with pytest.raises(ValueError):
+        PeerTable(g).load([PeerRow(peers[0], b"o" * 31, b"b" * 32, "10.0.0.1:1", 0.0, 1)], 1.0)
+
+
 def test_peer_table_behaves_as_a_dict_of_rows_through_joins_updates_and_leaves():
     rng = random.Random(7)
     ids = [bytes([i]) * 32 for i in range(40)]

@@ -61,7 +61,7 @@ class Swarms:
         for ih, peer, row in snap.swarm:
             if peer in live:
                 self._swarm(ih).set(peer, row)
-                self.peer_torrents.setdefault(peer, set()).add(ih)
+                self.peer_torrents.add(peer, ih)
 
     def _swarm(self, ih: bytes) -> Swarm:
         swarm = self.swarms.get(ih)

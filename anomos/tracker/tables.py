@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -337,9 +337,38 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
 
     def load(self, rows: Iterable[PeerRow], last_seen: float) -> None:
         """Restore: a row for each of ``rows`` (their peers already in the graph), all
-        seen at ``last_seen`` (a full expiry window from the restart)."""
-        for row in rows:
-            self.set(row.identity, row.onion, row.box, row.address, last_seen)
+        seen at ``last_seen`` (a full expiry window from the restart). The columns
+        grow once and each row is written in place: a million calls of :meth:`set`
+        were 5.6 s of a 35 s restart."""
+        rows = list(rows)
+        found = list(map(self._slot_of, (row.identity for row in rows)))
+        if None in found:
+            peer = rows[found.index(None)].identity
+            raise KeyError(f"peer {peer.hex()[:16]} is not in the graph")
+        slots = cast(list[int], found)
+        grow = max(slots, default=-1) + 1 - len(self._alen)
+        if grow > 0:
+            self._keys.extend(bytes(grow * _ROW_KEYS))
+            self._seen.extend(_NEVER * grow)
+            self._alen.extend(bytes(grow))
+            self._abuf.extend(bytes(grow * ADDRESS_BYTES))
+        keys, seen, alen, abuf, other = self._keys, self._seen, self._alen, self._abuf, self._other
+        for s, row in zip(slots, rows, strict=True):
+            key = row.onion + row.box
+            if len(key) != _ROW_KEYS or len(row.onion) != KEY_BYTES:
+                raise ValueError("public keys are 32 bytes")
+            self._count += alen[s] == _NO_PEER
+            keys[s * _ROW_KEYS : (s + 1) * _ROW_KEYS] = key
+            seen[s] = last_seen
+            raw = row.address.encode()
+            n = len(raw)
+            if 0 < n <= ADDRESS_BYTES:
+                other.pop(s, None)
+                abuf[s * ADDRESS_BYTES : s * ADDRESS_BYTES + n] = raw
+                alen[s] = n
+            else:
+                other[s] = raw
+                alen[s] = _IN_DICT
 
     def update(self, peer: bytes, onion: bytes, box: bytes, address: str) -> bool:
         """Change a live peer's keys and address; whether anything changed (to be stored)."""
