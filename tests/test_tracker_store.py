@@ -537,3 +537,43 @@ def test_a_schema_2_database_is_converted_in_place(tmp_path, plugins):
         assert t2.store.load().meta["schema_version"] == 3
     finally:
         t2.stop()
+
+
+def test_a_restore_pauses_the_collector_and_gives_it_back(tmp_path, plugins, monkeypatch):
+    """The restore runs with garbage collection off (its millions of new objects would
+    set off collections that re-walk everything), and leaves it as it found it: on, or
+    off when the embedding program had turned it off, also when the restore fails."""
+    import gc
+    import random
+
+    from anomos.tracker import server
+
+    state = tmp_path / "tracker"
+    t = Tracker(state, "127.0.0.1:0", plugins, _unlimited())
+    _churn(t, [], random.Random(4), 30)
+    t.stop()
+    seen = []
+    load = server.PeerTable.load
+
+    def spy(self, rows, last_seen):
+        seen.append(gc.isenabled())
+        return load(self, rows, last_seen)
+
+    monkeypatch.setattr(server.PeerTable, "load", spy)
+    assert gc.isenabled()
+    Tracker(state, "127.0.0.1:0", plugins, _unlimited()).stop()
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        Tracker(state, "127.0.0.1:0", plugins, _unlimited()).stop()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+    def broken(self, rows, last_seen):
+        raise RuntimeError("restore failed")
+
+    monkeypatch.setattr(server.PeerTable, "load", broken)
+    with pytest.raises(RuntimeError):
+        Tracker(state, "127.0.0.1:0", plugins, _unlimited())
+    assert gc.isenabled()

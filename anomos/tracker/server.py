@@ -49,7 +49,7 @@ from anomos.tracker.liveness import EXPIRY_INTERVALS as EXPIRY_INTERVALS
 from anomos.tracker.liveness import UNREACHABLE_PER_ANNOUNCE as UNREACHABLE_PER_ANNOUNCE
 from anomos.tracker.liveness import Liveness, Verdict
 from anomos.tracker.persistence import FLUSH_INTERVAL as FLUSH_INTERVAL
-from anomos.tracker.persistence import Persistence, freeze
+from anomos.tracker.persistence import Persistence, collector_paused, freeze
 from anomos.tracker.planner import PeerKeys, Planner, Swarm
 from anomos.tracker.randomness import BufferedSystemRandom
 from anomos.tracker.reachability import Reach, Reachability
@@ -162,7 +162,8 @@ class Tracker:
                 on_verdict=self._on_reach, network_of=self.limits.network, clock=clock
             )
             self.graph.closed = self.reach.closed
-        self._restore()
+        with collector_paused():
+            self._restore()
         self._serving = False
         self._loops: list[gevent.Greenlet] = []
         self._closed = False
