@@ -465,28 +465,22 @@ class Store:
         db = self._db
         db.executescript(_SCHEMA_V1)
         self._add_relay_columns()
-        try:
-            db.executescript(
-                "BEGIN;" + _MIGRATE_V1.format(schema=_SCHEMA, version=SCHEMA_VERSION) + "COMMIT;"
-            )
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
-        log.info("tracker database %s converted to schema %d", self.path, SCHEMA_VERSION)
+        self._convert(_MIGRATE_V1.format(schema=_SCHEMA, version=SCHEMA_VERSION))
 
     def _migrate_v2(self) -> None:
         """Schema 2 -> 3, in one transaction: the links' batch numbers, the removed
         links, the graph image (none yet: the first restore reads every link)."""
+        self._convert(
+            "ALTER TABLE links ADD COLUMN gen INTEGER NOT NULL DEFAULT 0;"
+            + _LINKS_V3
+            + f"UPDATE meta SET value = {SCHEMA_VERSION} WHERE key = 'schema_version';"
+        )
+
+    def _convert(self, script: str) -> None:
+        """Run a schema conversion ``script`` as one transaction: whole or not at all."""
         db = self._db
         try:
-            db.executescript(
-                "BEGIN;"
-                "ALTER TABLE links ADD COLUMN gen INTEGER NOT NULL DEFAULT 0;"
-                + _LINKS_V3
-                + f"UPDATE meta SET value = {SCHEMA_VERSION} WHERE key = 'schema_version';"
-                "COMMIT;"
-            )
+            db.executescript("BEGIN;" + script + "COMMIT;")
         except BaseException:
             if db.in_transaction:
                 db.execute("ROLLBACK")
