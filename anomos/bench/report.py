@@ -129,7 +129,9 @@ def table(result: dict[str, Any]) -> str:
                 (
                     f"tracker restart, {n}",
                     f"{item['restart_seconds']:.1f} s",
-                    f"{item.get('restart_cpu_seconds', 0.0):.1f} s CPU; after a crash"
+                    f"{item.get('restart_cpu_seconds', 0.0):.1f} s CPU, a new process;"
+                    f" in this one {item.get('restart_in_process_cpu_seconds', 0.0):.1f} s CPU;"
+                    " after a crash"
                     f" {item.get('crash_restart_seconds', 0.0):.1f} s"
                     f" ({item.get('crash_restart_cpu_seconds', 0.0):.1f} s CPU)",
                 )
