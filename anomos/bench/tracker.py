@@ -318,9 +318,8 @@ def _timed_open(state: str, plugins: Plugins) -> tuple[Tracker, float, float]:
 def restart_in_new_process(state: str) -> tuple[float, float]:
     """A restart as an operator's: a new Python process opens the tracker on ``state``
     (a clean stop's database). (wall seconds from the launch until it has restored,
-    CPU seconds of the process by then: the interpreter's start and imports included).
-    The benchmark's own process, which held the trackers it measured before, took
-    37.6 s of CPU at 10^6 peers where a fresh one took 25.6-27.8 (docs/performance.md)."""
+    CPU seconds of the process by then: the interpreter's start and imports included),
+    beside the restart inside the benchmark's process, which holds other state."""
     launched = time.time()
     proc = subprocess.run(
         [
