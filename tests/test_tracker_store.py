@@ -494,15 +494,21 @@ def test_a_restart_restores_exactly_the_saved_graph_and_tables(tmp_path, plugins
         t.stop()
 
 
-def test_a_bad_graph_image_falls_back_to_the_links(tmp_path, plugins):
+def _churned_and_stopped(tmp_path, plugins, rounds: int = 100):
+    """A tracker's state dir after joins, re-announces and leaves and a clean stop,
+    and what the tracker held when it stopped (:func:`_state`)."""
     import random
 
-    rng = random.Random(3)
     state = tmp_path / "tracker"
     t = Tracker(state, "127.0.0.1:0", plugins, _unlimited())
-    _churn(t, [], rng, 100)
+    _churn(t, [], random.Random(3), rounds)
     saved = _state(t)
     t.stop()
+    return state, saved
+
+
+def test_a_bad_graph_image_falls_back_to_the_links(tmp_path, plugins):
+    state, saved = _churned_and_stopped(tmp_path, plugins)
     db = sqlite3.connect(state / DB_FILE, isolation_level=None)
     db.execute("UPDATE graph_image SET deg = x'00'")  # torn or foreign: does not fit
     db.close()
@@ -516,14 +522,7 @@ def test_a_bad_graph_image_falls_back_to_the_links(tmp_path, plugins):
 
 def test_a_schema_2_database_is_converted_in_place(tmp_path, plugins):
     """Schema 2 had no batch numbers on links and no image: its links are read whole."""
-    import random
-
-    rng = random.Random(3)
-    state = tmp_path / "tracker"
-    t = Tracker(state, "127.0.0.1:0", plugins, _unlimited())
-    _churn(t, [], rng, 100)
-    saved = _state(t)
-    t.stop()
+    state, saved = _churned_and_stopped(tmp_path, plugins)
     db = sqlite3.connect(state / DB_FILE, isolation_level=None)
     db.executescript(
         "DROP INDEX links_by_gen; ALTER TABLE links DROP COLUMN gen;"
@@ -544,14 +543,10 @@ def test_a_restore_pauses_the_collector_and_gives_it_back(tmp_path, plugins, mon
     set off collections that re-walk everything), and leaves it as it found it: on, or
     off when the embedding program had turned it off, also when the restore fails."""
     import gc
-    import random
 
     from anomos.tracker import server
 
-    state = tmp_path / "tracker"
-    t = Tracker(state, "127.0.0.1:0", plugins, _unlimited())
-    _churn(t, [], random.Random(4), 30)
-    t.stop()
+    state, _saved = _churned_and_stopped(tmp_path, plugins, rounds=30)
     seen = []
     load = server.PeerTable.load
 
