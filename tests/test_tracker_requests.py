@@ -88,10 +88,12 @@ def test_buffered_system_random_forgets_its_block_in_a_forked_child() -> None:
     assert len(child) == 32 and child != rng.randbytes(32)
 
 
-def test_announce_replies_are_encoded_as_bencode_would(tmp_path, plugins) -> None:
+def test_announce_replies_are_encoded_as_bencode_would(tmp_path, plugins, monkeypatch) -> None:
     """The template encoder gives exactly ``bencode.encode``'s bytes, for real replies
-    (joins, announces, a goodbye) and for dicts that are not quite one (left to bencode)."""
+    (joins, announces, a goodbye; neighbours with and without an edge ticket) without
+    falling back to it, and for dicts that are not quite one (left to bencode)."""
     from anomos import bencode
+    from anomos.tracker import http
     from anomos.tracker.http import encode_announce_reply
     from anomos.tracker.server import Tracker
     from anomos.tracker.settings import TrackerSettings
@@ -110,6 +112,16 @@ def test_announce_replies_are_encoded_as_bencode_would(tmp_path, plugins) -> Non
         t.stop()
     assert any(len(r[b"neighbours"]) >= 4 for r in replies)
     assert any(not r[b"neighbours"] for r in replies)  # the goodbye
+    neighbours = [n for r in replies for n in r[b"neighbours"]]
+    assert any(b"ticket" in n for n in neighbours) and any(b"ticket" not in n for n in neighbours)
+    expected = [bencode.encode(reply) for reply in replies]
+
+    def no_fallback(value: object) -> bytes:
+        raise AssertionError(f"the template fell back to bencode.encode for {value!r:.200}")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(http, "bencode", type("NoBencode", (), {"encode": no_fallback}))
+        assert [encode_announce_reply(reply) for reply in replies] == expected
     odd = [
         {**replies[-1], b"extra": 1},
         {k: v for k, v in replies[-1].items() if k != b"epoch"},
@@ -118,8 +130,10 @@ def test_announce_replies_are_encoded_as_bencode_would(tmp_path, plugins) -> Non
         {**replies[-1], b"relayed": -3},
         {**replies[-1], b"neighbours": [{**replies[-1][b"neighbours"][0], b"x": b""}]},
         {**replies[-1], b"neighbours": [{**replies[-1][b"neighbours"][0], b"nid": 2**70}]},
+        {**replies[-1], b"neighbours": [{**replies[-1][b"neighbours"][0], b"ticket": "t"}]},
+        {**replies[-1], b"neighbours": [{**replies[-1][b"neighbours"][0], b"ticket": 7}]},
     ]
-    for reply in replies + odd:
+    for reply in odd:
         assert encode_announce_reply(reply) == bencode.encode(reply)
 
 
