@@ -137,6 +137,36 @@ def test_announce_replies_are_encoded_as_bencode_would(tmp_path, plugins, monkey
         assert encode_announce_reply(reply) == bencode.encode(reply)
 
 
+def test_a_known_peers_announce_reads_its_keys_and_address_in_one_lookup(
+    tmp_path, plugins, monkeypatch
+) -> None:
+    """The announce of a live peer checks it against the row it reads once
+    (``PeerTable.known``), not its keys and then its address, each a slot lookup."""
+    from anomos.tracker.server import Tracker
+    from anomos.tracker.settings import TrackerSettings
+    from anomos.tracker.tables import PeerTable
+
+    ident, stranger = PeerIdentity.generate(), PeerIdentity.generate()
+    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, TrackerSettings(edge_settle=0))
+    try:
+        peer = ident.identity_public
+        t.announce(peer, _inner(ident, b"192.0.2.1:7000"))
+        assert t.peers.known(peer) == (ident.onion_public, ident.box_public, "192.0.2.1:7000")
+        assert t.peers.known(stranger.identity_public) is None
+
+        def second_lookup(*_args: object) -> object:
+            raise AssertionError("the announce looked the peer's row up a second time")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(PeerTable, "public_keys", second_lookup)
+            patched.setattr(PeerTable, "address", second_lookup)
+            t.announce(peer, _inner(ident, b"192.0.2.1:7000"))
+            t.announce(peer, _inner(ident, b"192.0.2.2:7001"))  # moved: stored anew
+        assert t.peers.known(peer) == (ident.onion_public, ident.box_public, "192.0.2.2:7001")
+    finally:
+        t.stop()
+
+
 def test_request_cpu_bench_times_every_part() -> None:
     """``python -m anomos.bench.requestcpu`` (docs/performance.md) still finds every part
     it times: all requests served, each part measured."""

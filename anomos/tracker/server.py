@@ -276,8 +276,7 @@ class Tracker:
         limited per network) and the IP ``client`` (None: not probed back); the reply
         dict (see docs/tracker-api.md)."""
         now = self.clock()
-        keys = self.peers.public_keys(peer)
-        known = None if keys is None else (*keys, self.peers.address(peer))
+        known = self.peers.known(peer)
         request = parse_announce(inner, known)
         if not request.stopped:
             self._check_limits(peer, known is None, network)
