@@ -482,8 +482,10 @@ class Tracker:
         if swarm is None:
             return {b"circuits": []}
         # Sources near the downloader first: in a big graph most others are out of reach.
-        sources = self.planner.sources(peer, swarm, request.count, self.settings.max_relays + 1)
-        plans = self.planner.plan(peer, request.infohash, sources, request.count)
+        avoid = self.planner.avoided(peer, request.infohash, request.avoid)
+        depth = self.settings.max_relays + 1
+        sources = self.planner.sources(peer, swarm, request.count, depth, avoid)
+        plans = self.planner.plan(peer, request.infohash, sources, request.count, avoid)
         return {b"circuits": [plan_to_wire(p) for p in plans]}
 
     def _keys(self, peer: Any) -> PeerKeys:
