@@ -1,8 +1,8 @@
 """A magnet's metadata over real circuits: a real tracker and in-process peers on
 loopback (TLS links, onion-routed circuits). A hostile source that sends bad
-metadata is dropped with one line, never planned again, and another source tried; the metadata of the
-good one is checked, and the download then completes intact; `anomos get` takes
-a magnet as a real process."""
+metadata is dropped with one line, never planned again, and another source
+tried; the metadata of the good one is checked, and the download then completes
+intact; `anomos get` takes a magnet as a real process."""
 
 from __future__ import annotations
 
