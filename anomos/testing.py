@@ -225,20 +225,33 @@ def start_peers(
     """``count`` started peers in this process, each on its own loopback address and
     state directory (``state_root/p0``, ...), announced to ``tracker`` (an
     :class:`anomos.tracker.server.Tracker`); with ``announce`` each announces once
-    more after all joined, so every one has heard of every edge."""
+    more after all joined, so every one has heard of every edge. If one cannot be
+    made, started or announced, those already started are stopped before it raises."""
     from anomos.config import Settings
     from anomos.peer.node import Peer
 
-    peers = []
-    for i in range(count):
-        settings = Settings(listen=f"{loopback_host()}:0", state_dir=state_root / f"p{i}")
-        peer = Peer(plugins, settings, tracker_url=tracker.url, fingerprint=tracker.fingerprint)
-        peer.start()
-        peers.append(peer)
-    if announce:
-        for peer in peers:
-            peer.announce()
+    peers: list[Any] = []
+    try:
+        for i in range(count):
+            settings = Settings(listen=f"{loopback_host()}:0", state_dir=state_root / f"p{i}")
+            peer = Peer(plugins, settings, tracker_url=tracker.url, fingerprint=tracker.fingerprint)
+            peers.append(peer)  # stopped below even if its own start fails half-way
+            peer.start()
+        if announce:
+            for peer in peers:
+                peer.announce()
+    except BaseException:
+        stop_all(peers)
+        raise
     return peers
+
+
+def stop_all(peers: list[Any]) -> None:
+    """Stop every one of ``peers``, the last started first; one that fails to stop
+    does not keep the others running (its error is raised after)."""
+    with contextlib.ExitStack() as stack:
+        for peer in peers:
+            stack.callback(peer.stop)
 
 
 @contextlib.contextmanager
@@ -247,7 +260,8 @@ def tracker_and_peers(
 ) -> Iterator[tuple[Any, list[Any]]]:
     """A started tracker on loopback (state in ``state_root/tracker``, its
     :class:`~anomos.tracker.settings.TrackerSettings` from ``tracker``, ``edge_settle``
-    0 unless given) and ``count`` peers from :func:`start_peers`; all stopped on exit."""
+    0 unless given) and ``count`` peers from :func:`start_peers`; all stopped on exit,
+    and when one of them fails to start."""
     from anomos.tracker.server import Tracker
     from anomos.tracker.settings import TrackerSettings
 
@@ -255,12 +269,9 @@ def tracker_and_peers(
     server = Tracker(
         state_root / "tracker", f"{loopback_host()}:0", plugins, TrackerSettings(**tracker)
     )
-    server.start()
-    peers: list[Any] = []
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(server.stop)  # also closes the store of a tracker that did not start
+        server.start()
         peers = start_peers(plugins, server, state_root, count, announce=announce)
+        stack.callback(stop_all, peers)
         yield server, peers
-    finally:
-        for peer in peers:
-            peer.stop()
-        server.stop()

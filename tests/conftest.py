@@ -54,4 +54,5 @@ def network(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Pat
     for the tests that drive `anomos daemon` (tests/conftest_daemon.py)."""
     from conftest_daemon import seeded_network
 
-    yield from seeded_network(tmp_path_factory)
+    with seeded_network(tmp_path_factory.mktemp("daemonnet")) as seeded:
+        yield seeded

@@ -7,6 +7,7 @@ module-scoped ``network`` fixture of tests/conftest.py runs :func:`seeded_networ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import pytest
 
 from anomos.localnet import LocalNetwork
 from anomos.torrent.metainfo import make_metainfo
@@ -127,14 +127,13 @@ class DaemonProc:
         return self.popen.wait(30)
 
 
-def seeded_network(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[LocalNetwork, Path, Path]]:
-    """A tracker, 3 relays and a seeder of one file: (network, .atorrent, the file)."""
-    tmp = tmp_path_factory.mktemp("daemonnet")
+@contextlib.contextmanager
+def seeded_network(tmp: Path, size: int = SIZE) -> Iterator[tuple[LocalNetwork, Path, Path]]:
+    """A tracker, 3 relays and a seeder of one random file of ``size`` bytes, all in
+    ``tmp``: (network, .atorrent, the file); every process stopped on exit."""
     data = tmp / "share" / "file.bin"
     data.parent.mkdir()
-    data.write_bytes(os.urandom(SIZE))
+    data.write_bytes(os.urandom(size))
     with LocalNetwork(tmp / "net", verbose=1) as net:
         net.start_tracker()
         meta = make_metainfo(

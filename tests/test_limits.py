@@ -24,13 +24,13 @@ from typing import Any
 
 import gevent
 import pytest
+from conftest_daemon import seeded_network
 from test_churn import Client, sha256, wait_until
 from test_hostile_peers import RawLink
 
 from anomos import bencode
 from anomos.config import HANDSHAKE_TIMEOUT, split_address
 from anomos.identity import PeerIdentity
-from anomos.localnet import LocalNetwork
 from anomos.net import circuit as circuitmod
 from anomos.net import frames, link
 from anomos.net.circuit import CircuitStream
@@ -44,7 +44,6 @@ from anomos.protocol.request import SourceRequest, seal_request
 from anomos.testing import loopback_host, start_peers
 from anomos.torrent import session as sessionmod
 from anomos.torrent import wire
-from anomos.torrent.metainfo import make_metainfo
 from anomos.tracker import client as clientmod
 from anomos.tracker import graph as graph_mod
 from anomos.tracker import limits as tracker_limits
@@ -360,19 +359,7 @@ def test_a_full_disk_pauses_the_download_until_space_is_freed(tmp_path: Path) ->
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
     try:
-        data = tmp_path / "share" / "file.bin"
-        data.parent.mkdir()
-        data.write_bytes(os.urandom(6 * 1024 * 1024 + 5))
-        with LocalNetwork(tmp_path / "net", verbose=1) as net:
-            net.start_tracker()
-            meta = make_metainfo(
-                data, trackers=[net.tracker_url], fingerprint=net.fingerprint, progress=False
-            )
-            atorrent = tmp_path / "file.atorrent"
-            meta.save(atorrent)
-            for i in range(3):
-                net.start_peer(f"relay{i}", "relay")
-            net.start_peer("seeder", "seed", str(atorrent), "--data", str(data))
+        with seeded_network(tmp_path, size=6 * 1024 * 1024 + 5) as (net, atorrent, data):
             time.sleep(2.5)
             args = ["get", str(atorrent), "--dest", str(dest)]
             getter = net.start_peer("downloader", *args, "--stall-limit", "15", wait=False)

@@ -23,7 +23,7 @@ from anomos.errors import MetainfoError, ProtocolError
 from anomos.testing import run_anomos
 from anomos.torrent import magnet as magnet_mod
 from anomos.torrent import wire
-from anomos.torrent.magnet import Magnet, fetch_metadata, is_magnet
+from anomos.torrent.magnet import Magnet, SourceClosed, fetch_metadata, is_magnet
 from anomos.torrent.metainfo import MAX_METAINFO_SIZE, Metainfo, make_metainfo
 from anomos.torrent.session import MAX_METADATA_SENDS, TorrentSession
 
@@ -243,6 +243,23 @@ def test_a_source_lying_about_the_metadata_is_caught_in_one_line(
         with pytest.raises(ProtocolError, match=re.escape(message)) as caught:
             fetch_metadata(source.ours, m.infohash, timeout=1 if "within" in message else 10)
         assert "\n" not in str(caught.value)
+        # A lie or silence, not an end of the stream: the source is not planned again.
+        assert not isinstance(caught.value, SourceClosed)
+    finally:
+        source.close()
+
+
+def test_a_source_ending_the_stream_early_is_told_apart_from_a_liar(
+    big: tuple[Metainfo, Path],
+) -> None:
+    """An end of the stream may be a relay's doing: the downloader may plan the source
+    again (MetadataFetch avoids only liars and silent ones)."""
+    m, _ = big
+    source = HostileSource(m.infohash, lambda i: b"")
+    try:
+        gevent.spawn_later(0.2, source.theirs.shutdown, socket.SHUT_WR)
+        with pytest.raises(SourceClosed, match="closed before sending the metadata"):
+            fetch_metadata(source.ours, m.infohash, timeout=10)
     finally:
         source.close()
 

@@ -1,8 +1,8 @@
 """A magnet's metadata over real circuits: a real tracker and in-process peers on
 loopback (TLS links, onion-routed circuits). A hostile source that sends bad
-metadata is dropped with one line and another source tried; the metadata of the
-good one is checked, and the download then completes intact; `anomos get` takes
-a magnet as a real process."""
+metadata is dropped with one line, never planned again, and another source
+tried; the metadata of the good one is checked, and the download then completes
+intact; `anomos get` takes a magnet as a real process."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import gevent
@@ -17,12 +18,14 @@ import pytest
 from test_session import make_torrent
 
 from anomos.peer.download import MetadataFetch
+from anomos.peer.node import Peer
 from anomos.pluginmanager import Plugins
 from anomos.testing import loopback_host, tracker_and_peers
 from anomos.torrent import wire
 from anomos.torrent.magnet import Magnet
 from anomos.torrent.metainfo import Metainfo, make_metainfo
 from anomos.torrent.session import PeerConnection, TorrentSession
+from anomos.tracker.client import CircuitPlan
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -50,6 +53,21 @@ def lie_about_the_metadata(session: TorrentSession) -> list[int]:
     return sent
 
 
+def record_circuit_requests(peer: Peer) -> list[tuple[tuple[bytes, ...], int]]:
+    """Wrap ``peer``'s circuit requests: (the source tags it asked to avoid, the circuits
+    planned) of each one answered."""
+    answered: list[tuple[tuple[bytes, ...], int]] = []
+    real = peer.tracker.request_circuits
+
+    def request_circuits(infohash: bytes, count: int, *avoid: Sequence[bytes]) -> list[CircuitPlan]:
+        plans = real(infohash, count, *avoid)  # (as called: a caller may pass no avoid)
+        answered.append((tuple(avoid[0]) if avoid else (), len(plans)))
+        return plans
+
+    peer.tracker.request_circuits = request_circuits  # type: ignore[method-assign]
+    return answered
+
+
 def test_bad_metadata_drops_the_source_and_a_good_one_brings_the_download(
     tmp_path: Path, plugins: Plugins, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -66,6 +84,11 @@ def test_bad_metadata_drops_the_source_and_a_good_one_brings_the_download(
         fetching = gevent.spawn(fetch.run)
         # The liar alone first: it certainly gets asked, and is dropped.
         wait_until(lambda: fetch.dropped >= 1 and lies, 60, "the lying source dropped")
+        # ... and never planned again: the tracker, asked to avoid it, plans nothing.
+        told, asked = len(lies), record_circuit_requests(leech)
+        wait_until(lambda: len(asked) >= 3, 30, "three more circuit requests")
+        assert len(lies) == told and fetch.dropped == 1, (lies, asked)
+        assert all(len(avoid) == 1 and planned == 0 for avoid, planned in asked), asked
         honest.add_torrent(m, tmp_path / "honest")
         honest.announce()
         fetched = fetching.get(timeout=90)

@@ -15,7 +15,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import gevent
@@ -366,10 +366,12 @@ def record_circuit_requests(peer: Peer) -> list[tuple[float, BaseException | Non
     calls: list[tuple[float, BaseException | None]] = []
     real = peer.tracker.request_circuits
 
-    def request_circuits(infohash: bytes, count: int) -> list[CircuitPlan]:
+    def request_circuits(
+        infohash: bytes, count: int, avoid: Sequence[bytes] = ()
+    ) -> list[CircuitPlan]:
         at = time.monotonic()
         try:
-            plans = real(infohash, count)
+            plans = real(infohash, count, avoid)
         except BaseException as exc:
             calls.append((at, exc))
             raise

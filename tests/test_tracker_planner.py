@@ -15,7 +15,15 @@ from anomos.protocol.onion import TRACKING_CODE_SIZE, OnionReader
 from anomos.protocol.request import open_request
 from anomos.testing import tracker_key, tracker_trust
 from anomos.tracker.graph import PeerGraph
-from anomos.tracker.planner import REQUEST_TTL, PeerKeys, Planner, Swarm, candidate_sources
+from anomos.tracker.planner import (
+    REQUEST_TTL,
+    SOURCE_TAG_TTL,
+    PeerKeys,
+    Planner,
+    SourceTags,
+    Swarm,
+    candidate_sources,
+)
 from anomos.tracker.store import SwarmRow
 
 INFOHASH = bytes(range(20))
@@ -259,3 +267,24 @@ def test_sources_near_the_downloader_come_first():
     hub = 0
     found = graph.nearest(hub, 4, 10**6, set(graph), 3)
     assert len(found) == 3 and set(found) <= set(graph.neighbours(hub))
+
+
+def test_a_source_tag_names_its_source_only_for_its_downloader_torrent_and_hour() -> None:
+    """What a downloader hands back in ``avoid`` is read only by the tracker that sealed
+    it, for the downloader and torrent it was sealed for, within SOURCE_TAG_TTL."""
+    now = [1_000_000.0]
+    tags = SourceTags(lambda: now[0])
+    ih, other_ih = b"\x01" * 20, b"\x02" * 20
+    tag = tags.seal(5, ih, 42)
+    assert tags.open(5, ih, [tag]) == {42}
+    assert tags.seal(5, ih, 42) != tag  # two tags of one source look unrelated
+    assert tags.open(6, ih, [tag]) == frozenset()  # another downloader's
+    assert tags.open(5, other_ih, [tag]) == frozenset()  # another torrent
+    assert SourceTags(lambda: now[0]).open(5, ih, [tag]) == frozenset()  # another tracker
+    for flipped in (0, 12, len(tag) - 1):  # the nonce, the body, the MAC
+        forged = bytearray(tag)
+        forged[flipped] ^= 1
+        assert tags.open(5, ih, [bytes(forged)]) == frozenset()
+    assert tags.open(5, ih, [b"x" * len(tag), tag, tags.seal(5, ih, 7)]) == {42, 7}
+    now[0] += SOURCE_TAG_TTL + 1
+    assert tags.open(5, ih, [tag]) == frozenset()

@@ -88,10 +88,12 @@ def test_buffered_system_random_forgets_its_block_in_a_forked_child() -> None:
     assert len(child) == 32 and child != rng.randbytes(32)
 
 
-def test_announce_replies_are_encoded_as_bencode_would(tmp_path, plugins) -> None:
+def test_announce_replies_are_encoded_as_bencode_would(tmp_path, plugins, monkeypatch) -> None:
     """The template encoder gives exactly ``bencode.encode``'s bytes, for real replies
-    (joins, announces, a goodbye) and for dicts that are not quite one (left to bencode)."""
+    (joins, announces, a goodbye; neighbours with and without an edge ticket) without
+    falling back to it, and for dicts that are not quite one (left to bencode)."""
     from anomos import bencode
+    from anomos.tracker import http
     from anomos.tracker.http import encode_announce_reply
     from anomos.tracker.server import Tracker
     from anomos.tracker.settings import TrackerSettings
@@ -110,6 +112,16 @@ def test_announce_replies_are_encoded_as_bencode_would(tmp_path, plugins) -> Non
         t.stop()
     assert any(len(r[b"neighbours"]) >= 4 for r in replies)
     assert any(not r[b"neighbours"] for r in replies)  # the goodbye
+    neighbours = [n for r in replies for n in r[b"neighbours"]]
+    assert any(b"ticket" in n for n in neighbours) and any(b"ticket" not in n for n in neighbours)
+    expected = [bencode.encode(reply) for reply in replies]
+
+    def no_fallback(value: object) -> bytes:
+        raise AssertionError(f"the template fell back to bencode.encode for {value!r:.200}")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(http, "bencode", type("NoBencode", (), {"encode": no_fallback}))
+        assert [encode_announce_reply(reply) for reply in replies] == expected
     odd = [
         {**replies[-1], b"extra": 1},
         {k: v for k, v in replies[-1].items() if k != b"epoch"},
@@ -118,9 +130,41 @@ def test_announce_replies_are_encoded_as_bencode_would(tmp_path, plugins) -> Non
         {**replies[-1], b"relayed": -3},
         {**replies[-1], b"neighbours": [{**replies[-1][b"neighbours"][0], b"x": b""}]},
         {**replies[-1], b"neighbours": [{**replies[-1][b"neighbours"][0], b"nid": 2**70}]},
+        {**replies[-1], b"neighbours": [{**replies[-1][b"neighbours"][0], b"ticket": "t"}]},
+        {**replies[-1], b"neighbours": [{**replies[-1][b"neighbours"][0], b"ticket": 7}]},
     ]
-    for reply in replies + odd:
+    for reply in odd:
         assert encode_announce_reply(reply) == bencode.encode(reply)
+
+
+def test_a_known_peers_announce_reads_its_keys_and_address_in_one_lookup(
+    tmp_path, plugins, monkeypatch
+) -> None:
+    """The announce of a live peer checks it against the row it reads once
+    (``PeerTable.known``), not its keys and then its address, each a slot lookup."""
+    from anomos.tracker.server import Tracker
+    from anomos.tracker.settings import TrackerSettings
+    from anomos.tracker.tables import PeerTable
+
+    ident, stranger = PeerIdentity.generate(), PeerIdentity.generate()
+    t = Tracker(tmp_path / "t", "127.0.0.1:0", plugins, TrackerSettings(edge_settle=0))
+    try:
+        peer = ident.identity_public
+        t.announce(peer, _inner(ident, b"192.0.2.1:7000"))
+        assert t.peers.known(peer) == (ident.onion_public, ident.box_public, "192.0.2.1:7000")
+        assert t.peers.known(stranger.identity_public) is None
+
+        def second_lookup(*_args: object) -> object:
+            raise AssertionError("the announce looked the peer's row up a second time")
+
+        with monkeypatch.context() as patched:
+            patched.setattr(PeerTable, "public_keys", second_lookup)
+            patched.setattr(PeerTable, "address", second_lookup)
+            t.announce(peer, _inner(ident, b"192.0.2.1:7000"))
+            t.announce(peer, _inner(ident, b"192.0.2.2:7001"))  # moved: stored anew
+        assert t.peers.known(peer) == (ident.onion_public, ident.box_public, "192.0.2.2:7001")
+    finally:
+        t.stop()
 
 
 def test_request_cpu_bench_times_every_part() -> None:

@@ -7,6 +7,7 @@ import json
 import random
 import socket
 import time
+from typing import Any
 
 import gevent
 import nacl.signing
@@ -115,6 +116,29 @@ def test_announce_gives_consistent_neighbours(tracker):
         assert len(set(nids)) == len(nids)
 
 
+def source_of(tracker: Tracker, downloader: Peer, plan: Any, by_pub: dict[bytes, Any]) -> bytes:
+    """The peer ``plan`` leads to, found as the relays would: peeling its tracking code."""
+    g = tracker.graph
+    at, code = g.peer_by_nid(downloader.pub, plan.first_nid), plan.tracking_code
+    while True:
+        peeled = OnionReader(by_pub[at].onion_private).peel(code)
+        if peeled.next_nid is None:
+            return at
+        at, code = g.peer_by_nid(at, peeled.next_nid), peeled.forward_code
+
+
+def swarm_of_seeds(tracker: Tracker, seeds: int, relays: int) -> tuple[list[Peer], list[Peer]]:
+    """``seeds`` seeds of IH and ``relays`` relays, their neighbour lists settled."""
+    have = [Peer(tracker) for _ in range(seeds)]
+    others = [Peer(tracker) for _ in range(relays)]
+    for _ in range(2):
+        for p in have:
+            p.announce(left=0)
+        for p in others:
+            p.announce()
+    return have, others
+
+
 def test_circuits_reach_a_source_without_revealing_it(tracker):
     seeds = [Peer(tracker) for _ in range(3)]
     relays = [Peer(tracker) for _ in range(6)]
@@ -130,14 +154,8 @@ def test_circuits_reach_a_source_without_revealing_it(tracker):
     plans = downloader.client.request_circuits(IH, 3)
     assert 1 <= len(plans) <= 3
     by_pub = {p.pub: p.identity for p in everyone}
-    g = tracker.graph
     for plan in plans:
-        at, code = g.peer_by_nid(downloader.pub, plan.first_nid), plan.tracking_code
-        while True:
-            peeled = OnionReader(by_pub[at].onion_private).peel(code)
-            if peeled.next_nid is None:
-                break
-            at, code = g.peer_by_nid(at, peeled.next_nid), peeled.forward_code
+        at = source_of(tracker, downloader, plan, by_pub)
         assert at in {s.pub for s in seeds}
         trusted = {tracker.fingerprint}  # signed by the tracker the peers pin
         assert open_request(plan.request_blob, by_pub[at].box, trusted).material == plan.material
@@ -148,6 +166,39 @@ def test_circuits_reach_a_source_without_revealing_it(tracker):
         assert s.pub not in raw and s.host.encode() not in raw
     stats = tracker.stats()
     assert stats["circuits_planned"] >= len(plans) and stats["torrents"] == 1
+
+
+def test_a_source_a_downloader_avoids_is_not_planned_to_it_again(tracker):
+    """A downloader hands back a plan's source tag (a source that lied to it): no later
+    plan of that torrent leads there, while the tag tells it nothing (two tags of one
+    source differ) and is worth nothing to another downloader."""
+    seeds, relays = swarm_of_seeds(tracker, 3, 6)
+    downloader, other = Peer(tracker), Peer(tracker)
+    for _ in range(2):
+        downloader.announce(left=SIZE)
+        other.announce(left=SIZE)
+    by_pub = {p.pub: p.identity for p in [*seeds, *relays, downloader, other]}
+
+    def sources(peer: Peer, avoid: list[bytes], rounds: int = 4) -> list[tuple[bytes, bytes]]:
+        plans = [p for _ in range(rounds) for p in peer.client.request_circuits(IH, 3, avoid)]
+        return [(source_of(tracker, peer, plan, by_pub), plan.source_tag) for plan in plans]
+
+    first = sources(downloader, [])
+    assert {s for s, _ in first} == {s.pub for s in seeds}
+    tags = [tag for _, tag in first]
+    assert len(set(tags)) == len(tags) and {len(t) for t in tags} == {44}
+    liar, liars_tag = first[0]
+    assert {s for s, _ in sources(downloader, [liars_tag])} == {s.pub for s in seeds} - {liar}
+    assert liar in {s for s, _ in sources(other, [liars_tag])}  # bound to its downloader
+    assert sources(downloader, [tag for _, tag in first]) == []  # every seed avoided
+    # At most client.MAX_AVOIDED tags, each 44 bytes: the client and the server refuse more.
+    with pytest.raises(ConfigError, match="at most 16"):
+        downloader.client.request_circuits(IH, 1, [liars_tag] * 17)
+    for avoid in ([liars_tag] * 17, [liars_tag[:-1]], b"x" * 44, [7]):
+        inner = {"time": int(time.time()), "infohash": IH, "count": 1, "avoid": avoid}
+        body = signed_body(downloader.identity, "/circuits", inner, tracker.fingerprint)
+        status, reply = raw_post(tracker, "/circuits", body)
+        assert status == 400 and b"'avoid'" in reply[b"failure reason"], (avoid, reply)
 
 
 def test_a_peer_without_sources_gets_no_circuits(tracker):

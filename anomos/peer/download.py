@@ -11,10 +11,12 @@ arrived for ``stall_limit`` seconds.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -22,10 +24,16 @@ import gevent
 import gevent.event
 
 from anomos.backoff import Backoff, Waiting
-from anomos.errors import AnomosError, TrackerError, TransportError
-from anomos.torrent.magnet import Magnet, fetch_metadata
+from anomos.errors import AnomosError, ProtocolError, TrackerError, TransportError
+from anomos.torrent.magnet import Magnet, SourceClosed, fetch_metadata
 from anomos.torrent.session import PeerConnection, TorrentSession
-from anomos.tracker.client import CircuitPlan, NotAnnounced, TrackerBusy, TrackerRefused
+from anomos.tracker.client import (
+    MAX_AVOIDED,
+    CircuitPlan,
+    NotAnnounced,
+    TrackerBusy,
+    TrackerRefused,
+)
 
 if TYPE_CHECKING:
     from anomos.net.circuit import CircuitStream
@@ -186,11 +194,12 @@ class CircuitAsker:
     def due(self, now: float) -> bool:
         return now >= self._next_at
 
-    def ask(self, infohash: bytes, count: int) -> list[CircuitPlan]:
-        """The circuits the tracker plans now (none: it notes when to ask again)."""
+    def ask(self, infohash: bytes, count: int, avoid: Sequence[bytes] = ()) -> list[CircuitPlan]:
+        """The circuits the tracker plans now (none: it notes when to ask again), none to
+        the sources of the plans whose tags are in ``avoid``."""
         now = time.monotonic()
         try:
-            plans = self.peer.tracker.request_circuits(infohash, count)
+            plans = self.peer.tracker.request_circuits(infohash, count, avoid)
         except TrackerBusy as exc:
             self._next_at = now + self._no_plan.next(at_least=exc.retry_after)
             log.info("tracker busy: asking again in %.1f s", self._next_at - now)
@@ -436,6 +445,9 @@ class MetadataFetch:
     metainfo. A source that sends bad metadata (a wrong hash, an oversized or
     inconsistent size, pieces not asked for) or none is dropped with one log
     line, and the next one is tried; :meth:`run` returns the checked metainfo.
+    A source that lied or stayed silent is not planned again (the tracker is
+    handed its plan's tag in ``avoid``): each try of it could cost a minute. One
+    whose circuit broke or ended may be (a relay's fault looks the same).
     """
 
     peer: Peer
@@ -449,6 +461,10 @@ class MetadataFetch:
     _asking: CircuitAsker = attrs.field(
         default=attrs.Factory(lambda self: CircuitAsker(self.peer), takes_self=True), init=False
     )
+    #: The tags of the sources dropped, the latest MAX_AVOIDED (the tracker takes no more).
+    _dropped_sources: collections.deque[bytes] = attrs.field(
+        factory=lambda: collections.deque(maxlen=MAX_AVOIDED), init=False
+    )
 
     def run(self) -> Metainfo:
         started = time.monotonic()
@@ -460,7 +476,8 @@ class MetadataFetch:
                     f"{self.timeout:.0f} s: {self._waiting_for()}"
                 )
             if self._asking.due(now):
-                for plan in self._asking.ask(self.magnet.infohash, METADATA_SOURCES):
+                avoid = tuple(self._dropped_sources)
+                for plan in self._asking.ask(self.magnet.infohash, METADATA_SOURCES, avoid):
                     metainfo = self._from_source(plan)
                     if metainfo is not None:
                         self.fraction = 1.0
@@ -489,6 +506,9 @@ class MetadataFetch:
         except (AnomosError, OSError) as exc:
             self.dropped += 1
             self.fraction = 0.0
+            lied = isinstance(exc, ProtocolError) and not isinstance(exc, SourceClosed)
+            if lied and plan.source_tag:
+                self._dropped_sources.append(plan.source_tag)
             log.warning("metadata source over %d relays dropped: %s", relays, exc)
             self._asking.pause()
             return None

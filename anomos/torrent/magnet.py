@@ -200,6 +200,11 @@ def is_magnet(text: str) -> bool:
 # ----------------------------------------------------------------------------- fetching
 
 
+class SourceClosed(ProtocolError):
+    """The source ended the stream before the whole metadata: unlike a wrong answer
+    or silence, this costs the downloader little, and a relay's fault looks the same."""
+
+
 class _MetadataReader(MessageReader):
     """Peer-wire framing before the torrent is known: piece-dependent messages
     (bitfield, have, ...) are skipped unread, the metadata messages parsed."""
@@ -226,9 +231,9 @@ def fetch_metadata(
 
     Returns the bytes, whose SHA-1 is ``infohash``; raises :class:`ProtocolError`
     naming the fault (a wrong hash, an oversized or inconsistent size, a piece
-    out of range or not asked for, silence) so that the caller can drop this
-    source and try another. ``progress`` hears the share received after each
-    piece. Does not close ``stream``.
+    out of range or not asked for, silence; :class:`SourceClosed` for an end of the
+    stream) so that the caller can drop this source and try another. ``progress``
+    hears the share received after each piece. Does not close ``stream``.
     """
     with gevent.Timeout(timeout, ProtocolError(f"no metadata within {timeout:g} s")):
         return _fetch(stream, infohash, progress)
@@ -247,7 +252,7 @@ def _fetch(stream: Stream, infohash: bytes, progress: Callable[[float], None] | 
     while total is None or len(pieces) < count:
         data = stream.recv(_RECV_SIZE)
         if not data:
-            raise ProtocolError("the source closed before sending the metadata")
+            raise SourceClosed("the source closed before sending the metadata")
         requests = []
         for msg in reader.feed(data):
             if not shaken:

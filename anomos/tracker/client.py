@@ -17,7 +17,7 @@ import socket
 import ssl
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -54,6 +54,10 @@ REQUEST_TIMEOUT = 30.0
 KEEPALIVE_REUSE = 5.0
 #: Most circuits one request may ask for (the server enforces the same bound).
 MAX_CIRCUITS = 8
+#: Sources a circuit request may ask the tracker to leave out (by their plans' tags).
+MAX_AVOIDED = 16
+#: Bytes of a plan's source tag (anomos.tracker.planner.SourceTags).
+SOURCE_TAG_SIZE = 44
 #: Most neighbours a reply may list (and receipts an announce may carry: one per neighbour).
 MAX_NEIGHBOURS = 64
 #: Milliseconds a lost-neighbour report may look back; the tracker refuses older ones.
@@ -137,6 +141,10 @@ class CircuitPlan:
     request_blob: bytes = attrs.field(repr=False)
     suite: str
     material: bytes = attrs.field(repr=False)
+    #: The source's name sealed for the tracker alone (b"": a tracker without tags),
+    #: different in every plan: handed back in ``avoid`` so that a source caught
+    #: lying is not planned again, without the downloader learning who it is.
+    source_tag: bytes = attrs.field(default=b"", repr=False)
 
 
 @attrs.frozen
@@ -187,6 +195,7 @@ def plan_to_wire(plan: CircuitPlan) -> dict[bytes, Any]:
         b"request": plan.request_blob,
         b"suite": plan.suite.encode(),
         b"material": plan.material,
+        b"source_tag": plan.source_tag,
     }
 
 
@@ -379,11 +388,18 @@ class TrackerClient:
         except (KeyError, TypeError, ValueError, AnomosError) as exc:
             raise TrackerError(f"tracker sent a malformed announce reply: {_why(exc)}") from None
 
-    def request_circuits(self, infohash: bytes, count: int) -> list[CircuitPlan]:
-        """Up to ``count`` circuits to sources of ``infohash`` (maybe fewer, maybe none)."""
+    def request_circuits(
+        self, infohash: bytes, count: int, avoid: Sequence[bytes] = ()
+    ) -> list[CircuitPlan]:
+        """Up to ``count`` circuits to sources of ``infohash`` (maybe fewer, maybe none),
+        none to the sources of the plans whose ``source_tag`` is in ``avoid``."""
         if not 1 <= count <= MAX_CIRCUITS:
             raise ConfigError(f"circuit count {count} is outside 1-{MAX_CIRCUITS}")
-        inner = {"time": int(time.time()), "infohash": infohash, "count": count}
+        if len(avoid) > MAX_AVOIDED:
+            raise ConfigError(f"{len(avoid)} sources to avoid (at most {MAX_AVOIDED})")
+        inner: dict[str, Any] = {"time": int(time.time()), "infohash": infohash, "count": count}
+        if avoid:
+            inner["avoid"] = list(avoid)
         reply = self._post(self.circuits_path, inner)
         try:
             items = reply[b"circuits"]
@@ -554,6 +570,7 @@ def _parse_plan(item: Any) -> CircuitPlan:
         request_blob=_bytes(item[b"request"], REQUEST_BLOB_SIZE),
         suite=_text(item[b"suite"], 32),
         material=_bytes(item[b"material"], max_size=256),
+        source_tag=_bytes(item.get(b"source_tag", b""), max_size=SOURCE_TAG_SIZE),
     )
 
 

@@ -189,18 +189,21 @@ class FrontEnd:
 
 
 #: The keys of an announce reply (:meth:`anomos.tracker.server.Tracker._reply`) and of
-#: each neighbour in it.
+#: each neighbour in it: one the peer dials whose far end has not heard of the edge
+#: yet also carries its edge ticket.
 _REPLY_KEYS = frozenset(
     b"downloaded epoch interval min_interval neighbours ratio reachable relayed "
     b"relayed_claimed uploaded uploaded_claimed".split()
 )
 _NEIGHBOUR_KEYS = frozenset((b"address", b"dial", b"identity", b"nid"))
+_TICKETED_KEYS = _NEIGHBOUR_KEYS | {b"ticket"}
 _REPLY = (
     b"d10:downloadedi%de5:epochi%de8:intervali%de12:min_intervali%de10:neighboursl%se"
     b"5:ratio%d:%s9:reachable%d:%s7:relayedi%de15:relayed_claimedi%de"
     b"8:uploadedi%de16:uploaded_claimedi%dee"
 )
-_NEIGHBOUR = b"d7:address%d:%s4:diali%de8:identity%d:%s3:nidi%dee"
+_NEIGHBOUR = b"d7:address%d:%s4:diali%de8:identity%d:%s3:nidi%de"
+_TICKET = b"6:ticket%d:%s"
 
 
 def encode_announce_reply(reply: dict[bytes, Any]) -> bytes:
@@ -213,7 +216,15 @@ def encode_announce_reply(reply: dict[bytes, Any]) -> bytes:
             raise TypeError
         neighbours = []
         for n in reply[b"neighbours"]:
-            if type(n) is not dict or n.keys() != _NEIGHBOUR_KEYS:
+            if type(n) is not dict:
+                raise TypeError
+            keys = n.keys()
+            if keys == _NEIGHBOUR_KEYS:
+                end = b"e"
+            elif keys == _TICKETED_KEYS:
+                ticket = n[b"ticket"]
+                end = _TICKET % (len(ticket), ticket) + b"e"
+            else:
                 raise TypeError
             address, identity = n[b"address"], n[b"identity"]
             neighbours.append(
@@ -226,6 +237,7 @@ def encode_announce_reply(reply: dict[bytes, Any]) -> bytes:
                     identity,
                     _int(n[b"nid"]),
                 )
+                + end
             )
         ratio, reachable = reply[b"ratio"], reply[b"reachable"]
         return _REPLY % (

@@ -11,18 +11,22 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+import secrets
+import struct
 import time
-from collections.abc import Callable, Container, Hashable, Iterator, Mapping
+from collections.abc import Callable, Collection, Container, Hashable, Iterator, Mapping
 from typing import Any
 
 import attrs
 import nacl.exceptions
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from anomos.interfaces import CipherSuite, PathPolicy
 from anomos.protocol.onion import MAX_HOPS, Hop, build_tracking_code, current_epoch
 from anomos.protocol.request import SourceRequest, seal_request
-from anomos.tracker.client import CircuitPlan
+from anomos.tracker.client import SOURCE_TAG_SIZE, CircuitPlan
 from anomos.tracker.graph import IndexedSet, PeerGraph, SettledView
 from anomos.tracker.store import SwarmRow
 
@@ -39,6 +43,9 @@ MIN_SOURCE_TRIES = 16
 NEAR_SOURCES_PER_CIRCUIT = 2
 #: Peers the search around a downloader looks at, at most.
 NEAR_BUDGET = 20_000
+#: Seconds a source tag is honoured in ``avoid`` (a magnet's metadata fetch, which
+#: hands them back, takes minutes at most).
+SOURCE_TAG_TTL = 3600
 
 
 @attrs.frozen
@@ -165,6 +172,56 @@ def valid_path(path: list[Any], downloader: Hashable, source: Hashable, view: Se
         return False
 
 
+#: A source tag's plaintext: the source's and the expiry (Unix seconds).
+_TAG_BODY = struct.Struct(">QQ")
+_TAG_NONCE = 12
+assert _TAG_NONCE + _TAG_BODY.size + 16 == SOURCE_TAG_SIZE
+
+
+@attrs.define(eq=False)
+class SourceTags:
+    """Names of a plan's source that only this tracker can read (``CircuitPlan.source_tag``).
+
+    A downloader hands back the tags of sources that lied to it (``avoid`` in a
+    circuit request) and is planned no circuit to them for that torrent again, while
+    it learns nothing of who they are: a tag is the source's join number and an
+    expiry under ChaCha20-Poly1305 with a fresh nonce, so two tags of one source look
+    unrelated, and bound (associated data) to the downloader and the infohash, so a
+    tag is worth nothing to anyone else or for another torrent. The key lives in this
+    process only: after a restart old tags are ignored (a liar may be planned once more).
+    """
+
+    clock: Callable[[], float] = time.time
+    _aead: ChaCha20Poly1305 = attrs.field(
+        factory=lambda: ChaCha20Poly1305(ChaCha20Poly1305.generate_key()), init=False
+    )
+
+    def seal(self, downloader: int, infohash: bytes, source: int) -> bytes:
+        """The tag of ``source`` for ``downloader`` (both join numbers) and ``infohash``."""
+        nonce = secrets.token_bytes(_TAG_NONCE)
+        body = _TAG_BODY.pack(source, int(self.clock()) + SOURCE_TAG_TTL)
+        return nonce + self._aead.encrypt(nonce, body, _tag_context(downloader, infohash))
+
+    def open(self, downloader: int, infohash: bytes, tags: Collection[bytes]) -> frozenset[int]:
+        """The sources (join numbers) named by those of ``tags`` that are this tracker's,
+        for this downloader and torrent, and not expired; the others are ignored."""
+        context, now = _tag_context(downloader, infohash), self.clock()
+        sources = set()
+        for tag in tags:
+            try:
+                body = self._aead.decrypt(tag[:_TAG_NONCE], tag[_TAG_NONCE:], context)
+            except (InvalidTag, ValueError):
+                continue
+            source, expires = _TAG_BODY.unpack(body)
+            if now <= expires:
+                sources.add(source)
+        return frozenset(sources)
+
+
+def _tag_context(downloader: int, infohash: bytes) -> bytes:
+    return b"anomos source tag v1\x00" + downloader.to_bytes(8, "big") + infohash
+
+
 @attrs.define(eq=False)
 class Planner:
     """Plans circuits over ``graph`` with one path policy and one cipher suite."""
@@ -180,11 +237,28 @@ class Planner:
     clock: Callable[[], float] = time.time
     #: Circuits planned since start (for /stats).
     planned: int = 0
+    tags: SourceTags = attrs.field(
+        default=attrs.Factory(lambda self: SourceTags(self.clock), takes_self=True), init=False
+    )
+
+    def avoided(
+        self, downloader: Hashable, infohash: bytes, tags: Collection[bytes]
+    ) -> frozenset[int]:
+        """The sources (join numbers) ``downloader`` asks not to be planned to again."""
+        if not tags or downloader not in self.graph:
+            return frozenset()
+        return self.tags.open(self.graph.seq(downloader), infohash, tags)
 
     def plan(
-        self, downloader: Hashable, infohash: bytes, sources: list[Hashable], count: int
+        self,
+        downloader: Hashable,
+        infohash: bytes,
+        sources: list[Hashable],
+        count: int,
+        avoid: Container[int] = frozenset(),
     ) -> list[CircuitPlan]:
-        """Up to ``count`` circuits from ``downloader`` to distinct ``sources`` (tried in order)."""
+        """Up to ``count`` circuits from ``downloader`` to distinct ``sources`` (tried in
+        order), none to a source whose join number is in ``avoid``."""
         plans: list[CircuitPlan] = []
         if downloader not in self.graph:
             return plans
@@ -193,6 +267,8 @@ class Planner:
             if len(plans) >= count:
                 break
             if source == downloader or source not in self.graph:
+                continue
+            if avoid and self.graph.seq(source) in avoid:
                 continue
             path = self.policy.find_path(view, downloader, source, self.rng)
             if not path or not valid_path(path, downloader, source, view):
@@ -204,9 +280,17 @@ class Planner:
                 log.warning("cannot plan a circuit to a source: %s", exc)
         return plans
 
-    def sources(self, downloader: Hashable, swarm: Swarm, count: int, depth: int) -> list[Hashable]:
+    def sources(
+        self,
+        downloader: Hashable,
+        swarm: Swarm,
+        count: int,
+        depth: int,
+        avoid: Collection[int] = frozenset(),
+    ) -> list[Hashable]:
         """Sources to try for ``count`` circuits: first a few within ``depth`` hops of the
-        downloader (the only ones a path can reach), nearest first, then random ones.
+        downloader (the only ones a path can reach), nearest first, then random ones;
+        never one whose join number is in ``avoid``.
 
         Sampling the swarm blindly first would mostly draw sources out of reach in a
         big graph, each costing a failed path search; the search around the downloader
@@ -215,12 +299,14 @@ class Planner:
         tries = self.source_tries(count)
         if downloader not in self.graph:
             return []
-        near = self.graph.nearest(
-            downloader, depth, NEAR_BUDGET, swarm.sources(), NEAR_SOURCES_PER_CIRCUIT * count
-        )
-        if len(near) < tries:
+        enough = NEAR_SOURCES_PER_CIRCUIT * count + len(avoid)
+        near = self.graph.nearest(downloader, depth, NEAR_BUDGET, swarm.sources(), enough)
+        if len(near) < tries + len(avoid):
             seen = set(near)
-            near += [p for p in swarm.sample_sources(tries, downloader, self.rng) if p not in seen]
+            drawn = swarm.sample_sources(tries + len(avoid), downloader, self.rng)
+            near += [p for p in drawn if p not in seen]
+        if avoid:
+            near = [p for p in near if p not in self.graph or self.graph.seq(p) not in avoid]
         return near[:tries]
 
     @staticmethod
@@ -255,4 +341,5 @@ class Planner:
             request_blob=blob,
             suite=self.suite.name,
             material=material,
+            source_tag=self.tags.seal(self.graph.seq(path[0]), infohash, self.graph.seq(source)),
         )

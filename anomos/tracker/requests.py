@@ -25,9 +25,11 @@ from anomos.config import split_address
 from anomos.errors import AnomosError, ConfigError
 from anomos.tracker.client import (
     EVENTS,
+    MAX_AVOIDED,
     MAX_CIRCUITS,
     MAX_LOST_AGE_MS,
     MAX_NEIGHBOURS,
+    SOURCE_TAG_SIZE,
     signed_message,
 )
 from anomos.tracker.http import MAX_BODY, Refused
@@ -224,12 +226,24 @@ class CircuitRequest:
 
     infohash: bytes
     count: int
+    #: Source tags of earlier plans whose sources are not to be planned again.
+    avoid: tuple[bytes, ...] = ()
 
 
 def parse_circuits(inner: dict[bytes, Any]) -> CircuitRequest:
-    return CircuitRequest(
-        _bytes_field(inner, "infohash", (20, 32)), _int_field(inner, "count", 1, MAX_CIRCUITS)
-    )
+    infohash = _bytes_field(inner, "infohash", (20, 32))
+    count = _int_field(inner, "count", 1, MAX_CIRCUITS)
+    avoid = inner.get(b"avoid", [])
+    if (
+        not isinstance(avoid, list)
+        or len(avoid) > MAX_AVOIDED
+        or any(not isinstance(tag, bytes) or len(tag) != SOURCE_TAG_SIZE for tag in avoid)
+    ):
+        raise Refused(
+            400,
+            f"field 'avoid' must list at most {MAX_AVOIDED} source tags of {SOURCE_TAG_SIZE} bytes",
+        )
+    return CircuitRequest(infohash, count, tuple(avoid))
 
 
 @attrs.define(eq=False)

@@ -276,8 +276,7 @@ class Tracker:
         limited per network) and the IP ``client`` (None: not probed back); the reply
         dict (see docs/tracker-api.md)."""
         now = self.clock()
-        keys = self.peers.public_keys(peer)
-        known = None if keys is None else (*keys, self.peers.address(peer))
+        known = self.peers.known(peer)
         request = parse_announce(inner, known)
         if not request.stopped:
             self._check_limits(peer, known is None, network)
@@ -483,8 +482,10 @@ class Tracker:
         if swarm is None:
             return {b"circuits": []}
         # Sources near the downloader first: in a big graph most others are out of reach.
-        sources = self.planner.sources(peer, swarm, request.count, self.settings.max_relays + 1)
-        plans = self.planner.plan(peer, request.infohash, sources, request.count)
+        avoid = self.planner.avoided(peer, request.infohash, request.avoid)
+        depth = self.settings.max_relays + 1
+        sources = self.planner.sources(peer, swarm, request.count, depth, avoid)
+        plans = self.planner.plan(peer, request.infohash, sources, request.count, avoid)
         return {b"circuits": [plan_to_wire(p) for p in plans]}
 
     def _keys(self, peer: Any) -> PeerKeys:

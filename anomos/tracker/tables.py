@@ -282,6 +282,12 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
         s = self._slot(peer)
         return None if s is None else self._keys_at(s)
 
+    def known(self, peer: bytes) -> tuple[bytes, bytes, str] | None:
+        """The peer's (onion, box, address) as last accepted, or None when it is not
+        live: what its announce is checked against, in one lookup."""
+        s = self._slot(peer)
+        return None if s is None else (*self._keys_at(s), self._address_at(s))
+
     def address(self, peer: bytes) -> str:
         return self.address_bytes(peer).decode()
 
