@@ -207,3 +207,20 @@ def test_both_ends_derive_the_same_blocks_and_the_picker_adopts_only_missing_one
     picker.peer_bitfield("c", bytes([1] * 8))
     picker.peer_unchoked("c")
     assert not set(picker.next_requests("c", 10)) & {*blocks, *other}
+
+
+def test_circuits_opened_together_ask_for_different_pieces(
+    tmp_path: Path,
+    sessions: list[TorrentSession],  # noqa: F811
+) -> None:
+    m, _ = make_torrent(tmp_path / "seed")
+    downloader_session = new_session(sessions, m, tmp_path / "down")
+    first, second = downloader_session.first_ask(), downloader_session.first_ask()
+    assert first is not None and second is not None
+    # 32 blocks of 4-block pieces, twice the pieces needed: 16, then the other 6.
+    assert len(first.pieces) == 16 and len(second.pieces) == len(m.pieces) - 16 == 6
+    assert not set(first.pieces) & set(second.pieces)
+    assert downloader_session.first_ask() is None  # every piece is named
+    downloader_session.first_ask_answered(first)  # (its circuit failed)
+    third = downloader_session.first_ask()
+    assert third is not None and set(third.pieces) == set(first.pieces)

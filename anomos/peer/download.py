@@ -400,6 +400,8 @@ class TorrentDownload:
             self._mark("first_circuit")
             setup = time.monotonic() - t0
         except AnomosError as exc:
+            if ask is not None:
+                session.first_ask_answered(ask)
             self.failures += 1
             log.info("circuit with %d relays failed: %s", relays, exc)
             self._asking.pause()

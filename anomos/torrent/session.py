@@ -542,6 +542,10 @@ class TorrentSession:
         self._named_first.update(pieces)
         return FirstAsk(min(blocks, MAX_FIRST_BLOCKS), tuple(pieces))
 
+    def first_ask_answered(self, ask: FirstAsk) -> None:
+        """``ask``'s source answered (or its circuit failed): later asks may name its pieces."""
+        self._named_first.difference_update(ask.pieces)
+
     def connect(
         self,
         stream: Stream,
@@ -736,7 +740,7 @@ class TorrentSession:
         conn.requests.clear()
         conn.control.clear()
         if conn.ask_sent is not None:
-            self._named_first.difference_update(conn.ask_sent.pieces)
+            self.first_ask_answered(conn.ask_sent)
         picker = self._picker
         was_unchoked = not conn.am_choking
         if picker is not None and conn.handshaken:
@@ -1094,7 +1098,7 @@ class TorrentSession:
         controller: sent with the HELLO, they say nothing of this circuit's RTT)."""
         ask, conn.ask_sent = conn.ask_sent, None
         assert ask is not None
-        self._named_first.difference_update(ask.pieces)
+        self.first_ask_answered(ask)
         picker = self.picker
         blocks = ask.blocks_from(lambda i: picker.peer_has(conn, i), self.metainfo.piece_size)
         if picker.adopt(conn, blocks):
