@@ -1147,9 +1147,10 @@ class TorrentSession:
         if choking:
             conn.requests.clear()  # BEP 3: a choke discards the peer's pending requests
         conn.send(Choke().encode() if choking else Unchoke().encode())
-        ask, conn.ask_to_serve = conn.ask_to_serve, None
-        if ask is not None and not choking:
-            # As if requested: the downloader counts the same blocks as asked of us.
+        if not choking and conn.ask_to_serve is not None:
+            # Our first unchoke: the first ask's blocks, as if requested (the
+            # downloader counts the same blocks as asked of us when it gets this unchoke).
+            ask, conn.ask_to_serve = conn.ask_to_serve, None
             have = self._have
             conn.requests.extend(ask.blocks_from(lambda i: bool(have[i]), self.metainfo.piece_size))
             conn.wake.set()
