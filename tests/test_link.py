@@ -459,3 +459,8 @@ def test_a_new_link_warms_tcp_with_padding_unless_our_circuit_waits_for_it(
     warm = linkmod.WARM_UP_BYTES
     wait_until(lambda: min(c.links.links[9].bytes_in, d.links.links[9].bytes_in) >= warm)
     assert not c.links.awaited(9) and not a.links.awaited(7)
+    e, f = make_node(max_send_rate=1 << 20), make_node()  # e has an upload limit
+    pair(e, f, nid=11)
+    wait_until(lambda: 11 in e.links.links and 11 in f.links.links)
+    wait_until(lambda: e.links.links[11].bytes_in >= warm)  # f warms its direction
+    assert f.links.links[11].bytes_in < warm // 4  # e does not

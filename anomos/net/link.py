@@ -764,8 +764,7 @@ class Link:
         """Serve the link in the calling greenlet until it closes."""
         self._reader_greenlet = gevent.getcurrent()
         self.sock.settimeout(IDLE_TIMEOUT)
-        if not (self.dialler and self.manager.awaited(self.nid)):
-            # Not when our own circuit waits to go out on it: it would queue behind.
+        if self.manager.warms(self):
             self._control.extend(_WARM_UP)
         self._writer = gevent.spawn(self._write_loop)
         reason = CloseReason(CloseCause.CLOSED_BY_NEIGHBOUR)
@@ -1018,6 +1017,13 @@ class LinkManager:
     def awaited(self, nid: int) -> bool:
         """Whether something of ours (a circuit to build) waits for the link to ``nid``."""
         return nid in self._awaited
+
+    def warms(self, link: Link) -> bool:
+        """Whether ``link`` starts with :data:`WARM_UP_BYTES` of padding: not when our own
+        circuit waits to go out on it (it would queue behind), nor under an upload
+        limit (the padding would take what circuits need, and the limit paces sends
+        more than TCP's window does)."""
+        return not (link.dialler and self.awaited(link.nid)) and self.send_limiter is None
 
     def dial(self, address: str, *, timeout: float) -> socket.socket:
         """A raw stream to ``address`` through the configured transports (e.g. to the tracker)."""
