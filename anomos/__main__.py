@@ -4,9 +4,9 @@ gevent's monkey-patching happens here and in the test runner only, never when
 the library is imported, so embedding applications keep control of it.
 """
 
-from gevent import monkey
+from anomos.entrypoints import patch_all
 
-monkey.patch_all()
+patch_all()
 
 import sys  # noqa: E402
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import pluggy
 
-from anomos import PROJECT, hookspecs
+from anomos import PROJECT, entrypoints, hookspecs
 from anomos.errors import PluginError
 from anomos.interfaces import CipherSuite, PathPolicy, RatioPolicy, Transport
 from anomos.registry import Registry
@@ -83,7 +83,9 @@ def get_plugin_manager(
         except ImportError as exc:  # pragma: no cover - a broken install
             raise PluginError(f"cannot import built-in plugin {modname}: {exc}") from exc
         pm.register(module, name=modname)
-    if load_entrypoints:
+    # (pluggy's scan imports importlib.metadata and reads every distribution: only
+    # when one declares our group)
+    if load_entrypoints and entrypoints.declared(ENTRY_POINT_GROUP):
         try:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
         except pluggy.PluginValidationError as exc:

@@ -117,11 +117,11 @@ def test_hello_and_reply_round_trip_at_cell_size() -> None:
     blob, hello = os.urandom(512), os.urandom(32)
     body = encode_hello(blob, hello)
     assert len(body) == CELL_BODY
-    assert decode_hello(body) == (blob, hello)
+    assert decode_hello(body) == (blob, hello, b"")
     reply = encode_reply(b"r" * 64)
     assert len(reply) == CELL_BODY
     assert decode_reply(reply) == b"r" * 64
-    assert decode_hello(encode_hello(b"", b"")) == (b"", b"")
+    assert decode_hello(encode_hello(b"", b"")) == (b"", b"", b"")
 
 
 def test_malformed_first_cells_refused() -> None:

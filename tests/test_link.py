@@ -439,3 +439,28 @@ def test_receipts_count_what_each_neighbour_sent_across_reconnections(
     a.assign(neighbour(c, 2, False))
     assert a.links.receipts() == {}
     assert not a.links._received
+
+
+def test_a_new_link_warms_tcp_with_padding_unless_our_circuit_waits_for_it(
+    make_node: Any,
+) -> None:
+    """A new link sends WARM_UP_BYTES of PADDING first (TCP's window grows before a
+    circuit's 32 KiB cells need it), except at a dialler whose own circuit waits for
+    the link: that circuit's CREATE and HELLO must not queue behind the padding."""
+    a, b = make_node(), make_node()
+    pair(a, b)
+    la = a.links.wait_for(7, 5)  # a circuit of a's waits for this link
+    lb = b.links.wait_for(7, 5)
+    wait_until(lambda: la.bytes_in >= linkmod.WARM_UP_BYTES)  # b's warm-up
+    assert lb.bytes_in < linkmod.WARM_UP_BYTES // 4  # a sent none
+    c, d = make_node(), make_node()
+    pair(c, d, nid=9)  # nobody waits: both ends warm their direction
+    wait_until(lambda: 9 in c.links.links and 9 in d.links.links)
+    warm = linkmod.WARM_UP_BYTES
+    wait_until(lambda: min(c.links.links[9].bytes_in, d.links.links[9].bytes_in) >= warm)
+    assert not c.links.awaited(9) and not a.links.awaited(7)
+    e, f = make_node(max_send_rate=1 << 20), make_node()  # e has an upload limit
+    pair(e, f, nid=11)
+    wait_until(lambda: 11 in e.links.links and 11 in f.links.links)
+    wait_until(lambda: e.links.links[11].bytes_in >= warm)  # f warms its direction
+    assert f.links.links[11].bytes_in < warm // 4  # e does not

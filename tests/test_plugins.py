@@ -1,14 +1,18 @@
 """Registries, the plugin facade and the ``anomos plugins`` command."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from anomos import hookimpl
+from anomos.entrypoints import declared, entry_point_groups
 from anomos.errors import ConfigError, PluginError
-from anomos.pluginmanager import get_plugins
+from anomos.pluginmanager import ENTRY_POINT_GROUP, get_plugins
 from anomos.registry import Registry
-from anomos.testing import run_anomos
+from anomos.testing import run_anomos, write_dist_info
 
 
 def test_registry_refuses_duplicates_and_names_unknowns():
@@ -63,3 +67,57 @@ def test_plugins_command_lists_a_default_for_each_kind():
         assert registered[kind], f"no {kind} registered"
     assert "tcp" in registered["transport"]
     assert "anomos_register_transports" in data["plugins"]["anomos.plugins.transports.tcp"]
+
+
+def test_a_launch_reads_no_distribution_metadata_without_third_party_plugins():
+    """gevent's and pluggy's entry-point scans and tqdm's version lookup each import
+    importlib.metadata and parse every installed distribution: 0.2-0.3 CPU-s of
+    every launch. Without a plugin that would need it, none of that runs."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "anomos", "get", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, ANOMOS_PROGRESS="0"),
+    )
+    assert result.returncode == 0, result.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
+    assert "anomos.cli" in imported  # (the report is there)
+    assert {"importlib.metadata", "tqdm", "sqlite3"}.isdisjoint(imported)
+
+
+def test_entry_point_groups_are_read_from_the_metadata_folders(tmp_path):
+    site = write_dist_info(tmp_path / "site", "anomos-extra", {"extra": "extra_mod"})
+    gevent_only = tmp_path / "gevent-site" / "gevent-1.0.dist-info"
+    gevent_only.mkdir(parents=True)
+    (gevent_only / "entry_points.txt").write_text("[gevent.plugins.monkey.will_patch_all]\nx = y\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "old.egg-info").write_text("Metadata-Version: 1.0\n")  # an egg-info *file*
+    assert entry_point_groups([str(site), str(tmp_path / "missing"), str(empty)]) == {
+        "anomos_extra": {"anomos"}
+    }
+    assert entry_point_groups([str(tmp_path / "gevent-site")]) == {
+        "gevent": {"gevent.plugins.monkey.will_patch_all"}
+    }
+    zipped = tmp_path / "plugins.zip"
+    zipped.write_bytes(b"PK\x05\x06" + bytes(18))
+    assert entry_point_groups([str(empty), str(zipped)]) is None  # unsure: look inside
+
+
+def test_a_third_party_plugin_is_still_loaded_from_its_entry_point(install_plugin, tmp_path):
+    """The fast check must not hide an installed plugin from pluggy's scan."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "fastcheck_plugin.py").write_text(
+        "from anomos import hookimpl\n\n"
+        "class Quiet:\n    name = 'quiet'\n\n"
+        "@hookimpl\ndef anomos_register_transports(registry):\n"
+        "    registry.add('quiet', Quiet)\n"
+    )
+    assert not declared(ENTRY_POINT_GROUP) or "quiet" not in get_plugins().transports
+    install_plugin("fastcheck-plugin", {"fastcheck": "fastcheck_plugin"}, source=source)
+    assert declared(ENTRY_POINT_GROUP)
+    plugins = get_plugins()
+    assert "quiet" in plugins.transports
+    assert "fastcheck" in dict(plugins.pm.list_name_plugin())

@@ -236,6 +236,8 @@ class CircuitStream:
     _recv_layers: list[OnionLayer] = attrs.field(repr=False)
     #: At the source: the request the downloader sent.
     request: SourceRequest | None = attrs.field(default=None, repr=False)
+    #: At the source: the early data its HELLO carried for the application (or b"").
+    early: bytes = attrs.field(default=b"", repr=False)
     state: CircuitState = CircuitState.CREATING
     #: Why the circuit closed, once it has.
     closed_reason: str | None = None
@@ -437,13 +439,16 @@ class CircuitStream:
         )
         return self._timer
 
-    def accept(self, request: SourceRequest, channel: e2e.E2EChannel, reply: bytes) -> bool:
+    def accept(
+        self, request: SourceRequest, channel: e2e.E2EChannel, reply: bytes, early: bytes = b""
+    ) -> bool:
         """At the source: answer a good HELLO with the REPLY and open; False if the
         circuit broke meanwhile."""
         if self._timer is not None:
             self._timer.kill(block=False)
             self._timer = None
         self.request = request
+        self.early = early
         try:
             self._send_body(e2e.encode_reply(reply))
         except CircuitClosed:
@@ -747,8 +752,12 @@ class CircuitSwitch:
         return list(seen.values())
 
     # ------------------------------------------------------------------ downloader
-    def open_circuit(self, plan: Any, timeout: float) -> CircuitStream:
+    def open_circuit(self, plan: Any, timeout: float, *, early: bytes = b"") -> CircuitStream:
         """Build the circuit a tracker planned and agree end-to-end keys with its source.
+
+        ``early``: data for the source's application in the HELLO (at most
+        :data:`~anomos.protocol.e2e.MAX_EARLY_DATA` bytes; :attr:`CircuitStream.early`
+        there), which it has one circuit round trip before any record.
 
         ``plan`` is a :class:`anomos.tracker.client.CircuitPlan`. Raises
         :class:`ProtocolError` if a hop refuses (the reason travels back in
@@ -778,7 +787,7 @@ class CircuitSwitch:
                 # it on once it has forwarded the CREATE (same queue, so never ahead of
                 # it), and the source, which answered CREATED, is waiting for it. One
                 # round trip of the whole circuit saved.
-                stream.send_hello(e2e.encode_hello(plan.request_blob, hello))
+                stream.send_hello(e2e.encode_hello(plan.request_blob, hello, early))
                 stream.wait_for(CircuitState.OPEN)
         except CircuitClosed:
             raise ProtocolError(f"circuit failed: {stream.closed_reason}") from None
@@ -883,7 +892,7 @@ class CircuitSwitch:
     def on_hello(self, stream: CircuitStream, body: memoryview) -> None:
         """The source's half of the key agreement; runs in the link's reader greenlet."""
         try:
-            blob, suite_hello = e2e.decode_hello(body)
+            blob, suite_hello, early = e2e.decode_hello(body)
             request = open_request(blob, self.identity.box, self.trackers)
             self._seen.check(blob, request)
         except AnomosError as exc:
@@ -904,7 +913,7 @@ class CircuitSwitch:
         except AnomosError as exc:
             stream.refuse(BreakReason.REFUSED, f"cannot agree keys: {exc}")
             return
-        if stream.accept(request, channel, reply):
+        if stream.accept(request, channel, reply, early):
             self._group.spawn(self._serve, serve, stream)
 
     @staticmethod

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from anomos.net.circuit import CircuitStream
     from anomos.peer.node import Peer
     from anomos.torrent.metainfo import Metainfo
+    from anomos.torrent.wire import FirstAsk
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +164,14 @@ class DownloadReport:
         }
 
 
-def open_circuit(peer: Peer, plan: CircuitPlan) -> CircuitStream:
-    """Build the circuit ``plan`` describes; :class:`AnomosError` if it cannot be."""
+def open_circuit(peer: Peer, plan: CircuitPlan, ask: FirstAsk | None = None) -> CircuitStream:
+    """Build the circuit ``plan`` describes, ``ask`` in its HELLO; :class:`AnomosError`
+    if it cannot be."""
     if plan.first_nid not in peer.links.neighbours():
         raise TransportError(f"first hop NID {plan.first_nid} is not a neighbour")
     peer.links.wait_for(plan.first_nid, FIRST_HOP_WAIT)
-    stream: CircuitStream = peer.switch.open_circuit(plan, timeout=CIRCUIT_TIMEOUT)
+    early = ask.encode() if ask is not None else b""
+    stream: CircuitStream = peer.switch.open_circuit(plan, timeout=CIRCUIT_TIMEOUT, early=early)
     return stream
 
 
@@ -400,18 +403,21 @@ class TorrentDownload:
         session = self.session
         relays = len(plan.layers) - 1
         t0 = time.monotonic()
+        ask = session.first_ask()
         try:
-            stream = open_circuit(self.peer, plan)
+            stream = open_circuit(self.peer, plan, ask)
             self._mark("first_circuit")
             setup = time.monotonic() - t0
         except AnomosError as exc:
+            if ask is not None:
+                session.first_ask_answered(ask)
             self.failures += 1
             log.info("circuit with %d relays failed: %s", relays, exc)
             self._asking.pause()
             return
         conn: PeerConnection | None = None
         try:
-            conn = session.connect(stream, f"circuit/{relays} relays")
+            conn = session.connect(stream, f"circuit/{relays} relays", ask_sent=ask)
             assert conn.greenlet is not None
             conn.greenlet.join()
         finally:

@@ -469,7 +469,7 @@ class Peer:
             return None  # nothing to give: refusing tells the downloader to look elsewhere
 
         def serve(stream: Any) -> None:
-            session.add_connection(stream, "circuit", asked=True)
+            session.add_connection(stream, "circuit", asked=True, first_ask=stream.early)
 
         return serve
 

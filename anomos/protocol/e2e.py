@@ -16,6 +16,13 @@ The first cell each way (HELLO from the downloader, REPLY from the source)
 exists before these keys do; :func:`encode_hello` / :func:`encode_reply` frame
 them in fixed-size bodies protected only by the per-hop layers; whatever they
 carry authenticates itself (a sealed box, and the suite's MAC over its transcript).
+A HELLO may also carry *early data* (at most :data:`MAX_EARLY_DATA` bytes) for
+the source's application, read before any record: the downloader's first
+BitTorrent ask, so the source can send its first blocks right behind the REPLY
+instead of one circuit round trip later. Only the source removes the last layer,
+and a changed cell arrives as noise, so no relay can read or plant it; the
+tracker, which chose every layer key, could read it (it learns which pieces a
+downloader it already sent to that source asks for first).
 A source that refuses a HELLO answers :func:`encode_refusal` instead, with its
 reason: under the per-hop layers no relay can read it or plant one of its own
 (a changed cell arrives as noise, see :mod:`anomos.protocol.layers`).
@@ -56,6 +63,8 @@ REFUSAL_TYPE = 0x46  # "F"
 _FIRST_CELL_NAMES = {HELLO_TYPE: "HELLO", REPLY_TYPE: "REPLY", REFUSAL_TYPE: "REFUSAL"}
 HELLO_VERSION = 1
 _U16 = struct.Struct(">H")
+#: Most bytes of early data a HELLO may carry for the source's application.
+MAX_EARLY_DATA = 1024
 #: Largest suite hello / reply a first cell can frame.
 MAX_HELLO_FIELD = CELL_BODY - 2 - 2 * _U16.size
 _ZEROS = memoryview(bytes(CELL_BODY))
@@ -187,7 +196,11 @@ def _frame(kind: int, fields: tuple[bytes, ...]) -> bytes:
     return body + bytes(CELL_BODY - len(body))
 
 
-def _unframe(body: bytes | bytearray | memoryview, kind: int, count: int) -> list[bytes]:
+def _unframe(
+    body: bytes | bytearray | memoryview, kind: int, count: int, optional: int = 0
+) -> list[bytes]:
+    """The ``count`` fields of a first cell, and up to ``optional`` more if present
+    (an absent optional field reads as empty: its place is zero padding)."""
     name = _FIRST_CELL_NAMES[kind]
     if len(body) != CELL_BODY:
         raise ProtocolError(f"{name} cell is {len(body)} bytes, expected {CELL_BODY}")
@@ -198,7 +211,10 @@ def _unframe(body: bytes | bytearray | memoryview, kind: int, count: int) -> lis
         raise ProtocolError(f"{name} cell has unknown version {body[1]}")
     pos = 2
     fields = []
-    for _ in range(count):
+    for i in range(count + optional):
+        if i >= count and not any(body[pos:]):
+            fields.append(b"")
+            continue
         if pos + _U16.size > CELL_BODY:
             raise ProtocolError(f"{name} cell ends inside a length field")
         (n,) = _U16.unpack_from(body, pos)
@@ -212,15 +228,25 @@ def _unframe(body: bytes | bytearray | memoryview, kind: int, count: int) -> lis
     return fields
 
 
-def encode_hello(request_blob: bytes, suite_hello: bytes) -> bytes:
-    """The downloader's first cell body: the sealed request and the suite's hello."""
-    return _frame(HELLO_TYPE, (request_blob, suite_hello))
+def encode_hello(request_blob: bytes, suite_hello: bytes, early: bytes = b"") -> bytes:
+    """The downloader's first cell body: the sealed request, the suite's hello and, if
+    any, early data for the source's application (a third field, else padding)."""
+    if len(early) > MAX_EARLY_DATA:
+        raise ValueError(f"early data of {len(early)} bytes, at most {MAX_EARLY_DATA}")
+    return _frame(
+        HELLO_TYPE, (request_blob, suite_hello, early) if early else (request_blob, suite_hello)
+    )
 
 
-def decode_hello(body: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
-    """``(request_blob, suite_hello)``; ``ProtocolError`` on a malformed cell."""
-    blob, hello = _unframe(body, HELLO_TYPE, 2)
-    return blob, hello
+def decode_hello(body: bytes | bytearray | memoryview) -> tuple[bytes, bytes, bytes]:
+    """``(request_blob, suite_hello, early_data)``; ``ProtocolError`` on a malformed cell
+    or early data over :data:`MAX_EARLY_DATA` bytes."""
+    blob, hello, early = _unframe(body, HELLO_TYPE, 2, optional=1)
+    if len(early) > MAX_EARLY_DATA:
+        raise ProtocolError(
+            f"HELLO carries {len(early)} bytes of early data, at most {MAX_EARLY_DATA}"
+        )
+    return blob, hello, early
 
 
 def encode_reply(reply: bytes) -> bytes:

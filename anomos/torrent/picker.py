@@ -30,7 +30,7 @@ from __future__ import annotations
 import enum
 import random
 import sys
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Container, Hashable, Iterable, Iterator
 
 import attrs
 from sortedcontainers import SortedList
@@ -381,21 +381,67 @@ class PiecePicker:
             index = self._pick_new(peer, st)
             if index is None:
                 break
-            self._unwant(index)
-            size = self.piece_size(index)
-            nblocks = -(-size // BLOCK_SIZE)
-            part = _Partial(
-                index=index,
-                size=size,
-                state=bytearray(nblocks),
-                missing=nblocks,
-                exclusive=index in fails,
-            )
-            self._partials[index] = part
-            self._take(part, peer, st, out, count)
+            self._take(self._start(index), peer, st, out, count)
         if len(out) < count and self.in_endgame:
             self._endgame(peer, st, out, count)
         return out
+
+    def _start(self, index: int) -> _Partial:
+        """Piece ``index`` leaves the pool: its first blocks are about to be asked for."""
+        self._unwant(index)
+        size = self.piece_size(index)
+        nblocks = -(-size // BLOCK_SIZE)
+        part = _Partial(
+            index=index,
+            size=size,
+            state=bytearray(nblocks),
+            missing=nblocks,
+            exclusive=index in self._fails,
+        )
+        self._partials[index] = part
+        return part
+
+    def unstarted(self, count: int, exclude: Container[int] = ()) -> list[int]:
+        """Up to ``count`` wanted pieces not started, in the order new picks take them
+        (priority, rarity, random rank), none of ``exclude``: what a first ask names
+        before any bitfield of its source is known."""
+        out: list[int] = []
+        n, piece_of_rank = self.num_pieces, self._piece_of_rank
+        for _, key in self._rarity:
+            index = piece_of_rank[key % n]
+            if index not in exclude:
+                out.append(index)
+                if len(out) >= count:
+                    break
+        return out
+
+    def adopt(self, peer: Hashable, blocks: Iterable[Block]) -> int:
+        """``peer`` sends ``blocks`` unasked (our first ask named them): count those still
+        missing as requested from it, so they are accepted and asked of nobody else.
+        Returns how many were; a block already requested elsewhere or received, or
+        of a piece we have or an exclusive piece of another peer, is not."""
+        st = self._peers[peer]
+        adopted = 0
+        for block in blocks:
+            index, begin, _ = block
+            part = self._partials.get(index)
+            if part is None:
+                if index not in self._pool:
+                    continue
+                part = self._start(index)
+            if part.exclusive and part.owner not in (None, peer):
+                continue
+            bno = begin // BLOCK_SIZE
+            if bno >= len(part.state) or part.state[bno] != _MISSING or part.block(bno) != block:
+                continue
+            part.state[bno] = _REQUESTED
+            part.missing -= 1
+            part.requesters[bno] = {peer}
+            st.outstanding.add(block)
+            if part.exclusive:
+                part.owner = peer
+            adopted += 1
+        return adopted
 
     def _take(
         self, part: _Partial, peer: Hashable, st: _Peer, out: list[Block], count: int

@@ -51,17 +51,20 @@ from anomos.progress import bar
 from anomos.torrent import choker as choking
 from anomos.torrent import resume
 from anomos.torrent.choker import Choker, RateMeter
-from anomos.torrent.flow import FlowControl
+from anomos.torrent.flow import INITIAL_WINDOW, FlowControl
 from anomos.torrent.picker import SKIP, Block, PiecePicker, Priority, band
 from anomos.torrent.storage import Storage
 from anomos.torrent.wire import (
     BLOCK_SIZE,
+    MAX_FIRST_BLOCKS,
+    MAX_FIRST_PIECES,
     METADATA_PIECE_SIZE,
     BadPiece,
     Bitfield,
     Cancel,
     Choke,
     DontHave,
+    FirstAsk,
     Handshake,
     Have,
     Interested,
@@ -191,6 +194,11 @@ class PeerConnection:
     metadata_sent: int = attrs.field(default=0, repr=False)
     #: Bytes of requests to keep in flight, from this connection's RTT and delivery rate.
     flow: FlowControl = attrs.field(factory=lambda: FlowControl(time.monotonic()), repr=False)
+    #: At a source: the downloader's first ask (its circuit's HELLO), served at our
+    #: first unchoke. At a downloader: the ask we sent, whose blocks count as requested
+    #: at the source's first unchoke.
+    ask_to_serve: FirstAsk | None = attrs.field(default=None, repr=False)
+    ask_sent: FirstAsk | None = attrs.field(default=None, repr=False)
 
     def send(self, data: bytes) -> None:
         """Queue an encoded message; the writer greenlet sends it before any block."""
@@ -286,6 +294,9 @@ class TorrentSession:
         self.first_block_at: float | None = None
         #: When the first piece was verified (monotonic): the start of a download, measured.
         self.first_piece_at: float | None = None
+        #: Pieces named by first asks whose sources have not answered yet (the next
+        #: circuit's ask names others).
+        self._named_first: set[int] = set()
         #: Speed limits the daemon sets (this torrent's, the session's): bytes read from
         #: every connection, and block bytes sent, wait for tokens of each.
         self.download_throttles: tuple[Throttle, ...] = ()
@@ -505,18 +516,53 @@ class TorrentSession:
         if self.resume_dir is not None:
             self._spawn(self._resume_loop)
 
-    def add_connection(self, stream: Stream, label: str, *, asked: bool = False) -> Greenlet:
+    def add_connection(
+        self, stream: Stream, label: str, *, asked: bool = False, first_ask: bytes = b""
+    ) -> Greenlet:
         """Run the peer-wire protocol over ``stream``; the greenlet ends when it closes."""
-        greenlet = self.connect(stream, label, asked=asked).greenlet
+        greenlet = self.connect(stream, label, asked=asked, first_ask=first_ask).greenlet
         assert greenlet is not None
         return greenlet
 
-    def connect(self, stream: Stream, label: str, *, asked: bool = False) -> PeerConnection:
+    def first_ask(self, blocks: int = INITIAL_WINDOW // BLOCK_SIZE) -> FirstAsk | None:
+        """What a new circuit's HELLO asks its source to send unasked, at once: ``blocks``
+        blocks of wanted pieces not started (nor named by another circuit's ask still
+        unanswered), more pieces than needed in case the source lacks some. None
+        when there is nothing to ask for."""
+        self.start()
+        if self.complete:
+            return None
+        picker = self.picker
+        size = self.metainfo.piece_size(0)
+        per_piece = max(1, -(-size // BLOCK_SIZE))
+        count = min(MAX_FIRST_PIECES, 2 * -(-blocks // per_piece))
+        pieces = picker.unstarted(count, exclude=self._named_first)
+        if not pieces:
+            return None
+        self._named_first.update(pieces)
+        return FirstAsk(min(blocks, MAX_FIRST_BLOCKS), tuple(pieces))
+
+    def first_ask_answered(self, ask: FirstAsk) -> None:
+        """``ask``'s source answered (or its circuit failed): later asks may name its pieces."""
+        self._named_first.difference_update(ask.pieces)
+
+    def connect(
+        self,
+        stream: Stream,
+        label: str,
+        *,
+        asked: bool = False,
+        first_ask: bytes = b"",
+        ask_sent: FirstAsk | None = None,
+    ) -> PeerConnection:
         """:meth:`add_connection`, returning the connection (its figures stay readable).
 
         ``asked``: the peer opened this connection to fetch this torrent from us (a
         circuit with us as its source), so it is interested before it says so: a
         free upload slot unchokes it in our first answer, one round trip sooner.
+        ``first_ask``: with ``asked``, the encoded :class:`FirstAsk` its HELLO
+        carried (checked here: a bad one is a ``ProtocolError``), whose blocks go
+        out with our first unchoke. ``ask_sent``: the one we sent this source.
         """
         if self._closed:
             stream.close()
@@ -527,6 +573,9 @@ class TorrentSession:
             stream.close()
             raise
         conn = PeerConnection(session=self, stream=stream, label=label)
+        if first_ask and asked:
+            conn.ask_to_serve = FirstAsk.decode(first_ask, len(self.metainfo.pieces))
+        conn.ask_sent = ask_sent
         # Queued before the connection is visible to the others: any have (or
         # don't-have) sent to it meanwhile goes out after the handshake.
         conn.send(Handshake(self.metainfo.infohash, conn.peer_id).encode())
@@ -690,6 +739,8 @@ class TorrentSession:
             self._conns.remove(conn)
         conn.requests.clear()
         conn.control.clear()
+        if conn.ask_sent is not None:
+            self.first_ask_answered(conn.ask_sent)
         picker = self._picker
         was_unchoked = not conn.am_choking
         if picker is not None and conn.handshaken:
@@ -750,6 +801,8 @@ class TorrentSession:
                 if conn.peer_choking:
                     conn.peer_choking = False
                     self.picker.peer_unchoked(conn)
+                    if conn.ask_sent is not None:
+                        self._adopt_first(conn)
                     self._fill(conn)
             elif kind is Choke:
                 if not conn.peer_choking:
@@ -1039,6 +1092,18 @@ class TorrentSession:
             )
 
     # ------------------------------------------------------------------ requests and choking
+    def _adopt_first(self, conn: PeerConnection) -> None:
+        """The source's first unchoke: the blocks of our first ask that it has are on
+        their way unasked; count them as requested from it (not in the flow
+        controller: sent with the HELLO, they say nothing of this circuit's RTT)."""
+        ask, conn.ask_sent = conn.ask_sent, None
+        assert ask is not None
+        self.first_ask_answered(ask)
+        picker = self.picker
+        blocks = ask.blocks_from(lambda i: picker.peer_has(conn, i), self.metainfo.piece_size)
+        if picker.adopt(conn, blocks):
+            conn.last_block = time.monotonic()
+
     def _fill(self, conn: PeerConnection) -> None:
         """Top up the requests in flight to ``conn``."""
         if conn.closed or conn.peer_choking or not conn.am_interested:
@@ -1082,6 +1147,13 @@ class TorrentSession:
         if choking:
             conn.requests.clear()  # BEP 3: a choke discards the peer's pending requests
         conn.send(Choke().encode() if choking else Unchoke().encode())
+        if not choking and conn.ask_to_serve is not None:
+            # Our first unchoke: the first ask's blocks, as if requested (the
+            # downloader counts the same blocks as asked of us when it gets this unchoke).
+            ask, conn.ask_to_serve = conn.ask_to_serve, None
+            have = self._have
+            conn.requests.extend(ask.blocks_from(lambda i: bool(have[i]), self.metainfo.piece_size))
+            conn.wake.set()
 
     def _maybe_unchoke(self, conn: PeerConnection) -> None:
         """Unchoke an interested peer at once if a slot is free (no wait for the timer)."""

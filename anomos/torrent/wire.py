@@ -14,6 +14,9 @@ to source: "your copy of this piece failed its hash check") and
 BEP 54's ``lt_donthave``). Two more (ids 26 and 27, BEP 9's ``ut_metadata``
 without the extension protocol) carry a torrent's metadata to a downloader that
 started from a magnet: :class:`MetadataRequest` and :class:`MetadataPiece`.
+
+A downloader's :class:`FirstAsk` is no message: it rides in the circuit's HELLO
+(early data) so that the source sends the first blocks with its first answer.
 """
 
 from __future__ import annotations
@@ -321,6 +324,77 @@ def encode_cancel(index: int, begin: int, length: int) -> bytes:
 
 def encode_have(index: int) -> bytes:
     return _HAVE.pack(5, HAVE, index)
+
+
+# --------------------------------------------------------------------------- first ask
+#: Most blocks a first ask may ask for (2 MiB, within a circuit's first window).
+MAX_FIRST_BLOCKS = 128
+#: Most pieces a first ask may name.
+MAX_FIRST_PIECES = 64
+FIRST_ASK_VERSION = 1
+_FIRST_HDR = struct.Struct(">BHB")
+
+
+@attrs.frozen
+class FirstAsk:
+    """The downloader's first request, sent in the circuit's HELLO (see
+    :mod:`anomos.protocol.e2e`): "at your first unchoke, send me ``blocks`` blocks of
+    these pieces, in this order, skipping those you lack".
+
+    Both ends derive the same blocks from it (:meth:`blocks_from`), the source from
+    what it has, the downloader from the source's bitfield and haves received
+    before that unchoke, so the downloader counts them as requested and never asks
+    for them again, and the source's first blocks follow its REPLY at once instead
+    of one circuit round trip later::
+
+        version u8 (1) | blocks u16 | count u8 | count x piece index u32
+    """
+
+    blocks: int
+    pieces: tuple[int, ...]
+
+    def encode(self) -> bytes:
+        return _FIRST_HDR.pack(FIRST_ASK_VERSION, self.blocks, len(self.pieces)) + b"".join(
+            _U32.pack(i) for i in self.pieces
+        )
+
+    @classmethod
+    def decode(cls, data: bytes, num_pieces: int) -> FirstAsk:
+        """Check every field against the torrent; ``ProtocolError`` names what is wrong."""
+        if len(data) < _FIRST_HDR.size:
+            raise ProtocolError(f"first ask of {len(data)} bytes is too short")
+        version, blocks, count = _FIRST_HDR.unpack_from(data)
+        if version != FIRST_ASK_VERSION:
+            raise ProtocolError(f"first ask has unknown version {version}")
+        if not 1 <= blocks <= MAX_FIRST_BLOCKS:
+            raise ProtocolError(f"first ask for {blocks} blocks, expected 1-{MAX_FIRST_BLOCKS}")
+        if not 1 <= count <= MAX_FIRST_PIECES:
+            raise ProtocolError(f"first ask names {count} pieces, expected 1-{MAX_FIRST_PIECES}")
+        if len(data) != _FIRST_HDR.size + 4 * count:
+            raise ProtocolError(f"first ask of {len(data)} bytes for {count} pieces")
+        pieces = tuple(_U32.unpack_from(data, _FIRST_HDR.size + 4 * i)[0] for i in range(count))
+        bad = next((i for i in pieces if i >= num_pieces), None)
+        if bad is not None:
+            raise ProtocolError(f"first ask names piece {bad} of {num_pieces}")
+        if len(set(pieces)) != count:
+            raise ProtocolError("first ask names a piece twice")
+        return cls(blocks, pieces)
+
+    def blocks_from(
+        self, has: Callable[[int], bool], piece_size: Callable[[int], int]
+    ) -> list[tuple[int, int, int]]:
+        """``(index, begin, length)`` of the blocks asked for: the named pieces ``has``
+        accepts, in order, block by block, until :attr:`blocks` are taken."""
+        out: list[tuple[int, int, int]] = []
+        for index in self.pieces:
+            if not has(index):
+                continue
+            size = piece_size(index)
+            for begin in range(0, size, BLOCK_SIZE):
+                if len(out) == self.blocks:
+                    return out
+                out.append((index, begin, min(BLOCK_SIZE, size - begin)))
+        return out
 
 
 # --------------------------------------------------------------------------- reader

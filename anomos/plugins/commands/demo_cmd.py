@@ -11,20 +11,22 @@ import hashlib
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from anomos import hookimpl
 from anomos.config import parse_size
 from anomos.errors import AnomosError
-from anomos.localnet import LocalNetwork
 from anomos.torrent.metainfo import make_metainfo
+
+if TYPE_CHECKING:  # (imported when the demo runs: every launch of anomos loads this plugin)
+    from anomos.localnet import LocalNetwork
 
 #: Seconds the network gets to form its neighbour links before the download.
 SETTLE = 5.0
@@ -80,6 +82,8 @@ def demo_command(
     keep = workdir is not None
     root = workdir or Path(tempfile.mkdtemp(prefix="anomos-demo-"))
     root.mkdir(parents=True, exist_ok=True)
+    from anomos.localnet import LocalNetwork
+
     net = LocalNetwork(root / "net")
     try:
         click.echo(f"anomos demo in {root}")
@@ -168,6 +172,8 @@ def demo_command(
 
 def _show_relay_credit(net: LocalNetwork, tracker_state: Path) -> None:
     """What the tracker credits each peer, read from its SQLite file."""
+    import sqlite3
+
     from anomos.pluginmanager import get_plugins
     from anomos.tracker.store import DB_FILE
 
