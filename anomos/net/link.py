@@ -285,8 +285,20 @@ class TLSStream:
         view = memoryview(buffer).cast("B")
         nbytes = nbytes or len(view)
         got = 0
-        read = self._obj.read
+        obj, inbound = self._obj, self._in
+        read = obj.read
         while got < nbytes:
+            # With nothing received left to decrypt, a read could only raise
+            # SSLWantReadError: skip that exception (twice per wake-up otherwise).
+            if not inbound.pending:
+                if got:
+                    break
+                if not obj.pending():
+                    if self._out.pending:
+                        self._flush()
+                    if not self._feed():
+                        return 0
+                    continue
             try:
                 got += int(read(nbytes - got, view[got:]))
             except ssl.SSLWantReadError:
