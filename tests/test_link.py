@@ -236,6 +236,29 @@ def test_keepalive_and_idle_timeout(make_node: Any, monkeypatch: Any) -> None:
     assert la.closed_reason.cause.lost and not la.closed_reason.cause.local
 
 
+def test_a_neighbour_that_stops_reading_is_cut_as_send_stuck(
+    make_node: Any, monkeypatch: Any
+) -> None:
+    # b keeps its link alive (its watchdog queues PADDING, its writer sends it) but its
+    # reader hangs in a frame handler: a's sends fill the socket and stop. The link's
+    # watchdog, not a timeout on the socket, must notice and cut it.
+    monkeypatch.setattr(linkmod, "KEEPALIVE_INTERVAL", 0.1)
+    monkeypatch.setattr(linkmod, "IDLE_TIMEOUT", 1.5)
+    a, b = make_node("memory"), make_node("memory")
+    pair(a, b)
+    la, lb = a.links.wait_for(7, 5), b.links.wait_for(7, 5)
+    lb._watchdog.kill()  # b pads as before but never gives up on a: only a is timed
+    lb._watchdog = gevent.spawn(lb._watch, 0.1, 3600.0)
+    b.links.on_frame = lambda link, c, cmd, p: gevent.sleep(3600)
+    circ = la.allocate_circ_id()
+    cell = bytes(linkmod.CELL_BODY)
+    for _ in range(256):  # 8 MiB: far more than the socket pair buffers
+        assert la.send(circ, Cmd.DATA, cell)
+    assert la.wait_closed(10)
+    assert la.closed_reason == CloseReason(CloseCause.SEND_STUCK, "send stuck for 1.5 s")
+    assert not lb.closed  # b's own sends went through all along
+
+
 def test_garbage_after_handshake_closes_the_link(make_node: Any) -> None:
     a, b = make_node("memory"), make_node("memory")
     pair(a, b)

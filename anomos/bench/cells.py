@@ -77,12 +77,47 @@ def cells_section(*, cells: int = 10, repeats: int = 300) -> dict[str, Any]:
 ROLES = ("source", "relay", "downloader")
 
 
-def _cpu_times(worker: Any) -> tuple[float, float]:
-    """(user, system) CPU seconds of a worker process so far."""
+#: What the probe counts per MiB besides CPU time: context switches (wake-ups and
+#: preemptions) and minor page faults.
+COUNTERS = ("user", "system", "switches", "faults")
+
+
+def _counters(worker: Any) -> dict[str, float]:
+    """CPU seconds (user, system), context switches and minor page faults of a
+    worker process so far."""
     import psutil
 
-    t = psutil.Process(worker.popen.pid).cpu_times()
-    return float(t.user), float(t.system)
+    proc = psutil.Process(worker.popen.pid)
+    t, sw = proc.cpu_times(), proc.num_ctx_switches()
+    stat = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return {
+        "user": float(t.user),
+        "system": float(t.system),
+        "switches": float(sw.voluntary + sw.involuntary),
+        "faults": float(stat[7]),
+    }
+
+
+def _tree_atorrent(tree: Path, data: Path, dest: Path, python: str | None) -> Path:
+    """The .atorrent of ``data`` as ``tree``'s code writes it (the format has changed
+    since some of the trees worth comparing: each seeds and reads its own)."""
+    import subprocess
+
+    from anomos.bench.network import BENCH_TRACKER
+
+    script = (
+        "import sys; from pathlib import Path; "
+        "from anomos.torrent.metainfo import make_metainfo; "
+        "make_metainfo(Path(sys.argv[1]), trackers=[sys.argv[3]], progress=False)"
+        ".save(Path(sys.argv[2]))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"}
+    subprocess.run(
+        [python or sys.executable, "-c", script, str(data), str(dest), BENCH_TRACKER],
+        env=env,
+        check=True,
+    )
+    return dest
 
 
 def cpu_per_byte(
@@ -91,6 +126,8 @@ def cpu_per_byte(
     *,
     size: int = 64 << 20,
     runs: int = 3,
+    pythons: dict[str, str] | None = None,
+    rate: int = 0,
     echo: Callable[[str], None] = lambda _msg: None,
 ) -> dict[str, Any]:
     """CPU microseconds per MiB each role of a one-relay download spends, per tree.
@@ -101,17 +138,21 @@ def cpu_per_byte(
     (user + system, from outside) over the run is divided by the MiB it moved:
     served (source), relayed (relay) and received (downloader). Runs of the
     trees alternate, so a busy phase of the machine hits each; medians of
-    ``runs``.
+    ``runs``. ``pythons`` names another interpreter for a tree (its venv's
+    libraries: trees before 2026-12-05 need a cryptography < 51, which still
+    allowed in-place ``update_into``). ``rate`` (bytes/s, 0: none) caps what the
+    source sends, as on a WAN link: CPU per byte at the rates a WAN sees, where
+    each wake-up has fewer cells to handle.
     """
     from anomos.bench.network import bench_torrent
     from anomos.bench.procs import Cluster
 
-    files, _data, atorrent = bench_torrent(workdir, "cpu", size, copies=2)
+    files, data, atorrent = bench_torrent(workdir, "cpu", size, copies=2)
     mib = size / (1 << 20)
     samples: dict[str, dict[str, list[float]]] = {
         name: {
             **{r: [] for r in ROLES},
-            **{f"{r}_system": [] for r in ROLES},
+            **{f"{r}_{c}": [] for r in ROLES for c in COUNTERS[1:]},
             "seconds": [],
             "cells_per_mib": [],
         }
@@ -120,27 +161,44 @@ def cpu_per_byte(
     clusters = []
     try:
         nets = {}
+        atorrents = {}
         for name, tree in trees.items():
             env = {"PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"} if tree else None
+            python = (pythons or {}).get(name)
+            if tree is not None:
+                atorrents[name] = _tree_atorrent(
+                    tree, data, workdir / f"cpu-{name}.atorrent", python
+                )
+            else:
+                atorrents[name] = atorrent
             net = Cluster(workdir / f"cpu-{name}")
             clusters.append(net)
-            d, r, s = (net.spawn(role, env=env) for role in ("downloader", "relay", "source"))
+            paced = {**(env or {}), "ANOMOS_BENCH_MAX_SEND_RATE": str(rate)}
+            d, r, s = (
+                net.spawn(role, env=paced if role == "source" else env, python=python)
+                for role in ("downloader", "relay", "source")
+            )
             net.connect([(d, 0, r, 0), (r, 0, s, 0)])
-            s.call("seed", atorrent=str(atorrent), data=str(files))
+            s.call("seed", atorrent=str(atorrents[name]), data=str(files))
             nets[name] = (net, {"downloader": d, "relay": r, "source": s})
         for i in range(runs):
             for name, (net, workers) in nets.items():
                 echo(f"CPU per byte: run {i + 1} of {runs}, {name}")
                 path = net.path([workers["downloader"], workers["relay"], workers["source"]])
-                cpu0 = {role: _cpu_times(w) for role, w in workers.items()}
+                before = {role: _counters(w) for role, w in workers.items()}
                 relayed0 = workers["relay"].call("stats")["relayed"]
                 reply = workers["downloader"].call(
-                    "download", atorrent=str(atorrent), dest=str(files / f"dl-{name}"), **path
+                    "download",
+                    atorrent=str(atorrents[name]),
+                    dest=str(files / f"dl-{name}"),
+                    **path,
                 )
                 for role, w in workers.items():
-                    user, system = (b - a for a, b in zip(cpu0[role], _cpu_times(w), strict=True))
-                    samples[name][role].append((user + system) / mib * 1e6)
-                    samples[name][f"{role}_system"].append(system / mib * 1e6)
+                    spent = {k: v - before[role][k] for k, v in _counters(w).items()}
+                    samples[name][role].append((spent["user"] + spent["system"]) / mib * 1e6)
+                    samples[name][f"{role}_system"].append(spent["system"] / mib * 1e6)
+                    for c in COUNTERS[2:]:
+                        samples[name][f"{role}_{c}"].append(spent[c] / mib)
                 samples[name]["seconds"].append(reply["seconds"])
                 relayed = workers["relay"].call("stats")["relayed"] - relayed0
                 samples[name]["cells_per_mib"].append(relayed / e2e.CELL_BODY / mib)
@@ -157,13 +215,32 @@ def cpu_per_byte(
     return out
 
 
+def _revision(tree: Path) -> str:
+    """The short commit a source tree is checked out at (its folder's name if none)."""
+    import subprocess
+
+    got = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return got.stdout.strip() or tree.name
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m anomos.bench.cells --cpu [--old TREE]``: the CPU-per-byte probe."""
     parser = argparse.ArgumentParser(prog="python -m anomos.bench.cells", description=__doc__)
     parser.add_argument("--cpu", action="store_true", help="the CPU-per-byte probe (processes)")
-    parser.add_argument("--old", type=Path, help="also run this source tree, alternating")
+    parser.add_argument(
+        "--old",
+        type=Path,
+        action="append",
+        help="also run this source tree, alternating (repeat for several: a bisection)",
+    )
+    parser.add_argument("--old-python", help="run the old trees under this interpreter")
     parser.add_argument("--size", type=int, default=64, help="MiB per download (default 64)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--rate", type=float, default=0, help="cap the source's sending at this many MB/s"
+    )
     parser.add_argument("--dir", type=Path, help="keep the workers' logs here")
     parser.add_argument("--json", type=Path, help="write every run here")
     args = parser.parse_args(argv)
@@ -175,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
         return 0
     trees: dict[str, Path | None] = {"new": None}
-    if args.old is not None:
-        trees = {"old": args.old.resolve(), "new": None}
+    if args.old:
+        olds = [tree.resolve() for tree in args.old]
+        names = ["old"] if len(olds) == 1 else [f"old-{_revision(tree)}" for tree in olds]
+        trees = {**dict(zip(names, olds, strict=True)), "new": None}
     with contextlib.ExitStack() as stack:
         workdir = args.dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
         result = cpu_per_byte(
@@ -184,15 +263,28 @@ def main(argv: list[str] | None = None) -> int:
             trees,
             size=args.size << 20,
             runs=args.runs,
+            rate=int(args.rate * 1e6),
+            pythons={name: args.old_python for name in trees if name != "new"}
+            if args.old_python
+            else None,
             echo=lambda m: print(m, flush=True),
         )
-    print(f"\nCPU us per MiB, medians of {args.runs} ({args.size} MiB over one relay)")
-    print(f"{'tree':6} {'source':>15} {'relay':>15} {'downloader':>15} {'MB/s':>8} {'cells':>6}")
-    print(f"{'':6} {'(of it kernel)':>15} {'':>15} {'':>15} {'':>8} {'/MiB':>6}")
+    paced = f", the source paced at {args.rate:g} MB/s" if args.rate else ""
+    print(f"\nCPU us per MiB, medians of {args.runs} ({args.size} MiB over one relay{paced})")
+    width = max(6, *(len(name) for name in result["trees"]))
+    print(
+        f"{'tree':{width}} {'source':>15} {'relay':>15} {'downloader':>15} {'MB/s':>8} {'cells':>6}"
+    )
+    print(f"{'':{width}} {'(of it kernel)':>15} {'':>15} {'':>15} {'':>8} {'/MiB':>6}")
     for name, tree in result["trees"].items():
         m = tree["median"]
         cols = "".join(f" {m[r]:7.0f} ({m[r + '_system']:5.0f})" for r in ROLES)
-        print(f"{name:6}{cols} {m['mb_per_s']:8.1f} {m['cells_per_mib']:6.1f}")
+        print(f"{name:{width}}{cols} {m['mb_per_s']:8.1f} {m['cells_per_mib']:6.1f}")
+    print("\nper MiB (source, relay, downloader): context switches, minor page faults")
+    for name, tree in result["trees"].items():
+        m = tree["median"]
+        cols = "".join(f" {m[r + '_switches']:7.1f} {m[r + '_faults']:7.1f}" for r in ROLES)
+        print(f"{name:{width}}{cols}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

@@ -123,7 +123,12 @@ class Worker:
     def start(cls, state: Path, hosts: list[str], plugins: Plugins) -> Worker:
         worker = cls(plugins, [])
         for i, host in enumerate(hosts):
-            settings = Settings(listen=f"{host}:0", state_dir=state / f"p{i}")
+            settings = Settings(
+                listen=f"{host}:0",
+                state_dir=state / f"p{i}",
+                # The CPU probe's --rate: a source paced like one on a WAN link.
+                max_send_rate=int(os.environ.get("ANOMOS_BENCH_MAX_SEND_RATE", "0")),
+            )
             identity = PeerIdentity.load_or_create(settings.state_dir)
             links = LinkManager(identity, plugins, settings, on_frame=None)
             switch = CircuitSwitch(

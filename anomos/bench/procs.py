@@ -115,12 +115,20 @@ class Cluster:
         n = next(self._hosts)
         return f"127.{self._block}.{n // 250}.{n % 250 + 2}"
 
-    def spawn(self, name: str, personas: int = 1, env: dict[str, str] | None = None) -> Worker:
-        """Start a worker with ``personas`` identities; returns once it listens."""
+    def spawn(
+        self,
+        name: str,
+        personas: int = 1,
+        env: dict[str, str] | None = None,
+        python: str | None = None,
+    ) -> Worker:
+        """Start a worker with ``personas`` identities (under ``python``, default this
+        interpreter: another venv runs an old tree with the libraries of its day);
+        returns once it listens."""
         state = self.workdir / name
         state.mkdir(parents=True, exist_ok=True)
         log_path = self.workdir / f"{name}.log"
-        argv = [sys.executable, "-m", "anomos.bench", "node", "--state", str(state)]
+        argv = [python or sys.executable, "-m", "anomos.bench", "node", "--state", str(state)]
         for _ in range(personas):
             argv += ["--host", self.next_host()]
         if self.verbose:

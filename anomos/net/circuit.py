@@ -172,8 +172,7 @@ class RelayCircuit:
             else:
                 self.backward.add_into(payload, out)
                 ok = self.prev_link.send_cell(self.prev_id, out, size)
-            self.relayed += size
-            self.switch.count_relayed(size)
+            self.relayed += size  # (the switch adds it up when asked, and at the end)
             self.prev_link.relayed += size  # (per link: the daemon's neighbourhood view)
             self.next_link.relayed += size
             if not ok:
@@ -206,6 +205,7 @@ class RelayCircuit:
         if self.closed:
             return
         self.closed = True
+        self.switch.count_relayed(self.relayed)
         for link, circ_id in ((self.prev_link, self.prev_id), (self.next_link, self.next_id)):
             self.switch.forget(link, circ_id)
             if origin != (link, circ_id) and not link.closed:
@@ -736,11 +736,14 @@ class CircuitSwitch:
 
     @property
     def relayed_bytes(self) -> int:
-        """Cell bytes this peer forwarded as a relay (reported to the tracker)."""
-        return self._relayed
+        """Cell bytes this peer forwarded as a relay (reported to the tracker): those of
+        the relay circuits that ended, and the live ones' so far (each counts its own
+        per cell; adding up here keeps the per-cell path to one increment)."""
+        live = (end for end in self.circuits() if isinstance(end, RelayCircuit))
+        return self._relayed + sum(end.relayed for end in live)
 
     def count_relayed(self, nbytes: int) -> None:
-        """A relay circuit of ours forwarded ``nbytes`` of cells."""
+        """A relay circuit of ours ended, having forwarded ``nbytes`` of cells."""
         self._relayed += nbytes
 
     def circuits(self) -> list[CircuitEnd]:

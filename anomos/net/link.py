@@ -294,8 +294,20 @@ class TLSStream:
         view = memoryview(buffer).cast("B")
         nbytes = nbytes or len(view)
         got = 0
-        read = self._obj.read
+        obj, inbound = self._obj, self._in
+        read = obj.read
         while got < nbytes:
+            # With nothing received left to decrypt, a read could only raise
+            # SSLWantReadError: skip that exception (twice per wake-up otherwise).
+            if not inbound.pending:
+                if got:
+                    break
+                if not obj.pending():
+                    if self._out.pending:
+                        self._flush()
+                    if not self._feed():
+                        return 0
+                    continue
             try:
                 got += int(read(nbytes - got, view[got:]))
             except ssl.SSLWantReadError:
@@ -531,6 +543,9 @@ class Link:
     _wake: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
     _done: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
     _writer: gevent.Greenlet | None = attrs.field(default=None, repr=False)
+    _watchdog: gevent.Greenlet | None = attrs.field(default=None, repr=False)
+    #: When the writer's send in progress started (0: none is).
+    _send_started: float = attrs.field(default=0.0, repr=False)
     _reader_greenlet: Any = attrs.field(default=None, repr=False)
     opened_at: float = attrs.field(factory=time.monotonic, repr=False)
     #: Frames one circuit may have queued on this link (see CIRCUIT_QUEUE_FRAMES).
@@ -750,8 +765,9 @@ class Link:
         self._queued = 0
         self._room.set()
         current = gevent.getcurrent()
-        if self._writer is not None and self._writer is not current:
-            self._writer.kill(block=False)
+        for greenlet in (self._writer, self._watchdog):
+            if greenlet is not None and greenlet is not current:
+                greenlet.kill(block=False)
         with contextlib.suppress(OSError):
             self.sock.close()
         self._done.set()
@@ -763,10 +779,13 @@ class Link:
     def run(self) -> None:
         """Serve the link in the calling greenlet until it closes."""
         self._reader_greenlet = gevent.getcurrent()
-        self.sock.settimeout(IDLE_TIMEOUT)
+        # No timeout on each socket wait (a Timeout object and a timer started and
+        # stopped per wake-up): one watchdog per link keeps time instead.
+        self.sock.settimeout(None)
         if self.manager.warms(self):
             self._control.extend(_WARM_UP)
         self._writer = gevent.spawn(self._write_loop)
+        self._watchdog = gevent.spawn(self._watch, KEEPALIVE_INTERVAL, IDLE_TIMEOUT)
         reason = CloseReason(CloseCause.CLOSED_BY_NEIGHBOUR)
         turn = 0
         try:
@@ -792,8 +811,6 @@ class Link:
                     gevent.sleep(0)
         except ProtocolError as exc:
             reason = CloseReason.violation(exc)
-        except TimeoutError:
-            reason = CloseReason(CloseCause.IDLE, f"idle for {IDLE_TIMEOUT:g} s")
         except OSError as exc:
             reason = CloseReason.of(CloseCause.CONNECTION_LOST, exc.strerror or exc)
         except gevent.GreenletExit:
@@ -818,8 +835,7 @@ class Link:
             while self.closed_reason is None:
                 if not active and not control:
                     wake.clear()
-                    if not wake.wait(KEEPALIVE_INTERVAL):
-                        control.append(_PADDING_FRAME)
+                    wake.wait()  # (PADDING when idle: the watchdog queues it)
                     continue
                 batch: list[Any] = []
                 size = 0
@@ -851,14 +867,39 @@ class Link:
                 for buffer in spent:
                     cells.give_back(buffer)
                 spent.clear()
+                self._send_started = time.monotonic()
                 sock.sendall(data)
+                self._send_started = 0.0
                 self.bytes_out += size
                 if self._queued < self.link_limit:
                     self._room.set()
-        except TimeoutError:
-            self.close(CloseReason(CloseCause.SEND_STUCK, f"send stuck for {IDLE_TIMEOUT:g} s"))
         except OSError as exc:
             self.close(CloseReason.of(CloseCause.SEND_FAILED, exc.strerror or exc))
+
+    def _watch(self, keepalive: float, idle: float) -> None:
+        """The link's one timer: PADDING once nothing was sent for ``keepalive``
+        seconds; the end of the link once nothing was received, or a send did not
+        finish, for ``idle`` seconds (each checked every half ``keepalive``)."""
+        heard = sent = time.monotonic()
+        bytes_in, bytes_out = self.reader.bytes_in, self.bytes_out
+        while self.closed_reason is None:
+            gevent.sleep(keepalive / 2)
+            now = time.monotonic()
+            if self.reader.bytes_in != bytes_in:
+                bytes_in, heard = self.reader.bytes_in, now
+            elif now - heard >= idle:
+                self.close(CloseReason(CloseCause.IDLE, f"idle for {idle:g} s"))
+                return
+            started = self._send_started
+            if started and now - started >= idle:
+                self.close(CloseReason(CloseCause.SEND_STUCK, f"send stuck for {idle:g} s"))
+                return
+            if self.bytes_out != bytes_out:
+                bytes_out, sent = self.bytes_out, now
+            elif now - sent >= keepalive:
+                self._control.append(_PADDING_FRAME)
+                self._wake.set()
+                sent = now
 
 
 # ----------------------------------------------------------------------------- manager

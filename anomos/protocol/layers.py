@@ -125,43 +125,45 @@ class OnionLayer:
     def add_into(self, body: bytes | bytearray | memoryview, out: bytearray) -> None:
         """Encrypt the next cell into ``out[:len(body)]``; ``out`` has 16 bytes more (scratch)."""
         src, dst = _views(body, out)
-        stream, hash_ = self._contexts()
-        if self._tbc is None:
-            self._tbc = self._block().encryptor()
+        tbc = self._tbc
+        if tbc is None:
+            self._contexts()
+            tbc = self._tbc = self._block().encryptor()
+        stream, hash_ = self._gcm  # type: ignore[misc]
+        # (Once per cell per hop: written out, without helper calls, on purpose.)
         head = bytes(src[:HEAD])
-        mask = int.from_bytes(hash_.encrypt(self._chain, b"", src[HEAD:]))
+        rest = src[HEAD:]
+        mask = int.from_bytes(hash_.encrypt(self._chain, b"", rest))
         masked = (int.from_bytes(head) ^ mask).to_bytes(HEAD)
-        new_head = (int.from_bytes(self._tbc.update(masked)) ^ mask).to_bytes(HEAD)
-        stream.encrypt_into(self._nonce_of(new_head), src[HEAD:], None, dst[HEAD:])
+        new_head = (int.from_bytes(tbc.update(masked)) ^ mask).to_bytes(HEAD)
+        nonce = self._nonce_hash.copy()
+        nonce.update(new_head)
+        stream.encrypt_into(nonce.digest(), rest, None, dst[HEAD:])
         dst[:HEAD] = new_head
-        self._advance(head, new_head)
+        chain = self._chain_hash.copy()
+        chain.update(self._count.to_bytes(8) + head + new_head)
+        self._chain = chain.digest()
+        self._count += 1
 
     def remove_into(self, body: bytes | bytearray | memoryview, out: bytearray) -> None:
         """Decrypt the next cell into ``out[:len(body)]``; ``out`` has 16 bytes more (scratch)."""
         src, dst = _views(body, out)
-        stream, hash_ = self._contexts()
-        if self._tbc_inverse is None:
-            self._tbc_inverse = self._block().decryptor()
+        tbc = self._tbc_inverse
+        if tbc is None:
+            self._contexts()
+            tbc = self._tbc_inverse = self._block().decryptor()
+        stream, hash_ = self._gcm  # type: ignore[misc]
         new_head = bytes(src[:HEAD])
-        stream.encrypt_into(self._nonce_of(new_head), src[HEAD:], None, dst[HEAD:])
-        rest = dst[HEAD : len(src)]
-        mask = int.from_bytes(hash_.encrypt(self._chain, b"", rest))
+        nonce = self._nonce_hash.copy()
+        nonce.update(new_head)
+        stream.encrypt_into(nonce.digest(), src[HEAD:], None, dst[HEAD:])
+        mask = int.from_bytes(hash_.encrypt(self._chain, b"", dst[HEAD : len(src)]))
         masked = (int.from_bytes(new_head) ^ mask).to_bytes(HEAD)
-        head = (int.from_bytes(self._tbc_inverse.update(masked)) ^ mask).to_bytes(HEAD)
+        head = (int.from_bytes(tbc.update(masked)) ^ mask).to_bytes(HEAD)
         dst[:HEAD] = head
-        self._advance(head, new_head)
-
-    def _nonce_of(self, new_head: bytes) -> bytes:
-        """The stream's 96-bit nonce: a keyed BLAKE2b of the whole head."""
-        h = self._nonce_hash.copy()
-        h.update(new_head)
-        return h.digest()  # type: ignore[no-any-return]
-
-    def _advance(self, head: bytes, out: bytes) -> None:
-        """Chain the next cell's tweak to this cell's heads, as this hop saw them."""
-        h = self._chain_hash.copy()
-        h.update(self._count.to_bytes(8) + head + out)
-        self._chain = h.digest()
+        chain = self._chain_hash.copy()
+        chain.update(self._count.to_bytes(8) + head + new_head)
+        self._chain = chain.digest()
         self._count += 1
 
 
