@@ -147,6 +147,10 @@ def test_a_file_of_live_entries_is_reopened_not_rewritten(tmp_path):
     path = tmp_path / "requests"
     first = ReplayFile(path, 32)
     assert first.load(lambda until: True, limit=100) == []
+    first.close()
+    empty = path.stat().st_ino
+    assert first.load(lambda until: True, limit=100) == []  # a downloader's usual case
+    assert path.stat().st_ino == empty
     first.append(10, b"a" * 32)
     first.append(20, b"b" * 32)
     first.close()

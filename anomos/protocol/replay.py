@@ -56,9 +56,9 @@ class ReplayFile:
         spends no fsync on it) and kept open for appending. ``ConfigError`` if it
         cannot be read or written (a peer must not run without it)."""
         try:
-            data = self.path.read_bytes()
+            data, existed = self.path.read_bytes(), True
         except FileNotFoundError:
-            data = b""
+            data, existed = b"", False
         except OSError as exc:
             raise ConfigError(f"cannot read the replay cache {self.path}: {exc.strerror}") from None
         size = self.record_size
@@ -70,7 +70,7 @@ class ReplayFile:
                 entries.append((until, data[at + _UNTIL_SIZE : at + size]))
         entries = entries[-limit:] if limit else []
         try:
-            if data and len(entries) * size == len(data):
+            if existed and len(entries) * size == len(data):
                 self._open(len(entries))  # all of it is live: the file stays as it is
             else:
                 self.rewrite(entries)
