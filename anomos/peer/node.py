@@ -34,6 +34,7 @@ from anomos.peer.download import (
     DownloadReport,
     TorrentDownload,
 )
+from anomos.peer.launch import TrackerDialAhead
 from anomos.peer.portmap import PortMapError, PortMapper
 from anomos.pluginmanager import Plugins
 from anomos.torrent.metainfo import Metainfo
@@ -79,6 +80,8 @@ class Peer:
     settings: Settings
     tracker_url: str
     fingerprint: str
+    #: The tracker's stream dialled before this peer was made (``anomos get``'s launch).
+    tracker_ahead: TrackerDialAhead | None = attrs.field(default=None, kw_only=True)
     identity: PeerIdentity = attrs.field(init=False)
     tracker: TrackerClient = attrs.field(init=False)
     links: LinkManager = attrs.field(init=False)
@@ -215,6 +218,8 @@ class Peer:
             finally:
                 self.tracker.timeout = timeout
         self.tracker.close()
+        if self.tracker_ahead is not None:
+            self.tracker_ahead.close()
         self._group.kill(block=False)
         for session in self.sessions.values():
             session.close()
@@ -244,7 +249,13 @@ class Peer:
 
     # ------------------------------------------------------------------ tracker
     def _dial_tracker(self, address: str, timeout: float) -> Any:
-        """Reach the tracker through this peer's transports, never around them."""
+        """Reach the tracker through this peer's transports, never around them (the
+        first time, maybe with the stream dialled before the peer was made)."""
+        ahead, self.tracker_ahead = self.tracker_ahead, None
+        if ahead is not None:
+            stream = ahead.take(address)
+            if stream is not None:
+                return stream
         try:
             return self.links.dial(address, timeout=timeout)
         except NoTransportError as exc:
