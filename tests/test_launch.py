@@ -53,3 +53,36 @@ def test_get_dials_its_tracker_before_importing_the_peer_modules(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "dialled", result.stderr
+
+
+#: The same launch, but asks, when the peer starts listening (after its own modules,
+#: its identity and its torrent), whether the tracker has the TLS ClientHello yet.
+HELLO = LAUNCH.replace(
+    "sys.meta_path.insert(0, Watch())",
+    textwrap.dedent(
+        """
+        def watch(frame, event, arg):
+            code = frame.f_code
+            if event == "call" and code.co_name == "start" and code.co_filename.endswith("node.py"):
+                conn, _ = tracker.accept()  # waiting already (the test above)
+                sent = bool(poll([conn], [], [], 10)[0]) and bool(conn.recv(1, socket.MSG_PEEK))
+                print("hello sent" if sent else "no hello", flush=True)
+                os._exit(0)
+
+        sys.setprofile(watch)
+        """
+    ),
+)
+
+
+def test_the_tls_handshake_with_the_tracker_starts_before_the_peer_listens(tmp_path):
+    """With the TCP handshake done during the imports, the ClientHello leaves when the
+    peer is made; the tracker's answer then arrives while the peer still starts."""
+    result = subprocess.run(
+        [sys.executable, "-c", HELLO, str(tmp_path / "dest"), str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "hello sent", result.stderr

@@ -84,6 +84,12 @@ class TrackerDialAhead:
             settings.connect_timeout * 3,
         )
 
+    def settle(self) -> None:
+        """Let the dial finish if its handshake has completed in the kernel meanwhile (a
+        busy launch gave its greenlet no turn), without waiting for the network."""
+        if self._dialling is not None and not self._dialling.ready():
+            gevent.idle()
+
     def take(self, address: str) -> socket.socket | None:
         """The stream, if it goes to ``address`` and was opened (waits for its
         handshake); None otherwise, and on every later call."""

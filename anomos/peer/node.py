@@ -161,6 +161,8 @@ class Peer:
         self.links.on_link_down = on_link_down
         if self.settings.transport == "tcp":  # others (tor) come up with the listener
             # The first announce's TCP and TLS handshakes overlap the rest of our start.
+            if self.tracker_ahead is not None:
+                self.tracker_ahead.settle()  # its TCP handshake is done: TLS starts now
             self.tracker.connect_ahead()
 
     # ------------------------------------------------------------------ lifecycle
