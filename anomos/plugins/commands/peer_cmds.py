@@ -167,6 +167,25 @@ def _chosen_files(
     return set(only) if only is not None else every - named
 
 
+def _check_room_for_a_new_download(
+    metainfo: Metainfo,
+    dest: Path,
+    state_dir: Path,
+    only: frozenset[int] | None,
+    exclude: frozenset[int] | None,
+) -> None:
+    """A download this state never started, into a --dest that holds none of it, needs
+    room for all of its chosen files: say so before the tracker is dialled. (Anything
+    else is checked exactly once the torrent is added: resume data, files already there.)"""
+    from anomos.torrent.resume import resume_path
+
+    if (dest / metainfo.name).exists() or resume_path(state_dir / "resume", metainfo).exists():
+        return
+    chosen = _chosen_files(metainfo, only, exclude)
+    files = metainfo.files
+    check_room(dest, sum(files[i].length for i in chosen if not files[i].pad))
+
+
 def _run_until_signal(peer: Any) -> None:
     stop = gevent.event.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -378,6 +397,8 @@ def get_command(
     except OSError as exc:
         raise StorageError(f"cannot create --dest {dest}: {exc.strerror or exc}") from None
     check_writable(dest)  # a read-only folder fails now, not after building circuits
+    if metainfo is not None:  # (before the tracker is dialled)
+        _check_room_for_a_new_download(metainfo, dest, state_dir, only, exclude)
     peer = _make_peer(
         plugins,
         _settings(listen, state_dir, transport, dial_transports, max_send_rate, plugins, upnp),
