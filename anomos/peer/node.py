@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import gevent
@@ -35,7 +35,6 @@ from anomos.peer.download import (
     TorrentDownload,
 )
 from anomos.peer.launch import TrackerDialAhead
-from anomos.peer.portmap import PortMapError, PortMapper
 from anomos.pluginmanager import Plugins
 from anomos.torrent.metainfo import Metainfo
 from anomos.torrent.session import TorrentSession
@@ -48,6 +47,9 @@ from anomos.tracker.client import (
     TrackerClient,
 )
 from anomos.tracker.identity import TrackerTrustError
+
+if TYPE_CHECKING:
+    from anomos.peer.portmap import PortMapper
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +193,8 @@ class Peer:
 
     def _map_port(self, local: str) -> str:
         """``--upnp``: the router's public address for our port, or ``local`` (one line)."""
+        from anomos.peer.portmap import PortMapError, PortMapper  # only with --upnp
+
         self._portmap = PortMapper(local)
         try:
             return self._portmap.start().external
