@@ -84,6 +84,11 @@ def test_a_launch_reads_no_distribution_metadata_without_third_party_plugins():
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()}
     assert "anomos.cli" in imported  # (the report is there)
     assert {"importlib.metadata", "tqdm", "sqlite3"}.isdisjoint(imported)
+    # The peer's own modules (0.15-0.2 CPU-s) come after the tracker's dial, not with
+    # the commands (tests/test_launch.py).
+    peer_modules = {"anomos.tracker.client", "anomos.peer.download", "anomos.peer.node"}
+    assert peer_modules.isdisjoint(imported)
+    assert {"cryptography.x509", "http.client"}.isdisjoint(imported)
 
 
 def test_entry_point_groups_are_read_from_the_metadata_folders(tmp_path):

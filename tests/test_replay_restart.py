@@ -139,3 +139,29 @@ def test_the_code_cache_on_disk_is_bounded_and_drops_old_epochs(tmp_path):
         for _ in range(20):
             third.peel(code())
         assert path.stat().st_size <= (2 * 20 + 4 + 1) * 24
+
+
+def test_a_file_of_live_entries_is_reopened_not_rewritten(tmp_path):
+    """A restart whose cache holds only live entries appends to the same file: no
+    rewrite (a temporary file, two fsyncs) on every launch; the entries stay."""
+    path = tmp_path / "requests"
+    first = ReplayFile(path, 32)
+    assert first.load(lambda until: True, limit=100) == []
+    first.close()
+    empty = path.stat().st_ino
+    assert first.load(lambda until: True, limit=100) == []  # a downloader's usual case
+    assert path.stat().st_ino == empty
+    first.append(10, b"a" * 32)
+    first.append(20, b"b" * 32)
+    first.close()
+    inode = path.stat().st_ino
+    second = ReplayFile(path, 32)
+    assert second.load(lambda until: True, limit=100) == [(10, b"a" * 32), (20, b"b" * 32)]
+    assert path.stat().st_ino == inode  # reopened in place
+    second.append(30, b"c" * 32)
+    second.close()
+    third = ReplayFile(path, 32)
+    assert [u for u, _ in third.load(lambda until: until > 10, limit=100)] == [20, 30]
+    assert path.stat().st_ino != inode  # a dead entry: rewritten with the live ones
+    assert path.stat().st_size == 2 * 40 and path.stat().st_mode & 0o777 == 0o600
+    third.close()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ import gevent.event
 
 from anomos.backoff import Backoff, Waiting
 from anomos.errors import AnomosError, ProtocolError, TrackerError, TransportError
+from anomos.peer.launch import DEFAULT_STALL_LIMIT
 from anomos.torrent.magnet import Magnet, SourceClosed, fetch_metadata
 from anomos.torrent.session import PeerConnection, TorrentSession
 from anomos.tracker.client import (
@@ -68,8 +68,6 @@ TRACKER_RETRY_MAX = 30.0
 #: Seconds a connection may have nothing we want (and want nothing of ours)
 #: before its circuit is closed, so that another source can take its place.
 USELESS_AFTER = 5.0
-#: Seconds without a new piece after which a one-shot download gives up.
-DEFAULT_STALL_LIMIT = 120.0
 #: Circuits asked for at once when fetching a magnet's metadata (tried one by one).
 METADATA_SOURCES = 2
 
@@ -81,21 +79,6 @@ def _disk_full(session: TorrentSession) -> bool:
     except OSError:
         return False
     return free < session.metainfo.piece_length
-
-
-def process_started() -> float:
-    """When this process was launched, on the :func:`time.monotonic` clock (Linux: from
-    ``/proc``, 10 ms resolution; elsewhere: now)."""
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            # Field 22, counted after the command name (which may hold spaces).
-            started_ticks = int(f.read().rsplit(b")", 1)[1].split()[19])
-        with open("/proc/uptime", "rb") as f:
-            uptime = float(f.read().split()[0])
-        age = uptime - started_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return time.monotonic()
-    return time.monotonic() - max(0.0, age)
 
 
 class DownloadStalled(AnomosError):

@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import gevent
@@ -34,7 +34,7 @@ from anomos.peer.download import (
     DownloadReport,
     TorrentDownload,
 )
-from anomos.peer.portmap import PortMapError, PortMapper
+from anomos.peer.launch import TrackerDialAhead
 from anomos.pluginmanager import Plugins
 from anomos.torrent.metainfo import Metainfo
 from anomos.torrent.session import TorrentSession
@@ -47,6 +47,9 @@ from anomos.tracker.client import (
     TrackerClient,
 )
 from anomos.tracker.identity import TrackerTrustError
+
+if TYPE_CHECKING:
+    from anomos.peer.portmap import PortMapper
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +82,8 @@ class Peer:
     settings: Settings
     tracker_url: str
     fingerprint: str
+    #: The tracker's stream dialled before this peer was made (``anomos get``'s launch).
+    tracker_ahead: TrackerDialAhead | None = attrs.field(default=None, kw_only=True)
     identity: PeerIdentity = attrs.field(init=False)
     tracker: TrackerClient = attrs.field(init=False)
     links: LinkManager = attrs.field(init=False)
@@ -158,6 +163,8 @@ class Peer:
         self.links.on_link_down = on_link_down
         if self.settings.transport == "tcp":  # others (tor) come up with the listener
             # The first announce's TCP and TLS handshakes overlap the rest of our start.
+            if self.tracker_ahead is not None:
+                self.tracker_ahead.settle()  # its TCP handshake is done: TLS starts now
             self.tracker.connect_ahead()
 
     # ------------------------------------------------------------------ lifecycle
@@ -186,6 +193,8 @@ class Peer:
 
     def _map_port(self, local: str) -> str:
         """``--upnp``: the router's public address for our port, or ``local`` (one line)."""
+        from anomos.peer.portmap import PortMapError, PortMapper  # only with --upnp
+
         self._portmap = PortMapper(local)
         try:
             return self._portmap.start().external
@@ -215,6 +224,8 @@ class Peer:
             finally:
                 self.tracker.timeout = timeout
         self.tracker.close()
+        if self.tracker_ahead is not None:
+            self.tracker_ahead.close()
         self._group.kill(block=False)
         for session in self.sessions.values():
             session.close()
@@ -244,7 +255,13 @@ class Peer:
 
     # ------------------------------------------------------------------ tracker
     def _dial_tracker(self, address: str, timeout: float) -> Any:
-        """Reach the tracker through this peer's transports, never around them."""
+        """Reach the tracker through this peer's transports, never around them (the
+        first time, maybe with the stream dialled before the peer was made)."""
+        ahead, self.tracker_ahead = self.tracker_ahead, None
+        if ahead is not None:
+            stream = ahead.take(address)
+            if stream is not None:
+                return stream
         try:
             return self.links.dial(address, timeout=timeout)
         except NoTransportError as exc:

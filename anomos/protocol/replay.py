@@ -52,12 +52,13 @@ class ReplayFile:
 
     def load(self, alive: Callable[[int], bool], limit: int) -> list[tuple[int, bytes]]:
         """The entries still ``alive`` (at most the last ``limit``); the file is
-        rewritten with exactly those and kept open for appending. ``ConfigError``
-        if it cannot be read or written (a peer must not run without it)."""
+        rewritten with exactly those (unless it holds nothing else: a launch then
+        spends no fsync on it) and kept open for appending. ``ConfigError`` if it
+        cannot be read or written (a peer must not run without it)."""
         try:
-            data = self.path.read_bytes()
+            data, existed = self.path.read_bytes(), True
         except FileNotFoundError:
-            data = b""
+            data, existed = b"", False
         except OSError as exc:
             raise ConfigError(f"cannot read the replay cache {self.path}: {exc.strerror}") from None
         size = self.record_size
@@ -69,7 +70,10 @@ class ReplayFile:
                 entries.append((until, data[at + _UNTIL_SIZE : at + size]))
         entries = entries[-limit:] if limit else []
         try:
-            self.rewrite(entries)
+            if existed and len(entries) * size == len(data):
+                self._open(len(entries))  # all of it is live: the file stays as it is
+            else:
+                self.rewrite(entries)
         except OSError as exc:
             raise ConfigError(
                 f"cannot write the replay cache {self.path}: {exc.strerror}"
@@ -103,9 +107,12 @@ class ReplayFile:
             atomic_write(self.path, data, mode=PRIVATE_FILE_MODE)
         except StorageError as exc:
             raise OSError(str(exc)) from None  # the callers name the cache and the phase
+        self._open(len(data) // self.record_size)
+
+    def _open(self, records: int) -> None:
         self.close()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        self._records = len(data) // self.record_size
+        self._records = records
 
     def close(self) -> None:
         if self._fd >= 0:

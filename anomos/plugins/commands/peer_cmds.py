@@ -19,12 +19,7 @@ from anomos.config import Settings
 from anomos.errors import AnomosError, ConfigError, StorageError
 from anomos.fsutil import atomic_write, check_room, check_writable, lock_state_dir
 from anomos.net.ratelimit import parse_rate
-from anomos.peer.download import (
-    DEFAULT_STALL_LIMIT,
-    DownloadStalled,
-    MetadataFetch,
-    process_started,
-)
+from anomos.peer.launch import DEFAULT_STALL_LIMIT, TrackerDialAhead, process_started
 from anomos.pluginmanager import Plugins
 from anomos.progress import bar
 from anomos.torrent.magnet import Magnet, is_magnet
@@ -172,6 +167,25 @@ def _chosen_files(
     return set(only) if only is not None else every - named
 
 
+def _check_room_for_a_new_download(
+    metainfo: Metainfo,
+    dest: Path,
+    state_dir: Path,
+    only: frozenset[int] | None,
+    exclude: frozenset[int] | None,
+) -> None:
+    """A download this state never started, into a --dest that holds none of it, needs
+    room for all of its chosen files: say so before the tracker is dialled. (Anything
+    else is checked exactly once the torrent is added: resume data, files already there.)"""
+    from anomos.torrent.resume import resume_path
+
+    if (dest / metainfo.name).exists() or resume_path(state_dir / "resume", metainfo).exists():
+        return
+    chosen = _chosen_files(metainfo, only, exclude)
+    files = metainfo.files
+    check_room(dest, sum(files[i].length for i in chosen if not files[i].pad))
+
+
 def _run_until_signal(peer: Any) -> None:
     stop = gevent.event.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -213,9 +227,19 @@ def _stop_on_signals() -> Callable[[], None]:
 
 
 def _make_peer(plugins: Plugins, settings: Settings, url: str, fingerprint: str) -> Any:
+    """The peer, with its tracker dialled before the peer's modules are imported (most
+    of a launch's CPU time: the TCP handshake completes meanwhile)."""
+    ahead = TrackerDialAhead.start(plugins, settings, url)
     from anomos.peer.node import Peer  # imported late: keeps `anomos --help` fast
 
-    return Peer(plugins, settings, tracker_url=url, fingerprint=fingerprint)
+    try:
+        return Peer(
+            plugins, settings, tracker_url=url, fingerprint=fingerprint, tracker_ahead=ahead
+        )
+    except BaseException:
+        if ahead is not None:
+            ahead.close()
+        raise
 
 
 @click.command("seed")
@@ -373,12 +397,16 @@ def get_command(
     except OSError as exc:
         raise StorageError(f"cannot create --dest {dest}: {exc.strerror or exc}") from None
     check_writable(dest)  # a read-only folder fails now, not after building circuits
+    if metainfo is not None:  # (before the tracker is dialled)
+        _check_room_for_a_new_download(metainfo, dest, state_dir, only, exclude)
     peer = _make_peer(
         plugins,
         _settings(listen, state_dir, transport, dial_transports, max_send_rate, plugins, upnp),
         url,
         fingerprint,
     )
+    from anomos.peer.download import DownloadStalled, MetadataFetch
+
     session: Any = None
 
     def kept() -> str:

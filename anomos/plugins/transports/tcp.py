@@ -6,6 +6,7 @@ Outgoing connections are bound to the host of ``--listen`` so that a peer on
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from typing import Any, ClassVar
 
@@ -19,6 +20,26 @@ from anomos.interfaces import ConnectionHandler
 
 #: Connections a listener serves at once; more wait in the kernel backlog.
 MAX_CONNECTIONS = 1024
+
+
+def _connect(host: str, port: int, timeout: float, source: tuple[str, int] | None) -> socket.socket:
+    """``create_connection``, but an IP address is dialled at once: a name goes through
+    gevent's resolver thread first, so the SYN would only leave once this greenlet runs
+    again (a launch dials its tracker ahead of its imports: anomos.peer.launch)."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return socket.create_connection((host, port), timeout=timeout, source_address=source)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        if source is not None:
+            sock.bind(source)
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 class TCPListener:
@@ -47,7 +68,7 @@ class TCPTransport:
         host, port = split_address(address)
         source = (self.source_host, 0) if self.source_host not in ("", "0.0.0.0", "::") else None
         try:
-            sock = socket.create_connection((host, port), timeout=timeout, source_address=source)
+            sock = _connect(host, port, timeout, source)
         except OSError as exc:
             raise TransportError(f"cannot connect to {address}: {exc.strerror or exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
