@@ -69,7 +69,8 @@ class Swarms:
             mine = own(peer)
             if mine is not None:
                 swarm = self._swarm(ih)
-                swarm.set(mine, SwarmRow(_shared_left(row.left, swarm)))
+                row.left = _shared_left(row.left, swarm)  # (the snapshot's row: transient)
+                swarm.set(mine, row)
                 self.peer_torrents.add(mine, ih)
 
     def _swarm(self, ih: bytes) -> Swarm:

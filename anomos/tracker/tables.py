@@ -276,7 +276,8 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
     def own(self, peer: bytes) -> bytes | None:
         """The graph's own object for a live ``peer`` (None: not live), to key other
         tables with (:meth:`PeerGraph.own`)."""
-        return self._graph.own(peer) if self._slot(peer) is not None else None  # type: ignore[return-value]
+        s = self._slot(peer)
+        return None if s is None else self._graph.at(s)  # type: ignore[return-value]
 
     def __iter__(self) -> Iterator[bytes]:
         alen, n = self._alen, len(self._alen)
