@@ -344,6 +344,12 @@ def test_account_counters_saturate_instead_of_overflowing():
     account.uploaded += 1  # as crediting does: stored back, still at the ceiling
     table[b"p" * 32] = account
     assert table[b"p" * 32].uploaded == COUNTER_MAX
+    restored = AccountTable(g)  # a restore's bulk path saturates too
+    big = Account(relayed_confirmed=COUNTER_MAX + 1, session=b"x")
+    big.reports[IH[0]] = (COUNTER_MAX + 2, 1)
+    restored.update({b"p" * 32: big})
+    assert restored[b"p" * 32].relayed_confirmed == COUNTER_MAX
+    assert restored[b"p" * 32].reports == {IH[0]: (COUNTER_MAX, 1)}
 
 
 def test_an_account_costs_its_columns_and_no_object():

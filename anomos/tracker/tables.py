@@ -15,6 +15,7 @@ walk either).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import itertools
@@ -570,7 +571,7 @@ class _Interned:
         self._refs = array("q")
         self._free: list[int] = []
 
-    def take(self, name: bytes) -> int:
+    def take(self, name: bytes, refs: int = 1) -> int:
         i = self._index.get(name)
         if i is None:
             if self._free:
@@ -581,7 +582,7 @@ class _Interned:
                 self._names.append(name)
                 self._refs.append(0)
             self._index[name] = i
-        self._refs[i] += 1
+        self._refs[i] += refs
         return i
 
     def name(self, i: int) -> bytes:
@@ -729,44 +730,76 @@ class AccountTable(MutableMapping[bytes, "Account"]):
 
     def update(self, other: Any = (), /, **kwds: Any) -> None:
         """Many accounts at once (a restore): those of peers in the graph are written
-        column by column, in C-level passes, not one ``__setitem__`` each."""
+        column by column, in C-level passes, not one ``__setitem__`` each (the same
+        table either way)."""
         if not isinstance(other, Mapping) or kwds:
             super().update(other, **kwds)
             return
         items = list(other.items())
         found = list(map(self._slot_of, map(_first_of, items)))
-        packed = [(s, a) for s, (_k, a) in zip(found, items, strict=True) if s is not None]
         for (peer, account), s in zip(items, found, strict=True):
             if s is None:
                 self._loose[peer] = account
-            else:
-                self._loose.pop(peer, None)
+        if self._loose:
+            for (peer, _a), s in zip(items, found, strict=True):
+                if s is not None:
+                    self._loose.pop(peer, None)
+        accounts = [a for (_k, a), s in zip(items, found, strict=True) if s is not None]
+        slots = [s for s in found if s is not None]
         del items, found
-        if not packed:
+        if not slots:
             return
-        self._grow(max(s for s, _a in packed) + 1)
-        for s, _a in packed:
-            if self._has[s]:
-                self._clear(s)
-        slots = np.fromiter(map(_first_of, packed), dtype=np.int64, count=len(packed))
-        accounts = list(map(_second_of, packed))
-        del packed
+        self._grow(max(slots) + 1)
+        if self._count:
+            for s in slots:
+                if self._has[s]:
+                    self._clear(s)
+        try:
+            self._pack(np.array(slots, dtype=np.int64), accounts)
+        except OverflowError:  # a counter past 8 bytes: saturated one by one
+            for s, account in zip(slots, accounts, strict=True):
+                self[self._graph.at(s)] = account  # type: ignore[index]
+
+    def _pack(self, slots: Any, accounts: list[Account]) -> None:
+        """Write ``accounts`` into the empty ``slots`` (a numpy array) column by column."""
+        n = len(accounts)
         counters = array(
             "q", itertools.chain.from_iterable(map(operator.attrgetter(*_COUNTERS), accounts))
         )
-        if counters and (min(counters) < 0):
-            raise ValueError("account counters are never negative")
+        reports: list[Reports] = list(map(operator.attrgetter("reports"), accounts))
+        counts = array("q", itertools.chain.from_iterable(map(_inline_counters, reports)))
+        if min(counters, default=0) < 0 or min(counts, default=0) < 0:
+            raise OverflowError("account counters are never negative")
+        sessions: list[bytes] = list(map(operator.attrgetter("session"), accounts))
+        lengths = np.fromiter(map(len, sessions), dtype=np.int64, count=n)
         has = np.frombuffer(self._has, dtype=np.uint8)
         num = np.frombuffer(self._num, dtype=np.int64).reshape(-1, _NCOUNT)
+        rep = np.frombuffer(self._rep, dtype=np.int64).reshape(-1, 2)
+        ihs = np.frombuffer(self._ih, dtype=np.int32)
+        slen = np.frombuffer(self._slen, dtype=np.uint8)
+        sbuf = np.frombuffer(self._sbuf, dtype=np.uint8).reshape(-1, SESSION_BYTES)
         has[slots] = 1
         num[slots] = np.frombuffer(counters, dtype=np.int64).reshape(-1, _NCOUNT)
-        del has, num, counters  # (an exported buffer cannot grow)
-        self._count += len(slots)
-        for s, account in zip(slots.tolist(), accounts, strict=True):
-            self._set_session(s, account.session)
-            reports = account.reports
-            if reports:
-                self._store_reports(s, reports)
+        rep[slots] = np.frombuffer(counts, dtype=np.int64).reshape(-1, 2)
+        firsts = list(map(_first_report, reports))
+        index: dict[bytes | None, int] = {None: _NO_REPORT}
+        for ih, refs in collections.Counter(firsts).items():
+            if ih is not None:
+                index[ih] = self._names.take(ih, refs)
+        ihs[slots] = np.fromiter(map(index.__getitem__, firsts), dtype=np.int32, count=n)
+        short = lengths <= SESSION_BYTES
+        fit = [x for x, ok in zip(sessions, short.tolist(), strict=True) if ok]
+        padded = b"".join(map(bytes.ljust, fit, itertools.repeat(SESSION_BYTES)))
+        sbuf[slots[short]] = np.frombuffer(padded, dtype=np.uint8).reshape(-1, SESSION_BYTES)
+        slen[slots[short]] = lengths[short]
+        slen[slots[~short]] = _IN_DICT
+        del has, num, rep, ihs, slen, sbuf  # (an exported buffer cannot grow)
+        for i in np.flatnonzero(~short).tolist():
+            self._long[int(slots[i])] = sessions[i]
+        for s, r in zip(slots.tolist(), reports, strict=True):
+            if r._more:
+                self._more[s] = dict(r._more)
+        self._count += n
 
     def _store_reports(self, s: int, reports: Reports) -> None:
         items = iter(reports.items())
@@ -832,7 +865,8 @@ class AccountTable(MutableMapping[bytes, "Account"]):
 
 
 _first_of = operator.itemgetter(0)
-_second_of = operator.itemgetter(1)
+_first_report = operator.attrgetter("_ih")
+_inline_counters = operator.attrgetter("_up", "_down")
 
 
 def return_freed_memory() -> None:
