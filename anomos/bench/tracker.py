@@ -249,18 +249,19 @@ class _Mallinfo2(ctypes.Structure):
 
 def _pymalloc() -> tuple[int, int]:
     """(bytes in live blocks, bytes of arenas) of Python's small-object allocator, from
-    ``sys._debugmallocstats`` (which writes to stderr: read through a pipe)."""
-    read, write = os.pipe()
-    saved = os.dup(2)
-    try:
-        os.dup2(write, 2)
-        sys._debugmallocstats()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(write)
-    with os.fdopen(read, "rb") as f:
-        text = f.read().decode()
+    ``sys._debugmallocstats`` (which writes to the C stderr: caught in a file, not a
+    pipe, which could fill up or never see its end)."""
+    with tempfile.TemporaryFile() as out:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(out.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        text = out.read().decode()
 
     def figure(label: str) -> int:
         found = re.search(re.escape(label) + r"\s*=\s*([\d,]+)", text)
