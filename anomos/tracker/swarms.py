@@ -69,8 +69,9 @@ class Swarms:
             mine = own(peer)
             if mine is not None:
                 swarm = self._swarm(ih)
-                row.left = _shared_left(row.left, swarm)  # (the snapshot's row: transient)
-                swarm.set(mine, row)
+                # A new row, not the snapshot's changed: freeing its int now would leave
+                # a hole for the next long-lived object, pinning the snapshot's memory.
+                swarm.set(mine, SwarmRow(_shared_left(row.left, swarm)))
                 self.peer_torrents.add(mine, ih)
 
     def _swarm(self, ih: bytes) -> Swarm:
