@@ -72,7 +72,7 @@ from anomos.tracker.settings import REQUEST_TIMEOUT as REQUEST_TIMEOUT
 from anomos.tracker.settings import TrackerSettings
 from anomos.tracker.store import Account, Batch, PeerRow, Store
 from anomos.tracker.swarms import Swarms
-from anomos.tracker.tables import AccountTable, PeerTable, return_freed_memory
+from anomos.tracker.tables import AccountTable, PeerTable
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,6 @@ class Tracker:
             self.graph.closed = self.reach.closed
         with collector_paused():
             self._restore()
-        return_freed_memory()  # the restore's transient rows are gone by now
         self._serving = False
         self._loops: list[gevent.Greenlet] = []
         self._closed = False

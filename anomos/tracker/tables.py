@@ -16,8 +16,6 @@ walk either).
 from __future__ import annotations
 
 import collections
-import contextlib
-import ctypes
 import itertools
 import math
 import operator
@@ -867,16 +865,3 @@ class AccountTable(MutableMapping[bytes, "Account"]):
 _first_of = operator.itemgetter(0)
 _first_report = operator.attrgetter("_ih")
 _inline_counters = operator.attrgetter("_up", "_down")
-
-
-def return_freed_memory() -> None:
-    """Hand the pages glibc's ``malloc`` keeps free back to the system (``malloc_trim``).
-
-    A restore reads the store into transient rows, lists and dicts (hundreds of MB
-    at 10^6 peers) and frees them once the tables are built; glibc keeps the freed
-    pages of its heap (its top cannot shrink past the long-lived buffers allocated
-    after them), ~90 B of RSS a peer at 10^6, measured, until this call releases
-    every free page. Call it once the restore's objects are gone. A no-op without
-    glibc."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
