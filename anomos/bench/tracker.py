@@ -8,7 +8,8 @@
   per second through the tracker's WSGI application from distinct peers
   (signature check, bencode, graph, reply; TLS and HTTP parsing excluded, as
   they are the web server's), path computation and whole circuit requests,
-  p50 and p99, bytes per peer (RSS growth and the state's objects counted),
+  p50 and p99, bytes per peer (RSS growth, the state's objects counted, and
+  the RSS by holder: :func:`memory_breakdown`),
   the longest gap between two served requests (a stall) and the restart time.
 
 Most peers are registered in bulk, written straight into the tracker's store
