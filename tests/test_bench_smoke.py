@@ -74,6 +74,15 @@ def test_bench_smoke_writes_every_section(tmp_path: Path) -> None:
         assert 0 < g["path_p50"] <= g["path_p99"]
         assert 0 < g["request_p50"] <= g["request_p99"]
         assert g["requests_planned"] > 0.5  # circuit requests really produced plans
+        memory = g["memory_per_peer"]  # the RSS by holder, beside the counted state
+        assert memory["counted"] == pytest.approx(g["counted_per_peer"])
+        assert memory["accounted"] == pytest.approx(
+            memory["counted"]
+            + memory["sqlite"]
+            + memory["python_free"]
+            + memory["malloc_free"]
+            + memory["mapped_files"]
+        )
 
     cells = result["cells"]
     for name in ("aes_ctr", "layer_add", "layer_remove", "e2e_seal"):
@@ -101,3 +110,31 @@ def test_cpu_per_byte_probe_measures_every_role(tmp_path: Path) -> None:
     # every byte of the file crossed the relay, in cells of at most 32,741 bytes of data
     assert median["cells_per_mib"] >= (1 << 20) / 32741
     assert _positive(median["mb_per_s"])
+
+
+def test_memory_breakdown_adds_up_to_the_rss_and_sees_each_holder() -> None:
+    """The tracker benchmark's breakdown: its parts are the RSS, and what is allocated
+    shows up in the part that holds it (small objects in Python's allocator, a large
+    buffer in malloc's, SQLite's cache in SQLite's)."""
+    import sqlite3
+
+    from anomos.bench.tracker import memory_breakdown
+
+    before = memory_breakdown()
+    assert before, "glibc and /proc are there on the project's machines"
+    parts = sum(v for k, v in before.items() if k != "rss")
+    assert abs(parts - before["rss"]) < 0.02 * before["rss"]
+    small = [bytes(40) + bytes([i % 256]) for i in range(200_000)]  # ~16 MB of objects
+    large = bytearray(32 << 20)
+    large[::4096] = b"x" * len(large[::4096])  # touched: resident
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE t (x BLOB)")
+    db.executemany("INSERT INTO t VALUES (?)", ((bytes(1000),) for _ in range(8000)))
+    after = memory_breakdown()
+    grew = {k: after[k] - before[k] for k in after}
+    assert grew["python_objects"] > 12 << 20
+    assert grew["malloc_objects"] > 30 << 20
+    assert grew["sqlite"] > 4 << 20
+    assert abs(sum(v for k, v in after.items() if k != "rss") - after["rss"]) < 0.02 * after["rss"]
+    del small, large
+    db.close()

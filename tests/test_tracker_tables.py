@@ -8,9 +8,11 @@ import sys
 import pytest
 
 from anomos.tracker.graph import PeerGraph
-from anomos.tracker.store import PeerRow
+from anomos.tracker.store import Account, PeerRow
 from anomos.tracker.tables import (
     ADDRESS_BYTES,
+    COUNTER_MAX,
+    AccountTable,
     PeerTable,
     ReceiptBaselines,
     Reports,
@@ -261,3 +263,138 @@ def test_a_reporter_that_joins_keeps_no_state_by_identity():
     r.joined(c)
     assert r._loose == {} and c in r  # in its slot now: no dict entry per registered peer
     assert r.begin(c, fresh=False) is True
+
+
+def _account(rng: random.Random) -> Account:
+    account = Account(
+        *(rng.choice([0, 1, rng.randrange(1 << 62)]) for _ in range(4)),
+        session=rng.choice([b"", b"s" * 8, rng.randbytes(rng.randint(1, 32))]),
+        relayed_reported=rng.randrange(1 << 40),
+    )
+    for ih in rng.sample(IH, rng.choice([0, 1, 1, 3])):
+        account.reports[ih] = (rng.randrange(1 << 40), rng.randrange(1 << 40))
+    return account
+
+
+def _same(a: Account, b: Account) -> bool:
+    return a == b and dict(a.reports) == dict(b.reports)
+
+
+def test_account_table_behaves_as_a_dict_of_accounts_through_joins_and_leaves():
+    """Packed by slot while in the graph, kept by identity outside it: an account
+    outlives its peer's stay, and a slot reused by the next peer holds nothing of it."""
+    rng = random.Random(11)
+    ids = [bytes([i]) * 32 for i in range(40)]
+    g = _graph_with([])
+    table: AccountTable = AccountTable(g)
+    model: dict[bytes, Account] = {}
+    for _ in range(4000):
+        peer = rng.choice(ids)
+        op = rng.random()
+        if op < 0.3:
+            account = _account(rng)
+            table[peer] = account
+            model[peer] = account
+        elif op < 0.45 and peer not in g:
+            g.add_peer(peer)
+            table.joined(peer)
+        elif op < 0.6 and peer in g:
+            table.leaving(peer)
+            g.remove_peer(peer)  # its slot goes to the next peer to join
+        elif op < 0.65 and peer in model:
+            del table[peer]
+            del model[peer]
+        assert len(table) == len(model)
+        assert (peer in table) == (peer in model)
+        if peer in model:
+            assert _same(table[peer], model[peer])
+            assert table.session(peer) == model[peer].session
+        else:
+            assert table.get(peer) is None and table.session(peer) is None
+    assert sorted(table) == sorted(model)
+    assert all(_same(table[p], a) for p, a in model.items())
+    assert table._count == sum(p in g for p in model)  # the packed ones
+    # Each packed first report's infohash is interned once; the others were let go.
+    firsts = {next(iter(a.reports)) for p, a in model.items() if p in g and a.reports}
+    assert table.infohashes() == len(firsts)
+
+
+def test_a_restore_packs_the_same_accounts_as_one_set_each():
+    rng = random.Random(12)
+    ids = [rng.randbytes(32) for _ in range(300)]
+    g = _graph_with(ids[:200])  # the last 100 are identities that left
+    accounts = {p: _account(rng) for p in ids}
+    bulk, one_by_one = AccountTable(g), AccountTable(g)
+    bulk.update(accounts)
+    for p, a in accounts.items():
+        one_by_one[p] = a
+    assert len(bulk) == len(one_by_one) == 300
+    assert bulk._count == 200
+    for p, a in accounts.items():
+        assert _same(bulk[p], a) and _same(one_by_one[p], a)
+    assert bulk.infohashes() == one_by_one.infohashes()
+
+
+def test_account_counters_saturate_instead_of_overflowing():
+    g = _graph_with([b"p" * 32])
+    table = AccountTable(g)
+    table[b"p" * 32] = Account(uploaded=COUNTER_MAX + 5, session=b"x")
+    account = table[b"p" * 32]
+    assert account.uploaded == COUNTER_MAX
+    account.uploaded += 1  # as crediting does: stored back, still at the ceiling
+    table[b"p" * 32] = account
+    assert table[b"p" * 32].uploaded == COUNTER_MAX
+    restored = AccountTable(g)  # a restore's bulk path saturates too
+    big = Account(relayed_confirmed=COUNTER_MAX + 1, session=b"x")
+    big.reports[IH[0]] = (COUNTER_MAX + 2, 1)
+    restored.update({b"p" * 32: big})
+    assert restored[b"p" * 32].relayed_confirmed == COUNTER_MAX
+    assert restored[b"p" * 32].reports == {IH[0]: (COUNTER_MAX, 1)}
+
+
+def test_an_account_costs_its_columns_and_no_object():
+    ids = [i.to_bytes(32) for i in range(2000)]
+    g = _graph_with(ids)
+    table = AccountTable(g)
+    for p in ids:
+        account = Account(1 << 40, 1 << 41, 3, 4, b"8 bytes!", 5)
+        account.reports[IH[0]] = (1 << 40, 1 << 41)
+        table[p] = account
+    assert not table._loose and not table._more and not table._long
+    columns = (table._has, table._num, table._slen, table._sbuf, table._ih, table._rep)
+    assert sum(map(sys.getsizeof, columns)) / len(ids) < 90  # 1 + 40 + 1 + 16 + 4 + 16, slack
+    assert table.infohashes() == 1
+
+
+def test_a_restore_keys_every_table_with_the_graphs_own_identities():
+    """A restore keeps none of the store's identity objects (each would pin a pool of
+    the allocator full of the restore's freed rows): the graph makes its own copies,
+    and the swarms are keyed by them; a leecher's ``left`` is its swarm's size object."""
+    from anomos.tracker.store import Snapshot, SwarmRow
+    from anomos.tracker.swarms import Swarms
+
+    stored = [bytes(bytearray([i]) * 32) for i in range(1, 7)]  # as read from the store
+    g = PeerGraph(min_neighbours=1, max_neighbours=3, rng=random.Random(1))
+    g.restore(stored, list(range(1, 7)), [])
+    assert all(g.own(p) == p and g.own(p) is not p for p in stored)
+    assert g.own(b"z" * 32) is None
+    table = PeerTable(g)
+    table.load([PeerRow(p, b"o" * 32, b"b" * 32, "10.0.0.1:1", 0.0, 0) for p in stored[:5]], 1.0)
+    size = 1 << 30
+    lefts = [int(str(size)) for _ in stored]  # one int object per row, as SQLite gives
+    lefts[0] = 0
+    snap = Snapshot(
+        [],
+        {},
+        [],
+        [(IH[0], p, SwarmRow(left)) for p, left in zip(stored, lefts, strict=True)],
+        {IH[0]: size},
+        {},
+    )
+    swarms = Swarms()
+    swarms.restore(snap, table)
+    members = list(swarms.swarms[IH[0]]._left.items())
+    assert len(members) == 5  # the sixth peer is not live
+    assert all(peer is g.own(peer) for peer, _left in members)
+    assert all(peer is g.own(peer) for peer in swarms.peer_torrents)
+    assert all(left is swarms.swarms[IH[0]].size for _peer, left in members[1:])

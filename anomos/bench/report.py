@@ -115,7 +115,7 @@ def table(result: dict[str, Any]) -> str:
                 (
                     f"tracker bytes per peer, {n}",
                     f"{_fmt(item['rss_per_peer'], 0)} B RSS",
-                    f"{_fmt(item['counted_per_peer'], 0)} B counted",
+                    _memory_note(item),
                 )
             )
             rows.append(
@@ -220,3 +220,17 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"{'measure':<{w0}}  {'result':>{w1}}  notes", "-" * (w0 + w1 + 30)]
     lines += [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
     return "\n".join(lines + notes)
+
+
+def _memory_note(item: dict[str, Any]) -> str:
+    """The counted state per peer, and with what the walk cannot see (SQLite, the
+    allocators' free memory, libraries): the figure that should match the RSS."""
+    note = f"{_fmt(item['counted_per_peer'], 0)} B counted"
+    memory = item.get("memory_per_peer")
+    if memory:
+        note += (
+            f"; + SQLite {_fmt(memory['sqlite'], 0)}, allocators' free "
+            f"{_fmt(memory['python_free'] + memory['malloc_free'], 0)}, libraries "
+            f"{_fmt(memory['mapped_files'], 0)} = {_fmt(memory['accounted'], 0)} B"
+        )
+    return note

@@ -8,7 +8,8 @@
   per second through the tracker's WSGI application from distinct peers
   (signature check, bencode, graph, reply; TLS and HTTP parsing excluded, as
   they are the web server's), path computation and whole circuit requests,
-  p50 and p99, bytes per peer (RSS growth and the state's objects counted),
+  p50 and p99, bytes per peer (RSS growth, the state's objects counted, and
+  the RSS by holder: :func:`memory_breakdown`),
   the longest gap between two served requests (a stall) and the restart time.
 
 Most peers are registered in bulk, written straight into the tracker's store
@@ -19,6 +20,7 @@ at 10^6; every timed request is a real signed one from a peer of its own; see
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import gc
 import io
@@ -26,6 +28,7 @@ import json
 import operator
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -225,6 +228,117 @@ def counted_bytes(tracker: Any) -> int:
 
 def _rss() -> int:
     return int(psutil.Process().memory_info().rss)
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+def _pymalloc() -> tuple[int, int]:
+    """(bytes in live blocks, bytes of arenas) of Python's small-object allocator, from
+    ``sys._debugmallocstats`` (which writes to the C stderr: caught in a file, not a
+    pipe, which could fill up or never see its end)."""
+    with tempfile.TemporaryFile() as out:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(out.fileno(), 2)
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        out.seek(0)
+        text = out.read().decode()
+
+    def figure(label: str) -> int:
+        found = re.search(re.escape(label) + r"\s*=\s*([\d,]+)", text)
+        return int(found.group(1).replace(",", "")) if found else 0
+
+    return figure("# bytes in allocated blocks"), figure("Total")
+
+
+def memory_breakdown() -> dict[str, int]:
+    """The process's RSS by who holds it, each part measured, the parts adding up to
+    the RSS (glibc and Linux only; an empty dict elsewhere):
+
+    * ``python_objects``: live blocks of Python's small-object allocator (objects up
+      to 512 B: ``bytes``, ints, small tuples, attrs objects);
+    * ``python_free``: the rest of its arenas: blocks freed but in pools that still
+      hold a live object, empty pools in arenas that do, alignment (an arena is
+      returned to the system only once all of it is free);
+    * ``malloc_objects``: glibc ``malloc`` blocks in use other than SQLite's: the
+      buffers of arrays, numpy arrays, bytearrays and the tables of large dicts and
+      lists (``malloc`` and ``mmap``-ed chunks);
+    * ``sqlite``: SQLite's own memory (``sqlite3_memory_used``: its page cache mostly);
+    * ``malloc_free``: resident pages glibc keeps after ``free`` (what is left of the
+      anonymous and heap RSS);
+    * ``mapped_files``: resident pages of files (libraries) and stacks.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libsqlite = ctypes.CDLL("libsqlite3.so.0")
+    except OSError:
+        return {}
+    libc.mallinfo2.restype = _Mallinfo2
+    libsqlite.sqlite3_memory_used.restype = ctypes.c_int64
+    anonymous = files = 0
+    with open("/proc/self/smaps") as f:
+        name = ""
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+                fields = line.split()
+                name = fields[5] if len(fields) > 5 else ""
+            elif line.startswith("Rss:"):
+                kib = int(line.split()[1]) * 1024
+                if name in ("", "[heap]"):
+                    anonymous += kib
+                else:
+                    files += kib
+    info = libc.mallinfo2()
+    objects, arenas = _pymalloc()
+    sqlite = int(libsqlite.sqlite3_memory_used())
+    in_use = info.uordblks + info.hblkhd
+    return {
+        "rss": _rss(),
+        "python_objects": objects,
+        "python_free": arenas - objects,
+        "malloc_objects": in_use - sqlite,
+        "sqlite": sqlite,
+        "malloc_free": anonymous - arenas - in_use,
+        "mapped_files": files,
+    }
+
+
+def _memory_per_peer(
+    before: dict[str, int], after: dict[str, int], counted: int, peers: int
+) -> dict[str, float]:
+    """What the tracker added to each part of :func:`memory_breakdown`, per peer, beside
+    ``counted`` (the walk of its state) and what the walk plus the parts it cannot see
+    (SQLite, the allocators' free memory, mapped files) add up to: ``accounted``, which
+    should match the RSS growth; ``unaccounted`` is the difference, objects outside the
+    walk (the benchmark's own, the store's) and measuring noise."""
+    if not before or not after:
+        return {}
+    per = {k: (after[k] - before[k]) / peers for k in after}
+    beside = per["sqlite"] + per["python_free"] + per["malloc_free"] + per["mapped_files"]
+    per["counted"] = counted / peers
+    per["accounted"] = per["counted"] + beside
+    per["unaccounted"] = per["rss"] - per["accounted"]
+    return per
 
 
 #: No rate limit, edges usable at once, and an announce interval longer than any run:
@@ -464,6 +578,7 @@ def graph_bench(
         written = time.perf_counter() - t0
         gc.collect()
         rss0 = _rss()
+        parts0 = memory_breakdown()
         echo(f"tracker: restoring them ({written:.0f} s to write)")
         tracker, first_restore, first_restore_cpu = _timed_open(state, plugins)
         tracker.start()
@@ -504,8 +619,10 @@ def graph_bench(
         request_times, planned = circuits(tracker, "circuits")
         gc.collect()
         rss = _rss() - rss0
+        parts = memory_breakdown()
         echo("tracker: counting the bytes of its state")
         counted = counted_bytes(tracker)
+        memory = _memory_per_peer(parts0, parts, counted, peers)
         # A restart as after a crash: the last graph image (taken by the first write
         # after the bulk restore) plus every link written since (the timed joins).
         tracker.flush()
@@ -550,6 +667,7 @@ def graph_bench(
             "requests_planned": planned / samples,
             "rss_per_peer": rss / peers,
             "counted_per_peer": counted / peers,
+            "memory_per_peer": memory,
             "longest_stall": max(gaps.longest.values()),
             "stalls": gaps.longest,
             "stalls_wall": gaps.longest_wall,

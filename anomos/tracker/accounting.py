@@ -20,7 +20,7 @@ from anomos.interfaces import RatioPolicy
 from anomos.tracker.graph import PeerGraph
 from anomos.tracker.requests import AnnounceRequest
 from anomos.tracker.store import Account, Batch
-from anomos.tracker.tables import ReceiptBaselines
+from anomos.tracker.tables import AccountTable, ReceiptBaselines
 
 #: Torrents whose last reported counters are remembered per identity.
 MAX_REPORTS = 1024
@@ -55,14 +55,15 @@ class Accounting:
         #: ``ratio_grace`` bytes (0: no minimum). Relaying raises it: see refusal.
         self.min_ratio = min_ratio
         self.ratio_grace = ratio_grace
-        self.accounts: dict[bytes, Account] = {}
+        #: identity -> account, packed by graph slot (reading gives a copy: store it back)
+        self.accounts = AccountTable(graph)
         #: reporter -> its receipt baselines (not persisted: see _confirm), by graph slot
         self.receipts = ReceiptBaselines(graph)
 
     def announce(self, peer: bytes, request: AnnounceRequest, batch: Batch) -> Account:
         """Credit what an announce reports (its own counters, and its neighbours'
         relaying through its receipts); the peer's account."""
-        fresh = self.accounts.get(peer, Account()).session != request.session
+        fresh = (self.accounts.session(peer) or b"") != request.session
         account = self._credit(peer, request.session, request.relayed, request.torrents, batch)
         self._confirm(peer, fresh, request.receipts, batch)
         if request.stopped:
@@ -70,11 +71,14 @@ class Accounting:
         return account
 
     def joined(self, peer: bytes) -> None:
-        """``peer`` entered the graph: its receipt state moves into its slot."""
+        """``peer`` entered the graph: its account and receipt state move into its slot."""
+        self.accounts.joined(peer)
         self.receipts.joined(peer)
 
     def leaving(self, peer: bytes) -> None:
-        """``peer`` leaves the graph (call before it does): its receipt baselines go."""
+        """``peer`` leaves the graph (call before it does): its account is kept by
+        identity, its receipt baselines go."""
+        self.accounts.leaving(peer)
         self.receipts.leaving(peer)
 
     def summary(self, account: Account) -> dict[bytes, Any]:
@@ -153,7 +157,7 @@ class Accounting:
                 batch.remove_report(peer, ih)
             changed = True
         if changed:
-            batch.accounts[peer] = account
+            self.accounts[peer] = batch.accounts[peer] = account
         return account
 
     def _confirm(
@@ -192,7 +196,7 @@ class Accounting:
             else:
                 continue  # picked up mid-session: a baseline only
             if delta:
-                account = self.accounts.setdefault(sender, Account())
+                account = self.accounts.get(sender) or Account()
                 account.relayed_confirmed += delta
-                batch.accounts[sender] = account
+                self.accounts[sender] = batch.accounts[sender] = account
         self.receipts.set_last(reporter, now)

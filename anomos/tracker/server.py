@@ -72,7 +72,7 @@ from anomos.tracker.settings import REQUEST_TIMEOUT as REQUEST_TIMEOUT
 from anomos.tracker.settings import TrackerSettings
 from anomos.tracker.store import Account, Batch, PeerRow, Store
 from anomos.tracker.swarms import Swarms
-from anomos.tracker.tables import PeerTable
+from anomos.tracker.tables import AccountTable, PeerTable
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class Tracker:
         return self.settings.interval
 
     @property
-    def accounts(self) -> dict[bytes, Account]:
+    def accounts(self) -> AccountTable:
         return self.accounting.accounts
 
     @property

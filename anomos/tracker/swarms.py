@@ -9,11 +9,16 @@ per torrent (written with the other changes, for ``/stats`` and restore). The
 
 from __future__ import annotations
 
-from collections.abc import Container
-
 from anomos.tracker.planner import Swarm
 from anomos.tracker.store import Batch, Snapshot, SwarmRow
-from anomos.tracker.tables import TorrentsByPeer
+from anomos.tracker.tables import PeerTable, TorrentsByPeer
+
+
+def _shared_left(left: int, swarm: Swarm) -> int:
+    """``left`` as the swarm's own size object when it equals it (a peer that has
+    nothing yet: most of a new torrent's swarm), so that its members share one int
+    instead of 32 B each; 0, a seed's, is shared by Python itself."""
+    return swarm.size if left == swarm.size else left
 
 
 class Swarms:
@@ -41,7 +46,7 @@ class Swarms:
                 continue
             swarm = self._swarm(ih)
             before = swarm.rows.get(peer)
-            swarm.set(peer, SwarmRow(left, up, down))
+            swarm.set(peer, SwarmRow(_shared_left(left, swarm), up, down))
             mine.add(ih)
             if before is None or before.left != left:  # the counters are in its account
                 batch.set_swarm(ih, pid, left)
@@ -55,13 +60,19 @@ class Swarms:
             self._leave(peer, pid, ih, batch)
         self.peer_torrents.pop(peer, None)
 
-    def restore(self, snap: Snapshot, live: Container[bytes]) -> None:
-        """Take the sizes and the swarm rows of the ``live`` peers from a snapshot."""
+    def restore(self, snap: Snapshot, live: PeerTable) -> None:
+        """Take the sizes and the swarm rows of the ``live`` peers from a snapshot, keyed
+        by the graph's own identity objects (the snapshot's are let go with it)."""
         self.sizes.update(snap.torrents)
+        own = live.own
         for ih, peer, row in snap.swarm:
-            if peer in live:
-                self._swarm(ih).set(peer, row)
-                self.peer_torrents.add(peer, ih)
+            mine = own(peer)
+            if mine is not None:
+                swarm = self._swarm(ih)
+                # A new row, not the snapshot's changed: freeing its int now would leave
+                # a hole for the next long-lived object, pinning the snapshot's memory.
+                swarm.set(mine, SwarmRow(_shared_left(row.left, swarm)))
+                self.peer_torrents.add(mine, ih)
 
     def _swarm(self, ih: bytes) -> Swarm:
         swarm = self.swarms.get(ih)

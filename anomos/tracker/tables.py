@@ -15,7 +15,10 @@ walk either).
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
+import operator
 from array import array
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, cast
@@ -24,7 +27,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from anomos.tracker.graph import PeerGraph
-    from anomos.tracker.store import PeerRow
+    from anomos.tracker.store import Account, PeerRow
 
 Counters = tuple[int, int]
 
@@ -268,6 +271,12 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
 
     def __contains__(self, peer: object) -> bool:
         return self._slot(peer) is not None
+
+    def own(self, peer: bytes) -> bytes | None:
+        """The graph's own object for a live ``peer`` (None: not live), to key other
+        tables with (:meth:`PeerGraph.own`)."""
+        s = self._slot(peer)
+        return None if s is None else self._graph.at(s)  # type: ignore[return-value]
 
     def __iter__(self) -> Iterator[bytes]:
         alen, n = self._alen, len(self._alen)
@@ -537,3 +546,328 @@ class ReceiptBaselines:
             grow = s + 1 - len(self._state)
             self._state.extend(bytes(grow))
             self._last.extend([None] * grow)
+
+
+#: Counters of an account, in their column order (8-byte integers each).
+_COUNTERS = ("uploaded", "downloaded", "relayed_claimed", "relayed_confirmed", "relayed_reported")
+_NCOUNT = len(_COUNTERS)
+#: Counters saturate here instead of overflowing (SQLite's INTEGER is 8 bytes too).
+COUNTER_MAX = 2**63 - 1
+#: Session bytes kept inline per slot (a peer's is 8 random bytes; up to 32 are allowed:
+#: a longer one is kept in a dict beside).
+SESSION_BYTES = 16
+#: First report's infohash of a slot without a report (an index into the interned names).
+_NO_REPORT = -1
+_NONE = array("i", [_NO_REPORT])
+_ZEROS = array("q", [0])
+_EMPTY: dict[bytes, Counters] = {}
+
+
+class _Interned:
+    """infohash <-> a small integer, counted: each distinct infohash is kept once, and
+    dropped when nothing refers to it any more."""
+
+    __slots__ = ("_free", "_index", "_names", "_refs")
+
+    def __init__(self) -> None:
+        self._index: dict[bytes, int] = {}
+        self._names: list[bytes | None] = []
+        self._refs = array("q")
+        self._free: list[int] = []
+
+    def take(self, name: bytes, refs: int = 1) -> int:
+        i = self._index.get(name)
+        if i is None:
+            if self._free:
+                i = self._free.pop()
+                self._names[i] = name
+            else:
+                i = len(self._names)
+                self._names.append(name)
+                self._refs.append(0)
+            self._index[name] = i
+        self._refs[i] += refs
+        return i
+
+    def name(self, i: int) -> bytes:
+        return self._names[i]  # type: ignore[return-value]
+
+    def release(self, i: int) -> None:
+        self._refs[i] -= 1
+        if not self._refs[i]:
+            del self._index[self._names[i]]  # type: ignore[arg-type]
+            self._names[i] = None
+            self._free.append(i)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+class AccountTable(MutableMapping[bytes, "Account"]):
+    """identity -> :class:`~anomos.tracker.store.Account`, packed by graph slot for the
+    peers in the graph.
+
+    An ``Account`` object per identity with its ``Reports`` and session cost ~250 B
+    (two objects, the session's ``bytes``, the dict entry); a slot here costs 79 B:
+    the five counters as 8-byte integers (saturating at ``COUNTER_MAX``), the
+    session inline (``SESSION_BYTES``, a longer one in a dict beside), and the first
+    report (an interned infohash's index and its two counters; further reports in a
+    dict by slot). Accounts outlive a peer's stay: an identity outside the graph (it
+    left, or its first announce comes before its join) keeps an ``Account`` object
+    in a dict, moved into its slot when it joins (:meth:`joined`) and out of it when
+    it leaves (:meth:`leaving`, before the graph frees the slot).
+
+    Reading hands out a new ``Account`` (a copy): change one by storing it back
+    (``table[identity] = account``); a copy is what a write-behind batch must hold
+    anyway.
+    """
+
+    __slots__ = (
+        "_count",
+        "_graph",
+        "_has",
+        "_ih",
+        "_long",
+        "_loose",
+        "_more",
+        "_names",
+        "_num",
+        "_rep",
+        "_sbuf",
+        "_slen",
+        "_slot_of",
+    )
+
+    def __init__(self, graph: PeerGraph) -> None:
+        self._graph = graph
+        self._slot_of = graph.slot
+        #: slot -> 1 if it holds an account
+        self._has = bytearray()
+        #: slot * 5 + i -> counter i (_COUNTERS)
+        self._num = array("q")
+        #: slot -> session length (_IN_DICT: in _long), and its bytes
+        self._slen = bytearray()
+        self._sbuf = bytearray()
+        self._long: dict[int, bytes] = {}
+        #: slot -> its first report's infohash (an index into _names, or _NO_REPORT),
+        #: and slot * 2 + i -> that report's uploaded, downloaded
+        self._ih = array("i")
+        self._rep = array("q")
+        #: slot -> its reports beyond the first
+        self._more: dict[int, dict[bytes, Counters]] = {}
+        self._names = _Interned()
+        #: identity -> account, for identities outside the graph
+        self._loose: dict[bytes, Account] = {}
+        self._count = 0
+
+    # ------------------------------------------------------------------ reading
+    def _slot(self, peer: Any) -> int | None:
+        s = self._slot_of(peer)
+        return s if s is not None and s < len(self._has) and self._has[s] else None
+
+    def __getitem__(self, peer: bytes) -> Account:
+        s = self._slot(peer)
+        if s is None:
+            return self._loose[peer]
+        from anomos.tracker.store import Account  # store.py imports this module
+
+        num = self._num[s * _NCOUNT : (s + 1) * _NCOUNT]
+        account = Account(num[0], num[1], num[2], num[3], self._session_at(s), num[4])
+        if self._ih[s] != _NO_REPORT:
+            reports = account.reports
+            reports[self._names.name(self._ih[s])] = (self._rep[2 * s], self._rep[2 * s + 1])
+            for ih, counters in self._more.get(s, _EMPTY).items():
+                reports[ih] = counters
+        return account
+
+    def session(self, peer: bytes) -> bytes | None:
+        """The account's session (None: no account), without copying the rest."""
+        s = self._slot(peer)
+        if s is None:
+            account = self._loose.get(peer)
+            return None if account is None else account.session
+        return self._session_at(s)
+
+    def _session_at(self, s: int) -> bytes:
+        n = self._slen[s]
+        if n == _IN_DICT:
+            return self._long[s]
+        return bytes(self._sbuf[s * SESSION_BYTES : s * SESSION_BYTES + n])
+
+    def __contains__(self, peer: object) -> bool:
+        return peer in self._loose or self._slot(peer) is not None
+
+    def __iter__(self) -> Iterator[bytes]:
+        has, n = self._has, len(self._has)
+        packed: list[Any] = [p for p, s in self._graph.slots() if s < n and has[s]]
+        return itertools.chain(packed, list(self._loose))
+
+    def __len__(self) -> int:
+        return self._count + len(self._loose)
+
+    # ------------------------------------------------------------------ writing
+    def __setitem__(self, peer: bytes, account: Account) -> None:
+        s = self._slot_of(peer)
+        if s is None:
+            self._loose[peer] = account
+            return
+        self._loose.pop(peer, None)
+        self._grow(s + 1)
+        if not self._has[s]:
+            self._has[s] = 1
+            self._count += 1
+        else:
+            self._drop_reports(s)
+        self._num[s * _NCOUNT : (s + 1) * _NCOUNT] = array(
+            "q", [min(getattr(account, c), COUNTER_MAX) for c in _COUNTERS]
+        )
+        self._set_session(s, account.session)
+        if account.reports:
+            self._store_reports(s, account.reports)
+
+    def __delitem__(self, peer: bytes) -> None:
+        s = self._slot(peer)
+        if s is None:
+            del self._loose[peer]
+            return
+        self._clear(s)
+
+    def update(self, other: Any = (), /, **kwds: Any) -> None:
+        """Many accounts at once (a restore): those of peers in the graph are written
+        column by column, in C-level passes, not one ``__setitem__`` each (the same
+        table either way)."""
+        if not isinstance(other, Mapping) or kwds:
+            super().update(other, **kwds)
+            return
+        items = list(other.items())
+        found = list(map(self._slot_of, map(_first_of, items)))
+        for (peer, account), s in zip(items, found, strict=True):
+            if s is None:
+                self._loose[peer] = account
+        if self._loose:
+            for (peer, _a), s in zip(items, found, strict=True):
+                if s is not None:
+                    self._loose.pop(peer, None)
+        accounts = [a for (_k, a), s in zip(items, found, strict=True) if s is not None]
+        slots = [s for s in found if s is not None]
+        del items, found
+        if not slots:
+            return
+        self._grow(max(slots) + 1)
+        if self._count:
+            for s in slots:
+                if self._has[s]:
+                    self._clear(s)
+        try:
+            self._pack(np.array(slots, dtype=np.int64), accounts)
+        except OverflowError:  # a counter past 8 bytes: saturated one by one
+            for s, account in zip(slots, accounts, strict=True):
+                self[self._graph.at(s)] = account  # type: ignore[index]
+
+    def _pack(self, slots: Any, accounts: list[Account]) -> None:
+        """Write ``accounts`` into the empty ``slots`` (a numpy array) column by column."""
+        n = len(accounts)
+        counters = array(
+            "q", itertools.chain.from_iterable(map(operator.attrgetter(*_COUNTERS), accounts))
+        )
+        reports: list[Reports] = list(map(operator.attrgetter("reports"), accounts))
+        counts = array("q", itertools.chain.from_iterable(map(_inline_counters, reports)))
+        if min(counters, default=0) < 0 or min(counts, default=0) < 0:
+            raise OverflowError("account counters are never negative")
+        sessions: list[bytes] = list(map(operator.attrgetter("session"), accounts))
+        lengths = np.fromiter(map(len, sessions), dtype=np.int64, count=n)
+        has = np.frombuffer(self._has, dtype=np.uint8)
+        num = np.frombuffer(self._num, dtype=np.int64).reshape(-1, _NCOUNT)
+        rep = np.frombuffer(self._rep, dtype=np.int64).reshape(-1, 2)
+        ihs = np.frombuffer(self._ih, dtype=np.int32)
+        slen = np.frombuffer(self._slen, dtype=np.uint8)
+        sbuf = np.frombuffer(self._sbuf, dtype=np.uint8).reshape(-1, SESSION_BYTES)
+        has[slots] = 1
+        num[slots] = np.frombuffer(counters, dtype=np.int64).reshape(-1, _NCOUNT)
+        rep[slots] = np.frombuffer(counts, dtype=np.int64).reshape(-1, 2)
+        firsts = list(map(_first_report, reports))
+        index: dict[bytes | None, int] = {None: _NO_REPORT}
+        for ih, refs in collections.Counter(firsts).items():
+            if ih is not None:
+                index[ih] = self._names.take(ih, refs)
+        ihs[slots] = np.fromiter(map(index.__getitem__, firsts), dtype=np.int32, count=n)
+        short = lengths <= SESSION_BYTES
+        fit = [x for x, ok in zip(sessions, short.tolist(), strict=True) if ok]
+        padded = b"".join(map(bytes.ljust, fit, itertools.repeat(SESSION_BYTES)))
+        sbuf[slots[short]] = np.frombuffer(padded, dtype=np.uint8).reshape(-1, SESSION_BYTES)
+        slen[slots[short]] = lengths[short]
+        slen[slots[~short]] = _IN_DICT
+        del has, num, rep, ihs, slen, sbuf  # (an exported buffer cannot grow)
+        for i in np.flatnonzero(~short).tolist():
+            self._long[int(slots[i])] = sessions[i]
+        for s, r in zip(slots.tolist(), reports, strict=True):
+            if r._more:
+                self._more[s] = dict(r._more)
+        self._count += n
+
+    def _store_reports(self, s: int, reports: Reports) -> None:
+        items = iter(reports.items())
+        ih, (up, down) = next(items)
+        self._ih[s] = self._names.take(ih)
+        self._rep[2 * s], self._rep[2 * s + 1] = min(up, COUNTER_MAX), min(down, COUNTER_MAX)
+        more = dict(items)
+        if more:
+            self._more[s] = more
+
+    def joined(self, peer: bytes) -> None:
+        """``peer`` entered the graph: an account kept by identity moves into its slot."""
+        account = self._loose.pop(peer, None)
+        if account is not None:
+            self[peer] = account
+
+    def leaving(self, peer: bytes) -> None:
+        """``peer`` leaves the graph (call before it does): its account moves out of its
+        slot, to be kept by identity (accounts outlive a stay)."""
+        s = self._slot(peer)
+        if s is not None:
+            account = self[peer]
+            self._clear(s)
+            self._loose[peer] = account
+
+    def _clear(self, s: int) -> None:
+        self._drop_reports(s)
+        self._has[s] = 0
+        self._count -= 1
+        self._long.pop(s, None)
+        self._slen[s] = 0
+
+    def _drop_reports(self, s: int) -> None:
+        if self._ih[s] != _NO_REPORT:
+            self._names.release(self._ih[s])
+            self._ih[s] = _NO_REPORT
+        self._more.pop(s, None)
+
+    def _set_session(self, s: int, session: bytes) -> None:
+        n = len(session)
+        if n <= SESSION_BYTES:
+            self._long.pop(s, None)
+            at = s * SESSION_BYTES
+            self._sbuf[at : at + n] = session
+            self._slen[s] = n
+        else:
+            self._long[s] = session
+            self._slen[s] = _IN_DICT
+
+    def _grow(self, slots: int) -> None:
+        grow = slots - len(self._has)
+        if grow > 0:
+            self._has.extend(bytes(grow))
+            self._num.extend(_ZEROS * (grow * _NCOUNT))
+            self._slen.extend(bytes(grow))
+            self._sbuf.extend(bytes(grow * SESSION_BYTES))
+            self._ih.extend(_NONE * grow)
+            self._rep.extend(_ZEROS * (2 * grow))
+
+    def infohashes(self) -> int:
+        """Distinct infohashes the packed reports hold (for tests and stats)."""
+        return len(self._names)
+
+
+_first_of = operator.itemgetter(0)
+_first_report = operator.attrgetter("_ih")
+_inline_counters = operator.attrgetter("_up", "_down")
