@@ -45,13 +45,7 @@ LAUNCH = textwrap.dedent(
 def test_get_dials_its_tracker_before_importing_the_peer_modules(tmp_path):
     """Those imports are most of a launch's CPU time; the TCP handshake with the
     tracker completes meanwhile instead of after them."""
-    result = subprocess.run(
-        [sys.executable, "-c", LAUNCH, str(tmp_path / "dest"), str(tmp_path / "state")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    result = _launch(LAUNCH, tmp_path)
     assert result.stdout.strip() == "dialled", result.stderr
 
 
@@ -80,11 +74,17 @@ HELLO = LAUNCH.replace(
 def test_the_tls_handshake_with_the_tracker_starts_before_the_peer_listens(tmp_path):
     """With the TCP handshake done during the imports, the ClientHello leaves when the
     peer is made; the tracker's answer then arrives while the peer still starts."""
+    result = _launch(HELLO, tmp_path)
+    assert result.stdout.strip() == "hello sent", result.stderr  # (no module it does not need)
+
+
+def _launch(script: str, tmp_path) -> subprocess.CompletedProcess[str]:
+    """``script`` run as a launch of ``anomos get`` into ``tmp_path``; it must exit 0."""
     result = subprocess.run(
-        [sys.executable, "-c", HELLO, str(tmp_path / "dest"), str(tmp_path / "state")],
+        [sys.executable, "-c", script, str(tmp_path / "dest"), str(tmp_path / "state")],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "hello sent", result.stderr  # (no module it does not need)
+    return result
