@@ -26,7 +26,7 @@ SUITES = ["x25519", "classic"]
 
 def handshake(suite: CipherSuite, material: bytes) -> tuple[SessionKeys, SessionKeys, bytes, bytes]:
     state, hello = suite.initiator_hello(material)
-    _, hello = decode_hello(encode_hello(b"blob", hello))  # as it travels in the first cell
+    _, hello, _ = decode_hello(encode_hello(b"blob", hello))  # as it travels in the first cell
     src_keys, reply = suite.responder_accept(material, hello)
     reply = decode_reply(encode_reply(reply))
     return suite.initiator_finish(state, reply), src_keys, hello, reply
