@@ -53,10 +53,35 @@ def entry_point_groups(path: Iterable[str] | None = None) -> dict[str, set[str]]
     return found
 
 
+#: The last scan of ``sys.path``, keyed by each entry's modification time (a
+#: distribution installed or removed there changes its folder's).
+_last_scan: tuple[tuple[tuple[str, int], ...], dict[str, set[str]] | None] | None = None
+
+
+def _path_state() -> tuple[tuple[str, int], ...]:
+    state = []
+    for entry in sys.path:
+        try:
+            state.append((entry, os.stat(entry or ".").st_mtime_ns))
+        except OSError:
+            state.append((entry, -1))
+    return tuple(state)
+
+
+def _sys_path_groups() -> dict[str, set[str]] | None:
+    """:func:`entry_point_groups` of ``sys.path``, read once while no folder on it changes
+    (gevent's patching and the plugin manager both ask at every launch)."""
+    global _last_scan
+    state = _path_state()
+    if _last_scan is None or _last_scan[0] != state:
+        _last_scan = (state, entry_point_groups())
+    return _last_scan[1]
+
+
 def declared(group: str, *, prefix: bool = False, ignore: Iterable[str] = ()) -> bool:
     """Whether a distribution on ``sys.path`` (other than those in ``ignore``) may declare
     entry points in ``group`` (with ``prefix``: in any group whose name starts so)."""
-    found = entry_point_groups()
+    found = _sys_path_groups()
     if found is None:
         return True
     skip = {name.lower() for name in ignore}

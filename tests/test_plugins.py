@@ -110,6 +110,28 @@ def test_entry_point_groups_are_read_from_the_metadata_folders(tmp_path):
     assert entry_point_groups([str(empty), str(zipped)]) is None  # unsure: look inside
 
 
+def test_sys_path_is_scanned_once_until_a_folder_on_it_changes(tmp_path, monkeypatch):
+    """gevent's patching and the plugin manager both ask at launch: one scan serves both,
+    and a distribution installed afterwards is still seen."""
+    from anomos import entrypoints
+
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    scans = []
+    real = entrypoints.entry_point_groups
+    monkeypatch.setattr(entrypoints, "entry_point_groups", lambda: scans.append(1) or real())
+    assert not declared("anomos-once-group")
+    assert not declared("anomos-once-group")
+    assert len(scans) == 1
+    info = site / "once-1.0.dist-info"
+    info.mkdir()
+    (info / "entry_points.txt").write_text("[anomos-once-group]\nx = y\n")
+    os.utime(site, ns=(0, os.stat(site).st_mtime_ns + 1))  # (coarse clocks: a new mtime)
+    assert declared("anomos-once-group")
+    assert len(scans) == 2
+
+
 def test_a_third_party_plugin_is_still_loaded_from_its_entry_point(install_plugin, tmp_path):
     """The fast check must not hide an installed plugin from pluggy's scan."""
     source = tmp_path / "src"
