@@ -17,6 +17,7 @@ import signal
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import gevent
 import pytest
@@ -34,7 +35,7 @@ from anomos.testing import free_port, loopback_host, tracker_and_peers
 from anomos.torrent import session as session_mod
 from anomos.torrent import wire
 from anomos.torrent.metainfo import Metainfo, make_metainfo
-from anomos.torrent.session import TorrentSession
+from anomos.torrent.session import MAX_STRIKES, TorrentSession
 from anomos.tracker.client import CircuitPlan, TrackerBusy
 from anomos.tracker.server import Tracker
 
@@ -457,6 +458,59 @@ def test_a_peer_downloads_intact_over_circuits_beside_a_seeder_gone_bad(
             assert (tmp_path / "leech" / "share" / rel).read_bytes() == data, rel
         assert report.size == m.total_length
         assert session.hash_failures >= 1 and not session.failed_pieces
+
+
+def test_a_source_dropped_for_corrupt_data_is_not_planned_again(
+    tmp_path: Path, plugins: Plugins, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A liar serves corrupt data and answers every bad-piece report "intact here". Its
+    circuit is closed after MAX_STRIKES bad pieces; the downloader then hands the tracker
+    its plan's tag in ``avoid``, so the liar is never planned again, and the honest
+    seeder that joins later serves the whole file."""
+    with tracker_and_peers(plugins, tmp_path, 6, min_neighbours=3) as (_tracker, peers):
+        honest, liar, leech = peers[:3]
+        m, content = make_torrent(tmp_path / "honest")
+        make_torrent(tmp_path / "liar")
+        liar_session = liar.add_torrent(m, tmp_path / "liar")
+        for rel in content:
+            path = tmp_path / "liar" / "share" / rel
+            zero(path, 0, path.stat().st_size)
+        monkeypatch.setattr(liar_session.storage, "check_piece", lambda index: True)
+        connected: list[float] = []
+        real_connect = liar_session.connect
+
+        def connect(*args: Any, **kwargs: Any) -> Any:
+            connected.append(time.monotonic())
+            return real_connect(*args, **kwargs)
+
+        monkeypatch.setattr(liar_session, "connect", connect)
+        liar.announce()
+        asked: list[tuple[float, int, int]] = []  # (time, sources avoided, circuits planned)
+        real = leech.tracker.request_circuits
+
+        def request_circuits(
+            infohash: bytes, count: int, avoid: Sequence[bytes] = ()
+        ) -> list[CircuitPlan]:
+            plans = real(infohash, count, avoid)
+            asked.append((time.monotonic(), len(avoid), len(plans)))
+            return plans
+
+        leech.tracker.request_circuits = request_circuits  # type: ignore[method-assign]
+        session = leech.add_torrent(m, tmp_path / "leech")
+        downloading = gevent.spawn(leech.download, session, sources=2, stall_limit=90)
+        # Without the avoid, each of these asks would plan the liar again.
+        wait_until(lambda: sum(1 for a in asked if a[1]) >= 3, 60, "asks avoiding the liar")
+        assert all(planned == 0 for _, avoided, planned in asked if avoided), asked
+        first_avoid = min(at for at, avoided, _ in asked if avoided)
+        assert connected and max(connected) < first_avoid, (connected, first_avoid)
+        assert session.hash_failures >= MAX_STRIKES
+        honest.add_torrent(m, tmp_path / "honest")
+        honest.announce()
+        report = downloading.get(timeout=90)
+        for rel, data in content.items():
+            assert (tmp_path / "leech" / "share" / rel).read_bytes() == data, rel
+        assert report.size == m.total_length
+        assert max(connected) < first_avoid  # never planned again, however long it took
 
 
 def test_announces_asked_for_by_torrents_wait_for_the_trackers_min_interval(

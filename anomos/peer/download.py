@@ -15,7 +15,6 @@ import collections
 import logging
 import shutil
 import time
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -176,16 +175,20 @@ class CircuitAsker:
     _tracker_down: Backoff = attrs.field(
         factory=lambda: Backoff(TRACKER_RETRY_MIN, TRACKER_RETRY_MAX)
     )
+    #: The tags of the sources dropped, the latest MAX_AVOIDED (the tracker takes no more).
+    _avoided: collections.deque[bytes] = attrs.field(
+        factory=lambda: collections.deque(maxlen=MAX_AVOIDED)
+    )
 
     def due(self, now: float) -> bool:
         return now >= self._next_at
 
-    def ask(self, infohash: bytes, count: int, avoid: Sequence[bytes] = ()) -> list[CircuitPlan]:
+    def ask(self, infohash: bytes, count: int) -> list[CircuitPlan]:
         """The circuits the tracker plans now (none: it notes when to ask again), none to
-        the sources of the plans whose tags are in ``avoid``."""
+        the sources :meth:`avoid` named."""
         now = time.monotonic()
         try:
-            plans = self.peer.tracker.request_circuits(infohash, count, avoid)
+            plans = self.peer.tracker.request_circuits(infohash, count, tuple(self._avoided))
         except TrackerBusy as exc:
             self._next_at = now + self._no_plan.next(at_least=exc.retry_after)
             log.info("tracker busy: asking again in %.1f s", self._next_at - now)
@@ -218,6 +221,12 @@ class CircuitAsker:
     def pause(self) -> None:
         """A circuit failed or brought nothing: wait a growing while before asking again."""
         self._next_at = max(self._next_at, time.monotonic() + self._no_piece.next())
+
+    def avoid(self, plan: CircuitPlan) -> None:
+        """Its source lied or stayed silent: the tracker is not to plan it again (a
+        source whose circuit broke is not named: a relay's fault looks the same)."""
+        if plan.source_tag:
+            self._avoided.append(plan.source_tag)
 
     def useful(self) -> None:
         """A circuit brought something: the pause after a useless one starts small again."""
@@ -410,6 +419,9 @@ class TorrentDownload:
                 broken = stream.closed_reason or (conn.close_reason if conn else "") or "closed"
                 self._broken_at.append(time.monotonic())
                 log.info("circuit with %d relays ended early: %s", relays, broken)
+                if conn is not None and conn.corrupt:
+                    self._asking.avoid(plan)
+                    log.info("its source sent corrupt data: not to be planned again")
                 if conn is None or conn.good_pieces == 0:
                     self._asking.pause()  # it brought nothing: do not rush back
                 else:
@@ -450,10 +462,6 @@ class MetadataFetch:
     _asking: CircuitAsker = attrs.field(
         default=attrs.Factory(lambda self: CircuitAsker(self.peer), takes_self=True), init=False
     )
-    #: The tags of the sources dropped, the latest MAX_AVOIDED (the tracker takes no more).
-    _dropped_sources: collections.deque[bytes] = attrs.field(
-        factory=lambda: collections.deque(maxlen=MAX_AVOIDED), init=False
-    )
 
     def run(self) -> Metainfo:
         started = time.monotonic()
@@ -465,8 +473,7 @@ class MetadataFetch:
                     f"{self.timeout:.0f} s: {self._waiting_for()}"
                 )
             if self._asking.due(now):
-                avoid = tuple(self._dropped_sources)
-                for plan in self._asking.ask(self.magnet.infohash, METADATA_SOURCES, avoid):
+                for plan in self._asking.ask(self.magnet.infohash, METADATA_SOURCES):
                     metainfo = self._from_source(plan)
                     if metainfo is not None:
                         self.fraction = 1.0
@@ -496,8 +503,8 @@ class MetadataFetch:
             self.dropped += 1
             self.fraction = 0.0
             lied = isinstance(exc, ProtocolError) and not isinstance(exc, SourceClosed)
-            if lied and plan.source_tag:
-                self._dropped_sources.append(plan.source_tag)
+            if lied:
+                self._asking.avoid(plan)
             log.warning("metadata source over %d relays dropped: %s", relays, exc)
             self._asking.pause()
             return None

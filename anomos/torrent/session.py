@@ -200,6 +200,12 @@ class PeerConnection:
     ask_to_serve: FirstAsk | None = attrs.field(default=None, repr=False)
     ask_sent: FirstAsk | None = attrs.field(default=None, repr=False)
 
+    @property
+    def corrupt(self) -> bool:
+        """It sent more corrupt pieces than good ones, at least :data:`MAX_STRIKES`:
+        a source to drop (a liar, or a disk it does not check)."""
+        return self.strikes >= MAX_STRIKES and self.strikes > self.good_pieces
+
     def send(self, data: bytes) -> None:
         """Queue an encoded message; the writer greenlet sends it before any block."""
         if not self.closed:
@@ -1086,7 +1092,7 @@ class TorrentSession:
         if self.picker.peer_lost(conn, index, refuse=True):
             self._set_interested(conn, False)
         conn.send(BadPiece(index).encode())
-        if conn.strikes >= MAX_STRIKES and conn.strikes > conn.good_pieces:
+        if conn.corrupt:
             self._close_conn(
                 conn, f"sent corrupt data for {conn.strikes} pieces ({conn.good_pieces} good)"
             )
