@@ -49,7 +49,9 @@ def test_first_byte_from_launch_and_the_rate_after_it() -> None:
     assert "first_piece 5.2" in table([row])
 
 
-def test_fast_start_medians_per_tree_and_the_trouble_in_the_logs(tmp_path: Any) -> None:
+def test_fast_start_medians_per_tree_and_the_trouble_in_the_logs(
+    tmp_path: Any, capsys: Any
+) -> None:
     """`bench --wan --fast-start`: each tree's steps are medians of its own runs, the
     loop-to-first-block span is taken per run, and trouble is counted from the logs."""
     t = "2026-12-05 17:11:0"
@@ -70,6 +72,9 @@ def test_fast_start_medians_per_tree_and_the_trouble_in_the_logs(tmp_path: Any) 
         "circuit_refusals": 1,
         "links_refused": 1,
     }
+    shown = capsys.readouterr().err  # each count with its line
+    assert "circuit_refusals in get.log: " + t + "1,100" in shown
+    assert "links_refused in relay0.log: " + t + "2,000" in shown and "AUTH" not in shown
 
     def report(download: float, block: float, piece: float) -> dict[str, Any]:
         return {

@@ -399,9 +399,14 @@ TROUBLE = {
 }
 
 
+#: Trouble lines of each kind shown on stderr per run (the rest are only counted).
+TROUBLE_SHOWN = 3
+
+
 def start_trouble(logs: Path, getter: str = "get") -> dict[str, int]:
     """Counts of :data:`TROUBLE` lines in every peer's log under ``logs`` from the
-    getter's first line on (the network forming before it is not its start)."""
+    getter's first line on (the network forming before it is not its start); the
+    first few of each kind are shown, so that a count comes with its cause."""
     counts = dict.fromkeys(TROUBLE, 0)
     first = next(iter(_stamped(logs / f"{getter}.log")), "")
     for log_file in sorted(logs.glob("*.log")):
@@ -411,6 +416,8 @@ def start_trouble(logs: Path, getter: str = "get") -> dict[str, int]:
             for name, pattern in TROUBLE.items():
                 if pattern.search(line):
                     counts[name] += 1
+                    if counts[name] <= TROUBLE_SHOWN:
+                        print(f"  {name} in {log_file.name}: {line}", file=sys.stderr)
     return counts
 
 
