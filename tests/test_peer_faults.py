@@ -436,6 +436,23 @@ def test_a_busy_tracker_is_not_asked_again_before_its_retry_after(
             assert exc.retry_after == 2 and later - at >= exc.retry_after
 
 
+def honest_seeder_completes(
+    honest: Peer,
+    m: Metainfo,
+    content: dict[str, bytes],
+    tmp_path: Path,
+    downloading: gevent.Greenlet,
+    timeout: float,
+) -> None:
+    """An honest seeder joins: the download under way completes, every file intact."""
+    honest.add_torrent(m, tmp_path / "honest")
+    honest.announce()
+    report = downloading.get(timeout=timeout)
+    for rel, data in content.items():
+        assert (tmp_path / "leech" / "share" / rel).read_bytes() == data, rel
+    assert report.size == m.total_length
+
+
 def test_a_peer_downloads_intact_over_circuits_beside_a_seeder_gone_bad(
     tmp_path: Path, plugins: Plugins
 ) -> None:
@@ -451,12 +468,7 @@ def test_a_peer_downloads_intact_over_circuits_beside_a_seeder_gone_bad(
         session = leech.add_torrent(m, tmp_path / "leech")
         downloading = gevent.spawn(leech.download, session, sources=2, stall_limit=60)
         wait_until(lambda: bad_session.lost_pieces, 30, "a bad piece from the bad seeder")
-        honest.add_torrent(m, tmp_path / "honest")
-        honest.announce()
-        report = downloading.get(timeout=60)
-        for rel, data in content.items():
-            assert (tmp_path / "leech" / "share" / rel).read_bytes() == data, rel
-        assert report.size == m.total_length
+        honest_seeder_completes(honest, m, content, tmp_path, downloading, 60)
         assert session.hash_failures >= 1 and not session.failed_pieces
 
 
@@ -504,12 +516,7 @@ def test_a_source_dropped_for_corrupt_data_is_not_planned_again(
         first_avoid = min(at for at, avoided, _ in asked if avoided)
         assert connected and max(connected) < first_avoid, (connected, first_avoid)
         assert session.hash_failures >= MAX_STRIKES
-        honest.add_torrent(m, tmp_path / "honest")
-        honest.announce()
-        report = downloading.get(timeout=90)
-        for rel, data in content.items():
-            assert (tmp_path / "leech" / "share" / rel).read_bytes() == data, rel
-        assert report.size == m.total_length
+        honest_seeder_completes(honest, m, content, tmp_path, downloading, 90)
         assert max(connected) < first_avoid  # never planned again, however long it took
 
 
