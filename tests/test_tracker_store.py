@@ -198,7 +198,7 @@ def test_store_round_trip_and_peer_removal(tmp_path):
     assert snap.accounts[b].relayed == 3
     assert snap.accounts[b].reports == {IH: (1, 2)}
     # A swarm row's counters are in the account's reports (above), its ``left`` here.
-    assert sorted((ih, p, r.left) for ih, p, r in snap.swarm) == [(IH, a, 0), (IH, c, 9)]
+    assert snap.swarm == {IH: {a: 0, c: 9}}
     assert snap.torrents == {IH: 9} and snap.meta["circuits_planned"] == 4
 
     gone = Batch()
@@ -209,7 +209,7 @@ def test_store_round_trip_and_peer_removal(tmp_path):
     snap = store.load()  # waits for it
     assert [p.identity for p in snap.peers] == [b, c]
     assert list(snap.links) == [(2, 3, 12, 3)]
-    assert [(ih, p) for ih, p, _ in snap.swarm] == [(IH, c)]
+    assert snap.swarm == {IH: {c: 9}}
     assert snap.accounts[a].reports == {IH: (0, 0)}  # the account outlives the peer
     cleared = Batch()
     cleared.set_report(c, b"x" * 20, (1, 1))
@@ -251,9 +251,9 @@ def test_a_schema_1_database_is_converted_in_place(tmp_path):
     ]
     assert links == [(1, 2, 7, 0), (2, 3, 8, 2)]
     assert snap.accounts[c].relayed == 4 and snap.accounts[c].reports == {IH: (5, 6)}
-    assert [(ih, p, r.left) for ih, p, r in snap.swarm] == [(IH, c, 0)]
+    assert snap.swarm == {IH: {c: 0}}
     assert snap.torrents == {IH: 100} and snap.meta["announces"] == 77
-    assert snap.meta["schema_version"] == 3
+    assert snap.meta["schema_version"] == 4
     db = sqlite3.connect(tmp_path / DB_FILE)
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     # The view for readers gives the edges by identity, as schema 1 stored them.
@@ -269,6 +269,9 @@ def test_a_schema_1_database_is_converted_in_place(tmp_path):
         "torrents",
         "links_gone",
         "graph_image",
+        "peers_log",
+        "accounts_log",
+        "tables_image",
     }
 
 
@@ -278,7 +281,7 @@ def test_store_refuses_a_foreign_schema(tmp_path):
     db.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'")
     db.commit()
     db.close()
-    with pytest.raises(ConfigError, match="schema 99, expected 3"):
+    with pytest.raises(ConfigError, match="schema 99, expected 4"):
         Store(tmp_path)
 
 
@@ -304,7 +307,7 @@ def test_serving_goes_on_while_the_database_is_locked(tmp_path, plugins):
         locker.execute("ROLLBACK")
         locker.close()
         t.flush()
-        stored = {row.identity for row in t.store.load().peers}
+        stored = set(t.store.load().identities)
         assert stored == {p.pub for p in peers}
     finally:
         t.stop()
@@ -533,7 +536,7 @@ def test_a_schema_2_database_is_converted_in_place(tmp_path, plugins):
     t2 = Tracker(state, "127.0.0.1:0", plugins, _unlimited())
     try:
         assert _state(t2) == saved
-        assert t2.store.load().meta["schema_version"] == 3
+        assert t2.store.load().meta["schema_version"] == 4
     finally:
         t2.stop()
 

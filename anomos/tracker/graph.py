@@ -587,6 +587,10 @@ class PeerGraph:
             self._deg.tobytes(),
         )
 
+    def slot_peers(self) -> list[Peer | None]:
+        """Each slot's peer (None: free), a copy: the tables' image is packed by slot."""
+        return list(self._peers)
+
     def restore(
         self,
         peers: Sequence[Peer],

@@ -106,6 +106,25 @@ class Swarm:
         else:
             self._sources.discard(peer)
 
+    def lefts(self) -> dict[Hashable, int]:
+        """peer -> bytes left, a copy (made at C level: the store's image packs it)."""
+        return self._left.copy()
+
+    def load(self, lefts: Mapping[Any, int]) -> None:
+        """Restore: add the members in ``lefts`` at once (peer -> bytes left)."""
+        self._left.update(lefts)
+        top = max(lefts.values(), default=0)
+        if top > self.size:
+            self.size = top
+            self._sources = IndexedSet()
+            lefts = self._left
+        size, add, discard = self.size, self._sources.add, self._sources.discard
+        for peer, left in lefts.items():
+            if _has_data(left, size):
+                add(peer)
+            else:
+                discard(peer)
+
     def remove(self, peer: Hashable) -> None:
         self._left.pop(peer, None)
         self._sources.discard(peer)

@@ -44,6 +44,7 @@ from anomos.tracker.http import MAX_CONNECTIONS as MAX_CONNECTIONS
 from anomos.tracker.http import STATS_PATH as STATS_PATH
 from anomos.tracker.http import FrontEnd, Refused
 from anomos.tracker.identity import TrackerIdentity
+from anomos.tracker.images import TablesImage, build_tables_image
 from anomos.tracker.limits import Limits, RecentRequests
 from anomos.tracker.liveness import EXPIRY_INTERVALS as EXPIRY_INTERVALS
 from anomos.tracker.liveness import UNREACHABLE_PER_ANNOUNCE as UNREACHABLE_PER_ANNOUNCE
@@ -153,6 +154,7 @@ class Tracker:
             self._meta,
             flush_max_pending=s.flush_max_pending,
             image=self.graph.image,
+            tables=self._tables_image,
         )
         #: Which peers can be dialled from outside (None: not probed, all planned as
         #: reachable); the graph plans around the ones that cannot (reachability.py).
@@ -519,23 +521,33 @@ class Tracker:
             "dropped": self.dropped,
         }
 
+    def _tables_image(self, gen: int) -> Callable[[], TablesImage]:
+        """The tables' image as of batch ``gen``: the peer table copied now, with the
+        graph's image; the accounts and swarms packed later by the writer thread."""
+        return partial(
+            build_tables_image, gen, self.peers.image(), self.accounts, self.membership.members
+        )
+
     def _restore(self) -> None:
         now = self.clock()
         snap = self.persistence.load(now)
-        identities = [row.identity for row in snap.peers]
-        seqs = [row.seq for row in snap.peers]
         try:
-            dropped = self.graph.restore(identities, seqs, snap.links, snap.image, snap.gone)
-        except ValueError as exc:  # a bad image (the graph is still empty): every link
-            log.error("tracker restore: %s; reading every link instead", exc)
-            dropped = self.graph.restore(identities, seqs, self.store.links())
+            dropped = self.graph.restore(
+                snap.identities, snap.seqs, snap.links, snap.image, snap.gone
+            )
+            if snap.columns is not None:
+                self.peers.load_image(snap.columns, snap.stale_slots, now)
+        except ValueError as exc:  # a bad image (the graph is still empty): every row
+            log.error("tracker restore: %s; reading every row instead", exc)
+            snap = self.store.load(now, images=False)
+            dropped = self.graph.restore(snap.identities, snap.seqs, snap.links)
             self.persistence.image_due = True
         if dropped:
             log.warning("tracker restore: %d stored links dropped (unknown peer or NID)", dropped)
         # Restored peers get a full expiry window from now to announce again.
         self.peers.load(snap.peers, now)
         self.accounts.update(snap.accounts)
-        self.membership.restore(snap, self.peers)
+        self.membership.restore(snap)
         self.planner.planned = snap.meta.get("circuits_planned", 0)
         self.announces = snap.meta.get("announces", 0)
         self.dropped = snap.meta.get("dropped", 0)

@@ -24,6 +24,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from anomos.tracker.graph import PeerGraph
+    from anomos.tracker.images import PeerColumns
     from anomos.tracker.store import PeerRow
 
 Counters = tuple[int, int]
@@ -149,6 +150,17 @@ class TorrentsByPeer:
             return
         ih = self._intern(ih)
         self._of[peer] = (*torrents, ih) if torrents else ih
+
+    def load(self, ih: bytes, peers: Iterable[bytes]) -> None:
+        """Restore: ``peers`` are in torrent ``ih``; the ones with no torrent yet (nearly
+        all) are added in one C-level update."""
+        new = set(peers) - self._of.keys()
+        for peer in [p for p in peers if p not in new]:
+            self.add(peer, ih)
+        if new:
+            ih = self._intern(ih)
+            self._names[ih][1] += len(new) - 1
+            self._of.update(dict.fromkeys(new, ih))
 
     def discard(self, peer: bytes, ih: bytes) -> None:
         torrents = self.of(peer)
@@ -369,6 +381,43 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
             else:
                 other[s] = raw
                 alen[s] = _IN_DICT
+
+    def image(self) -> PeerColumns:
+        """The columns as they are (copies) with each slot's peer: the tables' image
+        takes them with the graph's, so their slots agree."""
+        from anomos.tracker.images import PeerColumns
+
+        return PeerColumns(
+            self._graph.slot_peers(),
+            bytes(self._keys),
+            bytes(self._alen),
+            bytes(self._abuf),
+            dict(self._other),
+        )
+
+    def load_image(self, columns: PeerColumns, stale: Iterable[int], last_seen: float) -> None:
+        """Restore an empty table from the image's ``columns`` (by the graph's slots as
+        the graph image restored them), all seen at ``last_seen``; the ``stale`` slots
+        (their peers changed or left after the image) are cleared, for :meth:`load` to
+        fill with the rows changed since. ValueError: the columns do not fit together."""
+        n = len(columns.alen)
+        if (len(columns.keys), len(columns.abuf)) != (n * _ROW_KEYS, n * ADDRESS_BYTES):
+            raise ValueError("the stored peer table image does not fit together")
+        if self._count:
+            raise ValueError("PeerTable.load_image needs an empty table")
+        self._keys = bytearray(columns.keys)
+        self._alen = bytearray(columns.alen)
+        self._abuf = bytearray(columns.abuf)
+        self._other = dict(columns.other)
+        for s in stale:
+            self._alen[s] = _NO_PEER
+            self._other.pop(s, None)
+            self._keys[s * _ROW_KEYS : (s + 1) * _ROW_KEYS] = bytes(_ROW_KEYS)
+        alen = np.frombuffer(self._alen, np.uint8)
+        live = alen != _NO_PEER
+        self._seen = array("d", np.where(live, last_seen, math.inf).tobytes())
+        self._count = int(np.count_nonzero(live))
+        del alen  # (an exported buffer cannot grow)
 
     def update(self, peer: bytes, onion: bytes, box: bytes, address: str) -> bool:
         """Change a live peer's keys and address; whether anything changed (to be stored)."""

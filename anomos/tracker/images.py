@@ -1,0 +1,161 @@
+"""Packed images of the tracker's tables, so a restart reads a few BLOBs, not 10^6 rows.
+
+Beside the graph's image (:class:`~anomos.tracker.graph.GraphImage`) the store
+keeps one :class:`TablesImage`: the live peers' rows by graph slot (keys,
+addresses), every account with its reports, and every swarm row, as arrays of
+fixed-width integers and packed byte strings. A restart unpacks it with C-level
+passes and then re-reads from the tables only the rows changed after it (their
+keys are logged per batch, see :mod:`anomos.tracker.store`).
+
+The peers' part is copied on the event loop with the graph's image (a copy of
+arrays: exact at that batch); the accounts and swarms are packed afterwards in
+the store's writer thread, while serving goes on, so they may already hold
+some later changes. That is safe because the image is labelled with the batch
+it was started at and committed only with a later batch, which logs every key
+changed meanwhile: a restore replays those keys from their rows, whatever the
+image caught of them. A key the image holds is either unchanged since, or
+replayed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import numpy as np
+
+if TYPE_CHECKING:
+    from anomos.tracker.store import Account
+
+#: Counters per account, in this order, as int64.
+ACCOUNT_COUNTERS = 5
+#: int64 fields of a report (account index, infohash index, uploaded, downloaded) and
+#: of a swarm row (account index, infohash index, left).
+REPORT_FIELDS = 4
+SWARM_FIELDS = 3
+
+
+def pack_strings(items: Sequence[bytes]) -> bytes:
+    """Byte strings as one blob: their count, their end offsets (int64), their bytes."""
+    ends = np.cumsum(np.fromiter(map(len, items), dtype=np.int64, count=len(items)))
+    return np.int64(len(items)).tobytes() + ends.tobytes() + b"".join(items)
+
+
+def unpack_strings(blob: bytes) -> list[bytes]:
+    """:func:`pack_strings` undone; ValueError when the blob does not fit together."""
+    if len(blob) < 8:
+        raise ValueError("a packed string list is cut short")
+    n = int(np.frombuffer(blob, np.int64, count=1)[0])
+    if not 0 <= n <= (len(blob) - 8) // 8:
+        raise ValueError("a packed string list is cut short")
+    ends = np.frombuffer(blob, np.int64, count=n, offset=8)
+    data = blob[8 + 8 * n :]
+    if n and (ends[-1] != len(data) or ends[0] < 0 or bool(np.any(np.diff(ends) < 0))):
+        raise ValueError("a packed string list does not fit together")
+    if not n and data:
+        raise ValueError("a packed string list does not fit together")
+    starts = [0, *ends[:-1].tolist()]
+    return list(map(data.__getitem__, map(slice, starts, ends.tolist())))
+
+
+def int_columns(blob: bytes, fields: int) -> np.ndarray:
+    """An int64 blob of rows of ``fields`` values, as a (rows, fields) array."""
+    if len(blob) % (8 * fields):
+        raise ValueError("a packed table is cut short")
+    return np.frombuffer(blob, np.int64).reshape(-1, fields)
+
+
+@attrs.frozen
+class PeerColumns:
+    """The live peers' rows by graph slot, copied on the event loop with the graph's
+    image: each slot's peer (None: free) and :meth:`PeerTable.image`'s columns."""
+
+    peers: list[Any]
+    keys: bytes
+    alen: bytes
+    abuf: bytes
+    #: slot -> address too long for the inline field
+    other: dict[int, bytes]
+
+
+@attrs.frozen
+class TablesImage:
+    """The stored image of the tables (one row of ``tables_image``), as of batch ``gen``."""
+
+    gen: int
+    #: per graph slot: the peer's identity (b"": a free slot), both keys, its address
+    #: (a length byte and a fixed field; longer ones in ``long_slots``/``long_addresses``)
+    identities: bytes
+    keys: bytes
+    alen: bytes
+    abuf: bytes
+    long_slots: bytes
+    long_addresses: bytes
+    #: every account: identity, counters (int64, ACCOUNT_COUNTERS each), session
+    accounts: bytes
+    counters: bytes
+    sessions: bytes
+    #: the infohashes the reports and swarm rows name by index
+    infohashes: bytes
+    #: int64 rows: (account, infohash, uploaded, downloaded) and (account, infohash, left)
+    reports: bytes
+    swarm: bytes
+
+    def row(self) -> tuple[Any, ...]:
+        return attrs.astuple(self, recurse=False)
+
+
+def build_tables_image(
+    gen: int,
+    peers: PeerColumns,
+    accounts: Mapping[bytes, Account],
+    swarms: Callable[[], Iterable[tuple[bytes, dict[Any, int]]]],
+) -> TablesImage:
+    """Pack the tables (in the writer thread: serving goes on meanwhile).
+
+    ``accounts`` and the swarms (``swarms()``: each torrent's members and what
+    they have left) are read while the event loop may change them: an account
+    or report that changes under the reading may be caught half-way or skipped;
+    either way it was changed after batch ``gen``, so its key is logged and the
+    restore replays it from its rows."""
+    identities = pack_strings([p or b"" for p in peers.peers])
+    long_slots = np.array(sorted(peers.other), dtype=np.int64)
+    long_addresses = pack_strings([peers.other[s] for s in long_slots.tolist()])
+    items = list(accounts.items())  # one C-level copy: the dict may grow meanwhile
+    index = {k: i for i, (k, _) in enumerate(items)}
+    counters: list[int] = []
+    sessions: list[bytes] = []
+    ihs: dict[bytes, int] = {}
+    reports: list[int] = []
+    for i, (_k, a) in enumerate(items):
+        counters += (a.uploaded, a.downloaded, a.relayed_claimed, a.relayed_confirmed)
+        counters.append(a.relayed_reported)
+        sessions.append(a.session)
+        try:
+            for ih, (up, down) in list(a.reports.items()):
+                reports += (i, ihs.setdefault(ih, len(ihs)), up, down)
+        except (KeyError, RuntimeError, ValueError):
+            continue  # changed under the reading: replayed from its rows
+    swarm: list[int] = []
+    for ih, members in swarms():
+        h = ihs.setdefault(ih, len(ihs))
+        for peer, left in members.items():
+            owner = index.get(peer)
+            if owner is not None:  # (else it joined after the reading began: replayed)
+                swarm += (owner, h, left)
+    return TablesImage(
+        gen,
+        identities,
+        peers.keys,
+        peers.alen,
+        peers.abuf,
+        long_slots.tobytes(),
+        long_addresses,
+        pack_strings([k for k, _ in items]),
+        np.array(counters, dtype=np.int64).tobytes(),
+        pack_strings(sessions),
+        pack_strings(list(ihs)),
+        np.array(reports, dtype=np.int64).tobytes(),
+        np.array(swarm, dtype=np.int64).tobytes(),
+    )
