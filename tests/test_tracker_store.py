@@ -575,3 +575,78 @@ def test_a_restore_pauses_the_collector_and_gives_it_back(tmp_path, plugins, mon
     with pytest.raises(RuntimeError):
         Tracker(state, "127.0.0.1:0", plugins, _unlimited())
     assert gc.isenabled()
+
+
+def test_a_restore_from_the_images_and_later_rows_equals_one_from_the_rows(tmp_path, plugins):
+    """The tables' image is packed by the writer thread while serving goes on, so it may
+    hold changes made after its batch; those and every later change are re-read from
+    their rows (the logs name their keys). Here the packing waits until the tracker
+    changed more (joins, leaves, new counters), and more is written after the image: a
+    restart from the images equals one from the rows alone, and what was saved."""
+    import random
+    import shutil
+
+    from gevent import monkey
+
+    rng = random.Random(7)
+    state = tmp_path / "tracker"
+    t = Tracker(state, "127.0.0.1:0", plugins, _unlimited(), rng=random.Random(8))
+    live: list[bytes] = []
+    _churn(t, live, rng, 300)
+    t.flush()
+    churned = monkey.get_original("threading", "Event")()  # a real thread waits on it
+    take = t.persistence._tables
+    assert take is not None
+
+    def packed_late(gen):
+        pack = take(gen)  # the peer table is copied now, with the graph's image
+
+        def pack_after_more_changes():
+            assert churned.wait(30)
+            return pack()
+
+        return pack_after_more_changes
+
+    t.persistence._tables = packed_late
+    t.persistence.image_due = True
+    t.persistence.write_behind()  # batch G with the images: packed by the writer, later
+    assert t.store.busy
+    _churn(t, live, rng, 300)  # meanwhile: batch G+1 and on
+    churned.set()
+    t.flush()  # the images (as of G) with the changes since
+    _churn(t, live, rng, 200)
+    t.flush()
+    saved = _state(t)
+    db = sqlite3.connect(state / DB_FILE, isolation_level=None)
+    (image_gen,) = db.execute("SELECT gen FROM tables_image").fetchone()
+    (graph_gen,) = db.execute("SELECT gen FROM graph_image").fetchone()
+    logged = db.execute(
+        "SELECT (SELECT count(*) FROM peers_log WHERE gen > ?),"
+        " (SELECT count(*) FROM accounts_log WHERE gen > ?)",
+        (image_gen, image_gen),
+    ).fetchone()
+    db.close()
+    assert image_gen == graph_gen < t.persistence.gen
+    assert min(logged) > 10  # peers and accounts changed after the image
+    rows_only = tmp_path / "rows"
+    shutil.copytree(state, rows_only)
+    db = sqlite3.connect(rows_only / DB_FILE, isolation_level=None)
+    db.execute("DELETE FROM tables_image")
+    db.execute("DELETE FROM graph_image")
+    db.close()
+    # (A crash: the first tracker never closed its database.)
+    from_images = Tracker(state, "127.0.0.1:0", plugins, _unlimited())
+    from_rows = Tracker(rows_only, "127.0.0.1:0", plugins, _unlimited())
+    try:
+        assert not from_images.persistence.image_due  # restored from the images
+        assert from_rows.persistence.image_due
+        assert _state(from_images) == _state(from_rows) == saved
+        # Every field of every account (sessions and the last relayed report too).
+        assert from_images.accounts == from_rows.accounts == t.accounts
+        for restored in (from_images, from_rows):
+            assert restored.peers.last_seen(live[-1]) == pytest.approx(time.time(), abs=60)
+            assert len(restored.peers) == len(live)
+    finally:
+        from_images.stop()
+        from_rows.stop()
+        t.stop()
