@@ -650,3 +650,18 @@ def test_a_restore_from_the_images_and_later_rows_equals_one_from_the_rows(tmp_p
         from_images.stop()
         from_rows.stop()
         t.stop()
+
+
+def test_packed_strings_keep_every_byte_and_refuse_a_torn_blob():
+    """The images' byte strings come back whole: trailing NUL bytes, empty entries (free
+    slots) and mixed widths; a blob cut short or with offsets that do not fit is refused."""
+    from anomos.tracker.images import pack_strings, unpack_strings
+
+    same_width = [b"\x00" * 32, b"a" * 31 + b"\x00", b"", b"\x01" * 32, b""]
+    mixed = [b"s", b"", b"session\x00", b"\x00"]
+    for items in (same_width, mixed, [], [b""] * 3):
+        assert unpack_strings(pack_strings(items)) == items
+    blob = pack_strings(same_width)
+    for torn in (blob[:-1], blob[:12], blob[:16] + b"\xff" * 8 + blob[24:]):
+        with pytest.raises(ValueError):
+            unpack_strings(torn)

@@ -19,6 +19,7 @@ replayed.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -50,11 +51,18 @@ def unpack_strings(blob: bytes) -> list[bytes]:
     if not 0 <= n <= (len(blob) - 8) // 8:
         raise ValueError("a packed string list is cut short")
     ends = np.frombuffer(blob, np.int64, count=n, offset=8)
-    data = blob[8 + 8 * n :]
-    if n and (ends[-1] != len(data) or ends[0] < 0 or bool(np.any(np.diff(ends) < 0))):
+    at = 8 + 8 * n
+    lengths = np.diff(ends, prepend=0)
+    if (ends[-1] if n else 0) != len(blob) - at or bool(np.any(lengths < 0)):
         raise ValueError("a packed string list does not fit together")
-    if not n and data:
-        raise ValueError("a packed string list does not fit together")
+    widths = np.unique(lengths[lengths > 0])
+    if len(widths) == 1:  # all of one width (identities, sessions): made at C level
+        items = np.frombuffer(blob, f"V{int(widths[0])}", offset=at).tolist()
+        if len(items) == n:
+            return items  # type: ignore[no-any-return]
+        rest = iter(items)
+        return [next(rest) if k else b"" for k in (lengths > 0).tolist()]
+    data = blob[at:]
     starts = [0, *ends[:-1].tolist()]
     return list(map(data.__getitem__, map(slice, starts, ends.tolist())))
 
@@ -124,26 +132,35 @@ def build_tables_image(
     long_addresses = pack_strings([peers.other[s] for s in long_slots.tolist()])
     items = list(accounts.items())  # one C-level copy: the dict may grow meanwhile
     index = {k: i for i, (k, _) in enumerate(items)}
-    counters: list[int] = []
+    # Filled a row at a time (Python steps: the event loop gets the GIL between them),
+    # not converted from lists at the end (one C call of ~0.2 s at 10^6: a stall).
+    counters = array("q")
     sessions: list[bytes] = []
     ihs: dict[bytes, int] = {}
-    reports: list[int] = []
+    reports = array("q")
     for i, (_k, a) in enumerate(items):
-        counters += (a.uploaded, a.downloaded, a.relayed_claimed, a.relayed_confirmed)
-        counters.append(a.relayed_reported)
+        counters.extend(
+            (
+                a.uploaded,
+                a.downloaded,
+                a.relayed_claimed,
+                a.relayed_confirmed,
+                a.relayed_reported,
+            )
+        )
         sessions.append(a.session)
         try:
             for ih, (up, down) in list(a.reports.items()):
-                reports += (i, ihs.setdefault(ih, len(ihs)), up, down)
+                reports.extend((i, ihs.setdefault(ih, len(ihs)), up, down))
         except (KeyError, RuntimeError, ValueError):
             continue  # changed under the reading: replayed from its rows
-    swarm: list[int] = []
+    swarm = array("q")
     for ih, members in swarms():
         h = ihs.setdefault(ih, len(ihs))
         for peer, left in members.items():
             owner = index.get(peer)
             if owner is not None:  # (else it joined after the reading began: replayed)
-                swarm += (owner, h, left)
+                swarm.extend((owner, h, left))
     return TablesImage(
         gen,
         identities,
@@ -153,9 +170,9 @@ def build_tables_image(
         long_slots.tobytes(),
         long_addresses,
         pack_strings([k for k, _ in items]),
-        np.array(counters, dtype=np.int64).tobytes(),
+        counters.tobytes(),
         pack_strings(sessions),
         pack_strings(list(ihs)),
-        np.array(reports, dtype=np.int64).tobytes(),
-        np.array(swarm, dtype=np.int64).tobytes(),
+        reports.tobytes(),
+        swarm.tobytes(),
     )

@@ -55,10 +55,13 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def freeze() -> None:
-    """Collect the young generations, then exempt every surviving object from future
-    collections: the tracker's state is long-lived, and walking it would stall serving."""
-    gc.collect(1)
+def freeze(collect: bool = True) -> None:
+    """Collect the young generations (unless not ``collect``: after a restore, whose
+    objects are all alive and few of them cyclic garbage, the walk cost ~1 s at 10^6),
+    then exempt every surviving object from future collections: the tracker's state
+    is long-lived, and walking it would stall serving."""
+    if collect:
+        gc.collect(1)
     gc.freeze()
 
 

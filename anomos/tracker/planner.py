@@ -111,19 +111,14 @@ class Swarm:
         return self._left.copy()
 
     def load(self, lefts: Mapping[Any, int]) -> None:
-        """Restore: add the members in ``lefts`` at once (peer -> bytes left)."""
-        self._left.update(lefts)
-        top = max(lefts.values(), default=0)
-        if top > self.size:
-            self.size = top
-            self._sources = IndexedSet()
-            lefts = self._left
-        size, add, discard = self.size, self._sources.add, self._sources.discard
-        for peer, left in lefts.items():
-            if _has_data(left, size):
-                add(peer)
-            else:
-                discard(peer)
+        """Restore an empty swarm: its members at once (peer -> bytes left)."""
+        if self._left:
+            raise ValueError("Swarm.load needs an empty swarm")
+        self._left = dict(lefts)
+        self.size = size = max(self.size, max(self._left.values(), default=0))
+        add = self._sources.add
+        for peer in [p for p, left in self._left.items() if left == 0 or left < size]:
+            add(peer)  # (those with data: _has_data)
 
     def remove(self, peer: Hashable) -> None:
         self._left.pop(peer, None)

@@ -553,7 +553,7 @@ class Tracker:
         self.dropped = snap.meta.get("dropped", 0)
         self._apply_changes(self.graph.repair(), self.persistence.pending)
         self.flush()
-        freeze()
+        freeze(collect=False)
         if self.peers:
             log.info(
                 "tracker restored %d peers, %d edges, %d torrents",

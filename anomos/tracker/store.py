@@ -642,7 +642,7 @@ class Store:
         )
         identities = [p.identity for p in peers]
         seqs = [p.seq for p in peers]
-        accounts = self._accounts(identities, "")
+        accounts = self._accounts(dict(zip(identities, identities, strict=True)).setdefault, "")
         # A swarm keeps each member's ``left`` only: its counters are in its account.
         swarm = self._swarm(dict(zip(seqs, identities, strict=True)), "")
         torrents, meta = self._small_tables()
@@ -653,12 +653,14 @@ class Store:
             identities, seqs, peers, accounts, links, swarm, torrents, meta, image, gone
         )
 
-    def _accounts(self, identities: list[bytes], where: str, *args: Any) -> dict[bytes, Account]:
+    def _accounts(
+        self, same: Callable[[bytes, bytes], bytes], where: str, *args: Any
+    ) -> dict[bytes, Account]:
         """The accounts (``where``: a condition on their identity) with their reports;
-        their keys are the objects in ``identities`` where those hold them (one object
-        per identity, shared by every table as after joins: not ~65 bytes per copy)."""
+        their keys are the live peers' identity objects (``same``, a ``setdefault``:
+        one object per identity, shared by every table as after joins, not ~65 bytes
+        per copy)."""
         db = self._db
-        same = {k: k for k in identities}.setdefault
         rows = db.execute(
             "SELECT identity, uploaded, downloaded, relayed_claimed, relayed_confirmed,"
             " session, relayed_reported FROM accounts" + where,
@@ -743,7 +745,7 @@ class Store:
         else:
             stale_slots = []
         kept = np.flatnonzero(live).tolist()
-        identities = [slot_peers[s] for s in kept]
+        identities = list(map(slot_peers.__getitem__, kept))
         seqs = ids[kept].tolist()
         identities += [p.identity for p in peers]
         seqs += [p.seq for p in peers]
@@ -761,7 +763,7 @@ class Store:
         sessions = unpack_strings(tables.sessions)
         if not len(keys) == len(counters) == len(sessions):
             raise ValueError("the stored accounts image does not fit together")
-        same = {k: k for k in identities}.setdefault
+        same = dict(zip(identities, identities, strict=True)).setdefault
         keys = list(map(same, keys, keys))
         up, down, claimed, confirmed, reported = counters.T.tolist()
         owners = list(
@@ -780,14 +782,14 @@ class Store:
         accounts = dict(zip(keys, owners, strict=True))
         accounts.update(
             self._accounts(
-                identities,
+                same,
                 " WHERE identity IN (SELECT identity FROM accounts_log WHERE gen > ?)",
                 gen,
             )
         )
         # ---- swarms: the image's rows of peers live and unchanged, then the changed ones'
         swarm: Swarm = {}
-        alive = {slot_peers[s] for s in kept}
+        alive = set(map(slot_peers.__getitem__, kept))
         for h, rows in _group(swarm_rows):
             ih = ihs[h]
             owned_by = map(keys.__getitem__, rows[:, 0].tolist())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -151,12 +151,13 @@ class TorrentsByPeer:
         ih = self._intern(ih)
         self._of[peer] = (*torrents, ih) if torrents else ih
 
-    def load(self, ih: bytes, peers: Iterable[bytes]) -> None:
+    def load(self, ih: bytes, peers: Collection[bytes]) -> None:
         """Restore: ``peers`` are in torrent ``ih``; the ones with no torrent yet (nearly
         all) are added in one C-level update."""
-        new = set(peers) - self._of.keys()
-        for peer in [p for p in peers if p not in new]:
-            self.add(peer, ih)
+        new = set(peers) - self._of.keys() if self._of else set(peers)
+        if len(new) < len(peers):
+            for peer in [p for p in peers if p not in new]:
+                self.add(peer, ih)
         if new:
             ih = self._intern(ih)
             self._names[ih][1] += len(new) - 1
