@@ -100,13 +100,16 @@ class TablesImage:
     abuf: bytes
     long_slots: bytes
     long_addresses: bytes
-    #: every account: identity, counters (int64, ACCOUNT_COUNTERS each), session
+    #: every account: its peer's graph slot (int64; -1: no live peer, then its identity
+    #: is in ``accounts``, else b"" there: the object is the slot's, shared), its
+    #: counters (int64, ACCOUNT_COUNTERS each), its session
+    account_slots: bytes
     accounts: bytes
     counters: bytes
     sessions: bytes
     #: the infohashes the reports and swarm rows name by index
     infohashes: bytes
-    #: int64 rows: (account, infohash, uploaded, downloaded) and (account, infohash, left)
+    #: int64 rows: (account, infohash, uploaded, downloaded) and (slot, infohash, left)
     reports: bytes
     swarm: bytes
 
@@ -131,7 +134,9 @@ def build_tables_image(
     long_slots = np.array(sorted(peers.other), dtype=np.int64)
     long_addresses = pack_strings([peers.other[s] for s in long_slots.tolist()])
     items = list(accounts.items())  # one C-level copy: the dict may grow meanwhile
-    index = {k: i for i, (k, _) in enumerate(items)}
+    slot_of = {p: s for s, p in enumerate(peers.peers) if p is not None}
+    account_slots = array("q", [slot_of.get(k, -1) for k, _ in items])
+    names = [b"" if s >= 0 else k for s, (k, _) in zip(account_slots, items, strict=True)]
     # Filled a row at a time (Python steps: the event loop gets the GIL between them),
     # not converted from lists at the end (one C call of ~0.2 s at 10^6: a stall).
     counters = array("q")
@@ -158,9 +163,9 @@ def build_tables_image(
     for ih, members in swarms():
         h = ihs.setdefault(ih, len(ihs))
         for peer, left in members.items():
-            owner = index.get(peer)
-            if owner is not None:  # (else it joined after the reading began: replayed)
-                swarm.extend((owner, h, left))
+            s = slot_of.get(peer)
+            if s is not None:  # (else it joined after batch ``gen``: replayed)
+                swarm.extend((s, h, left))
     return TablesImage(
         gen,
         identities,
@@ -169,7 +174,8 @@ def build_tables_image(
         peers.abuf,
         long_slots.tobytes(),
         long_addresses,
-        pack_strings([k for k, _ in items]),
+        account_slots.tobytes(),
+        pack_strings(names),
         counters.tobytes(),
         pack_strings(sessions),
         pack_strings(list(ihs)),

@@ -114,6 +114,7 @@ CREATE TABLE IF NOT EXISTS tables_image (
     abuf BLOB NOT NULL,
     long_slots BLOB NOT NULL,
     long_addresses BLOB NOT NULL,
+    account_slots BLOB NOT NULL,
     accounts BLOB NOT NULL,
     counters BLOB NOT NULL,
     sessions BLOB NOT NULL,
@@ -283,6 +284,11 @@ _rest = operator.itemgetter(slice(1, None))
 Swarm = dict[bytes, dict[bytes, int]]
 #: The tables image's columns, in its class's order.
 _TABLES_COLUMNS = ", ".join(f.name for f in attrs.fields(TablesImage))
+
+
+def _within(column: np.ndarray, lo: int, hi: int) -> bool:
+    """Whether every value of ``column`` is in [lo, hi)."""
+    return not len(column) or bool(lo <= column.min() and column.max() < hi)
 
 
 def _group(rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -654,12 +660,12 @@ class Store:
         )
 
     def _accounts(
-        self, same: Callable[[bytes, bytes], bytes], where: str, *args: Any
+        self, same: Callable[[bytes, bytes], bytes] | None, where: str, *args: Any
     ) -> dict[bytes, Account]:
         """The accounts (``where``: a condition on their identity) with their reports;
         their keys are the live peers' identity objects (``same``, a ``setdefault``:
         one object per identity, shared by every table as after joins, not ~65 bytes
-        per copy)."""
+        per copy) or, without it, the objects read."""
         db = self._db
         rows = db.execute(
             "SELECT identity, uploaded, downloaded, relayed_claimed, relayed_confirmed,"
@@ -667,7 +673,8 @@ class Store:
             args,
         ).fetchall()
         keys = list(map(_first, rows))
-        accounts = dict(zip(map(same, keys, keys), starmap(Account, map(_rest, rows)), strict=True))
+        shared = keys if same is None else map(same, keys, keys)
+        accounts = dict(zip(shared, starmap(Account, map(_rest, rows)), strict=True))
         del rows, keys
         ihs: dict[bytes, bytes] = {}
         for identity, ih, up, down in db.execute("SELECT * FROM reports" + where, args):
@@ -758,46 +765,52 @@ class Store:
             dict(zip(long_slots, long_addresses, strict=True)),
         )
         # ---- accounts: the image's, then the ones changed since
-        keys = unpack_strings(tables.accounts)
+        account_slots = np.frombuffer(tables.account_slots, np.int64)
+        names = unpack_strings(tables.accounts)
         counters = int_columns(tables.counters, ACCOUNT_COUNTERS)
         sessions = unpack_strings(tables.sessions)
-        if not len(keys) == len(counters) == len(sessions):
+        if not len(account_slots) == len(names) == len(counters) == len(sessions):
             raise ValueError("the stored accounts image does not fit together")
-        same = dict(zip(identities, identities, strict=True)).setdefault
-        keys = list(map(same, keys, keys))
+        ihs = unpack_strings(tables.infohashes)
+        reports = int_columns(tables.reports, REPORT_FIELDS)
+        swarm_rows = int_columns(tables.swarm, SWARM_FIELDS)
+        of_peer = account_slots >= 0
+        fits = (
+            _within(reports[:, 0], 0, len(names))
+            and _within(reports[:, 1], 0, len(ihs))
+            and _within(swarm_rows[:, 0], 0, n)
+            and _within(swarm_rows[:, 1], 0, len(ihs))
+            and _within(account_slots, -1, n)
+        )
+        if not fits or free[swarm_rows[:, 0]].any() or free[account_slots[of_peer]].any():
+            raise ValueError("the stored tables image names a row it does not have")
+        # An account of a live peer is keyed by the object of its slot (one object per
+        # identity, shared by every table as after joins: not ~65 bytes per copy).
+        by_slot = np.array(slot_peers, dtype=object)
+        keys = np.array(names, dtype=object)
+        keys[of_peer] = by_slot[account_slots[of_peer]]
         up, down, claimed, confirmed, reported = counters.T.tolist()
         owners = list(
             starmap(Account, zip(up, down, claimed, confirmed, sessions, reported, strict=True))
         )
-        ihs = unpack_strings(tables.infohashes)
-        reports = int_columns(tables.reports, REPORT_FIELDS)
-        swarm_rows = int_columns(tables.swarm, SWARM_FIELDS)
-        for column, bound in ((0, len(owners)), (1, len(ihs))):
-            for rows in (reports, swarm_rows):
-                if len(rows) and not 0 <= rows[:, column].min() <= rows[:, column].max() < bound:
-                    raise ValueError("the stored tables image names a row it does not have")
         # (Checked: from here on the image is taken as it is.)
         for o, h, u, d in reports.tolist():
             owners[o].reports[ihs[h]] = (u, d)
-        accounts = dict(zip(keys, owners, strict=True))
+        accounts = dict(zip(keys.tolist(), owners, strict=True))
+        del keys, names, owners
+        # (A key already there keeps its object: dict.update replaces only the value.)
         accounts.update(
             self._accounts(
-                same,
-                " WHERE identity IN (SELECT identity FROM accounts_log WHERE gen > ?)",
-                gen,
+                None, " WHERE identity IN (SELECT identity FROM accounts_log WHERE gen > ?)", gen
             )
         )
         # ---- swarms: the image's rows of peers live and unchanged, then the changed ones'
         swarm: Swarm = {}
-        alive = set(map(slot_peers.__getitem__, kept))
+        swarm_rows = swarm_rows[live[swarm_rows[:, 0]]] if len(swarm_rows) else swarm_rows
         for h, rows in _group(swarm_rows):
-            ih = ihs[h]
-            owned_by = map(keys.__getitem__, rows[:, 0].tolist())
-            got = dict(zip(owned_by, rows[:, 2].tolist(), strict=True))
-            if len(got) and not got.keys() <= alive:
-                got = {p: left for p, left in got.items() if p in alive}
-            if got:
-                swarm[ih] = got
+            members = by_slot[rows[:, 0]].tolist()
+            swarm[ihs[h]] = dict(zip(members, rows[:, 2].tolist(), strict=True))
+        del by_slot
         for ih, members in self._swarm(
             by_id, " WHERE s.peer IN (SELECT id FROM peers_log WHERE gen > ?)", gen
         ).items():
