@@ -769,14 +769,16 @@ class Store:
         names = unpack_strings(tables.accounts)
         counters = int_columns(tables.counters, ACCOUNT_COUNTERS)
         sessions = unpack_strings(tables.sessions)
-        if not len(account_slots) == len(names) == len(counters) == len(sessions):
+        of_peer = account_slots >= 0
+        if not len(account_slots) == len(counters) == len(sessions) or len(names) != int(
+            np.count_nonzero(~of_peer)
+        ):
             raise ValueError("the stored accounts image does not fit together")
         ihs = unpack_strings(tables.infohashes)
         reports = int_columns(tables.reports, REPORT_FIELDS)
         swarm_rows = int_columns(tables.swarm, SWARM_FIELDS)
-        of_peer = account_slots >= 0
         fits = (
-            _within(reports[:, 0], 0, len(names))
+            _within(reports[:, 0], 0, len(account_slots))
             and _within(reports[:, 1], 0, len(ihs))
             and _within(swarm_rows[:, 0], 0, n)
             and _within(swarm_rows[:, 1], 0, len(ihs))
@@ -787,8 +789,11 @@ class Store:
         # An account of a live peer is keyed by the object of its slot (one object per
         # identity, shared by every table as after joins: not ~65 bytes per copy).
         by_slot = np.array(slot_peers, dtype=object)
-        keys = np.array(names, dtype=object)
+        keys = np.empty(len(account_slots), dtype=object)
         keys[of_peer] = by_slot[account_slots[of_peer]]
+        others = np.empty(len(names), dtype=object)
+        others[:] = names
+        keys[~of_peer] = others
         up, down, claimed, confirmed, reported = counters.T.tolist()
         owners = list(
             starmap(Account, zip(up, down, claimed, confirmed, sessions, reported, strict=True))
@@ -797,7 +802,7 @@ class Store:
         for o, h, u, d in reports.tolist():
             owners[o].reports[ihs[h]] = (u, d)
         accounts = dict(zip(keys.tolist(), owners, strict=True))
-        del keys, names, owners
+        del keys, names, others, owners
         # (A key already there keeps its object: dict.update replaces only the value.)
         accounts.update(
             self._accounts(

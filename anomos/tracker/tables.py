@@ -16,8 +16,16 @@ walk either).
 from __future__ import annotations
 
 import math
+import operator
 from array import array
-from collections.abc import Collection, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import (
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -95,6 +103,17 @@ class Reports(MutableMapping[bytes, Counters]):
 
     def __repr__(self) -> str:
         return f"Reports({dict(self.items())!r})"
+
+
+_FIRST = operator.attrgetter("_ih", "_up", "_down", "_more")
+
+
+def report_columns(
+    reports: Sequence[Reports],
+) -> list[tuple[bytes | None, int, int, dict[bytes, Counters] | None]]:
+    """Each one's inline entry (infohash or None, uploaded, downloaded) and its others
+    (or None), read at C level: the store's image packs 10^6 of them."""
+    return list(map(_FIRST, reports))
 
 
 class TorrentsByPeer:
