@@ -7,8 +7,9 @@ writer thread applies them in one transaction, WAL checkpoints included. A
 crash (even ``kill -9``) loses the last transaction at most, a second or two
 of announces, which peers simply repeat. On start it reads everything back and
 rebuilds the graph with the same NIDs, so the peers' existing links stay valid:
-from the last packed image of the graph plus the links changed after it (see
-below), so that a million peers' three million links are not rebuilt one by one.
+from the last packed images of the graph and of the other tables plus the
+links and rows changed after them (see below and :mod:`anomos.tracker.images`),
+so that a million peers' rows and three million links are not read one by one.
 
 Only what changed is written: a peer row when a peer joins or changes its keys
 or address (not on every announce: when it was last seen is not stored, a
@@ -27,12 +28,17 @@ neighbour graph: the two peer ids, the NID, the id of the end that dials, or 0
 when that is not fixed yet, and ``gen``, the number of the batch that wrote
 it), ``links_gone`` (links removed, with the batch that removed them, since
 the image), ``graph_image`` (one row: the packed graph's arrays as of batch
-``gen``, written with that batch every few minutes and on close), ``swarm``
+``gen``, written every few minutes and on close), ``tables_image`` (one row:
+the other tables packed as of the same batch), ``peers_log`` and
+``accounts_log`` (the keys of the rows each batch changed: peer ids for a
+peer's row or swarm rows, identities for an account or its reports; a
+restore re-reads those after the images' batch), ``swarm``
 (torrent membership and bytes left), ``torrents`` (the largest
 ``left`` seen: the torrent's size as far as the tracker can tell) and ``meta``
 (counters). The view ``edges`` gives the links by identity, for people and
-tools reading the file. Schema 1 (keyed by identity, one row per announce) and
-schema 2 (no ``gen``, no image) are converted in place on first open.
+tools reading the file. Schema 1 (keyed by identity, one row per announce),
+schema 2 (no ``gen``, no image) and schema 3 (no tables image, no logs) are
+converted in place on first open.
 """
 
 from __future__ import annotations
