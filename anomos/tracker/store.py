@@ -762,7 +762,6 @@ class Store:
         seqs = ids[kept].tolist()
         identities += [p.identity for p in peers]
         seqs += [p.seq for p in peers]
-        by_id = dict(zip(seqs, identities, strict=True))
         columns = PeerColumns(
             slot_peers,
             tables.keys,
@@ -822,8 +821,9 @@ class Store:
             members = by_slot[rows[:, 0]].tolist()
             swarm[ihs[h]] = dict(zip(members, rows[:, 2].tolist(), strict=True))
         del by_slot
+        changed_by_id = {p.seq: p.identity for p in peers}  # (the live ones of ``changed``)
         for ih, members in self._swarm(
-            by_id, " WHERE s.peer IN (SELECT id FROM peers_log WHERE gen > ?)", gen
+            changed_by_id, " WHERE s.peer IN (SELECT id FROM peers_log WHERE gen > ?)", gen
         ).items():
             swarm.setdefault(ih, {}).update(members)
         torrents, meta = self._small_tables()
