@@ -138,7 +138,7 @@ def _interleave(columns: list[array[int]]) -> bytes:
 
 def build_tables_image(
     gen: int,
-    peers: PeerColumns,
+    peer_columns: Callable[[], PeerColumns],
     accounts: Mapping[bytes, Account],
     swarms: Callable[[], Iterable[tuple[bytes, dict[Any, int]]]],
 ) -> TablesImage:
@@ -149,7 +149,9 @@ def build_tables_image(
     they have left) are read while the event loop may change them: an account
     or report that changes under the reading may be caught half-way; either way
     it was changed after batch ``gen``, so its key is logged and the restore
-    replays it from its rows."""
+    replays it from its rows; so does a peer's row (``peer_columns()``: the peer table's
+    columns by the slots the graph's image took)."""
+    peers = peer_columns()
     slot_of: dict[Any, int] = {}
     for first in range(0, len(peers.peers), CHUNK):
         some = peers.peers[first : first + CHUNK]

@@ -522,11 +522,10 @@ class Tracker:
         }
 
     def _tables_image(self, gen: int) -> Callable[[], TablesImage]:
-        """The tables' image as of batch ``gen``: the peer table copied now, with the
-        graph's image; the accounts and swarms packed later by the writer thread."""
-        return partial(
-            build_tables_image, gen, self.peers.image(), self.accounts, self.membership.members
-        )
+        """The tables' image as of batch ``gen``: each slot's peer taken now, with the
+        graph's image; the rest packed later by the writer thread."""
+        columns = partial(self.peers.image, self.graph.slot_peers())
+        return partial(build_tables_image, gen, columns, self.accounts, self.membership.members)
 
     def _restore(self) -> None:
         now = self.clock()

@@ -735,7 +735,7 @@ class Store:
             raise ValueError("the stored peer table image does not fit the graph image")
         long_slots = np.frombuffer(tables.long_slots, np.int64).tolist()
         long_addresses = unpack_strings(tables.long_addresses)
-        if len(long_slots) != len(long_addresses):
+        if len(long_slots) != len(long_addresses) or not _within(np.array(long_slots), 0, n):
             raise ValueError("the stored tables image does not fit together")
         changed = {
             i for (i,) in db.execute("SELECT DISTINCT id FROM peers_log WHERE gen > ?", (gen,))
@@ -762,12 +762,16 @@ class Store:
         seqs = ids[kept].tolist()
         identities += [p.identity for p in peers]
         seqs += [p.seq for p in peers]
+        # The columns were read after the image's batch: a slot free then may hold a
+        # peer that joined since (it is in the rows changed since, in its own slot).
+        alen = np.frombuffer(tables.alen, np.uint8).copy()
+        alen[free] = 0
         columns = PeerColumns(
             slot_peers,
             tables.keys,
-            tables.alen,
+            alen.tobytes(),
             tables.abuf,
-            dict(zip(long_slots, long_addresses, strict=True)),
+            {s: a for s, a in zip(long_slots, long_addresses, strict=True) if not free[s]},
         )
         # ---- accounts: the image's, then the ones changed since
         account_slots = np.frombuffer(tables.account_slots, np.int64)
