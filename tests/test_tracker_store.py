@@ -577,29 +577,17 @@ def test_a_restore_pauses_the_collector_and_gives_it_back(tmp_path, plugins, mon
     assert gc.isenabled()
 
 
-def test_a_restore_from_the_images_and_later_rows_equals_one_from_the_rows(tmp_path, plugins):
-    """The tables' image is packed by the writer thread while serving goes on, so it may
-    hold changes made after its batch; those and every later change are re-read from
-    their rows (the logs name their keys). Here the packing waits until the tracker
-    changed more (joins, leaves, new counters), and more is written after the image: a
-    restart from the images equals one from the rows alone, and what was saved."""
-    import random
-    import shutil
-
+def _pack_late(t: Tracker):
+    """Take the images with the next batch, but have the writer thread pack the tables'
+    only once the returned event is set (after the test changed more)."""
     from gevent import monkey
 
-    rng = random.Random(7)
-    state = tmp_path / "tracker"
-    t = Tracker(state, "127.0.0.1:0", plugins, _unlimited(), rng=random.Random(8))
-    live: list[bytes] = []
-    _churn(t, live, rng, 300)
-    t.flush()
     churned = monkey.get_original("threading", "Event")()  # a real thread waits on it
     take = t.persistence._tables
     assert take is not None
 
     def packed_late(gen):
-        pack = take(gen)  # the peer table is copied now, with the graph's image
+        pack = take(gen)  # each slot's peer is taken now, with the graph's image
 
         def pack_after_more_changes():
             assert churned.wait(30)
@@ -609,8 +597,27 @@ def test_a_restore_from_the_images_and_later_rows_equals_one_from_the_rows(tmp_p
 
     t.persistence._tables = packed_late
     t.persistence.image_due = True
-    t.persistence.write_behind()  # batch G with the images: packed by the writer, later
+    t.persistence.write_behind()
     assert t.store.busy
+    return churned
+
+
+def test_a_restore_from_the_images_and_later_rows_equals_one_from_the_rows(tmp_path, plugins):
+    """The tables' image is packed by the writer thread while serving goes on, so it may
+    hold changes made after its batch; those and every later change are re-read from
+    their rows (the logs name their keys). Here the packing waits until the tracker
+    changed more (joins, leaves, new counters), and more is written after the image: a
+    restart from the images equals one from the rows alone, and what was saved."""
+    import random
+    import shutil
+
+    rng = random.Random(7)
+    state = tmp_path / "tracker"
+    t = Tracker(state, "127.0.0.1:0", plugins, _unlimited(), rng=random.Random(8))
+    live: list[bytes] = []
+    _churn(t, live, rng, 300)
+    t.flush()
+    churned = _pack_late(t)  # batch G with the images: packed by the writer, later
     _churn(t, live, rng, 300)  # meanwhile: batch G+1 and on
     churned.set()
     t.flush()  # the images (as of G) with the changes since
@@ -665,3 +672,37 @@ def test_packed_strings_keep_every_byte_and_refuse_a_torn_blob():
     for torn in (blob[:-1], blob[:12], blob[:16] + b"\xff" * 8 + blob[24:]):
         with pytest.raises(ValueError):
             unpack_strings(torn)
+
+
+def test_a_slot_free_in_the_image_and_taken_since_holds_no_stale_row(tmp_path, plugins):
+    """The peer table's columns are read after the image's batch: a peer that joined
+    since may sit in a slot the graph's image has free, while the restored graph puts
+    it elsewhere (its free slots are handed out in another order). That slot must not
+    come back as a row without a peer."""
+    import random
+
+    rng = random.Random(9)
+    t = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, _unlimited())
+    live: list[bytes] = []
+    _churn(t, live, rng, 120)
+    slot = t.graph.slot
+    high, low = sorted((p for p in live[:20]), key=slot)[-1], min(live[:20], key=slot)
+    for peer in (high, low):  # the lower slot is freed last: the next join takes it
+        live.remove(peer)
+        _announce(t, peer, rng, stopped=1)
+    t.flush()
+    churned = _pack_late(t)
+    newcomer = rng.randbytes(32)
+    _announce(t, newcomer, rng)
+    live.append(newcomer)
+    churned.set()
+    t.flush()
+    saved = _state(t)
+    t2 = Tracker(tmp_path / "tracker", "127.0.0.1:0", plugins, _unlimited())
+    try:
+        assert not t2.persistence.image_due  # restored from the images
+        assert len(t2.peers) == len(live) == len(list(t2.peers))
+        assert _state(t2) == saved
+    finally:
+        t2.stop()
+        t.stop()
