@@ -39,12 +39,19 @@ ACCOUNT_COUNTERS = 5
 #: of a swarm row (account index, infohash index, left).
 REPORT_FIELDS = 4
 SWARM_FIELDS = 3
+#: Items per C-level pass while packing in the writer thread: each pass holds the GIL
+#: (a few ms), and the event loop gets it back between passes.
+CHUNK = 50_000
 
 
 def pack_strings(items: Sequence[bytes]) -> bytes:
-    """Byte strings as one blob: their count, their end offsets (int64), their bytes."""
-    ends = np.cumsum(np.fromiter(map(len, items), dtype=np.int64, count=len(items)))
-    return np.int64(len(items)).tobytes() + ends.tobytes() + b"".join(items)
+    """Byte strings as one blob: their count, their end offsets (int64), their bytes
+    (lengths taken a chunk at a time: the writer thread packs 10^6 of them)."""
+    lengths = np.zeros(len(items), dtype=np.int64)
+    for first in range(0, len(items), CHUNK):
+        some = items[first : first + CHUNK]
+        lengths[first : first + len(some)] = np.fromiter(map(len, some), np.int64, len(some))
+    return np.int64(len(items)).tobytes() + np.cumsum(lengths).tobytes() + b"".join(items)
 
 
 def unpack_strings(blob: bytes) -> list[bytes]:
@@ -121,11 +128,6 @@ class TablesImage:
         return attrs.astuple(self, recurse=False)
 
 
-#: Items per C-level pass while packing in the writer thread: each pass holds the GIL
-#: (a few ms), and the event loop gets it back between passes.
-CHUNK = 50_000
-
-
 def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), CHUNK):
         yield items[i : i + CHUNK]
@@ -175,7 +177,11 @@ def build_tables_image(
         )
     ]
     sessions: list[bytes] = []
-    firsts: list[tuple[bytes | None, int, int, dict[bytes, tuple[int, int]] | None]] = []
+    # Each account's inline report (infohash or None, uploaded, downloaded) and its others.
+    inline_ih: list[bytes | None] = []
+    inline_up: list[int] = []
+    inline_down: list[int] = []
+    more: list[dict[bytes, tuple[int, int]] | None] = []
     for chunk in _chunks(keys):
         owned = list(map(accounts.__getitem__, chunk))
         where = array("q", map(slot_of.get, chunk, itertools.repeat(-1)))
@@ -184,24 +190,27 @@ def build_tables_image(
         for column, field in zip(counters, fields, strict=True):
             column.extend(map(field, owned))
         sessions.extend(map(_SESSION, owned))
-        firsts.extend(report_columns(list(map(_REPORTS, owned))))
+        ih_column, up_column, down_column, more_column = report_columns(list(map(_REPORTS, owned)))
+        inline_ih += ih_column
+        inline_up += up_column
+        inline_down += down_column
+        more += more_column
     ihs: dict[bytes, int] = {}
     report_cols: list[array[int]] = [array("q") for _ in range(REPORT_FIELDS)]
     owner, which, ups, downs = report_cols
-    for first in range(0, len(firsts), CHUNK):
-        chunk_firsts = firsts[first : first + CHUNK]
-        inline = [i for i, f in enumerate(chunk_firsts, first) if f[0] is not None]
-        entries = [firsts[i] for i in inline]
-        owner.extend(inline)
-        named = list(map(_FIRST, entries))
+    for first in range(0, len(inline_ih), CHUNK):
+        some = inline_ih[first : first + CHUNK]
+        inline = [i for i, ih in enumerate(some, first) if ih is not None]
+        named = list(map(inline_ih.__getitem__, inline))
         for ih in dict.fromkeys(named):  # (few: the distinct infohashes)
-            ihs.setdefault(ih, len(ihs))
-        which.extend(map(ihs.__getitem__, named))
-        ups.extend(map(_SECOND, entries))
-        downs.extend(map(_THIRD, entries))
-    for i, (_ih, _up, _down, more) in enumerate(firsts):
-        if more:  # (rare: a peer in more than one torrent)
-            for ih, (up, down) in list(more.items()):
+            ihs.setdefault(ih, len(ihs))  # type: ignore[arg-type]
+        owner.extend(inline)
+        which.extend(map(ihs.__getitem__, named))  # type: ignore[arg-type]
+        ups.extend(map(inline_up.__getitem__, inline))
+        downs.extend(map(inline_down.__getitem__, inline))
+    for i, others in enumerate(more):
+        if others:  # (rare: a peer in more than one torrent)
+            for ih, (up, down) in list(others.items()):
                 owner.append(i)
                 which.append(ihs.setdefault(ih, len(ihs)))
                 ups.append(up)
@@ -238,8 +247,5 @@ def build_tables_image(
     )
 
 
-_FIRST = operator.itemgetter(0)
 _SESSION = operator.attrgetter("session")
 _REPORTS = operator.attrgetter("reports")
-_SECOND = operator.itemgetter(1)
-_THIRD = operator.itemgetter(2)
