@@ -151,8 +151,9 @@ def build_tables_image(
     they have left) are read while the event loop may change them: an account
     or report that changes under the reading may be caught half-way; either way
     it was changed after batch ``gen``, so its key is logged and the restore
-    replays it from its rows; so does a peer's row (``peer_columns()``: the peer table's
-    columns by the slots the graph's image took)."""
+    replays it from its rows; so does a peer's row (``peer_columns()``: each graph slot's
+    peer and the peer table's columns, read now: a slot whose peer changed since the
+    graph's image belongs to a logged peer, and one free in that image is cleared)."""
     peers = peer_columns()
     slot_of: dict[Any, int] = {}
     for first in range(0, len(peers.peers), CHUNK):

@@ -522,9 +522,9 @@ class Tracker:
         }
 
     def _tables_image(self, gen: int) -> Callable[[], TablesImage]:
-        """The tables' image as of batch ``gen``: each slot's peer taken now, with the
-        graph's image; the rest packed later by the writer thread."""
-        columns = partial(self.peers.image, self.graph.slot_peers())
+        """The tables' image as of batch ``gen``, packed later by the writer thread
+        (see anomos.tracker.images)."""
+        columns = self.peers.image
         return partial(build_tables_image, gen, columns, self.accounts, self.membership.members)
 
     def _restore(self) -> None:

@@ -721,21 +721,22 @@ class Store:
         not fit together (nothing is changed yet)."""
         db, gen = self._db, tables.gen
         # ---- peers: by graph slot in the image, then the ones changed since
+        # (The tables' columns were read after the graph image's batch: a slot free in
+        # the graph image may hold a peer that joined since, one taken there may have
+        # emptied; both are peers logged since, re-read from their rows.)
         slot_peers = unpack_strings(tables.identities)
         ids = np.frombuffer(image.ids, np.int64)
-        n = len(ids)
-        free = np.fromiter(map(len, slot_peers), np.int64, count=len(slot_peers)) == 0
-        if len(slot_peers) != n or not np.array_equal(free, ids == 0):
-            raise ValueError("the stored tables image does not fit the graph image")
-        if (len(tables.keys), len(tables.abuf), len(tables.alen)) != (
-            n * 2 * KEY_BYTES,
-            n * ADDRESS_BYTES,
-            n,
+        n, m = len(ids), len(slot_peers)  # (slots then, and when the columns were read)
+        free = ids == 0
+        if m < n or (len(tables.keys), len(tables.abuf), len(tables.alen)) != (
+            m * 2 * KEY_BYTES,
+            m * ADDRESS_BYTES,
+            m,
         ):
             raise ValueError("the stored peer table image does not fit the graph image")
         long_slots = np.frombuffer(tables.long_slots, np.int64).tolist()
         long_addresses = unpack_strings(tables.long_addresses)
-        if len(long_slots) != len(long_addresses) or not _within(np.array(long_slots), 0, n):
+        if len(long_slots) != len(long_addresses) or not _within(np.array(long_slots), 0, m):
             raise ValueError("the stored tables image does not fit together")
         changed = {
             i for (i,) in db.execute("SELECT DISTINCT id FROM peers_log WHERE gen > ?", (gen,))
@@ -759,19 +760,25 @@ class Store:
             stale_slots = []
         kept = np.flatnonzero(live).tolist()
         identities = list(map(slot_peers.__getitem__, kept))
+        if not all(identities):
+            raise ValueError("the stored tables image lacks a peer the graph image has")
         seqs = ids[kept].tolist()
         identities += [p.identity for p in peers]
         seqs += [p.seq for p in peers]
         # The columns were read after the image's batch: a slot free then may hold a
         # peer that joined since (it is in the rows changed since, in its own slot).
-        alen = np.frombuffer(tables.alen, np.uint8).copy()
+        alen = np.frombuffer(tables.alen, np.uint8, count=n).copy()
         alen[free] = 0
         columns = PeerColumns(
-            slot_peers,
-            tables.keys,
+            slot_peers[:n],
+            tables.keys[: n * 2 * KEY_BYTES],
             alen.tobytes(),
-            tables.abuf,
-            {s: a for s, a in zip(long_slots, long_addresses, strict=True) if not free[s]},
+            tables.abuf[: n * ADDRESS_BYTES],
+            {
+                s: a
+                for s, a in zip(long_slots, long_addresses, strict=True)
+                if s < n and not free[s]
+            },
         )
         # ---- accounts: the image's, then the ones changed since
         account_slots = np.frombuffer(tables.account_slots, np.int64)
@@ -789,11 +796,12 @@ class Store:
         fits = (
             _within(reports[:, 0], 0, len(account_slots))
             and _within(reports[:, 1], 0, len(ihs))
-            and _within(swarm_rows[:, 0], 0, n)
+            and _within(swarm_rows[:, 0], 0, m)
             and _within(swarm_rows[:, 1], 0, len(ihs))
-            and _within(account_slots, -1, n)
+            and _within(account_slots, -1, m)
         )
-        if not fits or free[swarm_rows[:, 0]].any() or free[account_slots[of_peer]].any():
+        named = np.fromiter(map(len, slot_peers), np.int64, count=m) > 0
+        if not fits or not named[account_slots[of_peer]].all():
             raise ValueError("the stored tables image names a row it does not have")
         # An account of a live peer is keyed by the object of its slot (one object per
         # identity, shared by every table as after joins: not ~65 bytes per copy).
@@ -820,7 +828,9 @@ class Store:
         )
         # ---- swarms: the image's rows of peers live and unchanged, then the changed ones'
         swarm: Swarm = {}
-        swarm_rows = swarm_rows[live[swarm_rows[:, 0]]] if len(swarm_rows) else swarm_rows
+        if len(swarm_rows):  # (rows of peers that joined since are re-read below)
+            then = swarm_rows[swarm_rows[:, 0] < n]
+            swarm_rows = then[live[then[:, 0]]]
         for h, rows in _group(swarm_rows):
             members = by_slot[rows[:, 0]].tolist()
             swarm[ihs[h]] = dict(zip(members, rows[:, 2].tolist(), strict=True))

@@ -401,14 +401,14 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
                 other[s] = raw
                 alen[s] = _IN_DICT
 
-    def image(self, peers: list[Any]) -> PeerColumns:
-        """Copies of the columns of the slots of ``peers`` (each slot's peer as the graph's
-        image took it), read by the store's writer thread a few MB at a time while
-        serving goes on: a row changed meanwhile belongs to a peer whose change is
-        logged, and is read again from its row on restore (a copy of ~90 MB on the
-        event loop was a 66 ms stall at 10^6)."""
+    def image(self) -> PeerColumns:
+        """Each slot's peer and copies of the columns, read by the store's writer thread
+        a few MB at a time while serving goes on: a row changed meanwhile belongs to a
+        peer whose change is logged, and is read again from its row on restore (a copy
+        of ~90 MB on the event loop was a 66 ms stall at 10^6)."""
         from anomos.tracker.images import PeerColumns
 
+        peers = self._graph.slot_peers()
         n = len(peers)
         return PeerColumns(
             peers,
