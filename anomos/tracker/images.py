@@ -7,14 +7,14 @@ fixed-width integers and packed byte strings. A restart unpacks it with C-level
 passes and then re-reads from the tables only the rows changed after it (their
 keys are logged per batch, see :mod:`anomos.tracker.store`).
 
-The peers' part is copied on the event loop with the graph's image (a copy of
-arrays: exact at that batch); the accounts and swarms are packed afterwards in
-the store's writer thread, while serving goes on, so they may already hold
-some later changes. That is safe because the image is labelled with the batch
-it was started at and committed only with a later batch, which logs every key
-changed meanwhile: a restore replays those keys from their rows, whatever the
-image caught of them. A key the image holds is either unchanged since, or
-replayed.
+Only the graph's image is copied on the event loop (exact at its batch); the
+tables' are read afterwards in the store's writer thread, in short C-level
+passes, while serving goes on, so they may already hold some later changes.
+That is safe because the image is labelled with the batch it was started at
+and committed only with a later batch, which logs every key changed
+meanwhile: a restore replays those keys from their rows, whatever the image
+caught of them, and takes the graph image's slots as the truth for which
+slot held whom. A key the image holds is either unchanged since, or replayed.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def int_columns(blob: bytes, fields: int) -> np.ndarray:
 
 @attrs.frozen
 class PeerColumns:
-    """The live peers' rows by graph slot, copied on the event loop with the graph's
-    image: each slot's peer (None: free) and :meth:`PeerTable.image`'s columns."""
+    """The live peers' rows by graph slot (:meth:`PeerTable.image`): each slot's peer
+    (None: free) and the peer table's columns."""
 
     peers: list[Any]
     keys: bytes

@@ -82,8 +82,8 @@ class Persistence:
         self._meta = meta
         #: The graph's packed image, taken with batch number n (none: never written).
         self._image = image
-        #: With the graph's image: copies what must be exact now, and returns the packing
-        #: of the other tables' image as of batch n (run by the writer thread).
+        #: With the graph's image: the packing of the other tables' image as of batch n
+        #: (run later by the writer thread).
         self._tables = tables
         #: The number of the last batch taken (counted on from the stored one).
         self.gen = 0
