@@ -395,12 +395,17 @@ def test_a_tracker_killed_while_writing_comes_back_consistent(tmp_path, plugins)
 # ----------------------------------------------------------------------------- exact restore
 
 
-def _announce(t: Tracker, peer: bytes, rng, stopped: int = 0) -> None:
-    """A verified announce of ``peer`` straight into the handler (no HTTP: many peers)."""
+def _announce(t: Tracker, peer: bytes, rng, stopped: int = 0, as_before: bool = False) -> None:
+    """A verified announce of ``peer`` straight into the handler (no HTTP: many peers);
+    ``as_before``: with the counters it reported last (nothing to credit)."""
+    up, down, relayed = rng.randrange(1 << 20), rng.randrange(1 << 20), rng.randrange(1 << 20)
+    if as_before:
+        account = t.accounts[peer]
+        (up, down), relayed = account.reports[IH], account.relayed_reported
     torrent = {
         b"infohash": IH,
-        b"uploaded": rng.randrange(1 << 20),
-        b"downloaded": rng.randrange(1 << 20),
+        b"uploaded": up,
+        b"downloaded": down,
         b"left": rng.choice([0, SIZE]),
         b"event": b"",
     }
@@ -412,7 +417,7 @@ def _announce(t: Tracker, peer: bytes, rng, stopped: int = 0) -> None:
             b"box": b"x" * 32,
             b"address": f"10.0.{rng.randrange(256)}.{rng.randrange(256)}:6881".encode(),
             b"torrents": [torrent],
-            b"relayed": rng.randrange(1 << 20),
+            b"relayed": relayed,
             b"stopped": stopped,
         },
     )
@@ -705,4 +710,145 @@ def test_a_slot_free_in_the_image_and_taken_since_holds_no_stale_row(tmp_path, p
         assert _state(t2) == saved
     finally:
         t2.stop()
+        t.stop()
+
+
+def test_accounts_moving_while_the_writer_copies_them_restore_as_from_the_rows(
+    tmp_path, plugins, monkeypatch, caplog
+):
+    """The race of the tables' image (issue 15): the writer thread copies the packed
+    account table while the event loop moves accounts between graph slots and the loose
+    dict. First, once the writer has read which peer holds each slot, peers leave (their
+    accounts go loose), peers that left earlier rejoin into the freed slots (their
+    accounts move in) and new peers join; then the copy runs while the loop keeps
+    joining, leaving and crediting, with thread switches every microsecond (and should
+    the writer walk the graph's live slots, the loop churns half-way through the walk,
+    as a thread switch there would have it). The image must be written, and a restart
+    from it equal one from the rows alone."""
+    import itertools
+    import random
+    import shutil
+    import sys
+    import threading
+
+    from gevent import monkey
+
+    from anomos.tracker.graph import PeerGraph
+
+    event = monkey.get_original("threading", "Event")  # real threads wait on them
+    read, go, packed, midway, resumed = event(), event(), event(), event(), event()
+    main = threading.get_ident()
+    seen: list = []
+    slot_peers, slots = PeerGraph.slot_peers, PeerGraph.slots
+
+    def slot_peers_then_wait(self):
+        peers = slot_peers(self)
+        if threading.get_ident() != main:  # the writer thread, packing the image
+            seen.append(peers)
+            read.set()
+            assert go.wait(30)
+        return peers
+
+    def slots_paused_half_way(self):
+        view = slots(self)
+        if threading.get_ident() == main:
+            return view
+
+        def walk():
+            items = iter(view)
+            yield from itertools.islice(items, len(view) // 2)
+            midway.set()
+            assert resumed.wait(30)
+            yield from items
+
+        return walk()
+
+    monkeypatch.setattr(PeerGraph, "slot_peers", slot_peers_then_wait)
+    monkeypatch.setattr(PeerGraph, "slots", slots_paused_half_way)
+    rng = random.Random(11)
+    state = tmp_path / "tracker"
+    t = Tracker(state, "127.0.0.1:0", plugins, _unlimited(), rng=random.Random(12))
+    live: list[bytes] = []
+    _churn(t, live, rng, 1500)
+    left = [live.pop(rng.randrange(len(live))) for _ in range(40)]
+    for peer in left:
+        _announce(t, peer, rng, stopped=1)  # their accounts are kept loose
+    t.flush()
+    take = t.persistence._tables
+    assert take is not None
+
+    def tables(gen):
+        pack = take(gen)
+
+        def pack_and_tell():
+            try:
+                return pack()
+            finally:
+                packed.set()
+
+        return pack_and_tell
+
+    t.persistence._tables = tables
+    t.persistence.image_due = True
+    t.persistence.write_behind()
+    switch = sys.getswitchinterval()
+    try:
+        assert read.wait(30)
+        # Between the writer's reading of the slots and its copy of the columns:
+        # peers expire (no announce: their accounts only move), then peers rejoin into
+        # the slots freed (slot reuse) reporting what they did before (nothing changes
+        # in their accounts but where they are), then new peers join.
+        slot = t.graph.slot
+        expired = [live.pop(rng.randrange(len(live))) for _ in range(30)]
+        for peer in expired:
+            t._remove_peer(peer, t.persistence.pending)
+        back = left[:20] + expired[:10]
+        for peer in back:
+            _announce(t, peer, rng, as_before=True)
+            live.append(peer)
+        assert not back & t.persistence.pending.accounts.keys()  # (their accounts: the same)
+        reused = [p for p in back if seen[0][slot(p)] not in (None, p)]
+        assert len(reused) >= 10  # they sit in slots the writer saw others in
+        _churn(t, live, rng, 50)
+        sys.setswitchinterval(1e-6)
+        go.set()
+        rounds = 0
+        while not packed.is_set():
+            _churn(t, live, rng, 2)
+            rounds += 2
+            if midway.is_set() and not resumed.is_set():
+                _churn(t, live, rng, 20)
+                resumed.set()
+    finally:
+        go.set()
+        resumed.set()
+        sys.setswitchinterval(switch)
+    t.flush()  # the image, with every change made while it was copied
+    assert rounds > 0
+    assert "packing the tables image failed" not in caplog.text
+    _churn(t, live, rng, 100)
+    t.flush()
+    saved = _state(t)
+    db = sqlite3.connect(state / DB_FILE, isolation_level=None)
+    (image_gen,) = db.execute("SELECT gen FROM tables_image").fetchone()
+    (graph_gen,) = db.execute("SELECT gen FROM graph_image").fetchone()
+    db.close()
+    assert image_gen == graph_gen < t.persistence.gen
+    rows_only = tmp_path / "rows"
+    shutil.copytree(state, rows_only)
+    db = sqlite3.connect(rows_only / DB_FILE, isolation_level=None)
+    db.execute("DELETE FROM tables_image")
+    db.execute("DELETE FROM graph_image")
+    db.close()
+    monkeypatch.undo()
+    # (A crash: the first tracker never closed its database.)
+    from_images = Tracker(state, "127.0.0.1:0", plugins, _unlimited())
+    from_rows = Tracker(rows_only, "127.0.0.1:0", plugins, _unlimited())
+    try:
+        assert not from_images.persistence.image_due  # restored from the images
+        assert _state(from_images) == _state(from_rows) == saved
+        assert from_images.accounts == from_rows.accounts == t.accounts
+    finally:
+        from_images.stop()
+        from_rows.stop()
         t.stop()

@@ -22,13 +22,13 @@ from __future__ import annotations
 import itertools
 import operator
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import numpy as np
 
-from anomos.tracker.tables import report_columns
+from anomos.tracker.tables import NO_REPORT, SESSION_BYTES, report_columns
 
 if TYPE_CHECKING:
     from anomos.tracker.store import Account
@@ -51,7 +51,7 @@ def pack_strings(items: Sequence[bytes]) -> bytes:
     for first in range(0, len(items), CHUNK):
         some = items[first : first + CHUNK]
         lengths[first : first + len(some)] = np.fromiter(map(len, some), np.int64, len(some))
-    return np.int64(len(items)).tobytes() + np.cumsum(lengths).tobytes() + b"".join(items)
+    return _pack_lengths(lengths, b"".join(items))
 
 
 def unpack_strings(blob: bytes) -> list[bytes]:
@@ -99,6 +99,26 @@ class PeerColumns:
 
 
 @attrs.frozen
+class AccountColumns:
+    """Copies of an :class:`~anomos.tracker.tables.AccountTable`'s columns by graph slot
+    (:meth:`AccountTable.image`) and of the dicts beside them."""
+
+    has: bytes
+    num: bytes
+    slen: bytes
+    sbuf: bytes
+    ih: bytes
+    rep: bytes
+    #: slot -> session too long for the inline field; slot -> reports beyond the first
+    long: dict[int, bytes]
+    more: dict[int, dict[bytes, tuple[int, int]]]
+    #: infohash index (``ih``) -> infohash (None: free)
+    names: list[bytes | None]
+    #: identity -> account, of the identities outside the graph
+    loose: dict[bytes, Account]
+
+
+@attrs.frozen
 class TablesImage:
     """The stored image of the tables (one row of ``tables_image``), as of batch ``gen``."""
 
@@ -128,11 +148,6 @@ class TablesImage:
         return attrs.astuple(self, recurse=False)
 
 
-def _chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), CHUNK):
-        yield items[i : i + CHUNK]
-
-
 def _interleave(columns: list[array[int]]) -> bytes:
     """int64 columns of one length as rows (one value of each in turn)."""
     return np.stack([np.frombuffer(c, np.int64) for c in columns], axis=1).tobytes()
@@ -141,112 +156,193 @@ def _interleave(columns: list[array[int]]) -> bytes:
 def build_tables_image(
     gen: int,
     peer_columns: Callable[[], PeerColumns],
-    accounts: Mapping[bytes, Account],
+    account_columns: Callable[[int], AccountColumns],
+    slot_of: Callable[[Any], int | None],
     swarms: Callable[[], Iterable[tuple[bytes, dict[Any, int]]]],
 ) -> TablesImage:
-    """Pack the tables (in the writer thread: serving goes on meanwhile), a chunk of
-    C-level passes at a time (a Python step per account was ~8 s of CPU at 10^6).
+    """Pack the tables as of batch ``gen``, in the writer thread while the event loop
+    serves (and changes them), by copies of their columns a few MB at a time and
+    C-level copies of their dicts: nothing here walks a dict the loop resizes, so
+    nothing fails half-way.
 
-    ``accounts`` and the swarms (``swarms()``: each torrent's members and what
-    they have left) are read while the event loop may change them: an account
-    or report that changes under the reading may be caught half-way; either way
-    it was changed after batch ``gen``, so its key is logged and the restore
-    replays it from its rows; so does a peer's row (``peer_columns()``: each graph slot's
-    peer and the peer table's columns, read now: a slot whose peer changed since the
-    graph's image belongs to a logged peer, and one free in that image is cleared)."""
+    ``peer_columns()`` gives each graph slot's peer and the peer table's columns;
+    ``account_columns(slots)`` the account table's (:meth:`AccountTable.image`);
+    ``slot_of`` is the graph's live slot lookup; ``swarms()`` each torrent's members
+    and what they have left. Each is read at its own moment, so the image may mix
+    states from after batch ``gen``. Why the restore
+    (:meth:`~anomos.tracker.store.Store.load`) is nonetheless exact for every account:
+    the batches after ``gen`` log (``accounts_log``) every identity whose account they
+    create or change, and every one whose account moved between its graph slot and
+    the table's loose dict (a join or a leave, :meth:`Accounting.joined`); the image is
+    committed with the batch that holds every change made while it was read. The
+    restore drops every logged identity from the image and reads it from its rows. An
+    identity X logged nowhere after ``gen`` kept its account (or its having none) and
+    its account's place all along, so:
+
+    - X's account sat in slot s all along: X stayed in the graph (a leave moves the
+      account), so s was X's throughout, only X's changes (none) write it, and any
+      copy of s's columns is X's account; the slot's peer, read at any moment, is X.
+    - X's account was loose all along: the one copy of the loose dict holds X's
+      account object, unchanged (one changed is logged).
+    - X had no account: none appears under its name loose; a slot's columns are put
+      under X only if the slot's peer read was X, and the restore keeps a slot's
+      account only if the graph's image (exact at ``gen``) has a peer in that slot whose
+      stay (its join sequence number) is still live when the image is committed, so X
+      stayed in that slot all along and its columns said "no account" all along.
+
+    Peers' rows and swarm rows are the same: a peer's change, join or leave is logged
+    (``peers_log``) and re-read; an unlogged peer kept its slot, row and swarm rows."""
     peers = peer_columns()
-    slot_of: dict[Any, int] = {}
-    for first in range(0, len(peers.peers), CHUNK):
-        some = peers.peers[first : first + CHUNK]
-        slot_of.update(zip(some, range(first, first + len(some)), strict=True))
-    slot_of.pop(None, None)
+    n = len(peers.peers)
     identities = pack_strings([p or b"" for p in peers.peers])
     long_slots = np.array(sorted(peers.other), dtype=np.int64)
     long_addresses = pack_strings([peers.other[s] for s in long_slots.tolist()])
-    keys = list(accounts)  # (accounts are never removed: each key's value is there)
-    slots = array("q")
-    names: list[bytes] = []
-    counters: list[array[int]] = [array("q") for _ in range(ACCOUNT_COUNTERS)]
-    fields = [
-        operator.attrgetter(name)
-        for name in (
-            "uploaded",
-            "downloaded",
-            "relayed_claimed",
-            "relayed_confirmed",
-            "relayed_reported",
+    named = np.zeros(n, dtype=bool)
+    for first in range(0, n, CHUNK):
+        some = peers.peers[first : first + CHUNK]
+        named[first : first + len(some)] = np.fromiter(
+            map(operator.is_not, some, itertools.repeat(None)), bool, len(some)
         )
-    ]
-    sessions: list[bytes] = []
-    # Each account's inline report (infohash or None, uploaded, downloaded) and its others.
-    inline_ih: list[bytes | None] = []
-    inline_up: list[int] = []
-    inline_down: list[int] = []
-    more: list[dict[bytes, tuple[int, int]] | None] = []
-    for chunk in _chunks(keys):
-        owned = list(map(accounts.__getitem__, chunk))
-        where = array("q", map(slot_of.get, chunk, itertools.repeat(-1)))
-        slots.extend(where)
-        names.extend(itertools.compress(chunk, map(operator.gt, itertools.repeat(0), where)))
-        for column, field in zip(counters, fields, strict=True):
-            column.extend(map(field, owned))
-        sessions.extend(map(_SESSION, owned))
-        ih_column, up_column, down_column, more_column = report_columns(list(map(_REPORTS, owned)))
-        inline_ih += ih_column
-        inline_up += up_column
-        inline_down += down_column
-        more += more_column
+    keys, alen, abuf = peers.keys, peers.alen, peers.abuf
+    del peers
+    columns = account_columns(n)
     ihs: dict[bytes, int] = {}
-    report_cols: list[array[int]] = [array("q") for _ in range(REPORT_FIELDS)]
-    owner, which, ups, downs = report_cols
-    for first in range(0, len(inline_ih), CHUNK):
-        some = inline_ih[first : first + CHUNK]
-        inline = [i for i, ih in enumerate(some, first) if ih is not None]
-        named = list(map(inline_ih.__getitem__, inline))
-        for ih in dict.fromkeys(named):  # (few: the distinct infohashes)
-            ihs.setdefault(ih, len(ihs))  # type: ignore[arg-type]
-        owner.extend(inline)
-        which.extend(map(ihs.__getitem__, named))  # type: ignore[arg-type]
-        ups.extend(map(inline_up.__getitem__, inline))
-        downs.extend(map(inline_down.__getitem__, inline))
-    for i, others in enumerate(more):
-        if others:  # (rare: a peer in more than one torrent)
-            for ih, (up, down) in list(others.items()):
-                owner.append(i)
-                which.append(ihs.setdefault(ih, len(ihs)))
-                ups.append(up)
-                downs.append(down)
+    # ---- accounts in a graph slot (that has a peer), straight from the columns
+    slots = np.flatnonzero((np.frombuffer(columns.has, np.uint8) != 0) & named)
+    counters = _gather(np.frombuffer(columns.num, np.int64).reshape(-1, ACCOUNT_COUNTERS), slots)
+    lengths, sessions = _slot_sessions(columns, slots)
+    reports = [_inline_reports(columns, slots, ihs)]
+    more: list[tuple[int, int, int, int]] = []
+    if columns.more:  # (rare: peers in more than one torrent)
+        which = np.array(list(columns.more), dtype=np.int64)
+        at = np.searchsorted(slots, which)
+        for s, i in zip(which.tolist(), at.tolist(), strict=True):
+            if i < len(slots) and slots[i] == s:
+                for ih, (up, down) in list(columns.more[s].items()):
+                    more.append((i, ihs.setdefault(ih, len(ihs)), up, down))
+    # ---- accounts of identities outside the graph (a copy of the loose dict)
+    loose = list(columns.loose.items())
+    names = [k for k, _ in loose]
+    owned = [a for _, a in loose]
+    del loose
+    loose_counters = np.array(list(map(_COUNTERS, owned)), dtype=np.int64).reshape(
+        -1, ACCOUNT_COUNTERS
+    )
+    loose_sessions: list[bytes] = list(map(_SESSION, owned))
+    inline_ih, inline_up, inline_down, others = report_columns(list(map(_REPORTS, owned)))
+    base = len(slots)
+    for i, ih in enumerate(inline_ih):
+        if ih is not None:
+            more.append((base + i, ihs.setdefault(ih, len(ihs)), inline_up[i], inline_down[i]))
+        if others[i]:
+            for ih2, (up, down) in list(others[i].items()):
+                more.append((base + i, ihs.setdefault(ih2, len(ihs)), up, down))
+    reports.append(np.array(more, dtype=np.int64).reshape(-1, REPORT_FIELDS))
+    account_slots = np.concatenate([slots, np.full(len(names), -1, dtype=np.int64)])
+    lengths = np.concatenate([lengths, np.fromiter(map(len, loose_sessions), np.int64)])
+    sessions += b"".join(loose_sessions)
+    # ---- swarm rows, by the slot of each member
     swarm_cols: list[array[int]] = [array("q") for _ in range(SWARM_FIELDS)]
     member_slots, member_ihs, lefts = swarm_cols
     for ih, members in swarms():
         h = ihs.setdefault(ih, len(ihs))
-        peers_in, left_in = list(members), list(members.values())
-        for first in range(0, len(peers_in), CHUNK):
+        items = list(members.items())
+        for first in range(0, len(items), CHUNK):
+            some = items[first : first + CHUNK]
             member = np.fromiter(
-                map(slot_of.get, peers_in[first : first + CHUNK], itertools.repeat(-1)), np.int64
+                (-1 if s is None else s for s in map(slot_of, map(_KEY, some))), np.int64, len(some)
             )
-            left = np.array(left_in[first : first + CHUNK], dtype=np.int64)
-            known = member >= 0  # (else it joined after batch ``gen``: replayed)
+            left = np.fromiter(map(_VALUE, some), np.int64, len(some))
+            known = (member >= 0) & (member < n)  # (else it joined after batch ``gen``)
             member_slots.frombytes(member[known].tobytes())
             lefts.frombytes(left[known].tobytes())
             member_ihs.extend(itertools.repeat(h, int(known.sum())))
     return TablesImage(
         gen,
         identities,
-        peers.keys,
-        peers.alen,
-        peers.abuf,
+        keys,
+        alen,
+        abuf,
         long_slots.tobytes(),
         long_addresses,
-        slots.tobytes(),
+        account_slots.tobytes(),
         pack_strings(names),
-        _interleave(counters),
-        pack_strings(sessions),
+        np.concatenate([counters, loose_counters]).tobytes(),
+        _pack_lengths(lengths, sessions),
         pack_strings(list(ihs)),
-        _interleave(report_cols),
+        np.concatenate(reports).tobytes(),
         _interleave(swarm_cols),
     )
 
 
+def _gather(column: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``column[rows]``, a chunk of rows at a time (a numpy gather holds the GIL: one of
+    10^6 rows would stall the event loop for tens of ms)."""
+    out = np.empty((len(rows), *column.shape[1:]), dtype=column.dtype)
+    for first in range(0, len(rows), CHUNK):
+        out[first : first + CHUNK] = column[rows[first : first + CHUNK]]
+    return out
+
+
+def _slot_sessions(columns: AccountColumns, slots: np.ndarray) -> tuple[np.ndarray, bytes]:
+    """The sessions of the accounts in ``slots``: their lengths and their bytes end to
+    end (those longer than the inline field from the dict beside)."""
+    lengths = _gather(np.frombuffer(columns.slen, np.uint8), slots).astype(np.int64)
+    rows = _gather(np.frombuffer(columns.sbuf, np.uint8).reshape(-1, SESSION_BYTES), slots)
+    in_dict = np.flatnonzero(lengths > SESSION_BYTES)  # (IN_DICT)
+    lengths[in_dict] = 0
+    width = np.arange(SESSION_BYTES)
+    parts = [
+        rows[first : first + CHUNK][width < lengths[first : first + CHUNK, None]].tobytes()
+        for first in range(0, len(slots), CHUNK)
+    ]
+    data = b"".join(parts)
+    if len(in_dict):  # (rare: a session longer than the inline field)
+        ends = np.cumsum(lengths)
+        pieces, at = [], 0
+        for r in in_dict.tolist():
+            cut = int(ends[r])  # (where row r's bytes go: it has none inline)
+            session = columns.long.get(int(slots[r]), b"")  # (b"": changed since, logged)
+            pieces += [data[at:cut], session]
+            lengths[r], at = len(session), cut
+        pieces.append(data[at:])
+        data = b"".join(pieces)
+    return lengths, data
+
+
+def _inline_reports(
+    columns: AccountColumns, slots: np.ndarray, ihs: dict[bytes, int]
+) -> np.ndarray:
+    """(account, infohash, uploaded, downloaded) rows of the first report of each account
+    in ``slots`` (its index in them), its infohash numbered in ``ihs``."""
+    first = _gather(np.frombuffer(columns.ih, np.int32), slots).astype(np.int64)
+    owners = np.flatnonzero(first != NO_REPORT)
+    named = first[owners]
+    used = np.unique(named)
+    names = columns.names
+    index = np.array(
+        [
+            -1 if i >= len(names) or names[i] is None else ihs.setdefault(names[i], len(ihs))  # type: ignore[arg-type]
+            for i in used.tolist()
+        ],
+        dtype=np.int64,
+    )
+    which = index[np.searchsorted(used, named)] if len(used) else named
+    counts = _gather(np.frombuffer(columns.rep, np.int64).reshape(-1, 2), slots[owners])
+    keep = which >= 0  # (an index freed since: its account changed, logged)
+    return np.column_stack([owners[keep], which[keep], counts[keep]])
+
+
+def _pack_lengths(lengths: np.ndarray, data: bytes) -> bytes:
+    """Byte strings given by their lengths and their bytes end to end, packed as
+    :func:`pack_strings` does."""
+    return np.int64(len(lengths)).tobytes() + np.cumsum(lengths, dtype=np.int64).tobytes() + data
+
+
 _SESSION = operator.attrgetter("session")
+_COUNTERS = operator.attrgetter(
+    "uploaded", "downloaded", "relayed_claimed", "relayed_confirmed", "relayed_reported"
+)
+_KEY = operator.itemgetter(0)
+_VALUE = operator.itemgetter(1)
 _REPORTS = operator.attrgetter("reports")

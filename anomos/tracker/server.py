@@ -342,7 +342,7 @@ class Tracker:
         """A new peer enters the graph and gets its first neighbours."""
         changes = self.graph.add_peer(peer)
         self.peers.set(peer, request.onion, request.box, request.address, now)
-        self.accounting.joined(peer)
+        self.accounting.joined(peer, batch)
         self._apply_changes(changes, batch)
         batch.peers[self._id(peer)] = self._row(peer, request, now)
 
@@ -402,7 +402,7 @@ class Tracker:
         pid = self._id(peer)
         self.membership.remove_peer(peer, pid, batch)
         # Tables indexed by the graph's slot let go of it before the graph does.
-        self.accounting.leaving(peer)
+        self.accounting.leaving(peer, batch)
         self.peers.discard(peer)
         self._apply_changes(self.graph.remove_peer(peer), batch, (peer, pid))
         batch.remove_peer(pid)
@@ -525,8 +525,14 @@ class Tracker:
     def _tables_image(self, gen: int) -> Callable[[], TablesImage]:
         """The tables' image as of batch ``gen``, packed later by the writer thread
         (see anomos.tracker.images)."""
-        columns = self.peers.image
-        return partial(build_tables_image, gen, columns, self.accounts, self.membership.members)
+        return partial(
+            build_tables_image,
+            gen,
+            self.peers.image,
+            self.accounts.image,
+            self.graph.slot,
+            self.membership.members,
+        )
 
     def _restore(self) -> None:
         now = self.clock()

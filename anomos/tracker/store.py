@@ -43,6 +43,7 @@ converted in place on first open.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import operator
 import sqlite3
@@ -329,6 +330,9 @@ class Batch:
     #: identity -> infohash -> counters (indexed by identity: clearing one is O(its torrents))
     reports: dict[bytes, dict[bytes, tuple[int, int]]] = attrs.field(factory=dict)
     removed_reports: dict[bytes, set[bytes]] = attrs.field(factory=dict)
+    #: identities whose account moved between a graph slot and the loose dict (a join or
+    #: a leave; only logged: see anomos.tracker.images.build_tables_image)
+    moved_accounts: set[bytes] = attrs.field(factory=set)
     #: (a, b), a < b -> (nid, id of the dialer or 0)
     added_edges: dict[tuple[int, int], tuple[int, int]] = attrs.field(factory=dict)
     removed_edges: set[tuple[int, int]] = attrs.field(factory=set)
@@ -442,6 +446,7 @@ def statements(batch: Batch) -> Statements:
     touched_peers.update(p for p, _ in batch.removed_swarm)
     touched_accounts = {*batch.accounts, *batch.cleared_reports, *batch.reports}
     touched_accounts.update(batch.removed_reports)
+    touched_accounts.update(batch.moved_accounts)
     out: Statements = [
         ("INSERT OR IGNORE INTO peers_log VALUES (?, ?)", [(gen, p) for p in touched_peers]),
         (
@@ -803,6 +808,22 @@ class Store:
         named = np.fromiter(map(len, slot_peers), np.int64, count=m) > 0
         if not fits or not named[account_slots[of_peer]].all():
             raise ValueError("the stored tables image names a row it does not have")
+        # An account in a slot is taken only where the graph's image has a peer whose
+        # stay (its id) is still live: that peer held the slot all along (see
+        # anomos.tracker.images.build_tables_image); the others belong to logged keys.
+        stayed = live.copy()
+        if peers:
+            stayed |= np.isin(ids, np.fromiter((p.seq for p in peers), np.int64, len(peers)))
+        trusted = ~of_peer
+        in_image = of_peer & (account_slots < n)
+        trusted[in_image] = stayed[account_slots[in_image]]
+        if not trusted.all():
+            account_slots, counters = account_slots[trusted], counters[trusted]
+            sessions = list(itertools.compress(sessions, trusted.tolist()))
+            renumber = np.cumsum(trusted) - 1
+            reports = reports[trusted[reports[:, 0]]]
+            reports[:, 0] = renumber[reports[:, 0]]
+            of_peer = account_slots >= 0
         # An account of a live peer is keyed by the object of its slot (one object per
         # identity, shared by every table as after joins: not ~65 bytes per copy).
         by_slot = np.array(slot_peers, dtype=object)
@@ -820,6 +841,11 @@ class Store:
             owners[o].reports[ihs[h]] = (u, d)
         accounts = dict(zip(keys.tolist(), owners, strict=True))
         del keys, names, others, owners
+        # Each identity logged since is exactly as its rows say (maybe no account at all).
+        for (identity,) in db.execute(
+            "SELECT DISTINCT identity FROM accounts_log WHERE gen > ?", (gen,)
+        ):
+            accounts.pop(identity, None)
         # (A key already there keeps its object: dict.update replaces only the value.)
         accounts.update(
             self._accounts(

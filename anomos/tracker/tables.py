@@ -34,7 +34,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from anomos.tracker.graph import PeerGraph
-    from anomos.tracker.images import PeerColumns
+    from anomos.tracker.images import AccountColumns, PeerColumns
     from anomos.tracker.store import Account, PeerRow
 
 Counters = tuple[int, int]
@@ -245,7 +245,7 @@ _ROW_KEYS = 2 * KEY_BYTES
 ADDRESS_BYTES = 23
 #: Address length of a slot without a live peer, and of an address kept in the dict.
 _NO_PEER = 0
-_IN_DICT = 255
+IN_DICT = 255
 #: Last seen of a free slot: never silent for the expiry scan.
 _NEVER = array("d", [math.inf])
 
@@ -277,7 +277,7 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
         #: slot -> when last seen (time.time() seconds; +inf for a free slot, which
         #: the expiry scan then never picks)
         self._seen = array("d")
-        #: slot -> the address's length, _IN_DICT (in _other) or _NO_PEER; its bytes
+        #: slot -> the address's length, IN_DICT (in _other) or _NO_PEER; its bytes
         self._alen = bytearray()
         self._abuf = bytearray()
         self._other: dict[int, bytes] = {}
@@ -311,7 +311,7 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
     def own_all(self, peers: Iterable[bytes]) -> list[bytes]:
         """:meth:`own` of each of ``peers``, which must all be live (a restore's: KeyError
         otherwise), in one C-level pass."""
-        return self._graph.own_all(peers)
+        return self._graph.own_all(peers)  # type: ignore[return-value]
 
     def __iter__(self) -> Iterator[bytes]:
         alen, n = self._alen, len(self._alen)
@@ -341,7 +341,7 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
         n = self._alen[s] if s is not None and s < len(self._alen) else _NO_PEER
         if n == _NO_PEER:
             raise KeyError(peer)
-        if n == _IN_DICT:
+        if n == IN_DICT:
             return self._other[s]  # type: ignore[index]
         at = s * ADDRESS_BYTES  # type: ignore[operator]
         return bytes(self._abuf[at : at + n])
@@ -360,7 +360,7 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
 
     def _address_at(self, s: int) -> str:
         n, at = self._alen[s], s * ADDRESS_BYTES
-        return (self._other[s] if n == _IN_DICT else self._abuf[at : at + n]).decode()
+        return (self._other[s] if n == IN_DICT else self._abuf[at : at + n]).decode()
 
     # ------------------------------------------------------------------ writing
     def set(self, peer: bytes, onion: bytes, box: bytes, address: str, last_seen: float) -> None:
@@ -418,7 +418,7 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
                 alen[s] = n
             else:
                 other[s] = raw
-                alen[s] = _IN_DICT
+                alen[s] = IN_DICT
 
     def image(self) -> PeerColumns:
         """Each slot's peer and copies of the columns, read by the store's writer thread
@@ -499,7 +499,7 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
             self._alen[s] = len(raw)
         else:
             self._other[s] = raw
-            self._alen[s] = _IN_DICT
+            self._alen[s] = IN_DICT
 
     # ------------------------------------------------------------------ expiry
     def silent_since(self, deadline: float) -> list[bytes]:
@@ -521,15 +521,17 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
 _COPY_STEP = 1 << 23
 
 
-def _chunked_copy(table: object, column: str, size: int) -> bytes:
-    """The first ``size`` bytes of ``table``'s bytearray ``column`` (zeros past its end),
-    a slice at a time: no buffer stays exported (the event loop may grow the column)."""
+def _chunked_copy(table: object, column: str, size: int, itemsize: int = 1) -> bytes:
+    """The first ``size`` items of ``table``'s ``column`` (a bytearray, or an array of
+    ``itemsize``-byte items) as bytes, zeros past its end, a slice at a time: no buffer
+    stays exported (the event loop may grow the column) and no step holds the GIL long."""
+    step = _COPY_STEP // itemsize
     parts = []
-    for at in range(0, size, _COPY_STEP):
-        part = bytes(getattr(table, column)[at : min(size, at + _COPY_STEP)])
+    for at in range(0, size, step):
+        part = bytes(getattr(table, column)[at : min(size, at + step)])
         parts.append(part)
     out = b"".join(parts)
-    return out + bytes(size - len(out))
+    return out + bytes(size * itemsize - len(out))
 
 
 #: Receipt state of one reporter: none, baselines from its session's start, or picked
@@ -648,8 +650,8 @@ COUNTER_MAX = 2**63 - 1
 #: a longer one is kept in a dict beside).
 SESSION_BYTES = 16
 #: First report's infohash of a slot without a report (an index into the interned names).
-_NO_REPORT = -1
-_NONE = array("i", [_NO_REPORT])
+NO_REPORT = -1
+_NONE = array("i", [NO_REPORT])
 _ZEROS = array("q", [0])
 _EMPTY: dict[bytes, Counters] = {}
 
@@ -682,6 +684,10 @@ class _Interned:
 
     def name(self, i: int) -> bytes:
         return self._names[i]  # type: ignore[return-value]
+
+    def copy(self) -> list[bytes | None]:
+        """index -> infohash (None: a free index), copied at C level."""
+        return self._names.copy()
 
     def release(self, i: int) -> None:
         self._refs[i] -= 1
@@ -736,11 +742,11 @@ class AccountTable(MutableMapping[bytes, "Account"]):
         self._has = bytearray()
         #: slot * 5 + i -> counter i (_COUNTERS)
         self._num = array("q")
-        #: slot -> session length (_IN_DICT: in _long), and its bytes
+        #: slot -> session length (IN_DICT: in _long), and its bytes
         self._slen = bytearray()
         self._sbuf = bytearray()
         self._long: dict[int, bytes] = {}
-        #: slot -> its first report's infohash (an index into _names, or _NO_REPORT),
+        #: slot -> its first report's infohash (an index into _names, or NO_REPORT),
         #: and slot * 2 + i -> that report's uploaded, downloaded
         self._ih = array("i")
         self._rep = array("q")
@@ -764,7 +770,7 @@ class AccountTable(MutableMapping[bytes, "Account"]):
 
         num = self._num[s * _NCOUNT : (s + 1) * _NCOUNT]
         account = Account(num[0], num[1], num[2], num[3], self._session_at(s), num[4])
-        if self._ih[s] != _NO_REPORT:
+        if self._ih[s] != NO_REPORT:
             reports = account.reports
             reports[self._names.name(self._ih[s])] = (self._rep[2 * s], self._rep[2 * s + 1])
             for ih, counters in self._more.get(s, _EMPTY).items():
@@ -781,7 +787,7 @@ class AccountTable(MutableMapping[bytes, "Account"]):
 
     def _session_at(self, s: int) -> bytes:
         n = self._slen[s]
-        if n == _IN_DICT:
+        if n == IN_DICT:
             return self._long[s]
         return bytes(self._sbuf[s * SESSION_BYTES : s * SESSION_BYTES + n])
 
@@ -877,7 +883,7 @@ class AccountTable(MutableMapping[bytes, "Account"]):
         num[slots] = np.frombuffer(counters, dtype=np.int64).reshape(-1, _NCOUNT)
         rep[slots] = np.frombuffer(counts, dtype=np.int64).reshape(-1, 2)
         firsts = list(map(_first_report, reports))
-        index: dict[bytes | None, int] = {None: _NO_REPORT}
+        index: dict[bytes | None, int] = {None: NO_REPORT}
         for ih, refs in collections.Counter(firsts).items():
             if ih is not None:
                 index[ih] = self._names.take(ih, refs)
@@ -887,7 +893,7 @@ class AccountTable(MutableMapping[bytes, "Account"]):
         padded = b"".join(map(bytes.ljust, fit, itertools.repeat(SESSION_BYTES)))
         sbuf[slots[short]] = np.frombuffer(padded, dtype=np.uint8).reshape(-1, SESSION_BYTES)
         slen[slots[short]] = lengths[short]
-        slen[slots[~short]] = _IN_DICT
+        slen[slots[~short]] = IN_DICT
         del has, num, rep, ihs, slen, sbuf  # (an exported buffer cannot grow)
         for i in np.flatnonzero(~short).tolist():
             self._long[int(slots[i])] = sessions[i]
@@ -905,20 +911,45 @@ class AccountTable(MutableMapping[bytes, "Account"]):
         if more:
             self._more[s] = more
 
-    def joined(self, peer: bytes) -> None:
-        """``peer`` entered the graph: an account kept by identity moves into its slot."""
+    def image(self, slots: int) -> AccountColumns:
+        """Copies of the columns of the first ``slots`` graph slots and of the dicts beside,
+        taken by the store's writer thread while serving goes on: each column a few MB
+        at a time, each dict in one C-level copy (never a Python-level walk of a dict
+        the event loop resizes). The columns may be read at different moments, and a
+        slot reused meanwhile: :func:`~anomos.tracker.images.build_tables_image` says
+        why what it keeps of them is exact."""
+        from anomos.tracker.images import AccountColumns
+
+        return AccountColumns(
+            _chunked_copy(self, "_has", slots),
+            _chunked_copy(self, "_num", slots * _NCOUNT, 8),
+            _chunked_copy(self, "_slen", slots),
+            _chunked_copy(self, "_sbuf", slots * SESSION_BYTES),
+            _chunked_copy(self, "_ih", slots, 4),
+            _chunked_copy(self, "_rep", slots * 2, 8),
+            self._long.copy(),
+            self._more.copy(),
+            self._names.copy(),
+            self._loose.copy(),
+        )
+
+    def joined(self, peer: bytes) -> bool:
+        """``peer`` entered the graph: an account kept by identity moves into its slot.
+        Whether one did."""
         account = self._loose.pop(peer, None)
         if account is not None:
             self[peer] = account
+        return account is not None
 
-    def leaving(self, peer: bytes) -> None:
+    def leaving(self, peer: bytes) -> bool:
         """``peer`` leaves the graph (call before it does): its account moves out of its
-        slot, to be kept by identity (accounts outlive a stay)."""
+        slot, to be kept by identity (accounts outlive a stay). Whether one did."""
         s = self._slot(peer)
         if s is not None:
             account = self[peer]
             self._clear(s)
             self._loose[peer] = account
+        return s is not None
 
     def _clear(self, s: int) -> None:
         self._drop_reports(s)
@@ -928,9 +959,9 @@ class AccountTable(MutableMapping[bytes, "Account"]):
         self._slen[s] = 0
 
     def _drop_reports(self, s: int) -> None:
-        if self._ih[s] != _NO_REPORT:
+        if self._ih[s] != NO_REPORT:
             self._names.release(self._ih[s])
-            self._ih[s] = _NO_REPORT
+            self._ih[s] = NO_REPORT
         self._more.pop(s, None)
 
     def _set_session(self, s: int, session: bytes) -> None:
@@ -942,7 +973,7 @@ class AccountTable(MutableMapping[bytes, "Account"]):
             self._slen[s] = n
         else:
             self._long[s] = session
-            self._slen[s] = _IN_DICT
+            self._slen[s] = IN_DICT
 
     def _grow(self, slots: int) -> None:
         grow = slots - len(self._has)
