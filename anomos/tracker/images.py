@@ -85,15 +85,19 @@ def int_columns(blob: bytes, fields: int) -> np.ndarray:
     return np.frombuffer(blob, np.int64).reshape(-1, fields)
 
 
+#: A column's bytes: a copy the writer thread made (a bytearray), or read from the store.
+Blob = bytes | bytearray
+
+
 @attrs.frozen
 class PeerColumns:
     """The live peers' rows by graph slot (:meth:`PeerTable.image`): each slot's peer
     (None: free) and the peer table's columns."""
 
     peers: list[Any]
-    keys: bytes
-    alen: bytes
-    abuf: bytes
+    keys: Blob
+    alen: Blob
+    abuf: Blob
     #: slot -> address too long for the inline field
     other: dict[int, bytes]
 
@@ -103,12 +107,12 @@ class AccountColumns:
     """Copies of an :class:`~anomos.tracker.tables.AccountTable`'s columns by graph slot
     (:meth:`AccountTable.image`) and of the dicts beside them."""
 
-    has: bytes
-    num: bytes
-    slen: bytes
-    sbuf: bytes
-    ih: bytes
-    rep: bytes
+    has: Blob
+    num: Blob
+    slen: Blob
+    sbuf: Blob
+    ih: Blob
+    rep: Blob
     #: slot -> session too long for the inline field; slot -> reports beyond the first
     long: dict[int, bytes]
     more: dict[int, dict[bytes, tuple[int, int]]]
@@ -126,9 +130,9 @@ class TablesImage:
     #: per graph slot: the peer's identity (b"": a free slot), both keys, its address
     #: (a length byte and a fixed field; longer ones in ``long_slots``/``long_addresses``)
     identities: bytes
-    keys: bytes
-    alen: bytes
-    abuf: bytes
+    keys: Blob
+    alen: Blob
+    abuf: Blob
     long_slots: bytes
     long_addresses: bytes
     #: every account: its peer's graph slot (int64; -1: no live peer, and then its
@@ -267,7 +271,7 @@ def build_tables_image(
         long_addresses,
         account_slots.tobytes(),
         pack_strings(names),
-        np.concatenate([counters, loose_counters]).tobytes(),
+        (np.concatenate([counters, loose_counters]) if len(loose_counters) else counters).tobytes(),
         _pack_lengths(lengths, sessions),
         pack_strings(list(ihs)),
         np.concatenate(reports).tobytes(),

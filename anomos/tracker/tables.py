@@ -521,17 +521,20 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
 _COPY_STEP = 1 << 23
 
 
-def _chunked_copy(table: object, column: str, size: int, itemsize: int = 1) -> bytes:
+def _chunked_copy(table: object, column: str, size: int, itemsize: int = 1) -> bytearray:
     """The first ``size`` items of ``table``'s ``column`` (a bytearray, or an array of
     ``itemsize``-byte items) as bytes, zeros past its end, a slice at a time: no buffer
-    stays exported (the event loop may grow the column) and no step holds the GIL long."""
+    stays exported (the event loop may grow the column) and no step holds the GIL long.
+    The slices go straight into one buffer: only one is alive at a time (the writer
+    thread's transient buffers stay resident in its malloc arena once freed)."""
+    out = bytearray(size * itemsize)
     step = _COPY_STEP // itemsize
-    parts = []
     for at in range(0, size, step):
-        part = bytes(getattr(table, column)[at : min(size, at + step)])
-        parts.append(part)
-    out = b"".join(parts)
-    return out + bytes(size * itemsize - len(out))
+        part = memoryview(getattr(table, column)[at : min(size, at + step)]).cast("B")
+        out[at * itemsize : at * itemsize + len(part)] = part
+        if len(part) < step * itemsize:
+            break  # (the column ends here: the rest stays zeros)
+    return out
 
 
 #: Receipt state of one reporter: none, baselines from its session's start, or picked
