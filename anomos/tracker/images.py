@@ -171,7 +171,7 @@ def build_tables_image(
 
     ``peer_columns()`` gives each graph slot's peer and the peer table's columns;
     ``account_columns(slots)`` the account table's (:meth:`AccountTable.image`);
-    ``slot_of`` is the graph's live slot lookup; ``swarms()`` each torrent's members
+    ``slot_of`` is the graph's live slot lookup; ``swarms()`` (copies of) each torrent's members
     and what they have left. Each is read at its own moment, so the image may mix
     states from after batch ``gen``. Why the restore
     (:meth:`~anomos.tracker.store.Store.load`) is nonetheless exact for every account:
@@ -248,15 +248,15 @@ def build_tables_image(
     # ---- swarm rows, by the slot of each member
     swarm_cols: list[array[int]] = [array("q") for _ in range(SWARM_FIELDS)]
     member_slots, member_ihs, lefts = swarm_cols
-    for ih, members in swarms():
+    for ih, members in swarms():  # (copies: two lists of one dict agree)
         h = ihs.setdefault(ih, len(ihs))
-        items = list(members.items())
-        for first in range(0, len(items), CHUNK):
-            some = items[first : first + CHUNK]
+        peers_in, left_in = list(members), list(members.values())  # (no tuple per member)
+        for first in range(0, len(peers_in), CHUNK):
+            some = peers_in[first : first + CHUNK]
             member = np.fromiter(
-                (-1 if s is None else s for s in map(slot_of, map(_KEY, some))), np.int64, len(some)
+                (-1 if s is None else s for s in map(slot_of, some)), np.int64, len(some)
             )
-            left = np.fromiter(map(_VALUE, some), np.int64, len(some))
+            left = np.array(left_in[first : first + CHUNK], dtype=np.int64)
             known = (member >= 0) & (member < n)  # (else it joined after batch ``gen``)
             member_slots.frombytes(member[known].tobytes())
             lefts.frombytes(left[known].tobytes())
@@ -347,6 +347,5 @@ _SESSION = operator.attrgetter("session")
 _COUNTERS = operator.attrgetter(
     "uploaded", "downloaded", "relayed_claimed", "relayed_confirmed", "relayed_reported"
 )
-_KEY = operator.itemgetter(0)
-_VALUE = operator.itemgetter(1)
+
 _REPORTS = operator.attrgetter("reports")
