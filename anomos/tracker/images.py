@@ -171,17 +171,18 @@ def build_tables_image(
 
     ``peer_columns()`` gives each graph slot's peer and the peer table's columns;
     ``account_columns(slots)`` the account table's (:meth:`AccountTable.image`);
-    ``slot_of`` is the graph's live slot lookup; ``swarms()`` (copies of) each torrent's members
-    and what they have left. Each is read at its own moment, so the image may mix
-    states from after batch ``gen``. Why the restore
+    ``slot_of`` is the graph's live slot lookup; ``swarms()`` gives copies of each
+    torrent's members and what they have left. Each is read at its own moment, so
+    the image may mix states from after batch ``gen``. Why the restore
     (:meth:`~anomos.tracker.store.Store.load`) is nonetheless exact for every account:
     the batches after ``gen`` log (``accounts_log``) every identity whose account they
     create or change, and every one whose account moved between its graph slot and
     the table's loose dict (a join or a leave, :meth:`Accounting.joined`); the image is
-    committed with the batch that holds every change made while it was read. The
-    restore drops every logged identity from the image and reads it from its rows. An
+    committed with the next batch, which holds every change made while it was read,
+    and the log keeps every entry after ``gen``. The restore drops every identity
+    logged after ``gen`` from the image and reads it from its rows (maybe none). An
     identity X logged nowhere after ``gen`` kept its account (or its having none) and
-    its account's place all along, so:
+    its account's place from ``gen`` until the image was committed, so:
 
     - X's account sat in slot s all along: X stayed in the graph (a leave moves the
       account), so s was X's throughout, only X's changes (none) write it, and any
