@@ -477,7 +477,8 @@ def settled_net(tmp_path, plugins):
 
 def stored_edges(tracker):
     tracker.flush()
-    by_id = {row.seq: row.identity for row in tracker.store.load().peers}
+    snap = tracker.store.load()
+    by_id = dict(zip(snap.seqs, snap.identities, strict=True))
     return {(frozenset((by_id[a], by_id[b])), nid) for a, b, nid, _ in tracker.store.links()}
 
 

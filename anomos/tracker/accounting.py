@@ -70,15 +70,18 @@ class Accounting:
             self.receipts.forget(peer)
         return account
 
-    def joined(self, peer: bytes) -> None:
-        """``peer`` entered the graph: its account and receipt state move into its slot."""
-        self.accounts.joined(peer)
+    def joined(self, peer: bytes, batch: Batch) -> None:
+        """``peer`` entered the graph: its account and receipt state move into its slot
+        (the move logged in ``batch``: the tables' image may catch it half-way)."""
+        if self.accounts.joined(peer):
+            batch.moved_accounts.add(peer)
         self.receipts.joined(peer)
 
-    def leaving(self, peer: bytes) -> None:
+    def leaving(self, peer: bytes, batch: Batch) -> None:
         """``peer`` leaves the graph (call before it does): its account is kept by
-        identity, its receipt baselines go."""
-        self.accounts.leaving(peer)
+        identity (the move logged in ``batch``), its receipt baselines go."""
+        if self.accounts.leaving(peer):
+            batch.moved_accounts.add(peer)
         self.receipts.leaving(peer)
 
     def summary(self, account: Account) -> dict[bytes, Any]:

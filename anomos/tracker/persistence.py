@@ -21,6 +21,7 @@ from pathlib import Path
 import gevent
 
 from anomos.tracker.graph import GraphImage
+from anomos.tracker.images import TablesImage
 from anomos.tracker.store import Batch, Snapshot, Store
 
 #: Seconds between writes of accumulated changes to the database (a crash loses at most
@@ -34,9 +35,9 @@ FREEZE_INTERVAL = 300.0
 #: ... or sooner, once the peer count moved by this much: a full collection walks what
 #: was made since the last freeze (50,000 new peers: a 93 ms stall), so joins bound it.
 FREEZE_PEERS = 10_000
-#: Seconds between images of the packed graph written with a batch (and one on close):
-#: a restart reads the last image and applies only the links written since, instead of
-#: every link one by one (3 * 10^6 at 10^6 peers).
+#: Seconds between images of the packed graph and tables written with a batch (and on
+#: close): a restart reads the last images and applies only the links and rows written
+#: since, instead of every row one by one (3 * 10^6 links, 10^6 rows a table at 10^6 peers).
 IMAGE_INTERVAL = 300.0
 
 
@@ -54,10 +55,13 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def freeze() -> None:
-    """Collect the young generations, then exempt every surviving object from future
-    collections: the tracker's state is long-lived, and walking it would stall serving."""
-    gc.collect(1)
+def freeze(collect: bool = True) -> None:
+    """Collect the young generations (unless not ``collect``: after a restore, whose
+    objects are all alive and few of them cyclic garbage, the walk cost ~1 s at 10^6),
+    then exempt every surviving object from future collections: the tracker's state
+    is long-lived, and walking it would stall serving."""
+    if collect:
+        gc.collect(1)
     gc.freeze()
 
 
@@ -71,29 +75,33 @@ class Persistence:
         *,
         flush_max_pending: int,
         image: Callable[[int], GraphImage] | None = None,
+        tables: Callable[[int], Callable[[], TablesImage]] | None = None,
     ) -> None:
         self.store = Store(state_dir)
         #: The counters written with every batch (``/stats``'s totals).
         self._meta = meta
         #: The graph's packed image, taken with batch number n (none: never written).
         self._image = image
+        #: With the graph's image: the packing of the other tables' image as of batch n
+        #: (run later by the writer thread).
+        self._tables = tables
         #: The number of the last batch taken (counted on from the stored one).
         self.gen = 0
         #: Whether the next batch handed to the writer takes an image of the graph along.
         self.image_due = False
-        #: Whether links were written since the last image (else a new one is not needed).
-        self._links_changed = False
+        #: Whether anything was written since the last images (else new ones are not needed).
+        self._changed = False
         self.flush_max_pending = flush_max_pending
         #: What changed since the last hand-over to the writer.
         self.pending = Batch()
         self._pending_count = 0
 
     def load(self, now: float = 0.0) -> Snapshot:
-        """The stored state (peers seen ``now``); without a graph image in it, the
-        next write behind takes one along."""
+        """The stored state (peers seen ``now``); without the images in it, the next
+        write behind takes them along."""
         snap = self.store.load(now)
         self.gen = snap.meta.get("gen", 0)
-        self.image_due = snap.image is None
+        self.image_due = snap.image is None or snap.columns is None
         return snap
 
     def changed(self) -> None:
@@ -114,7 +122,7 @@ class Persistence:
         self.store.write(self._take())
 
     def close(self) -> None:
-        """Write what is pending with an image of the graph, and close the database."""
+        """Write what is pending with the images, and close the database."""
         self.store.write(self._take(image=True))
         self.store.close()
 
@@ -127,8 +135,8 @@ class Persistence:
             gevent.sleep(FLUSH_INTERVAL)
             if time.monotonic() - imaged >= IMAGE_INTERVAL:
                 imaged = time.monotonic()
-                self.image_due = self.image_due or self._links_changed
-            if self._pending_count or self.image_due:
+                self.image_due = self.image_due or self._changed
+            if self._pending_count or self.image_due or self.store.holds_images:
                 self.write_behind()
             peers = peer_count()
             if time.monotonic() - frozen >= FREEZE_INTERVAL or (
@@ -141,10 +149,13 @@ class Persistence:
         batch, self.pending, self._pending_count = self.pending, Batch(), 0
         self.gen += 1
         batch.gen = self.gen
+        self._changed |= bool(batch)
         batch.meta.update(self._meta(), gen=self.gen)
-        self._links_changed |= bool(batch.added_edges or batch.removed_edges)
         if image and self._image is not None:
-            # Taken with the batch: the image holds exactly the links stored up to it.
+            # Taken with the batch: the graph's image holds exactly the links stored up to
+            # it (the tables' are packed by the writer, see anomos.tracker.images).
             batch.image = self._image(self.gen)
-            self.image_due = self._links_changed = False
+            if self._tables is not None:
+                batch.tables = self._tables(self.gen)
+            self.image_due = self._changed = False
         return batch

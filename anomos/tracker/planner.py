@@ -113,6 +113,20 @@ class Swarm:
         else:
             self._sources.discard(peer)
 
+    def lefts(self) -> dict[Hashable, int]:
+        """peer -> bytes left, a copy (made at C level: the store's image packs it)."""
+        return self._left.copy()
+
+    def load(self, lefts: Mapping[Any, int]) -> None:
+        """Restore an empty swarm: its members at once (peer -> bytes left)."""
+        if self._left:
+            raise ValueError("Swarm.load needs an empty swarm")
+        self._left = dict(lefts)
+        self.size = size = max(self.size, max(self._left.values(), default=0))
+        add = self._sources.add
+        for peer in [p for p, left in self._left.items() if left == 0 or left < size]:
+            add(peer)  # (those with data: _has_data)
+
     def remove(self, peer: Hashable) -> None:
         self._left.pop(peer, None)
         self._sources.discard(peer)

@@ -44,6 +44,7 @@ from anomos.tracker.http import MAX_CONNECTIONS as MAX_CONNECTIONS
 from anomos.tracker.http import STATS_PATH as STATS_PATH
 from anomos.tracker.http import FrontEnd, Refused
 from anomos.tracker.identity import TrackerIdentity
+from anomos.tracker.images import TablesImage, build_tables_image
 from anomos.tracker.limits import Limits, RecentRequests
 from anomos.tracker.liveness import EXPIRY_INTERVALS as EXPIRY_INTERVALS
 from anomos.tracker.liveness import UNREACHABLE_PER_ANNOUNCE as UNREACHABLE_PER_ANNOUNCE
@@ -153,6 +154,7 @@ class Tracker:
             self._meta,
             flush_max_pending=s.flush_max_pending,
             image=self.graph.image,
+            tables=self._tables_image,
         )
         #: Which peers can be dialled from outside (None: not probed, all planned as
         #: reachable); the graph plans around the ones that cannot (reachability.py).
@@ -340,7 +342,7 @@ class Tracker:
         """A new peer enters the graph and gets its first neighbours."""
         changes = self.graph.add_peer(peer)
         self.peers.set(peer, request.onion, request.box, request.address, now)
-        self.accounting.joined(peer)
+        self.accounting.joined(peer, batch)
         self._apply_changes(changes, batch)
         batch.peers[self._id(peer)] = self._row(peer, request, now)
 
@@ -400,7 +402,7 @@ class Tracker:
         pid = self._id(peer)
         self.membership.remove_peer(peer, pid, batch)
         # Tables indexed by the graph's slot let go of it before the graph does.
-        self.accounting.leaving(peer)
+        self.accounting.leaving(peer, batch)
         self.peers.discard(peer)
         self._apply_changes(self.graph.remove_peer(peer), batch, (peer, pid))
         batch.remove_peer(pid)
@@ -520,16 +522,31 @@ class Tracker:
             "dropped": self.dropped,
         }
 
+    def _tables_image(self, gen: int) -> Callable[[], TablesImage]:
+        """The tables' image as of batch ``gen``, packed later by the writer thread
+        (see anomos.tracker.images)."""
+        return partial(
+            build_tables_image,
+            gen,
+            self.peers.image,
+            self.accounts.image,
+            self.graph.slot,
+            self.membership.members,
+        )
+
     def _restore(self) -> None:
         now = self.clock()
         snap = self.persistence.load(now)
-        identities = [row.identity for row in snap.peers]
-        seqs = [row.seq for row in snap.peers]
         try:
-            dropped = self.graph.restore(identities, seqs, snap.links, snap.image, snap.gone)
-        except ValueError as exc:  # a bad image (the graph is still empty): every link
-            log.error("tracker restore: %s; reading every link instead", exc)
-            dropped = self.graph.restore(identities, seqs, self.store.links())
+            dropped = self.graph.restore(
+                snap.identities, snap.seqs, snap.links, snap.image, snap.gone
+            )
+            if snap.columns is not None:
+                self.peers.load_image(snap.columns, snap.stale_slots, now)
+        except ValueError as exc:  # a bad image (the graph is still empty): every row
+            log.error("tracker restore: %s; reading every row instead", exc)
+            snap = self.store.load(now, images=False)
+            dropped = self.graph.restore(snap.identities, snap.seqs, snap.links)
             self.persistence.image_due = True
         if dropped:
             log.warning("tracker restore: %d stored links dropped (unknown peer or NID)", dropped)
@@ -542,7 +559,7 @@ class Tracker:
         self.dropped = snap.meta.get("dropped", 0)
         self._apply_changes(self.graph.repair(), self.persistence.pending)
         self.flush()
-        freeze()
+        freeze(collect=False)
         if self.peers:
             log.info(
                 "tracker restored %d peers, %d edges, %d torrents",

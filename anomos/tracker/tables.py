@@ -20,13 +20,21 @@ import itertools
 import math
 import operator
 from array import array
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import (
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableMapping,
+    Sequence,
+)
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 if TYPE_CHECKING:
     from anomos.tracker.graph import PeerGraph
+    from anomos.tracker.images import AccountColumns, PeerColumns
     from anomos.tracker.store import Account, PeerRow
 
 Counters = tuple[int, int]
@@ -99,6 +107,16 @@ class Reports(MutableMapping[bytes, Counters]):
         return f"Reports({dict(self.items())!r})"
 
 
+_INLINE = [operator.attrgetter(name) for name in ("_ih", "_up", "_down", "_more")]
+
+
+def report_columns(reports: Sequence[Reports]) -> list[list[Any]]:
+    """Each one's inline entry (infohash or None, uploaded, downloaded) and its others
+    (or None), as four lists, read at C level: the store's image packs 10^6 of them
+    (and lists of atoms, unlike a tuple each, give the garbage collector nothing to walk)."""
+    return [list(map(field, reports)) for field in _INLINE]
+
+
 class TorrentsByPeer:
     """peer -> the torrents it is in: the value is the infohash itself while there is
     one (the usual case), a tuple when more; infohashes are interned, so each
@@ -152,6 +170,18 @@ class TorrentsByPeer:
             return
         ih = self._intern(ih)
         self._of[peer] = (*torrents, ih) if torrents else ih
+
+    def load(self, ih: bytes, peers: Collection[bytes]) -> None:
+        """Restore: ``peers`` are in torrent ``ih``; the ones with no torrent yet (nearly
+        all) are added in one C-level update."""
+        new = set(peers) - self._of.keys() if self._of else set(peers)
+        if len(new) < len(peers):
+            for peer in [p for p in peers if p not in new]:
+                self.add(peer, ih)
+        if new:
+            ih = self._intern(ih)
+            self._names[ih][1] += len(new) - 1
+            self._of.update(dict.fromkeys(new, ih))
 
     def discard(self, peer: bytes, ih: bytes) -> None:
         torrents = self.of(peer)
@@ -215,7 +245,7 @@ _ROW_KEYS = 2 * KEY_BYTES
 ADDRESS_BYTES = 23
 #: Address length of a slot without a live peer, and of an address kept in the dict.
 _NO_PEER = 0
-_IN_DICT = 255
+IN_DICT = 255
 #: Last seen of a free slot: never silent for the expiry scan.
 _NEVER = array("d", [math.inf])
 
@@ -247,7 +277,7 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
         #: slot -> when last seen (time.time() seconds; +inf for a free slot, which
         #: the expiry scan then never picks)
         self._seen = array("d")
-        #: slot -> the address's length, _IN_DICT (in _other) or _NO_PEER; its bytes
+        #: slot -> the address's length, IN_DICT (in _other) or _NO_PEER; its bytes
         self._alen = bytearray()
         self._abuf = bytearray()
         self._other: dict[int, bytes] = {}
@@ -278,6 +308,11 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
         s = self._slot(peer)
         return None if s is None else self._graph.at(s)  # type: ignore[return-value]
 
+    def own_all(self, peers: Iterable[bytes]) -> list[bytes]:
+        """:meth:`own` of each of ``peers``, which must all be live (a restore's: KeyError
+        otherwise), in one C-level pass."""
+        return self._graph.own_all(peers)  # type: ignore[return-value]
+
     def __iter__(self) -> Iterator[bytes]:
         alen, n = self._alen, len(self._alen)
         live: list[Any] = [p for p, s in self._graph.slots() if s < n and alen[s] != _NO_PEER]
@@ -306,7 +341,7 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
         n = self._alen[s] if s is not None and s < len(self._alen) else _NO_PEER
         if n == _NO_PEER:
             raise KeyError(peer)
-        if n == _IN_DICT:
+        if n == IN_DICT:
             return self._other[s]  # type: ignore[index]
         at = s * ADDRESS_BYTES  # type: ignore[operator]
         return bytes(self._abuf[at : at + n])
@@ -325,7 +360,7 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
 
     def _address_at(self, s: int) -> str:
         n, at = self._alen[s], s * ADDRESS_BYTES
-        return (self._other[s] if n == _IN_DICT else self._abuf[at : at + n]).decode()
+        return (self._other[s] if n == IN_DICT else self._abuf[at : at + n]).decode()
 
     # ------------------------------------------------------------------ writing
     def set(self, peer: bytes, onion: bytes, box: bytes, address: str, last_seen: float) -> None:
@@ -383,7 +418,48 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
                 alen[s] = n
             else:
                 other[s] = raw
-                alen[s] = _IN_DICT
+                alen[s] = IN_DICT
+
+    def image(self) -> PeerColumns:
+        """Each slot's peer and copies of the columns, read by the store's writer thread
+        a few MB at a time while serving goes on: a row changed meanwhile belongs to a
+        peer whose change is logged, and is read again from its row on restore (a copy
+        of ~90 MB on the event loop was a 66 ms stall at 10^6)."""
+        from anomos.tracker.images import PeerColumns
+
+        peers = self._graph.slot_peers()
+        n = len(peers)
+        return PeerColumns(
+            peers,
+            _chunked_copy(self, "_keys", n * _ROW_KEYS),
+            _chunked_copy(self, "_alen", n),
+            _chunked_copy(self, "_abuf", n * ADDRESS_BYTES),
+            {s: a for s, a in self._other.copy().items() if s < n},
+        )
+
+    def load_image(self, columns: PeerColumns, stale: Iterable[int], last_seen: float) -> None:
+        """Restore an empty table from the image's ``columns`` (by the graph's slots as
+        the graph image restored them), all seen at ``last_seen``; the ``stale`` slots
+        (their peers changed or left after the image) are cleared, for :meth:`load` to
+        fill with the rows changed since. ValueError: the columns do not fit together."""
+        n = len(columns.alen)
+        if (len(columns.keys), len(columns.abuf)) != (n * _ROW_KEYS, n * ADDRESS_BYTES):
+            raise ValueError("the stored peer table image does not fit together")
+        if self._count:
+            raise ValueError("PeerTable.load_image needs an empty table")
+        self._keys = bytearray(columns.keys)
+        self._alen = bytearray(columns.alen)
+        self._abuf = bytearray(columns.abuf)
+        self._other = dict(columns.other)
+        for s in stale:
+            self._alen[s] = _NO_PEER
+            self._other.pop(s, None)
+            self._keys[s * _ROW_KEYS : (s + 1) * _ROW_KEYS] = bytes(_ROW_KEYS)
+        alen = np.frombuffer(self._alen, np.uint8)
+        live = alen != _NO_PEER
+        self._seen = array("d", np.where(live, last_seen, math.inf).tobytes())
+        self._count = int(np.count_nonzero(live))
+        del alen  # (an exported buffer cannot grow)
 
     def update(self, peer: bytes, onion: bytes, box: bytes, address: str) -> bool:
         """Change a live peer's keys and address; whether anything changed (to be stored)."""
@@ -423,7 +499,7 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
             self._alen[s] = len(raw)
         else:
             self._other[s] = raw
-            self._alen[s] = _IN_DICT
+            self._alen[s] = IN_DICT
 
     # ------------------------------------------------------------------ expiry
     def silent_since(self, deadline: float) -> list[bytes]:
@@ -439,6 +515,26 @@ class PeerTable(Mapping[bytes, "PeerRow"]):
         del seen  # release the column's buffer (an exported array cannot grow)
         peers: list[Any] = [p for p in map(self._graph.at, order) if p is not None]
         return peers
+
+
+#: Bytes copied per step by :func:`_chunked_copy` (a few ms of holding the GIL).
+_COPY_STEP = 1 << 23
+
+
+def _chunked_copy(table: object, column: str, size: int, itemsize: int = 1) -> bytearray:
+    """The first ``size`` items of ``table``'s ``column`` (a bytearray, or an array of
+    ``itemsize``-byte items) as bytes, zeros past its end, a slice at a time: no buffer
+    stays exported (the event loop may grow the column) and no step holds the GIL long.
+    The slices go straight into one buffer: only one is alive at a time (the writer
+    thread's transient buffers stay resident in its malloc arena once freed)."""
+    out = bytearray(size * itemsize)
+    step = _COPY_STEP // itemsize
+    for at in range(0, size, step):
+        part = memoryview(getattr(table, column)[at : min(size, at + step)]).cast("B")
+        out[at * itemsize : at * itemsize + len(part)] = part
+        if len(part) < step * itemsize:
+            break  # (the column ends here: the rest stays zeros)
+    return out
 
 
 #: Receipt state of one reporter: none, baselines from its session's start, or picked
@@ -557,8 +653,8 @@ COUNTER_MAX = 2**63 - 1
 #: a longer one is kept in a dict beside).
 SESSION_BYTES = 16
 #: First report's infohash of a slot without a report (an index into the interned names).
-_NO_REPORT = -1
-_NONE = array("i", [_NO_REPORT])
+NO_REPORT = -1
+_NONE = array("i", [NO_REPORT])
 _ZEROS = array("q", [0])
 _EMPTY: dict[bytes, Counters] = {}
 
@@ -591,6 +687,10 @@ class _Interned:
 
     def name(self, i: int) -> bytes:
         return self._names[i]  # type: ignore[return-value]
+
+    def copy(self) -> list[bytes | None]:
+        """index -> infohash (None: a free index), copied at C level."""
+        return self._names.copy()
 
     def release(self, i: int) -> None:
         self._refs[i] -= 1
@@ -645,11 +745,11 @@ class AccountTable(MutableMapping[bytes, "Account"]):
         self._has = bytearray()
         #: slot * 5 + i -> counter i (_COUNTERS)
         self._num = array("q")
-        #: slot -> session length (_IN_DICT: in _long), and its bytes
+        #: slot -> session length (IN_DICT: in _long), and its bytes
         self._slen = bytearray()
         self._sbuf = bytearray()
         self._long: dict[int, bytes] = {}
-        #: slot -> its first report's infohash (an index into _names, or _NO_REPORT),
+        #: slot -> its first report's infohash (an index into _names, or NO_REPORT),
         #: and slot * 2 + i -> that report's uploaded, downloaded
         self._ih = array("i")
         self._rep = array("q")
@@ -673,7 +773,7 @@ class AccountTable(MutableMapping[bytes, "Account"]):
 
         num = self._num[s * _NCOUNT : (s + 1) * _NCOUNT]
         account = Account(num[0], num[1], num[2], num[3], self._session_at(s), num[4])
-        if self._ih[s] != _NO_REPORT:
+        if self._ih[s] != NO_REPORT:
             reports = account.reports
             reports[self._names.name(self._ih[s])] = (self._rep[2 * s], self._rep[2 * s + 1])
             for ih, counters in self._more.get(s, _EMPTY).items():
@@ -690,7 +790,7 @@ class AccountTable(MutableMapping[bytes, "Account"]):
 
     def _session_at(self, s: int) -> bytes:
         n = self._slen[s]
-        if n == _IN_DICT:
+        if n == IN_DICT:
             return self._long[s]
         return bytes(self._sbuf[s * SESSION_BYTES : s * SESSION_BYTES + n])
 
@@ -786,7 +886,7 @@ class AccountTable(MutableMapping[bytes, "Account"]):
         num[slots] = np.frombuffer(counters, dtype=np.int64).reshape(-1, _NCOUNT)
         rep[slots] = np.frombuffer(counts, dtype=np.int64).reshape(-1, 2)
         firsts = list(map(_first_report, reports))
-        index: dict[bytes | None, int] = {None: _NO_REPORT}
+        index: dict[bytes | None, int] = {None: NO_REPORT}
         for ih, refs in collections.Counter(firsts).items():
             if ih is not None:
                 index[ih] = self._names.take(ih, refs)
@@ -796,7 +896,7 @@ class AccountTable(MutableMapping[bytes, "Account"]):
         padded = b"".join(map(bytes.ljust, fit, itertools.repeat(SESSION_BYTES)))
         sbuf[slots[short]] = np.frombuffer(padded, dtype=np.uint8).reshape(-1, SESSION_BYTES)
         slen[slots[short]] = lengths[short]
-        slen[slots[~short]] = _IN_DICT
+        slen[slots[~short]] = IN_DICT
         del has, num, rep, ihs, slen, sbuf  # (an exported buffer cannot grow)
         for i in np.flatnonzero(~short).tolist():
             self._long[int(slots[i])] = sessions[i]
@@ -814,20 +914,45 @@ class AccountTable(MutableMapping[bytes, "Account"]):
         if more:
             self._more[s] = more
 
-    def joined(self, peer: bytes) -> None:
-        """``peer`` entered the graph: an account kept by identity moves into its slot."""
+    def image(self, slots: int) -> AccountColumns:
+        """Copies of the columns of the first ``slots`` graph slots and of the dicts beside,
+        taken by the store's writer thread while serving goes on: each column a few MB
+        at a time, each dict in one C-level copy (never a Python-level walk of a dict
+        the event loop resizes). The columns may be read at different moments, and a
+        slot reused meanwhile: :func:`~anomos.tracker.images.build_tables_image` says
+        why what it keeps of them is exact."""
+        from anomos.tracker.images import AccountColumns
+
+        return AccountColumns(
+            _chunked_copy(self, "_has", slots),
+            _chunked_copy(self, "_num", slots * _NCOUNT, 8),
+            _chunked_copy(self, "_slen", slots),
+            _chunked_copy(self, "_sbuf", slots * SESSION_BYTES),
+            _chunked_copy(self, "_ih", slots, 4),
+            _chunked_copy(self, "_rep", slots * 2, 8),
+            self._long.copy(),
+            self._more.copy(),
+            self._names.copy(),
+            self._loose.copy(),
+        )
+
+    def joined(self, peer: bytes) -> bool:
+        """``peer`` entered the graph: an account kept by identity moves into its slot.
+        Whether one did."""
         account = self._loose.pop(peer, None)
         if account is not None:
             self[peer] = account
+        return account is not None
 
-    def leaving(self, peer: bytes) -> None:
+    def leaving(self, peer: bytes) -> bool:
         """``peer`` leaves the graph (call before it does): its account moves out of its
-        slot, to be kept by identity (accounts outlive a stay)."""
+        slot, to be kept by identity (accounts outlive a stay). Whether one did."""
         s = self._slot(peer)
         if s is not None:
             account = self[peer]
             self._clear(s)
             self._loose[peer] = account
+        return s is not None
 
     def _clear(self, s: int) -> None:
         self._drop_reports(s)
@@ -837,9 +962,9 @@ class AccountTable(MutableMapping[bytes, "Account"]):
         self._slen[s] = 0
 
     def _drop_reports(self, s: int) -> None:
-        if self._ih[s] != _NO_REPORT:
+        if self._ih[s] != NO_REPORT:
             self._names.release(self._ih[s])
-            self._ih[s] = _NO_REPORT
+            self._ih[s] = NO_REPORT
         self._more.pop(s, None)
 
     def _set_session(self, s: int, session: bytes) -> None:
@@ -851,7 +976,7 @@ class AccountTable(MutableMapping[bytes, "Account"]):
             self._slen[s] = n
         else:
             self._long[s] = session
-            self._slen[s] = _IN_DICT
+            self._slen[s] = IN_DICT
 
     def _grow(self, slots: int) -> None:
         grow = slots - len(self._has)
