@@ -51,7 +51,7 @@ from anomos.progress import bar
 from anomos.torrent import choker as choking
 from anomos.torrent import resume
 from anomos.torrent.choker import Choker, RateMeter
-from anomos.torrent.flow import INITIAL_WINDOW, FlowControl
+from anomos.torrent.flow import INITIAL_WINDOW, FlowControl, RttProbes
 from anomos.torrent.picker import SKIP, Block, PiecePicker, Priority, band
 from anomos.torrent.storage import Storage
 from anomos.torrent.wire import (
@@ -279,6 +279,8 @@ class TorrentSession:
         self.uploaded = 0
         self.downloaded = 0
         self.wasted = 0
+        #: Shared by the connections' flow controllers: they probe their RTT together.
+        self._rtt_probes = RttProbes()
         #: Pieces that failed their hash check (each failure counted).
         self.hash_failures = 0
         #: Pieces that failed their hash check and are not verified yet.
@@ -573,6 +575,7 @@ class TorrentSession:
             stream.close()
             raise
         conn = PeerConnection(session=self, stream=stream, label=label)
+        conn.flow = FlowControl(time.monotonic(), self._rtt_probes)
         if first_ask and asked:
             conn.ask_to_serve = FirstAsk.decode(first_ask, len(self.metainfo.pieces))
         conn.ask_sent = ask_sent
