@@ -83,6 +83,9 @@ PLATEAU_ROUNDS = 3
 #: of 0.12-0.2 s, at 100 Mbit/s x 20 ms).
 STARTUP_EXIT_RTT = 1.25
 STARTUP_EXIT_QUEUE = 4 * QUEUE_TARGET
+#: ... checked as soon as a round trip has this many RTT samples (HyStart++'s 8):
+#: a round stretches with the queue, and startup grows the window x2.9 per round.
+STARTUP_EXIT_SAMPLES = 8
 #: The rate estimate is the best sample of the last BW_WINDOW_RTTS minimum
 #: round trips, and of at least BW_WINDOW_MIN seconds. Time, not counted
 #: rounds: a round stretches with the queue when the rate drops.
@@ -92,6 +95,9 @@ BW_WINDOW_MIN = 2.0
 MIN_RTT_WINDOW = 10.0
 #: The window while probing the RTT, as a fraction of the BDP.
 PROBE_RTT_GAIN = 0.5
+#: Seconds a joint probe lasts at least, so that the connections it drains
+#: are all drained at once (BBR's 200 ms).
+PROBE_RTT_TIME = 0.2
 #: A probe raises the minimum RTT by at most this factor.
 MIN_RTT_RISE = 1.5
 #: A probe ends with a request sent with less than this x rate x RTT outstanding.
@@ -144,6 +150,7 @@ class FlowControl:
         self._full_rate = 0.0
         self._flat_rounds = 0
         self._round_min_rtt = math.inf
+        self._round_samples = 0
         self._samples: deque[tuple[float, float]] = deque()  # (time, rate), rates decreasing
         self._sent: OrderedDict[Hashable, _Sent] = OrderedDict()
 
@@ -171,15 +178,25 @@ class FlowControl:
         if sent is None:
             return
         rtt = now - sent.at
-        self._round_min_rtt = min(self._round_min_rtt, rtt)
         if sent.delivered >= self._next_round_delivered:
             self._next_round_delivered = self._delivered
             self._round += 1
             self._end_round(now)
+        self._round_min_rtt = min(self._round_min_rtt, rtt)
+        self._round_samples += 1
+        if (
+            self.startup
+            and self._round_samples >= STARTUP_EXIT_SAMPLES
+            and self._queue_shows(self._round_min_rtt)
+        ):
+            self.startup = False  # no need to wait for the round's end (HyStart++)
         if self.probing_rtt:
             if sent.at >= self._probe_started:
                 self._probe_rtt = min(self._probe_rtt, rtt)
-                if sent.in_flight <= self.rate * rtt * PROBE_RTT_EXIT:
+                if (
+                    sent.in_flight <= self.rate * rtt * PROBE_RTT_EXIT
+                    and now >= self._probes.started + PROBE_RTT_TIME
+                ):
                     # Sent with clearly less than rate x RTT ahead of it, so no
                     # queue of ours: its RTT is the floor now (else shrink and
                     # retry). It may still hold other circuits' queues, and a
@@ -191,13 +208,21 @@ class FlowControl:
             self.min_rtt, self._min_rtt_at = rtt, now
         elif now - self._min_rtt_at > MIN_RTT_WINDOW:
             self._start_probe(now)
-            self._probes.started = now
+            if now - self._probes.started > MIN_RTT_WINDOW / 2:
+                self._probes.started = now  # (else join the one under way)
         elif self._probes.started > self._probe_started and not self.startup:
             self._start_probe(now)  # another connection's probe: drain together
         interval = now - sent.delivered_at
         if interval > 0 and interval >= 0.5 * self.min_rtt:
             self._add_rate((self._delivered - sent.delivered) / interval, now)
         self._update_window()
+
+    def _queue_shows(self, round_min_rtt: float) -> bool:
+        """Whether even the fastest request of this round trip waited in a queue."""
+        return math.isfinite(round_min_rtt) and (
+            round_min_rtt > self.min_rtt * STARTUP_EXIT_RTT
+            or self.window * (1 - self.min_rtt / round_min_rtt) > STARTUP_EXIT_QUEUE
+        )
 
     def _start_probe(self, now: float) -> None:
         self.probing_rtt = True
@@ -222,13 +247,11 @@ class FlowControl:
     def _end_round(self, now: float) -> None:
         self._expire_rates(now)
         round_min_rtt, self._round_min_rtt = self._round_min_rtt, math.inf
+        self._round_samples = 0
         if not self.startup:
             return
-        if math.isfinite(round_min_rtt) and (
-            round_min_rtt > self.min_rtt * STARTUP_EXIT_RTT
-            or self.window * (1 - self.min_rtt / round_min_rtt) > STARTUP_EXIT_QUEUE
-        ):
-            self.startup = False  # a whole round queued: the pipe is full
+        if self._queue_shows(round_min_rtt):
+            self.startup = False
             return
         if self.rate >= self._full_rate * PLATEAU_GROWTH:
             self._full_rate = self.rate
