@@ -1220,15 +1220,20 @@ class TorrentSession:
         if self.resume_dir is None or self._storage is None:
             return
         try:
+            # The sync yields (it runs in a thread): what changes meanwhile is
+            # saved next time, and only pieces kept all along count as had.
+            have = bytearray(self._have)
+            self._resume_dirty = False
             self._storage.sync()
+            have = bytearray(a & b for a, b in zip(have, self._have, strict=True))
             resume.save(
                 self.resume_dir,
                 self.metainfo,
-                self._have,
+                have,
                 self._storage.file_stats(),
                 wanted=self._file_wanted,
                 priorities=self._file_priority,
             )
-            self._resume_dirty = False
         except AnomosError as exc:
+            self._resume_dirty = True
             log.warning("%s: cannot save resume data: %s", self.label, exc)
