@@ -19,12 +19,16 @@ window, from two measurements taken on the requests themselves:
   back (*probe RTT*): its RTT is the floor afresh (a rise is taken in steps of
   at most :data:`MIN_RTT_RISE`: other connections' queues at a shared
   bottleneck can survive our probe, and a circuit's path does not change),
-  at the cost of about half a round trip of throughput every 10 s.
+  at the cost of about half a round trip of throughput every 10 s. The
+  connections of one session probe together (:class:`RttProbes`): at an
+  uplink they share, one connection's probe drains only its own queue, and a
+  circuit that opened behind the others' queue would take it for its floor.
 
 The window starts at :data:`INITIAL_WINDOW`. In *startup* it is
 ``rate x min RTT x`` :data:`STARTUP_GAIN`, so it about doubles every round
-trip; once the rate has not grown by :data:`PLATEAU_GROWTH` for
-:data:`PLATEAU_ROUNDS` round trips the pipe is full and the window backs off
+trip; once a round trip shows a queue (:data:`STARTUP_EXIT_RTT`,
+:data:`STARTUP_EXIT_QUEUE`) or the rate has not grown by :data:`PLATEAU_GROWTH`
+for :data:`PLATEAU_ROUNDS` round trips the pipe is full and the window backs off
 to *cruise*: ``rate x min RTT`` plus a fixed :data:`QUEUE_TARGET` plus one
 request batch (requests go out in batches, :meth:`FlowControl.wanted`, so
 the average in flight is half a batch under the window), never under
@@ -70,6 +74,18 @@ MAX_BATCH = 64 * BLOCK
 #: The pipe is full when the rate grew less than this in PLATEAU_ROUNDS rounds.
 PLATEAU_GROWTH = 1.25
 PLATEAU_ROUNDS = 3
+#: Startup also ends after a round trip whose fastest request took this x the
+#: minimum RTT, or that kept more than STARTUP_EXIT_QUEUE bytes queued
+#: (window x (1 - min RTT / that RTT), Vegas' estimate): the pipe is full. With
+#: several circuits through one uplink, each one's rate jumps as the others'
+#: shares shift, so the plateau alone never showed, and the windows grew to
+#: seconds of the uplink (measured: 15 MB in flight, RTTs of 1-2.6 s on paths
+#: of 0.12-0.2 s, at 100 Mbit/s x 20 ms).
+STARTUP_EXIT_RTT = 1.25
+STARTUP_EXIT_QUEUE = 4 * QUEUE_TARGET
+#: ... checked as soon as a round trip has this many RTT samples (HyStart++'s 8):
+#: a round stretches with the queue, and startup grows the window x2.9 per round.
+STARTUP_EXIT_SAMPLES = 8
 #: The rate estimate is the best sample of the last BW_WINDOW_RTTS minimum
 #: round trips, and of at least BW_WINDOW_MIN seconds. Time, not counted
 #: rounds: a round stretches with the queue when the rate drops.
@@ -79,6 +95,9 @@ BW_WINDOW_MIN = 2.0
 MIN_RTT_WINDOW = 10.0
 #: The window while probing the RTT, as a fraction of the BDP.
 PROBE_RTT_GAIN = 0.5
+#: Seconds a joint probe lasts at least, so that the connections it drains
+#: are all drained at once (BBR's 200 ms).
+PROBE_RTT_TIME = 0.2
 #: A probe raises the minimum RTT by at most this factor.
 MIN_RTT_RISE = 1.5
 #: A probe ends with a request sent with less than this x rate x RTT outstanding.
@@ -96,10 +115,24 @@ class _Sent:
     in_flight: int
 
 
+@attrs.define
+class RttProbes:
+    """When the connections of one session last began a probe of their RTT.
+
+    They probe together: at a bottleneck they share (several circuits from one
+    source), one connection's probe leaves the others' queues in place, so it
+    sees them as its floor, and a circuit that joined behind them never sees
+    anything else; draining all at once shows each one its own path.
+    """
+
+    started: float = -math.inf
+
+
 class FlowControl:
     """One connection's bytes-in-flight target (:attr:`window`), fed by its requests."""
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, probes: RttProbes | None = None) -> None:
+        self._probes = probes if probes is not None else RttProbes()
         self.window = INITIAL_WINDOW
         self.startup = True
         self.probing_rtt = False
@@ -108,7 +141,7 @@ class FlowControl:
         self.rate = 0.0  # bytes/s, the windowed maximum
         self.min_rtt = math.inf
         self._min_rtt_at = now
-        self._probe_started = 0.0
+        self._probe_started = now
         self._probe_rtt = math.inf
         self._delivered = 0
         self._delivered_at = now
@@ -116,6 +149,8 @@ class FlowControl:
         self._next_round_delivered = 0
         self._full_rate = 0.0
         self._flat_rounds = 0
+        self._round_min_rtt = math.inf
+        self._round_samples = 0
         self._samples: deque[tuple[float, float]] = deque()  # (time, rate), rates decreasing
         self._sent: OrderedDict[Hashable, _Sent] = OrderedDict()
 
@@ -147,10 +182,21 @@ class FlowControl:
             self._next_round_delivered = self._delivered
             self._round += 1
             self._end_round(now)
+        self._round_min_rtt = min(self._round_min_rtt, rtt)
+        self._round_samples += 1
+        if (
+            self.startup
+            and self._round_samples >= STARTUP_EXIT_SAMPLES
+            and self._queue_shows(self._round_min_rtt)
+        ):
+            self.startup = False  # no need to wait for the round's end (HyStart++)
         if self.probing_rtt:
             if sent.at >= self._probe_started:
                 self._probe_rtt = min(self._probe_rtt, rtt)
-                if sent.in_flight <= self.rate * rtt * PROBE_RTT_EXIT:
+                if (
+                    sent.in_flight <= self.rate * rtt * PROBE_RTT_EXIT
+                    and now >= self._probes.started + PROBE_RTT_TIME
+                ):
                     # Sent with clearly less than rate x RTT ahead of it, so no
                     # queue of ours: its RTT is the floor now (else shrink and
                     # retry). It may still hold other circuits' queues, and a
@@ -161,13 +207,27 @@ class FlowControl:
         elif rtt <= self.min_rtt:
             self.min_rtt, self._min_rtt_at = rtt, now
         elif now - self._min_rtt_at > MIN_RTT_WINDOW:
-            self.probing_rtt = True
-            self._probe_started = now
-            self._probe_rtt = math.inf
+            self._start_probe(now)
+            if now - self._probes.started > MIN_RTT_WINDOW / 2:
+                self._probes.started = now  # (else join the one under way)
+        elif self._probes.started > self._probe_started and not self.startup:
+            self._start_probe(now)  # another connection's probe: drain together
         interval = now - sent.delivered_at
         if interval > 0 and interval >= 0.5 * self.min_rtt:
             self._add_rate((self._delivered - sent.delivered) / interval, now)
         self._update_window()
+
+    def _queue_shows(self, round_min_rtt: float) -> bool:
+        """Whether even the fastest request of this round trip waited in a queue."""
+        return math.isfinite(round_min_rtt) and (
+            round_min_rtt > self.min_rtt * STARTUP_EXIT_RTT
+            or self.window * (1 - self.min_rtt / round_min_rtt) > STARTUP_EXIT_QUEUE
+        )
+
+    def _start_probe(self, now: float) -> None:
+        self.probing_rtt = True
+        self._probe_started = now
+        self._probe_rtt = math.inf
 
     def _add_rate(self, rate: float, now: float) -> None:
         samples = self._samples
@@ -186,7 +246,12 @@ class FlowControl:
 
     def _end_round(self, now: float) -> None:
         self._expire_rates(now)
+        round_min_rtt, self._round_min_rtt = self._round_min_rtt, math.inf
+        self._round_samples = 0
         if not self.startup:
+            return
+        if self._queue_shows(round_min_rtt):
+            self.startup = False
             return
         if self.rate >= self._full_rate * PLATEAU_GROWTH:
             self._full_rate = self.rate

@@ -51,7 +51,7 @@ from anomos.progress import bar
 from anomos.torrent import choker as choking
 from anomos.torrent import resume
 from anomos.torrent.choker import Choker, RateMeter
-from anomos.torrent.flow import INITIAL_WINDOW, FlowControl
+from anomos.torrent.flow import INITIAL_WINDOW, FlowControl, RttProbes
 from anomos.torrent.picker import SKIP, Block, PiecePicker, Priority, band
 from anomos.torrent.storage import Storage
 from anomos.torrent.wire import (
@@ -285,6 +285,8 @@ class TorrentSession:
         self.uploaded = 0
         self.downloaded = 0
         self.wasted = 0
+        #: Shared by the connections' flow controllers: they probe their RTT together.
+        self._rtt_probes = RttProbes()
         #: Pieces that failed their hash check (each failure counted).
         self.hash_failures = 0
         #: Pieces that failed their hash check and are not verified yet.
@@ -579,6 +581,7 @@ class TorrentSession:
             stream.close()
             raise
         conn = PeerConnection(session=self, stream=stream, label=label)
+        conn.flow = FlowControl(time.monotonic(), self._rtt_probes)
         if first_ask and asked:
             conn.ask_to_serve = FirstAsk.decode(first_ask, len(self.metainfo.pieces))
         conn.ask_sent = ask_sent
@@ -1223,15 +1226,20 @@ class TorrentSession:
         if self.resume_dir is None or self._storage is None:
             return
         try:
+            # The sync yields (it runs in a thread): what changes meanwhile is
+            # saved next time, and only pieces kept all along count as had.
+            have = bytearray(self._have)
+            self._resume_dirty = False
             self._storage.sync()
+            have = bytearray(a & b for a, b in zip(have, self._have, strict=True))
             resume.save(
                 self.resume_dir,
                 self.metainfo,
-                self._have,
+                have,
                 self._storage.file_stats(),
                 wanted=self._file_wanted,
                 priorities=self._file_priority,
             )
-            self._resume_dirty = False
         except AnomosError as exc:
+            self._resume_dirty = True
             log.warning("%s: cannot save resume data: %s", self.label, exc)

@@ -23,6 +23,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Container, Iterable, Iterator
 from pathlib import Path
 
+import gevent
+
 from anomos.errors import StorageError
 from anomos.fsutil import open_beneath, open_dir
 from anomos.torrent.metainfo import Metainfo
@@ -322,17 +324,30 @@ class Storage:
         self.sync()
 
     def sync(self) -> None:
-        """fsync every file written since the last sync (before resume data is saved)."""
-        for fi in list(self._dirty):
+        """fsync every file written since the last sync (before resume data is saved).
+
+        In a thread: the fsync of what a download wrote in the last seconds took
+        up to 0.84 s (10 MB/s, `anomos bench --wan`), and in the event loop it
+        stopped every connection's reads, requests and SENDMEs that long.
+        """
+        dirty = list(self._dirty)
+        self._dirty.difference_update(dirty)  # a write from now on marks its file again
+        for n, fi in enumerate(dirty):
             entry = self._fds.get(fi)
-            if entry is not None:
-                try:
-                    os.fsync(entry[0])
-                except OSError as exc:
+            if entry is None:
+                continue  # closed since, and fsynced then (_drop_fd)
+            fd = os.dup(entry[0])  # still open if the file is closed meanwhile
+            try:
+                gevent.get_hub().threadpool.apply(os.fsync, (fd,))
+            except BaseException as exc:
+                self._dirty.update(dirty[n:])  # not known to be on disk
+                if isinstance(exc, OSError):
                     raise StorageError(
                         f"cannot flush {self.paths[fi]}: {exc.strerror or exc}"
                     ) from None
-            self._dirty.discard(fi)
+                raise
+            finally:
+                os.close(fd)
 
     def close(self) -> None:
         """Flush and close every file; idempotent."""
