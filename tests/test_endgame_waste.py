@@ -31,20 +31,30 @@ MiB = 1024 * 1024
 
 
 @attrs.define(eq=False)
-class Pipe:
-    """One direction of a link: FIFO at ``rate`` bytes/s, then ``delay`` seconds."""
+class Uplink:
+    """A sender's access link: one FIFO at ``rate`` bytes/s, shared by its pipes."""
 
     rate: float
+    free_at: float = 0.0
+
+    def send(self, size: int) -> float:
+        """When ``size`` bytes queued now have left."""
+        self.free_at = max(time.monotonic(), self.free_at) + size / self.rate
+        return self.free_at
+
+
+@attrs.define(eq=False)
+class Pipe:
+    """One direction of a link: its uplink's FIFO, then ``delay`` seconds."""
+
+    uplink: Uplink
     delay: float
     queue: deque[tuple[float, bytes]] = attrs.field(factory=deque)
-    free_at: float = 0.0
     closed: bool = False
     ready: gevent.event.Event = attrs.field(factory=gevent.event.Event)
 
     def put(self, data: bytes) -> None:
-        now = time.monotonic()
-        self.free_at = max(now, self.free_at) + len(data) / self.rate
-        self.queue.append((self.free_at + self.delay, data))
+        self.queue.append((self.uplink.send(len(data)) + self.delay, data))
         self.ready.set()
 
     def get(self, n: int) -> bytes:
@@ -88,9 +98,10 @@ class End:
             pipe.ready.set()
 
 
-def link(rate: float, delay: float) -> tuple[End, End, Pipe]:
-    """Two ends of a link; the pipe from the first end (the source's uplink)."""
-    down, up = Pipe(rate, delay), Pipe(rate, delay)
+def link(delay: float, source: Uplink, rate: float) -> tuple[End, End, Pipe]:
+    """Two ends of a link; the pipe from the first end (the source's, whose uplink
+    ``source`` may be shared with other links)."""
+    down, up = Pipe(source, delay), Pipe(Uplink(rate), delay)
     return End(down, up), End(up, down), down
 
 
@@ -105,11 +116,16 @@ def big_torrent(tmp_path: Path) -> Iterator[Metainfo]:
 
 
 def connect_links(
-    seeder: TorrentSession, leech: TorrentSession, links: list[tuple[float, float]]
+    seeder: TorrentSession,
+    leech: TorrentSession,
+    links: list[tuple[float, float]],
+    shared: Uplink | None = None,
 ) -> tuple[list[PeerConnection], list[Pipe]]:
+    """One connection per ``(rate, one-way delay)``; with ``shared``, every link's
+    downstream goes through that one uplink of the source (as circuits to one source)."""
     conns, pipes = [], []
     for i, (rate, delay) in enumerate(links):
-        src, dst, down = link(rate, delay)
+        src, dst, down = link(delay, shared or Uplink(rate), rate)
         seeder.add_connection(src, f"down{i}")
         conns.append(leech.connect(dst, f"link{i}"))
         pipes.append(down)
