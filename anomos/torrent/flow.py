@@ -239,6 +239,14 @@ class FlowControl:
             return math.inf
         return max(0.0, expected - waited)
 
+    def bytes_ahead(self, key: Hashable) -> int | None:
+        """Bytes still to arrive before the block of request ``key`` completes (what was
+        outstanding when it was sent, less what came since), or None if not tracked."""
+        sent = self._sent.get(key)
+        if sent is None:
+            return None
+        return max(0, sent.in_flight - (self._delivered - sent.delivered)) + BLOCK
+
     def describe(self) -> str:
         """One line for the logs: what the controller measured and chose."""
         return (

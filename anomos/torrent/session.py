@@ -115,7 +115,7 @@ MAINTENANCE_INTERVAL = 5.0
 #: only if that one would deliver it this many times sooner (or the holder is
 #: late: flow.LATE_FACTOR). A copy nearly always arrives in full (the source sent
 #: the first long before a cancel reaches it): each one is a wasted block.
-COPY_MARGIN = 2.0
+COPY_MARGIN = 1.0
 #: Seconds of blocks a connection's rate is measured over before its share of the
 #: end of a download is bounded by it (TorrentSession._finish_share).
 FINISH_MEASURE = 1.0
@@ -1186,13 +1186,21 @@ class TorrentSession:
         """For the endgame: seconds a copy asked of ``conn`` would arrive before its
         holder's block, less a margin (COPY_MARGIN times ``conn``'s own delivery time)."""
         flow = conn.flow
+        rate = _average_rate(conn, now) or flow.rate
 
         def gain(holder: Hashable, block: Block, ahead: int) -> float:
             assert isinstance(holder, PeerConnection)
             left = holder.flow.time_left(block, now)
             if left == math.inf:
                 return math.inf
-            own = flow.delivery_time((outstanding + ahead) * BLOCK_SIZE)
+            # The holder's queue drains at the rate it delivers, not the best it did.
+            queued = holder.flow.bytes_ahead(block)
+            holder_rate = _average_rate(holder, now)
+            if queued is not None and holder_rate:
+                left = max(left, queued / holder_rate)
+            if not rate or not math.isfinite(flow.min_rtt):
+                return -math.inf
+            own = flow.min_rtt + (outstanding + ahead + 1) * BLOCK_SIZE / rate
             return left - COPY_MARGIN * own
 
         return gain
