@@ -115,7 +115,7 @@ MAINTENANCE_INTERVAL = 5.0
 #: only if that one would deliver it this many times sooner (or the holder is
 #: late: flow.LATE_FACTOR). A copy nearly always arrives in full (the source sent
 #: the first long before a cancel reaches it): each one is a wasted block.
-COPY_MARGIN = 1.0
+COPY_MARGIN = 2.0
 #: Seconds of blocks a connection's rate is measured over before its share of the
 #: end of a download is bounded by it (TorrentSession._finish_share).
 FINISH_MEASURE = 1.0
