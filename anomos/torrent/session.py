@@ -116,9 +116,9 @@ MAINTENANCE_INTERVAL = 5.0
 #: late: flow.LATE_FACTOR). A copy nearly always arrives in full (the source sent
 #: the first long before a cancel reaches it): each one is a wasted block.
 COPY_MARGIN = 2.0
-#: Seconds of blocks a connection's rate is measured over before its share of the
-#: end of a download is bounded by it (TorrentSession._finish_share).
-FINISH_MEASURE = 1.0
+#: Seconds of blocks before a connection's average delivered rate is trusted (the
+#: endgame's estimate of how fast its queue drains).
+AVERAGE_AFTER = 1.0
 #: Seconds between endgame checks while no block arrives (a late or stalled
 #: holder's blocks become worth copying with time, not with an event).
 ENDGAME_CHECK = 0.25
@@ -246,7 +246,7 @@ class FileProgress:
 def _average_rate(conn: PeerConnection, now: float) -> float | None:
     """Useful bytes/s ``conn`` delivered since its first block (None: too soon to say)."""
     since = conn.first_block_at
-    if since is None or now - since < FINISH_MEASURE or conn.closed:
+    if since is None or now - since < AVERAGE_AFTER or conn.closed:
         return None
     return (conn.downloaded - conn.wasted) / (now - since)
 
@@ -1144,9 +1144,6 @@ class TorrentSession:
         picker = self.picker
         outstanding = picker.outstanding(conn)
         wanted = conn.flow.wanted(outstanding * BLOCK_SIZE) // BLOCK_SIZE
-        share = self._finish_share(conn, now)
-        if share is not None:
-            wanted = min(wanted, share // BLOCK_SIZE - outstanding)
         if wanted <= 0:
             return
         blocks = picker.next_requests(conn, wanted, self._copy_gain(conn, outstanding, now))
@@ -1165,22 +1162,6 @@ class TorrentSession:
                 expect(in_flight + (outstanding + len(blocks)) * PIECE_OVERHEAD)
             conn.control.extend([encode_request(*b) for b in blocks])
             conn.wake.set()
-
-    def _finish_share(self, conn: PeerConnection, now: float) -> int | None:
-        """The bytes ``conn`` may have outstanding: its share of what is left, in
-        proportion to the rate it delivered, so that near the end every connection
-        runs dry at about the same time and none holds the last blocks for long
-        behind a deep queue (the windows are sized for the pipe, not for the end).
-        None while unmeasured (nothing is known of its rate yet): not bounded."""
-        mine = _average_rate(conn, now)
-        if mine is None:
-            return None
-        asked = [c for c in self._conns if c.am_interested and not c.peer_choking]
-        rates = [_average_rate(c, now) for c in asked]
-        total = sum(r for r in rates if r is not None)
-        if total <= 0:
-            return None
-        return int(self._left_until_done * mine / total) + BLOCK_SIZE
 
     def _copy_gain(self, conn: PeerConnection, outstanding: int, now: float) -> CopyGain:
         """For the endgame: seconds a copy asked of ``conn`` would arrive before its
