@@ -144,6 +144,7 @@ def test_an_honest_multi_link_download_wastes_a_few_percent_at_most(
     m = big_torrent
     seeder = new_session(sessions, m, tmp_path / "seed")
     leech = new_session(sessions, m, tmp_path / "leech")
+    leech.limit_endgame_copies = True
     links = [(3e6, 0.05), (2.5e6, 0.08), (2e6, 0.1), (1.5e6, 0.15)]
     conns, _ = connect_links(seeder, leech, links)
     assert leech.wait_complete(timeout=120)
@@ -168,6 +169,7 @@ def test_a_link_that_stalls_mid_download_does_not_hold_the_last_piece(
     m = big_torrent
     seeder = new_session(sessions, m, tmp_path / "seed")
     leech = new_session(sessions, m, tmp_path / "leech")
+    leech.limit_endgame_copies = True
     conns, pipes = connect_links(seeder, leech, [(3e6, 0.05), (3e6, 0.05)])
     stalling, other = conns
     with gevent.Timeout(60):

@@ -159,13 +159,16 @@ def test_endgame_requests_duplicates_and_cancels_them() -> None:
 
 
 def test_endgame_asks_a_block_of_two_peers_at_most() -> None:
-    """libtorrent's rule: the holder and one copy; a third peer gets none of them."""
+    """libtorrent's rule, with a copy gain: the holder and one copy; a third peer gets
+    none of them (without one, the classic endgame: every peer gets every block)."""
     p = make(num=2)
-    for name in "abc":
+    for name in "abcd":
         peer(p, name)
     blocks_a = p.next_requests("a", 8)
-    assert len(p.next_requests("b", 8)) == 8
-    assert p.next_requests("c", 8) == []
+    always = lambda holder, block, ahead: 1.0  # noqa: E731
+    assert len(p.next_requests("b", 8, always)) == 8
+    assert p.next_requests("c", 8, always) == []
+    assert len(p.next_requests("d", 8)) == 8
     r = p.block_received("b", blocks_a[0])
     assert r.cancels == (("a", blocks_a[0]),)
 

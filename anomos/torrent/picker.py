@@ -18,10 +18,11 @@
   ``copy_gain`` says how many seconds it would save (the session asks this of
   its flow controllers: a block due soon at its holder is not copied, one due
   late, overdue or held by a stalled peer is), the biggest savings first. When
-  one copy arrives the other is returned as a cancel. Without ``copy_gain``
-  every outstanding block is copied once. A copy nearly always arrives in full
+  one copy arrives the other is returned as a cancel. A copy nearly always arrives in full
   (over a circuit the source has sent the block long before the cancel comes
-  back), so copies are the endgame's whole cost in bytes.
+  back), so copies are the endgame's whole cost in bytes. Without ``copy_gain``
+  (the session's default, see ``TorrentSession.limit_endgame_copies``) every
+  outstanding block is asked of every peer that has it, as before.
 * Pieces named by a circuit's first ask still in flight (:meth:`PiecePicker.reserve`)
   are picked last: the source sends their blocks unasked, and a block asked of
   another peer meanwhile would come twice.
@@ -549,8 +550,9 @@ class PiecePicker:
     def _endgame(
         self, peer: Hashable, st: _Peer, out: list[Block], count: int, gain: CopyGain | None
     ) -> None:
-        """Copies for ``peer`` of blocks outstanding at fewer than ENDGAME_COPIES other
-        peers: all of them without ``gain``, else those it finds worth it, best first."""
+        """Copies for ``peer`` of outstanding blocks: every one without ``gain`` (the
+        classic endgame), else of those outstanding at fewer than ENDGAME_COPIES peers,
+        the ones ``gain`` finds worth it, best first."""
         candidates: list[tuple[float, int, _Partial, int, set[Hashable]]] = []
         for part in self._partials.values():
             if not st.has[part.index]:
@@ -558,7 +560,7 @@ class PiecePicker:
             if part.exclusive and part.owner is not None and part.owner != peer:
                 continue
             for bno, reqs in part.requesters.items():
-                if peer in reqs or len(reqs) >= ENDGAME_COPIES:
+                if peer in reqs or (gain is not None and len(reqs) >= ENDGAME_COPIES):
                     continue
                 if gain is None:
                     self._copy(peer, st, part, bno, reqs, out)
