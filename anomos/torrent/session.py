@@ -322,7 +322,7 @@ class TorrentSession:
         #: Endgame: copy a block only where it saves time (COPY_MARGIN), to one more
         #: connection at most. Off by default: with the flow control's windows (several
         #: MiB a circuit at the end) the classic endgame, which copies every block
-        #: everywhere, throws 4-40 % of the file away but finishes long-RTT downloads
+        #: everywhere, throws 2-48 % of the file away but finishes long-RTT downloads
         #: far sooner (docs/performance.md, *Bytes thrown away*).
         self.limit_endgame_copies = False
         #: The pending endgame check (see ENDGAME_CHECK), if any.
@@ -1154,7 +1154,8 @@ class TorrentSession:
             return
         gain = self._copy_gain(conn, outstanding, now) if self.limit_endgame_copies else None
         blocks = picker.next_requests(conn, wanted, gain)
-        if len(blocks) < wanted and len(self._conns) > 1 and picker.in_endgame:
+        more = gain is not None and len(blocks) < wanted and len(self._conns) > 1
+        if more and picker.in_endgame:
             self._check_endgame_later()
         if blocks:
             if outstanding == 0:
