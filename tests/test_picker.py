@@ -158,6 +158,41 @@ def test_endgame_requests_duplicates_and_cancels_them() -> None:
     assert p.outstanding("b") == 1
 
 
+def test_endgame_asks_a_block_of_two_peers_at_most() -> None:
+    """libtorrent's rule, with a copy gain: the holder and one copy; a third peer gets
+    none of them (without one, the classic endgame: every peer gets every block)."""
+    p = make(num=2)
+    for name in "abcd":
+        peer(p, name)
+    blocks_a = p.next_requests("a", 8)
+    always = lambda holder, block, ahead: 1.0  # noqa: E731
+    assert len(p.next_requests("b", 8, always)) == 8
+    assert p.next_requests("c", 8, always) == []
+    assert len(p.next_requests("d", 8)) == 8
+    r = p.block_received("b", blocks_a[0])
+    assert set(r.cancels) == {("a", blocks_a[0]), ("d", blocks_a[0])}
+
+
+def test_endgame_copies_only_blocks_worth_it_biggest_saving_first() -> None:
+    p = make(num=2)
+    peer(p, "a")
+    peer(p, "b")
+    blocks_a = p.next_requests("a", 8)
+    # The holder will deliver its blocks in request order, 0.1 s apart; a copy
+    # would take 0.35 s, plus 0.1 s per copy asked ahead of it.
+    due = {b: 0.1 * (i + 1) for i, b in enumerate(blocks_a)}
+
+    def gain(holder: object, block: tuple[int, int, int], ahead: int) -> float:
+        assert holder == "a"
+        return due[block] - (0.35 + 0.1 * ahead)
+
+    copies = p.next_requests("b", 8, gain)
+    # Only the last blocks (due after 0.4 s and later) are worth a copy, and each
+    # copy asked makes the next one later: the last block, then the one before.
+    assert copies == [blocks_a[7], blocks_a[6], blocks_a[5]]
+    assert p.next_requests("b", 8, lambda h, b, n: -1.0) == []
+
+
 def test_no_endgame_while_blocks_are_unrequested() -> None:
     p = make(num=3)
     peer(p, "a")

@@ -97,3 +97,18 @@ def test_fast_start_medians_per_tree_and_the_trouble_in_the_logs(
     text = fast_start_table(rows)
     assert "| first_piece | 8.6 | 5.1 |" in text
     assert "| download loop start -> first block | 4.0 | 2.0 |" in text
+
+
+def test_wasted_is_what_came_beyond_the_missing_bytes() -> None:
+    """Bytes received beyond the file (endgame copies, blocks asked twice): a median
+    fraction per profile, in the table's last column."""
+    runs = []
+    for got in (21 * MB, 22 * MB, 30 * MB):
+        one = run(5.0, None)
+        one["anomos"] |= {"left_at_start": 20 * MB, "downloaded": got}
+        runs.append(one)
+    (row,) = summarize({"size": 20 * MB, "profiles": [{"profile": "p", "runs": runs}]})
+    assert row["wasted"] == 0.1
+    assert table([row]).splitlines()[2].endswith("| 0.1 |")
+    (row,) = summarize({"size": 20 * MB, "profiles": [{"profile": "p", "runs": [run(5.0, None)]}]})
+    assert row["wasted"] is None  # (summaries without the figures)

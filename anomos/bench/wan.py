@@ -644,8 +644,18 @@ def _line(size: int, one: dict[str, Any]) -> str:
     an_rate = _mbs(size, one["anomos"]["seconds"])
     return (
         f"libtorrent {lt_rate:.2f} MB/s, anomos {an_rate:.2f} MB/s "
-        f"(ratio {an_rate / lt_rate:.2f}), first byte {one['anomos'].get('first_byte_seconds')} s"
+        f"(ratio {an_rate / lt_rate:.2f}), first byte {one['anomos'].get('first_byte_seconds')} s, "
+        f"wasted {_wasted(one['anomos'])}"
     )
+
+
+def _wasted(report: dict[str, Any]) -> float | None:
+    """Piece bytes anomos received beyond what it lacked, as a fraction of that: endgame
+    copies, blocks asked twice (None from a summary without the figures)."""
+    left, got = report.get("left_at_start"), report.get("downloaded")
+    if not left or got is None:
+        return None
+    return round(got / left - 1, 4)
 
 
 def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -685,6 +695,7 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "anomos_first_byte": _median_or_none(
                     [r["anomos"].get("first_byte_seconds") for r in runs]
                 ),
+                "wasted": _median_or_none([_wasted(r["anomos"]) for r in runs], 3),
                 "anomos_startup": _startup_medians(runs),
                 "circuit_setup_seconds": _median_or_none(
                     [c.get("setup_seconds") for r in runs for c in r["anomos"]["circuits"]]
@@ -741,17 +752,17 @@ def _startup_medians(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
     return dict(sorted(medians.items(), key=lambda m: m[1]))
 
 
-def _median_or_none(values: Sequence[float | None]) -> float | None:
+def _median_or_none(values: Sequence[float | None], digits: int = 2) -> float | None:
     got = [v for v in values if v is not None]
-    return round(statistics.median(got), 2) if got else None
+    return round(statistics.median(got), digits) if got else None
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| per-node profile | libtorrent | anomos | ratio | after the first byte (lt / anomos "
         "/ ratio) | first byte (lt / anomos) | per circuit by relays (MB/s) "
-        "| peak in flight by relays (KiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| peak in flight by relays (KiB) | wasted |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         per = ", ".join(f"{k}: {v}" for k, v in r["per_circuit_mbs"].items())
@@ -761,7 +772,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['ratio']} | {r['libtorrent_after_first_byte_mbs']} / "
             f"{r['anomos_after_first_byte_mbs']} MB/s / {r['ratio_after_first_byte']} "
             f"| {r['lt_first_byte']} s / {r['anomos_first_byte']} s | {per} "
-            f"| {peak} |"
+            f"| {peak} | {r.get('wasted')} |"
         )
     for r in rows:
         steps = ", ".join(f"{k} {v}" for k, v in r.get("anomos_startup", {}).items())

@@ -104,6 +104,9 @@ MIN_RTT_RISE = 1.5
 PROBE_RTT_EXIT = 0.75
 #: Requests remembered for rate samples (bounds memory against a peer that never answers).
 MAX_TRACKED = 4096
+#: A request unanswered for this many times its expected time is late: its peer
+#: slowed down or stalled (:meth:`FlowControl.time_left`; the endgame copies it).
+LATE_FACTOR = 2.0
 
 
 @attrs.define
@@ -279,6 +282,35 @@ class FlowControl:
         else:
             target = max(CRUISE_FLOOR, int(bdp) + QUEUE_TARGET + _batch(int(bdp)))
         self.window = max(MIN_WINDOW, min(MAX_WINDOW, target))
+
+    def delivery_time(self, in_flight: int) -> float:
+        """Seconds until a request sent now, behind ``in_flight`` bytes, is answered
+        (infinite until a rate and an RTT are measured)."""
+        if not self.rate or not math.isfinite(self.min_rtt):
+            return math.inf
+        return self.min_rtt + in_flight / self.rate
+
+    def time_left(self, key: Hashable, now: float) -> float:
+        """Seconds until the block of request ``key`` should arrive, from when it was sent
+        and what was ahead of it; infinite when nothing is measured, the request is not
+        tracked, or it has taken :data:`LATE_FACTOR` times as long as it should (the peer
+        slowed down or stalled); 0 while it is late by less than that (jitter)."""
+        sent = self._sent.get(key)
+        if sent is None or not self.rate or not math.isfinite(self.min_rtt):
+            return math.inf
+        expected = self.min_rtt + sent.in_flight / self.rate
+        waited = now - sent.at
+        if waited > LATE_FACTOR * expected:
+            return math.inf
+        return max(0.0, expected - waited)
+
+    def bytes_ahead(self, key: Hashable) -> int | None:
+        """Bytes still to arrive before the block of request ``key`` completes (what was
+        outstanding when it was sent, less what came since), or None if not tracked."""
+        sent = self._sent.get(key)
+        if sent is None:
+            return None
+        return max(0, sent.in_flight - (self._delivered - sent.delivered)) + BLOCK
 
     def describe(self) -> str:
         """One line for the logs: what the controller measured and chose."""

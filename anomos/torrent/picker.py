@@ -12,9 +12,20 @@
   (priority band, availability, rank), so a pick is the first of them the
   peer has, not a scan of every piece: a torrent of 25,000 pieces would
   otherwise cost 25,000 steps per piece started.
-* Endgame: once every block still missing is requested, the outstanding
-  blocks are requested from every other peer that has them too; when one copy
-  arrives the duplicates are returned as cancels.
+* Endgame: once every block still missing is requested, an outstanding block
+  may be asked of one more peer (:data:`ENDGAME_COPIES`: two copies at most, as
+  libtorrent), and only where that copy is worth it: the caller's
+  ``copy_gain`` says how many seconds it would save (the session asks this of
+  its flow controllers: a block due soon at its holder is not copied, one due
+  late, overdue or held by a stalled peer is), the biggest savings first. When
+  one copy arrives the other is returned as a cancel. A copy nearly always arrives in full
+  (over a circuit the source has sent the block long before the cancel comes
+  back), so copies are the endgame's whole cost in bytes. Without ``copy_gain``
+  (the session's default, see ``TorrentSession.limit_endgame_copies``) every
+  outstanding block is asked of every peer that has it, as before.
+* Pieces named by a circuit's first ask still in flight (:meth:`PiecePicker.reserve`)
+  are picked last: the source sends their blocks unasked, and a block asked of
+  another peer meanwhile would come twice.
 * A piece that failed its hash is fetched again preferably from a peer that
   was involved in fewer failures of it, and from a single peer at a time
   (*exclusive*), so a second failure points at exactly one source.
@@ -41,6 +52,13 @@ from anomos.torrent.wire import BLOCK_SIZE
 Block = tuple[int, int, int]
 
 _MISSING, _REQUESTED, _RECEIVED = 0, 1, 2
+#: Peers a block is requested from at once in endgame: its first holder and one copy.
+ENDGAME_COPIES = 2
+
+#: ``copy_gain(holder, block, ahead)``: seconds a copy of ``block`` (requested from
+#: ``holder``) would arrive sooner than the holder's, asked now behind ``ahead``
+#: copies asked in the same call; a copy is requested only where this is positive.
+CopyGain = Callable[[Hashable, Block, int], float]
 
 
 class Priority(enum.IntEnum):
@@ -143,6 +161,8 @@ class PiecePicker:
         self._peers: dict[Hashable, _Peer] = {}
         #: Failed pieces: peer -> failures of that piece it supplied blocks to.
         self._fails: dict[int, dict[Hashable, int]] = {}
+        #: Pieces named by first asks not answered yet: picked last (see reserve).
+        self._reserved: set[int] = set()
 
     # ------------------------------------------------------------------ state
     @property
@@ -359,8 +379,11 @@ class PiecePicker:
         del self._peers[peer]
 
     # ------------------------------------------------------------------ requests
-    def next_requests(self, peer: Hashable, count: int) -> list[Block]:
-        """Up to ``count`` new blocks to request from ``peer`` (which must have unchoked us)."""
+    def next_requests(
+        self, peer: Hashable, count: int, copy_gain: CopyGain | None = None
+    ) -> list[Block]:
+        """Up to ``count`` new blocks to request from ``peer`` (which must have unchoked us);
+        in endgame, copies of outstanding blocks where ``copy_gain`` finds them worth it."""
         st = self._peers[peer]
         out: list[Block] = []
         if count <= 0 or st.choked or st.lacking == 0:
@@ -383,7 +406,7 @@ class PiecePicker:
                 break
             self._take(self._start(index), peer, st, out, count)
         if len(out) < count and self.in_endgame:
-            self._endgame(peer, st, out, count)
+            self._endgame(peer, st, out, count, copy_gain)
         return out
 
     def _start(self, index: int) -> _Partial:
@@ -401,6 +424,15 @@ class PiecePicker:
         self._partials[index] = part
         return part
 
+    def reserve(self, pieces: Iterable[int]) -> None:
+        """A first ask in flight names ``pieces``: pick them only when nothing else is
+        left, so its source's unasked blocks are not also asked of another peer."""
+        self._reserved.update(pieces)
+
+    def unreserve(self, pieces: Iterable[int]) -> None:
+        """The first ask naming ``pieces`` was answered (or its circuit failed)."""
+        self._reserved.difference_update(pieces)
+
     def unstarted(self, count: int, exclude: Container[int] = ()) -> list[int]:
         """Up to ``count`` wanted pieces not started, in the order new picks take them
         (priority, rarity, random rank), none of ``exclude``: what a first ask names
@@ -409,7 +441,7 @@ class PiecePicker:
         n, piece_of_rank = self.num_pieces, self._piece_of_rank
         for _, key in self._rarity:
             index = piece_of_rank[key % n]
-            if index not in exclude:
+            if index not in exclude and index not in self._reserved:
                 out.append(index)
                 if len(out) >= count:
                     break
@@ -465,11 +497,15 @@ class PiecePicker:
     def _pick_new(self, peer: Hashable, st: _Peer) -> int | None:
         """The rarest wanted piece ``peer`` has (random tie-break), or None."""
         has, fails, piece_of_rank, n = st.has, self._fails, self._piece_of_rank, self.num_pieces
+        reserved, fallback = self._reserved, None
         for _, key in self._available():  # pieces nobody has cannot match
             i = piece_of_rank[key % n]
             if has[i] and (i not in fails or self._may_take(peer, i)):
-                return i
-        return None
+                if i not in reserved:
+                    return i
+                if fallback is None:
+                    fallback = i
+        return fallback
 
     def _key(self, index: int) -> tuple[int, int]:
         """Sort key of a piece of the pool: its band, then availability, then random rank."""
@@ -511,21 +547,46 @@ class PiecePicker:
                 return False
         return True
 
-    def _endgame(self, peer: Hashable, st: _Peer, out: list[Block], count: int) -> None:
+    def _endgame(
+        self, peer: Hashable, st: _Peer, out: list[Block], count: int, gain: CopyGain | None
+    ) -> None:
+        """Copies for ``peer`` of outstanding blocks: every one without ``gain`` (the
+        classic endgame), else of those outstanding at fewer than ENDGAME_COPIES peers,
+        the ones ``gain`` finds worth it, best first."""
+        candidates: list[tuple[float, int, _Partial, int, set[Hashable]]] = []
         for part in self._partials.values():
             if not st.has[part.index]:
                 continue
             if part.exclusive and part.owner is not None and part.owner != peer:
                 continue
             for bno, reqs in part.requesters.items():
-                if peer in reqs:
+                if peer in reqs or (gain is not None and len(reqs) >= ENDGAME_COPIES):
                     continue
-                reqs.add(peer)
-                block = part.block(bno)
-                st.outstanding.add(block)
-                out.append(block)
+                if gain is None:
+                    self._copy(peer, st, part, bno, reqs, out)
+                    if len(out) >= count:
+                        return
+                    continue
+                best = min(gain(holder, part.block(bno), 0) for holder in reqs)
+                if best > 0:
+                    candidates.append((-best, len(candidates), part, bno, reqs))
+        if gain is None:
+            return
+        candidates.sort()
+        for _, _, part, bno, reqs in candidates:
+            if min(gain(holder, part.block(bno), len(out)) for holder in reqs) > 0:
+                self._copy(peer, st, part, bno, reqs, out)
                 if len(out) >= count:
                     return
+
+    @staticmethod
+    def _copy(
+        peer: Hashable, st: _Peer, part: _Partial, bno: int, reqs: set[Hashable], out: list[Block]
+    ) -> None:
+        reqs.add(peer)
+        block = part.block(bno)
+        st.outstanding.add(block)
+        out.append(block)
 
     # ------------------------------------------------------------------ arrivals
     def block_received(self, peer: Hashable, block: Block) -> Received:

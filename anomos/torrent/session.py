@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -52,7 +53,7 @@ from anomos.torrent import choker as choking
 from anomos.torrent import resume
 from anomos.torrent.choker import Choker, RateMeter
 from anomos.torrent.flow import INITIAL_WINDOW, FlowControl, RttProbes
-from anomos.torrent.picker import SKIP, Block, PiecePicker, Priority, band
+from anomos.torrent.picker import SKIP, Block, CopyGain, PiecePicker, Priority, band
 from anomos.torrent.storage import Storage
 from anomos.torrent.wire import (
     BLOCK_SIZE,
@@ -110,6 +111,17 @@ IDLE_TIMEOUT = 180.0
 REQUEST_TIMEOUT = 60.0
 #: How often keep-alives, idle and snub timers are checked.
 MAINTENANCE_INTERVAL = 5.0
+#: Endgame: a block outstanding at one connection is asked of another one too
+#: only if that one would deliver it this many times sooner (or the holder is
+#: late: flow.LATE_FACTOR). A copy nearly always arrives in full (the source sent
+#: the first long before a cancel reaches it): each one is a wasted block.
+COPY_MARGIN = 2.0
+#: Seconds of blocks before a connection's average delivered rate is trusted (the
+#: endgame's estimate of how fast its queue drains).
+AVERAGE_AFTER = 1.0
+#: Seconds between endgame checks while no block arrives (a late or stalled
+#: holder's blocks become worth copying with time, not with an event).
+ENDGAME_CHECK = 0.25
 #: How often resume data is saved while pieces keep arriving (a crash or a kill
 #: costs at most the pieces of this many seconds).
 RESUME_SAVE_INTERVAL = 5.0
@@ -175,6 +187,8 @@ class PeerConnection:
     downloaded: int = 0
     #: Payload received that we had not (or no longer) asked this peer for.
     wasted: int = 0
+    #: When its first block arrived (monotonic): its average rate is counted from then.
+    first_block_at: float | None = attrs.field(default=None, repr=False)
     closed: bool = False
     close_reason: str = ""
     greenlet: Greenlet | None = attrs.field(default=None, repr=False)
@@ -233,6 +247,14 @@ class FileProgress:
     bytes_completed: int
     wanted: bool
     priority: Priority
+
+
+def _average_rate(conn: PeerConnection, now: float) -> float | None:
+    """Useful bytes/s ``conn`` delivered since its first block (None: too soon to say)."""
+    since = conn.first_block_at
+    if since is None or now - since < AVERAGE_AFTER or conn.closed:
+        return None
+    return (conn.downloaded - conn.wasted) / (now - since)
 
 
 class TorrentSession:
@@ -303,8 +325,16 @@ class TorrentSession:
         #: When the first piece was verified (monotonic): the start of a download, measured.
         self.first_piece_at: float | None = None
         #: Pieces named by first asks whose sources have not answered yet (the next
-        #: circuit's ask names others).
+        #: circuit's ask names others, and the picker picks them last).
         self._named_first: set[int] = set()
+        #: Endgame: copy a block only where it saves time (COPY_MARGIN), to one more
+        #: connection at most. Off by default: with the flow control's windows (several
+        #: MiB a circuit at the end) the classic endgame, which copies every block
+        #: everywhere, throws 2-48 % of the file away but finishes long-RTT downloads
+        #: far sooner (docs/performance.md, *Bytes thrown away*).
+        self.limit_endgame_copies = False
+        #: The pending endgame check (see ENDGAME_CHECK), if any.
+        self._endgame_timer: Greenlet | None = None
         #: Speed limits the daemon sets (this torrent's, the session's): bytes read from
         #: every connection, and block bytes sent, wait for tokens of each.
         self.download_throttles: tuple[Throttle, ...] = ()
@@ -548,11 +578,15 @@ class TorrentSession:
         if not pieces:
             return None
         self._named_first.update(pieces)
+        picker.reserve(pieces)
         return FirstAsk(min(blocks, MAX_FIRST_BLOCKS), tuple(pieces))
 
     def first_ask_answered(self, ask: FirstAsk) -> None:
-        """``ask``'s source answered (or its circuit failed): later asks may name its pieces."""
+        """``ask``'s source answered (or its circuit failed): later asks and requests may
+        name its pieces."""
         self._named_first.difference_update(ask.pieces)
+        if self._picker is not None:
+            self._picker.unreserve(ask.pieces)
 
     def connect(
         self,
@@ -934,6 +968,8 @@ class TorrentSession:
         picker = self.picker
         index, begin = msg.index, msg.begin
         conn.flow.on_block((index, begin, n), n, now)
+        if conn.first_block_at is None:
+            conn.first_block_at = now
         if self.first_block_at is None:
             self.first_block_at = now
         result = picker.block_received(conn, (index, begin, n))
@@ -1123,9 +1159,13 @@ class TorrentSession:
         picker = self.picker
         outstanding = picker.outstanding(conn)
         wanted = conn.flow.wanted(outstanding * BLOCK_SIZE) // BLOCK_SIZE
-        if not wanted:
+        if wanted <= 0:
             return
-        blocks = picker.next_requests(conn, wanted)
+        gain = self._copy_gain(conn, outstanding, now) if self.limit_endgame_copies else None
+        blocks = picker.next_requests(conn, wanted, gain)
+        more = gain is not None and len(blocks) < wanted and len(self._conns) > 1
+        if more and picker.in_endgame:
+            self._check_endgame_later()
         if blocks:
             if outstanding == 0:
                 conn.last_block = now
@@ -1139,6 +1179,45 @@ class TorrentSession:
                 expect(in_flight + (outstanding + len(blocks)) * PIECE_OVERHEAD)
             conn.control.extend([encode_request(*b) for b in blocks])
             conn.wake.set()
+
+    def _copy_gain(self, conn: PeerConnection, outstanding: int, now: float) -> CopyGain:
+        """For the endgame: seconds a copy asked of ``conn`` would arrive before its
+        holder's block, less a margin (COPY_MARGIN times ``conn``'s own delivery time)."""
+        flow = conn.flow
+        rate = _average_rate(conn, now) or flow.rate
+
+        def gain(holder: Hashable, block: Block, ahead: int) -> float:
+            assert isinstance(holder, PeerConnection)
+            left = holder.flow.time_left(block, now)
+            if left == math.inf:
+                return math.inf
+            # The holder's queue drains at the rate it delivers, not the best it did.
+            queued = holder.flow.bytes_ahead(block)
+            holder_rate = _average_rate(holder, now)
+            if queued is not None and holder_rate:
+                left = max(left, queued / holder_rate)
+            if not rate or not math.isfinite(flow.min_rtt):
+                return -math.inf
+            own = flow.min_rtt + (outstanding + ahead + 1) * BLOCK_SIZE / rate
+            return left - COPY_MARGIN * own
+
+        return gain
+
+    def _check_endgame_later(self) -> None:
+        """Fill every connection again in ENDGAME_CHECK s: blocks not worth copying now
+        may be then (their holder is late), even if no block arrives meanwhile."""
+        timer = self._endgame_timer
+        if self._closed or (timer is not None and not timer.dead):
+            return
+
+        def check() -> None:
+            self._endgame_timer = None
+            if not self._closed and not self.complete:
+                for conn in list(self._conns):
+                    self._fill(conn)
+
+        self._endgame_timer = gevent.spawn_later(ENDGAME_CHECK, check)
+        self._group.add(self._endgame_timer)
 
     def _set_interested(self, conn: PeerConnection, interested: bool) -> None:
         if conn.am_interested == interested:
