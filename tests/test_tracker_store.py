@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import time
+from pathlib import Path
 
 import gevent
 import pytest
@@ -582,6 +584,27 @@ def test_a_restore_pauses_the_collector_and_gives_it_back(tmp_path, plugins, mon
     assert gc.isenabled()
 
 
+def _image_gens(state: Path) -> tuple[int, int]:
+    """The batches the tables' image and the graph's image were taken at."""
+    db = sqlite3.connect(state / DB_FILE, isolation_level=None)
+    try:
+        (image_gen,) = db.execute("SELECT gen FROM tables_image").fetchone()
+        (graph_gen,) = db.execute("SELECT gen FROM graph_image").fetchone()
+    finally:
+        db.close()
+    return image_gen, graph_gen
+
+
+def _rows_only_copy(state: Path, to: Path) -> Path:
+    """A copy of the tracker's state without its images: a restore from the rows alone."""
+    shutil.copytree(state, to)
+    db = sqlite3.connect(to / DB_FILE, isolation_level=None)
+    db.execute("DELETE FROM tables_image")
+    db.execute("DELETE FROM graph_image")
+    db.close()
+    return to
+
+
 def _pack_late(t: Tracker):
     """Take the images with the next batch, but have the writer thread pack the tables'
     only once the returned event is set (after the test changed more)."""
@@ -614,7 +637,6 @@ def test_a_restore_from_the_images_and_later_rows_equals_one_from_the_rows(tmp_p
     changed more (joins, leaves, new counters), and more is written after the image: a
     restart from the images equals one from the rows alone, and what was saved."""
     import random
-    import shutil
 
     rng = random.Random(7)
     state = tmp_path / "tracker"
@@ -629,9 +651,8 @@ def test_a_restore_from_the_images_and_later_rows_equals_one_from_the_rows(tmp_p
     _churn(t, live, rng, 200)
     t.flush()
     saved = _state(t)
+    image_gen, graph_gen = _image_gens(state)
     db = sqlite3.connect(state / DB_FILE, isolation_level=None)
-    (image_gen,) = db.execute("SELECT gen FROM tables_image").fetchone()
-    (graph_gen,) = db.execute("SELECT gen FROM graph_image").fetchone()
     logged = db.execute(
         "SELECT (SELECT count(*) FROM peers_log WHERE gen > ?),"
         " (SELECT count(*) FROM accounts_log WHERE gen > ?)",
@@ -640,12 +661,7 @@ def test_a_restore_from_the_images_and_later_rows_equals_one_from_the_rows(tmp_p
     db.close()
     assert image_gen == graph_gen < t.persistence.gen
     assert min(logged) > 10  # peers and accounts changed after the image
-    rows_only = tmp_path / "rows"
-    shutil.copytree(state, rows_only)
-    db = sqlite3.connect(rows_only / DB_FILE, isolation_level=None)
-    db.execute("DELETE FROM tables_image")
-    db.execute("DELETE FROM graph_image")
-    db.close()
+    rows_only = _rows_only_copy(state, tmp_path / "rows")
     # (A crash: the first tracker never closed its database.)
     from_images = Tracker(state, "127.0.0.1:0", plugins, _unlimited())
     from_rows = Tracker(rows_only, "127.0.0.1:0", plugins, _unlimited())
@@ -727,7 +743,6 @@ def test_accounts_moving_while_the_writer_copies_them_restore_as_from_the_rows(
     from it equal one from the rows alone."""
     import itertools
     import random
-    import shutil
     import sys
     import threading
 
@@ -829,17 +844,9 @@ def test_accounts_moving_while_the_writer_copies_them_restore_as_from_the_rows(
     _churn(t, live, rng, 100)
     t.flush()
     saved = _state(t)
-    db = sqlite3.connect(state / DB_FILE, isolation_level=None)
-    (image_gen,) = db.execute("SELECT gen FROM tables_image").fetchone()
-    (graph_gen,) = db.execute("SELECT gen FROM graph_image").fetchone()
-    db.close()
+    image_gen, graph_gen = _image_gens(state)
     assert image_gen == graph_gen < t.persistence.gen
-    rows_only = tmp_path / "rows"
-    shutil.copytree(state, rows_only)
-    db = sqlite3.connect(rows_only / DB_FILE, isolation_level=None)
-    db.execute("DELETE FROM tables_image")
-    db.execute("DELETE FROM graph_image")
-    db.close()
+    rows_only = _rows_only_copy(state, tmp_path / "rows")
     monkeypatch.undo()
     # (A crash: the first tracker never closed its database.)
     from_images = Tracker(state, "127.0.0.1:0", plugins, _unlimited())
