@@ -296,9 +296,9 @@ class FlowControl:
         tracked, or it has taken :data:`LATE_FACTOR` times as long as it should (the peer
         slowed down or stalled); 0 while it is late by less than that (jitter)."""
         sent = self._sent.get(key)
-        if sent is None or not self.rate or not math.isfinite(self.min_rtt):
+        expected = math.inf if sent is None else self.delivery_time(sent.in_flight)
+        if sent is None or not math.isfinite(expected):
             return math.inf
-        expected = self.min_rtt + sent.in_flight / self.rate
         waited = now - sent.at
         if waited > LATE_FACTOR * expected:
             return math.inf
