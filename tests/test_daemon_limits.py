@@ -61,6 +61,10 @@ def test_a_bad_limit_value_changes_nothing() -> None:
 def test_a_throttle_can_be_set_changed_and_lifted() -> None:
     throttle = Throttle()
     throttle.take(10**9)  # no rate: returns at once
+    assert throttle.step(256 * 1024) == 256 * 1024
+    throttle.set_rate(40_000)
+    # Under a limit, reads are one burst (a quarter second) at a time, so the pace is even.
+    assert throttle.step(256 * 1024) == 10_000 and throttle.step(4096) == 4096
     throttle.set_rate(1000)
     bucket = throttle._bucket
     throttle.set_rate(1000)

@@ -103,3 +103,10 @@ class Throttle:
         bucket = self._bucket
         if bucket is not None:
             bucket.take(n)
+
+    def step(self, most: int) -> int:
+        """Bytes to read at a time, at most ``most``: one burst while a rate is set, so
+        the pace is even (a big read would wait out its whole debt before its bytes
+        count, then the rest would come at once)."""
+        bucket = self._bucket
+        return most if bucket is None else max(1, min(most, int(bucket.burst)))

@@ -99,6 +99,10 @@ PIECE_OVERHEAD = 13
 MAX_PEER_REQUESTS = 2000
 #: Bytes asked of the stream per recv, and sent per sendall (at most, roughly).
 RECV_SIZE = 256 * 1024
+#: Under a download limit, a first ask is at most this many seconds of the limit,
+FIRST_ASK_LIMIT_SECONDS = 1.0
+#: and all connections together keep this many seconds of it in flight.
+LIMIT_AHEAD_SECONDS = 4.0
 SEND_BATCH = 256 * 1024
 #: Seconds to wait for the peer's handshake.
 HANDSHAKE_TIMEOUT = 30.0
@@ -247,6 +251,20 @@ class FileProgress:
     bytes_completed: int
     wanted: bool
     priority: Priority
+
+
+def _copy_if_late(now: float) -> CopyGain:
+    """The endgame under a download limit, where every copy takes bandwidth the limit
+    rations: copy a block only from a holder that has measured its pace and is late by
+    flow.LATE_FACTOR (stalled or slowed down)."""
+
+    def gain(holder: Hashable, block: Block, ahead: int) -> float:
+        assert isinstance(holder, PeerConnection)
+        flow = holder.flow
+        measured = flow.rate and math.isfinite(flow.min_rtt)
+        return math.inf if measured and flow.time_left(block, now) == math.inf else -math.inf
+
+    return gain
 
 
 def _average_rate(conn: PeerConnection, now: float) -> float | None:
@@ -566,10 +584,15 @@ class TorrentSession:
         """What a new circuit's HELLO asks its source to send unasked, at once: ``blocks``
         blocks of wanted pieces not started (nor named by another circuit's ask still
         unanswered), more pieces than needed in case the source lacks some. None
-        when there is nothing to ask for."""
+        when there is nothing to ask for. Under a download limit, at most
+        :data:`FIRST_ASK_LIMIT_SECONDS` of it: the rest would wait unread in the
+        circuit, ahead of every later request."""
         self.start()
         if self.complete:
             return None
+        limit = self.download_limit
+        if limit is not None:
+            blocks = min(blocks, max(1, int(limit * FIRST_ASK_LIMIT_SECONDS) // BLOCK_SIZE))
         picker = self.picker
         size = self.metainfo.piece_size(0)
         per_piece = max(1, -(-size // BLOCK_SIZE))
@@ -693,22 +716,22 @@ class TorrentSession:
                 HANDSHAKE_TIMEOUT, ProtocolError(f"no handshake within {HANDSHAKE_TIMEOUT:g} s")
             ):
                 while not messages:
-                    data = stream.recv(RECV_SIZE)
+                    data = stream.recv(self._recv_size())
                     if not data:
                         raise ProtocolError("closed during the handshake")
                     messages = reader.feed(data)
             conn.last_recv = time.monotonic()
             self._on_handshake(conn, messages[0])
+            self._throttle_download(len(data))
             self._handle_all(conn, messages[1:])
             while not conn.closed:
                 # Let other connections run even when this stream always has data.
                 gevent.sleep(0)
-                data = stream.recv(RECV_SIZE)
+                data = stream.recv(self._recv_size())
                 if not data:
                     self._close_conn(conn, "closed by peer")
                     return
-                for throttle in self.download_throttles:
-                    throttle.take(len(data))  # (reading late closes the circuit's window)
+                self._throttle_download(len(data))
                 conn.last_recv = time.monotonic()
                 self._handle_all(conn, reader.feed(data))
         except AnomosError as exc:
@@ -717,6 +740,24 @@ class TorrentSession:
             self._close_conn(conn, f"connection lost: {exc.strerror or exc}")
         finally:
             self._close_conn(conn, "closed")
+
+    @property
+    def download_limit(self) -> float | None:
+        """Bytes per second the tightest download throttle allows (None: no limit)."""
+        rates = [t.rate for t in self.download_throttles if t.rate]
+        return min(rates) if rates else None
+
+    def _recv_size(self) -> int:
+        size = RECV_SIZE
+        for throttle in self.download_throttles:
+            size = throttle.step(size)
+        return size
+
+    def _throttle_download(self, size: int) -> None:
+        """Wait for the download limits before handling ``size`` bytes read (reading
+        late closes the circuit's window, so the source slows down)."""
+        for throttle in self.download_throttles:
+            throttle.take(size)
 
     def _write_loop(self, conn: PeerConnection) -> None:
         stream = conn.stream
@@ -1159,9 +1200,17 @@ class TorrentSession:
         picker = self.picker
         outstanding = picker.outstanding(conn)
         wanted = conn.flow.wanted(outstanding * BLOCK_SIZE) // BLOCK_SIZE
+        limit = self.download_limit
+        if limit is not None:
+            wanted = min(wanted, self._limited_room(limit))
         if wanted <= 0:
             return
-        gain = self._copy_gain(conn, outstanding, now) if self.limit_endgame_copies else None
+        if limit is not None:
+            gain: CopyGain | None = _copy_if_late(now)
+        elif self.limit_endgame_copies:
+            gain = self._copy_gain(conn, outstanding, now)
+        else:
+            gain = None
         blocks = picker.next_requests(conn, wanted, gain)
         more = gain is not None and len(blocks) < wanted and len(self._conns) > 1
         if more and picker.in_endgame:
@@ -1179,6 +1228,14 @@ class TorrentSession:
                 expect(in_flight + (outstanding + len(blocks)) * PIECE_OVERHEAD)
             conn.control.extend([encode_request(*b) for b in blocks])
             conn.wake.set()
+
+    def _limited_room(self, limit: float) -> int:
+        """Blocks that may still be asked for under a download limit of ``limit`` bytes
+        per second: all connections together keep :data:`LIMIT_AHEAD_SECONDS` of it in
+        flight (more would only wait unread, and make every block late)."""
+        picker = self.picker
+        outstanding = sum(picker.outstanding(c) for c in self._conns)
+        return max(1, int(limit * LIMIT_AHEAD_SECONDS) // BLOCK_SIZE) - outstanding
 
     def _copy_gain(self, conn: PeerConnection, outstanding: int, now: float) -> CopyGain:
         """For the endgame: seconds a copy asked of ``conn`` would arrive before its
