@@ -427,6 +427,9 @@ class CloseCause(enum.Enum):
     REPLACED = "replaced by a new connection"
     STOPPED = "stopped"
     INTERNAL_ERROR = "internal error"
+    # A link we dialled that ended before the neighbour's AUTH_OK: a failed dial, as
+    # when the handshake itself fails (retried with backoff, never reported).
+    NOT_ACCEPTED = "not accepted"
     # The neighbour, or the path to it, went away.
     CLOSED_BY_NEIGHBOUR = "closed by neighbour"
     CONNECTION_LOST = "connection lost"
@@ -452,6 +455,7 @@ _LOCAL_CAUSES = frozenset(
         CloseCause.REPLACED,
         CloseCause.STOPPED,
         CloseCause.INTERNAL_ERROR,
+        CloseCause.NOT_ACCEPTED,
     }
 )
 _LOST_CAUSES = frozenset(
@@ -547,7 +551,13 @@ class Link:
     #: When the writer's send in progress started (0: none is).
     _send_started: float = attrs.field(default=0.0, repr=False)
     _reader_greenlet: Any = attrs.field(default=None, repr=False)
+    #: When the link was up: authenticated both ways (at a dialler: when AUTH_OK came).
     opened_at: float = attrs.field(factory=time.monotonic, repr=False)
+    #: False at a dialler until the neighbour's AUTH_OK arrives. Frames queued before
+    #: then go out right behind our AUTH: the neighbour (whose identity TLS proved)
+    #: reads them only once it has accepted us, and drops them with the connection if
+    #: it does not; so a circuit's CREATE need not wait a round trip for AUTH_OK.
+    accepted: bool = attrs.field(default=True, repr=False)
     #: Frames one circuit may have queued on this link (see CIRCUIT_QUEUE_FRAMES).
     queue_limit: int = attrs.field(factory=lambda: CIRCUIT_QUEUE_FRAMES, repr=False)
     #: Frames all circuits may have queued on this link (see LINK_QUEUE_FRAMES).
@@ -789,6 +799,12 @@ class Link:
         reason = CloseReason(CloseCause.CLOSED_BY_NEIGHBOUR)
         turn = 0
         try:
+            if not self.accepted:
+                try:
+                    self._await_accept()
+                except (ProtocolError, OSError) as exc:
+                    reason = CloseReason.of(CloseCause.NOT_ACCEPTED, exc)
+                    return
             for circ_id, cmd, payload in self.reader:
                 if self.closed_reason is not None:
                     return
@@ -821,6 +837,16 @@ class Link:
             reason = CloseReason.of(CloseCause.INTERNAL_ERROR, exc)
         finally:
             self.close(reason)
+
+    def _await_accept(self) -> None:
+        """The dialler's end of the handshake: the neighbour's AUTH_OK, in time."""
+        limit = self.manager.settings.handshake_timeout
+        timeout = ProtocolError(f"no AUTH_OK from NID {self.nid} within {limit:g} s")
+        with gevent.Timeout(limit, timeout):
+            _next_frame(self.reader, Cmd.AUTH_OK)
+        self.accepted = True
+        self.opened_at = time.monotonic()
+        self.manager.link_accepted(self)
 
     def _write_loop(self) -> None:
         sock = self.sock
@@ -1038,7 +1064,8 @@ class LinkManager:
         return self.links.get(nid)
 
     def wait_for(self, nid: int, timeout: float) -> Link:
-        """The link to ``nid``, waiting up to ``timeout`` s for it to come up."""
+        """The link to ``nid``, waiting up to ``timeout`` s for it to come up (one we
+        dialled may still wait for AUTH_OK: what is sent on it follows our AUTH)."""
         deadline = time.monotonic() + timeout
         self._awaited[nid] = self._awaited.get(nid, 0) + 1
         try:
@@ -1117,6 +1144,12 @@ class LinkManager:
                     continue
                 self._link_up(link)
                 link.run()
+                if not link.accepted:  # it closed before the neighbour's AUTH_OK
+                    why = link.closed_reason
+                    if why is not None and why.cause is CloseCause.NOT_ACCEPTED:
+                        log.info("cannot link to NID %d at %s: %s", nid, nb.address, why)
+                    gevent.sleep(backoff.next())
+                    continue
                 if time.monotonic() - link.opened_at >= STABLE_LINK:
                     backoff.reset()
                 gevent.sleep(backoff.next())
@@ -1150,13 +1183,14 @@ class LinkManager:
                     ticket if offerable(ticket) else b"",
                 )
                 sock.sendall(encode_frame(LINK_CIRC_ID, Cmd.AUTH, auth))
-                _next_frame(reader, Cmd.AUTH_OK)
         except BaseException:
             with contextlib.suppress(OSError):
                 sock.close()
             raise
+        # Up for our frames now; AUTH_OK is awaited by Link.run (see Link.accepted).
+        budget = self._budget(nid, expected)
         return Link(
-            nid, nb.address, expected, True, sock, reader, self, budget=self._budget(nid, expected)
+            nid, nb.address, expected, True, sock, reader, self, budget=budget, accepted=False
         )
 
     # ------------------------------------------------------------------ accepting
@@ -1286,13 +1320,19 @@ class LinkManager:
         return budget
 
     def _link_up(self, link: Link) -> None:
+        """Make ``link`` the one to its neighbour (a dialler's before AUTH_OK came)."""
         old = self.links.get(link.nid)
         self.links[link.nid] = link
         if old is not None:
             old.close(CloseReason(CloseCause.REPLACED))
-        log.info("link to NID %d (%s) is up", link.nid, link.address)
         self._changed.set()
         self._changed = gevent.event.Event()
+        if link.accepted:
+            self.link_accepted(link)
+
+    def link_accepted(self, link: Link) -> None:
+        """``link`` is authenticated both ways: now it is up for the peer and plugins."""
+        log.info("link to NID %d (%s) is up", link.nid, link.address)
         self.plugins.notify(
             "anomos_neighbour_up", peer=self.peer, nid=link.nid, address=link.address
         )
@@ -1303,12 +1343,14 @@ class LinkManager:
         nb = self._assigned.get(link.nid)
         if nb is not None and bytes(nb.identity) == link.identity:
             self._received[link.nid] = self._received.get(link.nid, 0) + link.cell_bytes_in
-        log.info("link to NID %d closed: %s", link.nid, reason)
-        if self.on_link_down is not None:
+        if link.accepted:  # (else never up: the dial loop logs the failed dial)
+            log.info("link to NID %d closed: %s", link.nid, reason)
+        if self.on_link_down is not None:  # circuits queued on it break either way
             try:
                 self.on_link_down(link, reason)
             except Exception:
                 log.exception("link-down handler failed for NID %d", link.nid)
-        self.plugins.notify(
-            "anomos_neighbour_down", peer=self.peer, nid=link.nid, reason=reason.text
-        )
+        if link.accepted:
+            self.plugins.notify(
+                "anomos_neighbour_down", peer=self.peer, nid=link.nid, reason=reason.text
+            )
