@@ -175,6 +175,7 @@ def test_unassigning_closes_the_link_and_dialler_reconnects(
     assert first.wait_closed(2)
     assert first.closed_reason is not None and first.closed_reason.cause.lost  # not ours
     wait_until(lambda: 2 in a.links.links and a.links.links[2] is not first)
+    wait_until(lambda: a.links.links[2].accepted)  # (up for the hooks at AUTH_OK)
     assert len(a.events.up) == 2 and a.events.down[0][0] == 2
     a.unassign(2)
     wait_until(lambda: not a.links.links and not b.links.links)
