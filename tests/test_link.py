@@ -543,3 +543,33 @@ def test_a_dialler_sends_its_first_frames_without_waiting_for_auth_ok(make_node:
     finally:
         g.kill()
         server.close()
+
+
+def test_a_circuit_frame_never_queues_behind_the_warm_up(make_node: Any, monkeypatch: Any) -> None:
+    """The warm-up padding yields to circuits: a frame queued as the link comes up goes
+    out first, and the rest of the warm-up is dropped (the circuit's cells warm the
+    link), so a REPLY crossing a new link never waits behind the padding."""
+    a, b = make_node(), make_node()
+    accepted = LinkManager.link_accepted
+    sent: list[int] = []
+
+    def at_accept(self: LinkManager, link: Any) -> None:
+        accepted(self, link)
+        if self is b.links:  # the listener, which warms its direction
+            sent.append(link.allocate_circ_id())
+            assert link.send(sent[0], Cmd.CREATED)
+
+    monkeypatch.setattr(LinkManager, "link_accepted", at_accept)
+    arrived: list[tuple[int, int]] = []
+
+    def on_frame(link: Any, circ_id: int, cmd: int, payload: Any) -> None:
+        arrived.append((cmd, link.reader.bytes_in))
+
+    a.links.on_frame = on_frame
+    pair(a, b)
+    wait_until(lambda: arrived)
+    assert arrived[0][0] == Cmd.CREATED and arrived[0][1] < linkmod.WARM_UP_CHUNK
+    assert b.links.get(7) is not None
+    b.links.get(7).send(sent[0], Cmd.BREAK, BREAK_PAYLOAD)  # type: ignore[union-attr]
+    wait_until(lambda: len(arrived) == 2)
+    assert arrived[1][0] == Cmd.BREAK and arrived[1][1] < linkmod.WARM_UP_CHUNK  # no more

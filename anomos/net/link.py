@@ -160,10 +160,17 @@ _PADDING_FRAME = encode_frame(LINK_CIRC_ID, Cmd.PADDING)
 #: Bytes of PADDING a new link sends first, to open TCP's congestion window before a
 #: circuit needs it: a cold connection sends 10 segments (14.5 KB) per round trip,
 #: and a circuit's first cells (the HELLO, the REPLY and the first record, 32 KiB
-#: each) would take two or three round trips of every cold hop.
-WARM_UP_BYTES = 64 * 1024
-_WARM_UP = [encode_frame(LINK_CIRC_ID, Cmd.PADDING, bytes(MAX_PADDING))] * (
-    WARM_UP_BYTES // MAX_PADDING
+#: each) would take two or three round trips of every cold hop. Under BBR it also
+#: sets the pacing rate of the link until bulk data crosses it (BBR keeps its
+#: bandwidth estimate through idle spells): after 64 KiB, ~1 MB/s at 100 ms RTT,
+#: 30 ms per 32 KiB cell and hop; after 256 KiB, ~3 MB/s (docs/performance.md).
+WARM_UP_BYTES = 256 * 1024
+#: The warm-up goes out in chunks of this many bytes, each only when nothing else
+#: waits to be sent and the kernel holds less than this unsent
+#: (TCP_NOTSENT_LOWAT while it lasts): a circuit's cell never queues behind more.
+WARM_UP_CHUNK = 32 * 1024
+_WARM_UP_CHUNK = b"".join(
+    [encode_frame(LINK_CIRC_ID, Cmd.PADDING, bytes(MAX_PADDING))] * (WARM_UP_CHUNK // MAX_PADDING)
 )
 _DATA = int(Cmd.DATA)
 
@@ -356,6 +363,16 @@ def _host(address: str) -> str:
     """The host part of ``host:port`` (the whole string if it has no port)."""
     host, sep, port = address.rpartition(":")
     return host.strip("[]") if sep and port.isdigit() else address
+
+
+def _set_notsent_lowat(sock: Any, limit: int | None) -> None:
+    """Let the kernel hold at most ``limit`` unsent bytes of ``sock`` (a TLSStream or a
+    raw socket; None: the system's default, 0), where the transport is a TCP socket."""
+    raw = getattr(sock, "sock", sock)
+    if not hasattr(raw, "setsockopt") or not hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        return
+    with contextlib.suppress(OSError):
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, limit or 0)
 
 
 def _next_frame(reader: FrameReader, expected: Cmd) -> memoryview:
@@ -562,6 +579,8 @@ class Link:
     queue_limit: int = attrs.field(factory=lambda: CIRCUIT_QUEUE_FRAMES, repr=False)
     #: Frames all circuits may have queued on this link (see LINK_QUEUE_FRAMES).
     link_limit: int = attrs.field(factory=lambda: LINK_QUEUE_FRAMES, repr=False)
+    #: Chunks of the warm-up (WARM_UP_CHUNK) still to send.
+    _warm_up_left: int = attrs.field(default=0, repr=False)
     #: Frames queued now, all circuits together.
     _queued: int = attrs.field(default=0, repr=False)
     _room: gevent.event.Event = attrs.field(factory=gevent.event.Event, repr=False)
@@ -793,7 +812,8 @@ class Link:
         # stopped per wake-up): one watchdog per link keeps time instead.
         self.sock.settimeout(None)
         if self.manager.warms(self):
-            self._control.extend(_WARM_UP)
+            self._warm_up_left = WARM_UP_BYTES // WARM_UP_CHUNK
+            _set_notsent_lowat(self.sock, WARM_UP_CHUNK)
         self._writer = gevent.spawn(self._write_loop)
         self._watchdog = gevent.spawn(self._watch, KEEPALIVE_INTERVAL, IDLE_TIMEOUT)
         reason = CloseReason(CloseCause.CLOSED_BY_NEIGHBOUR)
@@ -859,12 +879,16 @@ class Link:
         spent: list[bytearray] = []
         try:
             while self.closed_reason is None:
-                if not active and not control:
+                if not active and not control and not self._warm_up_left:
                     wake.clear()
                     wake.wait()  # (PADDING when idle: the watchdog queues it)
                     continue
                 batch: list[Any] = []
                 size = 0
+                warming = bool(self._warm_up_left) and not active and not control
+                if self._warm_up_left and (active or not control):
+                    self._warm_up_step(batch, bool(active))
+                    size = len(batch) * WARM_UP_CHUNK
                 while control:
                     frame = control.popleft()
                     batch.append(frame)
@@ -899,8 +923,21 @@ class Link:
                 self.bytes_out += size
                 if self._queued < self.link_limit:
                     self._room.set()
+                if warming:
+                    gevent.sleep(0)  # a circuit's frame queued meanwhile goes next
         except OSError as exc:
             self.close(CloseReason.of(CloseCause.SEND_FAILED, exc.strerror or exc))
+
+    def _warm_up_step(self, batch: list[Any], busy: bool) -> None:
+        """The next chunk of the warm-up into ``batch``; none, and no more, once circuits
+        use the link (their cells warm it, and must not wait behind padding)."""
+        if busy:
+            self._warm_up_left = 0
+        else:
+            batch.append(_WARM_UP_CHUNK)
+            self._warm_up_left -= 1
+        if not self._warm_up_left:
+            _set_notsent_lowat(self.sock, None)
 
     def _watch(self, keepalive: float, idle: float) -> None:
         """The link's one timer: PADDING once nothing was sent for ``keepalive``
