@@ -885,10 +885,10 @@ class Link:
                     continue
                 batch: list[Any] = []
                 size = 0
-                warming = bool(self._warm_up_left) and not active and not control
+                warming = False  # (the batch is a chunk of the warm-up alone)
                 if self._warm_up_left and (active or not control):
-                    self._warm_up_step(batch, bool(active))
-                    size = len(batch) * WARM_UP_CHUNK
+                    size = self._warm_up_step(batch, busy=bool(active))
+                    warming = size > 0
                 while control:
                     frame = control.popleft()
                     batch.append(frame)
@@ -928,16 +928,20 @@ class Link:
         except OSError as exc:
             self.close(CloseReason.of(CloseCause.SEND_FAILED, exc.strerror or exc))
 
-    def _warm_up_step(self, batch: list[Any], busy: bool) -> None:
-        """The next chunk of the warm-up into ``batch``; none, and no more, once circuits
-        use the link (their cells warm it, and must not wait behind padding)."""
+    def _warm_up_step(self, batch: list[Any], *, busy: bool) -> int:
+        """The next chunk of the warm-up into ``batch``, its size returned; none, and no
+        more, once circuits use the link (their cells warm it, and must not wait
+        behind padding)."""
+        added = 0
         if busy:
             self._warm_up_left = 0
         else:
             batch.append(_WARM_UP_CHUNK)
+            added = WARM_UP_CHUNK
             self._warm_up_left -= 1
         if not self._warm_up_left:
             _set_notsent_lowat(self.sock, None)
+        return added
 
     def _watch(self, keepalive: float, idle: float) -> None:
         """The link's one timer: PADDING once nothing was sent for ``keepalive``

@@ -304,7 +304,7 @@ class TorrentDownload:
 
     def _startup(self, launched: float) -> dict[str, float]:
         marks = {**self.peer.startup, **self._marks}
-        opened = [link.opened_at for link in self.peer.links.links.values()]
+        opened = [link.opened_at for link in self.peer.links.links.values() if link.accepted]
         if opened:
             marks["first_link"] = min(opened)
         for step, at in (
