@@ -356,11 +356,11 @@ class TorrentSession:
         #: circuit's ask names others, and the picker picks them last).
         self._named_first: set[int] = set()
         #: Endgame: copy a block only where it saves time (COPY_MARGIN), to one more
-        #: connection at most. Off by default: with the flow control's windows (several
-        #: MiB a circuit at the end) the classic endgame, which copies every block
-        #: everywhere, throws 2-48 % of the file away but finishes long-RTT downloads
-        #: far sooner (docs/performance.md, *Bytes thrown away*).
-        self.limit_endgame_copies = False
+        #: connection at most; else every outstanding block is asked of every connection
+        #: (the classic endgame: 1-24 % of the file thrown away over circuits, whose
+        #: cancels come too late). On since the windows fit the end of a download
+        #: (docs/performance.md, *Full cells, fewer copies*).
+        self.limit_endgame_copies = True
         #: The pending endgame check (see ENDGAME_CHECK), if any.
         self._endgame_timer: Greenlet | None = None
         #: Speed limits the daemon sets (this torrent's, the session's): bytes read from
@@ -1212,8 +1212,10 @@ class TorrentSession:
         if picker.adopt(conn, blocks):
             conn.last_block = time.monotonic()
 
-    def _fill(self, conn: PeerConnection) -> None:
-        """Top up the requests in flight to ``conn``."""
+    def _fill(self, conn: PeerConnection, *, endgame_check: bool = False) -> None:
+        """Top up the requests in flight to ``conn``. Copies worth asking in a limited
+        endgame are looked for only by the endgame check (``endgame_check``), every
+        ENDGAME_CHECK s: each look weighs every outstanding block."""
         if conn.closed or conn.peer_choking or not conn.am_interested:
             return
         now = time.monotonic()
@@ -1233,7 +1235,13 @@ class TorrentSession:
             gain = self._copy_gain(conn, outstanding, now)
         else:
             gain = None
-        blocks = picker.next_requests(conn, wanted, gain)
+        if gain is not None and not endgame_check and picker.in_endgame:
+            # Weighing every outstanding block on every arrival at every connection
+            # stalled the downloader for 0.5-1 s at the end of a download.
+            self._check_endgame_later()
+            blocks: list[Block] = []
+        else:
+            blocks = picker.next_requests(conn, wanted, gain)
         more = gain is not None and len(blocks) < wanted and len(self._conns) > 1
         if more and picker.in_endgame:
             self._check_endgame_later()
@@ -1299,7 +1307,7 @@ class TorrentSession:
             self._endgame_timer = None
             if not self._closed and not self.complete:
                 for conn in list(self._conns):
-                    self._fill(conn)
+                    self._fill(conn, endgame_check=True)
 
         self._endgame_timer = gevent.spawn_later(ENDGAME_CHECK, check)
         self._group.add(self._endgame_timer)
