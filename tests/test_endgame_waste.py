@@ -139,16 +139,36 @@ def test_an_honest_multi_link_download_wastes_a_few_percent_at_most(
 ) -> None:
     """Four links of different RTTs and rates to one source, as the WAN bench's
     circuits: the old endgame asked every outstanding block of every other link
-    and threw away 9-10 % of the file here; now copies go only where a holder is
-    late or much slower (2-4.5 % thrown away with the joint RTT probes), 6 % at
-    most."""
+    and threw away 9-10 % of the file here; now (by default) copies go only where
+    a holder is late or much slower (2-4.5 % thrown away with the joint RTT
+    probes), 6 % at most. The copies are weighed every ENDGAME_CHECK s, not on
+    every arrival at every link (which weighed every outstanding block each time
+    and stalled the downloader at the end of a download)."""
     m = big_torrent
     seeder = new_session(sessions, m, tmp_path / "seed")
     leech = new_session(sessions, m, tmp_path / "leech")
-    leech.limit_endgame_copies = True
     links = [(3e6, 0.05), (2.5e6, 0.08), (2e6, 0.1), (1.5e6, 0.15)]
     conns, _ = connect_links(seeder, leech, links)
+    picker = leech.picker
+    weighed = 0
+    endgame_since: float | None = None
+    endgame = picker._endgame
+
+    def counted(*args: object) -> None:
+        nonlocal weighed, endgame_since
+        weighed += 1
+        if endgame_since is None:
+            endgame_since = time.monotonic()
+        endgame(*args)  # type: ignore[arg-type]
+
+    picker._endgame = counted  # type: ignore[method-assign]
     assert leech.wait_complete(timeout=120)
+    assert endgame_since is not None
+    # At most every link at each check (and a few fills by other events): before,
+    # each arrival weighed once per link, 1,000+ times here.
+    checks = (time.monotonic() - endgame_since) / session_mod.ENDGAME_CHECK + 1
+    print(f"copies weighed {weighed} times in {checks:.0f} endgame checks")
+    assert weighed <= len(links) * checks + 20, (weighed, checks)
     size = m.total_length
     per_link = [c.downloaded for c in conns]
     assert all(n > 0 for n in per_link), per_link  # every link carried its share

@@ -21,7 +21,7 @@
   one copy arrives the other is returned as a cancel. A copy nearly always arrives in full
   (over a circuit the source has sent the block long before the cancel comes
   back), so copies are the endgame's whole cost in bytes. Without ``copy_gain``
-  (the session's default, see ``TorrentSession.limit_endgame_copies``) every
+  (``TorrentSession.limit_endgame_copies`` off) every
   outstanding block is asked of every peer that has it, as before.
 * Pieces named by a circuit's first ask still in flight (:meth:`PiecePicker.reserve`)
   are picked last: the source sends their blocks unasked, and a block asked of

@@ -104,6 +104,11 @@ FIRST_ASK_LIMIT_SECONDS = 1.0
 #: and all connections together keep this many seconds of it in flight.
 LIMIT_AHEAD_SECONDS = 4.0
 SEND_BATCH = 256 * 1024
+#: Seconds a source holds the last partial cell of a burst while the peer's next
+#: requests may fill it (a 16 KiB block and its header do not divide a cell: a burst
+#: sent whole ends in a cell 1-50 % full, 2-11 % of a circuit's bytes). The peer
+#: says when none are coming (a keep-alive); this bounds the wait if it does not.
+HOLD_TAIL = 0.2
 #: Seconds to wait for the peer's handshake.
 HANDSHAKE_TIMEOUT = 30.0
 #: Send a keep-alive after this long without sending anything.
@@ -217,6 +222,11 @@ class PeerConnection:
     #: at the source's first unchoke.
     ask_to_serve: FirstAsk | None = attrs.field(default=None, repr=False)
     ask_sent: FirstAsk | None = attrs.field(default=None, repr=False)
+    #: At a source: the peer's last message was a request, so more are likely on their
+    #: way (the writer holds a partial cell back for them; see HOLD_TAIL).
+    more_requests_coming: bool = attrs.field(default=False, repr=False)
+    #: At a downloader: requests went out since we last told the peer none are coming.
+    asked_since_hint: bool = attrs.field(default=False, repr=False)
 
     @property
     def corrupt(self) -> bool:
@@ -346,11 +356,11 @@ class TorrentSession:
         #: circuit's ask names others, and the picker picks them last).
         self._named_first: set[int] = set()
         #: Endgame: copy a block only where it saves time (COPY_MARGIN), to one more
-        #: connection at most. Off by default: with the flow control's windows (several
-        #: MiB a circuit at the end) the classic endgame, which copies every block
-        #: everywhere, throws 2-48 % of the file away but finishes long-RTT downloads
-        #: far sooner (docs/performance.md, *Bytes thrown away*).
-        self.limit_endgame_copies = False
+        #: connection at most; else every outstanding block is asked of every connection
+        #: (the classic endgame: 1-24 % of the file thrown away over circuits, whose
+        #: cancels come too late). On since the windows fit the end of a download
+        #: (docs/performance.md, *Full cells, fewer copies*).
+        self.limit_endgame_copies = True
         #: The pending endgame check (see ENDGAME_CHECK), if any.
         self._endgame_timer: Greenlet | None = None
         #: Speed limits the daemon sets (this torrent's, the session's): bytes read from
@@ -767,7 +777,10 @@ class TorrentSession:
         corked = False
         try:
             while not conn.closed:
-                conn.wake.wait()
+                if not conn.wake.wait(HOLD_TAIL if corked else None):
+                    stream.sendall(b"")  # no request came to fill the held cell
+                    corked = False
+                    continue
                 conn.wake.clear()
                 while not conn.closed:
                     parts = conn.control
@@ -785,8 +798,8 @@ class TorrentSession:
                         size += 13 + length
                         served += length
                     if not parts:
-                        if corked:  # what the last burst held back (MSG_MORE) goes now
-                            stream.sendall(b"")
+                        if corked and not conn.more_requests_coming:
+                            stream.sendall(b"")  # what the last burst held back goes now
                             corked = False
                         break
                     for throttle in self.upload_throttles if served else ():
@@ -797,9 +810,14 @@ class TorrentSession:
                         self.uploaded += served
                         conn.up_meter.add(served, now)
                     conn.send_since = now
-                    # More blocks to come at once: let the stream fill its last cell
-                    # with them rather than send a nearly empty one (MSG_MORE).
-                    corked = more_flag != 0 and bool(requests) and not conn.am_choking
+                    # More blocks to come (queued, or the peer's next requests): let
+                    # the stream fill its last cell with them rather than send a nearly
+                    # empty one (MSG_MORE).
+                    corked = (
+                        more_flag != 0
+                        and not conn.am_choking
+                        and (bool(requests) or (served > 0 and conn.more_requests_coming))
+                    )
                     stream.sendall(b"".join(parts), more_flag if corked else 0)
                     conn.send_since = None
                     conn.last_send = time.monotonic()
@@ -864,6 +882,9 @@ class TorrentSession:
             if conn.closed:
                 return
             kind = type(msg)
+            if kind is not Request and conn.more_requests_coming:
+                conn.more_requests_coming = False  # the writer sends what it held back
+                conn.wake.set()
             if kind is Piece:
                 self._on_piece(conn, msg)
             elif kind is Request:
@@ -943,6 +964,7 @@ class TorrentSession:
         if len(conn.requests) >= MAX_PEER_REQUESTS:
             raise ProtocolError(f"more than {MAX_PEER_REQUESTS} requests queued")
         conn.requests.append((msg.index, msg.begin, msg.length))
+        conn.more_requests_coming = True
         conn.wake.set()
 
     def _on_dont_have(self, conn: PeerConnection, index: int) -> None:
@@ -1190,8 +1212,10 @@ class TorrentSession:
         if picker.adopt(conn, blocks):
             conn.last_block = time.monotonic()
 
-    def _fill(self, conn: PeerConnection) -> None:
-        """Top up the requests in flight to ``conn``."""
+    def _fill(self, conn: PeerConnection, *, endgame_check: bool = False) -> None:
+        """Top up the requests in flight to ``conn``. Copies worth asking in a limited
+        endgame are looked for only by the endgame check (``endgame_check``), every
+        ENDGAME_CHECK s: each look weighs every outstanding block."""
         if conn.closed or conn.peer_choking or not conn.am_interested:
             return
         now = time.monotonic()
@@ -1211,7 +1235,13 @@ class TorrentSession:
             gain = self._copy_gain(conn, outstanding, now)
         else:
             gain = None
-        blocks = picker.next_requests(conn, wanted, gain)
+        if gain is not None and not endgame_check and picker.in_endgame:
+            # Weighing every outstanding block on every arrival at every connection
+            # stalled the downloader for 0.5-1 s at the end of a download.
+            self._check_endgame_later()
+            blocks: list[Block] = []
+        else:
+            blocks = picker.next_requests(conn, wanted, gain)
         more = gain is not None and len(blocks) < wanted and len(self._conns) > 1
         if more and picker.in_endgame:
             self._check_endgame_later()
@@ -1227,7 +1257,13 @@ class TorrentSession:
             if expect is not None:  # a circuit: let its window carry what we asked for
                 expect(in_flight + (outstanding + len(blocks)) * PIECE_OVERHEAD)
             conn.control.extend([encode_request(*b) for b in blocks])
+            conn.asked_since_hint = True
             conn.wake.set()
+        if len(blocks) < wanted and conn.asked_since_hint:
+            # Nothing more to ask of it for now: the source holds the last partial
+            # cell of its burst for our next requests until told none are coming.
+            conn.asked_since_hint = False
+            conn.send(KeepAlive().encode())
 
     def _limited_room(self, limit: float) -> int:
         """Blocks that may still be asked for under a download limit of ``limit`` bytes
@@ -1271,7 +1307,7 @@ class TorrentSession:
             self._endgame_timer = None
             if not self._closed and not self.complete:
                 for conn in list(self._conns):
-                    self._fill(conn)
+                    self._fill(conn, endgame_check=True)
 
         self._endgame_timer = gevent.spawn_later(ENDGAME_CHECK, check)
         self._group.add(self._endgame_timer)
@@ -1298,6 +1334,7 @@ class TorrentSession:
             ask, conn.ask_to_serve = conn.ask_to_serve, None
             have = self._have
             conn.requests.extend(ask.blocks_from(lambda i: bool(have[i]), self.metainfo.piece_size))
+            conn.more_requests_coming = True
             conn.wake.set()
 
     def _maybe_unchoke(self, conn: PeerConnection) -> None:
