@@ -24,8 +24,11 @@
   (``TorrentSession.limit_endgame_copies`` off) every
   outstanding block is asked of every peer that has it, as before.
 * Pieces named by a circuit's first ask still in flight (:meth:`PiecePicker.reserve`)
-  are picked last: the source sends their blocks unasked, and a block asked of
-  another peer meanwhile would come twice.
+  are not asked of another peer until that ask is overdue, and then only once
+  nothing else is left: the source sends their blocks unasked, and a block asked
+  of another peer meanwhile would come twice. A peer finding only such pieces
+  gets nothing; its caller looks again when an ask is answered or at
+  :meth:`PiecePicker.reserved_due`.
 * A piece that failed its hash is fetched again preferably from a peer that
   was involved in fewer failures of it, and from a single peer at a time
   (*exclusive*), so a second failure points at exactly one source.
@@ -41,6 +44,7 @@ from __future__ import annotations
 import enum
 import random
 import sys
+import time
 from collections.abc import Callable, Container, Hashable, Iterable, Iterator
 
 import attrs
@@ -135,8 +139,11 @@ class PiecePicker:
         have: bytes | bytearray | None = None,
         bands: bytes | bytearray | None = None,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``bands``: one :func:`band` per piece (None: every piece wanted, normal)."""
+        """``bands``: one :func:`band` per piece (None: every piece wanted, normal);
+        ``clock``: seconds, for when a first ask is overdue (tests pass a fake one)."""
+        self._clock = clock
         self.num_pieces = num_pieces
         self.piece_size = piece_size
         self._have = bytearray(have) if have is not None else bytearray(num_pieces)
@@ -161,8 +168,8 @@ class PiecePicker:
         self._peers: dict[Hashable, _Peer] = {}
         #: Failed pieces: peer -> failures of that piece it supplied blocks to.
         self._fails: dict[int, dict[Hashable, int]] = {}
-        #: Pieces named by first asks not answered yet: picked last (see reserve).
-        self._reserved: set[int] = set()
+        #: Pieces named by first asks not answered yet -> when that ask is overdue.
+        self._reserved: dict[int, float] = {}
 
     # ------------------------------------------------------------------ state
     @property
@@ -424,14 +431,26 @@ class PiecePicker:
         self._partials[index] = part
         return part
 
-    def reserve(self, pieces: Iterable[int]) -> None:
-        """A first ask in flight names ``pieces``: pick them only when nothing else is
-        left, so its source's unasked blocks are not also asked of another peer."""
-        self._reserved.update(pieces)
+    def reserve(self, pieces: Iterable[int], patience: float) -> None:
+        """A first ask in flight names ``pieces``: its source will send their blocks
+        unasked, so they are asked of no other peer for ``patience`` seconds (the
+        answer is expected by then), and after that only when nothing else is left:
+        an ask that is never answered holds nothing up for longer."""
+        due = self._clock() + patience
+        for index in pieces:
+            self._reserved[index] = due
 
     def unreserve(self, pieces: Iterable[int]) -> None:
         """The first ask naming ``pieces`` was answered (or its circuit failed)."""
-        self._reserved.difference_update(pieces)
+        for index in pieces:
+            self._reserved.pop(index, None)
+
+    def reserved_due(self) -> float | None:
+        """When the next first ask still in time becomes overdue (on ``clock``), so its
+        pieces may be picked; None if none is. A caller whose peer got fewer blocks
+        than it has room for looks again then."""
+        now = self._clock()
+        return min((due for due in self._reserved.values() if due > now), default=None)
 
     def unstarted(self, count: int, exclude: Container[int] = ()) -> list[int]:
         """Up to ``count`` wanted pieces not started, in the order new picks take them
@@ -495,16 +514,20 @@ class PiecePicker:
             part.owner = peer
 
     def _pick_new(self, peer: Hashable, st: _Peer) -> int | None:
-        """The rarest wanted piece ``peer`` has (random tie-break), or None."""
+        """The rarest wanted piece ``peer`` has (random tie-break), else the rarest one
+        a first ask reserved and did not get in time, or None."""
         has, fails, piece_of_rank, n = st.has, self._fails, self._piece_of_rank, self.num_pieces
-        reserved, fallback = self._reserved, None
+        reserved, fallback, now = self._reserved, None, None
         for _, key in self._available():  # pieces nobody has cannot match
             i = piece_of_rank[key % n]
             if has[i] and (i not in fails or self._may_take(peer, i)):
-                if i not in reserved:
+                due = reserved.get(i)
+                if due is None:
                     return i
                 if fallback is None:
-                    fallback = i
+                    now = self._clock() if now is None else now
+                    if due <= now:
+                        fallback = i
         return fallback
 
     def _key(self, index: int) -> tuple[int, int]:

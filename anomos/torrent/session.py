@@ -103,6 +103,12 @@ RECV_SIZE = 256 * 1024
 FIRST_ASK_LIMIT_SECONDS = 1.0
 #: and all connections together keep this many seconds of it in flight.
 LIMIT_AHEAD_SECONDS = 4.0
+#: A first ask is overdue (its pieces may be asked of other connections, which
+#: wait for it till then) after FIRST_ASK_RTTS round trips of the slowest open
+#: circuit (its own is unknown before it is built: building it and the answer take
+#: ~1-2), and never before FIRST_ASK_PATIENCE seconds.
+FIRST_ASK_RTTS = 4
+FIRST_ASK_PATIENCE = 3.0
 SEND_BATCH = 256 * 1024
 #: Seconds a source holds the last partial cell of a burst while the peer's next
 #: requests may fill it (a 16 KiB block and its header do not divide a cell: a burst
@@ -353,7 +359,7 @@ class TorrentSession:
         #: When the first piece was verified (monotonic): the start of a download, measured.
         self.first_piece_at: float | None = None
         #: Pieces named by first asks whose sources have not answered yet (the next
-        #: circuit's ask names others, and the picker picks them last).
+        #: circuit's ask names others, and the picker holds them back: reserve).
         self._named_first: set[int] = set()
         #: Endgame: copy a block only where it saves time (COPY_MARGIN), to one more
         #: connection at most; else every outstanding block is asked of every connection
@@ -363,6 +369,8 @@ class TorrentSession:
         self.limit_endgame_copies = True
         #: The pending endgame check (see ENDGAME_CHECK), if any.
         self._endgame_timer: Greenlet | None = None
+        #: The pending look at the pieces of a first ask becoming overdue, if any.
+        self._overdue_timer: Greenlet | None = None
         #: Speed limits the daemon sets (this torrent's, the session's): bytes read from
         #: every connection, and block bytes sent, wait for tokens of each.
         self.download_throttles: tuple[Throttle, ...] = ()
@@ -611,15 +619,35 @@ class TorrentSession:
         if not pieces:
             return None
         self._named_first.update(pieces)
-        picker.reserve(pieces)
+        rtts = [c.flow.min_rtt for c in self._conns if math.isfinite(c.flow.min_rtt)]
+        picker.reserve(pieces, max(FIRST_ASK_PATIENCE, FIRST_ASK_RTTS * max(rtts, default=0)))
         return FirstAsk(min(blocks, MAX_FIRST_BLOCKS), tuple(pieces))
 
     def first_ask_answered(self, ask: FirstAsk) -> None:
         """``ask``'s source answered (or its circuit failed): later asks and requests may
-        name its pieces."""
+        name its pieces, and connections that found only those asked for nothing."""
         self._named_first.difference_update(ask.pieces)
         if self._picker is not None:
             self._picker.unreserve(ask.pieces)
+            for conn in list(self._conns):
+                self._fill(conn)
+
+    def _look_again_when_overdue(self) -> None:
+        """A connection got fewer blocks than it had room for: if a first ask in flight
+        holds pieces back, fill every connection again once it is overdue."""
+        due = self.picker.reserved_due()
+        timer = self._overdue_timer
+        if due is None or self._closed or (timer is not None and not timer.dead):
+            return  # (a pending look schedules the next one if still needed)
+
+        def look() -> None:
+            self._overdue_timer = None
+            if not self._closed and not self.complete:
+                for conn in list(self._conns):
+                    self._fill(conn)
+
+        self._overdue_timer = gevent.spawn_later(max(0.0, due - time.monotonic()), look)
+        self._group.add(self._overdue_timer)
 
     def connect(
         self,
@@ -1206,11 +1234,11 @@ class TorrentSession:
         controller: sent with the HELLO, they say nothing of this circuit's RTT)."""
         ask, conn.ask_sent = conn.ask_sent, None
         assert ask is not None
-        self.first_ask_answered(ask)
         picker = self.picker
         blocks = ask.blocks_from(lambda i: picker.peer_has(conn, i), self.metainfo.piece_size)
         if picker.adopt(conn, blocks):
             conn.last_block = time.monotonic()
+        self.first_ask_answered(ask)  # (after the adoption: others may take the rest)
 
     def _fill(self, conn: PeerConnection, *, endgame_check: bool = False) -> None:
         """Top up the requests in flight to ``conn``. Copies worth asking in a limited
@@ -1259,6 +1287,8 @@ class TorrentSession:
             conn.control.extend([encode_request(*b) for b in blocks])
             conn.asked_since_hint = True
             conn.wake.set()
+        if len(blocks) < wanted:
+            self._look_again_when_overdue()
         if len(blocks) < wanted and conn.asked_since_hint:
             # Nothing more to ask of it for now: the source holds the last partial
             # cell of its burst for our next requests until told none are coming.
