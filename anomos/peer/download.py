@@ -385,6 +385,10 @@ class TorrentDownload:
             g = self.peer.spawn(self._run_circuit, plan)
             self._active.add(g)
             g.link(self._finished)
+        if len(plans) < count:
+            # The tracker plans one circuit per source and request: with fewer sources
+            # than circuits wanted, ask again now, not a tick later per circuit.
+            self._changed.set()
 
     def _finished(self, g: gevent.Greenlet) -> None:
         self._active.discard(g)
