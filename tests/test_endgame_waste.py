@@ -203,3 +203,34 @@ def test_a_link_that_stalls_mid_download_does_not_hold_the_last_piece(
     # What it held came over the other link.
     assert other.downloaded >= held * BLOCK_SIZE
     assert leech.wasted <= 0.03 * m.total_length
+
+
+def test_circuits_opened_together_do_not_copy_each_others_first_blocks(
+    tmp_path: Path,
+    sessions: list[TorrentSession],  # noqa: F811
+) -> None:
+    """A small download over four circuits opened at once, as a download starts: two
+    first asks name every piece, so the download is in endgame before any circuit
+    has measured a block (a first ask's blocks come unasked: the flow controller
+    times none of them). A holder with nothing measured is not known to be late:
+    none of its blocks is asked of another circuit while it delivers (the old
+    endgame copied them: 1.2-1.26x the selection in tests/test_select_e2e.py). A
+    stalled holder's blocks are still copied (the test above)."""
+    share = tmp_path / "seed" / "share"
+    share.mkdir(parents=True)
+    (share / "small.bin").write_bytes(bytes(range(256)) * (2 * MiB // 256))
+    m = make_metainfo(
+        share, trackers=["https://t.example/announce"], piece_length=256 * 1024, progress=False
+    )
+    seeder = new_session(sessions, m, tmp_path / "seed")
+    leech = new_session(sessions, m, tmp_path / "leech")
+    conns = []
+    for i, (rate, delay) in enumerate([(3e6, 0.05), (2.5e6, 0.08), (2e6, 0.1), (1.5e6, 0.15)]):
+        ask = leech.first_ask()  # 32 blocks: four pieces named, then four, then none
+        src, dst, _ = link(delay, Uplink(rate), rate)
+        seeder.add_connection(src, f"down{i}", asked=True, first_ask=ask.encode() if ask else b"")
+        conns.append(leech.connect(dst, f"link{i}", ask_sent=ask))
+    assert leech.wait_complete(timeout=60)
+    per_link = [c.downloaded for c in conns]
+    print(f"wasted {leech.wasted} bytes, per link {per_link}")
+    assert leech.wasted == 0, per_link

@@ -18,6 +18,18 @@ PIECE = 256 * 1024
 SIZES = {"a.bin": 4 * PIECE + PIECE // 2, "b.bin": 24 * PIECE, "c.bin": 2 * PIECE + 999}
 
 
+#: Received / needed at most: endgame copies are few (one block, a handful at worst);
+#: blocks asked again while a first ask's source was sending them unasked cost
+#: 1.32-1.45x (circuits started together fell back on reserved pieces at once).
+MAX_RECEIVED_RATIO = 1.15
+
+
+def no_more_than_needed(report: dict[str, int]) -> None:
+    ratio = report["downloaded"] / report["left_at_start"]
+    print(f"received / needed: {ratio:.3f}")  # (pytest -s: docs/performance.md quotes it)
+    assert ratio <= MAX_RECEIVED_RATIO, report
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_get_only_fetches_the_chosen_files_then_a_plain_get_the_rest(tmp_path: Path) -> None:
@@ -63,8 +75,8 @@ def test_get_only_fetches_the_chosen_files_then_a_plain_get_the_rest(tmp_path: P
         wanted = SIZES["a.bin"] + SIZES["c.bin"] + head + tail
         assert report["files_wanted"] == 2 and report["files"] == 3
         assert report["left_at_start"] == wanted < total // 3, report
-        # (endgame may fetch a block twice over two circuits)
-        assert wanted <= report["downloaded"] <= wanted + 2 * PIECE, report
+        assert wanted <= report["downloaded"], report
+        no_more_than_needed(report)
 
         # A plain get on the same state wants every file again: only b.bin's pieces come.
         summary = tmp_path / "second.json"
@@ -74,5 +86,5 @@ def test_get_only_fetches_the_chosen_files_then_a_plain_get_the_rest(tmp_path: P
             assert (got / name).read_bytes() == data, name
         report = json.loads(summary.read_text())
         assert report["left_at_start"] == total - wanted, report
-        assert report["downloaded"] <= report["left_at_start"] + 2 * PIECE, report
+        no_more_than_needed(report)
         assert "complete: share 3 of 3 files" in second.log_path.read_text()

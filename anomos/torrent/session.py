@@ -52,7 +52,7 @@ from anomos.progress import bar
 from anomos.torrent import choker as choking
 from anomos.torrent import resume
 from anomos.torrent.choker import Choker, RateMeter
-from anomos.torrent.flow import INITIAL_WINDOW, FlowControl, RttProbes
+from anomos.torrent.flow import INITIAL_WINDOW, LATE_FACTOR, FlowControl, RttProbes
 from anomos.torrent.picker import SKIP, Block, CopyGain, PiecePicker, Priority, band
 from anomos.torrent.storage import Storage
 from anomos.torrent.wire import (
@@ -131,6 +131,13 @@ MAINTENANCE_INTERVAL = 5.0
 #: late: flow.LATE_FACTOR). A copy nearly always arrives in full (the source sent
 #: the first long before a cancel reaches it): each one is a wasted block.
 COPY_MARGIN = 2.0
+#: Endgame: a block its holder has no time for (no rate measured there yet, or a
+#: first ask's block, sent unasked) is copied only once that holder delivered nothing
+#: for this long (or LATE_FACTOR of the copier's RTT, if longer) since it was last
+#: asked: until then it is not known to be late, and a copy most likely comes twice
+#: (at the start of a small download, circuits opened together copied each other's
+#: first blocks: 1.2-1.26x the selection in tests/test_select_e2e.py).
+UNTIMED_GRACE = 0.5
 #: Seconds of blocks before a connection's average delivered rate is trusted (the
 #: endgame's estimate of how fast its queue drains).
 AVERAGE_AFTER = 1.0
@@ -1308,14 +1315,19 @@ class TorrentSession:
         holder's block, less a margin (COPY_MARGIN times ``conn``'s own delivery time)."""
         flow = conn.flow
         rate = _average_rate(conn, now) or flow.rate
+        own_rtt = flow.min_rtt if math.isfinite(flow.min_rtt) else 0.0
+        grace = max(UNTIMED_GRACE, LATE_FACTOR * own_rtt)
 
         def gain(holder: Hashable, block: Block, ahead: int) -> float:
             assert isinstance(holder, PeerConnection)
             left = holder.flow.time_left(block, now)
+            queued = holder.flow.bytes_ahead(block)
             if left == math.inf:
+                untimed = queued is None or not math.isfinite(holder.flow.delivery_time(0))
+                if untimed and now - holder.last_block < grace:
+                    return -math.inf  # not known to be late
                 return math.inf
             # The holder's queue drains at the rate it delivers, not the best it did.
-            queued = holder.flow.bytes_ahead(block)
             holder_rate = _average_rate(holder, now)
             if queued is not None and holder_rate:
                 left = max(left, queued / holder_rate)
