@@ -17,7 +17,8 @@
   libtorrent), and only where that copy is worth it: the caller's
   ``copy_gain`` says how many seconds it would save (the session asks this of
   its flow controllers: a block due soon at its holder is not copied, one due
-  late, overdue or held by a stalled peer is), the biggest savings first. When
+  late, overdue or held by a stalled peer is, one whose holder measured nothing
+  yet only once that holder is quiet), the biggest savings first. When
   one copy arrives the other is returned as a cancel. A copy nearly always arrives in full
   (over a circuit the source has sent the block long before the cancel comes
   back), so copies are the endgame's whole cost in bytes. Without ``copy_gain``
