@@ -634,8 +634,10 @@ class TorrentSession:
         """``ask``'s source answered (or its circuit failed): later asks and requests may
         name its pieces, and connections that found only those asked for nothing."""
         self._named_first.difference_update(ask.pieces)
-        if self._picker is not None:
-            self._picker.unreserve(ask.pieces)
+        if self._picker is None:
+            return
+        self._picker.unreserve(ask.pieces)
+        if not self._closed:
             for conn in list(self._conns):
                 self._fill(conn)
 
