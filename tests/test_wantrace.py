@@ -42,7 +42,17 @@ def test_where_the_uplink_went(tmp_path: Path) -> None:
                     "conns": [conn(3_000_000, 4_000_000), conn(500_000, 2_000_000)],
                 }
             )
-        up.append({"t": t, "sent": sent, "nodes": {"1:9": sent, "1:5": 1.1 * sent}, "cpu": cpu})
+        # The downloader runs 0.3 of a core and waits for one 0.5 of the time.
+        sched = {"get": (int(t * 0.3e9), int(t * 0.5e9)), "gone": None}
+        up.append(
+            {
+                "t": t,
+                "sent": sent,
+                "nodes": {"1:9": sent, "1:5": 1.1 * sent},
+                "cpu": cpu,
+                "sched": sched,
+            }
+        )
         sent += rate * 0.25
         cpu = (cpu[0] + 45, cpu[1] + 50)  # 90 % busy
         t = round(t + 0.25, 2)
@@ -64,6 +74,7 @@ def test_where_the_uplink_went(tmp_path: Path) -> None:
     assert got["in_flight"]["ticks_some_circuit_under_half"] == got["in_flight"]["ticks"]
     # The relay behind the seeder sent 1.1 times its bytes: listed first.
     assert list(got["uplinks_mb"]) == ["1:5", "1:9"]
+    assert got["cores"] == {"get": {"running": 0.3, "waiting": 0.5}}
 
 
 def test_tc_and_ss_output_parsed() -> None:

@@ -142,6 +142,10 @@ class WanNet:
     def _sh(self, *cmd: str) -> None:
         _run(*self.prefix, *cmd)
 
+    def pids(self) -> dict[str, int]:
+        """The emulation's own processes (the delay line), by name."""
+        return {"delay line": self._delay.pid} if self._delay is not None else {}
+
     def add_node(self, rate_bits: int | None = None) -> str:
         """A new address with its own uplink (the profile's rate unless given)."""
         n = len(self.nodes) + 2
@@ -370,7 +374,6 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
             from anomos.bench.wantrace import UplinkWatch
 
             uplink = UplinkWatch(net.prefix, seed_host, trace / "uplink.jsonl")
-            uplink.start()
         launched = time.monotonic()
         proc = local.start_peer(
             "get", "get", str(atorrent), "--dest", str(work / "got"), "--summary", str(summary),
@@ -378,6 +381,9 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
             host=net.add_node(), prefix=net.prefix, wait=False,
         )  # fmt: skip
         start_cpu = _cpu_seconds(local.procs)
+        if uplink is not None:
+            uplink.pids = {p.name: p.pid for p in local.procs} | net.pids()
+            uplink.start()
         relays = [p for p in local.procs if p.name.startswith("relay")]
         queues = QueueWatch(net, relays)
         queues.start()

@@ -42,9 +42,12 @@ class UplinkWatch(threading.Thread):
     """Samples the uplinks, sockets and CPUs into ``out`` (JSON lines) every INTERVAL s;
     ``address`` is the seeder's."""
 
-    def __init__(self, prefix: Sequence[str], address: str, out: Path) -> None:
+    def __init__(
+        self, prefix: Sequence[str], address: str, out: Path, pids: dict[str, int] | None = None
+    ) -> None:
         super().__init__(daemon=True)
         self.prefix, self.address, self.out = list(prefix), address, out
+        self.pids = dict(pids or {})
         self.classid = f"1:{address.rpartition('.')[2]}"  # WanNet.add_node's numbering
         self._stop_event = threading.Event()
 
@@ -75,6 +78,7 @@ class UplinkWatch(threading.Thread):
         return {
             "t": round(t, 4),
             "cpu": _cpu_jiffies(),
+            "sched": {name: _schedstat(pid) for name, pid in self.pids.items()},
             "sent": mine.get("sent"),
             "backlog": mine.get("backlog"),
             "nodes": {cid: c["sent"] for cid, c in classes.items()},
@@ -95,6 +99,17 @@ def _cpu_jiffies() -> tuple[int, int]:
         ticks = [int(n) for n in f.readline().split()[1:]]
     idle = ticks[3] + ticks[4]  # idle, iowait
     return sum(ticks) - idle, sum(ticks)
+
+
+def _schedstat(pid: int) -> tuple[int, int] | None:
+    """(ns on a CPU, ns runnable but waiting for one) of process ``pid`` (its main
+    thread), or None once it is gone: a process that waits long for a CPU runs late."""
+    try:
+        with open(f"/proc/{pid}/schedstat", encoding="ascii") as f:
+            ran, waited = f.read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return int(ran), int(waited)
 
 
 _CLASS = re.compile(r"class htb (\S+) .*?Sent (\d+) bytes.*?backlog (\d+)b", re.S)
@@ -121,14 +136,14 @@ _SS_FIELDS = {
 
 
 def _sockets(ss: str) -> list[tuple[str, str, int, dict[str, Any]]]:
-    """(local address:port, peer address:port, Send-Q, figures) of each established TCP socket in
-    ``ss -tniH`` output (each socket's details on the line after its own)."""
+    """(local address:port, peer address:port, Send-Q, figures: Recv-Q and the details on
+    the line after) of each established TCP socket in ``ss -tniH`` output."""
     out: list[tuple[str, str, int, dict[str, Any]]] = []
     for line in ss.splitlines():
         fields = line.split()
         if fields and fields[0] == "ESTAB" and len(fields) >= 5:
             local, peer = fields[3], fields[4]
-            out.append((local, peer, int(fields[2]), {}))
+            out.append((local, peer, int(fields[2]), {"recv_q": int(fields[1])}))
         elif out and line[:1].isspace():
             info = out[-1][3]
             for name, pattern in _SS_FIELDS.items():
@@ -196,6 +211,26 @@ def analyse(folder: Path, rate_bits: int, getter: str = "get") -> dict[str, Any]
         }
     out["in_flight"] = _in_flight(down, first, last)
     out["uplinks_mb"] = _uplinks(uplink, first, last)
+    out["cores"] = _cores(uplink, first, last)
+    return out
+
+
+def _cores(uplink: list[dict[str, Any]], a: float, b: float) -> dict[str, dict[str, float]]:
+    """Per traced process between ``a`` and ``b``: cores it ran on, and cores' worth of
+    time it was runnable but waited for a CPU (from its schedstat)."""
+    inside = [u for u in uplink if a <= u["t"] <= b and u.get("sched")]
+    if len(inside) < 2:
+        return {}
+    out = {}
+    for name in inside[0]["sched"]:
+        first, last = inside[0]["sched"].get(name), inside[-1]["sched"].get(name)
+        if first is None or last is None:
+            continue
+        seconds = (inside[-1]["t"] - inside[0]["t"]) * 1e9
+        out[name] = {
+            "running": round((last[0] - first[0]) / seconds, 3),
+            "waiting": round((last[1] - first[1]) / seconds, 3),
+        }
     return out
 
 
