@@ -327,8 +327,9 @@ class WanOptions:
     settle: float = 3.0
     #: Run the anomos processes from this source tree (a before/after comparison).
     code: Path | None = None
-    #: Trace each anomos run every 0.25 s (:mod:`anomos.bench.wantrace`): the seeder's
-    #: uplink, each circuit's window and bytes in flight; the report gets the analysis.
+    #: Trace each anomos run every 0.25 s (:mod:`anomos.bench.wantrace`): every node's
+    #: uplink and sockets, each circuit's window and bytes in flight, each process's
+    #: wait for a CPU; the report gets the analysis.
     trace: bool = False
     #: Only the start (:func:`run_fast_start`): each run launches ``anomos get`` on a
     #: network that settled, from ``code`` and from this tree in turn, no libtorrent.
@@ -369,11 +370,6 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
         )  # fmt: skip
         summary = work / "summary.json"
         time.sleep(options.settle)
-        uplink = None
-        if options.trace:
-            from anomos.bench.wantrace import UplinkWatch
-
-            uplink = UplinkWatch(net.prefix, seed_host, trace / "uplink.jsonl")
         launched = time.monotonic()
         proc = local.start_peer(
             "get", "get", str(atorrent), "--dest", str(work / "got"), "--summary", str(summary),
@@ -381,8 +377,12 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
             host=net.add_node(), prefix=net.prefix, wait=False,
         )  # fmt: skip
         start_cpu = _cpu_seconds(local.procs)
-        if uplink is not None:
-            uplink.pids = {p.name: p.pid for p in local.procs} | net.pids()
+        uplink = None
+        if options.trace:
+            from anomos.bench.wantrace import UplinkWatch
+
+            pids = {p.name: p.pid for p in local.procs} | net.pids()
+            uplink = UplinkWatch(net.prefix, seed_host, trace / "uplink.jsonl", pids)
             uplink.start()
         relays = [p for p in local.procs if p.name.startswith("relay")]
         queues = QueueWatch(net, relays)

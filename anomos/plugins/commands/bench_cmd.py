@@ -105,8 +105,9 @@ def _scale(text: str) -> tuple[int, ...]:
 @click.option(
     "--trace",
     is_flag=True,
-    help="With --wan: trace each anomos run every 0.25 s (the seeder's uplink, each "
-    "circuit's window and bytes in flight; in --dir) and say where the uplink went.",
+    help="With --wan: trace each anomos run every 0.25 s (uplinks, sockets, each "
+    "circuit's window and bytes in flight, CPU waits; in --dir) and say where the "
+    "seeder's uplink went.",
 )
 @click.option(
     "--profile",
