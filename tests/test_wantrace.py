@@ -4,11 +4,21 @@ the seeder's uplink (made-up samples, no root needed)."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
+import gevent
+
 from anomos.bench.wantrace import _classes, _sockets, analyse
+from anomos.net.ratelimit import Throttle
+from anomos.pluginmanager import get_plugins
 from anomos.torrent import flowtrace
+from anomos.torrent.flow import MIN_WINDOW
+from anomos.torrent.metainfo import make_metainfo
+from anomos.torrent.session import TorrentSession
 
 RATE = 100 * 10**6  # bits/s
 CAP = RATE / 8
@@ -107,3 +117,61 @@ def test_the_session_timeline_is_off_unless_asked(monkeypatch: Any, tmp_path: Pa
     assert flowtrace.trace_dir() is None
     monkeypatch.setenv(flowtrace.TRACE_ENV, str(tmp_path))
     assert flowtrace.trace_dir() == tmp_path
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        a = socket.create_connection(listener.getsockname())
+        b, _ = listener.accept()
+    return a, b
+
+
+def test_sessions_write_their_timelines_when_asked(monkeypatch: Any, tmp_path: Path) -> None:
+    """Over real sockets: the downloader's timeline shows its bytes and its connection's
+    window; the seeder's lists a connection that never sent a handshake too."""
+    trace = tmp_path / "trace"
+    monkeypatch.setenv(flowtrace.TRACE_ENV, str(trace))
+    data = tmp_path / "seed" / "file.bin"
+    data.parent.mkdir()
+    data.write_bytes(os.urandom(3 << 20))
+    meta = make_metainfo(data, trackers=["https://127.0.0.1:1/announce"], progress=False)
+    made = []
+    try:
+        for label, root in (("seeder", tmp_path / "seed"), ("leech", tmp_path / "leech")):
+            made.append(
+                TorrentSession(meta, root, plugins=get_plugins(load_entrypoints=False), label=label)
+            )
+            made[-1].start()
+        seeder, leech = made
+        slow = Throttle()  # 3 MiB in ~1 s: a few ticks with the connection open
+        slow.set_rate(3e6)
+        leech.download_throttles = (slow,)
+        silent, _other_end = tcp_pair()
+        seeder.add_connection(silent, "silent")  # no handshake, ever
+        a, b = tcp_pair()
+        seeder.add_connection(a, "leech")
+        leech.add_connection(b, "seeder")
+        assert leech.wait_complete(timeout=30)
+
+        def lines(name: str) -> list[dict[str, Any]]:
+            (path,) = trace.glob(f"{name}-{os.getpid()}.jsonl")
+            return [json.loads(line) for line in path.read_text().splitlines()]
+
+        def done() -> bool:
+            got = lines("leech")
+            silent_seen = any(c["c"] == "silent" for line in lines("seeder") for c in line["conns"])
+            return bool(got) and got[-1]["received"] == meta.total_length and silent_seen
+
+        deadline = time.monotonic() + 10
+        while not done() and time.monotonic() < deadline:
+            gevent.sleep(0.05)
+        assert done()
+        got = lines("leech")
+        assert got[-1]["left"] == 0
+        with_conn = [line for line in got if line["conns"]]
+        assert with_conn and with_conn[0]["conns"][0]["win"] >= MIN_WINDOW
+    finally:
+        for session in made:
+            session.close()
