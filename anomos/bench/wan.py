@@ -142,6 +142,10 @@ class WanNet:
     def _sh(self, *cmd: str) -> None:
         _run(*self.prefix, *cmd)
 
+    def pids(self) -> dict[str, int]:
+        """The emulation's own processes (the delay line), by name."""
+        return {"delay line": self._delay.pid} if self._delay is not None else {}
+
     def add_node(self, rate_bits: int | None = None) -> str:
         """A new address with its own uplink (the profile's rate unless given)."""
         n = len(self.nodes) + 2
@@ -323,6 +327,10 @@ class WanOptions:
     settle: float = 3.0
     #: Run the anomos processes from this source tree (a before/after comparison).
     code: Path | None = None
+    #: Trace each anomos run every 0.25 s (:mod:`anomos.bench.wantrace`): every node's
+    #: uplink and sockets, each circuit's window and bytes in flight, each process's
+    #: wait for a CPU; the report gets the analysis.
+    trace: bool = False
     #: Only the start (:func:`run_fast_start`): each run launches ``anomos get`` on a
     #: network that settled, from ``code`` and from this tree in turn, no libtorrent.
     fast_start: bool = False
@@ -337,6 +345,12 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
     env = {"PYTHONDONTWRITEBYTECODE": "", "PYTHONPYCACHEPREFIX": str(work.parent / "pycache")}
     if options.code is not None:  # and not the tree in the current directory (-m adds it)
         env |= {"PYTHONPATH": str(options.code), "PYTHONSAFEPATH": "1"}
+    trace = work / "trace"
+    if options.trace:
+        from anomos.torrent.flowtrace import TRACE_ENV
+
+        trace.mkdir(exist_ok=True)
+        env[TRACE_ENV] = str(trace)
     local = LocalNetwork(work / "anomos", verbose=1, extra_env=env)
     try:
         hops = ("--relays", options.circuit_relays) if options.circuit_relays else ()
@@ -349,9 +363,10 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
         for i in range(options.relays):
             host = net.add_node(options.relay_bits)
             local.start_peer(f"relay{i}", "relay", host=host, prefix=net.prefix)
+        seed_host = net.add_node()
         local.start_peer(
             "seed", "seed", str(atorrent), "--data", str(data),
-            host=net.add_node(), prefix=net.prefix,
+            host=seed_host, prefix=net.prefix,
         )  # fmt: skip
         summary = work / "summary.json"
         time.sleep(options.settle)
@@ -362,6 +377,13 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
             host=net.add_node(), prefix=net.prefix, wait=False,
         )  # fmt: skip
         start_cpu = _cpu_seconds(local.procs)
+        uplink = None
+        if options.trace:
+            from anomos.bench.wantrace import UplinkWatch
+
+            pids = {p.name: p.pid for p in local.procs} | net.pids()
+            uplink = UplinkWatch(net.prefix, seed_host, trace / "uplink.jsonl", pids)
+            uplink.start()
         relays = [p for p in local.procs if p.name.startswith("relay")]
         queues = QueueWatch(net, relays)
         queues.start()
@@ -369,6 +391,8 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
             rc = proc.popen.wait(options.timeout + 30)
         finally:
             queues.stop()
+            if uplink is not None:
+                uplink.stop()
         seconds = time.monotonic() - launched
         if rc != 0:
             raise AnomosError(f"anomos get exited {rc}: {proc.log_tail(8)}")
@@ -376,6 +400,10 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
         report["launch_seconds"] = seconds
         report["start_trouble"] = start_trouble(work / "anomos")
         report["relay_queues"] = queues.peaks()
+        if options.trace:
+            from anomos.bench.wantrace import analyse
+
+            report["trace"] = analyse(trace, net.profile.rate_bits)
         # Cores each process used while `get` ran: a saturated one is the cap.
         end_cpu = _cpu_seconds(local.procs)
         report["cores"] = {
@@ -522,6 +550,8 @@ def run_wan(
                 anomos = _anomos_run(net, work, data, options)
             one = {"libtorrent": lt_result, "anomos": anomos}
             echo(f"{profile.name} run {run + 1}: " + _line(options.size, one))
+            if anomos.get("trace"):
+                echo(f"  trace: {json.dumps(anomos['trace'])}")
             entry["runs"].append(one)
         results.append(entry)
     return {"size": options.size, "relays": options.relays, "profiles": results}

@@ -50,7 +50,7 @@ from anomos.errors import AnomosError, ProtocolError, StorageError
 from anomos.net.ratelimit import Throttle, TokenBucket
 from anomos.progress import bar
 from anomos.torrent import choker as choking
-from anomos.torrent import resume
+from anomos.torrent import flowtrace, resume
 from anomos.torrent.choker import Choker, RateMeter
 from anomos.torrent.flow import INITIAL_WINDOW, LATE_FACTOR, FlowControl, RttProbes
 from anomos.torrent.picker import SKIP, Block, CopyGain, PiecePicker, Priority, band
@@ -594,6 +594,9 @@ class TorrentSession:
             self._save_resume()
         self._spawn(self._choke_loop)
         self._spawn(self._maintenance_loop)
+        trace = flowtrace.trace_dir()
+        if trace is not None:
+            self._spawn(flowtrace.run, self, trace)
         if self.resume_dir is not None:
             self._spawn(self._resume_loop)
 

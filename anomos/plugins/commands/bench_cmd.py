@@ -103,6 +103,13 @@ def _scale(text: str) -> tuple[int, ...]:
     "shows what a relay queues when its downstream is slower.",
 )
 @click.option(
+    "--trace",
+    is_flag=True,
+    help="With --wan: trace each anomos run every 0.25 s (uplinks, sockets, each "
+    "circuit's window and bytes in flight, CPU waits; in --dir) and say where the "
+    "seeder's uplink went.",
+)
+@click.option(
     "--profile",
     "profiles",
     multiple=True,
@@ -126,6 +133,7 @@ def bench_command(
     sources: int | None,
     circuit_relays: str | None,
     fast_start: bool,
+    trace: bool,
 ) -> None:
     """Benchmark anomos on this machine: every peer a separate process on loopback."""
     if wan:
@@ -133,6 +141,7 @@ def bench_command(
             "sources": sources,
             "circuit_relays": circuit_relays,
             "fast_start": fast_start,
+            "trace": trace or None,
         }
         _wan(size_text, runs, profiles, code, relay_rate, wan_extra, json_path, workdir)
         return
