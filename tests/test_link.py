@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -414,6 +415,29 @@ def test_tls_stream_returns_every_buffered_record_in_one_call() -> None:
     assert calls <= 2  # the socket may deliver it in two reads; never a call per record
     client.close()
     assert server.recv_into(buf) == 0
+    server.close()
+
+
+def test_tls_stream_sends_more_than_the_socket_holds_intact() -> None:
+    """A write far beyond the socket's buffers goes out in several partial sends,
+    each resumed where the last stopped: every byte arrives once, in order."""
+    a, b = socket.socketpair()
+    server = linkmod.TLSStream(a, linkmod.server_context(PeerIdentity.generate()), server_side=True)
+    client = linkmod.TLSStream(b, linkmod.client_context(), server_side=False)
+    done = gevent.spawn(server.do_handshake)
+    client.do_handshake()
+    done.get(timeout=5)
+    message = os.urandom(8 << 20)
+    writer = gevent.spawn(client.sendall, message)
+    buf = bytearray(len(message))
+    got = 0
+    with gevent.Timeout(20):
+        while got < len(message):
+            got += server.recv_into(memoryview(buf)[got : got + 65536])
+            gevent.sleep(0)  # a slow reader: the writer meets a full socket often
+    writer.get(timeout=5)
+    assert buf == message
+    client.close()
     server.close()
 
 

@@ -278,6 +278,7 @@ class TLSStream:
         self._buf = bytearray(TLS_RECV_CHUNK)
         self._view = memoryview(self._buf)
         self._lock = gevent.lock.Semaphore()
+        self._send = getattr(sock, "send", None) or _send_whole(sock)
 
     def do_handshake(self) -> None:
         while True:
@@ -347,7 +348,12 @@ class TLSStream:
         with self._lock:
             data = self._out.read()
             if data:
-                self.sock.sendall(data)
+                # ``send`` in a loop, not ``sendall``: gevent's sendall asks the kernel
+                # for SO_SNDBUF (a system call) and slices in Python on every call.
+                view = memoryview(data)
+                send = self._send
+                while view:
+                    view = view[send(view) :]
 
     def settimeout(self, timeout: float | None) -> None:
         self.sock.settimeout(timeout)
@@ -357,6 +363,16 @@ class TLSStream:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _send_whole(sock: Any) -> Callable[[memoryview], int]:
+    """``send`` for a transport stream that has only ``sendall``."""
+
+    def send(view: memoryview) -> int:
+        sock.sendall(view)
+        return len(view)
+
+    return send
 
 
 def _host(address: str) -> str:
