@@ -393,14 +393,20 @@ def test_raw_dial_goes_through_the_configured_transports(make_node: Any) -> None
         a.links.dial("abcdefghijklmnop.onion:80", timeout=2)
 
 
-def test_tls_stream_returns_every_buffered_record_in_one_call() -> None:
-    """One recv_into hands over all the TLS records already in, not one 16 KiB record."""
+def tls_stream_pair() -> tuple[linkmod.TLSStream, linkmod.TLSStream]:
+    """Server and client ends of a TLS stream over a socketpair, handshake done."""
     a, b = socket.socketpair()
     server = linkmod.TLSStream(a, linkmod.server_context(PeerIdentity.generate()), server_side=True)
     client = linkmod.TLSStream(b, linkmod.client_context(), server_side=False)
     done = gevent.spawn(server.do_handshake)
     client.do_handshake()
     done.get(timeout=5)
+    return server, client
+
+
+def test_tls_stream_returns_every_buffered_record_in_one_call() -> None:
+    """One recv_into hands over all the TLS records already in, not one 16 KiB record."""
+    server, client = tls_stream_pair()
     message = bytes(range(256)) * 400  # 100 KiB: seven TLS records
     writer = gevent.spawn(client.sendall, message)  # one write of seven records
     buf = bytearray(256 * 1024)
@@ -421,12 +427,7 @@ def test_tls_stream_returns_every_buffered_record_in_one_call() -> None:
 def test_tls_stream_sends_more_than_the_socket_holds_intact() -> None:
     """A write far beyond the socket's buffers goes out in several partial sends,
     each resumed where the last stopped: every byte arrives once, in order."""
-    a, b = socket.socketpair()
-    server = linkmod.TLSStream(a, linkmod.server_context(PeerIdentity.generate()), server_side=True)
-    client = linkmod.TLSStream(b, linkmod.client_context(), server_side=False)
-    done = gevent.spawn(server.do_handshake)
-    client.do_handshake()
-    done.get(timeout=5)
+    server, client = tls_stream_pair()
     message = os.urandom(8 << 20)
     writer = gevent.spawn(client.sendall, message)
     buf = bytearray(len(message))

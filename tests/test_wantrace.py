@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import gevent
+from test_session import tcp_pair
 
 from anomos.bench.wantrace import _classes, _sockets, analyse
 from anomos.net.ratelimit import Throttle
@@ -117,15 +117,6 @@ def test_the_session_timeline_is_off_unless_asked(monkeypatch: Any, tmp_path: Pa
     assert flowtrace.trace_dir() is None
     monkeypatch.setenv(flowtrace.TRACE_ENV, str(tmp_path))
     assert flowtrace.trace_dir() == tmp_path
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        a = socket.create_connection(listener.getsockname())
-        b, _ = listener.accept()
-    return a, b
 
 
 def test_sessions_write_their_timelines_when_asked(monkeypatch: Any, tmp_path: Path) -> None:
