@@ -1070,12 +1070,13 @@ class TorrentSession:
         conn.down_meter.add(n, now)
         picker = self.picker
         index, begin = msg.index, msg.begin
-        conn.flow.on_block((index, begin, n), n, now)
+        block = (index, begin, n)
+        conn.flow.on_block(block, n, now)
         if conn.first_block_at is None:
             conn.first_block_at = now
         if self.first_block_at is None:
             self.first_block_at = now
-        result = picker.block_received(conn, (index, begin, n))
+        result = picker.block_received(conn, block)
         if not result.accepted:
             conn.wasted += n
             self.wasted += n
@@ -1088,9 +1089,9 @@ class TorrentSession:
             self._buffers[index] = buf
         buf.data[begin : begin + n] = msg.block
         buf.suppliers[begin // BLOCK_SIZE] = conn
-        for other, block in result.cancels:
+        for other, copy in result.cancels:
             assert isinstance(other, PeerConnection)
-            other.send(encode_cancel(*block))
+            other.send(encode_cancel(*copy))
         if result.piece_complete:
             self._piece_complete(index)
         if conn.closed:
@@ -1264,11 +1265,13 @@ class TorrentSession:
         picker = self.picker
         outstanding = picker.outstanding(conn)
         wanted = conn.flow.wanted(outstanding * BLOCK_SIZE) // BLOCK_SIZE
+        if wanted <= 0:  # most blocks received end here: nothing else to look up
+            return
         limit = self.download_limit
         if limit is not None:
             wanted = min(wanted, self._limited_room(limit))
-        if wanted <= 0:
-            return
+            if wanted <= 0:
+                return
         if limit is not None:
             gain: CopyGain | None = _copy_if_late(now)
         elif self.limit_endgame_copies:
