@@ -165,6 +165,9 @@ MAX_METADATA_SENDS = 2
 #: Failed pieces whose block hashes are kept to find the culprit once the
 #: piece verifies (several connections supplied blocks).
 MAX_FAILED_STASH = 32
+#: Buffers of finished pieces kept for the next ones (a new ``bytearray`` of a piece
+#: is zeroed first: one byte of ``memset`` per byte received).
+SPARE_PIECE_BUFFERS = 2
 
 
 class Stream(Protocol):
@@ -325,6 +328,7 @@ class TorrentSession:
         self._group = Group()
         self._conns: list[PeerConnection] = []
         self._buffers: dict[int, _PieceBuffer] = {}
+        self._spare_pieces: list[bytearray] = []
         self._stash: OrderedDict[int, list[list[tuple[PeerConnection, int, bytes]]]] = OrderedDict()
         self._complete = gevent.event.Event()
         self._closed_event = gevent.event.Event()
@@ -1084,9 +1088,7 @@ class TorrentSession:
         conn.last_block = now
         buf = self._buffers.get(index)
         if buf is None:
-            size = self.metainfo.piece_size(index)
-            buf = _PieceBuffer(bytearray(size), [None] * (-(-size // BLOCK_SIZE)))
-            self._buffers[index] = buf
+            buf = self._buffers[index] = self._piece_buffer(index)
         buf.data[begin : begin + n] = msg.block
         buf.suppliers[begin // BLOCK_SIZE] = conn
         for other, copy in result.cancels:
@@ -1123,6 +1125,18 @@ class TorrentSession:
             self._piece_verified(index, buf)
         else:
             self._piece_failed(index, buf)
+        # On disk, or hashed for blame: nothing reads these bytes any more.
+        spare = self._spare_pieces
+        if len(buf.data) == self.metainfo.piece_length and len(spare) < SPARE_PIECE_BUFFERS:
+            spare.append(buf.data)
+
+    def _piece_buffer(self, index: int) -> _PieceBuffer:
+        """Where the blocks of piece ``index`` gather: a finished piece's buffer if one
+        is spare (the piece is hashed only once every block of it was written over it)."""
+        size = self.metainfo.piece_size(index)
+        spare = self._spare_pieces
+        data = spare.pop() if spare and size == self.metainfo.piece_length else bytearray(size)
+        return _PieceBuffer(data, [None] * (-(-size // BLOCK_SIZE)))
 
     def _piece_verified(self, index: int, buf: _PieceBuffer) -> None:
         if self.first_piece_at is None:
