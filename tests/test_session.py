@@ -159,6 +159,37 @@ def test_two_sessions_exchange_a_multi_file_torrent(
     assert _wait_for(lambda: seeder.connections == (), 5)
 
 
+def test_piece_buffers_are_reused_without_mixing_pieces(
+    tmp_path: Path, sessions: list[TorrentSession]
+) -> None:
+    """Finished pieces' buffers gather the next pieces' blocks: a buffer handed on
+    while still in use, or before every block was written over it, would mix two
+    pieces (hash failures, or a wrong file if the hash were skipped)."""
+    m, content = make_torrent(tmp_path / "seed", {"big.bin": 40 * PIECE + 123})
+    rec = Recorder()
+    leech = new_session(
+        sessions, m, tmp_path / "leech", plugins=get_plugins(load_entrypoints=False, extra=[rec])
+    )
+    made: list[int] = []
+    new_buffer = leech._piece_buffer
+
+    def counting(index: int) -> Any:
+        spare = len(leech._spare_pieces)
+        buf = new_buffer(index)
+        made.append(spare)
+        return buf
+
+    leech._piece_buffer = counting  # type: ignore[method-assign]
+    for name in ("seeder1", "seeder2"):  # pieces from two at once: several partial at a time
+        seeder = new_session(sessions, m, tmp_path / "seed", label=name)
+        connect(seeder, leech, "leech", name)
+    assert leech.wait_complete(timeout=30)
+    assert_identical(tmp_path / "leech", content)
+    assert rec.failed == [] and leech.hash_failures == 0
+    assert len(made) == len(m.pieces)
+    assert sum(1 for spare in made if spare) >= len(m.pieces) // 2  # most pieces reuse one
+
+
 def test_wait_complete_returns_false_on_timeout_and_on_close(
     tmp_path: Path, torrent: tuple[Metainfo, dict[str, bytes]]
 ) -> None:

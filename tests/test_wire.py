@@ -85,6 +85,33 @@ def test_messages_parse_when_fed_byte_by_byte() -> None:
     assert got == ALL
 
 
+@given(cuts=st.lists(st.integers(1, 3 * BLOCK_SIZE), min_size=1, max_size=40))
+def test_blocks_survive_any_split_of_the_stream_intact_and_in_order(cuts: list[int]) -> None:
+    """Blocks are views of the bytes read, and a message split across reads is
+    completed from the next one: every byte must land in its own block, in order,
+    however the stream is cut (also as bytearrays overwritten after each feed)."""
+    pieces = [
+        Piece(i % NUM_PIECES, 0, bytes((i * 7 + j) % 251 for j in range(BLOCK_SIZE)))
+        for i in range(6)
+    ]
+    stream = b"".join(m.encode() for m in [Have(1), *pieces, Have(2)])
+    for mutable in (False, True):
+        r = reader()
+        got: list[object] = []
+        pos = 0
+        for cut in [*cuts, len(stream)]:
+            chunk = stream[pos : pos + cut]
+            pos += len(chunk)
+            if mutable:
+                buffer = bytearray(chunk)
+                got += r.feed(buffer)
+                buffer[:] = bytes(len(buffer))  # a caller reusing its read buffer
+            else:
+                got += r.feed(chunk)
+        assert got == [Have(1), *pieces, Have(2)]
+        assert [bytes(m.block) for m in got if isinstance(m, Piece)] == [p.block for p in pieces]
+
+
 def test_piece_header_helper_matches_encode() -> None:
     p = Piece(4, BLOCK_SIZE, b"z" * BLOCK_SIZE)
     assert wire.encode_piece_header(4, BLOCK_SIZE, BLOCK_SIZE) + p.block == p.encode()

@@ -127,6 +127,8 @@ class Received:
 
 
 _REJECTED = Received(accepted=False)
+_ACCEPTED = Received(accepted=True)
+_COMPLETED = Received(accepted=True, piece_complete=True)
 
 
 class PiecePicker:
@@ -631,11 +633,10 @@ class PiecePicker:
                 cancels.append((other, block))
         part.state[bno] = _RECEIVED
         part.received += 1
-        return Received(
-            accepted=True,
-            piece_complete=part.received == len(part.state),
-            cancels=tuple(cancels),
-        )
+        complete = part.received == len(part.state)
+        if not cancels:  # nearly every block: no new object per block
+            return _COMPLETED if complete else _ACCEPTED
+        return Received(accepted=True, piece_complete=complete, cancels=tuple(cancels))
 
     def piece_verified(self, index: int) -> None:
         """Piece ``index`` passed its hash and is on disk."""

@@ -165,6 +165,9 @@ MAX_METADATA_SENDS = 2
 #: Failed pieces whose block hashes are kept to find the culprit once the
 #: piece verifies (several connections supplied blocks).
 MAX_FAILED_STASH = 32
+#: Buffers of finished pieces kept for the next ones (a new ``bytearray`` of a piece
+#: is zeroed first: one byte of ``memset`` per byte received).
+SPARE_PIECE_BUFFERS = 2
 
 
 class Stream(Protocol):
@@ -325,6 +328,7 @@ class TorrentSession:
         self._group = Group()
         self._conns: list[PeerConnection] = []
         self._buffers: dict[int, _PieceBuffer] = {}
+        self._spare_pieces: list[bytearray] = []
         self._stash: OrderedDict[int, list[list[tuple[PeerConnection, int, bytes]]]] = OrderedDict()
         self._complete = gevent.event.Event()
         self._closed_event = gevent.event.Event()
@@ -1070,12 +1074,13 @@ class TorrentSession:
         conn.down_meter.add(n, now)
         picker = self.picker
         index, begin = msg.index, msg.begin
-        conn.flow.on_block((index, begin, n), n, now)
+        block = (index, begin, n)
+        conn.flow.on_block(block, n, now)
         if conn.first_block_at is None:
             conn.first_block_at = now
         if self.first_block_at is None:
             self.first_block_at = now
-        result = picker.block_received(conn, (index, begin, n))
+        result = picker.block_received(conn, block)
         if not result.accepted:
             conn.wasted += n
             self.wasted += n
@@ -1083,14 +1088,12 @@ class TorrentSession:
         conn.last_block = now
         buf = self._buffers.get(index)
         if buf is None:
-            size = self.metainfo.piece_size(index)
-            buf = _PieceBuffer(bytearray(size), [None] * (-(-size // BLOCK_SIZE)))
-            self._buffers[index] = buf
+            buf = self._buffers[index] = self._piece_buffer(index)
         buf.data[begin : begin + n] = msg.block
         buf.suppliers[begin // BLOCK_SIZE] = conn
-        for other, block in result.cancels:
+        for other, copy in result.cancels:
             assert isinstance(other, PeerConnection)
-            other.send(encode_cancel(*block))
+            other.send(encode_cancel(*copy))
         if result.piece_complete:
             self._piece_complete(index)
         if conn.closed:
@@ -1122,6 +1125,18 @@ class TorrentSession:
             self._piece_verified(index, buf)
         else:
             self._piece_failed(index, buf)
+        # On disk, or hashed for blame: nothing reads these bytes any more.
+        spare = self._spare_pieces
+        if len(buf.data) == self.metainfo.piece_length and len(spare) < SPARE_PIECE_BUFFERS:
+            spare.append(buf.data)
+
+    def _piece_buffer(self, index: int) -> _PieceBuffer:
+        """Where the blocks of piece ``index`` gather: a finished piece's buffer if one
+        is spare (the piece is hashed only once every block of it was written over it)."""
+        size = self.metainfo.piece_size(index)
+        spare = self._spare_pieces
+        data = spare.pop() if spare and size == self.metainfo.piece_length else bytearray(size)
+        return _PieceBuffer(data, [None] * (-(-size // BLOCK_SIZE)))
 
     def _piece_verified(self, index: int, buf: _PieceBuffer) -> None:
         if self.first_piece_at is None:
@@ -1264,11 +1279,13 @@ class TorrentSession:
         picker = self.picker
         outstanding = picker.outstanding(conn)
         wanted = conn.flow.wanted(outstanding * BLOCK_SIZE) // BLOCK_SIZE
+        if wanted <= 0:  # most blocks received end here: nothing else to look up
+            return
         limit = self.download_limit
         if limit is not None:
             wanted = min(wanted, self._limited_room(limit))
-        if wanted <= 0:
-            return
+            if wanted <= 0:
+                return
         if limit is not None:
             gain: CopyGain | None = _copy_if_late(now)
         elif self.limit_endgame_copies:

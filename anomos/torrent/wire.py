@@ -236,7 +236,8 @@ class Request:
 class Piece:
     index: int
     begin: int
-    block: bytes = attrs.field(repr=lambda b: f"<{len(b)} bytes>")
+    #: A read-only view when parsed (of the immutable bytes read), bytes when built.
+    block: bytes | memoryview = attrs.field(repr=lambda b: f"<{len(b)} bytes>")
 
     def header(self) -> bytes:
         """The 13 bytes before the block, so senders can avoid one copy."""
@@ -421,40 +422,61 @@ class MessageReader:
         self._want_handshake = handshake
         self._buf = b""
 
-    def feed(self, data: bytes) -> list[Message | Handshake]:
-        buf = self._buf + data if self._buf else data
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Message | Handshake]:
+        """The messages completed by ``data``. A :class:`Piece`'s block is a view of
+        ``data`` when that is ``bytes`` (immutable, so the view stays valid: no copy
+        of every 16 KiB block), else of a copy."""
+        if not isinstance(data, bytes):
+            data = bytes(data)
         out: list[Message | Handshake] = []
+        buf = self._buf
+        if buf and not self._want_handshake and len(buf) >= 4:
+            # Complete the message begun in the last read with the head of this one,
+            # rather than copy all of ``data`` behind it (its length was checked).
+            need = 4 + _U32.unpack_from(buf, 0)[0] - len(buf)
+            if need <= len(data):
+                self._parse_messages(buf + data[:need], 0, out)
+                buf = self._buf = b""
+                data = memoryview(data)[need:]
+        if buf:
+            data = buf + data
+        end = len(data)
         pos = 0
-        end = len(buf)
         if self._want_handshake:
             if end < HANDSHAKE_LEN:
-                if end and buf[0] != len(PSTR):
+                if end and data[0] != len(PSTR):
                     raise ProtocolError("handshake is not the BitTorrent protocol")
-                self._buf = bytes(buf)
+                self._buf = bytes(data)
                 return out
-            out.append(Handshake.from_bytes(buf[:HANDSHAKE_LEN]))
+            out.append(Handshake.from_bytes(data[:HANDSHAKE_LEN]))
             self._want_handshake = False
             pos = HANDSHAKE_LEN
-        mv = memoryview(buf)
-        try:
-            while end - pos >= 4:
-                (length,) = _U32.unpack_from(buf, pos)
-                if length > self.max_length:
-                    raise ProtocolError(
-                        f"message of {length} bytes exceeds the {self.max_length}-byte limit"
-                    )
-                if end - pos - 4 < length:
-                    break
-                start = pos + 4
-                pos = start + length
-                if length == 0:
-                    out.append(KEEP_ALIVE)
-                    continue
-                out.append(self._parse(buf[start], mv, start + 1, length - 1))
-        finally:
-            mv.release()
-        self._buf = bytes(buf[pos:]) if pos < end else b""
+        pos = self._parse_messages(data, pos, out)
+        self._buf = bytes(data[pos:]) if pos < end else b""
         return out
+
+    def _parse_messages(
+        self, buf: bytes | memoryview, pos: int, out: list[Message | Handshake]
+    ) -> int:
+        """Append the complete messages of ``buf`` from ``pos`` to ``out``; where the
+        first incomplete one starts."""
+        end = len(buf)
+        mv = memoryview(buf)
+        while end - pos >= 4:
+            (length,) = _U32.unpack_from(mv, pos)
+            if length > self.max_length:
+                raise ProtocolError(
+                    f"message of {length} bytes exceeds the {self.max_length}-byte limit"
+                )
+            if end - pos - 4 < length:
+                break
+            start = pos + 4
+            pos = start + length
+            if length == 0:
+                out.append(KEEP_ALIVE)
+                continue
+            out.append(self._parse(mv[start], mv, start + 1, length - 1))
+        return pos
 
     def _parse(self, msg_id: int, mv: memoryview, at: int, n: int) -> Message:
         if msg_id == PIECE:
@@ -463,7 +485,7 @@ class MessageReader:
             index, begin = _IDX_BEGIN.unpack_from(mv, at)
             length = n - 8
             self._check_block(index, begin, length, "piece")
-            return Piece(index, begin, bytes(mv[at + 8 : at + n]))
+            return Piece(index, begin, mv[at + 8 : at + n])
         if msg_id in (REQUEST, CANCEL):
             if n != 12:
                 raise ProtocolError(f"{_NAMES[msg_id]} message of {n + 1} bytes (expected 13)")
