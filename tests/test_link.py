@@ -10,6 +10,7 @@ from typing import Any
 
 import attrs
 import gevent
+import gevent.event
 import nacl.signing
 import pytest
 
@@ -142,6 +143,30 @@ def test_unknown_nid_refresh_admits_a_new_neighbour(make_node: Any) -> None:
     b.links.on_unknown_nid = lambda nid: b.assign(neighbour(a, nid, False))
     a.assign(neighbour(b, 3, True))
     assert b.links.wait_for(3, 5).identity == a.identity.identity_public
+
+
+def test_caller_told_first_waits_for_the_reply_on_its_way(make_node: Any) -> None:
+    """The tracker told the dialler of a new edge after answering the listener, whose
+    reply naming the dialler is still on its way: the caller is admitted once that
+    reply is adopted, without a refresh (which might be refused as too soon)."""
+    a, b = make_node(), make_node()
+    asked: list[int] = []
+    b.links.on_unknown_nid = asked.append  # a refresh that learns nothing new
+    called = gevent.event.Event()
+
+    def announce_answered_late() -> None:
+        with b.links.asking_tracker():
+            called.set()
+            wait_until(lambda: b.links._handshakes)  # the caller is at the door
+            gevent.sleep(0.2)
+            b.assign(neighbour(a, 11, False))
+
+    announcing = gevent.spawn(announce_answered_late)
+    called.wait(5)
+    a.assign(neighbour(b, 11, True))
+    assert b.links.wait_for(11, 5).identity == a.identity.identity_public
+    announcing.get(timeout=5)
+    assert asked == []
 
 
 def test_caller_with_the_wrong_key_is_refused(make_node: Any, caplog: Any) -> None:

@@ -32,7 +32,7 @@ import ssl
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -1040,6 +1040,9 @@ class LinkManager:
     _awaited: dict[int, int] = attrs.field(factory=dict, init=False, repr=False)
     _last_refresh: float = attrs.field(default=-1e9, init=False, repr=False)
     _refreshing: gevent.event.Event | None = attrs.field(default=None, init=False, repr=False)
+    #: One event per announce on its way (:meth:`asking_tracker`), set when its reply
+    #: was adopted or the announce failed.
+    _replies_due: set[gevent.event.Event] = attrs.field(factory=set, init=False, repr=False)
     _closed: bool = attrs.field(default=False, init=False)
     #: NID -> cell bytes received over the closed links of the neighbour now assigned
     #: that NID (dropped when the assignment changes): the past part of :meth:`receipts`.
@@ -1096,6 +1099,23 @@ class LinkManager:
         for nid, nb in assigned.items():
             if nb.dial and nid not in self._dialling:
                 self._dialling[nid] = self._group.spawn(self._dial_loop, nid)
+
+    @contextlib.contextmanager
+    def asking_tracker(self) -> Iterator[None]:
+        """Around an announce whose reply goes to :meth:`set_neighbours`.
+
+        The tracker may tell a new neighbour to dial us before our own reply naming
+        it is adopted (it answered us first; the reply is still on its way, or our
+        process has not run yet): such a caller waits for that reply rather than
+        being refused, or asking the tracker again too soon.
+        """
+        due = gevent.event.Event()
+        self._replies_due.add(due)
+        try:
+            yield
+        finally:
+            self._replies_due.discard(due)
+            due.set()
 
     def neighbours(self) -> dict[int, Any]:
         """The current assignment, NID -> Neighbour."""
@@ -1348,8 +1368,12 @@ class LinkManager:
         return nb
 
     def _assignment_for(self, nid: int) -> Any:
-        """The assigned neighbour ``nid``, refreshing from the tracker once if unknown."""
+        """The assigned neighbour ``nid``: after the replies on their way (one may
+        name it), refreshing from the tracker once if still unknown."""
         nb = self._assigned.get(nid)
+        if nb is None and self._replies_due:
+            gevent.wait(list(self._replies_due))
+            nb = self._assigned.get(nid)
         if nb is not None or self.on_unknown_nid is None:
             return nb
         if self._refreshing is not None:

@@ -292,13 +292,15 @@ class Peer:
             LostNeighbour(nid, int((now - at) * 1000), why) for nid, (at, why) in reported.items()
         ]
         self._last_announce = now
-        reply = self.tracker.announce(
-            address=self.address,
-            torrents=self._statuses(),
-            relayed=self.relayed,
-            lost=lost,
-            receipts=self.links.receipts(),
-        )
+        with self.links.asking_tracker():
+            reply = self.tracker.announce(
+                address=self.address,
+                torrents=self._statuses(),
+                relayed=self.relayed,
+                lost=lost,
+                receipts=self.links.receipts(),
+            )
+            self.links.set_neighbours(reply.neighbours, asked_at=now)
         for nid, entry in reported.items():
             if self._lost.get(nid) == entry:
                 del self._lost[nid]
@@ -311,7 +313,6 @@ class Peer:
         self.ratio = reply.ratio
         self.account = reply
         self._tell_reachability(reply.reachable)
-        self.links.set_neighbours(reply.neighbours, asked_at=now)
         if lost:
             log.info("reported %d lost neighbour(s) to the tracker", len(lost))
         return reply
