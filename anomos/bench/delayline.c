@@ -144,7 +144,7 @@ static void bind_queue(void)
 }
 
 /* Hold the packet ids of one datagram until DUE. */
-static void hold(const char *buf, size_t len, uint64_t due)
+static void hold(const char *buf, int len, uint64_t due)
 {
 	const struct nlmsghdr *nh = (const struct nlmsghdr *)buf;
 	for (; NLMSG_OK(nh, len); nh = NLMSG_NEXT(nh, len)) {
@@ -193,7 +193,7 @@ static void read_all(uint64_t due)
 				errno = EMSGSIZE;
 				fail("netlink message larger than its buffer");
 			}
-			hold(bufs[i], msgs[i].msg_len, due);
+			hold(bufs[i], (int)msgs[i].msg_len, due);
 		}
 	} while (n == BATCH);
 }
