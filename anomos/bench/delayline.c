@@ -1,5 +1,7 @@
 /* The WAN benchmark's one-way delay line in C: delayline.py's daemon, with the
- * same netlink conversation, for a fraction of its CPU.
+ * same netlink conversation, for half its CPU: no interpreter runs per packet,
+ * and what is left is the kernel's (docs/performance.md, "The delay line's own
+ * CPU").
  *
  * Every packet the namespace's iptables rule sends to NFQUEUE QUEUE is
  * accepted DELAY seconds after this process read it. Only the metadata crosses
@@ -7,7 +9,7 @@
  * queue waits the same time, so they leave in the order they came, and one
  * batch verdict ("accept every id up to N") releases all that are due. A
  * wake-up costs one ppoll, one recvmmsg per BATCH packets waiting and at most
- * one verdict: no per-packet interpreter work, no second syscall per packet.
+ * one verdict.
  *
  * Usage (as root, in the namespace): delayline QUEUE DELAY_SECONDS
  * It prints one line once the queue is bound, exits 0 on SIGTERM, and on an

@@ -11,9 +11,9 @@ due, so the daemon costs one small message per wake-up, not per packet.
 
 Two implementations speak the same netlink: ``delayline.c`` (built on first
 use into the user's cache directory; it reads up to 64 packets per syscall and
-costs a fraction of the CPU: docs/performance.md, *The delay line's own CPU*)
-and the pure-Python :func:`run` below, the fallback where no C compiler is
-found. The delay line's CPU is the emulation's, not anomos': it runs
+takes half the CPU, the rest being the kernel's: docs/performance.md, *The
+delay line's own CPU*) and the pure-Python :func:`run` below, the fallback
+where no C compiler is found. The delay line's CPU is the emulation's, not anomos': it runs
 real-time on the machine the processes under test share.
 
 :class:`DelayLine` starts either inside the benchmark's network namespace as

@@ -6,14 +6,16 @@ access link: an HTB class on the namespace's loopback caps what the node
 sends at the profile's rate (a byte FIFO of :data:`QUEUE_SECONDS` of that
 rate is its modem buffer), and every packet it sends then waits the
 profile's one-way delay in :mod:`anomos.bench.delayline` (the kernel has no
-netem) before it is delivered. Two nodes thus see an RTT of twice the delay;
+netem) before it is delivered; :meth:`WanNet.one_way` measures that delay
+packet by packet. Two nodes thus see an RTT of twice the delay;
 a circuit of R relays crosses R + 1 such links each way. The loopback MTU is
 1500 so TCP grows its window in real segment sizes. :meth:`WanNet.verify`
 measures the RTT (TCP connects) and the rate (a bulk TCP copy) against the
 settings before anything is timed.
 
-Needs root, iproute2 and iptables (NFQUEUE target); python libtorrent for the
-comparison.
+Needs root, iproute2 and iptables (NFQUEUE target); a C compiler for the C
+delay line (else the pure-Python one runs, at twice its CPU, which the
+processes under test then lack); python libtorrent for the comparison.
 """
 
 from __future__ import annotations
