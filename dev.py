@@ -33,6 +33,7 @@ APT_PACKAGES = {
     "chromium-driver": "chromedriver",
     "nftables": "nft",
     "miniupnpd-nftables": "miniupnpd",
+    "gcc": "gcc",
 }
 
 

@@ -1,4 +1,4 @@
-"""A one-way delay line for the WAN benchmark: NFQUEUE in pure Python.
+"""A one-way delay line for the WAN benchmark: an NFQUEUE daemon, in C or Python.
 
 This kernel has no netem (nor fq, so no EDT delays), so a node's one-way
 delay is made in user space: an nftables rule sends every packet the node
@@ -9,21 +9,39 @@ packet of one queue waits the same time, packets leave in the order they
 came: one *batch* verdict ("accept every id up to N") releases all that are
 due, so the daemon costs one small message per wake-up, not per packet.
 
-Runs inside the benchmark's network namespace as root:
-``python -m anomos.bench.delayline --queue 0 --delay 0.05``.
+Two implementations speak the same netlink: ``delayline.c`` (built on first
+use into the user's cache directory; it reads up to 64 packets per syscall and
+takes half the CPU, the rest being the kernel's: docs/performance.md, *The
+delay line's own CPU*) and the pure-Python :func:`run` below, the fallback
+where no C compiler is found. The delay line's CPU is the emulation's, not anomos': it runs
+real-time on the machine the processes under test share.
+
+:class:`DelayLine` starts either inside the benchmark's network namespace as
+root; by hand: ``python -m anomos.bench.delayline --queue 0 --delay 0.05``.
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
+import hashlib
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+import platformdirs
+
+from anomos.errors import AnomosError
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -127,7 +145,7 @@ def run(queue: int, delay: float) -> None:
     nfq = NfQueue(queue)
     due: deque[tuple[float, int]] = deque()
     buf = bytearray(1 << 20)
-    print(f"delay line: queue {queue}, {delay * 1000:g} ms", flush=True)
+    print(f"delay line: queue {queue}, {delay * 1000:g} ms (Python)", flush=True)
     while True:
         timeout = None if not due else due[0][0] - time.monotonic()
         if (timeout is None or timeout > 0) and select.select([nfq.sock], [], [], timeout)[0]:
@@ -141,13 +159,97 @@ def run(queue: int, delay: float) -> None:
             nfq.accept_through(last)
 
 
+class Implementation(enum.Enum):
+    C = "c"
+    PYTHON = "python"
+
+
+SOURCE = Path(__file__).with_name("delayline.c")
+
+
+def compiled() -> Path | None:
+    """The C delay line, built once per version of its source into the user's
+    cache directory; None where no C compiler is found."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    binary = platformdirs.user_cache_path("anomos") / f"delayline-{digest}"
+    if binary.exists():
+        return binary
+    binary.parent.mkdir(parents=True, exist_ok=True)
+    partial = binary.with_name(f"{binary.name}.{os.getpid()}")
+    done = subprocess.run(
+        [cc, "-O2", "-Wall", "-o", str(partial), str(SOURCE)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        first = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[0]
+        raise AnomosError(f"building the delay line with {cc}: {first}")
+    os.replace(partial, binary)  # whole or not at all, should two builds race
+    return binary
+
+
+def command(
+    delay: float, queue: int = 0, implementation: Implementation | None = None
+) -> tuple[Implementation, list[str]]:
+    """The daemon's command line: the C one unless told otherwise or no compiler exists."""
+    if implementation is not Implementation.PYTHON:
+        binary = compiled()
+        if binary is not None:
+            return Implementation.C, [str(binary), str(queue), repr(delay)]
+        if implementation is Implementation.C:
+            raise AnomosError("the C delay line needs a C compiler (apt-get install gcc)")
+    python = [sys.executable, "-m", "anomos.bench.delayline", "--queue", str(queue)]
+    return Implementation.PYTHON, [*python, "--delay", repr(delay)]
+
+
+@attrs.define(eq=False)
+class DelayLine:
+    """A running delay line (see :func:`command`), started under ``prefix``."""
+
+    implementation: Implementation
+    popen: subprocess.Popen[str]
+
+    @classmethod
+    def start(
+        cls, prefix: Sequence[str], delay: float, implementation: Implementation | None = None
+    ) -> DelayLine:
+        kind, cmd = command(delay, implementation=implementation)
+        popen = subprocess.Popen(
+            [*prefix, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert popen.stdout is not None and popen.stderr is not None
+        if not popen.stdout.readline():  # bound to its queue once it said so
+            popen.wait(5)
+            why = popen.stderr.read().strip().splitlines() or [f"exit {popen.returncode}"]
+            raise AnomosError(f"the {kind.value} delay line did not start: {why[-1]}")
+        return cls(kind, popen)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def stop(self) -> int | None:
+        """Stop it (SIGTERM, then SIGKILL after 5 s); its exit status."""
+        self.popen.terminate()
+        try:
+            return self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queue", type=int, default=0)
     parser.add_argument("--delay", type=float, required=True, help="seconds")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    run(args.queue, args.delay)
+    try:
+        run(args.queue, args.delay)
+    except OSError as exc:
+        print(f"delay line: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

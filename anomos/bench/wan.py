@@ -6,14 +6,16 @@ access link: an HTB class on the namespace's loopback caps what the node
 sends at the profile's rate (a byte FIFO of :data:`QUEUE_SECONDS` of that
 rate is its modem buffer), and every packet it sends then waits the
 profile's one-way delay in :mod:`anomos.bench.delayline` (the kernel has no
-netem) before it is delivered. Two nodes thus see an RTT of twice the delay;
+netem) before it is delivered; :meth:`WanNet.one_way` measures that delay
+packet by packet. Two nodes thus see an RTT of twice the delay;
 a circuit of R relays crosses R + 1 such links each way. The loopback MTU is
 1500 so TCP grows its window in real segment sizes. :meth:`WanNet.verify`
 measures the RTT (TCP connects) and the rate (a bulk TCP copy) against the
 settings before anything is timed.
 
-Needs root, iproute2 and iptables (NFQUEUE target); python libtorrent for the
-comparison.
+Needs root, iproute2 and iptables (NFQUEUE target); a C compiler for the C
+delay line (else the pure-Python one runs, at twice its CPU, which the
+processes under test then lack); python libtorrent for the comparison.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 
 import attrs
 
+from anomos.bench.delayline import DelayLine, Implementation
 from anomos.errors import AnomosError
 
 #: Seconds of the node's rate its uplink buffer holds (a modest modem buffer).
@@ -103,7 +106,9 @@ class WanNet:
     profile: Profile
     ns: str = attrs.field(factory=lambda: f"anwan-{secrets.token_hex(4)}")
     nodes: list[str] = attrs.field(factory=list)
-    _delay: subprocess.Popen[bytes] | None = None
+    #: Which delay line (None: the C one where a compiler exists, else Python).
+    delay_line: Implementation | None = None
+    _delay: DelayLine | None = None
 
     @property
     def prefix(self) -> list[str]:
@@ -126,14 +131,7 @@ class WanNet:
                 "iptables-nft", "-t", "mangle", "-A", "PREROUTING", "-s", f"{SUBNET}.0/24",
                 "-j", "NFQUEUE", "--queue-num", "0",
             )  # fmt: skip
-            self._delay = subprocess.Popen(
-                [*self.prefix, sys.executable, "-m", "anomos.bench.delayline", "--delay",
-                 str(self.profile.delay)],
-                stdout=subprocess.PIPE,
-            )  # fmt: skip
-            assert self._delay.stdout is not None
-            if not self._delay.stdout.readline():
-                raise AnomosError("the delay line did not start")
+            self._delay = DelayLine.start(self.prefix, self.profile.delay, self.delay_line)
         except BaseException:
             self.close()
             raise
@@ -167,15 +165,18 @@ class WanNet:
         self.nodes.append(address)
         return address
 
-    def close(self) -> None:
-        if self._delay is not None:
-            self._delay.terminate()
-            try:
-                self._delay.wait(5)
-            except subprocess.TimeoutExpired:
-                self._delay.kill()
-            self._delay = None
+    @property
+    def delay_implementation(self) -> Implementation | None:
+        """The delay line that runs (None before start)."""
+        return self._delay.implementation if self._delay is not None else None
+
+    def close(self) -> int | None:
+        """Take the namespace down; the delay line's exit status (0 when it stopped
+        cleanly on SIGTERM; None if it never started)."""
+        status = self._delay.stop() if self._delay is not None else None
+        self._delay = None
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
+        return status
 
     def __enter__(self) -> WanNet:
         return self.start()
@@ -207,8 +208,44 @@ class WanNet:
             "rate_error": round(got["rate"] * 8 / (self.profile.rate_bits * GOODPUT) - 1, 4),
         }
 
+    def one_way(self, a: str, b: str, bursts: int = 20, burst: int = 10) -> list[tuple[int, float]]:
+        """Datagrams from ``b`` to ``a`` in back-to-back bursts: each one's number and
+        seconds on its way, in the order they arrived (the delay line, packet by packet)."""
+        got = self.python("one-way", a, b, str(bursts), str(burst))
+        return [(n, seconds) for n, seconds in got["arrived"]]
+
 
 # ---------------------------------------------------------------------- in-namespace helpers
+def _one_way(a: str, b: str, bursts: int, burst: int) -> dict[str, list[tuple[int, float]]]:
+    """Numbered datagrams from ``b`` to ``a``, ``burst`` at once every 2 ms."""
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind((a, 0))
+    rx.settimeout(10)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx.bind((b, 0))
+    sent: dict[int, float] = {}
+    arrived: list[tuple[int, float]] = []
+
+    def reader() -> None:
+        while len(arrived) < len(sent) or len(sent) < bursts * burst:
+            try:
+                n = int(rx.recv(64))
+            except TimeoutError:
+                return
+            arrived.append((n, time.monotonic()))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for i in range(bursts):
+        for j in range(burst):
+            n = i * burst + j
+            sent[n] = time.monotonic()
+            tx.sendto(str(n).encode(), rx.getsockname())
+        time.sleep(0.002)
+    thread.join()
+    return {"arrived": [(n, at - sent[n]) for n, at in arrived]}
+
+
 def _probe(a: str, b: str, size: int) -> dict[str, float]:
     """Median TCP-connect RTT from ``a`` to ``b``; then ``b``'s steady send rate to ``a``."""
     listener = socket.create_server((a, 0))
@@ -334,6 +371,8 @@ class WanOptions:
     #: Only the start (:func:`run_fast_start`): each run launches ``anomos get`` on a
     #: network that settled, from ``code`` and from this tree in turn, no libtorrent.
     fast_start: bool = False
+    #: The emulation's delay line (None: the C one where a compiler exists).
+    delay_line: Implementation | None = None
 
 
 def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dict[str, Any]:
@@ -376,13 +415,13 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
             "--sources", str(options.sources), "--timeout", str(options.timeout),
             host=net.add_node(), prefix=net.prefix, wait=False,
         )  # fmt: skip
-        start_cpu = _cpu_seconds(local.procs)
+        watched = {p.name: p.pid for p in local.procs} | net.pids()
+        start_cpu = _cpu_seconds(watched)
         uplink = None
         if options.trace:
             from anomos.bench.wantrace import UplinkWatch
 
-            pids = {p.name: p.pid for p in local.procs} | net.pids()
-            uplink = UplinkWatch(net.prefix, seed_host, trace / "uplink.jsonl", pids)
+            uplink = UplinkWatch(net.prefix, seed_host, trace / "uplink.jsonl", watched)
             uplink.start()
         relays = [p for p in local.procs if p.name.startswith("relay")]
         queues = QueueWatch(net, relays)
@@ -405,7 +444,7 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
 
             report["trace"] = analyse(trace, net.profile.rate_bits)
         # Cores each process used while `get` ran: a saturated one is the cap.
-        end_cpu = _cpu_seconds(local.procs)
+        end_cpu = _cpu_seconds(watched)
         report["cores"] = {
             name: round((end_cpu[name] - start_cpu.get(name, 0.0)) / seconds, 2)
             for name in end_cpu
@@ -511,16 +550,16 @@ def _rss(pid: int) -> int:
         return 0
 
 
-def _cpu_seconds(procs: Sequence[Any]) -> dict[str, float]:
+def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     import psutil
 
     out = {}
-    for p in procs:
+    for name, pid in pids.items():
         try:
-            t = psutil.Process(p.pid).cpu_times()
+            t = psutil.Process(pid).cpu_times()
         except psutil.Error:
             continue
-        out[p.name] = t.user + t.system
+        out[name] = t.user + t.system
     return out
 
 
@@ -542,10 +581,12 @@ def run_wan(
         for run in range(options.runs):
             work = workdir / f"{profile.rate_bits}-{profile.delay}-{run}"
             work.mkdir(parents=True, exist_ok=True)
-            with WanNet(profile) as net:
+            with WanNet(profile, delay_line=options.delay_line) as net:
                 if run == 0:
                     entry["verify"] = net.verify(net.add_node(), net.add_node())
-                    echo(f"{profile.name}: measured {entry['verify']}")
+                    kind = net.delay_implementation
+                    entry["delay_line"] = kind.value if kind is not None else None
+                    echo(f"{profile.name}: measured {entry['verify']}, {entry['delay_line']}")
                 lt_result = _lt_in(net, work, data)
                 anomos = _anomos_run(net, work, data, options)
             one = {"libtorrent": lt_result, "anomos": anomos}
@@ -580,7 +621,7 @@ def run_fast_start(
             for label, code in order:
                 work = workdir / f"fast-{profile.rate_bits}-{profile.delay}-{run}-{code is None}"
                 work.mkdir(parents=True, exist_ok=True)
-                with WanNet(profile) as net:
+                with WanNet(profile, delay_line=options.delay_line) as net:
                     report = _anomos_run(net, work, data, attrs.evolve(options, code=code))
                 entry["trees"].setdefault(label, []).append(report)
                 steps = report.get("startup", {})
@@ -713,6 +754,7 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "profile": entry["profile"],
                 "verify": entry.get("verify"),
+                "delay_line": entry.get("delay_line"),
                 "libtorrent_mbs": round(statistics.median(lt_rates), 2),
                 "anomos_mbs": round(statistics.median(an_rates), 2),
                 "ratio": round(statistics.median(ratios), 2),
@@ -815,9 +857,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """In-namespace helpers: ``probe A B SIZE`` and ``libtorrent SEED GET TORRENT DATA DEST``."""
+    """In-namespace helpers: ``probe A B SIZE``, ``one-way A B BURSTS BURST`` and
+    ``libtorrent SEED GET TORRENT DATA DEST``."""
     if argv[0] == "probe":
         print(json.dumps(_probe(argv[1], argv[2], int(argv[3]))))
+    elif argv[0] == "one-way":
+        print(json.dumps(_one_way(argv[1], argv[2], int(argv[3]), int(argv[4]))))
     elif argv[0] == "libtorrent":
         print(json.dumps(_libtorrent(*argv[1:6])))
     else:

@@ -110,6 +110,11 @@ def _scale(text: str) -> tuple[int, ...]:
     "seeder's uplink went.",
 )
 @click.option(
+    "--delay-line",
+    type=click.Choice(["c", "python"]),
+    help="With --wan: the emulation's delay line [c where a compiler exists, else python].",
+)
+@click.option(
     "--profile",
     "profiles",
     multiple=True,
@@ -134,6 +139,7 @@ def bench_command(
     circuit_relays: str | None,
     fast_start: bool,
     trace: bool,
+    delay_line: str | None,
 ) -> None:
     """Benchmark anomos on this machine: every peer a separate process on loopback."""
     if wan:
@@ -142,6 +148,7 @@ def bench_command(
             "circuit_relays": circuit_relays,
             "fast_start": fast_start,
             "trace": trace or None,
+            "delay_line": delay_line,
         }
         _wan(size_text, runs, profiles, code, relay_rate, wan_extra, json_path, workdir)
         return
@@ -201,6 +208,8 @@ def _wan(
         overrides["profiles"] = tuple(wan.Profile.parse(p) for p in profiles)
     if code is not None:
         overrides["code"] = code.resolve()
+    if overrides.get("delay_line") is not None:
+        overrides["delay_line"] = wan.Implementation(overrides["delay_line"])
     if relay_rate is not None:
         overrides["relay_bits"] = wan.Profile.parse(f"{relay_rate}:0ms").rate_bits
     options = wan.WanOptions(**overrides)  # type: ignore[arg-type]
