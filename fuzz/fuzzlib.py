@@ -330,9 +330,15 @@ def frame_stream() -> bytes:
 
 def frame_seeds() -> list[bytes]:
     stream = frame_stream()
-    # DATA frames are 32 KiB; one header plus a short body is enough to seed them.
+    # DATA frames are 2 or 32 KiB; one header plus a few bytes is enough to seed them.
     data = frames.encode_header(3, frames.Cmd.DATA, e2e.CELL_BODY) + b"cell"
-    return [bytes([0]) + stream, bytes([5]) + stream, bytes([0x80, 5]) + data]
+    short = frames.encode_header(3, frames.Cmd.DATA, e2e.SHORT_BODY) + b"short"
+    return [
+        bytes([0]) + stream,
+        bytes([5]) + stream,
+        bytes([0x80, 5]) + data,
+        bytes([0x80, 3]) + short,
+    ]
 
 
 def _frames_run(data: bytes) -> object:
@@ -477,9 +483,13 @@ def _request_run(data: bytes) -> object:
 # ----------------------------------------------------------------------------- end-to-end cells
 
 
-def e2e_seal_plain(plain: bytes, key: bytes = E2E_KEYS.recv, counter: int = 0) -> bytes:
-    """An AEAD record with arbitrary plaintext, as the other (hostile) end can make."""
-    return AESGCM(key).encrypt(counter.to_bytes(12, "big"), _fit(plain, e2e.PLAINTEXT_SIZE), None)
+def e2e_seal_plain(
+    plain: bytes, key: bytes = E2E_KEYS.recv, counter: int = 0, *, short: bool = False
+) -> bytes:
+    """An AEAD record with arbitrary plaintext, as the other (hostile) end can make
+    (in a short body with ``short``)."""
+    size = (e2e.SHORT_BODY if short else e2e.CELL_BODY) - e2e.TAG_SIZE
+    return AESGCM(key).encrypt(counter.to_bytes(12, "big"), _fit(plain, size), None)
 
 
 def e2e_seeds() -> list[bytes]:
@@ -492,12 +502,14 @@ def e2e_seeds() -> list[bytes]:
         b"\2" + bytes([e2e.DATA]) + b"\0\5hello",
         b"\2" + bytes([e2e.SENDME]) + b"\0\0",
         b"\2" + bytes([e2e.END]) + b"\0\0",
+        b"\x82" + bytes([e2e.DATA]) + b"\7\xe5" + b"a short record claiming 2021 bytes",
     ]
 
 
 def _e2e_run(data: bytes) -> object:
     """Mode 0: HELLO body, 1: REPLY body (both zero padded to a cell), 2: an AEAD
-    record around the bytes as plaintext, 3: the raw bytes as a record."""
+    record around the bytes as plaintext (in a short body if byte 0 has bit 7 set),
+    3: the raw bytes as a record."""
     if not data:
         return None
     mode, rest = data[0] % 4, data[1:]
@@ -506,9 +518,9 @@ def _e2e_run(data: bytes) -> object:
     if mode == 1:
         return e2e.decode_reply(_fit(rest, e2e.CELL_BODY))
     channel = e2e.E2EChannel(E2E_KEYS)
-    body = e2e_seal_plain(rest) if mode == 2 else rest
+    body = e2e_seal_plain(rest, short=bool(data[0] & 0x80)) if mode == 2 else rest
     kind, payload = channel.open(body)
-    if kind not in e2e.RECORD_KINDS or len(payload) > e2e.MAX_RECORD_DATA:
+    if kind not in e2e.RECORD_KINDS or len(payload) > len(body) - e2e.TAG_SIZE - 3:
         raise Finding(f"record of kind {kind} and {len(payload)} bytes accepted")
     return kind, payload
 

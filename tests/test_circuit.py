@@ -229,6 +229,44 @@ def test_data_both_ways_through_relays(net: Any, relays: int) -> None:
     assert stream.bytes_received == len(message)
 
 
+def test_records_that_fit_travel_in_short_cells_and_relays_keep_their_size(net: Any) -> None:
+    """Small writes (request batches, SENDMEs, END) go in 2 KiB frames, big ones in
+    32 KiB; each hop passes a cell on at the size it came; the stream counts them."""
+    nodes = net(3)
+    downloader, relay, source = nodes
+    relay.instrument()
+    source.serve = exchange
+    stream = downloader.switch.open_circuit(plan_for(nodes), timeout=5)
+    message = os.urandom(e2e.MAX_RECORD_DATA + 100)  # one full record, one short
+    stream.sendall(len(message).to_bytes(4, "big"))  # short
+    stream.sendall(message)
+    assert read_exactly(stream, len(message)) == message[::-1]
+    stream.close()
+    wait_until(lambda: all(not n.switch.circuits() for n in nodes))
+    assert relay.seen is not None
+    toward_source = [len(p) for nid, _c, cmd, p in relay.seen if cmd == Cmd.DATA and nid == 1]
+    toward_us = [len(p) for nid, _c, cmd, p in relay.seen if cmd == Cmd.DATA and nid == 2]
+    full, short = e2e.CELL_BODY, e2e.SHORT_BODY
+    # HELLO (full), the length (short), the message (full, short), END (short)
+    assert toward_source == [full, short, full, short, short]
+    assert toward_us[0] == full and sorted(toward_us[1:]) == [short, full]  # REPLY, reply
+    assert stream.cells_sent == 5
+    assert stream.cell_bytes_sent == sum(8 + n for n in toward_source)
+    assert relay.switch.relayed_bytes == sum(toward_source) + sum(toward_us)
+
+
+def test_a_short_hello_is_refused_with_one_line(net: Any, monkeypatch: Any, caplog: Any) -> None:
+    """The first cell must be full: a HELLO cut to a short cell is refused, named."""
+    nodes = net(2)
+    nodes[-1].serve = exchange
+    encode = e2e.encode_hello
+    monkeypatch.setattr(e2e, "encode_hello", lambda *a: encode(*a)[: e2e.SHORT_BODY])
+    with caplog.at_level("INFO"), pytest.raises(ProtocolError, match="protocol violation"):
+        nodes[0].switch.open_circuit(plan_for(nodes), timeout=5)
+    assert "bad HELLO: HELLO cell is 2040 bytes, expected 32760" in caplog.text
+    assert nodes[-1].served == []
+
+
 def test_the_hello_goes_out_behind_the_create_without_waiting_for_created(net: Any) -> None:
     # The relay swallows the CREATED coming back from the source: the downloader
     # never learns the circuit was built, yet the source gets the HELLO and serves,

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import attrs
+import pytest
 from test_circuit import Node, net, plan_for, wait_until  # noqa: F401  (net: fixture)
 
 from anomos.net.circuit import CircuitClosed, CircuitStream
@@ -118,5 +119,99 @@ def test_a_mark_xored_in_by_relay_1_and_out_by_relay_3_kills_the_circuit(
     assert bytes(got) == message[:delivered]
     assert "failed authentication" in (ended[0].closed_reason or "")
     # The source said why, end to end through the relays (an END record, not the BREAK).
+    assert stream.closed_reason == "the other end failed: protocol violation"
+    wait_until(lambda: not any(n.switch.circuits() for n in nodes), timeout=10)
+
+
+@attrs.define
+class Resizer:
+    """A hostile relay changing the size of DATA cell ``index`` it sends on ``link``: a
+    short cell padded to a full one, a full one cut to a short one (``cut`` keeps what
+    was cut, for the colluder, which puts the size back: ``restore``)."""
+
+    link: Link
+    circ_id: int
+    index: int
+    restore: bool
+    cut: dict[str, bytes]
+    sent: int = 1  # the HELLO already went through
+    sizes: list[int] = attrs.field(factory=list)
+
+    def apply(self, payload: Any) -> Any:
+        if self.sent == self.index:
+            body = bytearray(payload)
+            if self.restore:  # relay 3: back to the size the cell had at relay 1
+                if len(body) == e2e.CELL_BODY:
+                    del body[e2e.SHORT_BODY :]
+                else:
+                    body += self.cut["tail"]
+            elif len(body) == e2e.SHORT_BODY:  # relay 1: pad a short cell to full
+                body += os.urandom(e2e.CELL_BODY - e2e.SHORT_BODY)
+            else:  # relay 1: cut a full cell short
+                self.cut["tail"] = bytes(body[e2e.SHORT_BODY :])
+                del body[e2e.SHORT_BODY :]
+            payload = bytes(body)
+        self.sizes.append(len(payload))
+        self.sent += 1
+        return payload
+
+
+@pytest.mark.parametrize("cells", ["short", "full"])
+def test_a_cell_resized_by_relay_1_and_restored_by_relay_3_kills_the_circuit(
+    net: Any,  # noqa: F811
+    monkeypatch: Any,
+    cells: str,
+) -> None:
+    """The size class as a tag over real TLS links and relays: relay 1 pads one of the
+    downloader's short cells to a full one (or cuts a full one short), relay 3, past
+    the honest relay 2, sees the other size and puts the cell back as it was (with
+    the very bytes relay 1 cut). The circuit must die, not carry the mark."""
+    nodes: list[Node] = net(5)
+    downloader, r1, _r2, r3, source = nodes
+    got = bytearray()
+    ended: list[CircuitStream] = []
+
+    def collect(stream: CircuitStream) -> None:
+        ended.append(stream)
+        try:
+            while data := stream.recv(1 << 20):
+                got.extend(data)
+        except CircuitClosed:
+            pass
+
+    source.serve = collect
+    stream = downloader.switch.open_circuit(plan_for(nodes), timeout=10)
+    (at_r1,) = r1.relays()
+    (at_r3,) = r3.relays()
+    tagged = 3  # the HELLO was cell 0: cells 1 and 2 are the first two records
+    cut: dict[str, bytes] = {}
+    resizers = [
+        Resizer(at_r1.next_link, at_r1.next_id, tagged, False, cut),
+        Resizer(at_r3.next_link, at_r3.next_id, tagged, True, cut),
+    ]
+    send = Link.send
+
+    def hostile_send(self: Link, circ_id: int, cmd: int, payload: Any = b"", **kw: Any) -> bool:
+        for r in resizers:
+            if self is r.link and circ_id == r.circ_id and cmd == Cmd.DATA:
+                payload = r.apply(payload)
+        return send(self, circ_id, cmd, payload, **kw)
+
+    monkeypatch.setattr(Link, "send", hostile_send)
+    size = 100 if cells == "short" else e2e.MAX_RECORD_DATA
+    message = os.urandom(8 * size)
+    for i in range(8):  # one record each
+        stream.sendall(message[i * size : (i + 1) * size])
+    wait_until(lambda: len(got) == len(message) or (ended and ended[0].closed), timeout=15)
+    body = e2e.SHORT_BODY if cells == "short" else e2e.CELL_BODY
+    other = e2e.CELL_BODY + e2e.SHORT_BODY - body
+    r1_sent, r3_sent = resizers[0].sizes, resizers[1].sizes
+    assert r1_sent[tagged - 1] == other, "relay 1 changed the cell's size"
+    assert r3_sent[: tagged - 1] == [body] * (tagged - 1)
+    assert r3_sent[tagged - 1] == body, "relay 3 put the size back"
+    wait_until(lambda: ended[0].closed and stream.closed, timeout=15)
+    # Nothing from the resized cell on was delivered: only the two records before it.
+    assert bytes(got) == message[: (tagged - 1) * size]
+    assert "failed authentication" in (ended[0].closed_reason or "")
     assert stream.closed_reason == "the other end failed: protocol violation"
     wait_until(lambda: not any(n.switch.circuits() for n in nodes), timeout=10)

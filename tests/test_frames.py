@@ -9,7 +9,7 @@ import pytest
 from anomos.errors import ProtocolError
 from anomos.net import frames
 from anomos.net.frames import Cmd, FrameReader, encode_frame, encode_header
-from anomos.protocol.e2e import CELL_BODY
+from anomos.protocol.e2e import CELL_BODY, SHORT_BODY
 from anomos.protocol.onion import TRACKING_CODE_SIZE
 
 
@@ -69,6 +69,13 @@ def test_reader_uses_few_reads_for_big_chunks() -> None:
     assert sock.calls <= 5
 
 
+def test_short_and_full_data_frames_in_one_stream() -> None:
+    sizes = [SHORT_BODY, CELL_BODY, SHORT_BODY, SHORT_BODY, CELL_BODY]
+    wire = b"".join(encode_frame(7, Cmd.DATA, bytes([n]) * size) for n, size in enumerate(sizes))
+    got = [(len(p), p[0]) for _c, _m, p in FrameReader(ChunkedSocket(wire))]
+    assert got == [(size, n) for n, size in enumerate(sizes)]
+
+
 def test_payload_is_a_view_into_the_buffer() -> None:
     reader = FrameReader(ChunkedSocket(encode_frame(9, Cmd.DATA, b"x" * CELL_BODY)))
     circ_id, cmd, payload = next(reader)
@@ -82,6 +89,12 @@ def test_payload_is_a_view_into_the_buffer() -> None:
         (encode_header(1, 99, 0), "unknown frame command 99"),
         (encode_header(1, Cmd.DATA, 100), "DATA frame of 100 bytes"),
         (encode_header(1, Cmd.DATA, 0xFFFF), "DATA frame of 65535 bytes"),
+        # Between the two cell sizes, or next to one: a DATA frame is one or the other.
+        (encode_header(1, Cmd.DATA, SHORT_BODY + 1), r"DATA frame of 2041 bytes \(allowed 2040 or"),
+        (encode_header(1, Cmd.DATA, SHORT_BODY - 1), "DATA frame of 2039 bytes"),
+        (encode_header(1, Cmd.DATA, CELL_BODY - 1), "DATA frame of 32759 bytes"),
+        (encode_header(1, Cmd.DATA, 16384), "DATA frame of 16384 bytes"),
+        (encode_header(0, Cmd.DATA, SHORT_BODY), "DATA frame on circuit id 0"),
         (encode_header(1, Cmd.CREATE, 10), "CREATE frame of 10 bytes"),
         (encode_header(1, Cmd.BREAK, 2), "BREAK frame of 2 bytes"),
         (encode_header(0, Cmd.PADDING, 60000), "PADDING frame of 60000 bytes"),

@@ -124,18 +124,19 @@ def test_records_round_trip_in_order(records: list[tuple[int, bytes]]) -> None:
     alice, bob = pair()
     for kind, data in records:
         body = alice.seal(kind, data)
-        assert len(body) == CELL
+        assert len(body) == e2e.SHORT_BODY  # at most 200 bytes: a short cell
         assert bob.open(body) == (kind, data)
 
 
 @fuzz_settings(1)
-@given(st.binary(min_size=1, max_size=64), st.data())
+@given(st.binary(min_size=1, max_size=64), st.sampled_from([1, 100]), st.data())
 def test_any_change_to_a_record_is_refused_and_closes_the_channel(
-    data: bytes, draw: st.DataObject
+    data: bytes, repeat: int, draw: st.DataObject
 ) -> None:
     alice, bob = pair()
+    data *= repeat  # short and full cells
     body = bytearray(alice.seal(e2e.DATA, data))
-    at = draw.draw(st.integers(0, CELL - 1))
+    at = draw.draw(st.integers(0, len(body) - 1))
     body[at] ^= draw.draw(st.integers(1, 255))
     with pytest.raises(CryptoError) as err:
         bob.open(bytes(body))
@@ -144,7 +145,9 @@ def test_any_change_to_a_record_is_refused_and_closes_the_channel(
         bob.open(alice.seal(e2e.DATA, data))
 
 
-@pytest.mark.parametrize("size", [0, CELL - 1, CELL + 1, 10 * 1024 * 1024])
+@pytest.mark.parametrize(
+    "size", [0, e2e.SHORT_BODY - 1, e2e.SHORT_BODY + 1, CELL - 1, CELL + 1, 10 * 1024 * 1024]
+)
 def test_wrong_sizes_refused_without_copying(size: int) -> None:
     data = bytes(size)
     channel = e2e.E2EChannel(fuzzlib.E2E_KEYS)

@@ -31,7 +31,10 @@ Cmd = frames.Cmd
 def legal_frames(draw: st.DrawFn) -> tuple[int, int, bytes]:
     cmd = draw(st.sampled_from(sorted(frames.PAYLOAD_SIZES)))
     low, high = frames.PAYLOAD_SIZES[cmd]
-    length = draw(st.integers(low, min(high, low + 64)) if high - low > 64 else st.just(low))
+    if cmd == Cmd.DATA:  # a short or a full cell, nothing between
+        length = draw(st.sampled_from(sorted(frames.DATA_SIZES)))
+    else:
+        length = draw(st.integers(low, min(high, low + 64)) if high - low > 64 else st.just(low))
     if cmd in frames.LINK_COMMANDS:
         circ_id = frames.LINK_CIRC_ID
     else:

@@ -3,8 +3,9 @@
 The tagging attack: a relay XORs a mark into a cell, the honest relays after
 it carry the mark, a colluding relay further on XORs it away, and the circuit
 goes on exactly when the two are on the same circuit. Here each test changes
-one byte at one hop, lets a colluder two hops on try to undo the change, and
-checks that the changed cell and every cell after it are lost for good.
+one byte (or a cell's size, short to full or back) at one hop, lets a colluder
+two hops on try to undo the change, and checks that the changed cell and every
+cell after it are lost for good. Cells of both sizes share one chain.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 
 import pytest
 
-from anomos.protocol.e2e import CELL_BODY
+from anomos.protocol.e2e import BODY_SIZES, CELL_BODY, SHORT_BODY
 from anomos.protocol.layers import HEAD, OnionLayer, add_all, remove_all
 from anomos.protocol.onion import LayerKeys
 
@@ -23,7 +24,20 @@ CELLS = 6
 TAGGED = 2  # index of the cell that gets the mark
 MARK = 0x5A
 #: Byte positions to mark: the head (first, last byte), the rest (first, middle, last).
-POSITIONS = [0, HEAD - 1, HEAD, CELL_BODY // 2, CELL_BODY - 1]
+POSITIONS = [0, HEAD - 1, HEAD, -2, -1]  # -2: the middle of the cell
+
+
+def at(pos: int, size: int) -> int:
+    """A position of POSITIONS in a cell of ``size`` bytes."""
+    return {-2: size // 2, -1: size - 1}.get(pos, pos)
+
+
+def mixed_cells(tagged_size: int) -> list[bytes]:
+    """CELLS random bodies of both sizes, as a circuit carries them (full and short
+    in turn), the TAGGED one of ``tagged_size``."""
+    sizes = [BODY_SIZES[n % 2] for n in range(CELLS)]
+    sizes[TAGGED] = tagged_size
+    return [os.urandom(size) for size in sizes]
 
 
 def random_keys() -> list[LayerKeys]:
@@ -50,10 +64,10 @@ def forward(
     for n, cell in enumerate(cells):
         body = bytearray(add_all(sender, cell))
         for i, layer in enumerate(hops):
-            assert len(body) == CELL_BODY
+            assert len(body) == len(cell)
             layer.remove(body)
             if n == TAGGED and i in (tamper, colluder):
-                body[pos] ^= MARK
+                body[at(pos, len(body))] ^= MARK
         out.append(bytes(body))
     return out
 
@@ -71,9 +85,9 @@ def backward(
         body = bytearray(cell)
         for i in reversed(range(HOPS)):
             hops[i].add(body)
-            assert len(body) == CELL_BODY
+            assert len(body) == len(cell)
             if n == TAGGED and i in (tamper, colluder):
-                body[pos] ^= MARK
+                body[at(pos, len(body))] ^= MARK
         out.append(remove_all(receiver, body))
     return out
 
@@ -88,9 +102,13 @@ def assert_lost_from_the_tag(cells: list[bytes], got: list[bytes], *, noise: boo
 
 def test_layers_round_trip_with_constant_sizes_both_ways() -> None:
     keys = random_keys()
-    cells = [os.urandom(CELL_BODY) for _ in range(CELLS)]
-    assert forward(keys, cells, None, 0, None) == cells
-    assert backward(keys, cells, None, 0, None) == cells
+    for cells in (
+        [os.urandom(CELL_BODY) for _ in range(CELLS)],
+        [os.urandom(SHORT_BODY) for _ in range(CELLS)],
+        mixed_cells(SHORT_BODY),  # one chain across both sizes
+    ):
+        assert forward(keys, cells, None, 0, None) == cells
+        assert backward(keys, cells, None, 0, None) == cells
     # A zero cell looks random after one layer, and differently every time.
     layer = OnionLayer.forward(keys[0])
     first, second = add_all([layer], bytes(CELL_BODY)), add_all([layer], bytes(CELL_BODY))
@@ -101,11 +119,14 @@ def test_layers_round_trip_with_constant_sizes_both_ways() -> None:
         layer.add(bytearray(HEAD))
 
 
+@pytest.mark.parametrize("size", BODY_SIZES)
 @pytest.mark.parametrize("pos", POSITIONS)
 @pytest.mark.parametrize("tamper", range(HOPS - 1))
-def test_a_mark_at_any_hop_forward_loses_the_rest_of_the_circuit(tamper: int, pos: int) -> None:
+def test_a_mark_at_any_hop_forward_loses_the_rest_of_the_circuit(
+    tamper: int, pos: int, size: int
+) -> None:
     keys = random_keys()
-    cells = [os.urandom(CELL_BODY) for _ in range(CELLS)]
+    cells = mixed_cells(size)
     colluder = tamper + 2 if tamper + 2 < HOPS else None
     got = forward(keys, cells, tamper, pos, colluder)
     # With two hops or more after the mark (the honest one and another) everything from
@@ -116,36 +137,141 @@ def test_a_mark_at_any_hop_forward_loses_the_rest_of_the_circuit(tamper: int, po
         assert got[n][:HEAD] != cells[n][:HEAD]
 
 
+@pytest.mark.parametrize("size", BODY_SIZES)
 @pytest.mark.parametrize("pos", POSITIONS)
 @pytest.mark.parametrize("tamper", range(HOPS - 1))
-def test_a_mark_at_any_hop_backward_loses_the_rest_of_the_circuit(tamper: int, pos: int) -> None:
+def test_a_mark_at_any_hop_backward_loses_the_rest_of_the_circuit(
+    tamper: int, pos: int, size: int
+) -> None:
     keys = random_keys()
-    cells = [os.urandom(CELL_BODY) for _ in range(CELLS)]
+    cells = mixed_cells(size)
     colluder = tamper - 2 if tamper >= 2 else None
     got = backward(keys, cells, tamper, pos, colluder)
     # The downloader removes the marked hop's layer and then the source's, at least.
     assert_lost_from_the_tag(cells, got, noise=True)
 
 
+@pytest.mark.parametrize("size", BODY_SIZES)
 @pytest.mark.parametrize("pos", POSITIONS)
-def test_the_hop_after_the_mark_outputs_a_random_head_from_the_marked_cell_on(pos: int) -> None:
+def test_the_hop_after_the_mark_outputs_a_random_head_from_the_marked_cell_on(
+    pos: int, size: int
+) -> None:
     """Right after one honest hop, no cell from the marked one on can be recovered."""
     keys = random_keys()[:2]
     sender = [OnionLayer.forward(k) for k in reversed(keys)]
     tagger, honest = OnionLayer.forward(keys[0]), OnionLayer.forward(keys[1])
     reference = OnionLayer.forward(keys[1])
-    for n in range(CELLS):
-        body = bytearray(add_all(sender, os.urandom(CELL_BODY)))
+    for n, cell in enumerate(mixed_cells(size)):
+        body = bytearray(add_all(sender, cell))
         tagger.remove(body)
         clean = bytearray(body)
         if n == TAGGED:
-            body[pos] ^= MARK
+            body[at(pos, len(body))] ^= MARK
         honest.remove(body)
         reference.remove(clean)
         if n < TAGGED:
             assert body == clean
         else:
             # The head keys the next hop's stream: a random head makes the cell noise there.
+            assert body[:HEAD] != clean[:HEAD]
+
+
+# ----------------------------------------------------------------------------- cell sizes
+
+
+def resize(body: bytearray, cut: dict[str, bytes]) -> None:
+    """What a hostile relay does to a cell's size: a short body padded to a full one
+    (random bytes), a full one cut to a short one (what it cut is kept in ``cut``,
+    for its colluder)."""
+    if len(body) == SHORT_BODY:
+        body.extend(os.urandom(CELL_BODY - SHORT_BODY))
+    else:
+        cut["tail"] = bytes(body[SHORT_BODY:])
+        del body[SHORT_BODY:]
+
+
+def restore(body: bytearray, cut: dict[str, bytes]) -> None:
+    """The colluder puts the size back: the best it can do, with what relay 1 cut."""
+    if len(body) == CELL_BODY:
+        del body[SHORT_BODY:]
+    else:
+        body.extend(cut["tail"])
+
+
+def sized_forward(keys: list[LayerKeys], cells: list[bytes], tamper: int) -> list[bytes]:
+    """As :func:`forward`, hop ``tamper`` changing cell TAGGED's size, hop ``tamper + 2``
+    changing it back, as two relays around an honest one would to link a circuit."""
+    sender = [OnionLayer.forward(k) for k in reversed(keys)]
+    hops = [OnionLayer.forward(k) for k in keys]
+    out, cut = [], {}
+    for n, cell in enumerate(cells):
+        body = bytearray(add_all(sender, cell))
+        for i, layer in enumerate(hops):
+            layer.remove(body)
+            if n == TAGGED and i == tamper:
+                resize(body, cut)
+            elif n == TAGGED and i == tamper + 2:
+                restore(body, cut)
+        out.append(bytes(body))
+    return out
+
+
+def sized_backward(keys: list[LayerKeys], cells: list[bytes], tamper: int) -> list[bytes]:
+    """As :func:`backward`, hop ``tamper`` resizing cell TAGGED, hop ``tamper - 2`` undoing it."""
+    hops = [OnionLayer.backward(k) for k in keys]
+    receiver = [OnionLayer.backward(k) for k in keys]
+    out, cut = [], {}
+    for n, cell in enumerate(cells):
+        body = bytearray(cell)
+        for i in reversed(range(HOPS)):
+            hops[i].add(body)
+            if n == TAGGED and i == tamper:
+                resize(body, cut)
+            elif n == TAGGED and i == tamper - 2:
+                restore(body, cut)
+        out.append(remove_all(receiver, body))
+    return out
+
+
+@pytest.mark.parametrize("size", BODY_SIZES)
+@pytest.mark.parametrize("tamper", range(HOPS - 2))
+def test_a_cell_padded_or_cut_and_restored_across_an_honest_hop_loses_the_circuit(
+    tamper: int, size: int
+) -> None:
+    """The size class as a tag: relay ``tamper`` pads a short cell to full (or cuts a full
+    one short), its colluder two hops on puts the size back. The GHASH of the honest
+    hop between covers the rest's length: from that cell on, everything is noise."""
+    keys = random_keys()
+    cells = mixed_cells(size)
+    got = sized_forward(keys, cells, tamper)
+    assert [len(c) for c in got] == [len(c) for c in cells]
+    assert_lost_from_the_tag(cells, got, noise=True)
+    # The other way: relays 3 and 2 resize, relays 1 and 0 restore.
+    back = sized_backward(keys, cells, HOPS - 2 - tamper % 2)
+    assert [len(c) for c in back] == [len(c) for c in cells]
+    assert_lost_from_the_tag(cells, back, noise=True)
+
+
+@pytest.mark.parametrize("size", BODY_SIZES)
+def test_the_hop_after_a_resized_cell_outputs_a_random_head(size: int) -> None:
+    """Even padding with the very bytes a cut removed (or cutting padding off) at the next
+    hop cannot repair what one honest hop did with the resized cell."""
+    keys = random_keys()[:2]
+    sender = [OnionLayer.forward(k) for k in reversed(keys)]
+    honest, reference = OnionLayer.forward(keys[1]), OnionLayer.forward(keys[1])
+    first = OnionLayer.forward(keys[0])
+    cut: dict[str, bytes] = {}
+    for n, cell in enumerate(mixed_cells(size)):
+        body = bytearray(add_all(sender, cell))
+        first.remove(body)
+        clean = bytearray(body)
+        if n == TAGGED:
+            resize(body, cut)
+        honest.remove(body)
+        reference.remove(clean)
+        if n < TAGGED:
+            assert body == clean
+        else:
             assert body[:HEAD] != clean[:HEAD]
 
 

@@ -51,23 +51,28 @@ def _seconds_per_call(fn: Callable[[], object], cells: int, repeats: int) -> flo
 def cells_section(*, cells: int = 10, repeats: int = 300) -> dict[str, Any]:
     """Section ``cells`` of the result: seconds per cell and bytes per second per core."""
     body = bytearray(os.urandom(e2e.CELL_BODY))
+    short = bytearray(os.urandom(e2e.SHORT_BODY))
     key, start = os.urandom(32), os.urandom(16)
     ctr = Cipher(algorithms.AES(key), modes.CTR(start)).encryptor()
     layer = OnionLayer(key, start)
     channel = e2e.E2EChannel(SessionKeys(send=os.urandom(32), recv=os.urandom(32)))
     data = bytes(e2e.MAX_RECORD_DATA)
+    request_batch = bytes(64 * 17)  # the largest batch of BitTorrent requests
     timings = {
         # What a relay did per cell before issue 11: one long-lived CTR stream, new bytes.
-        "aes_ctr": lambda: ctr.update(body),
+        "aes_ctr": (lambda: ctr.update(body), e2e.CELL_BODY),
         # What a relay does per cell: its layer into a fresh buffer (the link sends it later).
-        "layer_add": lambda: add_layers((layer,), body),
-        "layer_remove": lambda: remove_layers((layer,), body),
-        "e2e_seal": lambda: channel.seal_mutable(e2e.DATA, data),
+        "layer_add": (lambda: add_layers((layer,), body), e2e.CELL_BODY),
+        "layer_remove": (lambda: remove_layers((layer,), body), e2e.CELL_BODY),
+        "e2e_seal": (lambda: channel.seal_mutable(e2e.DATA, data), e2e.CELL_BODY),
+        # The same for a short cell (a batch of requests, a SENDME).
+        "layer_add_short": (lambda: add_layers((layer,), short), e2e.SHORT_BODY),
+        "e2e_seal_short": (lambda: channel.seal_mutable(e2e.DATA, request_batch), e2e.SHORT_BODY),
     }
-    out: dict[str, Any] = {"cell": e2e.CELL_BODY}
-    for name, fn in timings.items():
+    out: dict[str, Any] = {"cell": e2e.CELL_BODY, "short_cell": e2e.SHORT_BODY}
+    for name, (fn, size) in timings.items():
         seconds = _seconds_per_call(fn, cells, repeats)
-        out[name] = {"seconds": seconds, "rate": e2e.CELL_BODY / seconds}
+        out[name] = {"seconds": seconds, "rate": size / seconds}
     return out
 
 
@@ -201,6 +206,7 @@ def cpu_per_byte(
                         samples[name][f"{role}_{c}"].append(spent[c] / mib)
                 samples[name]["seconds"].append(reply["seconds"])
                 relayed = workers["relay"].call("stats")["relayed"] - relayed0
+                # (in full cells' worth: short cells count for what they weigh)
                 samples[name]["cells_per_mib"].append(relayed / e2e.CELL_BODY / mib)
     finally:
         for net in clusters:

@@ -48,7 +48,7 @@ import gevent.lock
 import gevent.pool
 
 from anomos.errors import AnomosError, CryptoError, ProtocolError
-from anomos.net.frames import JOINED_BREAK, BreakReason, Cmd, describe_break
+from anomos.net.frames import HEADER_SIZE, JOINED_BREAK, BreakReason, Cmd, describe_break
 from anomos.protocol import e2e
 from anomos.protocol.layers import HEAD as LAYER_SCRATCH
 from anomos.protocol.layers import OnionLayer
@@ -266,6 +266,10 @@ class CircuitStream:
     _notified: bool = attrs.field(default=False, repr=False)
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: DATA cells this end sent (first cell and records, short and full) and their
+    #: bytes on the links, frame headers included: what the circuit cost us.
+    cells_sent: int = 0
+    cell_bytes_sent: int = 0
     #: The ``sendall`` flag under which this stream holds a partial record back
     #: (a BitTorrent session corks circuits with it, never plain sockets).
     more_flag: ClassVar[int] = MSG_MORE
@@ -520,10 +524,11 @@ class CircuitStream:
             self._send_record(e2e.SENDME, b"")
 
     def _send_record(self, kind: int, data: Any) -> None:
+        """Seal one record (in a short cell when its data fits) and queue it."""
         assert self._channel is not None
-        sealed = memoryview(self.switch.cell_buffers()[0])[: e2e.CELL_BODY]
-        self._channel.seal_into(kind, data, sealed)
-        self._send_body(sealed)
+        sealed = self.switch.cell_buffers()[0]
+        size = self._channel.seal_into(kind, data, sealed)
+        self._send_body(memoryview(sealed)[:size])
 
     def _send_body(self, record: bytes | bytearray | memoryview) -> None:
         """Add the layers and queue the cell."""
@@ -537,6 +542,8 @@ class CircuitStream:
             reason = f"link to NID {self.link.nid} lost" if self.link.closed else "send queue full"
             self._end(BreakReason.OVERFLOW, reason)
             raise CircuitClosed(f"circuit closed: {reason}")
+        self.cells_sent += 1
+        self.cell_bytes_sent += HEADER_SIZE + len(record)
 
     def _wrap(self, record: bytes | bytearray | memoryview) -> bytearray:
         """A buffer of the peer's :class:`CellBuffers` holding the cell with our layers

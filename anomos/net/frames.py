@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from anomos.errors import ProtocolError
-from anomos.protocol.e2e import CELL_BODY
+from anomos.protocol.e2e import BODY_SIZES, CELL_BODY, SHORT_BODY
 from anomos.protocol.onion import TRACKING_CODE_SIZE
 from anomos.protocol.ticket import MAX_TICKET_SIZE
 
@@ -60,7 +60,7 @@ LINK_COMMANDS = frozenset({Cmd.PADDING, Cmd.AUTH_CHALLENGE, Cmd.AUTH, Cmd.AUTH_O
 PAYLOAD_SIZES: dict[int, tuple[int, int]] = {
     Cmd.CREATE: (TRACKING_CODE_SIZE, TRACKING_CODE_SIZE),
     Cmd.CREATED: (0, 0),
-    Cmd.DATA: (CELL_BODY, CELL_BODY),
+    Cmd.DATA: (SHORT_BODY, CELL_BODY),  # exactly one of the two: see DATA_SIZES
     Cmd.BREAK: (1, 1),
     Cmd.PADDING: (0, MAX_PADDING),
     Cmd.AUTH_CHALLENGE: (CHALLENGE_SIZE, CHALLENGE_SIZE),
@@ -68,6 +68,8 @@ PAYLOAD_SIZES: dict[int, tuple[int, int]] = {
     Cmd.AUTH_OK: (0, 0),
 }
 _DATA = int(Cmd.DATA)
+#: The payload sizes a DATA frame may have: a short or a full cell body, nothing between.
+DATA_SIZES = frozenset(BODY_SIZES)
 #: A complete DATA frame, the biggest frame there is.
 DATA_FRAME_SIZE = HEADER_SIZE + CELL_BODY
 
@@ -136,7 +138,10 @@ def check_header(circ_id: int, cmd: int, length: int) -> None:
     if sizes is None:
         raise ProtocolError(f"unknown frame command {cmd}")
     low, high = sizes
-    if not low <= length <= high:
+    if cmd == _DATA:
+        if length not in DATA_SIZES:
+            raise ProtocolError(f"DATA frame of {length} bytes (allowed {low} or {high})")
+    elif not low <= length <= high:
         raise ProtocolError(f"{cmd_name(cmd)} frame of {length} bytes (allowed {low}-{high})")
     if (circ_id == LINK_CIRC_ID) != (cmd in LINK_COMMANDS):
         raise ProtocolError(f"{cmd_name(cmd)} frame on circuit id {circ_id}")
@@ -210,7 +215,7 @@ class FrameReader:
             avail = self._end - start
             if avail >= HEADER_SIZE:
                 circ_id, cmd, _reserved, length = HEADER.unpack_from(buf, start)
-                if cmd != _DATA or length != CELL_BODY or not circ_id:  # DATA: always fine
+                if cmd != _DATA or length != CELL_BODY or not circ_id:  # a full DATA: fine
                     check_header(circ_id, cmd, length)
                 total = HEADER_SIZE + length
                 if avail >= total:

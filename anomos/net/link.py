@@ -530,8 +530,9 @@ class CloseReason:
 
 @attrs.define(eq=False)
 class CellBuffers:
-    """Buffers for the cells a peer sends (a cell body and a layer's 16 bytes of
-    scratch), given back by the link's writer once their frame is on its way.
+    """Buffers for the cells a peer sends (a full cell body and a layer's 16 bytes of
+    scratch; a short cell uses the start of one), given back by the link's writer
+    once their frame is on its way.
 
     A relay writes each cell's layer into a new buffer that the link sends
     later; a fresh ``bytearray`` per cell is zeroed, then freed after the send.

@@ -97,6 +97,9 @@ class CircuitRecord:
     peak_in_flight: int = 0
     #: Seconds from asking to build it until its end-to-end keys were agreed.
     setup_seconds: float = 0.0
+    #: Cells we sent on it (HELLO, requests, SENDMEs, hints) and their bytes as frames.
+    cells_sent: int = 0
+    cell_bytes_sent: int = 0
 
 
 @attrs.frozen
@@ -438,6 +441,8 @@ class TorrentDownload:
                     broken=broken,
                     peak_in_flight=conn.flow.peak_in_flight if conn is not None else 0,
                     setup_seconds=round(setup, 3),
+                    cells_sent=stream.cells_sent,
+                    cell_bytes_sent=stream.cell_bytes_sent,
                 )
             )
 

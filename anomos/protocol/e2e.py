@@ -9,8 +9,15 @@ AES-256-GCM record under a key only the two ends hold (see the cipher suites)::
 The nonce is never sent: both sides count records per direction, so a cell
 that is dropped, reordered, replayed or modified fails authentication. Each
 direction has its own key, so a record cannot be reflected back to its sender.
-The padding is inside the AEAD, so every body is :data:`CELL_BODY` bytes and
-nothing about the length of the data shows on the wire.
+The padding is inside the AEAD, and a body has one of two sizes: a *short*
+body (:data:`SHORT_BODY`, a 2 KiB link frame) when the data fits in it
+(:data:`MAX_SHORT_DATA` bytes: a batch of up to 118 BitTorrent requests, a
+SENDME, an END, a keep-alive), else a full one (:data:`CELL_BODY`, 32 KiB).
+So the wire shows which of the two classes a record is in, and nothing more
+about the length of its data. Both ends seal the smallest size that fits and
+open either; the size is under the AEAD like the rest (a cell padded or cut
+on the way fails authentication, and the per-hop layers turn it and every
+later cell to noise first: docs/threat-model.md, *Two cell sizes*).
 
 The first cell each way (HELLO from the downloader, REPLY from the source)
 exists before these keys do; :func:`encode_hello` / :func:`encode_reply` frame
@@ -43,14 +50,22 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from anomos.errors import CryptoError, ProtocolError
 from anomos.interfaces import SessionKeys
 
-#: Bytes of every cell body (a link frame of 8 + 32760 = 32 KiB).
+#: Bytes of a full cell body (a link frame of 8 + 32760 = 32 KiB): every first
+#: cell (HELLO, REPLY, REFUSAL) and every record whose data does not fit a short one.
 CELL_BODY = 32760
+#: Bytes of a short cell body (a link frame of 8 + 2040 = 2 KiB), for records whose
+#: data fits: what a downloader sends back (request batches, SENDMEs, hints).
+SHORT_BODY = 2040
+#: The two sizes a DATA cell body may have, short first.
+BODY_SIZES = (SHORT_BODY, CELL_BODY)
 TAG_SIZE = 16
 NONCE_SIZE = 12
 _HEADER = 3  # kind u8 | length u16
 PLAINTEXT_SIZE = CELL_BODY - TAG_SIZE
 #: Most data bytes one record can carry.
 MAX_RECORD_DATA = PLAINTEXT_SIZE - _HEADER
+#: Most data bytes a record in a short body can carry (2021).
+MAX_SHORT_DATA = SHORT_BODY - TAG_SIZE - _HEADER
 
 DATA = 1
 SENDME = 2
@@ -107,21 +122,32 @@ class E2EChannel:
         return self._recv_count
 
     def seal(self, kind: int, data: bytes | bytearray | memoryview = b"") -> bytes:
-        """One cell body of exactly :data:`CELL_BODY` bytes carrying ``data``."""
-        return self._send.encrypt(self._next_plain(kind, data), self._plain, None)
+        """One cell body carrying ``data``, of :func:`body_size` bytes."""
+        nonce, plain = self._next_plain(kind, data)
+        return self._send.encrypt(nonce, plain, None)
 
     def seal_mutable(self, kind: int, data: bytes | bytearray | memoryview = b"") -> bytearray:
         """Like :meth:`seal`, into a new bytearray the caller may overwrite (layers in place)."""
-        out = bytearray(CELL_BODY)
-        self._send.encrypt_into(self._next_plain(kind, data), self._plain, None, out)
+        nonce, plain = self._next_plain(kind, data)
+        out = bytearray(len(plain) + TAG_SIZE)
+        self._send.encrypt_into(nonce, plain, None, out)
         return out
 
-    def seal_into(self, kind: int, data: bytes | bytearray | memoryview, out: memoryview) -> None:
-        """Like :meth:`seal`, into ``out`` (:data:`CELL_BODY` bytes, e.g. a reused buffer)."""
-        self._send.encrypt_into(self._next_plain(kind, data), self._plain, None, out)
+    def seal_into(
+        self, kind: int, data: bytes | bytearray | memoryview, out: bytearray | memoryview
+    ) -> int:
+        """Like :meth:`seal`, into the start of ``out`` (at least :func:`body_size`
+        bytes, e.g. a reused buffer of :data:`CELL_BODY`); the body's size."""
+        nonce, plain = self._next_plain(kind, data)
+        size = len(plain) + TAG_SIZE
+        self._send.encrypt_into(nonce, plain, None, memoryview(out)[:size])
+        return size
 
-    def _next_plain(self, kind: int, data: bytes | bytearray | memoryview) -> bytes:
-        """Fill the plaintext buffer with the record; the nonce to seal it with."""
+    def _next_plain(
+        self, kind: int, data: bytes | bytearray | memoryview
+    ) -> tuple[bytes, memoryview]:
+        """Fill the plaintext buffer with the record; the nonce to seal it with and the
+        plaintext (short or full, zero padded)."""
         if kind not in RECORD_KINDS:
             raise ValueError(f"unknown record kind {kind}")
         n = len(data)
@@ -143,7 +169,7 @@ class E2EChannel:
         self._dirty = end
         nonce = self._send_count.to_bytes(NONCE_SIZE, "big")
         self._send_count += 1
-        return nonce
+        return nonce, memoryview(plain)[: body_size(n) - TAG_SIZE]
 
     def open(self, body: bytes | bytearray | memoryview) -> tuple[int, bytes]:
         """``(kind, data)`` of the next record; ``CryptoError`` if it is not that record."""
@@ -154,8 +180,9 @@ class E2EChannel:
         """Like :meth:`open`, the data as a view of the decrypted record (no copy)."""
         if self._failed:
             raise CryptoError("end-to-end channel closed after an authentication failure")
-        if len(body) != CELL_BODY:
-            raise CryptoError(f"record is {len(body)} bytes, expected {CELL_BODY}")
+        size = len(body)
+        if size != CELL_BODY and size != SHORT_BODY:
+            raise CryptoError(f"record is {size} bytes, expected {SHORT_BODY} or {CELL_BODY}")
         nonce = self._recv_count.to_bytes(NONCE_SIZE, "big")
         try:
             plain = self._recv.decrypt(nonce, body, None)
@@ -167,10 +194,15 @@ class E2EChannel:
         self._recv_count += 1
         kind = plain[0]
         n = (plain[1] << 8) | plain[2]
-        if kind not in RECORD_KINDS or n > MAX_RECORD_DATA:
+        if kind not in RECORD_KINDS or n > size - TAG_SIZE - _HEADER:
             self._failed = True
             raise CryptoError(f"end-to-end record has bad kind {kind} or length {n}")
         return kind, memoryview(plain)[_HEADER : _HEADER + n]
+
+
+def body_size(nbytes: int) -> int:
+    """The body a record of ``nbytes`` of data is sealed in: short when it fits."""
+    return SHORT_BODY if nbytes <= MAX_SHORT_DATA else CELL_BODY
 
 
 class SourceRefused(ProtocolError):

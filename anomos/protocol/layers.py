@@ -4,7 +4,11 @@ Each hop of a circuit holds one :class:`OnionLayer` per direction, keyed from
 its tracking-code :class:`~anomos.protocol.onion.LayerKeys`. The sender of a
 cell *adds* layers, each hop on the way *removes* (forward) or *adds*
 (backward) its own, and the receiver removes the rest; every body keeps its
-size (:data:`~anomos.protocol.e2e.CELL_BODY`) at every hop.
+size at every hop. A layer works on a body of any length over 16 bytes (both
+cell sizes, :data:`~anomos.protocol.e2e.SHORT_BODY` and
+:data:`~anomos.protocol.e2e.CELL_BODY`, use the same layer and chain); the
+GHASH covers the rest *and its length*, so a cell padded or cut on the way is
+a changed cell like any other: noise from the next honest hop on.
 
 A layer is the UIV construction of Degabriele and Karadzic ("Rugged
 pseudorandom permutations", CRYPTO 2022) as Tor's Counter Galois Onion
@@ -122,8 +126,9 @@ class OnionLayer:
         self.remove_into(body, out)
         body[:] = memoryview(out)[: len(body)]
 
-    def add_into(self, body: bytes | bytearray | memoryview, out: bytearray) -> None:
-        """Encrypt the next cell into ``out[:len(body)]``; ``out`` has 16 bytes more (scratch)."""
+    def add_into(self, body: bytes | bytearray | memoryview, out: bytearray | memoryview) -> None:
+        """Encrypt the next cell into ``out[:len(body)]``; ``out`` has at least 16 bytes
+        more (scratch; a buffer of the biggest cell serves both sizes)."""
         src, dst = _views(body, out)
         tbc = self._tbc
         if tbc is None:
@@ -145,8 +150,10 @@ class OnionLayer:
         self._chain = chain.digest()
         self._count += 1
 
-    def remove_into(self, body: bytes | bytearray | memoryview, out: bytearray) -> None:
-        """Decrypt the next cell into ``out[:len(body)]``; ``out`` has 16 bytes more (scratch)."""
+    def remove_into(
+        self, body: bytes | bytearray | memoryview, out: bytearray | memoryview
+    ) -> None:
+        """Decrypt the next cell into ``out[:len(body)]``; ``out`` as for :meth:`add_into`."""
         src, dst = _views(body, out)
         tbc = self._tbc_inverse
         if tbc is None:
@@ -167,13 +174,16 @@ class OnionLayer:
         self._count += 1
 
 
-def _views(body: bytes | bytearray | memoryview, out: bytearray) -> tuple[memoryview, memoryview]:
+def _views(
+    body: bytes | bytearray | memoryview, out: bytearray | memoryview
+) -> tuple[memoryview, memoryview]:
     src = memoryview(body).cast("B")
-    if len(src) <= HEAD:
+    n = len(src)
+    if n <= HEAD:
         raise ValueError(f"a cell body must be longer than {HEAD} bytes")
-    if len(out) != len(src) + HEAD:
-        raise ValueError("the output of a layer must be 16 bytes longer than the cell")
-    return src, memoryview(out)
+    if len(out) < n + HEAD:
+        raise ValueError("the output of a layer must be at least 16 bytes longer than the cell")
+    return src, memoryview(out)[: n + HEAD]
 
 
 def add_layers(layers: Iterable[OnionLayer], body: bytes | bytearray | memoryview) -> memoryview:
@@ -189,7 +199,7 @@ def remove_layers(layers: Iterable[OnionLayer], body: bytes | bytearray | memory
 def _through(
     layers: Iterable[OnionLayer],
     body: bytes | bytearray | memoryview,
-    step: Callable[[OnionLayer, memoryview, bytearray], None],
+    step: Callable[[OnionLayer, memoryview, bytearray | memoryview], None],
 ) -> memoryview:
     view = memoryview(body).cast("B")
     n = len(view)

@@ -68,8 +68,8 @@ QUEUE_TARGET = 16 * BLOCK
 #: jitter): measured 0.2-0.7 MB/s per circuit with a load of 16 on 2 cores.
 CRUISE_FLOOR = INITIAL_WINDOW
 #: Requests go out in batches of a quarter of the window, at most this many bytes
-#: (over a circuit every write costs a whole cell: one request per block received
-#: would send as many cells up as data comes down).
+#: (over a circuit every write costs a cell, short but with a layer at every hop and
+#: the AEAD: one request per block received would send a cell up per block down).
 MAX_BATCH = 64 * BLOCK
 #: The pipe is full when the rate grew less than this in PLATEAU_ROUNDS rounds.
 PLATEAU_GROWTH = 1.25
