@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
+from test_select_e2e import seeded_network
 
 from anomos.localnet import LocalNetwork
-from anomos.torrent.metainfo import make_metainfo
 
 SIZE = 16 << 20
 #: Cell bytes the downloader may send per byte it receives (was 0.13-0.15).
@@ -32,20 +31,7 @@ def test_a_download_sends_back_a_small_fraction_of_what_it_receives(tmp_path: Pa
     data = os.urandom(SIZE)
     (share / "file.bin").write_bytes(data)
     with LocalNetwork(tmp_path / "net", verbose=1) as net:
-        net.start_tracker("--relays", "1-2")
-        meta = make_metainfo(
-            share,
-            trackers=[net.tracker_url],
-            fingerprint=net.fingerprint,
-            piece_length=256 * 1024,
-            progress=False,
-        )
-        atorrent = tmp_path / "share.atorrent"
-        meta.save(atorrent)
-        for i in range(3):
-            net.start_peer(f"relay{i}", "relay")
-        net.start_peer("seeder", "seed", str(atorrent), "--data", str(share))
-        time.sleep(4.0)  # let the edges settle (see test_network)
+        atorrent = seeded_network(net, share, 256 * 1024)
         summary = tmp_path / "summary.json"
         dest = tmp_path / "dest"
         args = ["get", str(atorrent), "--dest", str(dest), "--timeout", "60"]

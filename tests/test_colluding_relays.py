@@ -61,15 +61,29 @@ class Marker:
     circ_id: int
     index: int
     pos: int
-    sent: int = 0
+    sent: int = 1  # the HELLO already went through
+
+    def apply(self, payload: Any) -> Any:
+        if self.sent == self.index:
+            payload = bytearray(payload)
+            payload[self.pos] ^= MARK
+        self.sent += 1
+        return payload
 
 
-def test_a_mark_xored_in_by_relay_1_and_out_by_relay_3_kills_the_circuit(
-    net: Any,  # noqa: F811
-    monkeypatch: Any,
-) -> None:
-    nodes: list[Node] = net(5)
-    downloader, r1, _r2, r3, source = nodes
+@attrs.define
+class Watched:
+    """A 3-relay circuit whose source collects what arrives, and relays 1 and 3 on it."""
+
+    stream: CircuitStream
+    got: bytearray
+    ended: list[CircuitStream]
+    at_r1: Any
+    at_r3: Any
+
+
+def open_watched(nodes: list[Node]) -> Watched:
+    """Open a circuit downloader -> relays 1, 2, 3 -> source (``nodes`` in that order)."""
     got = bytearray()
     ended: list[CircuitStream] = []
 
@@ -81,31 +95,42 @@ def test_a_mark_xored_in_by_relay_1_and_out_by_relay_3_kills_the_circuit(
         except CircuitClosed:
             pass
 
-    source.serve = collect
-    stream = downloader.switch.open_circuit(plan_for(nodes), timeout=10)
-    (at_r1,) = r1.relays()
-    (at_r3,) = r3.relays()
+    nodes[-1].serve = collect
+    stream = nodes[0].switch.open_circuit(plan_for(nodes), timeout=10)
+    (at_r1,) = nodes[1].relays()
+    (at_r3,) = nodes[3].relays()
+    return Watched(stream, got, ended, at_r1, at_r3)
+
+
+def turn_hostile(monkeypatch: Any, relays: list[Any]) -> None:
+    """Each DATA cell a hostile relay (``link``, ``circ_id``, ``apply``) sends on its
+    circuit goes through its ``apply`` first."""
+    send = Link.send
+
+    def hostile_send(self: Link, circ_id: int, cmd: int, payload: Any = b"", **kw: Any) -> bool:
+        for r in relays:
+            if self is r.link and circ_id == r.circ_id and cmd == Cmd.DATA:
+                payload = r.apply(payload)
+        return send(self, circ_id, cmd, payload, **kw)
+
+    monkeypatch.setattr(Link, "send", hostile_send)
+
+
+def test_a_mark_xored_in_by_relay_1_and_out_by_relay_3_kills_the_circuit(
+    net: Any,  # noqa: F811
+    monkeypatch: Any,
+) -> None:
+    nodes: list[Node] = net(5)
+    c = open_watched(nodes)
+    stream, got, ended = c.stream, c.got, c.ended
     tagged = 3  # the HELLO was cell 0: cells 1 and 2 are the first two records
     markers = [
         # Relay 1 marks the cell after removing its layer, relay 3 XORs the same mark
         # out after removing its own: with XOR-malleable layers the two cancel.
-        Marker(at_r1.next_link, at_r1.next_id, tagged, 1000),
-        Marker(at_r3.next_link, at_r3.next_id, tagged, 1000),
+        Marker(c.at_r1.next_link, c.at_r1.next_id, tagged, 1000),
+        Marker(c.at_r3.next_link, c.at_r3.next_id, tagged, 1000),
     ]
-    for m in markers:
-        m.sent = 1  # the HELLO already went through
-    send = Link.send
-
-    def hostile_send(self: Link, circ_id: int, cmd: int, payload: Any = b"", **kw: Any) -> bool:
-        for m in markers:
-            if self is m.link and circ_id == m.circ_id and cmd == Cmd.DATA:
-                if m.sent == m.index:
-                    payload = bytearray(payload)
-                    payload[m.pos] ^= MARK
-                m.sent += 1
-        return send(self, circ_id, cmd, payload, **kw)
-
-    monkeypatch.setattr(Link, "send", hostile_send)
+    turn_hostile(monkeypatch, markers)
     message = os.urandom(8 * e2e.MAX_RECORD_DATA)
     stream.sendall(message)
     wait_until(lambda: len(got) == len(message) or (ended and ended[0].closed), timeout=15)
@@ -167,37 +192,15 @@ def test_a_cell_resized_by_relay_1_and_restored_by_relay_3_kills_the_circuit(
     the honest relay 2, sees the other size and puts the cell back as it was (with
     the very bytes relay 1 cut). The circuit must die, not carry the mark."""
     nodes: list[Node] = net(5)
-    downloader, r1, _r2, r3, source = nodes
-    got = bytearray()
-    ended: list[CircuitStream] = []
-
-    def collect(stream: CircuitStream) -> None:
-        ended.append(stream)
-        try:
-            while data := stream.recv(1 << 20):
-                got.extend(data)
-        except CircuitClosed:
-            pass
-
-    source.serve = collect
-    stream = downloader.switch.open_circuit(plan_for(nodes), timeout=10)
-    (at_r1,) = r1.relays()
-    (at_r3,) = r3.relays()
+    c = open_watched(nodes)
+    stream, got, ended = c.stream, c.got, c.ended
     tagged = 3  # the HELLO was cell 0: cells 1 and 2 are the first two records
     cut: dict[str, bytes] = {}
     resizers = [
-        Resizer(at_r1.next_link, at_r1.next_id, tagged, False, cut),
-        Resizer(at_r3.next_link, at_r3.next_id, tagged, True, cut),
+        Resizer(c.at_r1.next_link, c.at_r1.next_id, tagged, False, cut),
+        Resizer(c.at_r3.next_link, c.at_r3.next_id, tagged, True, cut),
     ]
-    send = Link.send
-
-    def hostile_send(self: Link, circ_id: int, cmd: int, payload: Any = b"", **kw: Any) -> bool:
-        for r in resizers:
-            if self is r.link and circ_id == r.circ_id and cmd == Cmd.DATA:
-                payload = r.apply(payload)
-        return send(self, circ_id, cmd, payload, **kw)
-
-    monkeypatch.setattr(Link, "send", hostile_send)
+    turn_hostile(monkeypatch, resizers)
     size = 100 if cells == "short" else e2e.MAX_RECORD_DATA
     message = os.urandom(8 * size)
     for i in range(8):  # one record each

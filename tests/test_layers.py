@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 
 import pytest
 
@@ -157,16 +158,26 @@ def test_the_hop_after_the_mark_outputs_a_random_head_from_the_marked_cell_on(
     pos: int, size: int
 ) -> None:
     """Right after one honest hop, no cell from the marked one on can be recovered."""
+
+    def mark(body: bytearray) -> None:
+        body[at(pos, len(body))] ^= MARK
+
+    assert_random_heads_after(mark, mixed_cells(size))
+
+
+def assert_random_heads_after(tamper: Callable[[bytearray], None], cells: list[bytes]) -> None:
+    """A first hop applies ``tamper`` to cell TAGGED, an honest hop removes its layer:
+    from that cell on, every head it outputs differs from the untampered one's."""
     keys = random_keys()[:2]
     sender = [OnionLayer.forward(k) for k in reversed(keys)]
-    tagger, honest = OnionLayer.forward(keys[0]), OnionLayer.forward(keys[1])
+    first, honest = OnionLayer.forward(keys[0]), OnionLayer.forward(keys[1])
     reference = OnionLayer.forward(keys[1])
-    for n, cell in enumerate(mixed_cells(size)):
+    for n, cell in enumerate(cells):
         body = bytearray(add_all(sender, cell))
-        tagger.remove(body)
+        first.remove(body)
         clean = bytearray(body)
         if n == TAGGED:
-            body[at(pos, len(body))] ^= MARK
+            tamper(body)
         honest.remove(body)
         reference.remove(clean)
         if n < TAGGED:
@@ -256,23 +267,8 @@ def test_a_cell_padded_or_cut_and_restored_across_an_honest_hop_loses_the_circui
 def test_the_hop_after_a_resized_cell_outputs_a_random_head(size: int) -> None:
     """Even padding with the very bytes a cut removed (or cutting padding off) at the next
     hop cannot repair what one honest hop did with the resized cell."""
-    keys = random_keys()[:2]
-    sender = [OnionLayer.forward(k) for k in reversed(keys)]
-    honest, reference = OnionLayer.forward(keys[1]), OnionLayer.forward(keys[1])
-    first = OnionLayer.forward(keys[0])
     cut: dict[str, bytes] = {}
-    for n, cell in enumerate(mixed_cells(size)):
-        body = bytearray(add_all(sender, cell))
-        first.remove(body)
-        clean = bytearray(body)
-        if n == TAGGED:
-            resize(body, cut)
-        honest.remove(body)
-        reference.remove(clean)
-        if n < TAGGED:
-            assert body == clean
-        else:
-            assert body[:HEAD] != clean[:HEAD]
+    assert_random_heads_after(lambda body: resize(body, cut), mixed_cells(size))
 
 
 def test_dropped_or_reordered_cells_desynchronise_the_layers_for_good() -> None:

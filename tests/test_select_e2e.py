@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from anomos.localnet import LocalNetwork
-from anomos.torrent.metainfo import make_metainfo
+from anomos.torrent.metainfo import Metainfo, make_metainfo
 
 PIECE = 256 * 1024
 # a.bin ends half-way through piece 4; b.bin (not wanted at first) fills the rest of
@@ -22,6 +22,26 @@ SIZES = {"a.bin": 4 * PIECE + PIECE // 2, "b.bin": 24 * PIECE, "c.bin": 2 * PIEC
 #: blocks asked again while a first ask's source was sending them unasked cost
 #: 1.32-1.45x (circuits started together fell back on reserved pieces at once).
 MAX_RECEIVED_RATIO = 1.15
+
+
+def seeded_network(net: LocalNetwork, share: Path, piece_length: int) -> Path:
+    """A tracker planning 1-2 relays a circuit, 3 relays and a seeder of ``share``,
+    their edges settled; the ``.atorrent`` (next to ``share``'s folder)."""
+    net.start_tracker("--relays", "1-2")
+    meta = make_metainfo(
+        share,
+        trackers=[net.tracker_url],
+        fingerprint=net.fingerprint,
+        piece_length=piece_length,
+        progress=False,
+    )
+    atorrent = share.parent.parent / f"{share.name}.atorrent"
+    meta.save(atorrent)
+    for i in range(3):
+        net.start_peer(f"relay{i}", "relay")
+    net.start_peer("seeder", "seed", str(atorrent), "--data", str(share))
+    time.sleep(4.0)  # let the edges settle (see test_network)
+    return atorrent
 
 
 def no_more_than_needed(report: dict[str, int]) -> None:
@@ -40,21 +60,9 @@ def test_get_only_fetches_the_chosen_files_then_a_plain_get_the_rest(tmp_path: P
         (share / name).write_bytes(data)
     total = sum(SIZES.values())
     with LocalNetwork(tmp_path / "net", verbose=1) as net:
-        net.start_tracker("--relays", "1-2")
-        meta = make_metainfo(
-            share,
-            trackers=[net.tracker_url],
-            fingerprint=net.fingerprint,
-            piece_length=PIECE,
-            progress=False,
-        )
+        atorrent = seeded_network(net, share, PIECE)
+        meta = Metainfo.load(atorrent)
         assert [f.path[-1] for f in meta.files] == ["a.bin", "b.bin", "c.bin"]
-        atorrent = tmp_path / "share.atorrent"
-        meta.save(atorrent)
-        for i in range(3):
-            net.start_peer(f"relay{i}", "relay")
-        net.start_peer("seeder", "seed", str(atorrent), "--data", str(share))
-        time.sleep(4.0)  # let the edges settle (see test_network)
         dest = tmp_path / "dest"
         args = ["get", str(atorrent), "--dest", str(dest), "--timeout", "60"]
         summary = tmp_path / "first.json"
