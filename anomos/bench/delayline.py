@@ -33,6 +33,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ import attrs
 import platformdirs
 
 from anomos.errors import AnomosError
+from anomos.fsutil import atomic_write
 
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
@@ -178,14 +180,16 @@ def compiled() -> Path | None:
     if binary.exists():
         return binary
     binary.parent.mkdir(parents=True, exist_ok=True)
-    partial = binary.with_name(f"{binary.name}.{os.getpid()}")
-    done = subprocess.run(
-        [cc, "-O2", "-Wall", "-o", str(partial), str(SOURCE)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        first = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[0]
-        raise AnomosError(f"building the delay line with {cc}: {first}")
-    os.replace(partial, binary)  # whole or not at all, should two builds race
+    with tempfile.TemporaryDirectory() as scratch:
+        partial = Path(scratch) / "delayline"
+        done = subprocess.run(
+            [cc, "-O2", "-Wall", "-o", str(partial), str(SOURCE)], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            first = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[0]
+            raise AnomosError(f"building the delay line with {cc}: {first}")
+        # Whole or not at all, should two builds race.
+        atomic_write(binary, partial.read_bytes(), mode=0o700)
     return binary
 
 
