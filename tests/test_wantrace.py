@@ -12,7 +12,7 @@ from typing import Any
 import gevent
 from test_session import tcp_pair
 
-from anomos.bench.wantrace import _classes, _sockets, analyse
+from anomos.bench.wantrace import _classes, analyse, tcp_sockets
 from anomos.net.ratelimit import Throttle
 from anomos.pluginmanager import get_plugins
 from anomos.torrent import flowtrace
@@ -106,7 +106,7 @@ def test_tc_and_ss_output_parsed() -> None:
         "bbr:(bw:90000000bps,mrtt:40) pacing_rate 95000000bps delivery_rate 80000000bps "
         "app_limited notsent:3000\n"
     )
-    ((local, peer, queued, info),) = _sockets(ss)
+    ((local, peer, queued, info),) = tcp_sockets(ss)
     assert (local, peer, queued) == ("127.0.1.5:4000", "127.0.1.6:5000", 7000)
     assert info["notsent"] == 3000 and info["cwnd"] == 200 and info["bbr_bw"] == 90_000_000
     assert info["rtt_ms"] == 40.5 and info["app_limited"] and info["acked"] == 5000

@@ -38,6 +38,7 @@ from typing import Any
 import attrs
 
 from anomos.bench.delayline import DelayLine, Implementation
+from anomos.bench.wantrace import UplinkWatch, analyse, tcp_sockets
 from anomos.errors import AnomosError
 
 #: Seconds of the node's rate its uplink buffer holds (a modest modem buffer).
@@ -419,8 +420,6 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
         start_cpu = _cpu_seconds(watched)
         uplink = None
         if options.trace:
-            from anomos.bench.wantrace import UplinkWatch
-
             uplink = UplinkWatch(net.prefix, seed_host, trace / "uplink.jsonl", watched)
             uplink.start()
         relays = [p for p in local.procs if p.name.startswith("relay")]
@@ -440,8 +439,6 @@ def _anomos_run(net: WanNet, work: Path, data: Path, options: WanOptions) -> dic
         report["start_trouble"] = start_trouble(work / "anomos")
         report["relay_queues"] = queues.peaks()
         if options.trace:
-            from anomos.bench.wantrace import analyse
-
             report["trace"] = analyse(trace, net.profile.rate_bits)
         # Cores each process used while `get` ran: a saturated one is the cap.
         end_cpu = _cpu_seconds(watched)
@@ -513,15 +510,13 @@ class QueueWatch(threading.Thread):
         by_addr = {p.host: p.name for p in self.relays}
         while not self._stop_event.wait(self.interval):
             out = subprocess.run(
-                [*self.net.prefix, "ss", "-tnH"], capture_output=True, text=True
+                [*self.net.prefix, "ss", "-tniH"], capture_output=True, text=True
             ).stdout
             send_q = dict.fromkeys(self.peak_send_q, 0)
-            for line in out.splitlines():
-                fields = line.split()
-                if len(fields) >= 4:
-                    name = by_addr.get(fields[3].rpartition(":")[0])
-                    if name is not None:
-                        send_q[name] += int(fields[2])
+            for local, _peer, queued, _info in tcp_sockets(out):
+                name = by_addr.get(local.rpartition(":")[0])
+                if name is not None:
+                    send_q[name] += queued
             for name, q in send_q.items():
                 self.peak_send_q[name] = max(self.peak_send_q[name], q)
             for p in self.relays:

@@ -69,7 +69,7 @@ class UplinkWatch(threading.Thread):
         mine = classes.get(self.classid, {})
         send_q = unsent = 0
         links = []
-        for local, peer, queued, info in _sockets(ss):
+        for local, peer, queued, info in tcp_sockets(ss):
             link = {"from": local, "to": peer, "send_q": queued, **info}
             links.append(link)
             if local.rpartition(":")[0] == self.address:
@@ -135,7 +135,7 @@ _SS_FIELDS = {
 }
 
 
-def _sockets(ss: str) -> list[tuple[str, str, int, dict[str, Any]]]:
+def tcp_sockets(ss: str) -> list[tuple[str, str, int, dict[str, Any]]]:
     """(local address:port, peer address:port, Send-Q, figures: Recv-Q and the details on
     the line after) of each established TCP socket in ``ss -tniH`` output."""
     out: list[tuple[str, str, int, dict[str, Any]]] = []
