@@ -1040,7 +1040,6 @@ class LinkManager:
     #: Neighbours whose link something of ours waits for (:meth:`wait_for`).
     _awaited: dict[int, int] = attrs.field(factory=dict, init=False, repr=False)
     _last_refresh: float = attrs.field(default=-1e9, init=False, repr=False)
-    _refreshing: gevent.event.Event | None = attrs.field(default=None, init=False, repr=False)
     #: One event per announce on its way (:meth:`asking_tracker`), set when its reply
     #: was adopted or the announce failed.
     _replies_due: set[gevent.event.Event] = attrs.field(factory=set, init=False, repr=False)
@@ -1377,18 +1376,13 @@ class LinkManager:
             nb = self._assigned.get(nid)
         if nb is not None or self.on_unknown_nid is None:
             return nb
-        if self._refreshing is not None:
-            self._refreshing.wait()
-        elif time.monotonic() - self._last_refresh >= UNKNOWN_NID_INTERVAL:
+        if time.monotonic() - self._last_refresh >= UNKNOWN_NID_INTERVAL:
             self._last_refresh = time.monotonic()
-            self._refreshing = done = gevent.event.Event()
             try:
-                self.on_unknown_nid(nid)
+                with self.asking_tracker():  # (other callers wait for it, as above)
+                    self.on_unknown_nid(nid)
             except Exception as exc:
                 log.info("refreshing neighbours for unknown NID %d failed: %s", nid, exc)
-            finally:
-                self._refreshing = None
-                done.set()
         return self._assigned.get(nid)
 
     # ------------------------------------------------------------------ bookkeeping

@@ -644,7 +644,11 @@ class TorrentSession:
         if self._picker is None:
             return
         self._picker.unreserve(ask.pieces)
-        if not self._closed:
+        self._fill_all()
+
+    def _fill_all(self) -> None:
+        """Top up every connection (pieces held back for a first ask are free now)."""
+        if not self._closed and not self.complete:
             for conn in list(self._conns):
                 self._fill(conn)
 
@@ -658,9 +662,7 @@ class TorrentSession:
 
         def look() -> None:
             self._overdue_timer = None
-            if not self._closed and not self.complete:
-                for conn in list(self._conns):
-                    self._fill(conn)
+            self._fill_all()
 
         self._overdue_timer = gevent.spawn_later(max(0.0, due - time.monotonic()), look)
         self._group.add(self._overdue_timer)
